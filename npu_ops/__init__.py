@@ -1,0 +1,23 @@
+"""npu_ops: Ascend NPU fused MoE / quantization operators for JAX, with torch_npu semantics.
+
+torch_npu-named ops (SPEC A.1) sit beside JAX-style building blocks.
+"""
+
+from npu_ops.gmm import GmmBlockSizes as GmmBlockSizes
+from npu_ops.gmm import grouped_matmul as grouped_matmul
+from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant as npu_grouped_matmul_swiglu_quant
+from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2 as npu_grouped_matmul_swiglu_quant_v2
+from npu_ops.gmm_swiglu_quant import weight_assist_matrix as weight_assist_matrix
+from npu_ops.groups import check_group_list as check_group_list
+from npu_ops.groups import group_ends as group_ends
+from npu_ops.layouts import from_nz as from_nz
+from npu_ops.layouts import npu_format_cast as npu_format_cast
+from npu_ops.layouts import pack_int4 as pack_int4
+from npu_ops.layouts import to_nz as to_nz
+from npu_ops.layouts import unpack_int4 as unpack_int4
+from npu_ops.quant import DynamicQuant as DynamicQuant
+from npu_ops.quant import quantize_per_token as quantize_per_token
+from npu_ops.quant import swiglu as swiglu
+from npu_ops.scales import float32_from_scale_words as float32_from_scale_words
+
+__version__ = "0.1.0"

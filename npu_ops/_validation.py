@@ -1,0 +1,74 @@
+"""Uniform argument checks for the public boundary.
+
+Every message names the argument, what was expected and what came, so a user
+can fix the call without reading our source. Only static facts (shapes, dtypes,
+modes) are checked here; data-dependent checks live in `groups.check_group_list`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def describe(a: Any) -> str:
+  """`int8[4, 8]`-style description of an array-like, or its type name."""
+  if hasattr(a, "shape") and hasattr(a, "dtype"):
+    return f"{np.dtype(a.dtype).name}{list(a.shape)}"
+  return type(a).__name__
+
+
+def fail(name: str, expected: str, got: Any, exc: type[Exception] = ValueError):
+  raise exc(f"{name}: expected {expected}, got {got}")
+
+
+def require(cond: bool, name: str, expected: str, got: Any,
+            exc: type[Exception] = ValueError) -> None:
+  if not cond:
+    fail(name, expected, got, exc)
+
+
+def check_array(name: str, a: Any) -> None:
+  """Rejects anything without a shape and dtype (lists, scalars, None)."""
+  if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+    fail(name, "an array (jax.Array or numpy.ndarray)", describe(a), TypeError)
+
+
+def check_rank(name: str, a: Any, ranks: int | Iterable[int]) -> None:
+  check_array(name, a)
+  ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+  require(a.ndim in ranks, name,
+          f"rank {' or '.join(map(str, ranks))}", f"rank {a.ndim} ({describe(a)})")
+
+
+def check_dtype(name: str, a: Any, allowed: Sequence[Any]) -> None:
+  check_array(name, a)
+  allowed_dt = [np.dtype(d) for d in allowed]
+  if np.dtype(a.dtype) not in allowed_dt:
+    fail(name, f"dtype in {{{', '.join(d.name for d in allowed_dt)}}}",
+         describe(a), TypeError)
+
+
+def check_shape(name: str, a: Any, expected: tuple[int, ...]) -> None:
+  check_array(name, a)
+  require(tuple(a.shape) == tuple(expected), name,
+          f"shape {list(expected)}", describe(a))
+
+
+def is_integer_dtype(dtype: Any) -> bool:
+  return jnp.issubdtype(dtype, jnp.integer)
+
+
+def is_float_dtype(dtype: Any) -> bool:
+  return jnp.issubdtype(dtype, jnp.floating)
+
+
+def check_int_option(name: str, value: Any, allowed: Sequence[int]) -> int:
+  """A static integer mode (dequant_mode, group_list_type, ...)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    fail(name, f"a Python int in {list(allowed)}", repr(value), TypeError)
+  require(int(value) in allowed, name, f"one of {list(allowed)}", value)
+  return int(value)

@@ -1,0 +1,275 @@
+"""`npu_grouped_matmul_swiglu_quant_v2` (and v1): grouped int matmul, dequant,
+SwiGLU and dynamic per-token int8 quantization, with torch_npu semantics.
+
+Per group `i` (rows `[start_i, end_i)` of x, expert weight `W_i`), SPEC B.1:
+
+  A8W8: C = (int32(x @ W_i) * w_scale[i]) * x_scale[r]
+  A8W4: C = x_scale[r] * (sum_g s[i,g] * ((x - 8)_g @ W_i,g) + A[i])
+        (the kernel's hi/lo nibble split: 16 * x_hi + x_lo = x - 8, exact in int32)
+  A4W4: C = (int32(x @ W_i) * x_scale[r]) * w_scale[i]
+  S = silu(C[:, :n/2]) * C[:, n/2:]            (A4W4: S *= smooth_scale[i])
+  Q, Q_scale = per-row int8 quantization of S  (SPEC A.3 item 3)
+
+Rows at or beyond sum(group_list) give Q = 0 and Q_scale = 0 (SPEC A.3 item 1).
+The integer products run on `npu_ops.gmm` (exact int32); the epilogue is plain
+jnp in float32, shared by every implementation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from npu_ops import groups as groups_lib
+from npu_ops import gmm as gmm_lib
+from npu_ops import operands
+from npu_ops import quant as quant_lib
+from npu_ops._validation import (check_array, check_int_option, check_rank, describe, fail,
+                                 require)
+from npu_ops.scales import float32_from_scale_words
+
+A8W8, A8W4, A4W4 = "A8W8", "A8W4", "A4W4"
+_FLOAT_SCALES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
+# dequant_dtype: aclnn 0 and torch's float32 code 6 both mean a float32 intermediate.
+_DEQUANT_FP32 = (0, 6)
+
+
+def npu_grouped_matmul_swiglu_quant_v2(
+    x: Any, weight: Any, weight_scale: Any, x_scale: Any, group_list: Any, *,
+    smooth_scale: Any = None, weight_assist_matrix: Any = None, bias: Any = None,
+    dequant_mode: int = 0, dequant_dtype: Any = 0, quant_mode: int = 0, quant_dtype: Any = 0,
+    group_list_type: int = 0, tuning_config: Sequence[int] | None = None,
+    implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Fused grouped matmul + dequant + SwiGLU + per-token int8 quant (torch_npu v2).
+
+  Scenarios are told apart by dtypes (SPEC B.1.2):
+
+  * A8W8: x int8 `[m, k]`; weight int8 `[e, k, n]` (ND) or
+    `[e, n/32, k/16, 16, 32]` (FRACTAL_NZ); weight_scale float32/16 `[e, n]`.
+  * A8W4: x int8; weight int4 as int32 words `[e, k, n/8]` / NZ
+    `[e, n/64, k/16, 16, 8]`, or jnp.int4 `[e, k, n]` / NZ `[e, n/64, k/16, 16, 64]`;
+    weight_scale `[e, n]` (dequant_mode 0, per channel) or `[e, G, n]`
+    (dequant_mode 1, G groups of k/G rows of k): int64/uint64 words with the
+    float32 bits in the low word (NumPy arrays are fine with x64 off), int32 low
+    words, or float32; weight_assist_matrix float32 `[e, n]` (default: the
+    canonical `weight_assist_matrix(weight, weight_scale)`).
+  * A4W4: x int4 (int32 words `[m, k/8]` or jnp.int4 `[m, k]`); weight int4 as
+    above; weight_scale `[e, n]` (words or float); smooth_scale float32 `[e, n/2]`
+    or `[e]` (default 1).
+
+  weight, weight_scale and weight_assist_matrix may also be lists (a list of one
+  stacked array, or one array per expert). The logical n is
+  `weight_scale.shape[-1]`, k is taken from x.
+
+  Args:
+    x, weight, weight_scale: see above.
+    x_scale: float32 `[m]`, per-token dequant scale of x.
+    group_list: `[E]` with E <= e: Python ints (static) or an int32/int64 array
+      (dynamic; one compilation for all values). cumsum (group_list_type 0) or
+      counts (1). Invalid dynamic values are clamped (see `npu_ops.groups`).
+    smooth_scale, weight_assist_matrix: see the scenarios.
+    bias: reserved by torch_npu; must be None.
+    dequant_mode: 0 per-channel weight scale, 1 per-group (A8W4 only).
+    dequant_dtype: 0 (or 6, torch float32): float32 intermediate.
+    quant_mode: 0 per-token (2, MX, is planned).
+    quant_dtype: 0 or 1 (int8). fp8 codes are planned.
+    group_list_type: 0 cumsum, 1 count.
+    tuning_config: `[expected tokens per expert, ...]`; a performance hint that
+      sizes the row blocks of the XLA path (no numerical effect).
+    implementation: None / "xla" (fast path) or "reference" (dense masked jnp).
+
+  Returns:
+    (output int8 `[m, n/2]`, output_scale float32 `[m]`). Rows at or beyond the
+    group total are 0 in both.
+  """
+  spec = quant_lib.DynamicQuant.from_torch_npu(quant_dtype, quant_mode)
+  dequant_mode = check_int_option("dequant_mode", dequant_mode, (0, 1))
+  if isinstance(dequant_dtype, (int, np.integer)) and not isinstance(dequant_dtype, bool):
+    require(dequant_dtype in _DEQUANT_FP32, "dequant_dtype",
+            "0 (float32; the only intermediate type of A2/A3)", dequant_dtype)
+  else:
+    require(np.dtype(dequant_dtype) == np.float32, "dequant_dtype",
+            "0 or float32", repr(dequant_dtype))
+  if bias is not None:
+    fail("bias", "None (reserved by torch_npu for this op)", describe(bias))
+  expected_tokens = _expected_tokens(tuning_config)
+  gmm_lib.resolve_implementation(implementation)
+
+  lhs = operands.canonical_lhs(x)
+  m, k = lhs.values.shape
+  weight_scale = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(1, 2))
+  check_rank("weight_scale", weight_scale, (2, 3))
+  n = weight_scale.shape[-1]
+  require(n % 2 == 0, "weight_scale", "an even n (last dim; SwiGLU halves it)",
+          describe(weight_scale))
+  w = operands.canonical_weight(weight, k=k, n=n)
+  e = w.values.shape[0]
+  scenario = {(operands.INT8, operands.INT8): A8W8, (operands.INT8, operands.INT4): A8W4,
+              (operands.INT4, operands.INT4): A4W4}.get((lhs.bits, w.bits))
+  if scenario is None:
+    fail("weight", "int4 weights (int32 words or jnp.int4) for an int4 x", describe(weight),
+         TypeError)
+
+  # weight_scale -> float32 [e, G, n]
+  if scenario == A8W8:
+    require(np.dtype(weight_scale.dtype) in _FLOAT_SCALES, "weight_scale",
+            "float32/float16/bfloat16 for A8W8", describe(weight_scale), TypeError)
+  if dequant_mode == 1:
+    require(scenario == A8W4, "dequant_mode", "0 unless the weight is int4 with an int8 x "
+            "(per-group dequant is A8W4 only)", dequant_mode)
+    require(weight_scale.ndim == 3 and weight_scale.shape[0] == e and
+            weight_scale.shape[1] >= 1 and k % weight_scale.shape[1] == 0, "weight_scale",
+            f"[e={e}, G, n={n}] with G dividing k={k} for dequant_mode=1", describe(weight_scale))
+  else:
+    require(tuple(weight_scale.shape) == (e, n), "weight_scale",
+            f"[e={e}, n] for dequant_mode=0", describe(weight_scale))
+  scale = float32_from_scale_words(weight_scale, "weight_scale")
+  scale = scale.reshape(e, -1, n)
+
+  check_array("x_scale", x_scale)
+  require(np.dtype(x_scale.dtype) in _FLOAT_SCALES, "x_scale", "a float32 array",
+          describe(x_scale), TypeError)
+  require(tuple(x_scale.shape) == (m,), "x_scale", f"shape [m={m}]", describe(x_scale))
+
+  assist = None
+  if weight_assist_matrix is not None:
+    require(scenario == A8W4, "weight_assist_matrix", "None unless A8W4 (int8 x, int4 weight)",
+            describe(weight_assist_matrix))
+    assist = operands.stack_tensor_list(weight_assist_matrix, "weight_assist_matrix",
+                                        expert_rank=1)
+    require(np.dtype(assist.dtype) in _FLOAT_SCALES, "weight_assist_matrix", "float32",
+            describe(assist), TypeError)
+    require(tuple(assist.shape) == (e, n), "weight_assist_matrix", f"shape [e={e}, n={n}]",
+            describe(assist))
+  elif scenario == A8W4:
+    assist = _canonical_assist(w.values, scale)
+
+  smooth = None
+  if smooth_scale is not None:
+    require(scenario == A4W4, "smooth_scale", "None unless A4W4 (int4 x and weight)",
+            describe(smooth_scale))
+    check_array("smooth_scale", smooth_scale)
+    require(np.dtype(smooth_scale.dtype) in _FLOAT_SCALES, "smooth_scale", "float32",
+            describe(smooth_scale), TypeError)
+    require(tuple(smooth_scale.shape) in ((e, n // 2), (e,)), "smooth_scale",
+            f"shape [e={e}, n/2={n // 2}] or [e={e}]", describe(smooth_scale))
+    smooth = jnp.asarray(smooth_scale, jnp.float32).reshape(e, -1)
+
+  ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
+  static = isinstance(ends, tuple)
+  block_sizes = gmm_lib.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
+  return _fused(lhs.values, w.values, scale, jnp.asarray(x_scale, jnp.float32), assist, smooth,
+                None if static else ends, static_ends=ends if static else None,
+                scenario=scenario, spec=spec, block_sizes=block_sizes,
+                implementation=implementation)
+
+
+def npu_grouped_matmul_swiglu_quant(
+    x: Any, weight: Any, group_list: Any, weight_scale: Any, x_scale: Any, *,
+    bias: Any = None, offset: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """torch_npu v1: A8W8 or A8W4 with a cumsum group_list.
+
+  In v1 the A8W4 assist matrix travels in the `bias` slot, and the dequant mode
+  follows the rank of weight_scale (`[e, n]` per channel, `[e, G, n]` per group).
+
+  Returns:
+    (output int8 `[m, n/2]`, output_scale float32 `[m]`, output_offset float32
+    `[]` (unused by torch_npu, always 0)).
+  """
+  if offset is not None:
+    fail("offset", "None (reserved by torch_npu)", describe(offset))
+  ws = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(1, 2))
+  check_rank("weight_scale", ws, (2, 3))
+  out, out_scale = npu_grouped_matmul_swiglu_quant_v2(
+      x, weight, ws, x_scale, group_list, weight_assist_matrix=bias,
+      dequant_mode=1 if ws.ndim == 3 else 0, group_list_type=0)
+  return out, out_scale, jnp.zeros((), jnp.float32)
+
+
+def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None) -> jax.Array:
+  """Canonical A8W4 assist matrix `A[i, c] = 8 * sum_k W[i, k, c] * s[i, k // gs, c]`.
+
+  Args:
+    weight: int4 weight in any form `npu_grouped_matmul_swiglu_quant_v2` takes.
+    weight_scale: `[e, n]` or `[e, G, n]` scale words or float32.
+    k: logical k; needed only for FRACTAL_NZ weights (padded), else from weight.
+
+  Returns:
+    float32 `[e, n]` (per-group column sums are exact int32, then scaled and
+    summed over groups in float32).
+  """
+  weight_scale = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(1, 2))
+  check_rank("weight_scale", weight_scale, (2, 3))
+  n = weight_scale.shape[-1]
+  if k is None:
+    stacked = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
+    require(stacked.ndim == 3, "k", "the logical k for a FRACTAL_NZ weight", None, TypeError)
+    k = stacked.shape[1]
+  w = operands.canonical_weight(weight, k=k, n=n)
+  require(w.bits == operands.INT4, "weight", "int4 (int32 words or jnp.int4)", describe(weight),
+          TypeError)
+  scale = float32_from_scale_words(weight_scale, "weight_scale").reshape(w.values.shape[0], -1, n)
+  return _canonical_assist(w.values, scale)
+
+
+@jax.jit
+def _canonical_assist(w: jax.Array, scale: jax.Array) -> jax.Array:
+  e, k, n = w.shape
+  groups = scale.shape[1]
+  colsum = jnp.sum(w.reshape(e, groups, k // groups, n), axis=2, dtype=jnp.int32)
+  return 8 * jnp.sum(colsum.astype(jnp.float32) * scale, axis=1)
+
+
+def _expected_tokens(tuning_config: Any) -> int | None:
+  if tuning_config is None:
+    return None
+  if not isinstance(tuning_config, (list, tuple)) or not all(
+      isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in tuning_config):
+    fail("tuning_config", "None or a list of ints ([expected tokens per expert, ...])",
+         repr(tuning_config), TypeError)
+  if not tuning_config:
+    return None
+  require(tuning_config[0] >= 0, "tuning_config[0]", "a non-negative expected token count",
+          tuning_config[0])
+  return int(tuning_config[0]) or None
+
+
+@functools.partial(jax.jit, static_argnames=("static_ends", "scenario", "spec", "block_sizes",
+                                             "implementation"))
+def _fused(x, w, scale, x_scale, assist, smooth, dynamic_ends, *, static_ends, scenario, spec,
+           block_sizes, implementation):
+  ends = static_ends if dynamic_ends is None else dynamic_ends
+  m, k = x.shape
+  num_groups = len(ends) if dynamic_ends is None else dynamic_ends.shape[0]
+  gid = groups_lib.row_group_ids(ends, m)
+  valid = gid < num_groups
+  gid = jnp.where(valid, gid, 0)
+  gmm = functools.partial(gmm_lib.gmm, out_dtype=jnp.int32, implementation=implementation,
+                          block_sizes=block_sizes)
+  if scenario == A8W4:
+    # Per k-group partials of (x - 8) @ W, exact in int32, scaled in float32.
+    e, n_groups, n = scale.shape
+    gs = k // n_groups
+    c = jnp.zeros((m, n), jnp.float32)
+    for g in range(n_groups):
+      sl = slice(g * gs, (g + 1) * gs)
+      colsum = jnp.sum(w[:, sl, :], axis=1, dtype=jnp.int32)
+      acc = gmm(x[:, sl], w[:, sl, :], ends) - 8 * colsum[gid]
+      c = c + scale[:, g, :][gid] * acc.astype(jnp.float32)
+    c = (c + assist[gid]) * x_scale[:, None]
+  else:
+    acc = gmm(x, w, ends).astype(jnp.float32)
+    if scenario == A8W8:
+      c = (acc * scale[:, 0, :][gid]) * x_scale[:, None]
+    else:
+      c = (acc * x_scale[:, None]) * scale[:, 0, :][gid]
+  s = quant_lib.swiglu(c)
+  if smooth is not None:
+    s = s * smooth[gid]
+  q, q_scale = quant_lib.quantize_per_token(s, spec)
+  return jnp.where(valid[:, None], q, 0), jnp.where(valid, q_scale, 0)

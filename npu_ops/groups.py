@@ -1,0 +1,167 @@
+"""group_list canonicalization: every torch_npu form becomes group *ends*.
+
+Canonical form (SPEC A.2, B.0.1): `ends`, the exclusive end row of each group,
+non-decreasing, in `[0, m]`. Group `i` owns rows `[ends[i-1], ends[i])` with
+`ends[-1] := 0`; rows at or beyond `ends[-1]` (the total) belong to no group.
+
+* static:  `ends` is a tuple of Python ints (group_list given as a Python
+  sequence). Shapes and work are known at trace time; invalid values raise
+  `ValueError` at once.
+* dynamic: `ends` is an int32 `jax.Array` (group_list given as a jax/numpy
+  array). One compilation serves every value. Invalid values are clamped, never
+  read out of bounds (SPEC A.3 item 7):
+
+    cumsum (type 0): ends[i] = min(m, max(0, max_{j<=i} group_list[j]))
+                     (a decrease makes an empty group; the total is capped at m)
+    count  (type 1): ends[i] = min(m, sum_{j<=i} max(0, group_list[j]))
+                     (negative counts are empty groups; the total is capped at m)
+
+  The same conditions are reported through `jax.experimental.checkify` when the
+  caller enables it (`checkify.checkify(f)`); see `check_group_list`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import checkify
+
+from npu_ops._validation import check_int_option, describe, fail, is_integer_dtype, require
+
+GroupEnds = Union[tuple[int, ...], jax.Array]
+
+CUMSUM, COUNT = 0, 1
+
+
+def is_static(group_list: Any) -> bool:
+  """Python sequences of ints are static; arrays (jax or numpy) are dynamic."""
+  return isinstance(group_list, (list, tuple))
+
+
+def group_ends(group_list: Any, *, group_list_type: int, m: int, num_groups: int,
+               name: str = "group_list") -> GroupEnds:
+  """Converts a torch_npu group_list into canonical group ends.
+
+  Args:
+    group_list: Python sequence of ints (static) or a 1-D integer jax/numpy array
+      (dynamic) of length `<= num_groups`.
+    group_list_type: 0 (cumsum) or 1 (count).
+    m: number of rows the groups index.
+    num_groups: number of experts available (weight.shape[0]).
+    name: argument name used in error messages.
+
+  Returns:
+    A tuple of ints (static) or an int32 array (dynamic) of length len(group_list).
+  """
+  group_list_type = check_int_option("group_list_type", group_list_type, (CUMSUM, COUNT))
+  if is_static(group_list):
+    values = list(group_list)
+    for v in values:
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        fail(name, "a sequence of Python ints or an integer array", repr(group_list), TypeError)
+    require(1 <= len(values) <= num_groups, name,
+            f"between 1 and {num_groups} (number of experts) entries", len(values))
+    return _static_ends([int(v) for v in values], group_list_type, m, name)
+
+  if not (hasattr(group_list, "shape") and hasattr(group_list, "dtype")):
+    fail(name, "a sequence of Python ints or an integer array", describe(group_list), TypeError)
+  require(is_integer_dtype(group_list.dtype), name, "an integer dtype (int32 or int64)",
+          describe(group_list), TypeError)
+  require(group_list.ndim == 1, name, "a 1-D array", describe(group_list))
+  require(1 <= group_list.shape[0] <= num_groups, name,
+          f"between 1 and {num_groups} (number of experts) entries", describe(group_list))
+  if isinstance(group_list, np.ndarray):
+    # int64 values would wrap when JAX narrows them to int32 (x64 off). Clipping
+    # to [-1, m+1] keeps every invalid value invalid and every valid one intact.
+    group_list = np.clip(group_list, -1, m + 1).astype(np.int32)
+  gl = jnp.asarray(group_list, jnp.int32)
+  checkify.debug_check(_group_list_ok(gl, group_list_type, m),
+                       f"{name} is invalid for m={m} (negative count, decreasing cumsum, "
+                       "or total above m); values were clamped")
+  return _dynamic_ends(gl, group_list_type, m)
+
+
+def _static_ends(values: list[int], group_list_type: int, m: int, name: str) -> tuple[int, ...]:
+  if group_list_type == COUNT:
+    require(all(v >= 0 for v in values), name, "non-negative counts", values)
+    ends = np.cumsum(values).tolist()
+  else:
+    require(all(v >= 0 for v in values), name, "non-negative cumulative sums", values)
+    require(all(b >= a for a, b in zip(values, values[1:])), name,
+            "a non-decreasing cumsum", values)
+    ends = values
+  require(ends[-1] <= m, name, f"a total number of rows <= m={m}", ends[-1])
+  return tuple(int(e) for e in ends)
+
+
+def _dynamic_ends(gl: jax.Array, group_list_type: int, m: int) -> jax.Array:
+  if group_list_type == COUNT:
+    sizes = jnp.clip(gl, 0, m)
+    # Saturating prefix sum: every partial sum stays <= m, so int32 never overflows.
+    return lax.associative_scan(lambda a, b: jnp.minimum(a + b, m), sizes)
+  return lax.cummax(jnp.clip(gl, 0, m))
+
+
+def _group_list_ok(gl: jax.Array, group_list_type: int, m: int) -> jax.Array:
+  gl = gl.astype(jnp.int32)
+  if group_list_type == COUNT:
+    # Compare in float32 so an overflowing int32 sum cannot hide a large total.
+    total = jnp.sum(gl.astype(jnp.float32))
+    return jnp.all(gl >= 0) & (total <= m)
+  return jnp.all(gl >= 0) & jnp.all(gl[1:] >= gl[:-1]) & (gl[-1] <= m)
+
+
+def check_group_list(group_list: Any, m: int, group_list_type: int = CUMSUM) -> None:
+  """checkify-compatible validation of a (possibly traced) group_list.
+
+  Use inside a function wrapped with `jax.experimental.checkify.checkify`:
+
+    err, out = checkify.checkify(lambda gl: (npu_ops.check_group_list(gl, m), f(gl))[1])(gl)
+    err.throw()
+
+  The ops themselves also emit these checks (`checkify.debug_check`), so
+  `checkify.checkify(op)` reports an invalid group_list without this call.
+  """
+  group_list_type = check_int_option("group_list_type", group_list_type, (CUMSUM, COUNT))
+  gl = jnp.asarray(group_list, jnp.int32)
+  checkify.check(_group_list_ok(gl, group_list_type, m),
+                 f"group_list is invalid for m={m} (negative count, decreasing cumsum, "
+                 "or total above m)")
+
+
+def group_starts(ends: GroupEnds) -> GroupEnds:
+  if isinstance(ends, tuple):
+    return (0,) + ends[:-1]
+  return jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]])
+
+
+def group_sizes(ends: GroupEnds) -> GroupEnds:
+  if isinstance(ends, tuple):
+    return tuple(b - a for a, b in zip(group_starts(ends), ends))
+  return ends - group_starts(ends)
+
+
+def ends_from_sizes(sizes: Any, m: int, num_groups: int, name: str = "group_sizes") -> GroupEnds:
+  """`ragged_dot`-style group sizes (counts) to canonical ends."""
+  return group_ends(sizes, group_list_type=COUNT, m=m, num_groups=num_groups, name=name)
+
+
+def row_group_ids(ends: GroupEnds, m: int) -> jax.Array:
+  """int32 [m]: the group of each row, `len(ends)` for rows outside every group."""
+  if isinstance(ends, tuple):
+    return jnp.asarray(np.searchsorted(np.asarray(ends, np.int64), np.arange(m), side="right"),
+                       jnp.int32)
+  return jnp.searchsorted(ends, jnp.arange(m, dtype=ends.dtype), side="right").astype(jnp.int32)
+
+
+def total_rows(ends: GroupEnds) -> int | jax.Array:
+  return ends[-1]
+
+
+def sequence_of_ints(value: Any) -> bool:
+  return isinstance(value, Sequence) and all(isinstance(v, (int, np.integer)) for v in value)

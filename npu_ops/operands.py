@@ -1,0 +1,99 @@
+"""torch_npu operand forms -> the canonical internal form (SPEC A.2).
+
+Canonical: integer operands are int8 arrays holding int8 or int4 values, ND
+(`x [m, k]`, `weight [e, k, n]`); TensorLists are stacked along a leading expert
+axis. Backends only ever see this form.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from npu_ops import layouts
+from npu_ops._validation import check_array, check_dtype, describe, fail, require
+
+INT8, INT4 = "int8", "int4"
+_WEIGHT_DTYPES = tuple(np.dtype(d) for d in (jnp.int8, jnp.int32, jnp.int4))
+
+
+def stack_tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ...]) -> Any:
+  """A torch TensorList as one array with a leading expert axis.
+
+  Accepts an array (returned as is), a list of one array (already stacked), or a
+  list of per-expert arrays of rank `expert_rank` (stacked).
+  """
+  if not isinstance(value, (list, tuple)):
+    check_array(name, value)
+    return value
+  require(len(value) >= 1, name, "a non-empty list of arrays", "[]")
+  for i, v in enumerate(value):
+    check_array(f"{name}[{i}]", v)
+  if len(value) == 1:
+    return value[0]
+  ranks = (expert_rank,) if isinstance(expert_rank, int) else expert_rank
+  first = value[0]
+  for i, v in enumerate(value):
+    require(v.ndim in ranks and v.shape == first.shape and v.dtype == first.dtype,
+            f"{name}[{i}]", f"per-expert arrays of rank {ranks} with equal shapes and dtypes "
+            f"(like {name}[0] {describe(first)})", describe(v))
+  return jnp.stack([jnp.asarray(v) for v in value])
+
+
+class IntOperand(NamedTuple):
+  values: jax.Array  # int8 holding the values (int4 values lie in [-8, 7])
+  bits: str          # INT8 or INT4
+
+
+def canonical_lhs(x: Any, name: str = "x") -> IntOperand:
+  """`x`: int8 `[m, k]`, int32 words `[m, k/8]` (int4) or jnp.int4 `[m, k]`."""
+  check_dtype(name, x, _WEIGHT_DTYPES)
+  require(x.ndim == 2, name, "rank 2 ([m, k], or [m, k/8] int32 words)", describe(x))
+  dtype = np.dtype(x.dtype)
+  if dtype == np.int8:
+    return IntOperand(jnp.asarray(x), INT8)
+  if dtype == np.int32:
+    return IntOperand(layouts.unpack_int4(x), INT4)
+  return IntOperand(jnp.asarray(x).astype(jnp.int8), INT4)
+
+
+def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight") -> IntOperand:
+  """Integer weights in any torch_npu form -> int8 values `[e, k, n]`.
+
+  Forms: an array or a TensorList (see `stack_tensor_list`) of
+  * int8 ND `[e, k, n]` or NZ `[e, n/32, k/16, 16, 32]`;
+  * int32 words (8 int4 each) ND `[e, k, n/8]` or NZ `[e, n/64, k/16, 16, 8]`;
+  * jnp.int4 ND `[e, k, n]` or NZ `[e, n/64, k/16, 16, 64]`.
+  NZ dims are ceilings (zero padded). The logical k comes from x and n from the
+  scale, as torch_npu infers them.
+  """
+  weight = stack_tensor_list(weight, name, expert_rank=(2, 4))
+  check_dtype(name, weight, _WEIGHT_DTYPES)
+  dtype = np.dtype(weight.dtype)
+  packed = dtype == np.int32
+  if packed:
+    require(n % layouts.INT4_PER_INT32 == 0, name,
+            "a logical n (from the scale) that is a multiple of 8 for int32-packed int4", n)
+  cols = n // layouts.INT4_PER_INT32 if packed else n
+  if weight.ndim == 3:
+    require(tuple(weight.shape[1:]) == (k, cols), name,
+            f"ND [e, k={k}, {'n/8=' if packed else 'n='}{cols}] (k from x, n from the scale)",
+            describe(weight))
+    nd = jnp.asarray(weight)
+  elif weight.ndim == 5:
+    expected = layouts.nz_shape((weight.shape[0], k, cols), dtype)
+    require(tuple(weight.shape) == expected, name,
+            f"FRACTAL_NZ storage {list(expected)} for a logical weight [e, {k}, {n}]",
+            describe(weight))
+    nd = layouts.from_nz(weight, k, cols)
+  else:
+    fail(name, "rank 3 (ND [e, k, n]) or rank 5 (FRACTAL_NZ), or a list of per-expert "
+         "rank-2/4 arrays", describe(weight))
+  if packed:
+    return IntOperand(layouts.unpack_int4(nd), INT4)
+  if dtype == np.int8:
+    return IntOperand(nd, INT8)
+  return IntOperand(nd.astype(jnp.int8), INT4)

@@ -1,0 +1,110 @@
+"""SwiGLU and dynamic per-token quantization (SPEC B.0.5, B.0.6, A.3 items 2-4).
+
+Quantization is described as data: `DynamicQuant` says what the output is
+quantized to and over which granularity, so new formats (fp8, MX) extend the
+descriptor instead of adding a flag per format to every op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from npu_ops._validation import fail
+
+# torch_npu codes for an int8 output: 0 (doc default) and 1 (torch.int8, meta default).
+_INT8_CODES = (0, 1)
+# torch ScalarType codes of the fp8 formats (planned; SPEC A.3 item 6).
+_FP8_CODES = {23: "float8_e5m2", 24: "float8_e4m3fn"}
+PER_TOKEN = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicQuant:
+  """How the fused op quantizes its output.
+
+  Attributes:
+    dtype: element type of the quantized values (int8 today).
+    mode: 0 = per-token (one scale per row over the last axis).
+  """
+  dtype: np.dtype = np.dtype(np.int8)
+  mode: int = PER_TOKEN
+
+  def __post_init__(self):
+    if np.dtype(self.dtype) != np.dtype(np.int8):
+      raise NotImplementedError(f"DynamicQuant: output dtype {np.dtype(self.dtype).name} is "
+                                "planned (SPEC A.3 item 6); int8 is implemented")
+    if self.mode != PER_TOKEN:
+      raise NotImplementedError(f"DynamicQuant: mode {self.mode} is planned; 0 (per-token) is "
+                                "implemented")
+
+  @property
+  def qmax(self) -> float:
+    return 127.0
+
+  @classmethod
+  def from_torch_npu(cls, quant_dtype: Any, quant_mode: Any) -> "DynamicQuant":
+    """Reads torch_npu's `quant_dtype` / `quant_mode` arguments."""
+    if isinstance(quant_mode, bool) or not isinstance(quant_mode, (int, np.integer)):
+      fail("quant_mode", "a Python int (0 = per-token)", repr(quant_mode), TypeError)
+    if quant_mode == 2:
+      raise NotImplementedError("quant_mode=2 (MX, Ascend 950) is not implemented yet")
+    if quant_mode != PER_TOKEN:
+      fail("quant_mode", "0 (per-token dynamic quantization)", quant_mode)
+    if isinstance(quant_dtype, (int, np.integer)) and not isinstance(quant_dtype, bool):
+      if quant_dtype in _INT8_CODES:
+        return cls()
+      if quant_dtype in _FP8_CODES:
+        raise NotImplementedError(f"quant_dtype={quant_dtype} ({_FP8_CODES[quant_dtype]}) is "
+                                  "not implemented yet; int8 (0 or 1) is")
+      fail("quant_dtype", "0 or 1 (int8), or a dtype", quant_dtype)
+    try:
+      dtype = np.dtype(quant_dtype)
+    except TypeError:
+      fail("quant_dtype", "0 or 1 (int8), or a dtype", repr(quant_dtype), TypeError)
+    return cls(dtype=dtype)
+
+
+INT8_PER_TOKEN = DynamicQuant()
+
+
+def silu(x: jax.Array) -> jax.Array:
+  """`x / (1 + exp(-x))` in the dtype of x (the kernels' form, beta = 1)."""
+  return x / (1 + jnp.exp(-x))
+
+
+def swiglu(c: jax.Array, *, activate_left: bool = True) -> jax.Array:
+  """`silu(act) * gate` over the halves of the last axis: `[..., n] -> [..., n/2]`.
+
+  torch_npu applies silu to the left (first) half and uses the right half as the
+  gate (SPEC B.0.5); `activate_left=False` swaps the roles.
+  """
+  n = c.shape[-1]
+  if n % 2:
+    fail("c", "an even last dim", n)
+  left, right = c[..., : n // 2], c[..., n // 2:]
+  act, gate = (left, right) if activate_left else (right, left)
+  return silu(act) * gate
+
+
+def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Dynamic symmetric quantization of each row of `s` (float32 `[..., d]`).
+
+  `scale = amax / 127`, `q = round_half_even(s * (127 / amax))` in float32,
+  clipped to [-127, 127] (SPEC A.3 item 3). A row with amax = 0 gives q = 0 and
+  scale = 0, never NaN.
+
+  Returns:
+    (q `[..., d]` of spec.dtype, scale float32 `[...]`).
+  """
+  s = s.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(s), axis=-1)
+  nonzero = amax > 0
+  inv = jnp.where(nonzero, spec.qmax / jnp.where(nonzero, amax, 1), 0)
+  q = jnp.clip(jnp.round(s * inv[..., None]), -spec.qmax, spec.qmax)
+  return q.astype(spec.dtype), amax / spec.qmax

@@ -1,0 +1,162 @@
+"""Independent NumPy references, written from ../shared/SPEC.md formulas.
+
+Nothing here imports npu_ops: these are the goldens the package is tested against.
+Loops are plain and slow on purpose; shapes in tests stay small.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+F32 = np.float32
+
+
+# --- B.0.1 group_list -------------------------------------------------------------
+
+def group_bounds(group_list, group_list_type: int) -> list[tuple[int, int]]:
+  """[(start_i, end_i)] for a *valid* group_list (cumsum 0 / count 1)."""
+  gl = [int(v) for v in group_list]
+  ends = gl if group_list_type == 0 else list(np.cumsum(gl))
+  starts = [0] + ends[:-1]
+  return list(zip(starts, ends))
+
+
+# --- B.0.3 int4 words ---------------------------------------------------------------
+
+def pack_int4(values: np.ndarray) -> np.ndarray:
+  """[..., c] values in [-8, 7] -> int32 [..., c/8], value t in bits [4t, 4t+3]."""
+  v = np.asarray(values, np.int64)
+  out = np.zeros(v.shape[:-1] + (v.shape[-1] // 8,), np.uint64)
+  for j in range(v.shape[-1] // 8):
+    for t in range(8):
+      out[..., j] |= (v[..., 8 * j + t].astype(np.uint64) & np.uint64(0xF)) << np.uint64(4 * t)
+  return out.astype(np.uint32).view(np.int32)
+
+
+def unpack_int4(words: np.ndarray) -> np.ndarray:
+  w = np.asarray(words).view(np.uint32).astype(np.int64)
+  out = np.zeros(w.shape[:-1] + (w.shape[-1] * 8,), np.int64)
+  for j in range(w.shape[-1]):
+    for t in range(8):
+      nib = (w[..., j] >> (4 * t)) & 0xF
+      out[..., 8 * j + t] = np.where(nib >= 8, nib - 16, nib)
+  return out
+
+
+# --- B.5 FRACTAL_NZ -------------------------------------------------------------------
+
+def c0_of(dtype) -> int:
+  if np.dtype(dtype) == np.dtype(ml_dtypes.int4):
+    return 64
+  return 32 // np.dtype(dtype).itemsize
+
+
+def nd_to_nz(a: np.ndarray, c0: int) -> np.ndarray:
+  """NZ[..., c1, r1, i, j] = A[..., 16*r1 + i, c0*c1 + j], zero padded."""
+  *batch, r, c = a.shape
+  r1, c1 = -(-r // 16), -(-c // c0)
+  nz = np.zeros((*batch, c1, r1, 16, c0), a.dtype)
+  for rr in range(r):
+    for cc in range(c):
+      nz[..., cc // c0, rr // 16, rr % 16, cc % c0] = a[..., rr, cc]
+  return nz
+
+
+def nz_to_nd(nz: np.ndarray, r: int, c: int) -> np.ndarray:
+  c0 = nz.shape[-1]
+  out = np.zeros((*nz.shape[:-4], r, c), nz.dtype)
+  for rr in range(r):
+    for cc in range(c):
+      out[..., rr, cc] = nz[..., cc // c0, rr // 16, rr % 16, cc % c0]
+  return out
+
+
+# --- B.0.4 scale words ---------------------------------------------------------------------
+
+def float32_to_word(scale: np.ndarray) -> np.ndarray:
+  """A8W4/A4W4 word: float32 bits in the low 32 bits, upper bits 0 (as int64)."""
+  return np.asarray(scale, F32).view(np.uint32).astype(np.uint64).astype(np.int64)
+
+
+# --- B.4 grouped matmul ------------------------------------------------------------------
+
+def grouped_matmul(lhs, rhs, bounds, out_dtype=np.int64) -> np.ndarray:
+  m, n = lhs.shape[0], rhs.shape[-1]
+  out = np.zeros((m, n), out_dtype)
+  acc = np.int64 if np.issubdtype(out_dtype, np.integer) else np.float64
+  for i, (s, e) in enumerate(bounds):
+    out[s:e] = (lhs[s:e].astype(acc) @ rhs[i].astype(acc)).astype(out_dtype)
+  return out
+
+
+# --- B.0.5 / B.0.6 / B.1 fused op ---------------------------------------------------------
+
+def swiglu(c: np.ndarray) -> np.ndarray:
+  c = c.astype(F32)
+  h = c.shape[-1] // 2
+  act, gate = c[:, :h], c[:, h:]
+  return (act / (F32(1) + np.exp(-act))) * gate
+
+
+def per_token_int8(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """scale = amax/127; Q = RNE(S * (127/amax)); amax = 0 -> (0, 0) (SPEC A.3 items 2-3)."""
+  s = s.astype(F32)
+  amax = np.max(np.abs(s), axis=-1)
+  q = np.zeros(s.shape, np.int8)
+  for r in range(s.shape[0]):
+    if amax[r] > 0:
+      q[r] = np.clip(np.rint(s[r] * (F32(127) / amax[r])), -127, 127).astype(np.int8)
+  return q, (amax / F32(127)).astype(F32)
+
+
+def swiglu_quant(x, w, w_scale, x_scale, bounds, *, scenario: str, assist=None, smooth=None):
+  """npu_grouped_matmul_swiglu_quant_v2 golden.
+
+  x: int values [m, k]; w: int values [e, k, n]; w_scale float32 [e, n] or [e, G, n];
+  x_scale float32 [m]; bounds from group_bounds. Rows outside every group -> (0, 0).
+  """
+  m, k = x.shape
+  n = w.shape[-1]
+  out_q = np.zeros((m, n // 2), np.int8)
+  out_s = np.zeros((m,), F32)
+  x_scale = np.asarray(x_scale, F32)
+  for i, (s, e) in enumerate(bounds):
+    if e <= s:
+      continue
+    xi = x[s:e].astype(np.int64)
+    if scenario == "A8W8":
+      acc = xi @ w[i].astype(np.int64)
+      c = (acc.astype(F32) * w_scale[i].astype(F32)) * x_scale[s:e, None]
+    elif scenario == "A4W4":
+      acc = xi @ w[i].astype(np.int64)
+      c = (acc.astype(F32) * x_scale[s:e, None]) * w_scale[i].astype(F32)
+    else:  # A8W4 (MSD): hi/lo nibbles, per k-group partials, literal formula of B.1.4
+      sc = w_scale[i].reshape(-1, n).astype(F32)
+      groups = sc.shape[0]
+      gs = k // groups
+      x_hi = np.floor_divide(xi, 16)
+      x_lo = (xi & 0x0F) - 8
+      c_hi = np.zeros((e - s, n), F32)
+      c_lo = np.zeros((e - s, n), F32)
+      for g in range(groups):
+        wg = w[i, g * gs:(g + 1) * gs].astype(np.int64)
+        c_hi += (x_hi[:, g * gs:(g + 1) * gs] @ wg).astype(F32) * sc[g]
+        c_lo += (x_lo[:, g * gs:(g + 1) * gs] @ wg).astype(F32) * sc[g]
+      c = (F32(16) * c_hi + c_lo + assist[i].astype(F32)) * x_scale[s:e, None]
+    sw = swiglu(c)
+    if smooth is not None:
+      sw = sw * np.asarray(smooth[i], F32)
+    out_q[s:e], out_s[s:e] = per_token_int8(sw)
+  return out_q, out_s
+
+
+def canonical_assist(w, w_scale) -> np.ndarray:
+  """A[i, c] = 8 * sum_k W[i, k, c] * s[i, k // gs, c] (float64, then float32)."""
+  e, k, n = w.shape
+  sc = np.asarray(w_scale, np.float64).reshape(e, -1, n)
+  gs = k // sc.shape[1]
+  a = np.zeros((e, n))
+  for kk in range(k):
+    a += w[:, kk, :] * sc[:, kk // gs, :]
+  return (8 * a).astype(F32)

@@ -1,0 +1,130 @@
+"""npu_ops.grouped_matmul against a NumPy grouped matmul (ragged_dot semantics)."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import npu_ops
+import numpy_reference as ref
+
+BLOCKS = [None, npu_ops.GmmBlockSizes(block_m=8, min_block_m=2),
+          npu_ops.GmmBlockSizes(block_m=32, min_block_m=32), npu_ops.GmmBlockSizes(1, 1)]
+
+
+def operands(seed, m, k, n, g, dtype):
+  rng = np.random.default_rng(seed)
+  if dtype == np.int8:
+    return (rng.integers(-128, 128, (m, k)).astype(np.int8),
+            rng.integers(-128, 128, (g, k, n)).astype(np.int8))
+  return (rng.normal(size=(m, k)).astype(dtype), rng.normal(size=(g, k, n)).astype(dtype))
+
+
+@pytest.mark.parametrize("sizes", [[10, 0, 37, 53], [0, 0, 0, 100], [100, 0, 0, 0], [3, 4, 5, 6],
+                                   [0, 0, 0, 0], [1, 1, 97, 1]])
+@pytest.mark.parametrize("block_sizes", BLOCKS, ids=str)
+def test_int8_exact(sizes, block_sizes):
+  x, w = operands(0, 100, 48, 24, 4, np.int8)
+  want = ref.grouped_matmul(x, w, ref.group_bounds(sizes, 1))
+  for gs in (sizes, jnp.asarray(sizes)):
+    got = npu_ops.grouped_matmul(x, w, gs, block_sizes=block_sizes)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype,out,tol", [(np.float32, None, 1e-5),
+                                           (ml_dtypes.bfloat16, jnp.float32, 1e-5),
+                                           (ml_dtypes.bfloat16, None, 1e-2),
+                                           (np.float16, None, 2e-3)])
+def test_float(dtype, out, tol):
+  """Float operands accumulate in float32; the tolerance is one rounding of the out dtype."""
+  sizes = [7, 0, 20, 3]
+  x, w = operands(1, 40, 64, 16, 4, dtype)
+  want = ref.grouped_matmul(x, w, ref.group_bounds(sizes, 1), out_dtype=np.float64)
+  for gs in (sizes, jnp.asarray(sizes)):
+    got = npu_ops.grouped_matmul(x, w, gs, preferred_element_type=out)
+    assert got.dtype == (out or dtype)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * scale, rtol=tol)
+
+
+def test_matches_ragged_dot_and_reference():
+  x, w = operands(2, 64, 32, 16, 5, np.float32)
+  sizes = jnp.asarray([10, 0, 20, 14, 10])
+  a = npu_ops.grouped_matmul(x, w, sizes)
+  b = npu_ops.grouped_matmul(x, w, sizes, implementation="reference")
+  c = jax.lax.ragged_dot(jnp.asarray(x), jnp.asarray(w), sizes)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-4)
+
+
+def test_int4_operands():
+  rng = np.random.default_rng(3)
+  x = rng.integers(-8, 8, (30, 16)).astype(np.int8)
+  w = rng.integers(-8, 8, (2, 16, 8)).astype(np.int8)
+  got = npu_ops.grouped_matmul(x.astype(ml_dtypes.int4), w.astype(ml_dtypes.int4), [12, 18])
+  np.testing.assert_array_equal(got, ref.grouped_matmul(x, w, [(0, 12), (12, 30)]))
+
+
+def test_jit_one_trace_and_vmap():
+  x, w = operands(4, 32, 16, 8, 3, np.int8)
+  traces = []
+
+  @jax.jit
+  def f(x, gs):
+    traces.append(1)
+    return npu_ops.grouped_matmul(x, w, gs)
+
+  for sizes in ([10, 10, 12], [0, 32, 0], [5, 0, 1]):
+    np.testing.assert_array_equal(f(x, jnp.asarray(sizes)),
+                                  ref.grouped_matmul(x, w, ref.group_bounds(sizes, 1)))
+  assert len(traces) == 1
+  xs = np.stack([x, x[::-1]])
+  gss = jnp.asarray([[10, 10, 12], [0, 30, 2]])
+  got = jax.vmap(lambda a, b: npu_ops.grouped_matmul(a, w, b))(xs, gss)
+  for i in range(2):
+    np.testing.assert_array_equal(got[i], ref.grouped_matmul(
+        xs[i], w, ref.group_bounds(np.asarray(gss[i]), 1)))
+
+
+def test_grad_of_float_reference_and_static_path():
+  x, w = operands(5, 12, 8, 4, 2, np.float32)
+  for impl, gs in (("reference", jnp.asarray([5, 7])), ("xla", [5, 7])):
+    gx, gw = jax.grad(lambda a, b: npu_ops.grouped_matmul(a, b, gs, implementation=impl).sum(),
+                      argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(gx[:5], np.broadcast_to(w[0].sum(1), (5, 8)), rtol=1e-5)
+    np.testing.assert_allclose(gw[1], np.broadcast_to(x[5:].sum(0)[:, None], (8, 4)), rtol=1e-5)
+
+
+def test_errors():
+  x, w = operands(6, 8, 4, 4, 2, np.int8)
+  with pytest.raises(ValueError, match="lhs: expected rank 2"):
+    npu_ops.grouped_matmul(x[None], w, [4, 4])
+  with pytest.raises(ValueError, match="rhs"):
+    npu_ops.grouped_matmul(x, w[:, :3], [4, 4])
+  with pytest.raises(TypeError, match="rhs"):
+    npu_ops.grouped_matmul(x, w.astype(np.float32), [4, 4])
+  with pytest.raises(ValueError, match="group_sizes"):
+    npu_ops.grouped_matmul(x, w, [4, 4, 0])
+  with pytest.raises(ValueError, match="implementation"):
+    npu_ops.grouped_matmul(x, w, [4, 4], implementation="cuda")
+  with pytest.raises(NotImplementedError, match="pallas_tpu"):
+    npu_ops.grouped_matmul(x, w, [4, 4], implementation="pallas_tpu")
+  with pytest.raises(ValueError, match="block_m"):
+    npu_ops.GmmBlockSizes(block_m=24)
+
+
+@given(m=st.integers(1, 70), g=st.integers(1, 5), data=st.data(),
+       bm=st.sampled_from([1, 4, 16, 64]), seed=st.integers(0, 1000))
+def test_property_dynamic_int8(m, g, data, bm, seed):
+  sizes = data.draw(st.lists(st.integers(0, m), min_size=g, max_size=g))
+  total = sum(sizes)
+  if total > m:
+    sizes = [s * m // total for s in sizes]
+  x, w = operands(seed, m, 16, 8, g, np.int8)
+  block = npu_ops.GmmBlockSizes(block_m=bm, min_block_m=max(1, bm // 4))
+  got = npu_ops.grouped_matmul(x, w, jnp.asarray(sizes), block_sizes=block)
+  np.testing.assert_array_equal(got, ref.grouped_matmul(x, w, ref.group_bounds(sizes, 1)))

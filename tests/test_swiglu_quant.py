@@ -1,0 +1,273 @@
+"""npu_grouped_matmul_swiglu_quant_v2 / v1 against the NumPy golden of SPEC B.1."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import npu_ops
+import numpy_reference as ref
+from helpers import (assert_int8_close, assert_scale_close, counts_to_list, encode_int4_weight,
+                     encode_int8_weight, int4_array)
+
+F32 = np.float32
+
+
+def make_case(seed, scenario, m, k, n, e, *, groups=1, negative_scales=False):
+  rng = np.random.default_rng(seed)
+  lo, hi = (-8, 8) if scenario == "A4W4" else (-128, 128)
+  x = rng.integers(lo, hi, (m, k)).astype(np.int8)
+  w = rng.integers(-8, 8, (e, k, n)) if scenario != "A8W8" else rng.integers(-128, 128, (e, k, n))
+  w = w.astype(np.int8)
+  # Scales put C at O(1), so SwiGLU and the quantizer see a realistic spread.
+  spread = float(np.std(x.astype(F32)) * np.std(w.astype(F32)) * np.sqrt(k)) or 1.0
+  shape = (e, groups, n) if groups > 1 else (e, n)
+  w_scale = (rng.uniform(0.5, 1.5, shape) * 2 / spread).astype(F32)
+  x_scale = rng.uniform(0.5, 1.5, (m,)).astype(F32)
+  if negative_scales:
+    w_scale *= rng.choice([-1, 1], shape).astype(F32)
+    x_scale *= rng.choice([-1, 1], (m,)).astype(F32)
+  return x, w, w_scale, x_scale
+
+
+def check(got, x, w, w_scale, x_scale, counts, scenario, **kw):
+  bounds = ref.group_bounds(counts, 1)
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, bounds, scenario=scenario, **kw)
+  q, s = got
+  assert q.dtype == jnp.int8 and s.dtype == jnp.float32
+  assert q.shape == want_q.shape and s.shape == want_s.shape
+  assert_int8_close(q, want_q)
+  assert_scale_close(s, want_s)
+  total = sum(counts)
+  assert not np.any(np.asarray(q)[total:]) and not np.any(np.asarray(s)[total:])
+  assert np.all(np.isfinite(np.asarray(s)))
+
+
+GROUPINGS = {
+    "uneven": [5, 17, 0, 30],
+    "empty_first": [0, 20, 12, 20],
+    "empty_middle": [20, 0, 0, 32],
+    "empty_last": [30, 22, 0, 0],
+    "tail_rows": [9, 3, 11, 7],  # sum 30 < m = 52
+}
+
+
+@pytest.mark.parametrize("grouping", list(GROUPINGS))
+@pytest.mark.parametrize("group_list_type", [0, 1])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a8w8(grouping, group_list_type, dynamic):
+  counts = GROUPINGS[grouping]
+  x, w, ws, xs = make_case(0, "A8W8", 52, 64, 48, 4)
+  gl = counts_to_list(counts, group_list_type)
+  gl = np.asarray(gl, np.int64) if dynamic else gl
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl,
+                                                   group_list_type=group_list_type)
+  check(got, x, w, ws, xs, counts, "A8W8")
+
+
+@pytest.mark.parametrize("form", ["nd", "nz", "list_e", "list_1", "list_e_nz"])
+def test_a8w8_weight_forms(form):
+  counts = [7, 0, 25, 12]
+  x, w, ws, xs = make_case(1, "A8W8", 44, 40, 72, 4)  # k, n not multiples of the fractal
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, encode_int8_weight(w, form), [ws] if form.startswith("list") else ws, xs,
+      jnp.asarray(counts), group_list_type=1)
+  check(got, x, w, ws, xs, counts, "A8W8")
+
+
+@pytest.mark.parametrize("scale_dtype", [jnp.float16, jnp.bfloat16])
+def test_a8w8_half_precision_scale(scale_dtype):
+  counts = [10, 20, 14]
+  x, w, ws, xs = make_case(2, "A8W8", 44, 32, 32, 3)
+  ws_half = np.asarray(jnp.asarray(ws, scale_dtype))
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws_half, xs, counts, group_list_type=1)
+  check(got, x, w, ws_half.astype(F32), xs, counts, "A8W8")
+
+
+@pytest.mark.parametrize("dequant_mode,groups", [(0, 1), (1, 4)])
+@pytest.mark.parametrize("form", ["words_nd", "words_nz", "int4_nd", "int4_nz", "words_list"])
+@pytest.mark.parametrize("scale_form", ["float32", "int64_words"])
+def test_a8w4(dequant_mode, groups, form, scale_form):
+  counts = [11, 0, 23, 14]
+  x, w, ws, xs = make_case(3, "A8W4", 60, 128, 80, 4, groups=groups)
+  assist = ref.canonical_assist(w, ws)
+  scale_in = ws if scale_form == "float32" else ref.float32_to_word(ws)
+  if form == "words_list":
+    scale_in = list(scale_in)
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, encode_int4_weight(w, form), scale_in, xs, jnp.asarray(np.cumsum(counts)),
+      weight_assist_matrix=assist, dequant_mode=dequant_mode)
+  check(got, x, w, ws, xs, counts, "A8W4", assist=assist)
+
+
+def test_a8w4_literal_assist_matrix():
+  """A non-canonical assist matrix enters the result as written (SPEC A.3 item 5)."""
+  counts = [20, 12, 16]
+  x, w, ws, xs = make_case(4, "A8W4", 48, 64, 32, 3, groups=2)
+  rng = np.random.default_rng(5)
+  assist = (ref.canonical_assist(w, ws) + rng.normal(0, 3, (3, 32))).astype(F32)
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, ref.pack_int4(w), ws, xs, counts, weight_assist_matrix=assist, dequant_mode=1,
+      group_list_type=1)
+  check(got, x, w, ws, xs, counts, "A8W4", assist=assist)
+
+
+def test_a8w4_default_assist_is_canonical():
+  counts = [20, 12, 16]
+  x, w, ws, xs = make_case(6, "A8W4", 48, 64, 32, 3)
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, ref.pack_int4(w), ws, xs, counts,
+                                                   group_list_type=1)
+  check(got, x, w, ws, xs, counts, "A8W4", assist=ref.canonical_assist(w, ws))
+  np.testing.assert_allclose(npu_ops.weight_assist_matrix(ref.pack_int4(w), ws),
+                             ref.canonical_assist(w, ws), rtol=1e-5, atol=1e-3)
+
+
+def test_a8w4_int64_words_under_jit():
+  """NumPy int64 words passed to jit with x64 off arrive as int32 low words: still exact."""
+  counts = [9, 30, 9]
+  x, w, ws, xs = make_case(7, "A8W4", 48, 64, 32, 3)
+  words = ref.float32_to_word(ws)
+  words[..., :] |= np.int64(1) << 46  # high bits must be ignored
+  f = jax.jit(lambda *a: npu_ops.npu_grouped_matmul_swiglu_quant_v2(*a, group_list_type=1))
+  got = f(x, ref.pack_int4(w), words, xs, np.asarray(counts))
+  check(got, x, w, ws, xs, counts, "A8W4", assist=ref.canonical_assist(w, ws))
+
+
+@pytest.mark.parametrize("smooth_shape", [None, "per_column", "per_expert"])
+@pytest.mark.parametrize("x_form", ["words", "int4"])
+@pytest.mark.parametrize("w_form", ["words_nd", "int4_nz"])
+def test_a4w4(smooth_shape, x_form, w_form):
+  counts = [13, 21, 0, 6]
+  x, w, ws, xs = make_case(8, "A4W4", 44, 64, 48, 4)
+  rng = np.random.default_rng(9)
+  smooth = {None: None, "per_column": rng.uniform(0.5, 2, (4, 24)).astype(F32),
+            "per_expert": rng.uniform(0.5, 2, (4,)).astype(F32)}[smooth_shape]
+  x_in = ref.pack_int4(x) if x_form == "words" else int4_array(x)
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x_in, encode_int4_weight(w, w_form), ref.float32_to_word(ws), xs, counts,
+      smooth_scale=smooth, group_list_type=1)
+  smooth_ref = None if smooth is None else smooth.reshape(4, -1)
+  check(got, x, w, ws, xs, counts, "A4W4", smooth=smooth_ref)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_edge_rows(dynamic):
+  """Single expert, negative scales, an all-zero row, rows past the total."""
+  x, w, ws, xs = make_case(10, "A8W8", 24, 32, 16, 1, negative_scales=True)
+  x[3] = 0
+  counts = [20]
+  gl = jnp.asarray(counts) if dynamic else counts
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl)
+  check(got, x, w, ws, xs, counts, "A8W8")
+  assert got[1][3] == 0 and not np.any(np.asarray(got[0][3]))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_one_row(dynamic):
+  x, w, ws, xs = make_case(11, "A8W8", 1, 32, 16, 2)
+  for counts in ([1, 0], [0, 1], [0, 0]):
+    gl = jnp.asarray(counts) if dynamic else counts
+    got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl, group_list_type=1)
+    check(got, x, w, ws, xs, counts, "A8W8")
+
+
+def test_group_list_shorter_than_experts():
+  x, w, ws, xs = make_case(12, "A8W8", 40, 32, 16, 6)
+  counts = [10, 15, 5]  # experts 3..5 unused
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, jnp.asarray(counts),
+                                                   group_list_type=1)
+  check(got, x, w, ws, xs, counts, "A8W8")
+
+
+def test_implementations_agree_exactly():
+  x, w, ws, xs = make_case(13, "A8W8", 100, 64, 32, 5)
+  gl = jnp.asarray([0, 33, 60, 60, 97])
+  a = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl)
+  b = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl, implementation="reference")
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_one_compilation_for_three_dynamic_group_lists():
+  x, w, ws, xs = make_case(14, "A8W8", 64, 32, 16, 4)
+  traces = []
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def f(gl):
+    traces.append(1)
+    return npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl, group_list_type=1)
+
+  for counts in ([16, 16, 16, 16], [0, 64, 0, 0], [3, 0, 40, 2]):
+    check(f(jnp.asarray(counts, jnp.int32)), x, w, ws, xs, counts, "A8W8")
+  assert len(traces) == 1
+
+
+def test_tuning_config_is_only_a_hint():
+  x, w, ws, xs = make_case(15, "A8W8", 96, 32, 16, 3)
+  gl = jnp.asarray([30, 0, 66])
+  base = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl, group_list_type=1)
+  for cfg in ([1], [8, 0], [512], []):
+    got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl, group_list_type=1,
+                                                     tuning_config=cfg)
+    np.testing.assert_array_equal(got[0], base[0])
+    np.testing.assert_array_equal(got[1], base[1])
+
+
+def test_invalid_dynamic_group_list_is_clamped_not_nan():
+  """SPEC A.3 item 7: negative counts -> empty, total capped at m; no NaN."""
+  x, w, ws, xs = make_case(16, "A8W8", 32, 32, 16, 3)
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, jnp.asarray([10, -5, 100]),
+                                                    group_list_type=1)
+  check((q, s), x, w, ws, xs, [10, 0, 22], "A8W8")
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, jnp.asarray([20, 8, 40]))
+  check((q, s), x, w, ws, xs, [20, 0, 12], "A8W8")
+
+
+def test_v1():
+  counts = [12, 20, 8]
+  x, w, ws, xs = make_case(17, "A8W8", 40, 32, 16, 3)
+  q, s, off = npu_ops.npu_grouped_matmul_swiglu_quant(x, ref.nd_to_nz(w, 32), list(np.cumsum(counts)),
+                                                      ws, xs)
+  check((q, s), x, w, ws, xs, counts, "A8W8")
+  assert off.shape == () and off.dtype == jnp.float32
+  x, w, ws, xs = make_case(18, "A8W4", 40, 64, 16, 3, groups=2)
+  assist = ref.canonical_assist(w, ws)
+  q, s, _ = npu_ops.npu_grouped_matmul_swiglu_quant(
+      x, ref.pack_int4(w), jnp.asarray(np.cumsum(counts)), ref.float32_to_word(ws), xs,
+      bias=assist)
+  check((q, s), x, w, ws, xs, counts, "A8W4", assist=assist)
+
+
+@st.composite
+def cases(draw):
+  scenario = draw(st.sampled_from(["A8W8", "A8W4", "A4W4"]))
+  e = draw(st.integers(1, 6))
+  m = draw(st.integers(1, 80))
+  k = draw(st.sampled_from([8, 16, 48, 64]))
+  n = draw(st.sampled_from([2, 8, 16, 34]))
+  if scenario != "A8W8":
+    n = max(8, n // 8 * 8)
+  counts = draw(st.lists(st.integers(0, m), min_size=e, max_size=e))
+  # Scale the counts so their total fits in m (tail rows allowed).
+  total = sum(counts)
+  if total > m:
+    counts = [c * m // total for c in counts]
+  return scenario, m, k, n, e, counts, draw(st.booleans()), draw(st.integers(0, 2**16))
+
+
+@given(cases())
+def test_property_against_golden(case):
+  scenario, m, k, n, e, counts, dynamic, seed = case
+  x, w, ws, xs = make_case(seed, scenario, m, k, n, e)
+  x_in = ref.pack_int4(x) if scenario == "A4W4" else x
+  w_in = w if scenario == "A8W8" else ref.pack_int4(w)
+  gl = jnp.asarray(counts) if dynamic else counts
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x_in, w_in, ws, xs, gl, group_list_type=1)
+  extra = {"assist": ref.canonical_assist(w, ws)} if scenario == "A8W4" else {}
+  check(got, x, w, ws, xs, counts, scenario, **extra)
