@@ -183,6 +183,10 @@ def npu_grouped_matmul_swiglu_quant(
   """
   if offset is not None:
     fail("offset", "None (reserved by torch_npu)", describe(offset))
+  if bias is not None:
+    w = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
+    require(np.dtype(w.dtype) != np.int8, "bias",
+            "None for an int8 weight (in v1, bias carries the A8W4 assist matrix)", describe(bias))
   ws = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(1, 2))
   check_rank("weight_scale", ws, (2, 3))
   out, out_scale = npu_grouped_matmul_swiglu_quant_v2(

@@ -53,6 +53,7 @@ CASES = {
     "implementation": (lambda: op(X, W, WS, XS, GL, implementation="gpu"), ValueError, "implementation"),
     "weight list shapes": (lambda: op(X, [W[0], W[1, :, :8]], WS, XS, GL), ValueError, r"weight\[1\]"),
     "not an array": (lambda: op(X.tolist(), W, WS, XS, GL), TypeError, "x: expected an array"),
+    "v1 bias on A8W8": (lambda: npu_ops.npu_grouped_matmul_swiglu_quant(X, W, GL, WS, XS, bias=WS), ValueError, "bias"),
     "v1 offset": (lambda: npu_ops.npu_grouped_matmul_swiglu_quant(X, W, GL, WS, XS, offset=XS), ValueError, "offset"),
 }
 

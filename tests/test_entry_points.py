@@ -1,0 +1,42 @@
+"""The demo, the benchmark and the notebooks run (small shapes) and check what they print."""
+
+import json
+import pathlib
+
+import numpy as np
+
+from npu_ops import bench, demo
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs(capsys):
+  demo.main(["--m", "96", "--k", "64", "--n", "64", "--e", "4"])
+  out = capsys.readouterr().out
+  assert "output int8[96, 32]" in out and "ratio" in out
+  rel = float(out.split("SwiGLU(x @ W): ")[1].split("%")[0])
+  assert rel < 10  # int8 x, weights and output: a few percent
+
+
+def test_bench_runs_every_path(tmp_path):
+  path = tmp_path / "bench.json"
+  rows = bench.main(["--m", "64", "--k", "32", "--n", "16", "--e", "4", "--repeats", "1",
+                     "--json", str(path)])
+  assert len(rows) == 4 and json.loads(path.read_text()) == rows
+  assert all(r["fused_vs_dense"] > 0 and r["fused_speedup_vs_ragged"] > 0 for r in rows)
+
+
+def test_group_counts_sum_to_m():
+  rng = np.random.default_rng(0)
+  for kind in ("uniform", "skewed", "one_group", "many_empty"):
+    c = bench.group_counts(kind, 1000, 16, rng)
+    assert c.sum() == 1000 and (c >= 0).all()
+
+
+def test_notebooks_execute():
+  for nb_path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    nb = json.loads(nb_path.read_text())
+    namespace = {}
+    for cell in nb["cells"]:
+      if cell["cell_type"] == "code":
+        exec(compile("".join(cell["source"]), f"{nb_path.name}", "exec"), namespace)
