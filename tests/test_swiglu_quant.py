@@ -271,3 +271,14 @@ def test_property_against_golden(case):
   got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x_in, w_in, ws, xs, gl, group_list_type=1)
   extra = {"assist": ref.canonical_assist(w, ws)} if scenario == "A8W4" else {}
   check(got, x, w, ws, xs, counts, scenario, **extra)
+
+
+def test_vmap_over_group_lists_and_tokens():
+  x, w, ws, xs = make_case(19, "A8W8", 32, 16, 8, 3)
+  gls = [[10, 10, 12], [0, 30, 0]]
+  op = lambda x, gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl,
+                                                                group_list_type=1)
+  xb = np.stack([x, x[::-1]])
+  q, s = jax.vmap(op)(xb, jnp.asarray(gls))
+  for i in range(2):
+    check((q[i], s[i]), xb[i], w, ws, xs, gls[i], "A8W8")
