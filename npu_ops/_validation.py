@@ -52,18 +52,8 @@ def check_dtype(name: str, a: Any, allowed: Sequence[Any]) -> None:
          describe(a), TypeError)
 
 
-def check_shape(name: str, a: Any, expected: tuple[int, ...]) -> None:
-  check_array(name, a)
-  require(tuple(a.shape) == tuple(expected), name,
-          f"shape {list(expected)}", describe(a))
-
-
 def is_integer_dtype(dtype: Any) -> bool:
   return jnp.issubdtype(dtype, jnp.integer)
-
-
-def is_float_dtype(dtype: Any) -> bool:
-  return jnp.issubdtype(dtype, jnp.floating)
 
 
 def check_int_option(name: str, value: Any, allowed: Sequence[int]) -> int:

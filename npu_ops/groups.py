@@ -22,7 +22,6 @@ non-decreasing, in `[0, m]`. Group `i` owns rows `[ends[i-1], ends[i])` with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Union
 
 import jax
@@ -157,11 +156,3 @@ def row_group_ids(ends: GroupEnds, m: int) -> jax.Array:
     return jnp.asarray(np.searchsorted(np.asarray(ends, np.int64), np.arange(m), side="right"),
                        jnp.int32)
   return jnp.searchsorted(ends, jnp.arange(m, dtype=ends.dtype), side="right").astype(jnp.int32)
-
-
-def total_rows(ends: GroupEnds) -> int | jax.Array:
-  return ends[-1]
-
-
-def sequence_of_ints(value: Any) -> bool:
-  return isinstance(value, Sequence) and all(isinstance(v, (int, np.integer)) for v in value)

@@ -1,6 +1,5 @@
 """npu_grouped_matmul_swiglu_quant_v2 / v1 against the NumPy golden of SPEC B.1."""
 
-import itertools
 
 import chex
 import jax
