@@ -111,8 +111,8 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   rows = []
-  header = (f"{'m':>6} {'k':>5} {'n':>5} {'e':>3} {'groups':>10} | {'fused/dense':>11} "
-            f"{'gmm/dense':>9} {'vs ragged':>9}")
+  header = (f"{'m':>6} {'k':>5} {'n':>5} {'e':>3} {'groups':>10} | {'fused ms':>8} {'dense ms':>8} "
+            f"{'ragged ms':>9} | {'fused/dense':>11} {'gmm/dense':>9} {'vs ragged':>9}")
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}; ratios = dense-dot time / op time "
         "(higher is better; 1.0 = dense int8 dot speed)\n" + header + "\n" + "-" * len(header))
   for m in args.m:
@@ -120,8 +120,11 @@ def main(argv=None):
       for kind in args.groups:
         r = run_case(m, args.k, args.n, e, kind, repeats=args.repeats, ragged=not args.no_ragged)
         rows.append(r)
-        vs = f"{r['fused_speedup_vs_ragged']:8.1f}x" if "fused_speedup_vs_ragged" in r else "-"
-        print(f"{m:>6} {args.k:>5} {args.n:>5} {e:>3} {kind:>10} | {r['fused_vs_dense']:>11.2f} "
+        ragged = "fused_speedup_vs_ragged" in r
+        vs = f"{r['fused_speedup_vs_ragged']:8.1f}x" if ragged else "-"
+        t_ragged = f"{r['t_ragged+epilogue'] * 1e3:9.1f}" if ragged else "-"
+        print(f"{m:>6} {args.k:>5} {args.n:>5} {e:>3} {kind:>10} | {r['t_fused'] * 1e3:8.1f} "
+              f"{r['t_dense'] * 1e3:8.1f} {t_ragged:>9} | {r['fused_vs_dense']:>11.2f} "
               f"{r['gmm_vs_dense']:>9.2f} {vs:>9}", flush=True)
   if args.json:
     with open(args.json, "w") as f:
