@@ -5,6 +5,7 @@ torch_npu-named ops (SPEC A.1) sit beside JAX-style building blocks.
 
 from npu_ops.gmm import GmmBlockSizes as GmmBlockSizes
 from npu_ops.gmm import grouped_matmul as grouped_matmul
+from npu_ops.gmm import tgmm as tgmm
 from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant as npu_grouped_matmul_swiglu_quant
 from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2 as npu_grouped_matmul_swiglu_quant_v2
 from npu_ops.gmm_swiglu_quant import weight_assist_matrix as weight_assist_matrix

@@ -17,18 +17,19 @@ jnp in float32, shared by every implementation.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from npu_ops import groups as groups_lib
 from npu_ops import gmm as gmm_lib
 from npu_ops import operands
 from npu_ops import quant as quant_lib
+from npu_ops import row_blocks
 from npu_ops._validation import (check_array, check_int_option, check_rank, describe, fail,
                                  require)
 from npu_ops.scales import float32_from_scale_words
@@ -98,7 +99,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
   if bias is not None:
     fail("bias", "None (reserved by torch_npu for this op)", describe(bias))
   expected_tokens = _expected_tokens(tuning_config)
-  gmm_lib.resolve_implementation(implementation)
+  reference = gmm_lib.resolve_implementation(implementation) == "reference"
 
   lhs = operands.canonical_lhs(x)
   m, k = lhs.values.shape
@@ -161,12 +162,10 @@ def npu_grouped_matmul_swiglu_quant_v2(
     smooth = jnp.asarray(smooth_scale, jnp.float32).reshape(e, -1)
 
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
-  static = isinstance(ends, tuple)
-  block_sizes = gmm_lib.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
+  block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
   return _fused(lhs.values, w.values, scale, jnp.asarray(x_scale, jnp.float32), assist, smooth,
-                None if static else ends, static_ends=ends if static else None,
-                scenario=scenario, spec=spec, block_sizes=block_sizes,
-                implementation=implementation)
+                ends=ends, scenario=scenario, spec=spec, block_sizes=block_sizes,
+                reference=reference)
 
 
 def npu_grouped_matmul_swiglu_quant(
@@ -243,37 +242,41 @@ def _expected_tokens(tuning_config: Any) -> int | None:
   return int(tuning_config[0]) or None
 
 
-@functools.partial(jax.jit, static_argnames=("static_ends", "scenario", "spec", "block_sizes",
-                                             "implementation"))
-def _fused(x, w, scale, x_scale, assist, smooth, dynamic_ends, *, static_ends, scenario, spec,
-           block_sizes, implementation):
-  ends = static_ends if dynamic_ends is None else dynamic_ends
+@row_blocks.jit_by_ends("scenario", "spec", "block_sizes", "reference")
+def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_sizes,
+           reference):
+  """The fused op on canonical operands; the epilogue runs on each row block."""
   m, k = x.shape
-  num_groups = len(ends) if dynamic_ends is None else dynamic_ends.shape[0]
-  gid = groups_lib.row_group_ids(ends, m)
-  valid = gid < num_groups
-  gid = jnp.where(valid, gid, 0)
-  gmm = functools.partial(gmm_lib.gmm, out_dtype=jnp.int32, implementation=implementation,
-                          block_sizes=block_sizes)
-  if scenario == A8W4:
-    # Per k-group partials of (x - 8) @ W, exact in int32, scaled in float32.
-    e, n_groups, n = scale.shape
-    gs = k // n_groups
-    c = jnp.zeros((m, n), jnp.float32)
-    for g in range(n_groups):
-      sl = slice(g * gs, (g + 1) * gs)
-      colsum = jnp.sum(w[:, sl, :], axis=1, dtype=jnp.int32)
-      acc = gmm(x[:, sl], w[:, sl, :], ends) - 8 * colsum[gid]
-      c = c + scale[:, g, :][gid] * acc.astype(jnp.float32)
-    c = (c + assist[gid]) * x_scale[:, None]
-  else:
-    acc = gmm(x, w, ends).astype(jnp.float32)
-    if scenario == A8W8:
-      c = (acc * scale[:, 0, :][gid]) * x_scale[:, None]
+  e, n_groups, n = scale.shape
+  gs = k // n_groups
+  colsum8 = None
+  if scenario == A8W4:  # 8 * column sums per k-group: the "- 8" of (x - 8) @ W, in int32
+    colsum8 = 8 * jnp.sum(w.reshape(e, n_groups, gs, n), axis=2, dtype=jnp.int32)
+
+  def group_ctx(g):
+    pick = lambda a: None if a is None else a[g]
+    return w[g], scale[g], pick(assist), pick(colsum8), pick(smooth)
+
+  def block_fn(outs, ctx, r0, bl, mask):
+    w_g, s_g, a_g, colsum8_g, smooth_g = ctx
+    xb = lax.dynamic_slice_in_dim(x, r0, bl)
+    xs = lax.dynamic_slice_in_dim(x_scale, r0, bl)[:, None]
+    dot = lambda a, b: lax.dot(a, b, preferred_element_type=jnp.int32)
+    if scenario == A8W4:  # per k-group partials of (x - 8) @ W, exact in int32
+      c = sum(s_g[g] * (dot(xb[:, g * gs:(g + 1) * gs], w_g[g * gs:(g + 1) * gs]) - colsum8_g[g]
+                        ).astype(jnp.float32) for g in range(n_groups))
+      c = (c + a_g) * xs
+    elif scenario == A8W8:
+      c = (dot(xb, w_g).astype(jnp.float32) * s_g[0]) * xs
     else:
-      c = (acc * x_scale[:, None]) * scale[:, 0, :][gid]
-  s = quant_lib.swiglu(c)
-  if smooth is not None:
-    s = s * smooth[gid]
-  q, q_scale = quant_lib.quantize_per_token(s, spec)
-  return jnp.where(valid[:, None], q, 0), jnp.where(valid, q_scale, 0)
+      c = (dot(xb, w_g).astype(jnp.float32) * xs) * s_g[0]
+    s = quant_lib.swiglu(c)
+    if smooth_g is not None:
+      s = s * smooth_g
+    q, q_scale = quant_lib.quantize_per_token(s, spec)
+    return (row_blocks.write_rows(outs[0], q, r0, mask),
+            row_blocks.write_rows(outs[1], q_scale, r0, mask))
+
+  init = (jnp.zeros((m, n // 2), spec.dtype), jnp.zeros((m,), jnp.float32))
+  return row_blocks.traverse(ends, m, init, group_ctx=group_ctx, block_fn=block_fn,
+                             block_sizes=block_sizes, reference=reference)

@@ -128,3 +128,55 @@ def test_property_dynamic_int8(m, g, data, bm, seed):
   block = npu_ops.GmmBlockSizes(block_m=bm, min_block_m=max(1, bm // 4))
   got = npu_ops.grouped_matmul(x, w, jnp.asarray(sizes), block_sizes=block)
   np.testing.assert_array_equal(got, ref.grouped_matmul(x, w, ref.group_bounds(sizes, 1)))
+
+
+def tgmm_ref(lhs, rhs, sizes, num_groups, acc=np.int64):
+  out = np.zeros((num_groups, lhs.shape[1], rhs.shape[1]), acc)
+  for g, (s, e) in enumerate(ref.group_bounds(sizes, 1)):
+    out[g] = lhs[s:e].astype(acc).T @ rhs[s:e].astype(acc)
+  return out
+
+
+@pytest.mark.parametrize("sizes", [[10, 0, 37, 53], [0, 0, 0, 100], [3, 4, 5, 6], [0, 0, 0, 0]])
+@pytest.mark.parametrize("block_sizes", BLOCKS, ids=str)
+def test_tgmm_int8_exact(sizes, block_sizes):
+  rng = np.random.default_rng(7)
+  x = rng.integers(-128, 128, (100, 24)).astype(np.int8)
+  dy = rng.integers(-128, 128, (100, 16)).astype(np.int8)
+  want = tgmm_ref(x, dy, sizes, 5)
+  for gs in (sizes, jnp.asarray(sizes)):
+    for impl in ("xla", "reference"):
+      got = npu_ops.tgmm(x, dy, gs, num_groups=5, block_sizes=block_sizes, implementation=impl)
+      assert got.dtype == jnp.int32 and got.shape == (5, 24, 16)
+      np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (ml_dtypes.bfloat16, 1e-2)])
+def test_tgmm_float_is_the_weight_gradient(dtype, tol):
+  """tgmm(x, dy) is d/dW of sum(grouped_matmul(x, W) * dy)."""
+  sizes = [7, 0, 20, 3]
+  x, w = operands(8, 40, 12, 6, 4, dtype)
+  dy = np.random.default_rng(9).normal(size=(40, 6)).astype(dtype)
+  want = tgmm_ref(x, dy, sizes, 4, acc=np.float64)
+  got = npu_ops.tgmm(x, dy, jnp.asarray(sizes))
+  assert got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * np.abs(want).max())
+  grad = jax.grad(lambda w: jnp.sum(npu_ops.grouped_matmul(
+      jnp.asarray(x, jnp.float32), w, sizes, implementation="reference") * dy.astype(np.float32))
+  )(jnp.asarray(w, jnp.float32))
+  np.testing.assert_allclose(grad, want, atol=tol * np.abs(want).max())
+
+
+@given(m=st.integers(1, 70), g=st.integers(1, 5), data=st.data(),
+       bm=st.sampled_from([1, 4, 16, 64]), seed=st.integers(0, 1000))
+def test_property_tgmm_dynamic(m, g, data, bm, seed):
+  sizes = data.draw(st.lists(st.integers(0, m), min_size=g, max_size=g))
+  total = sum(sizes)
+  if total > m:
+    sizes = [s * m // total for s in sizes]
+  rng = np.random.default_rng(seed)
+  x = rng.integers(-128, 128, (m, 8)).astype(np.int8)
+  dy = rng.integers(-128, 128, (m, 4)).astype(np.int8)
+  block = npu_ops.GmmBlockSizes(block_m=bm, min_block_m=max(1, bm // 4))
+  got = npu_ops.tgmm(x, dy, jnp.asarray(sizes), block_sizes=block)
+  np.testing.assert_array_equal(got, tgmm_ref(x, dy, sizes, g))
