@@ -1,25 +1,33 @@
-"""Benchmark: the fused A8W8 op and the grouped matmul vs their baselines.
+"""Benchmark: grouped ops vs a dense dot of the same FLOPs, and vs ragged_dot.
 
-    python -m npu_ops.bench                 # the primary shape, a few group lists
-    python -m npu_ops.bench --m 512 4096 --e 8 16 64 --json out.json
+    python -m npu_ops.bench                       # the matrix: m x e x group lists
+    python -m npu_ops.bench --m 4096 --e 16       # one shape, four group lists
+    python -m npu_ops.bench --out bench_results   # also writes JSON and a PNG plot
 
-For each (m, k, n, e, group distribution) it times, interleaved in one process
-(so machine noise hits every contender alike), with a *dynamic* group list:
+For each (m, k, n, e, group list) the contenders run interleaved in one process
+(machine noise hits all of them alike), each timed as the minimum of `--repeats`
+calls. The ratio of an op is `dense time / op time` (1.0 = the speed of one dense
+dot with the same useful FLOPs; higher is better):
 
-* ours:      `npu_grouped_matmul_swiglu_quant_v2` (A8W8, XLA path), and the bare
-             `grouped_matmul` (int8 -> int32);
-* ragged:    `jax.lax.ragged_dot` (int8 -> int32) plus the same jnp epilogue;
-* dense:     one dense int8 `jnp.dot` [m, k] x [k, n] -> int32: the same useful
-             FLOPs, the roofline the grouped op aims at.
+* fused:        npu_grouped_matmul_swiglu_quant_v2 (A8W8), dynamic group list
+* fused_static: the same with the group list as Python ints
+* gmm:          grouped_matmul int8 -> int32, dynamic       (dense: int8 jnp.dot)
+* gmm_bf16:     grouped_matmul bf16 -> f32, dynamic          (dense: bf16 jnp.dot)
+* tgmm_bf16:    tgmm bf16 -> f32 (the weight gradient)       (dense: x^T @ dy)
+* ragged:       jax.lax.ragged_dot int8 + the same jnp epilogue (skipped when
+                `m * e` exceeds --ragged-max, as it costs e times the work)
+* tokamax:      tokamax.ragged_dot(implementation="xla") when tokamax is installed
 
-Ratios are the result (`dense / ours`: 1.0 means dense-dot speed); absolute times
-on shared machines are noise.
+`mem` is the fused op's peak memory (arguments + outputs + XLA temporaries, from
+the compiled executable) over its arguments + outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
+import sys
 import time
 from collections.abc import Callable
 
@@ -28,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import npu_ops
+from npu_ops import quant
+
+GROUP_KINDS = ("uniform", "skewed", "one_group", "many_empty")
 
 
 def group_counts(kind: str, m: int, e: int, rng: np.random.Generator) -> np.ndarray:
@@ -43,16 +54,10 @@ def group_counts(kind: str, m: int, e: int, rng: np.random.Generator) -> np.ndar
     p[rng.choice(e, max(1, e // 8), replace=False)] = 1
     p /= p.sum()
   else:
-    raise ValueError(f"group kind: expected uniform/skewed/one_group/many_empty, got {kind!r}")
+    raise ValueError(f"group kind: expected one of {GROUP_KINDS}, got {kind!r}")
   counts = np.floor(p * m).astype(np.int32)
   counts[np.argmax(counts)] += m - counts.sum()
   return counts
-
-
-def _epilogue(acc, w_scale, x_scale, counts):
-  gid = jnp.repeat(jnp.arange(w_scale.shape[0]), counts, total_repeat_length=acc.shape[0])
-  c = (acc.astype(jnp.float32) * w_scale[gid]) * x_scale[:, None]
-  return npu_ops.quantize_per_token(npu_ops.swiglu(c))
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -68,67 +73,165 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict
   return best
 
 
+def _ragged_epilogue(acc, w_scale, x_scale, counts):
+  gid = jnp.repeat(jnp.arange(w_scale.shape[0]), counts, total_repeat_length=acc.shape[0])
+  c = (acc.astype(jnp.float32) * w_scale[gid]) * x_scale[:, None]
+  return quant.quantize_per_token(quant.swiglu(c))
+
+
+def peak_memory_ratio(fn, *args) -> float:
+  """(arguments + outputs + temporaries) / (arguments + outputs) of the compiled fn."""
+  mem = jax.jit(fn).lower(*args).compile().memory_analysis()
+  io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+  return (io + mem.temp_size_in_bytes) / io
+
+
+def _tokamax_ragged_dot():
+  try:
+    import tokamax  # noqa: PLC0415 (optional peer)
+  except ImportError:
+    return None
+  return lambda x, w, c: tokamax.ragged_dot(x, w, c, implementation="xla",
+                                            preferred_element_type=jnp.int32)
+
+
 def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged: bool,
-             seed: int = 0) -> dict:
+             floats: bool = True, seed: int = 0) -> dict:
+  """Times every contender on one problem; returns times (s), ratios and memory."""
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.integers(-128, 128, (m, k), dtype=np.int8))
   w = jnp.asarray(rng.integers(-128, 128, (e, k, n), dtype=np.int8))
   w_scale = jnp.asarray(rng.uniform(0.5, 1.5, (e, n)).astype(np.float32) * 1e-5)
   x_scale = jnp.asarray(rng.uniform(0.5, 1.5, (m,)).astype(np.float32))
-  counts = jnp.asarray(group_counts(kind, m, e, rng))
+  counts_np = group_counts(kind, m, e, rng)
+  counts = jnp.asarray(counts_np)
+  static_counts = [int(c) for c in counts_np]
 
-  fused = jax.jit(lambda x, w, ws, xs, c: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-      x, w, ws, xs, c, group_list_type=1))
-  gmm = jax.jit(lambda x, w, c: npu_ops.grouped_matmul(x, w, c))
-  dense = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.int32))
-  fns = {
-      "fused": lambda: fused(x, w, w_scale, x_scale, counts),
-      "gmm": lambda: gmm(x, w, counts),
-      "dense": lambda: dense(x, w[0]),
-  }
+  def fused(x, w, ws, xs, c):
+    return npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, c, group_list_type=1)
+
+  i8 = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.int32)
+  jf = jax.jit(fused)
+  jfs = jax.jit(lambda x, w, ws, xs: fused(x, w, ws, xs, static_counts))
+  jg = jax.jit(lambda x, w, c: npu_ops.grouped_matmul(x, w, c))
+  jd = jax.jit(i8)
+  fns = {"dense": lambda: jd(x, w[0]),
+         "fused": lambda: jf(x, w, w_scale, x_scale, counts),
+         "fused_static": lambda: jfs(x, w, w_scale, x_scale),
+         "gmm": lambda: jg(x, w, counts)}
   if ragged:
-    rd = jax.jit(lambda x, w, ws, xs, c: _epilogue(
+    jr = jax.jit(lambda x, w, ws, xs, c: _ragged_epilogue(
         jax.lax.ragged_dot(x, w, c, preferred_element_type=jnp.int32), ws, xs, c))
-    fns["ragged+epilogue"] = lambda: rd(x, w, w_scale, x_scale, counts)
+    fns["ragged"] = lambda: jr(x, w, w_scale, x_scale, counts)
+  tok = _tokamax_ragged_dot()
+  if tok is not None:
+    jt = jax.jit(tok)
+    fns["tokamax"] = lambda: jt(x, w, counts)
   t = time_interleaved(fns, repeats)
-  row = {"m": m, "k": k, "n": n, "e": e, "groups": kind, **{f"t_{a}": v for a, v in t.items()},
-         "fused_vs_dense": t["dense"] / t["fused"], "gmm_vs_dense": t["dense"] / t["gmm"]}
-  if ragged:
-    row["fused_speedup_vs_ragged"] = t["ragged+epilogue"] / t["fused"]
+  del fns
+
+  row = {"m": m, "k": k, "n": n, "e": e, "groups": kind, "counts": static_counts,
+         **{f"t_{name}": v for name, v in t.items()},
+         **{f"ratio_{name}": t["dense"] / v for name, v in t.items() if name != "dense"},
+         "mem": peak_memory_ratio(fused, x, w, w_scale, x_scale, counts)}
+
+  if floats:
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
+    f32 = jnp.float32
+    jdf = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=f32))
+    jdt = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                                                   preferred_element_type=f32))
+    jgf = jax.jit(lambda a, b, c: npu_ops.grouped_matmul(a, b, c, preferred_element_type=f32))
+    jtg = jax.jit(lambda a, b, c: npu_ops.tgmm(a, b, c, preferred_element_type=f32))
+    tf = time_interleaved({"dense": lambda: jdf(xb, wb[0]), "gmm": lambda: jgf(xb, wb, counts),
+                           "dense_t": lambda: jdt(xb, dy), "tgmm": lambda: jtg(xb, dy, counts)},
+                          max(1, repeats // 2))
+    row.update({"t_dense_bf16": tf["dense"], "t_gmm_bf16": tf["gmm"],
+                "t_dense_t_bf16": tf["dense_t"], "t_tgmm_bf16": tf["tgmm"],
+                "ratio_gmm_bf16": tf["dense"] / tf["gmm"],
+                "ratio_tgmm_bf16": tf["dense_t"] / tf["tgmm"]})
   return row
+
+
+COLUMNS = (("fused", "fused"), ("fused_static", "static"), ("gmm", "gmm"),
+           ("gmm_bf16", "gmm bf16"), ("tgmm_bf16", "tgmm bf16"))
+
+
+def format_row(r: dict) -> str:
+  cells = [f"{r['m']:>6} {r['e']:>3} {r['groups']:>10} | {r['t_fused'] * 1e3:9.1f}"]
+  cells += [f"{r.get('ratio_' + key, float('nan')):>9.2f}" for key, _ in COLUMNS]
+  vs = r["t_ragged"] / r["t_fused"] if "t_ragged" in r else None
+  cells.append(f"{vs:>9.1f}x" if vs else f"{'-':>10}")
+  if "ratio_tokamax" in r:
+    cells.append(f"{r['ratio_tokamax']:>8.2f}")
+  cells.append(f"{r['mem']:>5.2f}")
+  return " ".join(cells)
+
+
+def header(k: int, n: int) -> str:
+  h = (f"{'m':>6} {'e':>3} {'groups':>10} | {'fused ms':>9} "
+       + " ".join(f"{label:>9}" for _, label in COLUMNS) + f" {'vs ragged':>10}")
+  h += (f" {'tokamax':>8}" if _tokamax_ragged_dot() else "") + f" {'mem':>5}"
+  return (f"k={k}, n={n}; jax {jax.__version__} on {jax.devices()[0].device_kind}. Ratios: dense "
+          "dot time / op time (1.0 = dense speed; higher is better)\n" + h + "\n" + "-" * len(h))
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> bool:
+  try:
+    import matplotlib  # noqa: PLC0415 (optional extra)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+  except ImportError:
+    return False
+  fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.35), 4.5))
+  xs = np.arange(len(rows))
+  for key, label in COLUMNS:
+    ax.plot(xs, [r.get("ratio_" + key, np.nan) for r in rows], "o-", label=label, ms=4)
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.axhline(0.85, color="red", lw=0.8, ls="--", label="goal 0.85")
+  ax.set_xticks(xs, [f"m={r['m']} e={r['e']} {r['groups']}" for r in rows], rotation=75,
+                fontsize=7)
+  ax.set_ylabel("dense time / op time")
+  ax.set_title(f"npu_ops grouped ops vs a dense dot of equal FLOPs (k={rows[0]['k']}, "
+               f"n={rows[0]['n']})")
+  ax.legend(fontsize=7, ncol=3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return True
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--m", type=int, nargs="+", default=[4096])
+  p.add_argument("--m", type=int, nargs="+", default=[512, 4096, 16384])
   p.add_argument("--k", type=int, default=2048)
   p.add_argument("--n", type=int, default=2816)
-  p.add_argument("--e", type=int, nargs="+", default=[16])
-  p.add_argument("--groups", nargs="+", default=["uniform", "skewed", "one_group", "many_empty"])
+  p.add_argument("--e", type=int, nargs="+", default=[8, 16, 64])
+  p.add_argument("--groups", nargs="+", default=list(GROUP_KINDS), choices=GROUP_KINDS)
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--no-ragged", action="store_true", help="skip the (slow) ragged_dot baseline")
-  p.add_argument("--json", help="write the rows to this JSON file")
+  p.add_argument("--ragged-max", type=int, default=4096 * 16,
+                 help="run the ragged_dot baseline only where m * e <= this")
+  p.add_argument("--no-floats", action="store_true", help="skip the bf16 gmm/tgmm columns")
+  p.add_argument("--out", help="folder for bench.json and bench.png")
   args = p.parse_args(argv)
 
+  cases = [(m, e, g) for m in args.m for e in args.e for g in args.groups]
+  print(header(args.k, args.n), flush=True)
   rows = []
-  header = (f"{'m':>6} {'k':>5} {'n':>5} {'e':>3} {'groups':>10} | {'fused ms':>8} {'dense ms':>8} "
-            f"{'ragged ms':>9} | {'fused/dense':>11} {'gmm/dense':>9} {'vs ragged':>9}")
-  print(f"jax {jax.__version__}, {jax.devices()[0].platform}; ratios = dense-dot time / op time "
-        "(higher is better; 1.0 = dense int8 dot speed)\n" + header + "\n" + "-" * len(header))
-  for m in args.m:
-    for e in args.e:
-      for kind in args.groups:
-        r = run_case(m, args.k, args.n, e, kind, repeats=args.repeats, ragged=not args.no_ragged)
-        rows.append(r)
-        ragged = "fused_speedup_vs_ragged" in r
-        vs = f"{r['fused_speedup_vs_ragged']:8.1f}x" if ragged else "-"
-        t_ragged = f"{r['t_ragged+epilogue'] * 1e3:9.1f}" if ragged else "-"
-        print(f"{m:>6} {args.k:>5} {args.n:>5} {e:>3} {kind:>10} | {r['t_fused'] * 1e3:8.1f} "
-              f"{r['t_dense'] * 1e3:8.1f} {t_ragged:>9} | {r['fused_vs_dense']:>11.2f} "
-              f"{r['gmm_vs_dense']:>9.2f} {vs:>9}", flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1)
+  for i, (m, e, kind) in enumerate(cases):
+    print(f"\r[{i + 1}/{len(cases)}] m={m} e={e} {kind} ...", end="", file=sys.stderr,
+          flush=True)
+    rows.append(run_case(m, args.k, args.n, e, kind, repeats=args.repeats,
+                         ragged=m * e <= args.ragged_max, floats=not args.no_floats))
+    print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
+    print(format_row(rows[-1]), flush=True)
+  if args.out:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(rows, indent=1))
+    print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}"
+                                           if plot(rows, out / "bench.png") else
+                                           " (install matplotlib for the plot)"))
   return rows
 
 

@@ -18,12 +18,15 @@ def test_demo_runs(capsys):
   assert rel < 10  # int8 x, weights and output: a few percent
 
 
-def test_bench_runs_every_path(tmp_path):
-  path = tmp_path / "bench.json"
+def test_bench_runs_every_path(tmp_path, capsys):
   rows = bench.main(["--m", "64", "--k", "32", "--n", "16", "--e", "4", "--repeats", "1",
-                     "--json", str(path)])
-  assert len(rows) == 4 and json.loads(path.read_text()) == rows
-  assert all(r["fused_vs_dense"] > 0 and r["fused_speedup_vs_ragged"] > 0 for r in rows)
+                     "--out", str(tmp_path)])
+  assert len(rows) == 4 and json.loads((tmp_path / "bench.json").read_text()) == rows
+  for r in rows:
+    for key in ("fused", "fused_static", "gmm", "ragged", "gmm_bf16", "tgmm_bf16"):
+      assert r["ratio_" + key] > 0, key
+    assert r["mem"] >= 1
+  assert "vs ragged" in capsys.readouterr().out
 
 
 def test_group_counts_sum_to_m():
