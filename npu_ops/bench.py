@@ -12,8 +12,8 @@ dot with the same useful FLOPs; higher is better):
 * fused:        npu_grouped_matmul_swiglu_quant_v2 (A8W8), dynamic group list
 * fused_static: the same with the group list as Python ints
 * gmm:          grouped_matmul int8 -> int32, dynamic       (dense: int8 jnp.dot)
-* gmm_bf16:     grouped_matmul bf16 -> f32, dynamic          (dense: bf16 jnp.dot)
-* tgmm_bf16:    tgmm bf16 -> f32 (the weight gradient)       (dense: x^T @ dy)
+* gmm_bf16/f32: grouped_matmul bf16/f32 -> f32, dynamic      (dense: jnp.dot, same dtype)
+* tgmm_bf16/f32: tgmm -> f32 (the weight gradient), dynamic  (dense: x^T @ dy)
 * ragged:       jax.lax.ragged_dot int8 + the same jnp epilogue (skipped when
                 `m * e` exceeds --ragged-max, as it costs e times the work)
 * tokamax:      tokamax.ragged_dot(implementation="xla") when tokamax is installed
@@ -96,7 +96,7 @@ def _tokamax_ragged_dot():
 
 
 def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged: bool,
-             floats: bool = True, seed: int = 0) -> dict:
+             float_dtypes: tuple[str, ...] = ("bfloat16", "float32"), seed: int = 0) -> dict:
   """Times every contender on one problem; returns times (s), ratios and memory."""
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.integers(-128, 128, (m, k), dtype=np.int8))
@@ -135,27 +135,31 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
          **{f"ratio_{name}": t["dense"] / v for name, v in t.items() if name != "dense"},
          "mem": peak_memory_ratio(fused, x, w, w_scale, x_scale, counts)}
 
-  if floats:
-    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    dy = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
+  for name in float_dtypes:
+    dt = jnp.dtype(name)
+    xf, wf = x.astype(dt), w.astype(dt)
+    dy = jnp.asarray(rng.normal(size=(m, n)), dt)
     f32 = jnp.float32
     jdf = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=f32))
     jdt = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
                                                    preferred_element_type=f32))
     jgf = jax.jit(lambda a, b, c: npu_ops.grouped_matmul(a, b, c, preferred_element_type=f32))
     jtg = jax.jit(lambda a, b, c: npu_ops.tgmm(a, b, c, preferred_element_type=f32))
-    tf = time_interleaved({"dense": lambda: jdf(xb, wb[0]), "gmm": lambda: jgf(xb, wb, counts),
-                           "dense_t": lambda: jdt(xb, dy), "tgmm": lambda: jtg(xb, dy, counts)},
+    tf = time_interleaved({"dense": lambda: jdf(xf, wf[0]), "gmm": lambda: jgf(xf, wf, counts),
+                           "dense_t": lambda: jdt(xf, dy), "tgmm": lambda: jtg(xf, dy, counts)},
                           max(1, repeats // 2))
-    row.update({"t_dense_bf16": tf["dense"], "t_gmm_bf16": tf["gmm"],
-                "t_dense_t_bf16": tf["dense_t"], "t_tgmm_bf16": tf["tgmm"],
-                "ratio_gmm_bf16": tf["dense"] / tf["gmm"],
-                "ratio_tgmm_bf16": tf["dense_t"] / tf["tgmm"]})
+    tag = _TAGS[name]
+    row.update({f"t_dense_{tag}": tf["dense"], f"t_gmm_{tag}": tf["gmm"],
+                f"t_dense_t_{tag}": tf["dense_t"], f"t_tgmm_{tag}": tf["tgmm"],
+                f"ratio_gmm_{tag}": tf["dense"] / tf["gmm"],
+                f"ratio_tgmm_{tag}": tf["dense_t"] / tf["tgmm"]})
   return row
 
 
+_TAGS = {"bfloat16": "bf16", "float32": "f32"}
 COLUMNS = (("fused", "fused"), ("fused_static", "static"), ("gmm", "gmm"),
-           ("gmm_bf16", "gmm bf16"), ("tgmm_bf16", "tgmm bf16"))
+           ("gmm_bf16", "gmm bf16"), ("tgmm_bf16", "tgmm bf16"), ("gmm_f32", "gmm f32"),
+           ("tgmm_f32", "tgmm f32"))
 
 
 def format_row(r: dict) -> str:
@@ -211,7 +215,8 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--ragged-max", type=int, default=4096 * 16,
                  help="run the ragged_dot baseline only where m * e <= this")
-  p.add_argument("--no-floats", action="store_true", help="skip the bf16 gmm/tgmm columns")
+  p.add_argument("--float-dtypes", nargs="*", default=["bfloat16", "float32"],
+                 choices=sorted(_TAGS), help="float gmm/tgmm columns (none: skip)")
   p.add_argument("--out", help="folder for bench.json and bench.png")
   args = p.parse_args(argv)
 
@@ -222,7 +227,8 @@ def main(argv=None):
     print(f"\r[{i + 1}/{len(cases)}] m={m} e={e} {kind} ...", end="", file=sys.stderr,
           flush=True)
     rows.append(run_case(m, args.k, args.n, e, kind, repeats=args.repeats,
-                         ragged=m * e <= args.ragged_max, floats=not args.no_floats))
+                         ragged=m * e <= args.ragged_max,
+                         float_dtypes=tuple(args.float_dtypes)))
     print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
     print(format_row(rows[-1]), flush=True)
   if args.out:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,8 +103,39 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
   g, k_rhs, _ = rhs.shape
   require(k_rhs == k, "rhs", f"[g, k={k}, n] to match lhs {describe(lhs)}", describe(rhs))
   ends = groups_lib.ends_from_sizes(group_sizes, m, g)
+  resolve_implementation(implementation)
+  static = isinstance(ends, tuple)
+  return _differentiable_gmm(lhs, rhs, None if static else ends, ends if static else None,
+                             out_dtype, implementation, block_sizes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _differentiable_gmm(lhs, rhs, dynamic_ends, static_ends, out_dtype, implementation,
+                        block_sizes):
+  ends = static_ends if dynamic_ends is None else dynamic_ends
   return gmm(lhs, rhs, ends, out_dtype=out_dtype, implementation=implementation,
              block_sizes=block_sizes)
+
+
+def _differentiable_gmm_fwd(lhs, rhs, dynamic_ends, static_ends, out_dtype, implementation,
+                            block_sizes):
+  out = _differentiable_gmm(lhs, rhs, dynamic_ends, static_ends, out_dtype, implementation,
+                            block_sizes)
+  return out, (lhs, rhs, dynamic_ends)
+
+
+def _differentiable_gmm_bwd(static_ends, out_dtype, implementation, block_sizes, residuals, dy):
+  lhs, rhs, dynamic_ends = residuals
+  ends = static_ends if dynamic_ends is None else dynamic_ends
+  kw = dict(implementation=implementation, block_sizes=block_sizes)
+  # [m, k] = [m, n] @ [g, n, k]: rows outside every group get 0.
+  dlhs = gmm(dy, jnp.swapaxes(rhs, 1, 2), ends, out_dtype=lhs.dtype, **kw)
+  # [g, k, n] = per group, lhs[rows]^T @ dy[rows]: empty groups get 0.
+  drhs = tgmm_ends(lhs, dy, ends, num_groups=rhs.shape[0], out_dtype=rhs.dtype, **kw)
+  return dlhs, drhs, None
+
+
+_differentiable_gmm.defvjp(_differentiable_gmm_fwd, _differentiable_gmm_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype: Any,
@@ -172,6 +205,14 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
       group_sizes, "shape", (0,))[0]
   num_groups = sizes_len if num_groups is None else num_groups
   ends = groups_lib.ends_from_sizes(group_sizes, m, num_groups)
+  return tgmm_ends(lhs, rhs, ends, num_groups=num_groups, out_dtype=out_dtype,
+                   implementation=implementation, block_sizes=block_sizes)
+
+
+def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num_groups: int,
+              out_dtype: Any, implementation: str | None = None,
+              block_sizes: GmmBlockSizes | None = None) -> jax.Array:
+  """`tgmm` on the canonical form (validated operands, group ends)."""
   lhs, rhs, acc_dtype, reference = _prepare(lhs, rhs, out_dtype, implementation)
   return _tgmm(lhs, rhs, ends=ends, num_groups=num_groups, acc_dtype=acc_dtype,
                block_sizes=block_sizes, reference=reference).astype(out_dtype)

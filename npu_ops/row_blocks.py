@@ -4,10 +4,10 @@ An op supplies `block_fn(carry, ctx, r0, bl, mask) -> carry`: compute rows
 `[r0, r0 + bl)` of one group (`ctx = group_ctx(g)`, e.g. the group's weight) and
 fold them into `carry` (write output rows, accumulate a gradient). `bl` is a
 static size; `mask` is None when every row of the block belongs to the group,
-else a bool `[bl]` marking the rows that do. Three traversals call it:
+else a bool `[bl]` marking the rows that do. Two traversals call it:
 
-* static ends (Python ints): one exact block per non-empty group.
-* dynamic ends (int32 array; one compilation serves all values): a loop over
+* block loop, for dynamic ends (int32 array; one compilation serves all values)
+  and static ends (Python ints, constant bounds) alike: a loop over
   groups. Each group is cut into blocks of static sizes: `size // block_m` full
   blocks (a loop with a dynamic trip count), then one block of each power of two
   `block_m/2, ..., min_block_m` in the binary expansion of the remainder (a
@@ -105,11 +105,10 @@ def traverse(ends: groups_lib.GroupEnds, m: int, carry: Any, *,
     for g in range(ends_arr.shape[0]):
       carry = block_fn(carry, group_ctx(g), 0, m, gid == g)
     return carry
-  if isinstance(ends, tuple):
-    for g, (s, e) in enumerate(zip(groups_lib.group_starts(ends), ends)):
-      if e > s:
-        carry = block_fn(carry, group_ctx(g), s, e - s, None)
-    return carry
+  # Static ends take the same loop, with constant bounds: on CPU, XLA runs one exact
+  # dot per group (unrolled, or concatenated, or batched) at 0.4-0.6x the speed of
+  # this loop once groups hold ~64 rows (measured at m=4096, e=64).
+  ends = jnp.asarray(ends, jnp.int32)
   return _traverse_dynamic(ends, m, carry, group_ctx, block_fn,
                            block_sizes or GmmBlockSizes.for_problem(m, ends.shape[0]))
 

@@ -1,6 +1,7 @@
 """npu_ops.grouped_matmul against a NumPy grouped matmul (ragged_dot semantics)."""
 
 import jax
+import jax.test_util
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -90,13 +91,33 @@ def test_jit_one_trace_and_vmap():
         xs[i], w, ref.group_bounds(np.asarray(gss[i]), 1)))
 
 
-def test_grad_of_float_reference_and_static_path():
-  x, w = operands(5, 12, 8, 4, 2, np.float32)
-  for impl, gs in (("reference", jnp.asarray([5, 7])), ("xla", [5, 7])):
-    gx, gw = jax.grad(lambda a, b: npu_ops.grouped_matmul(a, b, gs, implementation=impl).sum(),
-                      argnums=(0, 1))(x, w)
-    np.testing.assert_allclose(gx[:5], np.broadcast_to(w[0].sum(1), (5, 8)), rtol=1e-5)
-    np.testing.assert_allclose(gw[1], np.broadcast_to(x[5:].sum(0)[:, None], (8, 4)), rtol=1e-5)
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_grad_against_numpy(implementation, dynamic):
+  """custom VJP: dlhs = dy @ W_g^T per row, dW_g = x_g^T @ dy_g; zero outside groups."""
+  sizes = [5, 0, 7, 2]  # 14 of 16 rows grouped, one empty group
+  x, w = operands(5, 16, 8, 4, 4, np.float32)
+  dy = np.random.default_rng(6).normal(size=(16, 4)).astype(np.float32)
+  gs = jnp.asarray(sizes) if dynamic else sizes
+  f = lambda a, b: jnp.sum(npu_ops.grouped_matmul(a, b, gs, implementation=implementation) * dy)
+  gx, gw = jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+  want_gx = np.zeros_like(x)
+  for g, (s, e) in enumerate(ref.group_bounds(sizes, 1)):
+    want_gx[s:e] = dy[s:e] @ w[g].T
+  np.testing.assert_allclose(gx, want_gx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, tgmm_ref(x, dy, sizes, 4, acc=np.float64), rtol=1e-5, atol=1e-5)
+  assert not np.any(np.asarray(gw[1])) and not np.any(np.asarray(gx[14:]))
+
+
+def test_grad_check_grads_and_vmap():
+  x, w = operands(7, 12, 6, 4, 3, np.float32)
+  sizes = jnp.asarray([4, 0, 8])
+  f = lambda a, b: npu_ops.grouped_matmul(a, b, sizes)
+  # f is bilinear, so central differences are exact up to rounding even with a large eps.
+  jax.test_util.check_grads(f, (x, w), order=1, modes=["rev"], eps=0.1, atol=1e-3, rtol=1e-3)
+  xs = np.stack([x, 2 * x])
+  g = jax.vmap(jax.grad(lambda a: jnp.sum(f(a, w) ** 2)))(xs)
+  np.testing.assert_allclose(g[1], 2 * g[0], rtol=1e-4, atol=1e-4)  # d(f^2)/da is linear in a
 
 
 def test_errors():
