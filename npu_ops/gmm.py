@@ -6,16 +6,15 @@
   (contraction over the grouped rows): the weight gradient of gmm, and
   torch_npu's group_type=2. Empty groups give a zero matrix.
 
-Both run on the shared row-block traversals of `npu_ops.row_blocks`, which keep
-the work proportional to the real tokens (see there): static group sizes give one
-exact dot per group, dynamic sizes a loop over statically sized row blocks.
+Both are a block function run by `npu_ops.row_blocks`, which keeps the work
+proportional to the real tokens (see there). `grouped_matmul` carries a custom
+VJP built from the two: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import functools
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +81,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
   Args:
     lhs: `[m, k]` int8 / int4, or float32 / bfloat16 / float16.
     rhs: `[g, k, n]`, integer when lhs is integer, float when lhs is float.
-    group_sizes: rows per group, `len <= g`: Python ints (static: exact per-group
-      dots) or an int32/int64 array (dynamic: one compilation for all values).
+    group_sizes: rows per group, `len <= g`: Python ints (static: checked at
+      trace time) or an int32/int64 array (dynamic: one compilation for all values).
       Invalid dynamic sizes are clamped (negative -> 0, total capped at m; see
       `npu_ops.groups`).
     preferred_element_type: output dtype. Default: int32 for integer operands
@@ -169,9 +168,11 @@ def _dot(a: jax.Array, b: jax.Array, acc_dtype: Any) -> jax.Array:
 @row_blocks.jit_by_ends("acc_dtype", "block_sizes", "reference")
 def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, reference):
   m, n = lhs.shape[0], rhs.shape[-1]
+  lhs, lhs_view = row_blocks.loop_storage(lhs)
+  rhs, rhs_view = row_blocks.loop_storage(rhs)
 
   def block_fn(out, w_g, r0, bl, mask):
-    y = _dot(lax.dynamic_slice_in_dim(lhs, r0, bl), w_g, acc_dtype)
+    y = _dot(lhs_view(lax.dynamic_slice_in_dim(lhs, r0, bl)), rhs_view(w_g), acc_dtype)
     return row_blocks.write_rows(out, y, r0, mask)
 
   return row_blocks.traverse(ends, m, jnp.zeros((m, n), acc_dtype), group_ctx=lambda g: rhs[g],
@@ -223,12 +224,15 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
   m, k = lhs.shape
   n = rhs.shape[-1]
 
+  lhs, lhs_view = row_blocks.loop_storage(lhs)
+  rhs, rhs_view = row_blocks.loop_storage(rhs)
+
   def block_fn(out, g, r0, bl, mask):
-    x = lax.dynamic_slice_in_dim(lhs, r0, bl)
+    x = lhs_view(lax.dynamic_slice_in_dim(lhs, r0, bl))
     if mask is not None:  # rows of other groups contribute nothing
-      x = jnp.where(mask[:, None], x, 0)
-    y = lax.dot_general(x, lax.dynamic_slice_in_dim(rhs, r0, bl), (((0,), (0,)), ((), ())),
-                        preferred_element_type=acc_dtype)
+      x = jnp.where(mask[:, None], x, jnp.zeros((), x.dtype))
+    y = lax.dot_general(x, rhs_view(lax.dynamic_slice_in_dim(rhs, r0, bl)),
+                        (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
     return lax.dynamic_update_index_in_dim(out, lax.dynamic_index_in_dim(out, g, 0, False) + y,
                                            g, 0)
 

@@ -11,8 +11,11 @@ Per group `i` (rows `[start_i, end_i)` of x, expert weight `W_i`), SPEC B.1:
   Q, Q_scale = per-row int8 quantization of S  (SPEC A.3 item 3)
 
 Rows at or beyond sum(group_list) give Q = 0 and Q_scale = 0 (SPEC A.3 item 1).
-The integer products run on `npu_ops.gmm` (exact int32); the epilogue is plain
-jnp in float32, shared by every implementation.
+The whole chain is one block function of `npu_ops.row_blocks`: each row block's
+int8 dot (exact int32) is dequantized, SwiGLU'd and quantized while it is in
+cache, so no `[m, n]` intermediate exists and the epilogue costs a few percent of
+the matmul. `implementation="reference"` runs the same block function densely
+over all rows of every expert, masked.
 """
 
 from __future__ import annotations
