@@ -12,6 +12,10 @@ from npu_ops.gmm_swiglu_quant import weight_assist_matrix as weight_assist_matri
 from npu_ops.groups import check_group_list as check_group_list
 from npu_ops.groups import group_ends as group_ends
 from npu_ops.layouts import from_nz as from_nz
+from npu_ops.layouts import int4pack_to_native as int4pack_to_native
+from npu_ops.layouts import native_to_int4pack as native_to_int4pack
+from npu_ops.layouts import npu_convert_int4pack_to_weight as npu_convert_int4pack_to_weight
+from npu_ops.layouts import npu_convert_weight_to_int4pack as npu_convert_weight_to_int4pack
 from npu_ops.layouts import npu_format_cast as npu_format_cast
 from npu_ops.layouts import pack_int4 as pack_int4
 from npu_ops.layouts import to_nz as to_nz
@@ -19,6 +23,10 @@ from npu_ops.layouts import unpack_int4 as unpack_int4
 from npu_ops.quant import DynamicQuant as DynamicQuant
 from npu_ops.quant import quantize_per_token as quantize_per_token
 from npu_ops.quant import swiglu as swiglu
+from npu_ops.quant_matmul import decode_quant_param as decode_quant_param
+from npu_ops.quant_matmul import npu_quant_matmul as npu_quant_matmul
+from npu_ops.quant_matmul import npu_trans_quant_param as npu_trans_quant_param
 from npu_ops.scales import float32_from_scale_words as float32_from_scale_words
+from npu_ops.weight_quant import npu_weight_quant_batchmatmul as npu_weight_quant_batchmatmul
 
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import checkify
 
 from npu_ops._validation import check_array, check_dtype, describe, fail, require
 
@@ -138,3 +139,52 @@ def npu_format_cast(x: Any, acl_format: int, *, shape: tuple[int, ...] | None = 
           "shape", f"a logical shape of rank {x.ndim - 2} matching the batch dims of x "
           f"{describe(x)}", shape)
   return from_nz(x, shape[-2], shape[-1])
+
+
+def npu_convert_weight_to_int4pack(weight: Any, inner_k_tiles: int = 0) -> jax.Array:
+  """torch_npu.npu_convert_weight_to_int4pack: int32 int4 values -> packed words.
+
+  Args:
+    weight: int32 `[..., c]` (a `(k, n)` or `(n, k)` matrix) with values in
+      [-8, 7] and c a multiple of 8. Concrete arrays are range-checked (ValueError);
+      traced ones are checked under `jax.experimental.checkify`.
+    inner_k_tiles: reserved by torch_npu (ignored).
+
+  Returns:
+    int32 `[..., c/8]`: 8 values per word along the last dim, value t in bits
+    `[4t, 4t+3]` (SPEC B.3). To feed a transposed weight, pack `(n, k)` and
+    transpose the packed `(n, k/8)` result, as torch_npu documents.
+  """
+  del inner_k_tiles
+  check_dtype("weight", weight, (jnp.int32,))
+  require(weight.ndim >= 2, "weight", "rank >= 2", describe(weight))
+  require(weight.shape[-1] % INT4_PER_INT32 == 0, "weight",
+          "a last dim that is a multiple of 8", describe(weight))
+  if not isinstance(weight, jax.core.Tracer):
+    w = np.asarray(weight)
+    bad = (w < -8) | (w > 7)
+    if bad.any():
+      fail("weight", "int4 values in [-8, 7]", f"{int(w[bad].flat[0])} at index "
+           f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
+  else:
+    checkify.debug_check(jnp.all((weight >= -8) & (weight <= 7)),
+                         "weight: expected int4 values in [-8, 7]")
+  return pack_int4(weight)
+
+
+def npu_convert_int4pack_to_weight(packed: Any) -> jax.Array:
+  """Inverse of `npu_convert_weight_to_int4pack`: int32 words `[..., c/8]` -> int32 `[..., c]`."""
+  check_dtype("packed", packed, (jnp.int32,))
+  return unpack_int4(packed).astype(jnp.int32)
+
+
+def int4pack_to_native(packed: Any) -> jax.Array:
+  """int32 words `[..., c/8]` -> native `jnp.int4` `[..., c]`."""
+  check_dtype("packed", packed, (jnp.int32,))
+  return unpack_int4(packed).astype(jnp.int4)
+
+
+def native_to_int4pack(values: Any) -> jax.Array:
+  """native `jnp.int4` `[..., c]` (c % 8 == 0) -> int32 words `[..., c/8]`."""
+  check_dtype("values", values, (jnp.int4,))
+  return pack_int4(jnp.asarray(values).astype(jnp.int8))

@@ -160,3 +160,80 @@ def canonical_assist(w, w_scale) -> np.ndarray:
   for kk in range(k):
     a += w[:, kk, :] * sc[:, kk // gs, :]
   return (8 * a).astype(F32)
+
+
+# --- B.2 quant matmul ----------------------------------------------------------------------
+
+def trans_quant_param(scale, offset=None, round_mode=0) -> np.ndarray:
+  """int64 words, per element, written bit by bit from SPEC B.2.3."""
+  scale = np.asarray(scale, F32)
+  shape = scale.shape if offset is None else np.broadcast_shapes(scale.shape, np.shape(offset))
+  s = np.broadcast_to(scale, shape).reshape(-1)
+  o = None if offset is None else np.broadcast_to(np.asarray(offset, F32), shape).reshape(-1)
+  out = []
+  for i, v in enumerate(s):
+    u = int(np.array(v, F32).view(np.uint32))
+    if round_mode == 0:
+      f19 = u & 0xFFFFE000
+    else:
+      exp = (u >> 23) & 0xFF
+      if exp == 0:
+        f19 = u & 0x80000000
+      elif exp == 0xFF:
+        f19 = u & 0xFFFFE000
+      else:
+        keep, rnd, sticky = u >> 13, (u >> 12) & 1, u & 0xFFF
+        if rnd and (sticky or keep & 1):
+          keep += 1
+        f19 = (keep << 13) & 0xFFFFFFFF
+    word = f19 | (1 << 46)
+    if o is not None:
+      oi = int(np.clip(np.rint(o[i]), -256, 255))
+      word = (word & 0x4000FFFFFFFF) | ((oi & 0x1FF) << 37)
+    out.append(word)
+  return np.asarray(out, np.int64).reshape(shape)
+
+
+def fp19(scale) -> np.ndarray:
+  return (np.asarray(scale, F32).view(np.uint32) & np.uint32(0xFFFFE000)).view(F32)
+
+
+def requant(v, offset=None) -> np.ndarray:
+  """SPEC B.2.1 compute_requant: RNE, s9 clip, + s9 offset, clip to int8."""
+  t = np.clip(np.rint(np.asarray(v, F32)), -256, 255)
+  if offset is not None:
+    t = t + np.clip(np.rint(np.asarray(offset, F32)), -256, 255)
+  return np.clip(t, -128, 127).astype(np.int8)
+
+
+def quant_matmul(x1, x2, scale, *, offset=None, pertoken=None, bias=None, out="int8"):
+  """The formula table of SPEC B.2.1; `scale` is the effective float32 scale."""
+  acc = np.matmul(np.asarray(x1, np.int64), np.asarray(x2, np.int64))
+  int_bias = bias is not None and np.asarray(bias).dtype == np.int32
+  if int_bias:
+    acc = acc + np.asarray(bias, np.int64)
+  if out == "int32":
+    return acc.astype(np.int32)
+  v = acc.astype(F32) * np.asarray(scale, F32)
+  if out == "int8":
+    return requant(v, offset)
+  if pertoken is not None:
+    v = v * np.asarray(pertoken, F32)[:, None]
+  if bias is not None and not int_bias:
+    v = v + np.asarray(bias, F32)
+  return v.astype({"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[out])
+
+
+# --- B.6 weight-only quant matmul -------------------------------------------------------------
+
+def weight_quant_matmul(x, w, scale_rows, offset_rows=None, bias=None):
+  """SPEC B.6 golden: W' = inter(inter(W + inter(off)) * scale); out = f32(x) @ f32(W'); + bias."""
+  inter = np.asarray(x).dtype
+  wf = np.asarray(w).astype(inter)
+  if offset_rows is not None:
+    wf = (wf.astype(F32) + np.asarray(offset_rows).astype(F32)).astype(inter)
+  wf = (wf.astype(F32) * np.asarray(scale_rows).astype(F32)).astype(inter)
+  out = np.asarray(x).astype(np.float64) @ wf.astype(np.float64)
+  if bias is not None:
+    out = out + np.asarray(bias, F32)
+  return out

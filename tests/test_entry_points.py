@@ -44,3 +44,11 @@ def test_notebooks_execute():
     for cell in nb["cells"]:
       if cell["cell_type"] == "code":
         exec(compile("".join(cell["source"]), f"{nb_path.name}", "exec"), namespace)
+
+
+def test_readme_examples_run():
+  import re
+  blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+  assert blocks
+  for block in blocks:
+    exec(compile(block, "README.md", "exec"), {})
