@@ -138,13 +138,17 @@ def test_errors():
     npu_ops.GmmBlockSizes(block_m=24)
 
 
+def draw_group_sizes(data, m, g):
+  """g group sizes (empty groups likely) whose total is at most m."""
+  sizes = data.draw(st.lists(st.integers(0, m), min_size=g, max_size=g))
+  total = sum(sizes)
+  return [s * m // total for s in sizes] if total > m else sizes
+
+
 @given(m=st.integers(1, 70), g=st.integers(1, 5), data=st.data(),
        bm=st.sampled_from([1, 4, 16, 64]), seed=st.integers(0, 1000))
 def test_property_dynamic_int8(m, g, data, bm, seed):
-  sizes = data.draw(st.lists(st.integers(0, m), min_size=g, max_size=g))
-  total = sum(sizes)
-  if total > m:
-    sizes = [s * m // total for s in sizes]
+  sizes = draw_group_sizes(data, m, g)
   x, w = operands(seed, m, 16, 8, g, np.int8)
   block = npu_ops.GmmBlockSizes(block_m=bm, min_block_m=max(1, bm // 4))
   got = npu_ops.grouped_matmul(x, w, jnp.asarray(sizes), block_sizes=block)
@@ -191,10 +195,7 @@ def test_tgmm_float_is_the_weight_gradient(dtype, tol):
 @given(m=st.integers(1, 70), g=st.integers(1, 5), data=st.data(),
        bm=st.sampled_from([1, 4, 16, 64]), seed=st.integers(0, 1000))
 def test_property_tgmm_dynamic(m, g, data, bm, seed):
-  sizes = data.draw(st.lists(st.integers(0, m), min_size=g, max_size=g))
-  total = sum(sizes)
-  if total > m:
-    sizes = [s * m // total for s in sizes]
+  sizes = draw_group_sizes(data, m, g)
   rng = np.random.default_rng(seed)
   x = rng.integers(-128, 128, (m, 8)).astype(np.int8)
   dy = rng.integers(-128, 128, (m, 4)).astype(np.int8)
