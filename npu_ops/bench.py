@@ -60,16 +60,25 @@ def group_counts(kind: str, m: int, e: int, rng: np.random.Generator) -> np.ndar
   return counts
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-  """Min wall time of each fn, calls interleaved round-robin after one warm-up each."""
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                     min_seconds: float = 1.0) -> dict[str, float]:
+  """Min wall time of each fn, calls interleaved round-robin after one warm-up each.
+
+  Runs at least `repeats` rounds, and more (up to 50) while the rounds add up to
+  less than `min_seconds`, so millisecond-scale cases get enough samples.
+  """
   for f in fns.values():
     jax.block_until_ready(f())
   best = {name: float("inf") for name in fns}
-  for _ in range(repeats):
+  rounds, spent = 0, 0.0
+  while rounds < repeats or (spent < min_seconds and rounds < 50):
     for name, f in fns.items():
       t0 = time.perf_counter()
       jax.block_until_ready(f())
-      best[name] = min(best[name], time.perf_counter() - t0)
+      dt = time.perf_counter() - t0
+      best[name] = min(best[name], dt)
+      spent += dt
+    rounds += 1
   return best
 
 
