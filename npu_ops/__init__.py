@@ -20,6 +20,15 @@ from npu_ops.layouts import npu_format_cast as npu_format_cast
 from npu_ops.layouts import pack_int4 as pack_int4
 from npu_ops.layouts import to_nz as to_nz
 from npu_ops.layouts import unpack_int4 as unpack_int4
+from npu_ops.moe import combine as combine
+from npu_ops.moe import dispatch as dispatch
+from npu_ops.moe import top_k_routing as top_k_routing
+from npu_ops.qat import dynamic_fake_quant as dynamic_fake_quant
+from npu_ops.qat import fake_quant as fake_quant
+from npu_ops.qat import fake_quant_gmm_swiglu_quant as fake_quant_gmm_swiglu_quant
+from npu_ops.qat import fake_quant_weight as fake_quant_weight
+from npu_ops.qat import quantize_weight as quantize_weight
+from npu_ops.qat import weight_scale_from_amax as weight_scale_from_amax
 from npu_ops.quant import DynamicQuant as DynamicQuant
 from npu_ops.quant import quantize_per_token as quantize_per_token
 from npu_ops.quant import swiglu as swiglu

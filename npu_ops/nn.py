@@ -9,6 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from npu_ops import groups
+from npu_ops import moe
+from npu_ops import qat
+from npu_ops import quant
+from npu_ops.gmm import grouped_matmul
+from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2
 from npu_ops.quant_matmul import npu_quant_matmul
 
 
@@ -58,3 +64,116 @@ class LinearA8W8Quant(nnx.Module):
     return npu_quant_matmul(x, self.weight[...].T, self.scale[...],
                             offset=value(self.offset), pertoken_scale=value(self.pertoken_scale),
                             bias=value(self.bias), output_dtype=self.output_dtype)
+
+
+class MoEMLP(nnx.Module):
+  """A mixture-of-experts SwiGLU MLP on the package's grouped ops.
+
+  Route (softmax, top-k, renormalized), sort tokens by expert (a dynamic count
+  group list: one compilation for every routing), gate/up grouped matmul +
+  SwiGLU, down grouped matmul, un-sort and combine. `x [..., d_model]` ->
+  `[..., d_model]` float32.
+
+  Modes:
+    * "float": `grouped_matmul` (custom VJP: fast forward and backward).
+    * "qat": quant-aware training. Gate/up runs `fake_quant_gmm_swiglu_quant`
+      (its forward is the integer fused op, bit for bit), the down projection a
+      float grouped matmul on the quantized activations and fake-quantized
+      weights. Per-channel weight scales are learned (LSQ).
+    * "int8": inference. `npu_grouped_matmul_swiglu_quant_v2` on int8 (or int4)
+      weight codes, then an exact int8 grouped matmul dequantized per channel
+      and per token.
+  `convert("qat" | "int8")` makes the next mode: float -> qat starts the scales
+  at `amax / qmax`; float -> int8 is post-training quantization; qat -> int8
+  keeps the learned scales. The router always stays float.
+
+  Attributes:
+    router: Param float32 `[d_model, e]`.
+    w_gate_up: Param `[e, d_model, 2 * d_ff]` (float, qat); QuantParam int8
+      codes (int8).
+    w_down: Param `[e, d_ff, d_model]` (float, qat); QuantParam int8 codes (int8).
+    gate_up_scale, down_scale: per-channel scales `[e, 2 * d_ff]`, `[e, d_model]`:
+      Param (qat), QuantParam (int8).
+  """
+
+  MODES = ("float", "qat", "int8")
+
+  def __init__(self, d_model: int, d_ff: int, num_experts: int, *, top_k: int = 2,
+               mode: str = "float", weight_bits: int = 8, rngs: nnx.Rngs):
+    if mode not in self.MODES:
+      raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
+    if not 1 <= top_k <= num_experts:
+      raise ValueError(f"top_k: expected an int in [1, num_experts={num_experts}], got {top_k}")
+    qat.qmax_for(weight_bits)
+    self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
+    self.top_k, self.mode, self.weight_bits = top_k, mode, weight_bits
+    normal = lambda shape, fan_in: jax.random.normal(rngs.params(), shape) * fan_in ** -0.5
+    self.router = nnx.Param(normal((d_model, num_experts), d_model))
+    w_gate_up = normal((num_experts, d_model, 2 * d_ff), d_model)
+    w_down = normal((num_experts, d_ff, d_model), d_ff)
+    self._set_expert_weights(w_gate_up, w_down)
+
+  def _set_expert_weights(self, w_gate_up, w_down, gate_up_scale=None, down_scale=None):
+    """Stores float weights in the form `self.mode` keeps them."""
+    if self.mode == "float":
+      self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
+      self.gate_up_scale = self.down_scale = None
+      return
+    bits = self.weight_bits
+    if gate_up_scale is None:
+      gate_up_scale = qat.weight_scale_from_amax(w_gate_up, bits=bits)
+      down_scale = qat.weight_scale_from_amax(w_down, bits=bits)
+    if self.mode == "qat":
+      self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
+      self.gate_up_scale, self.down_scale = nnx.Param(gate_up_scale), nnx.Param(down_scale)
+    else:
+      self.w_gate_up = QuantParam(qat.quantize_weight(w_gate_up, gate_up_scale, bits=bits))
+      self.w_down = QuantParam(qat.quantize_weight(w_down, down_scale, bits=bits))
+      self.gate_up_scale, self.down_scale = QuantParam(gate_up_scale), QuantParam(down_scale)
+
+  def convert(self, mode: str) -> "MoEMLP":
+    """A new layer in `mode` ("qat" or "int8") from this float or qat layer."""
+    allowed = {"float": ("qat", "int8"), "qat": ("int8",)}.get(self.mode, ())
+    if mode not in allowed:
+      raise ValueError(f"mode: a {self.mode!r} layer converts to one of {allowed}, got {mode!r}")
+    new = MoEMLP(self.d_model, self.d_ff, self.num_experts, top_k=self.top_k, mode=mode,
+                 weight_bits=self.weight_bits, rngs=nnx.Rngs(0))
+    new.router = nnx.Param(self.router[...])
+    scales = () if self.mode == "float" else (self.gate_up_scale[...], self.down_scale[...])
+    new._set_expert_weights(self.w_gate_up[...], self.w_down[...], *scales)
+    return new
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.shape[-1] != self.d_model:
+      raise ValueError(f"x: expected [..., d_model={self.d_model}], got shape {x.shape}")
+    lead = x.shape[:-1]
+    tokens = x.reshape(-1, self.d_model).astype(jnp.float32)
+    weights, experts = moe.top_k_routing(tokens @ self.router[...], self.top_k)
+    routing = moe.dispatch(experts, self.num_experts)
+    rows = tokens[routing.token_index]
+    sizes = routing.group_sizes
+    # A performance hint for the row blocks: the mean rows per expert.
+    hint = [max(1, rows.shape[0] // self.num_experts)]
+    if self.mode == "float":
+      h = quant.swiglu(grouped_matmul(rows, self.w_gate_up[...], sizes))
+      y = grouped_matmul(h, self.w_down[...], sizes)
+    elif self.mode == "qat":
+      bits = self.weight_bits
+      h = qat.fake_quant_gmm_swiglu_quant(rows, self.w_gate_up[...], self.gate_up_scale[...],
+                                          sizes, group_list_type=1, weight_bits=bits,
+                                          tuning_config=hint)
+      y = grouped_matmul(h, qat.fake_quant_weight(self.w_down[...], self.down_scale[...],
+                                                  bits=bits), sizes)
+    else:
+      xq, x_scale = quant.quantize_per_token(rows)
+      w_gate_up = self.w_gate_up[...]
+      if self.weight_bits == 4:  # int4 codes: the A8W4 scenario of the fused op
+        w_gate_up = w_gate_up.astype(jnp.int4)
+      hq, h_scale = npu_grouped_matmul_swiglu_quant_v2(
+          xq, w_gate_up, self.gate_up_scale[...], x_scale, sizes, group_list_type=1,
+          tuning_config=hint)
+      acc = grouped_matmul(hq, self.w_down[...], sizes)  # exact int32
+      expert = groups.row_group_ids(groups.ends_from_sizes(sizes, rows.shape[0],
+                                                           self.num_experts), rows.shape[0])
+      y = (acc.astype(jnp.float32) * self.down_scale[...][expert]) * h_scale[:, None]
+    return moe.combine(y, routing, weights).reshape(*lead, self.d_model)

@@ -237,3 +237,120 @@ def weight_quant_matmul(x, w, scale_rows, offset_rows=None, bias=None):
   if bias is not None:
     out = out + np.asarray(bias, F32)
   return out
+
+
+# --- A.4 quant-aware training: STE / LSQ rules -------------------------------------------
+
+def _reduce_to(t: np.ndarray, shape) -> np.ndarray:
+  """Sum t over the axes a `shape`-sized operand was broadcast along."""
+  lead = t.ndim - len(shape)
+  t = t.sum(axis=tuple(range(lead)))
+  for i, d in enumerate(shape):
+    if d == 1 and t.shape[i] != 1:
+      t = t.sum(axis=i, keepdims=True)
+  return t
+
+
+def lsq(x, scale, g, qmax, grad_scale=None):
+  """Fake quant `q * s`, `q = clip(rne(x * (1/s)), -qmax, qmax)`, and its STE/LSQ vjp.
+
+  Returns (y, dx, dscale): dx = g where |x/s| <= qmax else 0; dscale = sum of
+  g * (q - x/s) inside and g * q where clipped (Esser et al., LSQ).
+  """
+  x = np.asarray(x, F32)
+  scale = np.asarray(scale, F32)
+  inv = np.where(scale > 0, F32(1) / np.where(scale > 0, scale, F32(1)), F32(0)).astype(F32)
+  v = x * inv
+  q = np.clip(np.rint(v), -qmax, qmax)
+  inside = np.abs(v) <= qmax
+  dx = np.where(inside, g, 0).astype(F32)
+  dscale = _reduce_to(np.where(inside, q - v, q) * g, scale.shape)
+  if grad_scale is not None:
+    dscale = dscale * grad_scale
+  return (q * scale).astype(F32), dx, dscale.astype(F32)
+
+
+def dynamic_lsq(x, g, qmax=127.0):
+  """Per-row dynamic fake quant (scale = amax/qmax) and its vjp.
+
+  The scale's LSQ cotangent sum_j g_j (q_j - x_j/s) flows through s = amax/qmax
+  to the row's largest |x| (shared equally among ties, as JAX's max does).
+  """
+  x = np.asarray(x, F32)
+  g = np.asarray(g, F32)
+  y = np.zeros_like(x)
+  dx = g.copy()
+  for r in np.ndindex(*x.shape[:-1]):
+    row = x[r]
+    amax = np.max(np.abs(row))
+    if amax == 0:
+      continue
+    s = amax / F32(qmax)
+    v = row * (F32(qmax) / amax)
+    q = np.clip(np.rint(v), -qmax, qmax)
+    y[r] = q * s
+    dscale = np.sum(g[r] * (q - v))
+    ties = np.abs(row) == amax
+    dx[r] = dx[r] + ties * np.sign(row) * dscale / F32(qmax) / ties.sum()
+  return y, dx
+
+
+def silu_grad(a):
+  sig = 1 / (1 + np.exp(-a))
+  return sig * (1 + a * (1 - sig))
+
+
+def qat_swiglu_quant_vjp(x, w, w_scale, bounds, g, qmax_w):
+  """Backward of the fake-quant fused op (SPEC A.4) by hand, in float64 where it can.
+
+  Chain: x_hat = dynamic_lsq(x); w_hat = lsq(w, scale per channel/group);
+  c = per-group x_hat @ w_hat (rows outside every group: 0); s = swiglu(c);
+  y = dynamic_lsq(s). Returns (dx, dw, dscale).
+  """
+  m, k = x.shape
+  e, _, n = w.shape
+  h = n // 2
+  x_hat, _ = dynamic_lsq(x, np.zeros_like(x))
+  groups = 1 if w_scale.ndim == 2 else w_scale.shape[1]
+  w4 = w.reshape(e, groups, k // groups, n)
+  s4 = np.asarray(w_scale, F32).reshape(e, groups, 1, n)
+  w_hat = lsq(w4, s4, np.zeros_like(w4), qmax_w)[0].reshape(e, k, n)
+  c = grouped_matmul(x_hat, w_hat, bounds, np.float64)
+  a, b = c[:, :h], c[:, h:]
+  s = a / (1 + np.exp(-a)) * b
+  _, ds = dynamic_lsq(s, g)
+  dc = np.concatenate([ds * b * silu_grad(a), ds * a / (1 + np.exp(-a))], axis=1)
+  dx_hat = np.zeros((m, k))
+  dw_hat = np.zeros((e, k, n))
+  for i, (lo, hi) in enumerate(bounds):
+    dx_hat[lo:hi] = dc[lo:hi] @ w_hat[i].T.astype(np.float64)
+    dw_hat[i] = x_hat[lo:hi].T.astype(np.float64) @ dc[lo:hi]
+  _, dx = dynamic_lsq(x, dx_hat)
+  _, dw, dscale = lsq(w4, s4, dw_hat.reshape(e, groups, k // groups, n), qmax_w)
+  return dx, dw.reshape(e, k, n), dscale.reshape(w_scale.shape)
+
+
+# --- a Flax MoE layer, token by token ---------------------------------------------------
+
+def moe_mlp(x, router, w_gate_up, w_down, top_k, expert_fn=None):
+  """out[t] = sum_j p_tj * expert(x_t, e_tj) with softmax top-k gates renormalized.
+
+  expert_fn(x_row [1, d], expert) defaults to the float expert
+  swiglu(x @ W_gu[e]) @ W_down[e].
+  """
+  x = np.asarray(x, np.float64)
+  logits = x @ np.asarray(router, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  if expert_fn is None:
+    def expert_fn(row, i):
+      c = row @ np.asarray(w_gate_up[i], np.float64)
+      h = c.shape[-1] // 2
+      return (c[:, :h] / (1 + np.exp(-c[:, :h])) * c[:, h:]) @ np.asarray(w_down[i], np.float64)
+  out = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    top = np.argsort(-probs[t], kind="stable")[:top_k]
+    p = probs[t, top] / probs[t, top].sum()
+    for pj, i in zip(p, top):
+      out[t] += pj * expert_fn(x[t:t + 1], i)[0]
+  return out

@@ -1,0 +1,290 @@
+"""Quant-aware training: fake quantizers with STE / LSQ gradients (SPEC A.4).
+
+A fake quantizer maps a float `x` to `q * scale` with integer codes
+`q = clip(round_half_even(x * (1 / scale)), -qmax, qmax)`: symmetric, qmax = 127
+(int8) or 7 (int4), and the same multiply-by-reciprocal rounding as the forward
+ops (`quantize_per_token` multiplies by `127 / amax`). Gradients:
+
+* x: straight-through estimator, `g` where `-qmax <= x / scale <= qmax`, 0 where
+  the code is clipped.
+* scale (LSQ, Esser et al. 2020): `g * (q - x / scale)` inside the range, `g * q`
+  where clipped, summed over the elements sharing a scale and multiplied by
+  `grad_scale` (LSQ suggests `1 / sqrt(elements_per_scale * qmax)`).
+
+These are the exact derivatives of the "STE-defined function"
+`scale * clip(x / scale + r, -qmax, qmax)` with the rounding residual
+`r = round(x / scale) - x / scale` held constant, which is how the tests check
+them with `jax.test_util.check_grads`.
+
+The dynamic per-token quantizer (`dynamic_fake_quant`) uses `scale = amax / qmax`
+of each row; its gradient is the same rule, with the scale's cotangent carried on
+through `amax` to the row's largest element(s). A row of zeros gives zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from npu_ops import gmm as gmm_lib
+from npu_ops import gmm_swiglu_quant as fused_lib
+from npu_ops import groups as groups_lib
+from npu_ops import quant as quant_lib
+from npu_ops import row_blocks
+from npu_ops._validation import check_array, check_rank, describe, fail, require
+
+_QMAX = {8: 127.0, 4: 7.0}
+
+
+def qmax_for(bits: int) -> float:
+  """Largest code of the symmetric `bits`-bit grid (8 -> 127, 4 -> 7)."""
+  if isinstance(bits, bool) or bits not in _QMAX:
+    fail("bits", "8 or 4", repr(bits))
+  return _QMAX[bits]
+
+
+def _check_float(name: str, a: Any) -> None:
+  check_array(name, a)
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    fail(name, "a float array", describe(a), TypeError)
+
+
+def _reciprocal(scale: jax.Array, numerator: float = 1.0) -> jax.Array:
+  """numerator / scale, and 0 where scale <= 0 (codes 0 instead of NaN or inf)."""
+  positive = scale > 0
+  return jnp.where(positive, numerator / jnp.where(positive, scale, 1), 0)
+
+
+def _codes(x: jax.Array, inv: jax.Array, qmax: float) -> jax.Array:
+  return jnp.clip(jnp.round(x * inv), -qmax, qmax)
+
+
+def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums a broadcast cotangent back to the operand's shape."""
+  lead = t.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape)
+                                    if d == 1 and t.shape[lead + i] != 1)
+  return jnp.sum(t, axis=axes, keepdims=True).reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lsq(x, scale, inv, qmax, grad_scale):
+  """`codes(x * inv) * scale`; inv is 1/scale (or qmax/amax), rounding only."""
+  return (_codes(x, inv, qmax) * scale).astype(x.dtype)
+
+
+def _lsq_fwd(x, scale, inv, qmax, grad_scale):
+  return _lsq(x, scale, inv, qmax, grad_scale), (x, scale, inv)
+
+
+def _lsq_bwd(qmax, grad_scale, residuals, g):
+  x, scale, inv = residuals
+  v = x.astype(jnp.float32) * inv
+  q = jnp.clip(jnp.round(v), -qmax, qmax)
+  inside = jnp.abs(v) <= qmax
+  g32 = g.astype(jnp.float32)
+  dx = jnp.where(inside, g32, 0).astype(x.dtype)
+  dscale = _sum_to_shape(g32 * jnp.where(inside, q - v, q), scale.shape)
+  if grad_scale is not None:
+    dscale = dscale * grad_scale
+  return dx, dscale.astype(scale.dtype), jnp.zeros_like(inv)
+
+
+_lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8,
+               grad_scale: float | None = None) -> jax.Array:
+  """Symmetric fake quantization with a learned step size (LSQ).
+
+  Args:
+    x: float array `[...]`.
+    scale: positive float step size, broadcastable to `x` (per-tensor `[]`,
+      per-channel `[n]`, per-token `[m, 1]`, ...). A scale <= 0 gives codes 0.
+    bits: 8 (codes -127..127) or 4 (-7..7).
+    grad_scale: optional factor on the scale gradient (LSQ's `g`).
+
+  Returns:
+    `q * scale` in the dtype of x, with the STE / LSQ gradients of the module
+    docstring for x and scale.
+  """
+  qmax = qmax_for(bits)
+  _check_float("x", x)
+  _check_float("scale", scale)
+  try:
+    broadcast = jnp.broadcast_shapes(scale.shape, x.shape)
+  except ValueError:
+    broadcast = None
+  require(broadcast == tuple(x.shape), "scale", f"a shape broadcastable to x {describe(x)}",
+          describe(scale))
+  inv = jax.lax.stop_gradient(_reciprocal(scale.astype(jnp.float32)))
+  return _lsq(x, scale, inv, qmax, grad_scale)
+
+
+def quantize(x: jax.Array, scale: jax.Array, *, bits: int = 8) -> jax.Array:
+  """The int8 codes of `fake_quant` (`fake_quant(x, s) == quantize(x, s) * s`)."""
+  qmax = qmax_for(bits)
+  _check_float("x", x)
+  _check_float("scale", scale)
+  return _codes(x.astype(jnp.float32), _reciprocal(scale.astype(jnp.float32)),
+                qmax).astype(jnp.int8)
+
+
+def dynamic_fake_quant(x: jax.Array, *, bits: int = 8) -> jax.Array:
+  """Per-token dynamic fake quantization over the last axis.
+
+  Forward: exactly `q * scale` of `npu_ops.quantize_per_token` for bits=8
+  (`scale = amax / qmax`, `q = round(x * (qmax / amax))`), so a QAT model sees
+  the numbers of the integer ops. Backward: STE for x plus the LSQ scale rule
+  carried through `amax` (module docstring). Rows of zeros give zeros.
+  """
+  qmax = qmax_for(bits)
+  _check_float("x", x)
+  amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+  inv = jax.lax.stop_gradient(_reciprocal(amax, qmax))  # quantize_per_token's 127 / amax
+  return _lsq(x, amax / qmax, inv, qmax, None)
+
+
+def _grouped_view(w: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`[e, k, n]` weight and `[e, n]` / `[e, G, n]` scale -> `[e, G, k/G, n]`, `[e, G, 1, n]`."""
+  check_rank("weight", w, 3)
+  check_rank("weight_scale", scale, (2, 3))
+  e, k, n = w.shape
+  groups = 1 if scale.ndim == 2 else scale.shape[1]
+  require(scale.shape[0] == e and scale.shape[-1] == n and groups >= 1 and k % groups == 0,
+          "weight_scale", f"[e={e}, n={n}] or [e={e}, G, n={n}] with G dividing k={k}",
+          describe(scale))
+  return w.reshape(e, groups, k // groups, n), scale.reshape(e, groups, 1, n)
+
+
+def fake_quant_weight(weight: jax.Array, weight_scale: jax.Array, *, bits: int = 8,
+                      grad_scale: float | None = None) -> jax.Array:
+  """`fake_quant` of expert weights `[e, k, n]` per channel (`weight_scale [e, n]`)
+  or per group of k rows (`[e, G, n]`, groups of k/G rows)."""
+  _check_float("weight", weight)
+  w4, s4 = _grouped_view(weight, weight_scale)
+  return fake_quant(w4, s4, bits=bits, grad_scale=grad_scale).reshape(weight.shape)
+
+
+def quantize_weight(weight: jax.Array, weight_scale: jax.Array, *, bits: int = 8) -> jax.Array:
+  """int8 codes `[e, k, n]` of `fake_quant_weight` (int4 values for bits=4)."""
+  _check_float("weight", weight)
+  w4, s4 = _grouped_view(weight, weight_scale)
+  return quantize(w4, s4, bits=bits).reshape(weight.shape)
+
+
+def weight_scale_from_amax(weight: jax.Array, *, groups: int = 1, bits: int = 8) -> jax.Array:
+  """Initial step sizes `amax / qmax` per channel (`[e, n]`, groups=1) or per
+  group of k/groups rows (`[e, groups, n]`). Zero columns get scale 1."""
+  qmax = qmax_for(bits)
+  _check_float("weight", weight)
+  check_rank("weight", weight, 3)
+  e, k, n = weight.shape
+  if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1 \
+      or k % groups:
+    fail("groups", f"a positive int dividing k={k}", repr(groups))
+  amax = jnp.max(jnp.abs(weight.reshape(e, groups, k // groups, n)), axis=2).astype(jnp.float32)
+  scale = jnp.where(amax > 0, amax / qmax, 1.0)
+  return scale[:, 0] if groups == 1 else scale
+
+
+def fake_quant_gmm_swiglu_quant(
+    x: jax.Array, weight: jax.Array, weight_scale: jax.Array, group_list: Any, *,
+    group_list_type: int = 0, weight_bits: int = 8, grad_scale: float | None = None,
+    tuning_config: Any = None, implementation: str | None = None) -> jax.Array:
+  """Training form of `npu_grouped_matmul_swiglu_quant_v2`: float in, float out.
+
+  Forward: x is quantized per token (`quantize_per_token`), the weights per
+  channel or per group with the learned `weight_scale` (`quantize_weight`), and
+  the integer op runs on those codes (A8W8 for weight_bits=8, A8W4 with the
+  canonical assist matrix for 4); the result is its output dequantized,
+  `output * output_scale[:, None]`: bit for bit what the deployed int8 model
+  computes.
+
+  Backward (SPEC A.4): the gradient of the float chain
+  `dynamic_fake_quant(swiglu(grouped_matmul(dynamic_fake_quant(x),
+  fake_quant_weight(weight, weight_scale))))`, i.e. STE for every rounding, LSQ
+  for the weight scales and the per-token scales, and the fast grouped matmul's
+  own VJP (gmm with transposed weights, tgmm). It recomputes that chain in the
+  backward pass. Rows outside every group get zero output and zero gradient.
+
+  Args:
+    x: float `[m, k]` (float32 / bfloat16).
+    weight: float `[e, k, n]` (n even; the left half of each output gets silu).
+    weight_scale: positive float `[e, n]` (per channel) or `[e, G, n]` (per group
+      of k/G rows; weight_bits=4 only, as in the integer op's dequant_mode 1).
+    group_list: as in `npu_grouped_matmul_swiglu_quant_v2` (static ints or a
+      dynamic array; cumsum or counts per `group_list_type`).
+    weight_bits: 8 (A8W8) or 4 (A8W4: int4 weight codes -7..7).
+    grad_scale: optional LSQ factor on the weight-scale gradient.
+    tuning_config, implementation: as in the integer op.
+
+  Returns:
+    float32 `[m, n/2]`.
+  """
+  qmax_for(weight_bits)
+  _check_float("x", x)
+  _check_float("weight", weight)
+  _check_float("weight_scale", weight_scale)
+  check_rank("x", x, 2)
+  check_rank("weight", weight, 3)
+  m, k = x.shape
+  e, k_w, n = weight.shape
+  require(k_w == k, "weight", f"[e, k={k}, n] to match x {describe(x)}", describe(weight))
+  require(n % 2 == 0, "weight", "an even n (last dim; SwiGLU halves it)", describe(weight))
+  _grouped_view(weight, weight_scale)
+  if weight_scale.ndim == 3 and weight_scale.shape[1] > 1:
+    require(weight_bits == 4, "weight_scale", "[e, n] for weight_bits=8 (per-group scales are "
+            "the A8W4 path)", describe(weight_scale))
+  reference = gmm_lib.resolve_implementation(implementation) == "reference"
+  ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
+  block_sizes = row_blocks.GmmBlockSizes.for_problem(
+      m, len(ends), fused_lib._expected_tokens(tuning_config))
+  static = isinstance(ends, tuple)
+  return _qat_fused(x, weight, weight_scale, None if static else ends, ends if static else None,
+                    weight_bits, grad_scale, block_sizes, reference)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _qat_fused(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_scale, block_sizes,
+               reference):
+  ends = static_ends if dynamic_ends is None else dynamic_ends
+  e, _, n = weight.shape
+  xq, xs = quant_lib.quantize_per_token(x)
+  wq = quantize_weight(weight, weight_scale, bits=bits)
+  scale = weight_scale.astype(jnp.float32).reshape(e, -1, n)
+  scenario = fused_lib.A8W8 if bits == 8 else fused_lib.A8W4
+  assist = fused_lib._canonical_assist(wq, scale) if scenario == fused_lib.A8W4 else None
+  q, q_scale = fused_lib._fused(xq, wq, scale, xs, assist, None, ends=ends, scenario=scenario,
+                                spec=quant_lib.INT8_PER_TOKEN, block_sizes=block_sizes,
+                                reference=reference)
+  return q.astype(jnp.float32) * q_scale[:, None]
+
+
+def _qat_fused_fwd(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_scale,
+                   block_sizes, reference):
+  out = _qat_fused(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_scale,
+                   block_sizes, reference)
+  return out, (x, weight, weight_scale, dynamic_ends)
+
+
+def _qat_fused_bwd(static_ends, bits, grad_scale, block_sizes, reference, residuals, g):
+  x, weight, weight_scale, dynamic_ends = residuals
+
+  def float_chain(x, weight, weight_scale):
+    x_hat = dynamic_fake_quant(x)
+    w_hat = fake_quant_weight(weight, weight_scale, bits=bits, grad_scale=grad_scale)
+    c = gmm_lib._differentiable_gmm(x_hat, w_hat, dynamic_ends, static_ends,
+                                    np.dtype(jnp.float32), "reference" if reference else "xla",
+                                    block_sizes)
+    return dynamic_fake_quant(quant_lib.swiglu(c))
+
+  _, vjp = jax.vjp(float_chain, x, weight, weight_scale)
+  return (*vjp(g), None)
+
+
+_qat_fused.defvjp(_qat_fused_fwd, _qat_fused_bwd)

@@ -1,0 +1,312 @@
+"""Quant-aware training rules (SPEC A.4) against NumPy and jax.test_util.check_grads."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import npu_ops
+from npu_ops import qat
+
+import numpy_reference as ref
+from helpers import assert_int8_close, assert_scale_close
+
+QMAX = {8: 127.0, 4: 7.0}
+
+
+def ste_quant(x, scale, residual, qmax):
+  """The STE-defined function: the rounding residual is a constant, the rest is smooth."""
+  v = x / scale
+  return scale * jnp.where(jnp.abs(v) <= qmax, v + residual, jnp.sign(v) * qmax)
+
+
+def residual_at(x, scale):
+  v = np.asarray(x, np.float32) * (np.float32(1) / np.asarray(scale, np.float32))
+  return jnp.asarray(np.rint(v) - v)
+
+
+def vjp_of(f, args, g):
+  out, pullback = jax.vjp(f, *args)
+  return out, pullback(g)
+
+
+# ----- fake_quant: LSQ --------------------------------------------------------------------
+
+SCALE_LAYOUTS = {  # x [6, 10] with a scale per tensor / channel / token
+    "tensor": (), "channel": (10,), "token": (6, 1)}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("layout", list(SCALE_LAYOUTS))
+def test_fake_quant_forward_and_vjp_against_numpy(bits, layout):
+  rng = np.random.default_rng(bits)
+  x = rng.normal(size=(6, 10)).astype(np.float32) * 3
+  # a scale that clips some values: the clipped branch of both rules is exercised
+  scale = rng.uniform(0.5, 1.5, SCALE_LAYOUTS[layout]).astype(np.float32) * 4 / QMAX[bits]
+  g = rng.normal(size=x.shape).astype(np.float32)
+  y, (dx, ds) = vjp_of(functools.partial(qat.fake_quant, bits=bits), (x, scale), g)
+  want_y, want_dx, want_ds = ref.lsq(x, scale, g, QMAX[bits])
+  np.testing.assert_array_equal(np.asarray(y), want_y)
+  np.testing.assert_array_equal(np.asarray(dx), want_dx)
+  np.testing.assert_allclose(np.asarray(ds), want_ds, rtol=1e-5, atol=1e-5)
+  codes = np.asarray(qat.quantize(x, scale, bits=bits))
+  assert np.abs(codes).max() == QMAX[bits]  # some values are clipped
+  np.testing.assert_array_equal(codes * scale, want_y)
+
+
+def test_fake_quant_grad_scale_and_bfloat16():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(8, 4)).astype(np.float32)
+  scale = np.full((4,), 0.02, np.float32)
+  g = np.ones_like(x)
+  _, (_, ds) = vjp_of(lambda x, s: qat.fake_quant(x, s, grad_scale=0.25), (x, scale), g)
+  np.testing.assert_allclose(np.asarray(ds), 0.25 * ref.lsq(x, scale, g, 127.0)[2], rtol=1e-5)
+  y = qat.fake_quant(jnp.asarray(x, jnp.bfloat16), jnp.asarray(scale))
+  assert y.dtype == jnp.bfloat16
+  xb = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(jnp.asarray(ref.lsq(xb, scale, g, 127.0)[0],
+                                                       jnp.bfloat16), np.float32))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fake_quant_rules_are_the_gradient_of_the_ste_function(bits):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(5, 7)).astype(np.float32) * 2)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, (7,)).astype(np.float32) * 3 / QMAX[bits])
+  r = residual_at(x, scale)
+  ste = lambda x, s: ste_quant(x, s, r, QMAX[bits])
+  check_grads(ste, (x, scale), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+  g = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  y, grads = vjp_of(functools.partial(qat.fake_quant, bits=bits), (x, scale), g)
+  want_y, want_grads = vjp_of(ste, (x, scale), g)
+  np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_or_negative_scale_gives_zero_codes_not_nan():
+  x = jnp.ones((2, 3))
+  scale = jnp.array([0.0, -1.0, 0.5])
+  y, (dx, ds) = vjp_of(qat.fake_quant, (x, scale), jnp.ones((2, 3)))
+  np.testing.assert_array_equal(y, [[0, 0, 1], [0, 0, 1]])
+  assert np.isfinite(dx).all() and np.isfinite(ds).all()
+
+
+# ----- dynamic per-token fake quant --------------------------------------------------------
+
+def test_dynamic_fake_quant_equals_quantize_per_token_bit_for_bit():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(33, 50)).astype(np.float32) * rng.uniform(0.01, 100, (33, 1))
+  x[5] = 0  # all-zero row
+  q, s = npu_ops.quantize_per_token(jnp.asarray(x))
+  want_q, want_s = ref.per_token_int8(x)
+  np.testing.assert_array_equal(q, want_q)
+  # XLA:CPU turns amax / 127 into amax * (1/127): the scale may differ by 1 ulp
+  assert_scale_close(s, want_s, rtol=2e-7)
+  got = np.asarray(qat.dynamic_fake_quant(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, np.asarray(q, np.float32) * np.asarray(s)[:, None])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dynamic_fake_quant_vjp_against_numpy(bits):
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(9, 12)).astype(np.float32)
+  x[2] = 0
+  x[4, 3] = -np.abs(x[4]).max() * 2  # a negative amax
+  g = rng.normal(size=x.shape).astype(np.float32)
+  y, (dx,) = vjp_of(functools.partial(qat.dynamic_fake_quant, bits=bits), (x,), g)
+  want_y, want_dx = ref.dynamic_lsq(x, g, QMAX[bits])
+  np.testing.assert_allclose(np.asarray(y), want_y, rtol=2e-7, atol=0)  # scale: 1 ulp
+  np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(dx)[2], g[2])  # zero row: identity, finite
+
+
+def test_dynamic_fake_quant_rule_is_the_gradient_of_the_ste_function():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(4, 16)).astype(np.float32))
+  amax = np.abs(np.asarray(x)).max(-1, keepdims=True)
+  r = residual_at(x, amax / 127)
+
+  def ste(x):
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
+    return ste_quant(x, scale, r, 127.0)
+
+  check_grads(ste, (x,), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+  g = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  _, (got,) = vjp_of(qat.dynamic_fake_quant, (x,), g)
+  _, (want,) = vjp_of(ste, (x,), g)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ----- expert weights per channel / per group -----------------------------------------------
+
+@pytest.mark.parametrize("bits,groups", [(8, 1), (4, 1), (4, 4)])
+def test_fake_quant_weight_per_channel_and_group(bits, groups):
+  rng = np.random.default_rng(6)
+  e, k, n = 3, 16, 8
+  w = rng.normal(size=(e, k, n)).astype(np.float32)
+  scale = np.asarray(qat.weight_scale_from_amax(jnp.asarray(w), groups=groups, bits=bits))
+  want_scale = np.abs(w.reshape(e, groups, k // groups, n)).max(2) / np.float32(QMAX[bits])
+  np.testing.assert_allclose(scale.reshape(e, groups, n), want_scale, rtol=1e-6)
+  g = rng.normal(size=w.shape).astype(np.float32)
+  y, (dw, ds) = vjp_of(functools.partial(qat.fake_quant_weight, bits=bits), (w, scale), g)
+  w4, s4 = w.reshape(e, groups, k // groups, n), scale.reshape(e, groups, 1, n)
+  want_y, want_dw, want_ds = ref.lsq(w4, s4, g.reshape(w4.shape), QMAX[bits])
+  np.testing.assert_array_equal(np.asarray(y), want_y.reshape(w.shape))
+  np.testing.assert_array_equal(np.asarray(dw), want_dw.reshape(w.shape))
+  np.testing.assert_allclose(np.asarray(ds), want_ds.reshape(scale.shape), rtol=1e-4, atol=1e-5)
+  codes = np.asarray(qat.quantize_weight(jnp.asarray(w), jnp.asarray(scale), bits=bits))
+  assert codes.dtype == np.int8 and np.abs(codes).max() <= QMAX[bits]
+  np.testing.assert_array_equal((codes.reshape(w4.shape) * s4).reshape(w.shape), np.asarray(y))
+
+
+# ----- the fused op's training form ---------------------------------------------------------
+
+def fused_case(seed, m=40, k=32, n=16, e=4, counts=(9, 0, 14, 10), bits=8, groups=1):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  w = (rng.normal(size=(e, k, n)) * 0.2).astype(np.float32)
+  scale = np.asarray(qat.weight_scale_from_amax(jnp.asarray(w), groups=groups, bits=bits))
+  scale = scale * rng.uniform(0.8, 1.0, scale.shape).astype(np.float32)  # clips some weights
+  return x, w, scale, list(counts)
+
+
+@pytest.mark.parametrize("bits,groups", [(8, 1), (4, 1), (4, 2)])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fused_forward_is_the_integer_op_dequantized(bits, groups, dynamic):
+  x, w, scale, counts = fused_case(7, bits=bits, groups=groups)
+  gl = jnp.asarray(counts) if dynamic else counts
+  got = np.asarray(qat.fake_quant_gmm_swiglu_quant(jnp.asarray(x), jnp.asarray(w),
+                                                   jnp.asarray(scale), gl, group_list_type=1,
+                                                   weight_bits=bits))
+  # NumPy: quantize x per token and w with the scales, then the SPEC golden of the int op
+  xq, xs = ref.per_token_int8(x)
+  s4 = scale.reshape(w.shape[0], groups, 1, w.shape[2])
+  wq = ref.lsq(w.reshape(w.shape[0], groups, -1, w.shape[2]), s4, 0 * s4, QMAX[bits])[0] / s4
+  wq = np.rint(wq).astype(np.int8).reshape(w.shape)
+  bounds = ref.group_bounds(counts, 1)
+  scenario = "A8W8" if bits == 8 else "A8W4"
+  assist = ref.canonical_assist(wq, scale) if bits == 4 else None
+  want_q, want_s = ref.swiglu_quant(xq, wq, scale, xs, bounds, scenario=scenario, assist=assist)
+  got_q = np.rint(np.divide(got, want_s[:, None], out=np.zeros_like(got),
+                            where=want_s[:, None] > 0))
+  assert_int8_close(got_q, want_q)
+  # ... and bit for bit the package's integer op on the same codes, dequantized
+  op_w = wq if bits == 8 else jnp.asarray(wq, jnp.int4)
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      xq, op_w, scale, xs, gl, group_list_type=1, dequant_mode=0 if groups == 1 else 1)
+  assert_scale_close(s, want_s, rtol=1e-5)
+  np.testing.assert_array_equal(got, np.asarray(q, np.float32) * np.asarray(s)[:, None])
+
+
+@pytest.mark.parametrize("bits,groups", [(8, 1), (4, 2)])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fused_vjp_against_numpy(bits, groups, dynamic):
+  x, w, scale, counts = fused_case(8, bits=bits, groups=groups)
+  gl = jnp.asarray(counts) if dynamic else counts
+  g = np.random.default_rng(9).normal(size=(x.shape[0], w.shape[2] // 2)).astype(np.float32)
+  f = lambda x, w, s: qat.fake_quant_gmm_swiglu_quant(x, w, s, gl, group_list_type=1,
+                                                      weight_bits=bits)
+  _, (dx, dw, ds) = vjp_of(jax.jit(f), (x, w, scale), g)
+  want = ref.qat_swiglu_quant_vjp(x, w, scale, ref.group_bounds(counts, 1), g, QMAX[bits])
+  for name, got, want_v in zip(("dx", "dw", "dscale"), (dx, dw, ds), want):
+    atol = 1e-4 * np.abs(want_v).max()
+    np.testing.assert_allclose(np.asarray(got), want_v, rtol=1e-3, atol=atol, err_msg=name)
+  total = sum(counts)
+  assert not np.asarray(dx)[total:].any()   # rows outside every group
+  assert not np.asarray(dw)[1].any() and not np.asarray(ds)[1].any()  # empty expert
+
+
+def test_fused_vjp_is_the_gradient_of_the_ste_function():
+  """check_grads on the chain with every rounding residual frozen, then ours == its vjp."""
+  x, w, scale, counts = fused_case(10, m=24, counts=(6, 8, 0, 10))
+  bounds = ref.group_bounds(counts, 1)
+
+  def ste_chain(x, w, scale, residuals=None):
+    """Returns the chain's output and its rounding residuals (computed where not given)."""
+    used = []
+
+    def quant(a, a_scale):
+      v = a / a_scale
+      r = jax.lax.stop_gradient(jnp.round(v) - v) if residuals is None else residuals[len(used)]
+      used.append(r)
+      return ste_quant(a, a_scale, r, 127.0)
+
+    row_scale = lambda a: jnp.max(jnp.abs(a), axis=-1, keepdims=True) / 127
+    x_hat = quant(x, row_scale(x))
+    w_hat = quant(w, scale[:, None, :])
+    c = jnp.concatenate([x_hat[lo:hi] @ w_hat[i] for i, (lo, hi) in enumerate(bounds)])
+    s = npu_ops.swiglu(c)
+    return quant(s, row_scale(s)), used
+
+  with jax.enable_x64(True):  # finite differences of a deep chain need float64
+    args64 = tuple(jnp.asarray(a, jnp.float64) for a in (x, w, scale))
+    residuals64 = ste_chain(*args64)[1]
+    check_grads(lambda *a: ste_chain(*a, residuals64)[0], args64, order=1, modes=["rev"],
+                atol=1e-3, rtol=1e-3, eps=1e-7)
+  args = tuple(map(jnp.asarray, (x, w, scale)))
+  residuals = ste_chain(*args)[1]
+  g = jnp.asarray(np.random.default_rng(11).normal(size=(24, 8)).astype(np.float32))
+  _, want = vjp_of(lambda *a: ste_chain(*a, residuals)[0], args, g)
+  _, got = vjp_of(lambda x, w, s: qat.fake_quant_gmm_swiglu_quant(x, w, s, counts,
+                                                                  group_list_type=1), args, g)
+  for got_v, want_v in zip(got, want):
+    np.testing.assert_allclose(got_v, want_v, rtol=1e-3, atol=1e-4 * np.abs(want_v).max())
+
+
+def test_fused_one_compilation_for_dynamic_group_lists():
+  x, w, scale, _ = fused_case(12)
+  traces = []
+
+  @jax.jit
+  def step(gl):
+    traces.append(1)
+    f = lambda x, w, s: jnp.sum(qat.fake_quant_gmm_swiglu_quant(x, w, s, gl) ** 2)
+    return jax.grad(f, argnums=(0, 1, 2))(x, w, scale)
+
+  for counts in ([9, 0, 14, 10], [40, 0, 0, 0], [0, 0, 0, 5]):
+    grads = step(jnp.asarray(np.cumsum(counts), jnp.int32))
+    assert all(np.isfinite(np.asarray(a)).all() for a in grads)
+  assert len(traces) == 1
+
+
+def test_fused_vmap_over_a_batch():
+  x, w, scale, counts = fused_case(13, m=16, counts=(4, 4, 0, 8))
+  xb = jnp.stack([jnp.asarray(x), -jnp.asarray(x)])
+  f = lambda x: qat.fake_quant_gmm_swiglu_quant(x, w, scale, jnp.asarray(counts),
+                                                group_list_type=1)
+  got = jax.vmap(f)(xb)
+  chex.assert_trees_all_equal(got, jnp.stack([f(xb[0]), f(xb[1])]))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weight_bits=3), "bits"),
+    (dict(scale_shape=(4, 2, 16)), "weight_scale"),    # per-group scale with 8 bits
+    (dict(scale_shape=(4, 3, 16), weight_bits=4), "weight_scale"),  # 3 does not divide k
+    (dict(scale_shape=(3, 16)), "weight_scale"),
+    (dict(n=15), "weight"),
+    (dict(k_w=16), "weight"),
+])
+def test_fused_bad_input(kwargs, match):
+  kwargs = dict(kwargs)
+  n, k_w = kwargs.pop("n", 16), kwargs.pop("k_w", 32)
+  scale = jnp.ones(kwargs.pop("scale_shape", (4, n)))
+  with pytest.raises(ValueError, match=match):
+    qat.fake_quant_gmm_swiglu_quant(jnp.ones((8, 32)), jnp.ones((4, k_w, n)), scale, [8],
+                                    **kwargs)
+
+
+def test_quantizer_bad_input():
+  with pytest.raises(TypeError, match="x"):
+    qat.fake_quant(jnp.ones((2, 2), jnp.int8), jnp.ones(()))
+  with pytest.raises(ValueError, match="scale"):
+    qat.fake_quant(jnp.ones((2, 2)), jnp.ones((3,)))
+  with pytest.raises(ValueError, match="bits"):
+    qat.dynamic_fake_quant(jnp.ones((2, 2)), bits=2)
+  with pytest.raises(ValueError, match="groups"):
+    qat.weight_scale_from_amax(jnp.ones((2, 6, 4)), groups=4)
