@@ -79,7 +79,9 @@ class MoEMLP(nnx.Module):
     * "qat": quant-aware training. Gate/up runs `fake_quant_gmm_swiglu_quant`
       (its forward is the integer fused op, bit for bit), the down projection a
       float grouped matmul on the quantized activations and fake-quantized
-      weights. Per-channel weight scales are learned (LSQ).
+      weights. Per-channel weight scales are learned (LSQ gradients) as
+      log-scales: Adam's steps are then relative (a step of lr on a raw scale
+      of 1e-3 would wipe it out), and the scale stays positive.
     * "int8": inference. `npu_grouped_matmul_swiglu_quant_v2` on int8 (or int4)
       weight codes, then an exact int8 grouped matmul dequantized per channel
       and per token.
@@ -92,8 +94,10 @@ class MoEMLP(nnx.Module):
     w_gate_up: Param `[e, d_model, 2 * d_ff]` (float, qat); QuantParam int8
       codes (int8).
     w_down: Param `[e, d_ff, d_model]` (float, qat); QuantParam int8 codes (int8).
-    gate_up_scale, down_scale: per-channel scales `[e, 2 * d_ff]`, `[e, d_model]`:
-      Param (qat), QuantParam (int8).
+    gate_up_log_scale, down_log_scale: Param, log of the per-channel scales
+      `[e, 2 * d_ff]`, `[e, d_model]` (qat).
+    gate_up_scale, down_scale: QuantParam, the scales themselves (int8).
+  `weight_scales()` returns the scales in both modes.
   """
 
   MODES = ("float", "qat", "int8")
@@ -117,7 +121,6 @@ class MoEMLP(nnx.Module):
     """Stores float weights in the form `self.mode` keeps them."""
     if self.mode == "float":
       self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
-      self.gate_up_scale = self.down_scale = None
       return
     bits = self.weight_bits
     if gate_up_scale is None:
@@ -125,7 +128,8 @@ class MoEMLP(nnx.Module):
       down_scale = qat.weight_scale_from_amax(w_down, bits=bits)
     if self.mode == "qat":
       self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
-      self.gate_up_scale, self.down_scale = nnx.Param(gate_up_scale), nnx.Param(down_scale)
+      self.gate_up_log_scale = nnx.Param(jnp.log(gate_up_scale))
+      self.down_log_scale = nnx.Param(jnp.log(down_scale))
     else:
       self.w_gate_up = QuantParam(qat.quantize_weight(w_gate_up, gate_up_scale, bits=bits))
       self.w_down = QuantParam(qat.quantize_weight(w_down, down_scale, bits=bits))
@@ -139,9 +143,17 @@ class MoEMLP(nnx.Module):
     new = MoEMLP(self.d_model, self.d_ff, self.num_experts, top_k=self.top_k, mode=mode,
                  weight_bits=self.weight_bits, rngs=nnx.Rngs(0))
     new.router = nnx.Param(self.router[...])
-    scales = () if self.mode == "float" else (self.gate_up_scale[...], self.down_scale[...])
-    new._set_expert_weights(self.w_gate_up[...], self.w_down[...], *scales)
+    new._set_expert_weights(self.w_gate_up[...], self.w_down[...], *(self.weight_scales() or ()))
     return new
+
+  def weight_scales(self) -> tuple[jax.Array, jax.Array] | None:
+    """Per-channel weight scales (gate/up `[e, 2 * d_ff]`, down `[e, d_model]`), or
+    None for a float layer."""
+    if self.mode == "qat":
+      return jnp.exp(self.gate_up_log_scale[...]), jnp.exp(self.down_log_scale[...])
+    if self.mode == "int8":
+      return self.gate_up_scale[...], self.down_scale[...]
+    return None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] != self.d_model:
@@ -159,11 +171,12 @@ class MoEMLP(nnx.Module):
       y = grouped_matmul(h, self.w_down[...], sizes)
     elif self.mode == "qat":
       bits = self.weight_bits
-      h = qat.fake_quant_gmm_swiglu_quant(rows, self.w_gate_up[...], self.gate_up_scale[...],
-                                          sizes, group_list_type=1, weight_bits=bits,
+      gate_up_scale, down_scale = self.weight_scales()
+      h = qat.fake_quant_gmm_swiglu_quant(rows, self.w_gate_up[...], gate_up_scale, sizes,
+                                          group_list_type=1, weight_bits=bits,
                                           tuning_config=hint)
-      y = grouped_matmul(h, qat.fake_quant_weight(self.w_down[...], self.down_scale[...],
-                                                  bits=bits), sizes)
+      y = grouped_matmul(h, qat.fake_quant_weight(self.w_down[...], down_scale, bits=bits),
+                         sizes)
     else:
       xq, x_scale = quant.quantize_per_token(rows)
       w_gate_up = self.w_gate_up[...]
