@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -75,7 +76,9 @@ class MoEMLP(nnx.Module):
   `[..., d_model]` float32.
 
   Modes:
-    * "float": `grouped_matmul` (custom VJP: fast forward and backward).
+    * "float": `grouped_matmul` (custom VJP: fast forward and backward), or the
+      `gmm(lhs, rhs, group_sizes)` given (for instance
+      `lambda *a: jax.lax.ragged_dot(*a)`, which qwix's QtProvider intercepts).
     * "qat": quant-aware training. Gate/up runs `fake_quant_gmm_swiglu_quant`
       (its forward is the integer fused op, bit for bit), the down projection a
       float grouped matmul on the quantized activations and fake-quantized
@@ -103,7 +106,9 @@ class MoEMLP(nnx.Module):
   MODES = ("float", "qat", "int8")
 
   def __init__(self, d_model: int, d_ff: int, num_experts: int, *, top_k: int = 2,
-               mode: str = "float", weight_bits: int = 8, rngs: nnx.Rngs):
+               mode: str = "float", weight_bits: int = 8,
+               gmm: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+               rngs: nnx.Rngs):
     if mode not in self.MODES:
       raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
     if not 1 <= top_k <= num_experts:
@@ -111,6 +116,7 @@ class MoEMLP(nnx.Module):
     qat.qmax_for(weight_bits)
     self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
     self.top_k, self.mode, self.weight_bits = top_k, mode, weight_bits
+    self.gmm = gmm
     normal = lambda shape, fan_in: jax.random.normal(rngs.params(), shape) * fan_in ** -0.5
     self.router = nnx.Param(normal((d_model, num_experts), d_model))
     w_gate_up = normal((num_experts, d_model, 2 * d_ff), d_model)
@@ -167,8 +173,9 @@ class MoEMLP(nnx.Module):
     # A performance hint for the row blocks: the mean rows per expert.
     hint = [max(1, rows.shape[0] // self.num_experts)]
     if self.mode == "float":
-      h = quant.swiglu(grouped_matmul(rows, self.w_gate_up[...], sizes))
-      y = grouped_matmul(h, self.w_down[...], sizes)
+      gmm = self.gmm or grouped_matmul
+      h = quant.swiglu(gmm(rows, self.w_gate_up[...], sizes))
+      y = gmm(h, self.w_down[...], sizes)
     elif self.mode == "qat":
       bits = self.weight_bits
       gate_up_scale, down_scale = self.weight_scales()
