@@ -30,8 +30,11 @@ def residual_at(x, scale):
 
 
 def vjp_of(f, args, g):
-  out, pullback = jax.vjp(f, *args)
-  return out, pullback(g)
+  """f(*args) and its vjp with cotangent g, under one jit (op-by-op would compile each op)."""
+  def run(args, g):
+    out, pullback = jax.vjp(f, *args)
+    return out, pullback(g)
+  return jax.jit(run)(tuple(args), g)
 
 
 # ----- fake_quant: LSQ --------------------------------------------------------------------
@@ -247,7 +250,7 @@ def test_fused_vjp_is_the_gradient_of_the_ste_function():
   with jax.enable_x64(True):  # finite differences of a deep chain need float64
     args64 = tuple(jnp.asarray(a, jnp.float64) for a in (x, w, scale))
     residuals64 = ste_chain(*args64)[1]
-    check_grads(lambda *a: ste_chain(*a, residuals64)[0], args64, order=1, modes=["rev"],
+    check_grads(jax.jit(lambda *a: ste_chain(*a, residuals64)[0]), args64, order=1, modes=["rev"],
                 atol=1e-3, rtol=1e-3, eps=1e-7)
   args = tuple(map(jnp.asarray, (x, w, scale)))
   residuals = ste_chain(*args)[1]
