@@ -3,6 +3,7 @@
     python -m npu_ops.bench                       # the matrix: m x e x group lists
     python -m npu_ops.bench --m 4096 --e 16       # one shape, four group lists
     python -m npu_ops.bench --out bench_results   # also writes JSON and a PNG plot
+    python -m npu_ops.bench --qat                 # training steps: QAT vs float
 
 For each (m, k, n, e, group list) the contenders run interleaved in one process
 (machine noise hits all of them alike), each timed as the minimum of `--repeats`
@@ -20,11 +21,17 @@ dot with the same useful FLOPs; higher is better):
 
 `mem` is the fused op's peak memory (arguments + outputs + XLA temporaries, from
 the compiled executable) over its arguments + outputs.
+
+`--qat` times a training step (forward + gradients for x, the weights and, for
+QAT, the weight scales) of the fused op's fake-quant form
+(`fake_quant_gmm_swiglu_quant`) against the same step in float32
+(`swiglu(grouped_matmul(x, w))`, both on the fast grouped matmul VJP).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -165,6 +172,43 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
   return row
 
 
+def run_qat_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, seed: int = 0
+                 ) -> dict:
+  """Times forward and forward + backward of the QAT fused op and of its float twin."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(m, k)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(e, k, n)).astype(np.float32) * k ** -0.5)
+  w_scale = npu_ops.weight_scale_from_amax(w)
+  dy = jnp.asarray(rng.normal(size=(m, n // 2)).astype(np.float32))
+  counts = jnp.asarray(group_counts(kind, m, e, rng))
+  qat_fwd = lambda x, w, s: npu_ops.fake_quant_gmm_swiglu_quant(x, w, s, counts,
+                                                                group_list_type=1)
+  float_fwd = lambda x, w, s: quant.swiglu(npu_ops.grouped_matmul(x, w, counts))
+  step = lambda fwd: jax.jit(jax.grad(lambda x, w, s: jnp.vdot(fwd(x, w, s), dy),
+                                      argnums=(0, 1, 2)))
+  compiled = {"qat_fwd": jax.jit(qat_fwd), "float_fwd": jax.jit(float_fwd),
+              "qat_step": step(qat_fwd), "float_step": step(float_fwd)}
+  t = time_interleaved({name: functools.partial(f, x, w, w_scale)
+                        for name, f in compiled.items()}, repeats)
+  return {"m": m, "k": k, "n": n, "e": e, "groups": kind, **{f"t_{nm}": v for nm, v in t.items()},
+          "qat_fwd_over_float": t["qat_fwd"] / t["float_fwd"],
+          "qat_step_over_float": t["qat_step"] / t["float_step"]}
+
+
+def format_qat_row(r: dict) -> str:
+  return (f"{r['m']:>6} {r['e']:>3} {r['groups']:>10} | {r['t_float_fwd'] * 1e3:9.1f} "
+          f"{r['t_qat_fwd'] * 1e3:9.1f} {r['qat_fwd_over_float']:>7.2f} | "
+          f"{r['t_float_step'] * 1e3:9.1f} {r['t_qat_step'] * 1e3:9.1f} "
+          f"{r['qat_step_over_float']:>7.2f}")
+
+
+def qat_header(k: int, n: int) -> str:
+  h = (f"{'m':>6} {'e':>3} {'groups':>10} | {'float ms':>9} {'qat ms':>9} {'ratio':>7} | "
+       f"{'float+bwd':>9} {'qat+bwd':>9} {'ratio':>7}")
+  return (f"k={k}, n={n}; QAT fused op vs float32 gmm + swiglu, forward | forward + backward "
+          "(ratio = qat time / float time)\n" + h + "\n" + "-" * len(h))
+
+
 _TAGS = {"bfloat16": "bf16", "float32": "f32"}
 COLUMNS = (("fused", "fused"), ("fused_static", "static"), ("gmm", "gmm"),
            ("gmm_bf16", "gmm bf16"), ("tgmm_bf16", "tgmm bf16"), ("gmm_f32", "gmm f32"),
@@ -226,21 +270,31 @@ def main(argv=None):
                  help="run the ragged_dot baseline only where m * e <= this")
   p.add_argument("--float-dtypes", nargs="*", default=["bfloat16", "float32"],
                  choices=sorted(_TAGS), help="float gmm/tgmm columns (none: skip)")
+  p.add_argument("--qat", action="store_true",
+                 help="time QAT training steps against float ones instead")
   p.add_argument("--out", help="folder for bench.json and bench.png")
   args = p.parse_args(argv)
 
   cases = [(m, e, g) for m in args.m for e in args.e for g in args.groups]
-  print(header(args.k, args.n), flush=True)
+  print((qat_header if args.qat else header)(args.k, args.n), flush=True)
   rows = []
   for i, (m, e, kind) in enumerate(cases):
     print(f"\r[{i + 1}/{len(cases)}] m={m} e={e} {kind} ...", end="", file=sys.stderr,
           flush=True)
-    rows.append(run_case(m, args.k, args.n, e, kind, repeats=args.repeats,
-                         ragged=m * e <= args.ragged_max,
-                         float_dtypes=tuple(args.float_dtypes)))
+    if args.qat:
+      rows.append(run_qat_case(m, args.k, args.n, e, kind, repeats=args.repeats))
+    else:
+      rows.append(run_case(m, args.k, args.n, e, kind, repeats=args.repeats,
+                           ragged=m * e <= args.ragged_max,
+                           float_dtypes=tuple(args.float_dtypes)))
     print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
-    print(format_row(rows[-1]), flush=True)
-  if args.out:
+    print((format_qat_row if args.qat else format_row)(rows[-1]), flush=True)
+  if args.out and args.qat:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_qat.json").write_text(json.dumps(rows, indent=1))
+    print(f"wrote {out / 'bench_qat.json'}")
+  elif args.out:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(rows, indent=1))

@@ -31,6 +31,14 @@ def test_bench_runs_every_path(tmp_path, capsys):
   assert "vs ragged" in capsys.readouterr().out
 
 
+def test_bench_qat_runs(tmp_path, capsys):
+  rows = bench.main(["--qat", "--m", "64", "--k", "32", "--n", "16", "--e", "4", "--groups",
+                     "uniform", "--repeats", "1", "--out", str(tmp_path)])
+  assert len(rows) == 1 and rows[0]["qat_step_over_float"] > 0
+  assert json.loads((tmp_path / "bench_qat.json").read_text()) == rows
+  assert "qat+bwd" in capsys.readouterr().out
+
+
 def test_group_counts_sum_to_m():
   rng = np.random.default_rng(0)
   for kind in ("uniform", "skewed", "one_group", "many_empty"):
