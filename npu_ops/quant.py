@@ -8,6 +8,7 @@ descriptor instead of adding a flag per format to every op.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -104,7 +105,24 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
   """
   s = s.astype(jnp.float32)
   amax = jnp.max(jnp.abs(s), axis=-1)
+  return codes_for_amax(s, amax[..., None], spec), amax / spec.qmax
+
+
+def codes_for_amax(s: jax.Array, amax: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN, *,
+                   round_fn: Callable[[jax.Array], jax.Array] = jnp.round) -> jax.Array:
+  """The codes of `quantize_per_token` given each row's amax (`[..., 1]`, float32):
+  `clip(round_half_even(s * (qmax / amax)), -qmax, qmax)`, 0 where amax = 0.
+  Kernels that see a row in pieces compute amax first, then call this (with
+  `round_fn=round_half_even_small` where `round` does not lower)."""
   nonzero = amax > 0
   inv = jnp.where(nonzero, spec.qmax / jnp.where(nonzero, amax, 1), 0)
-  q = jnp.clip(jnp.round(s * inv[..., None]), -spec.qmax, spec.qmax)
-  return q.astype(spec.dtype), amax / spec.qmax
+  return round_fn(jnp.clip(s * inv, -spec.qmax, spec.qmax)).astype(spec.dtype)
+
+
+def round_half_even_small(v: jax.Array) -> jax.Array:
+  """Round half to even of float32 `|v| < 2**22` from `floor` alone, for backends
+  without a `round` lowering (Pallas Triton): `floor(v + 0.5)`, minus 1 on an
+  exact tie that landed on an odd number. Every step is exact in that range."""
+  f = jnp.floor(v + 0.5)
+  odd_tie = (f - v == 0.5) & (f - 2 * jnp.floor(f * 0.5) != 0)
+  return f - odd_tie.astype(v.dtype)
