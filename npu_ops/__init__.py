@@ -3,6 +3,7 @@
 torch_npu-named ops (SPEC A.1) sit beside JAX-style building blocks.
 """
 
+from npu_ops.backend import IMPLEMENTATIONS as IMPLEMENTATIONS
 from npu_ops.gmm import GmmBlockSizes as GmmBlockSizes
 from npu_ops.gmm import grouped_matmul as grouped_matmul
 from npu_ops.gmm import tgmm as tgmm
@@ -36,6 +37,7 @@ from npu_ops.quant_matmul import decode_quant_param as decode_quant_param
 from npu_ops.quant_matmul import npu_quant_matmul as npu_quant_matmul
 from npu_ops.quant_matmul import npu_trans_quant_param as npu_trans_quant_param
 from npu_ops.scales import float32_from_scale_words as float32_from_scale_words
+from pallas_kernels.common import TileSizes as TileSizes
 from npu_ops.weight_quant import npu_weight_quant_batchmatmul as npu_weight_quant_batchmatmul
 
 __version__ = "0.1.0"

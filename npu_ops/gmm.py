@@ -14,35 +14,32 @@ VJP built from the two: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy).
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from npu_ops import backend
 from npu_ops import groups as groups_lib
 from npu_ops import row_blocks
 from npu_ops.row_blocks import GmmBlockSizes
 from npu_ops._validation import check_dtype, check_rank, describe, fail, require
-
-Implementation = Literal["xla", "reference"]
-IMPLEMENTATIONS: tuple[str, ...] = ("xla", "reference")
-PLANNED_IMPLEMENTATIONS: tuple[str, ...] = ("pallas_tpu", "pallas_gpu")
+from pallas_kernels.common import TileSizes
 
 _INT_OPERANDS = tuple(np.dtype(d) for d in (jnp.int8, jnp.int4))
 _FLOAT_OPERANDS = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
-def resolve_implementation(implementation: str | None) -> str:
-  if implementation is None:
-    return "xla"
-  if implementation in PLANNED_IMPLEMENTATIONS:
-    raise NotImplementedError(f"implementation={implementation!r} is planned (Pallas kernels); "
-                              f"available: {IMPLEMENTATIONS}")
-  if implementation not in IMPLEMENTATIONS:
-    fail("implementation", f"None or one of {IMPLEMENTATIONS}", repr(implementation))
-  return implementation
+def resolve_implementation(implementation: str | None, unsupported: str | None = None) -> str:
+  """`backend.resolve` for callers that only name the implementation."""
+  return backend.resolve(implementation, unsupported=unsupported)
+
+
+def _kernel_gap(lhs_dtype: Any) -> str | None:
+  """Why the Pallas gmm / tgmm kernels cannot take these operands (None: they can)."""
+  return "integer operands (float only)" if np.dtype(lhs_dtype) in _INT_OPERANDS else None
 
 
 def _operand_dtype(lhs_dtype: Any, rhs_dtype: Any) -> np.dtype:
@@ -75,7 +72,8 @@ def _check_operands(lhs: Any, rhs: Any, preferred_element_type: Any) -> np.dtype
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
                    preferred_element_type: Any = None,
                    implementation: str | None = None,
-                   block_sizes: GmmBlockSizes | None = None) -> jax.Array:
+                   block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
+                   tiles: TileSizes | None = None) -> jax.Array:
   """Grouped matmul with `jax.lax.ragged_dot` semantics.
 
   Args:
@@ -88,9 +86,11 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
     preferred_element_type: output dtype. Default: int32 for integer operands
       (exact accumulation; ragged_dot would return int8), else the promoted
       input dtype. Float operands accumulate in float32.
-    implementation: None (= "xla"), "xla" (fast path), or "reference"
-      (dense masked jnp, `g` times the work; for checking).
-    block_sizes: row blocks of the dynamic XLA path (default from the shapes).
+    implementation: None, "xla", "reference", "pallas_tpu" or "pallas_gpu"
+      (see `npu_ops.backend`; the kernels take float operands).
+    block_sizes: row blocks of the XLA path (default from the shapes).
+    interpret: run a Pallas kernel in interpret mode.
+    tiles: the kernels' tile sizes (default from the shapes).
 
   Returns:
     `[m, n]` of `preferred_element_type`; rows outside every group are 0.
@@ -102,31 +102,37 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
   g, k_rhs, _ = rhs.shape
   require(k_rhs == k, "rhs", f"[g, k={k}, n] to match lhs {describe(lhs)}", describe(rhs))
   ends = groups_lib.ends_from_sizes(group_sizes, m, g)
-  resolve_implementation(implementation)
+  backend.resolve(implementation, unsupported=_kernel_gap(lhs.dtype), interpret=interpret,
+                   tiles=tiles)
   static = isinstance(ends, tuple)
+  run = Run(implementation, block_sizes, interpret, tiles)
   return _differentiable_gmm(lhs, rhs, None if static else ends, ends if static else None,
-                             out_dtype, implementation, block_sizes)
+                             out_dtype, run)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _differentiable_gmm(lhs, rhs, dynamic_ends, static_ends, out_dtype, implementation,
-                        block_sizes):
+class Run(NamedTuple):
+  """How a grouped matmul runs (hashable: a static argument of jit and custom_vjp)."""
+  implementation: str | None = None
+  block_sizes: GmmBlockSizes | None = None
+  interpret: bool = False
+  tiles: TileSizes | None = None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _differentiable_gmm(lhs, rhs, dynamic_ends, static_ends, out_dtype, run):
   ends = static_ends if dynamic_ends is None else dynamic_ends
-  return gmm(lhs, rhs, ends, out_dtype=out_dtype, implementation=implementation,
-             block_sizes=block_sizes)
+  return gmm(lhs, rhs, ends, out_dtype=out_dtype, **run._asdict())
 
 
-def _differentiable_gmm_fwd(lhs, rhs, dynamic_ends, static_ends, out_dtype, implementation,
-                            block_sizes):
-  out = _differentiable_gmm(lhs, rhs, dynamic_ends, static_ends, out_dtype, implementation,
-                            block_sizes)
+def _differentiable_gmm_fwd(lhs, rhs, dynamic_ends, static_ends, out_dtype, run):
+  out = _differentiable_gmm(lhs, rhs, dynamic_ends, static_ends, out_dtype, run)
   return out, (lhs, rhs, dynamic_ends)
 
 
-def _differentiable_gmm_bwd(static_ends, out_dtype, implementation, block_sizes, residuals, dy):
+def _differentiable_gmm_bwd(static_ends, out_dtype, run, residuals, dy):
   lhs, rhs, dynamic_ends = residuals
   ends = static_ends if dynamic_ends is None else dynamic_ends
-  kw = dict(implementation=implementation, block_sizes=block_sizes)
+  kw = run._asdict()
   # [m, k] = [m, n] @ [g, n, k]: rows outside every group get 0.
   dlhs = gmm(dy, jnp.swapaxes(rhs, 1, 2), ends, out_dtype=lhs.dtype, **kw)
   # [g, k, n] = per group, lhs[rows]^T @ dy[rows]: empty groups get 0.
@@ -138,27 +144,33 @@ _differentiable_gmm.defvjp(_differentiable_gmm_fwd, _differentiable_gmm_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype: Any,
-        implementation: str | None = None, block_sizes: GmmBlockSizes | None = None
-        ) -> jax.Array:
+        implementation: str | None = None, block_sizes: GmmBlockSizes | None = None,
+        interpret: bool = False, tiles: TileSizes | None = None) -> jax.Array:
   """Grouped matmul on the canonical form (validated operands, group ends).
 
   `lhs [m, k]`, `rhs [g, k, n]`, `ends` static tuple or int32 array of length
   `<= g`. Integer operands (int8 or int4) are multiplied as int8.
   """
-  lhs, rhs, acc_dtype, reference = _prepare(lhs, rhs, out_dtype, implementation)
+  lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
+  if impl in backend.KERNELS:
+    m, k = lhs.shape
+    ends = jnp.asarray(ends, jnp.int32)
+    tiles = tiles or TileSizes.for_problem(m, k, rhs.shape[-1], ends.shape[0])
+    return backend.kernels(impl).gmm(lhs, rhs, ends, out_dtype=np.dtype(out_dtype),
+                                      tiles=tiles, interpret=interpret)
   return _gmm(lhs, rhs, ends=ends, acc_dtype=acc_dtype, block_sizes=block_sizes,
-              reference=reference).astype(out_dtype)
+              reference=impl == "reference").astype(out_dtype)
 
 
 def _prepare(lhs, rhs, out_dtype, implementation):
-  """Operands in their compute dtype, the accumulator dtype, and the traversal."""
-  reference = resolve_implementation(implementation) == "reference"
+  """Operands in their compute dtype, the accumulator dtype, and the implementation."""
+  impl = backend.resolve(implementation, unsupported=_kernel_gap(lhs.dtype))
   compute = _operand_dtype(lhs.dtype, rhs.dtype)
   lhs, rhs = jnp.asarray(lhs).astype(compute), jnp.asarray(rhs).astype(compute)
   # Floats accumulate in float32 (SPEC B.4.3), then round once to out_dtype.
   out_dtype = np.dtype(out_dtype)
   acc_dtype = np.dtype(jnp.float32) if jnp.issubdtype(out_dtype, jnp.floating) else out_dtype
-  return lhs, rhs, acc_dtype, reference
+  return lhs, rhs, acc_dtype, impl
 
 
 def _dot(a: jax.Array, b: jax.Array, acc_dtype: Any) -> jax.Array:
@@ -181,7 +193,8 @@ def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, reference):
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | None = None,
          preferred_element_type: Any = None, implementation: str | None = None,
-         block_sizes: GmmBlockSizes | None = None) -> jax.Array:
+         block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
+         tiles: TileSizes | None = None) -> jax.Array:
   """k-grouped matmul: `out[g] = lhs[rows of g]^T @ rhs[rows of g]`.
 
   The weight gradient of `grouped_matmul` (`tgmm(x, dy, sizes)` = dW), and the
@@ -192,7 +205,8 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
     group_sizes: rows per group (static ints or a dynamic array, as in
       `grouped_matmul`).
     num_groups: `g`, the number of output matrices (default len(group_sizes)).
-    preferred_element_type, implementation, block_sizes: as in `grouped_matmul`.
+    preferred_element_type, implementation, block_sizes, interpret, tiles: as in
+      `grouped_matmul`.
 
   Returns:
     `[g, k, n]`; groups without rows (empty, or past len(group_sizes)) give 0.
@@ -206,17 +220,27 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
       group_sizes, "shape", (0,))[0]
   num_groups = sizes_len if num_groups is None else num_groups
   ends = groups_lib.ends_from_sizes(group_sizes, m, num_groups)
+  backend.check(implementation, interpret, tiles)
   return tgmm_ends(lhs, rhs, ends, num_groups=num_groups, out_dtype=out_dtype,
-                   implementation=implementation, block_sizes=block_sizes)
+                   implementation=implementation, block_sizes=block_sizes, interpret=interpret,
+                   tiles=tiles)
 
 
 def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num_groups: int,
               out_dtype: Any, implementation: str | None = None,
-              block_sizes: GmmBlockSizes | None = None) -> jax.Array:
+              block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
+              tiles: TileSizes | None = None) -> jax.Array:
   """`tgmm` on the canonical form (validated operands, group ends)."""
-  lhs, rhs, acc_dtype, reference = _prepare(lhs, rhs, out_dtype, implementation)
+  lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
+  if impl in backend.KERNELS:
+    m, k = lhs.shape
+    ends = jnp.asarray(ends, jnp.int32)
+    tiles = tiles or TileSizes.for_problem(m, k, rhs.shape[-1], ends.shape[0])
+    return backend.kernels(impl).tgmm(lhs, rhs, ends, num_groups=num_groups,
+                                       out_dtype=np.dtype(out_dtype), tiles=tiles,
+                                       interpret=interpret)
   return _tgmm(lhs, rhs, ends=ends, num_groups=num_groups, acc_dtype=acc_dtype,
-               block_sizes=block_sizes, reference=reference).astype(out_dtype)
+               block_sizes=block_sizes, reference=impl == "reference").astype(out_dtype)
 
 
 @row_blocks.jit_by_ends("num_groups", "acc_dtype", "block_sizes", "reference")

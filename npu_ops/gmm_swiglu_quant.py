@@ -28,14 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from npu_ops import backend
 from npu_ops import groups as groups_lib
-from npu_ops import gmm as gmm_lib
 from npu_ops import operands
 from npu_ops import quant as quant_lib
 from npu_ops import row_blocks
 from npu_ops._validation import (check_array, check_int_option, check_rank, describe, fail,
                                  require)
 from npu_ops.scales import float32_from_scale_words
+from pallas_kernels.common import TileSizes
 
 A8W8, A8W4, A4W4 = "A8W8", "A8W4", "A4W4"
 _FLOAT_SCALES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
@@ -48,7 +49,8 @@ def npu_grouped_matmul_swiglu_quant_v2(
     smooth_scale: Any = None, weight_assist_matrix: Any = None, bias: Any = None,
     dequant_mode: int = 0, dequant_dtype: Any = 0, quant_mode: int = 0, quant_dtype: Any = 0,
     group_list_type: int = 0, tuning_config: Sequence[int] | None = None,
-    implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+    implementation: str | None = None, interpret: bool = False,
+    tiles: TileSizes | None = None) -> tuple[jax.Array, jax.Array]:
   """Fused grouped matmul + dequant + SwiGLU + per-token int8 quant (torch_npu v2).
 
   Scenarios are told apart by dtypes (SPEC B.1.2):
@@ -84,8 +86,13 @@ def npu_grouped_matmul_swiglu_quant_v2(
     quant_dtype: 0 or 1 (int8). fp8 codes are planned.
     group_list_type: 0 cumsum, 1 count.
     tuning_config: `[expected tokens per expert, ...]`; a performance hint that
-      sizes the row blocks of the XLA path (no numerical effect).
-    implementation: None / "xla" (fast path) or "reference" (dense masked jnp).
+      sizes the row blocks of the XLA path and the kernels' row tiles (no
+      numerical effect).
+    implementation: None, "xla", "reference", "pallas_tpu" or "pallas_gpu"
+      (`npu_ops.backend`; the kernels do A8W8, other scenarios fall back to XLA
+      under None).
+    interpret: run a Pallas kernel in interpret mode.
+    tiles: the kernels' `TileSizes` (default from the shapes and tuning_config).
 
   Returns:
     (output int8 `[m, n/2]`, output_scale float32 `[m]`). Rows at or beyond the
@@ -102,7 +109,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
   if bias is not None:
     fail("bias", "None (reserved by torch_npu for this op)", describe(bias))
   expected_tokens = _expected_tokens(tuning_config)
-  reference = gmm_lib.resolve_implementation(implementation) == "reference"
+  backend.check(implementation, interpret, tiles)
 
   lhs = operands.canonical_lhs(x)
   m, k = lhs.values.shape
@@ -165,10 +172,29 @@ def npu_grouped_matmul_swiglu_quant_v2(
     smooth = jnp.asarray(smooth_scale, jnp.float32).reshape(e, -1)
 
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
+  return fused_canonical(lhs.values, w.values, scale, jnp.asarray(x_scale, jnp.float32), assist,
+                         smooth, ends, scenario=scenario, spec=spec,
+                         expected_tokens=expected_tokens, implementation=implementation,
+                         interpret=interpret, tiles=tiles)
+
+
+def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spec,
+                    expected_tokens=None, implementation=None, interpret=False, tiles=None):
+  """The fused op on canonical operands (int8 values, float32 `[e, G, n]` scales,
+  group ends), on the implementation asked for: a Pallas kernel (A8W8 with int8
+  output), the XLA row-block path, or the dense reference."""
+  gap = None if scenario == A8W8 and spec == quant_lib.INT8_PER_TOKEN else f"{scenario} "
+  impl = backend.resolve(implementation, unsupported=gap and gap + "(the kernels do A8W8)",
+                          interpret=interpret, tiles=tiles)
+  m, k = x.shape
+  if impl in backend.KERNELS:
+    ends = jnp.asarray(ends, jnp.int32)
+    tiles = tiles or TileSizes.for_problem(m, k, w.shape[-1], ends.shape[0], expected_tokens)
+    return backend.kernels(impl).gmm_swiglu_quant(x, w, scale[:, 0], x_scale, ends,
+                                                   tiles=tiles, interpret=interpret)
   block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
-  return _fused(lhs.values, w.values, scale, jnp.asarray(x_scale, jnp.float32), assist, smooth,
-                ends=ends, scenario=scenario, spec=spec, block_sizes=block_sizes,
-                reference=reference)
+  return _fused(x, w, scale, x_scale, assist, smooth, ends=ends, scenario=scenario, spec=spec,
+                block_sizes=block_sizes, reference=impl == "reference")
 
 
 def npu_grouped_matmul_swiglu_quant(

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from npu_ops import backend
 from npu_ops import gmm as gmm_lib
 from npu_ops import gmm_swiglu_quant as fused_lib
 from npu_ops import groups as groups_lib
@@ -199,7 +200,8 @@ def weight_scale_from_amax(weight: jax.Array, *, groups: int = 1, bits: int = 8)
 def fake_quant_gmm_swiglu_quant(
     x: jax.Array, weight: jax.Array, weight_scale: jax.Array, group_list: Any, *,
     group_list_type: int = 0, weight_bits: int = 8, grad_scale: float | None = None,
-    tuning_config: Any = None, implementation: str | None = None) -> jax.Array:
+    tuning_config: Any = None, implementation: str | None = None, interpret: bool = False,
+    tiles: Any = None) -> jax.Array:
   """Training form of `npu_grouped_matmul_swiglu_quant_v2`: float in, float out.
 
   Forward: x is quantized per token (`quantize_per_token`), the weights per
@@ -225,7 +227,8 @@ def fake_quant_gmm_swiglu_quant(
       dynamic array; cumsum or counts per `group_list_type`).
     weight_bits: 8 (A8W8) or 4 (A8W4: int4 weight codes -7..7).
     grad_scale: optional LSQ factor on the weight-scale gradient.
-    tuning_config, implementation: as in the integer op.
+    tuning_config, implementation, interpret, tiles: as in the integer op (the
+      A8W4 form has no kernel; under implementation=None it runs on XLA).
 
   Returns:
     float32 `[m, n/2]`.
@@ -244,18 +247,19 @@ def fake_quant_gmm_swiglu_quant(
   if weight_scale.ndim == 3 and weight_scale.shape[1] > 1:
     require(weight_bits == 4, "weight_scale", "[e, n] for weight_bits=8 (per-group scales are "
             "the A8W4 path)", describe(weight_scale))
-  reference = gmm_lib.resolve_implementation(implementation) == "reference"
+  backend.check(implementation, interpret, tiles)
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
-  block_sizes = row_blocks.GmmBlockSizes.for_problem(
-      m, len(ends), fused_lib._expected_tokens(tuning_config))
+  expected_tokens = fused_lib._expected_tokens(tuning_config)
+  run = gmm_lib.Run(implementation, row_blocks.GmmBlockSizes.for_problem(
+      m, len(ends), expected_tokens), interpret, tiles)
   static = isinstance(ends, tuple)
   return _qat_fused(x, weight, weight_scale, None if static else ends, ends if static else None,
-                    weight_bits, grad_scale, block_sizes, reference)
+                    weight_bits, grad_scale, expected_tokens, run)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _qat_fused(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_scale, block_sizes,
-               reference):
+def _qat_fused(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_scale,
+               expected_tokens, run):
   ends = static_ends if dynamic_ends is None else dynamic_ends
   e, _, n = weight.shape
   xq, xs = quant_lib.quantize_per_token(x)
@@ -263,28 +267,28 @@ def _qat_fused(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_sc
   scale = weight_scale.astype(jnp.float32).reshape(e, -1, n)
   scenario = fused_lib.A8W8 if bits == 8 else fused_lib.A8W4
   assist = fused_lib._canonical_assist(wq, scale) if scenario == fused_lib.A8W4 else None
-  q, q_scale = fused_lib._fused(xq, wq, scale, xs, assist, None, ends=ends, scenario=scenario,
-                                spec=quant_lib.INT8_PER_TOKEN, block_sizes=block_sizes,
-                                reference=reference)
+  q, q_scale = fused_lib.fused_canonical(
+      xq, wq, scale, xs, assist, None, ends, scenario=scenario, spec=quant_lib.INT8_PER_TOKEN,
+      expected_tokens=expected_tokens, implementation=run.implementation,
+      interpret=run.interpret, tiles=run.tiles)
   return q.astype(jnp.float32) * q_scale[:, None]
 
 
 def _qat_fused_fwd(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_scale,
-                   block_sizes, reference):
+                   expected_tokens, run):
   out = _qat_fused(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_scale,
-                   block_sizes, reference)
+                   expected_tokens, run)
   return out, (x, weight, weight_scale, dynamic_ends)
 
 
-def _qat_fused_bwd(static_ends, bits, grad_scale, block_sizes, reference, residuals, g):
+def _qat_fused_bwd(static_ends, bits, grad_scale, expected_tokens, run, residuals, g):
   x, weight, weight_scale, dynamic_ends = residuals
 
   def float_chain(x, weight, weight_scale):
     x_hat = dynamic_fake_quant(x)
     w_hat = fake_quant_weight(weight, weight_scale, bits=bits, grad_scale=grad_scale)
     c = gmm_lib._differentiable_gmm(x_hat, w_hat, dynamic_ends, static_ends,
-                                    np.dtype(jnp.float32), "reference" if reference else "xla",
-                                    block_sizes)
+                                    np.dtype(jnp.float32), run)
     return dynamic_fake_quant(quant_lib.swiglu(c))
 
   _, vjp = jax.vjp(float_chain, x, weight, weight_scale)

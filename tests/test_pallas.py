@@ -1,0 +1,207 @@
+"""Pallas kernels: interpret mode on CPU against NumPy and the XLA path; lowering for
+real TPU (Mosaic) and GPU (Triton) targets with jax.export; dispatch rules."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import npu_ops
+from npu_ops import qat
+
+import numpy_reference as ref
+from helpers import assert_int8_close, assert_scale_close
+
+KERNELS = ["pallas_tpu", "pallas_gpu"]
+# Small tiles, so the shapes below span several row tiles (tiles shared by two groups,
+# revisited) and partial k / column tiles that the wrappers pad.
+TILES = npu_ops.TileSizes(block_m=32, block_k=128, block_n=128)
+M, K, N, E = 150, 160, 300, 4
+COUNTS = {"empty_first": (0, 50, 60, 40), "empty_middle": (50, 0, 60, 40),
+          "empty_last": (50, 60, 40, 0), "tail_rows": (20, 30, 0, 25)}  # last: rows past total
+
+
+def int8_case(seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(-128, 128, (M, K), dtype=np.int8)
+  w = rng.integers(-128, 128, (E, K, N), dtype=np.int8)
+  w_scale = (rng.uniform(0.5, 1.5, (E, N)) * 1e-4).astype(np.float32)
+  x_scale = rng.uniform(0.5, 1.5, (M,)).astype(np.float32)
+  return x, w, w_scale, x_scale
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("groups", list(COUNTS))
+def test_fused_kernel_interpret(impl, groups):
+  x, w, w_scale, x_scale = int8_case()
+  counts = COUNTS[groups]
+  run = lambda gl, implementation, **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, w_scale, x_scale, gl, group_list_type=1, implementation=implementation, **kw)
+  q, s = jax.jit(lambda gl: run(gl, impl, interpret=True, tiles=TILES))(jnp.asarray(counts))
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
+                                    scenario="A8W8")
+  assert_int8_close(q, want_q)
+  assert_scale_close(s, want_s)
+  xla_q, xla_s = run(list(counts), "xla")  # the same float32 math: the same codes
+  np.testing.assert_array_equal(q, xla_q)
+  assert_scale_close(s, xla_s, rtol=1e-6)
+
+
+def test_fused_kernel_static_group_list_nz_weight_and_default_tiles():
+  x, w, w_scale, x_scale = int8_case(1)
+  w_nz = npu_ops.npu_format_cast(w, 29)
+  counts = [40, 40, 0, 70]
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w_nz, w_scale, x_scale, counts, group_list_type=1, implementation="pallas_tpu",
+      interpret=True, tuning_config=[37])
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
+                                    scenario="A8W8")
+  assert_int8_close(q, want_q)
+  assert_scale_close(s, want_s)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gmm_and_tgmm_kernels_interpret(impl, dtype):
+  rng = np.random.default_rng(2)
+  counts = COUNTS["tail_rows"] if dtype == jnp.float32 else COUNTS["empty_middle"]
+  x = rng.normal(size=(M, K)).astype(np.float32)
+  w = rng.normal(size=(E, K, N)).astype(np.float32)
+  dy = rng.normal(size=(M, N)).astype(np.float32)
+  xd, wd, dyd = (jnp.asarray(a, dtype) for a in (x, w, dy))
+  as_f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # the rounded inputs
+  bounds = ref.group_bounds(counts, 1)
+  kw = dict(implementation=impl, interpret=True, tiles=TILES)
+  gl = jnp.asarray(counts)
+  out = npu_ops.grouped_matmul(xd, wd, gl, preferred_element_type=jnp.float32, **kw)
+  want = ref.grouped_matmul(as_f64(xd), as_f64(wd), bounds, np.float64)
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  out_t = npu_ops.tgmm(xd, dyd, gl, num_groups=E + 1, preferred_element_type=jnp.float32, **kw)
+  want_t = np.zeros((E + 1, K, N))
+  for i, (lo, hi) in enumerate(bounds):
+    want_t[i] = as_f64(xd)[lo:hi].T @ as_f64(dyd)[lo:hi]
+  np.testing.assert_allclose(out_t, want_t, rtol=1e-4, atol=1e-4 * np.abs(want_t).max())
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_grouped_matmul_gradients_run_on_the_kernels(impl):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(M, K)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(E, K, N)).astype(np.float32))
+  dy = jnp.asarray(rng.normal(size=(M, N)).astype(np.float32))
+  gl = jnp.asarray(COUNTS["empty_first"])
+
+  def grads(**kw):
+    loss = lambda x, w: jnp.vdot(npu_ops.grouped_matmul(x, w, gl, **kw), dy)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.vdot(npu_ops.grouped_matmul(
+      x, w, gl, implementation=impl, interpret=True, tiles=TILES), dy), argnums=(0, 1)))(x, w))
+  assert jaxpr.count("pallas_call") >= 3  # forward, dlhs (gmm) and drhs (tgmm)
+  for got, want in zip(grads(implementation=impl, interpret=True, tiles=TILES),
+                       grads(implementation="xla")):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_qat_forward_on_the_kernel_equals_xla():
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(M, K)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(E, K, N)).astype(np.float32) * 0.1)
+  scale = qat.weight_scale_from_amax(w)
+  f = lambda **kw: qat.fake_quant_gmm_swiglu_quant(x, w, scale, jnp.asarray(COUNTS["tail_rows"]),
+                                                   group_list_type=1, **kw)
+  np.testing.assert_array_equal(f(implementation="pallas_gpu", interpret=True, tiles=TILES),
+                                f(implementation="xla"))
+
+
+# ----- dispatch -------------------------------------------------------------------------
+
+def pallas_calls(f, *args):
+  # a fresh function each time: make_jaxpr caches traces by function
+  return str(jax.make_jaxpr(lambda *a: f(*a))(*args)).count("pallas_call")
+
+
+def test_none_is_xla_on_cpu_and_the_kernel_on_tpu_or_gpu(monkeypatch):
+  x, w, w_scale, x_scale = int8_case()
+  fused = lambda: npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, w_scale, x_scale, [M],
+                                                             group_list_type=1)
+  assert pallas_calls(fused) == 0
+  a8w4 = lambda: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, (w // 16).astype(jnp.int4), w_scale, x_scale, [M], group_list_type=1)
+  for platform in ("tpu", "gpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    assert pallas_calls(fused) == 1
+    assert pallas_calls(a8w4) == 0  # no A8W4 kernel: None falls back to XLA
+    xf = jnp.ones((8, 128))
+    assert pallas_calls(lambda: npu_ops.grouped_matmul(xf, jnp.ones((2, 128, 128)), [3, 5])) == 1
+    assert pallas_calls(lambda: npu_ops.grouped_matmul(x[:8], w[:2], [3, 5])) == 0  # int8
+
+
+def test_explicit_kernel_requests_that_cannot_be_served_raise():
+  x, w, w_scale, x_scale = int8_case()
+  with pytest.raises(NotImplementedError, match="A8W4"):
+    npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, (w // 16).astype(jnp.int4), w_scale, x_scale,
+                                               [M], group_list_type=1, implementation="pallas_tpu")
+  with pytest.raises(NotImplementedError, match="integer"):
+    npu_ops.tgmm(x, x, [M], implementation="pallas_gpu")
+  with pytest.raises(ValueError, match="implementation"):
+    npu_ops.grouped_matmul(jnp.ones((8, 4)), jnp.ones((1, 4, 4)), [8], implementation="triton")
+  with pytest.raises(TypeError, match="interpret"):
+    npu_ops.grouped_matmul(jnp.ones((8, 4)), jnp.ones((1, 4, 4)), [8], interpret="yes")
+  with pytest.raises(TypeError, match="tiles"):
+    npu_ops.grouped_matmul(jnp.ones((8, 4)), jnp.ones((1, 4, 4)), [8], tiles=(32, 128, 128))
+
+
+def test_tile_sizes():
+  with pytest.raises(ValueError, match="block_m"):
+    npu_ops.TileSizes(block_m=48)
+  with pytest.raises(ValueError, match="block_k"):
+    npu_ops.TileSizes(block_k=64)
+  assert npu_ops.TileSizes.for_problem(4096, 2048, 2816, 16).block_m == 128
+  assert npu_ops.TileSizes.for_problem(4096, 2048, 2816, 16, expected_tokens=40).block_m == 64
+  assert npu_ops.TileSizes.for_problem(512, 2048, 2816, 64).block_m == 32
+  small = npu_ops.TileSizes.for_problem(64, 100, 100, 2)
+  assert (small.block_k, small.block_n) == (128, 128)
+
+
+# ----- lowering for the real targets ------------------------------------------------------
+
+CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+PLATFORM_OF = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}
+
+
+def lowered(f, *args, platform):
+  """The exported module's text; only the custom-call compatibility check is disabled."""
+  exp = export.export(jax.jit(f), platforms=[platform], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call(CUSTOM_CALL[platform])])(*args)
+  return exp.mlir_module()
+
+
+def custom_calls(text):
+  return re.findall(r"stablehlo.custom_call @([\w$.]+)", text)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernels_lower_for_their_target(impl):
+  platform = PLATFORM_OF[impl]
+  spec = jax.ShapeDtypeStruct
+  m, k, n, e = 256, 256, 512, 4
+  fused = lambda x, w, ws, xs, gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, gl, group_list_type=1, implementation=impl)
+  text = lowered(fused, spec((m, k), jnp.int8), spec((e, n // 32, k // 16, 16, 32), jnp.int8),
+                 spec((e, n), jnp.float32), spec((m,), jnp.float32), spec((e,), jnp.int32),
+                 platform=platform)
+  assert custom_calls(text).count(CUSTOM_CALL[platform]) == 1
+  assert "npu_gmm_swiglu_quant" in text
+
+  def train_step(x, w, dy, gl):  # forward gmm, then gmm and tgmm for the gradients
+    loss = lambda x, w: jnp.vdot(npu_ops.grouped_matmul(x, w, gl, implementation=impl), dy)
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+
+  text = lowered(train_step, spec((m, k), jnp.bfloat16), spec((e, k, n), jnp.bfloat16),
+                 spec((m, n), jnp.bfloat16), spec((e,), jnp.int32), platform=platform)
+  assert custom_calls(text).count(CUSTOM_CALL[platform]) == 3
+  assert "npu_gmm" in text and "npu_tgmm" in text
