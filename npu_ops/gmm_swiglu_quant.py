@@ -36,6 +36,7 @@ from npu_ops import row_blocks
 from npu_ops._validation import (check_array, check_int_option, check_rank, describe, fail,
                                  require)
 from npu_ops.scales import float32_from_scale_words
+from pallas_kernels import common as pallas_common
 from pallas_kernels.common import TileSizes
 
 A8W8, A8W4, A4W4 = "A8W8", "A8W4", "A4W4"
@@ -183,15 +184,14 @@ def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spe
   """The fused op on canonical operands (int8 values, float32 `[e, G, n]` scales,
   group ends), on the implementation asked for: a Pallas kernel (A8W8 with int8
   output), the XLA row-block path, or the dense reference."""
-  gap = None if scenario == A8W8 and spec == quant_lib.INT8_PER_TOKEN else f"{scenario} "
-  impl = backend.resolve(implementation, unsupported=gap and gap + "(the kernels do A8W8)",
-                          interpret=interpret, tiles=tiles)
   m, k = x.shape
+  impl = backend.resolve(implementation, unsupported=_kernel_gap(scenario, spec, k, scale),
+                         interpret=interpret, tiles=tiles)
   if impl in backend.KERNELS:
     ends = jnp.asarray(ends, jnp.int32)
     tiles = tiles or TileSizes.for_problem(m, k, w.shape[-1], ends.shape[0], expected_tokens)
-    return backend.kernels(impl).gmm_swiglu_quant(x, w, scale[:, 0], x_scale, ends,
-                                                   tiles=tiles, interpret=interpret)
+    return backend.kernels(impl).gmm_swiglu_quant(x, w, scale, x_scale, ends, assist=assist,
+                                                  tiles=tiles, interpret=interpret)
   block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
   return _fused(x, w, scale, x_scale, assist, smooth, ends=ends, scenario=scenario, spec=spec,
                 block_sizes=block_sizes, reference=impl == "reference")
@@ -255,6 +255,16 @@ def _canonical_assist(w: jax.Array, scale: jax.Array) -> jax.Array:
   groups = scale.shape[1]
   colsum = jnp.sum(w.reshape(e, groups, k // groups, n), axis=2, dtype=jnp.int32)
   return 8 * jnp.sum(colsum.astype(jnp.float32) * scale, axis=1)
+
+
+def _kernel_gap(scenario: str, spec: quant_lib.DynamicQuant, k: int, scale: jax.Array
+                ) -> str | None:
+  """Why the Pallas kernels cannot run this case (None: they can)."""
+  if scenario == A4W4:
+    return "A4W4 (the kernels do A8W8 and A8W4)"
+  if spec != quant_lib.INT8_PER_TOKEN:
+    return f"output quantization {spec}"
+  return pallas_common.kernel_gap(k, scale.shape[1])
 
 
 def _expected_tokens(tuning_config: Any) -> int | None:

@@ -1,6 +1,11 @@
-"""Pallas kernels (TPU Mosaic, GPU) for npu_ops' fused hot path.
+"""Pallas kernels for npu_ops' hot path: internal API, no AD (npu_ops wires it).
 
-Internal API for npu_ops only: kernel bodies and pallas_call wrappers, no AD.
-The kernels land with the Pallas issue; until then `implementation="pallas_tpu"`
-or `"pallas_gpu"` raise NotImplementedError and the XLA path serves every backend.
+* `common`: tile sizes (`TileSizes`), group metadata, padding, epilogue math.
+* `tpu`: Mosaic kernels (scalar-prefetch group metadata): the fused
+  grouped matmul + dequant + SwiGLU + per-token quant (A8W8, A8W4), `gmm`, `tgmm`.
+* `gpu`: the same three on Pallas' Triton backend.
+
+Select them through an op's `implementation="pallas_tpu" | "pallas_gpu"`
+(`interpret=True` runs them anywhere, e.g. on CPU for tests); `None` picks them
+on TPU / GPU. See `npu_ops.backend`.
 """

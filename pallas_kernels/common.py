@@ -60,6 +60,24 @@ class TileSizes:
                block_n=min(256, max(128, _pow2_at_least(n))))
 
 
+def k_tile(k: int, groups: int, block_k: int) -> int:
+  """The contraction tile: `block_k` (at most k rounded up to 128), and a divisor
+  of the group size k / groups when the weight scale is per group of k rows
+  (the wrappers only send groups of a multiple of 128 rows)."""
+  bk = min(block_k, round_up(k, 128))
+  if groups > 1:
+    while (k // groups) % bk:
+      bk //= 2
+  return bk
+
+
+def kernel_gap(k: int, groups: int) -> str | None:
+  """Why the fused kernels cannot take a per-group scale layout (None: they can)."""
+  if groups > 1 and (k % groups or (k // groups) % 128):
+    return f"A8W4 scale groups of {k / groups:g} rows (the kernels need multiples of 128)"
+  return None
+
+
 def pad_axis(a: jax.Array, axis: int, multiple: int) -> jax.Array:
   """Zero-pads `axis` of `a` up to a multiple (no copy when already aligned)."""
   size = a.shape[axis]
@@ -123,4 +141,13 @@ def dequant_swiglu(acc_act: jax.Array, acc_gate: jax.Array, w_scale_act: jax.Arr
   """
   act = (acc_act.astype(jnp.float32) * w_scale_act) * x_scale
   gate = (acc_gate.astype(jnp.float32) * w_scale_gate) * x_scale
+  return quant.silu(act) * gate
+
+
+def a8w4_swiglu(acc_act: jax.Array, acc_gate: jax.Array, assist_act: jax.Array,
+                assist_gate: jax.Array, x_scale: jax.Array) -> jax.Array:
+  """A8W4 (SPEC B.1.4): `C = (sum_g s_g * ((x - 8)_g @ W_g) + assist) * x_scale`, then
+  silu(act) * gate. acc_*: the float32 group sums `[bm, bn]`; assist_*: `[1, bn]`."""
+  act = (acc_act + assist_act) * x_scale
+  gate = (acc_gate + assist_gate) * x_scale
   return quant.silu(act) * gate

@@ -60,22 +60,33 @@ def _pad_halves(a: jax.Array, multiple: int) -> jax.Array:
 
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
-                     ends: jax.Array, *, tiles: TileSizes, interpret: bool = False
-                     ) -> tuple[jax.Array, jax.Array]:
-  """Fused A8W8 op on canonical operands (as `pallas_kernels.tpu.gmm_swiglu_quant`)."""
+                     ends: jax.Array, *, assist: jax.Array | None = None, tiles: TileSizes,
+                     interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Fused op on canonical operands, A8W8 or (with `assist`) A8W4; arguments and
+  results as `pallas_kernels.tpu.gmm_swiglu_quant`."""
   m, k = x.shape
-  nh = w.shape[-1] // 2
-  bm, bk, bn = gpu_tiles(tiles)
+  e, _, n = w.shape
+  nh = n // 2
+  groups = w_scale.shape[1]
+  a8w4 = assist is not None
+  bm, _, bn = gpu_tiles(tiles)
+  bk = common.k_tile(k, groups, gpu_tiles(tiles)[1])
   xp = common.pad_axis(common.pad_axis(x, 0, bm), 1, bk)
   wp = common.pad_axis(_pad_halves(w, bn), 1, bk)
-  sp = _pad_halves(w_scale.astype(jnp.float32), bn)
+  sp = _pad_halves(w_scale.astype(jnp.float32), bn)                      # [e, G, n]
   xsp = common.pad_axis(x_scale.astype(jnp.float32), 0, bm)
   mp, kp = xp.shape
   nhp = wp.shape[-1] // 2
   m_tiles, nh_tiles, k_tiles = mp // bm, nhp // bn, kp // bk
+  k_per_group = k_tiles // groups
   first, stop = common.tile_group_ranges(ends, m_tiles, bm)
+  if a8w4:
+    colsum8 = 8 * jnp.sum(w.reshape(e, groups, k // groups, n), axis=2, dtype=jnp.int32)
+    extra = [_pad_halves(colsum8, bn), _pad_halves(assist.astype(jnp.float32), bn)]
+  else:
+    extra = [jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32)]  # unused
 
-  def kernel(first_ref, stop_ref, ends_ref, x_ref, w_ref, s_ref, xs_ref,
+  def kernel(first_ref, stop_ref, ends_ref, x_ref, w_ref, s_ref, xs_ref, cs_ref, a_ref,
              q_ref, qs_ref, scratch_ref):
     i = pl.program_id(0)  # read here: interpret mode has no program_id inside loops
     r0 = i * bm
@@ -93,13 +104,25 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
           return accs[0] + dot(cols_a), accs[1] + dot(cols_g)
 
         zero = jnp.zeros((bm, bn), jnp.int32)
-        acc_a, acc_g = lax.fori_loop(0, k_tiles, k_step, (zero, zero))
-        s = common.dequant_swiglu(acc_a, acc_g, s_ref[g, cols_a][None, :],
-                                  s_ref[g, cols_g][None, :], x_scale_col)
+        if a8w4:  # close each k group in float32: s_g * ((x - 8)_g @ W_g)
+          def k_group(kg, f):
+            acc_a, acc_g = lax.fori_loop(kg * k_per_group, (kg + 1) * k_per_group, k_step,
+                                         (zero, zero))
+            close = lambda acc, cols: s_ref[g, kg, cols][None, :] * (
+                acc - cs_ref[g, kg, cols][None, :]).astype(jnp.float32)
+            return f[0] + close(acc_a, cols_a), f[1] + close(acc_g, cols_g)
+
+          fzero = jnp.zeros((bm, bn), jnp.float32)
+          f_a, f_g = lax.fori_loop(0, groups, k_group, (fzero, fzero))
+          s = common.a8w4_swiglu(f_a, f_g, a_ref[g, cols_a][None, :], a_ref[g, cols_g][None, :],
+                                 x_scale_col)
+        else:
+          acc_a, acc_g = lax.fori_loop(0, k_tiles, k_step, (zero, zero))
+          s = common.dequant_swiglu(acc_a, acc_g, s_ref[g, 0, cols_a][None, :],
+                                    s_ref[g, 0, cols_g][None, :], x_scale_col)
         return jnp.where(_rows_in_group(ends_ref, g, r0, bm), s, tile)
 
-      tile = lax.fori_loop(first_ref[i], stop_ref[i], group,
-                           jnp.zeros((bm, bn), jnp.float32))
+      tile = lax.fori_loop(first_ref[i], stop_ref[i], group, jnp.zeros((bm, bn), jnp.float32))
       scratch_ref[rows, cols_a] = tile
       return jnp.maximum(amax, jnp.max(jnp.abs(tile), axis=1, keepdims=True))
 
@@ -122,7 +145,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                  jax.ShapeDtypeStruct((mp,), jnp.float32),
                  jax.ShapeDtypeStruct((mp, nhp), jnp.float32)],
       compiler_params=_PARAMS, interpret=interpret,
-      name="npu_gmm_swiglu_quant")(first, stop, ends, xp, wp, sp, xsp)
+      name="npu_gmm_swiglu_quant")(first, stop, ends, xp, wp, sp, xsp, *extra)
   return q[:m, :nh], qs[:m]
 
 

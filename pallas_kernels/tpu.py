@@ -9,14 +9,16 @@ visited (the wrappers zero them). All grid axes are "arbitrary": consecutive
 visits accumulate into the same output block.
 
 Roofline of the fused kernel at the benchmark shape (m=4096, k=2048, n=2816,
-e=16, int8): 2 * m * k * n = 47.2 GFLOP (the useful work; row tiles shared by two
-groups add up to e - 1 extra tiles, 1.5% here); bytes = x (8.4 MB) + every
-expert's weights (92.3 MB) + outputs (5.8 MB) = 106 MB, so the arithmetic
-intensity is about 445 FLOP/byte. A TPU v5e (394 int8 TOP/s, 819 GB/s; ridge
-at 481 FLOP/byte) would run it near the ridge: ~0.12-0.13 ms either way, so both
-the MXU and HBM matter, and with 256 tokens per expert each weight tile is read
-once per 2 row tiles (block_m = 128). With fewer tokens per expert it turns
-memory bound (m=512, e=64: 23 FLOP/byte).
+e=16, int8): 2 * m * k * n = 47.2 GFLOP (row tiles shared by two groups add at
+most e - 1 tile visits, 1.5% here); operands once: x 8.4 MB + every expert's
+weights 92.3 MB + outputs 5.8 MB = 106 MB, about 445 FLOP/byte. A TPU v5e
+(394 int8 TOP/s, 819 GB/s; ridge 481 FLOP/byte) would need 0.12 ms of MXU time
+and 0.13 ms of HBM time on paper. The grid fetches an expert's weight tiles once
+per row tile of its group: with 256 tokens per expert and block_m = 128 that
+is twice (~200 MB), so expect HBM-bound ~0.25 ms unless block_m grows towards
+the tokens per expert (`tuning_config[0]`; VMEM holds a [block_m, n/2] float32
+row buffer). With few tokens per expert it is weight-streaming bound
+(m=512, e=64: 5.9 GFLOP over 369 MB, 16 FLOP/byte).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -47,13 +50,15 @@ def _first_visit_of_tile(mt_ref, t):
 
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
-                     ends: jax.Array, *, tiles: TileSizes, interpret: bool = False
-                     ) -> tuple[jax.Array, jax.Array]:
-  """Fused A8W8 op on canonical operands.
+                     ends: jax.Array, *, assist: jax.Array | None = None, tiles: TileSizes,
+                     interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Fused op on canonical operands: A8W8, or A8W4 when `assist` is given.
 
   Args:
-    x: int8 `[m, k]`; w: int8 `[e, k, n]` (ND); w_scale: float32 `[e, n]`;
-    x_scale: float32 `[m]`; ends: int32 `[G]` group row ends, G <= e.
+    x: int8 `[m, k]`; w: int8 values `[e, k, n]` (ND; int4 values for A8W4);
+    w_scale: float32 `[e, G, n]` (G = 1 per channel; A8W4 may have G groups of
+      k/G rows, a multiple of 128); x_scale: float32 `[m]`; ends: int32 `[E]`
+      group row ends, E <= e; assist: A8W4's float32 `[e, n]` assist matrix.
     tiles: block sizes; interpret: run in Pallas interpret mode (any backend).
 
   Returns:
@@ -61,35 +66,52 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
   Grid (visit, column tile j of the n/2 SwiGLU outputs, k tile): each step
   multiplies the x tile by the matching column tiles of both halves of W (j and
-  j + n/2), so the activation is computed in the kernel. A row's amax spans all
-  n/2 columns, so the SwiGLU tile lands in a `[block_m, n/2]` float32 VMEM row
-  buffer, and the visit's last step quantizes the whole row block at once.
+  j + n/2), so the activation is computed in the kernel. A8W4 closes each k
+  group in float32 (`s_g * (x_g @ W_g - 8 * colsum_g)`, exact in int32 before
+  the scale), as the XLA path does. A row's amax spans all n/2 columns, so the
+  SwiGLU tile lands in a `[block_m, n/2]` float32 VMEM row buffer, and the
+  visit's last step quantizes the whole row block at once.
   """
   m, k = x.shape
   e, _, n = w.shape
   nh = n // 2
+  groups = w_scale.shape[1]
+  a8w4 = assist is not None
   bm, bn = tiles.block_m, tiles.block_n
-  bk = min(tiles.block_k, common.round_up(k, 128))
+  bk = common.k_tile(k, groups, tiles.block_k)
   xp = common.pad_axis(common.pad_axis(x, 0, bm), 1, bk)
   wp = common.pad_axis(_pad_halves(w, bn), 1, bk)
-  sp = _pad_halves(w_scale.astype(jnp.float32), bn)[:, None, :]
+  sp = _pad_halves(w_scale.astype(jnp.float32), bn)[:, :, None, :]      # [e, G, 1, n]
   xsp = common.pad_axis(x_scale.astype(jnp.float32), 0, bm)[:, None]
   mp, kp = xp.shape
   nhp = wp.shape[-1] // 2
   m_tiles, nh_tiles, k_tiles = mp // bm, nhp // bn, kp // bk
+  # The scale group of each k tile, as a table: integer division does not lower
+  # for TPU without a TPU at hand. (groups > 1 only when k is a multiple of 128 * groups.)
+  k_group = jnp.asarray(np.arange(k_tiles) // (k_tiles // groups), jnp.int32)
   gid, mt, nv = common.visit_metadata(ends, m_tiles, bm)
+  extra = []
+  if a8w4:
+    colsum8 = 8 * jnp.sum(w.reshape(e, groups, k // groups, n), axis=2, dtype=jnp.int32)
+    extra = [_pad_halves(colsum8, bn)[:, :, None, :], _pad_halves(assist, bn)[:, None, :]]
 
-  def kernel(gid_ref, mt_ref, nv_ref, ends_ref, x_ref, wa_ref, wg_ref, sa_ref, sg_ref, xs_ref,
-             q_ref, qs_ref, acc_a, acc_g, s_rows):
+  def kernel(gid_ref, mt_ref, nv_ref, ends_ref, kg_ref, x_ref, wa_ref, wg_ref, sa_ref, sg_ref,
+             xs_ref, *refs):
+    if a8w4:
+      ca_ref, cg_ref, aa_ref, ag_ref, q_ref, qs_ref, acc_a, acc_g, f_a, f_g, s_rows = refs
+    else:
+      q_ref, qs_ref, acc_a, acc_g, s_rows = refs
     t, j, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     valid = t < nv_ref[0]
+    group_starts = (kk == 0) | (kg_ref[jnp.maximum(kk - 1, 0)] != kg_ref[kk])
+    group_ends = (kk == k_tiles - 1) | (kg_ref[jnp.minimum(kk + 1, k_tiles - 1)] != kg_ref[kk])
 
     @pl.when(valid & _first_visit_of_tile(mt_ref, t) & (j == 0) & (kk == 0))
     def _():
       q_ref[...] = jnp.zeros_like(q_ref)
       qs_ref[...] = jnp.zeros_like(qs_ref)
 
-    @pl.when(valid & (kk == 0))
+    @pl.when(valid & group_starts)
     def _():
       acc_a[...] = jnp.zeros_like(acc_a)
       acc_g[...] = jnp.zeros_like(acc_g)
@@ -100,9 +122,23 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       acc_a[...] += jnp.dot(xb, wa_ref[...], preferred_element_type=jnp.int32)
       acc_g[...] += jnp.dot(xb, wg_ref[...], preferred_element_type=jnp.int32)
 
+    if a8w4:  # close a k group: s_g * ((x - 8)_g @ W_g), the int32 part exact
+      @pl.when(valid & (kk == 0))
+      def _():
+        f_a[...] = jnp.zeros_like(f_a)
+        f_g[...] = jnp.zeros_like(f_g)
+
+      @pl.when(valid & group_ends)
+      def _():
+        f_a[...] += sa_ref[...] * (acc_a[...] - ca_ref[...]).astype(jnp.float32)
+        f_g[...] += sg_ref[...] * (acc_g[...] - cg_ref[...]).astype(jnp.float32)
+
     @pl.when(valid & (kk == k_tiles - 1))
     def _():
-      s = common.dequant_swiglu(acc_a[...], acc_g[...], sa_ref[...], sg_ref[...], xs_ref[...])
+      if a8w4:
+        s = common.a8w4_swiglu(f_a[...], f_g[...], aa_ref[...], ag_ref[...], xs_ref[...])
+      else:
+        s = common.dequant_swiglu(acc_a[...], acc_g[...], sa_ref[...], sg_ref[...], xs_ref[...])
       s_rows[:, pl.ds(pl.multiple_of(j * bn, bn), bn)] = s
 
     @pl.when(valid & (kk == k_tiles - 1) & (j == nh_tiles - 1))
@@ -113,31 +149,37 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       q_ref[...] = jnp.where(rows, quant.codes_for_amax(s, amax), q_ref[...])
       qs_ref[...] = jnp.where(rows, amax / 127, qs_ref[...])
 
-  row = lambda t, j, kk, gid, mt, nv, ends: (mt[t], 0)
+  row = lambda t, j, kk, gid, mt, nv, ends, kg: (mt[t], 0)
+  act = lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], kg[kk], 0, j)
+  gate = lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], kg[kk], 0, j + nh_tiles)
+  in_specs = [
+      pl.BlockSpec((bm, bk), lambda t, j, kk, gid, mt, nv, ends, kg: (mt[t], kk)),
+      pl.BlockSpec((None, bk, bn), lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], kk, j)),
+      pl.BlockSpec((None, bk, bn),
+                   lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], kk, j + nh_tiles)),
+      pl.BlockSpec((None, None, 1, bn), act), pl.BlockSpec((None, None, 1, bn), gate),
+      pl.BlockSpec((bm, 1), row)]
+  scratch = [pltpu.VMEM((bm, bn), jnp.int32), pltpu.VMEM((bm, bn), jnp.int32)]
+  if a8w4:
+    in_specs += [pl.BlockSpec((None, None, 1, bn), act), pl.BlockSpec((None, None, 1, bn), gate),
+                 pl.BlockSpec((None, 1, bn),
+                              lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], 0, j)),
+                 pl.BlockSpec((None, 1, bn),
+                              lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], 0, j + nh_tiles))]
+    scratch += [pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((bm, bn), jnp.float32)]
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4,
-      grid=(gid.shape[0], nh_tiles, k_tiles),
-      in_specs=[
-          pl.BlockSpec((bm, bk), lambda t, j, kk, gid, mt, nv, ends: (mt[t], kk)),
-          pl.BlockSpec((None, bk, bn), lambda t, j, kk, gid, mt, nv, ends: (gid[t], kk, j)),
-          pl.BlockSpec((None, bk, bn),
-                       lambda t, j, kk, gid, mt, nv, ends: (gid[t], kk, j + nh_tiles)),
-          pl.BlockSpec((None, 1, bn), lambda t, j, kk, gid, mt, nv, ends: (gid[t], 0, j)),
-          pl.BlockSpec((None, 1, bn),
-                       lambda t, j, kk, gid, mt, nv, ends: (gid[t], 0, j + nh_tiles)),
-          pl.BlockSpec((bm, 1), row),
-      ],
+      num_scalar_prefetch=5, grid=(gid.shape[0], nh_tiles, k_tiles), in_specs=in_specs,
       out_specs=[pl.BlockSpec((bm, nhp), row), pl.BlockSpec((bm, 1), row)],
-      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32), pltpu.VMEM((bm, bn), jnp.int32),
-                      pltpu.VMEM((bm, nhp), jnp.float32)])
+      scratch_shapes=scratch + [pltpu.VMEM((bm, nhp), jnp.float32)])
   cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=m * nh,
                          bytes_accessed=x.size + w.size + 4 * w_scale.size + 5 * m + m * nh)
+  operands = [xp, wp, wp, sp, sp, xsp] + ([extra[0], extra[0], extra[1], extra[1]] if a8w4 else [])
   q, qs = pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((mp, nhp), jnp.int8),
                  jax.ShapeDtypeStruct((mp, 1), jnp.float32)],
       compiler_params=_ARBITRARY, cost_estimate=cost, interpret=interpret,
-      name="npu_gmm_swiglu_quant")(gid, mt, nv, ends, xp, wp, wp, sp, sp, xsp)
+      name="npu_gmm_swiglu_quant")(gid, mt, nv, ends, k_group, *operands)
   return _zero_rows_past_total(q[:m, :nh], qs[:m, 0], ends)
 
 

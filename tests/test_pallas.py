@@ -50,6 +50,25 @@ def test_fused_kernel_interpret(impl, groups):
   assert_scale_close(s, xla_s, rtol=1e-6)
 
 
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("k,groups", [(160, 1), (512, 4)])
+def test_a8w4_kernel_interpret(impl, k, groups):
+  rng = np.random.default_rng(5)
+  x = rng.integers(-128, 128, (M, k), dtype=np.int8)
+  w = rng.integers(-8, 8, (E, k, N)).astype(np.int8)
+  w_scale = (rng.uniform(0.5, 1.5, (E, groups, N)) * 1e-3).astype(np.float32)
+  w_scale = w_scale[:, 0] if groups == 1 else w_scale
+  x_scale = rng.uniform(0.5, 1.5, (M,)).astype(np.float32)
+  counts = COUNTS["empty_middle"]
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, jnp.asarray(w, jnp.int4), w_scale, x_scale, jnp.asarray(counts), group_list_type=1,
+      dequant_mode=0 if groups == 1 else 1, implementation=impl, interpret=True, tiles=TILES)
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
+                                    scenario="A8W4", assist=ref.canonical_assist(w, w_scale))
+  assert_int8_close(q, want_q)
+  assert_scale_close(s, want_s)
+
+
 def test_fused_kernel_static_group_list_nz_weight_and_default_tiles():
   x, w, w_scale, x_scale = int8_case(1)
   w_nz = npu_ops.npu_format_cast(w, 29)
@@ -129,12 +148,14 @@ def test_none_is_xla_on_cpu_and_the_kernel_on_tpu_or_gpu(monkeypatch):
   fused = lambda: npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, w_scale, x_scale, [M],
                                                              group_list_type=1)
   assert pallas_calls(fused) == 0
-  a8w4 = lambda: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-      x, (w // 16).astype(jnp.int4), w_scale, x_scale, [M], group_list_type=1)
+  w4 = (w // 16).astype(jnp.int4)
+  groups_of_80_rows = jnp.ones((E, 2, N), jnp.float32)  # k = 160: no 128-row k tiles
+  a8w4_odd_groups = lambda: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w4, groups_of_80_rows, x_scale, [M], group_list_type=1, dequant_mode=1)
   for platform in ("tpu", "gpu"):
     monkeypatch.setattr(jax, "default_backend", lambda: platform)
     assert pallas_calls(fused) == 1
-    assert pallas_calls(a8w4) == 0  # no A8W4 kernel: None falls back to XLA
+    assert pallas_calls(a8w4_odd_groups) == 0  # no kernel for it: None falls back to XLA
     xf = jnp.ones((8, 128))
     assert pallas_calls(lambda: npu_ops.grouped_matmul(xf, jnp.ones((2, 128, 128)), [3, 5])) == 1
     assert pallas_calls(lambda: npu_ops.grouped_matmul(x[:8], w[:2], [3, 5])) == 0  # int8
@@ -142,9 +163,14 @@ def test_none_is_xla_on_cpu_and_the_kernel_on_tpu_or_gpu(monkeypatch):
 
 def test_explicit_kernel_requests_that_cannot_be_served_raise():
   x, w, w_scale, x_scale = int8_case()
-  with pytest.raises(NotImplementedError, match="A8W4"):
-    npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, (w // 16).astype(jnp.int4), w_scale, x_scale,
-                                               [M], group_list_type=1, implementation="pallas_tpu")
+  with pytest.raises(NotImplementedError, match="A8W4 scale groups of 80 rows"):
+    npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, (w // 16).astype(jnp.int4), jnp.ones((E, 2, N)), x_scale, [M], group_list_type=1,
+        dequant_mode=1, implementation="pallas_tpu")
+  x4 = jnp.ones((M, K), jnp.int4)
+  with pytest.raises(NotImplementedError, match="A4W4"):
+    npu_ops.npu_grouped_matmul_swiglu_quant_v2(x4, (w // 16).astype(jnp.int4), w_scale, x_scale,
+                                               [M], group_list_type=1, implementation="pallas_gpu")
   with pytest.raises(NotImplementedError, match="integer"):
     npu_ops.tgmm(x, x, [M], implementation="pallas_gpu")
   with pytest.raises(ValueError, match="implementation"):
@@ -196,6 +222,12 @@ def test_kernels_lower_for_their_target(impl):
                  platform=platform)
   assert custom_calls(text).count(CUSTOM_CALL[platform]) == 1
   assert "npu_gmm_swiglu_quant" in text
+  a8w4 = lambda x, w, ws, xs, gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, gl, group_list_type=1, dequant_mode=1, implementation=impl)
+  text = lowered(a8w4, spec((m, k), jnp.int8), spec((e, k, n // 8), jnp.int32),  # int4 words
+                 spec((e, 2, n), jnp.float32), spec((m,), jnp.float32), spec((e,), jnp.int32),
+                 platform=platform)
+  assert custom_calls(text).count(CUSTOM_CALL[platform]) == 1
 
   def train_step(x, w, dy, gl):  # forward gmm, then gmm and tgmm for the gradients
     loss = lambda x, w: jnp.vdot(npu_ops.grouped_matmul(x, w, gl, implementation=impl), dy)
