@@ -199,11 +199,14 @@ def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spe
 
 def npu_grouped_matmul_swiglu_quant(
     x: Any, weight: Any, group_list: Any, weight_scale: Any, x_scale: Any, *,
-    bias: Any = None, offset: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    bias: Any = None, offset: Any = None, implementation: str | None = None,
+    interpret: bool = False, tiles: TileSizes | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """torch_npu v1: A8W8 or A8W4 with a cumsum group_list.
 
   In v1 the A8W4 assist matrix travels in the `bias` slot, and the dequant mode
   follows the rank of weight_scale (`[e, n]` per channel, `[e, G, n]` per group).
+  implementation, interpret, tiles: as in v2.
 
   Returns:
     (output int8 `[m, n/2]`, output_scale float32 `[m]`, output_offset float32
@@ -219,7 +222,8 @@ def npu_grouped_matmul_swiglu_quant(
   check_rank("weight_scale", ws, (2, 3))
   out, out_scale = npu_grouped_matmul_swiglu_quant_v2(
       x, weight, ws, x_scale, group_list, weight_assist_matrix=bias,
-      dequant_mode=1 if ws.ndim == 3 else 0, group_list_type=0)
+      dequant_mode=1 if ws.ndim == 3 else 0, group_list_type=0, implementation=implementation,
+      interpret=interpret, tiles=tiles)
   return out, out_scale, jnp.zeros((), jnp.float32)
 
 
