@@ -237,3 +237,15 @@ def test_kernels_lower_for_their_target(impl):
                  spec((m, n), jnp.bfloat16), spec((e,), jnp.int32), platform=platform)
   assert custom_calls(text).count(CUSTOM_CALL[platform]) == 3
   assert "npu_gmm" in text and "npu_tgmm" in text
+
+
+def test_v1_takes_the_kernel_too():
+  x, w, w_scale, x_scale = int8_case(6)
+  cumsum = [40, 40, 100, 150]
+  q, s, _ = npu_ops.npu_grouped_matmul_swiglu_quant(x, w, cumsum, w_scale, x_scale,
+                                                     implementation="pallas_gpu", interpret=True,
+                                                     tiles=TILES)
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(cumsum, 0),
+                                    scenario="A8W8")
+  assert_int8_close(q, want_q)
+  assert_scale_close(s, want_s)
