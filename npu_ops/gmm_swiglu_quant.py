@@ -294,7 +294,7 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
   gs = k // n_groups
   colsum8 = None
   if scenario == A8W4:  # 8 * column sums per k-group: the "- 8" of (x - 8) @ W, in int32
-    colsum8 = 8 * jnp.sum(w.reshape(e, n_groups, gs, n), axis=2, dtype=jnp.int32)
+    colsum8 = operands.colsum8(w, n_groups)
 
   def group_ctx(g):
     pick = lambda a: None if a is None else a[g]

@@ -89,6 +89,29 @@ def pad_axis(a: jax.Array, axis: int, multiple: int) -> jax.Array:
   return jnp.pad(a, widths)
 
 
+def pad_2d(a: jax.Array, rows: int, cols: int) -> jax.Array:
+  """Zero-pads a matrix to whole `rows x cols` tiles."""
+  return pad_axis(pad_axis(a, 0, rows), 1, cols)
+
+
+def pad_halves(a: jax.Array, multiple: int) -> jax.Array:
+  """Pads each half of the last axis to a multiple, so the SwiGLU act and gate
+  column tiles sit at j and j + n_half_tiles; no copy when already aligned."""
+  half = a.shape[-1] // 2
+  if half % multiple == 0:
+    return a
+  pad = lambda h: pad_axis(h, a.ndim - 1, multiple)
+  return jnp.concatenate([pad(a[..., :half]), pad(a[..., half:])], axis=-1)
+
+
+def group_rows(ends_ref, g, r0, block_m: int) -> jax.Array:
+  """`[block_m, 1]` bool: which rows `r0 .. r0 + block_m` belong to group g
+  (ends_ref: the group ends, in a kernel's scalar memory or as a ref)."""
+  start = jnp.where(g > 0, ends_ref[jnp.maximum(g - 1, 0)], 0)
+  rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
+  return (rows >= start) & (rows < ends_ref[g])
+
+
 def starts_of(ends: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]])
 

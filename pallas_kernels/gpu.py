@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from npu_ops import quant
+from npu_ops import operands, quant
 from pallas_kernels import common
 from pallas_kernels.common import TileSizes
 
@@ -45,18 +45,6 @@ def gpu_tiles(tiles: TileSizes) -> tuple[int, int, int]:
   return min(tiles.block_m, 64), min(tiles.block_k, 128), min(tiles.block_n, 128)
 
 
-def _rows_in_group(ends_ref, g, r0, block_m):
-  start = jnp.where(g > 0, ends_ref[jnp.maximum(g - 1, 0)], 0)
-  rows = r0 + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
-  return (rows >= start) & (rows < ends_ref[g])
-
-
-def _pad_halves(a: jax.Array, multiple: int) -> jax.Array:
-  half = a.shape[-1] // 2
-  if half % multiple == 0:
-    return a
-  pad = lambda h: common.pad_axis(h, a.ndim - 1, multiple)
-  return jnp.concatenate([pad(a[..., :half]), pad(a[..., half:])], axis=-1)
 
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
@@ -71,9 +59,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   a8w4 = assist is not None
   bm, _, bn = gpu_tiles(tiles)
   bk = common.k_tile(k, groups, gpu_tiles(tiles)[1])
-  xp = common.pad_axis(common.pad_axis(x, 0, bm), 1, bk)
-  wp = common.pad_axis(_pad_halves(w, bn), 1, bk)
-  sp = _pad_halves(w_scale.astype(jnp.float32), bn)                      # [e, G, n]
+  xp = common.pad_2d(x, bm, bk)
+  wp = common.pad_axis(common.pad_halves(w, bn), 1, bk)
+  sp = common.pad_halves(w_scale.astype(jnp.float32), bn)  # [e, G, n]
   xsp = common.pad_axis(x_scale.astype(jnp.float32), 0, bm)
   mp, kp = xp.shape
   nhp = wp.shape[-1] // 2
@@ -81,8 +69,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   k_per_group = k_tiles // groups
   first, stop = common.tile_group_ranges(ends, m_tiles, bm)
   if a8w4:
-    colsum8 = 8 * jnp.sum(w.reshape(e, groups, k // groups, n), axis=2, dtype=jnp.int32)
-    extra = [_pad_halves(colsum8, bn), _pad_halves(assist.astype(jnp.float32), bn)]
+    colsum8 = operands.colsum8(w, groups)
+    extra = [common.pad_halves(colsum8, bn), common.pad_halves(assist.astype(jnp.float32), bn)]
   else:
     extra = [jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32)]  # unused
 
@@ -120,7 +108,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
           acc_a, acc_g = lax.fori_loop(0, k_tiles, k_step, (zero, zero))
           s = common.dequant_swiglu(acc_a, acc_g, s_ref[g, 0, cols_a][None, :],
                                     s_ref[g, 0, cols_g][None, :], x_scale_col)
-        return jnp.where(_rows_in_group(ends_ref, g, r0, bm), s, tile)
+        return jnp.where(common.group_rows(ends_ref, g, r0, bm), s, tile)
 
       tile = lax.fori_loop(first_ref[i], stop_ref[i], group, jnp.zeros((bm, bn), jnp.float32))
       scratch_ref[rows, cols_a] = tile
@@ -156,7 +144,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   m, k = lhs.shape
   n = rhs.shape[-1]
   bm, bk, bn = gpu_tiles(tiles)
-  xp = common.pad_axis(common.pad_axis(lhs, 0, bm), 1, bk)
+  xp = common.pad_2d(lhs, bm, bk)
   wp = common.pad_axis(common.pad_axis(rhs, 1, bk), 2, bn)
   mp, kp = xp.shape
   k_tiles = kp // bk
@@ -173,7 +161,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
                              preferred_element_type=jnp.float32)
 
       acc = lax.fori_loop(0, k_tiles, k_step, jnp.zeros((bm, bn), jnp.float32))
-      return jnp.where(_rows_in_group(ends_ref, g, i * bm, bm), acc, tile)
+      return jnp.where(common.group_rows(ends_ref, g, i * bm, bm), acc, tile)
 
     tile = lax.fori_loop(first_ref[i], stop_ref[i], group, jnp.zeros((bm, bn), jnp.float32))
     o_ref[rows, cols] = tile.astype(o_ref.dtype)
@@ -192,8 +180,8 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   m, k = lhs.shape
   n = rhs.shape[-1]
   bm, bk, bn = gpu_tiles(tiles)
-  xp = common.pad_axis(common.pad_axis(lhs, 0, bm), 1, bk)
-  dyp = common.pad_axis(common.pad_axis(rhs, 0, bm), 1, bn)
+  xp = common.pad_2d(lhs, bm, bk)
+  dyp = common.pad_2d(rhs, bm, bn)
   kp, np_ = xp.shape[1], dyp.shape[1]
   groups = ends.shape[0]
 
@@ -205,7 +193,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
 
     def row_tile(r, acc):
       r0 = r * bm
-      xb = jnp.where(_rows_in_group(ends_ref, g, r0, bm), x_ref[pl.ds(r0, bm), ks],
+      xb = jnp.where(common.group_rows(ends_ref, g, r0, bm), x_ref[pl.ds(r0, bm), ks],
                      jnp.zeros((), x_ref.dtype))
       return acc + lax.dot_general(xb, dy_ref[pl.ds(r0, bm), cols], (((0,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)

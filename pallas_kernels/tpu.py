@@ -31,18 +31,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from npu_ops import quant
+from npu_ops import operands, quant
 from pallas_kernels import common
 from pallas_kernels.common import TileSizes
 
 _ARBITRARY = pltpu.CompilerParams(dimension_semantics=("arbitrary",) * 3)
-
-
-def _group_rows_mask(ends_ref, g, tile, block_m):
-  """`[block_m, 1]` bool: the rows of row tile `tile` that belong to group g."""
-  start = jnp.where(g > 0, ends_ref[jnp.maximum(g - 1, 0)], 0)
-  rows = tile * block_m + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
-  return (rows >= start) & (rows < ends_ref[g])
 
 
 def _first_visit_of_tile(mt_ref, t):
@@ -79,9 +72,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   a8w4 = assist is not None
   bm, bn = tiles.block_m, tiles.block_n
   bk = common.k_tile(k, groups, tiles.block_k)
-  xp = common.pad_axis(common.pad_axis(x, 0, bm), 1, bk)
-  wp = common.pad_axis(_pad_halves(w, bn), 1, bk)
-  sp = _pad_halves(w_scale.astype(jnp.float32), bn)[:, :, None, :]      # [e, G, 1, n]
+  xp = common.pad_2d(x, bm, bk)
+  wp = common.pad_axis(common.pad_halves(w, bn), 1, bk)
+  sp = common.pad_halves(w_scale.astype(jnp.float32), bn)[:, :, None, :]  # [e, G, 1, n]
   xsp = common.pad_axis(x_scale.astype(jnp.float32), 0, bm)[:, None]
   mp, kp = xp.shape
   nhp = wp.shape[-1] // 2
@@ -92,8 +85,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   gid, mt, nv = common.visit_metadata(ends, m_tiles, bm)
   extra = []
   if a8w4:
-    colsum8 = 8 * jnp.sum(w.reshape(e, groups, k // groups, n), axis=2, dtype=jnp.int32)
-    extra = [_pad_halves(colsum8, bn)[:, :, None, :], _pad_halves(assist, bn)[:, None, :]]
+    extra = [common.pad_halves(operands.colsum8(w, groups), bn)[:, :, None, :],
+             common.pad_halves(assist, bn)[:, None, :]]
 
   def kernel(gid_ref, mt_ref, nv_ref, ends_ref, kg_ref, x_ref, wa_ref, wg_ref, sa_ref, sg_ref,
              xs_ref, *refs):
@@ -145,7 +138,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     def _():
       s = s_rows[...]
       amax = jnp.max(jnp.abs(s), axis=1, keepdims=True)
-      rows = _group_rows_mask(ends_ref, gid_ref[t], mt_ref[t], bm)
+      rows = common.group_rows(ends_ref, gid_ref[t], mt_ref[t] * bm, bm)
       q_ref[...] = jnp.where(rows, quant.codes_for_amax(s, amax), q_ref[...])
       qs_ref[...] = jnp.where(rows, amax / 127, qs_ref[...])
 
@@ -173,24 +166,16 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       scratch_shapes=scratch + [pltpu.VMEM((bm, nhp), jnp.float32)])
   cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=m * nh,
                          bytes_accessed=x.size + w.size + 4 * w_scale.size + 5 * m + m * nh)
-  operands = [xp, wp, wp, sp, sp, xsp] + ([extra[0], extra[0], extra[1], extra[1]] if a8w4 else [])
+  args = [xp, wp, wp, sp, sp, xsp] + ([extra[0], extra[0], extra[1], extra[1]] if a8w4 else [])
   q, qs = pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((mp, nhp), jnp.int8),
                  jax.ShapeDtypeStruct((mp, 1), jnp.float32)],
       compiler_params=_ARBITRARY, cost_estimate=cost, interpret=interpret,
-      name="npu_gmm_swiglu_quant")(gid, mt, nv, ends, k_group, *operands)
+      name="npu_gmm_swiglu_quant")(gid, mt, nv, ends, k_group, *args)
   return _zero_rows_past_total(q[:m, :nh], qs[:m, 0], ends)
 
 
-def _pad_halves(a: jax.Array, multiple: int) -> jax.Array:
-  """Pads each half of the last axis to a multiple (the act and gate column
-  tiles then sit at j and j + n_half_tiles); no copy when already aligned."""
-  half = a.shape[-1] // 2
-  if half % multiple == 0:
-    return a
-  pad = lambda h: common.pad_axis(h, a.ndim - 1, multiple)
-  return jnp.concatenate([pad(a[..., :half]), pad(a[..., half:])], axis=-1)
 
 
 def _zero_rows_past_total(q, qs, ends):
@@ -211,7 +196,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   n = rhs.shape[-1]
   bm, bn = tiles.block_m, tiles.block_n
   bk = min(tiles.block_k, common.round_up(k, 128))
-  xp = common.pad_axis(common.pad_axis(lhs, 0, bm), 1, bk)
+  xp = common.pad_2d(lhs, bm, bk)
   wp = common.pad_axis(common.pad_axis(rhs, 1, bk), 2, bn)
   mp, kp = xp.shape
   n_tiles, k_tiles = wp.shape[-1] // bn, kp // bk
@@ -235,7 +220,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
 
     @pl.when(valid & (kk == k_tiles - 1))
     def _():
-      rows = _group_rows_mask(ends_ref, gid_ref[t], mt_ref[t], bm)
+      rows = common.group_rows(ends_ref, gid_ref[t], mt_ref[t] * bm, bm)
       o_ref[...] = jnp.where(rows, acc[...].astype(o_ref.dtype), o_ref[...])
 
   grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -266,8 +251,8 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   n = rhs.shape[-1]
   bm, bn = tiles.block_m, tiles.block_n
   bk = min(tiles.block_k, common.round_up(k, 128))
-  xp = common.pad_axis(common.pad_axis(lhs, 0, bm), 1, bk)
-  dyp = common.pad_axis(common.pad_axis(rhs, 0, bm), 1, bn)
+  xp = common.pad_2d(lhs, bm, bk)
+  dyp = common.pad_2d(rhs, bm, bn)
   kp, np_ = xp.shape[1], dyp.shape[1]
   gid, mt, nv = common.visit_metadata(ends, xp.shape[0] // bm, bm)
 
@@ -282,7 +267,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
 
     @pl.when(valid)
     def _():
-      rows = _group_rows_mask(ends_ref, g, mt_ref[t], bm)
+      rows = common.group_rows(ends_ref, g, mt_ref[t] * bm, bm)
       xb = jnp.where(rows, x_ref[...], jnp.zeros((), x_ref.dtype))
       acc[...] += lax.dot_general(xb, dy_ref[...], (((0,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32)
