@@ -223,11 +223,19 @@ def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None
   return _canonical_assist(w.values, scale)
 
 
+def group_colsums(w: jax.Array, groups: int) -> jax.Array:
+  """int32 `[e, G, n]`: column sums of each of the G k-groups of `w [e, k, n]`.
+
+  `8 * group_colsums` is the "- 8" of the A8W4 identity `(x - 8) @ W = x @ W - 8 * colsum`,
+  exact in int32.
+  """
+  e, k, n = w.shape
+  return jnp.sum(w.reshape(e, groups, k // groups, n), axis=2, dtype=jnp.int32)
+
+
 @jax.jit
 def _canonical_assist(w: jax.Array, scale: jax.Array) -> jax.Array:
-  e, k, n = w.shape
-  groups = scale.shape[1]
-  colsum = jnp.sum(w.reshape(e, groups, k // groups, n), axis=2, dtype=jnp.int32)
+  colsum = group_colsums(w, scale.shape[1])
   return 8 * jnp.sum(colsum.astype(jnp.float32) * scale, axis=1)
 
 
@@ -254,7 +262,7 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
   gs = k // n_groups
   colsum8 = None
   if scenario == A8W4:  # 8 * column sums per k-group: the "- 8" of (x - 8) @ W, in int32
-    colsum8 = 8 * jnp.sum(w.reshape(e, n_groups, gs, n), axis=2, dtype=jnp.int32)
+    colsum8 = 8 * group_colsums(w, n_groups)
 
   def group_ctx(g):
     pick = lambda a: None if a is None else a[g]
