@@ -214,6 +214,8 @@ def _m_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
   elif isinstance(pts, (list, tuple)):
     pts = jnp.concatenate([jnp.asarray(p) for p in _tensor_list(pts, "per_token_scale")])
   w = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
+  if isinstance(weight, (list, tuple)) and len(weight) == 1 and w.ndim in (2, 4):
+    w = w[None]  # a list of one [k, n] weight: one expert
   stacked = {k: _stack_params(v, k) for k, v in params.items()}
   y, ends = _grouped(x, w, stacked, pts, group_list, group_list_type, opts)
   if split_item in (2, 3):
