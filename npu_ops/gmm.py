@@ -239,3 +239,46 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
   return row_blocks.traverse(ends, m, jnp.zeros((num_groups, k, n), acc_dtype),
                              group_ctx=lambda g: g, block_fn=block_fn, block_sizes=block_sizes,
                              reference=reference)
+
+
+def differentiable_tgmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,
+                        num_groups: int, out_dtype: Any, implementation: str | None = None,
+                        block_sizes: GmmBlockSizes | None = None) -> jax.Array:
+  """`tgmm_ends` (float operands) with a VJP made of two grouped matmuls.
+
+  `out[g] = lhs[rows of g]^T @ rhs[rows of g]` gives, per group,
+  `dlhs[rows] = rhs[rows] @ dy[g]^T` and `drhs[rows] = lhs[rows] @ dy[g]`: both
+  are `gmm` over the same row groups (rows outside every group get 0).
+  """
+  static = isinstance(ends, tuple)
+  return _differentiable_tgmm(lhs, rhs, None if static else ends, ends if static else None,
+                              num_groups, out_dtype, implementation, block_sizes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _differentiable_tgmm(lhs, rhs, dynamic_ends, static_ends, num_groups, out_dtype,
+                         implementation, block_sizes):
+  ends = static_ends if dynamic_ends is None else dynamic_ends
+  return tgmm_ends(lhs, rhs, ends, num_groups=num_groups, out_dtype=out_dtype,
+                   implementation=implementation, block_sizes=block_sizes)
+
+
+def _differentiable_tgmm_fwd(lhs, rhs, dynamic_ends, static_ends, num_groups, out_dtype,
+                             implementation, block_sizes):
+  out = _differentiable_tgmm(lhs, rhs, dynamic_ends, static_ends, num_groups, out_dtype,
+                             implementation, block_sizes)
+  return out, (lhs, rhs, dynamic_ends)
+
+
+def _differentiable_tgmm_bwd(static_ends, num_groups, out_dtype, implementation, block_sizes,
+                             residuals, dy):
+  lhs, rhs, dynamic_ends = residuals
+  ends = static_ends if dynamic_ends is None else dynamic_ends
+  kw = dict(implementation=implementation, block_sizes=block_sizes)
+  # [r, a] = [r, b] @ [g, b, a] and [r, b] = [r, a] @ [g, a, b], per row group.
+  dlhs = gmm(rhs, jnp.swapaxes(dy, 1, 2), ends, out_dtype=lhs.dtype, **kw)
+  drhs = gmm(lhs, dy, ends, out_dtype=rhs.dtype, **kw)
+  return dlhs, drhs, None
+
+
+_differentiable_tgmm.defvjp(_differentiable_tgmm_fwd, _differentiable_tgmm_bwd)

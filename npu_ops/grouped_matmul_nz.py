@@ -78,7 +78,7 @@ PLANNED: dict[str, str] = {
     "MX / fp8 / hif8 (Ascend 950)": "not on A2/A3",
 }
 ACT_NOTE = ("`act_type` 1 ReLU, 2 GELU-tanh, 4 FastGELU, 5 SiLU: after the dequant (quant with "
-            "per_token_scale, A4W4, A8W4, anti-quant); 3 GELU-erf is unsupported, as in torch_npu.")
+            "per_token_scale, A8W4, anti-quant); 3 GELU-erf is unsupported, as in torch_npu.")
 
 
 def supported_table_markdown() -> str:
@@ -320,9 +320,10 @@ def _k_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
                                                                           (0,))[0]
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=k,
                                num_groups=max(num, 1))
-  y = gmm_lib.tgmm_ends(x.T, w, ends, num_groups=len(ends), out_dtype=x.dtype,
-                        implementation=opts.implementation,
-                        block_sizes=_block_sizes(k, len(ends), opts))
+  # [E, m, n] = per k-group, (x^T)[K_i]^T @ W[K_i]: tgmm over the rows of x^T and W.
+  y = gmm_lib.differentiable_tgmm(x.T, w, ends, num_groups=len(ends), out_dtype=x.dtype,
+                                  implementation=opts.implementation,
+                                  block_sizes=_block_sizes(k, len(ends), opts))
   return [y] if split_item in (2, 3) else list(y)
 
 
@@ -332,8 +333,13 @@ def _block_sizes(rows, groups, opts):
 
 # --- one grouped problem: canonical operands, then one scenario ----------------------------
 
+_FP8 = tuple(np.dtype(d) for d in (jnp.float8_e4m3fn, jnp.float8_e5m2))
+
+
 def _scenario(x, w) -> str:
   xd, wd = np.dtype(x.dtype), np.dtype(w.dtype)
+  if xd in _FP8 or wd in _FP8:
+    raise NotImplementedError("npu_grouped_matmul: fp8 / MX operands (Ascend 950) are planned")
   if xd in _FLOATS:
     if wd in _FLOATS:
       return FLOAT
@@ -385,13 +391,12 @@ def _grouped(x, w, params, pts, group_list, group_list_type, opts):
   check_array("x", x)
   check_array("weight", w)
   scenario = _scenario(x, w)
-  for name in ("offset",):
-    if params[name] is not None:
-      if scenario == A8W4:
-        raise NotImplementedError("npu_grouped_matmul: A8W4 asymmetric quantization (offset) "
-                                  "is planned; SPEC B.4.3 leaves the use of offset open")
-      fail("offset", "None (torch_npu: reserved; int8 output takes the offset from int64 "
-           "scale words)", describe(params[name]))
+  if params["offset"] is not None:
+    if scenario == A8W4:
+      raise NotImplementedError("npu_grouped_matmul: A8W4 asymmetric quantization (offset) "
+                                "is planned; SPEC B.4.3 leaves the use of offset open")
+    fail("offset", "None (torch_npu: reserved; int8 output takes the offset from int64 "
+         "scale words)", describe(params["offset"]))
   if scenario in (FLOAT, ANTIQUANT):
     xv, k = jnp.asarray(x), x.shape[1]
   else:
@@ -444,9 +449,10 @@ class _Prepared(NamedTuple):
 
 # --- validation per scenario -------------------------------------------------------------------
 
-def _check_output_dtype(output_dtype, allowed, default=None) -> np.dtype:
+def _check_output_dtype(output_dtype, allowed) -> np.dtype:
+  """None -> allowed[0] (the scenario's default); else one of `allowed`."""
   if output_dtype is None:
-    return np.dtype(default if default is not None else allowed[0])
+    return np.dtype(allowed[0])
   try:
     dt = np.dtype(output_dtype)
   except TypeError:
@@ -579,6 +585,7 @@ def _prepare_a4w4(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
   per_group = {"scale": _int4_scale(params["scale"], e, n, k)}
   if pts is not None:
     pts = _check_pts(pts, m)
+  _act_needs(opts, pts is not None, "unless per_token_scale is given (quant scenario)")
   return _Prepared(x, w, per_group, pts, out)
 
 
