@@ -202,7 +202,7 @@ def _tensor_list(value: Any, name: str) -> list[Any]:
 def _m_grouped(xs, weight, params, per_token_scale, group_list, group_list_type, split_item,
                opts):
   """group_type 0: x (one or a list, concatenated along m) against E stacked weights."""
-  for i, xi in enumerate(xs):
+  for xi in xs:
     require(xi.ndim == 2, "x", "2-D arrays [m, k] with group_type=0", describe(xi))
   x = xs[0] if len(xs) == 1 else jnp.concatenate([jnp.asarray(xi) for xi in xs])
   if group_list is None:
@@ -297,7 +297,7 @@ def _k_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
   check_dtype("x", x, _FLOATS)
   require(group_list_type != 2, "group_list_type", "0 or 1 with group_type=2 (pairs name "
           "experts; k-groups share one weight)", group_list_type)
-  m, k = x.shape
+  k = x.shape[1]
   ws = _tensor_list(weight, "weight")
   # One weight: its k is x's; a list's k ranges come from ND shapes (NZ pads them).
   one_k = k if len(ws) == 1 else None
@@ -316,8 +316,9 @@ def _k_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
   require(w.dtype == x.dtype, "weight", f"the dtype of x ({x.dtype.name})", describe(w),
           TypeError)
   _check_output_dtype(opts.output_dtype, (np.dtype(x.dtype),))
-  num = len(group_list) if groups_lib.is_static(group_list) else getattr(group_list, "shape",
-                                                                          (0,))[0]
+  # k-groups share one weight: as many groups as the list has entries
+  num = (len(group_list) if groups_lib.is_static(group_list) else
+         group_list.shape[0] if getattr(group_list, "ndim", 0) >= 1 else 1)
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=k,
                                num_groups=max(num, 1))
   # [E, m, n] = per k-group, (x^T)[K_i]^T @ W[K_i]: tgmm over the rows of x^T and W.
