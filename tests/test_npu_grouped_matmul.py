@@ -523,3 +523,18 @@ def test_fp8_operands_are_planned():
   x = jnp.zeros((4, 32), jnp.float8_e4m3fn)
   with pytest.raises(NotImplementedError, match="fp8"):
     npu_ops.npu_grouped_matmul(x, jnp.zeros((1, 32, 8), jnp.float8_e4m3fn), group_list=[4])
+
+
+def test_invalid_dynamic_pairs_are_emptied_and_reported():
+  """An expert index outside [0, E) makes its pair empty (SPEC A.3 item 7), reported by checkify."""
+  from jax.experimental import checkify
+  rng = np.random.default_rng(23)
+  x, w = floats(rng, (10, 8), F32), floats(rng, (3, 8, 4), F32)
+  f = lambda gl: npu_ops.npu_grouped_matmul(x, w, group_list=gl, group_list_type=2,
+                                            split_item=2)[0]
+  got = jax.jit(f)(jnp.asarray([[1, 3], [7, 4], [0, 2]]))
+  assert_float_close(got, ref.gmm_float(x, w, [(1, 0, 3), (0, 3, 5)]))
+  err, _ = checkify.checkify(f)(jnp.asarray([[1, 3], [7, 4], [0, 2]]))
+  assert err.get() and "expert index" in err.get()
+  err, _ = checkify.checkify(f)(jnp.asarray([[1, 3], [2, 4], [0, 2]]))
+  assert err.get() is None
