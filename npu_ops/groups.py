@@ -18,6 +18,10 @@ non-decreasing, in `[0, m]`. Group `i` owns rows `[ends[i-1], ends[i])` with
 
   The same conditions are reported through `jax.experimental.checkify` when the
   caller enables it (`checkify.checkify(f)`); see `check_group_list`.
+
+(index, size) pairs (type 2, npu_grouped_matmul) name an expert per segment:
+`group_segments` turns them into the ends of the segments (as counts) plus the
+expert of each, and the op gathers each segment's weight.
 """
 
 from __future__ import annotations
