@@ -104,10 +104,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
   ends = groups_lib.ends_from_sizes(group_sizes, m, g)
   backend.resolve(implementation, unsupported=_kernel_gap(lhs.dtype), interpret=interpret,
                    tiles=tiles)
-  static = isinstance(ends, tuple)
-  run = Run(implementation, block_sizes, interpret, tiles)
-  return _differentiable_gmm(lhs, rhs, None if static else ends, ends if static else None,
-                             out_dtype, run)
+  return differentiable_gmm(lhs, rhs, ends, out_dtype=out_dtype, implementation=implementation,
+                            block_sizes=block_sizes, interpret=interpret, tiles=tiles)
 
 
 class Run(NamedTuple):
@@ -116,6 +114,18 @@ class Run(NamedTuple):
   block_sizes: GmmBlockSizes | None = None
   interpret: bool = False
   tiles: TileSizes | None = None
+
+
+def _split(ends: groups_lib.GroupEnds) -> tuple[jax.Array | None, tuple[int, ...] | None]:
+  """(dynamic ends, static ends): custom_vjp takes arrays as arguments, tuples as statics."""
+  return (None, ends) if isinstance(ends, tuple) else (ends, None)
+
+
+def differentiable_gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,
+                       out_dtype: Any, **run: Any) -> jax.Array:
+  """`gmm` (float operands) with its VJP: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy),
+  both on the same implementation. `run`: the fields of `Run`."""
+  return _differentiable_gmm(lhs, rhs, *_split(ends), out_dtype, Run(**run))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -263,3 +273,39 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
   return row_blocks.traverse(ends, m, jnp.zeros((num_groups, k, n), acc_dtype),
                              group_ctx=lambda g: g, block_fn=block_fn, block_sizes=block_sizes,
                              reference=reference)
+
+
+def differentiable_tgmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,
+                        num_groups: int, out_dtype: Any, **run: Any) -> jax.Array:
+  """`tgmm_ends` (float operands) with a VJP made of two grouped matmuls.
+
+  `out[g] = lhs[rows of g]^T @ rhs[rows of g]` gives, per group,
+  `dlhs[rows] = rhs[rows] @ dy[g]^T` and `drhs[rows] = lhs[rows] @ dy[g]`: both
+  are `gmm` over the same row groups (rows outside every group get 0).
+  `run`: the fields of `Run`.
+  """
+  return _differentiable_tgmm(lhs, rhs, *_split(ends), num_groups, out_dtype, Run(**run))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _differentiable_tgmm(lhs, rhs, dynamic_ends, static_ends, num_groups, out_dtype, run):
+  ends = static_ends if dynamic_ends is None else dynamic_ends
+  return tgmm_ends(lhs, rhs, ends, num_groups=num_groups, out_dtype=out_dtype, **run._asdict())
+
+
+def _differentiable_tgmm_fwd(lhs, rhs, dynamic_ends, static_ends, num_groups, out_dtype, run):
+  out = _differentiable_tgmm(lhs, rhs, dynamic_ends, static_ends, num_groups, out_dtype, run)
+  return out, (lhs, rhs, dynamic_ends)
+
+
+def _differentiable_tgmm_bwd(static_ends, num_groups, out_dtype, run, residuals, dy):
+  lhs, rhs, dynamic_ends = residuals
+  ends = static_ends if dynamic_ends is None else dynamic_ends
+  kw = run._asdict()
+  # [r, a] = [r, b] @ [g, b, a] and [r, b] = [r, a] @ [g, a, b], per row group.
+  dlhs = gmm(rhs, jnp.swapaxes(dy, 1, 2), ends, out_dtype=lhs.dtype, **kw)
+  drhs = gmm(lhs, dy, ends, out_dtype=rhs.dtype, **kw)
+  return dlhs, drhs, None
+
+
+_differentiable_tgmm.defvjp(_differentiable_tgmm_fwd, _differentiable_tgmm_bwd)

@@ -109,7 +109,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
             "0 or float32", repr(dequant_dtype))
   if bias is not None:
     fail("bias", "None (reserved by torch_npu for this op)", describe(bias))
-  expected_tokens = _expected_tokens(tuning_config)
+  tokens = expected_tokens(tuning_config)
   backend.check(implementation, interpret, tiles)
 
   lhs = operands.canonical_lhs(x)
@@ -159,7 +159,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
     require(tuple(assist.shape) == (e, n), "weight_assist_matrix", f"shape [e={e}, n={n}]",
             describe(assist))
   elif scenario == A8W4:
-    assist = _canonical_assist(w.values, scale)
+    assist = canonical_assist(w.values, scale)
 
   smooth = None
   if smooth_scale is not None:
@@ -175,7 +175,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
   return fused_canonical(lhs.values, w.values, scale, jnp.asarray(x_scale, jnp.float32), assist,
                          smooth, ends, scenario=scenario, spec=spec,
-                         expected_tokens=expected_tokens, implementation=implementation,
+                         expected_tokens=tokens, implementation=implementation,
                          interpret=interpret, tiles=tiles)
 
 
@@ -250,15 +250,13 @@ def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None
   require(w.bits == operands.INT4, "weight", "int4 (int32 words or jnp.int4)", describe(weight),
           TypeError)
   scale = float32_from_scale_words(weight_scale, "weight_scale").reshape(w.values.shape[0], -1, n)
-  return _canonical_assist(w.values, scale)
+  return canonical_assist(w.values, scale)
 
 
 @jax.jit
-def _canonical_assist(w: jax.Array, scale: jax.Array) -> jax.Array:
-  e, k, n = w.shape
-  groups = scale.shape[1]
-  colsum = jnp.sum(w.reshape(e, groups, k // groups, n), axis=2, dtype=jnp.int32)
-  return 8 * jnp.sum(colsum.astype(jnp.float32) * scale, axis=1)
+def canonical_assist(w: jax.Array, scale: jax.Array) -> jax.Array:
+  # 8 * colsum is exact, so this is 8 * sum_k W * s bit for bit
+  return jnp.sum(operands.colsum8(w, scale.shape[1]).astype(jnp.float32) * scale, axis=1)
 
 
 def _kernel_gap(scenario: str, spec: quant_lib.DynamicQuant, k: int, scale: jax.Array
@@ -271,7 +269,7 @@ def _kernel_gap(scenario: str, spec: quant_lib.DynamicQuant, k: int, scale: jax.
   return pallas_common.kernel_gap(k, scale.shape[1])
 
 
-def _expected_tokens(tuning_config: Any) -> int | None:
+def expected_tokens(tuning_config: Any) -> int | None:
   if tuning_config is None:
     return None
   if not isinstance(tuning_config, (list, tuple)) or not all(

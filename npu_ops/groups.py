@@ -18,6 +18,10 @@ non-decreasing, in `[0, m]`. Group `i` owns rows `[ends[i-1], ends[i])` with
 
   The same conditions are reported through `jax.experimental.checkify` when the
   caller enables it (`checkify.checkify(f)`); see `check_group_list`.
+
+(index, size) pairs (type 2, npu_grouped_matmul) name an expert per segment:
+`group_segments` turns them into the ends of the segments (as counts) plus the
+expert of each, and the op gathers each segment's weight.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from npu_ops._validation import check_int_option, describe, fail, is_integer_dty
 
 GroupEnds = Union[tuple[int, ...], jax.Array]
 
-CUMSUM, COUNT = 0, 1
+CUMSUM, COUNT, PAIRS = 0, 1, 2
 
 
 def is_static(group_list: Any) -> bool:
@@ -131,6 +135,50 @@ def check_group_list(group_list: Any, m: int, group_list_type: int = CUMSUM) -> 
   checkify.check(_group_list_ok(gl, group_list_type, m),
                  f"group_list is invalid for m={m} (negative count, decreasing cumsum, "
                  "or total above m)")
+
+
+def group_segments(group_list: Any, *, m: int, num_groups: int, name: str = "group_list"
+                   ) -> tuple[GroupEnds, Any]:
+  """(index, size) pairs (group_list_type 2, SPEC B.0.1) -> (ends, experts).
+
+  Row `r` of `group_list [R, 2]` is `[expert_r, size_r]`: the next `size_r` rows
+  (in listed order) use expert `expert_r`. The segments are canonical groups of
+  their own, so the result is the ends of the R segments (counts, as type 1)
+  and the expert of each: a tuple of ints (static) or an int32 array (dynamic).
+  Dynamic rows with an expert outside `[0, num_groups)` become empty segments
+  of expert 0 (reported under checkify); static ones raise `ValueError`.
+  """
+  if is_static(group_list):
+    rows = [list(r) if isinstance(r, (list, tuple)) else r for r in group_list]
+    require(all(isinstance(r, list) and len(r) == 2 for r in rows), name,
+            "(index, size) pairs [[expert, size], ...] for group_list_type=2", repr(group_list))
+    require(len(rows) >= 1, name, "at least one pair", repr(group_list))
+    for r in rows:
+      for v in r:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+          fail(name, "pairs of Python ints", repr(group_list), TypeError)
+    experts = tuple(int(r[0]) for r in rows)
+    require(all(0 <= e < num_groups for e in experts), name,
+            f"expert indices in [0, {num_groups})", list(experts))
+    ends = group_ends([int(r[1]) for r in rows], group_list_type=COUNT, m=m,
+                      num_groups=num_groups, name=name)
+    return ends, experts
+  if not (hasattr(group_list, "shape") and hasattr(group_list, "dtype")):
+    fail(name, "pairs as Python ints or an integer array [R, 2]", describe(group_list), TypeError)
+  require(is_integer_dtype(group_list.dtype), name, "an integer dtype (int32 or int64)",
+          describe(group_list), TypeError)
+  require(group_list.ndim == 2 and group_list.shape[1] == 2, name,
+          "(index, size) pairs of shape [R, 2] for group_list_type=2", describe(group_list))
+  if isinstance(group_list, np.ndarray):  # as in group_ends: keep invalid values invalid
+    group_list = np.clip(group_list, -1, max(m, num_groups) + 1).astype(np.int32)
+  gl = jnp.asarray(group_list, jnp.int32)
+  experts, sizes = gl[:, 0], gl[:, 1]
+  known = (experts >= 0) & (experts < num_groups)
+  checkify.debug_check(jnp.all(known), f"{name}: expert index outside [0, {num_groups}); "
+                       "those pairs were made empty")
+  ends = group_ends(jnp.where(known, sizes, 0), group_list_type=COUNT, m=m,
+                    num_groups=num_groups, name=name)
+  return ends, jnp.where(known, experts, 0)
 
 
 def group_starts(ends: GroupEnds) -> GroupEnds:

@@ -249,7 +249,7 @@ def fake_quant_gmm_swiglu_quant(
             "the A8W4 path)", describe(weight_scale))
   backend.check(implementation, interpret, tiles)
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
-  expected_tokens = fused_lib._expected_tokens(tuning_config)
+  expected_tokens = fused_lib.expected_tokens(tuning_config)
   run = gmm_lib.Run(implementation, row_blocks.GmmBlockSizes.for_problem(
       m, len(ends), expected_tokens), interpret, tiles)
   static = isinstance(ends, tuple)
@@ -266,7 +266,7 @@ def _qat_fused(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_sc
   wq = quantize_weight(weight, weight_scale, bits=bits)
   scale = weight_scale.astype(jnp.float32).reshape(e, -1, n)
   scenario = fused_lib.A8W8 if bits == 8 else fused_lib.A8W4
-  assist = fused_lib._canonical_assist(wq, scale) if scenario == fused_lib.A8W4 else None
+  assist = fused_lib.canonical_assist(wq, scale) if scenario == fused_lib.A8W4 else None
   q, q_scale = fused_lib.fused_canonical(
       xq, wq, scale, xs, assist, None, ends, scenario=scenario, spec=quant_lib.INT8_PER_TOKEN,
       expected_tokens=expected_tokens, implementation=run.implementation,
@@ -283,12 +283,13 @@ def _qat_fused_fwd(x, weight, weight_scale, dynamic_ends, static_ends, bits, gra
 
 def _qat_fused_bwd(static_ends, bits, grad_scale, expected_tokens, run, residuals, g):
   x, weight, weight_scale, dynamic_ends = residuals
+  ends = static_ends if dynamic_ends is None else dynamic_ends
 
   def float_chain(x, weight, weight_scale):
     x_hat = dynamic_fake_quant(x)
     w_hat = fake_quant_weight(weight, weight_scale, bits=bits, grad_scale=grad_scale)
-    c = gmm_lib._differentiable_gmm(x_hat, w_hat, dynamic_ends, static_ends,
-                                    np.dtype(jnp.float32), run)
+    c = gmm_lib.differentiable_gmm(x_hat, w_hat, ends, out_dtype=np.dtype(jnp.float32),
+                                   **run._asdict())
     return dynamic_fake_quant(quant_lib.swiglu(c))
 
   _, vjp = jax.vjp(float_chain, x, weight, weight_scale)

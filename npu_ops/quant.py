@@ -78,6 +78,27 @@ def silu(x: jax.Array) -> jax.Array:
   return x / (1 + jnp.exp(-x))
 
 
+# torch_npu act_type codes (SPEC B.4.2); 3 (GELU-erf) is not supported by torch_npu.
+ACT_NONE, ACT_RELU, ACT_GELU_TANH, ACT_FAST_GELU, ACT_SILU = 0, 1, 2, 4, 5
+ACT_TYPES = (ACT_NONE, ACT_RELU, ACT_GELU_TANH, ACT_FAST_GELU, ACT_SILU)
+
+
+def activation(x: jax.Array, act_type: int) -> jax.Array:
+  """torch_npu's grouped-matmul activation `act_type` on float32 `x` (SPEC B.4.2)."""
+  if act_type == ACT_NONE:
+    return x
+  if act_type == ACT_RELU:
+    return jnp.maximum(x, 0)
+  if act_type == ACT_GELU_TANH:
+    return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi).astype(np.float32) * (x + 0.044715 * x**3)))
+  if act_type == ACT_FAST_GELU:  # x * sigmoid(1.702 x), in the overflow-free form of the kernel
+    ax = jnp.abs(x)
+    return x / (1 + jnp.exp(-1.702 * ax)) * jnp.exp(0.851 * (x - ax))
+  if act_type == ACT_SILU:
+    return silu(x)
+  fail("act_type", f"one of {list(ACT_TYPES)}", act_type)
+
+
 def swiglu(c: jax.Array, *, activate_left: bool = True) -> jax.Array:
   """`silu(act) * gate` over the halves of the last axis: `[..., n] -> [..., n/2]`.
 

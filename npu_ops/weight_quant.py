@@ -145,13 +145,29 @@ def _quant_scale(quant_scale: Any, quant_offset: Any, n: int):
   return fp19(jnp.asarray(quant_scale)).reshape(-1), offset
 
 
+def antiquant_weight(w: jax.Array, scale: jax.Array, offset: jax.Array | None, dtype: Any, *,
+                     inter: Any = None) -> jax.Array:
+  """`ANTIQUANT(W) = (W + offset) * scale` in `dtype`, with the golden's rounding points.
+
+  Args:
+    w: integer weight values (int8 holding int8 or int4 values), any shape.
+    scale, offset: broadcastable to w (offset optional).
+    dtype: result dtype (x's dtype).
+    inter: the dtype rounded to after the offset and after the scale (default
+      `dtype`, SPEC B.6 and the float16 case of B.4.3); float32 rounds once at
+      the end (the bfloat16 case of SPEC B.4.3).
+  """
+  inter = dtype if inter is None else inter
+  wf = w.astype(inter)  # exact: |W| <= 128
+  if offset is not None:
+    wf = (wf + offset.astype(inter)).astype(inter)
+  return (wf * scale.astype(inter)).astype(dtype)
+
+
 @jax.jit
 def _wqbmm(x, w, scale, offset, bias, q_scale, q_offset):
   inter = x.dtype
-  wf = w.astype(inter)  # exact: |W| <= 128
-  if offset is not None:
-    wf = (wf + offset).astype(inter)
-  wf = (wf * scale).astype(inter)
+  wf = antiquant_weight(w, scale, offset, inter)
   out = jnp.dot(x.astype(jnp.float32), wf.astype(jnp.float32),
                 precision=jax.lax.Precision.HIGHEST)
   if bias is not None:

@@ -354,3 +354,142 @@ def moe_mlp(x, router, w_gate_up, w_down, top_k, expert_fn=None):
     for pj, i in zip(p, top):
       out[t] += pj * expert_fn(x[t:t + 1], i)[0]
   return out
+
+
+# --- B.4 npu_grouped_matmul --------------------------------------------------------------------
+
+def segments(group_list, group_list_type: int) -> list[tuple[int, int, int]]:
+  """[(expert, start, end)] for a valid group_list: cumsum 0 / count 1 / (expert, size) pairs 2."""
+  if group_list_type == 2:
+    out, start = [], 0
+    for expert, size in group_list:
+      out.append((int(expert), start, start + int(size)))
+      start += int(size)
+    return out
+  return [(i, s, e) for i, (s, e) in enumerate(group_bounds(group_list, group_list_type))]
+
+
+def act(v: np.ndarray, act_type: int) -> np.ndarray:
+  """SPEC B.4.2 activations in float32: 1 relu, 2 gelu-tanh, 4 fast-gelu, 5 silu."""
+  v = np.asarray(v, F32)
+  if act_type == 0:
+    return v
+  if act_type == 1:
+    return np.maximum(v, F32(0))
+  if act_type == 2:
+    return (F32(0.5) * v * (F32(1) + np.tanh(F32(np.sqrt(2 / np.pi)) * (v + F32(0.044715) * v ** 3)))
+            ).astype(F32)
+  if act_type == 4:
+    return (v / (F32(1) + np.exp(F32(-1.702) * v))).astype(F32)
+  if act_type == 5:
+    return (v / (F32(1) + np.exp(-v))).astype(F32)
+  raise ValueError(act_type)
+
+
+def _gmm_loop(m, n, segs, out_dtype, per_group):
+  """y[s:e] = per_group(expert, s, e) for each segment; rows outside every segment are 0."""
+  y = np.zeros((m, n), out_dtype)
+  for i, s, e in segs:
+    if e > s:
+      y[s:e] = per_group(i, s, e)
+  return y
+
+
+def gmm_float(x, w, segs, bias=None) -> np.ndarray:
+  """No quant (B.4.3): y = x_i @ W_i + bias_i, float64 here, cast once to x's dtype."""
+  def group(i, s, e):
+    v = x[s:e].astype(np.float64) @ w[i].astype(np.float64)
+    if bias is not None:
+      v = v + np.asarray(bias[i], np.float64)
+    return v.astype(x.dtype)
+  return _gmm_loop(x.shape[0], w.shape[-1], segs, x.dtype, group)
+
+
+def gmm_k_grouped(x, w, bounds) -> np.ndarray:
+  """group_type 2: y[i] = x[:, K_i] @ W[K_i, :] -> [E, m, n]; empty K_i -> zeros."""
+  y = np.zeros((len(bounds), x.shape[0], w.shape[-1]), x.dtype)
+  for i, (s, e) in enumerate(bounds):
+    y[i] = (x[:, s:e].astype(np.float64) @ w[s:e].astype(np.float64)).astype(x.dtype)
+  return y
+
+
+def gmm_a8w8(x, w, segs, scale, *, offset=None, pts=None, bias=None, out="int8", act_type=0):
+  """Quant (B.4.3): (acc + int32 bias) * scale_i [* pts] [+ float bias], act, cast / requant.
+
+  scale: the effective float32 `[E, n]` (decoded words); offset: `[E, n]` from the words.
+  """
+  int_bias = bias is not None and np.asarray(bias).dtype == np.int32
+  dtype = {"int8": np.int8, "int32": np.int32, "float16": np.float16,
+           "bfloat16": ml_dtypes.bfloat16}[out]
+
+  def group(i, s, e):
+    acc = x[s:e].astype(np.int64) @ w[i].astype(np.int64)
+    if int_bias:
+      acc = acc + np.asarray(bias[i], np.int64)
+    if out == "int32":
+      return acc.astype(np.int32)
+    v = acc.astype(F32) * np.asarray(scale[i], F32)
+    if out == "int8":
+      return requant(v, None if offset is None else offset[i])
+    if pts is not None:
+      v = v * np.asarray(pts[s:e], F32)[:, None]
+    if bias is not None and not int_bias:
+      v = v + np.asarray(bias[i], F32)
+    return act(v, act_type).astype(dtype)
+  return _gmm_loop(x.shape[0], w.shape[-1], segs, dtype, group)
+
+
+def gmm_grouped_scale(x, w, segs, scale, *, pts=None, bias=None, out="float16", act_type=0,
+                      a8w4=False):
+  """A4W4: sum_g s_g (x_g @ W_g) [* pts]. A8W4 (a8w4=True, literal B.4.3 / B.1.4 form):
+  (16 * C_hi + C_lo + bias) * pts with C_hi/lo = sum_g s_g (x_hi/lo,g @ W_g),
+  x_hi = floor(x / 16), x_lo = (x & 15) - 8. scale: float32 [E, G, n]."""
+  dtype = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[out]
+  k = x.shape[1]
+
+  def group(i, s, e):
+    sc = np.asarray(scale[i], F32)
+    gs = k // sc.shape[0]
+    xi = x[s:e].astype(np.int64)
+    halves = [np.floor_divide(xi, 16), (xi & 0x0F) - 8] if a8w4 else [xi]
+    c = []
+    for h in halves:
+      acc = np.zeros((e - s, w.shape[-1]), F32)
+      for g in range(sc.shape[0]):
+        part = h[:, g * gs:(g + 1) * gs] @ w[i, g * gs:(g + 1) * gs].astype(np.int64)
+        acc = acc + part.astype(F32) * sc[g]
+      c.append(acc)
+    v = F32(16) * c[0] + c[1] + np.asarray(bias[i], F32) if a8w4 else c[0]
+    if pts is not None:
+      v = v * np.asarray(pts[s:e], F32)[:, None]
+    return act(v, act_type).astype(dtype)
+  return _gmm_loop(x.shape[0], w.shape[-1], segs, dtype, group)
+
+
+def antiquant_weight(w, scale, offset, dtype) -> np.ndarray:
+  """B.4.3 anti-quant weight `(W + offset) * scale`, scale/offset [G, n] (row kk: group kk // (k/G)).
+
+  float16 x: rounded to fp16 after the offset and after the scale; bfloat16 x: float32 math,
+  rounded to bf16 once."""
+  k = w.shape[0]
+  rows = lambda v: np.repeat(np.asarray(v), k // np.asarray(v).shape[0], axis=0)
+  if np.dtype(dtype) == np.float16:
+    wf = w.astype(np.float16)
+    if offset is not None:
+      wf = (wf + rows(offset).astype(np.float16)).astype(np.float16)
+    return (wf * rows(scale).astype(np.float16)).astype(np.float16)
+  wf = w.astype(F32)
+  if offset is not None:
+    wf = wf + rows(offset).astype(F32)
+  return (wf * rows(scale).astype(F32)).astype(dtype)
+
+
+def gmm_antiquant(x, w, segs, scale, offset=None, bias=None, act_type=0) -> np.ndarray:
+  """Anti-quant (B.4.3): y = x_i @ ((W_i + off_i) * scale_i) + bias_i, act, cast to x's dtype."""
+  def group(i, s, e):
+    wd = antiquant_weight(w[i], scale[i], None if offset is None else offset[i], x.dtype)
+    v = x[s:e].astype(np.float64) @ wd.astype(np.float64)
+    if bias is not None:
+      v = v + np.asarray(bias[i], np.float64)
+    return act(v.astype(F32), act_type).astype(x.dtype)
+  return _gmm_loop(x.shape[0], w.shape[-1], segs, x.dtype, group)

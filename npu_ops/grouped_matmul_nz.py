@@ -1,0 +1,719 @@
+"""`npu_grouped_matmul` (aclnnGroupedMatmul V4/V5, aclnnGroupedMatmulWeightNz), SPEC B.4.
+
+Structure (SPEC B.4.2):
+
+* `group_type=-1`: an independent list of matmuls `y_i = x_i @ W_i` (x_i 2-6 dims).
+* `group_type=0`: m-axis groups, rows `[start_i, end_i)` of x use `W_i`; rows
+  outside every group are 0 (SPEC A.3 item 1).
+* `group_type=2`: k-axis groups, `y[i] = x[:, K_i] @ W[K_i, :]`, stacked `[E, m, n]`;
+  an empty k-group gives a zero matrix (float only, as in torch_npu).
+
+Numerics per group i (SPEC B.4.3), told apart by the dtypes of x and weight:
+
+* float: `y = x @ W + bias` (float32 accumulation, one rounding).
+* A8W8 quant: `acc = int32(x @ W)`; `(acc + int32 bias) * scale [* per_token] [+ float bias]`,
+  int8 output by the fixpipe requant of the int64 scale words, int32 output `acc + bias`.
+* A4W4: `sum_g scale[g] * (x_g @ W_g) [* per_token]` (scale words, per channel or group).
+* anti-quant (float x, int8/int4 weight): `x @ ((W + offset) * scale) + bias`.
+* A8W4 pseudo-quant: `(sum_g s_g * ((x - 8)_g @ W_g) + bias) * per_token` (the kernel's
+  hi/lo nibble split, exact in int32 through `(x - 8) @ W = x @ W - 8 * colsum`).
+* `act_type` (quant with per-token scale, A4W4, A8W4, anti-quant) after the dequant.
+
+Every m-grouped matmul runs on `npu_ops.gmm` (the float path through its custom
+VJP, so `jax.grad` works) and every k-grouped one on `tgmm_ends`; dequantization
+is a vectorized epilogue that gathers each row's group parameters. `SUPPORTED`
+lists the scenarios; `supported_table_markdown()` renders it for the README.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from npu_ops import backend
+from npu_ops import gmm as gmm_lib
+from npu_ops import groups as groups_lib
+from npu_ops import layouts, operands, row_blocks
+from npu_ops import quant as quant_lib
+from npu_ops._validation import (check_array, check_dtype, check_int_option, describe, fail,
+                                 require)
+from npu_ops.gmm_swiglu_quant import expected_tokens
+from npu_ops.quant_matmul import decode_quant_param, requant_int8
+from npu_ops.scales import float32_from_scale_words
+from npu_ops.weight_quant import antiquant_weight
+from pallas_kernels.common import TileSizes
+
+F16, BF16, F32 = np.dtype(jnp.float16), np.dtype(jnp.bfloat16), np.dtype(jnp.float32)
+I8, I32, I4 = np.dtype(jnp.int8), np.dtype(jnp.int32), np.dtype(jnp.int4)
+_FLOATS = (F16, BF16, F32)
+_WORDS = (np.dtype(np.int64), np.dtype(np.uint64))
+_MAX_TENSORS = 128
+
+FLOAT, A8W8, A4W4, A8W4, ANTIQUANT = "float", "A8W8", "A4W4", "A8W4", "antiquant"
+_SHORT = {F16: "fp16", BF16: "bf16", F32: "fp32", I8: "int8", I32: "int32", I4: "int4"}
+
+# --- the supported scenarios, as data (rendered into README by a test) ----------------------
+
+COLUMNS = ("fp16 / fp16", "bf16 / bf16", "fp32 / fp32", "int8 / int8", "int4 / int4",
+           "int8 / int4", "fp16 / int8", "bf16 / int8", "fp16 / int4", "bf16 / int4")
+_FLOAT_CELLS = {"fp16 / fp16": ("fp16",), "bf16 / bf16": ("bf16",), "fp32 / fp32": ("fp32",)}
+# scenario row -> {"x / weight" dtypes: output dtypes}; an absent cell raises.
+SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
+    "no quant, m-axis groups (group_type 0)": _FLOAT_CELLS,
+    "no quant, k-axis groups (group_type 2)": _FLOAT_CELLS,
+    "no quant, independent list (group_type -1)": _FLOAT_CELLS,
+    "quant: scale, int32 or float bias": {"int8 / int8": ("int8", "fp16", "bf16", "int32")},
+    "quant: scale and per_token_scale": {"int8 / int8": ("fp16", "bf16")},
+    "quant A4W4: scale words per channel or group": {"int4 / int4": ("fp16", "bf16")},
+    "anti-quant per channel": {c: (c[:4],) for c in COLUMNS[6:]},
+    "anti-quant per group": {"fp16 / int4": ("fp16",), "bf16 / int4": ("bf16",)},
+    "pseudo-quant A8W4 (quant_group_size, bias, per_token_scale)": {
+        "int8 / int4": ("fp16", "bf16")},
+}
+# Recognized but not implemented (NotImplementedError): row -> reason.
+PLANNED: dict[str, str] = {
+    "pseudo-quant A8W4 asymmetric (offset)": "SPEC B.4.3 leaves the use of offset open",
+    "MX / fp8 / hif8 (Ascend 950)": "not on A2/A3",
+}
+ACT_NOTE = ("`act_type` 1 ReLU, 2 GELU-tanh, 4 FastGELU, 5 SiLU: after the dequant (quant with "
+            "per_token_scale, A8W4, anti-quant); 3 GELU-erf is unsupported, as in torch_npu.")
+
+
+def supported_table_markdown() -> str:
+  """The README table: scenarios (rows) x (x / weight dtypes) (columns) -> output dtypes."""
+  lines = ["| scenario | " + " | ".join(COLUMNS) + " |",
+           "|---|" + "---|" * len(COLUMNS)]
+  for row, cells in SUPPORTED.items():
+    lines.append(f"| {row} | " + " | ".join(", ".join(cells[c]) if c in cells else "-"
+                                             for c in COLUMNS) + " |")
+  for row, reason in PLANNED.items():
+    lines.append(f"| {row} | planned ({reason}) |" + " |" * (len(COLUMNS) - 1))
+  return "\n".join(lines + ["", ACT_NOTE])
+
+
+# --- public op ---------------------------------------------------------------------------------
+
+def npu_grouped_matmul(x: Any, weight: Any, *, bias: Any = None, scale: Any = None,
+                       offset: Any = None, antiquant_scale: Any = None,
+                       antiquant_offset: Any = None, per_token_scale: Any = None,
+                       group_list: Any = None, split_item: int = 0, group_type: int | None = None,
+                       group_list_type: int = 0, act_type: int = 0, output_dtype: Any = None,
+                       tuning_config: Any = None, quant_group_size: int = 0,
+                       implementation: str | None = None, interpret: bool = False,
+                       tiles: TileSizes | None = None) -> list[jax.Array]:
+  """torch_npu.npu_grouped_matmul (SPEC B.4); weights in ND or FRACTAL_NZ.
+
+  Args:
+    x: an array or a list of arrays. float16/bfloat16/float32 (float and
+      anti-quant), int8 (quant, A8W4), or int4 as int32 words `[m, k/8]` /
+      `jnp.int4` (A4W4). 2-D, except with group_type -1 (2-6 dims).
+    weight: an array `[E, k, n]` or a list of `[k, n]` arrays (group_type 2: one
+      `[k, n]`, or a list whose k ranges are concatenated). Float weights have
+      x's dtype; int8; int4 as int32 words (`n/8` last dim) or `jnp.int4`. Any of
+      them may be FRACTAL_NZ storage (two more dims, `npu_format_cast(w, 29)`);
+      n then comes from scale / antiquant_scale / bias, else the padded width.
+    bias: per group `[E, n]` or a list of `[n]`: float16 for float16 x, float32
+      for bfloat16/float32 x; int32 or bfloat16/float16/float32 for A8W8; float32
+      (required, offline `8 * sum_k W * s`) for A8W4.
+    scale: A8W8: `[E, n]` / `[E, 1]` int64 words of `npu_trans_quant_param` (int8
+      output, the offset rides in the words), bfloat16 (bfloat16 output) or
+      float32 (float16/bfloat16 output; used as is). A4W4: words with float32 bits
+      in the low word (or float32), `[E, n]` or `[E, G, n]`; A8W4: the same,
+      `[E, k/quant_group_size, n]`.
+    offset: None (A8W4 asymmetric quantization is planned).
+    antiquant_scale, antiquant_offset: anti-quant, x's dtype, `[E, n]` per channel
+      or `[E, G, n]` per group (int4 weights, G dividing k).
+    per_token_scale: float32 `[m]` (a list of `[m_i]` per x with group_type -1).
+    group_list: Python ints (static) or an int32/int64 array (dynamic, one
+      compilation for all values), at most E entries.
+    split_item: 0/1 a list of outputs (per x, or per group with 1), 2/3 one
+      output (m-axis: `[m, n]`, k-axis: `[E, m, n]`, list: concatenated along m).
+    group_type: None (0 with a group_list, else -1), -1, 0 or 2.
+    group_list_type: 0 cumsum, 1 counts, 2 `[E, 2]` (expert, size) pairs
+      (m-axis only; A8W4 always reads counts, as the kernel).
+    act_type: 0 none, 1 relu, 2 gelu-tanh, 4 fast-gelu, 5 silu.
+    output_dtype: None (x's dtype for float x; A8W8: from the scale dtype, int8
+      for words, bfloat16 for bfloat16, float16 for float32; A4W4/A8W4: float16)
+      or int8 / float16 / bfloat16 / int32 / float32 where SUPPORTED lists it.
+    tuning_config: `[expected tokens per expert, ...]`: a row-block size hint.
+    quant_group_size: 0 or k / G (A8W4, 256 on the NPU).
+    implementation: None, "xla", "reference", "pallas_tpu" or "pallas_gpu"
+      (`npu_ops.backend`): the float grouped matmuls (m- and k-axis) run on the
+      Pallas kernels; integer scenarios have none (None falls back to XLA).
+    interpret, tiles: run a kernel in interpret mode; the kernels' tile sizes.
+
+  Returns:
+    A list of arrays (see split_item).
+
+  Raises:
+    ValueError / TypeError naming the argument for shapes, dtypes and modes
+    outside SPEC B.4; NotImplementedError for the PLANNED scenarios.
+  """
+  split_item = check_int_option("split_item", split_item, (0, 1, 2, 3))
+  if isinstance(act_type, (int, np.integer)) and not isinstance(act_type, bool) and act_type == 3:
+    fail("act_type", "0, 1, 2, 4 or 5 (3, GELU-erf, is unsupported by torch_npu)", 3)
+  act_type = check_int_option("act_type", act_type, quant_lib.ACT_TYPES)
+  if group_type is None:
+    group_type = 0 if group_list is not None else -1
+  if group_type == 1:
+    fail("group_type", "-1, 0 or 2 (n-axis grouping, 1, is unsupported by torch_npu)", 1)
+  group_type = check_int_option("group_type", group_type, (-1, 0, 2))
+  group_list_type = check_int_option("group_list_type", group_list_type, (0, 1, 2))
+  if quant_group_size is None:
+    quant_group_size = 0
+  if isinstance(quant_group_size, bool) or not isinstance(quant_group_size, (int, np.integer)):
+    fail("quant_group_size", "a Python int (0, or the k-group size of A8W4)",
+         repr(quant_group_size), TypeError)
+  opts = _Options(act_type=act_type, output_dtype=output_dtype,
+                  quant_group_size=int(quant_group_size), implementation=implementation,
+                  expected_tokens=expected_tokens(tuning_config), interpret=interpret,
+                  tiles=tiles)
+  backend.check(implementation, interpret, tiles)
+  xs = _tensor_list(x, "x")
+  params = dict(bias=bias, scale=scale, offset=offset, antiquant_scale=antiquant_scale,
+                antiquant_offset=antiquant_offset)
+  if group_type == -1:
+    if group_list is not None:
+      fail("group_list", "None with group_type=-1 (an independent list of matmuls)",
+           describe(group_list))
+    return _independent(xs, weight, params, per_token_scale, split_item, opts)
+  if group_type == 2:
+    return _k_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
+                      split_item, opts)
+  return _m_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
+                    split_item, opts)
+
+
+class _Options(NamedTuple):
+  act_type: int
+  output_dtype: Any
+  quant_group_size: int
+  implementation: str | None
+  expected_tokens: int | None
+  interpret: bool
+  tiles: TileSizes | None
+
+  def run(self, block_sizes: row_blocks.GmmBlockSizes) -> dict[str, Any]:
+    """The keyword arguments of the package's grouped matmuls."""
+    return dict(implementation=self.implementation, block_sizes=block_sizes,
+                interpret=self.interpret, tiles=self.tiles)
+
+
+def _tensor_list(value: Any, name: str) -> list[Any]:
+  items = list(value) if isinstance(value, (list, tuple)) else [value]
+  require(1 <= len(items) <= _MAX_TENSORS, name, f"1 to {_MAX_TENSORS} arrays", len(items))
+  for i, v in enumerate(items):
+    check_array(f"{name}[{i}]" if len(items) > 1 else name, v)
+  return items
+
+
+# --- structure ---------------------------------------------------------------------------------
+
+def _m_grouped(xs, weight, params, per_token_scale, group_list, group_list_type, split_item,
+               opts):
+  """group_type 0: x (one or a list, concatenated along m) against E stacked weights."""
+  for xi in xs:
+    require(xi.ndim == 2, "x", "2-D arrays [m, k] with group_type=0", describe(xi))
+  x = xs[0] if len(xs) == 1 else jnp.concatenate([jnp.asarray(xi) for xi in xs])
+  if group_list is None:
+    require(len(xs) > 1, "group_list", "a group list with group_type=0 and a single x", None)
+    group_list, group_list_type = [xi.shape[0] for xi in xs], 1
+  pts = per_token_scale
+  if isinstance(pts, (list, tuple)) and len(pts) == 1:
+    pts = pts[0]
+  elif isinstance(pts, (list, tuple)):
+    pts = jnp.concatenate([jnp.asarray(p) for p in _tensor_list(pts, "per_token_scale")])
+  w = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
+  if isinstance(weight, (list, tuple)) and len(weight) == 1 and w.ndim in (2, 4):
+    w = w[None]  # a list of one [k, n] weight: one expert
+  stacked = {k: _stack_params(v, k) for k, v in params.items()}
+  y, ends = _grouped(x, w, stacked, pts, group_list, group_list_type, opts)
+  if split_item in (2, 3):
+    return [y]
+  if split_item == 0:  # one output per x
+    cuts = np.cumsum([xi.shape[0] for xi in xs])[:-1]
+    return list(jnp.split(y, cuts)) if len(xs) > 1 else [y]
+  require(isinstance(ends, tuple), "split_item",
+          "0, 2 or 3 with a dynamic group_list (1 makes output shapes depend on its values)", 1)
+  return list(jnp.split(y[:ends[-1]], list(ends[:-1])))  # per group [size_i, n]
+
+
+def _stack_params(value, name):
+  """A per-group TensorList as one `[E, ...]` array; NumPy lists stay NumPy (int64 words)."""
+  if value is None:
+    return None
+  if (isinstance(value, (list, tuple)) and len(value) > 1 and
+      all(isinstance(v, np.ndarray) for v in value)):
+    require(len({(v.shape, v.dtype) for v in value}) == 1, name,
+            "per-group arrays of equal shapes and dtypes", [describe(v) for v in value])
+    return np.stack(value)
+  return operands.stack_tensor_list(value, name, expert_rank=(1, 2))
+
+
+def _independent(xs, weight, params, per_token_scale, split_item, opts):
+  """group_type -1: y_i = x_i @ W_i for each pair, each a one-group problem."""
+  if isinstance(weight, (list, tuple)):
+    ws = list(weight)
+  else:
+    check_array("weight", weight)
+    require(weight.ndim in (3, 5), "weight", "a list of [k, n] arrays or a stacked [E, k, n] "
+            "(rank 3) / FRACTAL_NZ (rank 5) array", describe(weight))
+    ws = [weight[i] for i in range(weight.shape[0])]
+  require(len(ws) == len(xs), "weight", f"{len(xs)} weights, one per x (group_type=-1)", len(ws))
+  per_pair = {k: _per_pair(v, k, len(xs)) for k, v in params.items()}
+  pts = _per_pair(per_token_scale, "per_token_scale", len(xs))
+  outs = []
+  for i, (xi, wi) in enumerate(zip(xs, ws)):
+    require(2 <= xi.ndim <= 6, "x", "2 to 6 dims with group_type=-1", describe(xi))
+    check_array("weight", wi)
+    require(wi.ndim in (2, 4), "weight", "[k, n] (ND) or rank-4 FRACTAL_NZ arrays", describe(wi))
+    x2 = jnp.asarray(xi).reshape(-1, xi.shape[-1])
+    pi = {k: None if v[i] is None else v[i][None] for k, v in per_pair.items()}
+    y, _ = _grouped(x2, wi[None], pi, pts[i], [x2.shape[0]], 1, opts)
+    outs.append(y.reshape(*xi.shape[:-1], y.shape[-1]))
+  if split_item in (2, 3):
+    require(len({o.shape[-1] for o in outs}) == 1, "split_item",
+            "0 or 1 when the outputs have different n (2/3 concatenates along m)", split_item)
+    return [jnp.concatenate([o.reshape(-1, o.shape[-1]) for o in outs])]
+  return outs
+
+
+def _per_pair(value, name, count):
+  if value is None:
+    return [None] * count
+  if isinstance(value, (list, tuple)):
+    require(len(value) == count, name, f"{count} arrays, one per x (group_type=-1)", len(value))
+    return list(value)
+  check_array(name, value)
+  if count == 1:
+    return [value]
+  require(value.shape[0] == count, name, f"a list of {count} arrays or a leading dim of {count}",
+          describe(value))
+  return [value[i] for i in range(count)]
+
+
+def _k_grouped(xs, weight, params, per_token_scale, group_list, group_list_type, split_item,
+               opts):
+  """group_type 2 (float only): y[i] = x[:, K_i] @ W[K_i, :], stacked [E, m, n]."""
+  for name, v in list(params.items()) + [("per_token_scale", per_token_scale)]:
+    if v is not None:
+      fail(name, "None with group_type=2 (k-axis grouping is float only, without bias)",
+           describe(v))
+  if opts.act_type:
+    fail("act_type", "0 with group_type=2", opts.act_type)
+  require(len(xs) == 1, "x", "a single [m, k] array with group_type=2", f"{len(xs)} arrays")
+  x = jnp.asarray(xs[0])
+  require(x.ndim == 2, "x", "[m, k] with group_type=2", describe(x))
+  check_dtype("x", x, _FLOATS)
+  require(group_list_type != 2, "group_list_type", "0 or 1 with group_type=2 (pairs name "
+          "experts; k-groups share one weight)", group_list_type)
+  k = x.shape[1]
+  ws = _tensor_list(weight, "weight")
+  # One weight: its k is x's; a list's k ranges come from ND shapes (NZ pads them).
+  one_k = k if len(ws) == 1 else None
+  parts = [_float_weight(w if w.ndim in (3, 5) else w[None], k=one_k, n=None,
+                         name="weight")[0] for w in ws]
+  for w in parts:
+    require(w.shape[0] == 1, "weight", "one [k, n] weight per list entry with group_type=2",
+            describe(w))
+  parts = [w[0] for w in parts]
+  w = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+  if group_list is None:
+    require(len(parts) > 1, "group_list", "a group list over k with group_type=2", None)
+    group_list, group_list_type = [p.shape[0] for p in parts], 1
+  require(w.shape[0] == k, "weight", f"k={k} rows in all (the k of x {describe(x)})",
+          describe(w))
+  require(w.dtype == x.dtype, "weight", f"the dtype of x ({x.dtype.name})", describe(w),
+          TypeError)
+  _check_output_dtype(opts.output_dtype, (np.dtype(x.dtype),))
+  # k-groups share one weight: as many groups as the list has entries
+  num = (len(group_list) if groups_lib.is_static(group_list) else
+         group_list.shape[0] if getattr(group_list, "ndim", 0) >= 1 else 1)
+  ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=k,
+                               num_groups=max(num, 1))
+  # [E, m, n] = per k-group, (x^T)[K_i]^T @ W[K_i]: tgmm over the rows of x^T and W.
+  y = gmm_lib.differentiable_tgmm(x.T, w, ends, num_groups=len(ends), out_dtype=x.dtype,
+                                  **opts.run(_block_sizes(k, len(ends), opts)))
+  return [y] if split_item in (2, 3) else list(y)
+
+
+def _block_sizes(rows, groups, opts):
+  return row_blocks.GmmBlockSizes.for_problem(rows, groups, opts.expected_tokens)
+
+
+# --- one grouped problem: canonical operands, then one scenario ----------------------------
+
+_FP8 = tuple(np.dtype(d) for d in (jnp.float8_e4m3fn, jnp.float8_e5m2))
+
+
+def _scenario(x, w) -> str:
+  xd, wd = np.dtype(x.dtype), np.dtype(w.dtype)
+  if xd in _FP8 or wd in _FP8:
+    raise NotImplementedError("npu_grouped_matmul: fp8 / MX operands (Ascend 950) are planned")
+  if xd in _FLOATS:
+    if wd in _FLOATS:
+      return FLOAT
+    if xd != F32 and wd in (I8, I32, I4):
+      return ANTIQUANT
+  elif xd == I8 and wd == I8:
+    return A8W8
+  elif xd == I8 and wd in (I32, I4):
+    return A8W4
+  elif xd in (I32, I4) and wd in (I32, I4):
+    return A4W4
+  fail("weight", f"a dtype combination of SPEC B.4.3 with x {describe(x)} (float x: the same "
+       "float or, for fp16/bf16 x, int8/int4; int8 x: int8 or int4; int4 x: int4)",
+       describe(w), TypeError)
+
+
+def _n_hint(w, params) -> int | None:
+  """Logical n of an NZ weight: from a per-channel parameter, as torch_npu infers it."""
+  if w.ndim != 5:
+    return None
+  for name in ("scale", "antiquant_scale", "bias"):
+    p = params.get(name)
+    if p is not None and p.shape[-1] > 1:
+      return int(p.shape[-1])
+  packed = np.dtype(w.dtype) == I32
+  return w.shape[1] * layouts.nz_c0(w.dtype) * (layouts.INT4_PER_INT32 if packed else 1)
+
+
+def _float_weight(w, *, k, n, name):
+  """float ND [E, k, n] or NZ [E, n1, k1, 16, c0] -> (ND [E, k, n], n)."""
+  check_dtype(name, w, _FLOATS)
+  if w.ndim == 3:
+    if k is not None:
+      require(w.shape[1] == k, name, f"[E, k={k}, n] (k of x)", describe(w))
+    return w, w.shape[-1]
+  require(w.ndim == 5, name, "rank 3 (ND [E, k, n]) or rank 5 (FRACTAL_NZ), or a list of "
+          "rank-2/4 arrays", describe(w))
+  c0 = layouts.nz_c0(w.dtype)
+  k = w.shape[2] * layouts.NZ_ROWS if k is None else k
+  n = w.shape[1] * c0 if n is None else n
+  want = layouts.nz_shape((w.shape[0], k, n), w.dtype)
+  require(tuple(w.shape) == want, name, f"FRACTAL_NZ storage {list(want)} for a logical "
+          f"weight [E, {k}, {n}]", describe(w))
+  return layouts.from_nz(w, k, n), n
+
+
+def _grouped(x, w, params, pts, group_list, group_list_type, opts):
+  """x [m, k] against stacked weights w [E, ...] -> (y [m, n], ends)."""
+  check_array("x", x)
+  check_array("weight", w)
+  scenario = _scenario(x, w)
+  if params["offset"] is not None:
+    if scenario == A8W4:
+      raise NotImplementedError("npu_grouped_matmul: A8W4 asymmetric quantization (offset) "
+                                "is planned; SPEC B.4.3 leaves the use of offset open")
+    fail("offset", "None (torch_npu: reserved; int8 output takes the offset from int64 "
+         "scale words)", describe(params["offset"]))
+  if scenario in (FLOAT, ANTIQUANT):
+    xv, k = jnp.asarray(x), x.shape[1]
+  else:
+    xv = operands.canonical_lhs(x).values
+    k = xv.shape[1]
+  m = xv.shape[0]
+  n = _n_hint(w, params)
+  if scenario == FLOAT:
+    wv, n = _float_weight(w, k=k, n=n, name="weight")
+  else:
+    require(w.ndim in (3, 5), "weight", "rank 3 (ND [E, k, n]) or rank 5 (FRACTAL_NZ), or a "
+            "list of rank-2/4 arrays", describe(w))
+    if n is None:
+      n = w.shape[-1] * (layouts.INT4_PER_INT32 if np.dtype(w.dtype) == I32 else 1)
+      require(w.shape[1] == k, "weight", f"[E, k={k}, n] (k of x {describe(x)})", describe(w))
+    iw = operands.canonical_weight(w, k=k, n=n)
+    wv = iw.values
+  e = wv.shape[0]
+  if scenario == A8W4:
+    group_list_type = 1  # the A8W4 kernel reads counts whatever group_list_type says
+    require(groups_lib.is_static(group_list) or getattr(group_list, "ndim", 1) == 1,
+            "group_list", "counts [E] (A8W4 reads the group list as counts)",
+            describe(group_list))
+  if group_list_type == groups_lib.PAIRS:
+    ends, experts = groups_lib.group_segments(group_list, m=m, num_groups=e)
+  else:
+    ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
+                                 num_groups=e)
+    experts = None
+  prep = _PREPARE[scenario](xv, wv, params, pts, m=m, k=k, n=n, e=e, opts=opts,
+                            int4_weight=np.dtype(w.dtype) in (I32, I4))
+  if experts is not None:  # (expert, size) pairs: segment r uses expert experts[r]
+    ids = jnp.asarray(experts, jnp.int32)
+    prep = prep._replace(w=jnp.take(prep.w, ids, axis=0),
+                         per_group={k_: jnp.take(v, ids, axis=0)
+                                    for k_, v in prep.per_group.items()})
+  gid = groups_lib.row_group_ids(ends, m)  # len(ends) for rows outside every group
+  y = _COMPUTE[scenario](prep, ends, gid, gid < len(ends), opts,
+                         _block_sizes(m, len(ends), opts))
+  return y, ends
+
+
+class _Prepared(NamedTuple):
+  x: jax.Array                     # [m, k]: float, or int8 values
+  w: jax.Array                     # [E, k, n]: float (dequantized), or int8 values
+  per_group: dict[str, jax.Array]  # leading E: gathered per row by group id
+  pts: jax.Array | None            # float32 [m]
+  out_dtype: np.dtype
+
+
+# --- validation per scenario -------------------------------------------------------------------
+
+def _check_output_dtype(output_dtype, allowed) -> np.dtype:
+  """None -> allowed[0] (the scenario's default); else one of `allowed`."""
+  if output_dtype is None:
+    return np.dtype(allowed[0])
+  try:
+    dt = np.dtype(output_dtype)
+  except TypeError:
+    fail("output_dtype", "a dtype", repr(output_dtype), TypeError)
+  require(dt in allowed, "output_dtype", f"one of {[_SHORT.get(a, a.name) for a in allowed]} "
+          "for this scenario", dt.name, TypeError)
+  return dt
+
+
+def _forbid(params, pts, names, scenario):
+  for name in names:
+    v = pts if name == "per_token_scale" else params[name]
+    if v is not None:
+      fail(name, f"None in the {scenario} scenario", describe(v))
+
+
+def _per_group(name, v, e, n, dtypes, *, groups=False, k=None):
+  """[E, n] / [E, 1] (or [E, G, n] with groups) of `dtypes` -> [E, G, n or 1] as given."""
+  check_dtype(name, v, dtypes)
+  v = jnp.asarray(v) if not isinstance(v, np.ndarray) else v
+  ok = (v.ndim == 2 and v.shape[0] == e and v.shape[1] in (1, n)) or (
+      groups and v.ndim == 3 and v.shape[0] == e and v.shape[2] in (1, n) and
+      v.shape[1] >= 1 and k % v.shape[1] == 0)
+  shapes = f"[E={e}, n={n}] or [E, 1]" + (f", or [E, G, n] with G dividing k={k}" if groups else "")
+  require(ok, name, shapes, describe(v))
+  return v.reshape(e, -1, v.shape[-1])
+
+
+def _check_pts(pts, m):
+  check_dtype("per_token_scale", pts, (F32,))
+  require(tuple(pts.shape) == (m,), "per_token_scale", f"shape [m={m}]", describe(pts))
+  return jnp.asarray(pts, jnp.float32)
+
+
+def _act_needs(opts, ok, what):
+  if opts.act_type:
+    require(ok, "act_type", f"0 {what}", opts.act_type)
+
+
+def _prepare_float(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
+  _forbid(params, pts, ("scale", "antiquant_scale", "antiquant_offset", "per_token_scale"),
+          "float (no quant)")
+  _act_needs(opts, False, "without quantization (torch_npu applies it after a dequant)")
+  dt = np.dtype(x.dtype)
+  require(np.dtype(w.dtype) == dt, "weight", f"the dtype of x ({dt.name})", describe(w),
+          TypeError)
+  out = _check_output_dtype(opts.output_dtype, (dt,))
+  per_group = {}
+  if params["bias"] is not None:
+    want = F16 if dt == F16 else F32
+    b = _per_group("bias", params["bias"], e, n, (want,))
+    per_group["bias"] = jnp.asarray(b, jnp.float32)
+  return _Prepared(x, w, per_group, None, out)
+
+
+def _prepare_antiquant(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
+  _forbid(params, pts, ("scale", "per_token_scale"), "anti-quant")
+  dt = np.dtype(x.dtype)
+  s = params["antiquant_scale"]
+  if s is None:
+    fail("antiquant_scale", f"a {dt.name} scale for an integer weight with float x", None)
+  # per group: int4 weights only (SPEC B.4.3)
+  scale = _per_group("antiquant_scale", s, e, n, (dt,), groups=int4_weight, k=k)
+  offset = None
+  if params["antiquant_offset"] is not None:
+    o = params["antiquant_offset"]
+    require(tuple(o.shape) == tuple(s.shape), "antiquant_offset",
+            f"the shape of antiquant_scale {list(s.shape)}", describe(o))
+    offset = _per_group("antiquant_offset", o, e, n, (dt,), groups=int4_weight, k=k)
+  out = _check_output_dtype(opts.output_dtype, (dt,))
+  # [E, G, n] -> [E, k, n]: row kk of k uses group kk // (k / G)
+  rows = lambda v: jnp.repeat(jnp.asarray(v), k // v.shape[1], axis=1)
+  # SPEC B.4.3: float16 rounds after the offset and the scale, bfloat16 once (float32 math).
+  wf = antiquant_weight(w, rows(scale), None if offset is None else rows(offset), dt,
+                        inter=dt if dt == F16 else F32)
+  per_group = {}
+  if params["bias"] is not None:
+    b = _per_group("bias", params["bias"], e, n, (F16 if dt == F16 else F32,))
+    per_group["bias"] = jnp.asarray(b, jnp.float32)
+  return _Prepared(x, wf, per_group, None, out)
+
+
+def _prepare_a8w8(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
+  _forbid(params, pts, ("antiquant_scale", "antiquant_offset"), "quant (int8 x int8)")
+  s = params["scale"]
+  if s is None:
+    fail("scale", "a per-channel scale for int8 x and weight (int64 words, bfloat16 or float32)",
+         None)
+  check_dtype("scale", s, _WORDS + (BF16, F32))
+  sd = np.dtype(s.dtype)
+  words = sd in _WORDS
+  allowed = {True: (I8, I32), False: (BF16, I32) if sd == BF16 else (F16, BF16, I32)}[words]
+  out = _check_output_dtype(opts.output_dtype, allowed)
+  per_group = {}
+  if out != I32:
+    if words:
+      sc, off = decode_quant_param(np.asarray(s) if isinstance(s, np.ndarray) else s, "scale")
+      per_group["scale"] = _per_group("scale", sc, e, n, (F32,))
+      per_group["offset"] = _per_group("scale", off.astype(jnp.float32), e, n, (F32,))
+    else:
+      per_group["scale"] = jnp.asarray(_per_group("scale", s, e, n, (sd,)), jnp.float32)
+  if pts is not None:
+    require(out in (F16, BF16), "per_token_scale", "None unless the output is float16/bfloat16",
+            describe(pts))
+    pts = _check_pts(pts, m)
+  _act_needs(opts, pts is not None, "unless per_token_scale is given (quant scenario)")
+  b = params["bias"]
+  if b is not None:
+    float_out = out in (F16, BF16)
+    bias_dtypes = (I32, BF16, F16, F32) if float_out else (I32,)
+    b = _per_group("bias", b, e, n, bias_dtypes)
+    per_group["int_bias" if np.dtype(b.dtype) == I32 else "float_bias"] = (
+        jnp.asarray(b) if np.dtype(b.dtype) == I32 else jnp.asarray(b, jnp.float32))
+  return _Prepared(x, w, per_group, pts, out)
+
+
+def _int4_scale(s, e, n, k):
+  if s is None:
+    fail("scale", "scale words (float32 bits in the low word) or float32 for int4 weights", None)
+  check_dtype("scale", s, _WORDS + (I32, np.dtype(np.uint32), F32))
+  require((s.ndim in (2, 3)) and s.shape[0] == e and s.shape[-1] == n and
+          (s.ndim == 2 or k % s.shape[1] == 0), "scale",
+          f"[E={e}, n={n}] per channel or [E, G, n] with G dividing k={k}", describe(s))
+  return float32_from_scale_words(s, "scale").reshape(e, -1, n)
+
+
+def _prepare_a4w4(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
+  _forbid(params, pts, ("bias", "antiquant_scale", "antiquant_offset"), "A4W4 quant")
+  out = _check_output_dtype(opts.output_dtype, (F16, BF16))
+  per_group = {"scale": _int4_scale(params["scale"], e, n, k)}
+  if pts is not None:
+    pts = _check_pts(pts, m)
+  _act_needs(opts, pts is not None, "unless per_token_scale is given (quant scenario)")
+  return _Prepared(x, w, per_group, pts, out)
+
+
+def _prepare_a8w4(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
+  _forbid(params, pts, ("antiquant_scale", "antiquant_offset"), "A8W4 pseudo-quant")
+  out = _check_output_dtype(opts.output_dtype, (F16, BF16))
+  scale = _int4_scale(params["scale"], e, n, k)
+  groups = scale.shape[1]
+  qgs = opts.quant_group_size
+  require(qgs in (0, k // groups), "quant_group_size",
+          f"0 or k / G = {k // groups} (scale {list(scale.shape)})", qgs)
+  if params["bias"] is None:
+    fail("bias", "float32 [E, n] (the offline 8 * sum_k W * scale term of A8W4)", None)
+  b = _per_group("bias", params["bias"], e, n, (F32,))
+  require(b.shape[-1] == n, "bias", f"[E={e}, n={n}]", describe(params["bias"]))
+  if pts is None:
+    fail("per_token_scale", f"float32 [m={m}] (A8W4 pseudo-quant)", None)
+  colsum8 = operands.colsum8(w, groups)
+  per_group = {"scale": scale, "bias": jnp.asarray(b, jnp.float32)[:, 0], "colsum8": colsum8}
+  return _Prepared(x, w, per_group, _check_pts(pts, m), out)
+
+
+_PREPARE = {FLOAT: _prepare_float, ANTIQUANT: _prepare_antiquant, A8W8: _prepare_a8w8,
+            A4W4: _prepare_a4w4, A8W4: _prepare_a8w4}
+
+
+# --- compute ----------------------------------------------------------------------------------
+
+def _compute_float(p, ends, gid, inside, opts, block_sizes):
+  epilogue = bool(p.per_group) or bool(opts.act_type)
+  # The custom-VJP grouped matmul: jax.grad flows to x and the (dequantized) weight.
+  y = gmm_lib.differentiable_gmm(p.x, p.w, ends, out_dtype=F32 if epilogue else p.out_dtype,
+                                 **opts.run(block_sizes))
+  if not epilogue:
+    return y
+  return _float_epilogue(y, gid, inside, p.per_group.get("bias"), act_type=opts.act_type,
+                         out_dtype=p.out_dtype)
+
+
+def _k_group_accs(p, ends, opts, block_sizes, groups):
+  """int32 `x_g @ W_g` for each of the G k-groups (G = 1: the whole k)."""
+  k = p.x.shape[1]
+  gs = k // groups
+  return [gmm_lib.gmm(p.x[:, g * gs:(g + 1) * gs], p.w[:, g * gs:(g + 1) * gs], ends,
+                      out_dtype=jnp.int32, **opts.run(block_sizes)) for g in range(groups)]
+
+
+def _compute_a8w8(p, ends, gid, inside, opts, block_sizes):
+  (acc,) = _k_group_accs(p, ends, opts, block_sizes, 1)
+  return _a8w8_epilogue(acc, gid, inside, p.per_group, p.pts, act_type=opts.act_type,
+                        out_dtype=p.out_dtype)
+
+
+def _compute_a4w4(p, ends, gid, inside, opts, block_sizes):
+  scale = p.per_group["scale"]
+  accs = _k_group_accs(p, ends, opts, block_sizes, scale.shape[1])
+  return _grouped_scale_epilogue(accs, gid, inside, scale, None, None, p.pts,
+                                 act_type=opts.act_type, out_dtype=p.out_dtype)
+
+
+def _compute_a8w4(p, ends, gid, inside, opts, block_sizes):
+  scale = p.per_group["scale"]
+  accs = _k_group_accs(p, ends, opts, block_sizes, scale.shape[1])
+  return _grouped_scale_epilogue(accs, gid, inside, scale, p.per_group["colsum8"],
+                                 p.per_group["bias"], p.pts, act_type=opts.act_type,
+                                 out_dtype=p.out_dtype)
+
+
+_COMPUTE = {FLOAT: _compute_float, ANTIQUANT: _compute_float, A8W8: _compute_a8w8,
+            A4W4: _compute_a4w4, A8W4: _compute_a8w4}
+
+
+def _rows(v, gid):
+  """Per-group `[E, ...]` -> per-row `[m, ...]`; rows outside every group read the last."""
+  return jnp.take(v, jnp.minimum(gid, v.shape[0] - 1), axis=0)
+
+
+def _finish(v, gid, inside, pts, float_bias, act_type, out_dtype):
+  """float32 [m, n]: * per-token, + float bias, activation, zero outside groups, cast."""
+  if pts is not None:
+    v = v * pts[:, None]
+  if float_bias is not None:
+    v = v + _rows(float_bias, gid)
+  v = quant_lib.activation(v, act_type)
+  return jnp.where(inside[:, None], v, 0).astype(out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("act_type", "out_dtype"))
+def _float_epilogue(y, gid, inside, bias, *, act_type, out_dtype):
+  return _finish(y, gid, inside, None, None if bias is None else bias[:, 0], act_type, out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("act_type", "out_dtype"))
+def _a8w8_epilogue(acc, gid, inside, per_group, pts, *, act_type, out_dtype):
+  if "int_bias" in per_group:  # int32 bias joins the accumulator before scaling
+    acc = acc + _rows(per_group["int_bias"][:, 0], gid)
+  if out_dtype == I32:
+    return jnp.where(inside[:, None], acc, 0)
+  v = acc.astype(jnp.float32) * _rows(per_group["scale"][:, 0], gid)
+  if out_dtype == I8:  # fixpipe requant: RNE, s9 clip, + s9 offset from the words, int8 clip
+    return jnp.where(inside[:, None], requant_int8(v, _rows(per_group["offset"][:, 0], gid)), 0)
+  fb = per_group.get("float_bias")
+  return _finish(v, gid, inside, pts, None if fb is None else fb[:, 0], act_type, out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("act_type", "out_dtype"))
+def _grouped_scale_epilogue(accs, gid, inside, scale, colsum8, bias, pts, *, act_type,
+                            out_dtype):
+  """A4W4 / A8W4: sum_g s_g * (acc_g [- 8 colsum_g]) [+ bias], then _finish."""
+  v = 0
+  for g, acc in enumerate(accs):
+    if colsum8 is not None:  # (x - 8)_g @ W_g, exact in int32
+      acc = acc - _rows(colsum8[:, g], gid)
+    v = v + acc.astype(jnp.float32) * _rows(scale[:, g], gid)
+  if bias is not None:  # A8W4: the offline bias joins before the per-token scale
+    v = v + _rows(bias, gid)
+  return _finish(v, gid, inside, pts, None, act_type, out_dtype)
