@@ -249,3 +249,20 @@ def test_v1_takes_the_kernel_too():
                                     scenario="A8W8")
   assert_int8_close(q, want_q)
   assert_scale_close(s, want_s)
+
+
+@pytest.mark.parametrize("group_type", [0, 2])
+def test_npu_grouped_matmul_float_paths_on_the_kernels(group_type):
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(M, K)).astype(np.float32))
+  if group_type == 0:   # m-axis: rows of x per expert weight
+    w, group_list = jnp.asarray(rng.normal(size=(E, K, N)).astype(np.float32)), [50, 50, 110, 140]
+  else:                 # k-axis: k ranges of x and of one weight
+    w, group_list = jnp.asarray(rng.normal(size=(K, N)).astype(np.float32)), [40, 40, 100, 160]
+  run = lambda **kw: npu_ops.npu_grouped_matmul(x, w, group_list=jnp.asarray(group_list),
+                                                group_type=group_type, split_item=3, **kw)[0]
+  got = run(implementation="pallas_tpu", interpret=True, tiles=TILES)
+  want = run(implementation="xla")
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  jaxpr = str(jax.make_jaxpr(lambda: run(implementation="pallas_gpu", interpret=True))())
+  assert "pallas_call" in jaxpr
