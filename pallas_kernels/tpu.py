@@ -70,7 +70,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   nh = n // 2
   groups = w_scale.shape[1]
   a8w4 = assist is not None
-  bm, bn = tiles.block_m, tiles.block_n
+  bn = tiles.block_n
+  bm = _fit_row_buffer(tiles.block_m, common.round_up(nh, bn))
   bk = common.k_tile(k, groups, tiles.block_k)
   xp = common.pad_2d(x, bm, bk)
   wp = common.pad_axis(common.pad_halves(w, bn), 1, bk)
@@ -176,6 +177,19 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   return _zero_rows_past_total(q[:m, :nh], qs[:m, 0], ends)
 
 
+
+
+# VMEM for the fused kernel's row buffer (float32) and its int8 output block (double
+# buffered): 6 bytes per row and SwiGLU column. 8 MiB leaves room for the weight tiles
+# within the 16 MiB default scoped VMEM of v4/v5e.
+_ROW_BUFFER_BYTES = 8 * 2**20
+
+
+def _fit_row_buffer(block_m: int, n_half: int) -> int:
+  """Halves block_m (down to 32 rows) until the `[block_m, n/2]` buffers fit."""
+  while block_m > 32 and block_m * n_half * 6 > _ROW_BUFFER_BYTES:
+    block_m //= 2
+  return block_m
 
 
 def _zero_rows_past_total(q, qs, ends):

@@ -181,6 +181,13 @@ def test_explicit_kernel_requests_that_cannot_be_served_raise():
     npu_ops.grouped_matmul(jnp.ones((8, 4)), jnp.ones((1, 4, 4)), [8], tiles=(32, 128, 128))
 
 
+def test_tpu_row_buffer_fits_vmem():
+  from pallas_kernels import tpu
+  assert tpu._fit_row_buffer(128, 1408) == 128        # the benchmark shape: 1 MiB
+  assert tpu._fit_row_buffer(128, 14336) == 64        # Mixtral's n/2: 5.3 MiB at 64 rows
+  assert tpu._fit_row_buffer(32, 1 << 20) == 32       # never below 32 rows
+
+
 def test_tile_sizes():
   with pytest.raises(ValueError, match="block_m"):
     npu_ops.TileSizes(block_m=48)
