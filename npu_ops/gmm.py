@@ -190,11 +190,13 @@ def _dot(a: jax.Array, b: jax.Array, acc_dtype: Any) -> jax.Array:
 @row_blocks.jit_by_ends("acc_dtype", "block_sizes", "reference")
 def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, reference):
   m, n = lhs.shape[0], rhs.shape[-1]
+  # Rows are sliced in loops: they travel as uint16 when bf16 (see loop_storage). The
+  # weights stay bf16: a group's weight is sliced once, inside the traversal's per-group
+  # cond, which XLA does not hoist; a uint16 weight would be bitcast (copied) per block.
   lhs, lhs_view = row_blocks.loop_storage(lhs)
-  rhs, rhs_view = row_blocks.loop_storage(rhs)
 
   def block_fn(out, w_g, r0, bl, mask):
-    y = _dot(lhs_view(lax.dynamic_slice_in_dim(lhs, r0, bl)), rhs_view(w_g), acc_dtype)
+    y = _dot(lhs_view(lax.dynamic_slice_in_dim(lhs, r0, bl)), w_g, acc_dtype)
     return row_blocks.write_rows(out, y, r0, mask)
 
   return row_blocks.traverse(ends, m, jnp.zeros((m, n), acc_dtype), group_ctx=lambda g: rhs[g],

@@ -154,9 +154,13 @@ def _traverse_dynamic(ends, m, carry, group_ctx, block_fn, block_sizes):
 def loop_storage(a: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
   """(a as it should travel through a loop, the view back to a's dtype).
 
-  bfloat16 travels as uint16: XLA:CPU's float normalization upcasts a bf16 array
-  that is sliced inside a loop, and hoists the cast, converting the whole array
-  to float32 on every call (measured: bf16 gmm at 0.55x of a dense dot).
+  For arrays sliced by rows inside the traversal's loops. bfloat16 travels as
+  uint16: XLA:CPU's float normalization upcasts a bf16 array that is sliced inside
+  a loop, and hoists the cast, converting the whole array to float32 on every
+  call (measured: bf16 gmm at 0.55x of a dense dot). A group context sliced in
+  `group_ctx` needs no such storage (it runs inside the per-group `lax.cond`,
+  which XLA does not hoist from), and should not get it: the view back to bf16 is
+  a copy, made once per block where the context is used.
   """
   if a.dtype == jnp.bfloat16:
     return (lax.bitcast_convert_type(a, jnp.uint16),
