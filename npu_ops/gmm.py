@@ -257,24 +257,63 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
 
 @row_blocks.jit_by_ends("num_groups", "acc_dtype", "block_sizes", "reference")
 def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
+  """Per group, `lhs[rows]^T @ rhs[rows]`, accumulated in float32 / int32.
+
+  An output matrix `[k, n]` takes as long to pass over as ~40 rows of
+  contraction (float32, 2 cores), and the row-block traversal passes over it
+  (read, add, write) once per block: output-bound when groups hold few rows. When
+  the groups are near their expected size (`window` = m / groups rows), one
+  batched dot over every group's first `window` rows (zeros past its size) writes
+  each output matrix once instead, and only rows past a window are accumulated
+  block by block. When zeros would make up more than a quarter of the windows
+  (skewed groups), the traversal covers every row (a `lax.cond` on the sizes).
+  """
   m, k = lhs.shape
   n = rhs.shape[-1]
-
+  static = isinstance(ends, tuple)
   lhs, lhs_view = row_blocks.loop_storage(lhs)
   rhs, rhs_view = row_blocks.loop_storage(rhs)
+  contract_rows = (((0,), (0,)), ((), ()))
 
   def block_fn(out, g, r0, bl, mask):
     x = lhs_view(lax.dynamic_slice_in_dim(lhs, r0, bl))
     if mask is not None:  # rows of other groups contribute nothing
       x = jnp.where(mask[:, None], x, jnp.zeros((), x.dtype))
-    y = lax.dot_general(x, rhs_view(lax.dynamic_slice_in_dim(rhs, r0, bl)),
-                        (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
+    y = lax.dot_general(x, rhs_view(lax.dynamic_slice_in_dim(rhs, r0, bl)), contract_rows,
+                        preferred_element_type=acc_dtype)
     return lax.dynamic_update_index_in_dim(out, lax.dynamic_index_in_dim(out, g, 0, False) + y,
                                            g, 0)
 
-  return row_blocks.traverse(ends, m, jnp.zeros((num_groups, k, n), acc_dtype),
-                             group_ctx=lambda g: g, block_fn=block_fn, block_sizes=block_sizes,
-                             reference=reference)
+  zeros = lambda groups: jnp.zeros((groups, k, n), acc_dtype)
+  if reference:
+    return row_blocks.traverse(ends, m, zeros(num_groups), group_ctx=lambda g: g,
+                               block_fn=block_fn, reference=True)
+  groups = len(ends) if static else ends.shape[0]
+  window = -(-m // max(groups, 1))
+  sizes_np = np.diff(np.asarray((0,) + ends)) if static else None
+  ends = jnp.asarray(ends, jnp.int32)
+  starts, sizes = groups_lib.group_starts(ends), groups_lib.group_sizes(ends)
+  block_sizes = block_sizes or GmmBlockSizes(block_m=2048, min_block_m=128)
+  accumulate = functools.partial(row_blocks.traverse_segments, m=m, group_ctx=lambda g: g,
+                                 block_fn=block_fn, block_sizes=block_sizes)
+
+  def windowed(_):
+    out = lax.dot_general(
+        lhs_view(row_blocks.group_windows(lhs, starts, sizes, window)),
+        rhs_view(row_blocks.group_windows(rhs, starts, sizes, window)),
+        (((1,), (1,)), ((0,), (0,))), preferred_element_type=acc_dtype)
+    if num_groups > groups:  # groups past len(ends) have no rows
+      out = jnp.concatenate([out, zeros(num_groups - groups)])
+    return accumulate(starts + window, jnp.maximum(sizes - window, 0), carry=out)
+
+  def rowwise(_):
+    return accumulate(starts, sizes, carry=zeros(num_groups))
+
+  if static:
+    waste = groups * window - int(np.minimum(sizes_np, window).sum())
+    return windowed(None) if 4 * waste <= m else rowwise(None)
+  waste = groups * window - jnp.sum(jnp.minimum(sizes, window))
+  return lax.cond(4 * waste <= m, windowed, rowwise, None)
 
 
 def differentiable_tgmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,

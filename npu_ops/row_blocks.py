@@ -108,11 +108,18 @@ def traverse(ends: groups_lib.GroupEnds, m: int, carry: Any, *,
   # dot per group (unrolled, or concatenated, or batched) at 0.4-0.6x the speed of
   # this loop once groups hold ~64 rows (measured at m=4096, e=64).
   ends = jnp.asarray(ends, jnp.int32)
-  return _traverse_dynamic(ends, m, carry, group_ctx, block_fn,
-                           block_sizes or GmmBlockSizes.for_problem(m, ends.shape[0]))
+  return traverse_segments(groups_lib.group_starts(ends), groups_lib.group_sizes(ends), m, carry,
+                           group_ctx=group_ctx, block_fn=block_fn,
+                           block_sizes=block_sizes or GmmBlockSizes.for_problem(m, ends.shape[0]))
 
 
-def _traverse_dynamic(ends, m, carry, group_ctx, block_fn, block_sizes):
+def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *,
+                      group_ctx: Callable[[Any], Any], block_fn: BlockFn,
+                      block_sizes: GmmBlockSizes) -> Any:
+  """The block loop over rows `[starts[g], starts[g] + sizes[g])` of each group `g`.
+
+  Segments lie inside `[0, m)`; they need not be contiguous or cover all rows.
+  """
   min_block = min(block_sizes.min_block_m, pow2_floor(m))
   # A block spanning all m rows makes XLA's CPU loop an order of magnitude slower
   # (measured); keep blocks strictly smaller than m.
@@ -122,7 +129,6 @@ def _traverse_dynamic(ends, m, carry, group_ctx, block_fn, block_sizes):
   while b >= min_block:
     levels.append(b)
     b //= 2
-  starts, sizes = groups_lib.group_starts(ends), groups_lib.group_sizes(ends)
 
   def group_body(g, carry):
     # Empty groups are skipped whole: not even their context (a weight copy) is made.
@@ -148,7 +154,7 @@ def _traverse_dynamic(ends, m, carry, group_ctx, block_fn, block_sizes):
 
     return lax.cond(rest > 0, tail, lambda c: c, carry)
 
-  return lax.fori_loop(0, ends.shape[0], group_body, carry)
+  return lax.fori_loop(0, starts.shape[0], group_body, carry)
 
 
 def loop_storage(a: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
@@ -174,3 +180,11 @@ def write_rows(out: jax.Array, rows: jax.Array, r0: Any, mask: jax.Array | None)
     old = lax.dynamic_slice_in_dim(out, r0, rows.shape[0])
     rows = jnp.where(mask.reshape(mask.shape + (1,) * (rows.ndim - 1)), rows, old)
   return lax.dynamic_update_slice_in_dim(out, rows, r0, axis=0)
+
+
+def group_windows(a: jax.Array, starts: jax.Array, sizes: jax.Array, rows: int) -> jax.Array:
+  """`[g, rows, ...]`: the first `rows` rows of each group of `a`, zero past its size."""
+  r = jnp.arange(rows, dtype=jnp.int32)
+  idx = jnp.minimum(starts[:, None] + r, a.shape[0] - 1)
+  valid = (r < sizes[:, None]).reshape(sizes.shape + (rows,) + (1,) * (a.ndim - 1))
+  return jnp.where(valid, a[idx], jnp.zeros((), a.dtype))

@@ -162,7 +162,10 @@ def tgmm_ref(lhs, rhs, sizes, num_groups, acc=np.int64):
   return out
 
 
-@pytest.mark.parametrize("sizes", [[10, 0, 37, 53], [0, 0, 0, 100], [3, 4, 5, 6], [0, 0, 0, 0]])
+# Near-uniform sizes (windows of 25 rows, <= 25 zero rows in them) take tgmm's batched
+# windows (+ overflow rows, + rows outside every group); the others take the traversal.
+@pytest.mark.parametrize("sizes", [[10, 0, 37, 53], [0, 0, 0, 100], [3, 4, 5, 6], [0, 0, 0, 0],
+                                   [30, 25, 20, 25], [25, 25, 25, 24]])
 @pytest.mark.parametrize("block_sizes", BLOCKS, ids=str)
 def test_tgmm_int8_exact(sizes, block_sizes):
   rng = np.random.default_rng(7)
@@ -177,9 +180,9 @@ def test_tgmm_int8_exact(sizes, block_sizes):
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (ml_dtypes.bfloat16, 1e-2)])
-def test_tgmm_float_is_the_weight_gradient(dtype, tol):
+@pytest.mark.parametrize("sizes", [[7, 0, 20, 3], [12, 10, 8, 10]])  # traversal, windows
+def test_tgmm_float_is_the_weight_gradient(dtype, tol, sizes):
   """tgmm(x, dy) is d/dW of sum(grouped_matmul(x, W) * dy)."""
-  sizes = [7, 0, 20, 3]
   x, w = operands(8, 40, 12, 6, 4, dtype)
   dy = np.random.default_rng(9).normal(size=(40, 6)).astype(dtype)
   want = tgmm_ref(x, dy, sizes, 4, acc=np.float64)
