@@ -7,7 +7,8 @@
   torch_npu's group_type=2. Empty groups give a zero matrix.
 
 Both are a block function run by `npu_ops.row_blocks`, which keeps the work
-proportional to the real tokens (see there). `grouped_matmul` carries a custom
+proportional to the real tokens (see there); tgmm first covers near-uniform
+groups with one batched dot (see `_tgmm`). `grouped_matmul` carries a custom
 VJP built from the two: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy).
 """
 
@@ -217,8 +218,11 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
     group_sizes: rows per group (static ints or a dynamic array, as in
       `grouped_matmul`).
     num_groups: `g`, the number of output matrices (default len(group_sizes)).
-    preferred_element_type, implementation, block_sizes, interpret, tiles: as in
+    preferred_element_type, implementation, interpret, tiles: as in
       `grouped_matmul`.
+    block_sizes: row blocks of the XLA path's accumulation (default 2048-row
+      blocks, masked blocks of >= 128 rows: each block costs a pass over its
+      group's `[k, n]` output).
 
   Returns:
     `[g, k, n]`; groups without rows (empty, or past len(group_sizes)) give 0.
@@ -266,7 +270,9 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
   batched dot over every group's first `window` rows (zeros past its size) writes
   each output matrix once instead, and only rows past a window are accumulated
   block by block. When zeros would make up more than a quarter of the windows
-  (skewed groups), the traversal covers every row (a `lax.cond` on the sizes).
+  (skewed groups), the traversal covers every row (a `lax.cond` on the sizes); so
+  it does when the windows (a copy of the rows) would take over a quarter of the
+  output's memory (many rows per group: the blocks are long, the passes few).
   """
   m, k = lhs.shape
   n = rhs.shape[-1]
@@ -309,6 +315,10 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
   def rowwise(_):
     return accumulate(starts, sizes, carry=zeros(num_groups))
 
+  # The windows copy ~all rows of lhs and rhs: worth it where the outputs dominate.
+  window_bytes = groups * window * (k + n) * lhs.dtype.itemsize
+  if 4 * window_bytes > num_groups * k * n * np.dtype(acc_dtype).itemsize:
+    return rowwise(None)
   if static:
     waste = groups * window - int(np.minimum(sizes_np, window).sum())
     return windowed(None) if 4 * waste <= m else rowwise(None)

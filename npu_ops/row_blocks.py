@@ -15,6 +15,8 @@ else a bool `[bl]` marking the rows that do. Two traversals call it:
   `size % min_block_m` rows. Only that last block reaches outside its group, so
   the work is the useful work plus < `min_block_m` rows per group, and a group's
   context (its weight) is sliced once. Rows outside every group are never visited.
+  `traverse_segments` runs the same loop over any row segments (tgmm uses it for
+  the rows past each group's window, see `group_windows`).
 * reference: every group over all rows, masked (`g` times the work): the dense
   form `jax.lax.ragged_dot` uses on CPU, kept as a cross-check.
 

@@ -164,18 +164,19 @@ def tgmm_ref(lhs, rhs, sizes, num_groups, acc=np.int64):
 
 # Near-uniform sizes (windows of 25 rows, <= 25 zero rows in them) take tgmm's batched
 # windows (+ overflow rows, + rows outside every group); the others take the traversal.
+# k = n = 64: the windows take under a quarter of the output's bytes, as the path needs.
 @pytest.mark.parametrize("sizes", [[10, 0, 37, 53], [0, 0, 0, 100], [3, 4, 5, 6], [0, 0, 0, 0],
                                    [30, 25, 20, 25], [25, 25, 25, 24]])
 @pytest.mark.parametrize("block_sizes", BLOCKS, ids=str)
 def test_tgmm_int8_exact(sizes, block_sizes):
   rng = np.random.default_rng(7)
-  x = rng.integers(-128, 128, (100, 24)).astype(np.int8)
-  dy = rng.integers(-128, 128, (100, 16)).astype(np.int8)
+  x = rng.integers(-128, 128, (100, 64)).astype(np.int8)
+  dy = rng.integers(-128, 128, (100, 64)).astype(np.int8)
   want = tgmm_ref(x, dy, sizes, 5)
   for gs in (sizes, jnp.asarray(sizes)):
     for impl in ("xla", "reference"):
       got = npu_ops.tgmm(x, dy, gs, num_groups=5, block_sizes=block_sizes, implementation=impl)
-      assert got.dtype == jnp.int32 and got.shape == (5, 24, 16)
+      assert got.dtype == jnp.int32 and got.shape == (5, 64, 64)
       np.testing.assert_array_equal(got, want)
 
 
@@ -183,8 +184,8 @@ def test_tgmm_int8_exact(sizes, block_sizes):
 @pytest.mark.parametrize("sizes", [[7, 0, 20, 3], [12, 10, 8, 10]])  # traversal, windows
 def test_tgmm_float_is_the_weight_gradient(dtype, tol, sizes):
   """tgmm(x, dy) is d/dW of sum(grouped_matmul(x, W) * dy)."""
-  x, w = operands(8, 40, 12, 6, 4, dtype)
-  dy = np.random.default_rng(9).normal(size=(40, 6)).astype(dtype)
+  x, w = operands(8, 40, 96, 96, 4, dtype)  # k = n = 96: windows fit (see above)
+  dy = np.random.default_rng(9).normal(size=(40, 96)).astype(dtype)
   want = tgmm_ref(x, dy, sizes, 4, acc=np.float64)
   got = npu_ops.tgmm(x, dy, jnp.asarray(sizes))
   assert got.dtype == dtype
