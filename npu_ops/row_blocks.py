@@ -122,6 +122,8 @@ def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *
 
   Segments lie inside `[0, m)`; they need not be contiguous or cover all rows.
   """
+  if m == 0:  # no rows, no blocks
+    return carry
   min_block = min(block_sizes.min_block_m, pow2_floor(m))
   # A block spanning all m rows makes XLA's CPU loop an order of magnitude slower
   # (measured); keep blocks strictly smaller than m.

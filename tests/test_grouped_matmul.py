@@ -206,3 +206,14 @@ def test_property_tgmm_dynamic(m, g, data, bm, seed):
   block = npu_ops.GmmBlockSizes(block_m=bm, min_block_m=max(1, bm // 4))
   got = npu_ops.tgmm(x, dy, jnp.asarray(sizes), block_sizes=block)
   np.testing.assert_array_equal(got, tgmm_ref(x, dy, sizes, g))
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_no_rows(static):
+  """m = 0: gmm gives [0, n], tgmm gives zero matrices (no block is run)."""
+  sizes = [0, 0] if static else jnp.asarray([0, 0], jnp.int32)
+  x = np.zeros((0, 16), np.float32)
+  w = np.ones((2, 16, 8), np.float32)
+  assert npu_ops.grouped_matmul(x, w, sizes).shape == (0, 8)
+  got = npu_ops.tgmm(x, np.zeros((0, 8), np.float32), sizes, num_groups=3)
+  np.testing.assert_array_equal(got, np.zeros((3, 16, 8), np.float32))
