@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import npu_ops
+from npu_ops import gmm_swiglu_quant as gsq
 import numpy_reference as ref
 from helpers import (assert_int8_close, assert_scale_close, counts_to_list, encode_int4_weight,
                      encode_int8_weight, int4_array)
@@ -281,3 +282,27 @@ def test_vmap_over_group_lists_and_tokens():
   q, s = jax.vmap(op)(xb, jnp.asarray(gls))
   for i in range(2):
     check((q[i], s[i]), xb[i], w, ws, xs, gls[i], "A8W8")
+
+
+@pytest.mark.parametrize("scenario", ["A8W8", "A4W4"])
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("tokens", [4, 512])
+def test_epilogue_per_block_or_after_the_matmul(scenario, dynamic, tokens):
+  """Both placements of the epilogue (few / many expected tokens) against the golden."""
+  m, k, n, e = 40, 256, 32, 8
+  assert gsq._epilogue_after(m, k, n, e, tokens, scenario) == (tokens == 4)
+  counts = [7, 0, 12, 1, 0, 9, 3, 0]  # sum 32 < m: rows past the groups
+  x, w, ws, xs = make_case(17, scenario, m, k, n, e, negative_scales=True)
+  x[2] = 0
+  ws[-1] = np.inf  # an unused expert's scale reaches no row (rows past the groups stay 0)
+  gl = jnp.asarray(counts) if dynamic else counts
+  kw, smooth = {}, None
+  if scenario == "A4W4":
+    smooth = np.random.default_rng(18).uniform(0.5, 2, (e, n // 2)).astype(F32)
+    x_in, w_in, ws_in = ref.pack_int4(x), encode_int4_weight(w, "words_nd"), ws
+    kw = dict(smooth=smooth)
+  else:
+    x_in, w_in, ws_in = x, w, ws
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x_in, w_in, ws_in, xs, gl, smooth_scale=smooth, group_list_type=1, tuning_config=[tokens])
+  check(got, x, w, ws, xs, counts, scenario, **kw)
