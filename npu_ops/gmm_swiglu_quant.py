@@ -333,9 +333,9 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
                       block_sizes=block_sizes)
     gid = groups_lib.row_group_ids(ends, m)
     inside = gid < len(ends)  # rows past the groups: 0 in both outputs
-    row = lambda a: None if a is None else a[jnp.minimum(gid, e - 1)]
-    q, q_scale = _swiglu_quant(_dequant(acc, row(scale[:, 0]), x_scale[:, None], scenario),
-                               row(smooth), spec)
+    q, q_scale = _swiglu_quant(
+        _dequant(acc, groups_lib.per_row(scale[:, 0], gid), x_scale[:, None], scenario),
+        None if smooth is None else groups_lib.per_row(smooth, gid), spec)
     return jnp.where(inside[:, None], q, 0).astype(q.dtype), jnp.where(inside, q_scale, 0)
   gs = k // n_groups
   colsum8 = None

@@ -37,6 +37,7 @@ import numpy as np
 from npu_ops import backend
 from npu_ops import gmm as gmm_lib
 from npu_ops import groups as groups_lib
+from npu_ops.groups import per_row
 from npu_ops import layouts, operands, row_blocks
 from npu_ops import quant as quant_lib
 from npu_ops._validation import (check_array, check_dtype, check_int_option, describe, fail,
@@ -672,17 +673,12 @@ _COMPUTE = {FLOAT: _compute_float, ANTIQUANT: _compute_float, A8W8: _compute_a8w
             A4W4: _compute_a4w4, A8W4: _compute_a8w4}
 
 
-def _rows(v, gid):
-  """Per-group `[E, ...]` -> per-row `[m, ...]`; rows outside every group read the last."""
-  return jnp.take(v, jnp.minimum(gid, v.shape[0] - 1), axis=0)
-
-
 def _finish(v, gid, inside, pts, float_bias, act_type, out_dtype):
   """float32 [m, n]: * per-token, + float bias, activation, zero outside groups, cast."""
   if pts is not None:
     v = v * pts[:, None]
   if float_bias is not None:
-    v = v + _rows(float_bias, gid)
+    v = v + per_row(float_bias, gid)
   v = quant_lib.activation(v, act_type)
   return jnp.where(inside[:, None], v, 0).astype(out_dtype)
 
@@ -695,12 +691,12 @@ def _float_epilogue(y, gid, inside, bias, *, act_type, out_dtype):
 @functools.partial(jax.jit, static_argnames=("act_type", "out_dtype"))
 def _a8w8_epilogue(acc, gid, inside, per_group, pts, *, act_type, out_dtype):
   if "int_bias" in per_group:  # int32 bias joins the accumulator before scaling
-    acc = acc + _rows(per_group["int_bias"][:, 0], gid)
+    acc = acc + per_row(per_group["int_bias"][:, 0], gid)
   if out_dtype == I32:
     return jnp.where(inside[:, None], acc, 0)
-  v = acc.astype(jnp.float32) * _rows(per_group["scale"][:, 0], gid)
+  v = acc.astype(jnp.float32) * per_row(per_group["scale"][:, 0], gid)
   if out_dtype == I8:  # fixpipe requant: RNE, s9 clip, + s9 offset from the words, int8 clip
-    return jnp.where(inside[:, None], requant_int8(v, _rows(per_group["offset"][:, 0], gid)), 0)
+    return jnp.where(inside[:, None], requant_int8(v, per_row(per_group["offset"][:, 0], gid)), 0)
   fb = per_group.get("float_bias")
   return _finish(v, gid, inside, pts, None if fb is None else fb[:, 0], act_type, out_dtype)
 
@@ -712,8 +708,8 @@ def _grouped_scale_epilogue(accs, gid, inside, scale, colsum8, bias, pts, *, act
   v = 0
   for g, acc in enumerate(accs):
     if colsum8 is not None:  # (x - 8)_g @ W_g, exact in int32
-      acc = acc - _rows(colsum8[:, g], gid)
-    v = v + acc.astype(jnp.float32) * _rows(scale[:, g], gid)
+      acc = acc - per_row(colsum8[:, g], gid)
+    v = v + acc.astype(jnp.float32) * per_row(scale[:, g], gid)
   if bias is not None:  # A8W4: the offline bias joins before the per-token scale
-    v = v + _rows(bias, gid)
+    v = v + per_row(bias, gid)
   return _finish(v, gid, inside, pts, None, act_type, out_dtype)

@@ -204,3 +204,9 @@ def row_group_ids(ends: GroupEnds, m: int) -> jax.Array:
     return jnp.asarray(np.searchsorted(np.asarray(ends, np.int64), np.arange(m), side="right"),
                        jnp.int32)
   return jnp.searchsorted(ends, jnp.arange(m, dtype=ends.dtype), side="right").astype(jnp.int32)
+
+
+def per_row(values: jax.Array, gid: jax.Array) -> jax.Array:
+  """Per-group `[g, ...]` -> per-row `[m, ...]` by `row_group_ids`. Rows outside
+  every group read the last group's values: callers zero those rows."""
+  return jnp.take(values, jnp.minimum(gid, values.shape[0] - 1), axis=0)
