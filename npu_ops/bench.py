@@ -108,8 +108,13 @@ def peak_memory_ratio(fn, *args) -> float:
 def _tokamax_ragged_dot():
   try:
     import tokamax  # noqa: PLC0415 (optional peer)
+    from absl import flags  # noqa: PLC0415 (a tokamax dependency)
   except ImportError:
     return None
+  # tokamax reads its absl flags on first use, parsing sys.argv when nobody has:
+  # under pytest (or any CLI with its own options) that raises. Use the defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   return lambda x, w, c: tokamax.ragged_dot(x, w, c, implementation="xla",
                                             preferred_element_type=jnp.int32)
 
