@@ -283,10 +283,11 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
 
   def block_fn(out, g, r0, bl, mask):
     x = lhs_view(lax.dynamic_slice_in_dim(lhs, r0, bl))
-    if mask is not None:  # rows of other groups contribute nothing
+    y = rhs_view(lax.dynamic_slice_in_dim(rhs, r0, bl))
+    if mask is not None:  # rows of other groups contribute nothing (not even inf * 0)
       x = jnp.where(mask[:, None], x, jnp.zeros((), x.dtype))
-    y = lax.dot_general(x, rhs_view(lax.dynamic_slice_in_dim(rhs, r0, bl)), contract_rows,
-                        preferred_element_type=acc_dtype)
+      y = jnp.where(mask[:, None], y, jnp.zeros((), y.dtype))
+    y = lax.dot_general(x, y, contract_rows, preferred_element_type=acc_dtype)
     return lax.dynamic_update_index_in_dim(out, lax.dynamic_index_in_dim(out, g, 0, False) + y,
                                            g, 0)
 

@@ -7,14 +7,16 @@ static size; `mask` is None when every row of the block belongs to the group,
 else a bool `[bl]` marking the rows that do. Two traversals call it:
 
 * block loop, for dynamic ends (int32 array; one compilation serves all values)
-  and static ends (Python ints, constant bounds) alike: a loop over
-  groups. Each group is cut into blocks of static sizes: `size // block_m` full
-  blocks (a loop with a dynamic trip count), then one block of each power of two
-  `block_m/2, ..., min_block_m` in the binary expansion of the remainder (a
-  `lax.cond` each), then one masked `min_block_m` block for the last
-  `size % min_block_m` rows. Only that last block reaches outside its group, so
-  the work is the useful work plus < `min_block_m` rows per group, and a group's
-  context (its weight) is sliced once. Rows outside every group are never visited.
+  and static ends (Python ints, constant bounds) alike: a loop over groups. Each
+  group is cut into `size // block_m` full blocks (a loop with a dynamic trip
+  count), then one masked block for the remaining `< block_m` rows: the smallest
+  of a ladder of static sizes (`remainder_blocks`, four per octave from
+  `min_block_m` to `block_m`) that holds them, chosen by a `lax.cond` per size.
+  Only that block reaches outside its group (its mask drops those rows), so the
+  work is the useful work plus under a quarter of the remainder (and under
+  `min_block_m` rows) per group, in at most `size // block_m + 1` dot calls, and
+  a group's context (its weight) is sliced once. Rows outside every group are
+  computed only where a remainder block spills over them, and masked.
   `traverse_segments` runs the same loop over any row segments (tgmm uses it for
   the rows past each group's window, see `group_windows`).
 * reference: every group over all rows, masked (`g` times the work): the dense
@@ -54,7 +56,8 @@ class GmmBlockSizes:
   Attributes:
     block_m: rows of a full block (a power of two).
     min_block_m: the smallest block (a power of two <= block_m); a group
-      computes fewer than `min_block_m` rows it does not own.
+      computes fewer than `max(min_block_m, rest / 4 + 8)` rows it does not own
+      (`rest`: its rows past the full blocks; see `remainder_blocks`).
   """
   block_m: int = 512
   min_block_m: int = 16
@@ -128,11 +131,7 @@ def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *
   # A block spanning all m rows makes XLA's CPU loop an order of magnitude slower
   # (measured); keep blocks strictly smaller than m.
   block = max(min_block, min(block_sizes.block_m, pow2_floor(max(m - 1, 1))))
-  levels = []
-  b = block // 2
-  while b >= min_block:
-    levels.append(b)
-    b //= 2
+  ladder = remainder_blocks(block, min_block)
 
   def group_body(g, carry):
     # Empty groups are skipped whole: not even their context (a weight copy) is made.
@@ -143,22 +142,36 @@ def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *
     n_full = size // block
     carry = lax.fori_loop(0, n_full, lambda i, c: block_fn(c, ctx, start + i * block, block,
                                                            None), carry)
-    done = n_full * block
-    for bl in levels:  # binary expansion of the remainder, largest block first
-      take = size - done >= bl
-      carry = lax.cond(take, lambda c, r0=start + done, bl=bl: block_fn(c, ctx, r0, bl, None),
+    first = start + n_full * block
+    rest = size - n_full * block  # in [0, block): one masked block, the smallest that fits
+
+    def remainder(c, bl):
+      r0 = jnp.minimum(first, m - bl)  # kept inside [0, m); the mask drops the extra rows
+      r = r0 + jnp.arange(bl)
+      return block_fn(c, ctx, r0, bl, (r >= first) & (r < start + size))
+
+    below = 0
+    for bl in ladder:
+      carry = lax.cond((rest > below) & (rest <= bl), functools.partial(remainder, bl=bl),
                        lambda c: c, carry)
-      done = done + jnp.where(take, bl, 0)
-    rest = size - done  # < min_block rows: one masked block, its start kept inside [0, m)
-
-    def tail(c):
-      r0 = jnp.minimum(start + done, m - min_block)
-      r = r0 + jnp.arange(min_block)
-      return block_fn(c, ctx, r0, min_block, (r >= start + done) & (r < start + size))
-
-    return lax.cond(rest > 0, tail, lambda c: c, carry)
+      below = bl
+    return carry
 
   return lax.fori_loop(0, starts.shape[0], group_body, carry)
+
+
+def remainder_blocks(block: int, min_block: int) -> tuple[int, ...]:
+  """Sizes of the masked block that covers a group's last `< block` rows, ascending.
+
+  Every int8 dot call on CPU costs ~30 rows of work on top of its rows (the dot
+  library repacks the weight per call; measured at k=2048, n=2816), so the
+  remainder takes one call, not a binary expansion of up to log2(block) calls:
+  four sizes per octave from `min_block` to `block` (multiples of 8 past 8 rows)
+  keep the rows it computes outside its group under a quarter of the block.
+  """
+  round8 = lambda v: v if v < 8 else -(-v // 8) * 8
+  return tuple(sorted({round8(b + b * i // 4) for b in (1 << j for j in range(block.bit_length()))
+                       if b >= min_block for i in range(4) if b + b * i // 4 <= block}))
 
 
 def loop_storage(a: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:

@@ -217,3 +217,39 @@ def test_no_rows(static):
   assert npu_ops.grouped_matmul(x, w, sizes).shape == (0, 8)
   got = npu_ops.tgmm(x, np.zeros((0, 8), np.float32), sizes, num_groups=3)
   np.testing.assert_array_equal(got, np.zeros((3, 16, 8), np.float32))
+
+
+@pytest.mark.parametrize("block", [1, 2, 8, 16, 512, 2048])
+@pytest.mark.parametrize("min_block", [1, 8, 32, 128])
+def test_remainder_blocks_cover_every_remainder_tightly(block, min_block):
+  """One masked block covers a group's last rows: the smallest ladder size that fits
+  computes under a quarter (+ 8 rows, + min_block) more rows than it needs."""
+  if min_block > block:
+    return
+  sizes = npu_ops.row_blocks.remainder_blocks(block, min_block)
+  assert list(sizes) == sorted(set(sizes)) and sizes[0] == min_block and sizes[-1] == block
+  for rest in range(1, block + 1):
+    fit = min(s for s in sizes if s >= rest)
+    assert fit - rest < max(min_block, rest // 4 + 8), (rest, fit)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("block_sizes", BLOCKS[:3], ids=str)
+def test_non_finite_rows_stay_in_their_group(dynamic, block_sizes):
+  """Masked blocks reach into other groups' rows and past the groups: inf / NaN there
+  must not reach another group's result (gmm rows, tgmm matrices)."""
+  sizes = [7, 0, 20, 3]  # rows 30..39 belong to no group
+  x, w = operands(3, 40, 16, 8, 4, np.float32)
+  dy = np.random.default_rng(4).normal(size=(40, 8)).astype(np.float32)
+  x[30:], dy[30:] = np.nan, np.inf  # outside every group
+  x[2, 5] = np.inf  # inside group 0: only group 0's results may be non-finite
+  gs = jnp.asarray(sizes) if dynamic else sizes
+  with np.errstate(invalid="ignore", over="ignore"):
+    want_y = ref.grouped_matmul(x, w, ref.group_bounds(sizes, 1), out_dtype=np.float64)
+    want_dw = tgmm_ref(x, dy, sizes, 4, acc=np.float64)
+  y = npu_ops.grouped_matmul(x, w, gs, block_sizes=block_sizes)
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  assert np.isfinite(np.asarray(y)[3:]).all()
+  dw = npu_ops.tgmm(x, dy, gs, block_sizes=block_sizes)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-4)
+  assert np.isfinite(np.asarray(dw)[1:]).all()
