@@ -18,6 +18,7 @@ dot with the same useful FLOPs; higher is better):
 * ragged:       jax.lax.ragged_dot int8 + the same jnp epilogue (skipped when
                 `m * e` exceeds --ragged-max, as it costs e times the work)
 * tokamax:      tokamax.ragged_dot(implementation="xla") when tokamax is installed
+                (the same dense form: skipped with ragged)
 
 The peers (ragged, tokamax) run in a round of their own with the fused op, and
 are reported as their time over the fused op's ("vs ragged": 8x = 8 times slower).
@@ -152,7 +153,7 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
     jr = jax.jit(lambda x, w, ws, xs, c: _ragged_epilogue(
         jax.lax.ragged_dot(x, w, c, preferred_element_type=jnp.int32), ws, xs, c))
     peers["ragged"] = lambda: jr(x, w, w_scale, x_scale, counts)
-  tok = _tokamax_ragged_dot()
+  tok = _tokamax_ragged_dot() if ragged else None  # tokamax's "xla" is ragged_dot's dense form
   if tok is not None:
     jt = jax.jit(tok)
     peers["tokamax"] = lambda: jt(x, w, counts)

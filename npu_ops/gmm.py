@@ -281,15 +281,16 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
   rhs, rhs_view = row_blocks.loop_storage(rhs)
   contract_rows = (((0,), (0,)), ((), ()))
 
-  def block_fn(out, g, r0, bl, mask):
+  def block_fn(out, g, r0, bl, mask, overwrite=False):
     x = lhs_view(lax.dynamic_slice_in_dim(lhs, r0, bl))
     y = rhs_view(lax.dynamic_slice_in_dim(rhs, r0, bl))
     if mask is not None:  # rows of other groups contribute nothing (not even inf * 0)
       x = jnp.where(mask[:, None], x, jnp.zeros((), x.dtype))
       y = jnp.where(mask[:, None], y, jnp.zeros((), y.dtype))
     y = lax.dot_general(x, y, contract_rows, preferred_element_type=acc_dtype)
-    return lax.dynamic_update_index_in_dim(out, lax.dynamic_index_in_dim(out, g, 0, False) + y,
-                                           g, 0)
+    if not (overwrite and mask is not None):
+      y = lax.dynamic_index_in_dim(out, g, 0, False) + y
+    return lax.dynamic_update_index_in_dim(out, y, g, 0)
 
   zeros = lambda groups: jnp.zeros((groups, k, n), acc_dtype)
   if reference:
@@ -314,7 +315,10 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
     return accumulate(starts + window, jnp.maximum(sizes - window, 0), carry=out)
 
   def rowwise(_):
-    return accumulate(starts, sizes, carry=zeros(num_groups))
+    # A group's masked block runs first (see row_blocks): it writes its matrix instead of
+    # adding to the zeros, which saves a read of the output matrix per group.
+    return accumulate(starts, sizes, carry=zeros(num_groups),
+                      block_fn=functools.partial(block_fn, overwrite=True))
 
   # The windows copy ~all rows of lhs and rhs: worth it where the outputs dominate.
   window_bytes = groups * window * (k + n) * lhs.dtype.itemsize

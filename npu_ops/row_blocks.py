@@ -4,12 +4,14 @@ An op supplies `block_fn(carry, ctx, r0, bl, mask) -> carry`: compute rows
 `[r0, r0 + bl)` of one group (`ctx = group_ctx(g)`, e.g. the group's weight) and
 fold them into `carry` (write output rows, accumulate a gradient). `bl` is a
 static size; `mask` is None when every row of the block belongs to the group,
-else a bool `[bl]` marking the rows that do. Two traversals call it:
+else a bool `[bl]` marking the rows that do (the block loop below runs that
+block first in its group, so an accumulating `block_fn` may overwrite there).
+Two traversals call it:
 
 * block loop, for dynamic ends (int32 array; one compilation serves all values)
   and static ends (Python ints, constant bounds) alike: a loop over groups. Each
   group is cut into `size // block_m` full blocks (a loop with a dynamic trip
-  count), then one masked block for the remaining `< block_m` rows: the smallest
+  count) and one masked block for the remaining `< block_m` rows (run first): the smallest
   of a ladder of static sizes (`remainder_blocks`, four per octave from
   `min_block_m` to `block_m`) that holds them, chosen by a `lax.cond` per size.
   Only that block reaches outside its group (its mask drops those rows), so the
@@ -140,8 +142,6 @@ def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *
   def run_group(g, carry):
     ctx, start, size = group_ctx(g), starts[g], sizes[g]
     n_full = size // block
-    carry = lax.fori_loop(0, n_full, lambda i, c: block_fn(c, ctx, start + i * block, block,
-                                                           None), carry)
     first = start + n_full * block
     rest = size - n_full * block  # in [0, block): one masked block, the smallest that fits
 
@@ -150,12 +150,14 @@ def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *
       r = r0 + jnp.arange(bl)
       return block_fn(c, ctx, r0, bl, (r >= first) & (r < start + size))
 
+    # The remainder runs first: a group's only masked block is also its first block.
     below = 0
     for bl in ladder:
       carry = lax.cond((rest > below) & (rest <= bl), functools.partial(remainder, bl=bl),
                        lambda c: c, carry)
       below = bl
-    return carry
+    return lax.fori_loop(0, n_full, lambda i, c: block_fn(c, ctx, start + i * block, block,
+                                                          None), carry)
 
   return lax.fori_loop(0, starts.shape[0], group_body, carry)
 
