@@ -169,7 +169,8 @@ def remainder_blocks(block: int, min_block: int) -> tuple[int, ...]:
   library repacks the weight per call; measured at k=2048, n=2816), so the
   remainder takes one call, not a binary expansion of up to log2(block) calls:
   four sizes per octave from `min_block` to `block` (multiples of 8 past 8 rows)
-  keep the rows it computes outside its group under a quarter of the block.
+  keep the rows it computes outside its group under a quarter of the remainder
+  (+ 8, and under `min_block`).
   """
   round8 = lambda v: v if v < 8 else -(-v // 8) * 8
   return tuple(sorted({round8(b + b * i // 4) for b in (1 << j for j in range(block.bit_length()))
