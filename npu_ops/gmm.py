@@ -7,8 +7,8 @@
   torch_npu's group_type=2. Empty groups give a zero matrix.
 
 Both are a block function run by `npu_ops.row_blocks`, which keeps the work
-proportional to the real tokens (see there); tgmm first covers near-uniform
-groups with one batched dot (see `_tgmm`). `grouped_matmul` carries a custom
+proportional to the real tokens (see there); tgmm covers each group's first
+rows with one batched dot where that is cheaper (see `_tgmm`). `grouped_matmul` carries a custom
 VJP built from the two: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy).
 """
 
@@ -259,20 +259,44 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
                block_sizes=block_sizes, reference=impl == "reference").astype(out_dtype)
 
 
+# What one pass over a group's `[k, n]` output matrix (a block's write, or read-add-write)
+# costs, in rows of contraction: 40-48 measured (float32, k=2048, n=2816, 2 cores, AVX2 and
+# AVX-512 hosts). Both sides scale with k * n, so it holds across shapes.
+_PASS_ROWS = 40
+
+
+def tgmm_plan(sizes: Any, windows: tuple[int, ...], block: int) -> Any:
+  """Index of the cheapest way to cover `sizes` (numpy: an int; jnp: traced).
+
+  `0..len(windows)-1`: one batched dot over each group's first `windows[i]` rows, then
+  the block loop over the rows past them; `len(windows)`: the block loop over every row.
+  Costs are rows of contraction (computed, zeros included) plus `_PASS_ROWS` per block
+  (each block passes over its group's output matrix). The batched dot writes each output
+  matrix once; the block loop's first write comes on top of zeroing the output, which
+  the batched dot's own first write replaces, so it is not counted on either side.
+  """
+  xp = np if isinstance(sizes, np.ndarray) else jnp
+  groups = sizes.shape[0]
+  costs = [groups * w + xp.sum(xp.maximum(sizes - w, 0))
+           + _PASS_ROWS * xp.sum(row_blocks.block_calls(xp.maximum(sizes - w, 0), block))
+           for w in windows]
+  costs.append(xp.sum(sizes) + _PASS_ROWS * xp.sum(row_blocks.block_calls(sizes, block)))
+  return xp.argmin(xp.stack(costs))
+
+
 @row_blocks.jit_by_ends("num_groups", "acc_dtype", "block_sizes", "reference")
 def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
   """Per group, `lhs[rows]^T @ rhs[rows]`, accumulated in float32 / int32.
 
-  An output matrix `[k, n]` takes as long to pass over as ~40 rows of
-  contraction (float32, 2 cores), and the row-block traversal passes over it
-  (read, add, write) once per block: output-bound when groups hold few rows. When
-  the groups are near their expected size (`window` = m / groups rows), one
-  batched dot over every group's first `window` rows (zeros past its size) writes
-  each output matrix once instead, and only rows past a window are accumulated
-  block by block. When zeros would make up more than a quarter of the windows
-  (skewed groups), the traversal covers every row (a `lax.cond` on the sizes); so
-  it does when the windows (a copy of the rows) would take over a quarter of the
-  output's memory (many rows per group: the blocks are long, the passes few).
+  Output-bound when groups hold few rows: every block of the row-block traversal
+  passes over its group's `[k, n]` output matrix (an in-loop update that costs
+  ~40 rows of contraction), and the loop's output starts as zeros. One batched dot
+  over every group's first `w` rows (zeros past its size) instead writes each
+  output matrix once, and only rows past a window take blocks. `tgmm_plan` picks,
+  from the sizes (a `lax.switch` for dynamic ones), the cheapest of: windows of
+  m / groups rows, of twice that (skewed groups: fewer groups overflow), or the
+  traversal of every row (few, long groups). Windows are a copy of the rows: they
+  are offered only while they take under a quarter of the output's memory.
   """
   m, k = lhs.shape
   n = rhs.shape[-1]
@@ -297,7 +321,6 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
     return row_blocks.traverse(ends, m, zeros(num_groups), group_ctx=lambda g: g,
                                block_fn=block_fn, reference=True)
   groups = len(ends) if static else ends.shape[0]
-  window = -(-m // max(groups, 1))
   sizes_np = np.diff(np.asarray((0,) + ends)) if static else None
   ends = jnp.asarray(ends, jnp.int32)
   starts, sizes = groups_lib.group_starts(ends), groups_lib.group_sizes(ends)
@@ -307,7 +330,7 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
   accumulate = functools.partial(row_blocks.traverse_segments, m=m, group_ctx=lambda g: g,
                                  block_fn=block_fn, block_sizes=block_sizes)
 
-  def windowed(_):
+  def windowed(window):
     out = lax.dot_general(
         lhs_view(row_blocks.group_windows(lhs, starts, sizes, window)),
         rhs_view(row_blocks.group_windows(rhs, starts, sizes, window)),
@@ -316,21 +339,23 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
       out = jnp.concatenate([out, zeros(num_groups - groups)])
     return accumulate(starts + window, jnp.maximum(sizes - window, 0), carry=out)
 
-  def rowwise(_):
+  def rowwise():
     # A group's masked block runs first (see row_blocks): it writes its matrix instead of
     # adding to the zeros, which saves a read of the output matrix per group.
     return accumulate(starts, sizes, carry=zeros(num_groups),
                       block_fn=functools.partial(block_fn, overwrite=True))
 
-  # The windows copy ~all rows of lhs and rhs: worth it where the outputs dominate.
-  window_bytes = groups * window * (k + n) * lhs.dtype.itemsize
-  if 4 * window_bytes > num_groups * k * n * np.dtype(acc_dtype).itemsize:
-    return rowwise(None)
+  if m == 0 or groups == 0:
+    return zeros(num_groups)
+  base = -(-m // groups)
+  out_bytes = num_groups * k * n * np.dtype(acc_dtype).itemsize
+  windows = tuple(w for w in (base, 2 * base)
+                  if w <= m and 4 * groups * w * (k + n) * lhs.dtype.itemsize <= out_bytes)
+  paths = [functools.partial(windowed, w) for w in windows] + [rowwise]
+  block = row_blocks.block_rows(m, block_sizes)[0]
   if static:
-    waste = groups * window - int(np.minimum(sizes_np, window).sum())
-    return windowed(None) if 4 * waste <= m else rowwise(None)
-  waste = groups * window - jnp.sum(jnp.minimum(sizes, window))
-  return lax.cond(4 * waste <= m, windowed, rowwise, None)
+    return paths[int(tgmm_plan(sizes_np, windows, block))]()
+  return lax.switch(tgmm_plan(sizes, windows, block), paths)
 
 
 def differentiable_tgmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,

@@ -129,10 +129,7 @@ def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *
   """
   if m == 0:  # no rows, no blocks
     return carry
-  min_block = min(block_sizes.min_block_m, pow2_floor(m))
-  # A block spanning all m rows makes XLA's CPU loop an order of magnitude slower
-  # (measured); keep blocks strictly smaller than m.
-  block = max(min_block, min(block_sizes.block_m, pow2_floor(max(m - 1, 1))))
+  block, min_block = block_rows(m, block_sizes)
   ladder = remainder_blocks(block, min_block)
 
   def group_body(g, carry):
@@ -160,6 +157,19 @@ def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *
                                                           None), carry)
 
   return lax.fori_loop(0, starts.shape[0], group_body, carry)
+
+
+def block_rows(m: int, block_sizes: GmmBlockSizes) -> tuple[int, int]:
+  """(full block, smallest block) that the block loop uses over `m > 0` rows."""
+  min_block = min(block_sizes.min_block_m, pow2_floor(m))
+  # A block spanning all m rows makes XLA's CPU loop an order of magnitude slower
+  # (measured); keep blocks strictly smaller than m.
+  return max(min_block, min(block_sizes.block_m, pow2_floor(max(m - 1, 1)))), min_block
+
+
+def block_calls(rows: Any, block: int) -> Any:
+  """Blocks (dot calls) the block loop runs for groups of `rows` rows (numpy or jnp)."""
+  return rows // block + (rows % block > 0)
 
 
 def remainder_blocks(block: int, min_block: int) -> tuple[int, ...]:

@@ -162,9 +162,9 @@ def tgmm_ref(lhs, rhs, sizes, num_groups, acc=np.int64):
   return out
 
 
-# Near-uniform sizes (windows of 25 rows, <= 25 zero rows in them) take tgmm's batched
-# windows (+ overflow rows, + rows outside every group); the others take the traversal.
-# k = n = 64: the windows take under a quarter of the output's bytes, as the path needs.
+# Near-uniform sizes take tgmm's batched windows of 25 rows (+ overflow rows, + rows outside
+# every group); [0, 0, 0, 100] and [0, 0, 0, 0] the traversal (see `tgmm_plan`). k = n = 64:
+# windows of 25 rows take under a quarter of the output's bytes, as the path needs.
 @pytest.mark.parametrize("sizes", [[10, 0, 37, 53], [0, 0, 0, 100], [3, 4, 5, 6], [0, 0, 0, 0],
                                    [30, 25, 20, 25], [25, 25, 25, 24]])
 @pytest.mark.parametrize("block_sizes", BLOCKS, ids=str)
@@ -178,6 +178,25 @@ def test_tgmm_int8_exact(sizes, block_sizes):
       got = npu_ops.tgmm(x, dy, gs, num_groups=5, block_sizes=block_sizes, implementation=impl)
       assert got.dtype == jnp.int32 and got.shape == (5, 64, 64)
       np.testing.assert_array_equal(got, want)
+
+
+# m = 100, 4 groups: windows of 25 and 50 rows; blocks of 64 rows (block_rows(100)), 40 rows
+# per block. Costs by hand (rows + 40 per block): [25]*4: 100 | 200 | 100+160;
+# [46, 46, 4, 4]: 100+42+80 | 200 | 260; [0, 0, 0, 100]: 100+75+80 | 200+50+40 | 100+80.
+@pytest.mark.parametrize("sizes,plan", [([25, 25, 25, 25], 0), ([46, 46, 4, 4], 1),
+                                        ([0, 0, 0, 100], 2)])
+def test_tgmm_takes_the_cheapest_cover(sizes, plan):
+  """Windows of m / groups rows, of twice that, or the traversal: each exact."""
+  from npu_ops import gmm as gmm_lib
+  assert gmm_lib.tgmm_plan(np.asarray(sizes), (25, 50), 64) == plan
+  assert int(jax.jit(gmm_lib.tgmm_plan, static_argnums=(1, 2))(
+      jnp.asarray(sizes, jnp.int32), (25, 50), 64)) == plan
+  rng = np.random.default_rng(3)
+  x = rng.integers(-128, 128, (100, 128)).astype(np.int8)  # k = n = 128: both windows fit
+  dy = rng.integers(-128, 128, (100, 128)).astype(np.int8)
+  want = tgmm_ref(x, dy, sizes, 5)
+  for gs in (sizes, jnp.asarray(sizes)):
+    np.testing.assert_array_equal(npu_ops.tgmm(x, dy, gs, num_groups=5), want)
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (ml_dtypes.bfloat16, 1e-2)])
