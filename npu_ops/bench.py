@@ -15,6 +15,9 @@ dot with the same useful FLOPs; higher is better):
 * gmm:          grouped_matmul int8 -> int32, dynamic       (dense: int8 jnp.dot)
 * gmm_bf16/f32: grouped_matmul bf16/f32 -> f32, dynamic      (dense: jnp.dot, same dtype)
 * tgmm_bf16/f32: tgmm -> f32 (the weight gradient), dynamic  (dense: x^T @ dy)
+* f32 floor:    tgmm f32 against x^T @ dy plus writing a fresh `[e, k, n]` float32
+                array (what any XLA form must do: tgmm's output is e times the dense
+                one's; with few rows per group writing it dominates)
 * ragged:       jax.lax.ragged_dot int8 + the same jnp epilogue (skipped when
                 `m * e` exceeds --ragged-max, as it costs e times the work)
 * tokamax:      tokamax.ragged_dot(implementation="xla") when tokamax is installed
@@ -76,14 +79,19 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
   """Min wall time of each fn, calls interleaved round-robin after one warm-up each.
 
   Runs at least `repeats` rounds, and more (up to 50) while the rounds add up to
-  less than `min_seconds`, so millisecond-scale cases get enough samples.
+  less than `min_seconds`, so millisecond-scale cases get enough samples. Each
+  round starts one fn later: a call right after one that freed a large output
+  ran up to 10% slower (measured, tgmm at m=512, e=64), so no fn always follows
+  the same one.
   """
   for f in fns.values():
     jax.block_until_ready(f())
   best = {name: float("inf") for name in fns}
+  order = list(fns.items())
   rounds, spent = 0, 0.0
   while rounds < repeats or (spent < min_seconds and rounds < 50):
-    for name, f in fns.items():
+    shift = rounds % len(order)
+    for name, f in order[shift:] + order[:shift]:
       t0 = time.perf_counter()
       jax.block_until_ready(f())
       dt = time.perf_counter() - t0
@@ -178,14 +186,19 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
                                                    preferred_element_type=f32))
     jgf = jax.jit(lambda a, b, c: npu_ops.grouped_matmul(a, b, c, preferred_element_type=f32))
     jtg = jax.jit(lambda a, b, c: npu_ops.tgmm(a, b, c, preferred_element_type=f32))
+    # + a[0, 0]: computed from an argument, so XLA cannot fold it into a constant
+    jfill = jax.jit(lambda a: jnp.zeros((e, k, n), f32) + a[0, 0].astype(f32))
     tf = time_interleaved({"dense": lambda: jdf(xf, wf0), "gmm": lambda: jgf(xf, wf, counts),
-                           "dense_t": lambda: jdt(xf, dy), "tgmm": lambda: jtg(xf, dy, counts)},
+                           "dense_t": lambda: jdt(xf, dy), "tgmm": lambda: jtg(xf, dy, counts),
+                           "fill": lambda: jfill(xf)},
                           max(1, repeats // 2))
     tag = _TAGS[name]
     row.update({f"t_dense_{tag}": tf["dense"], f"t_gmm_{tag}": tf["gmm"],
                 f"t_dense_t_{tag}": tf["dense_t"], f"t_tgmm_{tag}": tf["tgmm"],
+                f"t_fill_{tag}": tf["fill"],
                 f"ratio_gmm_{tag}": tf["dense"] / tf["gmm"],
-                f"ratio_tgmm_{tag}": tf["dense_t"] / tf["tgmm"]})
+                f"ratio_tgmm_{tag}": tf["dense_t"] / tf["tgmm"],
+                f"ratio_tgmm_floor_{tag}": (tf["dense_t"] + tf["fill"]) / tf["tgmm"]})
   return row
 
 
@@ -229,7 +242,7 @@ def qat_header(k: int, n: int) -> str:
 _TAGS = {"bfloat16": "bf16", "float32": "f32"}
 COLUMNS = (("fused", "fused"), ("fused_static", "static"), ("gmm", "gmm"),
            ("gmm_bf16", "gmm bf16"), ("tgmm_bf16", "tgmm bf16"), ("gmm_f32", "gmm f32"),
-           ("tgmm_f32", "tgmm f32"))
+           ("tgmm_f32", "tgmm f32"), ("tgmm_floor_f32", "f32 floor"))
 
 
 def format_row(r: dict) -> str:
