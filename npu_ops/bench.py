@@ -13,6 +13,9 @@ dot with the same useful FLOPs; higher is better):
 * fused:        npu_grouped_matmul_swiglu_quant_v2 (A8W8), dynamic group list
 * fused_static: the same with the group list as Python ints
 * gmm:          grouped_matmul int8 -> int32, dynamic       (dense: int8 jnp.dot)
+* dots floor:   gmm against one exact int8 dot per non-empty group, dispatched one by
+                one (what any per-group XLA form pays: on CPU each dot call repacks
+                its group's [k, n] weight, or runs an unpacked kernel for few rows)
 * gmm_bf16/f32: grouped_matmul bf16/f32 -> f32, dynamic      (dense: jnp.dot, same dtype)
 * tgmm_bf16/f32: tgmm -> f32 (the weight gradient), dynamic  (dense: x^T @ dy)
 * f32 floor:    tgmm f32 against x^T @ dy plus writing a fresh `[e, k, n]` float32
@@ -149,11 +152,15 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
   jg = jax.jit(lambda x, w, c: npu_ops.grouped_matmul(x, w, c))
   jd = jax.jit(i8)
   w0 = w[0]  # sliced once: an eager slice per call would be timed with the dense dot
+  starts = np.cumsum(counts_np) - counts_np
+  pieces = [(x[s:s + c], w[g]) for g, (s, c) in enumerate(zip(starts, counts_np)) if c]
   fns = {"dense": lambda: jd(x, w0),
+         "group_dots": lambda: [jd(xg, wg) for xg, wg in pieces],
          "fused": lambda: jf(x, w, w_scale, x_scale, counts),
          "fused_static": lambda: jfs(x, w, w_scale, x_scale),
          "gmm": lambda: jg(x, w, counts)}
   t = time_interleaved(fns, repeats)
+  del pieces  # the weight copies go before the peers' round
   # The peers take e times the work and memory: they get their own round with the fused
   # op, as freeing their buffers slowed whatever ran next by up to 40% (m=512, e=64).
   peers = {}
@@ -171,6 +178,7 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
   row = {"m": m, "k": k, "n": n, "e": e, "groups": kind, "counts": static_counts,
          **{f"t_{name}": v for name, v in t.items()},
          **{f"ratio_{name}": t["dense"] / v for name, v in t.items() if name != "dense"},
+         "ratio_gmm_dots_floor": t["group_dots"] / t["gmm"],
          **{f"t_{name}": v for name, v in tp.items() if name != "fused"},
          **{f"{name}_vs_fused": v / tp["fused"] for name, v in tp.items() if name != "fused"},
          "mem": peak_memory_ratio(fused, x, w, w_scale, x_scale, counts)}
@@ -241,6 +249,7 @@ def qat_header(k: int, n: int) -> str:
 
 _TAGS = {"bfloat16": "bf16", "float32": "f32"}
 COLUMNS = (("fused", "fused"), ("fused_static", "static"), ("gmm", "gmm"),
+           ("gmm_dots_floor", "dots floor"),
            ("gmm_bf16", "gmm bf16"), ("tgmm_bf16", "tgmm bf16"), ("gmm_f32", "gmm f32"),
            ("tgmm_f32", "tgmm f32"), ("tgmm_floor_f32", "f32 floor"))
 

@@ -12,8 +12,9 @@ Two traversals call it:
   and static ends (Python ints, constant bounds) alike: a loop over groups. Each
   group is cut into `size // block_m` full blocks (a loop with a dynamic trip
   count) and one masked block for the remaining `< block_m` rows (run first): the smallest
-  of a ladder of static sizes (`remainder_blocks`, four per octave from
-  `min_block_m` to `block_m`) that holds them, chosen by a `lax.cond` per size.
+  of a ladder of static sizes (`remainder_blocks`: powers of two from `min_block_m`
+  to 8, then four per octave up to `block_m`) that holds them, chosen by a
+  `lax.cond` per size (one `lax.switch` over the sizes measured 25% slower).
   Only that block reaches outside its group (its mask drops those rows), so the
   work is the useful work plus under a quarter of the remainder (and under
   `min_block_m` rows) per group, in at most `size // block_m + 1` dot calls, and
@@ -77,9 +78,11 @@ class GmmBlockSizes:
                   ) -> "GmmBlockSizes":
     """Heuristic from the expected tokens per group (default m / num_groups)."""
     expected = expected_tokens if expected_tokens else -(-m // max(num_groups, 1))
-    # Measured on a 2-core AVX-512 CPU (int8, k=2048, n=2816): 512-row blocks run at
-    # dense-dot speed; min_block_m 8 suits ~8-64 tokens per group, 32 suits >= 256.
-    min_block = int(np.clip(pow2_floor(max(expected, 1) // 8), 8, 32))
+    # Measured on 2-core CPUs (int8, k=2048, n=2816): 512-row blocks run at dense-dot
+    # speed; min_block_m 32 suits >= 256 tokens per group. With ~8 per group, blocks
+    # down to 2 rows (not 1: a 1-row dot took twice a 2-row one) made skewed lists
+    # 7-13% faster than blocks of 8 (m=512, e=64, AVX2 host).
+    min_block = int(np.clip(pow2_floor(max(expected, 1) // 8), 2, 32))
     return cls(block_m=512, min_block_m=min_block)
 
 
@@ -175,16 +178,20 @@ def block_calls(rows: Any, block: int) -> Any:
 def remainder_blocks(block: int, min_block: int) -> tuple[int, ...]:
   """Sizes of the masked block that covers a group's last `< block` rows, ascending.
 
-  Every int8 dot call on CPU costs ~30 rows of work on top of its rows (the dot
-  library repacks the weight per call; measured at k=2048, n=2816), so the
-  remainder takes one call, not a binary expansion of up to log2(block) calls:
-  four sizes per octave from `min_block` to `block` (multiples of 8 past 8 rows)
-  keep the rows it computes outside its group under a quarter of the remainder
-  (+ 8, and under `min_block`).
+  Every int8 dot call on CPU costs 7-30 rows of work on top of its rows, by host
+  (measured at k=2048, n=2816): XLA:CPU runs it through YNNPACK, which packs the
+  `[k, n]` weight on every call, or for a few rows reads it unpacked at about half
+  the speed per row. So the remainder takes one call, not a binary expansion of
+  up to log2(block) calls: the powers of two from `min_block` to 8, then four
+  sizes per octave up to `block` (multiples of 8) keep the rows it computes
+  outside its group under a quarter of the remainder (+ 8, and under
+  `min_block`). Below 8 rows one size per octave does: a ladder of 2..7 as well
+  measured no faster, and each size is one more branch to compile.
   """
   round8 = lambda v: v if v < 8 else -(-v // 8) * 8
   return tuple(sorted({round8(b + b * i // 4) for b in (1 << j for j in range(block.bit_length()))
-                       if b >= min_block for i in range(4) if b + b * i // 4 <= block}))
+                       if b >= min_block for i in range(4 if b >= 8 else 1)
+                       if b + b * i // 4 <= block}))
 
 
 def loop_storage(a: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:

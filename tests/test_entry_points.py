@@ -24,8 +24,8 @@ def test_bench_runs_every_path(tmp_path, capsys):
                      "--out", str(tmp_path)])
   assert len(rows) == 4 and json.loads((tmp_path / "bench.json").read_text()) == rows
   for r in rows:
-    for key in ("fused", "fused_static", "gmm", "gmm_bf16", "tgmm_bf16", "gmm_f32",
-                "tgmm_f32", "tgmm_floor_f32", "tgmm_floor_bf16"):
+    for key in ("fused", "fused_static", "gmm", "gmm_dots_floor", "gmm_bf16", "tgmm_bf16",
+                "gmm_f32", "tgmm_f32", "tgmm_floor_f32", "tgmm_floor_bf16"):
       assert r["ratio_" + key] > 0, key
     assert r["ragged_vs_fused"] > 0
     assert r["mem"] >= 1
