@@ -62,3 +62,20 @@ def check_int_option(name: str, value: Any, allowed: Sequence[int]) -> int:
     fail(name, f"a Python int in {list(allowed)}", repr(value), TypeError)
   require(int(value) in allowed, name, f"one of {list(allowed)}", value)
   return int(value)
+
+
+def check_scale_groups(name: str, scale: Any, *, e: int, n: int, k: int,
+                       ranks: tuple[int, ...] = (2, 3), n_or_1: bool = False) -> int:
+  """A weight scale per channel `[e, n]` or per k group `[e, G, n]` with G dividing k
+  (SPEC B.1.4, B.4.3); `n_or_1` also admits one value per expert (`[e, 1]`, `[e, G, 1]`).
+  Returns G (1 per channel)."""
+  check_array(name, scale)
+  cols = (n, 1) if n_or_1 else (n,)
+  groups = scale.shape[1] if scale.ndim == 3 else 1
+  ok = (scale.ndim in ranks and scale.shape[0] == e and scale.shape[-1] in cols
+        and groups >= 1 and k % groups == 0)
+  shapes = " or ".join(
+      {2: f"[e={e}, n={n}]" + (" or [e, 1]" if n_or_1 else ""),
+       3: f"[e={e}, G, n={n}] with G dividing k={k}"}[r] for r in ranks)
+  require(ok, name, shapes, describe(scale))
+  return groups

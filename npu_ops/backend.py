@@ -1,13 +1,16 @@
 """Which implementation runs a grouped op: XLA, the dense reference, or a Pallas kernel.
 
 `implementation`:
-  * None: the Pallas kernel of the default backend (TPU: "pallas_tpu", GPU:
-    "pallas_gpu") where it has one for the case, else "xla". On CPU: "xla".
+  * None: per *lowering* platform, the Pallas kernel where it has the case (TPU:
+    "pallas_tpu", CUDA/ROCm: "pallas_gpu") and "xla" elsewhere. The choice is made
+    when the computation is lowered, not from `jax.default_backend()`: an AOT
+    compile for a TPU from a CPU host holds the Mosaic kernel, and one
+    `jax.export(..., platforms=["tpu", "cuda", "cpu"])` artifact holds all three.
+    A case no kernel can do runs "xla" everywhere.
   * "xla": the row-block XLA path (`npu_ops.row_blocks`), fast on CPU.
   * "reference": every group over all rows, masked (dense jnp; for checking).
-  * "pallas_tpu" / "pallas_gpu": always the kernel (so `jax.export(...,
-    platforms=["tpu"])` from a CPU host holds the Mosaic custom call); a case the
-    kernel cannot do raises NotImplementedError.
+  * "pallas_tpu" / "pallas_gpu": always that kernel; a case it cannot do raises
+    NotImplementedError.
 `interpret=True` runs a kernel's body in Pallas interpret mode on any backend;
 `tiles` overrides the kernel's `TileSizes` (default: from the shapes and
 `tuning_config[0]`).
@@ -16,17 +19,23 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
+from jax.interpreters import batching, mlir
 
 from npu_ops._validation import fail
 from pallas_kernels.common import TileSizes
 
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "reference", "pallas_tpu", "pallas_gpu")
 KERNELS: tuple[str, ...] = ("pallas_tpu", "pallas_gpu")
-_DEFAULT_KERNEL = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu",
-                   "rocm": "pallas_gpu"}
+AUTO = "auto"  # `resolve`'s answer for None when a kernel has the case
+# Lowering platform -> the kernel that serves it under implementation=None.
+KERNEL_OF_PLATFORM = {"tpu": "pallas_tpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
 
 
 def check(implementation: str | None, interpret: bool = False,
@@ -42,7 +51,8 @@ def check(implementation: str | None, interpret: bool = False,
 
 def resolve(implementation: str | None, *, unsupported: str | None = None,
             interpret: bool = False, tiles: TileSizes | None = None) -> str:
-  """The implementation that runs.
+  """The implementation that runs: one of IMPLEMENTATIONS, or AUTO (None with a
+  kernel for the case: chosen per lowering platform by `run`).
 
   Args:
     implementation: as asked (see the module docstring).
@@ -51,8 +61,7 @@ def resolve(implementation: str | None, *, unsupported: str | None = None,
   """
   check(implementation, interpret, tiles)
   if implementation is None:
-    kernel = _DEFAULT_KERNEL.get(jax.default_backend())
-    return kernel if kernel and unsupported is None else "xla"
+    return AUTO if unsupported is None else "xla"
   if implementation in KERNELS and unsupported is not None:
     raise NotImplementedError(f"implementation={implementation!r} has no kernel for "
                               f"{unsupported}; use None (falls back to XLA) or 'xla'")
@@ -60,9 +69,94 @@ def resolve(implementation: str | None, *, unsupported: str | None = None,
 
 
 def kernels(implementation: str) -> types.ModuleType:
-  """The kernel module of a resolved Pallas implementation."""
+  """The kernel module of a Pallas implementation."""
   if implementation == "pallas_tpu":
     from pallas_kernels import tpu  # noqa: PLC0415 (only when asked: imports Mosaic)
     return tpu
   from pallas_kernels import gpu  # noqa: PLC0415 (only when asked: imports Triton)
   return gpu
+
+
+def run(impl: str, args: Sequence[Any], *, kernel: Callable[..., Any],
+        xla: Callable[..., Any]) -> Any:
+  """Runs a resolved implementation on `args`.
+
+  `kernel(module, *args)` runs a kernel module's entry point; `xla(*args)` the XLA
+  path (the caller passes the reference flag itself). AUTO becomes a
+  per-platform choice made at lowering (`platform_select`).
+  """
+  if impl in KERNELS:
+    return kernel(kernels(impl), *args)
+  if impl != AUTO:
+    return xla(*args)
+  branches = {p: (lambda k: lambda *a: kernel(kernels(k), *a))(k)
+              for p, k in KERNEL_OF_PLATFORM.items()}
+  return platform_select(args, branches, default=xla)
+
+
+# --- per-platform choice at lowering ------------------------------------------------------
+# `jax.lax.platform_dependent` lowers every kept branch for all the module's platforms,
+# and a Pallas call has no CPU lowering, so a multi-platform export fails. This primitive
+# lowers each branch with `mlir.lower_fun` for its own platform only (JAX restricts the
+# platforms of a rule registered per platform), and traces a branch only when it is
+# lowered: a CPU program never traces the kernels.
+
+_select_p = jex_core.Primitive("npu_ops_platform_select")
+_select_p.multiple_results = True
+
+
+def platform_select(args: Sequence[Any], branches: dict[str, Callable[..., Any]], *,
+                    default: Callable[..., Any]) -> Any:
+  """`branches[platform](*args)` on the platforms named, `default(*args)` elsewhere.
+
+  Every branch returns the same pytree of arrays (shapes from `default`). Outside
+  of a trace the branch of `jax.default_backend()` runs directly.
+  """
+  args = tuple(args)
+  if not any(isinstance(a, jax.core.Tracer) for a in args):
+    return branches.get(jax.default_backend(), default)(*args)
+  out_shapes = jax.eval_shape(default, *args)
+  flat_shapes, tree = jax.tree.flatten(out_shapes)
+  flat = lambda f: (lambda *a: jax.tree.leaves(f(*a)))
+  outs = _select_p.bind(*args, branches=tuple((p, flat(f)) for p, f in branches.items()),
+                        default=flat(default),
+                        out_avals=tuple(jax.core.ShapedArray(s.shape, s.dtype)
+                                        for s in flat_shapes))
+  return jax.tree.unflatten(tree, outs)
+
+
+def _select_impl(*args, **params):
+  return jax.jit(lambda *a: _select_p.bind(*a, **params))(*args)
+
+
+def _select_abstract_eval(*args, branches, default, out_avals):
+  del args, branches, default
+  return out_avals
+
+
+def _select_batch(args, dims, *, branches, default, out_avals):
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)  # None: not mapped
+  args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+  in_axes = tuple(None if d is None else 0 for d in dims)
+  vmapped = lambda f: jax.vmap(f, in_axes=in_axes)
+  outs = _select_p.bind(
+      *args, branches=tuple((p, vmapped(f)) for p, f in branches),
+      default=vmapped(default),
+      out_avals=tuple(jax.core.ShapedArray((size,) + a.shape, a.dtype) for a in out_avals))
+  return outs, [0] * len(outs)
+
+
+def _lowering(platform: str | None):
+  def rule(ctx, *args, branches, default, out_avals):
+    del out_avals
+    fn = dict(branches).get(platform, default)
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+  return rule
+
+
+_select_p.def_impl(_select_impl)
+_select_p.def_abstract_eval(_select_abstract_eval)
+batching.primitive_batchers[_select_p] = _select_batch
+mlir.register_lowering(_select_p, _lowering(None))
+for _platform in KERNEL_OF_PLATFORM:
+  mlir.register_lowering(_select_p, _lowering(_platform), platform=_platform)

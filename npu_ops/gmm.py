@@ -33,11 +33,6 @@ _INT_OPERANDS = tuple(np.dtype(d) for d in (jnp.int8, jnp.int4))
 _FLOAT_OPERANDS = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
-def resolve_implementation(implementation: str | None, unsupported: str | None = None) -> str:
-  """`backend.resolve` for callers that only name the implementation."""
-  return backend.resolve(implementation, unsupported=unsupported)
-
-
 def _kernel_gap(lhs_dtype: Any) -> str | None:
   """Why the Pallas gmm / tgmm kernels cannot take these operands (None: they can)."""
   return "integer operands (float only)" if np.dtype(lhs_dtype) in _INT_OPERANDS else None
@@ -144,8 +139,8 @@ def _differentiable_gmm_bwd(static_ends, out_dtype, run, residuals, dy):
   lhs, rhs, dynamic_ends = residuals
   ends = static_ends if dynamic_ends is None else dynamic_ends
   kw = run._asdict()
-  # [m, k] = [m, n] @ [g, n, k]: rows outside every group get 0.
-  dlhs = gmm(dy, jnp.swapaxes(rhs, 1, 2), ends, out_dtype=lhs.dtype, **kw)
+  # [m, k] = [m, n] @ [g, k, n]^T: rows outside every group get 0.
+  dlhs = gmm(dy, rhs, ends, out_dtype=lhs.dtype, transpose_rhs=True, **kw)
   # [g, k, n] = per group, lhs[rows]^T @ dy[rows]: empty groups get 0.
   drhs = tgmm_ends(lhs, dy, ends, num_groups=rhs.shape[0], out_dtype=rhs.dtype, **kw)
   return dlhs, drhs, None
@@ -156,21 +151,32 @@ _differentiable_gmm.defvjp(_differentiable_gmm_fwd, _differentiable_gmm_bwd)
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype: Any,
         implementation: str | None = None, block_sizes: GmmBlockSizes | None = None,
-        interpret: bool = False, tiles: TileSizes | None = None) -> jax.Array:
+        interpret: bool = False, tiles: TileSizes | None = None,
+        transpose_rhs: bool = False) -> jax.Array:
   """Grouped matmul on the canonical form (validated operands, group ends).
 
-  `lhs [m, k]`, `rhs [g, k, n]`, `ends` static tuple or int32 array of length
-  `<= g`. Integer operands (int8 or int4) are multiplied as int8.
+  `lhs [m, k]`, `rhs [g, k, n]` (`[g, n, k]`, used as its transpose, with
+  `transpose_rhs`: the VJP's `dy @ rhs^T`, which the kernels read in place), `ends`
+  static tuple or int32 array of length `<= g`. Integer operands (int8 or int4) are
+  multiplied as int8.
   """
   lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
-  if impl in backend.KERNELS:
-    m, k = lhs.shape
-    ends = jnp.asarray(ends, jnp.int32)
-    tiles = tiles or TileSizes.for_problem(m, k, rhs.shape[-1], ends.shape[0])
-    return backend.kernels(impl).gmm(lhs, rhs, ends, out_dtype=np.dtype(out_dtype),
-                                      tiles=tiles, interpret=interpret)
-  return _gmm(lhs, rhs, ends=ends, acc_dtype=acc_dtype, block_sizes=block_sizes,
-              reference=impl == "reference").astype(out_dtype)
+  m, k = lhs.shape
+  tiles = tiles or TileSizes.for_problem(m, k, rhs.shape[1 if transpose_rhs else 2], len(ends))
+
+  def kernel(module, lhs, rhs, ends_array):
+    return module.gmm(lhs, rhs, ends_array, out_dtype=np.dtype(out_dtype), tiles=tiles,
+                      interpret=interpret, transpose_rhs=transpose_rhs)
+
+  def xla(lhs, rhs, ends_array):
+    # XLA:CPU runs a dot against a transposed operand no faster than it copies the
+    # transpose: one copy per call, not one per row block.
+    rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+    return _gmm(lhs, rhs, ends=ends if isinstance(ends, tuple) else ends_array,
+                acc_dtype=acc_dtype, block_sizes=block_sizes,
+                reference=impl == "reference").astype(out_dtype)
+
+  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla)
 
 
 def _prepare(lhs, rhs, out_dtype, implementation):
@@ -248,15 +254,19 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
               tiles: TileSizes | None = None) -> jax.Array:
   """`tgmm` on the canonical form (validated operands, group ends)."""
   lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
-  if impl in backend.KERNELS:
-    m, k = lhs.shape
-    ends = jnp.asarray(ends, jnp.int32)
-    tiles = tiles or TileSizes.for_problem(m, k, rhs.shape[-1], ends.shape[0])
-    return backend.kernels(impl).tgmm(lhs, rhs, ends, num_groups=num_groups,
-                                       out_dtype=np.dtype(out_dtype), tiles=tiles,
-                                       interpret=interpret)
-  return _tgmm(lhs, rhs, ends=ends, num_groups=num_groups, acc_dtype=acc_dtype,
-               block_sizes=block_sizes, reference=impl == "reference").astype(out_dtype)
+  m, k = lhs.shape
+  tiles = tiles or TileSizes.for_problem(m, k, rhs.shape[-1], len(ends))
+
+  def kernel(module, lhs, rhs, ends_array):
+    return module.tgmm(lhs, rhs, ends_array, num_groups=num_groups,
+                       out_dtype=np.dtype(out_dtype), tiles=tiles, interpret=interpret)
+
+  def xla(lhs, rhs, ends_array):
+    return _tgmm(lhs, rhs, ends=ends if isinstance(ends, tuple) else ends_array,
+                 num_groups=num_groups, acc_dtype=acc_dtype, block_sizes=block_sizes,
+                 reference=impl == "reference").astype(out_dtype)
+
+  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla)
 
 
 # What one pass over a group's `[k, n]` output matrix (a block's write, or read-add-write)
@@ -386,7 +396,7 @@ def _differentiable_tgmm_bwd(static_ends, num_groups, out_dtype, run, residuals,
   ends = static_ends if dynamic_ends is None else dynamic_ends
   kw = run._asdict()
   # [r, a] = [r, b] @ [g, b, a] and [r, b] = [r, a] @ [g, a, b], per row group.
-  dlhs = gmm(rhs, jnp.swapaxes(dy, 1, 2), ends, out_dtype=lhs.dtype, **kw)
+  dlhs = gmm(rhs, dy, ends, out_dtype=lhs.dtype, transpose_rhs=True, **kw)
   drhs = gmm(lhs, dy, ends, out_dtype=rhs.dtype, **kw)
   return dlhs, drhs, None
 

@@ -31,14 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from npu_ops import _epilogue
 from npu_ops import backend
 from npu_ops import gmm as gmm_lib
 from npu_ops import groups as groups_lib
 from npu_ops import operands
 from npu_ops import quant as quant_lib
 from npu_ops import row_blocks
-from npu_ops._validation import (check_array, check_int_option, check_rank, describe, fail,
-                                 require)
+from npu_ops._validation import (check_array, check_int_option, check_rank, check_scale_groups,
+                                 describe, fail, require)
 from npu_ops.scales import float32_from_scale_words
 from pallas_kernels import common as pallas_common
 from pallas_kernels.common import TileSizes
@@ -138,12 +139,8 @@ def npu_grouped_matmul_swiglu_quant_v2(
   if dequant_mode == 1:
     require(scenario == A8W4, "dequant_mode", "0 unless the weight is int4 with an int8 x "
             "(per-group dequant is A8W4 only)", dequant_mode)
-    require(weight_scale.ndim == 3 and weight_scale.shape[0] == e and
-            weight_scale.shape[1] >= 1 and k % weight_scale.shape[1] == 0, "weight_scale",
-            f"[e={e}, G, n={n}] with G dividing k={k} for dequant_mode=1", describe(weight_scale))
-  else:
-    require(tuple(weight_scale.shape) == (e, n), "weight_scale",
-            f"[e={e}, n] for dequant_mode=0", describe(weight_scale))
+  check_scale_groups("weight_scale", weight_scale, e=e, n=n, k=k,
+                     ranks=(3,) if dequant_mode == 1 else (2,))
   scale = float32_from_scale_words(weight_scale, "weight_scale")
   scale = scale.reshape(e, -1, n)
 
@@ -186,21 +183,35 @@ def npu_grouped_matmul_swiglu_quant_v2(
 def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spec,
                     expected_tokens=None, implementation=None, interpret=False, tiles=None):
   """The fused op on canonical operands (int8 values, float32 `[e, G, n]` scales,
-  group ends), on the implementation asked for: a Pallas kernel (A8W8 with int8
-  output), the XLA row-block path, or the dense reference."""
+  group ends), on the implementation asked for (`npu_ops.backend`): a Pallas kernel
+  (A8W8 / A8W4 with int8 output), the XLA row-block path, or the dense reference."""
   m, k = x.shape
+  e, n = w.shape[0], scale.shape[-1]
   impl = backend.resolve(implementation, unsupported=_kernel_gap(scenario, spec, k, scale),
                          interpret=interpret, tiles=tiles)
-  if impl in backend.KERNELS:
-    ends = jnp.asarray(ends, jnp.int32)
-    tiles = tiles or TileSizes.for_problem(m, k, w.shape[-1], ends.shape[0], expected_tokens)
-    return backend.kernels(impl).gmm_swiglu_quant(x, w, scale, x_scale, ends, assist=assist,
-                                                  tiles=tiles, interpret=interpret)
-  e, n = w.shape[0], scale.shape[-1]
+  tiles = tiles or TileSizes.for_problem(m, k, n, len(ends), expected_tokens)
   block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
   after = impl != "reference" and _epilogue_after(m, k, n, e, expected_tokens, scenario)
-  return _fused(x, w, scale, x_scale, assist, smooth, ends=ends, scenario=scenario, spec=spec,
-                block_sizes=block_sizes, reference=impl == "reference", after=after)
+  optional = [a is not None for a in (assist, smooth)]
+
+  def unpack(rest):  # the optional operands, back in their places
+    it = iter(rest)
+    return [next(it) if present else None for present in optional]
+
+  def kernel(module, x, w, scale, x_scale, ends_array, *rest):
+    assist, _ = unpack(rest)
+    return module.gmm_swiglu_quant(x, w, scale, x_scale, ends_array, assist=assist,
+                                   tiles=tiles, interpret=interpret)
+
+  def xla(x, w, scale, x_scale, ends_array, *rest):
+    return _fused(x, w, scale, x_scale, *unpack(rest),
+                  ends=ends if isinstance(ends, tuple) else ends_array, scenario=scenario,
+                  spec=spec, block_sizes=block_sizes, reference=impl == "reference",
+                  after=after)
+
+  args = (x, w, scale, x_scale, jnp.asarray(ends, jnp.int32)) + tuple(
+      a for a in (assist, smooth) if a is not None)
+  return backend.run(impl, args, kernel=kernel, xla=xla)
 
 
 def npu_grouped_matmul_swiglu_quant(
@@ -262,7 +273,7 @@ def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None
 @jax.jit
 def canonical_assist(w: jax.Array, scale: jax.Array) -> jax.Array:
   # 8 * colsum is exact, so this is 8 * sum_k W * s bit for bit
-  return jnp.sum(operands.colsum8(w, scale.shape[1]).astype(jnp.float32) * scale, axis=1)
+  return jnp.sum(_epilogue.colsum8(w, scale.shape[1]).astype(jnp.float32) * scale, axis=1)
 
 
 def _kernel_gap(scenario: str, spec: quant_lib.DynamicQuant, k: int, scale: jax.Array
@@ -311,9 +322,8 @@ def _epilogue_after(m: int, k: int, n: int, e: int, expected: int | None, scenar
 def _dequant(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array, scenario: str
              ) -> jax.Array:
   """C of A8W8 / A4W4 (module doc) from the int32 product, in SPEC's order."""
-  if scenario == A8W8:
-    return (acc.astype(jnp.float32) * w_scale) * x_scale
-  return (acc.astype(jnp.float32) * x_scale) * w_scale
+  return (_epilogue.dequant_a8w8 if scenario == A8W8 else _epilogue.dequant_a4w4)(
+      acc, w_scale, x_scale)
 
 
 def _swiglu_quant(c: jax.Array, smooth: jax.Array | None, spec: quant_lib.DynamicQuant):
@@ -340,7 +350,7 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
   gs = k // n_groups
   colsum8 = None
   if scenario == A8W4:  # 8 * column sums per k-group: the "- 8" of (x - 8) @ W, in int32
-    colsum8 = operands.colsum8(w, n_groups)
+    colsum8 = _epilogue.colsum8(w, n_groups)
 
   def group_ctx(g):
     pick = lambda a: None if a is None else a[g]
@@ -352,9 +362,9 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
     xs = lax.dynamic_slice_in_dim(x_scale, r0, bl)[:, None]
     dot = lambda a, b: lax.dot(a, b, preferred_element_type=jnp.int32)
     if scenario == A8W4:  # per k-group partials of (x - 8) @ W, exact in int32
-      c = sum(s_g[g] * (dot(xb[:, g * gs:(g + 1) * gs], w_g[g * gs:(g + 1) * gs]) - colsum8_g[g]
-                        ).astype(jnp.float32) for g in range(n_groups))
-      c = (c + a_g) * xs
+      c = sum(_epilogue.close_k_group(dot(xb[:, g * gs:(g + 1) * gs], w_g[g * gs:(g + 1) * gs]),
+                                      colsum8_g[g], s_g[g]) for g in range(n_groups))
+      c = _epilogue.finish_a8w4(c, a_g, xs)
     else:
       c = _dequant(dot(xb, w_g), s_g[0], xs, scenario)
     q, q_scale = _swiglu_quant(c, smooth_g, spec)

@@ -34,14 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from npu_ops import _epilogue
 from npu_ops import backend
 from npu_ops import gmm as gmm_lib
 from npu_ops import groups as groups_lib
 from npu_ops.groups import per_row
 from npu_ops import layouts, operands, row_blocks
 from npu_ops import quant as quant_lib
-from npu_ops._validation import (check_array, check_dtype, check_int_option, describe, fail,
-                                 require)
+from npu_ops._validation import (check_array, check_dtype, check_int_option, check_scale_groups,
+                                 describe, fail, require)
 from npu_ops.gmm_swiglu_quant import expected_tokens
 from npu_ops.quant_matmul import decode_quant_param, requant_int8
 from npu_ops.scales import float32_from_scale_words
@@ -488,11 +489,7 @@ def _per_group(name, v, e, n, dtypes, *, groups=False, k=None):
   """[E, n] / [E, 1] (or [E, G, n] with groups) of `dtypes` -> [E, G, n or 1] as given."""
   check_dtype(name, v, dtypes)
   v = jnp.asarray(v) if not isinstance(v, np.ndarray) else v
-  ok = (v.ndim == 2 and v.shape[0] == e and v.shape[1] in (1, n)) or (
-      groups and v.ndim == 3 and v.shape[0] == e and v.shape[2] in (1, n) and
-      v.shape[1] >= 1 and k % v.shape[1] == 0)
-  shapes = f"[E={e}, n={n}] or [E, 1]" + (f", or [E, G, n] with G dividing k={k}" if groups else "")
-  require(ok, name, shapes, describe(v))
+  check_scale_groups(name, v, e=e, n=n, k=k or 1, ranks=(2, 3) if groups else (2,), n_or_1=True)
   return v.reshape(e, -1, v.shape[-1])
 
 
@@ -588,9 +585,7 @@ def _int4_scale(s, e, n, k):
   if s is None:
     fail("scale", "scale words (float32 bits in the low word) or float32 for int4 weights", None)
   check_dtype("scale", s, _WORDS + (I32, np.dtype(np.uint32), F32))
-  require((s.ndim in (2, 3)) and s.shape[0] == e and s.shape[-1] == n and
-          (s.ndim == 2 or k % s.shape[1] == 0), "scale",
-          f"[E={e}, n={n}] per channel or [E, G, n] with G dividing k={k}", describe(s))
+  check_scale_groups("scale", s, e=e, n=n, k=k)
   return float32_from_scale_words(s, "scale").reshape(e, -1, n)
 
 
@@ -618,7 +613,7 @@ def _prepare_a8w4(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
   require(b.shape[-1] == n, "bias", f"[E={e}, n={n}]", describe(params["bias"]))
   if pts is None:
     fail("per_token_scale", f"float32 [m={m}] (A8W4 pseudo-quant)", None)
-  colsum8 = operands.colsum8(w, groups)
+  colsum8 = _epilogue.colsum8(w, groups)
   per_group = {"scale": scale, "bias": jnp.asarray(b, jnp.float32)[:, 0], "colsum8": colsum8}
   return _Prepared(x, w, per_group, _check_pts(pts, m), out)
 
@@ -706,10 +701,9 @@ def _grouped_scale_epilogue(accs, gid, inside, scale, colsum8, bias, pts, *, act
                             out_dtype):
   """A4W4 / A8W4: sum_g s_g * (acc_g [- 8 colsum_g]) [+ bias], then _finish."""
   v = 0
-  for g, acc in enumerate(accs):
-    if colsum8 is not None:  # (x - 8)_g @ W_g, exact in int32
-      acc = acc - per_row(colsum8[:, g], gid)
-    v = v + acc.astype(jnp.float32) * per_row(scale[:, g], gid)
+  for g, acc in enumerate(accs):  # (x - 8)_g @ W_g exact in int32 for A8W4 (colsum8)
+    v = v + _epilogue.close_k_group(acc, 0 if colsum8 is None else per_row(colsum8[:, g], gid),
+                                    per_row(scale[:, g], gid))
   if bias is not None:  # A8W4: the offline bias joins before the per-token scale
     v = v + per_row(bias, gid)
   return _finish(v, gid, inside, pts, None, act_type, out_dtype)

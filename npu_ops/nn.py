@@ -8,7 +8,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+try:
+  from flax import nnx
+except ImportError as e:  # flax is an extra: say which
+  raise ImportError("npu_ops.nn needs Flax: pip install 'npu_ops[nn]' (or flax>=0.12)") from e
 
 from npu_ops import groups
 from npu_ops import moe

@@ -97,10 +97,3 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight") -> In
   if dtype == np.int8:
     return IntOperand(nd, INT8)
   return IntOperand(nd.astype(jnp.int8), INT4)
-
-
-def colsum8(w: jax.Array, groups: int) -> jax.Array:
-  """`8 * sum_k W` per group of k rows, int32 `[e, groups, n]`: the "- 8" of A8W4's
-  `(x - 8) @ W = x @ W - 8 * colsum`, exact in int32 (w: int4 values `[e, k, n]`)."""
-  e, k, n = w.shape
-  return 8 * jnp.sum(w.reshape(e, groups, k // groups, n), axis=2, dtype=jnp.int32)

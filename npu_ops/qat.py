@@ -36,7 +36,8 @@ from npu_ops import gmm_swiglu_quant as fused_lib
 from npu_ops import groups as groups_lib
 from npu_ops import quant as quant_lib
 from npu_ops import row_blocks
-from npu_ops._validation import check_array, check_rank, describe, fail, require
+from npu_ops._validation import (check_array, check_rank, check_scale_groups, describe, fail,
+                                 require)
 
 _QMAX = {8: 127.0, 4: 7.0}
 
@@ -157,12 +158,8 @@ def _grouped_view(w: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]
   gradient) 25x slower than `[e, k, n]`.
   """
   check_rank("weight", w, 3)
-  check_rank("weight_scale", scale, (2, 3))
   e, k, n = w.shape
-  groups = 1 if scale.ndim == 2 else scale.shape[1]
-  require(scale.shape[0] == e and scale.shape[-1] == n and groups >= 1 and k % groups == 0,
-          "weight_scale", f"[e={e}, n={n}] or [e={e}, G, n={n}] with G dividing k={k}",
-          describe(scale))
+  groups = check_scale_groups("weight_scale", scale, e=e, n=n, k=k)
   return w.reshape(e * groups, k // groups, n), scale.reshape(e * groups, 1, n)
 
 

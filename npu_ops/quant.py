@@ -8,13 +8,14 @@ descriptor instead of adding a flag per format to every op.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from npu_ops import _epilogue
+from npu_ops._epilogue import silu
 from npu_ops._validation import fail
 
 # torch_npu codes for an int8 output: 0 (doc default) and 1 (torch.int8, meta default).
@@ -73,11 +74,6 @@ class DynamicQuant:
 INT8_PER_TOKEN = DynamicQuant()
 
 
-def silu(x: jax.Array) -> jax.Array:
-  """`x / (1 + exp(-x))` in the dtype of x (the kernels' form, beta = 1)."""
-  return x / (1 + jnp.exp(-x))
-
-
 # torch_npu act_type codes (SPEC B.4.2); 3 (GELU-erf) is not supported by torch_npu.
 ACT_NONE, ACT_RELU, ACT_GELU_TANH, ACT_FAST_GELU, ACT_SILU = 0, 1, 2, 4, 5
 ACT_TYPES = (ACT_NONE, ACT_RELU, ACT_GELU_TANH, ACT_FAST_GELU, ACT_SILU)
@@ -110,7 +106,7 @@ def swiglu(c: jax.Array, *, activate_left: bool = True) -> jax.Array:
     fail("c", "an even last dim", n)
   left, right = c[..., : n // 2], c[..., n // 2:]
   act, gate = (left, right) if activate_left else (right, left)
-  return silu(act) * gate
+  return _epilogue.swiglu_halves(act, gate)
 
 
 def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
@@ -124,26 +120,5 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
   Returns:
     (q `[..., d]` of spec.dtype, scale float32 `[...]`).
   """
-  s = s.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(s), axis=-1)
-  return codes_for_amax(s, amax[..., None], spec), amax / spec.qmax
-
-
-def codes_for_amax(s: jax.Array, amax: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN, *,
-                   round_fn: Callable[[jax.Array], jax.Array] = jnp.round) -> jax.Array:
-  """The codes of `quantize_per_token` given each row's amax (`[..., 1]`, float32):
-  `clip(round_half_even(s * (qmax / amax)), -qmax, qmax)`, 0 where amax = 0.
-  Kernels that see a row in pieces compute amax first, then call this (with
-  `round_fn=round_half_even_small` where `round` does not lower)."""
-  nonzero = amax > 0
-  inv = jnp.where(nonzero, spec.qmax / jnp.where(nonzero, amax, 1), 0)
-  return round_fn(jnp.clip(s * inv, -spec.qmax, spec.qmax)).astype(spec.dtype)
-
-
-def round_half_even_small(v: jax.Array) -> jax.Array:
-  """Round half to even of float32 `|v| < 2**22` from `floor` alone, for backends
-  without a `round` lowering (Pallas Triton): `floor(v + 0.5)`, minus 1 on an
-  exact tie that landed on an odd number. Every step is exact in that range."""
-  f = jnp.floor(v + 0.5)
-  odd_tie = (f - v == 0.5) & (f - 2 * jnp.floor(f * 0.5) != 0)
-  return f - odd_tie.astype(v.dtype)
+  q, scale = _epilogue.quantize_rows(s.astype(jnp.float32), qmax=spec.qmax, dtype=spec.dtype)
+  return q, scale[..., 0]

@@ -1,11 +1,10 @@
-"""What the TPU and GPU kernels share: tile sizes, group metadata, padding, and the
-fused epilogue math.
+"""What the TPU and GPU kernels share: tile sizes and group metadata. Imports no
+other module of this project (the epilogue math is `npu_ops._epilogue`).
 
-Kernels see canonical, padded operands: `m`, `k` and `n` are multiples of the
-tiles (the wrappers pad with zeros: zero rows belong to no group, zero k columns
-add nothing to a dot, and zero n columns give SwiGLU outputs of 0, which leave a
-row's amax unchanged), and groups are given by their row ends (int32, as
-`npu_ops.groups` makes them).
+Kernels see canonical operands, read in place (never padded per call): int8 or
+float `x [m, k]`, weights `[e, k, n]`, and groups given by their row ends (int32,
+as `npu_ops.groups` makes them). Edges of m, k and n that are not whole tiles
+are masked inside the kernels.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from npu_ops import quant
 
 
 def cdiv(a: int, b: int) -> int:
@@ -78,32 +75,6 @@ def kernel_gap(k: int, groups: int) -> str | None:
   return None
 
 
-def pad_axis(a: jax.Array, axis: int, multiple: int) -> jax.Array:
-  """Zero-pads `axis` of `a` up to a multiple (no copy when already aligned)."""
-  size = a.shape[axis]
-  extra = round_up(size, multiple) - size
-  if not extra:
-    return a
-  widths = [(0, 0)] * a.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(a, widths)
-
-
-def pad_2d(a: jax.Array, rows: int, cols: int) -> jax.Array:
-  """Zero-pads a matrix to whole `rows x cols` tiles."""
-  return pad_axis(pad_axis(a, 0, rows), 1, cols)
-
-
-def pad_halves(a: jax.Array, multiple: int) -> jax.Array:
-  """Pads each half of the last axis to a multiple, so the SwiGLU act and gate
-  column tiles sit at j and j + n_half_tiles; no copy when already aligned."""
-  half = a.shape[-1] // 2
-  if half % multiple == 0:
-    return a
-  pad = lambda h: pad_axis(h, a.ndim - 1, multiple)
-  return jnp.concatenate([pad(a[..., :half]), pad(a[..., half:])], axis=-1)
-
-
 def group_rows(ends_ref, g, r0, block_m: int) -> jax.Array:
   """`[block_m, 1]` bool: which rows `r0 .. r0 + block_m` belong to group g
   (ends_ref: the group ends, in a kernel's scalar memory or as a ref)."""
@@ -116,22 +87,34 @@ def starts_of(ends: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]])
 
 
-def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The (row tile, group) pairs a grid visits, in group order (megablox's
+def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, tail: int | None = None,
+                   visit_empty: bool = False
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The (row tile, group) pairs a grid visits, in row order (megablox's
   `make_group_metadata` technique): a row tile is visited once per group that
   has rows in it, so tiles shared by two groups are visited twice, consecutively.
 
-  Returns (group_ids int32 [T], m_tile_ids int32 [T], num_visits int32 [1]) with
-  the static bound `T = m_tiles + len(ends) - 1`; visits past num_visits repeat
-  the last real one (the kernels skip them; their blocks stay resident).
+  Args:
+    ends: int32 `[G]` group ends; m_tiles, block_m: the row tiling (m_tiles >= 1).
+    tail: `m`, to add one more group for the rows past the group total (the
+      kernels write zeros there), as group `G`.
+    visit_empty: give every empty group one visit (tgmm writes its zero matrix).
+
+  Returns (group_ids, m_tile_ids, num_visits [1], weight_ids), int32, with the
+  static bound `T = m_tiles + groups - 1`; visits past num_visits repeat the
+  last real one (the kernels skip them, and their blocks stay resident).
+  `weight_ids` is the group whose weights a visit reads: its own, or for the
+  tail group the last non-empty group's (so the tail costs no weight copy).
   """
+  real_groups = ends.shape[0]
+  if tail is not None:
+    ends = jnp.concatenate([ends, jnp.full((1,), tail, ends.dtype)])
   num_groups = ends.shape[0]
   starts = starts_of(ends)
   nonempty = ends > starts
-  first = starts // block_m
+  first = jnp.minimum(starts // block_m, m_tiles - 1)
   last = jnp.maximum(ends - 1, 0) // block_m
-  tiles = jnp.where(nonempty, last - first + 1, 0)
+  tiles = jnp.where(nonempty, last - first + 1, 1 if visit_empty else 0)
   offsets = jnp.cumsum(tiles)
   num_visits = offsets[-1]
   bound = m_tiles + num_groups - 1
@@ -139,7 +122,9 @@ def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int
   group = jnp.searchsorted(offsets, t, side="right").astype(jnp.int32)
   group = jnp.minimum(group, num_groups - 1)
   m_tile = first[group] + t - (offsets[group] - tiles[group])
-  return group, m_tile.astype(jnp.int32), num_visits.reshape(1).astype(jnp.int32)
+  last_real = jnp.max(jnp.where(nonempty[:real_groups], jnp.arange(real_groups), 0))
+  weight = jnp.where(group >= real_groups, last_real, group).astype(jnp.int32)
+  return (group, m_tile.astype(jnp.int32), num_visits.reshape(1).astype(jnp.int32), weight)
 
 
 def tile_group_ranges(ends: jax.Array, m_tiles: int, block_m: int
@@ -151,26 +136,3 @@ def tile_group_ranges(ends: jax.Array, m_tiles: int, block_m: int
   first = jnp.searchsorted(ends, r0, side="right")         # groups ending at or before r0: before
   stop = jnp.searchsorted(starts, r0 + block_m, side="left")  # groups starting in or after
   return first.astype(jnp.int32), jnp.maximum(stop, first).astype(jnp.int32)
-
-
-# --- epilogue math, shared by the TPU and GPU fused kernels ----------------------------
-
-def dequant_swiglu(acc_act: jax.Array, acc_gate: jax.Array, w_scale_act: jax.Array,
-                   w_scale_gate: jax.Array, x_scale: jax.Array) -> jax.Array:
-  """A8W8 (SPEC B.1.3): `C = (int32 acc * w_scale) * x_scale`, then silu(act) * gate,
-  as npu_ops' XLA path computes it.
-
-  acc_*: int32 `[bm, bn]`; w_scale_*: float32 `[1, bn]`; x_scale: float32 `[bm, 1]`.
-  """
-  act = (acc_act.astype(jnp.float32) * w_scale_act) * x_scale
-  gate = (acc_gate.astype(jnp.float32) * w_scale_gate) * x_scale
-  return quant.silu(act) * gate
-
-
-def a8w4_swiglu(acc_act: jax.Array, acc_gate: jax.Array, assist_act: jax.Array,
-                assist_gate: jax.Array, x_scale: jax.Array) -> jax.Array:
-  """A8W4 (SPEC B.1.4): `C = (sum_g s_g * ((x - 8)_g @ W_g) + assist) * x_scale`, then
-  silu(act) * gate. acc_*: the float32 group sums `[bm, bn]`; assist_*: `[1, bn]`."""
-  act = (acc_act + assist_act) * x_scale
-  gate = (acc_gate + assist_gate) * x_scale
-  return quant.silu(act) * gate

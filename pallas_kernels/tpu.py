@@ -1,28 +1,35 @@
-"""TPU (Mosaic) kernels: the fused A8W8 grouped matmul + SwiGLU + per-token quant,
-and the float grouped matmuls `gmm` / `tgmm` used by the differentiation rules.
+"""TPU (Mosaic) kernels: the fused grouped matmul + dequant + SwiGLU + per-token quant
+(A8W8, A8W4), and the float grouped matmuls `gmm` / `tgmm` of the differentiation rules.
+
+Operands are read in place: no wrapper pads or concatenates anything per call.
+Row tiles past `m`, column tiles past `n` and k tiles past `k` are partial blocks
+(Pallas clips their copies); the kernels zero the k edge of both operands where
+it is partial, mask rows by their group, and write only whole output rows.
 
 Group metadata travels by scalar prefetch (`common.visit_metadata`, megablox's
-technique): the grid walks (row tile, group) visits, so a row tile shared by two
-groups is visited twice, consecutively, with its output block resident in VMEM;
-each visit writes only its group's rows. Row tiles outside every group are never
-visited (the wrappers zero them). All grid axes are "arbitrary": consecutive
-visits accumulate into the same output block.
+technique): the grid walks (row tile, group) visits in row order. The rows past
+the group total form one more, weightless group whose visits write zeros, so no
+output is post-processed either.
 
-Roofline of the fused kernel at the benchmark shape (m=4096, k=2048, n=2816,
-e=16, int8): 2 * m * k * n = 47.2 GFLOP (row tiles shared by two groups add at
-most e - 1 tile visits, 1.5% here); operands once: x 8.4 MB + every expert's
-weights 92.3 MB + outputs 5.8 MB = 106 MB, about 445 FLOP/byte. A TPU v5e
-(394 int8 TOP/s, 819 GB/s; ridge 481 FLOP/byte) would need 0.12 ms of MXU time
-and 0.13 ms of HBM time on paper. The grid fetches an expert's weight tiles once
-per row tile of its group: with 256 tokens per expert and block_m = 128 that
-is twice (~200 MB), so expect HBM-bound ~0.25 ms unless block_m grows towards
-the tokens per expert (`tuning_config[0]`; VMEM holds a [block_m, n/2] float32
-row buffer). With few tokens per expert it is weight-streaming bound
-(m=512, e=64: 5.9 GFLOP over 369 MB, 16 FLOP/byte).
+Weight-stationary order: when one expert's whole `[k, n]` weight (the fused op) or
+one `[k, block_n]` column tile of it (gmm) fits the VMEM budget, the contraction
+is one step, so the weight block index stays the same across a group's
+consecutive visits and Pallas does not copy it again: every expert's weights
+cross HBM once per call (per column tile for gmm), however its tokens fall on
+row tiles. Larger weights are tiled over k and re-read per visit.
+
+Rooflines (from the compiler's cost analysis, which counts each kernel's
+`pl.CostEstimate`; see `python -m npu_ops.aot`): at m=4096, k=2048, n=2816, e=16
+A8W8 the fused kernel moves ~1.0x the bytes of reading every input and writing
+every output once (x 8.4 MB, weights 92.3 MB, outputs 5.8 MB): on a v5e
+(394 int8 TOP/s, 819 GB/s) 47.2 GFLOP take 0.12 ms of MXU time and 107 MB take
+0.13 ms of HBM time. With few tokens per expert it is weight-streaming bound
+(m=512, e=64: 5.9 GFLOP over 369 MB of weights, 16 FLOP/byte, ~0.45 ms).
 """
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -31,244 +38,313 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from npu_ops import operands, quant
+from npu_ops import _epilogue
 from pallas_kernels import common
 from pallas_kernels.common import TileSizes
 
-_ARBITRARY = pltpu.CompilerParams(dimension_semantics=("arbitrary",) * 3)
+# VMEM: one expert's weight block, double-buffered, is resident up to this size; the
+# whole kernel is planned to stay under _VMEM_PLAN and asks the compiler for
+# _VMEM_LIMIT (v5e / v6e have 128 MiB of VMEM, v5p 95 MiB; the default scope is 16-32).
+_RESIDENT_WEIGHT_BYTES = 24 * 2**20
+_VMEM_PLAN = 40 * 2**20
+_VMEM_LIMIT = 64 * 2**20
+
+
+def _params(*semantics: str) -> pltpu.CompilerParams:
+  return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=_VMEM_LIMIT)
 
 
 def _first_visit_of_tile(mt_ref, t):
   return (t == 0) | (mt_ref[jnp.maximum(t - 1, 0)] != mt_ref[t])
 
 
+def _mask_k_edge(a: jax.Array, k0, k: int, axis: int) -> jax.Array:
+  """Zeros the entries of a k tile at or past k (a partial block holds garbage there)."""
+  idx = k0 + lax.broadcasted_iota(jnp.int32, a.shape, axis)
+  return jnp.where(idx < k, a, jnp.zeros((), a.dtype))
+
+
+def _k_tile(k: int, row_bytes: int, budget: int, quantum: int = 128) -> int:
+  """The contraction tile: all of k when `k * row_bytes` fits `budget`, else the largest
+  multiple of `quantum` (a divisor of k where one exists) that does."""
+  if k * row_bytes <= budget:
+    return k
+  fit = max(128, budget // row_bytes // 128 * 128)
+  divisors = [d for d in range(quantum, fit + 1, quantum) if k % d == 0]
+  return divisors[-1] if divisors else fit
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedPlan:
+  """Blocks of the fused kernel: rows, contraction, and the k groups of one k tile."""
+  block_m: int
+  block_k: int
+  k_tiles: int
+
+  @property
+  def resident(self) -> bool:
+    return self.k_tiles == 1
+
+
+def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes) -> FusedPlan:
+  """Weight-stationary when an expert's `[k, n]` int8 weight, double-buffered, fits;
+  else k tiles of at most tiles.block_k (a divisor of the k group for A8W4)."""
+  gs = k // groups
+  if 2 * k * n <= _RESIDENT_WEIGHT_BYTES:
+    bk = k
+  elif groups == 1:  # the k edge is masked
+    bk = min(tiles.block_k, common.round_up(k, 128))
+  else:  # a divisor of the k group (a multiple of 128: `common.kernel_gap`)
+    bk = min(tiles.block_k, gs)
+    while gs % bk:
+      bk //= 2
+  bm = tiles.block_m
+  # x tile (int8, 2 buffers), weight (2 buffers), int32 and float32 row accumulators, the
+  # int8 output (2 buffers) and the epilogue's float32 temporaries (~4 per SwiGLU column).
+  need = lambda bm: 2 * bm * bk + 2 * bk * n + 8 * bm * n + 2 * bm * (n // 2) + 16 * bm * (n // 2)
+  while bm > 32 and need(bm) > _VMEM_PLAN:
+    bm //= 2
+  return FusedPlan(block_m=bm, block_k=bk, k_tiles=common.cdiv(k, bk))
+
+
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
-                     ends: jax.Array, *, assist: jax.Array | None = None, tiles: TileSizes,
+                     ends: jax.Array, *, assist: jax.Array | None = None,
+                     colsum8: jax.Array | None = None, tiles: TileSizes,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Fused op on canonical operands: A8W8, or A8W4 when `assist` is given.
 
   Args:
-    x: int8 `[m, k]`; w: int8 values `[e, k, n]` (ND; int4 values for A8W4);
-    w_scale: float32 `[e, G, n]` (G = 1 per channel; A8W4 may have G groups of
+    x: int8 `[m, k]`; w: int8 values `[e, k, n]` (int4 values for A8W4);
+    w_scale: float32 `[e, G, n]` (G = 1 per channel; A8W4 may have G k groups of
       k/G rows, a multiple of 128); x_scale: float32 `[m]`; ends: int32 `[E]`
-      group row ends, E <= e; assist: A8W4's float32 `[e, n]` assist matrix.
-    tiles: block sizes; interpret: run in Pallas interpret mode (any backend).
+      group row ends, E <= e; assist: A8W4's float32 `[e, n]`; colsum8: A8W4's
+      int32 `[e, G, n]` (`_epilogue.colsum8`, computed here when not given).
+    tiles: block sizes (`block_n` unused: a row is computed whole);
+    interpret: run in Pallas interpret mode (any backend).
 
   Returns:
     (q int8 `[m, n/2]`, scale float32 `[m]`), rows past the last end 0.
 
-  Grid (visit, column tile j of the n/2 SwiGLU outputs, k tile): each step
-  multiplies the x tile by the matching column tiles of both halves of W (j and
-  j + n/2), so the activation is computed in the kernel. A8W4 closes each k
-  group in float32 (`s_g * (x_g @ W_g - 8 * colsum_g)`, exact in int32 before
-  the scale), as the XLA path does. A row's amax spans all n/2 columns, so the
-  SwiGLU tile lands in a `[block_m, n/2]` float32 VMEM row buffer, and the
-  visit's last step quantizes the whole row block at once.
+  Grid (visit, k tile). Each step multiplies an x tile by the `[block_k, n]` weight
+  tile of its group (both SwiGLU halves) into an int32 row accumulator `[block_m, n]`;
+  A8W4 closes each k group in float32. The last k step dequantizes, applies SwiGLU
+  to the halves `[:, :n/2]` and `[:, n/2:]`, quantizes whole rows and writes the
+  visit's rows.
   """
   m, k = x.shape
   e, _, n = w.shape
   nh = n // 2
   groups = w_scale.shape[1]
+  gs = k // groups
   a8w4 = assist is not None
-  bn = tiles.block_n
-  bm = _fit_row_buffer(tiles.block_m, common.round_up(nh, bn))
-  bk = common.k_tile(k, groups, tiles.block_k)
-  xp = common.pad_2d(x, bm, bk)
-  wp = common.pad_axis(common.pad_halves(w, bn), 1, bk)
-  sp = common.pad_halves(w_scale.astype(jnp.float32), bn)[:, :, None, :]  # [e, G, 1, n]
-  xsp = common.pad_axis(x_scale.astype(jnp.float32), 0, bm)[:, None]
-  mp, kp = xp.shape
-  nhp = wp.shape[-1] // 2
-  m_tiles, nh_tiles, k_tiles = mp // bm, nhp // bn, kp // bk
-  # The scale group of each k tile, as a table: integer division does not lower
-  # for TPU without a TPU at hand. (groups > 1 only when k is a multiple of 128 * groups.)
-  k_group = jnp.asarray(np.arange(k_tiles) // (k_tiles // groups), jnp.int32)
-  gid, mt, nv = common.visit_metadata(ends, m_tiles, bm)
-  extra = []
-  if a8w4:
-    extra = [common.pad_halves(operands.colsum8(w, groups), bn)[:, :, None, :],
-             common.pad_halves(assist, bn)[:, None, :]]
+  if m == 0:  # no rows, no grid
+    return jnp.zeros((0, nh), jnp.int8), jnp.zeros((0,), jnp.float32)
+  plan = fused_plan(m, k, n, groups, tiles)
+  bm, bk, k_tiles = plan.block_m, plan.block_k, plan.k_tiles
+  gpt = max(bk // gs, 1)            # k groups closed inside one k tile (bk >= gs)
+  tiles_per_group = max(gs // bk, 1)  # k tiles one k group spans (bk < gs)
+  m_tiles = common.cdiv(m, bm)
+  gid, mt, nv, wid = common.visit_metadata(ends, m_tiles, bm, tail=m)
+  ends_all = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])  # + rows past the total
+  num_groups = ends.shape[0]
+  scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
+  x_scale = x_scale.astype(jnp.float32).reshape(m, 1)
 
-  def kernel(gid_ref, mt_ref, nv_ref, ends_ref, kg_ref, x_ref, wa_ref, wg_ref, sa_ref, sg_ref,
-             xs_ref, *refs):
+  def kernel(gid_ref, mt_ref, nv_ref, wid_ref, ends_ref, x_ref, w_ref, s_ref, xs_ref, *refs):
     if a8w4:
-      ca_ref, cg_ref, aa_ref, ag_ref, q_ref, qs_ref, acc_a, acc_g, f_a, f_g, s_rows = refs
+      cs_ref, a_ref, q_ref, qs_ref, acc, f = refs
     else:
-      q_ref, qs_ref, acc_a, acc_g, s_rows = refs
-    t, j, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    valid = t < nv_ref[0]
-    group_starts = (kk == 0) | (kg_ref[jnp.maximum(kk - 1, 0)] != kg_ref[kk])
-    group_ends = (kk == k_tiles - 1) | (kg_ref[jnp.minimum(kk + 1, k_tiles - 1)] != kg_ref[kk])
+      q_ref, qs_ref, acc = refs
+    t, kk = pl.program_id(0), pl.program_id(1)
+    g = gid_ref[t]
+    real = (t < nv_ref[0]) & (g < num_groups)  # a visit of an expert (not the tail)
+    rows = common.group_rows(ends_ref, g, mt_ref[t] * bm, bm)
 
-    @pl.when(valid & _first_visit_of_tile(mt_ref, t) & (j == 0) & (kk == 0))
+    @pl.when(real & (kk == 0))
     def _():
-      q_ref[...] = jnp.zeros_like(q_ref)
-      qs_ref[...] = jnp.zeros_like(qs_ref)
-
-    @pl.when(valid & group_starts)
-    def _():
-      acc_a[...] = jnp.zeros_like(acc_a)
-      acc_g[...] = jnp.zeros_like(acc_g)
-
-    @pl.when(valid)
-    def _():
-      xb = x_ref[...]
-      acc_a[...] += jnp.dot(xb, wa_ref[...], preferred_element_type=jnp.int32)
-      acc_g[...] += jnp.dot(xb, wg_ref[...], preferred_element_type=jnp.int32)
-
-    if a8w4:  # close a k group: s_g * ((x - 8)_g @ W_g), the int32 part exact
-      @pl.when(valid & (kk == 0))
-      def _():
-        f_a[...] = jnp.zeros_like(f_a)
-        f_g[...] = jnp.zeros_like(f_g)
-
-      @pl.when(valid & group_ends)
-      def _():
-        f_a[...] += sa_ref[...] * (acc_a[...] - ca_ref[...]).astype(jnp.float32)
-        f_g[...] += sg_ref[...] * (acc_g[...] - cg_ref[...]).astype(jnp.float32)
-
-    @pl.when(valid & (kk == k_tiles - 1))
-    def _():
+      acc[...] = jnp.zeros_like(acc)
       if a8w4:
-        s = common.a8w4_swiglu(f_a[...], f_g[...], aa_ref[...], ag_ref[...], xs_ref[...])
-      else:
-        s = common.dequant_swiglu(acc_a[...], acc_g[...], sa_ref[...], sg_ref[...], xs_ref[...])
-      s_rows[:, pl.ds(pl.multiple_of(j * bn, bn), bn)] = s
+        f[...] = jnp.zeros_like(f)
 
-    @pl.when(valid & (kk == k_tiles - 1) & (j == nh_tiles - 1))
+    @pl.when(real)
     def _():
-      s = s_rows[...]
-      amax = jnp.max(jnp.abs(s), axis=1, keepdims=True)
-      rows = common.group_rows(ends_ref, gid_ref[t], mt_ref[t] * bm, bm)
-      q_ref[...] = jnp.where(rows, quant.codes_for_amax(s, amax), q_ref[...])
-      qs_ref[...] = jnp.where(rows, amax / 127, qs_ref[...])
+      xb, wb = x_ref[...], w_ref[...]
+      if k % bk:
+        xb = _mask_k_edge(xb, kk * bk, k, 1)
+        wb = _mask_k_edge(wb, kk * bk, k, 0)
+      if not a8w4:
+        acc[...] += jnp.dot(xb, wb, preferred_element_type=jnp.int32)
+        return
+      for c in range(gpt):  # k groups inside this tile, closed at once
+        part = jnp.dot(xb[:, c * min(gs, bk):(c + 1) * min(gs, bk)],
+                       wb[c * min(gs, bk):(c + 1) * min(gs, bk)],
+                       preferred_element_type=jnp.int32)
+        if tiles_per_group == 1:
+          f[...] += _epilogue.close_k_group(part, cs_ref[c], s_ref[c])
+        else:
+          acc[...] += part
 
-  row = lambda t, j, kk, gid, mt, nv, ends, kg: (mt[t], 0)
-  act = lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], kg[kk], 0, j)
-  gate = lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], kg[kk], 0, j + nh_tiles)
+      if tiles_per_group > 1:  # a k group spans tiles: close it on its last one
+        @pl.when(kk % tiles_per_group == tiles_per_group - 1)
+        def _():
+          kg = kk // tiles_per_group
+          f[...] += _epilogue.close_k_group(acc[...], cs_ref[kg], s_ref[kg])
+          acc[...] = jnp.zeros_like(acc)
+
+    @pl.when((t < nv_ref[0]) & (kk == k_tiles - 1))
+    def _():
+      xs = xs_ref[...]
+      if a8w4:
+        act = _epilogue.finish_a8w4(f[:, :nh], a_ref[:, :nh], xs)
+        gate = _epilogue.finish_a8w4(f[:, nh:], a_ref[:, nh:], xs)
+      else:
+        act = _epilogue.dequant_a8w8(acc[:, :nh], s_ref[0, :, :nh], xs)
+        gate = _epilogue.dequant_a8w8(acc[:, nh:], s_ref[0, :, nh:], xs)
+      q, scale = _epilogue.quantize_rows(_epilogue.swiglu_halves(act, gate))
+      keep = rows & real  # the tail group writes zeros
+      q_ref[...] = jnp.where(rows, jnp.where(keep, q, 0), q_ref[...])
+      qs_ref[...] = jnp.where(rows, jnp.where(keep, scale, 0), qs_ref[...])
+
+  # Index maps (the tail group reads the blocks of the visit before it: no new copy).
+  row = lambda t, kk, gid, mt, nv, wid, ends: (mt[t], 0)
+  scale_block = lambda t, kk, gid, mt, nv, wid, ends: (
+      wid[t], kk if (tiles_per_group == 1 and gpt < groups) else 0, 0, 0)
   in_specs = [
-      pl.BlockSpec((bm, bk), lambda t, j, kk, gid, mt, nv, ends, kg: (mt[t], kk)),
-      pl.BlockSpec((None, bk, bn), lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], kk, j)),
-      pl.BlockSpec((None, bk, bn),
-                   lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], kk, j + nh_tiles)),
-      pl.BlockSpec((None, None, 1, bn), act), pl.BlockSpec((None, None, 1, bn), gate),
+      pl.BlockSpec((bm, bk), lambda t, kk, gid, mt, nv, wid, ends: (mt[t], kk)),
+      pl.BlockSpec((None, bk, n), lambda t, kk, gid, mt, nv, wid, ends: (wid[t], kk, 0)),
+      pl.BlockSpec((None, gpt if tiles_per_group == 1 else groups, 1, n), scale_block),
       pl.BlockSpec((bm, 1), row)]
-  scratch = [pltpu.VMEM((bm, bn), jnp.int32), pltpu.VMEM((bm, bn), jnp.int32)]
+  args = [x, w, scales, x_scale]
+  scratch = [pltpu.VMEM((bm, n), jnp.int32)]
   if a8w4:
-    in_specs += [pl.BlockSpec((None, None, 1, bn), act), pl.BlockSpec((None, None, 1, bn), gate),
-                 pl.BlockSpec((None, 1, bn),
-                              lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], 0, j)),
-                 pl.BlockSpec((None, 1, bn),
-                              lambda t, j, kk, gid, mt, nv, ends, kg: (gid[t], 0, j + nh_tiles))]
-    scratch += [pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((bm, bn), jnp.float32)]
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=5, grid=(gid.shape[0], nh_tiles, k_tiles), in_specs=in_specs,
-      out_specs=[pl.BlockSpec((bm, nhp), row), pl.BlockSpec((bm, 1), row)],
-      scratch_shapes=scratch + [pltpu.VMEM((bm, nhp), jnp.float32)])
-  cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=m * nh,
-                         bytes_accessed=x.size + w.size + 4 * w_scale.size + 5 * m + m * nh)
-  args = [xp, wp, wp, sp, sp, xsp] + ([extra[0], extra[0], extra[1], extra[1]] if a8w4 else [])
+    cs = _epilogue.colsum8(w, groups) if colsum8 is None else colsum8
+    in_specs += [in_specs[2], pl.BlockSpec((None, 1, n), lambda t, kk, gid, mt, nv, wid, ends: (
+        wid[t], 0, 0))]
+    args += [cs.reshape(e, groups, 1, n), assist.astype(jnp.float32).reshape(e, 1, n)]
+    scratch += [pltpu.VMEM((bm, n), jnp.float32)]
+  visits = m_tiles + num_groups  # the static bound of the grid
+  weight_reads = num_groups if plan.resident else visits  # per visit when k is tiled
+  x_reads = m_tiles if plan.resident else visits
+  cost = pl.CostEstimate(
+      flops=2 * m * k * n, transcendentals=m * nh,
+      bytes_accessed=(x_reads * bm * k + weight_reads * (k * n + 4 * groups * n * (
+          2 if a8w4 else 1)) + 4 * m + m * nh + 4 * m))
   q, qs = pl.pallas_call(
-      kernel, grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((mp, nhp), jnp.int8),
-                 jax.ShapeDtypeStruct((mp, 1), jnp.float32)],
-      compiler_params=_ARBITRARY, cost_estimate=cost, interpret=interpret,
-      name="npu_gmm_swiglu_quant")(gid, mt, nv, ends, k_group, *args)
-  return _zero_rows_past_total(q[:m, :nh], qs[:m, 0], ends)
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=5, grid=(gid.shape[0], k_tiles), in_specs=in_specs,
+          out_specs=[pl.BlockSpec((bm, nh), row), pl.BlockSpec((bm, 1), row)],
+          scratch_shapes=scratch),
+      out_shape=[jax.ShapeDtypeStruct((m, nh), jnp.int8),
+                 jax.ShapeDtypeStruct((m, 1), jnp.float32)],
+      compiler_params=_params("arbitrary", "arbitrary"), cost_estimate=cost,
+      interpret=interpret, name="npu_gmm_swiglu_quant")(gid, mt, nv, wid, ends_all, *args)
+  return q, qs.reshape(m)
 
 
+def _balanced_tile(size: int, cap: int) -> int:
+  """A multiple of 128 of at most `cap` that splits `size` into the fewest, most
+  even tiles (2816 with cap 2048: 2 tiles of 1408, not 2048 + 768)."""
+  return common.round_up(common.cdiv(size, common.cdiv(size, cap)), 128)
 
 
-# VMEM for the fused kernel's row buffer (float32) and its int8 output block (double
-# buffered): 6 bytes per row and SwiGLU column. 8 MiB leaves room for the weight tiles
-# within the 16 MiB default scoped VMEM of v4/v5e.
-_ROW_BUFFER_BYTES = 8 * 2**20
-
-
-def _fit_row_buffer(block_m: int, n_half: int) -> int:
-  """Halves block_m (down to 32 rows) until the `[block_m, n/2]` buffers fit."""
-  while block_m > 32 and block_m * n_half * 6 > _ROW_BUFFER_BYTES:
-    block_m //= 2
-  return block_m
-
-
-def _zero_rows_past_total(q, qs, ends):
-  """Rows past the last group end were never visited: make them 0 (SPEC A.3 item 1)."""
-  inside = jnp.arange(q.shape[0]) < ends[-1]
-  return jnp.where(inside[:, None], q, 0), jnp.where(inside, qs, 0)
+def _float_tiles(m: int, k: int, n: int, itemsize: int, tiles: TileSizes) -> tuple[int, int, int]:
+  """gmm blocks: the widest column tile (up to 2048) whose `[k, block_n]` weight,
+  double-buffered, stays resident, so k is one step; only when not even 128 columns
+  fit is k tiled (and the weight re-read per visit)."""
+  cap = min(2048, _RESIDENT_WEIGHT_BYTES // (2 * k * itemsize) // 128 * 128)
+  bn = _balanced_tile(n, max(cap, 128))
+  bk = k if cap >= 128 else _k_tile(k, 2 * bn * itemsize, _RESIDENT_WEIGHT_BYTES)
+  return tiles.block_m, bk, bn
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
-        interpret: bool = False) -> jax.Array:
-  """Float grouped matmul `[m, k] x [e, k, n] -> [m, n]`, float32 accumulation.
+        interpret: bool = False, transpose_rhs: bool = False) -> jax.Array:
+  """Float grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
+  transpose with `transpose_rhs`), float32 accumulation; rows past the last end are 0.
 
-  Grid (column tile, visit, k tile): column tiles outermost, so the visits of
-  one row tile (one per group in it) are consecutive and share the resident
-  output block.
+  Grid (column tile, visit, k tile): column tiles outermost, so a group's visits are
+  consecutive within a column tile and, with k in one step, its weight tile stays put.
   """
   m, k = lhs.shape
-  n = rhs.shape[-1]
-  bm, bn = tiles.block_m, tiles.block_n
-  bk = min(tiles.block_k, common.round_up(k, 128))
-  xp = common.pad_2d(lhs, bm, bk)
-  wp = common.pad_axis(common.pad_axis(rhs, 1, bk), 2, bn)
-  mp, kp = xp.shape
-  n_tiles, k_tiles = wp.shape[-1] // bn, kp // bk
-  gid, mt, nv = common.visit_metadata(ends, mp // bm, bm)
+  n = rhs.shape[1 if transpose_rhs else 2]
+  isz = lhs.dtype.itemsize
+  if m == 0:
+    return jnp.zeros((0, n), out_dtype)
+  bm, bk, bn = _float_tiles(m, k, n, isz, tiles)
+  m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
+  num_groups = ends.shape[0]
+  gid, mt, nv, wid = common.visit_metadata(ends, m_tiles, bm, tail=m)
+  ends_all = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
 
-  def kernel(gid_ref, mt_ref, nv_ref, ends_ref, x_ref, w_ref, o_ref, acc):
+  def kernel(gid_ref, mt_ref, nv_ref, wid_ref, ends_ref, x_ref, w_ref, o_ref, acc):
     t, kk = pl.program_id(1), pl.program_id(2)
-    valid = t < nv_ref[0]
+    g = gid_ref[t]
+    real = (t < nv_ref[0]) & (g < num_groups)
 
-    @pl.when(valid & _first_visit_of_tile(mt_ref, t) & (kk == 0))
-    def _():
-      o_ref[...] = jnp.zeros_like(o_ref)
-
-    @pl.when(valid & (kk == 0))
+    @pl.when(real & (kk == 0))
     def _():
       acc[...] = jnp.zeros_like(acc)
 
-    @pl.when(valid)
+    @pl.when(real)
     def _():
-      acc[...] += jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.float32)
+      xb, wb = x_ref[...], w_ref[...]
+      if k % bk:
+        xb = _mask_k_edge(xb, kk * bk, k, 1)
+        wb = _mask_k_edge(wb, kk * bk, k, 1 if transpose_rhs else 0)
+      acc[...] += lax.dot_general(xb, wb, (((1,), (1 if transpose_rhs else 0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
 
-    @pl.when(valid & (kk == k_tiles - 1))
+    @pl.when((t < nv_ref[0]) & (kk == k_tiles - 1))
     def _():
-      rows = common.group_rows(ends_ref, gid_ref[t], mt_ref[t] * bm, bm)
-      o_ref[...] = jnp.where(rows, acc[...].astype(o_ref.dtype), o_ref[...])
+      rows = common.group_rows(ends_ref, g, mt_ref[t] * bm, bm)
+      value = jnp.where(real, acc[...], 0).astype(o_ref.dtype)
+      o_ref[...] = jnp.where(rows, value, o_ref[...])
 
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4,
-      grid=(n_tiles, gid.shape[0], k_tiles),
-      in_specs=[pl.BlockSpec((bm, bk), lambda j, t, kk, gid, mt, nv, ends: (mt[t], kk)),
-                pl.BlockSpec((None, bk, bn), lambda j, t, kk, gid, mt, nv, ends: (gid[t], kk, j))],
-      out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, nv, ends: (mt[t], j)),
-      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)])
-  isz = lhs.dtype.itemsize
-  cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
-                         bytes_accessed=isz * (lhs.size + rhs.size) + m * n * 4)
-  out = pl.pallas_call(
-      kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((mp, wp.shape[-1]), out_dtype),
-      compiler_params=_ARBITRARY, cost_estimate=cost, interpret=interpret,
-      name="npu_gmm")(gid, mt, nv, ends, xp, wp)[:m, :n]
-  return jnp.where((jnp.arange(m) < ends[-1])[:, None], out, 0)
+  visits = m_tiles + num_groups
+  resident = k_tiles == 1
+  cost = pl.CostEstimate(
+      flops=2 * m * k * n, transcendentals=0,
+      bytes_accessed=isz * (n_tiles * (m_tiles if resident else visits) * bm * k
+                            + (num_groups if resident else visits) * k * n)
+      + m * n * np.dtype(out_dtype).itemsize)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=5, grid=(n_tiles, gid.shape[0], k_tiles),
+          in_specs=[pl.BlockSpec((bm, bk), lambda j, t, kk, gid, mt, nv, wid, ends: (mt[t], kk)),
+                    pl.BlockSpec((None, bn, bk) if transpose_rhs else (None, bk, bn),
+                                 lambda j, t, kk, gid, mt, nv, wid, ends: (
+                                     (wid[t], j, kk) if transpose_rhs else (wid[t], kk, j)))],
+          out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, nv, wid, ends: (mt[t], j)),
+          scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      compiler_params=_params("arbitrary", "arbitrary", "arbitrary"), cost_estimate=cost,
+      interpret=interpret, name="npu_gmm")(gid, mt, nv, wid, ends_all, lhs, rhs)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,
          tiles: TileSizes, interpret: bool = False) -> jax.Array:
-  """k-grouped matmul `out[g] = lhs[rows of g]^T @ rhs[rows of g]`: `[g, k, n]`.
+  """k-grouped matmul `out[g] = lhs[rows of g]^T @ rhs[rows of g]`: `[num_groups, k, n]`;
+  groups without rows (empty, or past len(ends)) give 0.
 
-  Grid (k tile, column tile, visit): the visits of one group are consecutive and
-  accumulate into one float32 VMEM tile, written on the group's last visit.
+  Grid (k tile, column tile, visit): a group's visits are consecutive and accumulate
+  into one float32 tile, written on its last visit; an empty group gets one visit
+  that writes zeros, so every output block is written exactly once.
   """
   m, k = lhs.shape
   n = rhs.shape[-1]
-  bm, bn = tiles.block_m, tiles.block_n
-  bk = min(tiles.block_k, common.round_up(k, 128))
-  xp = common.pad_2d(lhs, bm, bk)
-  dyp = common.pad_2d(rhs, bm, bn)
-  kp, np_ = xp.shape[1], dyp.shape[1]
-  gid, mt, nv = common.visit_metadata(ends, xp.shape[0] // bm, bm)
+  isz = lhs.dtype.itemsize
+  if m == 0:  # no rows: every group is empty
+    return jnp.zeros((num_groups, k, n), out_dtype)
+  bm = tiles.block_m
+  # [bk, bn] float32 accumulator plus the output block (2 buffers) within the plan.
+  bn = _balanced_tile(n, 1536)
+  bk = _balanced_tile(k, max(128, _VMEM_PLAN // 2 // (12 * bn) // 128 * 128))
+  groups = ends.shape[0]
+  ends_all = jnp.concatenate([ends, jnp.broadcast_to(ends[-1:], (num_groups - groups,))])
+  m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
+  gid, mt, nv, _ = common.visit_metadata(ends_all, m_tiles, bm, visit_empty=True)
 
   def kernel(gid_ref, mt_ref, nv_ref, ends_ref, x_ref, dy_ref, o_ref, acc):
     t = pl.program_id(2)
@@ -282,8 +358,10 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
     @pl.when(valid)
     def _():
       rows = common.group_rows(ends_ref, g, mt_ref[t] * bm, bm)
+      # rows of other groups, and garbage rows past m, contribute nothing (no 0 * inf)
       xb = jnp.where(rows, x_ref[...], jnp.zeros((), x_ref.dtype))
-      acc[...] += lax.dot_general(xb, dy_ref[...], (((0,), (0,)), ((), ())),
+      dyb = jnp.where(rows, dy_ref[...], jnp.zeros((), dy_ref.dtype))
+      acc[...] += lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32)
 
     last = (t == nv_ref[0] - 1) | (gid_ref[jnp.minimum(t + 1, pl.num_programs(2) - 1)] != g)
@@ -292,23 +370,20 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
     def _():
       o_ref[...] = acc[...].astype(o_ref.dtype)
 
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4,
-      grid=(kp // bk, np_ // bn, gid.shape[0]),
-      in_specs=[pl.BlockSpec((bm, bk), lambda i, j, t, gid, mt, nv, ends: (mt[t], i)),
-                pl.BlockSpec((bm, bn), lambda i, j, t, gid, mt, nv, ends: (mt[t], j))],
-      out_specs=pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, mt, nv, ends: (gid[t], i, j)),
-      scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)])
-  isz = lhs.dtype.itemsize
-  cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
-                         bytes_accessed=isz * (lhs.size + rhs.size) + 4 * num_groups * k * n)
-  groups = ends.shape[0]
-  out = pl.pallas_call(
-      kernel, grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((groups, kp, np_), out_dtype),
-      compiler_params=_ARBITRARY, cost_estimate=cost, interpret=interpret,
-      name="npu_tgmm")(gid, mt, nv, ends, xp, dyp)[:, :k, :n]
-  # Groups without rows were never visited; groups past len(ends) have none.
-  nonempty = ends > common.starts_of(ends)
-  out = jnp.where(nonempty[:, None, None], out, 0)
-  return jnp.pad(out, ((0, num_groups - groups), (0, 0), (0, 0)))
+  visits = m_tiles + num_groups
+  cost = pl.CostEstimate(
+      flops=2 * m * k * n, transcendentals=0,
+      bytes_accessed=isz * visits * bm * (k * n_tiles + n * k_tiles)
+      + num_groups * k * n * np.dtype(out_dtype).itemsize)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4, grid=(k_tiles, n_tiles, gid.shape[0]),
+          in_specs=[pl.BlockSpec((bm, bk), lambda i, j, t, gid, mt, nv, ends: (mt[t], i)),
+                    pl.BlockSpec((bm, bn), lambda i, j, t, gid, mt, nv, ends: (mt[t], j))],
+          out_specs=pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, mt, nv, ends: (
+              gid[t], i, j)),
+          scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      compiler_params=_params("arbitrary", "arbitrary", "arbitrary"), cost_estimate=cost,
+      interpret=interpret, name="npu_tgmm")(gid, mt, nv, ends_all, lhs, rhs)

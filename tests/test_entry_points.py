@@ -1,4 +1,6 @@
-"""The demo, the benchmark and the notebooks run (small shapes) and check what they print."""
+"""The demo, the benchmark, the notebooks and the README examples run (small shapes) and
+check what they print. Marked slow (minutes of compiling): .ci/run runs them after the
+default test command."""
 
 import json
 import pathlib
@@ -11,6 +13,7 @@ from npu_ops import bench, demo
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_runs(capsys):
   demo.main(["--m", "96", "--k", "64", "--n", "64", "--e", "4"])
   out = capsys.readouterr().out
@@ -19,6 +22,7 @@ def test_demo_runs(capsys):
   assert rel < 10  # int8 x, weights and output: a few percent
 
 
+@pytest.mark.slow
 def test_bench_runs_every_path(tmp_path, capsys):
   rows = bench.main(["--m", "64", "--k", "32", "--n", "16", "--e", "4", "--repeats", "1",
                      "--out", str(tmp_path)])
@@ -32,6 +36,7 @@ def test_bench_runs_every_path(tmp_path, capsys):
   assert "vs ragged" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_qat_runs(tmp_path, capsys):
   rows = bench.main(["--qat", "--m", "64", "--k", "32", "--n", "16", "--e", "4", "--groups",
                      "uniform", "--repeats", "1", "--out", str(tmp_path)])
@@ -47,6 +52,7 @@ def test_group_counts_sum_to_m():
     assert c.sum() == 1000 and (c >= 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")))
 def test_notebook_executes(name, monkeypatch):
   """Runs every cell in a fresh kernel (nbclient), at most 5 minutes a cell."""
@@ -58,6 +64,7 @@ def test_notebook_executes(name, monkeypatch):
                           resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
 
 
+@pytest.mark.slow
 def test_readme_examples_run():
   import re
   blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)

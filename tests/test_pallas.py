@@ -1,6 +1,7 @@
 """Pallas kernels: interpret mode on CPU against NumPy and the XLA path; lowering for
 real TPU (Mosaic) and GPU (Triton) targets with jax.export; dispatch rules."""
 
+import functools
 import re
 
 import jax
@@ -33,21 +34,26 @@ def int8_case(seed=0):
   return x, w, w_scale, x_scale
 
 
-@pytest.mark.parametrize("impl", KERNELS)
-@pytest.mark.parametrize("groups", list(COUNTS))
-def test_fused_kernel_interpret(impl, groups):
+@functools.cache
+def fused_op(implementation, **kw):
+  """One compiled fused op per implementation: every group list reuses it."""
   x, w, w_scale, x_scale = int8_case()
-  counts = COUNTS[groups]
-  run = lambda gl, implementation, **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-      x, w, w_scale, x_scale, gl, group_list_type=1, implementation=implementation, **kw)
-  q, s = jax.jit(lambda gl: run(gl, impl, interpret=True, tiles=TILES))(jnp.asarray(counts))
-  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
-                                    scenario="A8W8")
-  assert_int8_close(q, want_q)
-  assert_scale_close(s, want_s)
-  xla_q, xla_s = run(list(counts), "xla")  # the same float32 math: the same codes
-  np.testing.assert_array_equal(q, xla_q)
-  assert_scale_close(s, xla_s, rtol=1e-6)
+  return jax.jit(lambda gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, w_scale, x_scale, gl, group_list_type=1, implementation=implementation, **kw))
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_fused_kernel_interpret(impl):
+  x, w, w_scale, x_scale = int8_case()
+  for counts in COUNTS.values():  # empty groups first / middle / last, rows past the total
+    q, s = fused_op(impl, interpret=True, tiles=TILES)(jnp.asarray(counts))
+    want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
+                                      scenario="A8W8")
+    assert_int8_close(q, want_q)
+    assert_scale_close(s, want_s)
+    xla_q, xla_s = fused_op("xla")(jnp.asarray(counts))  # the same float32 math: same codes
+    np.testing.assert_array_equal(q, xla_q)
+    assert_scale_close(s, xla_s, rtol=1e-6)
 
 
 @pytest.mark.parametrize("impl", KERNELS)
@@ -138,27 +144,64 @@ def test_qat_forward_on_the_kernel_equals_xla():
 
 # ----- dispatch -------------------------------------------------------------------------
 
-def pallas_calls(f, *args):
-  # a fresh function each time: make_jaxpr caches traces by function
-  return str(jax.make_jaxpr(lambda *a: f(*a))(*args)).count("pallas_call")
+CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+PLATFORM_OF = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}
 
 
-def test_none_is_xla_on_cpu_and_the_kernel_on_tpu_or_gpu(monkeypatch):
+def lowered(f, *args, platforms):
+  """The exported module's text; only the custom-call compatibility checks are disabled."""
+  exp = export.export(jax.jit(f), platforms=platforms, disabled_checks=[
+      export.DisabledSafetyCheck.custom_call(c) for c in CUSTOM_CALL.values()])(*args)
+  return exp.mlir_module()
+
+
+def custom_calls(text):
+  return re.findall(r"stablehlo.custom_call @([\w$.]+)", text)
+
+
+def kernel_counts(f, *args, platforms):
+  calls = custom_calls(lowered(f, *args, platforms=platforms))
+  return {p: calls.count(c) for p, c in CUSTOM_CALL.items()}
+
+
+def test_none_picks_the_kernel_per_lowering_platform():
+  """implementation=None decides at lowering: one export for TPU, CUDA and CPU holds the
+  Mosaic kernel, the Triton kernel and the XLA path; a CPU program holds no kernel."""
   x, w, w_scale, x_scale = int8_case()
-  fused = lambda: npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, w_scale, x_scale, [M],
-                                                             group_list_type=1)
-  assert pallas_calls(fused) == 0
+  counts = jnp.asarray(COUNTS["empty_middle"])
+  fused = lambda x, c: npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, w_scale, x_scale, c,
+                                                                  group_list_type=1)
+  assert kernel_counts(fused, x, counts, platforms=["tpu"]) == {"tpu": 1, "cuda": 0}
+  assert kernel_counts(fused, x, counts, platforms=["cuda"]) == {"tpu": 0, "cuda": 1}
+  assert kernel_counts(fused, x, counts, platforms=["cpu"]) == {"tpu": 0, "cuda": 0}
+  assert kernel_counts(fused, x, counts, platforms=["tpu", "cuda", "cpu"]) == {"tpu": 1, "cuda": 1}
+  # On this CPU the same jitted program runs the XLA path, bit for bit.
+  q, s = jax.jit(fused)(x, counts)
+  want_q, want_s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, w_scale, x_scale, counts, group_list_type=1, implementation="xla")
+  np.testing.assert_array_equal(q, want_q)
+  np.testing.assert_array_equal(s, want_s)
+  # No kernel for the case: XLA on every platform.
   w4 = (w // 16).astype(jnp.int4)
-  groups_of_80_rows = jnp.ones((E, 2, N), jnp.float32)  # k = 160: no 128-row k tiles
-  a8w4_odd_groups = lambda: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-      x, w4, groups_of_80_rows, x_scale, [M], group_list_type=1, dequant_mode=1)
-  for platform in ("tpu", "gpu"):
-    monkeypatch.setattr(jax, "default_backend", lambda: platform)
-    assert pallas_calls(fused) == 1
-    assert pallas_calls(a8w4_odd_groups) == 0  # no kernel for it: None falls back to XLA
-    xf = jnp.ones((8, 128))
-    assert pallas_calls(lambda: npu_ops.grouped_matmul(xf, jnp.ones((2, 128, 128)), [3, 5])) == 1
-    assert pallas_calls(lambda: npu_ops.grouped_matmul(x[:8], w[:2], [3, 5])) == 0  # int8
+  groups_of_80_rows = jnp.ones((E, 2, N), jnp.float32)  # k = 160: no 128-row k groups
+  a8w4 = lambda x, c: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w4, groups_of_80_rows, x_scale, c, group_list_type=1, dequant_mode=1)
+  assert kernel_counts(a8w4, x, counts, platforms=["tpu", "cuda"]) == {"tpu": 0, "cuda": 0}
+  xf = jnp.ones((8, 128))
+  gmm_float = lambda a: npu_ops.grouped_matmul(a, jnp.ones((2, 128, 128)), [3, 5])
+  assert kernel_counts(gmm_float, xf, platforms=["tpu", "cuda"]) == {"tpu": 1, "cuda": 1}
+  gmm_int8 = lambda a: npu_ops.grouped_matmul(a, w[:2], [3, 5])
+  assert kernel_counts(gmm_int8, x[:8], platforms=["tpu", "cuda"]) == {"tpu": 0, "cuda": 0}
+
+
+def test_none_under_vmap_and_grad_on_cpu():
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(2, 40, 16)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(E, 16, 8)).astype(np.float32))
+  gl = jnp.asarray([10, 0, 20, 5])
+  run = lambda impl: jax.jit(jax.vmap(jax.grad(lambda x: jnp.sum(npu_ops.grouped_matmul(
+      x, w, gl, implementation=impl) ** 2))))(x)
+  np.testing.assert_allclose(run(None), run("xla"), rtol=1e-6)
 
 
 def test_explicit_kernel_requests_that_cannot_be_served_raise():
@@ -181,11 +224,16 @@ def test_explicit_kernel_requests_that_cannot_be_served_raise():
     npu_ops.grouped_matmul(jnp.ones((8, 4)), jnp.ones((1, 4, 4)), [8], tiles=(32, 128, 128))
 
 
-def test_tpu_row_buffer_fits_vmem():
+def test_tpu_fused_plan_keeps_an_expert_resident_when_it_fits():
   from pallas_kernels import tpu
-  assert tpu._fit_row_buffer(128, 1408) == 128        # the benchmark shape: 1 MiB
-  assert tpu._fit_row_buffer(128, 14336) == 64        # Mixtral's n/2: 5.3 MiB at 64 rows
-  assert tpu._fit_row_buffer(32, 1 << 20) == 32       # never below 32 rows
+  tiles = npu_ops.TileSizes()
+  bench = tpu.fused_plan(4096, 2048, 2816, 1, tiles)   # 5.8 MB of int8 weight per expert
+  assert bench.resident and bench.block_k == 2048 and bench.block_m == 128
+  mixtral = tpu.fused_plan(4096, 4096, 28672, 1, tiles)  # 117 MB per expert: k is tiled
+  assert not mixtral.resident and mixtral.block_k == 512 and 32 <= mixtral.block_m < 128
+  grouped = tpu.fused_plan(4096, 8192, 4096, 4, tiles)  # A8W4, k groups of 2048 rows
+  assert 2048 % grouped.block_k == 0
+  assert tpu.fused_plan(64, 128, 1 << 20, 1, tiles).block_m == 32  # never below 32 rows
 
 
 def test_tile_sizes():
@@ -202,21 +250,6 @@ def test_tile_sizes():
 
 # ----- lowering for the real targets ------------------------------------------------------
 
-CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
-PLATFORM_OF = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}
-
-
-def lowered(f, *args, platform):
-  """The exported module's text; only the custom-call compatibility check is disabled."""
-  exp = export.export(jax.jit(f), platforms=[platform], disabled_checks=[
-      export.DisabledSafetyCheck.custom_call(CUSTOM_CALL[platform])])(*args)
-  return exp.mlir_module()
-
-
-def custom_calls(text):
-  return re.findall(r"stablehlo.custom_call @([\w$.]+)", text)
-
-
 @pytest.mark.parametrize("impl", KERNELS)
 def test_kernels_lower_for_their_target(impl):
   platform = PLATFORM_OF[impl]
@@ -226,14 +259,14 @@ def test_kernels_lower_for_their_target(impl):
       x, w, ws, xs, gl, group_list_type=1, implementation=impl)
   text = lowered(fused, spec((m, k), jnp.int8), spec((e, n // 32, k // 16, 16, 32), jnp.int8),
                  spec((e, n), jnp.float32), spec((m,), jnp.float32), spec((e,), jnp.int32),
-                 platform=platform)
+                 platforms=[platform])
   assert custom_calls(text).count(CUSTOM_CALL[platform]) == 1
   assert "npu_gmm_swiglu_quant" in text
   a8w4 = lambda x, w, ws, xs, gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       x, w, ws, xs, gl, group_list_type=1, dequant_mode=1, implementation=impl)
   text = lowered(a8w4, spec((m, k), jnp.int8), spec((e, k, n // 8), jnp.int32),  # int4 words
                  spec((e, 2, n), jnp.float32), spec((m,), jnp.float32), spec((e,), jnp.int32),
-                 platform=platform)
+                 platforms=[platform])
   assert custom_calls(text).count(CUSTOM_CALL[platform]) == 1
 
   def train_step(x, w, dy, gl):  # forward gmm, then gmm and tgmm for the gradients
@@ -241,7 +274,7 @@ def test_kernels_lower_for_their_target(impl):
     return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
   text = lowered(train_step, spec((m, k), jnp.bfloat16), spec((e, k, n), jnp.bfloat16),
-                 spec((m, n), jnp.bfloat16), spec((e,), jnp.int32), platform=platform)
+                 spec((m, n), jnp.bfloat16), spec((e,), jnp.int32), platforms=[platform])
   assert custom_calls(text).count(CUSTOM_CALL[platform]) == 3
   assert "npu_gmm" in text and "npu_tgmm" in text
 
@@ -273,3 +306,16 @@ def test_npu_grouped_matmul_float_paths_on_the_kernels(group_type):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
   jaxpr = str(jax.make_jaxpr(lambda: run(implementation="pallas_gpu", interpret=True))())
   assert "pallas_call" in jaxpr
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernels_take_zero_rows(impl):
+  kw = dict(implementation=impl, interpret=True, tiles=TILES)
+  x, w, w_scale, _ = int8_case()
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x[:0], w, w_scale, jnp.ones((0,)),
+                                                    jnp.zeros((E,), jnp.int32), **kw)
+  assert q.shape == (0, N // 2) and s.shape == (0,)
+  xf, wf = jnp.ones((0, K)), jnp.ones((E, K, N))
+  assert npu_ops.grouped_matmul(xf, wf, jnp.zeros((E,), jnp.int32), **kw).shape == (0, N)
+  out = npu_ops.tgmm(xf, jnp.ones((0, N)), jnp.zeros((E,), jnp.int32), **kw)
+  np.testing.assert_array_equal(out, np.zeros((E, K, N)))

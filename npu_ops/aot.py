@@ -1,0 +1,411 @@
+"""Ahead-of-time compile checks: the real TPU and GPU compilers, on a host without either.
+
+    pip install -e ".[aot]"                      # libtpu and the CUDA plugin (ptxas)
+    python -m npu_ops.aot                        # every case on v5e, v6e, v5p, H100, A100
+    python -m npu_ops.aot --targets v5e a100 --cases fused
+
+Nothing runs on an accelerator: each case is traced with `implementation=None`,
+lowered for the target (so the per-platform dispatch of `npu_ops.backend` is what
+is checked) and compiled by libtpu (Mosaic included) or by XLA's CUDA compiler
+(Triton to PTX, ptxas to cubin) for a GPU described by a target config. What the
+compilers report is read back:
+
+* TPU: temp memory (`memory_analysis`), bytes accessed (`cost_analysis`; a Pallas
+  call counts its `pl.CostEstimate`) over the ideal of reading every argument and
+  writing every output once.
+* GPU: registers and spills of each Pallas kernel (ptxas -v on the PTX that XLA
+  compiled, which reproduces XLA's own spill warnings) and its shared memory.
+
+The GPU target configs are this package's own, written from NVIDIA's public
+specifications (SM count, clocks, memory, shared memory and register limits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import glob
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TPU_TARGETS = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "v5p": "v5p:2x2x1"}
+
+# GpuTargetConfigProto text: the device facts XLA's GPU compiler plans with.
+_GPU_SPEC = """gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_per_sm}
+  threads_per_core_limit: 2048
+  core_count: {sms}
+  fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: {l2}
+  clock_rate_ghz: {clock}
+  device_memory_size: {memory}
+  shared_memory_per_block_optin: {smem_optin}
+  cuda_compute_capability {{ major: {major} minor: 0 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 patch: 0 }}
+device_description_str: "{name}"
+"""
+GPU_TARGETS = {
+    # H100 SXM5 80 GB: 132 SMs, 228 KiB shared memory per SM (227 KiB per block opt-in),
+    # 50 MiB L2, 3.35 TB/s HBM3, 1.98 GHz boost; compute capability 9.0 (sm_90a).
+    "h100": _GPU_SPEC.format(smem_per_sm=233472, sms=132, fpus=128, bandwidth=3352320000000,
+                             l2=52428800, clock=1.98, memory=84942979072, smem_optin=232448,
+                             major=9, name="NVIDIA H100 80GB HBM3"),
+    # A100 SXM4 80 GB: 108 SMs, 164 KiB shared memory per SM (163 KiB per block opt-in),
+    # 40 MiB L2, 2.04 TB/s HBM2e, 1.41 GHz boost; compute capability 8.0 (sm_80).
+    "a100": _GPU_SPEC.format(smem_per_sm=167936, sms=108, fpus=64, bandwidth=2039040000000,
+                             l2=41943040, clock=1.41, memory=85100068864, smem_optin=166912,
+                             major=8, name="NVIDIA A100-SXM4-80GB"),
+}
+TARGETS = tuple(TPU_TARGETS) + tuple(GPU_TARGETS)
+_CUSTOM_CALL = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
+
+
+def use_cpu_host() -> None:
+  """Keeps JAX on the CPU (the CUDA plugin's start-up check fails without a GPU).
+  Call before anything initializes a JAX backend."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+  # libtpu takes a machine-wide lock unless told that several processes (test workers,
+  # a CLI beside them) may load it: compile-only use needs no exclusive TPU.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def missing_compilers() -> dict[str, str]:
+  """Why each kind of target cannot be compiled here ({} when both can)."""
+  import importlib.util  # noqa: PLC0415
+  missing = {}
+  if importlib.util.find_spec("libtpu") is None:
+    missing["tpu"] = 'libtpu is not installed (pip install "jax[tpu]==0.10.2", or npu_ops[aot])'
+  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    missing["gpu"] = ('the CUDA plugin is not installed (pip install "jax[cuda12]==0.10.2", '
+                      "or npu_ops[aot])")
+  return missing
+
+
+def kind_of(target: str) -> str:
+  if target in TPU_TARGETS:
+    return "tpu"
+  if target in GPU_TARGETS:
+    return "gpu"
+  raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+
+
+@functools.cache
+def device(target: str) -> jax.Device:
+  """A compile-only device of the target."""
+  from jax.experimental import topologies  # noqa: PLC0415
+  if kind_of(target) == "tpu":
+    return topologies.get_topology_desc(TPU_TARGETS[target], "tpu").devices[0]
+  return topologies.get_topology_desc("gpu", platform="cuda", target_config=GPU_TARGETS[target],
+                                      topology="1x1x1").devices[0]
+
+
+# --- the cases ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One program to compile: `fn(*args)` over arguments of these shapes and dtypes."""
+  name: str
+  fn: Callable[..., Any]
+  args: tuple[tuple[tuple[int, ...], Any], ...]
+  kernels: int  # Pallas kernels the program must hold on TPU and GPU (0: XLA only)
+
+
+def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None):
+  import npu_ops  # noqa: PLC0415
+
+  def fn(x, w, ws, xs, gl):
+    gl = gl if group_list is None else list(group_list)
+    return npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, w, ws, xs, gl, group_list_type=1, dequant_mode=int(groups > 1))
+  scale = (e, groups, n) if groups > 1 else (e, n)
+  if weight == "int8":
+    w = ((e, k, n), jnp.int8)
+  else:  # int4 as int32 words (8 per word), the torch_npu form
+    w = ((e, k, n // 8), jnp.int32)
+  x = ((m, k // 8), jnp.int32) if weight == "a4w4" else ((m, k), jnp.int8)
+  return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((e,), jnp.int32))
+
+
+def _gmm(m, k, n, e, dtype):
+  import npu_ops  # noqa: PLC0415
+  return (lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl, preferred_element_type=jnp.float32),
+          (((m, k), dtype), ((e, k, n), dtype), ((e,), jnp.int32)))
+
+
+def _tgmm(m, k, n, e, dtype):
+  import npu_ops  # noqa: PLC0415
+  return (lambda x, dy, gl: npu_ops.tgmm(x, dy, gl, preferred_element_type=jnp.float32),
+          (((m, k), dtype), ((m, n), dtype), ((e,), jnp.int32)))
+
+
+def _gmm_vjp(m, k, n, e, dtype):
+  import npu_ops  # noqa: PLC0415
+
+  def step(x, w, dy, gl):
+    loss = lambda x, w: jnp.vdot(npu_ops.grouped_matmul(x, w, gl).astype(jnp.float32),
+                                 dy.astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+  return step, (((m, k), dtype), ((e, k, n), dtype), ((m, n), dtype), ((e,), jnp.int32))
+
+
+def _qat_step(m, k, n, e):
+  import npu_ops  # noqa: PLC0415
+
+  def step(x, w, s, dy, gl):
+    loss = lambda x, w, s: jnp.vdot(npu_ops.fake_quant_gmm_swiglu_quant(
+        x, w, s, gl, group_list_type=1), dy)
+    return jax.grad(loss, argnums=(0, 1, 2))(x, w, s)
+  f32 = jnp.float32
+  return step, (((m, k), f32), ((e, k, n), f32), ((e, n), f32), ((m, n // 2), f32),
+                ((e,), jnp.int32))
+
+
+def _moe(tokens, d_model, d_ff, e, mode):
+  from flax import nnx  # noqa: PLC0415
+  from npu_ops.nn import MoEMLP  # noqa: PLC0415
+  layer = MoEMLP(d_model, d_ff, e, top_k=2, mode="float", rngs=nnx.Rngs(0))
+  if mode == "int8":
+    layer = layer.convert("int8")
+    graph, state = nnx.split(layer)
+    fn = lambda state, x: nnx.merge(graph, state)(x)
+  else:
+    graph, state = nnx.split(layer)
+
+    def fn(state, x):
+      loss = lambda state: jnp.sum(nnx.merge(graph, state)(x) ** 2)
+      return jax.value_and_grad(loss)(state)
+  leaves, tree = jax.tree.flatten(state)
+  specs = tuple((tuple(a.shape), a.dtype) for a in leaves)
+  return (lambda x, *leaves: fn(jax.tree.unflatten(tree, leaves), x),
+          (((tokens, d_model), jnp.float32),) + specs)
+
+
+BENCH = dict(k=2048, n=2816)
+
+
+def cases() -> list[Case]:
+  """Every kernel entry point at the benchmark shapes and at the edges."""
+  k, n = BENCH["k"], BENCH["n"]
+  out = []
+  for m, e in ((4096, 16), (512, 64), (16384, 8)):
+    out.append(Case(f"fused A8W8 m={m} e={e}", *_fused(m, k, n, e), kernels=1))
+  out += [
+      Case("fused A8W8 n/2=150", *_fused(256, 256, 300, 4), kernels=1),
+      Case("fused A8W8 one group", *_fused(512, 512, 1024, 1), kernels=1),
+      Case("fused A8W8 static, empty groups", *_fused(512, 512, 1024, 4,
+                                                      group_list=(0, 200, 0, 300)), kernels=1),
+      Case("fused A8W4 per channel m=4096 e=16", *_fused(4096, k, n, 16, weight="int4"),
+           kernels=1),
+      Case("fused A8W4 per group (G=4)", *_fused(4096, k, n, 16, weight="int4", groups=4),
+           kernels=1),
+      Case("fused A4W4 (XLA path)", *_fused(512, 512, 1024, 4, weight="a4w4"), kernels=0),
+  ]
+  for dtype, tag in ((jnp.bfloat16, "bf16"), (jnp.float32, "fp32")):
+    out += [Case(f"gmm {tag} m=4096 e=16", *_gmm(4096, k, n, 16, dtype), kernels=1),
+            Case(f"tgmm {tag} m=4096 e=16", *_tgmm(4096, k, n, 16, dtype), kernels=1),
+            Case(f"gmm vjp {tag} m=4096 e=16", *_gmm_vjp(4096, k, n, 16, dtype), kernels=3)]
+  out += [
+      Case("gmm bf16 m=512 e=64", *_gmm(512, k, n, 64, jnp.bfloat16), kernels=1),
+      Case("tgmm bf16 m=512 e=64", *_tgmm(512, k, n, 64, jnp.bfloat16), kernels=1),
+      Case("QAT step m=4096 e=16", *_qat_step(4096, k, n, 16), kernels=3),
+      Case("MoEMLP int8 forward", *_moe(1024, 1024, 1408, 16, "int8"), kernels=1),
+      Case("MoEMLP float train step", *_moe(1024, 1024, 1408, 16, "float"), kernels=5),
+  ]
+  return out
+
+
+# --- compiling and reading back -----------------------------------------------------------
+
+@dataclasses.dataclass
+class Report:
+  target: str
+  case: str
+  compiled: bool
+  kernels: int = 0            # Pallas calls in the compiled program
+  expected_kernels: int = 0
+  temp_bytes: int = 0
+  io_bytes: int = 0           # arguments + outputs: each read or written once is the ideal
+  bytes_accessed: float | None = None
+  registers: int | None = None  # GPU: the most any Pallas kernel uses
+  spill_bytes: int | None = None  # GPU: spill stores + loads, all Pallas kernels
+  shared_bytes: int | None = None
+  seconds: float = 0.0
+  error: str = ""
+
+  @property
+  def bytes_ratio(self) -> float | None:
+    return None if self.bytes_accessed is None else self.bytes_accessed / self.io_bytes
+
+
+def _ptxas() -> str | None:
+  try:
+    import nvidia.cuda_nvcc  # noqa: PLC0415
+  except ImportError:
+    return shutil.which("ptxas")
+  path = pathlib.Path(list(nvidia.cuda_nvcc.__path__)[0]) / "bin" / "ptxas"
+  return str(path) if path.exists() else shutil.which("ptxas")
+
+
+def _gpu_kernel_stats(dump: str) -> tuple[int, int, int]:
+  """(max registers, spill bytes, max shared memory) of the Pallas kernels XLA compiled,
+  from its dump: ptxas -v on each PTX that holds an `npu_` entry, and the thunk sequence."""
+  registers = spills = shared = 0
+  ptxas = _ptxas()
+  for ptx in glob.glob(os.path.join(dump, "*.ptx")):
+    text = pathlib.Path(ptx).read_text()
+    if not re.search(r"\.entry npu_", text) or ptxas is None:
+      continue
+    arch = re.search(r"^\.target (\S+)", text, re.M).group(1)
+    info = subprocess.run([ptxas, f"-arch={arch}", "-v", ptx, "-o", os.devnull],
+                          capture_output=True, text=True, check=True).stderr
+    for entry in re.split(r"Compiling entry function", info)[1:]:
+      if not entry.strip().startswith("'npu_"):
+        continue
+      registers = max(registers, int(re.search(r"Used (\d+) registers", entry).group(1)))
+      spills += sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", entry))
+  for seq in glob.glob(os.path.join(dump, "*thunk_sequence.txt")):
+    for line in pathlib.Path(seq).read_text().splitlines():
+      if " npu_" in line and (found := re.search(r"shared_memory: (\d+) bytes", line)):
+        shared = max(shared, int(found.group(1)))
+  return registers, spills, shared
+
+
+def compile_case(case: Case, target: str) -> Report:
+  """Compiles one case for one target and reads back what the compiler reports."""
+  from jax.sharding import SingleDeviceSharding  # noqa: PLC0415
+  kind = kind_of(target)
+  report = Report(target, case.name, False, expected_kernels=case.kernels)
+  sharding = SingleDeviceSharding(device(target))
+  specs = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in case.args]
+  t0 = time.perf_counter()
+  with tempfile.TemporaryDirectory() as dump:
+    try:
+      options = {"xla_dump_to": dump} if kind == "gpu" else {}
+      compiled = jax.jit(case.fn).trace(*specs).lower().compile(compiler_options=options)
+    except Exception as e:  # noqa: BLE001 (a failed compile is a result)
+      report.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      report.seconds = time.perf_counter() - t0
+      return report
+    report.seconds = time.perf_counter() - t0
+    report.compiled = True
+    report.kernels = compiled.as_text().count(_CUSTOM_CALL[kind] + '"') or \
+        compiled.as_text().count(_CUSTOM_CALL[kind])
+    mem = compiled.memory_analysis()
+    report.temp_bytes = mem.temp_size_in_bytes
+    report.io_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes
+    if kind == "tpu":
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      report.bytes_accessed = float(cost["bytes accessed"])
+    else:
+      report.registers, report.spill_bytes, report.shared_bytes = _gpu_kernel_stats(dump)
+  return report
+
+
+def _mb(v: float | None) -> str:
+  return "-" if v is None else f"{v / 1e6:.1f}"
+
+
+def format_table(reports: Sequence[Report]) -> str:
+  """A markdown table of the reports (also the README's)."""
+  lines = ["| target | case | compiled | kernels | temp MB | temp / io | bytes / ideal "
+           "| regs | spill B | smem KB | s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in reports:
+    if not r.compiled:
+      lines.append(f"| {r.target} | {r.case} | **no**: {r.error} | | | | | | | | |")
+      continue
+    ratio = "-" if r.bytes_ratio is None else f"{r.bytes_ratio:.2f}"
+    lines.append(
+        f"| {r.target} | {r.case} | yes | {r.kernels} | {_mb(r.temp_bytes)} | "
+        f"{r.temp_bytes / r.io_bytes:.2f} | {ratio} | {r.registers or '-'} | "
+        f"{'-' if r.spill_bytes is None else r.spill_bytes} | "
+        f"{'-' if r.shared_bytes is None else f'{r.shared_bytes / 1024:.0f}'} | "
+        f"{r.seconds:.1f} |")
+  return "\n".join(lines)
+
+
+def format_summary(reports: Sequence[Report]) -> str:
+  """One row per case, one column per target: TPU `temp/io, bytes/ideal`, GPU
+  `registers/spill bytes`, or `FAIL`; a trailing `*` marks a kernel count other than
+  the case expects (dispatch did not pick the kernels)."""
+  targets = list(dict.fromkeys(r.target for r in reports))
+  by = {(r.case, r.target): r for r in reports}
+
+  def cell(r: Report | None) -> str:
+    if r is None:
+      return ""
+    if not r.compiled:
+      return "FAIL"
+    mark = "" if r.kernels == r.expected_kernels else "*"
+    if r.bytes_ratio is not None:
+      return f"{r.temp_bytes / r.io_bytes:.2f}, {r.bytes_ratio:.2f}{mark}"
+    return f"{r.registers or '-'}/{r.spill_bytes}{mark}"
+
+  lines = ["| case | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+  for name in dict.fromkeys(r.case for r in reports):
+    lines.append(f"| {name} | " + " | ".join(cell(by.get((name, t))) for t in targets) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Report]:
+  use_cpu_host()
+  p = argparse.ArgumentParser(
+      prog="python -m npu_ops.aot",
+      description="Compile every kernel entry point with the real TPU and GPU compilers "
+                  "(no accelerator needed) and print what they report.")
+  p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS,
+                 help="compile-only targets (default: all)")
+  p.add_argument("--cases", nargs="+", default=[],
+                 help="only cases whose name contains one of these words (default: all)")
+  p.add_argument("--summary", action="store_true",
+                 help="one row per case and one column per target (the README's table)")
+  args = p.parse_args(argv)
+  missing = missing_compilers()
+  targets = [t for t in args.targets if kind_of(t) not in missing]
+  for kind, why in missing.items():
+    print(f"skipping {kind} targets: {why}", file=sys.stderr)
+  chosen = [c for c in cases() if not args.cases or any(w in c.name for w in args.cases)]
+  reports = []
+  progress = sys.stderr.isatty()  # never mixed into a piped table
+  for target in targets:
+    for case in chosen:
+      if progress:
+        print(f"\r{target}: {case.name} ...".ljust(70), end="", file=sys.stderr, flush=True)
+      reports.append(compile_case(case, target))
+  if progress:
+    print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
+  print(f"jax {jax.__version__}; temp / io: compiler temp memory over arguments + outputs; "
+        "bytes / ideal: TPU bytes accessed over reading every argument and writing every "
+        "output once; regs, spill B, smem KB: per Pallas kernel on GPU (ptxas)")
+  print(format_summary(reports) if args.summary else format_table(reports))
+  return reports
+
+
+if __name__ == "__main__":
+  main()
