@@ -44,8 +44,11 @@ def dequant_a4w4(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array) -> jax.
 def colsum8(w: jax.Array, groups: int = 1) -> jax.Array:
   """`8 * sum_k W` per k group, int32 `[..., groups, n]` of int4 values `w [..., k, n]`:
   the "- 8" of A8W4's `(x - 8) @ W = x @ W - 8 * colsum`, exact in int32."""
-  *lead, k, n = w.shape
-  return 8 * jnp.sum(w.reshape(*lead, groups, k // groups, n), axis=-2, dtype=jnp.int32)
+  gs = w.shape[-2] // groups
+  # Slices, not a reshape to [..., groups, gs, n]: XLA:TPU relays out a reshaped int4
+  # array through an int32 copy of it (8x the weight's bytes).
+  return 8 * jnp.stack([jnp.sum(w[..., g * gs:(g + 1) * gs, :], axis=-2, dtype=jnp.int32)
+                        for g in range(groups)], axis=-2)
 
 
 def close_k_group(acc: jax.Array, colsum8_g: jax.Array, scale_g: jax.Array) -> jax.Array:

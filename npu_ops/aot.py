@@ -145,8 +145,10 @@ def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None):
   scale = (e, groups, n) if groups > 1 else (e, n)
   if weight == "int8":
     w = ((e, k, n), jnp.int8)
-  else:  # int4 as int32 words (8 per word), the torch_npu form
+  elif weight == "words":  # int4 as int32 words (8 per word), converted on every call
     w = ((e, k, n // 8), jnp.int32)
+  else:  # jnp.int4, read in place
+    w = ((e, k, n), jnp.int4)
   x = ((m, k // 8), jnp.int32) if weight == "a4w4" else ((m, k), jnp.int8)
   return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((e,), jnp.int32))
 
@@ -223,6 +225,7 @@ def cases() -> list[Case]:
            kernels=1),
       Case("fused A8W4 per group (G=4)", *_fused(4096, k, n, 16, weight="int4", groups=4),
            kernels=1),
+      Case("fused A8W4 int32 words", *_fused(4096, k, n, 16, weight="words"), kernels=1),
       Case("fused A4W4 (XLA path)", *_fused(512, 512, 1024, 4, weight="a4w4"), kernels=0),
   ]
   for dtype, tag in ((jnp.bfloat16, "bf16"), (jnp.float32, "fp32")):

@@ -182,7 +182,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
 
 def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spec,
                     expected_tokens=None, implementation=None, interpret=False, tiles=None):
-  """The fused op on canonical operands (int8 values, float32 `[e, G, n]` scales,
+  """The fused op on canonical operands (`operands`: int8 x, int8 or jnp.int4 w; float32 `[e, G, n]` scales,
   group ends), on the implementation asked for (`npu_ops.backend`): a Pallas kernel
   (A8W8 / A8W4 with int8 output), the XLA row-block path, or the dense reference."""
   m, k = x.shape
@@ -338,6 +338,7 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
   once after the grouped matmul (`after`, see `_epilogue_after`)."""
   m, k = x.shape
   e, n_groups, n = scale.shape
+  w = w.astype(jnp.int8)  # int4 weights: XLA:CPU dots take int8 operands
   if after:
     acc = gmm_lib.gmm(x, w, ends, out_dtype=jnp.int32, implementation="xla",
                       block_sizes=block_sizes)

@@ -429,7 +429,7 @@ def _grouped(x, w, params, pts, group_list, group_list_type, opts):
       n = w.shape[-1] * (layouts.INT4_PER_INT32 if np.dtype(w.dtype) == I32 else 1)
       require(w.shape[1] == k, "weight", f"[E, k={k}, n] (k of x {describe(x)})", describe(w))
     iw = operands.canonical_weight(w, k=k, n=n)
-    wv = iw.values
+    wv = iw.values.astype(jnp.int8)  # the XLA dots here take int8
   e = wv.shape[0]
   if scenario == A8W4:
     group_list_type = 1  # the A8W4 kernel reads counts whatever group_list_type says

@@ -1,8 +1,9 @@
 """torch_npu operand forms -> the canonical internal form (SPEC A.2).
 
-Canonical: integer operands are int8 arrays holding int8 or int4 values, ND
-(`x [m, k]`, `weight [e, k, n]`); TensorLists are stacked along a leading expert
-axis. Backends only ever see this form.
+Canonical: ND arrays (`x [m, k]`, `weight [e, k, n]`) of int8, or of int4 values:
+an int4 `x` as int8 values, an int4 weight as `jnp.int4` (4 bits a value, so a
+kernel reads it in place); TensorLists are stacked along a leading expert axis.
+Backends only ever see this form.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def stack_tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ..
 
 
 class IntOperand(NamedTuple):
-  values: jax.Array  # int8 holding the values (int4 values lie in [-8, 7])
+  values: jax.Array  # int8, or int4 values in [-8, 7] (int8 for x, jnp.int4 for weights)
   bits: str          # INT8 or INT4
 
 
@@ -61,14 +62,16 @@ def canonical_lhs(x: Any, name: str = "x") -> IntOperand:
 
 
 def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight") -> IntOperand:
-  """Integer weights in any torch_npu form -> int8 values `[e, k, n]`.
+  """Integer weights in any torch_npu form -> int8 or jnp.int4 values `[e, k, n]`.
 
   Forms: an array or a TensorList (see `stack_tensor_list`) of
   * int8 ND `[e, k, n]` or NZ `[e, n/32, k/16, 16, 32]`;
   * int32 words (8 int4 each) ND `[e, k, n/8]` or NZ `[e, n/64, k/16, 16, 8]`;
   * jnp.int4 ND `[e, k, n]` or NZ `[e, n/64, k/16, 16, 64]`.
   NZ dims are ceilings (zero padded). The logical k comes from x and n from the
-  scale, as torch_npu infers them.
+  scale, as torch_npu infers them. ND int8 and jnp.int4 weights pass through as
+  they are; int32 words and NZ are converted on every call (prepare them once with
+  `layouts.int4pack_to_native` / `npu_format_cast(w, FORMAT_ND)` to avoid that).
   """
   weight = stack_tensor_list(weight, name, expert_rank=(2, 4))
   check_dtype(name, weight, _WEIGHT_DTYPES)
@@ -93,7 +96,5 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight") -> In
     fail(name, "rank 3 (ND [e, k, n]) or rank 5 (FRACTAL_NZ), or a list of per-expert "
          "rank-2/4 arrays", describe(weight))
   if packed:
-    return IntOperand(layouts.unpack_int4(nd), INT4)
-  if dtype == np.int8:
-    return IntOperand(nd, INT8)
-  return IntOperand(nd.astype(jnp.int8), INT4)
+    return IntOperand(layouts.int4pack_to_native(nd), INT4)
+  return IntOperand(nd, INT8 if dtype == np.int8 else INT4)

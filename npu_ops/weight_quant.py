@@ -100,7 +100,7 @@ def _weight(weight: Any, k: int, scale: Any) -> jax.Array:
     n = scale.shape[-1]
   else:
     fail("weight", "rank 2 (ND [k, n]) or rank 4 (FRACTAL_NZ)", describe(weight))
-  return operands.canonical_weight(jnp.asarray(weight)[None], k=k, n=n).values[0]
+  return operands.canonical_weight(jnp.asarray(weight)[None], k=k, n=n).values[0].astype(jnp.int8)
 
 
 def _group_size(gs: Any, k: int) -> int:

@@ -74,6 +74,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   a8w4 = assist is not None
   if m == 0:  # no rows, no grid
     return jnp.zeros((0, nh), jnp.int8), jnp.zeros((0,), jnp.float32)
+  # Triton loads whole bytes: jnp.int4 weights are widened here, once per call.
+  w = w.astype(jnp.int8)
   bm, _, bn = gpu_tiles(tiles)
   bk = common.k_tile(k, groups, gpu_tiles(tiles)[1])
   m_tiles, nh_tiles, k_tiles = common.cdiv(m, bm), common.cdiv(nh, bn), common.cdiv(k, bk)

@@ -114,7 +114,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   """Fused op on canonical operands: A8W8, or A8W4 when `assist` is given.
 
   Args:
-    x: int8 `[m, k]`; w: int8 values `[e, k, n]` (int4 values for A8W4);
+    x: int8 `[m, k]`; w: int8 `[e, k, n]` (A8W4: jnp.int4, or int8 holding int4 values);
     w_scale: float32 `[e, G, n]` (G = 1 per channel; A8W4 may have G k groups of
       k/G rows, a multiple of 128); x_scale: float32 `[m]`; ends: int32 `[E]`
       group row ends, E <= e; assist: A8W4's float32 `[e, n]`; colsum8: A8W4's
@@ -168,7 +168,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
     @pl.when(real)
     def _():
-      xb, wb = x_ref[...], w_ref[...]
+      xb, wb = x_ref[...], w_ref[...].astype(jnp.int8)  # int4 blocks widen in VMEM
       if k % bk:
         xb = _mask_k_edge(xb, kk * bk, k, 1)
         wb = _mask_k_edge(wb, kk * bk, k, 0)
@@ -224,10 +224,11 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     scratch += [pltpu.VMEM((bm, n), jnp.float32)]
   visits = m_tiles + num_groups  # the static bound of the grid
   weight_reads = num_groups if plan.resident else visits  # per visit when k is tiled
+  w_bytes = k * n * jnp.iinfo(w.dtype).bits // 8
   x_reads = m_tiles if plan.resident else visits
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=m * nh,
-      bytes_accessed=(x_reads * bm * k + weight_reads * (k * n + 4 * groups * n * (
+      bytes_accessed=(x_reads * bm * k + weight_reads * (w_bytes + 4 * groups * n * (
           2 if a8w4 else 1)) + 4 * m + m * nh + 4 * m))
   q, qs = pl.pallas_call(
       kernel,
@@ -338,9 +339,13 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   if m == 0:  # no rows: every group is empty
     return jnp.zeros((num_groups, k, n), out_dtype)
   bm = tiles.block_m
-  # [bk, bn] float32 accumulator plus the output block (2 buffers) within the plan.
+  # [bk, bn] float32 accumulator plus the output block (2 buffers) in what the input
+  # tiles (2 buffers each) leave of the plan: all of k fits at the benchmark shapes,
+  # so x is read once per column tile and dy once.
   bn = _balanced_tile(n, 1536)
-  bk = _balanced_tile(k, max(128, _VMEM_PLAN // 2 // (12 * bn) // 128 * 128))
+  row_bytes = bn * (4 + 2 * np.dtype(out_dtype).itemsize)
+  budget = _VMEM_PLAN - 2 * bm * (common.round_up(k, 128) + bn) * isz
+  bk = _balanced_tile(k, max(128, budget // row_bytes // 128 * 128))
   groups = ends.shape[0]
   ends_all = jnp.concatenate([ends, jnp.broadcast_to(ends[-1:], (num_groups - groups,))])
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)

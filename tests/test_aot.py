@@ -30,7 +30,7 @@ def report(target, name):
 # (target, case): every benchmark-shape kernel on v5e, the fused op on v6e too.
 TPU_LEAN = [("v5e", "fused A8W8 m=4096 e=16"), ("v5e", "fused A8W8 m=512 e=64"),
             ("v6e", "fused A8W8 m=4096 e=16"), ("v5e", "gmm bf16 m=4096 e=16"),
-            ("v5e", "tgmm bf16 m=4096 e=16")]
+            ("v5e", "tgmm bf16 m=4096 e=16"), ("v5e", "tgmm fp32 m=4096 e=16")]
 
 
 @needs["tpu"]
@@ -54,7 +54,16 @@ def test_tpu_gmm_vjp_reads_the_weights_in_place():
   assert r.bytes_ratio <= 2.5
 
 
-TPU_EDGES = ["fused A8W8 n/2=150", "fused A8W4 per group (G=4)"]
+@needs["tpu"]
+def test_tpu_a8w4_reads_int4_weights_in_place():
+  """jnp.int4 weights go to the kernel as they are (widened block by block in VMEM);
+  the k-group column sums are one XLA pass over them, without an int32 copy."""
+  r = report("v5e", "fused A8W4 per group (G=4)")
+  assert r.compiled and r.kernels == 1
+  assert r.temp_bytes <= 0.10 * r.io_bytes, f"temp {r.temp_bytes} for io {r.io_bytes}"
+
+
+TPU_EDGES = ["fused A8W8 n/2=150", "fused A8W4 per channel m=4096 e=16"]
 
 
 @needs["tpu"]
