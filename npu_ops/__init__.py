@@ -1,6 +1,7 @@
 """npu_ops: Ascend NPU fused MoE / quantization operators for JAX, with torch_npu semantics.
 
-torch_npu-named ops (SPEC A.1) sit beside JAX-style building blocks.
+torch_npu-named ops (semantics A.1) sit beside JAX-style building blocks. "semantics X.Y"
+in a docstring is section X.Y of docs/semantics.md in the repository.
 """
 
 from npu_ops.backend import IMPLEMENTATIONS as IMPLEMENTATIONS
@@ -13,6 +14,8 @@ from npu_ops.gmm_swiglu_quant import weight_assist_matrix as weight_assist_matri
 from npu_ops.grouped_matmul_nz import npu_grouped_matmul as npu_grouped_matmul
 from npu_ops.groups import check_group_list as check_group_list
 from npu_ops.groups import group_ends as group_ends
+from npu_ops.layouts import FORMAT_ND as FORMAT_ND
+from npu_ops.layouts import FORMAT_NZ as FORMAT_NZ
 from npu_ops.layouts import from_nz as from_nz
 from npu_ops.layouts import int4pack_to_native as int4pack_to_native
 from npu_ops.layouts import native_to_int4pack as native_to_int4pack

@@ -27,17 +27,17 @@ def silu(x: jax.Array) -> jax.Array:
 
 
 def swiglu_halves(act: jax.Array, gate: jax.Array) -> jax.Array:
-  """`silu(act) * gate`: torch_npu's SwiGLU on the two halves of a row (SPEC B.0.5)."""
+  """`silu(act) * gate`: torch_npu's SwiGLU on the two halves of a row (semantics B.0.5)."""
   return silu(act) * gate
 
 
 def dequant_a8w8(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array) -> jax.Array:
-  """A8W8 (SPEC B.1.3): `(float32(acc) * w_scale) * x_scale`, in that order."""
+  """A8W8 (semantics B.1.3): `(float32(acc) * w_scale) * x_scale`, in that order."""
   return (acc.astype(jnp.float32) * w_scale) * x_scale
 
 
 def dequant_a4w4(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array) -> jax.Array:
-  """A4W4 (SPEC B.1.5): `(float32(acc) * x_scale) * w_scale`, in that order."""
+  """A4W4 (semantics B.1.5): `(float32(acc) * x_scale) * w_scale`, in that order."""
   return (acc.astype(jnp.float32) * x_scale) * w_scale
 
 
@@ -52,7 +52,7 @@ def colsum8(w: jax.Array, groups: int = 1) -> jax.Array:
 
 
 def close_k_group(acc: jax.Array, colsum8_g: jax.Array, scale_g: jax.Array) -> jax.Array:
-  """One A8W4 k group (SPEC B.1.4): `scale_g * ((x - 8)_g @ W_g)` with the int32 part
+  """One A8W4 k group (semantics B.1.4): `scale_g * ((x - 8)_g @ W_g)` with the int32 part
   `acc - 8 * colsum` exact, converted to float32 once."""
   return scale_g * (acc - colsum8_g).astype(jnp.float32)
 
@@ -66,7 +66,7 @@ def codes_for_amax(s: jax.Array, amax: jax.Array, *, qmax: float = INT8_QMAX,
                    dtype=jnp.int8,
                    round_fn: Callable[[jax.Array], jax.Array] = jnp.round) -> jax.Array:
   """Per-token codes given each row's amax (`[..., 1]`, float32):
-  `clip(round_half_even(s * (qmax / amax)), -qmax, qmax)`, 0 where amax = 0 (SPEC A.3
+  `clip(round_half_even(s * (qmax / amax)), -qmax, qmax)`, 0 where amax = 0 (semantics A.3
   item 3). Kernels that see a row in pieces compute amax first, then call this (with
   `round_fn=round_half_even_small` where `round` does not lower)."""
   nonzero = amax > 0

@@ -67,7 +67,7 @@ def check_int_option(name: str, value: Any, allowed: Sequence[int]) -> int:
 def check_scale_groups(name: str, scale: Any, *, e: int, n: int, k: int,
                        ranks: tuple[int, ...] = (2, 3), n_or_1: bool = False) -> int:
   """A weight scale per channel `[e, n]` or per k group `[e, G, n]` with G dividing k
-  (SPEC B.1.4, B.4.3); `n_or_1` also admits one value per expert (`[e, 1]`, `[e, G, 1]`).
+  (semantics B.1.4, B.4.3); `n_or_1` also admits one value per expert (`[e, 1]`, `[e, G, 1]`).
   Returns G (1 per channel)."""
   check_array(name, scale)
   cols = (n, 1) if n_or_1 else (n,)

@@ -165,11 +165,12 @@ def _tgmm(m, k, n, e, dtype):
           (((m, k), dtype), ((m, n), dtype), ((e,), jnp.int32)))
 
 
-def _gmm_vjp(m, k, n, e, dtype):
+def _gmm_vjp(m, k, n, e, dtype, precision=None):
   import npu_ops  # noqa: PLC0415
 
   def step(x, w, dy, gl):
-    loss = lambda x, w: jnp.vdot(npu_ops.grouped_matmul(x, w, gl).astype(jnp.float32),
+    loss = lambda x, w: jnp.vdot(npu_ops.grouped_matmul(x, w, gl, precision=precision).astype(
+        jnp.float32),
                                  dy.astype(jnp.float32))
     return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
   return step, (((m, k), dtype), ((e, k, n), dtype), ((m, n), dtype), ((e,), jnp.int32))
@@ -233,6 +234,8 @@ def cases() -> list[Case]:
             Case(f"tgmm {tag} m=4096 e=16", *_tgmm(4096, k, n, 16, dtype), kernels=1),
             Case(f"gmm vjp {tag} m=4096 e=16", *_gmm_vjp(4096, k, n, 16, dtype), kernels=3)]
   out += [
+      Case("gmm vjp fp32 precision=highest", *_gmm_vjp(4096, k, n, 16, jnp.float32, "highest"),
+           kernels=3),
       Case("gmm bf16 m=512 e=64", *_gmm(512, k, n, 64, jnp.bfloat16), kernels=1),
       Case("tgmm bf16 m=512 e=64", *_tgmm(512, k, n, 64, jnp.bfloat16), kernels=1),
       Case("QAT step m=4096 e=16", *_qat_step(4096, k, n, 16), kernels=3),

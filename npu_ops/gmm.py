@@ -66,11 +66,12 @@ def _check_operands(lhs: Any, rhs: Any, preferred_element_type: Any) -> np.dtype
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
-                   preferred_element_type: Any = None,
+                   precision: Any = None, preferred_element_type: Any = None,
                    implementation: str | None = None,
                    block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
                    tiles: TileSizes | None = None) -> jax.Array:
-  """Grouped matmul with `jax.lax.ragged_dot` semantics.
+  """Grouped matmul with `jax.lax.ragged_dot` semantics: a drop-in for
+  `ragged_dot(lhs, rhs, group_sizes, precision, preferred_element_type)`.
 
   Args:
     lhs: `[m, k]` int8 / int4, or float32 / bfloat16 / float16.
@@ -79,6 +80,11 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
       trace time) or an int32/int64 array (dynamic: one compilation for all values).
       Invalid dynamic sizes are clamped (negative -> 0, total capped at m; see
       `npu_ops.groups`).
+    precision: as in `jax.lax.dot` (None, a `jax.lax.Precision` or its name, or a
+      pair): how TPU and GPU multiply float operands (e.g. HIGHEST for full float32
+      products on the MXU, no TF32 on GPU); used by the forward and both VJP
+      products. Integer operands are exact whatever it says; CPU computes float32
+      products in float32 anyway.
     preferred_element_type: output dtype. Default: int32 for integer operands
       (exact accumulation; ragged_dot would return int8), else the promoted
       input dtype. Float operands accumulate in float32.
@@ -101,7 +107,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
   backend.resolve(implementation, unsupported=_kernel_gap(lhs.dtype), interpret=interpret,
                    tiles=tiles)
   return differentiable_gmm(lhs, rhs, ends, out_dtype=out_dtype, implementation=implementation,
-                            block_sizes=block_sizes, interpret=interpret, tiles=tiles)
+                            block_sizes=block_sizes, interpret=interpret, tiles=tiles,
+                            precision=canonical_precision(precision))
 
 
 class Run(NamedTuple):
@@ -110,6 +117,22 @@ class Run(NamedTuple):
   block_sizes: GmmBlockSizes | None = None
   interpret: bool = False
   tiles: TileSizes | None = None
+  precision: Any = None  # canonical_precision's form
+
+
+def canonical_precision(precision: Any) -> Any:
+  """None, a `lax.Precision` (or its name) or a pair of them -> a hashable canonical form."""
+  try:
+    if precision is None:
+      return None
+    if isinstance(precision, (tuple, list)) and len(precision) == 2:
+      return tuple(lax.Precision(p) for p in precision)
+    if isinstance(precision, (str, lax.Precision)):
+      return lax.Precision(precision)
+  except (ValueError, KeyError):
+    pass
+  fail("precision", "None, a jax.lax.Precision or its name ('default', 'high', 'highest'), "
+       "or a pair of them", repr(precision))
 
 
 def _split(ends: groups_lib.GroupEnds) -> tuple[jax.Array | None, tuple[int, ...] | None]:
@@ -152,7 +175,7 @@ _differentiable_gmm.defvjp(_differentiable_gmm_fwd, _differentiable_gmm_bwd)
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype: Any,
         implementation: str | None = None, block_sizes: GmmBlockSizes | None = None,
         interpret: bool = False, tiles: TileSizes | None = None,
-        transpose_rhs: bool = False) -> jax.Array:
+        transpose_rhs: bool = False, precision: Any = None) -> jax.Array:
   """Grouped matmul on the canonical form (validated operands, group ends).
 
   `lhs [m, k]`, `rhs [g, k, n]` (`[g, n, k]`, used as its transpose, with
@@ -166,15 +189,15 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
 
   def kernel(module, lhs, rhs, ends_array):
     return module.gmm(lhs, rhs, ends_array, out_dtype=np.dtype(out_dtype), tiles=tiles,
-                      interpret=interpret, transpose_rhs=transpose_rhs)
+                      interpret=interpret, transpose_rhs=transpose_rhs, precision=precision)
 
   def xla(lhs, rhs, ends_array):
     # XLA:CPU runs a dot against a transposed operand no faster than it copies the
     # transpose: one copy per call, not one per row block.
     rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
     return _gmm(lhs, rhs, ends=ends if isinstance(ends, tuple) else ends_array,
-                acc_dtype=acc_dtype, block_sizes=block_sizes,
-                reference=impl == "reference").astype(out_dtype)
+                acc_dtype=acc_dtype, block_sizes=block_sizes, reference=impl == "reference",
+                precision=precision).astype(out_dtype)
 
   return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla)
 
@@ -184,18 +207,14 @@ def _prepare(lhs, rhs, out_dtype, implementation):
   impl = backend.resolve(implementation, unsupported=_kernel_gap(lhs.dtype))
   compute = _operand_dtype(lhs.dtype, rhs.dtype)
   lhs, rhs = jnp.asarray(lhs).astype(compute), jnp.asarray(rhs).astype(compute)
-  # Floats accumulate in float32 (SPEC B.4.3), then round once to out_dtype.
+  # Floats accumulate in float32 (semantics B.4.3), then round once to out_dtype.
   out_dtype = np.dtype(out_dtype)
   acc_dtype = np.dtype(jnp.float32) if jnp.issubdtype(out_dtype, jnp.floating) else out_dtype
   return lhs, rhs, acc_dtype, impl
 
 
-def _dot(a: jax.Array, b: jax.Array, acc_dtype: Any) -> jax.Array:
-  return lax.dot(a, b, preferred_element_type=acc_dtype)
-
-
-@row_blocks.jit_by_ends("acc_dtype", "block_sizes", "reference")
-def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, reference):
+@row_blocks.jit_by_ends("acc_dtype", "block_sizes", "reference", "precision")
+def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, reference, precision=None):
   m, n = lhs.shape[0], rhs.shape[-1]
   # Rows are sliced in loops: they travel as uint16 when bf16 (see loop_storage). The
   # weights stay bf16: a group's weight is sliced once, inside the traversal's per-group
@@ -203,7 +222,8 @@ def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, reference):
   lhs, lhs_view = row_blocks.loop_storage(lhs)
 
   def block_fn(out, w_g, r0, bl, mask):
-    y = _dot(lhs_view(lax.dynamic_slice_in_dim(lhs, r0, bl)), w_g, acc_dtype)
+    y = lax.dot(lhs_view(lax.dynamic_slice_in_dim(lhs, r0, bl)), w_g, precision=precision,
+                preferred_element_type=acc_dtype)
     return row_blocks.write_rows(out, y, r0, mask)
 
   return row_blocks.traverse(ends, m, jnp.zeros((m, n), acc_dtype), group_ctx=lambda g: rhs[g],
@@ -211,7 +231,7 @@ def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, reference):
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | None = None,
-         preferred_element_type: Any = None, implementation: str | None = None,
+         precision: Any = None, preferred_element_type: Any = None, implementation: str | None = None,
          block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
          tiles: TileSizes | None = None) -> jax.Array:
   """k-grouped matmul: `out[g] = lhs[rows of g]^T @ rhs[rows of g]`.
@@ -224,7 +244,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
     group_sizes: rows per group (static ints or a dynamic array, as in
       `grouped_matmul`).
     num_groups: `g`, the number of output matrices (default len(group_sizes)).
-    preferred_element_type, implementation, interpret, tiles: as in
+    precision, preferred_element_type, implementation, interpret, tiles: as in
       `grouped_matmul`.
     block_sizes: row blocks of the XLA path's accumulation (default 2048-row
       blocks: each block costs a pass over its group's `[k, n]` output; a
@@ -245,13 +265,13 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
   backend.check(implementation, interpret, tiles)
   return tgmm_ends(lhs, rhs, ends, num_groups=num_groups, out_dtype=out_dtype,
                    implementation=implementation, block_sizes=block_sizes, interpret=interpret,
-                   tiles=tiles)
+                   tiles=tiles, precision=canonical_precision(precision))
 
 
 def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num_groups: int,
               out_dtype: Any, implementation: str | None = None,
               block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
-              tiles: TileSizes | None = None) -> jax.Array:
+              tiles: TileSizes | None = None, precision: Any = None) -> jax.Array:
   """`tgmm` on the canonical form (validated operands, group ends)."""
   lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
   m, k = lhs.shape
@@ -259,12 +279,13 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
 
   def kernel(module, lhs, rhs, ends_array):
     return module.tgmm(lhs, rhs, ends_array, num_groups=num_groups,
-                       out_dtype=np.dtype(out_dtype), tiles=tiles, interpret=interpret)
+                       out_dtype=np.dtype(out_dtype), tiles=tiles, interpret=interpret,
+                       precision=precision)
 
   def xla(lhs, rhs, ends_array):
     return _tgmm(lhs, rhs, ends=ends if isinstance(ends, tuple) else ends_array,
                  num_groups=num_groups, acc_dtype=acc_dtype, block_sizes=block_sizes,
-                 reference=impl == "reference").astype(out_dtype)
+                 reference=impl == "reference", precision=precision).astype(out_dtype)
 
   return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla)
 
@@ -294,8 +315,8 @@ def tgmm_plan(sizes: Any, windows: tuple[int, ...], block: int) -> Any:
   return xp.argmin(xp.stack(costs))
 
 
-@row_blocks.jit_by_ends("num_groups", "acc_dtype", "block_sizes", "reference")
-def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
+@row_blocks.jit_by_ends("num_groups", "acc_dtype", "block_sizes", "reference", "precision")
+def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference, precision=None):
   """Per group, `lhs[rows]^T @ rhs[rows]`, accumulated in float32 / int32.
 
   Output-bound when groups hold few rows: every block of the row-block traversal
@@ -321,7 +342,8 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
     if mask is not None:  # rows of other groups contribute nothing (not even inf * 0)
       x = jnp.where(mask[:, None], x, jnp.zeros((), x.dtype))
       y = jnp.where(mask[:, None], y, jnp.zeros((), y.dtype))
-    y = lax.dot_general(x, y, contract_rows, preferred_element_type=acc_dtype)
+    y = lax.dot_general(x, y, contract_rows, precision=precision,
+                        preferred_element_type=acc_dtype)
     if not (overwrite and mask is not None):
       y = lax.dynamic_index_in_dim(out, g, 0, False) + y
     return lax.dynamic_update_index_in_dim(out, y, g, 0)
@@ -344,7 +366,7 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference):
     out = lax.dot_general(
         lhs_view(row_blocks.group_windows(lhs, starts, sizes, window)),
         rhs_view(row_blocks.group_windows(rhs, starts, sizes, window)),
-        (((1,), (1,)), ((0,), (0,))), preferred_element_type=acc_dtype)
+        (((1,), (1,)), ((0,), (0,))), precision=precision, preferred_element_type=acc_dtype)
     if num_groups > groups:  # groups past len(ends) have no rows
       out = jnp.concatenate([out, zeros(num_groups - groups)])
     return accumulate(starts + window, jnp.maximum(sizes - window, 0), carry=out)

@@ -1,16 +1,16 @@
 """`npu_grouped_matmul_swiglu_quant_v2` (and v1): grouped int matmul, dequant,
 SwiGLU and dynamic per-token int8 quantization, with torch_npu semantics.
 
-Per group `i` (rows `[start_i, end_i)` of x, expert weight `W_i`), SPEC B.1:
+Per group `i` (rows `[start_i, end_i)` of x, expert weight `W_i`), semantics B.1:
 
   A8W8: C = (int32(x @ W_i) * w_scale[i]) * x_scale[r]
   A8W4: C = x_scale[r] * (sum_g s[i,g] * ((x - 8)_g @ W_i,g) + A[i])
         (the kernel's hi/lo nibble split: 16 * x_hi + x_lo = x - 8, exact in int32)
   A4W4: C = (int32(x @ W_i) * x_scale[r]) * w_scale[i]
   S = silu(C[:, :n/2]) * C[:, n/2:]            (A4W4: S *= smooth_scale[i])
-  Q, Q_scale = per-row int8 quantization of S  (SPEC A.3 item 3)
+  Q, Q_scale = per-row int8 quantization of S  (semantics A.3 item 3)
 
-Rows at or beyond sum(group_list) give Q = 0 and Q_scale = 0 (SPEC A.3 item 1).
+Rows at or beyond sum(group_list) give Q = 0 and Q_scale = 0 (semantics A.3 item 1).
 The whole chain is one block function of `npu_ops.row_blocks`: each row block's
 int8 dot (exact int32) is dequantized, SwiGLU'd and quantized while it is in
 cache, so no `[m, n]` intermediate exists and the epilogue costs a few percent of
@@ -59,7 +59,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
     tiles: TileSizes | None = None) -> tuple[jax.Array, jax.Array]:
   """Fused grouped matmul + dequant + SwiGLU + per-token int8 quant (torch_npu v2).
 
-  Scenarios are told apart by dtypes (SPEC B.1.2):
+  Scenarios are told apart by dtypes (semantics B.1.2):
 
   * A8W8: x int8 `[m, k]`; weight int8 `[e, k, n]` (ND) or
     `[e, n/32, k/16, 16, 32]` (FRACTAL_NZ); weight_scale float32/16 `[e, n]`.
@@ -321,7 +321,7 @@ def _epilogue_after(m: int, k: int, n: int, e: int, expected: int | None, scenar
 
 def _dequant(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array, scenario: str
              ) -> jax.Array:
-  """C of A8W8 / A4W4 (module doc) from the int32 product, in SPEC's order."""
+  """C of A8W8 / A4W4 (module doc) from the int32 product, in the documented order (docs/semantics.md)."""
   return (_epilogue.dequant_a8w8 if scenario == A8W8 else _epilogue.dequant_a4w4)(
       acc, w_scale, x_scale)
 

@@ -1,14 +1,14 @@
-"""`npu_grouped_matmul` (aclnnGroupedMatmul V4/V5, aclnnGroupedMatmulWeightNz), SPEC B.4.
+"""`npu_grouped_matmul` (aclnnGroupedMatmul V4/V5, aclnnGroupedMatmulWeightNz), semantics B.4.
 
-Structure (SPEC B.4.2):
+Structure (semantics B.4.2):
 
 * `group_type=-1`: an independent list of matmuls `y_i = x_i @ W_i` (x_i 2-6 dims).
 * `group_type=0`: m-axis groups, rows `[start_i, end_i)` of x use `W_i`; rows
-  outside every group are 0 (SPEC A.3 item 1).
+  outside every group are 0 (semantics A.3 item 1).
 * `group_type=2`: k-axis groups, `y[i] = x[:, K_i] @ W[K_i, :]`, stacked `[E, m, n]`;
   an empty k-group gives a zero matrix (float only, as in torch_npu).
 
-Numerics per group i (SPEC B.4.3), told apart by the dtypes of x and weight:
+Numerics per group i (semantics B.4.3), told apart by the dtypes of x and weight:
 
 * float: `y = x @ W + bias` (float32 accumulation, one rounding).
 * A8W8 quant: `acc = int32(x @ W)`; `(acc + int32 bias) * scale [* per_token] [+ float bias]`,
@@ -78,7 +78,7 @@ SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
 }
 # Recognized but not implemented (NotImplementedError): row -> reason.
 PLANNED: dict[str, str] = {
-    "pseudo-quant A8W4 asymmetric (offset)": "SPEC B.4.3 leaves the use of offset open",
+    "pseudo-quant A8W4 asymmetric (offset)": "semantics B.4.3 leaves the use of offset open",
     "MX / fp8 / hif8 (Ascend 950)": "not on A2/A3",
 }
 ACT_NOTE = ("`act_type` 1 ReLU, 2 GELU-tanh, 4 FastGELU, 5 SiLU: after the dequant (quant with "
@@ -107,7 +107,7 @@ def npu_grouped_matmul(x: Any, weight: Any, *, bias: Any = None, scale: Any = No
                        tuning_config: Any = None, quant_group_size: int = 0,
                        implementation: str | None = None, interpret: bool = False,
                        tiles: TileSizes | None = None) -> list[jax.Array]:
-  """torch_npu.npu_grouped_matmul (SPEC B.4); weights in ND or FRACTAL_NZ.
+  """torch_npu.npu_grouped_matmul (semantics B.4); weights in ND or FRACTAL_NZ.
 
   Args:
     x: an array or a list of arrays. float16/bfloat16/float32 (float and
@@ -153,7 +153,7 @@ def npu_grouped_matmul(x: Any, weight: Any, *, bias: Any = None, scale: Any = No
 
   Raises:
     ValueError / TypeError naming the argument for shapes, dtypes and modes
-    outside SPEC B.4; NotImplementedError for the PLANNED scenarios.
+    outside semantics B.4; NotImplementedError for the PLANNED scenarios.
   """
   split_item = check_int_option("split_item", split_item, (0, 1, 2, 3))
   if isinstance(act_type, (int, np.integer)) and not isinstance(act_type, bool) and act_type == 3:
@@ -367,7 +367,7 @@ def _scenario(x, w) -> str:
     return A8W4
   elif xd in (I32, I4) and wd in (I32, I4):
     return A4W4
-  fail("weight", f"a dtype combination of SPEC B.4.3 with x {describe(x)} (float x: the same "
+  fail("weight", f"a dtype combination of semantics B.4.3 with x {describe(x)} (float x: the same "
        "float or, for fp16/bf16 x, int8/int4; int8 x: int8 or int4; int4 x: int4)",
        describe(w), TypeError)
 
@@ -410,7 +410,7 @@ def _grouped(x, w, params, pts, group_list, group_list_type, opts):
   if params["offset"] is not None:
     if scenario == A8W4:
       raise NotImplementedError("npu_grouped_matmul: A8W4 asymmetric quantization (offset) "
-                                "is planned; SPEC B.4.3 leaves the use of offset open")
+                                "is planned; semantics B.4.3 leaves the use of offset open")
     fail("offset", "None (torch_npu: reserved; int8 output takes the offset from int64 "
          "scale words)", describe(params["offset"]))
   if scenario in (FLOAT, ANTIQUANT):
@@ -526,7 +526,7 @@ def _prepare_antiquant(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
   s = params["antiquant_scale"]
   if s is None:
     fail("antiquant_scale", f"a {dt.name} scale for an integer weight with float x", None)
-  # per group: int4 weights only (SPEC B.4.3)
+  # per group: int4 weights only (semantics B.4.3)
   scale = _per_group("antiquant_scale", s, e, n, (dt,), groups=int4_weight, k=k)
   offset = None
   if params["antiquant_offset"] is not None:
@@ -537,7 +537,7 @@ def _prepare_antiquant(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
   out = _check_output_dtype(opts.output_dtype, (dt,))
   # [E, G, n] -> [E, k, n]: row kk of k uses group kk // (k / G)
   rows = lambda v: jnp.repeat(jnp.asarray(v), k // v.shape[1], axis=1)
-  # SPEC B.4.3: float16 rounds after the offset and the scale, bfloat16 once (float32 math).
+  # semantics B.4.3: float16 rounds after the offset and the scale, bfloat16 once (float32 math).
   wf = antiquant_weight(w, rows(scale), None if offset is None else rows(offset), dt,
                         inter=dt if dt == F16 else F32)
   per_group = {}

@@ -1,6 +1,6 @@
 """group_list canonicalization: every torch_npu form becomes group *ends*.
 
-Canonical form (SPEC A.2, B.0.1): `ends`, the exclusive end row of each group,
+Canonical form (semantics A.2, B.0.1): `ends`, the exclusive end row of each group,
 non-decreasing, in `[0, m]`. Group `i` owns rows `[ends[i-1], ends[i])` with
 `ends[-1] := 0`; rows at or beyond `ends[-1]` (the total) belong to no group.
 
@@ -9,7 +9,7 @@ non-decreasing, in `[0, m]`. Group `i` owns rows `[ends[i-1], ends[i])` with
   `ValueError` at once.
 * dynamic: `ends` is an int32 `jax.Array` (group_list given as a jax/numpy
   array). One compilation serves every value. Invalid values are clamped, never
-  read out of bounds (SPEC A.3 item 7):
+  read out of bounds (semantics A.3 item 7):
 
     cumsum (type 0): ends[i] = min(m, max(0, max_{j<=i} group_list[j]))
                      (a decrease makes an empty group; the total is capped at m)
@@ -139,7 +139,7 @@ def check_group_list(group_list: Any, m: int, group_list_type: int = CUMSUM) -> 
 
 def group_segments(group_list: Any, *, m: int, num_groups: int, name: str = "group_list"
                    ) -> tuple[GroupEnds, Any]:
-  """(index, size) pairs (group_list_type 2, SPEC B.0.1) -> (ends, experts).
+  """(index, size) pairs (group_list_type 2, semantics B.0.1) -> (ends, experts).
 
   Row `r` of `group_list [R, 2]` is `[expert_r, size_r]`: the next `size_r` rows
   (in listed order) use expert `expert_r`. The segments are canonical groups of

@@ -1,9 +1,9 @@
 """Storage layouts of torch_npu tensors: int4-in-int32 words and FRACTAL_NZ.
 
-int4 words (SPEC B.0.3): 8 consecutive int4 values along the last dim share one
+int4 words (semantics B.0.3): 8 consecutive int4 values along the last dim share one
 int32, value `t` in bits `[4t, 4t+3]` (LSB first, two's complement nibbles).
 
-FRACTAL_NZ (SPEC B.5): an ND matrix `A[..., R, C]` is stored as
+FRACTAL_NZ (semantics B.5): an ND matrix `A[..., R, C]` is stored as
 `NZ[..., C1, R1, 16, c0]` with `NZ[..., c1, r1, i, j] = A[..., 16*r1 + i, c0*c1 + j]`,
 zero padded, `c0 = 32 bytes / itemsize` (int4: 64, int8: 32, 16-bit: 16,
 32-bit: 8). An NZ array carries two more dims than its ND form; the logical
@@ -152,7 +152,7 @@ def npu_convert_weight_to_int4pack(weight: Any, inner_k_tiles: int = 0) -> jax.A
 
   Returns:
     int32 `[..., c/8]`: 8 values per word along the last dim, value t in bits
-    `[4t, 4t+3]` (SPEC B.3). To feed a transposed weight, pack `(n, k)` and
+    `[4t, 4t+3]` (semantics B.3). To feed a transposed weight, pack `(n, k)` and
     transpose the packed `(n, k/8)` result, as torch_npu documents.
   """
   del inner_k_tiles

@@ -28,7 +28,7 @@ class QuantParam(nnx.Variable):
 
 
 class LinearA8W8Quant(nnx.Module):
-  """torch_npu.contrib.module.LinearA8W8Quant as a Flax nnx module (SPEC B.2.2).
+  """torch_npu.contrib.module.LinearA8W8Quant as a Flax nnx module (semantics B.2.2).
 
   `y = npu_quant_matmul(x, weight.T, scale, offset=offset, pertoken_scale=...,
   bias=bias, output_dtype=output_dtype)`. torch_npu first converts a float32

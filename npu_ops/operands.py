@@ -1,4 +1,4 @@
-"""torch_npu operand forms -> the canonical internal form (SPEC A.2).
+"""torch_npu operand forms -> the canonical internal form (semantics A.2).
 
 Canonical: ND arrays (`x [m, k]`, `weight [e, k, n]`) of int8, or of int4 values:
 an int4 `x` as int8 values, an int4 weight as `jnp.int4` (4 bits a value, so a

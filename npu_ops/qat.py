@@ -1,4 +1,4 @@
-"""Quant-aware training: fake quantizers with STE / LSQ gradients (SPEC A.4).
+"""Quant-aware training: fake quantizers with STE / LSQ gradients (semantics A.4).
 
 A fake quantizer maps a float `x` to `q * scale` with integer codes
 `q = clip(round_half_even(x * (1 / scale)), -qmax, qmax)`: symmetric, qmax = 127
@@ -208,7 +208,7 @@ def fake_quant_gmm_swiglu_quant(
   `output * output_scale[:, None]`: bit for bit what the deployed int8 model
   computes.
 
-  Backward (SPEC A.4): the gradient of the float chain
+  Backward (semantics A.4): the gradient of the float chain
   `dynamic_fake_quant(swiglu(grouped_matmul(dynamic_fake_quant(x),
   fake_quant_weight(weight, weight_scale))))`, i.e. STE for every rounding, LSQ
   for the weight scales and the per-token scales, and the fast grouped matmul's

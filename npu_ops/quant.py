@@ -1,4 +1,4 @@
-"""SwiGLU and dynamic per-token quantization (SPEC B.0.5, B.0.6, A.3 items 2-4).
+"""SwiGLU and dynamic per-token quantization (semantics B.0.5, B.0.6, A.3 items 2-4).
 
 Quantization is described as data: `DynamicQuant` says what the output is
 quantized to and over which granularity, so new formats (fp8, MX) extend the
@@ -20,7 +20,7 @@ from npu_ops._validation import fail
 
 # torch_npu codes for an int8 output: 0 (doc default) and 1 (torch.int8, meta default).
 _INT8_CODES = (0, 1)
-# torch ScalarType codes of the fp8 formats (planned; SPEC A.3 item 6).
+# torch ScalarType codes of the fp8 formats (planned; semantics A.3 item 6).
 _FP8_CODES = {23: "float8_e5m2", 24: "float8_e4m3fn"}
 PER_TOKEN = 0
 
@@ -39,7 +39,7 @@ class DynamicQuant:
   def __post_init__(self):
     if np.dtype(self.dtype) != np.dtype(np.int8):
       raise NotImplementedError(f"DynamicQuant: output dtype {np.dtype(self.dtype).name} is "
-                                "planned (SPEC A.3 item 6); int8 is implemented")
+                                "planned (semantics A.3 item 6); int8 is implemented")
     if self.mode != PER_TOKEN:
       raise NotImplementedError(f"DynamicQuant: mode {self.mode} is planned; 0 (per-token) is "
                                 "implemented")
@@ -74,13 +74,13 @@ class DynamicQuant:
 INT8_PER_TOKEN = DynamicQuant()
 
 
-# torch_npu act_type codes (SPEC B.4.2); 3 (GELU-erf) is not supported by torch_npu.
+# torch_npu act_type codes (semantics B.4.2); 3 (GELU-erf) is not supported by torch_npu.
 ACT_NONE, ACT_RELU, ACT_GELU_TANH, ACT_FAST_GELU, ACT_SILU = 0, 1, 2, 4, 5
 ACT_TYPES = (ACT_NONE, ACT_RELU, ACT_GELU_TANH, ACT_FAST_GELU, ACT_SILU)
 
 
 def activation(x: jax.Array, act_type: int) -> jax.Array:
-  """torch_npu's grouped-matmul activation `act_type` on float32 `x` (SPEC B.4.2)."""
+  """torch_npu's grouped-matmul activation `act_type` on float32 `x` (semantics B.4.2)."""
   if act_type == ACT_NONE:
     return x
   if act_type == ACT_RELU:
@@ -99,7 +99,7 @@ def swiglu(c: jax.Array, *, activate_left: bool = True) -> jax.Array:
   """`silu(act) * gate` over the halves of the last axis: `[..., n] -> [..., n/2]`.
 
   torch_npu applies silu to the left (first) half and uses the right half as the
-  gate (SPEC B.0.5); `activate_left=False` swaps the roles.
+  gate (semantics B.0.5); `activate_left=False` swaps the roles.
   """
   n = c.shape[-1]
   if n % 2:
@@ -114,7 +114,7 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
   """Dynamic symmetric quantization of each row of `s` (float32 `[..., d]`).
 
   `scale = amax / 127`, `q = round_half_even(s * (127 / amax))` in float32,
-  clipped to [-127, 127] (SPEC A.3 item 3). A row with amax = 0 gives q = 0 and
+  clipped to [-127, 127] (semantics A.3 item 3). A row with amax = 0 gives q = 0 and
   scale = 0, never NaN.
 
   Returns:

@@ -1,4 +1,4 @@
-"""A8W8 / A4W4 quantized matmul: `npu_quant_matmul`, `npu_trans_quant_param` (SPEC B.2).
+"""A8W8 / A4W4 quantized matmul: `npu_quant_matmul`, `npu_trans_quant_param` (semantics B.2).
 
 `acc = x1 @ x2` is exact int32; it is dequantized with a per-tensor or
 per-channel scale (float32, bfloat16, or the int64 "fixpipe" word of
@@ -6,7 +6,7 @@ per-channel scale (float32, bfloat16, or the int64 "fixpipe" word of
 before scaling) or a float bias (added after), and cast to int8 (requant),
 float16, bfloat16 or int32.
 
-Fixpipe words (SPEC B.0.4 item 1, B.2.3): bits 0..31 hold the float32 scale with
+Fixpipe words (semantics B.0.4 item 1, B.2.3): bits 0..31 hold the float32 scale with
 its low 13 mantissa bits cleared (1 sign, 8 exponent, 10 mantissa bits: "FP19"),
 bit 46 is set, bits 37..45 hold a signed 9-bit offset.
 """
@@ -108,7 +108,7 @@ def decode_quant_param(words: Any, name: str = "scale") -> tuple[jax.Array, jax.
   """int64 fixpipe words -> (float32 scale, int32 offset in [-256, 255]).
 
   `scale = bitcast_f32(uint32(word) & 0xFFFFE000)`, `offset = signed 9-bit field
-  at bit 37` (SPEC A.2). NumPy words decode on the host (x64 may be off).
+  at bit 37` (semantics A.2). NumPy words decode on the host (x64 may be off).
   """
   check_dtype(name, words, (np.int64, np.uint64))
   if isinstance(words, np.ndarray):
@@ -129,7 +129,7 @@ def fp19(scale: jax.Array) -> jax.Array:
 
 
 def requant_int8(v: jax.Array, offset: jax.Array | None = None) -> jax.Array:
-  """Fixpipe requant (SPEC B.2.1): RNE, clip to s9, + s9 offset, clip to int8."""
+  """Fixpipe requant (semantics B.2.1): RNE, clip to s9, + s9 offset, clip to int8."""
   t = jnp.clip(jnp.round(v), -256, 255)
   if offset is not None:
     t = t + jnp.clip(jnp.round(offset), -256, 255)
@@ -141,7 +141,7 @@ def requant_int8(v: jax.Array, offset: jax.Array | None = None) -> jax.Array:
 def npu_quant_matmul(x1: Any, x2: Any, scale: Any, *, offset: Any = None,
                      pertoken_scale: Any = None, bias: Any = None,
                      output_dtype: Any = None) -> jax.Array:
-  """torch_npu.npu_quant_matmul: `y = dequant(int32(x1 @ x2))` (SPEC B.2.1).
+  """torch_npu.npu_quant_matmul: `y = dequant(int32(x1 @ x2))` (semantics B.2.1).
 
   Args:
     x1: int8 `[..., m, k]`, or int32 words `[..., m, k/8]` (int4); 2-6 dims.

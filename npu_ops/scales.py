@@ -1,6 +1,6 @@
 """Scale operands: float arrays, or 64-bit words carrying float32 bits.
 
-A8W4 / A4W4 scale words (SPEC B.0.4 item 2) hold a plain float32 bit pattern in
+A8W4 / A4W4 scale words (semantics B.0.4 item 2) hold a plain float32 bit pattern in
 their low 32 bits. JAX disables 64-bit types by default, so such words arrive as:
 
 * a NumPy int64/uint64 array (decoded exactly on the host);

@@ -1,4 +1,4 @@
-"""Weight-only quantized matmul (W8A16 / W4A16): `npu_weight_quant_batchmatmul` (SPEC B.6).
+"""Weight-only quantized matmul (W8A16 / W4A16): `npu_weight_quant_batchmatmul` (semantics B.6).
 
 `y = x @ ((W + antiquant_offset) * antiquant_scale) + bias`, with the rounding
 points of the torch_npu golden: the dequantized weight is rounded to x's dtype
@@ -49,7 +49,7 @@ def npu_weight_quant_batchmatmul(x: Any, weight: Any, antiquant_scale: Any,
 
   Returns:
     `[m, n]` of x's dtype, or int8 with quant_scale (the float32 result,
-    requantized: RNE, s9 clip, + s9 offset, clip to int8; SPEC marks the exact
+    requantized: RNE, s9 clip, + s9 offset, clip to int8; semantics B.6 marks the exact
     hardware rounding as uncertain).
   """
   check_dtype("x", x, _X_DTYPES)
@@ -154,8 +154,8 @@ def antiquant_weight(w: jax.Array, scale: jax.Array, offset: jax.Array | None, d
     scale, offset: broadcastable to w (offset optional).
     dtype: result dtype (x's dtype).
     inter: the dtype rounded to after the offset and after the scale (default
-      `dtype`, SPEC B.6 and the float16 case of B.4.3); float32 rounds once at
-      the end (the bfloat16 case of SPEC B.4.3).
+      `dtype`, semantics B.6 and the float16 case of B.4.3); float32 rounds once at
+      the end (the bfloat16 case of semantics B.4.3).
   """
   inter = dtype if inter is None else inter
   wf = w.astype(inter)  # exact: |W| <= 128

@@ -14,6 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 def cdiv(a: int, b: int) -> int:
@@ -136,3 +137,17 @@ def tile_group_ranges(ends: jax.Array, m_tiles: int, block_m: int
   first = jnp.searchsorted(ends, r0, side="right")         # groups ending at or before r0: before
   stop = jnp.searchsorted(starts, r0 + block_m, side="left")  # groups starting in or after
   return first.astype(jnp.int32), jnp.maximum(stop, first).astype(jnp.int32)
+
+
+_PRECISION_ORDER = (lax.Precision.DEFAULT, lax.Precision.HIGH, lax.Precision.HIGHEST)
+
+
+def float32_precision(precision, dtype, *, supported=_PRECISION_ORDER):
+  """The one precision a kernel's float dots use: None for other operand dtypes (their
+  products are exact in float32), else the strongest of `precision` (a `lax.Precision`
+  or a pair), raised to the next one the compiler `supported` (Mosaic: no HIGH)."""
+  if precision is None or np.dtype(dtype) != np.float32:
+    return None
+  pair = precision if isinstance(precision, tuple) else (precision,)
+  rank = max(_PRECISION_ORDER.index(p) for p in pair)
+  return next(p for p in _PRECISION_ORDER[rank:] if p in supported)

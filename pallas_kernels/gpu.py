@@ -47,8 +47,12 @@ from pallas_kernels.common import TileSizes
 _PARAMS = pltr.CompilerParams(num_warps=8, num_stages=2)
 
 
-def gpu_tiles(tiles: TileSizes) -> tuple[int, int, int]:
-  """Caps tiles at what fits a streaming multiprocessor's registers and shared memory."""
+def gpu_tiles(tiles: TileSizes, precision=None) -> tuple[int, int, int]:
+  """Caps tiles at what fits a streaming multiprocessor's registers and shared memory.
+  Exact float32 products (HIGHEST: no tensor cores, FMA tiles in registers) take
+  64 x 32 x 64 blocks, which do not spill on sm_80 or sm_90a (64 x 64 x 64 spilled 8 KB)."""
+  if precision == lax.Precision.HIGHEST:
+    return min(tiles.block_m, 64), 32, min(tiles.block_n, 64)
   return min(tiles.block_m, 64), min(tiles.block_k, 64), min(tiles.block_n, 128)
 
 
@@ -164,14 +168,15 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
-        interpret: bool = False, transpose_rhs: bool = False) -> jax.Array:
+        interpret: bool = False, transpose_rhs: bool = False, precision=None) -> jax.Array:
   """Float grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
   transpose with `transpose_rhs`), float32 accumulation. Grid (row tile, column tile)."""
   m, k = lhs.shape
   n = rhs.shape[1 if transpose_rhs else 2]
   if m == 0:
     return jnp.zeros((0, n), out_dtype)
-  bm, bk, bn = gpu_tiles(tiles)
+  precision = common.float32_precision(precision, lhs.dtype)
+  bm, bk, bn = gpu_tiles(tiles, precision)
   m_tiles, k_tiles = common.cdiv(m, bm), common.cdiv(k, bk)
   first, stop = common.tile_group_ranges(ends, m_tiles, bm)
 
@@ -189,7 +194,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
           wb = pltr.load(w_ref.at[g, cols, ks], mask=in_n[:, None] & in_k[None, :], other=0).T
         else:
           wb = pltr.load(w_ref.at[g, ks, cols], mask=in_k[:, None] & in_n[None, :], other=0)
-        return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32)
+        return acc + jnp.dot(xb, wb, precision=precision, preferred_element_type=jnp.float32)
 
       acc = lax.fori_loop(0, k_tiles, k_step, jnp.zeros((bm, bn), jnp.float32))
       return jnp.where(common.group_rows(ends_ref, g, i * bm, bm), acc, tile)
@@ -204,7 +209,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,
-         tiles: TileSizes, interpret: bool = False) -> jax.Array:
+         tiles: TileSizes, interpret: bool = False, precision=None) -> jax.Array:
   """k-grouped matmul `out[g] = lhs[rows of g]^T @ rhs[rows of g]`: `[num_groups, k, n]`.
   Grid (group, k tile, column tile); each program loops over its group's row tiles
   (groups past len(ends) have none and write zeros)."""
@@ -212,7 +217,8 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   n = rhs.shape[-1]
   if m == 0:  # no rows: every group is empty
     return jnp.zeros((num_groups, k, n), out_dtype)
-  bm, bk, bn = gpu_tiles(tiles)
+  precision = common.float32_precision(precision, lhs.dtype)
+  bm, bk, bn = gpu_tiles(tiles, precision)
   groups = ends.shape[0]
   ends = jnp.concatenate([ends, jnp.broadcast_to(ends[-1:], (num_groups - groups,))])
 
@@ -228,7 +234,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
       rows = common.group_rows(ends_ref, g, r0, bm)  # inside [0, m): ends <= m
       xb = _load(x_ref, pl.ds(r0, bm), ks, rows & in_k[None, :])
       dyb = _load(dy_ref, pl.ds(r0, bm), cols, rows & in_n[None, :])
-      return acc + lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())),
+      return acc + lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())), precision=precision,
                                    preferred_element_type=jnp.float32)
 
     tiles_end = jnp.where(end > start, (end - 1) // bm + 1, start // bm)

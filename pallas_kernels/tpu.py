@@ -50,6 +50,13 @@ _VMEM_PLAN = 40 * 2**20
 _VMEM_LIMIT = 64 * 2**20
 
 
+def _mxu_precision(precision, dtype):
+  """Mosaic multiplies float32 at DEFAULT (one bfloat16 pass) or HIGHEST; HIGH asks
+  for more than one pass, so it gets HIGHEST (bf16 operands: exact either way)."""
+  return common.float32_precision(precision, dtype,
+                                  supported=(lax.Precision.DEFAULT, lax.Precision.HIGHEST))
+
+
 def _params(*semantics: str) -> pltpu.CompilerParams:
   return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=_VMEM_LIMIT)
 
@@ -260,7 +267,7 @@ def _float_tiles(m: int, k: int, n: int, itemsize: int, tiles: TileSizes) -> tup
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
-        interpret: bool = False, transpose_rhs: bool = False) -> jax.Array:
+        interpret: bool = False, transpose_rhs: bool = False, precision=None) -> jax.Array:
   """Float grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
   transpose with `transpose_rhs`), float32 accumulation; rows past the last end are 0.
 
@@ -273,6 +280,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   if m == 0:
     return jnp.zeros((0, n), out_dtype)
   bm, bk, bn = _float_tiles(m, k, n, isz, tiles)
+  precision = _mxu_precision(precision, lhs.dtype)
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
   num_groups = ends.shape[0]
   gid, mt, nv, wid = common.visit_metadata(ends, m_tiles, bm, tail=m)
@@ -294,6 +302,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
         xb = _mask_k_edge(xb, kk * bk, k, 1)
         wb = _mask_k_edge(wb, kk * bk, k, 1 if transpose_rhs else 0)
       acc[...] += lax.dot_general(xb, wb, (((1,), (1 if transpose_rhs else 0,)), ((), ())),
+                                  precision=precision,
                                   preferred_element_type=jnp.float32)
 
     @pl.when((t < nv_ref[0]) & (kk == k_tiles - 1))
@@ -325,7 +334,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,
-         tiles: TileSizes, interpret: bool = False) -> jax.Array:
+         tiles: TileSizes, interpret: bool = False, precision=None) -> jax.Array:
   """k-grouped matmul `out[g] = lhs[rows of g]^T @ rhs[rows of g]`: `[num_groups, k, n]`;
   groups without rows (empty, or past len(ends)) give 0.
 
@@ -339,6 +348,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   if m == 0:  # no rows: every group is empty
     return jnp.zeros((num_groups, k, n), out_dtype)
   bm = tiles.block_m
+  precision = _mxu_precision(precision, lhs.dtype)
   # [bk, bn] float32 accumulator plus the output block (2 buffers) in what the input
   # tiles (2 buffers each) leave of the plan: all of k fits at the benchmark shapes,
   # so x is read once per column tile and dy once.
@@ -366,7 +376,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
       # rows of other groups, and garbage rows past m, contribute nothing (no 0 * inf)
       xb = jnp.where(rows, x_ref[...], jnp.zeros((), x_ref.dtype))
       dyb = jnp.where(rows, dy_ref[...], jnp.zeros((), dy_ref.dtype))
-      acc[...] += lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())),
+      acc[...] += lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())), precision=precision,
                                   preferred_element_type=jnp.float32)
 
     last = (t == nv_ref[0] - 1) | (gid_ref[jnp.minimum(t + 1, pl.num_programs(2) - 1)] != g)

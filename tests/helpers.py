@@ -1,4 +1,4 @@
-"""Shared test helpers: input builders and the SPEC tolerances."""
+"""Shared test helpers: input builders and the tolerances of docs/semantics.md."""
 
 from __future__ import annotations
 

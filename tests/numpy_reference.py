@@ -1,4 +1,4 @@
-"""Independent NumPy references, written from ../shared/SPEC.md formulas.
+"""Independent NumPy references, written from docs/semantics.md formulas.
 
 Nothing here imports npu_ops: these are the goldens the package is tested against.
 Loops are plain and slow on purpose; shapes in tests stay small.
@@ -100,7 +100,7 @@ def swiglu(c: np.ndarray) -> np.ndarray:
 
 
 def per_token_int8(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """scale = amax/127; Q = RNE(S * (127/amax)); amax = 0 -> (0, 0) (SPEC A.3 items 2-3)."""
+  """scale = amax/127; Q = RNE(S * (127/amax)); amax = 0 -> (0, 0) (semantics A.3 items 2-3)."""
   s = s.astype(F32)
   amax = np.max(np.abs(s), axis=-1)
   q = np.zeros(s.shape, np.int8)
@@ -165,7 +165,7 @@ def canonical_assist(w, w_scale) -> np.ndarray:
 # --- B.2 quant matmul ----------------------------------------------------------------------
 
 def trans_quant_param(scale, offset=None, round_mode=0) -> np.ndarray:
-  """int64 words, per element, written bit by bit from SPEC B.2.3."""
+  """int64 words, per element, written bit by bit from semantics B.2.3."""
   scale = np.asarray(scale, F32)
   shape = scale.shape if offset is None else np.broadcast_shapes(scale.shape, np.shape(offset))
   s = np.broadcast_to(scale, shape).reshape(-1)
@@ -199,7 +199,7 @@ def fp19(scale) -> np.ndarray:
 
 
 def requant(v, offset=None) -> np.ndarray:
-  """SPEC B.2.1 compute_requant: RNE, s9 clip, + s9 offset, clip to int8."""
+  """semantics B.2.1 compute_requant: RNE, s9 clip, + s9 offset, clip to int8."""
   t = np.clip(np.rint(np.asarray(v, F32)), -256, 255)
   if offset is not None:
     t = t + np.clip(np.rint(np.asarray(offset, F32)), -256, 255)
@@ -207,7 +207,7 @@ def requant(v, offset=None) -> np.ndarray:
 
 
 def quant_matmul(x1, x2, scale, *, offset=None, pertoken=None, bias=None, out="int8"):
-  """The formula table of SPEC B.2.1; `scale` is the effective float32 scale."""
+  """The formula table of semantics B.2.1; `scale` is the effective float32 scale."""
   acc = np.matmul(np.asarray(x1, np.int64), np.asarray(x2, np.int64))
   int_bias = bias is not None and np.asarray(bias).dtype == np.int32
   if int_bias:
@@ -227,7 +227,7 @@ def quant_matmul(x1, x2, scale, *, offset=None, pertoken=None, bias=None, out="i
 # --- B.6 weight-only quant matmul -------------------------------------------------------------
 
 def weight_quant_matmul(x, w, scale_rows, offset_rows=None, bias=None):
-  """SPEC B.6 golden: W' = inter(inter(W + inter(off)) * scale); out = f32(x) @ f32(W'); + bias."""
+  """semantics B.6 golden: W' = inter(inter(W + inter(off)) * scale); out = f32(x) @ f32(W'); + bias."""
   inter = np.asarray(x).dtype
   wf = np.asarray(w).astype(inter)
   if offset_rows is not None:
@@ -301,7 +301,7 @@ def silu_grad(a):
 
 
 def qat_swiglu_quant_vjp(x, w, w_scale, bounds, g, qmax_w):
-  """Backward of the fake-quant fused op (SPEC A.4) by hand, in float64 where it can.
+  """Backward of the fake-quant fused op (semantics A.4) by hand, in float64 where it can.
 
   Chain: x_hat = dynamic_lsq(x); w_hat = lsq(w, scale per channel/group);
   c = per-group x_hat @ w_hat (rows outside every group: 0); s = swiglu(c);
@@ -370,7 +370,7 @@ def segments(group_list, group_list_type: int) -> list[tuple[int, int, int]]:
 
 
 def act(v: np.ndarray, act_type: int) -> np.ndarray:
-  """SPEC B.4.2 activations in float32: 1 relu, 2 gelu-tanh, 4 fast-gelu, 5 silu."""
+  """semantics B.4.2 activations in float32: 1 relu, 2 gelu-tanh, 4 fast-gelu, 5 silu."""
   v = np.asarray(v, F32)
   if act_type == 0:
     return v

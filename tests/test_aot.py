@@ -75,7 +75,8 @@ def test_tpu_edge_cases_compile(name):
 
 
 GPU_CASES = [("a100", "fused A8W8 m=4096 e=16"), ("a100", "fused A8W4 per group (G=4)"),
-             ("a100", "tgmm fp32 m=4096 e=16"), ("h100", "gmm fp32 m=4096 e=16")]
+             ("a100", "tgmm fp32 m=4096 e=16"), ("h100", "gmm fp32 m=4096 e=16"),
+             ("a100", "gmm vjp fp32 precision=highest")]
 
 
 @needs["gpu"]

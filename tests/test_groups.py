@@ -1,4 +1,4 @@
-"""group_list canonicalization, clamping (SPEC A.3 item 7) and checkify reporting."""
+"""group_list canonicalization, clamping (semantics A.3 item 7) and checkify reporting."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""int4 words and FRACTAL_NZ against the index formulas of SPEC B.0.3 / B.5."""
+"""int4 words and FRACTAL_NZ against the index formulas of semantics B.0.3 / B.5."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""npu_grouped_matmul against the NumPy goldens of SPEC B.4 (numpy_reference.py)."""
+"""npu_grouped_matmul against the NumPy goldens of semantics B.4 (numpy_reference.py)."""
 
 import pathlib
 import re
@@ -78,7 +78,7 @@ def test_float_m_grouping(dtype, grouping):
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("scenario", ["float", "A8W8"])
 def test_cumsum_count_pairs_agree(scenario, dynamic):
-  """SPEC B.0.1 example, scaled down: cumsum == count == (index, size) pairs."""
+  """semantics B.0.1 example, scaled down: cumsum == count == (index, size) pairs."""
   rng = np.random.default_rng(3)
   counts = [3, 0, 5, 0, 0, 5, 0, 0, 0]
   cumsum = list(np.cumsum(counts))
@@ -292,7 +292,7 @@ def test_a8w4_pseudo_quant(form, out):
   bias = ref.canonical_assist(w, scale)  # the offline 8 * sum_k W * scale
   p = rng.uniform(0.5, 1.5, m).astype(F32)
   counts = [5, 0, 9]
-  # group_list_type 0 is ignored: the A8W4 kernel reads counts (SPEC B.0.1)
+  # group_list_type 0 is ignored: the A8W4 kernel reads counts (semantics B.0.1)
   (got,) = npu_ops.npu_grouped_matmul(x, encode_int4_weight(w, form),
                                       scale=ref.float32_to_word(scale), bias=bias,
                                       per_token_scale=p, group_list=counts, group_list_type=0,
@@ -526,7 +526,7 @@ def test_fp8_operands_are_planned():
 
 
 def test_invalid_dynamic_pairs_are_emptied_and_reported():
-  """An expert index outside [0, E) makes its pair empty (SPEC A.3 item 7), reported by checkify."""
+  """An expert index outside [0, E) makes its pair empty (semantics A.3 item 7), reported by checkify."""
   from jax.experimental import checkify
   rng = np.random.default_rng(23)
   x, w = floats(rng, (10, 8), F32), floats(rng, (3, 8, 4), F32)
@@ -541,7 +541,7 @@ def test_invalid_dynamic_pairs_are_emptied_and_reported():
 
 
 def test_float_paths_vmap():
-  """SPEC A.2: the float paths work under jax.vmap (m-axis and k-axis grouping)."""
+  """semantics A.2: the float paths work under jax.vmap (m-axis and k-axis grouping)."""
   rng = np.random.default_rng(24)
   x, w = floats(rng, (3, 12, 8), F32), floats(rng, (2, 8, 4), F32)
   gl = jnp.asarray([5, 4])

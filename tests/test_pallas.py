@@ -319,3 +319,15 @@ def test_kernels_take_zero_rows(impl):
   assert npu_ops.grouped_matmul(xf, wf, jnp.zeros((E,), jnp.int32), **kw).shape == (0, N)
   out = npu_ops.tgmm(xf, jnp.ones((0, N)), jnp.zeros((E,), jnp.int32), **kw)
   np.testing.assert_array_equal(out, np.zeros((E, K, N)))
+
+
+def test_kernel_precision_is_the_strongest_asked_that_the_compiler_has():
+  from pallas_kernels import common
+  P = jax.lax.Precision
+  mosaic = (P.DEFAULT, P.HIGHEST)
+  assert common.float32_precision(None, jnp.float32) is None
+  assert common.float32_precision(P.HIGHEST, jnp.bfloat16) is None  # exact products anyway
+  assert common.float32_precision(P.HIGH, jnp.float32) == P.HIGH
+  assert common.float32_precision(P.HIGH, jnp.float32, supported=mosaic) == P.HIGHEST
+  assert common.float32_precision((P.DEFAULT, P.HIGH), jnp.float32) == P.HIGH
+  assert common.float32_precision((P.DEFAULT, P.DEFAULT), jnp.float32) == P.DEFAULT

@@ -1,4 +1,4 @@
-"""Quant-aware training rules (SPEC A.4) against NumPy and jax.test_util.check_grads."""
+"""Quant-aware training rules (semantics A.4) against NumPy and jax.test_util.check_grads."""
 
 import functools
 
@@ -187,7 +187,7 @@ def test_fused_forward_is_the_integer_op_dequantized(bits, groups, dynamic):
   got = np.asarray(qat.fake_quant_gmm_swiglu_quant(jnp.asarray(x), jnp.asarray(w),
                                                    jnp.asarray(scale), gl, group_list_type=1,
                                                    weight_bits=bits))
-  # NumPy: quantize x per token and w with the scales, then the SPEC golden of the int op
+  # NumPy: quantize x per token and w with the scales, then the golden of docs/semantics.md of the int op
   xq, xs = ref.per_token_int8(x)
   s4 = scale.reshape(w.shape[0], groups, 1, w.shape[2])
   wq = ref.lsq(w.reshape(w.shape[0], groups, -1, w.shape[2]), s4, 0 * s4, QMAX[bits])[0] / s4

@@ -1,5 +1,5 @@
 """npu_trans_quant_param, npu_quant_matmul, int4 packing, npu_weight_quant_batchmatmul and
-LinearA8W8Quant against the NumPy references of SPEC B.2, B.3, B.6."""
+LinearA8W8Quant against the NumPy references of semantics B.2, B.3, B.6."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Scale words (SPEC A.2, B.0.4 item 2): float32 bits in the low word, every carrier."""
+"""Scale words (semantics A.2, B.0.4 item 2): float32 bits in the low word, every carrier."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""npu_grouped_matmul_swiglu_quant_v2 / v1 against the NumPy golden of SPEC B.1."""
+"""npu_grouped_matmul_swiglu_quant_v2 / v1 against the NumPy golden of semantics B.1."""
 
 
 import chex
@@ -106,7 +106,7 @@ def test_a8w4(dequant_mode, groups, form, scale_form):
 
 
 def test_a8w4_literal_assist_matrix():
-  """A non-canonical assist matrix enters the result as written (SPEC A.3 item 5)."""
+  """A non-canonical assist matrix enters the result as written (semantics A.3 item 5)."""
   counts = [20, 12, 16]
   x, w, ws, xs = make_case(4, "A8W4", 48, 64, 32, 3, groups=2)
   rng = np.random.default_rng(5)
@@ -220,7 +220,7 @@ def test_tuning_config_is_only_a_hint():
 
 
 def test_invalid_dynamic_group_list_is_clamped_not_nan():
-  """SPEC A.3 item 7: negative counts -> empty, total capped at m; no NaN."""
+  """semantics A.3 item 7: negative counts -> empty, total capped at m; no NaN."""
   x, w, ws, xs = make_case(16, "A8W8", 32, 32, 16, 3)
   q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, jnp.asarray([10, -5, 100]),
                                                     group_list_type=1)
