@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
 
 from npu_ops import backend
 from npu_ops import groups as groups_lib
@@ -71,7 +73,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
                    block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
                    tiles: TileSizes | None = None) -> jax.Array:
   """Grouped matmul with `jax.lax.ragged_dot` semantics: a drop-in for
-  `ragged_dot(lhs, rhs, group_sizes, precision, preferred_element_type)`.
+  `ragged_dot(lhs, rhs, group_sizes, precision, preferred_element_type)`. Works under
+  jit, vmap, grad, jvp and higher orders (a bilinear primitive, see the end of this
+  module); `group_offset` (expert parallelism) is not supported yet.
 
   Args:
     lhs: `[m, k]` int8 / int4, or float32 / bfloat16 / float16.
@@ -112,7 +116,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
 
 
 class Run(NamedTuple):
-  """How a grouped matmul runs (hashable: a static argument of jit and custom_vjp)."""
+  """How a grouped matmul runs (hashable: a parameter of the primitives below)."""
   implementation: str | None = None
   block_sizes: GmmBlockSizes | None = None
   interpret: bool = False
@@ -133,43 +137,6 @@ def canonical_precision(precision: Any) -> Any:
     pass
   fail("precision", "None, a jax.lax.Precision or its name ('default', 'high', 'highest'), "
        "or a pair of them", repr(precision))
-
-
-def _split(ends: groups_lib.GroupEnds) -> tuple[jax.Array | None, tuple[int, ...] | None]:
-  """(dynamic ends, static ends): custom_vjp takes arrays as arguments, tuples as statics."""
-  return (None, ends) if isinstance(ends, tuple) else (ends, None)
-
-
-def differentiable_gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,
-                       out_dtype: Any, **run: Any) -> jax.Array:
-  """`gmm` (float operands) with its VJP: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy),
-  both on the same implementation. `run`: the fields of `Run`."""
-  return _differentiable_gmm(lhs, rhs, *_split(ends), out_dtype, Run(**run))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _differentiable_gmm(lhs, rhs, dynamic_ends, static_ends, out_dtype, run):
-  ends = static_ends if dynamic_ends is None else dynamic_ends
-  return gmm(lhs, rhs, ends, out_dtype=out_dtype, **run._asdict())
-
-
-def _differentiable_gmm_fwd(lhs, rhs, dynamic_ends, static_ends, out_dtype, run):
-  out = _differentiable_gmm(lhs, rhs, dynamic_ends, static_ends, out_dtype, run)
-  return out, (lhs, rhs, dynamic_ends)
-
-
-def _differentiable_gmm_bwd(static_ends, out_dtype, run, residuals, dy):
-  lhs, rhs, dynamic_ends = residuals
-  ends = static_ends if dynamic_ends is None else dynamic_ends
-  kw = run._asdict()
-  # [m, k] = [m, n] @ [g, k, n]^T: rows outside every group get 0.
-  dlhs = gmm(dy, rhs, ends, out_dtype=lhs.dtype, transpose_rhs=True, **kw)
-  # [g, k, n] = per group, lhs[rows]^T @ dy[rows]: empty groups get 0.
-  drhs = tgmm_ends(lhs, dy, ends, num_groups=rhs.shape[0], out_dtype=rhs.dtype, **kw)
-  return dlhs, drhs, None
-
-
-_differentiable_gmm.defvjp(_differentiable_gmm_fwd, _differentiable_gmm_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype: Any,
@@ -263,9 +230,10 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
   num_groups = sizes_len if num_groups is None else num_groups
   ends = groups_lib.ends_from_sizes(group_sizes, m, num_groups)
   backend.check(implementation, interpret, tiles)
-  return tgmm_ends(lhs, rhs, ends, num_groups=num_groups, out_dtype=out_dtype,
-                   implementation=implementation, block_sizes=block_sizes, interpret=interpret,
-                   tiles=tiles, precision=canonical_precision(precision))
+  return differentiable_tgmm(lhs, rhs, ends, num_groups=num_groups, out_dtype=out_dtype,
+                             implementation=implementation, block_sizes=block_sizes,
+                             interpret=interpret, tiles=tiles,
+                             precision=canonical_precision(precision))
 
 
 def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num_groups: int,
@@ -390,37 +358,158 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference, prec
   return lax.switch(tgmm_plan(sizes, windows, block), paths)
 
 
+# --- differentiation -----------------------------------------------------------------------
+# gmm and tgmm are bilinear. Each is a primitive whose JVP is the sum of two calls of itself,
+# a tangent in place of one operand, and whose transpose with respect to either operand is
+# a call of the other (or of itself): so jvp, vjp, jacfwd / jacrev and every higher order
+# work, and every product runs on the fast implementations (the kernels included). The
+# group ends are an operand without tangents; static ends travel as a parameter instead.
+
+_gmm_p = jex_core.Primitive("npu_ops_gmm")
+_tgmm_p = jex_core.Primitive("npu_ops_tgmm")
+
+
+def differentiable_gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,
+                       out_dtype: Any, transpose_rhs: bool = False, **run: Any) -> jax.Array:
+  """`gmm` under every JAX transform: d lhs = gmm(dy, rhs^T), d rhs = tgmm(lhs, dy).
+  `run`: the fields of `Run`."""
+  return _bind(_gmm_p, lhs, rhs, ends, out_dtype=np.dtype(out_dtype),
+               transpose_rhs=transpose_rhs, run=Run(**run))
+
+
 def differentiable_tgmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,
                         num_groups: int, out_dtype: Any, **run: Any) -> jax.Array:
-  """`tgmm_ends` (float operands) with a VJP made of two grouped matmuls.
-
-  `out[g] = lhs[rows of g]^T @ rhs[rows of g]` gives, per group,
-  `dlhs[rows] = rhs[rows] @ dy[g]^T` and `drhs[rows] = lhs[rows] @ dy[g]`: both
-  are `gmm` over the same row groups (rows outside every group get 0).
-  `run`: the fields of `Run`.
-  """
-  return _differentiable_tgmm(lhs, rhs, *_split(ends), num_groups, out_dtype, Run(**run))
+  """`tgmm_ends` under every JAX transform: `out[g] = lhs[rows]^T @ rhs[rows]` gives
+  `d lhs[rows] = rhs[rows] @ dy[g]^T` and `d rhs[rows] = lhs[rows] @ dy[g]`, two gmm
+  over the same row groups (rows outside every group get 0). `run`: as above."""
+  return _bind(_tgmm_p, lhs, rhs, ends, num_groups=num_groups, out_dtype=np.dtype(out_dtype),
+               run=Run(**run))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _differentiable_tgmm(lhs, rhs, dynamic_ends, static_ends, num_groups, out_dtype, run):
-  ends = static_ends if dynamic_ends is None else dynamic_ends
-  return tgmm_ends(lhs, rhs, ends, num_groups=num_groups, out_dtype=out_dtype, **run._asdict())
+def _bind(prim, lhs, rhs, ends, **params):
+  static = ends if isinstance(ends, tuple) else None
+  array = jnp.zeros((0,), jnp.int32) if static is not None else jnp.asarray(ends, jnp.int32)
+  return prim.bind(lhs, rhs, array, static_ends=static, **params)
 
 
-def _differentiable_tgmm_fwd(lhs, rhs, dynamic_ends, static_ends, num_groups, out_dtype, run):
-  out = _differentiable_tgmm(lhs, rhs, dynamic_ends, static_ends, num_groups, out_dtype, run)
-  return out, (lhs, rhs, dynamic_ends)
+def _gmm_impl(lhs, rhs, ends, *, static_ends, out_dtype, transpose_rhs, run):
+  return gmm(lhs, rhs, ends if static_ends is None else static_ends, out_dtype=out_dtype,
+             transpose_rhs=transpose_rhs, **run._asdict())
 
 
-def _differentiable_tgmm_bwd(static_ends, num_groups, out_dtype, run, residuals, dy):
-  lhs, rhs, dynamic_ends = residuals
-  ends = static_ends if dynamic_ends is None else dynamic_ends
-  kw = run._asdict()
-  # [r, a] = [r, b] @ [g, b, a] and [r, b] = [r, a] @ [g, a, b], per row group.
-  dlhs = gmm(rhs, dy, ends, out_dtype=lhs.dtype, transpose_rhs=True, **kw)
-  drhs = gmm(lhs, dy, ends, out_dtype=rhs.dtype, **kw)
-  return dlhs, drhs, None
+def _tgmm_impl(lhs, rhs, ends, *, static_ends, num_groups, out_dtype, run):
+  return tgmm_ends(lhs, rhs, ends if static_ends is None else static_ends,
+                   num_groups=num_groups, out_dtype=out_dtype, **run._asdict())
 
 
-_differentiable_tgmm.defvjp(_differentiable_tgmm_fwd, _differentiable_tgmm_bwd)
+def _gmm_abstract(lhs, rhs, ends, *, transpose_rhs, out_dtype, **_):
+  return jax.core.ShapedArray((lhs.shape[0], rhs.shape[1 if transpose_rhs else 2]), out_dtype)
+
+
+def _tgmm_abstract(lhs, rhs, ends, *, num_groups, out_dtype, **_):
+  return jax.core.ShapedArray((num_groups, lhs.shape[1], rhs.shape[1]), out_dtype)
+
+
+def _bilinear_jvp(prim):
+  def jvp(primals, tangents, **params):
+    lhs, rhs, ends = primals
+    dlhs, drhs, _ = tangents
+    out = prim.bind(lhs, rhs, ends, **params)
+    terms = [prim.bind(d, rhs, ends, **params) for d in (dlhs,) if type(d) is not ad.Zero]
+    terms += [prim.bind(lhs, d, ends, **params) for d in (drhs,) if type(d) is not ad.Zero]
+    if not terms:
+      return out, ad.Zero(jax.core.get_aval(out).to_tangent_aval())
+    return out, functools.reduce(jnp.add, terms)
+  return jvp
+
+
+def _zero_cotangents(lhs, rhs):
+  return [ad.Zero(a.aval) if ad.is_undefined_primal(a) else None for a in (lhs, rhs)] + [None]
+
+
+def _gmm_transpose(ct, lhs, rhs, ends, *, static_ends, out_dtype, transpose_rhs, run):
+  if type(ct) is ad.Zero:
+    return _zero_cotangents(lhs, rhs)
+  common = dict(static_ends=static_ends, run=run)
+  dlhs = drhs = None
+  if ad.is_undefined_primal(lhs):  # [m, k] = [m, n] @ rhs[g]^T: rows outside every group 0
+    dlhs = _gmm_p.bind(ct, rhs, ends, out_dtype=lhs.aval.dtype,
+                       transpose_rhs=not transpose_rhs, **common)
+  if ad.is_undefined_primal(rhs):  # per group, lhs[rows]^T @ ct[rows] (stored transposed)
+    a, b = (ct, lhs) if transpose_rhs else (lhs, ct)
+    drhs = _tgmm_p.bind(a, b, ends, num_groups=rhs.aval.shape[0], out_dtype=rhs.aval.dtype,
+                        **common)
+  return [dlhs, drhs, None]
+
+
+def _tgmm_transpose(ct, lhs, rhs, ends, *, static_ends, num_groups, out_dtype, run):
+  if type(ct) is ad.Zero:
+    return _zero_cotangents(lhs, rhs)
+  common = dict(static_ends=static_ends, run=run)
+  dlhs = drhs = None
+  if ad.is_undefined_primal(lhs):  # [m, k] rows: rhs[rows] @ ct[g]^T
+    dlhs = _gmm_p.bind(rhs, ct, ends, out_dtype=lhs.aval.dtype, transpose_rhs=True, **common)
+  if ad.is_undefined_primal(rhs):  # [m, n] rows: lhs[rows] @ ct[g]
+    drhs = _gmm_p.bind(lhs, ct, ends, out_dtype=rhs.aval.dtype, transpose_rhs=False, **common)
+  return [dlhs, drhs, None]
+
+
+# vmap with one batched operand and shared ends folds the batch into one call: gmm's lhs
+# into its rows (row r becomes B consecutive rows, so the ends scale by B), any other
+# operand into a column dimension (batch outer). Anything else maps over the batch.
+
+def _merge(a, axis: int, pos: int):
+  """Moves batch axis `axis` to `pos` and merges it with the dimension after it."""
+  a = jnp.moveaxis(a, axis, pos)
+  return a.reshape(a.shape[:pos] + (-1,) + a.shape[pos + 2:])
+
+
+def _gmm_batch(args, dims, *, static_ends, out_dtype, transpose_rhs, run):
+  (lhs, rhs, ends), (dl, dr, de) = args, dims
+  params = dict(out_dtype=out_dtype, transpose_rhs=transpose_rhs, run=run)
+  if de is None and dr is None:  # lhs batched
+    b = lhs.shape[dl]
+    rows = jnp.moveaxis(lhs, dl, 1)
+    rows = rows.reshape(-1, rows.shape[-1])
+    static = None if static_ends is None else tuple(e * b for e in static_ends)
+    out = _gmm_p.bind(rows, rhs, ends if static is not None else ends * b, static_ends=static,
+                      **params)
+    return out.reshape(-1, b, out.shape[-1]), 1
+  if de is None and dl is None:  # rhs batched: columns [B * n]
+    out = _gmm_p.bind(lhs, _merge(rhs, dr, 1 if transpose_rhs else 2), ends,
+                      static_ends=static_ends, **params)
+    return out.reshape(out.shape[0], rhs.shape[dr], -1), 1
+  return _map_batch(_gmm_p, args, dims, static_ends=static_ends, **params)
+
+
+def _tgmm_batch(args, dims, *, static_ends, num_groups, out_dtype, run):
+  (lhs, rhs, ends), (dl, dr, de) = args, dims
+  params = dict(static_ends=static_ends, num_groups=num_groups, out_dtype=out_dtype, run=run)
+  if de is None and (dl is None) != (dr is None):  # one side batched: [m, B * k] or [m, B * n]
+    if dl is not None:
+      out = _tgmm_p.bind(_merge(lhs, dl, 1), rhs, ends, **params)
+      return out.reshape(num_groups, lhs.shape[dl], -1, out.shape[-1]), 1
+    out = _tgmm_p.bind(lhs, _merge(rhs, dr, 1), ends, **params)
+    return out.reshape(num_groups, out.shape[1], rhs.shape[dr], -1), 2
+  return _map_batch(_tgmm_p, args, dims, **params)
+
+
+def _map_batch(prim, args, dims, **params):
+  """One primitive call per batch element, in a `lax.map` (each stays differentiable)."""
+  moved = [None if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+
+  def one(sliced):
+    it = iter(sliced)
+    return prim.bind(*[a if m is None else next(it) for a, m in zip(args, moved)], **params)
+  return lax.map(one, [m for m in moved if m is not None]), 0
+
+
+for _prim, _impl, _abstract, _transpose, _batch in (
+    (_gmm_p, _gmm_impl, _gmm_abstract, _gmm_transpose, _gmm_batch),
+    (_tgmm_p, _tgmm_impl, _tgmm_abstract, _tgmm_transpose, _tgmm_batch)):
+  _prim.def_impl(_impl)
+  _prim.def_abstract_eval(_abstract)
+  mlir.register_lowering(_prim, mlir.lower_fun(_impl, multiple_results=False))
+  ad.primitive_jvps[_prim] = _bilinear_jvp(_prim)
+  ad.primitive_transposes[_prim] = _transpose
+  batching.primitive_batchers[_prim] = _batch

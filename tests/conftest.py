@@ -8,10 +8,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import hypothesis  # noqa: E402
 
-# Each example compiles new shapes: 10 derandomized examples per property in the default
+# Each example compiles new shapes: 6 derandomized examples per property in the default
 # run; HYPOTHESIS_PROFILE=thorough for 200 random ones.
 hypothesis.settings.register_profile(
-    "ci", max_examples=10, deadline=None, derandomize=True,
+    "ci", max_examples=6, deadline=None, derandomize=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.register_profile(
     "thorough", max_examples=200, deadline=None,

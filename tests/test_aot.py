@@ -27,10 +27,14 @@ def report(target, name):
   return aot.compile_case(case(name), target)
 
 
+slow = pytest.mark.slow  # the rest of the table: `.ci/run` runs them with the slow set
+
 # (target, case): every benchmark-shape kernel on v5e, the fused op on v6e too.
-TPU_LEAN = [("v5e", "fused A8W8 m=4096 e=16"), ("v5e", "fused A8W8 m=512 e=64"),
-            ("v6e", "fused A8W8 m=4096 e=16"), ("v5e", "gmm bf16 m=4096 e=16"),
-            ("v5e", "tgmm bf16 m=4096 e=16"), ("v5e", "tgmm fp32 m=4096 e=16")]
+TPU_LEAN = [("v5e", "fused A8W8 m=4096 e=16"), ("v5e", "gmm bf16 m=4096 e=16"),
+            ("v5e", "tgmm bf16 m=4096 e=16"),
+            pytest.param("v5e", "fused A8W8 m=512 e=64", marks=slow),
+            pytest.param("v6e", "fused A8W8 m=4096 e=16", marks=slow),
+            pytest.param("v5e", "tgmm fp32 m=4096 e=16", marks=slow)]
 
 
 @needs["tpu"]
@@ -66,6 +70,7 @@ def test_tpu_a8w4_reads_int4_weights_in_place():
 TPU_EDGES = ["fused A8W8 n/2=150", "fused A8W4 per channel m=4096 e=16"]
 
 
+@slow
 @needs["tpu"]
 @pytest.mark.parametrize("name", TPU_EDGES)
 def test_tpu_edge_cases_compile(name):
@@ -75,8 +80,9 @@ def test_tpu_edge_cases_compile(name):
 
 
 GPU_CASES = [("a100", "fused A8W8 m=4096 e=16"), ("a100", "fused A8W4 per group (G=4)"),
-             ("a100", "tgmm fp32 m=4096 e=16"), ("h100", "gmm fp32 m=4096 e=16"),
-             ("a100", "gmm vjp fp32 precision=highest")]
+             ("h100", "gmm fp32 m=4096 e=16"),
+             pytest.param("a100", "tgmm fp32 m=4096 e=16", marks=slow),
+             pytest.param("a100", "gmm vjp fp32 precision=highest", marks=slow)]
 
 
 @needs["gpu"]

@@ -15,7 +15,8 @@ import npu_ops
 import numpy_reference as ref
 
 BLOCKS = [None, npu_ops.GmmBlockSizes(block_m=8, min_block_m=2),
-          npu_ops.GmmBlockSizes(block_m=32, min_block_m=32), npu_ops.GmmBlockSizes(1, 1)]
+          pytest.param(npu_ops.GmmBlockSizes(block_m=32, min_block_m=32), marks=pytest.mark.slow),
+          pytest.param(npu_ops.GmmBlockSizes(1, 1), marks=pytest.mark.slow)]
 
 
 def operands(seed, m, k, n, g, dtype):
@@ -285,7 +286,7 @@ def test_precision_reaches_every_product(precision):
   want = ref.grouped_matmul(x, w, ref.group_bounds([10, 0, 30], 1), out_dtype=np.float64)
   pair = precision if isinstance(precision, tuple) else (precision, precision)
   names = sorted(jax.lax.Precision(p).name for p in pair)
-  for impl in ("xla", "pallas_tpu"):
+  for impl in ("xla", "pallas_tpu") if precision == "highest" else ("xla",):
     f = lambda x, w: npu_ops.grouped_matmul(x, w, sizes, precision=precision,
                                             implementation=impl, interpret=impl != "xla")
     np.testing.assert_allclose(f(x, w), want, rtol=1e-5, atol=1e-5)
@@ -302,3 +303,76 @@ def test_precision_is_validated():
   for bad in ("fast", 3, ("high",)):
     with pytest.raises(ValueError, match="precision"):
       npu_ops.grouped_matmul(x, w, [4, 4], precision=bad)
+
+
+# --- every transform: gmm and tgmm are bilinear primitives (jvp rule + transposes) ---------
+
+AD_SIZES = [5, 0, 11]  # 20 rows: 4 past the total
+
+
+def ad_operands():
+  rng = np.random.default_rng(11)
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return f(20, 6), f(3, 6, 4), f(20, 6), f(3, 6, 4)
+
+
+def close(got, want):
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4,
+                             atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+@pytest.mark.parametrize("implementation,dynamic", [("xla", False), ("xla", True),
+                                                    ("pallas_tpu", True)])
+def test_jvp_jacfwd_and_second_order(implementation, dynamic):
+  x, w, dx, dw = ad_operands()
+  sizes = jnp.asarray(AD_SIZES) if dynamic else AD_SIZES
+  bounds = ref.group_bounds(AD_SIZES, 1)
+  f = lambda x, w: npu_ops.grouped_matmul(x, w, sizes, implementation=implementation,
+                                          interpret=implementation != "xla")
+  gmm64 = lambda a, b: ref.grouped_matmul(np.asarray(a), np.asarray(b), bounds, np.float64)
+  out, tangent = jax.jvp(f, (x, w), (dx, dw))
+  close(out, gmm64(x, w))
+  close(tangent, gmm64(dx, w) + gmm64(x, dw))  # bilinear
+  if implementation == "xla":  # (vmapped jvp and vjp: the kernels run them the same way)
+    np.testing.assert_allclose(jax.jacfwd(f)(x, w), jax.jacrev(f)(x, w), rtol=1e-5, atol=1e-5)
+  # d/dx sum(d/dx sum(f^2)) = 2 W_g W_g^T 1 for each row of group g, 0 outside every group
+  hess = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(f(x, w) ** 2))(x)))(x)
+  want = np.zeros((20, 6))
+  for g, (s, e) in enumerate(bounds):
+    wg = np.asarray(w[g], np.float64)
+    want[s:e] = 2 * wg @ wg.T @ np.ones(6)
+  close(hess, want)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_tgmm_grad_and_jvp(dynamic):
+  x, _, dx, _ = ad_operands()
+  y = x[:, :4] * 3 - 1
+  sizes = jnp.asarray(AD_SIZES) if dynamic else AD_SIZES
+  bounds = ref.group_bounds(AD_SIZES, 1)
+  t = lambda x, y: npu_ops.tgmm(x, y, sizes)
+  out = np.stack([np.asarray(x[s:e], np.float64).T @ np.asarray(y[s:e], np.float64)
+                  for s, e in bounds])
+  gx, gy = jax.grad(lambda x, y: jnp.sum(t(x, y) ** 2), (0, 1))(x, y)
+  want_x, want_y = np.zeros((20, 6)), np.zeros((20, 4))
+  for g, (s, e) in enumerate(bounds):  # dL/dX_g = 2 Y_g out_g^T, dL/dY_g = 2 X_g out_g
+    want_x[s:e] = 2 * np.asarray(y[s:e], np.float64) @ out[g].T
+    want_y[s:e] = 2 * np.asarray(x[s:e], np.float64) @ out[g]
+  close(gx, want_x)
+  close(gy, want_y)
+  _, tangent = jax.jvp(t, (x, y), (dx, y))
+  want_t = np.stack([np.asarray(dx[s:e], np.float64).T @ np.asarray(y[s:e], np.float64)
+                     for s, e in bounds]) + out
+  close(tangent, want_t)
+
+
+def test_vmap_of_grad_and_grad_of_vmap():
+  x, w, _, _ = ad_operands()
+  sizes = jnp.asarray(AD_SIZES)
+  f = lambda x, w: npu_ops.grouped_matmul(x, w, sizes)
+  xs = jnp.stack([x, 2 * x])
+  per = jax.vmap(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), 1), in_axes=(0, None))(xs, w)
+  for i in range(2):
+    close(per[i], np.asarray(jax.grad(lambda w: jnp.sum(f(xs[i], w) ** 2))(w)))
+  total = jax.grad(lambda w: jnp.sum(jax.vmap(f, in_axes=(0, None))(xs, w) ** 2))(w)
+  close(total, np.asarray(per[0] + per[1], np.float64))

@@ -89,9 +89,12 @@ def test_a8w8_half_precision_scale(scale_dtype):
   check(got, x, w, ws_half.astype(F32), xs, counts, "A8W8")
 
 
-@pytest.mark.parametrize("dequant_mode,groups", [(0, 1), (1, 4)])
-@pytest.mark.parametrize("form", ["words_nd", "words_nz", "int4_nd", "int4_nz", "words_list"])
-@pytest.mark.parametrize("scale_form", ["float32", "int64_words"])
+# Every value of each argument, each pair of dequant mode and weight form (not the full
+# product: 10 cases instead of 20, the scale form alternating).
+@pytest.mark.parametrize("dequant_mode,groups,form,scale_form", [
+    (mode, groups, form, ("float32", "int64_words")[(i + mode) % 2])
+    for mode, groups in ((0, 1), (1, 4))
+    for i, form in enumerate(["words_nd", "words_nz", "int4_nd", "int4_nz", "words_list"])])
 def test_a8w4(dequant_mode, groups, form, scale_form):
   counts = [11, 0, 23, 14]
   x, w, ws, xs = make_case(3, "A8W4", 60, 128, 80, 4, groups=groups)
@@ -138,9 +141,11 @@ def test_a8w4_int64_words_under_jit():
   check(got, x, w, ws, xs, counts, "A8W4", assist=ref.canonical_assist(w, ws))
 
 
-@pytest.mark.parametrize("smooth_shape", [None, "per_column", "per_expert"])
-@pytest.mark.parametrize("x_form", ["words", "int4"])
-@pytest.mark.parametrize("w_form", ["words_nd", "int4_nz"])
+# Each smooth shape with both x forms, the weight form alternating (6 of the 12 products).
+@pytest.mark.parametrize("smooth_shape,x_form,w_form", [
+    (smooth, x_form, ("words_nd", "int4_nz")[(i + j) % 2])
+    for i, smooth in enumerate([None, "per_column", "per_expert"])
+    for j, x_form in enumerate(["words", "int4"])])
 def test_a4w4(smooth_shape, x_form, w_form):
   counts = [13, 21, 0, 6]
   x, w, ws, xs = make_case(8, "A4W4", 44, 64, 48, 4)
