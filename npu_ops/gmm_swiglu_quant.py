@@ -354,8 +354,9 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
     colsum8 = _epilogue.colsum8(w, n_groups)
 
   def group_ctx(g):
-    pick = lambda a: None if a is None else a[g]
-    return w[g], scale[g], pick(assist), pick(colsum8), pick(smooth)
+    # per-column operands as [..., 1, cols]: every broadcast against a row block spelled out
+    row = lambda a: None if a is None else a[g][..., None, :]
+    return w[g], row(scale), row(assist), row(colsum8), row(smooth)
 
   def block_fn(outs, ctx, r0, bl, mask):
     w_g, s_g, a_g, colsum8_g, smooth_g = ctx

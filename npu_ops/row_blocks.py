@@ -172,7 +172,7 @@ def block_rows(m: int, block_sizes: GmmBlockSizes) -> tuple[int, int]:
 
 def block_calls(rows: Any, block: int) -> Any:
   """Blocks (dot calls) the block loop runs for groups of `rows` rows (numpy or jnp)."""
-  return rows // block + (rows % block > 0)
+  return -(-rows // block)  # ceil, in the integer dtype (strict promotion safe)
 
 
 def remainder_blocks(block: int, min_block: int) -> tuple[int, ...]:
@@ -221,7 +221,7 @@ def write_rows(out: jax.Array, rows: jax.Array, r0: Any, mask: jax.Array | None)
 
 def group_windows(a: jax.Array, starts: jax.Array, sizes: jax.Array, rows: int) -> jax.Array:
   """`[g, rows, ...]`: the first `rows` rows of each group of `a`, zero past its size."""
-  r = jnp.arange(rows, dtype=jnp.int32)
+  r = jnp.arange(rows, dtype=jnp.int32)[None, :]  # ranks spelled out (rank_promotion=raise)
   idx = jnp.minimum(starts[:, None] + r, a.shape[0] - 1)
   valid = (r < sizes[:, None]).reshape(sizes.shape + (rows,) + (1,) * (a.ndim - 1))
   return jnp.where(valid, a[idx], jnp.zeros((), a.dtype))

@@ -376,3 +376,26 @@ def test_vmap_of_grad_and_grad_of_vmap():
     close(per[i], np.asarray(jax.grad(lambda w: jnp.sum(f(xs[i], w) ** 2))(w)))
   total = jax.grad(lambda w: jnp.sum(jax.vmap(f, in_axes=(0, None))(xs, w) ** 2))(w)
   close(total, np.asarray(per[0] + per[1], np.float64))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_strict_dtype_and_rank_promotion(dynamic):
+  """As peers' suites run: no implicit promotion inside, under jit, grad, jvp and vmap."""
+  x, w, _, _ = ad_operands()
+  y = x[:, :4]
+  xi, wi = operands(5, 20, 6, 4, 3, np.int8)
+  sizes = jnp.asarray(AD_SIZES) if dynamic else AD_SIZES
+  bounds = ref.group_bounds(AD_SIZES, 1)
+  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+    close(jax.jit(lambda x, w: npu_ops.grouped_matmul(x, w, sizes))(x, w),
+          ref.grouped_matmul(np.asarray(x), np.asarray(w), bounds, np.float64))
+    np.testing.assert_array_equal(npu_ops.grouped_matmul(xi, wi, sizes),
+                                  ref.grouped_matmul(xi, wi, bounds))
+    _, gw = jax.grad(lambda x, w: jnp.sum(npu_ops.grouped_matmul(x, w, sizes)), (0, 1))(x, w)
+    close(gw, np.stack([np.asarray(x[s:e], np.float64).sum(0)[:, None] * np.ones(4)
+                        for s, e in bounds]))
+    close(npu_ops.tgmm(x, y, sizes), np.stack([np.asarray(x[s:e], np.float64).T
+                                               @ np.asarray(y[s:e], np.float64)
+                                               for s, e in bounds]))
+    jax.jvp(lambda x: npu_ops.tgmm(x, y, sizes), (x,), (x,))
+    jax.vmap(lambda x: npu_ops.grouped_matmul(x, w, sizes))(jnp.stack([x, x]))

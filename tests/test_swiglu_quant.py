@@ -311,3 +311,16 @@ def test_epilogue_per_block_or_after_the_matmul(scenario, dynamic, tokens):
   got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       x_in, w_in, ws_in, xs, gl, smooth_scale=smooth, group_list_type=1, tuning_config=[tokens])
   check(got, x, w, ws, xs, counts, scenario, **kw)
+
+
+@pytest.mark.parametrize("scenario,groups", [("A8W8", 1), ("A8W4", 2)])
+def test_strict_dtype_and_rank_promotion(scenario, groups):
+  """No implicit promotion inside the op (peers' suites run under both settings)."""
+  counts = [11, 0, 23, 14]
+  x, w, ws, xs = make_case(4, scenario, 60, 256, 80, 4, groups=groups)
+  w_in = w if scenario == "A8W8" else jnp.asarray(w, jnp.int4)
+  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+    got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, w_in, ws, xs, jnp.asarray(counts), group_list_type=1, dequant_mode=int(groups > 1))
+  check(got, x, w, ws, xs, counts, scenario,
+        **({} if scenario == "A8W8" else {"assist": ref.canonical_assist(w, ws)}))
