@@ -31,7 +31,7 @@ slow = pytest.mark.slow  # the rest of the table: `.ci/run` runs them with the s
 
 # (target, case): every benchmark-shape kernel on v5e, the fused op on v6e too.
 TPU_LEAN = [("v5e", "fused A8W8 m=4096 e=16"), ("v5e", "gmm bf16 m=4096 e=16"),
-            ("v5e", "tgmm bf16 m=4096 e=16"),
+            pytest.param("v5e", "tgmm bf16 m=4096 e=16", marks=slow),
             pytest.param("v5e", "fused A8W8 m=512 e=64", marks=slow),
             pytest.param("v6e", "fused A8W8 m=4096 e=16", marks=slow),
             pytest.param("v5e", "tgmm fp32 m=4096 e=16", marks=slow)]
@@ -58,6 +58,7 @@ def test_tpu_gmm_vjp_reads_the_weights_in_place():
   assert r.bytes_ratio <= 2.5
 
 
+@slow
 @needs["tpu"]
 def test_tpu_a8w4_reads_int4_weights_in_place():
   """jnp.int4 weights go to the kernel as they are (widened block by block in VMEM);
@@ -79,8 +80,9 @@ def test_tpu_edge_cases_compile(name):
   assert r.kernels == r.expected_kernels
 
 
-GPU_CASES = [("a100", "fused A8W8 m=4096 e=16"), ("a100", "fused A8W4 per group (G=4)"),
-             ("h100", "gmm fp32 m=4096 e=16"),
+GPU_CASES = [("a100", "fused A8W8 m=4096 e=16"),
+             pytest.param("a100", "fused A8W4 per group (G=4)", marks=slow),
+             pytest.param("h100", "gmm fp32 m=4096 e=16", marks=slow),
              pytest.param("a100", "tgmm fp32 m=4096 e=16", marks=slow),
              pytest.param("a100", "gmm vjp fp32 precision=highest", marks=slow)]
 

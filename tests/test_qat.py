@@ -225,6 +225,7 @@ def test_fused_vjp_against_numpy(bits, groups, dynamic):
   assert not np.asarray(dw)[1].any() and not np.asarray(ds)[1].any()  # empty expert
 
 
+@pytest.mark.slow  # float64 finite differences of the whole chain: ~15 s
 def test_fused_vjp_is_the_gradient_of_the_ste_function():
   """check_grads on the chain with every rounding residual frozen, then ours == its vjp."""
   x, w, scale, counts = fused_case(10, m=24, counts=(6, 8, 0, 10))
