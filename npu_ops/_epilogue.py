@@ -62,16 +62,48 @@ def finish_a8w4(k_group_sum: jax.Array, assist: jax.Array, x_scale: jax.Array) -
   return (k_group_sum + assist) * x_scale
 
 
+# Below 2**-64 a divisor is lifted by 2**64 first (exact: a power of two), so `qmax / amax`
+# and `1 / scale` cannot overflow float32 (127 / amax does below amax ~ 3.7e-37).
+_TINY, _LIFT = 2.0 ** -64, 2.0 ** 64
+
+
+def lifted_reciprocal(d: jax.Array, numerator: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """`(lift, inv)` with `(v * lift) * inv` the float32 value of `v * (numerator / d)` as if
+  float32 had no exponent limit: `lift` is 2**64 where `0 < d < 2**-64`, else 1, and
+  `inv = numerator / (d * lift)`; inv is 0 where d <= 0 (codes 0, never NaN or inf)."""
+  positive = d > 0
+  lift = jnp.where(positive & (d < _TINY), _LIFT, 1.0).astype(d.dtype)
+  inv = jnp.where(positive, numerator / jnp.where(positive, d * lift, 1), 0)
+  return lift, inv
+
+
 def codes_for_amax(s: jax.Array, amax: jax.Array, *, qmax: float = INT8_QMAX,
                    dtype=jnp.int8,
                    round_fn: Callable[[jax.Array], jax.Array] = jnp.round) -> jax.Array:
   """Per-token codes given each row's amax (`[..., 1]`, float32):
   `clip(round_half_even(s * (qmax / amax)), -qmax, qmax)`, 0 where amax = 0 (semantics A.3
-  item 3). Kernels that see a row in pieces compute amax first, then call this (with
-  `round_fn=round_half_even_small` where `round` does not lower)."""
-  nonzero = amax > 0
-  inv = jnp.where(nonzero, qmax / jnp.where(nonzero, amax, 1), 0)
-  return round_fn(jnp.clip(s * inv, -qmax, qmax)).astype(dtype)
+  item 3), without overflow for tiny amax (`lifted_reciprocal`). Kernels that see a row in
+  pieces compute amax first, then call this (with `round_fn=round_half_even_small` where
+  `round` does not lower)."""
+  lift, inv = lifted_reciprocal(amax, qmax)
+  return round_fn(jnp.clip((s * lift) * inv, -qmax, qmax)).astype(dtype)
+
+
+def scale_for_amax(amax: jax.Array, qmax: float = INT8_QMAX) -> jax.Array:
+  """`amax / qmax` in float32, correctly rounded also where it is subnormal (amax below
+  `qmax * 2**-126`), which XLA:CPU and TPU arithmetic would flush to 0: there the
+  subnormal's bits are built with integer ops (qmax odd: no ties)."""
+  bits = jax.lax.bitcast_convert_type(amax, jnp.int32)
+  exp = bits >> 23  # amax >= 0
+  mant = jnp.where(exp > 0, (bits & 0x7FFFFF) | 0x800000, bits & 0x7FFFFF)
+  # amax / 2**-149, an integer < 2**30 in the subnormal case (exp <= 7).
+  units = mant << jnp.clip(exp - 1, 0, 6)
+  qi = int(qmax)
+  q = jnp.floor(units.astype(jnp.float32) / qmax + 0.5).astype(jnp.int32)  # off by <= 1
+  r2 = 2 * (units - q * qi)
+  q = q + (r2 > qi).astype(jnp.int32) - (r2 < -qi).astype(jnp.int32)
+  subnormal = jax.lax.bitcast_convert_type(q, jnp.float32)
+  return jnp.where(amax < qmax * 2.0 ** -126, subnormal, amax / qmax)
 
 
 def quantize_rows(s: jax.Array, *, qmax: float = INT8_QMAX, dtype=jnp.int8,
@@ -80,7 +112,8 @@ def quantize_rows(s: jax.Array, *, qmax: float = INT8_QMAX, dtype=jnp.int8,
   """Dynamic per-token quantization of float32 `s [..., d]` over its last axis:
   (codes `[..., d]`, scale `amax / qmax` `[..., 1]`)."""
   amax = jnp.max(jnp.abs(s), axis=-1, keepdims=True)
-  return codes_for_amax(s, amax, qmax=qmax, dtype=dtype, round_fn=round_fn), amax / qmax
+  return (codes_for_amax(s, amax, qmax=qmax, dtype=dtype, round_fn=round_fn),
+          scale_for_amax(amax, qmax))
 
 
 def round_half_even_small(v: jax.Array) -> jax.Array:

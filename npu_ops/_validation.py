@@ -79,3 +79,31 @@ def check_scale_groups(name: str, scale: Any, *, e: int, n: int, k: int,
        3: f"[e={e}, G, n={n}] with G dividing k={k}"}[r] for r in ranks)
   require(ok, name, shapes, describe(scale))
   return groups
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+  """A static Python int (not a bool, not a traced value) `>= minimum`."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    hint = " (it sets a shape, so it cannot be traced)" if hasattr(value, "aval") else ""
+    fail(name, f"a Python int{hint}", repr(value), TypeError)
+  if minimum is not None:
+    require(value >= minimum, name, f"an int >= {minimum}", value)
+  return int(value)
+
+
+def check_dtype_arg(name: str, value: Any) -> np.dtype:
+  """A dtype argument (`jnp.int8`, `"float32"`, `np.dtype(...)`) as a NumPy dtype; bools and
+  strings that name no dtype raise TypeError naming the argument."""
+  if isinstance(value, (bool, np.bool_)):
+    fail(name, "a dtype (e.g. jnp.float32)", repr(value), TypeError)
+  try:
+    return np.dtype(value)
+  except TypeError:
+    fail(name, "a dtype (e.g. jnp.float32)", repr(value), TypeError)
+
+
+def check_float_array(name: str, a: Any) -> None:
+  """A real floating-point array (float16/bfloat16/float32/float64...)."""
+  check_array(name, a)
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    fail(name, "a float array", describe(a), TypeError)

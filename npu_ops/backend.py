@@ -78,20 +78,33 @@ def kernels(implementation: str) -> types.ModuleType:
 
 
 def run(impl: str, args: Sequence[Any], *, kernel: Callable[..., Any],
-        xla: Callable[..., Any]) -> Any:
+        xla: Callable[..., Any], interpret: bool = False) -> Any:
   """Runs a resolved implementation on `args`.
 
   `kernel(module, *args)` runs a kernel module's entry point; `xla(*args)` the XLA
   path (the caller passes the reference flag itself). AUTO becomes a
-  per-platform choice made at lowering (`platform_select`).
+  per-platform choice made at lowering (`platform_select`). A kernel asked for by
+  name and lowered for CPU without `interpret` raises a ValueError saying how to fix it.
   """
-  if impl in KERNELS:
+  if impl in KERNELS and interpret:
     return kernel(kernels(impl), *args)
+  if impl in KERNELS:
+    return platform_select(args, {"cpu": _needs_interpret(impl)},
+                           default=lambda *a: kernel(kernels(impl), *a))
   if impl != AUTO:
     return xla(*args)
   branches = {p: (lambda k: lambda *a: kernel(kernels(k), *a))(k)
               for p, k in KERNEL_OF_PLATFORM.items()}
   return platform_select(args, branches, default=xla)
+
+
+def _needs_interpret(impl: str) -> Callable[..., Any]:
+  def cpu(*args):
+    del args
+    raise ValueError(f"implementation={impl!r} was lowered for CPU, where a Pallas kernel runs "
+                     "only in interpret mode: pass interpret=True, or implementation=None / "
+                     "'xla' for the XLA path (an AOT compile for TPU/GPU lowers the kernel)")
+  return cpu
 
 
 # --- per-platform choice at lowering ------------------------------------------------------
@@ -158,5 +171,5 @@ _select_p.def_impl(_select_impl)
 _select_p.def_abstract_eval(_select_abstract_eval)
 batching.primitive_batchers[_select_p] = _select_batch
 mlir.register_lowering(_select_p, _lowering(None))
-for _platform in KERNEL_OF_PLATFORM:
+for _platform in (*KERNEL_OF_PLATFORM, "cpu"):
   mlir.register_lowering(_select_p, _lowering(_platform), platform=_platform)

@@ -298,35 +298,48 @@ def plot(rows: list[dict], path: pathlib.Path) -> bool:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--m", type=int, nargs="+", default=[512, 4096, 16384])
-  p.add_argument("--k", type=int, default=2048)
-  p.add_argument("--n", type=int, default=2816)
-  p.add_argument("--e", type=int, nargs="+", default=[8, 16, 64])
-  p.add_argument("--groups", nargs="+", default=list(GROUP_KINDS), choices=GROUP_KINDS)
-  p.add_argument("--repeats", type=int, default=5)
+  p = argparse.ArgumentParser(
+      prog="python -m npu_ops.bench", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--m", type=int, nargs="+", default=[512, 4096, 16384],
+                 help="token rows (default: %(default)s)")
+  p.add_argument("--k", type=int, default=2048, help="contraction dim (default: %(default)s)")
+  p.add_argument("--n", type=int, default=2816,
+                 help="output columns before SwiGLU halves them (default: %(default)s)")
+  p.add_argument("--e", type=int, nargs="+", default=[8, 16, 64],
+                 help="experts (default: %(default)s)")
+  p.add_argument("--groups", nargs="+", default=list(GROUP_KINDS), choices=GROUP_KINDS,
+                 help="group lists: rows spread evenly, skewed (Dirichlet(0.5) shares), all "
+                      "in one group, or 1 in 8 groups non-empty (default: all four)")
+  p.add_argument("--repeats", type=int, default=5,
+                 help="timed calls per contender; the minimum counts (default: %(default)s)")
   p.add_argument("--ragged-max", type=int, default=4096 * 16,
-                 help="run the ragged_dot baseline only where m * e <= this")
+                 help="run the ragged_dot baseline only where m * e <= this (it costs e "
+                      "times the work on CPU; default: %(default)s)")
   p.add_argument("--float-dtypes", nargs="*", default=["bfloat16", "float32"],
-                 choices=sorted(_TAGS), help="float gmm/tgmm columns (none: skip)")
+                 choices=sorted(_TAGS),
+                 help="float gmm/tgmm columns; none to skip (default: %(default)s)")
   p.add_argument("--qat", action="store_true",
                  help="time QAT training steps against float ones instead")
-  p.add_argument("--out", help="folder for bench.json and bench.png")
+  p.add_argument("--out", help="folder for bench.json and bench.png (default: print only)")
   args = p.parse_args(argv)
 
   cases = [(m, e, g) for m in args.m for e in args.e for g in args.groups]
   print((qat_header if args.qat else header)(args.k, args.n), flush=True)
   rows = []
   for i, (m, e, kind) in enumerate(cases):
-    print(f"\r[{i + 1}/{len(cases)}] m={m} e={e} {kind} ...", end="", file=sys.stderr,
-          flush=True)
+    progress = sys.stderr.isatty()  # never mixed into a piped or redirected table
+    if progress:
+      print(f"\r[{i + 1}/{len(cases)}] m={m} e={e} {kind} ...", end="", file=sys.stderr,
+            flush=True)
     if args.qat:
       rows.append(run_qat_case(m, args.k, args.n, e, kind, repeats=args.repeats))
     else:
       rows.append(run_case(m, args.k, args.n, e, kind, repeats=args.repeats,
                            ragged=m * e <= args.ragged_max,
                            float_dtypes=tuple(args.float_dtypes)))
-    print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
+    if progress:
+      print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
     print((format_qat_row if args.qat else format_row)(rows[-1]), flush=True)
   if args.out and args.qat:
     out = pathlib.Path(args.out)

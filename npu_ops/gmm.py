@@ -28,7 +28,8 @@ from npu_ops import backend
 from npu_ops import groups as groups_lib
 from npu_ops import row_blocks
 from npu_ops.row_blocks import GmmBlockSizes
-from npu_ops._validation import check_dtype, check_rank, describe, fail, require
+from npu_ops._validation import (check_dtype, check_dtype_arg, check_int, check_rank, describe,
+                                 fail, require)
 from pallas_kernels.common import TileSizes
 
 _INT_OPERANDS = tuple(np.dtype(d) for d in (jnp.int8, jnp.int4))
@@ -60,11 +61,20 @@ def _check_operands(lhs: Any, rhs: Any, preferred_element_type: Any) -> np.dtype
   int_lhs = np.dtype(lhs.dtype) in _INT_OPERANDS
   check_dtype("rhs", rhs, _INT_OPERANDS if int_lhs else _FLOAT_OPERANDS)
   out_dtype = (default_out_dtype(lhs.dtype, rhs.dtype) if preferred_element_type is None
-               else np.dtype(preferred_element_type))
+               else check_dtype_arg("preferred_element_type", preferred_element_type))
   if int_lhs and out_dtype not in (np.dtype(np.int32), np.dtype(np.float32)):
     fail("preferred_element_type", "int32 or float32 for integer operands", out_dtype.name,
          TypeError)
+  if not int_lhs and not jnp.issubdtype(out_dtype, jnp.floating):
+    # An integer output of float products would be a silent truncation.
+    fail("preferred_element_type", "a float dtype for float operands (integer outputs need "
+         "int8/int4 operands)", out_dtype.name, TypeError)
   return out_dtype
+
+
+def _check_block_sizes(block_sizes: Any) -> None:
+  if block_sizes is not None and not isinstance(block_sizes, GmmBlockSizes):
+    fail("block_sizes", "None or an npu_ops.GmmBlockSizes", repr(block_sizes), TypeError)
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
@@ -108,6 +118,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
   g, k_rhs, _ = rhs.shape
   require(k_rhs == k, "rhs", f"[g, k={k}, n] to match lhs {describe(lhs)}", describe(rhs))
   ends = groups_lib.ends_from_sizes(group_sizes, m, g)
+  _check_block_sizes(block_sizes)
   backend.resolve(implementation, unsupported=_kernel_gap(lhs.dtype), interpret=interpret,
                    tiles=tiles)
   return differentiable_gmm(lhs, rhs, ends, out_dtype=out_dtype, implementation=implementation,
@@ -152,6 +163,11 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
   """
   lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
   m, k = lhs.shape
+  if is_symbolic(m):
+    check_static_m(m, implementation)
+    rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+    return lax.ragged_dot(lhs, rhs, _all_sizes(ends, rhs.shape[0]), precision=precision,
+                          preferred_element_type=acc_dtype).astype(out_dtype)
   tiles = tiles or TileSizes.for_problem(m, k, rhs.shape[1 if transpose_rhs else 2], len(ends))
 
   def kernel(module, lhs, rhs, ends_array):
@@ -166,7 +182,31 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
                 acc_dtype=acc_dtype, block_sizes=block_sizes, reference=impl == "reference",
                 precision=precision).astype(out_dtype)
 
-  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla)
+  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla,
+                     interpret=interpret)
+
+
+# --- symbolic m (jax.export shape polymorphism) ---------------------------------------------
+# Row blocks and kernel grids are planned from m, so a symbolic m lowers to XLA's own
+# `ragged_dot` (native on TPU; same semantics: rows past the groups give 0).
+
+
+def is_symbolic(dim: Any) -> bool:
+  """A `jax.export` symbolic dimension rather than a Python int."""
+  return not isinstance(dim, (int, np.integer))
+
+
+def check_static_m(m: Any, implementation: str | None) -> None:
+  """A Pallas kernel asked for by name needs a concrete m: say so, naming it."""
+  if implementation in backend.KERNELS:
+    fail("implementation", f"None or 'xla' for a symbolic m={m} ({implementation!r} sizes its "
+         "grid from m: export with a concrete m to get the kernel)", repr(implementation))
+
+
+def _all_sizes(ends: groups_lib.GroupEnds, num_groups: int) -> jax.Array:
+  """int32 `[num_groups]` group sizes: groups past len(ends) are empty."""
+  sizes = jnp.asarray(groups_lib.group_sizes(ends), jnp.int32)
+  return jnp.concatenate([sizes, jnp.zeros((num_groups - sizes.shape[0],), jnp.int32)])
 
 
 def _prepare(lhs, rhs, out_dtype, implementation):
@@ -227,8 +267,9 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
   require(rhs.shape[0] == m, "rhs", f"[m={m}, n] to match lhs {describe(lhs)}", describe(rhs))
   sizes_len = len(group_sizes) if groups_lib.is_static(group_sizes) else getattr(
       group_sizes, "shape", (0,))[0]
-  num_groups = sizes_len if num_groups is None else num_groups
+  num_groups = sizes_len if num_groups is None else check_int("num_groups", num_groups, minimum=1)
   ends = groups_lib.ends_from_sizes(group_sizes, m, num_groups)
+  _check_block_sizes(block_sizes)
   backend.check(implementation, interpret, tiles)
   return differentiable_tgmm(lhs, rhs, ends, num_groups=num_groups, out_dtype=out_dtype,
                              implementation=implementation, block_sizes=block_sizes,
@@ -243,6 +284,13 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
   """`tgmm` on the canonical form (validated operands, group ends)."""
   lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
   m, k = lhs.shape
+  if is_symbolic(m):
+    check_static_m(m, implementation)
+    dims = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                         lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    return lax.ragged_dot_general(lhs, rhs, _all_sizes(ends, num_groups), dims,
+                                  precision=precision,
+                                  preferred_element_type=acc_dtype).astype(out_dtype)
   tiles = tiles or TileSizes.for_problem(m, k, rhs.shape[-1], len(ends))
 
   def kernel(module, lhs, rhs, ends_array):
@@ -255,7 +303,8 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
                  num_groups=num_groups, acc_dtype=acc_dtype, block_sizes=block_sizes,
                  reference=impl == "reference", precision=precision).astype(out_dtype)
 
-  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla)
+  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla,
+                     interpret=interpret)
 
 
 # What one pass over a group's `[k, n]` output matrix (a block's write, or read-add-write)

@@ -38,8 +38,8 @@ from npu_ops import groups as groups_lib
 from npu_ops import operands
 from npu_ops import quant as quant_lib
 from npu_ops import row_blocks
-from npu_ops._validation import (check_array, check_int_option, check_rank, check_scale_groups,
-                                 describe, fail, require)
+from npu_ops._validation import (check_array, check_dtype_arg, check_int_option, check_rank,
+                                 check_scale_groups, describe, fail, require)
 from npu_ops.scales import float32_from_scale_words
 from pallas_kernels import common as pallas_common
 from pallas_kernels.common import TileSizes
@@ -48,6 +48,7 @@ A8W8, A8W4, A4W4 = "A8W8", "A8W4", "A4W4"
 _FLOAT_SCALES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
 # dequant_dtype: aclnn 0 and torch's float32 code 6 both mean a float32 intermediate.
 _DEQUANT_FP32 = (0, 6)
+MAX_EXPERTS = 1024  # torch_npu's limit on e for this op
 
 
 def npu_grouped_matmul_swiglu_quant_v2(
@@ -110,7 +111,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
     require(dequant_dtype in _DEQUANT_FP32, "dequant_dtype",
             "0 (float32; the only intermediate type of A2/A3)", dequant_dtype)
   else:
-    require(np.dtype(dequant_dtype) == np.float32, "dequant_dtype",
+    require(check_dtype_arg("dequant_dtype", dequant_dtype) == np.float32, "dequant_dtype",
             "0 or float32", repr(dequant_dtype))
   if bias is not None:
     fail("bias", "None (reserved by torch_npu for this op)", describe(bias))
@@ -124,8 +125,13 @@ def npu_grouped_matmul_swiglu_quant_v2(
   n = weight_scale.shape[-1]
   require(n % 2 == 0, "weight_scale", "an even n (last dim; SwiGLU halves it)",
           describe(weight_scale))
-  w = operands.canonical_weight(weight, k=k, n=n)
+  words = np.dtype(x.dtype) == np.int32  # an int32 x is int4 words, a common surprise
+  w = operands.canonical_weight(
+      weight, k=k, n=n, k_from=("k = 8 * x.shape[1]: an int32 x holds 8 int4 values a word "
+                                "(A4W4)") if words else "k from x")
   e = w.values.shape[0]
+  require(e <= MAX_EXPERTS, "weight", f"at most {MAX_EXPERTS} experts (semantics B.1.2)",
+          describe(weight))
   scenario = {(operands.INT8, operands.INT8): A8W8, (operands.INT8, operands.INT4): A8W4,
               (operands.INT4, operands.INT4): A4W4}.get((lhs.bits, w.bits))
   if scenario is None:
@@ -142,7 +148,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
   check_scale_groups("weight_scale", weight_scale, e=e, n=n, k=k,
                      ranks=(3,) if dequant_mode == 1 else (2,))
   scale = float32_from_scale_words(weight_scale, "weight_scale")
-  scale = scale.reshape(e, -1, n)
+  scale = scale.reshape(e, weight_scale.shape[1] if weight_scale.ndim == 3 else 1, n)
 
   check_array("x_scale", x_scale)
   require(np.dtype(x_scale.dtype) in _FLOAT_SCALES, "x_scale", "a float32 array",
@@ -171,7 +177,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
             describe(smooth_scale), TypeError)
     require(tuple(smooth_scale.shape) in ((e, n // 2), (e,)), "smooth_scale",
             f"shape [e={e}, n/2={n // 2}] or [e={e}]", describe(smooth_scale))
-    smooth = jnp.asarray(smooth_scale, jnp.float32).reshape(e, -1)
+    smooth = jnp.asarray(smooth_scale, jnp.float32).reshape(e, n // 2 if smooth_scale.ndim == 2 else 1)
 
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
   return fused_canonical(lhs.values, w.values, scale, jnp.asarray(x_scale, jnp.float32), assist,
@@ -189,9 +195,13 @@ def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spe
   e, n = w.shape[0], scale.shape[-1]
   impl = backend.resolve(implementation, unsupported=_kernel_gap(scenario, spec, k, scale),
                          interpret=interpret, tiles=tiles)
-  tiles = tiles or TileSizes.for_problem(m, k, n, len(ends), expected_tokens)
-  block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
-  after = impl != "reference" and _epilogue_after(m, k, n, e, expected_tokens, scenario)
+  if gmm_lib.is_symbolic(m):  # export with a symbolic m: ragged_dot, then the epilogue
+    gmm_lib.check_static_m(m, implementation)
+    impl, block_sizes, after = "xla", None, True
+  else:
+    tiles = tiles or TileSizes.for_problem(m, k, n, len(ends), expected_tokens)
+    block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
+    after = impl != "reference" and _epilogue_after(m, k, n, e, expected_tokens, scenario)
   optional = [a is not None for a in (assist, smooth)]
 
   def unpack(rest):  # the optional operands, back in their places
@@ -211,7 +221,8 @@ def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spe
 
   args = (x, w, scale, x_scale, jnp.asarray(ends, jnp.int32)) + tuple(
       a for a in (assist, smooth) if a is not None)
-  return backend.run(impl, args, kernel=kernel, xla=xla)
+  return backend.run(impl, args, kernel=kernel, xla=xla,
+                     interpret=interpret)
 
 
 def npu_grouped_matmul_swiglu_quant(
@@ -229,14 +240,25 @@ def npu_grouped_matmul_swiglu_quant(
     (output int8 `[m, n/2]`, output_scale float32 `[m]`, output_offset float32
     `[]` (unused by torch_npu, always 0)).
   """
+  # v1's own argument names in its messages (v2 would name dequant_mode, the assist matrix).
   if offset is not None:
     fail("offset", "None (reserved by torch_npu)", describe(offset))
-  if bias is not None:
-    w = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
-    require(np.dtype(w.dtype) != np.int8, "bias",
-            "None for an int8 weight (in v1, bias carries the A8W4 assist matrix)", describe(bias))
+  check_array("x", x)
+  require(np.dtype(x.dtype) == np.int8, "x", "int8 [m, k] (v1 is A8W8 or A8W4; A4W4 is v2 only)",
+          describe(x), TypeError)
+  w = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
+  int8_weight = np.dtype(w.dtype) == np.int8
   ws = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(1, 2))
   check_rank("weight_scale", ws, (2, 3))
+  require(not (int8_weight and ws.ndim == 3), "weight_scale", "[e, n] for an int8 weight "
+          "(per-group [e, G, n] scales are A8W4's: int4 weights)", describe(ws))
+  if bias is not None:
+    require(not int8_weight, "bias",
+            "None for an int8 weight (in v1, bias carries the A8W4 assist matrix)", describe(bias))
+    bias = operands.stack_tensor_list(bias, "bias", expert_rank=1)
+    e, n = ws.shape[0], ws.shape[-1]
+    require(np.dtype(bias.dtype) in _FLOAT_SCALES and tuple(bias.shape) == (e, n), "bias",
+            f"the A8W4 assist matrix, float32 [e={e}, n={n}]", describe(bias))
   out, out_scale = npu_grouped_matmul_swiglu_quant_v2(
       x, weight, ws, x_scale, group_list, weight_assist_matrix=bias,
       dequant_mode=1 if ws.ndim == 3 else 0, group_list_type=0, implementation=implementation,
@@ -263,10 +285,11 @@ def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None
     stacked = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
     require(stacked.ndim == 3, "k", "the logical k for a FRACTAL_NZ weight", None, TypeError)
     k = stacked.shape[1]
-  w = operands.canonical_weight(weight, k=k, n=n)
+  w = operands.canonical_weight(weight, k=k, n=n, k_from="k given or from the ND weight")
   require(w.bits == operands.INT4, "weight", "int4 (int32 words or jnp.int4)", describe(weight),
           TypeError)
-  scale = float32_from_scale_words(weight_scale, "weight_scale").reshape(w.values.shape[0], -1, n)
+  scale = float32_from_scale_words(weight_scale, "weight_scale").reshape(
+      w.values.shape[0], weight_scale.shape[1] if weight_scale.ndim == 3 else 1, n)
   return canonical_assist(w.values, scale)
 
 
@@ -339,19 +362,25 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
   m, k = x.shape
   e, n_groups, n = scale.shape
   w = w.astype(jnp.int8)  # int4 weights: XLA:CPU dots take int8 operands
-  if after:
-    acc = gmm_lib.gmm(x, w, ends, out_dtype=jnp.int32, implementation="xla",
-                      block_sizes=block_sizes)
-    gid = groups_lib.row_group_ids(ends, m)
-    inside = gid < len(ends)  # rows past the groups: 0 in both outputs
-    q, q_scale = _swiglu_quant(
-        _dequant(acc, groups_lib.per_row(scale[:, 0], gid), x_scale[:, None], scenario),
-        None if smooth is None else groups_lib.per_row(smooth, gid), spec)
-    return jnp.where(inside[:, None], q, 0).astype(q.dtype), jnp.where(inside, q_scale, 0)
   gs = k // n_groups
   colsum8 = None
   if scenario == A8W4:  # 8 * column sums per k-group: the "- 8" of (x - 8) @ W, in int32
     colsum8 = _epilogue.colsum8(w, n_groups)
+  if after:
+    gid = groups_lib.row_group_ids(ends, m)
+    inside = gid < len(ends)  # rows past the groups: 0 in both outputs
+    per_row = lambda a: None if a is None else groups_lib.per_row(a, gid)
+    grouped = lambda xs, ws: gmm_lib.gmm(xs, ws, ends, out_dtype=jnp.int32, implementation="xla",
+                                         block_sizes=block_sizes)
+    if scenario == A8W4:
+      c = sum(_epilogue.close_k_group(
+          grouped(x[:, g * gs:(g + 1) * gs], w[:, g * gs:(g + 1) * gs]),
+          per_row(colsum8[:, g]), per_row(scale[:, g])) for g in range(n_groups))
+      c = _epilogue.finish_a8w4(c, per_row(assist), x_scale[:, None])
+    else:
+      c = _dequant(grouped(x, w), per_row(scale[:, 0]), x_scale[:, None], scenario)
+    q, q_scale = _swiglu_quant(c, per_row(smooth), spec)
+    return jnp.where(inside[:, None], q, 0).astype(q.dtype), jnp.where(inside, q_scale, 0)
 
   def group_ctx(g):
     # per-column operands as [..., 1, cols]: every broadcast against a row block spelled out

@@ -298,6 +298,11 @@ def _per_pair(value, name, count):
   return [value[i] for i in range(count)]
 
 
+def _check_group_count(count: int) -> None:
+  require(count <= groups_lib.MAX_GROUPS, "group_list",
+          f"at most {groups_lib.MAX_GROUPS} groups (semantics B.0.1)", f"{count} groups")
+
+
 def _k_grouped(xs, weight, params, per_token_scale, group_list, group_list_type, split_item,
                opts):
   """group_type 2 (float only): y[i] = x[:, K_i] @ W[K_i, :], stacked [E, m, n]."""
@@ -337,6 +342,7 @@ def _k_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
          group_list.shape[0] if getattr(group_list, "ndim", 0) >= 1 else 1)
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=k,
                                num_groups=max(num, 1))
+  _check_group_count(len(ends))
   # [E, m, n] = per k-group, (x^T)[K_i]^T @ W[K_i]: tgmm over the rows of x^T and W.
   y = gmm_lib.differentiable_tgmm(x.T, w, ends, num_groups=len(ends), out_dtype=x.dtype,
                                   **opts.run(_block_sizes(k, len(ends), opts)))
@@ -442,6 +448,7 @@ def _grouped(x, w, params, pts, group_list, group_list_type, opts):
     ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
                                  num_groups=e)
     experts = None
+  _check_group_count(len(ends))
   prep = _PREPARE[scenario](xv, wv, params, pts, m=m, k=k, n=n, e=e, opts=opts,
                             int4_weight=np.dtype(w.dtype) in (I32, I4))
   if experts is not None:  # (expert, size) pairs: segment r uses expert experts[r]

@@ -8,8 +8,10 @@ non-decreasing, in `[0, m]`. Group `i` owns rows `[ends[i-1], ends[i])` with
   sequence). Shapes and work are known at trace time; invalid values raise
   `ValueError` at once.
 * dynamic: `ends` is an int32 `jax.Array` (group_list given as a jax/numpy
-  array). One compilation serves every value. Invalid values are clamped, never
-  read out of bounds (semantics A.3 item 7):
+  array). One compilation serves every value. Values known when the op is called
+  (NumPy arrays, jax.Arrays in eager calls) are checked like a static list and raise
+  `ValueError`; traced invalid values are clamped, never read out of bounds
+  (semantics A.3 item 7):
 
     cumsum (type 0): ends[i] = min(m, max(0, max_{j<=i} group_list[j]))
                      (a decrease makes an empty group; the total is capped at m)
@@ -39,11 +41,18 @@ from npu_ops._validation import check_int_option, describe, fail, is_integer_dty
 GroupEnds = Union[tuple[int, ...], jax.Array]
 
 CUMSUM, COUNT, PAIRS = 0, 1, 2
+MAX_GROUPS = 1024  # torch_npu's limit on a group list (semantics B.0.1)
 
 
 def is_static(group_list: Any) -> bool:
   """Python sequences of ints are static; arrays (jax or numpy) are dynamic."""
   return isinstance(group_list, (list, tuple))
+
+
+def is_concrete(group_list: Any) -> bool:
+  """Values known at trace time: NumPy arrays and jax.Arrays outside a trace."""
+  return isinstance(group_list, np.ndarray) or (
+      isinstance(group_list, jax.Array) and not isinstance(group_list, jax.core.Tracer))
 
 
 def group_ends(group_list: Any, *, group_list_type: int, m: int, num_groups: int,
@@ -69,7 +78,11 @@ def group_ends(group_list: Any, *, group_list_type: int, m: int, num_groups: int
         fail(name, "a sequence of Python ints or an integer array", repr(group_list), TypeError)
     require(1 <= len(values) <= num_groups, name,
             f"between 1 and {num_groups} (number of experts) entries", len(values))
-    return _static_ends([int(v) for v in values], group_list_type, m, name)
+    if isinstance(m, (int, np.integer)):
+      return _static_ends([int(v) for v in values], group_list_type, m, name)
+    # A symbolic m (jax.export): the total is only known at run time, so the list is
+    # treated as a dynamic one (clamped to m).
+    group_list = np.asarray(values, np.int64)
 
   if not (hasattr(group_list, "shape") and hasattr(group_list, "dtype")):
     fail(name, "a sequence of Python ints or an integer array", describe(group_list), TypeError)
@@ -78,10 +91,16 @@ def group_ends(group_list: Any, *, group_list_type: int, m: int, num_groups: int
   require(group_list.ndim == 1, name, "a 1-D array", describe(group_list))
   require(1 <= group_list.shape[0] <= num_groups, name,
           f"between 1 and {num_groups} (number of experts) entries", describe(group_list))
+  concrete_m = isinstance(m, (int, np.integer))
+  if is_concrete(group_list) and concrete_m:
+    # Known values (eager calls, NumPy arrays) are checked like a static list: a counts
+    # list passed as the cumsum default must not be clamped into a silent wrong answer.
+    _static_ends(np.asarray(group_list).tolist(), group_list_type, m, name)
   if isinstance(group_list, np.ndarray):
     # int64 values would wrap when JAX narrows them to int32 (x64 off). Clipping
     # to [-1, m+1] keeps every invalid value invalid and every valid one intact.
-    group_list = np.clip(group_list, -1, m + 1).astype(np.int32)
+    top = m + 1 if concrete_m else np.iinfo(np.int32).max
+    group_list = np.clip(group_list, -1, top).astype(np.int32)
   gl = jnp.asarray(group_list, jnp.int32)
   checkify.debug_check(_group_list_ok(gl, group_list_type, m),
                        f"{name} is invalid for m={m} (negative count, decreasing cumsum, "
@@ -96,7 +115,8 @@ def _static_ends(values: list[int], group_list_type: int, m: int, name: str) -> 
   else:
     require(all(v >= 0 for v in values), name, "non-negative cumulative sums", values)
     require(all(b >= a for a, b in zip(values, values[1:])), name,
-            "a non-decreasing cumsum", values)
+            "a non-decreasing cumsum (group_list_type=0; for counts pass group_list_type=1)",
+            values)
     ends = values
   require(ends[-1] <= m, name, f"a total number of rows <= m={m}", ends[-1])
   return tuple(int(e) for e in ends)

@@ -128,8 +128,14 @@ def npu_format_cast(x: Any, acl_format: int, *, shape: tuple[int, ...] | None = 
   """
   check_array("x", x)
   check_dtype("x", x, NZ_DTYPES)
-  if isinstance(acl_format, bool) or acl_format not in (FORMAT_ND, FORMAT_NZ):
+  if isinstance(acl_format, bool) or not isinstance(acl_format, (int, np.integer)):
+    fail("acl_format", "the int 29 (FRACTAL_NZ) or 2 (ND)", repr(acl_format), TypeError)
+  if acl_format not in (FORMAT_ND, FORMAT_NZ):
     fail("acl_format", "29 (FRACTAL_NZ) or 2 (ND)", repr(acl_format))
+  if shape is not None and not (isinstance(shape, (tuple, list)) and all(
+      isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    fail("shape", "a tuple of non-negative Python ints (the logical ND shape)", repr(shape),
+         TypeError)
   if acl_format == FORMAT_NZ:
     return to_nz(x)
   if shape is None:

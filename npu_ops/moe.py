@@ -66,6 +66,6 @@ def combine(y_sorted: jax.Array, routing: Dispatch, weights: jax.Array) -> jax.A
   t, k = weights.shape
   require(y_sorted.ndim == 2 and y_sorted.shape[0] == t * k, "y_sorted",
           f"[T*k={t * k}, d]", describe(y_sorted))
-  y = y_sorted[routing.unsort].reshape(t, k, -1)
+  y = y_sorted[routing.unsort].reshape(t, k, y_sorted.shape[1])
   return jnp.einsum("tk,tkd->td", weights.astype(y.dtype), y)
 

@@ -15,6 +15,7 @@ except ImportError as e:  # flax is an extra: say which
   raise ImportError("npu_ops.nn needs Flax: pip install 'npu_ops[nn]' (or flax>=0.12)") from e
 
 from npu_ops import groups
+from npu_ops._validation import check_dtype_arg, check_float_array, check_int, fail, require
 from npu_ops import moe
 from npu_ops import qat
 from npu_ops import quant
@@ -54,8 +55,10 @@ class LinearA8W8Quant(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                offset: bool = False, pertoken_scale: bool = False, output_dtype: Any = None,
                rngs: nnx.Rngs):
-    self.in_features, self.out_features = in_features, out_features
-    self.output_dtype = None if output_dtype is None else np.dtype(output_dtype)
+    self.in_features = check_int("in_features", in_features, minimum=1)
+    self.out_features = check_int("out_features", out_features, minimum=1)
+    self.output_dtype = (None if output_dtype is None
+                         else check_dtype_arg("output_dtype", output_dtype))
     key = rngs.params()
     self.weight = QuantParam(jax.random.randint(key, (out_features, in_features), -128, 128,
                                                 jnp.int32).astype(jnp.int8))
@@ -115,9 +118,13 @@ class MoEMLP(nnx.Module):
                rngs: nnx.Rngs):
     if mode not in self.MODES:
       raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
-    if not 1 <= top_k <= num_experts:
-      raise ValueError(f"top_k: expected an int in [1, num_experts={num_experts}], got {top_k}")
-    qat.qmax_for(weight_bits)
+    for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+      check_int(name, value, minimum=1)
+    check_int("top_k", top_k, minimum=1)
+    require(top_k <= num_experts, "top_k", f"an int in [1, num_experts={num_experts}]", top_k)
+    if gmm is not None and not callable(gmm):
+      fail("gmm", "None or a callable gmm(lhs, rhs, group_sizes)", repr(gmm), TypeError)
+    qat.qmax_for(weight_bits, "weight_bits")
     self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
     self.top_k, self.mode, self.weight_bits = top_k, mode, weight_bits
     self.gmm = gmm
@@ -166,7 +173,8 @@ class MoEMLP(nnx.Module):
     return None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if x.shape[-1] != self.d_model:
+    check_float_array("x", x)
+    if x.ndim < 1 or x.shape[-1] != self.d_model:
       raise ValueError(f"x: expected [..., d_model={self.d_model}], got shape {x.shape}")
     lead = x.shape[:-1]
     tokens = x.reshape(-1, self.d_model).astype(jnp.float32)

@@ -61,7 +61,8 @@ def canonical_lhs(x: Any, name: str = "x") -> IntOperand:
   return IntOperand(jnp.asarray(x).astype(jnp.int8), INT4)
 
 
-def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight") -> IntOperand:
+def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
+                     k_from: str = "k from x") -> IntOperand:
   """Integer weights in any torch_npu form -> int8 or jnp.int4 values `[e, k, n]`.
 
   Forms: an array or a TensorList (see `stack_tensor_list`) of
@@ -72,6 +73,7 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight") -> In
   scale, as torch_npu infers them. ND int8 and jnp.int4 weights pass through as
   they are; int32 words and NZ are converted on every call (prepare them once with
   `layouts.int4pack_to_native` / `npu_format_cast(w, FORMAT_ND)` to avoid that).
+  `k_from` says where k came from in error messages.
   """
   weight = stack_tensor_list(weight, name, expert_rank=(2, 4))
   check_dtype(name, weight, _WEIGHT_DTYPES)
@@ -83,13 +85,13 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight") -> In
   cols = n // layouts.INT4_PER_INT32 if packed else n
   if weight.ndim == 3:
     require(tuple(weight.shape[1:]) == (k, cols), name,
-            f"ND [e, k={k}, {'n/8=' if packed else 'n='}{cols}] (k from x, n from the scale)",
+            f"ND [e, k={k}, {'n/8=' if packed else 'n='}{cols}] ({k_from}, n from the scale)",
             describe(weight))
     nd = jnp.asarray(weight)
   elif weight.ndim == 5:
     expected = layouts.nz_shape((weight.shape[0], k, cols), dtype)
     require(tuple(weight.shape) == expected, name,
-            f"FRACTAL_NZ storage {list(expected)} for a logical weight [e, {k}, {n}]",
+            f"FRACTAL_NZ storage {list(expected)} for a logical weight [e, {k}, {n}] ({k_from})",
             describe(weight))
     nd = layouts.from_nz(weight, k, cols)
   else:

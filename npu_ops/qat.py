@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from npu_ops import _epilogue
 from npu_ops import backend
 from npu_ops import gmm as gmm_lib
 from npu_ops import gmm_swiglu_quant as fused_lib
@@ -42,11 +43,20 @@ from npu_ops._validation import (check_array, check_rank, check_scale_groups, de
 _QMAX = {8: 127.0, 4: 7.0}
 
 
-def qmax_for(bits: int) -> float:
+def qmax_for(bits: int, name: str = "bits") -> float:
   """Largest code of the symmetric `bits`-bit grid (8 -> 127, 4 -> 7)."""
-  if isinstance(bits, bool) or bits not in _QMAX:
-    fail("bits", "8 or 4", repr(bits))
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+    fail(name, "the Python int 8 or 4", repr(bits), TypeError)
+  if bits not in _QMAX:
+    fail(name, "8 or 4", repr(bits))
   return _QMAX[bits]
+
+
+def _check_grad_scale(grad_scale: Any) -> None:
+  if grad_scale is not None and (isinstance(grad_scale, bool) or
+                                 not isinstance(grad_scale, (int, float, np.number))):
+    fail("grad_scale", "None or a Python float (LSQ's gradient factor)", repr(grad_scale),
+         TypeError)
 
 
 def _check_float(name: str, a: Any) -> None:
@@ -55,14 +65,19 @@ def _check_float(name: str, a: Any) -> None:
     fail(name, "a float array", describe(a), TypeError)
 
 
-def _reciprocal(scale: jax.Array, numerator: float = 1.0) -> jax.Array:
-  """numerator / scale, and 0 where scale <= 0 (codes 0 instead of NaN or inf)."""
-  positive = scale > 0
-  return jnp.where(positive, numerator / jnp.where(positive, scale, 1), 0)
+def _reciprocal(scale: jax.Array, numerator: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """`numerator / scale` as `(lift, inv)` (`_epilogue.lifted_reciprocal`): no overflow for
+  tiny scales, and codes 0 where scale <= 0 (never NaN or inf)."""
+  return _epilogue.lifted_reciprocal(scale, numerator)
 
 
-def _codes(x: jax.Array, inv: jax.Array, qmax: float) -> jax.Array:
-  return jnp.clip(jnp.round(x * inv), -qmax, qmax)
+def _ratio(x: jax.Array, recip: tuple[jax.Array, jax.Array]) -> jax.Array:
+  lift, inv = recip
+  return (x * lift) * inv
+
+
+def _codes(x: jax.Array, recip: tuple[jax.Array, jax.Array], qmax: float) -> jax.Array:
+  return jnp.clip(jnp.round(_ratio(x, recip)), -qmax, qmax)
 
 
 def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -75,7 +90,7 @@ def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _lsq(x, scale, inv, qmax, grad_scale):
-  """`codes(x * inv) * scale`; inv is 1/scale (or qmax/amax), rounding only."""
+  """`codes(x / scale) * scale`; inv is `_reciprocal(scale)` (or of amax, qmax): rounding only."""
   return (_codes(x, inv, qmax) * scale).astype(x.dtype)
 
 
@@ -85,7 +100,7 @@ def _lsq_fwd(x, scale, inv, qmax, grad_scale):
 
 def _lsq_bwd(qmax, grad_scale, residuals, g):
   x, scale, inv = residuals
-  v = x.astype(jnp.float32) * inv
+  v = _ratio(x.astype(jnp.float32), inv)
   q = jnp.clip(jnp.round(v), -qmax, qmax)
   inside = jnp.abs(v) <= qmax
   g32 = g.astype(jnp.float32)
@@ -93,7 +108,7 @@ def _lsq_bwd(qmax, grad_scale, residuals, g):
   dscale = _sum_to_shape(g32 * jnp.where(inside, q - v, q), scale.shape)
   if grad_scale is not None:
     dscale = dscale * grad_scale
-  return dx, dscale.astype(scale.dtype), jnp.zeros_like(inv)
+  return dx, dscale.astype(scale.dtype), jax.tree.map(jnp.zeros_like, inv)
 
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
@@ -115,6 +130,7 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8,
     docstring for x and scale.
   """
   qmax = qmax_for(bits)
+  _check_grad_scale(grad_scale)
   _check_float("x", x)
   _check_float("scale", scale)
   try:
@@ -148,7 +164,10 @@ def dynamic_fake_quant(x: jax.Array, *, bits: int = 8) -> jax.Array:
   _check_float("x", x)
   amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
   inv = jax.lax.stop_gradient(_reciprocal(amax, qmax))  # quantize_per_token's 127 / amax
-  return _lsq(x, amax / qmax, inv, qmax, None)
+  # quantize_per_token's scale, exact where subnormal (that branch carries no gradient).
+  scale = jnp.where(amax < qmax * 2.0 ** -126, jax.lax.stop_gradient(
+      _epilogue.scale_for_amax(amax, qmax)), amax / qmax)
+  return _lsq(x, scale, inv, qmax, None)
 
 
 def _grouped_view(w: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -230,7 +249,8 @@ def fake_quant_gmm_swiglu_quant(
   Returns:
     float32 `[m, n/2]`.
   """
-  qmax_for(weight_bits)
+  qmax_for(weight_bits, "weight_bits")
+  _check_grad_scale(grad_scale)
   _check_float("x", x)
   _check_float("weight", weight)
   _check_float("weight_scale", weight_scale)
@@ -261,7 +281,8 @@ def _qat_fused(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_sc
   e, _, n = weight.shape
   xq, xs = quant_lib.quantize_per_token(x)
   wq = quantize_weight(weight, weight_scale, bits=bits)
-  scale = weight_scale.astype(jnp.float32).reshape(e, -1, n)
+  scale = weight_scale.astype(jnp.float32).reshape(
+      e, weight_scale.shape[1] if weight_scale.ndim == 3 else 1, n)
   scenario = fused_lib.A8W8 if bits == 8 else fused_lib.A8W4
   assist = fused_lib.canonical_assist(wq, scale) if scenario == fused_lib.A8W4 else None
   q, q_scale = fused_lib.fused_canonical(

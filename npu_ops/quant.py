@@ -16,7 +16,7 @@ import numpy as np
 
 from npu_ops import _epilogue
 from npu_ops._epilogue import silu
-from npu_ops._validation import fail
+from npu_ops._validation import check_dtype_arg, check_float_array, describe, fail, require
 
 # torch_npu codes for an int8 output: 0 (doc default) and 1 (torch.int8, meta default).
 _INT8_CODES = (0, 1)
@@ -64,10 +64,13 @@ class DynamicQuant:
         raise NotImplementedError(f"quant_dtype={quant_dtype} ({_FP8_CODES[quant_dtype]}) is "
                                   "not implemented yet; int8 (0 or 1) is")
       fail("quant_dtype", "0 or 1 (int8), or a dtype", quant_dtype)
-    try:
-      dtype = np.dtype(quant_dtype)
-    except TypeError:
-      fail("quant_dtype", "0 or 1 (int8), or a dtype", repr(quant_dtype), TypeError)
+    if quant_dtype is None or isinstance(quant_dtype, bool):
+      fail("quant_dtype", "0 or 1 (int8), or jnp.int8", repr(quant_dtype), TypeError)
+    dtype = check_dtype_arg("quant_dtype", quant_dtype)
+    if dtype.name in _FP8_CODES.values():
+      raise NotImplementedError(f"quant_dtype={dtype.name} is not implemented yet; int8 is")
+    if dtype != np.dtype(np.int8):
+      fail("quant_dtype", "int8 (0, 1 or jnp.int8; fp8 outputs are planned)", dtype.name)
     return cls(dtype=dtype)
 
 
@@ -101,6 +104,8 @@ def swiglu(c: jax.Array, *, activate_left: bool = True) -> jax.Array:
   torch_npu applies silu to the left (first) half and uses the right half as the
   gate (semantics B.0.5); `activate_left=False` swaps the roles.
   """
+  check_float_array("c", c)
+  require(c.ndim >= 1, "c", "rank >= 1 ([..., n])", describe(c))
   n = c.shape[-1]
   if n % 2:
     fail("c", "an even last dim", n)
@@ -115,10 +120,19 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
 
   `scale = amax / 127`, `q = round_half_even(s * (127 / amax))` in float32,
   clipped to [-127, 127] (semantics A.3 item 3). A row with amax = 0 gives q = 0 and
-  scale = 0, never NaN.
+  scale = 0, never NaN. Tiny rows lose nothing to float32's exponent range: codes as if
+  `127 / amax` could not overflow (it does below amax ~ 3.7e-37), and a subnormal scale
+  (amax below ~1.5e-36) is returned exactly, though XLA:CPU and TPU arithmetic on it
+  (e.g. `q * scale`) flushes it to 0.
 
   Returns:
     (q `[..., d]` of spec.dtype, scale float32 `[...]`).
   """
+  check_float_array("s", s)
+  require(s.ndim >= 1, "s", "rank >= 1 ([..., d])", describe(s))
+  if not isinstance(spec, DynamicQuant):
+    fail("spec", "an npu_ops.DynamicQuant", repr(spec), TypeError)
+  if s.shape[-1] == 0:  # nothing to quantize: amax 0, scale 0
+    return jnp.zeros(s.shape, spec.dtype), jnp.zeros(s.shape[:-1], jnp.float32)
   q, scale = _epilogue.quantize_rows(s.astype(jnp.float32), qmax=spec.qmax, dtype=spec.dtype)
   return q, scale[..., 0]

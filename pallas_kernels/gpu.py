@@ -155,7 +155,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       return carry
 
     lax.fori_loop(0, nh_tiles, quantize_tile, 0)
-    pltr.store(qs_ref.at[rows], (amax / _epilogue.INT8_QMAX)[:, 0], mask=in_m)  # no group: 0
+    pltr.store(qs_ref.at[rows], _epilogue.scale_for_amax(amax)[:, 0], mask=in_m)  # no group: 0
 
   q, qs, _ = pl.pallas_call(
       kernel, grid=(m_tiles,),

@@ -106,7 +106,11 @@ def per_token_int8(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   q = np.zeros(s.shape, np.int8)
   for r in range(s.shape[0]):
     if amax[r] > 0:
-      q[r] = np.clip(np.rint(s[r] * (F32(127) / amax[r])), -127, 127).astype(np.int8)
+      # float32 arithmetic as if its exponent had no limit: a tiny row (where 127 / amax
+      # would overflow) is scaled by 2**64 first, which changes no rounding.
+      lift = F32(2.0 ** 64) if amax[r] < 2.0 ** -64 else F32(1)
+      q[r] = np.clip(np.rint((s[r] * lift) * (F32(127) / (amax[r] * lift))), -127,
+                     127).astype(np.int8)
   return q, (amax / F32(127)).astype(F32)
 
 
