@@ -8,7 +8,8 @@
     `jax.export(..., platforms=["tpu", "cuda", "cpu"])` artifact holds all three.
     A case no kernel can do runs "xla" everywhere.
   * "xla": the row-block XLA path (`npu_ops.row_blocks`), fast on CPU.
-  * "reference": every group over all rows, masked (dense jnp; for checking).
+  * "reference": `npu_ops.reference`, the semantics as plain whole-array jnp (every
+    group over all rows; for checking).
   * "pallas_tpu" / "pallas_gpu": always that kernel; a case it cannot do raises
     NotImplementedError.
 `interpret=True` runs a kernel's body in Pallas interpret mode on any backend;
@@ -82,7 +83,7 @@ def run(impl: str, args: Sequence[Any], *, kernel: Callable[..., Any],
   """Runs a resolved implementation on `args`.
 
   `kernel(module, *args)` runs a kernel module's entry point; `xla(*args)` the XLA
-  path (the caller passes the reference flag itself). AUTO becomes a
+  path or, for "reference", `npu_ops.reference` (the caller dispatches). AUTO becomes a
   per-platform choice made at lowering (`platform_select`). A kernel asked for by
   name and lowered for CPU without `interpret` raises a ValueError saying how to fix it.
   """

@@ -11,14 +11,14 @@ calls. The ratio of an op is `dense time / op time` (1.0 = the speed of one dens
 dot with the same useful FLOPs; higher is better):
 
 * fused:        npu_grouped_matmul_swiglu_quant_v2 (A8W8), dynamic group list
-* fused_static: the same with the group list as Python ints
+* static:       the same with the group list as Python ints
 * gmm:          grouped_matmul int8 -> int32, dynamic       (dense: int8 jnp.dot)
-* dots floor:   gmm against one exact int8 dot per non-empty group, dispatched one by
+* dots:         gmm against one exact int8 dot per non-empty group, dispatched one by
                 one (what any per-group XLA form pays: on CPU each dot call repacks
                 its group's [k, n] weight, or runs an unpacked kernel for few rows)
-* gmm_bf16/f32: grouped_matmul bf16/f32 -> f32, dynamic      (dense: jnp.dot, same dtype)
-* tgmm_bf16/f32: tgmm -> f32 (the weight gradient), dynamic  (dense: x^T @ dy)
-* f32 floor:    tgmm f32 against x^T @ dy plus writing a fresh `[e, k, n]` float32
+* bf16, f32:    grouped_matmul bf16/f32 -> f32, dynamic      (dense: jnp.dot, same dtype)
+* t-bf16, t-f32: tgmm -> f32 (the weight gradient), dynamic (dense: x^T @ dy)
+* t-flr:        tgmm f32 against x^T @ dy plus writing a fresh `[e, k, n]` float32
                 array (what any XLA form must do: tgmm's output is e times the dense
                 one's; with few rows per group writing it dominates)
 * ragged:       jax.lax.ragged_dot int8 + the same jnp epilogue (skipped when
@@ -27,7 +27,7 @@ dot with the same useful FLOPs; higher is better):
                 (the same dense form: skipped with ragged)
 
 The peers (ragged, tokamax) run in a round of their own with the fused op, and
-are reported as their time over the fused op's ("vs ragged": 8x = 8 times slower).
+are reported as their time over the fused op's ("ragged": 8x = 8 times slower).
 
 `mem` is the fused op's peak memory (arguments + outputs + XLA temporaries, from
 the compiled executable) over its arguments + outputs.
@@ -45,6 +45,7 @@ import functools
 import json
 import pathlib
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 
@@ -248,29 +249,39 @@ def qat_header(k: int, n: int) -> str:
 
 
 _TAGS = {"bfloat16": "bf16", "float32": "f32"}
-COLUMNS = (("fused", "fused"), ("fused_static", "static"), ("gmm", "gmm"),
-           ("gmm_dots_floor", "dots floor"),
-           ("gmm_bf16", "gmm bf16"), ("tgmm_bf16", "tgmm bf16"), ("gmm_f32", "gmm f32"),
-           ("tgmm_f32", "tgmm f32"), ("tgmm_floor_f32", "f32 floor"))
+# (result key, column label, legend): every ratio is dense dot time / op time.
+COLUMNS = (("fused", "fused", "fused op, dynamic list"),
+           ("fused_static", "static", "fused op, static list"),
+           ("gmm", "gmm", "int8 grouped_matmul"),
+           ("gmm_dots_floor", "dots", "gmm vs one dot per group (the floor)"),
+           ("gmm_bf16", "bf16", "bf16 grouped_matmul"), ("tgmm_bf16", "t-bf16", "bf16 tgmm"),
+           ("gmm_f32", "f32", "f32 grouped_matmul"), ("tgmm_f32", "t-f32", "f32 tgmm"),
+           ("tgmm_floor_f32", "t-flr", "f32 tgmm vs x^T dy + writing [e, k, n]"))
 
 
 def format_row(r: dict) -> str:
-  cells = [f"{r['m']:>6} {r['e']:>3} {r['groups']:>10} | {r['t_fused'] * 1e3:9.1f}"]
-  cells += [f"{r.get('ratio_' + key, float('nan')):>9.2f}" for key, _ in COLUMNS]
-  for peer, width in (("ragged", 9), ("tokamax", 10)):
+  cells = [f"{r['m']:>5} {r['e']:>3} {r['groups']:>10}"]
+  cells += [f"{r['ratio_' + key]:>6.2f}" if "ratio_" + key in r else f"{'-':>6}"
+            for key, _, _ in COLUMNS]  # "-": not run (e.g. --float-dtypes with none)
+  for peer in ("ragged", "tokamax"):
     if peer == "ragged" or _tokamax_ragged_dot():
       vs = r.get(f"{peer}_vs_fused")
-      cells.append(f"{vs:>{width}.1f}x" if vs else f"{'-':>{width + 1}}")
-  cells.append(f"{r['mem']:>5.2f}")
+      cells.append(f"{vs:>6.1f}x" if vs else f"{'-':>7}")
+  cells.append(f"{r['mem']:>4.2f}")
   return " ".join(cells)
 
 
 def header(k: int, n: int) -> str:
-  h = (f"{'m':>6} {'e':>3} {'groups':>10} | {'fused ms':>9} "
-       + " ".join(f"{label:>9}" for _, label in COLUMNS) + f" {'vs ragged':>10}")
-  h += (f" {'vs tokamax':>11}" if _tokamax_ragged_dot() else "") + f" {'mem':>5}"
-  return (f"k={k}, n={n}; jax {jax.__version__} on {jax.devices()[0].device_kind}. Ratios: dense "
-          "dot time / op time (1.0 = dense speed; higher is better)\n" + h + "\n" + "-" * len(h))
+  h = (f"{'m':>5} {'e':>3} {'groups':>10} " + " ".join(f"{label:>6}" for _, label, _ in COLUMNS)
+       + f" {'ragged':>7}" + (f" {'tokamax':>7}" if _tokamax_ragged_dot() else "")
+       + f" {'mem':>4}")
+  notes = ["Columns fused..t-flr: dense dot time / op time (1.0 = the speed of a dense dot of "
+           "equal FLOPs; higher is better). "
+           + "; ".join(f"{label} = {text}" for _, label, text in COLUMNS) + ".",
+           "ragged (tokamax): their time / the fused op's (higher: we are faster). mem: the "
+           "fused op's peak memory / (inputs + outputs), lower is better. Times: bench.json."]
+  return (f"k={k}, n={n}; jax {jax.__version__} on {jax.devices()[0].device_kind}.\n"
+          + "\n".join(textwrap.fill(t, 98) for t in notes) + "\n" + h + "\n" + "-" * len(h))
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> bool:
@@ -282,10 +293,12 @@ def plot(rows: list[dict], path: pathlib.Path) -> bool:
     return False
   fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.35), 4.5))
   xs = np.arange(len(rows))
-  for key, label in COLUMNS:
+  for key, label, _ in COLUMNS:
     ax.plot(xs, [r.get("ratio_" + key, np.nan) for r in rows], "o-", label=label, ms=4)
   ax.axhline(1.0, color="gray", lw=0.8)
-  ax.axhline(0.85, color="red", lw=0.8, ls="--", label="goal 0.85")
+  # The CPU goal for the fused op and gmm at m=4096, e <= 16 (few tokens per expert are
+  # judged against the weight-read roofline instead, see the README).
+  ax.axhline(0.9, color="red", lw=0.8, ls="--", label="goal: 0.9 of a dense dot")
   ax.set_xticks(xs, [f"m={r['m']} e={r['e']} {r['groups']}" for r in rows], rotation=75,
                 fontsize=7)
   ax.set_ylabel("dense time / op time")

@@ -26,6 +26,7 @@ from jax.interpreters import ad, batching, mlir
 
 from npu_ops import backend
 from npu_ops import groups as groups_lib
+from npu_ops import reference
 from npu_ops import row_blocks
 from npu_ops.row_blocks import GmmBlockSizes
 from npu_ops._validation import (check_dtype, check_dtype_arg, check_int, check_rank, describe,
@@ -178,8 +179,10 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
     # XLA:CPU runs a dot against a transposed operand no faster than it copies the
     # transpose: one copy per call, not one per row block.
     rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
-    return _gmm(lhs, rhs, ends=ends if isinstance(ends, tuple) else ends_array,
-                acc_dtype=acc_dtype, block_sizes=block_sizes, reference=impl == "reference",
+    ends_ = ends if isinstance(ends, tuple) else ends_array
+    if impl == "reference":
+      return reference.grouped_matmul(lhs, rhs, ends_, out_dtype=out_dtype, precision=precision)
+    return _gmm(lhs, rhs, ends=ends_, acc_dtype=acc_dtype, block_sizes=block_sizes,
                 precision=precision).astype(out_dtype)
 
   return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla,
@@ -220,8 +223,8 @@ def _prepare(lhs, rhs, out_dtype, implementation):
   return lhs, rhs, acc_dtype, impl
 
 
-@row_blocks.jit_by_ends("acc_dtype", "block_sizes", "reference", "precision")
-def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, reference, precision=None):
+@row_blocks.jit_by_ends("acc_dtype", "block_sizes", "precision")
+def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None):
   m, n = lhs.shape[0], rhs.shape[-1]
   # Rows are sliced in loops: they travel as uint16 when bf16 (see loop_storage). The
   # weights stay bf16: a group's weight is sliced once, inside the traversal's per-group
@@ -234,7 +237,7 @@ def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, reference, precision=None):
     return row_blocks.write_rows(out, y, r0, mask)
 
   return row_blocks.traverse(ends, m, jnp.zeros((m, n), acc_dtype), group_ctx=lambda g: rhs[g],
-                             block_fn=block_fn, block_sizes=block_sizes, reference=reference)
+                             block_fn=block_fn, block_sizes=block_sizes)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | None = None,
@@ -299,9 +302,12 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
                        precision=precision)
 
   def xla(lhs, rhs, ends_array):
-    return _tgmm(lhs, rhs, ends=ends if isinstance(ends, tuple) else ends_array,
-                 num_groups=num_groups, acc_dtype=acc_dtype, block_sizes=block_sizes,
-                 reference=impl == "reference", precision=precision).astype(out_dtype)
+    ends_ = ends if isinstance(ends, tuple) else ends_array
+    if impl == "reference":
+      return reference.tgmm(lhs, rhs, ends_, num_groups=num_groups, out_dtype=out_dtype,
+                            precision=precision)
+    return _tgmm(lhs, rhs, ends=ends_, num_groups=num_groups, acc_dtype=acc_dtype,
+                 block_sizes=block_sizes, precision=precision).astype(out_dtype)
 
   return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla,
                      interpret=interpret)
@@ -332,8 +338,8 @@ def tgmm_plan(sizes: Any, windows: tuple[int, ...], block: int) -> Any:
   return xp.argmin(xp.stack(costs))
 
 
-@row_blocks.jit_by_ends("num_groups", "acc_dtype", "block_sizes", "reference", "precision")
-def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference, precision=None):
+@row_blocks.jit_by_ends("num_groups", "acc_dtype", "block_sizes", "precision")
+def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, precision=None):
   """Per group, `lhs[rows]^T @ rhs[rows]`, accumulated in float32 / int32.
 
   Output-bound when groups hold few rows: every block of the row-block traversal
@@ -366,9 +372,6 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, reference, prec
     return lax.dynamic_update_index_in_dim(out, y, g, 0)
 
   zeros = lambda groups: jnp.zeros((groups, k, n), acc_dtype)
-  if reference:
-    return row_blocks.traverse(ends, m, zeros(num_groups), group_ctx=lambda g: g,
-                               block_fn=block_fn, reference=True)
   groups = len(ends) if static else ends.shape[0]
   sizes_np = np.diff(np.asarray((0,) + ends)) if static else None
   ends = jnp.asarray(ends, jnp.int32)

@@ -17,8 +17,7 @@ cache, so no `[m, n]` intermediate exists and the epilogue costs a few percent o
 the matmul. With few rows per group (< 64 expected), the epilogue's fixed cost
 per block would dominate: there the grouped matmul writes the int32 `[m, n]`
 product and the epilogue runs once over all rows (`_epilogue_after`; same
-arithmetic, same bits). `implementation="reference"` runs the block function
-densely over all rows of every expert, masked.
+arithmetic, same bits). `implementation="reference"` runs `npu_ops.reference`.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from npu_ops import gmm as gmm_lib
 from npu_ops import groups as groups_lib
 from npu_ops import operands
 from npu_ops import quant as quant_lib
+from npu_ops import reference
 from npu_ops import row_blocks
 from npu_ops._validation import (check_array, check_dtype_arg, check_int_option, check_rank,
                                  check_scale_groups, describe, fail, require)
@@ -145,10 +145,9 @@ def npu_grouped_matmul_swiglu_quant_v2(
   if dequant_mode == 1:
     require(scenario == A8W4, "dequant_mode", "0 unless the weight is int4 with an int8 x "
             "(per-group dequant is A8W4 only)", dequant_mode)
-  check_scale_groups("weight_scale", weight_scale, e=e, n=n, k=k,
-                     ranks=(3,) if dequant_mode == 1 else (2,))
-  scale = float32_from_scale_words(weight_scale, "weight_scale")
-  scale = scale.reshape(e, weight_scale.shape[1] if weight_scale.ndim == 3 else 1, n)
+  k_groups = check_scale_groups("weight_scale", weight_scale, e=e, n=n, k=k,
+                                ranks=(3,) if dequant_mode == 1 else (2,))
+  scale = float32_from_scale_words(weight_scale, "weight_scale").reshape(e, k_groups, n)
 
   check_array("x_scale", x_scale)
   require(np.dtype(x_scale.dtype) in _FLOAT_SCALES, "x_scale", "a float32 array",
@@ -177,7 +176,8 @@ def npu_grouped_matmul_swiglu_quant_v2(
             describe(smooth_scale), TypeError)
     require(tuple(smooth_scale.shape) in ((e, n // 2), (e,)), "smooth_scale",
             f"shape [e={e}, n/2={n // 2}] or [e={e}]", describe(smooth_scale))
-    smooth = jnp.asarray(smooth_scale, jnp.float32).reshape(e, n // 2 if smooth_scale.ndim == 2 else 1)
+    smooth = jnp.asarray(smooth_scale, jnp.float32).reshape(
+        e, smooth_scale.shape[1] if smooth_scale.ndim == 2 else 1)
 
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
   return fused_canonical(lhs.values, w.values, scale, jnp.asarray(x_scale, jnp.float32), assist,
@@ -188,9 +188,10 @@ def npu_grouped_matmul_swiglu_quant_v2(
 
 def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spec,
                     expected_tokens=None, implementation=None, interpret=False, tiles=None):
-  """The fused op on canonical operands (`operands`: int8 x, int8 or jnp.int4 w; float32 `[e, G, n]` scales,
-  group ends), on the implementation asked for (`npu_ops.backend`): a Pallas kernel
-  (A8W8 / A8W4 with int8 output), the XLA row-block path, or the dense reference."""
+  """The fused op on canonical operands (`operands`: int8 x, int8 or jnp.int4 w; float32
+  `[e, G, n]` scales, group ends), on the implementation asked for (`npu_ops.backend`): a
+  Pallas kernel (A8W8 / A8W4 with int8 output), the XLA row-block path, or
+  `npu_ops.reference`."""
   m, k = x.shape
   e, n = w.shape[0], scale.shape[-1]
   impl = backend.resolve(implementation, unsupported=_kernel_gap(scenario, spec, k, scale),
@@ -201,7 +202,7 @@ def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spe
   else:
     tiles = tiles or TileSizes.for_problem(m, k, n, len(ends), expected_tokens)
     block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
-    after = impl != "reference" and _epilogue_after(m, k, n, e, expected_tokens, scenario)
+    after = _epilogue_after(m, k, n, e, expected_tokens, scenario)
   optional = [a is not None for a in (assist, smooth)]
 
   def unpack(rest):  # the optional operands, back in their places
@@ -214,10 +215,12 @@ def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spe
                                    tiles=tiles, interpret=interpret)
 
   def xla(x, w, scale, x_scale, ends_array, *rest):
-    return _fused(x, w, scale, x_scale, *unpack(rest),
-                  ends=ends if isinstance(ends, tuple) else ends_array, scenario=scenario,
-                  spec=spec, block_sizes=block_sizes, reference=impl == "reference",
-                  after=after)
+    ends_ = ends if isinstance(ends, tuple) else ends_array
+    if impl == "reference":
+      return reference.swiglu_quant(x, w.astype(jnp.int8), scale, x_scale, *unpack(rest), ends_,
+                                    scenario=scenario, qmax=spec.qmax, dtype=spec.dtype)
+    return _fused(x, w, scale, x_scale, *unpack(rest), ends=ends_, scenario=scenario,
+                  spec=spec, block_sizes=block_sizes, after=after)
 
   args = (x, w, scale, x_scale, jnp.asarray(ends, jnp.int32)) + tuple(
       a for a in (assist, smooth) if a is not None)
@@ -354,9 +357,9 @@ def _swiglu_quant(c: jax.Array, smooth: jax.Array | None, spec: quant_lib.Dynami
   return quant_lib.quantize_per_token(s if smooth is None else s * smooth, spec)
 
 
-@row_blocks.jit_by_ends("scenario", "spec", "block_sizes", "reference", "after")
+@row_blocks.jit_by_ends("scenario", "spec", "block_sizes", "after")
 def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_sizes,
-           reference, after=False):
+           after=False):
   """The fused op on canonical operands: the epilogue runs on each row block, or
   once after the grouped matmul (`after`, see `_epilogue_after`)."""
   m, k = x.shape
@@ -404,4 +407,4 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
 
   init = (jnp.zeros((m, n // 2), spec.dtype), jnp.zeros((m,), jnp.float32))
   return row_blocks.traverse(ends, m, init, group_ctx=group_ctx, block_fn=block_fn,
-                             block_sizes=block_sizes, reference=reference)
+                             block_sizes=block_sizes)

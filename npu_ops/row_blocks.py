@@ -6,24 +6,20 @@ fold them into `carry` (write output rows, accumulate a gradient). `bl` is a
 static size; `mask` is None when every row of the block belongs to the group,
 else a bool `[bl]` marking the rows that do (the block loop below runs that
 block first in its group, so an accumulating `block_fn` may overwrite there).
-Two traversals call it:
-
-* block loop, for dynamic ends (int32 array; one compilation serves all values)
-  and static ends (Python ints, constant bounds) alike: a loop over groups. Each
-  group is cut into `size // block_m` full blocks (a loop with a dynamic trip
-  count) and one masked block for the remaining `< block_m` rows (run first): the smallest
-  of a ladder of static sizes (`remainder_blocks`: powers of two from `min_block_m`
-  to 8, then four per octave up to `block_m`) that holds them, chosen by a
-  `lax.cond` per size (one `lax.switch` over the sizes measured 25% slower).
-  Only that block reaches outside its group (its mask drops those rows), so the
-  work is the useful work plus under a quarter of the remainder (and under
-  `min_block_m` rows) per group, in at most `size // block_m + 1` dot calls, and
-  a group's context (its weight) is sliced once. Rows outside every group are
-  computed only where a remainder block spills over them, and masked.
-  `traverse_segments` runs the same loop over any row segments (tgmm uses it for
-  the rows past each group's window, see `group_windows`).
-* reference: every group over all rows, masked (`g` times the work): the dense
-  form `jax.lax.ragged_dot` uses on CPU, kept as a cross-check.
+One block loop runs it, for dynamic ends (int32 array; one compilation serves all
+values) and static ends (Python ints, constant bounds) alike: a loop over groups.
+Each group is cut into `size // block_m` full blocks (a loop with a dynamic trip
+count) and one masked block for the remaining `< block_m` rows (run first): the
+smallest of a ladder of static sizes (`remainder_blocks`: powers of two from
+`min_block_m` to 8, then four per octave up to `block_m`) that holds them, chosen by
+a `lax.cond` per size (one `lax.switch` over the sizes measured 25% slower). Only
+that block reaches outside its group (its mask drops those rows), so the work is the
+useful work plus under a quarter of the remainder (and under `min_block_m` rows) per
+group, in at most `size // block_m + 1` dot calls, and a group's context (its
+weight) is sliced once. Rows outside every group are computed only where a
+remainder block spills over them, and masked. `traverse_segments` runs the same loop
+over any row segments (tgmm uses it for the rows past each group's window, see
+`group_windows`). (`npu_ops.reference` is the plain jnp form, for checking.)
 
 Block sizes follow the expected tokens per group (`tuning_config[0]` of the
 torch_npu ops, else m / groups): 512-row blocks run int8 dots at dense speed on
@@ -106,14 +102,8 @@ def jit_by_ends(*static_argnames: str):
 
 def traverse(ends: groups_lib.GroupEnds, m: int, carry: Any, *,
              group_ctx: Callable[[Any], Any], block_fn: BlockFn,
-             block_sizes: GmmBlockSizes | None = None, reference: bool = False) -> Any:
+             block_sizes: GmmBlockSizes | None = None) -> Any:
   """Runs `block_fn` over the rows `[0, m)` of every group (see the module doc)."""
-  if reference:
-    ends_arr = jnp.asarray(ends, jnp.int32)
-    gid = groups_lib.row_group_ids(ends_arr, m)
-    for g in range(ends_arr.shape[0]):
-      carry = block_fn(carry, group_ctx(g), 0, m, gid == g)
-    return carry
   # Static ends take the same loop, with constant bounds: on CPU, XLA runs one exact
   # dot per group (unrolled, or concatenated, or batched) at 0.4-0.6x the speed of
   # this loop once groups hold ~64 rows (measured at m=4096, e=64).

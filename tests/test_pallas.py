@@ -1,7 +1,7 @@
-"""Pallas kernels: interpret mode on CPU against NumPy and the XLA path; lowering for
-real TPU (Mosaic) and GPU (Triton) targets with jax.export; dispatch rules."""
+"""Pallas kernels: the cases beyond the core numerics (those run on every implementation in
+test_implementations); lowering for real TPU (Mosaic) and GPU (Triton) targets with
+jax.export; dispatch rules."""
 
-import functools
 import re
 
 import jax
@@ -16,10 +16,7 @@ from npu_ops import qat
 import numpy_reference as ref
 from helpers import assert_int8_close, assert_scale_close
 
-KERNELS = ["pallas_tpu", "pallas_gpu"]
-# Small tiles, so the shapes below span several row tiles (tiles shared by two groups,
-# revisited) and partial k / column tiles that the wrappers pad.
-TILES = npu_ops.TileSizes(block_m=32, block_k=128, block_n=128)
+from implementations import KERNELS, TILES
 M, K, N, E = 150, 160, 300, 4
 COUNTS = {"empty_first": (0, 50, 60, 40), "empty_middle": (50, 0, 60, 40),
           "empty_last": (50, 60, 40, 0), "tail_rows": (20, 30, 0, 25)}  # last: rows past total
@@ -32,47 +29,6 @@ def int8_case(seed=0):
   w_scale = (rng.uniform(0.5, 1.5, (E, N)) * 1e-4).astype(np.float32)
   x_scale = rng.uniform(0.5, 1.5, (M,)).astype(np.float32)
   return x, w, w_scale, x_scale
-
-
-@functools.cache
-def fused_op(implementation, **kw):
-  """One compiled fused op per implementation: every group list reuses it."""
-  x, w, w_scale, x_scale = int8_case()
-  return jax.jit(lambda gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-      x, w, w_scale, x_scale, gl, group_list_type=1, implementation=implementation, **kw))
-
-
-@pytest.mark.parametrize("impl", KERNELS)
-def test_fused_kernel_interpret(impl):
-  x, w, w_scale, x_scale = int8_case()
-  for counts in COUNTS.values():  # empty groups first / middle / last, rows past the total
-    q, s = fused_op(impl, interpret=True, tiles=TILES)(jnp.asarray(counts))
-    want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
-                                      scenario="A8W8")
-    assert_int8_close(q, want_q)
-    assert_scale_close(s, want_s)
-    xla_q, xla_s = fused_op("xla")(jnp.asarray(counts))  # the same float32 math: same codes
-    np.testing.assert_array_equal(q, xla_q)
-    assert_scale_close(s, xla_s, rtol=1e-6)
-
-
-@pytest.mark.parametrize("impl", KERNELS)
-@pytest.mark.parametrize("k,groups", [(160, 1), (512, 4)])
-def test_a8w4_kernel_interpret(impl, k, groups):
-  rng = np.random.default_rng(5)
-  x = rng.integers(-128, 128, (M, k), dtype=np.int8)
-  w = rng.integers(-8, 8, (E, k, N)).astype(np.int8)
-  w_scale = (rng.uniform(0.5, 1.5, (E, groups, N)) * 1e-3).astype(np.float32)
-  w_scale = w_scale[:, 0] if groups == 1 else w_scale
-  x_scale = rng.uniform(0.5, 1.5, (M,)).astype(np.float32)
-  counts = COUNTS["empty_middle"]
-  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-      x, jnp.asarray(w, jnp.int4), w_scale, x_scale, jnp.asarray(counts), group_list_type=1,
-      dequant_mode=0 if groups == 1 else 1, implementation=impl, interpret=True, tiles=TILES)
-  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
-                                    scenario="A8W4", assist=ref.canonical_assist(w, w_scale))
-  assert_int8_close(q, want_q)
-  assert_scale_close(s, want_s)
 
 
 def test_fused_kernel_static_group_list_nz_weight_and_default_tiles():
@@ -89,29 +45,6 @@ def test_fused_kernel_static_group_list_nz_weight_and_default_tiles():
 
 
 @pytest.mark.parametrize("impl", KERNELS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gmm_and_tgmm_kernels_interpret(impl, dtype):
-  rng = np.random.default_rng(2)
-  counts = COUNTS["tail_rows"] if dtype == jnp.float32 else COUNTS["empty_middle"]
-  x = rng.normal(size=(M, K)).astype(np.float32)
-  w = rng.normal(size=(E, K, N)).astype(np.float32)
-  dy = rng.normal(size=(M, N)).astype(np.float32)
-  xd, wd, dyd = (jnp.asarray(a, dtype) for a in (x, w, dy))
-  as_f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # the rounded inputs
-  bounds = ref.group_bounds(counts, 1)
-  kw = dict(implementation=impl, interpret=True, tiles=TILES)
-  gl = jnp.asarray(counts)
-  out = npu_ops.grouped_matmul(xd, wd, gl, preferred_element_type=jnp.float32, **kw)
-  want = ref.grouped_matmul(as_f64(xd), as_f64(wd), bounds, np.float64)
-  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-  out_t = npu_ops.tgmm(xd, dyd, gl, num_groups=E + 1, preferred_element_type=jnp.float32, **kw)
-  want_t = np.zeros((E + 1, K, N))
-  for i, (lo, hi) in enumerate(bounds):
-    want_t[i] = as_f64(xd)[lo:hi].T @ as_f64(dyd)[lo:hi]
-  np.testing.assert_allclose(out_t, want_t, rtol=1e-4, atol=1e-4 * np.abs(want_t).max())
-
-
-@pytest.mark.parametrize("impl", KERNELS)
 def test_grouped_matmul_gradients_run_on_the_kernels(impl):
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(M, K)).astype(np.float32))
@@ -119,20 +52,14 @@ def test_grouped_matmul_gradients_run_on_the_kernels(impl):
   dy = jnp.asarray(rng.normal(size=(M, N)).astype(np.float32))
   gl = jnp.asarray(COUNTS["empty_first"])
 
-  def grads(**kw):
-    loss = lambda x, w: jnp.vdot(npu_ops.grouped_matmul(x, w, gl, **kw), dy)
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
-
   platform = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}[impl]
   loss = lambda x, w: jnp.vdot(npu_ops.grouped_matmul(
       x, w, gl, implementation=impl, tiles=TILES), dy)
   # forward, dlhs (gmm) and drhs (tgmm), each a kernel; grad alone needs no forward
+  # (the gradients' values: test_implementations.test_gmm_gradients)
   train = jax.value_and_grad(loss, argnums=(0, 1))
   assert kernel_counts(train, x, w, platforms=[platform])[platform] == 3
   assert kernel_counts(jax.grad(loss, argnums=(0, 1)), x, w, platforms=[platform])[platform] == 2
-  for got, want in zip(grads(implementation=impl, interpret=True, tiles=TILES),
-                       grads(implementation="xla")):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_qat_forward_on_the_kernel_equals_xla():

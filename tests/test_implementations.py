@@ -1,0 +1,137 @@
+"""The core numerics, once, on every implementation that has the case (`implementations`):
+the XLA path, `npu_ops.reference`, and both Pallas kernels in interpret mode, each against
+the NumPy goldens; the kernels and the reference also against the XLA path, bit for bit
+where the arithmetic is the same."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import npu_ops
+import numpy_reference as ref
+from helpers import assert_int8_close, assert_scale_close
+from implementations import IMPLEMENTATIONS, impls
+
+M, K, N, E = 150, 160, 300, 4
+# Empty groups first / middle / last, and rows past the total.
+COUNTS = [(0, 50, 60, 40), (50, 0, 60, 40), (50, 60, 40, 0), (20, 30, 0, 25)]
+
+
+def _rng(seed):
+  return np.random.default_rng(seed)
+
+
+def fused_case(scenario, seed=0):
+  rng = _rng(seed)
+  lo, hi = (-8, 8) if scenario == "A4W4" else (-128, 128)
+  x = rng.integers(lo, hi, (M, K if scenario != "A8W4" else 256)).astype(np.int8)
+  k = x.shape[1]
+  w = (rng.integers(-128, 128, (E, k, N)) if scenario == "A8W8"
+       else rng.integers(-8, 8, (E, k, N))).astype(np.int8)
+  groups = 2 if scenario == "A8W4" else 1
+  spread = float(np.std(x) * np.std(w) * np.sqrt(k))
+  w_scale = (rng.uniform(0.5, 1.5, (E, groups, N)) * 2 / spread).astype(np.float32)
+  w_scale = w_scale[:, 0] if groups == 1 else w_scale
+  x_scale = rng.uniform(0.5, 1.5, (M,)).astype(np.float32)
+  return x, w, w_scale, x_scale
+
+
+@functools.cache
+def fused_op(impl, scenario):
+  """One compiled op per (implementation, scenario): every group list reuses it."""
+  x, w, w_scale, x_scale = fused_case(scenario)
+  weight = w if scenario == "A8W8" else jnp.asarray(w, jnp.int4)
+  xin = jnp.asarray(x, jnp.int4) if scenario == "A4W4" else x
+  return jax.jit(lambda gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      xin, weight, w_scale, x_scale, gl, group_list_type=1,
+      dequant_mode=1 if scenario == "A8W4" else 0, **IMPLEMENTATIONS[impl]))
+
+
+@pytest.mark.parametrize("scenario,impl",
+                         [(s, i) for s in ("A8W8", "A8W4", "A4W4") for i in impls(f"fused_{s}")])
+def test_fused_op(scenario, impl):
+  x, w, w_scale, x_scale = fused_case(scenario)
+  assist = ref.canonical_assist(w, w_scale) if scenario == "A8W4" else None
+  for counts in COUNTS:
+    q, s = fused_op(impl, scenario)(jnp.asarray(counts))
+    want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
+                                      scenario=scenario, assist=assist)
+    assert q.dtype == jnp.int8 and s.dtype == jnp.float32
+    assert_int8_close(q, want_q)
+    assert_scale_close(s, want_s)
+    assert not np.any(np.asarray(q)[sum(counts):]) and not np.any(np.asarray(s)[sum(counts):])
+    # The same float32 math in the same order: the same codes as the XLA path.
+    xla_q, xla_s = fused_op("xla", scenario)(jnp.asarray(counts))
+    np.testing.assert_array_equal(q, xla_q)
+    assert_scale_close(s, xla_s, rtol=1e-6)
+
+
+def float_operands(dtype, seed=2):
+  rng = _rng(seed)
+  x, w, dy = (rng.normal(size=s).astype(np.float32) for s in ((M, K), (E, K, N), (M, N)))
+  return tuple(jnp.asarray(a, dtype) for a in (x, w, dy))
+
+
+def as_f64(a):  # the rounded inputs, exactly
+  return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("impl", impls("gmm_float"))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gmm_and_tgmm_float(impl, dtype):
+  """Products accumulate in float32: tolerance 1e-4 of the largest value (k = 160 terms)."""
+  x, w, dy = float_operands(dtype)
+  counts = COUNTS[3] if dtype == jnp.float32 else COUNTS[1]
+  bounds = ref.group_bounds(counts, 1)
+  for gl in (list(counts), jnp.asarray(counts)):
+    out = npu_ops.grouped_matmul(x, w, gl, preferred_element_type=jnp.float32,
+                                 **IMPLEMENTATIONS[impl])
+    want = ref.grouped_matmul(as_f64(x), as_f64(w), bounds, np.float64)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  out_t = npu_ops.tgmm(x, dy, jnp.asarray(counts), num_groups=E + 1,
+                       preferred_element_type=jnp.float32, **IMPLEMENTATIONS[impl])
+  want_t = np.zeros((E + 1, K, N))
+  for i, (lo, hi) in enumerate(bounds):
+    want_t[i] = as_f64(x)[lo:hi].T @ as_f64(dy)[lo:hi]
+  np.testing.assert_allclose(out_t, want_t, rtol=1e-4, atol=1e-4 * np.abs(want_t).max())
+
+
+@pytest.mark.parametrize("impl", impls("gmm_float"))
+def test_gmm_gradients(impl):
+  """dx = dy @ w[g]^T per row, dw[g] = x[rows of g]^T @ dy[rows of g] (semantics A.2)."""
+  x, w, dy = float_operands(jnp.float32, seed=3)
+  counts = COUNTS[0]
+  loss = lambda a, b: jnp.vdot(npu_ops.grouped_matmul(a, b, jnp.asarray(counts),
+                                                      **IMPLEMENTATIONS[impl]), dy)
+  dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  bounds = ref.group_bounds(counts, 1)
+  want_dx = ref.grouped_matmul(as_f64(dy), np.swapaxes(as_f64(w), 1, 2), bounds, np.float64)
+  want_dw = np.stack([as_f64(x)[lo:hi].T @ as_f64(dy)[lo:hi] for lo, hi in bounds])
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4 * np.abs(want_dx).max())
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-4 * np.abs(want_dw).max())
+
+
+@pytest.mark.parametrize("impl", impls("gmm_int"))
+@pytest.mark.parametrize("dtype", [np.int8, ml_dtypes.int4])
+def test_gmm_and_tgmm_integer_exact(impl, dtype):
+  rng = _rng(4)
+  lo, hi = (-8, 8) if dtype == ml_dtypes.int4 else (-128, 128)
+  x = rng.integers(lo, hi, (M, K)).astype(np.int8)
+  w = rng.integers(lo, hi, (E, K, N)).astype(np.int8)
+  dy = rng.integers(lo, hi, (M, N)).astype(np.int8)
+  for counts in COUNTS:
+    bounds = ref.group_bounds(counts, 1)
+    out = npu_ops.grouped_matmul(x.astype(dtype), w.astype(dtype), jnp.asarray(counts),
+                                 **IMPLEMENTATIONS[impl])
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(out, ref.grouped_matmul(x, w, bounds))
+  out_t = npu_ops.tgmm(x.astype(dtype), dy.astype(dtype), list(counts), num_groups=E + 1,
+                       **IMPLEMENTATIONS[impl])
+  want_t = np.zeros((E + 1, K, N), np.int64)
+  for i, (lo_, hi_) in enumerate(bounds):
+    want_t[i] = x[lo_:hi_].T.astype(np.int64) @ dy[lo_:hi_]
+  np.testing.assert_array_equal(out_t, want_t)
