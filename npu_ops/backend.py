@@ -123,16 +123,18 @@ def platform_select(args: Sequence[Any], branches: dict[str, Callable[..., Any]]
                     default: Callable[..., Any]) -> Any:
   """`branches[platform](*args)` on the platforms named, `default(*args)` elsewhere.
 
-  Every branch returns the same pytree of arrays (shapes from `default`). Outside
-  of a trace the branch of `jax.default_backend()` runs directly.
+  `args` may be pytrees (QArrays, None for an absent operand). Every branch returns the
+  same pytree of arrays (shapes from `default`). Outside of a trace the branch of
+  `jax.default_backend()` runs directly.
   """
   args = tuple(args)
-  if not any(isinstance(a, jax.core.Tracer) for a in args):
+  flat_args, args_tree = jax.tree.flatten(args)
+  if not any(isinstance(a, jax.core.Tracer) for a in flat_args):
     return branches.get(jax.default_backend(), default)(*args)
   out_shapes = jax.eval_shape(default, *args)
   flat_shapes, tree = jax.tree.flatten(out_shapes)
-  flat = lambda f: (lambda *a: jax.tree.leaves(f(*a)))
-  outs = _select_p.bind(*args, branches=tuple((p, flat(f)) for p, f in branches.items()),
+  flat = lambda f: (lambda *a: jax.tree.leaves(f(*jax.tree.unflatten(args_tree, a))))
+  outs = _select_p.bind(*flat_args, branches=tuple((p, flat(f)) for p, f in branches.items()),
                         default=flat(default),
                         out_avals=tuple(jax.core.ShapedArray(s.shape, s.dtype)
                                         for s in flat_shapes))

@@ -40,11 +40,11 @@ from npu_ops import reference
 from npu_ops import row_blocks
 from npu_ops._validation import (check_array, check_dtype_arg, check_int_option, check_rank,
                                  check_scale_groups, describe, fail, require)
+from npu_ops.operands import A4W4, A8W4, A8W8, QArray
 from npu_ops.scales import float32_from_scale_words
 from pallas_kernels import common as pallas_common
 from pallas_kernels.common import TileSizes
 
-A8W8, A8W4, A4W4 = "A8W8", "A8W4", "A4W4"
 _FLOAT_SCALES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
 # dequant_dtype: aclnn 0 and torch's float32 code 6 both mean a float32 intermediate.
 _DEQUANT_FP32 = (0, 6)
@@ -132,8 +132,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
   e = w.values.shape[0]
   require(e <= MAX_EXPERTS, "weight", f"at most {MAX_EXPERTS} experts (semantics B.1.2)",
           describe(weight))
-  scenario = {(operands.INT8, operands.INT8): A8W8, (operands.INT8, operands.INT4): A8W4,
-              (operands.INT4, operands.INT4): A4W4}.get((lhs.bits, w.bits))
+  scenario = operands.scenario(lhs, w)
   if scenario is None:
     fail("weight", "int4 weights (int32 words or jnp.int4) for an int4 x", describe(weight),
          TypeError)
@@ -180,21 +179,33 @@ def npu_grouped_matmul_swiglu_quant_v2(
         e, smooth_scale.shape[1] if smooth_scale.ndim == 2 else 1)
 
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
-  return fused_canonical(lhs.values, w.values, scale, jnp.asarray(x_scale, jnp.float32), assist,
-                         smooth, ends, scenario=scenario, spec=spec,
+  return fused_canonical(QArray.of(lhs, jnp.asarray(x_scale, jnp.float32)), QArray.of(w, scale),
+                         ends, assist=assist, smooth=smooth, spec=spec,
                          expected_tokens=tokens, implementation=implementation,
                          interpret=interpret, tiles=tiles)
 
 
-def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spec,
-                    expected_tokens=None, implementation=None, interpret=False, tiles=None):
-  """The fused op on canonical operands (`operands`: int8 x, int8 or jnp.int4 w; float32
-  `[e, G, n]` scales, group ends), on the implementation asked for (`npu_ops.backend`): a
-  Pallas kernel (A8W8 / A8W4 with int8 output), the XLA row-block path, or
-  `npu_ops.reference`."""
-  m, k = x.shape
-  e, n = w.shape[0], scale.shape[-1]
-  impl = backend.resolve(implementation, unsupported=_kernel_gap(scenario, spec, k, scale),
+def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
+                    assist: jax.Array | None = None, smooth: jax.Array | None = None,
+                    spec: quant_lib.DynamicQuant = quant_lib.INT8_PER_TOKEN,
+                    expected_tokens: int | None = None, implementation: str | None = None,
+                    interpret: bool = False, tiles: TileSizes | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+  """The fused op on canonical operands, on the implementation asked for (`npu_ops.backend`):
+  a Pallas kernel (A8W8 / A8W4 with int8 output), the XLA row-block path, or
+  `npu_ops.reference`.
+
+  Args:
+    x: tokens, int8 values `[m, k]` with their scale `[m]`.
+    w: expert weights, int8 or jnp.int4 values `[e, k, n]` with their scale `[e, G, n]`.
+    ends: group ends (`npu_ops.groups`).
+    assist: A8W4's `[e, n]` assist matrix; smooth: A4W4's `[e, n/2]` or `[e, 1]`.
+    spec: the output quantization.
+  """
+  scenario = operands.scenario(x, w)
+  m, k = x.values.shape
+  e, n = w.values.shape[0], w.scale.shape[-1]
+  impl = backend.resolve(implementation, unsupported=_kernel_gap(scenario, spec, k, w.scale),
                          interpret=interpret, tiles=tiles)
   if gmm_lib.is_symbolic(m):  # export with a symbolic m: ragged_dot, then the epilogue
     gmm_lib.check_static_m(m, implementation)
@@ -203,29 +214,21 @@ def fused_canonical(x, w, scale, x_scale, assist, smooth, ends, *, scenario, spe
     tiles = tiles or TileSizes.for_problem(m, k, n, len(ends), expected_tokens)
     block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
     after = _epilogue_after(m, k, n, e, expected_tokens, scenario)
-  optional = [a is not None for a in (assist, smooth)]
 
-  def unpack(rest):  # the optional operands, back in their places
-    it = iter(rest)
-    return [next(it) if present else None for present in optional]
+  def kernel(module, x, w, ends_array, assist, smooth):
+    del smooth  # A4W4 only: no kernel
+    return module.gmm_swiglu_quant(x.values, w.values, w.scale, x.scale, ends_array,
+                                   assist=assist, tiles=tiles, interpret=interpret)
 
-  def kernel(module, x, w, scale, x_scale, ends_array, *rest):
-    assist, _ = unpack(rest)
-    return module.gmm_swiglu_quant(x, w, scale, x_scale, ends_array, assist=assist,
-                                   tiles=tiles, interpret=interpret)
-
-  def xla(x, w, scale, x_scale, ends_array, *rest):
+  def xla(x, w, ends_array, assist, smooth):
     ends_ = ends if isinstance(ends, tuple) else ends_array
     if impl == "reference":
-      return reference.swiglu_quant(x, w.astype(jnp.int8), scale, x_scale, *unpack(rest), ends_,
-                                    scenario=scenario, qmax=spec.qmax, dtype=spec.dtype)
-    return _fused(x, w, scale, x_scale, *unpack(rest), ends=ends_, scenario=scenario,
-                  spec=spec, block_sizes=block_sizes, after=after)
+      return reference.swiglu_quant(x, w, ends_, assist=assist, smooth=smooth, spec=spec)
+    return _fused(x.values, w.values, w.scale, x.scale, assist, smooth, ends=ends_,
+                  scenario=scenario, spec=spec, block_sizes=block_sizes, after=after)
 
-  args = (x, w, scale, x_scale, jnp.asarray(ends, jnp.int32)) + tuple(
-      a for a in (assist, smooth) if a is not None)
-  return backend.run(impl, args, kernel=kernel, xla=xla,
-                     interpret=interpret)
+  return backend.run(impl, (x, w, jnp.asarray(ends, jnp.int32), assist, smooth), kernel=kernel,
+                     xla=xla, interpret=interpret)
 
 
 def npu_grouped_matmul_swiglu_quant(

@@ -44,6 +44,7 @@ from npu_ops import quant as quant_lib
 from npu_ops._validation import (check_array, check_dtype, check_int_option, check_scale_groups,
                                  describe, fail, require)
 from npu_ops.gmm_swiglu_quant import expected_tokens
+from npu_ops.operands import A4W4, A8W4, A8W8
 from npu_ops.quant_matmul import decode_quant_param, requant_int8
 from npu_ops.scales import float32_from_scale_words
 from npu_ops.weight_quant import antiquant_weight
@@ -55,7 +56,7 @@ _FLOATS = (F16, BF16, F32)
 _WORDS = (np.dtype(np.int64), np.dtype(np.uint64))
 _MAX_TENSORS = 128
 
-FLOAT, A8W8, A4W4, A8W4, ANTIQUANT = "float", "A8W8", "A4W4", "A8W4", "antiquant"
+FLOAT, ANTIQUANT = "float", "antiquant"  # beside operands' A8W8, A8W4, A4W4
 _SHORT = {F16: "fp16", BF16: "bf16", F32: "fp32", I8: "int8", I32: "int32", I4: "int4"}
 
 # --- the supported scenarios, as data (rendered into README by a test) ----------------------

@@ -8,6 +8,7 @@ Backends only ever see this form.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -19,6 +20,9 @@ from npu_ops._validation import check_array, check_dtype, describe, fail, requir
 
 INT8, INT4 = "int8", "int4"
 _WEIGHT_DTYPES = tuple(np.dtype(d) for d in (jnp.int8, jnp.int32, jnp.int4))
+# The quantized scenarios, named by (x bits, weight bits) (semantics B.1.2, B.4.3).
+A8W8, A8W4, A4W4 = "A8W8", "A8W4", "A4W4"
+_SCENARIOS = {(INT8, INT8): A8W8, (INT8, INT4): A8W4, (INT4, INT4): A4W4}
 
 
 def stack_tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ...]) -> Any:
@@ -47,6 +51,32 @@ def stack_tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ..
 class IntOperand(NamedTuple):
   values: jax.Array  # int8, or int4 values in [-8, 7] (int8 for x, jnp.int4 for weights)
   bits: str          # INT8 or INT4
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A quantized operand as data (qwix's QArray): integer codes and the scale that
+  dequantizes them, as every backend of the fused op takes them.
+
+  Attributes:
+    values: int8 codes; int4 ones (in [-8, 7]) as int8 for tokens, `jnp.int4` for weights.
+    scale: float32, per token `[m]` for tokens; per k group and channel `[e, G, n]` for
+      weights (G = 1: per channel; each k group is k / G rows of k).
+    bits: INT8 or INT4 (static).
+  """
+  values: jax.Array
+  scale: jax.Array
+  bits: str = dataclasses.field(metadata=dict(static=True))
+
+  @classmethod
+  def of(cls, operand: IntOperand, scale: jax.Array) -> "QArray":
+    return cls(operand.values, scale, operand.bits)
+
+
+def scenario(x: QArray | IntOperand, w: QArray | IntOperand) -> str | None:
+  """A8W8, A8W4 or A4W4 from the operands' bits (None: no such scenario)."""
+  return _SCENARIOS.get((x.bits, w.bits))
 
 
 def canonical_lhs(x: Any, name: str = "x") -> IntOperand:

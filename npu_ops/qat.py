@@ -35,6 +35,7 @@ from npu_ops import backend
 from npu_ops import gmm as gmm_lib
 from npu_ops import gmm_swiglu_quant as fused_lib
 from npu_ops import groups as groups_lib
+from npu_ops import operands
 from npu_ops import quant as quant_lib
 from npu_ops import row_blocks
 from npu_ops._validation import (check_array, check_rank, check_scale_groups, describe, fail,
@@ -283,11 +284,11 @@ def _qat_fused(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_sc
   wq = quantize_weight(weight, weight_scale, bits=bits)
   scale = weight_scale.astype(jnp.float32).reshape(
       e, weight_scale.shape[1] if weight_scale.ndim == 3 else 1, n)
-  scenario = fused_lib.A8W8 if bits == 8 else fused_lib.A8W4
-  assist = fused_lib.canonical_assist(wq, scale) if scenario == fused_lib.A8W4 else None
+  w_bits = operands.INT8 if bits == 8 else operands.INT4
+  assist = fused_lib.canonical_assist(wq, scale) if w_bits == operands.INT4 else None
   q, q_scale = fused_lib.fused_canonical(
-      xq, wq, scale, xs, assist, None, ends, scenario=scenario, spec=quant_lib.INT8_PER_TOKEN,
-      expected_tokens=expected_tokens, implementation=run.implementation,
+      operands.QArray(xq, xs, operands.INT8), operands.QArray(wq, scale, w_bits), ends,
+      assist=assist, expected_tokens=expected_tokens, implementation=run.implementation,
       interpret=run.interpret, tiles=run.tiles)
   return q.astype(jnp.float32) * q_scale[:, None]
 

@@ -20,6 +20,8 @@ import numpy as np
 
 from npu_ops import _epilogue
 from npu_ops import groups as groups_lib
+from npu_ops import operands
+from npu_ops.operands import QArray
 
 
 def _row_groups(ends: groups_lib.GroupEnds, m: int) -> tuple[jax.Array, jax.Array]:
@@ -61,33 +63,36 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num_grou
                     preferred_element_type=_acc_dtype(out_dtype)).astype(out_dtype)
 
 
-def swiglu_quant(x: jax.Array, w: jax.Array, scale: jax.Array, x_scale: jax.Array,
-                 assist: jax.Array | None, smooth: jax.Array | None,
-                 ends: groups_lib.GroupEnds, *, scenario: str, qmax: float = 127.0,
-                 dtype: Any = jnp.int8) -> tuple[jax.Array, jax.Array]:
-  """The fused op (semantics B.1.3-B.1.5) on canonical operands.
+def swiglu_quant(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
+                 assist: jax.Array | None = None, smooth: jax.Array | None = None,
+                 spec: Any = None) -> tuple[jax.Array, jax.Array]:
+  """The fused op (semantics B.1.3-B.1.5) on canonical operands (`operands.QArray`).
 
-  `x [m, k]` int8 values, `w [e, k, n]` int8 values, `scale [e, G, n]` float32 (G k groups),
-  `x_scale [m]`, `assist [e, n]` (A8W4), `smooth [e, n/2 or 1]` (A4W4). Returns (codes
-  `[m, n/2]`, scales `[m]`), 0 for rows in no group.
+  `x`: int8 values `[m, k]` (int4 ones widened), scale `[m]`; `w`: int8 / int4 values
+  `[e, k, n]`, scale `[e, G, n]` (G k groups); `assist [e, n]` (A8W4), `smooth [e, n/2 or 1]`
+  (A4W4); `spec` a `quant.DynamicQuant` (default int8 per token). Returns (codes `[m, n/2]`,
+  scales `[m]`), 0 for rows in no group.
   """
-  m, k = x.shape
-  n_groups = scale.shape[1]
+  qmax, dtype = (127.0, jnp.int8) if spec is None else (spec.qmax, spec.dtype)
+  scenario = operands.scenario(x, w)
+  xv, wv = x.values, w.values.astype(jnp.int8)
+  m, k = xv.shape
+  n_groups = w.scale.shape[1]
   gs = k // n_groups
   gid, inside = _row_groups(ends, m)
   per_row = lambda a: a[gid]  # a per-expert operand, row by row
-  x_scale = x_scale[:, None]
+  x_scale = x.scale[:, None]
   int_gmm = lambda xs, ws: grouped_matmul(xs, ws, ends, out_dtype=jnp.int32)
-  if scenario == "A8W4":  # (x - 8) @ W per k group, as x @ W - 8 * colsum in int32
-    colsum8 = _epilogue.colsum8(w, n_groups)
-    c = sum(_epilogue.close_k_group(int_gmm(x[:, g * gs:(g + 1) * gs], w[:, g * gs:(g + 1) * gs]),
-                                    per_row(colsum8[:, g]), per_row(scale[:, g]))
-            for g in range(n_groups))
+  if scenario == operands.A8W4:  # (x - 8) @ W per k group, as x @ W - 8 * colsum in int32
+    colsum8 = _epilogue.colsum8(wv, n_groups)
+    c = sum(_epilogue.close_k_group(
+        int_gmm(xv[:, g * gs:(g + 1) * gs], wv[:, g * gs:(g + 1) * gs]),
+        per_row(colsum8[:, g]), per_row(w.scale[:, g])) for g in range(n_groups))
     c = _epilogue.finish_a8w4(c, per_row(assist), x_scale)
-  elif scenario == "A8W8":
-    c = _epilogue.dequant_a8w8(int_gmm(x, w), per_row(scale[:, 0]), x_scale)
+  elif scenario == operands.A8W8:
+    c = _epilogue.dequant_a8w8(int_gmm(xv, wv), per_row(w.scale[:, 0]), x_scale)
   else:
-    c = _epilogue.dequant_a4w4(int_gmm(x, w), per_row(scale[:, 0]), x_scale)
+    c = _epilogue.dequant_a4w4(int_gmm(xv, wv), per_row(w.scale[:, 0]), x_scale)
   half = c.shape[-1] // 2
   s = _epilogue.swiglu_halves(c[:, :half], c[:, half:])
   if smooth is not None:
