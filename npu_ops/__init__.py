@@ -11,7 +11,7 @@ from npu_ops.gmm import tgmm as tgmm
 from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant as npu_grouped_matmul_swiglu_quant
 from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2 as npu_grouped_matmul_swiglu_quant_v2
 from npu_ops.gmm_swiglu_quant import weight_assist_matrix as weight_assist_matrix
-from npu_ops.grouped_matmul_nz import npu_grouped_matmul as npu_grouped_matmul
+from npu_ops.npu_grouped_matmul import npu_grouped_matmul as npu_grouped_matmul
 from npu_ops.groups import check_group_list as check_group_list
 from npu_ops.groups import group_ends as group_ends
 from npu_ops.layouts import FORMAT_ND as FORMAT_ND

@@ -1,6 +1,6 @@
 """The epilogue math of every grouped op: one home, pure jnp, imports nothing of ours.
 
-The XLA path (`gmm_swiglu_quant`, `grouped_matmul_nz`) and both Pallas kernels
+The XLA path (`gmm_swiglu_quant`, `_gmm_scenarios`) and both Pallas kernels
 (`pallas_kernels.tpu`, `.gpu`) call these same functions on whole arrays or on
 tiles, so a kernel and the XLA path round at the same points and give the same
 bits. Shapes below are those of one row block: `acc [bm, bn]` (int32 partial

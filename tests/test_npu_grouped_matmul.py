@@ -13,7 +13,7 @@ import pytest
 import npu_ops
 import numpy_reference as ref
 from helpers import counts_to_list, encode_int4_weight, encode_int8_weight, int4_array
-from npu_ops import grouped_matmul_nz as gmm_nz
+from npu_ops import _gmm_scenarios as gmm_scenarios
 
 F32, F16, BF16 = np.float32, np.float16, ml_dtypes.bfloat16
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -429,7 +429,7 @@ def test_readme_table_is_rendered_from_supported():
   text = (ROOT / "README.md").read_text()
   block = re.search(r"<!-- npu_grouped_matmul table -->\n(.*?)\n<!-- end -->", text, re.S)
   assert block, "README lacks the npu_grouped_matmul table markers"
-  assert block.group(1).strip() == gmm_nz.supported_table_markdown().strip()
+  assert block.group(1).strip() == gmm_scenarios.supported_table_markdown().strip()
 
 
 def _cell_call(row, column, out):
@@ -466,10 +466,10 @@ def _cell_call(row, column, out):
   return lambda: npu_ops.npu_grouped_matmul(x, w, **kw)
 
 
-@pytest.mark.parametrize("row", list(gmm_nz.SUPPORTED))
+@pytest.mark.parametrize("row", list(gmm_scenarios.SUPPORTED))
 def test_every_table_cell_runs_or_raises(row):
-  for column in gmm_nz.COLUMNS:
-    outs = gmm_nz.SUPPORTED[row].get(column)
+  for column in gmm_scenarios.COLUMNS:
+    outs = gmm_scenarios.SUPPORTED[row].get(column)
     if outs is None:
       with pytest.raises((TypeError, ValueError)):
         _cell_call(row, column, None)()
