@@ -135,13 +135,14 @@ class Case:
   kernels: int  # Pallas kernels the program must hold on TPU and GPU (0: XLA only)
 
 
-def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None):
+def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_groups=None):
   import npu_ops  # noqa: PLC0415
 
-  def fn(x, w, ws, xs, gl):
+  def fn(x, w, ws, xs, gl, *offset):  # global_groups: e local experts of a traced offset
     gl = gl if group_list is None else list(group_list)
     return npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-        x, w, ws, xs, gl, group_list_type=1, dequant_mode=int(groups > 1))
+        x, w, ws, xs, gl, group_list_type=1, dequant_mode=int(groups > 1),
+        group_offset=offset[0] if offset else None)
   scale = (e, groups, n) if groups > 1 else (e, n)
   if weight == "int8":
     w = ((e, k, n), jnp.int8)
@@ -150,6 +151,9 @@ def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None):
   else:  # jnp.int4, read in place
     w = ((e, k, n), jnp.int4)
   x = ((m, k // 8), jnp.int32) if weight == "a4w4" else ((m, k), jnp.int8)
+  if global_groups:
+    return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((global_groups,), jnp.int32),
+                ((), jnp.int32))
   return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((e,), jnp.int32))
 
 
@@ -228,6 +232,8 @@ def cases() -> list[Case]:
            kernels=1),
       Case("fused A8W4 int32 words", *_fused(4096, k, n, 16, weight="words"), kernels=1),
       Case("fused A4W4 (XLA path)", *_fused(512, 512, 1024, 4, weight="a4w4"), kernels=0),
+      Case("fused A8W8 group_offset (4 of 16 experts)",
+           *_fused(4096, k, n, 4, global_groups=16), kernels=1),
   ]
   for dtype, tag in ((jnp.bfloat16, "bf16"), (jnp.float32, "fp32")):
     out += [Case(f"gmm {tag} m=4096 e=16", *_gmm(4096, k, n, 16, dtype), kernels=1),

@@ -80,13 +80,13 @@ def _check_block_sizes(block_sizes: Any) -> None:
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
                    precision: Any = None, preferred_element_type: Any = None,
-                   implementation: str | None = None,
+                   group_offset: Any = None, implementation: str | None = None,
                    block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
                    tiles: TileSizes | None = None) -> jax.Array:
   """Grouped matmul with `jax.lax.ragged_dot` semantics: a drop-in for
-  `ragged_dot(lhs, rhs, group_sizes, precision, preferred_element_type)`. Works under
-  jit, vmap, grad, jvp and higher orders (a bilinear primitive, see the end of this
-  module); `group_offset` (expert parallelism) is not supported yet.
+  `ragged_dot(lhs, rhs, group_sizes, precision, preferred_element_type, group_offset)`
+  (which refuses `group_offset` today). Works under jit, vmap, grad, jvp and higher
+  orders (a bilinear primitive, see the end of this module).
 
   Args:
     lhs: `[m, k]` int8 / int4, or float32 / bfloat16 / float16.
@@ -94,7 +94,12 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
     group_sizes: rows per group, `len <= g`: Python ints (static: checked at
       trace time) or an int32/int64 array (dynamic: one compilation for all values).
       Invalid dynamic sizes are clamped (negative -> 0, total capped at m; see
-      `npu_ops.groups`).
+      `npu_ops.groups`). With `group_offset`: all G groups of every shard.
+    group_offset: expert parallelism (megablox semantics): rhs holds the g local
+      experts, global groups `[group_offset, group_offset + g)`; rows of other groups
+      give 0 (and zero gradients). A Python int or a scalar int array (traced: one
+      compilation for every offset; out-of-range values are clamped to `[0, G - g]`).
+      It costs a copy of lhs and of the output (the local rows are moved to row 0).
     precision: as in `jax.lax.dot` (None, a `jax.lax.Precision` or its name, or a
       pair): how TPU and GPU multiply float operands (e.g. HIGHEST for full float32
       products on the MXU, no TF32 on GPU); used by the forward and both VJP
@@ -118,13 +123,17 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
   m, k = lhs.shape
   g, k_rhs, _ = rhs.shape
   require(k_rhs == k, "rhs", f"[g, k={k}, n] to match lhs {describe(lhs)}", describe(rhs))
-  ends = groups_lib.ends_from_sizes(group_sizes, m, g)
   _check_block_sizes(block_sizes)
   backend.resolve(implementation, unsupported=_kernel_gap(lhs.dtype), interpret=interpret,
                    tiles=tiles)
-  return differentiable_gmm(lhs, rhs, ends, out_dtype=out_dtype, implementation=implementation,
-                            block_sizes=block_sizes, interpret=interpret, tiles=tiles,
-                            precision=canonical_precision(precision))
+  run = dict(out_dtype=out_dtype, implementation=implementation, block_sizes=block_sizes,
+             interpret=interpret, tiles=tiles, precision=canonical_precision(precision))
+  if group_offset is None:
+    return differentiable_gmm(lhs, rhs, groups_lib.ends_from_sizes(group_sizes, m, g), **run)
+  ends = groups_lib.ends_from_sizes(group_sizes, m, max(g, groups_lib.num_listed(group_sizes)))
+  local, shift = groups_lib.local_groups(ends, group_offset, g)
+  out = differentiable_gmm(groups_lib.shift_rows(lhs, -shift), rhs, local, **run)
+  return groups_lib.shift_rows(out, shift)
 
 
 class Run(NamedTuple):
@@ -241,7 +250,8 @@ def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None):
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | None = None,
-         precision: Any = None, preferred_element_type: Any = None, implementation: str | None = None,
+         precision: Any = None, preferred_element_type: Any = None, group_offset: Any = None,
+         implementation: str | None = None,
          block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
          tiles: TileSizes | None = None) -> jax.Array:
   """k-grouped matmul: `out[g] = lhs[rows of g]^T @ rhs[rows of g]`.
@@ -254,6 +264,9 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
     group_sizes: rows per group (static ints or a dynamic array, as in
       `grouped_matmul`).
     num_groups: `g`, the number of output matrices (default len(group_sizes)).
+    group_offset: as in `grouped_matmul`: the output holds the `num_groups` local groups
+      `[group_offset, group_offset + num_groups)` of the G in `group_sizes` (num_groups
+      is then required).
     precision, preferred_element_type, implementation, interpret, tiles: as in
       `grouped_matmul`.
     block_sizes: row blocks of the XLA path's accumulation (default 2048-row
@@ -268,16 +281,22 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
   out_dtype = _check_operands(lhs, rhs, preferred_element_type)
   m, k = lhs.shape
   require(rhs.shape[0] == m, "rhs", f"[m={m}, n] to match lhs {describe(lhs)}", describe(rhs))
-  sizes_len = len(group_sizes) if groups_lib.is_static(group_sizes) else getattr(
-      group_sizes, "shape", (0,))[0]
-  num_groups = sizes_len if num_groups is None else check_int("num_groups", num_groups, minimum=1)
-  ends = groups_lib.ends_from_sizes(group_sizes, m, num_groups)
+  listed = groups_lib.num_listed(group_sizes)
+  if group_offset is not None and num_groups is None:
+    fail("num_groups", "the number of local groups with group_offset", None, TypeError)
+  num_groups = listed if num_groups is None else check_int("num_groups", num_groups, minimum=1)
   _check_block_sizes(block_sizes)
   backend.check(implementation, interpret, tiles)
-  return differentiable_tgmm(lhs, rhs, ends, num_groups=num_groups, out_dtype=out_dtype,
-                             implementation=implementation, block_sizes=block_sizes,
-                             interpret=interpret, tiles=tiles,
-                             precision=canonical_precision(precision))
+  run = dict(num_groups=num_groups, out_dtype=out_dtype, implementation=implementation,
+             block_sizes=block_sizes, interpret=interpret, tiles=tiles,
+             precision=canonical_precision(precision))
+  if group_offset is None:
+    return differentiable_tgmm(lhs, rhs, groups_lib.ends_from_sizes(group_sizes, m, num_groups),
+                               **run)
+  ends = groups_lib.ends_from_sizes(group_sizes, m, max(num_groups, listed))
+  local, shift = groups_lib.local_groups(ends, group_offset, num_groups)
+  return differentiable_tgmm(groups_lib.shift_rows(lhs, -shift),
+                             groups_lib.shift_rows(rhs, -shift), local, **run)
 
 
 def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num_groups: int,

@@ -56,7 +56,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
     smooth_scale: Any = None, weight_assist_matrix: Any = None, bias: Any = None,
     dequant_mode: int = 0, dequant_dtype: Any = 0, quant_mode: int = 0, quant_dtype: Any = 0,
     group_list_type: int = 0, tuning_config: Sequence[int] | None = None,
-    implementation: str | None = None, interpret: bool = False,
+    group_offset: Any = None, implementation: str | None = None, interpret: bool = False,
     tiles: TileSizes | None = None) -> tuple[jax.Array, jax.Array]:
   """Fused grouped matmul + dequant + SwiGLU + per-token int8 quant (torch_npu v2).
 
@@ -92,6 +92,10 @@ def npu_grouped_matmul_swiglu_quant_v2(
     quant_mode: 0 per-token (2, MX, is planned).
     quant_dtype: 0 or 1 (int8). fp8 codes are planned.
     group_list_type: 0 cumsum, 1 count.
+    group_offset: expert parallelism (a JAX extension, megablox semantics): weight holds
+      the e local experts, global groups `[group_offset, group_offset + e)` of the G in
+      group_list; rows of other groups are 0 in both outputs. A Python int or a scalar int
+      array (traced: clamped to `[0, G - e]`); see `npu_ops.grouped_matmul`.
     tuning_config: `[expected tokens per expert, ...]`; a performance hint that
       sizes the row blocks of the XLA path and the kernels' row tiles (no
       numerical effect).
@@ -178,11 +182,19 @@ def npu_grouped_matmul_swiglu_quant_v2(
     smooth = jnp.asarray(smooth_scale, jnp.float32).reshape(
         e, smooth_scale.shape[1] if smooth_scale.ndim == 2 else 1)
 
-  ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
-  return fused_canonical(QArray.of(lhs, jnp.asarray(x_scale, jnp.float32)), QArray.of(w, scale),
-                         ends, assist=assist, smooth=smooth, spec=spec,
-                         expected_tokens=tokens, implementation=implementation,
-                         interpret=interpret, tiles=tiles)
+  run = dict(assist=assist, smooth=smooth, spec=spec, expected_tokens=tokens,
+             implementation=implementation, interpret=interpret, tiles=tiles)
+  xq, wq = QArray.of(lhs, jnp.asarray(x_scale, jnp.float32)), QArray.of(w, scale)
+  if group_offset is None:
+    ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
+    return fused_canonical(xq, wq, ends, **run)
+  ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
+                               num_groups=max(e, groups_lib.num_listed(group_list)))
+  local, shift = groups_lib.local_groups(ends, group_offset, e)
+  to_row0 = lambda a: groups_lib.shift_rows(a, -shift)
+  q, q_scale = fused_canonical(QArray(to_row0(xq.values), to_row0(xq.scale), xq.bits), wq,
+                               local, **run)
+  return groups_lib.shift_rows(q, shift), groups_lib.shift_rows(q_scale, shift)
 
 
 def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
@@ -233,14 +245,15 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
 
 def npu_grouped_matmul_swiglu_quant(
     x: Any, weight: Any, group_list: Any, weight_scale: Any, x_scale: Any, *,
-    bias: Any = None, offset: Any = None, implementation: str | None = None,
+    bias: Any = None, offset: Any = None, group_offset: Any = None,
+    implementation: str | None = None,
     interpret: bool = False, tiles: TileSizes | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """torch_npu v1: A8W8 or A8W4 with a cumsum group_list.
 
   In v1 the A8W4 assist matrix travels in the `bias` slot, and the dequant mode
   follows the rank of weight_scale (`[e, n]` per channel, `[e, G, n]` per group).
-  implementation, interpret, tiles: as in v2.
+  group_offset, implementation, interpret, tiles: as in v2.
 
   Returns:
     (output int8 `[m, n/2]`, output_scale float32 `[m]`, output_offset float32
@@ -267,8 +280,8 @@ def npu_grouped_matmul_swiglu_quant(
             f"the A8W4 assist matrix, float32 [e={e}, n={n}]", describe(bias))
   out, out_scale = npu_grouped_matmul_swiglu_quant_v2(
       x, weight, ws, x_scale, group_list, weight_assist_matrix=bias,
-      dequant_mode=1 if ws.ndim == 3 else 0, group_list_type=0, implementation=implementation,
-      interpret=interpret, tiles=tiles)
+      dequant_mode=1 if ws.ndim == 3 else 0, group_list_type=0, group_offset=group_offset,
+      implementation=implementation, interpret=interpret, tiles=tiles)
   return out, out_scale, jnp.zeros((), jnp.float32)
 
 

@@ -218,6 +218,62 @@ def ends_from_sizes(sizes: Any, m: int, num_groups: int, name: str = "group_size
   return group_ends(sizes, group_list_type=COUNT, m=m, num_groups=num_groups, name=name)
 
 
+def num_listed(group_list: Any) -> int:
+  """How many groups a static list or a 1-D array names (0 for anything else: the
+  canonicalization then says what was wrong)."""
+  if is_static(group_list):
+    return len(group_list)
+  shape = getattr(group_list, "shape", ())
+  return int(shape[0]) if len(shape) == 1 else 0
+
+
+def local_groups(ends: GroupEnds, group_offset: Any, num_local: int
+                 ) -> tuple[GroupEnds, Any]:
+  """megablox's `group_offset`: of the groups in `ends` (all G of them), the `num_local`
+  from `group_offset` on, as `(local ends, shift)`: the local groups' ends counted from
+  `shift`, the first row of local group 0. Rows of other groups belong to no local group.
+
+  `group_offset`: a Python int (checked: `0 <= offset <= G - num_local`) or a scalar int
+  array (traced values are clamped into that range, and reported under checkify).
+  Static ends with a static offset stay static.
+  """
+  total = len(ends)
+  if isinstance(group_offset, bool) or not (
+      isinstance(group_offset, (int, np.integer)) or
+      (hasattr(group_offset, "dtype") and is_integer_dtype(group_offset.dtype)
+       and getattr(group_offset, "ndim", None) == 0)):
+    fail("group_offset", "None, a Python int or a scalar integer array",
+         describe(group_offset) if hasattr(group_offset, "dtype") else repr(group_offset),
+         TypeError)
+  require(num_local <= total, "group_sizes", f"at least {num_local} groups (one per local "
+          "expert in rhs) with group_offset", f"{total} groups")
+  top = total - num_local
+  if isinstance(group_offset, (int, np.integer)):
+    require(0 <= group_offset <= top, "group_offset", f"an int in [0, {top}] (groups "
+            f"{total} - local experts {num_local})", group_offset)
+    off = int(group_offset)
+    if isinstance(ends, tuple):
+      shift = ends[off - 1] if off else 0
+      return tuple(e - shift for e in ends[off:off + num_local]), shift
+  else:
+    if is_concrete(group_offset):  # known values are checked, as group lists are
+      require(0 <= int(group_offset) <= top, "group_offset", f"an int in [0, {top}] (groups "
+              f"{total} - local experts {num_local})", int(group_offset))
+    checkify.debug_check((group_offset >= 0) & (group_offset <= top),
+                         f"group_offset outside [0, {top}]; it was clamped")
+    off = jnp.clip(jnp.asarray(group_offset, jnp.int32), 0, top)
+  ends = jnp.asarray(ends, jnp.int32)
+  shift = jnp.where(off > 0, ends[jnp.maximum(off - 1, 0)], 0)
+  return lax.dynamic_slice_in_dim(ends, off, num_local) - shift, shift
+
+
+def shift_rows(a: jax.Array, shift: Any) -> jax.Array:
+  """`a` with row `r` moved to `r + shift` (cyclically): local groups to row 0 and back."""
+  if isinstance(shift, (int, np.integer)) and shift == 0:
+    return a
+  return jnp.roll(a, shift, axis=0)
+
+
 def row_group_ids(ends: GroupEnds, m: int) -> jax.Array:
   """int32 [m]: the group of each row, `len(ends)` for rows outside every group."""
   if isinstance(ends, tuple):

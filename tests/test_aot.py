@@ -68,7 +68,8 @@ def test_tpu_a8w4_reads_int4_weights_in_place():
   assert r.temp_bytes <= 0.10 * r.io_bytes, f"temp {r.temp_bytes} for io {r.io_bytes}"
 
 
-TPU_EDGES = ["fused A8W8 n/2=150", "fused A8W4 per channel m=4096 e=16"]
+TPU_EDGES = ["fused A8W8 n/2=150", "fused A8W4 per channel m=4096 e=16",
+             "fused A8W8 group_offset (4 of 16 experts)"]
 
 
 @slow
@@ -84,7 +85,8 @@ GPU_CASES = [("a100", "fused A8W8 m=4096 e=16"),
              pytest.param("a100", "fused A8W4 per group (G=4)", marks=slow),
              pytest.param("h100", "gmm fp32 m=4096 e=16", marks=slow),
              pytest.param("a100", "tgmm fp32 m=4096 e=16", marks=slow),
-             pytest.param("a100", "gmm vjp fp32 precision=highest", marks=slow)]
+             pytest.param("a100", "gmm vjp fp32 precision=highest", marks=slow),
+             pytest.param("h100", "fused A8W8 group_offset (4 of 16 experts)", marks=slow)]
 
 
 @needs["gpu"]
