@@ -244,7 +244,8 @@ def format_qat_row(r: dict) -> str:
 def qat_header(k: int, n: int) -> str:
   h = (f"{'m':>6} {'e':>3} {'groups':>10} | {'float ms':>9} {'qat ms':>9} {'ratio':>7} | "
        f"{'float+bwd':>9} {'qat+bwd':>9} {'ratio':>7}")
-  return (f"k={k}, n={n}; QAT fused op vs float32 gmm + swiglu, forward | forward + backward "
+  return (f"k={k}, n={n}; {host_kind() or 'host unknown'}\n"
+          "QAT fused op vs float32 gmm + swiglu, forward | forward + backward "
           "(ratio = qat time / float time)\n" + h + "\n" + "-" * len(h))
 
 
@@ -271,6 +272,25 @@ def format_row(r: dict) -> str:
   return " ".join(cells)
 
 
+# CPU features that decide the int8 dot's speed on XLA:CPU, in the order they matter.
+_CPU_FEATURES = (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX-512 VNNI"),
+                 ("avx_vnni", "AVX-VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
+def host_kind() -> str:
+  """The CPU model and its int8-relevant features (Linux /proc/cpuinfo), so figures from
+  different hosts can be told apart; "" where unknown."""
+  try:
+    info = pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return ""
+  field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                            if line.startswith(key)), "")
+  flags = set(field("flags").split())
+  features = [label for flag, label in _CPU_FEATURES if flag in flags]
+  return f"{field('model name')} ({', '.join(features) or 'no AVX2'})"
+
+
 def header(k: int, n: int) -> str:
   h = (f"{'m':>5} {'e':>3} {'groups':>10} " + " ".join(f"{label:>6}" for _, label, _ in COLUMNS)
        + f" {'ragged':>7}" + (f" {'tokamax':>7}" if _tokamax_ragged_dot() else "")
@@ -280,7 +300,9 @@ def header(k: int, n: int) -> str:
            + "; ".join(f"{label} = {text}" for _, label, text in COLUMNS) + ".",
            "ragged (tokamax): their time / the fused op's (higher: we are faster). mem: the "
            "fused op's peak memory / (inputs + outputs), lower is better. Times: bench.json."]
-  return (f"k={k}, n={n}; jax {jax.__version__} on {jax.devices()[0].device_kind}.\n"
+  host = host_kind()
+  return (f"k={k}, n={n}; jax {jax.__version__} on {jax.devices()[0].device_kind}"
+          + (f", {host}" if host else "") + ".\n"
           + "\n".join(textwrap.fill(t, 98) for t in notes) + "\n" + h + "\n" + "-" * len(h))
 
 
@@ -351,6 +373,7 @@ def main(argv=None):
       rows.append(run_case(m, args.k, args.n, e, kind, repeats=args.repeats,
                            ragged=m * e <= args.ragged_max,
                            float_dtypes=tuple(args.float_dtypes)))
+    rows[-1]["host"] = host_kind()  # figures from different host kinds stay apart
     if progress:
       print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
     print((format_qat_row if args.qat else format_row)(rows[-1]), flush=True)

@@ -33,6 +33,7 @@ def test_bench_runs_every_path(tmp_path, capsys):
       assert r["ratio_" + key] > 0, key
     assert r["ragged_vs_fused"] > 0
     assert r["mem"] >= 1
+    assert r["host"] == bench.host_kind()  # e.g. "AMD EPYC (AVX2)": figures stay comparable
   table = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("wrote")]
   assert any(" ragged " in line for line in table)
   assert max(map(len, table)) < 100  # a terminal's width, legend included
