@@ -1,20 +1,36 @@
-"""Token routing for MoE layers: top-k gating, sort by expert, un-sort and combine.
+"""Mixture-of-experts MLP, functionally: routing, the experts, expert parallelism.
 
 The grouped ops want the rows of each expert contiguous. `dispatch` sorts the
 `T * k` (token, slot) pairs by expert (stably, so the order inside an expert is
 token order) and returns the counts as a dynamic group list: one compilation
 serves every routing. `combine` undoes the sort with a gather (not a scatter)
-and sums each token's k expert outputs with its gate weights.
+and sums each token's k expert outputs with its gate weights. `expert_mlp` runs
+the experts on sorted rows (float, qat or int8); `moe_mlp` is the whole layer,
+on one device or with its experts sharded over a mesh axis (expert parallelism:
+each device routes its own tokens, sends each row to its expert's owner and gets
+the result back; see `npu_ops.expert_parallel`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from npu_ops._validation import check_rank, describe, require
+from npu_ops import expert_parallel as ep
+from npu_ops import groups
+from npu_ops import operands
+from npu_ops import qat
+from npu_ops import quant
+from npu_ops._validation import check_float_array, check_rank, describe, fail, require
+from npu_ops.gmm import grouped_matmul
+from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2
+
+MODES = ("float", "qat", "int8")
 
 
 class Dispatch(NamedTuple):
@@ -24,10 +40,37 @@ class Dispatch(NamedTuple):
     token_index: `[T*k]` token of each sorted row (gather x with it).
     unsort: `[T*k]` sorted row of each flat (token, slot) pair.
     group_sizes: `[e]` rows per expert, in sorted order (a count group list).
+    expert: `[T*k]` expert of each sorted row.
   """
   token_index: jax.Array
   unsort: jax.Array
   group_sizes: jax.Array
+  expert: jax.Array
+
+
+class MoEWeights(NamedTuple):
+  """The weights of an MoE SwiGLU MLP (a pytree). `d` = d_model, `f` = d_ff.
+
+  Attributes:
+    router: float `[d, e]`.
+    w_gate_up: `[e, d, 2f]`: float (modes float, qat) or int8 codes (int8; int4
+      values in int8 for weight_bits=4).
+    w_down: `[e, f, d]`: float, or int8 codes (int8).
+    gate_up_scale: float32 `[e, 2f]` per-channel weight scales (qat, int8), else None.
+    down_scale: float32 `[e, d]` (qat, int8), else None.
+  """
+  router: jax.Array
+  w_gate_up: jax.Array
+  w_down: jax.Array
+  gate_up_scale: jax.Array | None = None
+  down_scale: jax.Array | None = None
+
+
+class MoEOutput(NamedTuple):
+  """`y`: float32 `[..., d]`; `dropped`: int32 scalar, (token, slot) pairs dropped
+  for capacity (always 0 without a `capacity_factor`)."""
+  y: jax.Array
+  dropped: jax.Array
 
 
 def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -57,7 +100,7 @@ def dispatch(experts: jax.Array, num_experts: int) -> Dispatch:
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)
   unsort = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
   sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return Dispatch(token_index=order // k, unsort=unsort, group_sizes=sizes)
+  return Dispatch(token_index=order // k, unsort=unsort, group_sizes=sizes, expert=flat[order])
 
 
 def combine(y_sorted: jax.Array, routing: Dispatch, weights: jax.Array) -> jax.Array:
@@ -69,3 +112,229 @@ def combine(y_sorted: jax.Array, routing: Dispatch, weights: jax.Array) -> jax.A
   y = y_sorted[routing.unsort].reshape(t, k, y_sorted.shape[1])
   return jnp.einsum("tk,tkd->td", weights.astype(y.dtype), y)
 
+
+def token_rows(tokens: jax.Array, mode: str) -> Any:
+  """What the experts read of each token: float32 rows (float, qat) or, for int8,
+  the per-token int8 codes and scales (`operands.QArray`), quantized once per token
+  (a quarter of the float bytes to move)."""
+  if mode != "int8":
+    return tokens
+  codes, scale = quant.quantize_per_token(tokens)
+  return operands.QArray(codes, scale, operands.INT8)
+
+
+def expert_mlp(rows: Any, expert: jax.Array, sizes: jax.Array, weights: MoEWeights, *,
+               mode: str, weight_bits: int = 8,
+               gmm: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+               expected_rows: int | None = None) -> jax.Array:
+  """The experts' SwiGLU MLP on rows sorted by expert: `[R, d]` -> float32 `[R, d]`.
+
+  Args:
+    rows: `token_rows(...)` of the sorted rows (`[R, d]` float32, or a QArray).
+    expert: int32 `[R]` expert of each row (rows past the groups: any value).
+    sizes: int32 `[e]` rows per expert (rows past their sum give 0).
+    weights: the experts' weights (router unused).
+    mode: "float", "qat" or "int8" (see `npu_ops.nn.MoEMLP`).
+    weight_bits: 8 or 4 (qat, int8).
+    gmm: float mode's grouped matmul `gmm(lhs, rhs, group_sizes)` (default
+      `grouped_matmul`).
+    expected_rows: rows per expert expected (the row blocks' size hint).
+  """
+  hint = [max(1, expected_rows or 1)]
+  if mode == "float":
+    gmm = gmm or grouped_matmul
+    return gmm(quant.swiglu(gmm(rows, weights.w_gate_up, sizes)), weights.w_down, sizes)
+  if mode == "qat":
+    h = qat.fake_quant_gmm_swiglu_quant(rows, weights.w_gate_up, weights.gate_up_scale, sizes,
+                                        group_list_type=1, weight_bits=weight_bits,
+                                        tuning_config=hint)
+    return grouped_matmul(h, qat.fake_quant_weight(weights.w_down, weights.down_scale,
+                                                   bits=weight_bits), sizes)
+  w_gate_up = weights.w_gate_up
+  if weight_bits == 4:  # int4 codes: the A8W4 scenario of the fused op
+    w_gate_up = w_gate_up.astype(jnp.int4)
+  hq, h_scale = npu_grouped_matmul_swiglu_quant_v2(
+      rows.values, w_gate_up, weights.gate_up_scale, rows.scale, sizes, group_list_type=1,
+      tuning_config=hint)
+  acc = grouped_matmul(hq, weights.w_down, sizes)  # exact int32
+  return (acc.astype(jnp.float32) * groups.per_row(weights.down_scale, expert)) * h_scale[:, None]
+
+
+def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float",
+            weight_bits: int = 8,
+            gmm: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+            mesh: jax.sharding.Mesh | None = None, expert_axis: str | None = None,
+            data_axis: str | None = None, capacity_factor: float | None = None,
+            exchange: str | None = None) -> MoEOutput:
+  """An MoE SwiGLU MLP layer: route, experts, combine. `x [..., d]` -> `[..., d]` float32.
+
+  Route each token (softmax, top-k, renormalized) to `top_k` experts, run them
+  (`expert_mlp`) and sum their outputs with the gate weights.
+
+  Expert parallelism: with `mesh` and `expert_axis` (a mesh axis of D devices), the
+  e experts are sharded over that axis (e/D consecutive experts a device: shard
+  `weights` with `PartitionSpec(expert_axis)` on their expert dim, or let this
+  function reshard them) and the tokens over it too (and over `data_axis`, if
+  given; other mesh axes replicate the work). Each device routes its tokens, sends
+  each (token, slot) row to the device owning its expert, runs its local experts
+  on what it received (a dynamic group list: one compilation for every routing)
+  and sends the results back, where they are combined. The result equals the
+  one-device layer (int8: bit for bit). Gradients flow through the exchange.
+
+  Args:
+    x: float `[..., d]`; under a mesh, the token count (product of the leading
+      dims) must divide evenly over the token shards.
+    weights: `MoEWeights` (scales required in modes qat and int8).
+    top_k: experts per token.
+    mode: "float", "qat" or "int8".
+    weight_bits: 8 or 4 (qat, int8).
+    gmm: float mode's grouped matmul (default `grouped_matmul`).
+    mesh, expert_axis, data_axis: see above (all None: one device).
+    capacity_factor: None (default): no token is ever dropped (each device can
+      receive every row routed on the axis). A float > 0: each device sends at
+      most `ceil(capacity_factor * T_local * top_k / D)` rows to each device (the
+      earliest tokens first); the rest contribute 0 and are counted in
+      `MoEOutput.dropped` (GShard's capacity). Smaller buffers, less to send.
+    exchange: "ragged" (`jax.lax.ragged_all_to_all`: only the routed rows move;
+      TPU, GPU), "padded" (`all_to_all` of a `capacity` rows per device pair; any
+      platform) or None: ragged on TPU/GPU meshes, padded on CPU (XLA:CPU has no
+      ragged all-to-all).
+
+  Returns:
+    `MoEOutput(y, dropped)`.
+  """
+  check_float_array("x", x)
+  if mode not in MODES:
+    fail("mode", f"one of {MODES}", repr(mode))
+  qat.qmax_for(weight_bits, "weight_bits")
+  d, e = _check_weights(weights, mode)
+  if x.ndim < 1 or x.shape[-1] != d:
+    fail("x", f"[..., d_model={d}]", describe(x))
+  require(isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k <= e, "top_k",
+          f"an int in [1, num_experts={e}]", repr(top_k))
+  if gmm is not None and not callable(gmm):
+    fail("gmm", "None or a callable gmm(lhs, rhs, group_sizes)", repr(gmm), TypeError)
+  tokens = x.reshape(-1, d).astype(jnp.float32)
+  config = dict(top_k=top_k, mode=mode, weight_bits=weight_bits, gmm=gmm)
+  if mesh is None:
+    for name, value in (("expert_axis", expert_axis), ("data_axis", data_axis),
+                        ("capacity_factor", capacity_factor), ("exchange", exchange)):
+      if value is not None:
+        fail(name, "None without a mesh (it configures expert parallelism: pass mesh=)",
+             repr(value))
+    y, dropped = _one_device(tokens, weights, **config)
+  else:
+    y, dropped = _expert_parallel(tokens, weights, mesh=mesh, expert_axis=expert_axis,
+                                  data_axis=data_axis, capacity_factor=capacity_factor,
+                                  exchange=exchange, **config)
+  return MoEOutput(y.reshape(x.shape[:-1] + (d,)), dropped)
+
+
+def _one_device(tokens, weights, *, top_k, mode, weight_bits, gmm):
+  e = weights.router.shape[1]
+  gate, experts = top_k_routing(tokens @ weights.router, top_k)
+  routing = dispatch(experts, e)
+  rows = jax.tree.map(lambda a: a[routing.token_index], token_rows(tokens, mode))
+  y = expert_mlp(rows, routing.expert, routing.group_sizes, weights, mode=mode,
+                 weight_bits=weight_bits, gmm=gmm, expected_rows=routing.expert.shape[0] // e)
+  return combine(y, routing, gate), jnp.zeros((), jnp.int32)
+
+
+def _expert_parallel(tokens, weights, *, mesh, expert_axis, data_axis, capacity_factor,
+                     exchange, top_k, mode, weight_bits, gmm):
+  e = weights.router.shape[1]
+  check_expert_parallel(e, mesh=mesh, expert_axis=expert_axis, data_axis=data_axis,
+                        capacity_factor=capacity_factor, exchange=exchange)
+  devices = mesh.shape[expert_axis]
+  per_device = e // devices
+  token_axes = (data_axis, expert_axis) if data_axis else (expert_axis,)
+  shards = math.prod(mesh.shape[a] for a in token_axes)
+  require(tokens.shape[0] % shards == 0, "x", f"a token count divisible by the {shards} token "
+          f"shards (mesh axes {token_axes})", f"{tokens.shape[0]} tokens")
+  pairs = tokens.shape[0] // shards * top_k  # rows a device routes
+  capacity = pairs if capacity_factor is None else min(
+      pairs, max(1, math.ceil(capacity_factor * pairs / devices)))
+  if exchange is None:
+    exchange = ep.PADDED if mesh.devices.flat[0].platform == "cpu" else ep.RAGGED
+
+  def local(tokens, weights):
+    gate, experts = top_k_routing(tokens @ weights.router, top_k)
+    if capacity < pairs:
+      kept = ep.keep_within_capacity(experts, per_device, devices, capacity)
+      experts = jnp.where(kept, experts, e)  # dropped pairs sort last, and are not sent
+      dropped = jnp.sum(~kept, dtype=jnp.int32)
+    else:
+      dropped = jnp.zeros((), jnp.int32)
+    routing = dispatch(experts, e + (capacity < pairs))
+    plan = ep.plan(routing.group_sizes[:e], expert_axis, devices)
+    rows = jax.tree.map(lambda a: a[routing.token_index], token_rows(tokens, mode))
+    # Each row travels with its expert's index on the receiver (per_device: no row).
+    got, got_expert = ep.to_owners((rows, routing.expert % per_device), plan, expert_axis,
+                                   capacity, exchange)
+    got_expert = jnp.where(ep.received(plan, capacity), got_expert, per_device)
+    order = jnp.argsort(got_expert, stable=True).astype(jnp.int32)
+    back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+    sizes = jnp.bincount(got_expert, length=per_device + 1)[:-1].astype(jnp.int32)
+    y = expert_mlp(jax.tree.map(lambda a: a[order], got), got_expert[order], sizes,
+                   weights, mode=mode, weight_bits=weight_bits, gmm=gmm,
+                   expected_rows=pairs * devices // e)
+    y = ep.to_sources(y[back], plan, expert_axis, capacity, exchange, routing.token_index.shape[0])
+    return combine(y, routing, gate), jax.lax.psum(dropped, token_axes)
+
+  experts_spec = P(expert_axis)
+  specs = MoEWeights(P(), experts_spec, experts_spec,
+                     *(None if s is None else experts_spec
+                       for s in (weights.gate_up_scale, weights.down_scale)))
+  # An Explicit mesh axis types each array's sharding: move the inputs to the specs
+  # (Auto axes: shard_map does that itself).
+  explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  place = lambda a, spec: jax.reshard(a, jax.sharding.NamedSharding(mesh, spec))
+  if explicit:
+    tokens = place(tokens, P(token_axes))
+    weights = jax.tree.map(place, weights, specs)
+  # check_vma=False: the grouped ops' loops start from invariant zeros (the outputs
+  # declared replicated, the dropped count, are psums).
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(token_axes), specs),
+                       out_specs=(P(token_axes), P()), check_vma=False)(tokens, weights)
+
+
+def check_expert_parallel(num_experts: int, *, mesh: Any, expert_axis: Any, data_axis: Any,
+                          capacity_factor: Any, exchange: Any) -> None:
+  """Raises unless the arguments describe an expert-parallel layout of `num_experts`."""
+  if not isinstance(mesh, jax.sharding.Mesh):
+    fail("mesh", "a jax.sharding.Mesh", repr(mesh), TypeError)
+  names = tuple(mesh.axis_names)
+  if expert_axis not in names:
+    fail("expert_axis", f"an axis of the mesh {names}", repr(expert_axis))
+  if data_axis is not None and (data_axis not in names or data_axis == expert_axis):
+    fail("data_axis", f"None or an axis of the mesh {names} other than {expert_axis!r}",
+         repr(data_axis))
+  if exchange is not None and exchange not in ep.EXCHANGES:
+    fail("exchange", f"None or one of {ep.EXCHANGES}", repr(exchange))
+  if capacity_factor is not None and (
+      isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
+      or not capacity_factor > 0):
+    fail("capacity_factor", "None or a number > 0", repr(capacity_factor))
+  devices = mesh.shape[expert_axis]
+  require(num_experts % devices == 0, "num_experts", f"a multiple of the {devices} devices of "
+          f"expert_axis={expert_axis!r}", num_experts)
+
+
+def _check_weights(weights: MoEWeights, mode: str) -> tuple[int, int]:
+  """(d_model, num_experts) after checking the weights' shapes for `mode`."""
+  if not isinstance(weights, MoEWeights):
+    fail("weights", "an npu_ops.moe.MoEWeights", type(weights).__name__, TypeError)
+  check_rank("weights.router", weights.router, 2)
+  d, e = weights.router.shape
+  check_rank("weights.w_gate_up", weights.w_gate_up, 3)
+  f2 = weights.w_gate_up.shape[2]
+  require(tuple(weights.w_gate_up.shape[:2]) == (e, d) and f2 % 2 == 0, "weights.w_gate_up",
+          f"[e={e}, d={d}, 2 * d_ff]", describe(weights.w_gate_up))
+  require(tuple(weights.w_down.shape) == (e, f2 // 2, d), "weights.w_down",
+          f"[e={e}, d_ff={f2 // 2}, d={d}]", describe(weights.w_down))
+  if mode != "float":
+    for name, scale, n in (("gate_up_scale", weights.gate_up_scale, f2),
+                           ("down_scale", weights.down_scale, d)):
+      require(scale is not None and tuple(scale.shape) == (e, n), f"weights.{name}",
+              f"float32 [e={e}, {n}] in mode {mode!r}", describe(scale))
+  return d, e

@@ -14,13 +14,9 @@ try:
 except ImportError as e:  # flax is an extra: say which
   raise ImportError("npu_ops.nn needs Flax: pip install 'npu_ops[nn]' (or flax>=0.12)") from e
 
-from npu_ops import groups
 from npu_ops._validation import check_dtype_arg, check_float_array, check_int, fail, require
 from npu_ops import moe
 from npu_ops import qat
-from npu_ops import quant
-from npu_ops.gmm import grouped_matmul
-from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2
 from npu_ops.quant_matmul import npu_quant_matmul
 
 
@@ -108,6 +104,19 @@ class MoEMLP(nnx.Module):
       `[e, 2 * d_ff]`, `[e, d_model]` (qat).
     gate_up_scale, down_scale: QuantParam, the scales themselves (int8).
   `weight_scales()` returns the scales in both modes.
+
+  Expert parallelism: `mesh` and `expert_axis` (a mesh axis of D devices) shard the
+  experts over that axis (the expert weights and scales are placed so) and the
+  tokens over it (and over `data_axis`); rows travel to their expert's device and
+  back (`npu_ops.moe.moe_mlp`, which documents `capacity_factor` and `exchange`).
+  With a `capacity_factor`, the (token, slot) pairs dropped are sown as
+  `nnx.Intermediate` `dropped` (read them with `nnx.pop(layer, nnx.Intermediate)`).
+
+  Example::
+
+    mesh = jax.make_mesh((8,), ("expert",))
+    layer = MoEMLP(1024, 1408, 64, mesh=mesh, expert_axis="expert", rngs=nnx.Rngs(0))
+    y = nnx.jit(lambda m, x: m(x))(layer, x)   # x [tokens, 1024], tokens % 8 == 0
   """
 
   MODES = ("float", "qat", "int8")
@@ -115,7 +124,9 @@ class MoEMLP(nnx.Module):
   def __init__(self, d_model: int, d_ff: int, num_experts: int, *, top_k: int = 2,
                mode: str = "float", weight_bits: int = 8,
                gmm: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
-               rngs: nnx.Rngs):
+               mesh: jax.sharding.Mesh | None = None, expert_axis: str | None = None,
+               data_axis: str | None = None, capacity_factor: float | None = None,
+               exchange: str | None = None, rngs: nnx.Rngs):
     if mode not in self.MODES:
       raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
     for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
@@ -128,14 +139,21 @@ class MoEMLP(nnx.Module):
     self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
     self.top_k, self.mode, self.weight_bits = top_k, mode, weight_bits
     self.gmm = gmm
+    self.parallel = dict(mesh=mesh, expert_axis=expert_axis, data_axis=data_axis,
+                         capacity_factor=capacity_factor, exchange=exchange)
+    if mesh is not None:  # fail now, not at the first call
+      moe.check_expert_parallel(num_experts, **self.parallel)
     normal = lambda shape, fan_in: jax.random.normal(rngs.params(), shape) * fan_in ** -0.5
-    self.router = nnx.Param(normal((d_model, num_experts), d_model))
+    self.router = nnx.Param(self._placed(normal((d_model, num_experts), d_model), None))
     w_gate_up = normal((num_experts, d_model, 2 * d_ff), d_model)
     w_down = normal((num_experts, d_ff, d_model), d_ff)
     self._set_expert_weights(w_gate_up, w_down)
 
   def _set_expert_weights(self, w_gate_up, w_down, gate_up_scale=None, down_scale=None):
     """Stores float weights in the form `self.mode` keeps them."""
+    axis = self.parallel["expert_axis"]  # each device keeps its own experts
+    w_gate_up, w_down, gate_up_scale, down_scale = (
+        self._placed(a, axis) for a in (w_gate_up, w_down, gate_up_scale, down_scale))
     if self.mode == "float":
       self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
       return
@@ -152,14 +170,21 @@ class MoEMLP(nnx.Module):
       self.w_down = QuantParam(qat.quantize_weight(w_down, down_scale, bits=bits))
       self.gate_up_scale, self.down_scale = QuantParam(gate_up_scale), QuantParam(down_scale)
 
+  def _placed(self, a, axis):
+    """`a` sharded over `axis` (its first dim; None: replicated) on the layer's mesh."""
+    mesh = self.parallel["mesh"]
+    if mesh is None or a is None:
+      return a
+    return jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis)))
+
   def convert(self, mode: str) -> "MoEMLP":
     """A new layer in `mode` ("qat" or "int8") from this float or qat layer."""
     allowed = {"float": ("qat", "int8"), "qat": ("int8",)}.get(self.mode, ())
     if mode not in allowed:
       raise ValueError(f"mode: a {self.mode!r} layer converts to one of {allowed}, got {mode!r}")
     new = MoEMLP(self.d_model, self.d_ff, self.num_experts, top_k=self.top_k, mode=mode,
-                 weight_bits=self.weight_bits, rngs=nnx.Rngs(0))
-    new.router = nnx.Param(self.router[...])
+                 weight_bits=self.weight_bits, **self.parallel, rngs=nnx.Rngs(0))
+    new.router = nnx.Param(self.router[...])  # already placed
     new._set_expert_weights(self.w_gate_up[...], self.w_down[...], *(self.weight_scales() or ()))
     return new
 
@@ -173,39 +198,14 @@ class MoEMLP(nnx.Module):
     return None
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """`x [..., d_model]` -> float32 `[..., d_model]` (`npu_ops.moe.moe_mlp`)."""
     check_float_array("x", x)
     if x.ndim < 1 or x.shape[-1] != self.d_model:
       raise ValueError(f"x: expected [..., d_model={self.d_model}], got shape {x.shape}")
-    lead = x.shape[:-1]
-    tokens = x.reshape(-1, self.d_model).astype(jnp.float32)
-    weights, experts = moe.top_k_routing(tokens @ self.router[...], self.top_k)
-    routing = moe.dispatch(experts, self.num_experts)
-    rows = tokens[routing.token_index]
-    sizes = routing.group_sizes
-    # A performance hint for the row blocks: the mean rows per expert.
-    hint = [max(1, rows.shape[0] // self.num_experts)]
-    if self.mode == "float":
-      gmm = self.gmm or grouped_matmul
-      h = quant.swiglu(gmm(rows, self.w_gate_up[...], sizes))
-      y = gmm(h, self.w_down[...], sizes)
-    elif self.mode == "qat":
-      bits = self.weight_bits
-      gate_up_scale, down_scale = self.weight_scales()
-      h = qat.fake_quant_gmm_swiglu_quant(rows, self.w_gate_up[...], gate_up_scale, sizes,
-                                          group_list_type=1, weight_bits=bits,
-                                          tuning_config=hint)
-      y = grouped_matmul(h, qat.fake_quant_weight(self.w_down[...], down_scale, bits=bits),
-                         sizes)
-    else:
-      xq, x_scale = quant.quantize_per_token(rows)
-      w_gate_up = self.w_gate_up[...]
-      if self.weight_bits == 4:  # int4 codes: the A8W4 scenario of the fused op
-        w_gate_up = w_gate_up.astype(jnp.int4)
-      hq, h_scale = npu_grouped_matmul_swiglu_quant_v2(
-          xq, w_gate_up, self.gate_up_scale[...], x_scale, sizes, group_list_type=1,
-          tuning_config=hint)
-      acc = grouped_matmul(hq, self.w_down[...], sizes)  # exact int32
-      expert = groups.row_group_ids(groups.ends_from_sizes(sizes, rows.shape[0],
-                                                           self.num_experts), rows.shape[0])
-      y = (acc.astype(jnp.float32) * self.down_scale[...][expert]) * h_scale[:, None]
-    return moe.combine(y, routing, weights).reshape(*lead, self.d_model)
+    scales = self.weight_scales() or (None, None)
+    weights = moe.MoEWeights(self.router[...], self.w_gate_up[...], self.w_down[...], *scales)
+    out = moe.moe_mlp(x, weights, top_k=self.top_k, mode=self.mode,
+                      weight_bits=self.weight_bits, gmm=self.gmm, **self.parallel)
+    if self.parallel["capacity_factor"] is not None:
+      self.sow(nnx.Intermediate, "dropped", out.dropped)
+    return out.y

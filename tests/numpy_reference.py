@@ -336,11 +336,12 @@ def qat_swiglu_quant_vjp(x, w, w_scale, bounds, g, qmax_w):
 
 # --- a Flax MoE layer, token by token ---------------------------------------------------
 
-def moe_mlp(x, router, w_gate_up, w_down, top_k, expert_fn=None):
+def moe_mlp(x, router, w_gate_up, w_down, top_k, expert_fn=None, kept=None):
   """out[t] = sum_j p_tj * expert(x_t, e_tj) with softmax top-k gates renormalized.
 
   expert_fn(x_row [1, d], expert) defaults to the float expert
-  swiglu(x @ W_gu[e]) @ W_down[e].
+  swiglu(x @ W_gu[e]) @ W_down[e]. kept: bool [T, top_k], False for (token, slot)
+  pairs dropped (they add nothing).
   """
   x = np.asarray(x, np.float64)
   logits = x @ np.asarray(router, np.float64)
@@ -355,9 +356,31 @@ def moe_mlp(x, router, w_gate_up, w_down, top_k, expert_fn=None):
   for t in range(x.shape[0]):
     top = np.argsort(-probs[t], kind="stable")[:top_k]
     p = probs[t, top] / probs[t, top].sum()
-    for pj, i in zip(p, top):
-      out[t] += pj * expert_fn(x[t:t + 1], i)[0]
+    for j, (pj, i) in enumerate(zip(p, top)):
+      if kept is None or kept[t, j]:
+        out[t] += pj * expert_fn(x[t:t + 1], i)[0]
   return out
+
+
+def top_k_experts(x, router, top_k):
+  """[T, top_k] experts of each token, best first (the routing of `moe_mlp`)."""
+  logits = np.asarray(x, np.float64) @ np.asarray(router, np.float64)
+  return np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
+
+
+def capacity_kept(experts, devices, experts_per_device, capacity):
+  """bool [T, k]: pairs each device (T / devices consecutive tokens) keeps when it
+  sends at most `capacity` pairs to each device, earliest (token, slot) first."""
+  kept = np.zeros(experts.shape, bool)
+  per = experts.shape[0] // devices
+  for src in range(devices):
+    sent = np.zeros(devices, int)
+    for t in range(src * per, (src + 1) * per):
+      for j, e in enumerate(experts[t]):
+        dest = e // experts_per_device
+        kept[t, j] = sent[dest] < capacity
+        sent[dest] += 1
+  return kept
 
 
 # --- B.4 npu_grouped_matmul --------------------------------------------------------------------
