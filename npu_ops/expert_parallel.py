@@ -13,7 +13,12 @@ default nothing is lost. Two exchanges give that layout:
   only). TPU and GPU; XLA:CPU (jax 0.10.2) has no ragged-all-to-all.
 * "padded": each run is padded to `C` rows and `jax.lax.all_to_all` sends all
   `D * C` (any platform; `D * C` rows each way whatever the routing).
-The way back sends each source its rows' results, at the rows they left from.
+The receiver learns which of its experts each row is for from the per-expert counts
+(exchanged first, a few int32 a device): rows travel without their expert ids. A
+payload of several arrays (int8 codes and their scales) travels as one array of
+bytes per row, so each exchange is one collective (TPU pads a collective's rows to
+128 lanes: a per-row scale alone would cost 512 bytes a row). The way back sends
+each source its rows' results, at the rows they left from.
 """
 
 from __future__ import annotations
@@ -30,32 +35,45 @@ EXCHANGES = (RAGGED, PADDED)
 
 
 class Exchange(NamedTuple):
-  """The sizes and offsets of one device's exchange (int32 `[D]` each).
+  """The sizes and offsets of one device's exchange (int32).
 
   Attributes:
-    send_sizes: rows this device sends to each device.
-    input_offsets: where each device's run starts among this device's sorted rows.
-    recv_sizes: rows this device receives from each device.
-    back_offsets: where each source's run started among the source's sorted rows
-      (where its results go back to).
+    send_sizes: `[D]` rows this device sends to each device.
+    input_offsets: `[D]` where each device's run starts among this device's sorted rows.
+    recv_counts: `[D, e/D]` rows this device receives from each device for each of
+      its experts (in that order: a source's rows are sorted by expert).
+    back_offsets: `[D]` where each source's run started among the source's sorted
+      rows (where its results go back to).
   """
   send_sizes: jax.Array
   input_offsets: jax.Array
-  recv_sizes: jax.Array
+  recv_counts: jax.Array
   back_offsets: jax.Array
+
+  @property
+  def recv_sizes(self) -> jax.Array:
+    """`[D]` rows this device receives from each device."""
+    return jnp.sum(self.recv_counts, axis=1, dtype=jnp.int32)
 
 
 def plan(expert_sizes: jax.Array, axis_name: str, num_devices: int) -> Exchange:
   """The exchange of rows sorted by expert, `expert_sizes [e]` rows per expert."""
-  send = jnp.sum(expert_sizes.reshape(num_devices, -1), axis=1, dtype=jnp.int32)
+  counts = expert_sizes.astype(jnp.int32).reshape(num_devices, -1)
+  send = jnp.sum(counts, axis=1, dtype=jnp.int32)
   offsets = jnp.cumsum(send, dtype=jnp.int32) - send
-  swap = lambda v: lax.all_to_all(v, axis_name, 0, 0, tiled=True)
-  return Exchange(send, offsets, swap(send), swap(offsets))
+  # One all_to_all: row j (my counts for device j's experts, my offset of its run) to j.
+  got = lax.all_to_all(jnp.concatenate([counts, offsets[:, None]], axis=1), axis_name, 0, 0,
+                       tiled=True)
+  return Exchange(send, offsets, got[:, :-1], got[:, -1])
 
 
-def received(ex: Exchange, capacity: int) -> jax.Array:
-  """bool `[D * C]`: which rows of the receive buffer hold a row."""
-  return (jnp.arange(capacity, dtype=jnp.int32)[None, :] < ex.recv_sizes[:, None]).reshape(-1)
+def received_experts(ex: Exchange, capacity: int) -> jax.Array:
+  """int32 `[D * C]`: the local expert of each row of the receive buffer (e/D for
+  the rows past each source's run)."""
+  ends = jnp.cumsum(ex.recv_counts, axis=1, dtype=jnp.int32)
+  col = jnp.arange(capacity, dtype=jnp.int32)
+  find = lambda e: jnp.searchsorted(e, col, side="right").astype(jnp.int32)
+  return jax.vmap(find)(ends).reshape(-1)
 
 
 def keep_within_capacity(experts: jax.Array, experts_per_device: int, num_devices: int,
@@ -70,7 +88,12 @@ def keep_within_capacity(experts: jax.Array, experts_per_device: int, num_device
 
 def to_owners(rows: Any, ex: Exchange, axis_name: str, capacity: int, how: str) -> Any:
   """Rows (a pytree of `[P, ...]` arrays, sorted by expert) -> each owner's buffer
-  `[D * C, ...]` (zeros past each source's run)."""
+  `[D * C, ...]` (zeros past each source's run). Differentiable for a single array;
+  several travel as bytes (not differentiable)."""
+  leaves, tree = jax.tree.flatten(rows)
+  if len(leaves) > 1:
+    packed, unpack = _as_bytes(leaves)
+    return jax.tree.unflatten(tree, unpack(to_owners(packed, ex, axis_name, capacity, how)))
   num_devices = ex.send_sizes.shape[0]
   me = lax.axis_index(axis_name).astype(jnp.int32)
   if how == RAGGED:
@@ -103,6 +126,24 @@ def to_sources(results: Any, ex: Exchange, axis_name: str, capacity: int, how: s
     return jnp.where(sent.reshape(sent.shape + (1,) * (a.ndim - 1)), picked,
                      jnp.zeros((), a.dtype))
   return jax.tree.map(back, results)
+
+
+def _as_bytes(leaves: list[jax.Array]):
+  """(uint8 `[P, bytes]`: each row's bytes of every leaf, the inverse for `[R, bytes]`)."""
+  rows = lambda a: a.shape[0]
+  parts = [lax.bitcast_convert_type(a.reshape(rows(a), -1), jnp.uint8).reshape(rows(a), -1)
+           for a in leaves]
+
+  def unpack(packed):
+    out, at = [], 0
+    for a, part in zip(leaves, parts):
+      piece = packed[:, at:at + part.shape[1]]
+      at += part.shape[1]
+      if a.dtype.itemsize > 1:
+        piece = piece.reshape(rows(piece), -1, a.dtype.itemsize)
+      out.append(lax.bitcast_convert_type(piece, a.dtype).reshape((rows(piece),) + a.shape[1:]))
+    return out
+  return jnp.concatenate(parts, axis=1), unpack
 
 
 def _runs(a: jax.Array, starts: jax.Array, sizes: jax.Array, capacity: int) -> jax.Array:

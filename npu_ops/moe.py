@@ -268,13 +268,11 @@ def _expert_parallel(tokens, weights, *, mesh, expert_axis, data_axis, capacity_
     routing = dispatch(experts, e + (capacity < pairs))
     plan = ep.plan(routing.group_sizes[:e], expert_axis, devices)
     rows = jax.tree.map(lambda a: a[routing.token_index], token_rows(tokens, mode))
-    # Each row travels with its expert's index on the receiver (per_device: no row).
-    got, got_expert = ep.to_owners((rows, routing.expert % per_device), plan, expert_axis,
-                                   capacity, exchange)
-    got_expert = jnp.where(ep.received(plan, capacity), got_expert, per_device)
+    got = ep.to_owners(rows, plan, expert_axis, capacity, exchange)
+    got_expert = ep.received_experts(plan, capacity)  # per_device past each source's rows
     order = jnp.argsort(got_expert, stable=True).astype(jnp.int32)
     back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
-    sizes = jnp.bincount(got_expert, length=per_device + 1)[:-1].astype(jnp.int32)
+    sizes = jnp.sum(plan.recv_counts, axis=0, dtype=jnp.int32)  # rows per local expert
     y = expert_mlp(jax.tree.map(lambda a: a[order], got), got_expert[order], sizes,
                    weights, mode=mode, weight_bits=weight_bits, gmm=gmm,
                    expected_rows=pairs * devices // e)
