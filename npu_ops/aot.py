@@ -15,6 +15,11 @@ compilers report is read back:
   writing every output once.
 * GPU: registers and spills of each Pallas kernel (ptxas -v on the PTX that XLA
   compiled, which reproduces XLA's own spill warnings) and its shared memory.
+* Expert-parallel cases ("EP ...") compile for every chip of the target's topology
+  (TPU v5e:2x2 and v6e:2x2: 4 chips, v5p:2x2x1: 4 chips; GPU: 8 GPUs, topology
+  1x1x8) with the experts sharded over them; the exchange is counted: the
+  all-to-all collectives (ragged or not) in the compiled program and the bytes of
+  their buffers (for a ragged one, the most it can move).
 
 The GPU target configs are this package's own, written from NVIDIA's public
 specifications (SM count, clocks, memory, shared memory and register limits).
@@ -114,14 +119,25 @@ def kind_of(target: str) -> str:
   raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
 
 
+GPU_CHIPS = 8  # the multi-GPU topology of the expert-parallel cases (1 host, 8 GPUs)
+
+
 @functools.cache
-def device(target: str) -> jax.Device:
-  """A compile-only device of the target."""
+def chips(target: str, every: bool = False) -> tuple[jax.Device, ...]:
+  """Compile-only devices of the target: the first, or (`every`) all of its topology."""
   from jax.experimental import topologies  # noqa: PLC0415
   if kind_of(target) == "tpu":
-    return topologies.get_topology_desc(TPU_TARGETS[target], "tpu").devices[0]
-  return topologies.get_topology_desc("gpu", platform="cuda", target_config=GPU_TARGETS[target],
-                                      topology="1x1x1").devices[0]
+    found = topologies.get_topology_desc(TPU_TARGETS[target], "tpu").devices
+  else:
+    found = topologies.get_topology_desc(
+        "gpu", platform="cuda", target_config=GPU_TARGETS[target],
+        topology=f"1x1x{GPU_CHIPS if every else 1}").devices
+  return tuple(found) if every else (found[0],)
+
+
+def device(target: str) -> jax.Device:
+  """A compile-only device of the target."""
+  return chips(target)[0]
 
 
 # --- the cases ------------------------------------------------------------------------------
@@ -133,6 +149,9 @@ class Case:
   fn: Callable[..., Any]
   args: tuple[tuple[tuple[int, ...], Any], ...]
   kernels: int  # Pallas kernels the program must hold on TPU and GPU (0: XLA only)
+  # Expert parallel: compiled over every chip, `fn(mesh)` builds the program over a mesh
+  # of this one axis and each arg carries a third item, its PartitionSpec.
+  mesh_axis: str | None = None
 
 
 def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_groups=None):
@@ -212,6 +231,27 @@ def _moe(tokens, d_model, d_ff, e, mode):
           (((tokens, d_model), jnp.float32),) + specs)
 
 
+def _moe_ep(tokens, d_model, d_ff, e, mode):
+  """The MoE layer with its experts over the mesh axis "expert": int8 forward, or a
+  training step (loss and gradients of every weight) in float and qat modes."""
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+  from npu_ops import moe  # noqa: PLC0415
+
+  def build(mesh):
+    run = lambda x, w: moe.moe_mlp(x, w, top_k=2, mode=mode, mesh=mesh, expert_axis="expert").y
+    if mode == "int8":
+      return run
+    return lambda x, w: jax.value_and_grad(lambda w: jnp.sum(run(x, w) ** 2))(w)
+  f32, ex = jnp.float32, P("expert")
+  w_dtype = jnp.int8 if mode == "int8" else f32
+  weights = moe.MoEWeights(((d_model, e), f32, P()), ((e, d_model, 2 * d_ff), w_dtype, ex),
+                           ((e, d_ff, d_model), w_dtype, ex))
+  if mode != "float":
+    weights = weights._replace(gate_up_scale=((e, 2 * d_ff), f32, ex),
+                               down_scale=((e, d_model), f32, ex))
+  return build, (((tokens, d_model), f32, P("expert")), weights)
+
+
 BENCH = dict(k=2048, n=2816)
 
 
@@ -248,6 +288,11 @@ def cases() -> list[Case]:
       Case("MoEMLP int8 forward", *_moe(1024, 1024, 1408, 16, "int8"), kernels=1),
       Case("MoEMLP float train step", *_moe(1024, 1024, 1408, 16, "float"), kernels=5),
   ]
+  # 4096 tokens over all chips, 16 experts (top 2), d_model 1024, d_ff 1408.
+  for mode, what, kernels in (("int8", "int8 forward", 1), ("float", "float train step", 5),
+                              ("qat", "qat train step", 6)):
+    out.append(Case(f"EP MoE {what} (all chips)", *_moe_ep(4096, 1024, 1408, 16, mode),
+                    kernels=kernels, mesh_axis="expert"))
   return out
 
 
@@ -266,6 +311,9 @@ class Report:
   registers: int | None = None  # GPU: the most any Pallas kernel uses
   spill_bytes: int | None = None  # GPU: spill stores + loads, all Pallas kernels
   shared_bytes: int | None = None
+  exchanges: int = 0          # all-to-all collectives (ragged or not) in the program
+  ragged_exchanges: int = 0   # of which ragged-all-to-all
+  exchange_bytes: int = 0     # bytes of their result buffers
   seconds: float = 0.0
   error: str = ""
 
@@ -309,16 +357,24 @@ def _gpu_kernel_stats(dump: str) -> tuple[int, int, int]:
 
 def compile_case(case: Case, target: str) -> Report:
   """Compiles one case for one target and reads back what the compiler reports."""
-  from jax.sharding import SingleDeviceSharding  # noqa: PLC0415
+  from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding  # noqa: PLC0415
   kind = kind_of(target)
   report = Report(target, case.name, False, expected_kernels=case.kernels)
-  sharding = SingleDeviceSharding(device(target))
-  specs = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in case.args]
+  is_spec = lambda a: (isinstance(a, tuple) and len(a) == 3 and isinstance(a[0], tuple)
+                       and all(isinstance(v, int) for v in a[0]))
+  if case.mesh_axis:
+    mesh = Mesh(np.array(chips(target, every=True)), (case.mesh_axis,))
+    fn = case.fn(mesh)
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a[0], a[1], sharding=NamedSharding(
+        mesh, a[2])), case.args, is_leaf=is_spec)
+  else:
+    fn, sharding = case.fn, SingleDeviceSharding(device(target))
+    specs = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in case.args]
   t0 = time.perf_counter()
   with tempfile.TemporaryDirectory() as dump:
     try:
       options = {"xla_dump_to": dump} if kind == "gpu" else {}
-      compiled = jax.jit(case.fn).trace(*specs).lower().compile(compiler_options=options)
+      compiled = jax.jit(fn).trace(*specs).lower().compile(compiler_options=options)
     except Exception as e:  # noqa: BLE001 (a failed compile is a result)
       report.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
       report.seconds = time.perf_counter() - t0
@@ -327,6 +383,8 @@ def compile_case(case: Case, target: str) -> Report:
     report.compiled = True
     report.kernels = compiled.as_text().count(_CUSTOM_CALL[kind] + '"') or \
         compiled.as_text().count(_CUSTOM_CALL[kind])
+    report.exchanges, report.ragged_exchanges, report.exchange_bytes = exchange_stats(
+        compiled.as_text())
     mem = compiled.memory_analysis()
     report.temp_bytes = mem.temp_size_in_bytes
     report.io_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -339,6 +397,33 @@ def compile_case(case: Case, target: str) -> Report:
   return report
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+# `%name = f32[2048,1,1024]{...} ragged-all-to-all(` (TPU) or, async (GPU),
+# `%name = (f32[...]{...}, f32[...]{...}, ...) ragged-all-to-all-start(`.
+_EXCHANGE = re.compile(r"= (\(.*?\)|\S+) (ragged-)?all-to-all(?:-start)?\(")
+
+
+def exchange_stats(hlo: str) -> tuple[int, int, int]:
+  """(all-to-all collectives, how many of them ragged, bytes of their results) in
+  compiled HLO text. For an async start (a tuple type), the last array is its result."""
+  count = ragged = total = 0
+  for found in _EXCHANGE.finditer(hlo):
+    shapes = re.findall(r"(\w+)\[([\d,]*)\]", found.group(1))
+    dtype, dims = shapes[-1]
+    count += 1
+    ragged += bool(found.group(2))
+    total += _DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(v) for v in dims.split(",") if v]))
+  return count, ragged, total
+
+
+def _exchange(r: Report) -> str:
+  """`3 a2a (2 ragged), 21.0 MB`: the collectives of an expert-parallel program."""
+  if not r.exchanges:
+    return ""
+  return f"{r.exchanges} a2a ({r.ragged_exchanges} ragged), {_mb(r.exchange_bytes)} MB"
+
+
 def _mb(v: float | None) -> str:
   return "-" if v is None else f"{v / 1e6:.1f}"
 
@@ -346,11 +431,11 @@ def _mb(v: float | None) -> str:
 def format_table(reports: Sequence[Report]) -> str:
   """A markdown table of the reports (also the README's)."""
   lines = ["| target | case | compiled | kernels | temp MB | temp / io | bytes / ideal "
-           "| regs | spill B | smem KB | s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| regs | spill B | smem KB | a2a | s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in reports:
     if not r.compiled:
-      lines.append(f"| {r.target} | {r.case} | **no**: {r.error} | | | | | | | | |")
+      lines.append(f"| {r.target} | {r.case} | **no**: {r.error} | | | | | | | | | |")
       continue
     ratio = "-" if r.bytes_ratio is None else f"{r.bytes_ratio:.2f}"
     lines.append(
@@ -358,7 +443,7 @@ def format_table(reports: Sequence[Report]) -> str:
         f"{r.temp_bytes / r.io_bytes:.2f} | {ratio} | {r.registers or '-'} | "
         f"{'-' if r.spill_bytes is None else r.spill_bytes} | "
         f"{'-' if r.shared_bytes is None else f'{r.shared_bytes / 1024:.0f}'} | "
-        f"{r.seconds:.1f} |")
+        f"{_exchange(r) or '-'} | {r.seconds:.1f} |")
   return "\n".join(lines)
 
 
@@ -375,9 +460,13 @@ def format_summary(reports: Sequence[Report]) -> str:
     if not r.compiled:
       return "FAIL"
     mark = "" if r.kernels == r.expected_kernels else "*"
-    if r.bytes_ratio is not None:
-      return f"{r.temp_bytes / r.io_bytes:.2f}, {r.bytes_ratio:.2f}{mark}"
-    return f"{r.registers or '-'}/{r.spill_bytes}{mark}"
+    if r.bytes_ratio is None:
+      kernel = f"{r.registers or '-'}/{r.spill_bytes}"
+    elif r.exchanges:  # bytes / ideal counts the receive buffer sized for any routing
+      kernel = f"{r.temp_bytes / r.io_bytes:.2f}"
+    else:
+      kernel = f"{r.temp_bytes / r.io_bytes:.2f}, {r.bytes_ratio:.2f}"
+    return kernel + mark + (f"; {_exchange(r)}" if r.exchanges else "")
 
   lines = ["| case | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
   for name in dict.fromkeys(r.case for r in reports):
@@ -414,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> list[Report]:
     print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
   print(f"jax {jax.__version__}; temp / io: compiler temp memory over arguments + outputs; "
         "bytes / ideal: TPU bytes accessed over reading every argument and writing every "
-        "output once; regs, spill B, smem KB: per Pallas kernel on GPU (ptxas)")
+        "output once; regs, spill B, smem KB: per Pallas kernel on GPU (ptxas); a2a: the "
+        "all-to-all collectives of an expert-parallel case (EP, compiled over all chips) and "
+        "their buffers' bytes (per chip; a ragged one moves only the rows routed)")
   print(format_summary(reports) if args.summary else format_table(reports))
   return reports
 

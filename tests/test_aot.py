@@ -99,6 +99,40 @@ def test_gpu_kernels_compile_without_spills(target, name):
   assert r.spill_bytes == 0, f"{r.spill_bytes} bytes of register spills"
 
 
+EP_CASES = [("v5e", "EP MoE int8 forward (all chips)"),
+            pytest.param("v5p", "EP MoE float train step (all chips)", marks=slow),
+            pytest.param("v5p", "EP MoE qat train step (all chips)", marks=slow),
+            pytest.param("h100", "EP MoE int8 forward (all chips)", marks=slow),
+            pytest.param("h100", "EP MoE float train step (all chips)", marks=slow),
+            pytest.param("h100", "EP MoE qat train step (all chips)", marks=slow)]
+
+
+@pytest.mark.parametrize("target,name", EP_CASES)
+def test_expert_parallel_compiles_for_every_chip(target, name):
+  """The MoE layer over all chips (4 TPU chips, 8 GPUs): the rows go there and back by
+  ragged all-to-all (a training step of the weights: the results' gradients go to the
+  experts too) and the kernels are in."""
+  if aot.kind_of(target) in MISSING:
+    pytest.skip(MISSING[aot.kind_of(target)])
+  r = report(target, name)
+  assert r.compiled, r.error
+  assert r.kernels == r.expected_kernels
+  assert r.ragged_exchanges >= (2 if "forward" in name else 3)
+  if r.registers is not None:
+    assert r.spill_bytes == 0
+
+
+def test_exchange_stats_reads_sync_and_async_collectives():
+  hlo = """
+  %a = u8[8192,4,384]{2,1,0:T(4,128)} ragged-all-to-all(%x, %o, %i, %s, %p, %r), channel_id=1
+  %b = s32[4,5]{1,0} all-to-all(%c), channel_id=2
+  %c = ((f32[16,8]{1,0}, f32[32,8]{1,0}, s32[4]{0}), f32[32,8]{1,0}) ragged-all-to-all-start(%y)
+  %d = f32[32,8]{1,0} ragged-all-to-all-done(%c)
+  %ragged-all-to-all-start.1 = f32[2]{0} add(%u, %v)
+  """
+  assert aot.exchange_stats(hlo) == (3, 2, 8192 * 4 * 384 + 4 * 5 * 4 + 32 * 8 * 4)
+
+
 def test_the_table_names_a_failed_compile():
   failed = aot.Report("v5e", "x", False, error="ValueError: no")
   ok = aot.Report("a100", "y", True, kernels=1, temp_bytes=0, io_bytes=10, registers=200,
