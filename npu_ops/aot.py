@@ -399,21 +399,21 @@ def compile_case(case: Case, target: str) -> Report:
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-# `%name = f32[2048,1,1024]{...} ragged-all-to-all(` (TPU) or, async (GPU),
-# `%name = (f32[...]{...}, f32[...]{...}, ...) ragged-all-to-all-start(`.
-_EXCHANGE = re.compile(r"= (\(.*?\)|\S+) (ragged-)?all-to-all(?:-start)?\(")
+# `%name = f32[2048,1,1024]{...} ragged-all-to-all(` (TPU), a tuple of arrays for a
+# tuple all-to-all (CPU), or async (GPU) `... ragged-all-to-all-start(` then
+# `%name = f32[...]{...} ragged-all-to-all-done(`, counted at the done.
+_EXCHANGE = re.compile(r"= ([^=]+?) (ragged-)?all-to-all(?:-done)?\(")
 
 
 def exchange_stats(hlo: str) -> tuple[int, int, int]:
   """(all-to-all collectives, how many of them ragged, bytes of their results) in
-  compiled HLO text. For an async start (a tuple type), the last array is its result."""
+  compiled HLO text."""
   count = ragged = total = 0
-  for found in _EXCHANGE.finditer(hlo):
-    shapes = re.findall(r"(\w+)\[([\d,]*)\]", found.group(1))
-    dtype, dims = shapes[-1]
+  for found in _EXCHANGE.finditer(re.sub(r"/\*index=\d+\*/", "", hlo)):  # in long tuples
     count += 1
     ragged += bool(found.group(2))
-    total += _DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(v) for v in dims.split(",") if v]))
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", found.group(1)):
+      total += _DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(v) for v in dims.split(",") if v]))
   return count, ragged, total
 
 

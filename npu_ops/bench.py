@@ -4,6 +4,7 @@
     python -m npu_ops.bench --m 4096 --e 16       # one shape, four group lists
     python -m npu_ops.bench --out bench_results   # also writes JSON and a PNG plot
     python -m npu_ops.bench --qat                 # training steps: QAT vs float
+    python -m npu_ops.bench --ep 8                # expert parallel, 8 simulated devices
 
 For each (m, k, n, e, group list) the contenders run interleaved in one process
 (machine noise hits all of them alike), each timed as the minimum of `--repeats`
@@ -357,7 +358,24 @@ def main(argv=None):
   p.add_argument("--qat", action="store_true",
                  help="time QAT training steps against float ones instead")
   p.add_argument("--out", help="folder for bench.json and bench.png (default: print only)")
+  p.add_argument("--ep", type=int, metavar="D",
+                 help="instead: the MoE layer with its experts over D simulated CPU devices "
+                      "vs one device, and the bytes exchanged (npu_ops.bench_ep)")
+  p.add_argument("--ep-tokens", type=int, default=4096,
+                 help="tokens per step with --ep (default: %(default)s)")
+  p.add_argument("--ep-modes", nargs="+", default=["int8", "float"],
+                 choices=["int8", "float", "qat"],
+                 help="with --ep: int8 forward, float or qat train steps (default: %(default)s)")
+  p.add_argument("--ep-shape", type=int, nargs=3, default=[1024, 1408, 16],
+                 metavar=("D_MODEL", "D_FF", "EXPERTS"),
+                 help="with --ep: the layer's shape (default: %(default)s)")
+  p.add_argument("--ep-aot", action=argparse.BooleanOptionalAction, default=True,
+                 help="with --ep: also compile for TPU/GPU chips when the compilers are "
+                      "installed (default: %(default)s)")
   args = p.parse_args(argv)
+  if args.ep:  # before anything starts JAX's CPU backend with one device
+    from npu_ops import bench_ep  # noqa: PLC0415
+    return bench_ep.report(args)
 
   cases = [(m, e, g) for m in args.m for e in args.e for g in args.groups]
   print((qat_header if args.qat else header)(args.k, args.n), flush=True)

@@ -13,7 +13,9 @@ the result back; see `npu_ops.expert_parallel`).
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -87,9 +89,14 @@ def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   check_rank("logits", logits, 2)
   e = logits.shape[1]
   require(isinstance(k, int) and 1 <= k <= e, "k", f"an int in [1, e={e}]", repr(k))
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  weights, experts = jax.lax.top_k(probs, k)
-  return weights / jnp.sum(weights, axis=-1, keepdims=True), experts.astype(jnp.int32)
+  # The renormalized top-k of softmax(logits) is the softmax of the top-k logits (the
+  # full denominator cancels). Its k-term sum is unrolled into elementwise adds: XLA:CPU
+  # computes exp inside a reduction with other code than elementwise, which made the
+  # gates depend on how many tokens a device holds (expert parallelism: last bits).
+  top, experts = jax.lax.top_k(logits.astype(jnp.float32), k)
+  z = jnp.exp(top - top[:, :1])
+  total = functools.reduce(operator.add, [z[:, j:j + 1] for j in range(k)])
+  return z / total, experts.astype(jnp.int32)
 
 
 def dispatch(experts: jax.Array, num_experts: int) -> Dispatch:

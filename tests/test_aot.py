@@ -125,12 +125,12 @@ def test_expert_parallel_compiles_for_every_chip(target, name):
 def test_exchange_stats_reads_sync_and_async_collectives():
   hlo = """
   %a = u8[8192,4,384]{2,1,0:T(4,128)} ragged-all-to-all(%x, %o, %i, %s, %p, %r), channel_id=1
-  %b = s32[4,5]{1,0} all-to-all(%c), channel_id=2
+  %b = (s32[4,5]{1,0}, /*index=1*/s32[4,5]{1,0}) all-to-all(%c, %c2), channel_id=2
   %c = ((f32[16,8]{1,0}, f32[32,8]{1,0}, s32[4]{0}), f32[32,8]{1,0}) ragged-all-to-all-start(%y)
   %d = f32[32,8]{1,0} ragged-all-to-all-done(%c)
   %ragged-all-to-all-start.1 = f32[2]{0} add(%u, %v)
   """
-  assert aot.exchange_stats(hlo) == (3, 2, 8192 * 4 * 384 + 4 * 5 * 4 + 32 * 8 * 4)
+  assert aot.exchange_stats(hlo) == (3, 2, 8192 * 4 * 384 + 2 * 4 * 5 * 4 + 32 * 8 * 4)
 
 
 def test_the_table_names_a_failed_compile():

@@ -111,6 +111,13 @@ def check_forward(mode, bits):
   _assert_equal_to_one_device(mode, got.y, want.y)
   if mode == "float":  # and both equal the token-by-token NumPy layer
     np.testing.assert_allclose(got.y, ref.moe_mlp(x, *w[:3], K), rtol=1e-4, atol=1e-5)
+  if mode == "int8":  # a random router too: gates computed per device equal the global ones
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(TOKENS, D)).astype(np.float32)
+    w = w._replace(router=rng.normal(size=(D, E)).astype(np.float32))
+    want = _layer(mode, bits)(x, w)
+    got = _layer(mode, bits, mesh=_mesh(), expert_axis="expert")(x, w)
+    np.testing.assert_array_equal(got.y, want.y)
 
 
 def check_gradients(mode):
