@@ -369,6 +369,9 @@ def main(argv=None):
   p.add_argument("--ep-shape", type=int, nargs=3, default=[1024, 1408, 16],
                  metavar=("D_MODEL", "D_FF", "EXPERTS"),
                  help="with --ep: the layer's shape (default: %(default)s)")
+  p.add_argument("--ep-capacity-factor", type=float,
+                 help="with --ep: the sharded layer's capacity_factor (default: none, no "
+                      "token dropped)")
   p.add_argument("--ep-aot", action=argparse.BooleanOptionalAction, default=True,
                  help="with --ep: also compile for TPU/GPU chips when the compilers are "
                       "installed (default: %(default)s)")

@@ -34,7 +34,10 @@ MODES = {"int8": "int8 forward", "float": "float train step", "qat": "qat train 
 
 def use_cpu_devices(n: int) -> None:
   """Asks for `n` CPU devices; must run before JAX starts its CPU backend."""
-  jax.config.update("jax_num_cpu_devices", n)
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:  # JAX has started: its device count is fixed
+    pass
   if len(jax.devices("cpu")) < n:
     raise SystemExit(f"--ep {n}: JAX started with {len(jax.devices('cpu'))} CPU devices; "
                      "run the benchmark in a fresh process")
@@ -75,14 +78,15 @@ def crossing_rows(x, router, devices, experts, top_k=2) -> int:
   return int((np.asarray(chosen) // (experts // devices) != source[:, None]).sum())
 
 
-def run_cpu(devices, tokens, d_model, d_ff, experts, modes, repeats):
+def run_cpu(devices, tokens, d_model, d_ff, experts, modes, repeats, capacity_factor=None):
   from npu_ops.bench import time_interleaved  # noqa: PLC0415
   mesh = jax.make_mesh((devices,), ("expert",), axis_types=(AxisType.Auto,))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(tokens, d_model)), jnp.float32)
   rows = []
   for mode in modes:
     w = _weights(d_model, d_ff, experts, mode)
-    one, ep = _step(mode), _step(mode, mesh=mesh, expert_axis="expert")
+    one = _step(mode)
+    ep = _step(mode, mesh=mesh, expert_axis="expert", capacity_factor=capacity_factor)
     best = time_interleaved({"one": functools.partial(one, x, w),
                              "ep": functools.partial(ep, x, w)}, repeats)
     count, _, buffer_bytes = aot.exchange_stats(ep.lower(x, w).compile().as_text())
@@ -122,13 +126,16 @@ def report(args) -> None:
   if experts % args.ep or tokens % args.ep:
     raise SystemExit(f"--ep {args.ep}: must divide {experts} experts and {tokens} tokens")
   print(f"Expert-parallel MoE on {args.ep} simulated CPU devices (jax {jax.__version__}): "
-        f"{tokens} tokens, d_model {d_model}, d_ff {d_ff}, {experts} experts, top 2.\n"
+        f"{tokens} tokens, d_model {d_model}, d_ff {d_ff}, {experts} experts, top 2"
+        + (f", capacity factor {args.ep_capacity_factor}" if args.ep_capacity_factor else "")
+        + ".\n"
         "tok/s: tokens per second (one device; experts over the devices); MB: bytes between "
         "devices per step, moved (padded all_to_all) and ideal (each row routed off its "
         "device, once each way).")
   print(f"{'mode':<17} {'one tok/s':>9} {'EP tok/s':>9} {'EP/one':>6} {'a2a':>4} "
         f"{'moved MB':>9} {'ideal MB':>9} {'x ideal':>7}")
-  for r in run_cpu(args.ep, tokens, d_model, d_ff, experts, args.ep_modes, args.repeats):
+  for r in run_cpu(args.ep, tokens, d_model, d_ff, experts, args.ep_modes, args.repeats,
+                   args.ep_capacity_factor):
     print(f"{r['mode']:<17} {r['one_tps']:>9.0f} {r['ep_tps']:>9.0f} "
           f"{r['ep_tps'] / r['one_tps']:>6.2f} {r['collectives']:>4} {r['moved_mb']:>9.1f} "
           f"{r['ideal_mb']:>9.1f} {r['moved_mb'] / r['ideal_mb']:>7.2f}")

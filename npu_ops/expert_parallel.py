@@ -94,38 +94,36 @@ def to_owners(rows: Any, ex: Exchange, axis_name: str, capacity: int, how: str) 
   if len(leaves) > 1:
     packed, unpack = _as_bytes(leaves)
     return jax.tree.unflatten(tree, unpack(to_owners(packed, ex, axis_name, capacity, how)))
+  (a,) = leaves
   num_devices = ex.send_sizes.shape[0]
-  me = lax.axis_index(axis_name).astype(jnp.int32)
-  if how == RAGGED:
-    at = jnp.full((num_devices,), me * capacity, jnp.int32)
-    return jax.tree.map(lambda a: _ragged(a, num_devices * capacity, ex.input_offsets,
-                                          ex.send_sizes, at, ex.recv_sizes, axis_name), rows)
-  return jax.tree.map(lambda a: _padded(_runs(a, ex.input_offsets, ex.send_sizes, capacity),
-                                        axis_name), rows)
+  if how == RAGGED:  # my run lands at row me * C of every owner's buffer
+    at = jnp.full((num_devices,), lax.axis_index(axis_name) * capacity, jnp.int32)
+    out = _ragged(a, num_devices * capacity, ex.input_offsets, ex.send_sizes, at,
+                  ex.recv_sizes, axis_name)
+  else:
+    out = _padded(_runs(a, ex.input_offsets, ex.send_sizes, capacity), axis_name)
+  return jax.tree.unflatten(tree, [out])
 
 
-def to_sources(results: Any, ex: Exchange, axis_name: str, capacity: int, how: str,
-               num_rows: int) -> Any:
+def to_sources(results: jax.Array, ex: Exchange, axis_name: str, capacity: int, how: str,
+               num_rows: int) -> jax.Array:
   """The owners' results (`[D * C, ...]`, in the receive layout) -> each source's
   `[P, ...]` in its sorted row order (zeros for rows it did not send)."""
   num_devices = ex.send_sizes.shape[0]
   if how == RAGGED:
     starts = jnp.arange(num_devices, dtype=jnp.int32) * capacity
-    return jax.tree.map(lambda a: _ragged(a, num_rows, starts, ex.recv_sizes, ex.back_offsets,
-                                          ex.send_sizes, axis_name), results)
-
-  def back(a):
-    runs = _padded(a, axis_name).reshape(num_devices, capacity, *a.shape[1:])
-    # Sorted row r went to device dest[r], as row r - input_offsets[dest[r]] of its run.
-    r = jnp.arange(num_rows, dtype=jnp.int32)
-    ends = ex.input_offsets + ex.send_sizes
-    dest = jnp.minimum(jnp.searchsorted(ends, r, side="right"), num_devices - 1)
-    col = r - ex.input_offsets[dest]
-    sent = (r < ends[-1]) & (col < capacity)
-    picked = runs[dest, jnp.clip(col, 0, capacity - 1)]
-    return jnp.where(sent.reshape(sent.shape + (1,) * (a.ndim - 1)), picked,
-                     jnp.zeros((), a.dtype))
-  return jax.tree.map(back, results)
+    return _ragged(results, num_rows, starts, ex.recv_sizes, ex.back_offsets, ex.send_sizes,
+                   axis_name)
+  runs = _padded(results, axis_name).reshape(num_devices, capacity, *results.shape[1:])
+  # Sorted row r went to device dest[r], as row r - input_offsets[dest[r]] of its run.
+  r = jnp.arange(num_rows, dtype=jnp.int32)
+  ends = ex.input_offsets + ex.send_sizes
+  dest = jnp.minimum(jnp.searchsorted(ends, r, side="right"), num_devices - 1)
+  col = r - ex.input_offsets[dest]
+  sent = (r < ends[-1]) & (col < capacity)
+  picked = runs[dest, jnp.clip(col, 0, capacity - 1)]
+  return jnp.where(sent.reshape(sent.shape + (1,) * (results.ndim - 1)), picked,
+                   jnp.zeros((), results.dtype))
 
 
 def _as_bytes(leaves: list[jax.Array]):

@@ -3,7 +3,10 @@ check what they print. Marked slow (minutes of compiling): .ci/run runs them aft
 default test command."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -46,6 +49,29 @@ def test_bench_qat_runs(tmp_path, capsys):
   assert len(rows) == 1 and rows[0]["qat_step_over_float"] > 0
   assert json.loads((tmp_path / "bench_qat.json").read_text()) == rows
   assert "qat+bwd" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_ep_runs():
+  """--ep needs a fresh process (the device count is fixed when JAX starts)."""
+  out = subprocess.run(
+      [sys.executable, "-m", "npu_ops.bench", "--ep", "4", "--ep-tokens", "64", "--ep-shape",
+       "32", "48", "8", "--ep-modes", "int8", "float", "--repeats", "1", "--no-ep-aot"],
+      capture_output=True, text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      cwd=ROOT).stdout
+  rows = {line.split("  ")[0]: line.split() for line in out.splitlines()
+          if line.startswith(("int8 forward", "float train step"))}
+  assert len(rows) == 2, out
+  for cells in rows.values():
+    one, ep, ratio, collectives, moved, ideal, times = map(float, cells[-7:])
+    assert one > 0 and ep > 0 and collectives >= 2 and moved >= ideal > 0, out
+
+
+def test_bench_ep_says_when_jax_already_started():
+  import jax
+  jax.devices()  # this process's CPU backend has started with one device
+  with pytest.raises(SystemExit, match="fresh process"):
+    bench.main(["--ep", "4"])
 
 
 def test_group_counts_sum_to_m():
