@@ -99,7 +99,7 @@ def test_gpu_kernels_compile_without_spills(target, name):
   assert r.spill_bytes == 0, f"{r.spill_bytes} bytes of register spills"
 
 
-EP_CASES = [("v5e", "EP MoE int8 forward (all chips)"),
+EP_CASES = [pytest.param("v5e", "EP MoE int8 forward (all chips)", marks=slow),
             pytest.param("v5p", "EP MoE float train step (all chips)", marks=slow),
             pytest.param("v5p", "EP MoE qat train step (all chips)", marks=slow),
             pytest.param("h100", "EP MoE int8 forward (all chips)", marks=slow),
