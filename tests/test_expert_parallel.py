@@ -88,6 +88,7 @@ def _mesh(shape=(DEVICES,), names=("expert",)):
   return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
 
 
+@functools.cache  # one compilation per layer form and shape, across checks
 def _layer(mode, bits=8, **parallel):
   import jax  # noqa: PLC0415
   from npu_ops import moe  # noqa: PLC0415
