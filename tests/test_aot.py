@@ -99,10 +99,10 @@ def test_gpu_kernels_compile_without_spills(target, name):
   assert r.spill_bytes == 0, f"{r.spill_bytes} bytes of register spills"
 
 
-# Multi-chip TPU (v5p:2x2x1) and GPU (8 GPUs), forward and both training modes (a v5e
-# compile takes 45 s here); `python -m npu_ops.aot --cases EP` compiles every pair.
-EP_CASES = [pytest.param("v5p", "EP MoE qat train step (all chips)", marks=slow),
-            pytest.param("h100", "EP MoE int8 forward (all chips)", marks=slow),
+# 8 GPUs, forward and a training step (a TPU EP compile takes 45-66 s on a 2-core host,
+# which the CI's 20 minutes cannot spare); `python -m npu_ops.aot --cases EP` compiles
+# every target (the README table).
+EP_CASES = [pytest.param("h100", "EP MoE int8 forward (all chips)", marks=slow),
             pytest.param("h100", "EP MoE float train step (all chips)", marks=slow)]
 
 
