@@ -35,6 +35,8 @@ from npu_ops.qat import fake_quant_weight as fake_quant_weight
 from npu_ops.qat import quantize_weight as quantize_weight
 from npu_ops.qat import weight_scale_from_amax as weight_scale_from_amax
 from npu_ops.quant import DynamicQuant as DynamicQuant
+from npu_ops.quant import dequantize_mx as dequantize_mx
+from npu_ops.quant import quantize_mx as quantize_mx
 from npu_ops.quant import quantize_per_token as quantize_per_token
 from npu_ops.quant import swiglu as swiglu
 from npu_ops.quant_matmul import decode_quant_param as decode_quant_param

@@ -80,30 +80,48 @@ def lifted_reciprocal(d: jax.Array, numerator: float = 1.0) -> tuple[jax.Array, 
 def codes_for_amax(s: jax.Array, amax: jax.Array, *, qmax: float = INT8_QMAX,
                    dtype=jnp.int8,
                    round_fn: Callable[[jax.Array], jax.Array] = jnp.round) -> jax.Array:
-  """Per-token codes given each row's amax (`[..., 1]`, float32):
-  `clip(round_half_even(s * (qmax / amax)), -qmax, qmax)`, 0 where amax = 0 (semantics A.3
-  item 3), without overflow for tiny amax (`lifted_reciprocal`). Kernels that see a row in
+  """Per-token codes given each row's amax (`[..., 1]`, float32): `s * (qmax / amax)`
+  clipped to [-qmax, qmax], then rounded half to even into `dtype` (int8: `round_fn`;
+  fp8: the cast, whose saturation the clip is), 0 where amax = 0 (semantics A.3 item 3),
+  without overflow for tiny amax (`lifted_reciprocal`). Kernels that see a row in
   pieces compute amax first, then call this (with `round_fn=round_half_even_small` where
   `round` does not lower)."""
   lift, inv = lifted_reciprocal(amax, qmax)
-  return round_fn(jnp.clip((s * lift) * inv, -qmax, qmax)).astype(dtype)
+  v = jnp.clip((s * lift) * inv, -qmax, qmax)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return v.astype(dtype)
+  return round_fn(v).astype(dtype)
 
 
 def scale_for_amax(amax: jax.Array, qmax: float = INT8_QMAX) -> jax.Array:
   """`amax / qmax` in float32, correctly rounded also where it is subnormal (amax below
   `qmax * 2**-126`), which XLA:CPU and TPU arithmetic would flush to 0: there the
-  subnormal's bits are built with integer ops (qmax odd: no ties)."""
+  subnormal's bits are an integer division rounded half to even, built from float
+  estimates and integer corrections (no vector integer division: Mosaic has none).
+  qmax is an integer `odd * 2**p` (127, 448, 57344)."""
+  qi = int(qmax)
+  p = (qi & -qi).bit_length() - 1
+  odd = qi >> p
   bits = jax.lax.bitcast_convert_type(amax, jnp.int32)
   exp = bits >> 23  # amax >= 0
   mant = jnp.where(exp > 0, (bits & 0x7FFFFF) | 0x800000, bits & 0x7FFFFF)
-  # amax / 2**-149, an integer < 2**30 in the subnormal case (exp <= 7).
-  units = mant << jnp.clip(exp - 1, 0, 6)
-  qi = int(qmax)
-  q = jnp.floor(units.astype(jnp.float32) / qmax + 0.5).astype(jnp.int32)  # off by <= 1
-  r2 = 2 * (units - q * qi)
-  q = q + (r2 > qi).astype(jnp.int32) - (r2 < -qi).astype(jnp.int32)
+  # amax / 2**-149 = mant * 2**(max(exp, 1) - 1); the quotient's units are 2**-149 too.
+  # Where the result is subnormal, that shift minus p is at most log2(odd) <= 7.
+  shift = jnp.maximum(exp, 1) - 1 - p
+  num = mant << jnp.clip(shift, 0, 7)
+  den = odd << jnp.clip(-shift, 0, 23)  # past 23 the quotient rounds to 0 either way
+  q = jnp.floor(num.astype(jnp.float32) / den.astype(jnp.float32)).astype(jnp.int32)
+  for _ in range(2):  # the float estimate is off by at most 1
+    r = num - q * den
+    q = q - (r < 0).astype(jnp.int32) + (r >= den).astype(jnp.int32)
+  r = num - q * den
+  q = q + ((r > den - r) | ((r == den - r) & (q % 2 == 1))).astype(jnp.int32)
   subnormal = jax.lax.bitcast_convert_type(q, jnp.float32)
-  return jnp.where(amax < qmax * 2.0 ** -126, subnormal, amax / qmax)
+  # XLA rewrites a division by a broadcast constant as a product with its rounded
+  # reciprocal (off by an ulp in 4% of rows for 127, 53% for 448); a divisor it cannot
+  # prove constant keeps the correctly rounded division.
+  divisor = jnp.where(amax < 0, 1.0, qmax).astype(amax.dtype)
+  return jnp.where(amax < qmax * 2.0 ** -126, subnormal, amax / divisor)
 
 
 def quantize_rows(s: jax.Array, *, qmax: float = INT8_QMAX, dtype=jnp.int8,
@@ -123,3 +141,77 @@ def round_half_even_small(v: jax.Array) -> jax.Array:
   f = jnp.floor(v + 0.5)
   odd_tie = (f - v == 0.5) & (f - 2 * jnp.floor(f * 0.5) != 0)
   return f - odd_tie.astype(v.dtype)
+
+
+# --- MX (OCP microscaling; semantics B.1.6) ------------------------------------------------
+
+MX_BLOCK = 32
+E8M0_NAN = 0xFF
+# The element types' largest exponent (emax): a block's scale is 2**(floor(log2 amax) - emax).
+MX_EMAX = {"float8_e4m3fn": 8, "float8_e5m2": 15, "float4_e2m1fn": 2}
+
+
+def quantize_mx_blocks(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """MX quantization of blocks `s [..., blocks, 32]` (rounded to bfloat16 first), as the
+  Ascend 950 epilogue does it (semantics B.1.6), with `E` the largest exponent field of the
+  block's bfloat16 values:
+
+  * E = 255 (an inf or NaN in the block): scale byte 0xFF (NaN); codes NaN (fp8) or 0 (fp4,
+    which has no NaN).
+  * E = 0 (all zero or subnormal): scale byte 0, codes `value * 0` (signed zeros).
+  * else: scale byte `e = max(E, emax) - emax`, codes `value * 2**(127 - e)` cast to `dtype`
+    rounding half to even and saturating at its largest finite value.
+
+  Returns (codes `[..., blocks, 32]` of dtype, scale bytes uint8 `[..., blocks, 1]`).
+  """
+  dtype = jnp.dtype(dtype)
+  emax = MX_EMAX[dtype.name]
+  v = s.astype(jnp.bfloat16).astype(jnp.float32)
+  exp_field = (jax.lax.bitcast_convert_type(v, jnp.int32) >> 23) & 0xFF
+  block_exp = jnp.max(exp_field, axis=-1, keepdims=True)
+  e = jnp.maximum(block_exp, emax) - emax
+  # 2**(127 - e), a normal float32 for every e <= 255 - emax (emax >= 1)
+  multiplier = jax.lax.bitcast_convert_type((254 - e) << 23, jnp.float32)
+  multiplier = jnp.where(block_exp == 0, 0.0, multiplier)
+  top = float(jnp.finfo(dtype).max)
+  # value * 2**k of a bfloat16 is a bfloat16 (or far below the element type's grid)
+  codes = jnp.clip(v * multiplier, -top, top).astype(dtype)
+  nan_block = block_exp == E8M0_NAN
+  nan_code = jnp.asarray(jnp.nan if jnp.finfo(dtype).bits == 8 else 0.0, dtype)
+  codes = jnp.where(nan_block, nan_code, codes)
+  scale = jnp.where(nan_block, E8M0_NAN, jnp.where(block_exp == 0, 0, e))
+  return codes, scale.astype(jnp.uint8)
+
+
+def quantize_mx_rows(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """`quantize_mx_blocks` along the last axis of `s [..., d]`, a last short block padded
+  with zeros: (codes `[..., d]`, scale bytes uint8 `[..., ceil(d / 32)]`)."""
+  d = s.shape[-1]
+  blocks = -(-d // MX_BLOCK)
+  padded = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, blocks * MX_BLOCK - d)])
+  codes, scale = quantize_mx_blocks(padded.reshape(*s.shape[:-1], blocks, MX_BLOCK), dtype)
+  return codes.reshape(*s.shape[:-1], blocks * MX_BLOCK)[..., :d], scale[..., 0]
+
+
+def quantize_output(s: jax.Array, spec) -> tuple[jax.Array, jax.Array]:
+  """The fused op's output quantization of float32 `s [..., d]` as `spec` (a
+  `quant.DynamicQuant`: `.mode`, `.dtype`, `.qmax`) says: per token (codes, float32 scale
+  `[..., 1]`) or MX (codes, e8m0 scale bytes uint8 `[..., ceil(d / 32)]`)."""
+  if spec.mode == 2:
+    return quantize_mx_rows(s, spec.dtype)
+  return quantize_rows(s, qmax=spec.qmax, dtype=spec.dtype)
+
+
+def output_scale_shape(spec, d: int) -> tuple[tuple[int, ...], jnp.dtype]:
+  """(trailing shape, dtype) of `quantize_output`'s scale for rows of d values."""
+  if spec.mode == 2:
+    return (-(-d // MX_BLOCK),), jnp.dtype(jnp.uint8)
+  return (1,), jnp.dtype(jnp.float32)
+
+
+def e8m0_to_float32(scale_bytes: jax.Array) -> jax.Array:
+  """`2**(b - 127)` of e8m0 bytes (uint8), NaN for 0xFF; byte 0 is 2**-127, a float32
+  subnormal (built from bits, not arithmetic, which XLA:CPU flushes)."""
+  b = scale_bytes.astype(jnp.int32)
+  bits = jnp.where(b == 0, 0x00400000, b << 23)
+  return jnp.where(b == E8M0_NAN, jnp.nan, jax.lax.bitcast_convert_type(bits, jnp.float32))

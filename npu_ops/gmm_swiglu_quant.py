@@ -110,7 +110,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
     group total are 0 in both.
   """
   spec = quant_lib.DynamicQuant.from_torch_npu(quant_dtype, quant_mode)
-  dequant_mode = check_int_option("dequant_mode", dequant_mode, (0, 1))
+  dequant_mode = check_int_option("dequant_mode", dequant_mode, (0, 1, MX_INPUTS))
   if isinstance(dequant_dtype, (int, np.integer)) and not isinstance(dequant_dtype, bool):
     require(dequant_dtype in _DEQUANT_FP32, "dequant_dtype",
             "0 (float32; the only intermediate type of A2/A3)", dequant_dtype)
@@ -121,6 +121,14 @@ def npu_grouped_matmul_swiglu_quant_v2(
     fail("bias", "None (reserved by torch_npu for this op)", describe(bias))
   tokens = expected_tokens(tuning_config)
   backend.check(implementation, interpret, tiles)
+  if dequant_mode == MX_INPUTS:
+    for name, value in (("smooth_scale", smooth_scale),
+                        ("weight_assist_matrix", weight_assist_matrix)):
+      if value is not None:
+        fail(name, "None with MX inputs (dequant_mode=2)", describe(value))
+    return _torch_npu_outputs(*_mx_inputs(
+        x, weight, weight_scale, x_scale, group_list, group_list_type=group_list_type,
+        group_offset=group_offset, spec=spec, implementation=implementation), spec)
 
   lhs = operands.canonical_lhs(x)
   m, k = lhs.values.shape
@@ -187,14 +195,15 @@ def npu_grouped_matmul_swiglu_quant_v2(
   xq, wq = QArray.of(lhs, jnp.asarray(x_scale, jnp.float32)), QArray.of(w, scale)
   if group_offset is None:
     ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
-    return fused_canonical(xq, wq, ends, **run)
+    return _torch_npu_outputs(*fused_canonical(xq, wq, ends, **run), spec)
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
                                num_groups=max(e, groups_lib.num_listed(group_list)))
   local, shift = groups_lib.local_groups(ends, group_offset, e)
   to_row0 = lambda a: groups_lib.shift_rows(a, -shift)
   q, q_scale = fused_canonical(QArray(to_row0(xq.values), to_row0(xq.scale), xq.bits), wq,
                                local, **run)
-  return groups_lib.shift_rows(q, shift), groups_lib.shift_rows(q_scale, shift)
+  return _torch_npu_outputs(groups_lib.shift_rows(q, shift),
+                            groups_lib.shift_rows(q_scale, shift), spec)
 
 
 def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
@@ -369,8 +378,13 @@ def _dequant(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array, scenario: s
 
 
 def _swiglu_quant(c: jax.Array, smooth: jax.Array | None, spec: quant_lib.DynamicQuant):
+  """(codes, scale `[rows, 1]` per token or e8m0 bytes `[rows, blocks]` for MX)."""
+  if c.shape[-1] == 0:
+    cols, scale_dtype = _epilogue.output_scale_shape(spec, 0)
+    return (jnp.zeros(c.shape, spec.dtype),
+            jnp.zeros(c.shape[:-1] + cols, scale_dtype))
   s = quant_lib.swiglu(c)
-  return quant_lib.quantize_per_token(s if smooth is None else s * smooth, spec)
+  return _epilogue.quantize_output(s if smooth is None else s * smooth, spec)
 
 
 @row_blocks.jit_by_ends("scenario", "spec", "block_sizes", "after")
@@ -399,7 +413,8 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
     else:
       c = _dequant(grouped(x, w), per_row(scale[:, 0]), x_scale[:, None], scenario)
     q, q_scale = _swiglu_quant(c, per_row(smooth), spec)
-    return jnp.where(inside[:, None], q, 0).astype(q.dtype), jnp.where(inside, q_scale, 0)
+    keep = lambda a: jnp.where(inside[:, None], a, jnp.zeros((), a.dtype))
+    return _squeeze_per_token(keep(q), keep(q_scale), spec)
 
   def group_ctx(g):
     # per-column operands as [..., 1, cols]: every broadcast against a row block spelled out
@@ -421,6 +436,109 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
     return (row_blocks.write_rows(outs[0], q, r0, mask),
             row_blocks.write_rows(outs[1], q_scale, r0, mask))
 
-  init = (jnp.zeros((m, n // 2), spec.dtype), jnp.zeros((m,), jnp.float32))
-  return row_blocks.traverse(ends, m, init, group_ctx=group_ctx, block_fn=block_fn,
-                             block_sizes=block_sizes)
+  cols, scale_dtype = _epilogue.output_scale_shape(spec, n // 2)
+  init = (jnp.zeros((m, n // 2), spec.dtype), jnp.zeros((m,) + cols, scale_dtype))
+  return _squeeze_per_token(*row_blocks.traverse(ends, m, init, group_ctx=group_ctx,
+                                                 block_fn=block_fn, block_sizes=block_sizes),
+                            spec)
+
+
+def _squeeze_per_token(q, q_scale, spec):
+  return q, q_scale[:, 0] if spec.mode == quant_lib.PER_TOKEN else q_scale
+
+
+# --- MX inputs (dequant_mode 2, semantics B.1.6) and torch_npu's output layouts ----------------
+
+MX_INPUTS = 2
+_MX_ELEMENTS = tuple(np.dtype(t) for t in (jnp.float8_e4m3fn, jnp.float8_e5m2,
+                                           jnp.float4_e2m1fn))
+_E8M0 = tuple(np.dtype(t) for t in (jnp.float8_e8m0fnu, jnp.uint8))
+
+
+def _mx_operand(name: str, a: Any, rank: int) -> jax.Array:
+  check_rank(name, a, rank)
+  require(np.dtype(a.dtype) in _MX_ELEMENTS, name, "float8_e4m3fn, float8_e5m2 or "
+          "float4_e2m1fn values (MX inputs, dequant_mode=2)", describe(a), TypeError)
+  return jnp.asarray(a)
+
+
+def _mx_scale(name: str, a: Any, shape: tuple[int, ...], layout: str) -> jax.Array:
+  """float32 `2**(b - 127)` of e8m0 scales given as float8_e8m0fnu or uint8 bytes."""
+  check_array(name, a)
+  require(np.dtype(a.dtype) in _E8M0, name, "float8_e8m0fnu or uint8 (e8m0 bytes)",
+          describe(a), TypeError)
+  require(tuple(a.shape) == shape, name, f"shape {list(shape)} ({layout})", describe(a))
+  return _epilogue.e8m0_to_float32(quant_lib._scale_bytes(name, a))
+
+
+def _per_element(scale: jax.Array, k: int, axis: int) -> jax.Array:
+  """Block scales with `ceil(k/64)` at `axis` and the pair as the last dim -> one per
+  element of k at `axis`: element kk takes `scale[..., kk // 64, ..., (kk // 32) % 2]`."""
+  pairs = jnp.moveaxis(scale, -1, axis + 1)
+  flat = pairs.reshape(pairs.shape[:axis] + (-1,) + pairs.shape[axis + 2:])
+  return lax.slice_in_dim(jnp.repeat(flat, _epilogue.MX_BLOCK, axis=axis), 0, k, axis=axis)
+
+
+def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type, group_offset,
+               spec, implementation):
+  """The fused op on fp8 / fp4 inputs with e8m0 block scales: each operand times its
+  scales (exact powers of two), one float32 grouped matmul, SwiGLU, then `spec`.
+
+  Within a block of 32 the hardware's accumulation order is not specified; here the
+  products (exact in float32) are summed in float32 in XLA's order. Operand values
+  scaled below 2**-126 flush to 0 on XLA:CPU, as in every float op there.
+  """
+  xv = _mx_operand("x", x, 2)
+  m, k = xv.shape
+  kb = -(-k // 64)
+  wv = _mx_operand("weight", operands.stack_tensor_list(weight, "weight", expert_rank=(2,)), 3)
+  ws = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(3,))
+  check_rank("weight_scale", ws, 4)
+  e = wv.shape[0]
+  # ND [e, k, n] with scales [e, kb, n, 2], or transposed [e, n, k] with [e, n, kb, 2]
+  transposed = wv.shape[1] != k or (wv.shape[2] == k and ws.shape[1:3] == (wv.shape[1], kb))
+  n = wv.shape[1] if transposed else wv.shape[2]
+  require(wv.shape[2 if transposed else 1] == k, "weight",
+          f"[e, k={k}, n] or its transpose [e, n, k={k}] (k from x)", describe(wv))
+  require(n % 2 == 0, "weight", "an even n (SwiGLU halves it)", describe(wv))
+  if spec.dtype == np.dtype(jnp.float4_e2m1fn):
+    require(n % 4 == 0, "weight", "n a multiple of 4 for packed fp4 output (two codes a byte)",
+            describe(wv))
+  w_shape, layout = (((e, n, kb, 2), "[e, n, ceil(k/64), 2] for a transposed weight")
+                     if transposed else ((e, kb, n, 2), "[e, ceil(k/64), n, 2]"))
+  w_scale = _mx_scale("weight_scale", ws, w_shape, layout)
+  xs = _mx_scale("x_scale", x_scale, (m, kb, 2), "[m, ceil(k/64), 2]")
+  xf = xv.astype(jnp.float32) * _per_element(xs, k, 1)
+  wf = wv.astype(jnp.float32) * _per_element(w_scale, k, 2 if transposed else 1)
+  if transposed:
+    wf = jnp.swapaxes(wf, 1, 2)
+  impl = backend.resolve(implementation, unsupported="MX inputs (dequant_mode=2)")
+  num_groups = e if group_offset is None else max(e, groups_lib.num_listed(group_list))
+  ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
+                               num_groups=num_groups)
+  shift = None
+  if group_offset is not None:
+    ends, shift = groups_lib.local_groups(ends, group_offset, e)
+    xf = groups_lib.shift_rows(xf, -shift)
+  c = gmm_lib.gmm(xf, wf, ends, out_dtype=jnp.float32, implementation=impl,
+                  precision=lax.Precision.HIGHEST)
+  q, q_scale = _swiglu_quant(c, None, spec)  # rows past the groups: c = 0 -> codes, scale 0
+  q, q_scale = _squeeze_per_token(q, q_scale, spec)
+  if shift is None:
+    return q, q_scale
+  return groups_lib.shift_rows(q, shift), groups_lib.shift_rows(q_scale, shift)
+
+
+def _torch_npu_outputs(q: jax.Array, q_scale: jax.Array, spec: quant_lib.DynamicQuant):
+  """torch_npu's output forms: per token as computed; MX scales `[m, ceil(d/64), 2]` e8m0
+  (pairs of blocks, the last one 0 when the block count is odd), fp4 codes packed two a
+  byte (uint8 `[m, d/2]`, the first of each pair in the low nibble)."""
+  if spec.mode == quant_lib.PER_TOKEN:
+    return q, q_scale
+  m, blocks = q_scale.shape
+  pairs = jnp.pad(q_scale, ((0, 0), (0, blocks % 2))).reshape(m, -(-blocks // 2), 2)
+  out_scale = lax.bitcast_convert_type(pairs, jnp.float8_e8m0fnu)
+  if spec.dtype == np.dtype(jnp.float4_e2m1fn):
+    nibbles = lax.bitcast_convert_type(q, jnp.uint4).astype(jnp.uint8)
+    q = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+  return q, out_scale

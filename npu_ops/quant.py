@@ -12,66 +12,77 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from npu_ops import _epilogue
 from npu_ops._epilogue import silu
-from npu_ops._validation import check_dtype_arg, check_float_array, describe, fail, require
+from npu_ops._validation import (check_array, check_dtype_arg, check_float_array, describe,
+                                 fail, require)
 
-# torch_npu codes for an int8 output: 0 (doc default) and 1 (torch.int8, meta default).
-_INT8_CODES = (0, 1)
-# torch ScalarType codes of the fp8 formats (planned; semantics A.3 item 6).
-_FP8_CODES = {23: "float8_e5m2", 24: "float8_e4m3fn"}
-PER_TOKEN = 0
+PER_TOKEN, MX = 0, 2
+_INT8 = np.dtype(np.int8)
+_FP8 = tuple(np.dtype(t) for t in (jnp.float8_e4m3fn, jnp.float8_e5m2))
+_FP4 = np.dtype(jnp.float4_e2m1fn)
+_DTYPES = {PER_TOKEN: (_INT8,) + _FP8, MX: _FP8 + (_FP4,)}
+# torch_npu's quant_dtype codes: 0 (doc default) and 1 (torch.int8, meta default) mean int8;
+# torch ScalarType codes for the rest (semantics B.1.7), float4_e2m1fn_x2 (45) is packed fp4.
+_TORCH_CODES = {0: _INT8, 1: _INT8, 23: _FP8[1], 24: _FP8[0], 45: _FP4}
+_MODE_NAMES = {PER_TOKEN: "per-token", MX: "MX"}
+
+
+def _dtype_names(dtypes) -> str:
+  return ", ".join(d.name for d in dtypes)
 
 
 @dataclasses.dataclass(frozen=True)
 class DynamicQuant:
-  """How the fused op quantizes its output.
+  """How the fused op quantizes its output (semantics A.3 item 6, B.0.6, B.1.6).
 
   Attributes:
-    dtype: element type of the quantized values (int8 today).
-    mode: 0 = per-token (one scale per row over the last axis).
+    dtype: element type of the codes: int8, float8_e4m3fn or float8_e5m2 per token;
+      float8_e4m3fn, float8_e5m2 or float4_e2m1fn for MX.
+    mode: 0 = per-token (one float32 scale `amax / max` per row over the last axis);
+      2 = MX (one e8m0 scale per block of 32 along the last axis, values rounded to
+      bfloat16 first).
   """
-  dtype: np.dtype = np.dtype(np.int8)
+  dtype: Any = _INT8
   mode: int = PER_TOKEN
 
   def __post_init__(self):
-    if np.dtype(self.dtype) != np.dtype(np.int8):
-      raise NotImplementedError(f"DynamicQuant: output dtype {np.dtype(self.dtype).name} is "
-                                "planned (semantics A.3 item 6); int8 is implemented")
-    if self.mode != PER_TOKEN:
-      raise NotImplementedError(f"DynamicQuant: mode {self.mode} is planned; 0 (per-token) is "
-                                "implemented")
+    if self.mode not in _DTYPES:
+      fail("DynamicQuant.mode", "0 (per-token) or 2 (MX)", repr(self.mode))
+    dtype = np.dtype(self.dtype)
+    if dtype not in _DTYPES[self.mode]:
+      fail("DynamicQuant.dtype", f"one of {_dtype_names(_DTYPES[self.mode])} for "
+           f"{_MODE_NAMES[self.mode]} quantization", dtype.name)
+    object.__setattr__(self, "dtype", dtype)  # one spelling: equal specs hash equal
 
   @property
   def qmax(self) -> float:
-    return 127.0
+    """The largest code: 127, or the float type's largest finite value (448, 57344, 6)."""
+    return 127.0 if self.dtype == _INT8 else float(ml_dtypes.finfo(self.dtype).max)
 
   @classmethod
   def from_torch_npu(cls, quant_dtype: Any, quant_mode: Any) -> "DynamicQuant":
-    """Reads torch_npu's `quant_dtype` / `quant_mode` arguments."""
+    """Reads torch_npu's `quant_dtype` (a code or a dtype) and `quant_mode` (0 or 2)."""
     if isinstance(quant_mode, bool) or not isinstance(quant_mode, (int, np.integer)):
-      fail("quant_mode", "a Python int (0 = per-token)", repr(quant_mode), TypeError)
-    if quant_mode == 2:
-      raise NotImplementedError("quant_mode=2 (MX, Ascend 950) is not implemented yet")
-    if quant_mode != PER_TOKEN:
-      fail("quant_mode", "0 (per-token dynamic quantization)", quant_mode)
+      fail("quant_mode", "a Python int (0 = per-token, 2 = MX)", repr(quant_mode), TypeError)
+    if quant_mode not in _DTYPES:
+      fail("quant_mode", "0 (per-token dynamic quantization) or 2 (MX)", quant_mode)
+    codes = ", ".join(f"{c} ({d.name})" for c, d in _TORCH_CODES.items())
     if isinstance(quant_dtype, (int, np.integer)) and not isinstance(quant_dtype, bool):
-      if quant_dtype in _INT8_CODES:
-        return cls()
-      if quant_dtype in _FP8_CODES:
-        raise NotImplementedError(f"quant_dtype={quant_dtype} ({_FP8_CODES[quant_dtype]}) is "
-                                  "not implemented yet; int8 (0 or 1) is")
-      fail("quant_dtype", "0 or 1 (int8), or a dtype", quant_dtype)
-    if quant_dtype is None or isinstance(quant_dtype, bool):
-      fail("quant_dtype", "0 or 1 (int8), or jnp.int8", repr(quant_dtype), TypeError)
-    dtype = check_dtype_arg("quant_dtype", quant_dtype)
-    if dtype.name in _FP8_CODES.values():
-      raise NotImplementedError(f"quant_dtype={dtype.name} is not implemented yet; int8 is")
-    if dtype != np.dtype(np.int8):
-      fail("quant_dtype", "int8 (0, 1 or jnp.int8; fp8 outputs are planned)", dtype.name)
-    return cls(dtype=dtype)
+      if quant_dtype not in _TORCH_CODES:
+        fail("quant_dtype", f"one of the codes {codes}, or a dtype", quant_dtype)
+      dtype = _TORCH_CODES[quant_dtype]
+    elif quant_dtype is None or isinstance(quant_dtype, bool):
+      fail("quant_dtype", f"one of the codes {codes}, or a dtype", repr(quant_dtype), TypeError)
+    else:
+      dtype = check_dtype_arg("quant_dtype", quant_dtype)
+    allowed = _DTYPES[quant_mode]
+    require(dtype in allowed, "quant_dtype",
+            f"one of {_dtype_names(allowed)} with quant_mode={quant_mode}", dtype.name)
+    return cls(dtype=dtype, mode=quant_mode)
 
 
 INT8_PER_TOKEN = DynamicQuant()
@@ -118,12 +129,13 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
                        ) -> tuple[jax.Array, jax.Array]:
   """Dynamic symmetric quantization of each row of `s` (float32 `[..., d]`).
 
-  `scale = amax / 127`, `q = round_half_even(s * (127 / amax))` in float32,
-  clipped to [-127, 127] (semantics A.3 item 3). A row with amax = 0 gives q = 0 and
-  scale = 0, never NaN. Tiny rows lose nothing to float32's exponent range: codes as if
-  `127 / amax` could not overflow (it does below amax ~ 3.7e-37), and a subnormal scale
-  (amax below ~1.5e-36) is returned exactly, though XLA:CPU and TPU arithmetic on it
-  (e.g. `q * scale`) flushes it to 0.
+  With `max` the largest code of `spec.dtype` (int8: 127; float8_e4m3fn: 448;
+  float8_e5m2: 57344): `scale = amax / max`, codes `s * (max / amax)` in float32,
+  clipped to [-max, max] and rounded half to even (int8: to an integer; fp8: the cast,
+  which saturates) (semantics A.3 items 3 and 6). A row with amax = 0 gives codes 0 and
+  scale 0, never NaN. Tiny rows lose nothing to float32's exponent range: codes as if
+  `max / amax` could not overflow, and a subnormal scale is returned exactly, though
+  XLA:CPU and TPU arithmetic on it (e.g. `q * scale`) flushes it to 0.
 
   Returns:
     (q `[..., d]` of spec.dtype, scale float32 `[...]`).
@@ -132,7 +144,67 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
   require(s.ndim >= 1, "s", "rank >= 1 ([..., d])", describe(s))
   if not isinstance(spec, DynamicQuant):
     fail("spec", "an npu_ops.DynamicQuant", repr(spec), TypeError)
+  require(spec.mode == PER_TOKEN, "spec", "a per-token DynamicQuant (mode 0; MX is "
+          "npu_ops.quantize_mx)", repr(spec))
   if s.shape[-1] == 0:  # nothing to quantize: amax 0, scale 0
     return jnp.zeros(s.shape, spec.dtype), jnp.zeros(s.shape[:-1], jnp.float32)
   q, scale = _epilogue.quantize_rows(s.astype(jnp.float32), qmax=spec.qmax, dtype=spec.dtype)
   return q, scale[..., 0]
+
+
+def quantize_mx(s: jax.Array, dtype: Any = jnp.float8_e4m3fn) -> tuple[jax.Array, jax.Array]:
+  """MX quantization along the last axis, in blocks of 32 (semantics B.1.6).
+
+  Each block's values are rounded to bfloat16; `E`, the largest exponent field among
+  them, gives the block's e8m0 scale `2**(max(E, emax) - emax - 127)` (`emax` = 8 for
+  float8_e4m3fn, 15 for float8_e5m2, 2 for float4_e2m1fn: OCP MX's
+  `floor(log2 amax) - emax`), and codes `value / scale` cast rounding half to even and
+  saturating. A block holding inf or NaN gets scale NaN (byte 0xFF) and NaN codes (fp4,
+  having no NaN: 0); an all-zero (or all-subnormal) block scale byte 0 and zero codes.
+  A last block shorter than 32 is quantized as if padded with zeros.
+
+  Args:
+    s: float array `[..., d]`.
+    dtype: float8_e4m3fn (default), float8_e5m2 or float4_e2m1fn.
+
+  Returns:
+    (codes `[..., d]` of dtype, scales float8_e8m0fnu `[..., ceil(d / 32)]`);
+    `dequantize_mx(codes, scales)` gives the values back.
+  """
+  check_float_array("s", s)
+  require(s.ndim >= 1, "s", "rank >= 1 ([..., d])", describe(s))
+  dtype = check_dtype_arg("dtype", dtype)
+  require(dtype in _DTYPES[MX], "dtype", f"one of {_dtype_names(_DTYPES[MX])}", dtype.name)
+  codes, scale = _epilogue.quantize_mx_rows(s, dtype)
+  return codes, jax.lax.bitcast_convert_type(scale, jnp.float8_e8m0fnu)
+
+
+def dequantize_mx(codes: jax.Array, scales: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+  """`codes * scale` of each block of 32 along the last axis (the inverse of `quantize_mx`).
+
+  Args:
+    codes: fp8 / fp4 codes `[..., d]`.
+    scales: e8m0 scales `[..., ceil(d / 32)]` (float8_e8m0fnu, or their uint8 bytes).
+    dtype: float result type (computed in float32).
+  """
+  check_float_array("codes", codes)
+  check_array("scales", scales)
+  d = codes.shape[-1]
+  blocks = -(-d // _epilogue.MX_BLOCK)
+  require(tuple(scales.shape) == tuple(codes.shape[:-1]) + (blocks,), "scales",
+          f"shape {list(codes.shape[:-1]) + [blocks]} (one per block of 32 of codes "
+          f"{describe(codes)})", describe(scales))
+  scale_bytes = _scale_bytes("scales", scales)
+  per_element = jnp.repeat(_epilogue.e8m0_to_float32(scale_bytes), _epilogue.MX_BLOCK,
+                           axis=-1)[..., :d]
+  return (codes.astype(jnp.float32) * per_element).astype(dtype)
+
+
+def _scale_bytes(name: str, scales: jax.Array) -> jax.Array:
+  """uint8 bytes of e8m0 scales given as float8_e8m0fnu or uint8."""
+  kind = np.dtype(scales.dtype)
+  if kind == np.dtype(jnp.float8_e8m0fnu):
+    return jax.lax.bitcast_convert_type(scales, jnp.uint8)
+  require(kind == np.dtype(np.uint8), name, "float8_e8m0fnu or uint8 (e8m0 bytes)",
+          describe(scales), TypeError)
+  return jnp.asarray(scales)

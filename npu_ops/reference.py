@@ -21,6 +21,7 @@ import numpy as np
 from npu_ops import _epilogue
 from npu_ops import groups as groups_lib
 from npu_ops import operands
+from npu_ops import quant as quant_lib
 from npu_ops.operands import QArray
 
 
@@ -71,9 +72,10 @@ def swiglu_quant(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   `x`: int8 values `[m, k]` (int4 ones widened), scale `[m]`; `w`: int8 / int4 values
   `[e, k, n]`, scale `[e, G, n]` (G k groups); `assist [e, n]` (A8W4), `smooth [e, n/2 or 1]`
   (A4W4); `spec` a `quant.DynamicQuant` (default int8 per token). Returns (codes `[m, n/2]`,
-  scales `[m]`), 0 for rows in no group.
+  scales: float32 `[m]` per token, e8m0 bytes uint8 `[m, ceil(n/64)]` for MX), 0 for rows
+  in no group.
   """
-  qmax, dtype = (127.0, jnp.int8) if spec is None else (spec.qmax, spec.dtype)
+  spec = spec or quant_lib.INT8_PER_TOKEN
   scenario = operands.scenario(x, w)
   xv, wv = x.values, w.values.astype(jnp.int8)
   m, k = xv.shape
@@ -98,8 +100,11 @@ def swiglu_quant(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   if smooth is not None:
     s = s * per_row(smooth)
   if half == 0:
-    q, q_scale = jnp.zeros((m, 0), dtype), jnp.zeros((m, 1), jnp.float32)
+    cols, scale_dtype = _epilogue.output_scale_shape(spec, 0)
+    q, q_scale = jnp.zeros((m, 0), spec.dtype), jnp.zeros((m,) + cols, scale_dtype)
   else:
-    q, q_scale = _epilogue.quantize_rows(s, qmax=qmax, dtype=dtype)
+    q, q_scale = _epilogue.quantize_output(s, spec)
+  q_scale = jnp.where(inside[:, None], q_scale, jnp.zeros((), q_scale.dtype))
   return (jnp.where(inside[:, None], q, jnp.zeros((), q.dtype)),
-          jnp.where(inside, q_scale[:, 0], 0.0))
+          q_scale[:, 0] if spec.mode == 0 else q_scale)
+

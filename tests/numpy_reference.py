@@ -99,31 +99,121 @@ def swiglu(c: np.ndarray) -> np.ndarray:
   return (act / (F32(1) + np.exp(-act))) * gate
 
 
-def per_token_int8(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """scale = amax/127; Q = RNE(S * (127/amax)); amax = 0 -> (0, 0) (semantics A.3 items 2-3)."""
+# the largest code of each per-token output type (semantics A.3 items 3 and 6)
+QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
+
+
+def per_token(s: np.ndarray, out: str = "int8") -> tuple[np.ndarray, np.ndarray]:
+  """scale = amax/qmax; Q = RNE(S * (qmax/amax)) saturated at +-qmax (int8: an integer,
+  fp8: the ml_dtypes cast); amax = 0 -> (0, 0) (semantics A.3 items 2, 3, 6)."""
   s = s.astype(F32)
+  qmax = F32(QMAX[out])
   amax = np.max(np.abs(s), axis=-1)
-  q = np.zeros(s.shape, np.int8)
+  q = np.zeros(s.shape, np.int8 if out == "int8" else getattr(ml_dtypes, out))
   for r in range(s.shape[0]):
     if amax[r] > 0:
-      # float32 arithmetic as if its exponent had no limit: a tiny row (where 127 / amax
+      # float32 arithmetic as if its exponent had no limit: a tiny row (where qmax / amax
       # would overflow) is scaled by 2**64 first, which changes no rounding.
       lift = F32(2.0 ** 64) if amax[r] < 2.0 ** -64 else F32(1)
-      q[r] = np.clip(np.rint((s[r] * lift) * (F32(127) / (amax[r] * lift))), -127,
-                     127).astype(np.int8)
-  return q, (amax / F32(127)).astype(F32)
+      v = np.clip((s[r] * lift) * (qmax / (amax[r] * lift)), -qmax, qmax)
+      q[r] = np.rint(v).astype(np.int8) if out == "int8" else v.astype(q.dtype)
+  return q, (amax / qmax).astype(F32)
 
 
-def swiglu_quant(x, w, w_scale, x_scale, bounds, *, scenario: str, assist=None, smooth=None):
+def per_token_int8(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  return per_token(s, "int8")
+
+
+# --- B.1.6 MX ----------------------------------------------------------------------------
+
+MX_EMAX = {"float8_e4m3fn": 8, "float8_e5m2": 15, "float4_e2m1fn": 2}
+
+
+def mx_quant(s: np.ndarray, out: str) -> tuple[np.ndarray, np.ndarray]:
+  """MX output quantization of rows `s [m, d]` in blocks of 32 (B.1.6): values rounded to
+  bf16; E = the block's largest bf16 exponent field; E = 255 -> scale 0xFF, codes NaN (fp4:
+  0); E = 0 -> scale 0, codes value * 0; else e = max(E, emax) - emax, codes =
+  bf16(value * 2**(127 - e)) cast RNE, saturated. Returns (codes [m, d] of the ml_dtypes
+  type, scale bytes uint8 [m, ceil(d/32)])."""
+  t = getattr(ml_dtypes, out)
+  top = F32(ml_dtypes.finfo(t).max)
+  emax = MX_EMAX[out]
+  v = np.asarray(s, F32).astype(ml_dtypes.bfloat16)
+  m, d = v.shape
+  nb = -(-d // 32)
+  codes = np.zeros((m, d), t)
+  scales = np.zeros((m, nb), np.uint8)
+  for r in range(m):
+    for b in range(nb):
+      blk = v[r, 32 * b:32 * b + 32]
+      big_e = int(((blk.view(np.uint16) >> 7) & 0xFF).max())
+      if big_e == 255:
+        scales[r, b] = 255
+        codes[r, 32 * b:32 * b + 32] = np.nan if out != "float4_e2m1fn" else 0.0
+      elif big_e == 0:
+        codes[r, 32 * b:32 * b + 32] = (blk.astype(F32) * F32(0)).astype(t)
+      else:
+        e = max(big_e, emax) - emax
+        scales[r, b] = e
+        data = (blk.astype(np.float64) * 2.0 ** (127 - e)).astype(ml_dtypes.bfloat16)
+        codes[r, 32 * b:32 * b + 32] = np.clip(data.astype(F32), -top, top).astype(t)
+  return codes, scales
+
+
+def e8m0_value(b: np.ndarray) -> np.ndarray:
+  """2**(b - 127) (float64), NaN for 0xFF."""
+  b = np.asarray(b).astype(np.int64)
+  return np.where(b == 255, np.nan, np.ldexp(1.0, b - 127))
+
+
+def mx_torch_npu_layout(codes: np.ndarray, scales: np.ndarray, out: str):
+  """torch_npu's MX outputs: scale bytes [m, ceil(d/64), 2] (pairs of blocks, a missing
+  last one 0); fp4 codes packed two a byte, the first in the low nibble."""
+  m, nb = scales.shape
+  pairs = np.zeros((m, -(-nb // 2) * 2), np.uint8)
+  pairs[:, :nb] = scales
+  if out == "float4_e2m1fn":
+    nib = codes.view(np.uint8) & 0xF
+    codes = (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8)
+  return codes, pairs.reshape(m, -1, 2)
+
+
+def mx_grouped_matmul(x, w, x_scale, w_scale, bounds) -> np.ndarray:
+  """B.1.6's C: per block of 32 along k, the block's dot (float64, then float32) times
+  2**(xs - 127) times 2**(ws - 127), blocks summed in order in float32. x [m, k] and
+  w [e, k, n] element values; x_scale bytes [m, ceil(k/64), 2]; w_scale [e, ceil(k/64), n, 2]."""
+  m, k = x.shape
+  n = w.shape[-1]
+  c = np.zeros((m, n), F32)
+  for i, (s, e) in enumerate(bounds):
+    for b in range(-(-k // 32)):
+      cols = slice(32 * b, min(32 * b + 32, k))
+      part = (x[s:e, cols].astype(np.float64) @ w[i, cols].astype(np.float64)).astype(F32)
+      sx = e8m0_value(x_scale[s:e, b // 2, b % 2]).astype(F32)
+      sw = e8m0_value(w_scale[i, b // 2, :, b % 2]).astype(F32)
+      c[s:e] = c[s:e] + (part * sx[:, None]) * sw[None, :]
+  return c
+
+
+def quantize_out(sw: np.ndarray, out: str):
+  """The fused op's output quantization: per token (int8 / fp8) or ("mx", type) in
+  torch_npu's layout."""
+  if isinstance(out, tuple):
+    return mx_torch_npu_layout(*mx_quant(sw, out[1]), out[1])
+  return per_token(sw, out)
+
+
+def swiglu_quant(x, w, w_scale, x_scale, bounds, *, scenario: str, assist=None, smooth=None,
+                 out="int8"):
   """npu_grouped_matmul_swiglu_quant_v2 golden.
 
   x: int values [m, k]; w: int values [e, k, n]; w_scale float32 [e, n] or [e, G, n];
-  x_scale float32 [m]; bounds from group_bounds. Rows outside every group -> (0, 0).
+  x_scale float32 [m]; bounds from group_bounds; out: "int8", "float8_e4m3fn",
+  "float8_e5m2" (per token) or ("mx", type). Rows outside every group -> (0, 0).
   """
   m, k = x.shape
   n = w.shape[-1]
-  out_q = np.zeros((m, n // 2), np.int8)
-  out_s = np.zeros((m,), F32)
+  sw_all = np.zeros((m, n // 2), F32)  # rows in no group: 0, which quantizes to (0, 0)
   x_scale = np.asarray(x_scale, F32)
   for i, (s, e) in enumerate(bounds):
     if e <= s:
@@ -151,8 +241,8 @@ def swiglu_quant(x, w, w_scale, x_scale, bounds, *, scenario: str, assist=None, 
     sw = swiglu(c)
     if smooth is not None:
       sw = sw * np.asarray(smooth[i], F32)
-    out_q[s:e], out_s[s:e] = per_token_int8(sw)
-  return out_q, out_s
+    sw_all[s:e] = sw
+  return quantize_out(sw_all, out)
 
 
 def canonical_assist(w, w_scale) -> np.ndarray:

@@ -201,7 +201,7 @@ CASES = {
     "dequant_dtype True": (lambda: fused(X, W, WS, XS, GL, dequant_dtype=True),
                            TypeError, "dequant_dtype"),
     "quant_dtype float32": (lambda: fused(X, W, WS, XS, GL, quant_dtype=jnp.float32),
-                            ValueError, "quant_dtype: expected int8"),
+                            ValueError, "quant_dtype: expected one of int8"),
     "quant_dtype None": (lambda: fused(X, W, WS, XS, GL, quant_dtype=None), TypeError,
                          "quant_dtype"),
     "v1 per-group scale on int8": (lambda: npu_ops.npu_grouped_matmul_swiglu_quant(

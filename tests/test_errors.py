@@ -15,6 +15,8 @@ WS = np.ones((E, N), np.float32)
 XS = np.ones((M,), np.float32)
 GL = [8, 16]
 W4 = ref.pack_int4(np.ones((E, K, N), np.int8))
+FX, FW = X.astype(jnp.float8_e4m3fn), W.astype(jnp.float8_e4m3fn)  # MX inputs
+FWS, FXS = np.full((E, 1, N, 2), 127, np.uint8), np.full((M, 1, 2), 127, np.uint8)
 
 op = npu_ops.npu_grouped_matmul_swiglu_quant_v2
 
@@ -40,9 +42,19 @@ CASES = {
     "per-group k": (lambda: op(X, W4, np.ones((E, 3, N), np.float32), XS, GL, dequant_mode=1), ValueError, "weight_scale"),
     "dequant_dtype": (lambda: op(X, W, WS, XS, GL, dequant_dtype=1), ValueError, "dequant_dtype"),
     "quant_mode": (lambda: op(X, W, WS, XS, GL, quant_mode=1), ValueError, "quant_mode"),
-    "quant_mode MX": (lambda: op(X, W, WS, XS, GL, quant_mode=2), NotImplementedError, "quant_mode"),
+    "quant_mode MX with int8": (lambda: op(X, W, WS, XS, GL, quant_mode=2), ValueError, "quant_dtype: expected one of float8_e4m3fn"),
     "quant_dtype": (lambda: op(X, W, WS, XS, GL, quant_dtype=7), ValueError, "quant_dtype"),
-    "quant_dtype fp8": (lambda: op(X, W, WS, XS, GL, quant_dtype=24), NotImplementedError, "quant_dtype"),
+    "quant_dtype fp4 per token": (lambda: op(X, W, WS, XS, GL, quant_dtype=45), ValueError, "quant_dtype: expected one of int8"),
+    "quant_dtype float16": (lambda: op(X, W, WS, XS, GL, quant_dtype=jnp.float16, quant_mode=2), ValueError, "quant_dtype"),
+    # MX inputs (dequant_mode=2)
+    "MX x int8": (lambda: op(X, FW, FWS, FXS, GL, dequant_mode=2), TypeError, "x: expected float8_e4m3fn"),
+    "MX weight int8": (lambda: op(FX, W, FWS, FXS, GL, dequant_mode=2), TypeError, "weight: expected float8"),
+    "MX k mismatch": (lambda: op(FX[:, :8], FW, FWS, FXS, GL, dequant_mode=2), ValueError, "weight: expected"),
+    "MX weight_scale shape": (lambda: op(FX, FW, FWS[:, :, :8], FXS, GL, dequant_mode=2), ValueError, r"weight_scale: expected shape \[2, 1, 16, 2\]"),
+    "MX weight_scale dtype": (lambda: op(FX, FW, FWS.astype(np.float32), FXS, GL, dequant_mode=2), TypeError, "weight_scale: expected float8_e8m0fnu or uint8"),
+    "MX x_scale shape": (lambda: op(FX, FW, FWS, FXS[:3], GL, dequant_mode=2), ValueError, r"x_scale: expected shape \[16, 1, 2\]"),
+    "MX smooth": (lambda: op(FX, FW, FWS, FXS, GL, dequant_mode=2, smooth_scale=np.ones(E, np.float32)), ValueError, "smooth_scale"),
+    "MX fp4 output n": (lambda: op(FX, FW[..., :6], FWS[:, :, :6], FXS, GL, dequant_mode=2, quant_mode=2, quant_dtype=jnp.float4_e2m1fn), ValueError, "n a multiple of 4"),
     "group_list_type": (lambda: op(X, W, WS, XS, GL, group_list_type=2), ValueError, "group_list_type"),
     "bias": (lambda: op(X, W, WS, XS, GL, bias=np.zeros((E, N), np.int32)), ValueError, "bias"),
     "smooth on A8W8": (lambda: op(X, W, WS, XS, GL, smooth_scale=np.ones(E, np.float32)), ValueError, "smooth_scale"),

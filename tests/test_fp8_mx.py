@@ -1,0 +1,281 @@
+"""fp8 per-token and MX output quantization, MX inputs (semantics A.3 item 6, B.1.6), against
+the NumPy goldens of numpy_reference (written from the formulas, bit for bit)."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import npu_ops
+from npu_ops import quant
+import numpy_reference as ref
+from helpers import counts_to_list
+
+F32 = np.float32
+FP8 = ["float8_e4m3fn", "float8_e5m2"]
+MX = FP8 + ["float4_e2m1fn"]
+RNG = np.random.default_rng(20)
+
+
+def bits(a):
+  """Raw bytes of codes (NaN codes compare equal, signed zeros apart)."""
+  a = np.asarray(a)
+  return a.view(np.uint8) if a.dtype.itemsize == 1 else a
+
+
+def assert_same_bits(got, want):
+  """Equal bits, except that any NaN equals any NaN (fp8 NaN bit patterns are not
+  specified: XLA writes e5m2 NaN as 0x7F, ml_dtypes as 0x7E)."""
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape,
+                                                               want.dtype, want.shape)
+  both_nan = np.isnan(got.astype(F32)) & np.isnan(want.astype(F32)) if got.dtype.kind == "V" or \
+      jnp.issubdtype(got.dtype, jnp.floating) else False
+  diff = (bits(got) != bits(want)) & ~both_nan
+  assert not diff.any(), f"{diff.sum()} of {diff.size} differ, first at {np.argwhere(diff)[:3]}"
+
+
+def spread_rows(rows, d):
+  """Rows with magnitudes from 1e-3 to 1e4, some with one outlier, plus edge rows."""
+  s = RNG.standard_normal((rows, d)) * 10.0 ** RNG.uniform(-3, 4, (rows, 1))
+  s[::3, 0] *= 50.0  # outliers: the rest of the row lands on the small codes
+  s[1] = 0.0  # amax 0: codes 0, scale 0
+  return s.astype(F32)
+
+
+# --- the quantizers on their own -------------------------------------------------------------
+
+@pytest.mark.parametrize("out", FP8)
+def test_quantize_per_token_fp8(out):
+  s = spread_rows(24, 77)
+  # tiny rows: max / amax overflows float32, and (amax below max * 2**-126) subnormal scales
+  # (normal numbers: XLA:CPU reads subnormal inputs as 0)
+  top = np.array([-37.5, -37, -36, -35, -34, -33])[:, None]
+  tiny = RNG.choice([-1, 1], (6, 77)) * 10.0 ** RNG.uniform(-37.9, top, (6, 77))
+  s = np.concatenate([s, tiny.astype(F32)])
+  s[2, :4] = [448.0, -464.0, 3e38, -1e-3]  # a huge amax
+  spec = npu_ops.DynamicQuant(getattr(jnp, out))
+  q, scale = jax.jit(npu_ops.quantize_per_token, static_argnums=1)(s, spec)
+  want_q, want_s = ref.per_token(s, out)
+  assert_same_bits(q, want_q)
+  assert_same_bits(scale, want_s)
+  assert np.any(want_s[-6:] < np.finfo(F32).tiny)  # some scales are subnormal
+  assert np.all(np.abs(np.asarray(q, F32)) <= ref.QMAX[out]) and not np.any(np.isnan(
+      np.asarray(q, F32)))
+
+
+def mx_rows(d):
+  """Rows exercising every MX branch: random spreads, an inf and a NaN block, an all-zero and
+  an all-subnormal block, signed zeros, blocks whose maximum saturates the element type."""
+  s = spread_rows(12, d)
+  b = min(d, 32)  # the first block
+  s[3, 5 % d] = np.inf
+  s[4, 40 % d] = np.nan
+  s[5, :b] = 0.0
+  s[5, 3] = -0.0
+  s[6, :b] = (RNG.standard_normal(b) * 1e-39).astype(F32)  # bf16 subnormals: E = 0
+  s[7, :b] = 1.0
+  s[7, 6] = 1.9375 * 2.0 ** 8  # e4m3: 496 after scaling -> saturates at 448
+  s[8, :] *= 10.0 ** RNG.uniform(-30, 30, d)  # blocks spanning far more than the type
+  return s.astype(F32)
+
+
+@pytest.mark.parametrize("out", MX)
+@pytest.mark.parametrize("d", [64, 80, 7])  # k groups of 64, a short last block, one block
+def test_quantize_mx(out, d):
+  s = mx_rows(d)
+  codes, scales = jax.jit(npu_ops.quantize_mx, static_argnums=1)(s, getattr(jnp, out))
+  want_codes, want_bytes = ref.mx_quant(s, out)
+  assert_same_bits(codes, want_codes)
+  assert scales.dtype == jnp.float8_e8m0fnu
+  assert_same_bits(jax.lax.bitcast_convert_type(scales, jnp.uint8), want_bytes)
+  # back to values: codes * 2**(byte - 127), NaN blocks NaN
+  back = np.asarray(npu_ops.dequantize_mx(codes, scales))
+  want = want_codes.astype(np.float64) * np.repeat(ref.e8m0_value(want_bytes), 32, axis=1)[:, :d]
+  finite = np.isfinite(want) & (np.abs(want) >= np.finfo(F32).tiny)  # XLA:CPU flushes below
+  np.testing.assert_array_equal(back[finite], want[finite].astype(F32))
+  assert np.all(np.isnan(back[np.isnan(want)]))
+
+
+def test_mx_branches_are_covered():
+  s = mx_rows(64)
+  codes, scales = ref.mx_quant(s, "float8_e4m3fn")
+  assert scales[3, 0] == 255 and scales[4, 1] == 255 and scales[5, 0] == 0 and scales[6, 0] == 0
+  assert bits(codes)[5, 3] == 0x80  # -0 * 0 keeps its sign
+  # E = 127 + 8 (of 496): scale 2**(8 - 8) = 1, 496 saturates at 448 (not NaN)
+  assert scales[7, 0] == 127 and float(codes[7, 6]) == 448.0 and float(codes[7, 0]) == 1.0
+
+
+def test_quantizer_errors():
+  s = jnp.ones((2, 64), jnp.float32)
+  with pytest.raises(ValueError, match="dtype: expected one of float8_e4m3fn"):
+    npu_ops.quantize_mx(s, jnp.int8)
+  with pytest.raises(ValueError, match="spec: expected a per-token DynamicQuant"):
+    npu_ops.quantize_per_token(s, npu_ops.DynamicQuant(jnp.float8_e4m3fn, 2))
+  with pytest.raises(ValueError, match="DynamicQuant.dtype"):
+    npu_ops.DynamicQuant(jnp.float4_e2m1fn, 0)
+  with pytest.raises(ValueError, match="scales: expected shape"):
+    npu_ops.dequantize_mx(s.astype(jnp.float8_e4m3fn), jnp.ones((2, 3), jnp.uint8))
+  with pytest.raises(TypeError, match="scales: expected float8_e8m0fnu or uint8"):
+    npu_ops.dequantize_mx(s.astype(jnp.float8_e4m3fn), jnp.ones((2, 2), jnp.float32))
+
+
+# --- the fused op: int8 / int4 inputs, fp8 and MX outputs ---------------------------------------
+
+def int_case(seed, scenario, m, k, n, e):
+  from test_swiglu_quant import make_case  # noqa: PLC0415 (one case builder for the op)
+  return make_case(seed, scenario, m, k, n, e)
+
+
+OUTS = [("float8_e4m3fn", 0), ("float8_e5m2", 0), ("float8_e4m3fn", 2), ("float8_e5m2", 2),
+        ("float4_e2m1fn", 2)]
+
+
+def golden_out(out, mode):
+  return ("mx", out) if mode == 2 else out
+
+
+@pytest.mark.parametrize("out,mode", OUTS)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fused_a8w8_outputs(out, mode, dynamic):
+  counts = [9, 0, 30, 12]  # 51 of 56 rows, an empty group
+  x, w, ws, xs = int_case(3, "A8W8", 56, 64, 200, 4)  # n/2 = 100: blocks of 32 and 64 ragged
+  gl = jnp.asarray(counts) if dynamic else counts
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, gl, group_list_type=1, quant_mode=mode, quant_dtype=getattr(jnp, out))
+  want_q, want_s = ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1), scenario="A8W8",
+                                    out=golden_out(out, mode))
+  assert_same_bits(q, want_q)
+  if mode == 2:
+    assert s.dtype == jnp.float8_e8m0fnu and s.shape == (56, 2, 2)
+    s = jax.lax.bitcast_convert_type(s, jnp.uint8)
+  assert_same_bits(s, want_s)
+
+
+def assert_codes_within_one_step(got, want, min_exact=0.99):
+  """fp8 codes of the same sign are ordered like their bytes: one step is one byte."""
+  got, want = bits(got).astype(int), bits(want).astype(int)
+  assert np.abs(got - want).max(initial=0) <= 1 and np.mean(got == want) >= min_exact
+
+
+@pytest.mark.parametrize("scenario", ["A8W4", "A4W4"])
+@pytest.mark.parametrize("out,mode", [("float8_e4m3fn", 0), ("float4_e2m1fn", 2)])
+def test_fused_int4_outputs(scenario, out, mode):
+  """A4W4 bit for bit. A8W4's golden is B.1.4's literal hi/lo-nibble sum, which rounds
+  differently from the exact int32 `x @ W - 8 * colsum` the op computes (as the int8 output
+  tests allow): C differs by an ulp in some rows, so codes by at most one step."""
+  from helpers import int4_array  # noqa: PLC0415
+  counts = [20, 0, 17]
+  x, w, ws, xs = int_case(4, scenario, 40, 64, 128, 3)
+  x_in = int4_array(x) if scenario == "A4W4" else x
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x_in, int4_array(w), ws, xs, jnp.asarray(counts), group_list_type=1, quant_mode=mode,
+      quant_dtype=getattr(jnp, out))
+  assist = ref.canonical_assist(w, ws) if scenario == "A8W4" else None
+  want_q, want_s = ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1), scenario=scenario,
+                                    assist=assist, out=golden_out(out, mode))
+  s = jax.lax.bitcast_convert_type(s, jnp.uint8) if mode == 2 else s
+  if scenario == "A4W4":
+    assert_same_bits(q, want_q)
+    assert_same_bits(s, want_s)
+  elif mode == 0:
+    assert_codes_within_one_step(q, want_q)
+    np.testing.assert_allclose(s, want_s, rtol=1e-6)  # C within a few float32 ulps
+  else:  # packed fp4: compare nibbles; a scale byte may move by one with its block's max
+    nib = lambda a: np.stack([np.asarray(a) & 0xF, np.asarray(a) >> 4], -1)
+    assert np.mean(nib(q) == nib(want_q)) >= 0.99
+    assert np.abs(np.asarray(s, int) - want_s.astype(int)).max() <= 1
+
+
+def test_fused_outputs_on_the_reference_implementation():
+  counts = [10, 20]
+  x, w, ws, xs = int_case(5, "A8W8", 32, 64, 128, 2)
+  for out, mode in (("float8_e5m2", 0), ("float8_e4m3fn", 2)):
+    kw = dict(group_list_type=1, quant_mode=mode, quant_dtype=getattr(jnp, out))
+    fast = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, counts, **kw)
+    slow = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, counts,
+                                                      implementation="reference", **kw)
+    for a, b in zip(fast, slow):
+      assert_same_bits(a, b)
+
+
+# --- MX inputs (dequant_mode=2) -------------------------------------------------------------------
+
+def mx_values(shape, dtype):
+  """Element values whose block sums are exact in float32 in any order: magnitudes in
+  [0.5, 4) (fp8: a 2**-4 grid at worst), so every product is a multiple of 2**-8 below 16."""
+  v = RNG.uniform(0.5, 4, shape) * RNG.choice([-1, 1], shape)
+  v[RNG.random(shape) < 0.1] = 0
+  return v.astype(getattr(ml_dtypes, dtype))
+
+
+def mx_case(m, k, n, e, x_dtype, w_dtype):
+  kb = -(-k // 64)
+  x, w = mx_values((m, k), x_dtype), mx_values((e, k, n), w_dtype)
+  # scales 2**-1 .. 2**1: with k <= 96 every partial sum stays within float32's 24 bits
+  x_scale = RNG.integers(126, 129, (m, kb, 2)).astype(np.uint8)
+  w_scale = RNG.integers(126, 129, (e, kb, n, 2)).astype(np.uint8)
+  return x, w, x_scale, w_scale
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [("float8_e4m3fn", "float8_e4m3fn"),
+                                             ("float8_e5m2", "float8_e4m3fn"),
+                                             ("float4_e2m1fn", "float4_e2m1fn")])
+@pytest.mark.parametrize("out,mode", [("float8_e4m3fn", 2), ("float4_e2m1fn", 2),
+                                      ("float8_e5m2", 0), ("int8", 0)])
+def test_mx_inputs(x_dtype, w_dtype, out, mode):
+  counts = [7, 0, 25, 12]  # 44 of 48 rows
+  m, k, n, e = 48, 80, 128, 4  # k: two pairs of blocks, the last block 16 wide
+  x, w, xs, ws = mx_case(m, k, n, e, x_dtype, w_dtype)
+  bounds = ref.group_bounds(counts, 1)
+  c = ref.mx_grouped_matmul(x, w, xs, ws, bounds)
+  want_q, want_s = ref.quantize_out(ref.swiglu(c), golden_out(out, mode))
+  e8m0 = lambda a: jax.lax.bitcast_convert_type(jnp.asarray(a), jnp.float8_e8m0fnu)
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, e8m0(ws), e8m0(xs), jnp.asarray(counts_to_list(counts, 0)), dequant_mode=2,
+      quant_mode=mode, quant_dtype=getattr(jnp, out))
+  q, s = got
+  assert_same_bits(q, want_q)
+  assert_same_bits(jax.lax.bitcast_convert_type(s, jnp.uint8) if mode == 2 else s, want_s)
+
+
+def test_mx_inputs_transposed_weight_lists_and_one_compilation():
+  counts = [12, 20, 0]
+  m, k, n, e = 40, 64, 64, 3
+  x, w, xs, ws = mx_case(m, k, n, e, "float8_e4m3fn", "float8_e4m3fn")
+  kw = dict(group_list_type=1, dequant_mode=2, quant_mode=2, quant_dtype=jnp.float8_e4m3fn)
+  want = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, counts, **kw)
+  w_t, ws_t = np.swapaxes(w, 1, 2), np.swapaxes(ws, 1, 2)  # [e, n, k], [e, n, kb, 2]
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, [w_t], [ws_t], xs, counts, **kw)
+  for a, b in zip(got, want):
+    assert_same_bits(a, b)
+  traces = []
+
+  @jax.jit
+  def op(gl):
+    traces.append(1)
+    return npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl, **kw)
+
+  for c in (counts, [0, 40, 0], [5, 5, 5]):
+    q, s = op(jnp.asarray(c))
+    want_q, want_s = ref.quantize_out(
+        ref.swiglu(ref.mx_grouped_matmul(x, w, xs, ws, ref.group_bounds(c, 1))),
+        ("mx", "float8_e4m3fn"))
+    assert_same_bits(q, want_q)
+    assert_same_bits(jax.lax.bitcast_convert_type(s, jnp.uint8), want_s)
+  assert len(traces) == 1
+
+
+def test_mx_inputs_group_offset():
+  counts = [6, 10, 8, 9]  # 4 global groups; this shard holds experts 1 and 2
+  m, k, n = 40, 64, 64
+  x, w, xs, ws = mx_case(m, k, n, 4, "float8_e4m3fn", "float8_e4m3fn")
+  kw = dict(group_list_type=1, dequant_mode=2, quant_mode=2, quant_dtype=jnp.float8_e5m2)
+  full = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, counts, **kw)
+  local = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w[1:3], ws[1:3], xs, jnp.asarray(counts),
+                                                     group_offset=jnp.int32(1), **kw)
+  rows = slice(6, 24)
+  for a, b in zip(local, full):
+    assert_same_bits(np.asarray(a)[rows], np.asarray(b)[rows])
+    assert not np.any(bits(np.asarray(a)[:6])) and not np.any(bits(np.asarray(a)[24:]))
