@@ -117,11 +117,37 @@ def scale_for_amax(amax: jax.Array, qmax: float = INT8_QMAX) -> jax.Array:
   r = num - q * den
   q = q + ((r > den - r) | ((r == den - r) & (q % 2 == 1))).astype(jnp.int32)
   subnormal = jax.lax.bitcast_convert_type(q, jnp.float32)
-  # XLA rewrites a division by a broadcast constant as a product with its rounded
-  # reciprocal (off by an ulp in 4% of rows for 127, 53% for 448); a divisor it cannot
-  # prove constant keeps the correctly rounded division.
-  divisor = jnp.where(amax < 0, 1.0, qmax).astype(amax.dtype)
-  return jnp.where(amax < qmax * 2.0 ** -126, subnormal, amax / divisor)
+  return jnp.where(amax < qmax * 2.0 ** -126, subnormal, _divide_by_small_int(amax, qi))
+
+
+def _divide_by_small_int(a: jax.Array, d: int) -> jax.Array:
+  """`a / d` correctly rounded for float32 `a >= 0` (result normal) and an integer
+  `d = odd * 2**p` with odd < 2**12, without a division: compilers replace division by a
+  constant with a product by its rounded reciprocal (XLA:CPU: an ulp off in 4% of rows for
+  127, 53% for 448), and GPU and TPU divisions are approximate. The estimate
+  `a * (1 / d)` (within an ulp) is moved to the neighbour whose residual `a - q * d`,
+  computed exactly, is smallest (an exact tie cannot happen for odd > 1)."""
+  if d & (d - 1) == 0:
+    return a * (1.0 / d)  # a power of two: exact
+  # small a: residuals would be subnormal (flushed on XLA:CPU and TPU); 2**64 is exact
+  small = a < 2.0 ** -32
+  a = a * jnp.where(small, 2.0 ** 64, 1.0).astype(a.dtype)
+  q = a * (1.0 / d)
+
+  def residual(q):
+    # q = hi + lo with 12 significant bits each: hi * d and lo * d are exact, `a - hi * d`
+    # is exact (Sterbenz), and so is the last difference (a small multiple of lo's ulp * 2**p)
+    hi = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(q, jnp.int32) & ~0xFFF, jnp.float32)
+    return jnp.abs((a - hi * d) - (q - hi) * d)
+
+  step = lambda q, delta: jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(q, jnp.int32) + delta, jnp.float32)
+  for _ in range(2):  # each round moves at most one ulp
+    down, up = step(q, -1), step(q, 1)
+    r, r_down, r_up = residual(q), residual(down), residual(up)
+    q = jnp.where(r_down < r, down, jnp.where(r_up < r, up, q))
+  return q * jnp.where(small, 2.0 ** -64, 1.0).astype(q.dtype)
 
 
 def quantize_rows(s: jax.Array, *, qmax: float = INT8_QMAX, dtype=jnp.int8,

@@ -239,7 +239,8 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   def kernel(module, x, w, ends_array, assist, smooth):
     del smooth  # A4W4 only: no kernel
     return module.gmm_swiglu_quant(x.values, w.values, w.scale, x.scale, ends_array,
-                                   assist=assist, tiles=tiles, interpret=interpret)
+                                   assist=assist, tiles=tiles, out_dtype=spec.dtype,
+                                   qmax=spec.qmax, interpret=interpret)
 
   def xla(x, w, ends_array, assist, smooth):
     ends_ = ends if isinstance(ends, tuple) else ends_array
@@ -332,8 +333,8 @@ def _kernel_gap(scenario: str, spec: quant_lib.DynamicQuant, k: int, scale: jax.
   """Why the Pallas kernels cannot run this case (None: they can)."""
   if scenario == A4W4:
     return "A4W4 (the kernels do A8W8 and A8W4)"
-  if spec != quant_lib.INT8_PER_TOKEN:
-    return f"output quantization {spec}"
+  if spec.mode != quant_lib.PER_TOKEN:
+    return "MX output quantization (quant_mode=2)"
   return pallas_common.kernel_gap(k, scale.shape[1])
 
 

@@ -68,6 +68,7 @@ def _load(ref, rows, cols, mask, other=0):
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
                      ends: jax.Array, *, assist: jax.Array | None = None,
                      colsum8: jax.Array | None = None, tiles: TileSizes,
+                     out_dtype=jnp.int8, qmax: float = _epilogue.INT8_QMAX,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Fused op on canonical operands, A8W8 or (with `assist`) A8W4; arguments and
   results as `pallas_kernels.tpu.gmm_swiglu_quant`."""
@@ -77,7 +78,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   groups = w_scale.shape[1]
   a8w4 = assist is not None
   if m == 0:  # no rows, no grid
-    return jnp.zeros((0, nh), jnp.int8), jnp.zeros((0,), jnp.float32)
+    return jnp.zeros((0, nh), out_dtype), jnp.zeros((0,), jnp.float32)
   # Triton loads whole bytes: jnp.int4 weights are widened here, once per call.
   w = w.astype(jnp.int8)
   bm, _, bn = gpu_tiles(tiles)
@@ -149,17 +150,18 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     def quantize_tile(j, carry):
       cols = pl.ds(j * bn, bn)
       mask = in_m[:, None] & _span(j * bn, bn, nh)[None, :]
-      codes = _epilogue.codes_for_amax(_load(scratch_ref, rows, cols, mask), amax,
-                                       round_fn=_epilogue.round_half_even_small)
+      codes = _epilogue.codes_for_amax(_load(scratch_ref, rows, cols, mask), amax, qmax=qmax,
+                                       dtype=out_dtype, round_fn=_epilogue.round_half_even_small)
       pltr.store(q_ref.at[rows, cols], codes, mask=mask)
       return carry
 
     lax.fori_loop(0, nh_tiles, quantize_tile, 0)
-    pltr.store(qs_ref.at[rows], _epilogue.scale_for_amax(amax)[:, 0], mask=in_m)  # no group: 0
+    pltr.store(qs_ref.at[rows], _epilogue.scale_for_amax(amax, qmax)[:, 0],
+               mask=in_m)  # no group: 0
 
   q, qs, _ = pl.pallas_call(
       kernel, grid=(m_tiles,),
-      out_shape=[jax.ShapeDtypeStruct((m, nh), jnp.int8),
+      out_shape=[jax.ShapeDtypeStruct((m, nh), out_dtype),
                  jax.ShapeDtypeStruct((m,), jnp.float32),
                  jax.ShapeDtypeStruct((m, nh), jnp.float32)],
       compiler_params=_PARAMS, interpret=interpret,

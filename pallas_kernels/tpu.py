@@ -117,6 +117,7 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes) -> FusedPl
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
                      ends: jax.Array, *, assist: jax.Array | None = None,
                      colsum8: jax.Array | None = None, tiles: TileSizes,
+                     out_dtype=jnp.int8, qmax: float = _epilogue.INT8_QMAX,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Fused op on canonical operands: A8W8, or A8W4 when `assist` is given.
 
@@ -127,10 +128,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       group row ends, E <= e; assist: A8W4's float32 `[e, n]`; colsum8: A8W4's
       int32 `[e, G, n]` (`_epilogue.colsum8`, computed here when not given).
     tiles: block sizes (`block_n` unused: a row is computed whole);
+    out_dtype, qmax: the per-token codes (int8 and 127, or an fp8 type and its largest
+      finite value: `_epilogue.codes_for_amax`);
     interpret: run in Pallas interpret mode (any backend).
 
   Returns:
-    (q int8 `[m, n/2]`, scale float32 `[m]`), rows past the last end 0.
+    (q `[m, n/2]` of out_dtype, scale float32 `[m]`), rows past the last end 0.
 
   Grid (visit, k tile). Each step multiplies an x tile by the `[block_k, n]` weight
   tile of its group (both SwiGLU halves) into an int32 row accumulator `[block_m, n]`;
@@ -145,7 +148,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   gs = k // groups
   a8w4 = assist is not None
   if m == 0:  # no rows, no grid
-    return jnp.zeros((0, nh), jnp.int8), jnp.zeros((0,), jnp.float32)
+    return jnp.zeros((0, nh), out_dtype), jnp.zeros((0,), jnp.float32)
   plan = fused_plan(m, k, n, groups, tiles)
   bm, bk, k_tiles = plan.block_m, plan.block_k, plan.k_tiles
   gpt = max(bk // gs, 1)            # k groups closed inside one k tile (bk >= gs)
@@ -207,7 +210,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       else:
         act = _epilogue.dequant_a8w8(acc[:, :nh], s_ref[0, :, :nh], xs)
         gate = _epilogue.dequant_a8w8(acc[:, nh:], s_ref[0, :, nh:], xs)
-      q, scale = _epilogue.quantize_rows(_epilogue.swiglu_halves(act, gate))
+      q, scale = _epilogue.quantize_rows(_epilogue.swiglu_halves(act, gate), qmax=qmax,
+                                         dtype=out_dtype)
       keep = rows & real  # the tail group writes zeros
       q_ref[...] = jnp.where(rows, jnp.where(keep, q, 0), q_ref[...])
       qs_ref[...] = jnp.where(rows, jnp.where(keep, scale, 0), qs_ref[...])
@@ -243,7 +247,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
           num_scalar_prefetch=5, grid=(gid.shape[0], k_tiles), in_specs=in_specs,
           out_specs=[pl.BlockSpec((bm, nh), row), pl.BlockSpec((bm, 1), row)],
           scratch_shapes=scratch),
-      out_shape=[jax.ShapeDtypeStruct((m, nh), jnp.int8),
+      out_shape=[jax.ShapeDtypeStruct((m, nh), out_dtype),
                  jax.ShapeDtypeStruct((m, 1), jnp.float32)],
       compiler_params=_params("arbitrary", "arbitrary"), cost_estimate=cost,
       interpret=interpret, name="npu_gmm_swiglu_quant")(gid, mt, nv, wid, ends_all, *args)

@@ -96,7 +96,8 @@ def swiglu(c: np.ndarray) -> np.ndarray:
   c = c.astype(F32)
   h = c.shape[-1] // 2
   act, gate = c[:, :h], c[:, h:]
-  return (act / (F32(1) + np.exp(-act))) * gate
+  with np.errstate(over="ignore"):  # exp(-act) = inf for act < -88: silu -> -0, as on device
+    return (act / (F32(1) + np.exp(-act))) * gate
 
 
 # the largest code of each per-token output type (semantics A.3 items 3 and 6)
