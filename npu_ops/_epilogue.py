@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 
 INT8_QMAX = 127.0
 
@@ -79,18 +80,38 @@ def lifted_reciprocal(d: jax.Array, numerator: float = 1.0) -> tuple[jax.Array, 
 
 def codes_for_amax(s: jax.Array, amax: jax.Array, *, qmax: float = INT8_QMAX,
                    dtype=jnp.int8,
-                   round_fn: Callable[[jax.Array], jax.Array] = jnp.round) -> jax.Array:
+                   round_fn: Callable[[jax.Array], jax.Array] = jnp.round,
+                   fp8_as_bits: bool = False) -> jax.Array:
   """Per-token codes given each row's amax (`[..., 1]`, float32): `s * (qmax / amax)`
   clipped to [-qmax, qmax], then rounded half to even into `dtype` (int8: `round_fn`;
   fp8: the cast, whose saturation the clip is), 0 where amax = 0 (semantics A.3 item 3),
   without overflow for tiny amax (`lifted_reciprocal`). Kernels that see a row in
   pieces compute amax first, then call this (with `round_fn=round_half_even_small` where
-  `round` does not lower)."""
+  `round` does not lower, and `fp8_as_bits` for fp8 codes as uint8 `float8_bits`)."""
   lift, inv = lifted_reciprocal(amax, qmax)
   v = jnp.clip((s * lift) * inv, -qmax, qmax)
   if jnp.issubdtype(dtype, jnp.floating):
-    return v.astype(dtype)
+    return float8_bits(v, dtype) if fp8_as_bits else v.astype(dtype)
   return round_fn(v).astype(dtype)
+
+
+def float8_bits(v: jax.Array, dtype) -> jax.Array:
+  """The uint8 bits of `v.astype(dtype)` (an fp8 type; float32 `v` within its finite range),
+  rounded half to even, from integer ops alone: Triton converts to float8_e4m3fn only from
+  sm_89 on, so the GPU kernel writes these bits (bitcast to the fp8 type outside)."""
+  info = ml_dtypes.finfo(dtype)
+  mant, bias = int(info.nmant), 1 - int(info.minexp)
+  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+  sign = (bits >> 24) & 0x80
+  mag = bits & 0x7FFFFFFF
+  drop = 23 - mant  # normal: round the float32 mantissa to `mant` bits, then rebias
+  normal = ((mag + ((1 << (drop - 1)) - 1) + ((mag >> drop) & 1)) >> drop) - (
+      (127 - bias) << mant)
+  # subnormal (below 2**(1 - bias)): the count of 2**(1 - bias - mant) steps, rounded
+  steps = jax.lax.bitcast_convert_type(mag, jnp.float32) * 2.0 ** (bias + mant - 1)
+  sub = round_half_even_small(steps).astype(jnp.int32)
+  code = jnp.where(mag < ((128 - bias) << 23), sub, normal)
+  return (code | sign).astype(jnp.uint8)
 
 
 def scale_for_amax(amax: jax.Array, qmax: float = INT8_QMAX) -> jax.Array:

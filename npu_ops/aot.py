@@ -154,14 +154,16 @@ class Case:
   mesh_axis: str | None = None
 
 
-def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_groups=None):
+def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_groups=None,
+           quant_dtype=0, quant_mode=0):
   import npu_ops  # noqa: PLC0415
 
   def fn(x, w, ws, xs, gl, *offset):  # global_groups: e local experts of a traced offset
     gl = gl if group_list is None else list(group_list)
     return npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         x, w, ws, xs, gl, group_list_type=1, dequant_mode=int(groups > 1),
-        group_offset=offset[0] if offset else None)
+        group_offset=offset[0] if offset else None, quant_dtype=quant_dtype,
+        quant_mode=quant_mode)
   scale = (e, groups, n) if groups > 1 else (e, n)
   if weight == "int8":
     w = ((e, k, n), jnp.int8)
@@ -274,6 +276,12 @@ def cases() -> list[Case]:
       Case("fused A4W4 (XLA path)", *_fused(512, 512, 1024, 4, weight="a4w4"), kernels=0),
       Case("fused A8W8 group_offset (4 of 16 experts)",
            *_fused(4096, k, n, 4, global_groups=16), kernels=1),
+      Case("fused A8W8 fp8 e4m3 out m=4096 e=16",
+           *_fused(4096, k, n, 16, quant_dtype=jnp.float8_e4m3fn), kernels=1),
+      Case("fused A8W4 fp8 e5m2 out m=4096 e=16",
+           *_fused(4096, k, n, 16, weight="int4", quant_dtype=jnp.float8_e5m2), kernels=1),
+      Case("fused A8W8 MX fp8 out (XLA path)",
+           *_fused(4096, k, n, 16, quant_dtype=jnp.float8_e4m3fn, quant_mode=2), kernels=0),
   ]
   for dtype, tag in ((jnp.bfloat16, "bf16"), (jnp.float32, "fp32")):
     out += [Case(f"gmm {tag} m=4096 e=16", *_gmm(4096, k, n, 16, dtype), kernels=1),

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
@@ -79,6 +80,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   a8w4 = assist is not None
   if m == 0:  # no rows, no grid
     return jnp.zeros((0, nh), out_dtype), jnp.zeros((0,), jnp.float32)
+  # fp8 codes leave as their bits (`_epilogue.float8_bits`: no fp8 conversion before sm_89)
+  code_dtype = jnp.int8 if np.dtype(out_dtype) == np.int8 else jnp.uint8
   # Triton loads whole bytes: jnp.int4 weights are widened here, once per call.
   w = w.astype(jnp.int8)
   bm, _, bn = gpu_tiles(tiles)
@@ -151,7 +154,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       cols = pl.ds(j * bn, bn)
       mask = in_m[:, None] & _span(j * bn, bn, nh)[None, :]
       codes = _epilogue.codes_for_amax(_load(scratch_ref, rows, cols, mask), amax, qmax=qmax,
-                                       dtype=out_dtype, round_fn=_epilogue.round_half_even_small)
+                                       dtype=out_dtype, round_fn=_epilogue.round_half_even_small,
+                                       fp8_as_bits=True)
       pltr.store(q_ref.at[rows, cols], codes, mask=mask)
       return carry
 
@@ -161,12 +165,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
   q, qs, _ = pl.pallas_call(
       kernel, grid=(m_tiles,),
-      out_shape=[jax.ShapeDtypeStruct((m, nh), out_dtype),
+      out_shape=[jax.ShapeDtypeStruct((m, nh), code_dtype),
                  jax.ShapeDtypeStruct((m,), jnp.float32),
                  jax.ShapeDtypeStruct((m, nh), jnp.float32)],
       compiler_params=_PARAMS, interpret=interpret,
       name="npu_gmm_swiglu_quant")(first, stop, ends, x, w, scales, x_scale, *extra)
-  return q, qs
+  return (q if code_dtype == out_dtype else lax.bitcast_convert_type(q, out_dtype)), qs
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,

@@ -34,7 +34,8 @@ TPU_LEAN = [("v5e", "fused A8W8 m=4096 e=16"), ("v5e", "gmm bf16 m=4096 e=16"),
             pytest.param("v5e", "tgmm bf16 m=4096 e=16", marks=slow),
             pytest.param("v5e", "fused A8W8 m=512 e=64", marks=slow),
             pytest.param("v6e", "fused A8W8 m=4096 e=16", marks=slow),
-            pytest.param("v5e", "tgmm fp32 m=4096 e=16", marks=slow)]
+            pytest.param("v5e", "tgmm fp32 m=4096 e=16", marks=slow),
+            pytest.param("v5e", "fused A8W8 fp8 e4m3 out m=4096 e=16", marks=slow)]
 
 
 @needs["tpu"]
@@ -82,6 +83,7 @@ def test_tpu_edge_cases_compile(name):
 
 
 GPU_CASES = [("a100", "fused A8W8 m=4096 e=16"),
+             ("a100", "fused A8W8 fp8 e4m3 out m=4096 e=16"),  # fp8 bits without sm_89
              pytest.param("a100", "fused A8W4 per group (G=4)", marks=slow),
              pytest.param("h100", "gmm fp32 m=4096 e=16", marks=slow),
              pytest.param("a100", "tgmm fp32 m=4096 e=16", marks=slow),

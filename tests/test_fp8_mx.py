@@ -306,3 +306,19 @@ def test_kernels_fp8_per_token(impl, scenario, out):
   assist = ref.canonical_assist(w, ws) if scenario == "A8W4" else None
   assert_fused_close(got, ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1),
                                            scenario=scenario, assist=assist, out=out), 0)
+
+
+@pytest.mark.parametrize("out", FP8)
+def test_float8_bits_equal_the_cast(out):
+  """The GPU kernel's integer-only fp8 encoding (no fp8 conversion before sm_89) against
+  ml_dtypes' cast: every value between and on the codes, ties, subnormals, signed zeros."""
+  from npu_ops import _epilogue  # noqa: PLC0415
+  t = getattr(ml_dtypes, out)
+  grid = np.arange(256, dtype=np.uint8).view(t).astype(F32)
+  grid = np.unique(grid[np.isfinite(grid)])
+  mids = (grid[1:] + grid[:-1]) / 2  # exact ties
+  v = np.concatenate([grid, mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf),
+                      np.float32([-0.0, 1e-30, -3e-38]),
+                      RNG.uniform(-1, 1, 20000).astype(F32) * ref.QMAX[out]]).astype(F32)
+  got = jax.jit(lambda a: _epilogue.float8_bits(a, t))(v)
+  np.testing.assert_array_equal(np.asarray(got), v.astype(t).view(np.uint8))
