@@ -31,6 +31,7 @@ from npu_ops.moe import top_k_routing as top_k_routing
 from npu_ops.qat import dynamic_fake_quant as dynamic_fake_quant
 from npu_ops.qat import fake_quant as fake_quant
 from npu_ops.qat import fake_quant_gmm_swiglu_quant as fake_quant_gmm_swiglu_quant
+from npu_ops.qat import fake_quant_mx as fake_quant_mx
 from npu_ops.qat import fake_quant_weight as fake_quant_weight
 from npu_ops.qat import quantize_weight as quantize_weight
 from npu_ops.qat import weight_scale_from_amax as weight_scale_from_amax

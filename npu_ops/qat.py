@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from npu_ops import _epilogue
@@ -38,10 +39,11 @@ from npu_ops import groups as groups_lib
 from npu_ops import operands
 from npu_ops import quant as quant_lib
 from npu_ops import row_blocks
-from npu_ops._validation import (check_array, check_rank, check_scale_groups, describe, fail,
-                                 require)
+from npu_ops._validation import (check_array, check_dtype_arg, check_rank, check_scale_groups,
+                                 describe, fail, require)
 
 _QMAX = {8: 127.0, 4: 7.0}
+_FP8 = tuple(np.dtype(t) for t in (jnp.float8_e4m3fn, jnp.float8_e5m2))
 
 
 def qmax_for(bits: int, name: str = "bits") -> float:
@@ -77,8 +79,22 @@ def _ratio(x: jax.Array, recip: tuple[jax.Array, jax.Array]) -> jax.Array:
   return (x * lift) * inv
 
 
-def _codes(x: jax.Array, recip: tuple[jax.Array, jax.Array], qmax: float) -> jax.Array:
-  return jnp.clip(jnp.round(_ratio(x, recip)), -qmax, qmax)
+def _grid(bits: int, dtype: Any) -> tuple[float, np.dtype | None]:
+  """(largest code, fp8 type or None for the integer grid of `bits`)."""
+  if dtype is None:
+    return qmax_for(bits), None
+  kind = check_dtype_arg("dtype", dtype)
+  require(kind in _FP8, "dtype", "None (integer codes of `bits`), float8_e4m3fn or float8_e5m2",
+          kind.name)
+  return float(ml_dtypes.finfo(kind).max), kind
+
+
+def _codes(x: jax.Array, recip: tuple[jax.Array, jax.Array], qmax: float,
+           grid: np.dtype | None = None) -> jax.Array:
+  """`x / scale` clipped to [-qmax, qmax] and rounded half to even: to an integer, or to
+  the fp8 grid (as float32 values)."""
+  v = jnp.clip(_ratio(x, recip), -qmax, qmax)
+  return jnp.round(v) if grid is None else v.astype(grid).astype(jnp.float32)
 
 
 def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -89,20 +105,20 @@ def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jnp.sum(t, axis=axes, keepdims=True).reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _lsq(x, scale, inv, qmax, grad_scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _lsq(x, scale, inv, qmax, grad_scale, grid=None):
   """`codes(x / scale) * scale`; inv is `_reciprocal(scale)` (or of amax, qmax): rounding only."""
-  return (_codes(x, inv, qmax) * scale).astype(x.dtype)
+  return (_codes(x, inv, qmax, grid) * scale).astype(x.dtype)
 
 
-def _lsq_fwd(x, scale, inv, qmax, grad_scale):
-  return _lsq(x, scale, inv, qmax, grad_scale), (x, scale, inv)
+def _lsq_fwd(x, scale, inv, qmax, grad_scale, grid=None):
+  return _lsq(x, scale, inv, qmax, grad_scale, grid), (x, scale, inv)
 
 
-def _lsq_bwd(qmax, grad_scale, residuals, g):
+def _lsq_bwd(qmax, grad_scale, grid, residuals, g):
   x, scale, inv = residuals
   v = _ratio(x.astype(jnp.float32), inv)
-  q = jnp.clip(jnp.round(v), -qmax, qmax)
+  q = _codes(x.astype(jnp.float32), inv, qmax, grid)
   inside = jnp.abs(v) <= qmax
   g32 = g.astype(jnp.float32)
   dx = jnp.where(inside, g32, 0).astype(x.dtype)
@@ -115,7 +131,7 @@ def _lsq_bwd(qmax, grad_scale, residuals, g):
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
 
 
-def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8,
+def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = None,
                grad_scale: float | None = None) -> jax.Array:
   """Symmetric fake quantization with a learned step size (LSQ).
 
@@ -124,13 +140,15 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8,
     scale: positive float step size, broadcastable to `x` (per-tensor `[]`,
       per-channel `[n]`, per-token `[m, 1]`, ...). A scale <= 0 gives codes 0.
     bits: 8 (codes -127..127) or 4 (-7..7).
+    dtype: None (the integer codes of `bits`), or float8_e4m3fn / float8_e5m2: codes on
+      that fp8 grid (`x / scale` saturated at 448 / 57344, rounded half to even).
     grad_scale: optional factor on the scale gradient (LSQ's `g`).
 
   Returns:
     `q * scale` in the dtype of x, with the STE / LSQ gradients of the module
     docstring for x and scale.
   """
-  qmax = qmax_for(bits)
+  qmax, grid = _grid(bits, dtype)
   _check_grad_scale(grad_scale)
   _check_float("x", x)
   _check_float("scale", scale)
@@ -141,34 +159,77 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8,
   require(broadcast == tuple(x.shape), "scale", f"a shape broadcastable to x {describe(x)}",
           describe(scale))
   inv = jax.lax.stop_gradient(_reciprocal(scale.astype(jnp.float32)))
-  return _lsq(x, scale, inv, qmax, grad_scale)
+  return _lsq(x, scale, inv, qmax, grad_scale, grid)
 
 
-def quantize(x: jax.Array, scale: jax.Array, *, bits: int = 8) -> jax.Array:
-  """The int8 codes of `fake_quant` (`fake_quant(x, s) == quantize(x, s) * s`)."""
-  qmax = qmax_for(bits)
+def quantize(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = None) -> jax.Array:
+  """The codes of `fake_quant` (`fake_quant(x, s) == quantize(x, s) * s`): int8, or of the
+  fp8 `dtype`."""
+  qmax, grid = _grid(bits, dtype)
   _check_float("x", x)
   _check_float("scale", scale)
   return _codes(x.astype(jnp.float32), _reciprocal(scale.astype(jnp.float32)),
-                qmax).astype(jnp.int8)
+                qmax, grid).astype(jnp.int8 if grid is None else grid)
 
 
-def dynamic_fake_quant(x: jax.Array, *, bits: int = 8) -> jax.Array:
+def dynamic_fake_quant(x: jax.Array, *, bits: int = 8, dtype: Any = None) -> jax.Array:
   """Per-token dynamic fake quantization over the last axis.
 
-  Forward: exactly `q * scale` of `npu_ops.quantize_per_token` for bits=8
-  (`scale = amax / qmax`, `q = round(x * (qmax / amax))`), so a QAT model sees
-  the numbers of the integer ops. Backward: STE for x plus the LSQ scale rule
-  carried through `amax` (module docstring). Rows of zeros give zeros.
+  Forward: exactly `q * scale` of `npu_ops.quantize_per_token` (`scale = amax / qmax`,
+  `q = round(x * (qmax / amax))`; with an fp8 `dtype`, float8_e4m3fn or float8_e5m2,
+  `qmax` is 448 or 57344 and q lies on that grid), so a QAT model sees the numbers of the
+  quantized ops. Backward: STE for x plus the LSQ scale rule carried through `amax`
+  (module docstring). Rows of zeros give zeros.
   """
-  qmax = qmax_for(bits)
+  qmax, grid = _grid(bits, dtype)
   _check_float("x", x)
   amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
-  inv = jax.lax.stop_gradient(_reciprocal(amax, qmax))  # quantize_per_token's 127 / amax
-  # quantize_per_token's scale, exact where subnormal (that branch carries no gradient).
-  scale = jnp.where(amax < qmax * 2.0 ** -126, jax.lax.stop_gradient(
-      _epilogue.scale_for_amax(amax, qmax)), amax / qmax)
-  return _lsq(x, scale, inv, qmax, None)
+  inv = jax.lax.stop_gradient(_reciprocal(amax, qmax))  # quantize_per_token's qmax / amax
+  # quantize_per_token's scale bit for bit (correctly rounded, subnormal too), with the
+  # derivative 1 / qmax of amax / qmax (the added term is 0 in the forward pass)
+  scale = jax.lax.stop_gradient(_epilogue.scale_for_amax(amax, qmax)) + (
+      amax - jax.lax.stop_gradient(amax)) / qmax
+  return _lsq(x, scale, inv, qmax, None, grid)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fake_mx(x, dtype):
+  codes, scales = quant_lib.quantize_mx(x, dtype)
+  return quant_lib.dequantize_mx(codes, scales, x.dtype)
+
+
+def _fake_mx_fwd(x, dtype):
+  codes, scales = quant_lib.quantize_mx(x, dtype)
+  per_element = quant_lib.dequantize_mx(jnp.ones(codes.shape, codes.dtype), scales)
+  inside = jnp.abs(x.astype(jnp.float32)) <= float(ml_dtypes.finfo(dtype).max) * per_element
+  return quant_lib.dequantize_mx(codes, scales, x.dtype), inside
+
+
+def _fake_mx_bwd(dtype, inside, g):
+  return (jnp.where(inside, g, jnp.zeros((), g.dtype)),)
+
+
+_fake_mx.defvjp(_fake_mx_fwd, _fake_mx_bwd)
+
+
+def fake_quant_mx(x: jax.Array, dtype: Any = jnp.float8_e4m3fn) -> jax.Array:
+  """MX fake quantization over the last axis (blocks of 32): `dequantize_mx(quantize_mx(x))`
+  in the dtype of x, the numbers of an MX-quantized op (semantics B.1.6).
+
+  Backward: straight-through for x, 0 where the code saturated (`|x|` above the element
+  type's largest value times the block scale) and in inf / NaN blocks. The block scale is
+  a power of two set by the block's largest exponent, constant between powers of two: it
+  carries no gradient (no LSQ rule applies).
+
+  Args:
+    x: float array `[..., d]`.
+    dtype: float8_e4m3fn (default), float8_e5m2 or float4_e2m1fn.
+  """
+  _check_float("x", x)
+  kind = check_dtype_arg("dtype", dtype)
+  require(kind in quant_lib.MX_DTYPES, "dtype", "float8_e4m3fn, float8_e5m2 or float4_e2m1fn",
+          kind.name)
+  return _fake_mx(x, kind)
 
 
 def _grouped_view(w: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:

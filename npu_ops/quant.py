@@ -25,6 +25,7 @@ _INT8 = np.dtype(np.int8)
 _FP8 = tuple(np.dtype(t) for t in (jnp.float8_e4m3fn, jnp.float8_e5m2))
 _FP4 = np.dtype(jnp.float4_e2m1fn)
 _DTYPES = {PER_TOKEN: (_INT8,) + _FP8, MX: _FP8 + (_FP4,)}
+MX_DTYPES = _DTYPES[MX]
 # torch_npu's quant_dtype codes: 0 (doc default) and 1 (torch.int8, meta default) mean int8;
 # torch ScalarType codes for the rest (semantics B.1.7), float4_e2m1fn_x2 (45) is packed fp4.
 _TORCH_CODES = {0: _INT8, 1: _INT8, 23: _FP8[1], 24: _FP8[0], 45: _FP4}

@@ -346,7 +346,14 @@ def _reduce_to(t: np.ndarray, shape) -> np.ndarray:
   return t
 
 
-def lsq(x, scale, g, qmax, grad_scale=None):
+def _on_grid(v, qmax, grid):
+  """v clipped to [-qmax, qmax], rounded half to even: to an integer or to the fp8 `grid`
+  (an ml_dtypes type name)."""
+  v = np.clip(v, -qmax, qmax)
+  return np.rint(v) if grid is None else v.astype(getattr(ml_dtypes, grid)).astype(F32)
+
+
+def lsq(x, scale, g, qmax, grad_scale=None, grid=None):
   """Fake quant `q * s`, `q = clip(rne(x * (1/s)), -qmax, qmax)`, and its STE/LSQ vjp.
 
   Returns (y, dx, dscale): dx = g where |x/s| <= qmax else 0; dscale = sum of
@@ -356,7 +363,7 @@ def lsq(x, scale, g, qmax, grad_scale=None):
   scale = np.asarray(scale, F32)
   inv = np.where(scale > 0, F32(1) / np.where(scale > 0, scale, F32(1)), F32(0)).astype(F32)
   v = x * inv
-  q = np.clip(np.rint(v), -qmax, qmax)
+  q = _on_grid(v, qmax, grid)
   inside = np.abs(v) <= qmax
   dx = np.where(inside, g, 0).astype(F32)
   dscale = _reduce_to(np.where(inside, q - v, q) * g, scale.shape)
@@ -365,7 +372,7 @@ def lsq(x, scale, g, qmax, grad_scale=None):
   return (q * scale).astype(F32), dx, dscale.astype(F32)
 
 
-def dynamic_lsq(x, g, qmax=127.0):
+def dynamic_lsq(x, g, qmax=127.0, grid=None):
   """Per-row dynamic fake quant (scale = amax/qmax) and its vjp.
 
   The scale's LSQ cotangent sum_j g_j (q_j - x_j/s) flows through s = amax/qmax
@@ -382,12 +389,25 @@ def dynamic_lsq(x, g, qmax=127.0):
       continue
     s = amax / F32(qmax)
     v = row * (F32(qmax) / amax)
-    q = np.clip(np.rint(v), -qmax, qmax)
+    q = _on_grid(v, qmax, grid)
     y[r] = q * s
     dscale = np.sum(g[r] * (q - v))
     ties = np.abs(row) == amax
     dx[r] = dx[r] + ties * np.sign(row) * dscale / F32(qmax) / ties.sum()
   return y, dx
+
+
+def mx_ste(x, g, out):
+  """MX fake quant (codes times block scales) and its straight-through vjp: g where
+  |x| <= max * block scale (not saturated; 0 in NaN blocks)."""
+  x = np.asarray(x, F32)
+  codes, scales = mx_quant(x, out)
+  scale = np.repeat(e8m0_value(scales), 32, axis=1)[:, :x.shape[1]]
+  top = float(ml_dtypes.finfo(getattr(ml_dtypes, out)).max)
+  y = (codes.astype(np.float64) * scale).astype(F32)
+  with np.errstate(invalid="ignore"):
+    inside = np.abs(x.astype(np.float64)) <= top * scale
+  return y, np.where(inside, g, 0).astype(F32)
 
 
 def silu_grad(a):

@@ -322,3 +322,58 @@ def test_float8_bits_equal_the_cast(out):
                       RNG.uniform(-1, 1, 20000).astype(F32) * ref.QMAX[out]]).astype(F32)
   got = jax.jit(lambda a: _epilogue.float8_bits(a, t))(v)
   np.testing.assert_array_equal(np.asarray(got), v.astype(t).view(np.uint8))
+
+
+# --- QAT: fake fp8 and MX quantization --------------------------------------------------------
+
+@pytest.mark.parametrize("out", FP8)
+def test_fake_quant_fp8_forward_and_lsq_vjp(out):
+  x = (RNG.standard_normal((16, 40)) * 3).astype(F32)
+  scale = RNG.uniform(0.002, 0.02, (16, 1)).astype(F32)  # some |x / scale| beyond 448: saturate
+  g = RNG.standard_normal((16, 40)).astype(F32)
+  y, vjp = jax.vjp(lambda x, s: npu_ops.fake_quant(x, s, dtype=getattr(jnp, out)), x, scale)
+  dx, ds = vjp(g)
+  want_y, want_dx, want_ds = ref.lsq(x, scale, g, ref.QMAX[out], grid=out)
+  np.testing.assert_array_equal(y, want_y)
+  np.testing.assert_array_equal(dx, want_dx)
+  np.testing.assert_allclose(ds, want_ds, rtol=1e-5, atol=1e-5)
+  assert 0 < np.mean(want_dx == 0) < 1  # both branches ran
+  codes = qat_quantize(x, scale, out)
+  assert codes.dtype == getattr(jnp, out)
+  np.testing.assert_array_equal(np.asarray(codes, F32) * scale, want_y)
+
+
+def qat_quantize(x, scale, out):
+  from npu_ops import qat  # noqa: PLC0415
+  return qat.quantize(jnp.asarray(x), jnp.asarray(scale), dtype=getattr(jnp, out))
+
+
+@pytest.mark.parametrize("out", FP8)
+def test_dynamic_fake_quant_fp8(out):
+  x = spread_rows(10, 50)
+  g = RNG.standard_normal(x.shape).astype(F32)
+  y, vjp = jax.vjp(lambda x: npu_ops.dynamic_fake_quant(x, dtype=getattr(jnp, out)), x)
+  (dx,) = vjp(g)
+  q, s = npu_ops.quantize_per_token(x, npu_ops.DynamicQuant(getattr(jnp, out)))
+  np.testing.assert_array_equal(y, np.asarray(q, F32) * np.asarray(s)[:, None])  # the op's numbers
+  want_y, want_dx = ref.dynamic_lsq(x, g, ref.QMAX[out], grid=out)
+  np.testing.assert_array_equal(y, want_y)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("out", MX)
+def test_fake_quant_mx(out):
+  x = mx_rows(64)
+  x[8] = x[9]  # finite rows for the gradient check (row 8 spans 60 decades)
+  g = RNG.standard_normal(x.shape).astype(F32)
+  y, vjp = jax.vjp(lambda x: npu_ops.fake_quant_mx(x, getattr(jnp, out)), x)
+  (dx,) = vjp(g)
+  want_y, want_dx = ref.mx_ste(x, g, out)
+  finite = np.abs(want_y) >= np.finfo(F32).tiny  # XLA:CPU flushes subnormal products
+  np.testing.assert_array_equal(np.asarray(y)[finite], want_y[finite])
+  assert np.all(np.isnan(np.asarray(y)[np.isnan(want_y)]))
+  np.testing.assert_array_equal(dx, want_dx)
+  # 1.9375 * 2**E scales to 1.9375 * 2**emax, above every type's largest value: saturated
+  assert want_dx[7, 6] == 0 and np.all(want_dx[7, 7:32] == g[7, 7:32])
+  with pytest.raises(ValueError, match="dtype"):
+    npu_ops.fake_quant_mx(x, jnp.int8)
