@@ -96,13 +96,14 @@ def codes_for_amax(s: jax.Array, amax: jax.Array, *, qmax: float = INT8_QMAX,
 
 
 def float8_bits(v: jax.Array, dtype) -> jax.Array:
-  """The uint8 bits of `v.astype(dtype)` (an fp8 type; float32 `v` within its finite range),
-  rounded half to even, from integer ops alone: Triton converts to float8_e4m3fn only from
-  sm_89 on, so the GPU kernel writes these bits (bitcast to the fp8 type outside)."""
+  """The bits of `v.astype(dtype)` as uint8 (an fp8 or fp4 type, the code in the low bits;
+  float32 `v` within its finite range), rounded half to even, from integer ops alone:
+  Triton converts to float8_e4m3fn only from sm_89 on, so the GPU kernels write these
+  bits (bitcast to the type outside)."""
   info = ml_dtypes.finfo(dtype)
-  mant, bias = int(info.nmant), 1 - int(info.minexp)
+  mant, bias, width = int(info.nmant), 1 - int(info.minexp), int(info.bits)
   bits = jax.lax.bitcast_convert_type(v, jnp.int32)
-  sign = (bits >> 24) & 0x80
+  sign = ((bits >> 31) & 1) << (width - 1)
   mag = bits & 0x7FFFFFFF
   drop = 23 - mant  # normal: round the float32 mantissa to `mant` bits, then rebias
   normal = ((mag + ((1 << (drop - 1)) - 1) + ((mag >> drop) & 1)) >> drop) - (
@@ -112,6 +113,21 @@ def float8_bits(v: jax.Array, dtype) -> jax.Array:
   sub = round_half_even_small(steps).astype(jnp.int32)
   code = jnp.where(mag < ((128 - bias) << 23), sub, normal)
   return (code | sign).astype(jnp.uint8)
+
+
+def float8_value(bits: jax.Array, dtype) -> jax.Array:
+  """float32 values of fp8 / fp4 codes given as their bits (uint8, code in the low bits),
+  from integer ops alone (the inverse of `float8_bits` on finite codes; NaN codes are read
+  as numbers)."""
+  info = ml_dtypes.finfo(dtype)
+  mant, bias, width = int(info.nmant), 1 - int(info.minexp), int(info.bits)
+  b = bits.astype(jnp.int32)
+  exp = (b >> mant) & ((1 << (width - 1 - mant)) - 1)
+  frac = b & ((1 << mant) - 1)
+  normal = jax.lax.bitcast_convert_type(((exp - bias + 127) << 23) | (frac << (23 - mant)),
+                                        jnp.float32)
+  v = jnp.where(exp == 0, frac.astype(jnp.float32) * 2.0 ** (1 - bias - mant), normal)
+  return jnp.where(((b >> (width - 1)) & 1) == 1, -v, v)
 
 
 def scale_for_amax(amax: jax.Array, qmax: float = INT8_QMAX) -> jax.Array:
@@ -198,7 +214,8 @@ E8M0_NAN = 0xFF
 MX_EMAX = {"float8_e4m3fn": 8, "float8_e5m2": 15, "float4_e2m1fn": 2}
 
 
-def quantize_mx_blocks(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+def quantize_mx_blocks(s: jax.Array, dtype, *, as_bits: bool = False
+                       ) -> tuple[jax.Array, jax.Array]:
   """MX quantization of blocks `s [..., blocks, 32]` (rounded to bfloat16 first), as the
   Ascend 950 epilogue does it (semantics B.1.6), with `E` the largest exponent field of the
   block's bfloat16 values:
@@ -209,7 +226,8 @@ def quantize_mx_blocks(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   * else: scale byte `e = max(E, emax) - emax`, codes `value * 2**(127 - e)` cast to `dtype`
     rounding half to even and saturating at its largest finite value.
 
-  Returns (codes `[..., blocks, 32]` of dtype, scale bytes uint8 `[..., blocks, 1]`).
+  Returns (codes `[..., blocks, 32]` of dtype, or their uint8 bits with `as_bits`
+  (`float8_bits`), scale bytes uint8 `[..., blocks, 1]`).
   """
   dtype = jnp.dtype(dtype)
   emax = MX_EMAX[dtype.name]
@@ -222,10 +240,13 @@ def quantize_mx_blocks(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   multiplier = jnp.where(block_exp == 0, 0.0, multiplier)
   top = float(jnp.finfo(dtype).max)
   # value * 2**k of a bfloat16 is a bfloat16 (or far below the element type's grid)
-  codes = jnp.clip(v * multiplier, -top, top).astype(dtype)
+  codes = jnp.clip(v * multiplier, -top, top)
   nan_block = block_exp == E8M0_NAN
-  nan_code = jnp.asarray(jnp.nan if jnp.finfo(dtype).bits == 8 else 0.0, dtype)
-  codes = jnp.where(nan_block, nan_code, codes)
+  fp8 = jnp.finfo(dtype).bits == 8
+  if as_bits:
+    codes = jnp.where(nan_block, 0x7F if fp8 else 0, float8_bits(codes, dtype))
+  else:
+    codes = jnp.where(nan_block, jnp.asarray(jnp.nan if fp8 else 0.0, dtype), codes.astype(dtype))
   scale = jnp.where(nan_block, E8M0_NAN, jnp.where(block_exp == 0, 0, e))
   return codes, scale.astype(jnp.uint8)
 

@@ -148,7 +148,8 @@ class Case:
   name: str
   fn: Callable[..., Any]
   args: tuple[tuple[tuple[int, ...], Any], ...]
-  kernels: int  # Pallas kernels the program must hold on TPU and GPU (0: XLA only)
+  # Pallas kernels the program must hold on TPU and GPU (0: XLA only), or {kind: count}
+  kernels: int | dict[str, int]
   # Expert parallel: compiled over every chip, `fn(mesh)` builds the program over a mesh
   # of this one axis and each arg carries a third item, its PartitionSpec.
   mesh_axis: str | None = None
@@ -176,6 +177,19 @@ def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_group
     return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((global_groups,), jnp.int32),
                 ((), jnp.int32))
   return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((e,), jnp.int32))
+
+
+def _fused_mx(m, k, n, e, *, quant_dtype, quant_mode):
+  """MX inputs: fp8 x and weights with e8m0 scales per block of 32 along k."""
+  import npu_ops  # noqa: PLC0415
+
+  def fn(x, w, ws, xs, gl):
+    return npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, w, ws, xs, gl, group_list_type=1, dequant_mode=2, quant_dtype=quant_dtype,
+        quant_mode=quant_mode)
+  kb = -(-k // 64)
+  return fn, (((m, k), jnp.float8_e4m3fn), ((e, k, n), jnp.float8_e4m3fn),
+              ((e, kb, n, 2), jnp.uint8), ((m, kb, 2), jnp.uint8), ((e,), jnp.int32))
 
 
 def _gmm(m, k, n, e, dtype):
@@ -280,8 +294,15 @@ def cases() -> list[Case]:
            *_fused(4096, k, n, 16, quant_dtype=jnp.float8_e4m3fn), kernels=1),
       Case("fused A8W4 fp8 e5m2 out m=4096 e=16",
            *_fused(4096, k, n, 16, weight="int4", quant_dtype=jnp.float8_e5m2), kernels=1),
-      Case("fused A8W8 MX fp8 out (XLA path)",
-           *_fused(4096, k, n, 16, quant_dtype=jnp.float8_e4m3fn, quant_mode=2), kernels=0),
+      Case("fused A8W8 MX fp8 out m=4096 e=16 (GPU kernel)",
+           *_fused(4096, k, n, 16, quant_dtype=jnp.float8_e4m3fn, quant_mode=2),
+           kernels={"tpu": 0, "gpu": 1}),
+      Case("fused MX in, MX fp8 out m=4096 e=16 (GPU kernel)",
+           *_fused_mx(4096, k, n, 16, quant_dtype=jnp.float8_e4m3fn, quant_mode=2),
+           kernels={"tpu": 0, "gpu": 1}),
+      Case("fused MX in, per-token fp8 out m=4096 e=16 (GPU kernel)",
+           *_fused_mx(4096, k, n, 16, quant_dtype=jnp.float8_e5m2, quant_mode=0),
+           kernels={"tpu": 0, "gpu": 1}),
   ]
   for dtype, tag in ((jnp.bfloat16, "bf16"), (jnp.float32, "fp32")):
     out += [Case(f"gmm {tag} m=4096 e=16", *_gmm(4096, k, n, 16, dtype), kernels=1),
@@ -367,7 +388,8 @@ def compile_case(case: Case, target: str) -> Report:
   """Compiles one case for one target and reads back what the compiler reports."""
   from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding  # noqa: PLC0415
   kind = kind_of(target)
-  report = Report(target, case.name, False, expected_kernels=case.kernels)
+  report = Report(target, case.name, False, expected_kernels=case.kernels if isinstance(
+      case.kernels, int) else case.kernels[kind])
   is_spec = lambda a: (isinstance(a, tuple) and len(a) == 3 and isinstance(a[0], tuple)
                        and all(isinstance(v, int) for v in a[0]))
   if case.mesh_axis:

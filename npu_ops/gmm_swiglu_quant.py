@@ -128,7 +128,8 @@ def npu_grouped_matmul_swiglu_quant_v2(
         fail(name, "None with MX inputs (dequant_mode=2)", describe(value))
     return _torch_npu_outputs(*_mx_inputs(
         x, weight, weight_scale, x_scale, group_list, group_list_type=group_list_type,
-        group_offset=group_offset, spec=spec, implementation=implementation), spec)
+        group_offset=group_offset, spec=spec, implementation=implementation,
+        interpret=interpret, tiles=tiles), spec)
 
   lhs = operands.canonical_lhs(x)
   m, k = lhs.values.shape
@@ -228,6 +229,7 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   e, n = w.values.shape[0], w.scale.shape[-1]
   impl = backend.resolve(implementation, unsupported=_kernel_gap(scenario, spec, k, w.scale),
                          interpret=interpret, tiles=tiles)
+  _check_mx_kernel(implementation, "MX output (quant_mode=2)", spec.mode == quant_lib.MX)
   if gmm_lib.is_symbolic(m):  # export with a symbolic m: ragged_dot, then the epilogue
     gmm_lib.check_static_m(m, implementation)
     impl, block_sizes, after = "xla", None, True
@@ -236,11 +238,14 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
     block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
     after = _epilogue_after(m, k, n, e, expected_tokens, scenario)
 
+  mx_out = spec.mode == quant_lib.MX
+
   def kernel(module, x, w, ends_array, assist, smooth):
-    del smooth  # A4W4 only: no kernel
+    if mx_out and not module.MX:  # the TPU kernel has no MX output: XLA under None
+      return xla(x, w, ends_array, assist, smooth)
     return module.gmm_swiglu_quant(x.values, w.values, w.scale, x.scale, ends_array,
                                    assist=assist, tiles=tiles, out_dtype=spec.dtype,
-                                   qmax=spec.qmax, interpret=interpret)
+                                   qmax=spec.qmax, mx_out=mx_out, interpret=interpret)
 
   def xla(x, w, ends_array, assist, smooth):
     ends_ = ends if isinstance(ends, tuple) else ends_array
@@ -333,8 +338,6 @@ def _kernel_gap(scenario: str, spec: quant_lib.DynamicQuant, k: int, scale: jax.
   """Why the Pallas kernels cannot run this case (None: they can)."""
   if scenario == A4W4:
     return "A4W4 (the kernels do A8W8 and A8W4)"
-  if spec.mode != quant_lib.PER_TOKEN:
-    return "MX output quantization (quant_mode=2)"
   return pallas_common.kernel_gap(k, scale.shape[1])
 
 
@@ -464,12 +467,12 @@ def _mx_operand(name: str, a: Any, rank: int) -> jax.Array:
 
 
 def _mx_scale(name: str, a: Any, shape: tuple[int, ...], layout: str) -> jax.Array:
-  """float32 `2**(b - 127)` of e8m0 scales given as float8_e8m0fnu or uint8 bytes."""
+  """The uint8 bytes of e8m0 scales given as float8_e8m0fnu or uint8."""
   check_array(name, a)
   require(np.dtype(a.dtype) in _E8M0, name, "float8_e8m0fnu or uint8 (e8m0 bytes)",
           describe(a), TypeError)
   require(tuple(a.shape) == shape, name, f"shape {list(shape)} ({layout})", describe(a))
-  return _epilogue.e8m0_to_float32(quant_lib._scale_bytes(name, a))
+  return quant_lib._scale_bytes(name, a)
 
 
 def _per_element(scale: jax.Array, k: int, axis: int) -> jax.Array:
@@ -481,13 +484,15 @@ def _per_element(scale: jax.Array, k: int, axis: int) -> jax.Array:
 
 
 def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type, group_offset,
-               spec, implementation):
-  """The fused op on fp8 / fp4 inputs with e8m0 block scales: each operand times its
-  scales (exact powers of two), one float32 grouped matmul, SwiGLU, then `spec`.
+               spec, implementation, interpret=False, tiles=None):
+  """The fused op on fp8 / fp4 inputs with e8m0 block scales.
 
-  Within a block of 32 the hardware's accumulation order is not specified; here the
-  products (exact in float32) are summed in float32 in XLA's order. Operand values
-  scaled below 2**-126 flush to 0 on XLA:CPU, as in every float op there.
+  XLA path: each operand times its scales (exact powers of two), one float32 grouped
+  matmul, SwiGLU, then `spec`. GPU kernel (`pallas_kernels.gpu.gmm_swiglu_quant_mx`; fp8
+  operands, ND weight): per block of 32 along k, the block's dot times both scales, summed
+  over blocks in order (B.1.6's formula). Within a block the hardware's accumulation order
+  is not specified; both sum exact float32 products in float32. Operand values scaled below
+  2**-126 flush to 0 on XLA:CPU, as in every float op there.
   """
   xv = _mx_operand("x", x, 2)
   m, k = xv.shape
@@ -507,27 +512,52 @@ def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type,
             describe(wv))
   w_shape, layout = (((e, n, kb, 2), "[e, n, ceil(k/64), 2] for a transposed weight")
                      if transposed else ((e, kb, n, 2), "[e, ceil(k/64), n, 2]"))
-  w_scale = _mx_scale("weight_scale", ws, w_shape, layout)
-  xs = _mx_scale("x_scale", x_scale, (m, kb, 2), "[m, ceil(k/64), 2]")
-  xf = xv.astype(jnp.float32) * _per_element(xs, k, 1)
-  wf = wv.astype(jnp.float32) * _per_element(w_scale, k, 2 if transposed else 1)
-  if transposed:
-    wf = jnp.swapaxes(wf, 1, 2)
-  impl = backend.resolve(implementation, unsupported="MX inputs (dequant_mode=2)")
+  w_bytes = _mx_scale("weight_scale", ws, w_shape, layout)
+  x_bytes = _mx_scale("x_scale", x_scale, (m, kb, 2), "[m, ceil(k/64), 2]")
+  fp4 = np.dtype(jnp.float4_e2m1fn)
+  gap = ("MX inputs as fp4 or with a transposed weight (the GPU kernel reads fp8 ND weights)"
+         if transposed or fp4 in (np.dtype(xv.dtype), np.dtype(wv.dtype)) else None)
+  impl = backend.resolve(implementation, unsupported=gap, interpret=interpret, tiles=tiles)
+  _check_mx_kernel(implementation, "MX inputs (dequant_mode=2)", True)
   num_groups = e if group_offset is None else max(e, groups_lib.num_listed(group_list))
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
                                num_groups=num_groups)
   shift = None
   if group_offset is not None:
     ends, shift = groups_lib.local_groups(ends, group_offset, e)
-    xf = groups_lib.shift_rows(xf, -shift)
-  c = gmm_lib.gmm(xf, wf, ends, out_dtype=jnp.float32, implementation=impl,
-                  precision=lax.Precision.HIGHEST)
-  q, q_scale = _swiglu_quant(c, None, spec)  # rows past the groups: c = 0 -> codes, scale 0
-  q, q_scale = _squeeze_per_token(q, q_scale, spec)
+    xv, x_bytes = (groups_lib.shift_rows(a, -shift) for a in (xv, x_bytes))
+  tiles = tiles or TileSizes.for_problem(m, k, n, len(ends))
+
+  def xla(xv, x_bytes, wv, w_bytes, ends_array):
+    scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(
+        _epilogue.e8m0_to_float32(b), k, axis)
+    wf = scaled(wv, w_bytes, 2 if transposed else 1)
+    c = gmm_lib.gmm(scaled(xv, x_bytes, 1), jnp.swapaxes(wf, 1, 2) if transposed else wf,
+                    ends if isinstance(ends, tuple) else ends_array, out_dtype=jnp.float32,
+                    implementation="reference" if impl == "reference" else "xla",
+                    precision=lax.Precision.HIGHEST)
+    # rows past the groups: c = 0 -> codes and scales 0
+    return _squeeze_per_token(*_swiglu_quant(c, None, spec), spec)
+
+  def kernel(module, xv, x_bytes, wv, w_bytes, ends_array):
+    if not module.MX:  # TPU under implementation=None
+      return xla(xv, x_bytes, wv, w_bytes, ends_array)
+    return module.gmm_swiglu_quant_mx(xv, wv, x_bytes, w_bytes, ends_array, tiles=tiles,
+                                      out_dtype=spec.dtype, qmax=spec.qmax,
+                                      mx_out=spec.mode == quant_lib.MX, interpret=interpret)
+
+  q, q_scale = backend.run(impl, (xv, x_bytes, wv, w_bytes, jnp.asarray(ends, jnp.int32)),
+                           kernel=kernel, xla=xla, interpret=interpret)
   if shift is None:
     return q, q_scale
   return groups_lib.shift_rows(q, shift), groups_lib.shift_rows(q_scale, shift)
+
+
+def _check_mx_kernel(implementation: str | None, what: str, needed: bool) -> None:
+  """A kernel named explicitly must have the MX case (the GPU one has, the TPU one not)."""
+  if needed and implementation == "pallas_tpu":
+    raise NotImplementedError(f"implementation='pallas_tpu' has no kernel for {what}; use "
+                              "None (the XLA path on TPU), 'xla' or 'pallas_gpu'")
 
 
 def _torch_npu_outputs(q: jax.Array, q_scale: jax.Array, spec: quant_lib.DynamicQuant):

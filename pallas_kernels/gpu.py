@@ -42,6 +42,8 @@ from npu_ops import _epilogue
 from pallas_kernels import common
 from pallas_kernels.common import TileSizes
 
+MX = True  # has the MX kernels: MX inputs (`gmm_swiglu_quant_mx`) and MX output
+
 # 8 warps and 64 x 64 x 128 blocks: no register spills on sm_80 or sm_90a for any kernel
 # and dtype (ptxas, `python -m npu_ops.aot`); 4 warps, or 128-deep k blocks, spilled up to
 # ~1.9 KB (float32 gmm on sm_90a, the fused A8W4 kernel on sm_80).
@@ -66,20 +68,62 @@ def _load(ref, rows, cols, mask, other=0):
   return pltr.load(ref.at[rows, cols], mask=mask, other=other)
 
 
+def _write_codes(scratch_ref, q_ref, qs_ref, rows, in_m, amax, *, nh: int, bn: int, out_dtype,
+                 qmax: float, mx: bool, interpret: bool) -> None:
+  """Phase 2 of the fused kernels: the SwiGLU rows in `scratch_ref` to codes (int8, or the
+  bits of fp8 / fp4 ones) and scales: per token over the whole row (`amax`: its maximum
+  |value|; scale float32 `[m]`), or MX per block of 32 columns (scale bytes `[m, blocks]`)."""
+  if not interpret:  # phase 2 reads tiles other threads wrote (interpret mode is sequential)
+    pltr.debug_barrier()
+  width = _epilogue.MX_BLOCK if mx else bn
+
+  def quantize_tile(j, carry):
+    cols = pl.ds(j * width, width)
+    mask = in_m[:, None] & _span(j * width, width, nh)[None, :]
+    s = _load(scratch_ref, rows, cols, mask)
+    if mx:  # one block of 32 columns: rows past nh read 0, as the padding of `quantize_mx`
+      codes, scale = _epilogue.quantize_mx_blocks(s, out_dtype, as_bits=True)
+      pltr.store(qs_ref.at[rows, j], scale[:, 0], mask=in_m)
+    else:
+      codes = _epilogue.codes_for_amax(s, amax, qmax=qmax, dtype=out_dtype,
+                                       round_fn=_epilogue.round_half_even_small, fp8_as_bits=True)
+    pltr.store(q_ref.at[rows, cols], codes, mask=mask)
+    return carry
+
+  lax.fori_loop(0, common.cdiv(nh, width), quantize_tile, 0)
+  if not mx:
+    pltr.store(qs_ref.at[rows], _epilogue.scale_for_amax(amax, qmax)[:, 0],
+               mask=in_m)  # no group: 0
+
+
+def _codes_out(q: jax.Array, out_dtype) -> jax.Array:
+  """The kernels' code bits as `out_dtype` (int8 as it is)."""
+  out_dtype = np.dtype(out_dtype)
+  if out_dtype == np.int8:
+    return q
+  if out_dtype == np.dtype(jnp.float4_e2m1fn):  # one fp4 code a byte
+    return lax.bitcast_convert_type(q.astype(jnp.uint4), out_dtype)
+  return lax.bitcast_convert_type(q, out_dtype)
+
+
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
                      ends: jax.Array, *, assist: jax.Array | None = None,
                      colsum8: jax.Array | None = None, tiles: TileSizes,
                      out_dtype=jnp.int8, qmax: float = _epilogue.INT8_QMAX,
+                     mx_out: bool = False,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Fused op on canonical operands, A8W8 or (with `assist`) A8W4; arguments and
-  results as `pallas_kernels.tpu.gmm_swiglu_quant`."""
+  results as `pallas_kernels.tpu.gmm_swiglu_quant`, and `mx_out`: MX codes of out_dtype
+  (fp4: one a byte) with e8m0 scale bytes uint8 `[m, ceil(n/64)]` (`_write_codes`)."""
   m, k = x.shape
   e, _, n = w.shape
   nh = n // 2
   groups = w_scale.shape[1]
   a8w4 = assist is not None
+  scale_shape = (m, common.cdiv(nh, _epilogue.MX_BLOCK)) if mx_out else (m,)
+  scale_dtype = jnp.uint8 if mx_out else jnp.float32
   if m == 0:  # no rows, no grid
-    return jnp.zeros((0, nh), out_dtype), jnp.zeros((0,), jnp.float32)
+    return jnp.zeros((0, nh), out_dtype), jnp.zeros(scale_shape, scale_dtype)
   # fp8 codes leave as their bits (`_epilogue.float8_bits`: no fp8 conversion before sm_89)
   code_dtype = jnp.int8 if np.dtype(out_dtype) == np.int8 else jnp.uint8
   # Triton loads whole bytes: jnp.int4 weights are widened here, once per call.
@@ -147,30 +191,106 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       return jnp.maximum(amax, jnp.max(jnp.abs(tile), axis=1, keepdims=True))
 
     amax = lax.fori_loop(0, nh_tiles, swiglu_tile, jnp.zeros((bm, 1), jnp.float32))
-    if not interpret:  # phase 2 reads tiles other threads wrote (interpret mode is sequential)
-      pltr.debug_barrier()
-
-    def quantize_tile(j, carry):
-      cols = pl.ds(j * bn, bn)
-      mask = in_m[:, None] & _span(j * bn, bn, nh)[None, :]
-      codes = _epilogue.codes_for_amax(_load(scratch_ref, rows, cols, mask), amax, qmax=qmax,
-                                       dtype=out_dtype, round_fn=_epilogue.round_half_even_small,
-                                       fp8_as_bits=True)
-      pltr.store(q_ref.at[rows, cols], codes, mask=mask)
-      return carry
-
-    lax.fori_loop(0, nh_tiles, quantize_tile, 0)
-    pltr.store(qs_ref.at[rows], _epilogue.scale_for_amax(amax, qmax)[:, 0],
-               mask=in_m)  # no group: 0
+    _write_codes(scratch_ref, q_ref, qs_ref, rows, in_m, amax, nh=nh, bn=bn,
+                 out_dtype=out_dtype, qmax=qmax, mx=mx_out, interpret=interpret)
 
   q, qs, _ = pl.pallas_call(
       kernel, grid=(m_tiles,),
       out_shape=[jax.ShapeDtypeStruct((m, nh), code_dtype),
-                 jax.ShapeDtypeStruct((m,), jnp.float32),
+                 jax.ShapeDtypeStruct(scale_shape, scale_dtype),
                  jax.ShapeDtypeStruct((m, nh), jnp.float32)],
       compiler_params=_PARAMS, interpret=interpret,
       name="npu_gmm_swiglu_quant")(first, stop, ends, x, w, scales, x_scale, *extra)
-  return (q if code_dtype == out_dtype else lax.bitcast_convert_type(q, out_dtype)), qs
+  return _codes_out(q, out_dtype), qs
+
+
+def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale: jax.Array,
+                        ends: jax.Array, *, tiles: TileSizes, out_dtype, qmax: float, mx_out: bool,
+                        interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The fused op on MX inputs (semantics B.1.6): per block of 32 along k, the dot of the
+  block's fp8 values (decoded from their bits to float16: exact, and no fp8 conversion is
+  needed, which Triton lacks before sm_89) times the x scale, times the weight scale,
+  summed over blocks in float32 in order; SwiGLU; per-token or MX codes (`_write_codes`).
+
+  Args:
+    x: float8_e4m3fn / float8_e5m2 `[m, k]`; w: the same `[e, k, n]` (ND, read in place);
+    x_scale: e8m0 bytes uint8 `[m, ceil(k/64), 2]`; w_scale: uint8 `[e, ceil(k/64), n, 2]`;
+    ends: int32 group ends; out_dtype, qmax: the codes; mx_out: MX output (else per token).
+
+  Returns:
+    (codes `[m, n/2]` of out_dtype (fp4: one a byte), scales: float32 `[m]` per token, e8m0
+    bytes uint8 `[m, ceil(n/64)]` for MX), rows past the last end 0.
+  """
+  m, k = x.shape
+  e, _, n = w.shape
+  nh = n // 2
+  x_type, w_type = x.dtype, w.dtype
+  blocks = common.cdiv(k, _epilogue.MX_BLOCK)
+  scale_shape = (m, common.cdiv(nh, _epilogue.MX_BLOCK)) if mx_out else (m,)
+  scale_dtype = jnp.uint8 if mx_out else jnp.float32
+  if m == 0:
+    return jnp.zeros((0, nh), out_dtype), jnp.zeros(scale_shape, scale_dtype)
+  bm, _, bn = gpu_tiles(tiles)
+  m_tiles, nh_tiles = common.cdiv(m, bm), common.cdiv(nh, bn)
+  first, stop = common.tile_group_ranges(ends, m_tiles, bm)
+  bits = lambda a: lax.bitcast_convert_type(a, jnp.uint8)  # a view: no copy
+  kb = _epilogue.MX_BLOCK
+
+  def kernel(first_ref, stop_ref, ends_ref, x_ref, w_ref, xs_ref, ws_ref, q_ref, qs_ref,
+             scratch_ref):
+    i = pl.program_id(0)
+    r0 = i * bm
+    rows = pl.ds(r0, bm)
+    in_m = _span(r0, bm, m)
+    f16 = lambda b, t: _epilogue.float8_value(b, t).astype(jnp.float16)  # exact
+    scale = lambda b: _epilogue.e8m0_to_float32(b)
+
+    def swiglu_tile(j, amax):
+      c0 = j * bn
+      in_n = _span(c0, bn, nh)
+      cols_a, cols_g = pl.ds(c0, bn), pl.ds(nh + c0, bn)
+
+      def group(g, tile):
+        def k_block(b, accs):
+          k0 = b * kb
+          in_k = _span(k0, kb, k)
+          # scales of block b at [..., b // 2, ..., b % 2], as bit ops (Triton lowers jnp's
+          # floor-mod with a select it cannot type); arrays: interpret mode needs them
+          pair = jnp.asarray(b & 1, jnp.int32)
+          half = jnp.asarray(b >> 1, jnp.int32)
+          xb = f16(_load(x_ref, rows, pl.ds(k0, kb), in_m[:, None] & in_k[None, :]), x_type)
+          xs = scale(pltr.load(xs_ref.at[rows, half, pair], mask=in_m, other=127))[:, None]
+
+          def part(cols):
+            wb = f16(pltr.load(w_ref.at[g, pl.ds(k0, kb), cols],
+                               mask=in_k[:, None] & in_n[None, :], other=0), w_type)
+            ws = scale(pltr.load(ws_ref.at[g, half, cols, pair], mask=in_n, other=127))[None]
+            return (jnp.dot(xb, wb, preferred_element_type=jnp.float32) * xs) * ws
+
+          return accs[0] + part(cols_a), accs[1] + part(cols_g)
+
+        zero = jnp.zeros((bm, bn), jnp.float32)
+        act, gate = lax.fori_loop(0, blocks, k_block, (zero, zero))
+        s = _epilogue.swiglu_halves(act, gate)
+        return jnp.where(common.group_rows(ends_ref, g, r0, bm), s, tile)
+
+      tile = lax.fori_loop(first_ref[i], stop_ref[i], group, jnp.zeros((bm, bn), jnp.float32))
+      pltr.store(scratch_ref.at[rows, cols_a], tile, mask=in_m[:, None] & in_n[None, :])
+      return jnp.maximum(amax, jnp.max(jnp.abs(tile), axis=1, keepdims=True))
+
+    amax = lax.fori_loop(0, nh_tiles, swiglu_tile, jnp.zeros((bm, 1), jnp.float32))
+    _write_codes(scratch_ref, q_ref, qs_ref, rows, in_m, amax, nh=nh, bn=bn,
+                 out_dtype=out_dtype, qmax=qmax, mx=mx_out, interpret=interpret)
+
+  code_dtype = jnp.int8 if np.dtype(out_dtype) == np.int8 else jnp.uint8
+  q, qs, _ = pl.pallas_call(
+      kernel, grid=(m_tiles,),
+      out_shape=[jax.ShapeDtypeStruct((m, nh), code_dtype),
+                 jax.ShapeDtypeStruct(scale_shape, scale_dtype),
+                 jax.ShapeDtypeStruct((m, nh), jnp.float32)],
+      compiler_params=_PARAMS, interpret=interpret,
+      name="npu_gmm_swiglu_quant_mx")(first, stop, ends, bits(x), bits(w), x_scale, w_scale)
+  return _codes_out(q, out_dtype), qs
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,

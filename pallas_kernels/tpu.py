@@ -42,6 +42,8 @@ from npu_ops import _epilogue
 from pallas_kernels import common
 from pallas_kernels.common import TileSizes
 
+MX = False  # no MX kernels (MX inputs and MX output run on the XLA path under None)
+
 # VMEM: one expert's weight block, double-buffered, is resident up to this size; the
 # whole kernel is planned to stay under _VMEM_PLAN and asks the compiler for
 # _VMEM_LIMIT (v5e / v6e have 128 MiB of VMEM, v5p 95 MiB; the default scope is 16-32).
@@ -118,6 +120,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                      ends: jax.Array, *, assist: jax.Array | None = None,
                      colsum8: jax.Array | None = None, tiles: TileSizes,
                      out_dtype=jnp.int8, qmax: float = _epilogue.INT8_QMAX,
+                     mx_out: bool = False,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Fused op on canonical operands: A8W8, or A8W4 when `assist` is given.
 
@@ -141,6 +144,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   to the halves `[:, :n/2]` and `[:, n/2:]`, quantizes whole rows and writes the
   visit's rows.
   """
+  if mx_out:
+    raise NotImplementedError("the TPU kernel has no MX output (see `MX`)")
   m, k = x.shape
   e, _, n = w.shape
   nh = n // 2

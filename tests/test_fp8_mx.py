@@ -57,7 +57,8 @@ def assert_fused_close(got, want, mode, min_exact=0.99):
     q, want_q = [np.stack([a & 0xF, a >> 4], -1) for a in (q, want_q)]
   assert_codes_within_one_step(q, want_q, min_exact)
   if mode == 2:
-    s = np.asarray(jax.lax.bitcast_convert_type(s, jnp.uint8))
+    e8m0_bytes = lambda a: np.asarray(a).view(np.uint8)  # e8m0 or uint8 -> bytes
+    s, want_s = e8m0_bytes(s), e8m0_bytes(want_s)
     assert s.shape == want_s.shape
     assert np.abs(s.astype(int) - want_s.astype(int)).max(initial=0) <= 1
     assert np.mean(s == want_s) >= min_exact
@@ -308,10 +309,11 @@ def test_kernels_fp8_per_token(impl, scenario, out):
                                            scenario=scenario, assist=assist, out=out), 0)
 
 
-@pytest.mark.parametrize("out", FP8)
+@pytest.mark.parametrize("out", MX)
 def test_float8_bits_equal_the_cast(out):
-  """The GPU kernel's integer-only fp8 encoding (no fp8 conversion before sm_89) against
-  ml_dtypes' cast: every value between and on the codes, ties, subnormals, signed zeros."""
+  """The GPU kernels' integer-only fp8 / fp4 encoding and decoding (no fp8 conversion before
+  sm_89) against ml_dtypes: every value between and on the codes, ties, subnormals, signed
+  zeros; every finite code back."""
   from npu_ops import _epilogue  # noqa: PLC0415
   t = getattr(ml_dtypes, out)
   grid = np.arange(256, dtype=np.uint8).view(t).astype(F32)
@@ -319,9 +321,16 @@ def test_float8_bits_equal_the_cast(out):
   mids = (grid[1:] + grid[:-1]) / 2  # exact ties
   v = np.concatenate([grid, mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf),
                       np.float32([-0.0, 1e-30, -3e-38]),
-                      RNG.uniform(-1, 1, 20000).astype(F32) * ref.QMAX[out]]).astype(F32)
+                      RNG.uniform(-1, 1, 20000).astype(F32) * grid[-1]]).astype(F32)
+  v = np.clip(v, grid[0], grid[-1])
   got = jax.jit(lambda a: _epilogue.float8_bits(a, t))(v)
   np.testing.assert_array_equal(np.asarray(got), v.astype(t).view(np.uint8))
+  # and back: every finite code's value
+  codes = np.arange(16 if out == "float4_e2m1fn" else 256, dtype=np.uint8)
+  values = codes.view(t)
+  finite = np.isfinite(values.astype(F32))
+  back = jax.jit(lambda b: _epilogue.float8_value(b, t))(codes)
+  np.testing.assert_array_equal(np.asarray(back)[finite], values.astype(F32)[finite])
 
 
 # --- QAT: fake fp8 and MX quantization --------------------------------------------------------
@@ -378,3 +387,37 @@ def test_fake_quant_mx(out):
   assert want_dx[7, 6] == 0 and np.all(want_dx[7, 7:32] == g[7, 7:32])
   with pytest.raises(ValueError, match="dtype"):
     npu_ops.fake_quant_mx(x, jnp.int8)
+
+
+@pytest.mark.parametrize("out,mode", [("float8_e4m3fn", 2), ("float4_e2m1fn", 2),
+                                      ("float8_e5m2", 0), ("int8", 0)])
+def test_gpu_kernel_mx_inputs(out, mode):
+  """pallas_kernels.gpu.gmm_swiglu_quant_mx in interpret mode: B.1.6's per-block sum, the
+  golden's order, so its C equals the golden's bit for bit on this data."""
+  from implementations import TILES  # noqa: PLC0415
+  counts = [7, 0, 25, 12]
+  m, k, n, e = 48, 80, 192, 4  # n/2 = 96: three MX blocks, an odd count
+  x, w, xs, ws = mx_case(m, k, n, e, "float8_e4m3fn", "float8_e5m2")
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, jnp.asarray(counts), group_list_type=1, dequant_mode=2, quant_mode=mode,
+      quant_dtype=getattr(jnp, out), implementation="pallas_gpu", interpret=True, tiles=TILES)
+  c = ref.mx_grouped_matmul(x, w, xs, ws, ref.group_bounds(counts, 1))
+  assert_fused_close(got, ref.quantize_out(ref.swiglu(c), golden_out(out, mode)), mode)
+
+
+@pytest.mark.parametrize("out", ["float8_e4m3fn", "float4_e2m1fn"])
+def test_gpu_kernel_mx_output(out):
+  """MX output from the int8 GPU kernel (interpret mode); the TPU kernel has none: asked
+  for by name it says so, under None the TPU lowering takes the XLA path."""
+  from implementations import TILES  # noqa: PLC0415
+  counts = [30, 0, 41]
+  x, w, ws, xs = int_case(7, "A8W8", 80, 128, 200, 3)  # n/2 = 100: a short last block
+  op = lambda **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, jnp.asarray(counts), group_list_type=1, quant_mode=2,
+      quant_dtype=getattr(jnp, out), **kw)
+  got = op(implementation="pallas_gpu", interpret=True, tiles=TILES)
+  assert_fused_close(got, op(implementation="xla"), 2)
+  assert_fused_close(got, ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1),
+                                           scenario="A8W8", out=("mx", out)), 2)
+  with pytest.raises(NotImplementedError, match="pallas_tpu"):
+    op(implementation="pallas_tpu", interpret=True)
