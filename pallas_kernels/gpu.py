@@ -31,6 +31,9 @@ weights (256 tokens per expert / block_m 64 = 4 programs per expert), so expect
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +109,66 @@ def _codes_out(q: jax.Array, out_dtype) -> jax.Array:
   return lax.bitcast_convert_type(q, out_dtype)
 
 
+class _Tile(NamedTuple):
+  """One SwiGLU column tile of one row tile: rows (a slice, and which exist), the act and
+  gate columns (n/2 apart) and which exist."""
+  rows: Any
+  in_m: jax.Array
+  cols_a: Any
+  cols_g: Any
+  in_n: jax.Array
+
+
+def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequence[jax.Array],
+                ends: jax.Array, *, m: int, nh: int, tiles: TileSizes, out_dtype, qmax: float,
+                mx_out: bool, interpret: bool, name: str) -> tuple[jax.Array, jax.Array]:
+  """The frame of the fused kernels: one program per row tile walks its SwiGLU column tiles
+  and, in each, the groups with rows in the row tile (`common.tile_group_ranges`), keeping
+  each row's own group; `halves(refs, g, tile)` is a group's (act, gate), float32
+  `[bm, bn]`, from the kernel's operands `args` (as refs). Phase 2 writes the codes
+  (`_write_codes`). Returns (codes `[m, nh]` of out_dtype, scales: float32 `[m]` per token,
+  e8m0 bytes uint8 `[m, ceil(nh/32)]` for MX)."""
+  scale_shape = (m, common.cdiv(nh, _epilogue.MX_BLOCK)) if mx_out else (m,)
+  scale_dtype = jnp.uint8 if mx_out else jnp.float32
+  if m == 0:  # no rows, no grid
+    return jnp.zeros((0, nh), out_dtype), jnp.zeros(scale_shape, scale_dtype)
+  bm, _, bn = gpu_tiles(tiles)
+  m_tiles, nh_tiles = common.cdiv(m, bm), common.cdiv(nh, bn)
+  first, stop = common.tile_group_ranges(ends, m_tiles, bm)
+
+  def kernel(first_ref, stop_ref, ends_ref, *refs):
+    *operands, q_ref, qs_ref, scratch_ref = refs
+    i = pl.program_id(0)  # read here: interpret mode has no program_id inside loops
+    r0 = i * bm
+    rows, in_m = pl.ds(r0, bm), _span(r0, bm, m)
+
+    def swiglu_tile(j, amax):
+      c0 = j * bn
+      tile = _Tile(rows, in_m, pl.ds(c0, bn), pl.ds(nh + c0, bn), _span(c0, bn, nh))
+
+      def group(g, out):
+        s = _epilogue.swiglu_halves(*halves(operands, g, tile))
+        return jnp.where(common.group_rows(ends_ref, g, r0, bm), s, out)
+
+      out = lax.fori_loop(first_ref[i], stop_ref[i], group, jnp.zeros((bm, bn), jnp.float32))
+      pltr.store(scratch_ref.at[rows, tile.cols_a], out, mask=in_m[:, None] & tile.in_n[None, :])
+      return jnp.maximum(amax, jnp.max(jnp.abs(out), axis=1, keepdims=True))
+
+    amax = lax.fori_loop(0, nh_tiles, swiglu_tile, jnp.zeros((bm, 1), jnp.float32))
+    _write_codes(scratch_ref, q_ref, qs_ref, rows, in_m, amax, nh=nh, bn=bn,
+                 out_dtype=out_dtype, qmax=qmax, mx=mx_out, interpret=interpret)
+
+  # fp8 codes leave as their bits (`_epilogue.float8_bits`: no fp8 conversion before sm_89)
+  code_dtype = jnp.int8 if np.dtype(out_dtype) == np.int8 else jnp.uint8
+  q, qs, _ = pl.pallas_call(
+      kernel, grid=(m_tiles,),
+      out_shape=[jax.ShapeDtypeStruct((m, nh), code_dtype),
+                 jax.ShapeDtypeStruct(scale_shape, scale_dtype),
+                 jax.ShapeDtypeStruct((m, nh), jnp.float32)],
+      compiler_params=_PARAMS, interpret=interpret, name=name)(first, stop, ends, *args)
+  return _codes_out(q, out_dtype), qs
+
+
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
                      ends: jax.Array, *, assist: jax.Array | None = None,
                      colsum8: jax.Array | None = None, tiles: TileSizes,
@@ -114,94 +177,59 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Fused op on canonical operands, A8W8 or (with `assist`) A8W4; arguments and
   results as `pallas_kernels.tpu.gmm_swiglu_quant`, and `mx_out`: MX codes of out_dtype
-  (fp4: one a byte) with e8m0 scale bytes uint8 `[m, ceil(n/64)]` (`_write_codes`)."""
+  (fp4: one a byte) with e8m0 scale bytes uint8 `[m, ceil(n/64)]` (`_fused_call`)."""
   m, k = x.shape
-  e, _, n = w.shape
-  nh = n // 2
+  n = w.shape[2]
   groups = w_scale.shape[1]
   a8w4 = assist is not None
-  scale_shape = (m, common.cdiv(nh, _epilogue.MX_BLOCK)) if mx_out else (m,)
-  scale_dtype = jnp.uint8 if mx_out else jnp.float32
-  if m == 0:  # no rows, no grid
-    return jnp.zeros((0, nh), out_dtype), jnp.zeros(scale_shape, scale_dtype)
-  # fp8 codes leave as their bits (`_epilogue.float8_bits`: no fp8 conversion before sm_89)
-  code_dtype = jnp.int8 if np.dtype(out_dtype) == np.int8 else jnp.uint8
   # Triton loads whole bytes: jnp.int4 weights are widened here, once per call.
   w = w.astype(jnp.int8)
   bm, _, bn = gpu_tiles(tiles)
   bk = common.k_tile(k, groups, gpu_tiles(tiles)[1])
-  m_tiles, nh_tiles, k_tiles = common.cdiv(m, bm), common.cdiv(nh, bn), common.cdiv(k, bk)
+  k_tiles = common.cdiv(k, bk)
   k_per_group = k_tiles // groups
-  first, stop = common.tile_group_ranges(ends, m_tiles, bm)
-  scales = w_scale.astype(jnp.float32)
   if a8w4:
     extra = [_epilogue.colsum8(w, groups) if colsum8 is None else colsum8,
              assist.astype(jnp.float32)]
   else:
     extra = [jnp.zeros((1, 1, 1), jnp.int32), jnp.zeros((1, 1), jnp.float32)]  # unused
 
-  def kernel(first_ref, stop_ref, ends_ref, x_ref, w_ref, s_ref, xs_ref, cs_ref, a_ref,
-             q_ref, qs_ref, scratch_ref):
-    i = pl.program_id(0)  # read here: interpret mode has no program_id inside loops
-    r0 = i * bm
-    rows = pl.ds(r0, bm)
-    in_m = _span(r0, bm, m)
-    x_scale_col = pltr.load(xs_ref.at[rows], mask=in_m, other=0)[:, None]
+  def halves(refs, g, t: _Tile):
+    x_ref, w_ref, s_ref, xs_ref, cs_ref, a_ref = refs
+    x_scale_col = pltr.load(xs_ref.at[t.rows], mask=t.in_m, other=0)[:, None]
+    per_col = lambda ref, kg, cols: pltr.load(  # an array index: interpret mode needs one
+        ref.at[g, jnp.asarray(kg, jnp.int32), cols], mask=t.in_n, other=0)[None]
 
-    def swiglu_tile(j, amax):
-      c0 = j * bn
-      in_n = _span(c0, bn, nh)
-      cols_a, cols_g = pl.ds(c0, bn), pl.ds(nh + c0, bn)
-      per_col = lambda ref, g, kg, cols: pltr.load(  # an array index: interpret mode needs one
-          ref.at[g, jnp.asarray(kg, jnp.int32), cols], mask=in_n, other=0)[None]
+    def k_step(kk, accs):
+      k0 = kk * bk
+      in_k = _span(k0, bk, k)
+      xb = _load(x_ref, t.rows, pl.ds(k0, bk), t.in_m[:, None] & in_k[None, :])
+      wmask = in_k[:, None] & t.in_n[None, :]
+      dot = lambda cols: jnp.dot(xb, pltr.load(w_ref.at[g, pl.ds(k0, bk), cols], mask=wmask,
+                                               other=0), preferred_element_type=jnp.int32)
+      return accs[0] + dot(t.cols_a), accs[1] + dot(t.cols_g)
 
-      def group(g, tile):
-        def k_step(kk, accs):
-          k0 = kk * bk
-          in_k = _span(k0, bk, k)
-          xb = _load(x_ref, rows, pl.ds(k0, bk), in_m[:, None] & in_k[None, :])
-          wmask = in_k[:, None] & in_n[None, :]
-          dot = lambda cols: jnp.dot(xb, pltr.load(w_ref.at[g, pl.ds(k0, bk), cols], mask=wmask,
-                                                   other=0), preferred_element_type=jnp.int32)
-          return accs[0] + dot(cols_a), accs[1] + dot(cols_g)
+    zero = jnp.zeros((bm, bn), jnp.int32)
+    if a8w4:  # close each k group in float32: s_g * ((x - 8)_g @ W_g)
+      def k_group(kg, f):
+        acc_a, acc_g = lax.fori_loop(kg * k_per_group, (kg + 1) * k_per_group, k_step,
+                                     (zero, zero))
+        close = lambda acc, cols: _epilogue.close_k_group(
+            acc, per_col(cs_ref, kg, cols), per_col(s_ref, kg, cols))
+        return f[0] + close(acc_a, t.cols_a), f[1] + close(acc_g, t.cols_g)
 
-        zero = jnp.zeros((bm, bn), jnp.int32)
-        if a8w4:  # close each k group in float32: s_g * ((x - 8)_g @ W_g)
-          def k_group(kg, f):
-            acc_a, acc_g = lax.fori_loop(kg * k_per_group, (kg + 1) * k_per_group, k_step,
-                                         (zero, zero))
-            close = lambda acc, cols: _epilogue.close_k_group(
-                acc, per_col(cs_ref, g, kg, cols), per_col(s_ref, g, kg, cols))
-            return f[0] + close(acc_a, cols_a), f[1] + close(acc_g, cols_g)
+      fzero = jnp.zeros((bm, bn), jnp.float32)
+      f_a, f_g = lax.fori_loop(0, groups, k_group, (fzero, fzero))
+      assist_of = lambda cols: pltr.load(a_ref.at[g, cols], mask=t.in_n, other=0)[None]
+      return (_epilogue.finish_a8w4(f_a, assist_of(t.cols_a), x_scale_col),
+              _epilogue.finish_a8w4(f_g, assist_of(t.cols_g), x_scale_col))
+    acc_a, acc_g = lax.fori_loop(0, k_tiles, k_step, (zero, zero))
+    return (_epilogue.dequant_a8w8(acc_a, per_col(s_ref, 0, t.cols_a), x_scale_col),
+            _epilogue.dequant_a8w8(acc_g, per_col(s_ref, 0, t.cols_g), x_scale_col))
 
-          fzero = jnp.zeros((bm, bn), jnp.float32)
-          f_a, f_g = lax.fori_loop(0, groups, k_group, (fzero, fzero))
-          assist_of = lambda cols: pltr.load(a_ref.at[g, cols], mask=in_n, other=0)[None]
-          act = _epilogue.finish_a8w4(f_a, assist_of(cols_a), x_scale_col)
-          gate = _epilogue.finish_a8w4(f_g, assist_of(cols_g), x_scale_col)
-        else:
-          acc_a, acc_g = lax.fori_loop(0, k_tiles, k_step, (zero, zero))
-          act = _epilogue.dequant_a8w8(acc_a, per_col(s_ref, g, 0, cols_a), x_scale_col)
-          gate = _epilogue.dequant_a8w8(acc_g, per_col(s_ref, g, 0, cols_g), x_scale_col)
-        s = _epilogue.swiglu_halves(act, gate)
-        return jnp.where(common.group_rows(ends_ref, g, r0, bm), s, tile)
-
-      tile = lax.fori_loop(first_ref[i], stop_ref[i], group, jnp.zeros((bm, bn), jnp.float32))
-      pltr.store(scratch_ref.at[rows, cols_a], tile, mask=in_m[:, None] & in_n[None, :])
-      return jnp.maximum(amax, jnp.max(jnp.abs(tile), axis=1, keepdims=True))
-
-    amax = lax.fori_loop(0, nh_tiles, swiglu_tile, jnp.zeros((bm, 1), jnp.float32))
-    _write_codes(scratch_ref, q_ref, qs_ref, rows, in_m, amax, nh=nh, bn=bn,
-                 out_dtype=out_dtype, qmax=qmax, mx=mx_out, interpret=interpret)
-
-  q, qs, _ = pl.pallas_call(
-      kernel, grid=(m_tiles,),
-      out_shape=[jax.ShapeDtypeStruct((m, nh), code_dtype),
-                 jax.ShapeDtypeStruct(scale_shape, scale_dtype),
-                 jax.ShapeDtypeStruct((m, nh), jnp.float32)],
-      compiler_params=_PARAMS, interpret=interpret,
-      name="npu_gmm_swiglu_quant")(first, stop, ends, x, w, scales, x_scale, *extra)
-  return _codes_out(q, out_dtype), qs
+  return _fused_call(halves, [x, w, w_scale.astype(jnp.float32), x_scale, *extra], ends, m=m,
+                     nh=n // 2, tiles=tiles, out_dtype=out_dtype, qmax=qmax, mx_out=mx_out,
+                     interpret=interpret, name="npu_gmm_swiglu_quant")
 
 
 def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale: jax.Array,
@@ -210,7 +238,7 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
   """The fused op on MX inputs (semantics B.1.6): per block of 32 along k, the dot of the
   block's fp8 values (decoded from their bits to float16: exact, and no fp8 conversion is
   needed, which Triton lacks before sm_89) times the x scale, times the weight scale,
-  summed over blocks in float32 in order; SwiGLU; per-token or MX codes (`_write_codes`).
+  summed over blocks in float32 in order; SwiGLU; per-token or MX codes (`_fused_call`).
 
   Args:
     x: float8_e4m3fn / float8_e5m2 `[m, k]`; w: the same `[e, k, n]` (ND, read in place);
@@ -222,75 +250,41 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
     bytes uint8 `[m, ceil(n/64)]` for MX), rows past the last end 0.
   """
   m, k = x.shape
-  e, _, n = w.shape
-  nh = n // 2
+  n = w.shape[2]
   x_type, w_type = x.dtype, w.dtype
-  blocks = common.cdiv(k, _epilogue.MX_BLOCK)
-  scale_shape = (m, common.cdiv(nh, _epilogue.MX_BLOCK)) if mx_out else (m,)
-  scale_dtype = jnp.uint8 if mx_out else jnp.float32
-  if m == 0:
-    return jnp.zeros((0, nh), out_dtype), jnp.zeros(scale_shape, scale_dtype)
+  blocks, kb = common.cdiv(k, _epilogue.MX_BLOCK), _epilogue.MX_BLOCK
   bm, _, bn = gpu_tiles(tiles)
-  m_tiles, nh_tiles = common.cdiv(m, bm), common.cdiv(nh, bn)
-  first, stop = common.tile_group_ranges(ends, m_tiles, bm)
+  f16 = lambda b, t: _epilogue.float8_value(b, t).astype(jnp.float16)  # exact
   bits = lambda a: lax.bitcast_convert_type(a, jnp.uint8)  # a view: no copy
-  kb = _epilogue.MX_BLOCK
 
-  def kernel(first_ref, stop_ref, ends_ref, x_ref, w_ref, xs_ref, ws_ref, q_ref, qs_ref,
-             scratch_ref):
-    i = pl.program_id(0)
-    r0 = i * bm
-    rows = pl.ds(r0, bm)
-    in_m = _span(r0, bm, m)
-    f16 = lambda b, t: _epilogue.float8_value(b, t).astype(jnp.float16)  # exact
-    scale = lambda b: _epilogue.e8m0_to_float32(b)
+  def halves(refs, g, t: _Tile):
+    x_ref, w_ref, xs_ref, ws_ref = refs
 
-    def swiglu_tile(j, amax):
-      c0 = j * bn
-      in_n = _span(c0, bn, nh)
-      cols_a, cols_g = pl.ds(c0, bn), pl.ds(nh + c0, bn)
+    def k_block(b, accs):
+      k0 = b * kb
+      in_k = _span(k0, kb, k)
+      # scales of block b at [..., b // 2, ..., b % 2], as bit ops (Triton lowers jnp's
+      # floor-mod with a select it cannot type); arrays: interpret mode needs them
+      pair, half = jnp.asarray(b & 1, jnp.int32), jnp.asarray(b >> 1, jnp.int32)
+      xb = f16(_load(x_ref, t.rows, pl.ds(k0, kb), t.in_m[:, None] & in_k[None, :]), x_type)
+      xs = _epilogue.e8m0_to_float32(
+          pltr.load(xs_ref.at[t.rows, half, pair], mask=t.in_m, other=127))[:, None]
 
-      def group(g, tile):
-        def k_block(b, accs):
-          k0 = b * kb
-          in_k = _span(k0, kb, k)
-          # scales of block b at [..., b // 2, ..., b % 2], as bit ops (Triton lowers jnp's
-          # floor-mod with a select it cannot type); arrays: interpret mode needs them
-          pair = jnp.asarray(b & 1, jnp.int32)
-          half = jnp.asarray(b >> 1, jnp.int32)
-          xb = f16(_load(x_ref, rows, pl.ds(k0, kb), in_m[:, None] & in_k[None, :]), x_type)
-          xs = scale(pltr.load(xs_ref.at[rows, half, pair], mask=in_m, other=127))[:, None]
+      def part(cols):
+        wb = f16(pltr.load(w_ref.at[g, pl.ds(k0, kb), cols],
+                           mask=in_k[:, None] & t.in_n[None, :], other=0), w_type)
+        ws = _epilogue.e8m0_to_float32(
+            pltr.load(ws_ref.at[g, half, cols, pair], mask=t.in_n, other=127))[None]
+        return (jnp.dot(xb, wb, preferred_element_type=jnp.float32) * xs) * ws
 
-          def part(cols):
-            wb = f16(pltr.load(w_ref.at[g, pl.ds(k0, kb), cols],
-                               mask=in_k[:, None] & in_n[None, :], other=0), w_type)
-            ws = scale(pltr.load(ws_ref.at[g, half, cols, pair], mask=in_n, other=127))[None]
-            return (jnp.dot(xb, wb, preferred_element_type=jnp.float32) * xs) * ws
+      return accs[0] + part(t.cols_a), accs[1] + part(t.cols_g)
 
-          return accs[0] + part(cols_a), accs[1] + part(cols_g)
+    zero = jnp.zeros((bm, bn), jnp.float32)
+    return lax.fori_loop(0, blocks, k_block, (zero, zero))
 
-        zero = jnp.zeros((bm, bn), jnp.float32)
-        act, gate = lax.fori_loop(0, blocks, k_block, (zero, zero))
-        s = _epilogue.swiglu_halves(act, gate)
-        return jnp.where(common.group_rows(ends_ref, g, r0, bm), s, tile)
-
-      tile = lax.fori_loop(first_ref[i], stop_ref[i], group, jnp.zeros((bm, bn), jnp.float32))
-      pltr.store(scratch_ref.at[rows, cols_a], tile, mask=in_m[:, None] & in_n[None, :])
-      return jnp.maximum(amax, jnp.max(jnp.abs(tile), axis=1, keepdims=True))
-
-    amax = lax.fori_loop(0, nh_tiles, swiglu_tile, jnp.zeros((bm, 1), jnp.float32))
-    _write_codes(scratch_ref, q_ref, qs_ref, rows, in_m, amax, nh=nh, bn=bn,
-                 out_dtype=out_dtype, qmax=qmax, mx=mx_out, interpret=interpret)
-
-  code_dtype = jnp.int8 if np.dtype(out_dtype) == np.int8 else jnp.uint8
-  q, qs, _ = pl.pallas_call(
-      kernel, grid=(m_tiles,),
-      out_shape=[jax.ShapeDtypeStruct((m, nh), code_dtype),
-                 jax.ShapeDtypeStruct(scale_shape, scale_dtype),
-                 jax.ShapeDtypeStruct((m, nh), jnp.float32)],
-      compiler_params=_PARAMS, interpret=interpret,
-      name="npu_gmm_swiglu_quant_mx")(first, stop, ends, bits(x), bits(w), x_scale, w_scale)
-  return _codes_out(q, out_dtype), qs
+  return _fused_call(halves, [bits(x), bits(w), x_scale, w_scale], ends, m=m, nh=n // 2,
+                     tiles=tiles, out_dtype=out_dtype, qmax=qmax, mx_out=mx_out,
+                     interpret=interpret, name="npu_gmm_swiglu_quant_mx")
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
