@@ -382,13 +382,14 @@ def _dequant(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array, scenario: s
 
 
 def _swiglu_quant(c: jax.Array, smooth: jax.Array | None, spec: quant_lib.DynamicQuant):
-  """(codes, scale `[rows, 1]` per token or e8m0 bytes `[rows, blocks]` for MX)."""
+  """(codes as `_epilogue.code_storage`, scale `[rows, 1]` per token or e8m0 bytes
+  `[rows, blocks]` for MX); `_squeeze_per_token` makes them the op's."""
   if c.shape[-1] == 0:
     cols, scale_dtype = _epilogue.output_scale_shape(spec, 0)
-    return (jnp.zeros(c.shape, spec.dtype),
+    return (jnp.zeros(c.shape, _epilogue.code_storage(spec.dtype)),
             jnp.zeros(c.shape[:-1] + cols, scale_dtype))
   s = quant_lib.swiglu(c)
-  return _epilogue.quantize_output(s if smooth is None else s * smooth, spec)
+  return _epilogue.quantize_output(s if smooth is None else s * smooth, spec, as_bits=True)
 
 
 @row_blocks.jit_by_ends("scenario", "spec", "block_sizes", "after")
@@ -441,13 +442,16 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
             row_blocks.write_rows(outs[1], q_scale, r0, mask))
 
   cols, scale_dtype = _epilogue.output_scale_shape(spec, n // 2)
-  init = (jnp.zeros((m, n // 2), spec.dtype), jnp.zeros((m,) + cols, scale_dtype))
+  init = (jnp.zeros((m, n // 2), _epilogue.code_storage(spec.dtype)),
+          jnp.zeros((m,) + cols, scale_dtype))
   return _squeeze_per_token(*row_blocks.traverse(ends, m, init, group_ctx=group_ctx,
                                                  block_fn=block_fn, block_sizes=block_sizes),
                             spec)
 
 
 def _squeeze_per_token(q, q_scale, spec):
+  """`_swiglu_quant`'s results as the op gives them."""
+  q = _epilogue.codes_from_bits(q, spec.dtype)
   return q, q_scale[:, 0] if spec.mode == quant_lib.PER_TOKEN else q_scale
 
 

@@ -36,7 +36,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
@@ -99,16 +98,6 @@ def _write_codes(scratch_ref, q_ref, qs_ref, rows, in_m, amax, *, nh: int, bn: i
                mask=in_m)  # no group: 0
 
 
-def _codes_out(q: jax.Array, out_dtype) -> jax.Array:
-  """The kernels' code bits as `out_dtype` (int8 as it is)."""
-  out_dtype = np.dtype(out_dtype)
-  if out_dtype == np.int8:
-    return q
-  if out_dtype == np.dtype(jnp.float4_e2m1fn):  # one fp4 code a byte
-    return lax.bitcast_convert_type(q.astype(jnp.uint4), out_dtype)
-  return lax.bitcast_convert_type(q, out_dtype)
-
-
 class _Tile(NamedTuple):
   """One SwiGLU column tile of one row tile: rows (a slice, and which exist), the act and
   gate columns (n/2 apart) and which exist."""
@@ -159,14 +148,14 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
                  out_dtype=out_dtype, qmax=qmax, mx=mx_out, interpret=interpret)
 
   # fp8 codes leave as their bits (`_epilogue.float8_bits`: no fp8 conversion before sm_89)
-  code_dtype = jnp.int8 if np.dtype(out_dtype) == np.int8 else jnp.uint8
+  code_dtype = _epilogue.code_storage(out_dtype)
   q, qs, _ = pl.pallas_call(
       kernel, grid=(m_tiles,),
       out_shape=[jax.ShapeDtypeStruct((m, nh), code_dtype),
                  jax.ShapeDtypeStruct(scale_shape, scale_dtype),
                  jax.ShapeDtypeStruct((m, nh), jnp.float32)],
       compiler_params=_PARAMS, interpret=interpret, name=name)(first, stop, ends, *args)
-  return _codes_out(q, out_dtype), qs
+  return _epilogue.codes_from_bits(q, out_dtype), qs
 
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
