@@ -18,6 +18,14 @@ MX = FP8 + ["float4_e2m1fn"]
 RNG = np.random.default_rng(20)
 
 
+@pytest.fixture(autouse=True)
+def _same_data_in_any_order():
+  """Each test draws from a fresh generator: its data does not depend on which tests
+  ran before it in the same worker."""
+  global RNG
+  RNG = np.random.default_rng(20)
+
+
 def bits(a):
   """Raw bytes of codes (NaN codes compare equal, signed zeros apart)."""
   a = np.asarray(a)
@@ -159,16 +167,13 @@ def int_case(seed, scenario, m, k, n, e):
   return make_case(seed, scenario, m, k, n, e)
 
 
-OUTS = [("float8_e4m3fn", 0), ("float8_e5m2", 0), ("float8_e4m3fn", 2), ("float8_e5m2", 2),
-        ("float4_e2m1fn", 2)]
-
-
 def golden_out(out, mode):
   return ("mx", out) if mode == 2 else out
 
 
-@pytest.mark.parametrize("out,mode,dynamic", [o + (False,) for o in OUTS] + [
-    ("float8_e4m3fn", 0, True), ("float4_e2m1fn", 2, True)])
+@pytest.mark.parametrize("out,mode,dynamic", [
+    ("float8_e4m3fn", 0, False), ("float8_e5m2", 0, True), ("float8_e5m2", 2, False),
+    ("float4_e2m1fn", 2, True)])
 def test_fused_a8w8_outputs(out, mode, dynamic):
   counts = [9, 0, 30, 12]  # 51 of 56 rows, an empty group
   x, w, ws, xs = int_case(3, "A8W8", 56, 64, 200, 4)  # n/2 = 100: blocks of 32 and 64 ragged
@@ -182,8 +187,8 @@ def test_fused_a8w8_outputs(out, mode, dynamic):
   assert_fused_close((q, s), want, mode)
 
 
-@pytest.mark.parametrize("scenario", ["A8W4", "A4W4"])
-@pytest.mark.parametrize("out,mode", [("float8_e4m3fn", 0), ("float4_e2m1fn", 2)])
+@pytest.mark.parametrize("scenario,out,mode", [("A8W4", "float8_e4m3fn", 0),
+                                               ("A4W4", "float4_e2m1fn", 2)])
 def test_fused_int4_outputs(scenario, out, mode):
   """A8W4's golden is B.1.4's literal hi/lo-nibble sum, which rounds differently from the
   exact int32 `x @ W - 8 * colsum` the op computes: C differs by an ulp in some rows."""
@@ -231,11 +236,11 @@ def mx_case(m, k, n, e, x_dtype, w_dtype):
   return x, w, x_scale, w_scale
 
 
-@pytest.mark.parametrize("x_dtype,w_dtype", [("float8_e4m3fn", "float8_e4m3fn"),
-                                             ("float8_e5m2", "float8_e4m3fn"),
-                                             ("float4_e2m1fn", "float4_e2m1fn")])
-@pytest.mark.parametrize("out,mode", [("float8_e4m3fn", 2), ("float4_e2m1fn", 2),
-                                      ("float8_e5m2", 0), ("int8", 0)])
+@pytest.mark.parametrize("x_dtype,w_dtype,out,mode", [
+    ("float8_e4m3fn", "float8_e4m3fn", "float8_e4m3fn", 2),
+    ("float8_e5m2", "float8_e4m3fn", "float8_e5m2", 0),
+    ("float4_e2m1fn", "float4_e2m1fn", "float4_e2m1fn", 2),
+    ("float8_e4m3fn", "float8_e4m3fn", "int8", 0)])
 def test_mx_inputs(x_dtype, w_dtype, out, mode):
   counts = [7, 0, 25, 12]  # 44 of 48 rows
   m, k, n, e = 48, 80, 128, 4  # k: two pairs of blocks, the last block 16 wide
@@ -346,7 +351,9 @@ def test_fake_quant_fp8_forward_and_lsq_vjp(out):
   want_y, want_dx, want_ds = ref.lsq(x, scale, g, ref.QMAX[out], grid=out)
   np.testing.assert_array_equal(y, want_y)
   np.testing.assert_array_equal(dx, want_dx)
-  np.testing.assert_allclose(ds, want_ds, rtol=1e-5, atol=1e-5)
+  # a sum of 40 terms |g (q - v)| <= |g| qmax: float32 rounding of each partial sum
+  np.testing.assert_allclose(ds, want_ds, rtol=1e-5,
+                             atol=40 * np.abs(g).max() * ref.QMAX[out] * 2.0 ** -23)
   assert 0 < np.mean(want_dx == 0) < 1  # both branches ran
   codes = qat_quantize(x, scale, out)
   assert codes.dtype == getattr(jnp, out)
