@@ -27,7 +27,7 @@ def report(target, name):
   return aot.compile_case(case(name), target)
 
 
-slow = pytest.mark.slow  # the rest of the table: `.ci/run` runs them with the slow set
+slow = pytest.mark.slow  # the rest of the table: `.ci/run` runs them with every other test
 
 # (target, case): every benchmark-shape kernel on v5e, the fused op on v6e too.
 TPU_LEAN = [("v5e", "fused A8W8 m=4096 e=16"), ("v5e", "gmm bf16 m=4096 e=16"),

@@ -1,6 +1,6 @@
 """The demo, the benchmark, the notebooks and the README examples run (small shapes) and
-check what they print. Marked slow (minutes of compiling): .ci/run runs them after the
-default test command."""
+check what they print. Marked slow (minutes of compiling): README's test command (and
+.ci/run) runs them with the rest; `-m "not slow"` leaves them out."""
 
 import json
 import os
