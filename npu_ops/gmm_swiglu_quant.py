@@ -476,7 +476,7 @@ def _mx_scale(name: str, a: Any, shape: tuple[int, ...], layout: str) -> jax.Arr
   require(np.dtype(a.dtype) in _E8M0, name, "float8_e8m0fnu or uint8 (e8m0 bytes)",
           describe(a), TypeError)
   require(tuple(a.shape) == shape, name, f"shape {list(shape)} ({layout})", describe(a))
-  return quant_lib._scale_bytes(name, a)
+  return quant_lib.e8m0_bytes(name, a)
 
 
 def _per_element(scale: jax.Array, k: int, axis: int) -> jax.Array:

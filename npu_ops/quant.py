@@ -195,13 +195,13 @@ def dequantize_mx(codes: jax.Array, scales: jax.Array, dtype: Any = jnp.float32)
   require(tuple(scales.shape) == tuple(codes.shape[:-1]) + (blocks,), "scales",
           f"shape {list(codes.shape[:-1]) + [blocks]} (one per block of 32 of codes "
           f"{describe(codes)})", describe(scales))
-  scale_bytes = _scale_bytes("scales", scales)
+  scale_bytes = e8m0_bytes("scales", scales)
   per_element = jnp.repeat(_epilogue.e8m0_to_float32(scale_bytes), _epilogue.MX_BLOCK,
                            axis=-1)[..., :d]
   return (codes.astype(jnp.float32) * per_element).astype(dtype)
 
 
-def _scale_bytes(name: str, scales: jax.Array) -> jax.Array:
+def e8m0_bytes(name: str, scales: jax.Array) -> jax.Array:
   """uint8 bytes of e8m0 scales given as float8_e8m0fnu or uint8."""
   kind = np.dtype(scales.dtype)
   if kind == np.dtype(jnp.float8_e8m0fnu):
