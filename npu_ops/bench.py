@@ -22,6 +22,11 @@ dot with the same useful FLOPs; higher is better):
 * t-flr:        tgmm f32 against x^T @ dy plus writing a fresh `[e, k, n]` float32
                 array (what any XLA form must do: tgmm's output is e times the dense
                 one's; with few rows per group writing it dominates)
+* roof:         the host's roofline over op time, for the fused op and gmm (int8) and gmm
+                bf16 / f32: `max(useful ops / R, bytes of the weights the groups touch / B)`
+                with R the best dense dot rate of that dtype on this host (over row counts)
+                and B the read bandwidth (a reduction over 256 MB), measured once per run
+                (`measure_roofline`); 1.0 = at the roofline
 * ragged:       jax.lax.ragged_dot int8 + the same jnp epilogue (skipped when
                 `m * e` exceeds --ragged-max, as it costs e times the work)
 * tokamax:      tokamax.ragged_dot(implementation="xla") when tokamax is installed
@@ -29,6 +34,10 @@ dot with the same useful FLOPs; higher is better):
 
 The peers (ragged, tokamax) run in a round of their own with the fused op, and
 are reported as their time over the fused op's ("ragged": 8x = 8 times slower).
+
+The header also gives `call`: the time of an int8 dot of 2 rows against one `[k, n]`
+weight, i.e. what any XLA:CPU dot call costs before its rows (YNNPACK packs the weight on
+every call): a group of few tokens costs at least that, however the op is written.
 
 `mem` is the fused op's peak memory (arguments + outputs + XLA temporaries, from
 the compiled executable) over its arguments + outputs.
@@ -42,6 +51,7 @@ QAT, the weight scales) of the fused op's fake-quant form
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -119,6 +129,63 @@ def peak_memory_ratio(fn, *args) -> float:
   return (io + mem.temp_size_in_bytes) / io
 
 
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+  """What this host does at best, measured once per run (`measure_roofline`).
+
+  Attributes:
+    rate: best dense dot rate, ops/s (2 per multiply-add), by operand dtype name
+      ("int8", "bfloat16", "float32"): the fastest of dense dots of several row counts.
+    read: read bandwidth, bytes/s (the fastest of a few reductions over 256 MB).
+    call: seconds of an int8 dot of 2 rows against one `[k, n]` weight: what every
+      XLA:CPU dot call costs before its rows (YNNPACK packs the weight per call).
+  """
+  rate: dict[str, float]
+  read: float
+  call: float
+
+  def time(self, dtype: str, ops: float, weight_bytes: float) -> float:
+    """The roofline time of `ops` useful ops reading `weight_bytes` of weights."""
+    return max(ops / self.rate[dtype], weight_bytes / self.read)
+
+  def describe(self) -> str:
+    rates = ", ".join(f"{name} {v / 1e9:.0f}" for name, v in self.rate.items())
+    return (f"Roofline: R = {rates} GOP/s (best dense dot), B = {self.read / 1e9:.1f} GB/s "
+            f"(read); an int8 dot call of 2 rows: {self.call * 1e3:.2f} ms.")
+
+
+_ROOF_ROWS = (256, 512, 1024, 2048, 4096)
+
+
+def measure_roofline(k: int, n: int, dtypes: tuple[str, ...] = ("int8",), *, repeats: int = 5,
+                     read_bytes: int = 256 << 20) -> Roofline:
+  """Measures R (per dtype), B and the per-call cost on this host (see `Roofline`)."""
+  rng = np.random.default_rng(1)
+  w8 = jnp.asarray(rng.integers(-128, 128, (k, n), dtype=np.int8))
+  rate = {}
+  for name in dtypes:
+    dt = jnp.dtype(name)
+    acc = jnp.int32 if dt == jnp.int8 else jnp.float32
+    dot = jax.jit(lambda a, b, acc=acc: jnp.dot(a, b, preferred_element_type=acc))
+    w = w8.astype(dt)
+    xs = {r: jnp.asarray(rng.integers(-128, 128, (r, k), dtype=np.int8)).astype(dt)
+          for r in _ROOF_ROWS}
+    t = time_interleaved({r: functools.partial(dot, x, w) for r, x in xs.items()}, repeats,
+                         min_seconds=0.2)
+    rate[name] = max(2 * r * k * n / v for r, v in t.items())
+  a = jnp.ones((read_bytes,), jnp.int8)
+  words = jax.lax.bitcast_convert_type(a.reshape(-1, 4), jnp.int32)
+  reads = {"max8": functools.partial(jax.jit(jnp.max), a),
+           "sum32": functools.partial(jax.jit(jnp.sum), words),
+           "rows8": functools.partial(jax.jit(lambda v: jnp.max(v.reshape(-1, 4096), axis=0)), a)}
+  read = read_bytes / min(time_interleaved(reads, repeats, min_seconds=0.2).values())
+  del a, words, reads
+  x2 = jnp.asarray(rng.integers(-128, 128, (2, k), dtype=np.int8))
+  dot8 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.int32))
+  call = time_interleaved({"call": lambda: dot8(x2, w8)}, repeats, min_seconds=0.2)["call"]
+  return Roofline(rate, read, call)
+
+
 def _tokamax_ragged_dot():
   try:
     import tokamax  # noqa: PLC0415 (optional peer)
@@ -134,8 +201,10 @@ def _tokamax_ragged_dot():
 
 
 def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged: bool,
-             float_dtypes: tuple[str, ...] = ("bfloat16", "float32"), seed: int = 0) -> dict:
-  """Times every contender on one problem; returns times (s), ratios and memory."""
+             float_dtypes: tuple[str, ...] = ("bfloat16", "float32"),
+             roof: Roofline | None = None, seed: int = 0) -> dict:
+  """Times every contender on one problem; returns times (s), ratios, fractions of
+  `roof` (when given) and memory."""
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.integers(-128, 128, (m, k), dtype=np.int8))
   w = jnp.asarray(rng.integers(-128, 128, (e, k, n), dtype=np.int8))
@@ -154,13 +223,16 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
   jg = jax.jit(lambda x, w, c: npu_ops.grouped_matmul(x, w, c))
   jd = jax.jit(i8)
   w0 = w[0]  # sliced once: an eager slice per call would be timed with the dense dot
+  w_list = list(w)  # the per-expert form, prepared once (read in place by the XLA path)
   starts = np.cumsum(counts_np) - counts_np
   pieces = [(x[s:s + c], w[g]) for g, (s, c) in enumerate(zip(starts, counts_np)) if c]
   fns = {"dense": lambda: jd(x, w0),
          "group_dots": lambda: [jd(xg, wg) for xg, wg in pieces],
          "fused": lambda: jf(x, w, w_scale, x_scale, counts),
          "fused_static": lambda: jfs(x, w, w_scale, x_scale),
-         "gmm": lambda: jg(x, w, counts)}
+         "fused_list": lambda: jf(x, w_list, w_scale, x_scale, counts),
+         "gmm": lambda: jg(x, w, counts),
+         "gmm_list": lambda: jg(x, w_list, counts)}
   t = time_interleaved(fns, repeats)
   del pieces  # the weight copies go before the peers' round
   # The peers take e times the work and memory: they get their own round with the fused
@@ -184,11 +256,17 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
          **{f"t_{name}": v for name, v in tp.items() if name != "fused"},
          **{f"{name}_vs_fused": v / tp["fused"] for name, v in tp.items() if name != "fused"},
          "mem": peak_memory_ratio(fused, x, w, w_scale, x_scale, counts)}
+  # The roofline counts the rows in groups and the weights of the non-empty groups.
+  ops, touched = 2 * int(counts_np.sum()) * k * n, int((counts_np > 0).sum()) * k * n
+  if roof is not None:
+    row["t_roof"] = roof.time("int8", ops, touched)
+    row.update({f"roof_{name}": row["t_roof"] / t[name]
+                for name in ("fused", "fused_static", "fused_list", "gmm", "gmm_list")})
 
   for name in float_dtypes:
     dt = jnp.dtype(name)
     xf, wf = x.astype(dt), w.astype(dt)
-    wf0 = wf[0]
+    wf0, wf_list = wf[0], list(wf)
     dy = jnp.asarray(rng.normal(size=(m, n)), dt)
     f32 = jnp.float32
     jdf = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=f32))
@@ -199,6 +277,7 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
     # + a[0, 0]: computed from an argument, so XLA cannot fold it into a constant
     jfill = jax.jit(lambda a: jnp.zeros((e, k, n), f32) + a[0, 0].astype(f32))
     tf = time_interleaved({"dense": lambda: jdf(xf, wf0), "gmm": lambda: jgf(xf, wf, counts),
+                           "gmm_list": lambda: jgf(xf, wf_list, counts),
                            "dense_t": lambda: jdt(xf, dy), "tgmm": lambda: jtg(xf, dy, counts),
                            "fill": lambda: jfill(xf)},
                           max(1, repeats // 2))
@@ -206,9 +285,15 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
     row.update({f"t_dense_{tag}": tf["dense"], f"t_gmm_{tag}": tf["gmm"],
                 f"t_dense_t_{tag}": tf["dense_t"], f"t_tgmm_{tag}": tf["tgmm"],
                 f"t_fill_{tag}": tf["fill"],
+                f"t_gmm_list_{tag}": tf["gmm_list"],
                 f"ratio_gmm_{tag}": tf["dense"] / tf["gmm"],
+                f"ratio_gmm_list_{tag}": tf["dense"] / tf["gmm_list"],
                 f"ratio_tgmm_{tag}": tf["dense_t"] / tf["tgmm"],
                 f"ratio_tgmm_floor_{tag}": (tf["dense_t"] + tf["fill"]) / tf["tgmm"]})
+    if roof is not None and name in roof.rate:
+      row[f"t_roof_{tag}"] = roof.time(name, ops, touched * dt.itemsize)
+      row[f"roof_gmm_{tag}"] = row[f"t_roof_{tag}"] / tf["gmm"]
+      row[f"roof_gmm_list_{tag}"] = row[f"t_roof_{tag}"] / tf["gmm_list"]
   return row
 
 
@@ -251,26 +336,58 @@ def qat_header(k: int, n: int) -> str:
 
 
 _TAGS = {"bfloat16": "bf16", "float32": "f32"}
-# (result key, column label, legend): every ratio is dense dot time / op time.
-COLUMNS = (("fused", "fused", "fused op, dynamic list"),
-           ("fused_static", "static", "fused op, static list"),
-           ("gmm", "gmm", "int8 grouped_matmul"),
-           ("gmm_dots_floor", "dots", "gmm vs one dot per group (the floor)"),
-           ("gmm_bf16", "bf16", "bf16 grouped_matmul"), ("tgmm_bf16", "t-bf16", "bf16 tgmm"),
-           ("gmm_f32", "f32", "f32 grouped_matmul"), ("tgmm_f32", "t-f32", "f32 tgmm"),
-           ("tgmm_floor_f32", "t-flr", "f32 tgmm vs x^T dy + writing [e, k, n]"))
+# (result key, column label, legend). "ratio_*": dense dot time / op time; "roof_*": roofline
+# time / op time. Both: 1.0 = at that bound, higher is better.
+INT8_COLUMNS = (("ratio_fused", "fused", "fused op, dynamic list"),
+                ("ratio_fused_static", "stat", "fused op, static list"),
+                ("ratio_fused_list", "list", "fused op, weights as a list of experts"),
+                ("ratio_gmm", "gmm", "int8 grouped_matmul"),
+                ("ratio_gmm_list", "glist", "gmm, weights as a list"),
+                ("ratio_gmm_dots_floor", "dots", "gmm vs one dot per group"),
+                ("roof_fused", "r-fus", "fused / roofline"),
+                ("roof_fused_list", "r-lst", "list / roofline"),
+                ("roof_gmm", "r-gmm", "gmm / roofline"),
+                ("roof_gmm_list", "r-gl", "glist / roofline"))
+FLOAT_COLUMNS = (("ratio_gmm_bf16", "bf16", "bf16 grouped_matmul"),
+                 ("ratio_gmm_list_bf16", "bf16l", "bf16 gmm, weights as a list"),
+                 ("roof_gmm_bf16", "r-bf", "bf16 / roofline"),
+                 ("roof_gmm_list_bf16", "r-bfl", "bf16l / roofline"),
+                 ("ratio_gmm_f32", "f32", "f32 grouped_matmul"),
+                 ("ratio_gmm_list_f32", "f32l", "f32 gmm, weights as a list"),
+                 ("roof_gmm_f32", "r-f32", "f32 / roofline"),
+                 ("roof_gmm_list_f32", "r-f3l", "f32l / roofline"),
+                 ("ratio_tgmm_bf16", "t-b16", "bf16 tgmm"), ("ratio_tgmm_f32", "t-f32", "f32 tgmm"),
+                 ("ratio_tgmm_floor_f32", "t-flr", "f32 tgmm vs x^T dy + writing [e, k, n]"))
+
+
+def _cells(r: dict, columns) -> list[str]:
+  cells = [f"{r['m']:>5} {r['e']:>3} {r['groups']:>10}"]
+  # "-": not run (e.g. --float-dtypes with none)
+  return cells + [f"{r[key]:>5.2f}" if key in r else f"{'-':>5}" for key, _, _ in columns]
 
 
 def format_row(r: dict) -> str:
-  cells = [f"{r['m']:>5} {r['e']:>3} {r['groups']:>10}"]
-  cells += [f"{r['ratio_' + key]:>6.2f}" if "ratio_" + key in r else f"{'-':>6}"
-            for key, _, _ in COLUMNS]  # "-": not run (e.g. --float-dtypes with none)
+  """One line of the int8 table."""
+  cells = _cells(r, INT8_COLUMNS)
   for peer in ("ragged", "tokamax"):
     if peer == "ragged" or _tokamax_ragged_dot():
       vs = r.get(f"{peer}_vs_fused")
       cells.append(f"{vs:>6.1f}x" if vs else f"{'-':>7}")
   cells.append(f"{r['mem']:>4.2f}")
   return " ".join(cells)
+
+
+def format_float_row(r: dict) -> str:
+  """One line of the float table."""
+  return " ".join(_cells(r, FLOAT_COLUMNS))
+
+
+def _column_labels(columns) -> str:
+  return f"{'m':>5} {'e':>3} {'groups':>10} " + " ".join(f"{lb:>5}" for _, lb, _ in columns)
+
+
+def _legend(columns) -> str:
+  return "; ".join(f"{label} = {text}" for _, label, text in columns) + "."
 
 
 # CPU features that decide the int8 dot's speed on XLA:CPU, in the order they matter.
@@ -292,19 +409,29 @@ def host_kind() -> str:
   return f"{field('model name')} ({', '.join(features) or 'no AVX2'})"
 
 
-def header(k: int, n: int) -> str:
-  h = (f"{'m':>5} {'e':>3} {'groups':>10} " + " ".join(f"{label:>6}" for _, label, _ in COLUMNS)
-       + f" {'ragged':>7}" + (f" {'tokamax':>7}" if _tokamax_ragged_dot() else "")
-       + f" {'mem':>4}")
-  notes = ["Columns fused..t-flr: dense dot time / op time (1.0 = the speed of a dense dot of "
-           "equal FLOPs; higher is better). "
-           + "; ".join(f"{label} = {text}" for _, label, text in COLUMNS) + ".",
+def header(k: int, n: int, roof: Roofline | None = None) -> str:
+  """The int8 table's title, legend and column labels."""
+  h = (_column_labels(INT8_COLUMNS) + f" {'ragged':>7}"
+       + (f" {'tokamax':>7}" if _tokamax_ragged_dot() else "") + f" {'mem':>4}")
+  notes = ["fused..dots: dense int8 dot time / op time (1.0 = the speed "
+           "of a dense dot of equal FLOPs); r-*: roofline time / op time, the roofline being "
+           "max(ops / R, bytes of the weights the groups touch / B); higher is better. "
+           + _legend(INT8_COLUMNS),
            "ragged (tokamax): their time / the fused op's (higher: we are faster). mem: the "
            "fused op's peak memory / (inputs + outputs), lower is better. Times: bench.json."]
   host = host_kind()
   return (f"k={k}, n={n}; jax {jax.__version__} on {jax.devices()[0].device_kind}"
           + (f", {host}" if host else "") + ".\n"
+          + (textwrap.fill(roof.describe(), 98) + "\n" if roof else "")
           + "\n".join(textwrap.fill(t, 98) for t in notes) + "\n" + h + "\n" + "-" * len(h))
+
+
+def float_header() -> str:
+  """The float table's legend and column labels."""
+  h = _column_labels(FLOAT_COLUMNS)
+  note = ("Float paths (training): bf16, f32: dense dot time / op time (same dtype); r-*: "
+          "roofline time / op time; t-*: tgmm vs the dense x^T @ dy. " + _legend(FLOAT_COLUMNS))
+  return textwrap.fill(note, 98) + "\n" + h + "\n" + "-" * len(h)
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> bool:
@@ -316,15 +443,17 @@ def plot(rows: list[dict], path: pathlib.Path) -> bool:
     return False
   fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.35), 4.5))
   xs = np.arange(len(rows))
-  for key, label, _ in COLUMNS:
-    ax.plot(xs, [r.get("ratio_" + key, np.nan) for r in rows], "o-", label=label, ms=4)
+  for key, label, _ in INT8_COLUMNS + FLOAT_COLUMNS:
+    ax.plot(xs, [r.get(key, np.nan) for r in rows], "o-" if key.startswith("ratio") else "s--",
+            label=label, ms=4)
   ax.axhline(1.0, color="gray", lw=0.8)
-  # The CPU goal for the fused op and gmm at m=4096, e <= 16 (few tokens per expert are
-  # judged against the weight-read roofline instead, see the README).
+  # The CPU goals: fused op and gmm at 0.9 of a dense dot at m=4096, e <= 16, and at 0.7 of
+  # the roofline everywhere (see the README).
   ax.axhline(0.9, color="red", lw=0.8, ls="--", label="goal: 0.9 of a dense dot")
+  ax.axhline(0.7, color="purple", lw=0.8, ls=":", label="goal: 0.7 of the roofline")
   ax.set_xticks(xs, [f"m={r['m']} e={r['e']} {r['groups']}" for r in rows], rotation=75,
                 fontsize=7)
-  ax.set_ylabel("dense time / op time")
+  ax.set_ylabel("dense (roofline) time / op time")
   ax.set_title(f"npu_ops grouped ops vs a dense dot of equal FLOPs (k={rows[0]['k']}, "
                f"n={rows[0]['n']})")
   ax.legend(fontsize=7, ncol=3)
@@ -381,7 +510,12 @@ def main(argv=None):
     return bench_ep.report(args)
 
   cases = [(m, e, g) for m in args.m for e in args.e for g in args.groups]
-  print((qat_header if args.qat else header)(args.k, args.n), flush=True)
+  roof = None
+  if args.qat:
+    print(qat_header(args.k, args.n), flush=True)
+  else:
+    roof = measure_roofline(args.k, args.n, ("int8",) + tuple(args.float_dtypes))
+    print(header(args.k, args.n, roof), flush=True)
   rows = []
   for i, (m, e, kind) in enumerate(cases):
     progress = sys.stderr.isatty()  # never mixed into a piped or redirected table
@@ -393,11 +527,14 @@ def main(argv=None):
     else:
       rows.append(run_case(m, args.k, args.n, e, kind, repeats=args.repeats,
                            ragged=m * e <= args.ragged_max,
-                           float_dtypes=tuple(args.float_dtypes)))
+                           float_dtypes=tuple(args.float_dtypes), roof=roof))
+      rows[-1]["roofline"] = dataclasses.asdict(roof)
     rows[-1]["host"] = host_kind()  # figures from different host kinds stay apart
     if progress:
       print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
     print((format_qat_row if args.qat else format_row)(rows[-1]), flush=True)
+  if not args.qat and args.float_dtypes:
+    print("\n" + float_header() + "\n" + "\n".join(map(format_float_row, rows)), flush=True)
   if args.out and args.qat:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

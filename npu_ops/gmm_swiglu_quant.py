@@ -76,8 +76,11 @@ def npu_grouped_matmul_swiglu_quant_v2(
     or `[e]` (default 1).
 
   weight, weight_scale and weight_assist_matrix may also be lists (a list of one
-  stacked array, or one array per expert). The logical n is
-  `weight_scale.shape[-1]`, k is taken from x.
+  stacked array, or one array per expert). A list of per-expert ND int8 / jnp.int4
+  `[k, n]` weights is read in place by the XLA path, which copies each non-empty expert's
+  weight out of a stacked array on every call: the fastest form on CPU (prepare it once,
+  e.g. `list(w)` outside the jitted function; see README "How the CPU path stays fast").
+  The logical n is `weight_scale.shape[-1]`, k is taken from x.
 
   Args:
     x, weight, weight_scale: see above.
@@ -141,8 +144,8 @@ def npu_grouped_matmul_swiglu_quant_v2(
   words = np.dtype(x.dtype) == np.int32  # an int32 x is int4 words, a common surprise
   w = operands.canonical_weight(
       weight, k=k, n=n, k_from=("k = 8 * x.shape[1]: an int32 x holds 8 int4 values a word "
-                                "(A4W4)") if words else "k from x")
-  e = w.values.shape[0]
+                                "(A4W4)") if words else "k from x", keep_list=True)
+  e = row_blocks.num_groups_of(w.values)
   require(e <= MAX_EXPERTS, "weight", f"at most {MAX_EXPERTS} experts (semantics B.1.2)",
           describe(weight))
   scenario = operands.scenario(lhs, w)
@@ -177,7 +180,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
     require(tuple(assist.shape) == (e, n), "weight_assist_matrix", f"shape [e={e}, n={n}]",
             describe(assist))
   elif scenario == A8W4:
-    assist = canonical_assist(w.values, scale)
+    assist = canonical_assist(row_blocks.stacked(w.values), scale)
 
   smooth = None
   if smooth_scale is not None:
@@ -226,7 +229,7 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   """
   scenario = operands.scenario(x, w)
   m, k = x.values.shape
-  e, n = w.values.shape[0], w.scale.shape[-1]
+  e, n = row_blocks.num_groups_of(w.values), w.scale.shape[-1]
   impl = backend.resolve(implementation, unsupported=_kernel_gap(scenario, spec, k, w.scale),
                          interpret=interpret, tiles=tiles)
   _check_mx_kernel(implementation, "MX output (quant_mode=2)", spec.mode == quant_lib.MX)
@@ -243,13 +246,15 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   def kernel(module, x, w, ends_array, assist, smooth):
     if mx_out and not module.MX:  # the TPU kernel has no MX output: XLA under None
       return xla(x, w, ends_array, assist, smooth)
-    return module.gmm_swiglu_quant(x.values, w.values, w.scale, x.scale, ends_array,
+    return module.gmm_swiglu_quant(x.values, row_blocks.stacked(w.values), w.scale, x.scale,
+                                   ends_array,
                                    assist=assist, tiles=tiles, out_dtype=spec.dtype,
                                    qmax=spec.qmax, mx_out=mx_out, interpret=interpret)
 
   def xla(x, w, ends_array, assist, smooth):
     ends_ = ends if isinstance(ends, tuple) else ends_array
     if impl == "reference":
+      w = QArray(row_blocks.stacked(w.values), w.scale, w.bits)
       return reference.swiglu_quant(x, w, ends_, assist=assist, smooth=smooth, spec=spec)
     return _fused(x.values, w.values, w.scale, x.scale, assist, smooth, ends=ends_,
                   scenario=scenario, spec=spec, block_sizes=block_sizes, after=after)
@@ -399,7 +404,10 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
   once after the grouped matmul (`after`, see `_epilogue_after`)."""
   m, k = x.shape
   e, n_groups, n = scale.shape
-  w = w.astype(jnp.int8)  # int4 weights: XLA:CPU dots take int8 operands
+  # int4 weights: XLA:CPU dots take int8 operands. A tuple of per-expert weights is read in
+  # place (row_blocks.group_operand); A8W4 slices k groups out of each: stacked.
+  w = row_blocks.stacked(w) if scenario == A8W4 else w
+  w = tuple(a.astype(jnp.int8) for a in w) if isinstance(w, tuple) else w.astype(jnp.int8)
   gs = k // n_groups
   colsum8 = None
   if scenario == A8W4:  # 8 * column sums per k-group: the "- 8" of (x - 8) @ W, in int32
@@ -424,7 +432,7 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
   def group_ctx(g):
     # per-column operands as [..., 1, cols]: every broadcast against a row block spelled out
     row = lambda a: None if a is None else a[g][..., None, :]
-    return w[g], row(scale), row(assist), row(colsum8), row(smooth)
+    return row_blocks.group_operand(w, g), row(scale), row(assist), row(colsum8), row(smooth)
 
   def block_fn(outs, ctx, r0, bl, mask):
     w_g, s_g, a_g, colsum8_g, smooth_g = ctx
@@ -436,7 +444,8 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
                                       colsum8_g[g], s_g[g]) for g in range(n_groups))
       c = _epilogue.finish_a8w4(c, a_g, xs)
     else:
-      c = _dequant(dot(xb, w_g), s_g[0], xs, scenario)
+      c = _dequant(row_blocks.group_dot(xb, w_g, preferred_element_type=jnp.int32), s_g[0], xs,
+                   scenario)
     q, q_scale = _swiglu_quant(c, smooth_g, spec)
     return (row_blocks.write_rows(outs[0], q, r0, mask),
             row_blocks.write_rows(outs[1], q_scale, r0, mask))

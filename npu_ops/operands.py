@@ -25,12 +25,10 @@ A8W8, A8W4, A4W4 = "A8W8", "A8W4", "A4W4"
 _SCENARIOS = {(INT8, INT8): A8W8, (INT8, INT4): A8W4, (INT4, INT4): A4W4}
 
 
-def stack_tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ...]) -> Any:
-  """A torch TensorList as one array with a leading expert axis.
-
-  Accepts an array (returned as is), a list of one array (already stacked), or a
-  list of per-expert arrays of rank `expert_rank` (stacked).
-  """
+def tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ...]) -> Any:
+  """A torch TensorList, checked: an array (returned as is), a list of one array (already
+  stacked: that array), or a tuple of per-expert arrays of rank `expert_rank` with equal
+  shapes and dtypes (not stacked: see `stack_tensor_list`)."""
   if not isinstance(value, (list, tuple)):
     check_array(name, value)
     return value
@@ -45,7 +43,13 @@ def stack_tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ..
     require(v.ndim in ranks and v.shape == first.shape and v.dtype == first.dtype,
             f"{name}[{i}]", f"per-expert arrays of rank {ranks} with equal shapes and dtypes "
             f"(like {name}[0] {describe(first)})", describe(v))
-  return jnp.stack([jnp.asarray(v) for v in value])
+  return tuple(jnp.asarray(v) for v in value)
+
+
+def stack_tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ...]) -> Any:
+  """A torch TensorList as one array with a leading expert axis (see `tensor_list`)."""
+  value = tensor_list(value, name, expert_rank=expert_rank)
+  return jnp.stack(value) if isinstance(value, tuple) else value
 
 
 class IntOperand(NamedTuple):
@@ -92,7 +96,7 @@ def canonical_lhs(x: Any, name: str = "x") -> IntOperand:
 
 
 def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
-                     k_from: str = "k from x") -> IntOperand:
+                     k_from: str = "k from x", keep_list: bool = False) -> IntOperand:
   """Integer weights in any torch_npu form -> int8 or jnp.int4 values `[e, k, n]`.
 
   Forms: an array or a TensorList (see `stack_tensor_list`) of
@@ -103,9 +107,18 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
   scale, as torch_npu infers them. ND int8 and jnp.int4 weights pass through as
   they are; int32 words and NZ are converted on every call (prepare them once with
   `layouts.int4pack_to_native` / `npu_format_cast(w, FORMAT_ND)` to avoid that).
-  `k_from` says where k came from in error messages.
+  `k_from` says where k came from in error messages. With `keep_list`, a list of
+  per-expert ND int8 / jnp.int4 `[k, n]` arrays stays a tuple (`row_blocks.Experts`: the
+  XLA path reads each in place instead of copying it out of a stacked array).
   """
-  weight = stack_tensor_list(weight, name, expert_rank=(2, 4))
+  weight = tensor_list(weight, name, expert_rank=(2, 4))
+  if isinstance(weight, tuple):
+    first = weight[0]
+    if keep_list and first.ndim == 2 and np.dtype(first.dtype) in _WEIGHT_DTYPES[::2]:
+      require(tuple(first.shape) == (k, n), f"{name}[0]",
+              f"ND [k={k}, n={n}] ({k_from}, n from the scale)", describe(first))
+      return IntOperand(weight, INT8 if np.dtype(first.dtype) == np.int8 else INT4)
+    weight = jnp.stack(weight)
   check_dtype(name, weight, _WEIGHT_DTYPES)
   dtype = np.dtype(weight.dtype)
   packed = dtype == np.int32
