@@ -31,8 +31,9 @@ def test_bench_runs_every_path(tmp_path, capsys):
                      "--out", str(tmp_path)])
   assert len(rows) == 4 and json.loads((tmp_path / "bench.json").read_text()) == rows
   for r in rows:
-    for key in ("fused", "fused_static", "gmm", "gmm_dots_floor", "gmm_bf16", "tgmm_bf16",
-                "gmm_f32", "tgmm_f32", "tgmm_floor_f32", "tgmm_floor_bf16"):
+    for key in ("fused", "fused_static", "fused_list", "gmm", "gmm_list", "gmm_dots_floor",
+                "gmm_bf16", "gmm_list_bf16", "tgmm_bf16", "gmm_f32", "gmm_list_f32", "tgmm_f32",
+                "tgmm_floor_f32", "tgmm_floor_bf16"):
       assert r["ratio_" + key] > 0, key
     # the roofline: max(ops / R, touched weight bytes / B), from this run's measurements
     roof = r["roofline"]
@@ -40,7 +41,7 @@ def test_bench_runs_every_path(tmp_path, capsys):
     for dtype, tag, size in (("int8", "", 1), ("bfloat16", "_bf16", 2), ("float32", "_f32", 4)):
       expected = max(2 * 64 * 32 * 16 / roof["rate"][dtype], touched * size / roof["read"])
       np.testing.assert_allclose(r["t_roof" + tag], expected, rtol=1e-12)
-    for key in ("fused", "fused_static", "gmm"):
+    for key in ("fused", "fused_static", "fused_list", "gmm", "gmm_list"):
       np.testing.assert_allclose(r["roof_" + key], r["t_roof"] / r["t_" + key], rtol=1e-12)
     np.testing.assert_allclose(r["roof_gmm_f32"], r["t_roof_f32"] / r["t_gmm_f32"], rtol=1e-12)
     assert r["ragged_vs_fused"] > 0
@@ -48,7 +49,7 @@ def test_bench_runs_every_path(tmp_path, capsys):
     assert r["host"] == bench.host_kind()  # e.g. "AMD EPYC (AVX2)": figures stay comparable
   table = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("wrote")]
   assert any(" ragged " in line for line in table) and any(" r-fus " in line for line in table)
-  assert any(" r-bf16 " in line for line in table) and any("Roofline: R =" in line for line in table)
+  assert any(" r-bfl " in line for line in table) and any("Roofline: R =" in line for line in table)
   assert max(map(len, table)) < 100  # a terminal's width, legend included
 
 
