@@ -36,8 +36,10 @@ The peers (ragged, tokamax) run in a round of their own with the fused op, and
 are reported as their time over the fused op's ("ragged": 8x = 8 times slower).
 
 The header also gives `call`: the time of an int8 dot of 2 rows against one `[k, n]`
-weight, i.e. what any XLA:CPU dot call costs before its rows (YNNPACK packs the weight on
-every call): a group of few tokens costs at least that, however the op is written.
+weight read from memory, i.e. what any XLA:CPU dot call costs before its rows (YNNPACK packs
+the weight on every call): a group of few tokens costs at least that, however the op is
+written. `cap` = roofline time / (`call` per non-empty group + useful ops / R): the best
+int8 `r-*` that one dot call per group can reach on this host.
 
 `mem` is the fused op's peak memory (arguments + outputs + XLA temporaries, from
 the compiled executable) over its arguments + outputs.
@@ -137,8 +139,9 @@ class Roofline:
     rate: best dense dot rate, ops/s (2 per multiply-add), by operand dtype name
       ("int8", "bfloat16", "float32"): the fastest of dense dots of several row counts.
     read: read bandwidth, bytes/s (the fastest of a few reductions over 256 MB).
-    call: seconds of an int8 dot of 2 rows against one `[k, n]` weight: what every
-      XLA:CPU dot call costs before its rows (YNNPACK packs the weight per call).
+    call: seconds of an int8 dot of 2 rows against one `[k, n]` weight read from memory
+      (one of several whose bytes exceed the caches): what every XLA:CPU dot call costs
+      before its rows (YNNPACK packs the weight per call).
   """
   rate: dict[str, float]
   read: float
@@ -147,6 +150,10 @@ class Roofline:
   def time(self, dtype: str, ops: float, weight_bytes: float) -> float:
     """The roofline time of `ops` useful ops reading `weight_bytes` of weights."""
     return max(ops / self.rate[dtype], weight_bytes / self.read)
+
+  def calls_time(self, ops: float, calls: int) -> float:
+    """The least time of `ops` int8 ops in `calls` dot calls (one per group) on XLA:CPU."""
+    return calls * self.call + ops / self.rate["int8"]
 
   def describe(self) -> str:
     rates = ", ".join(f"{name} {v / 1e9:.0f}" for name, v in self.rate.items())
@@ -180,10 +187,14 @@ def measure_roofline(k: int, n: int, dtypes: tuple[str, ...] = ("int8",), *, rep
            "rows8": functools.partial(jax.jit(lambda v: jnp.max(v.reshape(-1, 4096), axis=0)), a)}
   read = read_bytes / min(time_interleaved(reads, repeats, min_seconds=0.2).values())
   del a, words, reads
+  # 2-row dots against distinct weights of 64 MB in all: a weight repeated would be read
+  # from the caches (measured: half the time of one read from memory).
+  count = int(np.clip(-(-(64 << 20) // (k * n)), 1, 16))
+  ws = [w8 + jnp.int8(i) for i in range(count)]
   x2 = jnp.asarray(rng.integers(-128, 128, (2, k), dtype=np.int8))
-  dot8 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.int32))
-  call = time_interleaved({"call": lambda: dot8(x2, w8)}, repeats, min_seconds=0.2)["call"]
-  return Roofline(rate, read, call)
+  dots = jax.jit(lambda a, ws: [jnp.dot(a, w, preferred_element_type=jnp.int32) for w in ws])
+  call = time_interleaved({"call": lambda: dots(x2, ws)}, repeats, min_seconds=0.2)["call"]
+  return Roofline(rate, read, call / count)
 
 
 def _tokamax_ragged_dot():
@@ -262,6 +273,7 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
     row["t_roof"] = roof.time("int8", ops, touched)
     row.update({f"roof_{name}": row["t_roof"] / t[name]
                 for name in ("fused", "fused_static", "fused_list", "gmm", "gmm_list")})
+    row["cap"] = row["t_roof"] / roof.calls_time(ops, int((counts_np > 0).sum()))
 
   for name in float_dtypes:
     dt = jnp.dtype(name)
@@ -339,7 +351,6 @@ _TAGS = {"bfloat16": "bf16", "float32": "f32"}
 # (result key, column label, legend). "ratio_*": dense dot time / op time; "roof_*": roofline
 # time / op time. Both: 1.0 = at that bound, higher is better.
 INT8_COLUMNS = (("ratio_fused", "fused", "fused op, dynamic list"),
-                ("ratio_fused_static", "stat", "fused op, static list"),
                 ("ratio_fused_list", "list", "fused op, weights as a list of experts"),
                 ("ratio_gmm", "gmm", "int8 grouped_matmul"),
                 ("ratio_gmm_list", "glist", "gmm, weights as a list"),
@@ -347,7 +358,8 @@ INT8_COLUMNS = (("ratio_fused", "fused", "fused op, dynamic list"),
                 ("roof_fused", "r-fus", "fused / roofline"),
                 ("roof_fused_list", "r-lst", "list / roofline"),
                 ("roof_gmm", "r-gmm", "gmm / roofline"),
-                ("roof_gmm_list", "r-gl", "glist / roofline"))
+                ("roof_gmm_list", "r-gl", "glist / roofline"),
+                ("cap", "cap", "the best r-* of one dot call per group"))
 FLOAT_COLUMNS = (("ratio_gmm_bf16", "bf16", "bf16 grouped_matmul"),
                  ("ratio_gmm_list_bf16", "bf16l", "bf16 gmm, weights as a list"),
                  ("roof_gmm_bf16", "r-bf", "bf16 / roofline"),
@@ -372,7 +384,7 @@ def format_row(r: dict) -> str:
   for peer in ("ragged", "tokamax"):
     if peer == "ragged" or _tokamax_ragged_dot():
       vs = r.get(f"{peer}_vs_fused")
-      cells.append(f"{vs:>6.1f}x" if vs else f"{'-':>7}")
+      cells.append(f"{vs:>5.1f}x" if vs else f"{'-':>6}")
   cells.append(f"{r['mem']:>4.2f}")
   return " ".join(cells)
 
@@ -411,13 +423,13 @@ def host_kind() -> str:
 
 def header(k: int, n: int, roof: Roofline | None = None) -> str:
   """The int8 table's title, legend and column labels."""
-  h = (_column_labels(INT8_COLUMNS) + f" {'ragged':>7}"
-       + (f" {'tokamax':>7}" if _tokamax_ragged_dot() else "") + f" {'mem':>4}")
+  h = (_column_labels(INT8_COLUMNS) + f" {'ragged':>6}"
+       + (f" {'tokam':>6}" if _tokamax_ragged_dot() else "") + f" {'mem':>4}")
   notes = ["fused..dots: dense int8 dot time / op time (1.0 = the speed "
            "of a dense dot of equal FLOPs); r-*: roofline time / op time, the roofline being "
            "max(ops / R, bytes of the weights the groups touch / B); higher is better. "
            + _legend(INT8_COLUMNS),
-           "ragged (tokamax): their time / the fused op's (higher: we are faster). mem: the "
+           "ragged (tokam = tokamax): their time / the fused op's (higher: we are faster). mem: the "
            "fused op's peak memory / (inputs + outputs), lower is better. Times: bench.json."]
   host = host_kind()
   return (f"k={k}, n={n}; jax {jax.__version__} on {jax.devices()[0].device_kind}"
@@ -533,6 +545,10 @@ def main(argv=None):
     if progress:
       print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
     print((format_qat_row if args.qat else format_row)(rows[-1]), flush=True)
+  if not args.qat:
+    static = [r["t_fused_static"] / r["t_fused"] for r in rows]
+    print(f"The fused op with a static list took {min(static):.2f}-{max(static):.2f}x the time "
+          "of the dynamic list.", flush=True)
   if not args.qat and args.float_dtypes:
     print("\n" + float_header() + "\n" + "\n".join(map(format_float_row, rows)), flush=True)
   if args.out and args.qat:
