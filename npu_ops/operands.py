@@ -20,6 +20,7 @@ from npu_ops._validation import check_array, check_dtype, describe, fail, requir
 
 INT8, INT4 = "int8", "int4"
 _WEIGHT_DTYPES = tuple(np.dtype(d) for d in (jnp.int8, jnp.int32, jnp.int4))
+_VALUE_DTYPES = tuple(np.dtype(d) for d in (jnp.int8, jnp.int4))  # weights read as they are
 # The quantized scenarios, named by (x bits, weight bits) (semantics B.1.2, B.4.3).
 A8W8, A8W4, A4W4 = "A8W8", "A8W4", "A4W4"
 _SCENARIOS = {(INT8, INT8): A8W8, (INT8, INT4): A8W4, (INT4, INT4): A4W4}
@@ -114,7 +115,7 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
   weight = tensor_list(weight, name, expert_rank=(2, 4))
   if isinstance(weight, tuple):
     first = weight[0]
-    if keep_list and first.ndim == 2 and np.dtype(first.dtype) in _WEIGHT_DTYPES[::2]:
+    if keep_list and first.ndim == 2 and np.dtype(first.dtype) in _VALUE_DTYPES:
       require(tuple(first.shape) == (k, n), f"{name}[0]",
               f"ND [k={k}, n={n}] ({k_from}, n from the scale)", describe(first))
       return IntOperand(weight, INT8 if np.dtype(first.dtype) == np.int8 else INT4)
