@@ -35,11 +35,12 @@ dot with the same useful FLOPs; higher is better):
 The peers (ragged, tokamax) run in a round of their own with the fused op, and
 are reported as their time over the fused op's ("ragged": 8x = 8 times slower).
 
-The header also gives `call`: the time of an int8 dot of 2 rows against one `[k, n]`
+The header also gives `call`, per dtype: the time of a dot of 2 rows against one `[k, n]`
 weight read from memory, i.e. what any XLA:CPU dot call costs before its rows (YNNPACK packs
 the weight on every call): a group of few tokens costs at least that, however the op is
 written. `cap` = roofline time / (`call` per non-empty group + useful ops / R): the best
-int8 `r-*` that one dot call per group can reach on this host.
+int8 `r-*` that one dot call per group can reach on this host; `c-bf`, `c-f32` the same
+for the float gmm.
 
 `mem` is the fused op's peak memory (arguments + outputs + XLA temporaries, from
 the compiled executable) over its arguments + outputs.
@@ -139,26 +140,27 @@ class Roofline:
     rate: best dense dot rate, ops/s (2 per multiply-add), by operand dtype name
       ("int8", "bfloat16", "float32"): the fastest of dense dots of several row counts.
     read: read bandwidth, bytes/s (the fastest of a few reductions over 256 MB).
-    call: seconds of an int8 dot of 2 rows against one `[k, n]` weight read from memory
-      (one of several whose bytes exceed the caches): what every XLA:CPU dot call costs
-      before its rows (YNNPACK packs the weight per call).
+    call: seconds of a dot of 2 rows against one `[k, n]` weight read from memory (one
+      of several whose bytes exceed the caches), by dtype name like `rate`: what every
+      XLA:CPU dot call costs before its rows (YNNPACK packs the weight per call).
   """
   rate: dict[str, float]
   read: float
-  call: float
+  call: dict[str, float]
 
   def time(self, dtype: str, ops: float, weight_bytes: float) -> float:
     """The roofline time of `ops` useful ops reading `weight_bytes` of weights."""
     return max(ops / self.rate[dtype], weight_bytes / self.read)
 
-  def calls_time(self, ops: float, calls: int) -> float:
-    """The least time of `ops` int8 ops in `calls` dot calls (one per group) on XLA:CPU."""
-    return calls * self.call + ops / self.rate["int8"]
+  def calls_time(self, dtype: str, ops: float, calls: int) -> float:
+    """The least time of `ops` ops in `calls` dot calls (one per group) on XLA:CPU."""
+    return calls * self.call[dtype] + ops / self.rate[dtype]
 
   def describe(self) -> str:
-    rates = ", ".join(f"{name} {v / 1e9:.0f}" for name, v in self.rate.items())
-    return (f"Roofline: R = {rates} GOP/s (best dense dot), B = {self.read / 1e9:.1f} GB/s "
-            f"(read); an int8 dot call of 2 rows: {self.call * 1e3:.2f} ms.")
+    per = lambda d, f: ", ".join(f"{name} {f(v)}" for name, v in d.items())
+    return (f"Roofline: R = {per(self.rate, lambda v: f'{v / 1e9:.0f}')} GOP/s (best dense "
+            f"dot), B = {self.read / 1e9:.1f} GB/s (read); a dot call of 2 rows: "
+            f"{per(self.call, lambda v: f'{v * 1e3:.2f}')} ms.")
 
 
 _ROOF_ROWS = (256, 512, 1024, 2048, 4096)
@@ -169,7 +171,7 @@ def measure_roofline(k: int, n: int, dtypes: tuple[str, ...] = ("int8",), *, rep
   """Measures R (per dtype), B and the per-call cost on this host (see `Roofline`)."""
   rng = np.random.default_rng(1)
   w8 = jnp.asarray(rng.integers(-128, 128, (k, n), dtype=np.int8))
-  rate = {}
+  rate, call = {}, {}
   for name in dtypes:
     dt = jnp.dtype(name)
     acc = jnp.int32 if dt == jnp.int8 else jnp.float32
@@ -180,6 +182,15 @@ def measure_roofline(k: int, n: int, dtypes: tuple[str, ...] = ("int8",), *, rep
     t = time_interleaved({r: functools.partial(dot, x, w) for r, x in xs.items()}, repeats,
                          min_seconds=0.2)
     rate[name] = max(2 * r * k * n / v for r, v in t.items())
+    # 2-row dots against distinct weights of 64 MB in all: a weight repeated would be read
+    # from the caches (measured: half the time of one read from memory).
+    count = int(np.clip(-(-(64 << 20) // (k * n * dt.itemsize)), 1, 16))
+    ws = [(w8 + jnp.int8(i)).astype(dt) for i in range(count)]
+    dots = jax.jit(lambda a, ws, acc=acc: [jnp.dot(a, w, preferred_element_type=acc) for w in ws])
+    x2 = xs[_ROOF_ROWS[0]][:2]
+    call[name] = time_interleaved({"call": lambda: dots(x2, ws)}, repeats,
+                                  min_seconds=0.2)["call"] / count
+    del ws
   a = jnp.ones((read_bytes,), jnp.int8)
   words = jax.lax.bitcast_convert_type(a.reshape(-1, 4), jnp.int32)
   reads = {"max8": functools.partial(jax.jit(jnp.max), a),
@@ -187,14 +198,7 @@ def measure_roofline(k: int, n: int, dtypes: tuple[str, ...] = ("int8",), *, rep
            "rows8": functools.partial(jax.jit(lambda v: jnp.max(v.reshape(-1, 4096), axis=0)), a)}
   read = read_bytes / min(time_interleaved(reads, repeats, min_seconds=0.2).values())
   del a, words, reads
-  # 2-row dots against distinct weights of 64 MB in all: a weight repeated would be read
-  # from the caches (measured: half the time of one read from memory).
-  count = int(np.clip(-(-(64 << 20) // (k * n)), 1, 16))
-  ws = [w8 + jnp.int8(i) for i in range(count)]
-  x2 = jnp.asarray(rng.integers(-128, 128, (2, k), dtype=np.int8))
-  dots = jax.jit(lambda a, ws: [jnp.dot(a, w, preferred_element_type=jnp.int32) for w in ws])
-  call = time_interleaved({"call": lambda: dots(x2, ws)}, repeats, min_seconds=0.2)["call"]
-  return Roofline(rate, read, call / count)
+  return Roofline(rate, read, call)
 
 
 def _tokamax_ragged_dot():
@@ -273,7 +277,7 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
     row["t_roof"] = roof.time("int8", ops, touched)
     row.update({f"roof_{name}": row["t_roof"] / t[name]
                 for name in ("fused", "fused_static", "fused_list", "gmm", "gmm_list")})
-    row["cap"] = row["t_roof"] / roof.calls_time(ops, int((counts_np > 0).sum()))
+    row["cap"] = row["t_roof"] / roof.calls_time("int8", ops, int((counts_np > 0).sum()))
 
   for name in float_dtypes:
     dt = jnp.dtype(name)
@@ -306,6 +310,8 @@ def run_case(m: int, k: int, n: int, e: int, kind: str, *, repeats: int, ragged:
       row[f"t_roof_{tag}"] = roof.time(name, ops, touched * dt.itemsize)
       row[f"roof_gmm_{tag}"] = row[f"t_roof_{tag}"] / tf["gmm"]
       row[f"roof_gmm_list_{tag}"] = row[f"t_roof_{tag}"] / tf["gmm_list"]
+      row[f"cap_{tag}"] = row[f"t_roof_{tag}"] / roof.calls_time(
+          name, ops, int((counts_np > 0).sum()))
   return row
 
 
@@ -368,6 +374,8 @@ FLOAT_COLUMNS = (("ratio_gmm_bf16", "bf16", "bf16 grouped_matmul"),
                  ("ratio_gmm_list_f32", "f32l", "f32 gmm, weights as a list"),
                  ("roof_gmm_f32", "r-f32", "f32 / roofline"),
                  ("roof_gmm_list_f32", "r-f3l", "f32l / roofline"),
+                 ("cap_bf16", "c-bf", "the best r-bf of one bf16 dot call per group"),
+                 ("cap_f32", "c-f32", "the same for f32"),
                  ("ratio_tgmm_bf16", "t-b16", "bf16 tgmm"), ("ratio_tgmm_f32", "t-f32", "f32 tgmm"),
                  ("ratio_tgmm_floor_f32", "t-flr", "f32 tgmm vs x^T dy + writing [e, k, n]"))
 

@@ -43,15 +43,19 @@ def test_bench_runs_every_path(tmp_path, capsys):
       np.testing.assert_allclose(r["t_roof" + tag], expected, rtol=1e-12)
     for key in ("fused", "fused_static", "fused_list", "gmm", "gmm_list"):
       np.testing.assert_allclose(r["roof_" + key], r["t_roof"] / r["t_" + key], rtol=1e-12)
-    calls = sum(c > 0 for c in r["counts"]) * roof["call"] + 2 * 64 * 32 * 16 / roof["rate"]["int8"]
-    np.testing.assert_allclose(r["cap"], r["t_roof"] / calls, rtol=1e-12)
+    # cap: the roofline over one dot call per non-empty group plus the ops at R
+    for dtype, tag in (("int8", ""), ("bfloat16", "_bf16"), ("float32", "_f32")):
+      calls = (sum(c > 0 for c in r["counts"]) * roof["call"][dtype]
+               + 2 * 64 * 32 * 16 / roof["rate"][dtype])
+      np.testing.assert_allclose(r["cap" + tag], r["t_roof" + tag] / calls, rtol=1e-12)
     np.testing.assert_allclose(r["roof_gmm_f32"], r["t_roof_f32"] / r["t_gmm_f32"], rtol=1e-12)
     assert r["ragged_vs_fused"] > 0
     assert r["mem"] >= 1
     assert r["host"] == bench.host_kind()  # e.g. "AMD EPYC (AVX2)": figures stay comparable
   table = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("wrote")]
   assert any(" ragged " in line for line in table) and any(" r-fus " in line for line in table)
-  assert any(" r-bfl " in line for line in table) and any("Roofline: R =" in line for line in table)
+  assert any(" r-bfl " in line and " c-f32" in line for line in table)
+  assert any("Roofline: R =" in line for line in table)
   assert any(line.startswith("The fused op with a static list took") for line in table)
   assert max(map(len, table)) < 100  # a terminal's width, legend included
 
