@@ -364,8 +364,12 @@ def expected_tokens(tuning_config: Any) -> int | None:
 # the grouped matmul: per row block it is a few XLA ops whose fixed cost outweighs a
 # block of 8-32 rows (measured at m=512, k=2048, n=2816: per-block 18.3 ms, after
 # 15.6 ms, the matmul alone 15.5 ms, e=16); from 64 rows per group on, the int32
-# [m, n] round trip costs more than the per-block ops save (m=4096, e=64: 110 vs 102).
+# [m, n] round trip costs more than the per-block ops save (m=4096, e=64: 110 vs 102),
+# unless that product stays in the caches: up to 12 MiB (m=1024 at n=2816) the epilogue
+# after the matmul also won below 128 rows (VNNI host, two runs, 64-96 rows a group:
+# m=512 4-32% faster, m=1024 3-11%; m=2048-4096 -6% to +15%, so not there).
 _EPILOGUE_AFTER_BELOW_ROWS = 64
+_EPILOGUE_AFTER_SMALL_PRODUCT = (128, 12 << 20)  # (rows per group, int32 product bytes)
 
 
 def _epilogue_after(m: int, k: int, n: int, e: int, expected: int | None, scenario: str
@@ -376,7 +380,9 @@ def _epilogue_after(m: int, k: int, n: int, e: int, expected: int | None, scenar
   expected = expected or -(-m // max(e, 1))
   acc_bytes = 4 * m * n  # the int32 accumulator it adds
   io_bytes = m * k + e * k * n + m * n // 2 + 4 * (m + e * n + m)
-  return expected < _EPILOGUE_AFTER_BELOW_ROWS and 4 * acc_bytes <= io_bytes
+  rows, small = _EPILOGUE_AFTER_SMALL_PRODUCT
+  few = expected < _EPILOGUE_AFTER_BELOW_ROWS or (expected < rows and acc_bytes <= small)
+  return few and 4 * acc_bytes <= io_bytes
 
 
 def _dequant(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array, scenario: str
