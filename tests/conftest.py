@@ -1,9 +1,13 @@
-"""Test configuration: CPU, x64 off (the JAX default users run with), hypothesis profile."""
+"""Test configuration: CPU, x64 off (the JAX default users run with), hypothesis profile.
+
+`NPU_OPS_TEST_DEVICE=gpu|tpu` (set by `python -m npu_ops.tools.accelerator_check`) leaves the
+platform to JAX and runs that platform's Pallas kernel natively (`implementations`)."""
 
 import os
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if not os.environ.get("NPU_OPS_TEST_DEVICE"):
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import hypothesis  # noqa: E402

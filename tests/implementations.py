@@ -5,6 +5,8 @@ takes `impl` and calls the op with `**IMPLEMENTATIONS[impl]`. A new implementati
 added here once and every core test runs on it.
 """
 
+import os
+
 import pytest
 
 import npu_ops
@@ -13,11 +15,13 @@ import npu_ops
 # groups, revisited) and partial k / column tiles.
 TILES = npu_ops.TileSizes(block_m=32, block_k=128, block_n=128)
 
+# On an accelerator (conftest: NPU_OPS_TEST_DEVICE) its own kernel runs natively.
+NATIVE = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(os.environ.get("NPU_OPS_TEST_DEVICE", ""))
 IMPLEMENTATIONS = {
     "xla": dict(implementation="xla"),
     "reference": dict(implementation="reference"),
-    "pallas_tpu": dict(implementation="pallas_tpu", interpret=True, tiles=TILES),
-    "pallas_gpu": dict(implementation="pallas_gpu", interpret=True, tiles=TILES),
+    **{k: dict(implementation=k, interpret=k != NATIVE, tiles=TILES)
+       for k in ("pallas_tpu", "pallas_gpu")},
 }
 
 KERNELS = ("pallas_tpu", "pallas_gpu")

@@ -300,13 +300,13 @@ def test_mx_inputs_group_offset():
                                                ("pallas_gpu", "A8W4", "float8_e5m2")])
 def test_kernels_fp8_per_token(impl, scenario, out):
   from helpers import int4_array  # noqa: PLC0415
-  from implementations import TILES  # noqa: PLC0415
+  from implementations import IMPLEMENTATIONS  # noqa: PLC0415
   counts = [30, 0, 41]  # 71 of 80 rows
   x, w, ws, xs = int_case(6, scenario, 80, 128, 256, 3)
   w_in = int4_array(w) if scenario == "A8W4" else w
   op = lambda **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       x, w_in, ws, xs, jnp.asarray(counts), group_list_type=1, quant_dtype=getattr(jnp, out), **kw)
-  got = op(implementation=impl, interpret=True, tiles=TILES)
+  got = op(**IMPLEMENTATIONS[impl])
   assert got[0].dtype == getattr(jnp, out)
   assert_fused_close(got, op(implementation="xla"), 0)  # one epilogue function
   assist = ref.canonical_assist(w, ws) if scenario == "A8W4" else None
@@ -401,13 +401,13 @@ def test_fake_quant_mx(out):
 def test_gpu_kernel_mx_inputs(out, mode):
   """pallas_kernels.gpu.gmm_swiglu_quant_mx in interpret mode: B.1.6's per-block sum, the
   golden's order, so its C equals the golden's bit for bit on this data."""
-  from implementations import TILES  # noqa: PLC0415
+  from implementations import IMPLEMENTATIONS  # noqa: PLC0415
   counts = [7, 0, 25, 12]
   m, k, n, e = 48, 80, 192, 4  # n/2 = 96: three MX blocks, an odd count
   x, w, xs, ws = mx_case(m, k, n, e, "float8_e4m3fn", "float8_e5m2")
   got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       x, w, ws, xs, jnp.asarray(counts), group_list_type=1, dequant_mode=2, quant_mode=mode,
-      quant_dtype=getattr(jnp, out), implementation="pallas_gpu", interpret=True, tiles=TILES)
+      quant_dtype=getattr(jnp, out), **IMPLEMENTATIONS["pallas_gpu"])
   c = ref.mx_grouped_matmul(x, w, xs, ws, ref.group_bounds(counts, 1))
   assert_fused_close(got, ref.quantize_out(ref.swiglu(c), golden_out(out, mode)), mode)
 
@@ -416,13 +416,13 @@ def test_gpu_kernel_mx_inputs(out, mode):
 def test_gpu_kernel_mx_output(out):
   """MX output from the int8 GPU kernel (interpret mode); the TPU kernel has none: asked
   for by name it says so, under None the TPU lowering takes the XLA path."""
-  from implementations import TILES  # noqa: PLC0415
+  from implementations import IMPLEMENTATIONS  # noqa: PLC0415
   counts = [30, 0, 41]
   x, w, ws, xs = int_case(7, "A8W8", 80, 128, 200, 3)  # n/2 = 100: a short last block
   op = lambda **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       x, w, ws, xs, jnp.asarray(counts), group_list_type=1, quant_mode=2,
       quant_dtype=getattr(jnp, out), **kw)
-  got = op(implementation="pallas_gpu", interpret=True, tiles=TILES)
+  got = op(**IMPLEMENTATIONS["pallas_gpu"])
   assert_fused_close(got, op(implementation="xla"), 2)
   assert_fused_close(got, ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1),
                                            scenario="A8W8", out=("mx", out)), 2)

@@ -80,6 +80,11 @@ def as_f64(a):  # the rounded inputs, exactly
   return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
 
 
+def exact_products(dtype):
+  """float32 products in float32 (a GPU's DEFAULT is TF32; bf16 products are exact anyway)."""
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
 @pytest.mark.parametrize("impl", impls("gmm_float"))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gmm_and_tgmm_float(impl, dtype):
@@ -89,11 +94,12 @@ def test_gmm_and_tgmm_float(impl, dtype):
   bounds = ref.group_bounds(counts, 1)
   for gl in (list(counts), jnp.asarray(counts)):
     out = npu_ops.grouped_matmul(x, w, gl, preferred_element_type=jnp.float32,
-                                 **IMPLEMENTATIONS[impl])
+                                 precision=exact_products(dtype), **IMPLEMENTATIONS[impl])
     want = ref.grouped_matmul(as_f64(x), as_f64(w), bounds, np.float64)
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
   out_t = npu_ops.tgmm(x, dy, jnp.asarray(counts), num_groups=E + 1,
-                       preferred_element_type=jnp.float32, **IMPLEMENTATIONS[impl])
+                       preferred_element_type=jnp.float32, precision=exact_products(dtype),
+                       **IMPLEMENTATIONS[impl])
   want_t = np.zeros((E + 1, K, N))
   for i, (lo, hi) in enumerate(bounds):
     want_t[i] = as_f64(x)[lo:hi].T @ as_f64(dy)[lo:hi]
@@ -105,8 +111,9 @@ def test_gmm_gradients(impl):
   """dx = dy @ w[g]^T per row, dw[g] = x[rows of g]^T @ dy[rows of g] (semantics A.2)."""
   x, w, dy = float_operands(jnp.float32, seed=3)
   counts = COUNTS[0]
-  loss = lambda a, b: jnp.vdot(npu_ops.grouped_matmul(a, b, jnp.asarray(counts),
-                                                      **IMPLEMENTATIONS[impl]), dy)
+  loss = lambda a, b: jnp.vdot(npu_ops.grouped_matmul(
+      a, b, jnp.asarray(counts), precision=exact_products(jnp.float32),
+      **IMPLEMENTATIONS[impl]), dy)
   dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
   bounds = ref.group_bounds(counts, 1)
   want_dx = ref.grouped_matmul(as_f64(dy), np.swapaxes(as_f64(w), 1, 2), bounds, np.float64)

@@ -16,7 +16,7 @@ from npu_ops import qat
 import numpy_reference as ref
 from helpers import assert_int8_close, assert_scale_close
 
-from implementations import KERNELS, TILES
+from implementations import IMPLEMENTATIONS, KERNELS, TILES
 M, K, N, E = 150, 160, 300, 4
 COUNTS = {"empty_first": (0, 50, 60, 40), "empty_middle": (50, 0, 60, 40),
           "empty_last": (50, 60, 40, 0), "tail_rows": (20, 30, 0, 25)}  # last: rows past total
@@ -69,7 +69,7 @@ def test_qat_forward_on_the_kernel_equals_xla():
   scale = qat.weight_scale_from_amax(w)
   f = lambda **kw: qat.fake_quant_gmm_swiglu_quant(x, w, scale, jnp.asarray(COUNTS["tail_rows"]),
                                                    group_list_type=1, **kw)
-  np.testing.assert_array_equal(f(implementation="pallas_gpu", interpret=True, tiles=TILES),
+  np.testing.assert_array_equal(f(**IMPLEMENTATIONS["pallas_gpu"]),
                                 f(implementation="xla"))
 
 
@@ -242,7 +242,7 @@ def test_npu_grouped_matmul_float_paths_on_the_kernels(group_type):
 
 @pytest.mark.parametrize("impl", KERNELS)
 def test_kernels_take_zero_rows(impl):
-  kw = dict(implementation=impl, interpret=True, tiles=TILES)
+  kw = IMPLEMENTATIONS[impl]
   x, w, w_scale, _ = int8_case()
   q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x[:0], w, w_scale, jnp.ones((0,)),
                                                     jnp.zeros((E,), jnp.int32), **kw)

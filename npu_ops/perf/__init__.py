@@ -1,0 +1,1 @@
+"""Performance of the kernels on accelerators: chip constants (`chips`)."""

@@ -1,0 +1,4 @@
+"""Command-line tools around the operators (none of the core modules imports them).
+
+* `accelerator_check`: the kernels' tests on a real GPU / TPU, then their speed.
+"""
