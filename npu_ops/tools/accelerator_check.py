@@ -35,8 +35,8 @@ import numpy as np
 
 import npu_ops
 from npu_ops.perf import chips
+from npu_ops.perf.cases import K, N, group_sizes
 
-K, N = 2048, 2816  # the benchmark's expert shape (d_model 2048, two halves of 1408)
 # (name, routed rows m, experts e, group sizes): prefill spreads m rows evenly (and as a
 # Zipf draw); decode routes few tokens, top-8, over many experts.
 SHAPES = {
@@ -49,23 +49,6 @@ SHAPES = {
 TEST_SELECTION = {"gpu": "pallas_gpu or gpu_kernel or on_the_kernel",
                   "tpu": "pallas_tpu or on_the_kernel"}
 TEST_FILES = ["tests/test_implementations.py", "tests/test_fp8_mx.py", "tests/test_pallas.py"]
-
-
-def group_sizes(kind: str, m: int, e: int, seed: int = 0) -> np.ndarray:
-  """int32 `[e]` summing to m: even, Zipf-skewed (expert i gets ~1/(i+1)), or the
-  experts hit by m/8 tokens choosing 8 distinct experts each (decode)."""
-  rng = np.random.default_rng(seed)
-  if kind == "uniform":
-    sizes = np.full(e, m // e)
-    sizes[: m - sizes.sum()] += 1
-  elif kind == "zipf":
-    p = 1.0 / np.arange(1, e + 1)
-    sizes = np.floor(m * p / p.sum()).astype(int)
-    sizes[0] += m - sizes.sum()
-  else:
-    choice = np.stack([rng.choice(e, 8, replace=False) for _ in range(m // 8)])
-    sizes = np.bincount(choice.ravel(), minlength=e)
-  return sizes.astype(np.int32)
 
 
 def time_call(fn, *args, calls: int = 20) -> float:

@@ -1,0 +1,45 @@
+"""python -m npu_ops.perf validate | predict
+
+    python -m npu_ops.perf validate                  # the model vs tokamax's measured v5e, TPU7x
+    python -m npu_ops.perf predict --chip v5e        # our kernels at decode / prefill shapes
+    python -m npu_ops.perf predict --chip v6e --ops "fused A8W8" --cases decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # traced and modeled here, run nowhere
+  from npu_ops.perf import cases, chips, report, validate  # noqa: PLC0415
+
+  p = argparse.ArgumentParser(prog="python -m npu_ops.perf", description=__doc__)
+  sub = p.add_subparsers(dest="cmd", required=True)
+  v = sub.add_parser("validate", help="predicted vs measured (tokamax's TPU data)")
+  v.add_argument("--chips", nargs="+", default=list(validate.DATA_DIRS),
+                 choices=list(validate.DATA_DIRS))
+  q = sub.add_parser("predict", help="our kernels under the model, against the roofline")
+  q.add_argument("--chip", default="v5e", choices=[c for c in chips.CHIPS
+                                                   if c.startswith(("v", "tpu"))])
+  q.add_argument("--ops", nargs="+", default=list(cases.OPS), choices=list(cases.OPS))
+  q.add_argument("--cases", nargs="+", default=["decode", "prefill"],
+                 choices=["decode", "prefill"])
+  args = p.parse_args(argv)
+  if args.cmd == "validate":
+    worst = 0.0
+    for chip in args.chips:
+      rows = validate.validate(chip)
+      print(validate.format_rows(rows), "\n", flush=True)
+      worst = max(worst, validate.summary(rows)[0])
+    return 0
+  chosen = [c for name in args.cases for c in (cases.DECODE if name == "decode"
+                                                else cases.PREFILL)]
+  print(report.predict_table(args.chip, args.ops, chosen))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,116 @@
+"""The shapes the kernels are judged at, their routings, and their rooflines.
+
+Shared by the model's report (`python -m npu_ops.perf predict`) and the accelerator
+check (`python -m npu_ops.tools.accelerator_check`), so both speak of the same cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import npu_ops
+from npu_ops.perf import chips as chips_lib
+
+K, N = 2048, 2816  # the expert shape of the benchmarks (d_model 2048, SwiGLU halves of 1408)
+
+
+def group_sizes(kind: str, m: int, e: int, *, top_k: int = 8, seed: int = 0) -> np.ndarray:
+  """int32 `[e]` summing to m (rows = tokens x top_k):
+
+  * "uniform": m / e each;
+  * "zipf": expert i gets about m / (i + 1) / H_e (a few hot experts);
+  * "random": m / top_k tokens, each choosing `top_k` distinct experts uniformly (decode).
+  """
+  rng = np.random.default_rng(seed)
+  if kind == "uniform":
+    sizes = np.full(e, m // e)
+    sizes[: m - sizes.sum()] += 1
+  elif kind == "zipf":
+    p = 1.0 / np.arange(1, e + 1)
+    sizes = np.floor(m * p / p.sum()).astype(int)
+    sizes[0] += m - sizes.sum()
+  elif kind == "random":
+    choice = np.stack([rng.choice(e, top_k, replace=False) for _ in range(m // top_k)])
+    sizes = np.bincount(choice.ravel(), minlength=e)
+  else:
+    raise ValueError(f"kind: expected 'uniform', 'zipf' or 'random', got {kind!r}")
+  return sizes.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One routed problem: `m` rows over `e` experts of `[K, N]`."""
+  name: str
+  m: int
+  e: int
+  routing: str
+  top_k: int = 8
+
+  def sizes(self) -> np.ndarray:
+    return group_sizes(self.routing, self.m, self.e, top_k=self.top_k)
+
+
+DECODE = (Case("decode 8 tok, top-8, e=64", 64, 64, "random"),
+          Case("decode 8 tok, top-8, e=256", 64, 256, "random"),
+          Case("decode 64 tok, top-4, e=128", 256, 128, "random", top_k=4),
+          Case("decode 64 tok, top-8, e=256", 512, 256, "random"))
+PREFILL = (Case("prefill 4096, e=8 uniform", 4096, 8, "uniform"),
+           Case("prefill 4096, e=16 uniform", 4096, 16, "uniform"),
+           Case("prefill 4096, e=16 zipf", 4096, 16, "zipf"),
+           Case("prefill 16384, e=64 uniform", 16384, 64, "uniform"),
+           Case("prefill 16384, e=64 zipf", 16384, 64, "zipf"))
+
+OPS = ("fused A8W8", "gmm bf16", "tgmm bf16", "gmm vjp bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """An op at a case: its function and arguments (`ShapeDtypeStruct` for data, concrete
+  group sizes), useful FLOPs, ideal HBM bytes (each operand read once: x, the weights of
+  the experts that hold rows, the outputs) and the dtype of its products."""
+  fn: object
+  args: tuple
+  flops: float
+  ideal_bytes: float
+  dtype: str
+
+  def roofline(self, chip: chips_lib.Chip) -> float:
+    return max(self.flops / chip.peak(self.dtype), self.ideal_bytes / chip.hbm_bandwidth)
+
+
+def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem:
+  """`op` at `case` (`arrays`: a function turning `(shape, dtype)` into an operand;
+  default `jax.ShapeDtypeStruct`, for the model)."""
+  make = arrays or (lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype))
+  m, e = case.m, case.e
+  sizes = case.sizes()
+  used = int(np.count_nonzero(sizes))
+  kw = {} if implementation is None else dict(implementation=implementation)
+  if op == "fused A8W8":
+    args = (make((m, K), jnp.int8), make((e, K, N), jnp.int8), make((e, N), jnp.float32),
+            make((m,), jnp.float32), sizes)
+    fn = lambda x, w, ws, xs, gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, w, ws, xs, gl, group_list_type=1, **kw)
+    ideal = m * K + used * (K * N + 4 * N) + 4 * m + m * (N // 2) + 4 * m
+    return Problem(fn, args, 2.0 * m * K * N, ideal, "int8")
+  bf = jnp.bfloat16
+  if op == "gmm bf16":
+    fn = lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl, **kw)
+    return Problem(fn, (make((m, K), bf), make((e, K, N), bf), sizes), 2.0 * m * K * N,
+                   2.0 * (m * K + used * K * N + m * N), "bfloat16")
+  if op == "tgmm bf16":
+    fn = lambda x, dy, gl: npu_ops.tgmm(x, dy, gl, num_groups=e, **kw)
+    return Problem(fn, (make((m, K), bf), make((m, N), bf), sizes), 2.0 * m * K * N,
+                   2.0 * (m * K + m * N + e * K * N), "bfloat16")
+  if op == "gmm vjp bf16":  # d x and d w of grouped_matmul, from dy
+    def fn(x, w, dy, gl):
+      _, vjp = jax.vjp(lambda x, w: npu_ops.grouped_matmul(x, w, gl, **kw), x, w)
+      return vjp(dy)
+    args = (make((m, K), bf), make((e, K, N), bf), make((m, N), bf), sizes)
+    return Problem(fn, args, 4.0 * m * K * N,
+                   2.0 * (2 * m * K + 2 * m * N + used * K * N + e * K * N), "bfloat16")
+  raise ValueError(f"op: expected one of {OPS}, got {op!r}")

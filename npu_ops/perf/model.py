@@ -1,0 +1,597 @@
+"""A model of how the Pallas TPU pipeline runs a program's kernels, step by step.
+
+`predict(fn, *args, chip="v5e")` traces `fn` (large operands as `jax.ShapeDtypeStruct`,
+the values that steer the kernels, such as group sizes, as concrete arrays), evaluates
+every XLA op whose inputs are all known (the kernels' metadata: group ids, row-tile ids,
+counts), and follows each `pallas_call` through its grid:
+
+* the grid, dynamic grid dimensions included (from their now concrete operands);
+* every BlockSpec's index map, evaluated for all grid steps at once (NumPy, vectorized
+  over steps) with the concrete scalar-prefetch operands;
+* an input block is copied from HBM when its block index differs from the previous
+  step's (Pallas' TPU pipeline skips the copy otherwise); an output block is written
+  back when its index is about to change, and after the last step;
+* block bytes are the in-bounds part of the block, its last two dims padded to the
+  chip's (sublane, 128-lane) tile;
+* per step, the kernel body's work: MXU FLOPs of its `dot_general`s and VPU element
+  operations, counted only on the steps whose `pl.when` / `lax.cond` branch runs (the
+  predicate is evaluated per step where it depends on program ids and scalar-prefetch
+  values; otherwise the costliest branch);
+* time: the copies for step i+1 and the write-back of step i-1 overlap step i's work,
+  plus a fixed overhead per step (the one fitted constant, `STEP_OVERHEAD_S`);
+* dimension semantics: on a chip whose device drives two TensorCores (v5p), the steps
+  of the outermost "parallel" grid axis are split between the cores, which share the
+  HBM bandwidth.
+
+Ops outside the kernels whose inputs are not all known (the data path's XLA ops) are
+costed by a roofline: `max(FLOPs / peak, bytes in + out / HBM bandwidth)` each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import core as jax_core
+from jax._src import tree_util
+from jax._src.interpreters import partial_eval as pe
+from jax._src.pallas import core as pallas_core
+from jax._src.state import indexing
+
+from npu_ops.perf import chips as chips_lib
+
+# Fixed cost of one grid step (pipeline bookkeeping, DMA issue and wait, scalar work),
+# fitted on tokamax's measured v5e latencies only (`python -m npu_ops.perf validate`),
+# then used unchanged on every chip.
+STEP_OVERHEAD_S = 0.45e-6
+
+_UNKNOWN = object()  # a value the model does not know (data, not metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCost:
+  """One `pallas_call` under the model.
+
+  Attributes:
+    name: the kernel's name.
+    grid: the grid, dynamic dimensions resolved.
+    seconds: modeled time.
+    hbm_bytes: bytes the pipeline copies in and writes back.
+    flops: MXU FLOPs the steps run (whole blocks: padding rows included).
+    grid_steps: steps run (all of them, by every core together).
+    compute_seconds, dma_seconds: the sums of the two per-step terms (before overlap).
+    cores: TensorCores the steps were split over.
+  """
+  name: str
+  grid: tuple[int, ...]
+  seconds: float
+  hbm_bytes: float
+  flops: float
+  grid_steps: int
+  compute_seconds: float
+  dma_seconds: float
+  cores: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """What `predict` returns: totals over the program, and each kernel.
+
+  `seconds` = the kernels' time + the XLA ops' roofline time (`xla_seconds`);
+  `hbm_bytes` and `flops` likewise add the kernels' and the XLA ops'.
+  """
+  chip: str
+  seconds: float
+  hbm_bytes: float
+  flops: float
+  grid_steps: int
+  kernels: tuple[KernelCost, ...]
+  xla_seconds: float
+  xla_bytes: float
+  xla_flops: float
+  xla_ops: tuple[tuple[str, str, float], ...] = ()  # (primitive, output type, seconds)
+
+  @property
+  def kernel_seconds(self) -> float:
+    return sum(k.seconds for k in self.kernels)
+
+
+def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
+            **kwargs) -> Prediction:
+  """Models `fn(*args, **kwargs)` on a TPU `chip` ("v5e", "v6e", "v5p", "tpu7x").
+
+  Args:
+    fn: any function whose TPU lowering holds Pallas TPU kernels: npu_ops' ops under
+      `implementation=None` (their TPU branch is taken), megablox's `gmm`, ...
+    args: `jax.ShapeDtypeStruct` for large operands (nothing is allocated) and concrete
+      arrays (NumPy or jax) for the values that steer the kernels (group sizes, offsets).
+    chip: a name of `npu_ops.perf.chips.CHIPS` or a `Chip`.
+
+  Raises:
+    ValueError: a kernel's grid or scalar-prefetch operand depends on an unknown value
+      (pass it concretely), or the chip is unknown.
+  """
+  chip = chips_lib.get(chip)
+  leaves, tree = jax.tree.flatten((args, kwargs))
+  known = [None if isinstance(a, jax.ShapeDtypeStruct) else np.asarray(a) for a in leaves]
+  specs = [a if isinstance(a, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
+      np.shape(a), np.asarray(a).dtype) for a in leaves]
+
+  def flat_fn(*flat):
+    a, kw = jax.tree.unflatten(tree, flat)
+    return fn(*a, **kw)
+
+  closed = jax.make_jaxpr(flat_fn)(*specs)
+  acc = _Accumulator(chip)
+  _walk(closed.jaxpr, [np.asarray(c) if _is_array(c) else c for c in closed.consts],
+        [_UNKNOWN if k is None else k for k in known], acc)
+  kernels = tuple(acc.kernels)
+  return Prediction(
+      chip=chip.name,
+      seconds=sum(k.seconds for k in kernels) + acc.xla_seconds,
+      hbm_bytes=sum(k.hbm_bytes for k in kernels) + acc.xla_bytes,
+      flops=sum(k.flops for k in kernels) + acc.xla_flops,
+      grid_steps=sum(k.grid_steps for k in kernels), kernels=kernels,
+      xla_seconds=acc.xla_seconds, xla_bytes=acc.xla_bytes, xla_flops=acc.xla_flops,
+      xla_ops=tuple(acc.xla_ops))
+
+
+# --- the program around the kernels -------------------------------------------------------
+
+@dataclasses.dataclass
+class _Accumulator:
+  chip: chips_lib.Chip
+  kernels: list = dataclasses.field(default_factory=list)
+  xla_seconds: float = 0.0
+  xla_bytes: float = 0.0
+  xla_flops: float = 0.0
+  xla_ops: list = dataclasses.field(default_factory=list)
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (np.ndarray, np.generic, jax.Array))
+
+
+def _sub_jaxpr(params: dict) -> tuple[Any, list] | None:
+  """The jaxpr a call-like equation runs (pjit, closed_call, custom_jvp/vjp, remat)."""
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    j = params.get(key)
+    if isinstance(j, jax_core.ClosedJaxpr):
+      return j.jaxpr, list(j.consts)
+    if isinstance(j, jax_core.Jaxpr):
+      return j, []
+  return None
+
+
+_FREE = {"reshape", "squeeze", "expand_dims", "bitcast_convert_type", "copy_p", "pjit",
+         "closed_call", "platform_index", "optimization_barrier"}
+
+
+def _walk(jaxpr, consts: Sequence[Any], args: Sequence[Any], acc: _Accumulator) -> list:
+  # What XLA would remove (e.g. a traced `w[0].shape`) costs nothing: dead code first.
+  n_out = len(jaxpr.outvars)
+  full = pe.convert_constvars_jaxpr(jaxpr) if jaxpr.constvars else jaxpr
+  live, used = pe.dce_jaxpr(full, [True] * n_out, instantiate=True)
+  args = [a for a, u in zip([*consts, *args], used) if u]
+  return _walk_live(live, args, acc)
+
+
+def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
+  env: dict = {}
+  consts = ()
+
+  def read(v):
+    if isinstance(v, jax_core.Literal):
+      return np.asarray(v.val)
+    return env.get(v, _UNKNOWN)
+
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = c
+  for v, a in zip(jaxpr.invars, args):
+    env[v] = a
+  for eqn in jaxpr.eqns:
+    vals = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    known = all(x is not _UNKNOWN for x in vals)
+    if name == "pallas_call":
+      acc.kernels.append(_simulate(eqn, vals, acc.chip))
+      outs = [_UNKNOWN] * len(eqn.outvars)
+    elif name == "npu_ops_platform_select":
+      branch = dict(eqn.params["branches"]).get("tpu", eqn.params["default"])
+      avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+      closed = jax.make_jaxpr(branch)(*avals)
+      outs = _walk(closed.jaxpr, closed.consts, vals, acc)
+    elif name.startswith("npu_ops_") and getattr(eqn.primitive, "impl", None):
+      # npu_ops' own primitives (grouped matmul, tgmm) lower through their impl
+      avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+      impl, params = eqn.primitive.impl, eqn.params
+      closed = jax.make_jaxpr(lambda *a: impl(*a, **params))(*avals)
+      outs = _walk(closed.jaxpr, closed.consts, vals, acc)
+      outs = outs if eqn.primitive.multiple_results else outs[:1]
+    elif known and name not in ("cond", "while", "scan"):
+      outs = _evaluate(eqn, vals)
+    elif (sub := _sub_jaxpr(eqn.params)) is not None:
+      inner, inner_consts = sub
+      n_extra = len(eqn.invars) - len(inner.invars)  # e.g. custom_vjp's leading consts
+      outs = _walk(inner, inner_consts, vals[max(n_extra, 0):], acc)
+      outs = outs[:len(eqn.outvars)] + [_UNKNOWN] * (len(eqn.outvars) - len(outs))
+    elif name in ("cond", "while", "scan") and known:
+      outs = _evaluate(eqn, vals)
+    elif name in ("cond", "while", "scan"):
+      for branch in _branches(eqn.params):  # every branch once: an upper bound
+        _walk(branch.jaxpr, branch.consts, [_UNKNOWN] * len(branch.jaxpr.invars), acc)
+      outs = [_UNKNOWN] * len(eqn.outvars)
+    else:
+      _xla_cost(eqn, acc)
+      outs = [_UNKNOWN] * len(eqn.outvars)
+    for v, o in zip(eqn.outvars, outs):
+      env[v] = o
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _branches(params: dict) -> list:
+  out = list(params.get("branches", ()))
+  for key in ("body_jaxpr", "cond_jaxpr", "jaxpr"):
+    j = params.get(key)
+    if isinstance(j, jax_core.ClosedJaxpr):
+      out.append(j)
+  return out
+
+
+def _evaluate(eqn, vals) -> list:
+  params = eqn.primitive.get_bind_params(eqn.params)
+  with jax.default_device(jax.devices("cpu")[0]):
+    outs = eqn.primitive.bind(*vals, **params)
+  outs = outs if eqn.primitive.multiple_results else [outs]
+  return [np.asarray(o) if _is_array(o) else o for o in outs]
+
+
+def _nbytes(aval) -> float:
+  if not hasattr(aval, "shape") or not hasattr(aval, "dtype"):
+    return 0.0
+  return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+
+
+def _dot_flops(eqn) -> float:
+  (lc, _), _ = eqn.params["dimension_numbers"]
+  lhs = eqn.invars[0].aval
+  out = eqn.outvars[0].aval
+  return 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lc)
+
+
+def _xla_cost(eqn, acc: _Accumulator) -> None:
+  if eqn.primitive.name in _FREE:
+    return
+  out_bytes = sum(_nbytes(v.aval) for v in eqn.outvars)
+  if eqn.primitive.name in ("slice", "dynamic_slice", "gather"):
+    nbytes = 2 * out_bytes  # reads only what it returns
+  else:
+    nbytes = sum(_nbytes(v.aval) for v in eqn.invars) + out_bytes
+  flops = 0.0
+  seconds = nbytes / acc.chip.hbm_bandwidth
+  if eqn.primitive.name in ("dot_general", "ragged_dot_general"):
+    flops = _dot_flops(eqn) if eqn.primitive.name == "dot_general" else 0.0
+    seconds = max(seconds, flops / acc.chip.peak(eqn.invars[0].aval.dtype))
+  acc.xla_seconds += seconds
+  acc.xla_ops.append((eqn.primitive.name, " ".join(str(v.aval) for v in eqn.outvars), seconds))
+  acc.xla_bytes += nbytes
+  acc.xla_flops += flops
+
+
+# --- scalar code, vectorized over grid steps -----------------------------------------------
+
+def _trunc_div(a, b):
+  if np.issubdtype(np.result_type(a, b), np.integer):
+    q = np.abs(a) // np.maximum(np.abs(b), 1)
+    return np.where((np.sign(a) * np.sign(b)) < 0, -q, q)
+  return np.true_divide(a, b)
+
+
+def _logical(fn_bool, fn_int):
+  return lambda a, b: fn_bool(a, b) if np.result_type(a, b) == np.bool_ else fn_int(a, b)
+
+
+_BINARY = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum,
+    "min": np.minimum, "eq": np.equal, "ne": np.not_equal, "lt": np.less,
+    "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+    "and": _logical(np.logical_and, np.bitwise_and),
+    "or": _logical(np.logical_or, np.bitwise_or),
+    "xor": _logical(np.logical_xor, np.bitwise_xor),
+    "rem": np.fmod, "div": _trunc_div, "shift_left": np.left_shift,
+    "shift_right_arithmetic": np.right_shift, "shift_right_logical": np.right_shift,
+}
+_UNARY = {"neg": np.negative, "abs": np.abs, "sign": np.sign, "floor": np.floor,
+          "ceil": np.ceil,
+          "not": lambda a: np.logical_not(a) if a.dtype == np.bool_ else np.invert(a)}
+_TRANSCENDENTAL = {"exp", "exp2", "log", "log1p", "logistic", "tanh", "erf", "pow", "rsqrt",
+                   "sqrt", "sin", "cos", "tan", "expm1", "atan2"}
+_NO_VPU = {"get", "swap", "dot_general", "iota", "broadcast_in_dim", "reshape", "squeeze",
+           "program_id", "num_programs", "addupdate", "dma_start", "dma_wait", "semaphore_wait",
+           "semaphore_signal", "run_scoped", "cond", "while", "scan", "pjit", "closed_call"}
+
+
+@dataclasses.dataclass
+class _StepCost:
+  mxu: np.ndarray  # FLOPs per step, by operand dtype name: {dtype: [S]}
+  vpu: np.ndarray  # element operations per step
+
+
+class _Scalars:
+  """Evaluates a kernel body's or index map's scalar code for every grid step at once.
+
+  Known values are NumPy arrays broadcastable to `[S]` (one per step); values computed
+  from block data (vectors, loads from VMEM) are `_UNKNOWN`.
+  """
+
+  def __init__(self, steps: int, program_ids: Sequence[np.ndarray], grid: Sequence[int]):
+    self.steps = steps
+    self.program_ids = program_ids
+    self.grid = grid
+    self.mxu: dict[str, np.ndarray] = {}
+    self.vpu = np.zeros(steps)
+
+  def run(self, jaxpr, consts, args, mask) -> list:
+    env: dict = {}
+
+    def read(v):
+      if isinstance(v, jax_core.Literal):
+        return np.asarray(v.val)
+      return env.get(v, _UNKNOWN)
+
+    for v, c in zip(jaxpr.constvars, consts):
+      env[v] = np.asarray(c) if _is_array(c) else c
+    for v, a in zip(jaxpr.invars, args):
+      env[v] = a
+    for eqn in jaxpr.eqns:
+      outs = self._eqn(eqn, [read(v) for v in eqn.invars], mask)
+      for v, o in zip(eqn.outvars, outs):
+        env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+  def _add(self, counter: np.ndarray, amount: float, mask) -> None:
+    counter += amount if mask is None else amount * mask
+
+  def _eqn(self, eqn, vals, mask) -> list:
+    name = eqn.primitive.name
+    n_out = len(eqn.outvars)
+    if name == "dot_general":
+      dtype = np.dtype(eqn.invars[0].aval.dtype).name
+      counter = self.mxu.setdefault(dtype, np.zeros(self.steps))
+      self._add(counter, _dot_flops(eqn), mask)
+      return [_UNKNOWN]
+    if name == "cond":
+      return self._cond(eqn, vals, mask)
+    if name in ("scan", "while"):
+      body = eqn.params["jaxpr"] if name == "scan" else eqn.params["body_jaxpr"]
+      trips = eqn.params.get("length", 1) if name == "scan" else 1
+      sub = _Scalars(self.steps, self.program_ids, self.grid)
+      sub.run(body.jaxpr, body.consts, [_UNKNOWN] * len(body.jaxpr.invars), mask)
+      self._merge(sub, trips)
+      return [_UNKNOWN] * n_out
+    if (inner := _sub_jaxpr(eqn.params)) is not None and name not in ("pallas_call",):
+      jaxpr, consts = inner
+      return self.run(jaxpr, consts, vals, mask)
+    if name not in _NO_VPU and any(
+        math.prod(getattr(v.aval, "shape", ())) > 1 for v in eqn.outvars):
+      size = max(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+      self._add(self.vpu, float(size), mask)
+      return [_UNKNOWN] * n_out
+    if name == "program_id":
+      return [self.program_ids[eqn.params["axis"]]]
+    if name == "num_programs":
+      return [np.asarray(self.grid[eqn.params["axis"]])]
+    if name == "get":
+      return [self._get(eqn, vals)]
+    if any(v is _UNKNOWN for v in vals) or any(
+        math.prod(getattr(v.aval, "shape", ())) > 1 for v in eqn.outvars):
+      return [_UNKNOWN] * n_out
+    if name in _BINARY:
+      return [_BINARY[name](vals[0], vals[1])]
+    if name in _UNARY:
+      return [_UNARY[name](vals[0])]
+    if name == "convert_element_type":
+      return [vals[0].astype(eqn.params["new_dtype"])]
+    if name == "select_n":
+      which, *cases = vals
+      return [np.choose(which.astype(np.int32), [np.broadcast_to(c, np.shape(which))
+                                                for c in cases])
+              if np.ndim(which) else cases[int(which)]]
+    if name == "clamp":
+      return [np.clip(vals[1], vals[0], vals[2])]
+    if name == "integer_pow":
+      return [vals[0] ** eqn.params["y"]]
+    if name in ("squeeze", "reshape", "broadcast_in_dim"):
+      return [vals[0]]
+    return [_UNKNOWN] * n_out
+
+  def _get(self, eqn, vals):
+    ref, *idx = vals
+    if ref is _UNKNOWN:
+      return _UNKNOWN
+    transforms = tree_util.tree_unflatten(eqn.params["tree"], list(eqn.invars[1:]))
+    lookup = {id(v): x for v, x in zip(eqn.invars[1:], idx)}
+    index = []
+    for t in transforms:
+      if not isinstance(t, indexing.NDIndexer):
+        return _UNKNOWN
+      for i in t.indices:
+        if isinstance(i, indexing.Slice):
+          return _UNKNOWN
+        value = lookup.get(id(i), i.val if isinstance(i, jax_core.Literal) else i)
+        if value is _UNKNOWN:
+          return _UNKNOWN
+        index.append(np.asarray(value))
+    if not index:
+      return ref if ref.ndim else ref
+    index = [np.clip(i.astype(np.int64), 0, d - 1) for i, d in zip(index, ref.shape)]
+    return ref[tuple(index)]
+
+  def _cond(self, eqn, vals, mask) -> list:
+    which, *operands = vals
+    branches = eqn.params["branches"]
+    if which is _UNKNOWN:  # the costliest branch
+      subs = []
+      for b in branches:
+        sub = _Scalars(self.steps, self.program_ids, self.grid)
+        sub.run(b.jaxpr, b.consts, operands, mask)
+        subs.append(sub)
+      total = lambda s: s.vpu + sum(s.mxu.values(), np.zeros(self.steps))
+      best = max(subs, key=lambda s: float(np.sum(total(s))))
+      self._merge(best, 1)
+      return [_UNKNOWN] * len(eqn.outvars)
+    which = np.broadcast_to(np.asarray(which).astype(np.int64), (self.steps,))
+    for i, b in enumerate(branches):
+      taken = (which == i) if mask is None else (which == i) * mask
+      if not np.any(taken):
+        continue
+      self.run(b.jaxpr, b.consts, operands, taken)
+    return [_UNKNOWN] * len(eqn.outvars)
+
+  def _merge(self, other: "_Scalars", times: float) -> None:
+    self.vpu += times * other.vpu
+    for k, v in other.mxu.items():
+      self.mxu[k] = self.mxu.get(k, np.zeros(self.steps)) + times * v
+
+
+# --- one kernel ------------------------------------------------------------------------
+
+_MAX_STEPS = 20_000_000
+
+
+def _sublane_tile(itemsize: int) -> int:
+  return 8 * max(1, 4 // itemsize)  # (8, 128) words: 16 rows of bf16, 32 of int8
+
+
+def _block_bytes(block_shape, array_shape, dtype, index: list[np.ndarray]) -> np.ndarray:
+  """Bytes of the in-bounds part of a block at each step, the last two dims padded to the
+  (sublane, lane) tile (a squeezed dim counts 1)."""
+  itemsize = np.dtype(dtype).itemsize if np.dtype(dtype).name != "int4" else 0.5
+  sizes = []
+  for bd, dim, idx in zip(block_shape, array_shape, index):
+    if isinstance(bd, pallas_core.Squeezed) or bd is None:
+      sizes.append(np.ones_like(idx, dtype=np.float64))
+      continue
+    bs = bd.block_size if hasattr(bd, "block_size") else int(bd)
+    start = idx * bs if isinstance(bd, pallas_core.Blocked) or isinstance(bd, int) else idx
+    sizes.append(np.clip(dim - start, 0, bs).astype(np.float64))
+  if len(sizes) >= 1:
+    sizes[-1] = np.ceil(sizes[-1] / 128) * 128
+  if len(sizes) >= 2:
+    sub = _sublane_tile(max(1, int(np.dtype(dtype).itemsize)))
+    sizes[-2] = np.ceil(sizes[-2] / sub) * sub
+  return np.prod(np.stack(sizes), axis=0) * itemsize if sizes else np.full(1, itemsize)
+
+
+def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
+  params = eqn.params
+  gm = params["grid_mapping"]
+  name = str(getattr(params.get("name_and_src_info"), "name", None) or params.get("name")
+             or "pallas_call")
+  n_dyn = gm.num_dynamic_grid_bounds
+  dyn = iter(vals[:n_dyn])
+  grid = []
+  for g in gm.grid:
+    if isinstance(g, int):
+      grid.append(g)
+      continue
+    v = next(dyn)
+    if v is _UNKNOWN:
+      raise ValueError(f"{name}: a grid dimension depends on a value the model does not "
+                       "know; pass the arrays it is computed from (group sizes) concretely")
+    grid.append(int(v))
+  steps = math.prod(grid)
+  if steps > _MAX_STEPS:
+    raise ValueError(f"{name}: {steps} grid steps, more than the model follows ({_MAX_STEPS})")
+  prefetch = vals[n_dyn:n_dyn + gm.num_index_operands]
+  for v in prefetch:
+    if v is _UNKNOWN:
+      raise ValueError(f"{name}: a scalar-prefetch operand depends on a value the model does "
+                       "not know; pass the arrays it is computed from concretely")
+  semantics = _dimension_semantics(params, len(grid))
+  cores = 1
+  split_axis = None
+  if chip.cores > 1:
+    par = [i for i, s in enumerate(semantics) if s == "parallel" and grid[i] > 1]
+    if par:
+      split_axis, cores = par[0], min(chip.cores, grid[par[0]])
+  if steps == 0:
+    return KernelCost(name, tuple(grid), 0.0, 0.0, 0.0, 0, 0.0, 0.0, cores)
+  ids = np.unravel_index(np.arange(steps), grid)
+  program_ids = [np.asarray(i, np.int64) for i in ids]
+
+  # Block indices of every operand at every step.
+  n_in = gm.num_inputs
+  copies_in, copies_out = np.zeros(steps), np.zeros(steps)
+  core_of = (np.zeros(steps, np.int64) if split_axis is None else
+             (program_ids[split_axis] * cores) // grid[split_axis])
+  for i, bm in enumerate(gm.block_mappings):
+    if _unpipelined(bm):
+      continue
+    ij = bm.index_map_jaxpr
+    sc = _Scalars(steps, program_ids, grid)
+    index = sc.run(ij.jaxpr, ij.consts, [*program_ids, *prefetch], None)
+    if any(x is _UNKNOWN for x in index):
+      raise ValueError(f"{name}: block index of operand {i} could not be evaluated")
+    index = [np.broadcast_to(np.asarray(x, np.int64), (steps,)) for x in index]
+    nbytes = _block_bytes(bm.block_shape, bm.array_aval.shape, bm.array_aval.dtype, index)
+    nbytes = np.broadcast_to(nbytes, (steps,))
+    stacked = np.stack(index) if index else np.zeros((1, steps), np.int64)
+    if i < n_in:  # copied in when the index differs from the step before (per core)
+      changed = np.ones(steps, bool)
+      changed[1:] = np.any(stacked[:, 1:] != stacked[:, :-1], axis=0) | (
+          core_of[1:] != core_of[:-1])
+      copies_in += np.where(changed, nbytes, 0.0)
+    else:  # written back when the index is about to change, and at the end
+      changes = np.ones(steps, bool)
+      changes[:-1] = np.any(stacked[:, 1:] != stacked[:, :-1], axis=0) | (
+          core_of[1:] != core_of[:-1])
+      copies_out += np.where(changes, nbytes, 0.0)
+
+  # The body's work per step.
+  body = params["jaxpr"]
+  body_consts = []
+  if isinstance(body, jax_core.ClosedJaxpr):
+    body, body_consts = body.jaxpr, body.consts
+  sc = _Scalars(steps, program_ids, grid)
+  body_args = [*prefetch] + [_UNKNOWN] * (len(body.invars) - len(prefetch))
+  sc.run(body, body_consts, body_args, None)
+  mxu_s = sum((flops / chip.peak(dtype) for dtype, flops in sc.mxu.items()), np.zeros(steps))
+  compute = np.maximum(mxu_s, sc.vpu / chip.vpu_rate) + STEP_OVERHEAD_S
+  bandwidth = chip.hbm_bandwidth / cores
+  seconds = 0.0
+  for c in range(cores):
+    sel = core_of == c
+    comp, din, dout = compute[sel], copies_in[sel] / bandwidth, copies_out[sel] / bandwidth
+    if comp.size == 0:
+      continue
+    nxt = np.append(din[1:], 0.0)
+    prev = np.insert(dout[:-1], 0, 0.0)
+    seconds = max(seconds, din[0] + float(np.sum(np.maximum(comp, nxt + prev))) + dout[-1])
+  flops = float(sum(np.sum(v) for v in sc.mxu.values()))
+  return KernelCost(name=name, grid=tuple(grid), seconds=seconds,
+                    hbm_bytes=float(np.sum(copies_in) + np.sum(copies_out)), flops=flops,
+                    grid_steps=steps, compute_seconds=float(np.sum(compute)),
+                    dma_seconds=float(np.sum(copies_in + copies_out)) / chip.hbm_bandwidth,
+                    cores=cores)
+
+
+def _dimension_semantics(params: dict, ndim: int) -> tuple[str, ...]:
+  cp = params.get("compiler_params") or {}
+  cp = cp.get("mosaic_tpu", cp.get("mosaic")) if isinstance(cp, dict) else cp
+  sem = getattr(cp, "dimension_semantics", None)
+  if not sem:
+    return ("arbitrary",) * ndim
+  return tuple(str(getattr(s, "name", s)).lower().replace("dimensionsemantics.", "")
+               for s in sem)
+
+
+def _unpipelined(bm) -> bool:
+  """Operands left in HBM (memory_space ANY) or whole in SMEM are not copied per step."""
+  space = getattr(bm.block_aval, "memory_space", None)
+  return str(space).lower().split(".")[-1] in ("any", "hbm", "smem", "semaphore_mem")

@@ -1,0 +1,65 @@
+"""Tables of our kernels under the model: against the roofline, and against megablox."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import npu_ops
+from npu_ops.perf import cases as cases_lib
+from npu_ops.perf import chips as chips_lib
+from npu_ops.perf import model, validate
+
+
+def predict_table(chip: str, ops, chosen) -> str:
+  """Each op at each case: modeled time, roofline, their ratio, HBM bytes over the ideal."""
+  c = chips_lib.get(chip)
+  lines = [f"chip {c.name}: peak int8 {c.peak('int8') / 1e12:.0f}, bf16 "
+           f"{c.peak('bfloat16') / 1e12:.0f} TFLOP/s, HBM {c.hbm_bandwidth / 1e9:.0f} GB/s, "
+           f"{c.cores} core(s) a device",
+           f"{'case':30} {'op':13} {'model us':>9} {'roof us':>8} {'x roof':>6} "
+           f"{'x bytes':>7} {'steps':>6}  kernels"]
+  for case in chosen:
+    for op in ops:
+      prob = cases_lib.problem(op, case)
+      pred = model.predict(prob.fn, *prob.args, chip=c)
+      roof = prob.roofline(c)
+      names = ",".join(k.name.replace("npu_", "") for k in pred.kernels) or "-"
+      lines.append(f"{case.name:30} {op:13} {pred.seconds * 1e6:9.1f} {roof * 1e6:8.1f} "
+                   f"{pred.seconds / roof:6.2f} {pred.hbm_bytes / prob.ideal_bytes:7.2f} "
+                   f"{pred.grid_steps:6d}  {names}")
+  return "\n".join(lines)
+
+
+def ours_for_entry(entry: validate.Entry) -> model.Prediction:
+  """Our bf16 grouped matmul / tgmm at a measured entry's shapes and group sizes."""
+  dtype = validate._DTYPES[entry.dtype]  # noqa: SLF001 (one table of dtype names)
+  spec = lambda shape: jax.ShapeDtypeStruct(shape, dtype)
+  gs = np.asarray(entry.group_sizes, np.int32)
+  if entry.kind == "tgmm":
+    fn = lambda x, dy, g: npu_ops.tgmm(x, dy, g, num_groups=len(gs), preferred_element_type=dtype)
+    return model.predict(fn, spec(entry.lhs), spec(entry.rhs), gs, chip=entry.chip)
+  if entry.kind == "gmm_t":  # d lhs of the VJP: dy [m, n] x w [g, k, n] read transposed
+    def fn(dy, w, g):
+      return jax.vjp(lambda x: npu_ops.grouped_matmul(x, w, g, preferred_element_type=dtype),
+                     jnp.zeros((dy.shape[0], w.shape[1]), dtype))[1](dy)[0]
+    m, n = entry.lhs
+    g_, k_, _ = entry.rhs[0], entry.rhs[2], entry.rhs[1]
+    return model.predict(fn, spec((m, n)), spec((g_, k_, n)), gs, chip=entry.chip)
+  fn = lambda x, w, g: npu_ops.grouped_matmul(x, w, g, preferred_element_type=dtype)
+  return model.predict(fn, spec(entry.lhs), spec(entry.rhs), gs, chip=entry.chip)
+
+
+def megablox_table(chip: str = "v5e") -> str:
+  """At every measured entry of `chip`: tokamax's measured time, megablox at the tuned
+  tiling (model) and ours (model), and ours over megablox."""
+  lines = [f"{'case':46} {'measured':>9} {'megablox':>9} {'ours':>9} {'ours/mb':>8}  (ms)"]
+  for entry in validate.load_entries(chip):
+    if entry.residuals:
+      continue
+    mb = validate.predict_entry(entry).kernel_seconds
+    ours = ours_for_entry(entry).seconds
+    lines.append(f"{entry.label:46} {entry.measured_s * 1e3:9.3f} {mb * 1e3:9.3f} "
+                 f"{ours * 1e3:9.3f} {ours / mb:8.2f}")
+  return "\n".join(lines)

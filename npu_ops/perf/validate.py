@@ -1,0 +1,175 @@
+"""The model against latencies measured on real chips (tokamax's autotuning data).
+
+tokamax's wheel ships, per chip, the measured time of its Pallas Mosaic TPU ragged_dot
+(a megablox-style kernel) at tuned tilings: `tokamax/data/autotuning/<chip>/
+pallas_mosaic_tpu_ragged_dot.json`. Each usable entry (no activation; returning the
+residuals then returns the output itself, the same kernel) is one of: a grouped matmul `[m, k] x [g, k, n]`, the same
+with the weights transposed (`[g, n, k]`), or the weight gradient `[m, k]^T x [m, n] ->
+[g, k, n]`. The model runs jax's megablox `gmm` / `tgmm` (the same algorithm; tokamax's
+kernel adds manual pipelining) at the entry's tiling and group sizes (entries stored as
+a total get tokamax's `generate_group_sizes`) and its kernel time is compared with the
+measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from npu_ops.perf import model
+
+DATA_DIRS = {"v5e": "tpu_v5_lite", "tpu7x": "tpu7x"}
+_DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32, "s8": jnp.int8, "f16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One measured kernel run."""
+  chip: str
+  kind: str                  # "gmm", "gmm_t" (transposed weights) or "tgmm"
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  dtype: str
+  group_sizes: tuple[int, ...]
+  tiling: tuple[int, int, int]
+  measured_s: float
+  residuals: bool = False    # the output returned twice: XLA writes a copy of it
+
+  @property
+  def label(self) -> str:
+    m = self.lhs[0]
+    g = len(self.group_sizes)
+    nz = sum(1 for s in self.group_sizes if s)
+    if self.kind == "tgmm":
+      k, n = self.lhs[1], self.rhs[1]
+    else:
+      k = self.lhs[1]
+      n = self.rhs[1] if self.kind == "gmm_t" else self.rhs[2]
+    return f"{self.kind:5} m={m:<6} k={k:<5} n={n:<5} g={g:<3} ({nz:>3} used)"
+
+
+def _shape(text: str) -> tuple[str, tuple[int, ...]]:
+  dtype, dims = re.fullmatch(r"(\w+)\[([\d,]*)\]", text).groups()
+  return dtype, tuple(int(d) for d in dims.split(",") if d)
+
+
+def tokamax_data_dir() -> pathlib.Path:
+  try:
+    import tokamax  # noqa: PLC0415
+  except ImportError as err:
+    raise RuntimeError("the validation reads tokamax's measured latencies: "
+                       "pip install tokamax (or the 'perf' extra)") from err
+  return pathlib.Path(tokamax.__file__).parent / "data" / "autotuning"
+
+
+def load_entries(chip: str) -> list[Entry]:
+  """The usable entries of tokamax's measurements for `chip` ("v5e" or "tpu7x")."""
+  from tokamax._src.ops.ragged_dot.base import generate_group_sizes  # noqa: PLC0415
+  path = tokamax_data_dir() / DATA_DIRS[chip] / "pallas_mosaic_tpu_ragged_dot.json"
+  entries = []
+  for key, runs in json.loads(path.read_text()).items():
+    spec = json.loads(key)
+    if spec.get("activation"):  # residuals or not: the same kernel when no activation
+      continue
+    dtype, lhs = _shape(spec["lhs"])
+    _, rhs = _shape(spec["rhs"])
+    dims = spec["ragged_dot_dimension_numbers"]
+    contract = dims["dot_dimension_numbers"][0]
+    if not dims["rhs_group_dimensions"]:
+      kind = "tgmm"
+    else:
+      kind = "gmm_t" if contract[1] == [2] else "gmm"
+    gs = spec["group_sizes"]
+    if isinstance(gs, dict):
+      gs = (even_split(gs["total_size"], gs["num_groups"]) if EVEN else
+            generate_group_sizes(m=gs["total_size"], num_groups=gs["num_groups"]))
+    for config, result in runs.items():
+      cfg = json.loads(config)
+      entries.append(Entry(chip, kind, lhs, rhs, dtype, tuple(int(g) for g in gs),
+                           (cfg["tile_m"], cfg["tile_k"], cfg["tile_n"]),
+                           float(np.median(result["evaluation_times_ms"])) / 1e3,
+                           bool(spec.get("return_residuals"))))
+  return entries
+
+
+EVEN = False
+
+
+def even_split(m: int, g: int) -> tuple[int, ...]:
+  return tuple(m // g + (i < m % g) for i in range(g))
+
+
+@functools.cache
+def _megablox():
+  return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+def predict_entry(entry: Entry) -> model.Prediction:
+  """The model's prediction for megablox at the entry's shapes, tiling and groups."""
+  mb = _megablox()
+  dtype = _DTYPES[entry.dtype]
+  spec = lambda shape: jax.ShapeDtypeStruct(shape, dtype)
+  gs = np.asarray(entry.group_sizes, np.int32)
+  if entry.kind == "tgmm":
+    m, k = entry.lhs
+    fn = lambda lhs_t, rhs, g: mb.tgmm(lhs_t, rhs, g, preferred_element_type=dtype,
+                                       tiling=entry.tiling)
+    return model.predict(fn, spec((k, m)), spec(entry.rhs), gs, chip=entry.chip)
+  fn = lambda lhs, rhs, g: mb.gmm(lhs, rhs, g, preferred_element_type=dtype,
+                                  tiling=entry.tiling, transpose_rhs=entry.kind == "gmm_t")
+  return model.predict(fn, spec(entry.lhs), spec(entry.rhs), gs, chip=entry.chip)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  entry: Entry
+  predicted_s: float
+
+  @property
+  def error(self) -> float:
+    return self.predicted_s / self.entry.measured_s - 1
+
+
+def entry_seconds(entry: Entry) -> float:
+  """The kernel's modeled time, plus the copy of its output when the entry returns it
+  twice (as the output and as the residuals: two buffers)."""
+  p = predict_entry(entry)
+  copy = 0.0
+  if entry.residuals:
+    out = 2 * np.prod(entry.lhs[:1] + (entry.rhs[1] if entry.kind == "gmm_t" else entry.rhs[-1],)
+                      ) if entry.kind != "tgmm" else 2 * len(entry.group_sizes) * entry.lhs[1] * entry.rhs[1]
+    copy = 2 * float(out) / model.chips_lib.get(entry.chip).hbm_bandwidth
+  return p.kernel_seconds + copy
+
+
+def validate(chip: str) -> list[Row]:
+  """Every usable entry of `chip`: measured time and the model's kernel time."""
+  return [Row(e, entry_seconds(e)) for e in load_entries(chip)]
+
+
+def summary(rows: list[Row]) -> tuple[float, float]:
+  """(median |error|, max |error|)."""
+  errs = np.abs([r.error for r in rows])
+  return float(np.median(errs)), float(np.max(errs))
+
+
+def format_rows(rows: list[Row]) -> str:
+  lines = [f"{'chip':6} {'case':46} {'tiles (m,k,n)':17} {'measured ms':>11} "
+           f"{'model ms':>9} {'error':>7}"]
+  for r in rows:
+    t = "/".join(map(str, r.entry.tiling))
+    lines.append(f"{r.entry.chip:6} {r.entry.label:46} {t:17} "
+                 f"{r.entry.measured_s * 1e3:11.3f} {r.predicted_s * 1e3:9.3f} "
+                 f"{100 * r.error:+6.1f}%")
+  med, mx = summary(rows)
+  lines.append(f"{rows[0].entry.chip}: {len(rows)} entries, median |error| {100 * med:.1f}%, "
+               f"max {100 * mx:.1f}%")
+  return "\n".join(lines)
