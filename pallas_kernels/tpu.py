@@ -338,7 +338,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
           out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, nv, wid, ends: (mt[t], j)),
           scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      compiler_params=_params("arbitrary", "arbitrary", "arbitrary"), cost_estimate=cost,
+      # column tiles are independent: a dual-TensorCore device (v5p) splits them
+      compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
       interpret=interpret, name="npu_gmm")(gid, mt, nv, wid, ends_all, lhs, rhs)
 
 
@@ -409,5 +410,6 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
               gid[t], i, j)),
           scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-      compiler_params=_params("arbitrary", "arbitrary", "arbitrary"), cost_estimate=cost,
+      # output tiles (k, n) are independent: a dual-TensorCore device splits them
+      compiler_params=_params("parallel", "parallel", "arbitrary"), cost_estimate=cost,
       interpret=interpret, name="npu_tgmm")(gid, mt, nv, ends_all, lhs, rhs)

@@ -21,7 +21,7 @@ class Chip:
     cores: TensorCores one device drives (TPU; 1 on GPUs).
     vmem_bytes: a TensorCore's VMEM (TPU) or an SM's shared memory (GPU).
     device_kinds: `jax.Device.device_kind` strings that name this chip.
-    vpu_rate: vector element operations per second (TPU: 8 x 128 lanes, four vector ALU
+    vpu_rate: vector element operations per second of one TensorCore (8 x 128 lanes, four vector ALU
       slots a cycle, at the chip's clock; an estimate: no vendor publishes it).
   """
   name: str

@@ -561,7 +561,9 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
   sc = _Scalars(steps, program_ids, grid)
   body_args = [*prefetch] + [_UNKNOWN] * (len(body.invars) - len(prefetch))
   sc.run(body, body_consts, body_args, None)
-  mxu_s = sum((flops / chip.peak(dtype) for dtype, flops in sc.mxu.items()), np.zeros(steps))
+  # A chip's peak counts all its TensorCores (v5p: two); each core has its share.
+  mxu_s = sum((flops / (chip.peak(dtype) / chip.cores) for dtype, flops in sc.mxu.items()),
+              np.zeros(steps))
   compute = np.maximum(mxu_s, sc.vpu / chip.vpu_rate) + STEP_OVERHEAD_S
   bandwidth = chip.hbm_bandwidth / cores
   seconds = 0.0

@@ -40,13 +40,12 @@ def ours_for_entry(entry: validate.Entry) -> model.Prediction:
   if entry.kind == "tgmm":
     fn = lambda x, dy, g: npu_ops.tgmm(x, dy, g, num_groups=len(gs), preferred_element_type=dtype)
     return model.predict(fn, spec(entry.lhs), spec(entry.rhs), gs, chip=entry.chip)
-  if entry.kind == "gmm_t":  # d lhs of the VJP: dy [m, n] x w [g, k, n] read transposed
+  if entry.kind == "gmm_t":  # the VJP's d x = dy [m, n] @ w[g]^T, w [g, k, n] read in place
     def fn(dy, w, g):
+      x = jnp.zeros((dy.shape[0], w.shape[1]), dtype)
       return jax.vjp(lambda x: npu_ops.grouped_matmul(x, w, g, preferred_element_type=dtype),
-                     jnp.zeros((dy.shape[0], w.shape[1]), dtype))[1](dy)[0]
-    m, n = entry.lhs
-    g_, k_, _ = entry.rhs[0], entry.rhs[2], entry.rhs[1]
-    return model.predict(fn, spec((m, n)), spec((g_, k_, n)), gs, chip=entry.chip)
+                     x)[1](dy)[0]
+    return model.predict(fn, spec(entry.lhs), spec(entry.rhs), gs, chip=entry.chip)
   fn = lambda x, w, g: npu_ops.grouped_matmul(x, w, g, preferred_element_type=dtype)
   return model.predict(fn, spec(entry.lhs), spec(entry.rhs), gs, chip=entry.chip)
 
