@@ -1,32 +1,33 @@
 """GPU (Pallas Triton backend) kernels: the fused A8W8 / A8W4 op and the float gmm / tgmm.
 
-One program per output tile; it walks the groups that have rows in its row tile
-(`common.tile_group_ranges`, computed once per call) and keeps, per row, the
-result of the row's own group. Operands are read in place: blocks are powers of
-two (Triton's rule), and the edges of m, k and n are masked loads (`other=0`)
-and masked stores, so no wrapper pads or copies anything per call. The bodies
-use `pltr.load` / `pltr.store`, `jnp` math, `lax.fori_loop` and one barrier,
-which is what a move to Mosaic GPU needs too (Pallas' Triton backend is
-deprecated upstream from JAX 0.11; the per-tile math and metadata carry over,
-the data movement becomes TMA copies into shared memory).
+The grouped matmuls run one program per (visit, column tile), a visit being a row
+tile and one group with rows in it (`common.visit_metadata`, megablox's technique):
+each program reads one expert's weight tile and writes its group's rows, so a few
+tokens over many experts (decode) use the whole GPU as prefill does. Operands are
+read in place: blocks are powers of two (Triton's rule), and the edges of m, k and
+n are masked loads (`other=0`) and masked stores, so no wrapper pads or copies
+anything per call. The bodies use `pltr.load` / `pltr.store`, `jnp` math and
+`lax.fori_loop`, which is what a move to Mosaic GPU needs too (Pallas' Triton
+backend is deprecated upstream from JAX 0.11; the per-tile math and metadata carry
+over, the data movement becomes TMA copies into shared memory).
 
-The fused kernel quantizes a row over all n/2 SwiGLU columns, which one program
-cannot hold in registers for a large n. It runs in two phases: it writes each
-float32 SwiGLU tile to a scratch output while keeping the running row amax,
-then (after a barrier) reads the tiles back and writes the int8 codes. The
-scratch costs 4 bytes per output element of extra traffic, small next to the
-weights (e * k * n bytes) unless tokens per expert are in the thousands.
+The fused op quantizes a row over all n/2 SwiGLU columns, which one program does not
+see: the kernel writes the float32 SwiGLU values and each row's |max| per column
+tile, and one XLA pass over that scratch writes the codes (4 + 4 bytes per output
+element of extra traffic, small next to the weights, e * k * n bytes, unless tokens
+per expert are in the thousands). The first version (one program per row tile
+walking every column tile and group, codes in a second phase after a barrier) ran
+at 1-3% of the roofline on an H200 and took 55 ms at decode (README).
 
 Registers (ptxas, `python -m npu_ops.aot`): two `[64, 128]` int32 accumulators,
 a float32 tile and (A8W4) two float32 k-group sums need 8 warps and 64-deep k
 blocks to stay within 255 registers per thread without spilling on sm_80.
 
 Roofline at the benchmark shape (m=4096, k=2048, n=2816, e=16, int8): 47.2 GFLOP
-over ~106 MB of operands plus 23 MB of scratch traffic, ~365 FLOP/byte. An H100
-SXM (~1979 dense int8 TOP/s, 3.35 TB/s; ridge ~590 FLOP/byte) would be memory
-bound at ~39 us if operands stream once; each program reads its groups' whole
-weights (256 tokens per expert / block_m 64 = 4 programs per expert), so expect
-~0.1-0.15 ms unless L2 (50 MB) serves the repeats.
+over ~106 MB of operands plus 46 MB of scratch traffic: an H100 SXM (~1979 dense
+int8 TOP/s, 3.35 TB/s) is memory bound at ~45 us if operands stream once; each
+visit reads its expert's weight tile (256 tokens per expert / block_m 64 = 4 visits
+per expert), so expect ~0.1-0.15 ms unless L2 (50 MB) serves the repeats.
 """
 
 from __future__ import annotations
@@ -70,34 +71,6 @@ def _load(ref, rows, cols, mask, other=0):
   return pltr.load(ref.at[rows, cols], mask=mask, other=other)
 
 
-def _write_codes(scratch_ref, q_ref, qs_ref, rows, in_m, amax, *, nh: int, bn: int, out_dtype,
-                 qmax: float, mx: bool, interpret: bool) -> None:
-  """Phase 2 of the fused kernels: the SwiGLU rows in `scratch_ref` to codes (int8, or the
-  bits of fp8 / fp4 ones) and scales: per token over the whole row (`amax`: its maximum
-  |value|; scale float32 `[m]`), or MX per block of 32 columns (scale bytes `[m, blocks]`)."""
-  if not interpret:  # phase 2 reads tiles other threads wrote (interpret mode is sequential)
-    pltr.debug_barrier()
-  width = _epilogue.MX_BLOCK if mx else bn
-
-  def quantize_tile(j, carry):
-    cols = pl.ds(j * width, width)
-    mask = in_m[:, None] & _span(j * width, width, nh)[None, :]
-    s = _load(scratch_ref, rows, cols, mask)
-    if mx:  # one block of 32 columns: rows past nh read 0, as the padding of `quantize_mx`
-      codes, scale = _epilogue.quantize_mx_blocks(s, out_dtype, as_bits=True)
-      pltr.store(qs_ref.at[rows, j], scale[:, 0], mask=in_m)
-    else:
-      codes = _epilogue.codes_for_amax(s, amax, qmax=qmax, dtype=out_dtype,
-                                       round_fn=_epilogue.round_half_even_small, fp8_as_bits=True)
-    pltr.store(q_ref.at[rows, cols], codes, mask=mask)
-    return carry
-
-  lax.fori_loop(0, common.cdiv(nh, width), quantize_tile, 0)
-  if not mx:
-    pltr.store(qs_ref.at[rows], _epilogue.scale_for_amax(amax, qmax)[:, 0],
-               mask=in_m)  # no group: 0
-
-
 class _Tile(NamedTuple):
   """One SwiGLU column tile of one row tile: rows (a slice, and which exist), the act and
   gate columns (n/2 apart) and which exist."""
@@ -108,53 +81,71 @@ class _Tile(NamedTuple):
   in_n: jax.Array
 
 
+def _visits(ends: jax.Array, m: int, bm: int):
+  """The (row tile, group) visits of a grid (`common.visit_metadata`, the rows past the
+  group total as one more, weightless group) and the group ends with that group's."""
+  gid, mt, nv, _ = common.visit_metadata(ends, common.cdiv(m, bm), bm, tail=m)
+  return (gid, mt, nv, jnp.concatenate([ends, jnp.full((1,), m, ends.dtype)]))
+
+
 def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequence[jax.Array],
                 ends: jax.Array, *, m: int, nh: int, tiles: TileSizes, out_dtype, qmax: float,
                 mx_out: bool, interpret: bool, name: str) -> tuple[jax.Array, jax.Array]:
-  """The frame of the fused kernels: one program per row tile walks its SwiGLU column tiles
-  and, in each, the groups with rows in the row tile (`common.tile_group_ranges`), keeping
-  each row's own group; `halves(refs, g, tile)` is a group's (act, gate), float32
-  `[bm, bn]`, from the kernel's operands `args` (as refs). Phase 2 writes the codes
-  (`_write_codes`). Returns (codes `[m, nh]` of out_dtype, scales: float32 `[m]` per token,
-  e8m0 bytes uint8 `[m, ceil(nh/32)]` for MX)."""
+  """The frame of the fused kernels: one program per (visit, SwiGLU column tile), a visit
+  being a row tile and one group with rows in it (megablox's metadata): so decode (a few
+  rows over many experts) spreads over the GPU as prefill does, and each program reads one
+  expert's weight tile. `halves(refs, g, tile)` is group g's (act, gate), float32
+  `[bm, bn]`, from the kernel's operands `args` (as refs). The kernel writes the SwiGLU
+  values of its group's rows and their partial |max| per column tile; the per-token (or MX)
+  codes need whole rows, so one XLA pass over that float32 scratch writes them, with the
+  same `_epilogue` functions. Returns (codes `[m, nh]` of out_dtype, scales: float32 `[m]`
+  per token, e8m0 bytes uint8 `[m, ceil(nh/32)]` for MX)."""
   scale_shape = (m, common.cdiv(nh, _epilogue.MX_BLOCK)) if mx_out else (m,)
   scale_dtype = jnp.uint8 if mx_out else jnp.float32
   if m == 0:  # no rows, no grid
     return jnp.zeros((0, nh), out_dtype), jnp.zeros(scale_shape, scale_dtype)
   bm, _, bn = gpu_tiles(tiles)
-  m_tiles, nh_tiles = common.cdiv(m, bm), common.cdiv(nh, bn)
-  first, stop = common.tile_group_ranges(ends, m_tiles, bm)
+  nh_tiles = common.cdiv(nh, bn)
+  num_groups = ends.shape[0]
+  gid, mt, nv, ends_all = _visits(ends, m, bm)
 
-  def kernel(first_ref, stop_ref, ends_ref, *refs):
-    *operands, q_ref, qs_ref, scratch_ref = refs
-    i = pl.program_id(0)  # read here: interpret mode has no program_id inside loops
-    r0 = i * bm
-    rows, in_m = pl.ds(r0, bm), _span(r0, bm, m)
+  def kernel(gid_ref, mt_ref, nv_ref, ends_ref, *refs):
+    *operands, s_ref, amax_ref = refs
+    t, j = pl.program_id(0), pl.program_id(1)  # here: interpret mode has none inside conds
+    g = gid_ref[t]
+    r0 = mt_ref[t] * bm
+    c0 = j * bn
+    tile = _Tile(pl.ds(r0, bm), _span(r0, bm, m), pl.ds(c0, bn), pl.ds(nh + c0, bn),
+                 _span(c0, bn, nh))
+    mine = common.group_rows(ends_ref, g, r0, bm)[:, 0] & tile.in_m  # the visit's rows
 
-    def swiglu_tile(j, amax):
-      c0 = j * bn
-      tile = _Tile(rows, in_m, pl.ds(c0, bn), pl.ds(nh + c0, bn), _span(c0, bn, nh))
+    def write(s):
+      pltr.store(s_ref.at[tile.rows, tile.cols_a], s, mask=mine[:, None] & tile.in_n[None, :])
+      part = jnp.max(jnp.where(tile.in_n[None, :], jnp.abs(s), 0.0), axis=1)
+      pltr.store(amax_ref.at[tile.rows, j], part, mask=mine)
 
-      def group(g, out):
-        s = _epilogue.swiglu_halves(*halves(operands, g, tile))
-        return jnp.where(common.group_rows(ends_ref, g, r0, bm), s, out)
+    @pl.when((t < nv_ref[0]) & (g < num_groups))
+    def _():
+      write(_epilogue.swiglu_halves(*halves(operands, g, tile)))
 
-      out = lax.fori_loop(first_ref[i], stop_ref[i], group, jnp.zeros((bm, bn), jnp.float32))
-      pltr.store(scratch_ref.at[rows, tile.cols_a], out, mask=in_m[:, None] & tile.in_n[None, :])
-      return jnp.maximum(amax, jnp.max(jnp.abs(out), axis=1, keepdims=True))
+    @pl.when((t < nv_ref[0]) & (g >= num_groups))  # rows past the group total: 0
+    def _():
+      write(jnp.zeros((bm, bn), jnp.float32))
 
-    amax = lax.fori_loop(0, nh_tiles, swiglu_tile, jnp.zeros((bm, 1), jnp.float32))
-    _write_codes(scratch_ref, q_ref, qs_ref, rows, in_m, amax, nh=nh, bn=bn,
-                 out_dtype=out_dtype, qmax=qmax, mx=mx_out, interpret=interpret)
-
-  # fp8 codes leave as their bits (`_epilogue.float8_bits`: no fp8 conversion before sm_89)
-  code_dtype = _epilogue.code_storage(out_dtype)
-  q, qs, _ = pl.pallas_call(
-      kernel, grid=(m_tiles,),
-      out_shape=[jax.ShapeDtypeStruct((m, nh), code_dtype),
-                 jax.ShapeDtypeStruct(scale_shape, scale_dtype),
-                 jax.ShapeDtypeStruct((m, nh), jnp.float32)],
-      compiler_params=_PARAMS, interpret=interpret, name=name)(first, stop, ends, *args)
+  s, part = pl.pallas_call(
+      kernel, grid=(gid.shape[0], nh_tiles),
+      out_shape=[jax.ShapeDtypeStruct((m, nh), jnp.float32),
+                 jax.ShapeDtypeStruct((m, nh_tiles), jnp.float32)],
+      compiler_params=_PARAMS, interpret=interpret, name=name)(gid, mt, nv, ends_all, *args)
+  # fp8 / fp4 codes as their bits and int8 rounding without `round`: the kernels' forms
+  if mx_out:
+    q, qs = _epilogue.quantize_mx_rows(s, out_dtype, as_bits=True)
+  else:
+    amax = jnp.max(part, axis=1, keepdims=True)
+    q = _epilogue.codes_for_amax(s, amax, qmax=qmax, dtype=_epilogue.code_storage(out_dtype)
+                                 if jnp.dtype(out_dtype) == jnp.int8 else out_dtype,
+                                 round_fn=_epilogue.round_half_even_small, fp8_as_bits=True)
+    qs = _epilogue.scale_for_amax(amax, qmax)[:, 0]
   return _epilogue.codes_from_bits(q, out_dtype), qs
 
 
@@ -279,42 +270,52 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
         interpret: bool = False, transpose_rhs: bool = False, precision=None) -> jax.Array:
   """Float grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
-  transpose with `transpose_rhs`), float32 accumulation. Grid (row tile, column tile)."""
+  transpose with `transpose_rhs`), float32 accumulation. Grid (visit, column tile): a
+  visit is a row tile and one group with rows in it (`_visits`); it writes that group's
+  rows, so a tile shared by two groups is written by two programs, and a few rows over
+  many experts still spread over the GPU."""
   m, k = lhs.shape
   n = rhs.shape[1 if transpose_rhs else 2]
   if m == 0:
     return jnp.zeros((0, n), out_dtype)
   precision = common.float32_precision(precision, lhs.dtype)
   bm, bk, bn = gpu_tiles(tiles, precision)
-  m_tiles, k_tiles = common.cdiv(m, bm), common.cdiv(k, bk)
-  first, stop = common.tile_group_ranges(ends, m_tiles, bm)
+  k_tiles = common.cdiv(k, bk)
+  num_groups = ends.shape[0]
+  gid, mt, nv, ends_all = _visits(ends, m, bm)
 
-  def kernel(first_ref, stop_ref, ends_ref, x_ref, w_ref, o_ref):
-    i, j = pl.program_id(0), pl.program_id(1)
-    rows, cols = pl.ds(i * bm, bm), pl.ds(j * bn, bn)
-    in_m, in_n = _span(i * bm, bm, m), _span(j * bn, bn, n)
+  def kernel(gid_ref, mt_ref, nv_ref, ends_ref, x_ref, w_ref, o_ref):
+    t, j = pl.program_id(0), pl.program_id(1)
+    g = gid_ref[t]
+    r0 = mt_ref[t] * bm
+    rows, cols = pl.ds(r0, bm), pl.ds(j * bn, bn)
+    in_m, in_n = _span(r0, bm, m), _span(j * bn, bn, n)
+    mask = (common.group_rows(ends_ref, g, r0, bm) & in_m[:, None]) & in_n[None, :]
 
-    def group(g, tile):
-      def k_step(kk, acc):
-        in_k = _span(kk * bk, bk, k)
-        ks = pl.ds(kk * bk, bk)
-        xb = _load(x_ref, rows, ks, in_m[:, None] & in_k[None, :])
-        if transpose_rhs:
-          wb = pltr.load(w_ref.at[g, cols, ks], mask=in_n[:, None] & in_k[None, :], other=0).T
-        else:
-          wb = pltr.load(w_ref.at[g, ks, cols], mask=in_k[:, None] & in_n[None, :], other=0)
-        return acc + jnp.dot(xb, wb, precision=precision, preferred_element_type=jnp.float32)
+    def k_step(kk, acc):
+      in_k = _span(kk * bk, bk, k)
+      ks = pl.ds(kk * bk, bk)
+      xb = _load(x_ref, rows, ks, in_m[:, None] & in_k[None, :])
+      if transpose_rhs:
+        wb = pltr.load(w_ref.at[g, cols, ks], mask=in_n[:, None] & in_k[None, :], other=0).T
+      else:
+        wb = pltr.load(w_ref.at[g, ks, cols], mask=in_k[:, None] & in_n[None, :], other=0)
+      return acc + jnp.dot(xb, wb, precision=precision, preferred_element_type=jnp.float32)
 
+    @pl.when((t < nv_ref[0]) & (g < num_groups))
+    def _():
       acc = lax.fori_loop(0, k_tiles, k_step, jnp.zeros((bm, bn), jnp.float32))
-      return jnp.where(common.group_rows(ends_ref, g, i * bm, bm), acc, tile)
+      pltr.store(o_ref.at[rows, cols], acc.astype(o_ref.dtype), mask=mask)
 
-    tile = lax.fori_loop(first_ref[i], stop_ref[i], group, jnp.zeros((bm, bn), jnp.float32))
-    pltr.store(o_ref.at[rows, cols], tile.astype(o_ref.dtype), mask=in_m[:, None] & in_n[None, :])
+    @pl.when((t < nv_ref[0]) & (g >= num_groups))  # rows past the group total: 0
+    def _():
+      pltr.store(o_ref.at[rows, cols], jnp.zeros((bm, bn), o_ref.dtype), mask=mask)
 
   return pl.pallas_call(
-      kernel, grid=(m_tiles, common.cdiv(n, bn)),
+      kernel, grid=(gid.shape[0], common.cdiv(n, bn)),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      compiler_params=_PARAMS, interpret=interpret, name="npu_gmm")(first, stop, ends, lhs, rhs)
+      compiler_params=_PARAMS, interpret=interpret, name="npu_gmm")(gid, mt, nv, ends_all,
+                                                                    lhs, rhs)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,

@@ -17,8 +17,10 @@ counts), and follows each `pallas_call` through its grid:
   operations, counted only on the steps whose `pl.when` / `lax.cond` branch runs (the
   predicate is evaluated per step where it depends on program ids and scalar-prefetch
   values; otherwise the costliest branch);
-* time: the copies for step i+1 and the write-back of step i-1 overlap step i's work,
-  plus a fixed overhead per step (the one fitted constant, `STEP_OVERHEAD_S`);
+* time: a timeline of the steps and one DMA queue (`_timeline`): a copy is issued one step
+  ahead (further with `pl.Buffered(n)`, or as soon as a buffer frees with its lookahead),
+  a step computes once its blocks have arrived and the step before is done, for its work
+  plus a fixed overhead (the one fitted constant, `STEP_OVERHEAD_S`);
 * dimension semantics: on a chip whose device drives two TensorCores (v5p), the steps
   of the outermost "parallel" grid axis are split between the cores, which share the
   HBM bandwidth.
@@ -525,9 +527,11 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
   ids = np.unravel_index(np.arange(steps), grid)
   program_ids = [np.asarray(i, np.int64) for i in ids]
 
-  # Block indices of every operand at every step.
+  # Block indices of every operand at every step: when each input is copied in (its index
+  # differs from the step before, on the same core) and each output written back.
   n_in = gm.num_inputs
-  copies_in, copies_out = np.zeros(steps), np.zeros(steps)
+  inputs = []  # (copied [S] bool, bytes [S], buffer count, lookahead)
+  copies_out = np.zeros(steps)
   core_of = (np.zeros(steps, np.int64) if split_axis is None else
              (program_ids[split_axis] * cores) // grid[split_axis])
   for i, bm in enumerate(gm.block_mappings):
@@ -542,16 +546,15 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
     nbytes = _block_bytes(bm.block_shape, bm.array_aval.shape, bm.array_aval.dtype, index)
     nbytes = np.broadcast_to(nbytes, (steps,))
     stacked = np.stack(index) if index else np.zeros((1, steps), np.int64)
-    if i < n_in:  # copied in when the index differs from the step before (per core)
-      changed = np.ones(steps, bool)
-      changed[1:] = np.any(stacked[:, 1:] != stacked[:, :-1], axis=0) | (
-          core_of[1:] != core_of[:-1])
-      copies_in += np.where(changed, nbytes, 0.0)
+    differs = np.any(stacked[:, 1:] != stacked[:, :-1], axis=0) | (core_of[1:] != core_of[:-1])
+    if i < n_in:
+      copied = np.concatenate([[True], differs])
+      mode = bm.pipeline_mode
+      inputs.append((copied, np.where(copied, nbytes, 0.0),
+                     getattr(mode, "buffer_count", 2) or 2,
+                     bool(getattr(mode, "use_lookahead", False))))
     else:  # written back when the index is about to change, and at the end
-      changes = np.ones(steps, bool)
-      changes[:-1] = np.any(stacked[:, 1:] != stacked[:, :-1], axis=0) | (
-          core_of[1:] != core_of[:-1])
-      copies_out += np.where(changes, nbytes, 0.0)
+      copies_out += np.where(np.concatenate([differs, [True]]), nbytes, 0.0)
 
   # The body's work per step.
   body = params["jaxpr"]
@@ -569,18 +572,63 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
   seconds = 0.0
   for c in range(cores):
     sel = core_of == c
-    comp, din, dout = compute[sel], copies_in[sel] / bandwidth, copies_out[sel] / bandwidth
-    if comp.size == 0:
-      continue
-    nxt = np.append(din[1:], 0.0)
-    prev = np.insert(dout[:-1], 0, 0.0)
-    seconds = max(seconds, din[0] + float(np.sum(np.maximum(comp, nxt + prev))) + dout[-1])
+    if np.any(sel):
+      seconds = max(seconds, _timeline(
+          compute[sel], [(cp[sel], nb[sel] / bandwidth, b, la) for cp, nb, b, la in inputs],
+          copies_out[sel] / bandwidth))
+  copies_in = sum((nb for _, nb, _, _ in inputs), np.zeros(steps))
   flops = float(sum(np.sum(v) for v in sc.mxu.values()))
   return KernelCost(name=name, grid=tuple(grid), seconds=seconds,
                     hbm_bytes=float(np.sum(copies_in) + np.sum(copies_out)), flops=flops,
                     grid_steps=steps, compute_seconds=float(np.sum(compute)),
                     dma_seconds=float(np.sum(copies_in + copies_out)) / chip.hbm_bandwidth,
                     cores=cores)
+
+
+def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray) -> float:
+  """Seconds for one core's steps, in order.
+
+  One DMA queue at the core's bandwidth serves the copies in the order they are issued.
+  An input's copy for step j is issued when step j - (buffers - 1) starts; with lookahead
+  (`pl.Buffered(use_lookahead=True)`), as soon as a buffer is free: when the block
+  `buffers` copies back is last used. Step j computes once its blocks have arrived and
+  step j - 1 is done; its output block is written back after it when the index changes.
+  """
+  n = len(compute)
+  start, end = np.zeros(n), np.zeros(n)
+  dma_free = 0.0
+  pending = []  # write-backs not yet queued: (issue time, seconds), in order
+  ready = [0.0] * len(inputs)
+  changes = [np.flatnonzero(cp) for cp, _, _, _ in inputs]
+  count = [0] * len(inputs)
+
+  def queue(issue: float, seconds: float) -> float:
+    nonlocal dma_free
+    while pending and pending[0][0] <= issue:
+      t, w = pending.pop(0)
+      dma_free = max(dma_free, t) + w
+    dma_free = max(dma_free, issue) + seconds
+    return dma_free
+
+  for j in range(n):
+    for q, (copied, secs, buffers, lookahead) in enumerate(inputs):
+      if not copied[j]:
+        continue
+      r = count[q]
+      count[q] += 1
+      if lookahead:
+        issue = end[changes[q][r - buffers + 1] - 1] if r >= buffers else 0.0
+      else:
+        issue = start[j - buffers + 1] if j - buffers + 1 >= 0 else 0.0
+      ready[q] = queue(issue, secs[j])
+    start[j] = max(end[j - 1] if j else 0.0, max(ready, default=0.0))
+    end[j] = start[j] + compute[j]
+    if write_back[j]:
+      pending.append((end[j], write_back[j]))
+  done = end[-1]
+  for t, w in pending:
+    dma_free = max(dma_free, t) + w
+  return max(done, dma_free)
 
 
 def _dimension_semantics(params: dict, ndim: int) -> tuple[str, ...]:
