@@ -158,3 +158,26 @@ def test_model_matches_measured_chips():
   assert med <= 0.15 and mx <= 0.35, (med, mx)
   med7, _ = validate.summary(validate.validate("tpu7x"))
   assert med7 <= 0.15, med7
+
+
+def test_accelerator_check_refuses_a_host_without_one(capsys):
+  from npu_ops.tools import accelerator_check  # noqa: PLC0415
+  assert accelerator_check.main(["--no-tests"]) == 2
+  assert "no GPU or TPU" in capsys.readouterr().out
+
+
+def test_accelerator_check_contenders_agree():
+  """The check times what it claims: ours and ragged_dot give the grouped product (NumPy,
+  from the bf16 inputs; bf16 outputs round at 2**-9 relative, so 1% covers that and the
+  float32 sums' order), and the FLOPs and ideal bytes are those of the shapes."""
+  from npu_ops.tools import accelerator_check  # noqa: PLC0415
+  sizes = np.array([5, 0, 11], np.int32)
+  rng = np.random.default_rng(0)
+  args, fns, flops, ideal, dtype = accelerator_check.contenders("gmm bf16", 16, 3, sizes, rng)
+  x, w, gl = (np.asarray(a, np.float32) for a in args)
+  want = np.concatenate([x[:5] @ w[0], x[5:16] @ w[2]])
+  for who in ("ours", "ragged_dot"):
+    np.testing.assert_allclose(np.asarray(fns[who](*args), np.float32), want, rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+  assert flops == 2 * 16 * cases.K * cases.N and dtype == "bfloat16"
+  assert ideal == 2 * (16 * cases.K + 2 * cases.K * cases.N + 16 * cases.N)
