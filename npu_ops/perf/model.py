@@ -185,15 +185,12 @@ def _walk(jaxpr, consts: Sequence[Any], args: Sequence[Any], acc: _Accumulator) 
 
 def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
   env: dict = {}
-  consts = ()
 
   def read(v):
     if isinstance(v, jax_core.Literal):
       return np.asarray(v.val)
     return env.get(v, _UNKNOWN)
 
-  for v, c in zip(jaxpr.constvars, consts):
-    env[v] = c
   for v, a in zip(jaxpr.invars, args):
     env[v] = a
   for eqn in jaxpr.eqns:
@@ -215,14 +212,12 @@ def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
       closed = jax.make_jaxpr(lambda *a: impl(*a, **params))(*avals)
       outs = _walk(closed.jaxpr, closed.consts, vals, acc)
       outs = outs if eqn.primitive.multiple_results else outs[:1]
-    elif known and name not in ("cond", "while", "scan"):
-      outs = _evaluate(eqn, vals)
-    elif (sub := _sub_jaxpr(eqn.params)) is not None:
-      inner, inner_consts = sub
+    elif name != "scan" and (sub := _sub_jaxpr(eqn.params)) is not None:
+      inner, inner_consts = sub  # a call: its known ops are evaluated, its kernels followed
       n_extra = len(eqn.invars) - len(inner.invars)  # e.g. custom_vjp's leading consts
       outs = _walk(inner, inner_consts, vals[max(n_extra, 0):], acc)
       outs = outs[:len(eqn.outvars)] + [_UNKNOWN] * (len(eqn.outvars) - len(outs))
-    elif name in ("cond", "while", "scan") and known:
+    elif known:
       outs = _evaluate(eqn, vals)
     elif name in ("cond", "while", "scan"):
       for branch in _branches(eqn.params):  # every branch once: an upper bound
