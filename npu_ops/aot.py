@@ -1,7 +1,7 @@
 """Ahead-of-time compile checks: the real TPU and GPU compilers, on a host without either.
 
     pip install -e ".[aot]"                      # libtpu and the CUDA plugin (ptxas)
-    python -m npu_ops.aot                        # every case on v5e, v6e, v5p, H100, A100
+    python -m npu_ops.aot                        # every case on v5e, v6e, v5p, TPU7x, H100, A100
     python -m npu_ops.aot --targets v5e a100 --cases fused
 
 Nothing runs on an accelerator: each case is traced with `implementation=None`,
@@ -16,7 +16,8 @@ compilers report is read back:
 * GPU: registers and spills of each Pallas kernel (ptxas -v on the PTX that XLA
   compiled, which reproduces XLA's own spill warnings) and its shared memory.
 * Expert-parallel cases ("EP ...") compile for every chip of the target's topology
-  (TPU v5e:2x2 and v6e:2x2: 4 chips, v5p:2x2x1: 4 chips; GPU: 8 GPUs, topology
+  (TPU v5e:2x2 and v6e:2x2: 4 chips, v5p:2x2x1: 4 chips, tpu7x:2x2x1: 8 TensorCores;
+  GPU: 8 GPUs, topology
   1x1x8) with the experts sharded over them; the exchange is counted: the
   all-to-all collectives (ragged or not) in the compiled program and the bytes of
   their buffers (for a ragged one, the most it can move).
