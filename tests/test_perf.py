@@ -181,3 +181,15 @@ def test_accelerator_check_contenders_agree():
                                atol=1e-2 * np.abs(want).max())
   assert flops == 2 * 16 * cases.K * cases.N and dtype == "bfloat16"
   assert ideal == 2 * (16 * cases.K + 2 * cases.K * cases.N + 16 * cases.N)
+
+
+def test_predict_command_prints_each_case_above_its_roofline(capsys):
+  """`python -m npu_ops.perf predict`: a row per case; the model never beats the roofline
+  (whole blocks and tile-padded bytes only add to the useful FLOPs and the ideal bytes)."""
+  from npu_ops.perf.__main__ import main  # noqa: PLC0415
+  assert main(["predict", "--chip", "v6e", "--ops", "gmm bf16", "--cases", "decode"]) == 0
+  rows = [l.split() for l in capsys.readouterr().out.splitlines() if l.startswith("decode")]
+  assert len(rows) == len(cases.DECODE)
+  for r in rows:
+    model_us, roof_us, x_roof = float(r[-6]), float(r[-5]), float(r[-4])
+    assert x_roof >= 1.0 and model_us >= roof_us and r[-1] == "gmm"
