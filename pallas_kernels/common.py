@@ -128,17 +128,6 @@ def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, tail: int | N
   return (group, m_tile.astype(jnp.int32), num_visits.reshape(1).astype(jnp.int32), weight)
 
 
-def tile_group_ranges(ends: jax.Array, m_tiles: int, block_m: int
-                      ) -> tuple[jax.Array, jax.Array]:
-  """For each row tile, the first and one-past-last group with rows in it
-  (int32 [m_tiles] each; first == last when no group touches the tile)."""
-  starts = starts_of(ends)
-  r0 = jnp.arange(m_tiles, dtype=ends.dtype) * block_m
-  first = jnp.searchsorted(ends, r0, side="right")         # groups ending at or before r0: before
-  stop = jnp.searchsorted(starts, r0 + block_m, side="left")  # groups starting in or after
-  return first.astype(jnp.int32), jnp.maximum(stop, first).astype(jnp.int32)
-
-
 _PRECISION_ORDER = (lax.Precision.DEFAULT, lax.Precision.HIGH, lax.Precision.HIGHEST)
 
 

@@ -12,10 +12,10 @@ backend is deprecated upstream from JAX 0.11; the per-tile math and metadata car
 over, the data movement becomes TMA copies into shared memory).
 
 The fused op quantizes a row over all n/2 SwiGLU columns, which one program does not
-see: the kernel writes the float32 SwiGLU values and each row's |max| per column
-tile, and one XLA pass over that scratch writes the codes (4 + 4 bytes per output
-element of extra traffic, small next to the weights, e * k * n bytes, unless tokens
-per expert are in the thousands). The first version (one program per row tile
+see: the kernel writes the float32 SwiGLU values, and the XLA path's quantizer
+writes the codes from them (a float32 scratch written once and read back: extra
+traffic small next to the weights, e * k * n bytes, unless tokens per expert are in
+the thousands). The first version (one program per row tile
 walking every column tile and group, codes in a second phase after a barrier) ran
 at 1-3% of the roofline on an H200 and took 55 ms at decode (README).
 
@@ -96,56 +96,47 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
   rows over many experts) spreads over the GPU as prefill does, and each program reads one
   expert's weight tile. `halves(refs, g, tile)` is group g's (act, gate), float32
   `[bm, bn]`, from the kernel's operands `args` (as refs). The kernel writes the SwiGLU
-  values of its group's rows and their partial |max| per column tile; the per-token (or MX)
-  codes need whole rows, so one XLA pass over that float32 scratch writes them, with the
-  same `_epilogue` functions. Returns (codes `[m, nh]` of out_dtype, scales: float32 `[m]`
+  values of its group's rows; the per-token (or MX) codes need whole rows, so the XLA
+  path's own quantizer (`_epilogue.quantize_rows` / `quantize_mx_rows`) writes them from
+  that float32 scratch. Returns (codes `[m, nh]` of out_dtype, scales: float32 `[m]`
   per token, e8m0 bytes uint8 `[m, ceil(nh/32)]` for MX)."""
   scale_shape = (m, common.cdiv(nh, _epilogue.MX_BLOCK)) if mx_out else (m,)
   scale_dtype = jnp.uint8 if mx_out else jnp.float32
   if m == 0:  # no rows, no grid
     return jnp.zeros((0, nh), out_dtype), jnp.zeros(scale_shape, scale_dtype)
   bm, _, bn = gpu_tiles(tiles)
-  nh_tiles = common.cdiv(nh, bn)
   num_groups = ends.shape[0]
   gid, mt, nv, ends_all = _visits(ends, m, bm)
 
   def kernel(gid_ref, mt_ref, nv_ref, ends_ref, *refs):
-    *operands, s_ref, amax_ref = refs
+    *operands, s_ref = refs
     t, j = pl.program_id(0), pl.program_id(1)  # here: interpret mode has none inside conds
     g = gid_ref[t]
     r0 = mt_ref[t] * bm
     c0 = j * bn
     tile = _Tile(pl.ds(r0, bm), _span(r0, bm, m), pl.ds(c0, bn), pl.ds(nh + c0, bn),
                  _span(c0, bn, nh))
-    mine = common.group_rows(ends_ref, g, r0, bm)[:, 0] & tile.in_m  # the visit's rows
-
-    def write(s):
-      pltr.store(s_ref.at[tile.rows, tile.cols_a], s, mask=mine[:, None] & tile.in_n[None, :])
-      part = jnp.max(jnp.where(tile.in_n[None, :], jnp.abs(s), 0.0), axis=1)
-      pltr.store(amax_ref.at[tile.rows, j], part, mask=mine)
+    mask = (common.group_rows(ends_ref, g, r0, bm) & tile.in_m[:, None]) & tile.in_n[None, :]
 
     @pl.when((t < nv_ref[0]) & (g < num_groups))
     def _():
-      write(_epilogue.swiglu_halves(*halves(operands, g, tile)))
+      s = _epilogue.swiglu_halves(*halves(operands, g, tile))
+      pltr.store(s_ref.at[tile.rows, tile.cols_a], s, mask=mask)
 
     @pl.when((t < nv_ref[0]) & (g >= num_groups))  # rows past the group total: 0
     def _():
-      write(jnp.zeros((bm, bn), jnp.float32))
+      pltr.store(s_ref.at[tile.rows, tile.cols_a], jnp.zeros((bm, bn), jnp.float32), mask=mask)
 
-  s, part = pl.pallas_call(
-      kernel, grid=(gid.shape[0], nh_tiles),
-      out_shape=[jax.ShapeDtypeStruct((m, nh), jnp.float32),
-                 jax.ShapeDtypeStruct((m, nh_tiles), jnp.float32)],
+  s = pl.pallas_call(
+      kernel, grid=(gid.shape[0], common.cdiv(nh, bn)),
+      out_shape=jax.ShapeDtypeStruct((m, nh), jnp.float32),
       compiler_params=_PARAMS, interpret=interpret, name=name)(gid, mt, nv, ends_all, *args)
-  # fp8 / fp4 codes as their bits and int8 rounding without `round`: the kernels' forms
+  # the XLA path's own quantizer (fp8 / fp4 codes as their bits), on whole rows
   if mx_out:
     q, qs = _epilogue.quantize_mx_rows(s, out_dtype, as_bits=True)
   else:
-    amax = jnp.max(part, axis=1, keepdims=True)
-    q = _epilogue.codes_for_amax(s, amax, qmax=qmax, dtype=_epilogue.code_storage(out_dtype)
-                                 if jnp.dtype(out_dtype) == jnp.int8 else out_dtype,
-                                 round_fn=_epilogue.round_half_even_small, fp8_as_bits=True)
-    qs = _epilogue.scale_for_amax(amax, qmax)[:, 0]
+    q, qs = _epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype, as_bits=True)
+    qs = qs[:, 0]
   return _epilogue.codes_from_bits(q, out_dtype), qs
 
 
