@@ -193,3 +193,20 @@ def test_predict_command_prints_each_case_above_its_roofline(capsys):
   for r in rows:
     model_us, roof_us, x_roof = float(r[-6]), float(r[-5]), float(r[-4])
     assert x_roof >= 1.0 and model_us >= roof_us and r[-1] == "gmm"
+
+
+def test_timeline_prefetch_depth_and_lookahead():
+  """Four steps of 1 s; one input copied at steps 0 and 2 (2.5 s each), one write-back of
+  1 s after the last step. Worked by hand from the pipeline's rules."""
+  compute = np.ones(4)
+  copied = np.array([True, False, True, False])
+  secs = np.where(copied, 2.5, 0.0)
+  wb = np.array([0, 0, 0, 1.0])
+  timeline = lambda buffers, lookahead: model._timeline(  # noqa: SLF001
+      compute, [(copied, secs, buffers, lookahead)], wb)
+  # double buffered: step 2's copy starts with step 1 (3.5 s), lands at 6.0; ends 8 + 1
+  assert timeline(2, False) == pytest.approx(9.0)
+  # three buffers: issued with step 0 (2.5 s), behind the first copy: lands at 5.0
+  assert timeline(3, False) == pytest.approx(8.0)
+  # lookahead: a free buffer from the start, queued behind the first copy: 5.0 too
+  assert timeline(2, True) == pytest.approx(8.0)
