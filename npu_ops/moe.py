@@ -223,7 +223,7 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
     gmm: float mode's grouped matmul (default `grouped_matmul`).
     mesh, expert_axis, data_axis: see above (all None: one device).
     capacity_factor: None (default): no token is ever dropped (each device can
-      receive every row routed on the axis). A float > 0: each device sends at
+      receive every row routed on the axis). A finite float > 0: each device sends at
       most `ceil(capacity_factor * T_local * top_k / D)` rows to each device (the
       earliest tokens first); the rest contribute 0 and are counted in
       `MoEOutput.dropped` (GShard's capacity). Smaller buffers, less to send.
