@@ -160,9 +160,9 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = No
   require(broadcast == tuple(x.shape), "scale", f"a shape broadcastable to x {describe(x)}",
           describe(scale))
   if not isinstance(scale, jax.core.Tracer):  # q * inf would be NaN everywhere
-    known = np.asarray(scale, np.float32)
-    require(np.isfinite(known).all(), "scale", "finite step sizes",
-            f"{known[~np.isfinite(known)].flat[0]} in {describe(scale)}")
+    bad = np.asarray(scale, np.float32)[~np.isfinite(np.asarray(scale, np.float32))]
+    if bad.size:
+      fail("scale", "finite step sizes", f"{bad.flat[0]} in {describe(scale)}")
   inv = jax.lax.stop_gradient(_reciprocal(scale.astype(jnp.float32)))
   return _lsq(x, scale, inv, qmax, grad_scale, grid)
 
