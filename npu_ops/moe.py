@@ -246,7 +246,7 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
   require(top_k <= e, "top_k", f"an int in [1, num_experts={e}]", top_k)
   if gmm is not None and not callable(gmm):
     fail("gmm", "None or a callable gmm(lhs, rhs, group_sizes)", repr(gmm), TypeError)
-  tokens = x.reshape(-1, d).astype(jnp.float32)
+  tokens = jnp.asarray(x).reshape(-1, d).astype(jnp.float32)  # NumPy x: gathered by traced ids
   config = dict(top_k=top_k, mode=mode, weight_bits=weight_bits, gmm=gmm)
   if mesh is None:
     check_no_parallel_options(expert_axis=expert_axis, data_axis=data_axis,
