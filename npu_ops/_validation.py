@@ -93,8 +93,9 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
 
 def check_dtype_arg(name: str, value: Any) -> np.dtype:
   """A dtype argument (`jnp.int8`, `"float32"`, `np.dtype(...)`) as a NumPy dtype; bools and
-  strings that name no dtype raise TypeError naming the argument."""
-  if isinstance(value, (bool, np.bool_)):
+  strings that name no dtype raise TypeError naming the argument. None raises too (NumPy
+  would read it as float64): arguments where None means a default handle it first."""
+  if value is None or isinstance(value, (bool, np.bool_)):
     fail(name, "a dtype (e.g. jnp.float32)", repr(value), TypeError)
   try:
     return np.dtype(value)

@@ -23,6 +23,7 @@ each source its rows' results, at the rows they left from.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -128,9 +129,11 @@ def to_sources(results: jax.Array, ex: Exchange, axis_name: str, capacity: int, 
 
 def _as_bytes(leaves: list[jax.Array]):
   """(uint8 `[P, bytes]`: each row's bytes of every leaf, the inverse for `[R, bytes]`)."""
+  # Sizes are spelled out, not inferred (-1): with zero rows a reshape cannot infer them.
   rows = lambda a: a.shape[0]
-  parts = [lax.bitcast_convert_type(a.reshape(rows(a), -1), jnp.uint8).reshape(rows(a), -1)
-           for a in leaves]
+  cols = lambda a: math.prod(a.shape[1:])
+  parts = [lax.bitcast_convert_type(a.reshape(rows(a), cols(a)), jnp.uint8)
+           .reshape(rows(a), cols(a) * a.dtype.itemsize) for a in leaves]
 
   def unpack(packed):
     out, at = [], 0
@@ -138,7 +141,7 @@ def _as_bytes(leaves: list[jax.Array]):
       piece = packed[:, at:at + part.shape[1]]
       at += part.shape[1]
       if a.dtype.itemsize > 1:
-        piece = piece.reshape(rows(piece), -1, a.dtype.itemsize)
+        piece = piece.reshape(rows(piece), cols(a), a.dtype.itemsize)
       out.append(lax.bitcast_convert_type(piece, a.dtype).reshape((rows(piece),) + a.shape[1:]))
     return out
   return jnp.concatenate(parts, axis=1), unpack

@@ -149,6 +149,9 @@ def _check_experts(rhs: Any) -> row_blocks.Experts:
   """rhs `[g, k, n]`, or a list / tuple of g `[k, n]` arrays (-> a tuple)."""
   if not isinstance(rhs, (list, tuple)):
     check_rank("rhs", rhs, 3)
+    # else group_sizes would be blamed ("between 1 and 0 entries") for a weight of no experts
+    require(rhs.shape[0] >= 1, "rhs", "[g, k, n] with at least one group (g >= 1)",
+            describe(rhs))
     return rhs
   require(len(rhs) >= 1, "rhs", "a non-empty list of [k, n] arrays", "[]")
   for i, r in enumerate(rhs):
@@ -196,14 +199,15 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
   """
   lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
   m, k = lhs.shape
-  if transpose_rhs or is_symbolic(m):
+  n = rhs[0].shape[0 if transpose_rhs else 1]  # rhs[0]: group 0's matrix in both forms
+  symbolic = is_symbolic(m) or is_symbolic(k) or is_symbolic(n)
+  if transpose_rhs or symbolic:
     rhs = row_blocks.stacked(rhs)  # the XLA path copies a transposed rhs anyway (below)
-  if is_symbolic(m):
-    check_static_m(m, implementation)
+  if symbolic:
+    check_static_dims(implementation, m=m, k=k, n=n)
     rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
     return lax.ragged_dot(lhs, rhs, _all_sizes(ends, rhs.shape[0]), precision=precision,
                           preferred_element_type=acc_dtype).astype(out_dtype)
-  n = rhs[0].shape[0 if transpose_rhs else 1]  # rhs[0]: group 0's matrix in both forms
   tiles = tiles or TileSizes.for_problem(m, k, n, len(ends))
 
   def kernel(module, lhs, rhs, ends_array):
@@ -237,9 +241,17 @@ def is_symbolic(dim: Any) -> bool:
 
 def check_static_m(m: Any, implementation: str | None) -> None:
   """A Pallas kernel asked for by name needs a concrete m: say so, naming it."""
-  if implementation in backend.KERNELS:
-    fail("implementation", f"None or 'xla' for a symbolic m={m} ({implementation!r} sizes its "
-         "grid from m: export with a concrete m to get the kernel)", repr(implementation))
+  check_static_dims(implementation, m=m)
+
+
+def check_static_dims(implementation: str | None, **dims: Any) -> None:
+  """Symbolic dims (jax.export) run on `ragged_dot` (the XLA path): a Pallas kernel asked
+  for by name sizes its grid and tiles from them, so say which dim must be concrete."""
+  named = ", ".join(f"{name}={d}" for name, d in dims.items() if is_symbolic(d))
+  if named and implementation in backend.KERNELS:
+    fail("implementation", f"None or 'xla' for symbolic {named} ({implementation!r} sizes its "
+         "grid and tiles from them: export with concrete dims to get the kernel)",
+         repr(implementation))
 
 
 def _all_sizes(ends: groups_lib.GroupEnds, num_groups: int) -> jax.Array:
@@ -336,8 +348,8 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
   """`tgmm` on the canonical form (validated operands, group ends)."""
   lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
   m, k = lhs.shape
-  if is_symbolic(m):
-    check_static_m(m, implementation)
+  if is_symbolic(m) or is_symbolic(k) or is_symbolic(rhs.shape[-1]):
+    check_static_dims(implementation, m=m, k=k, n=rhs.shape[-1])
     dims = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
                                          lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
     return lax.ragged_dot_general(lhs, rhs, _all_sizes(ends, num_groups), dims,

@@ -34,6 +34,7 @@ from npu_ops import _epilogue
 from npu_ops import backend
 from npu_ops import gmm as gmm_lib
 from npu_ops import groups as groups_lib
+from npu_ops import layouts
 from npu_ops import operands
 from npu_ops import quant as quant_lib
 from npu_ops import reference
@@ -320,10 +321,14 @@ def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None
   weight_scale = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(1, 2))
   check_rank("weight_scale", weight_scale, (2, 3))
   n = weight_scale.shape[-1]
+  stacked = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
   if k is None:
-    stacked = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
     require(stacked.ndim == 3, "k", "the logical k for a FRACTAL_NZ weight", None, TypeError)
     k = stacked.shape[1]
+  if stacked.ndim == 3:  # an ND weight says e and n: a scale that disagrees is to blame
+    words = np.dtype(stacked.dtype) == np.int32
+    check_scale_groups("weight_scale", weight_scale, e=stacked.shape[0],
+                       n=stacked.shape[2] * (layouts.INT4_PER_INT32 if words else 1), k=k)
   w = operands.canonical_weight(weight, k=k, n=n, k_from="k given or from the ND weight")
   require(w.bits == operands.INT4, "weight", "int4 (int32 words or jnp.int4)", describe(weight),
           TypeError)

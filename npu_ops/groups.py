@@ -86,7 +86,7 @@ def group_ends(group_list: Any, *, group_list_type: int, m: int, num_groups: int
 
   if not (hasattr(group_list, "shape") and hasattr(group_list, "dtype")):
     fail(name, "a sequence of Python ints or an integer array", describe(group_list), TypeError)
-  require(is_integer_dtype(group_list.dtype), name, "an integer dtype (int32 or int64)",
+  require(is_integer_dtype(group_list.dtype), name, "an integer dtype",
           describe(group_list), TypeError)
   require(group_list.ndim == 1, name, "a 1-D array", describe(group_list))
   require(1 <= group_list.shape[0] <= num_groups, name,
@@ -96,16 +96,26 @@ def group_ends(group_list: Any, *, group_list_type: int, m: int, num_groups: int
     # Known values (eager calls, NumPy arrays) are checked like a static list: a counts
     # list passed as the cumsum default must not be clamped into a silent wrong answer.
     _static_ends(np.asarray(group_list).tolist(), group_list_type, m, name)
-  if isinstance(group_list, np.ndarray):
-    # int64 values would wrap when JAX narrows them to int32 (x64 off). Clipping
-    # to [-1, m+1] keeps every invalid value invalid and every valid one intact.
-    top = m + 1 if concrete_m else np.iinfo(np.int32).max
-    group_list = np.clip(group_list, -1, top).astype(np.int32)
-  gl = jnp.asarray(group_list, jnp.int32)
+  gl = _as_int32(group_list, m + 1 if concrete_m else np.iinfo(np.int32).max)
   checkify.debug_check(_group_list_ok(gl, group_list_type, m),
                        f"{name} is invalid for m={m} (negative count, decreasing cumsum, "
                        "or total above m); values were clamped")
   return _dynamic_ends(gl, group_list_type, m)
+
+
+def _as_int32(group_list: Any, top: int) -> jax.Array:
+  """Integer values as int32 with every invalid value kept invalid and every valid one
+  intact: values above `top` (an int beyond any valid value) become `top`, negative ones
+  -1. A plain cast would wrap int64 (JAX narrows it, x64 off) and unsigned values
+  >= 2**31 (uint32 2**32-1 would read as -1, an empty group instead of "all rows")."""
+  if isinstance(group_list, np.ndarray):
+    if np.issubdtype(group_list.dtype, np.unsignedinteger):
+      return jnp.asarray(np.minimum(group_list, np.uint64(top)).astype(np.int32))
+    return jnp.asarray(np.clip(group_list, -1, top).astype(np.int32))
+  gl = jnp.asarray(group_list)
+  if jnp.issubdtype(gl.dtype, jnp.unsignedinteger) and gl.dtype.itemsize >= 4:
+    gl = jnp.minimum(gl, jnp.asarray(top, gl.dtype))
+  return gl.astype(jnp.int32)
 
 
 def _static_ends(values: list[int], group_list_type: int, m: int, name: str) -> tuple[int, ...]:
@@ -165,8 +175,9 @@ def group_segments(group_list: Any, *, m: int, num_groups: int, name: str = "gro
   (in listed order) use expert `expert_r`. The segments are canonical groups of
   their own, so the result is the ends of the R segments (counts, as type 1)
   and the expert of each: a tuple of ints (static) or an int32 array (dynamic).
-  Dynamic rows with an expert outside `[0, num_groups)` become empty segments
-  of expert 0 (reported under checkify); static ones raise `ValueError`.
+  Traced rows with an expert outside `[0, num_groups)` become empty segments
+  of expert 0 (reported under checkify); known ones (Python lists, NumPy arrays,
+  jax.Arrays outside a trace) raise `ValueError`.
   """
   if is_static(group_list):
     rows = [list(r) if isinstance(r, (list, tuple)) else r for r in group_list]
@@ -185,13 +196,18 @@ def group_segments(group_list: Any, *, m: int, num_groups: int, name: str = "gro
     return ends, experts
   if not (hasattr(group_list, "shape") and hasattr(group_list, "dtype")):
     fail(name, "pairs as Python ints or an integer array [R, 2]", describe(group_list), TypeError)
-  require(is_integer_dtype(group_list.dtype), name, "an integer dtype (int32 or int64)",
+  require(is_integer_dtype(group_list.dtype), name, "an integer dtype",
           describe(group_list), TypeError)
   require(group_list.ndim == 2 and group_list.shape[1] == 2, name,
           "(index, size) pairs of shape [R, 2] for group_list_type=2", describe(group_list))
-  if isinstance(group_list, np.ndarray):  # as in group_ends: keep invalid values invalid
-    group_list = np.clip(group_list, -1, max(m, num_groups) + 1).astype(np.int32)
-  gl = jnp.asarray(group_list, jnp.int32)
+  if is_concrete(group_list):
+    # Known experts are checked like a static list's: an unknown expert must not become
+    # a silently empty segment (its rows would read 0). Traced ones are clamped (below).
+    known_experts = np.asarray(group_list)[:, 0].tolist()
+    require(all(0 <= e < num_groups for e in known_experts), name,
+            f"expert indices in [0, {num_groups})", known_experts)
+  top = (m if isinstance(m, (int, np.integer)) else np.iinfo(np.int32).max - 1)
+  gl = _as_int32(group_list, max(top, num_groups) + 1)
   experts, sizes = gl[:, 0], gl[:, 1]
   known = (experts >= 0) & (experts < num_groups)
   checkify.debug_check(jnp.all(known), f"{name}: expert index outside [0, {num_groups}); "

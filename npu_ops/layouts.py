@@ -45,9 +45,32 @@ def unpack_int4(words: jax.Array) -> jax.Array:
 def pack_int4(values: jax.Array) -> jax.Array:
   """Integer values `[..., c]` in [-8, 7], c % 8 == 0 -> int32 words `[..., c/8]`.
 
-  Values are taken modulo 16 (their low nibble), as the hardware packer does;
-  range validation belongs to the public packing op.
+  Float values raise TypeError, known values outside [-8, 7] ValueError (a nibble
+  cannot hold them); traced ones are reported under checkify and packed modulo 16
+  (their low nibble), as the hardware packer does.
   """
+  check_array("values", values)
+  if not jnp.issubdtype(values.dtype, jnp.integer):
+    fail("values", "an integer array (int4 values in [-8, 7])", describe(values), TypeError)
+  _check_int4_range("values", values)
+  return _pack_int4(values)
+
+
+def _check_int4_range(name: str, values: Any) -> None:
+  """Known values outside [-8, 7] raise, naming the first; traced ones go to checkify."""
+  if not isinstance(values, jax.core.Tracer):
+    w = np.asarray(values)
+    bad = (w < -8) | (w > 7)
+    if bad.any():
+      fail(name, "int4 values in [-8, 7]", f"{int(w[bad].flat[0])} at index "
+           f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
+  else:
+    checkify.debug_check(jnp.all((values >= -8) & (values <= 7)),
+                         f"{name}: expected int4 values in [-8, 7]")
+
+
+def _pack_int4(values: jax.Array) -> jax.Array:
+  """`pack_int4` without its checks: each value's low nibble."""
   values = jnp.asarray(values)
   c = values.shape[-1]
   require(c % INT4_PER_INT32 == 0, "values", "a last dim that is a multiple of 8", describe(values))
@@ -166,16 +189,8 @@ def npu_convert_weight_to_int4pack(weight: Any, inner_k_tiles: int = 0) -> jax.A
   require(weight.ndim >= 2, "weight", "rank >= 2", describe(weight))
   require(weight.shape[-1] % INT4_PER_INT32 == 0, "weight",
           "a last dim that is a multiple of 8", describe(weight))
-  if not isinstance(weight, jax.core.Tracer):
-    w = np.asarray(weight)
-    bad = (w < -8) | (w > 7)
-    if bad.any():
-      fail("weight", "int4 values in [-8, 7]", f"{int(w[bad].flat[0])} at index "
-           f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
-  else:
-    checkify.debug_check(jnp.all((weight >= -8) & (weight <= 7)),
-                         "weight: expected int4 values in [-8, 7]")
-  return pack_int4(weight)
+  _check_int4_range("weight", weight)
+  return _pack_int4(weight)
 
 
 def npu_convert_int4pack_to_weight(packed: Any) -> jax.Array:
@@ -193,4 +208,4 @@ def int4pack_to_native(packed: Any) -> jax.Array:
 def native_to_int4pack(values: Any) -> jax.Array:
   """native `jnp.int4` `[..., c]` (c % 8 == 0) -> int32 words `[..., c/8]`."""
   check_dtype("values", values, (jnp.int4,))
-  return pack_int4(jnp.asarray(values).astype(jnp.int8))
+  return _pack_int4(jnp.asarray(values).astype(jnp.int8))  # int4: always in range

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from npu_ops import expert_parallel as ep
@@ -28,7 +29,8 @@ from npu_ops import groups
 from npu_ops import operands
 from npu_ops import qat
 from npu_ops import quant
-from npu_ops._validation import check_float_array, check_rank, describe, fail, require
+from npu_ops._validation import (check_array, check_float_array, check_int, check_rank, describe,
+                                 fail, require)
 from npu_ops.gmm import grouped_matmul
 from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2
 
@@ -88,7 +90,8 @@ def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """
   check_rank("logits", logits, 2)
   e = logits.shape[1]
-  require(isinstance(k, int) and 1 <= k <= e, "k", f"an int in [1, e={e}]", repr(k))
+  k = check_int("k", k, minimum=1)
+  require(k <= e, "k", f"an int in [1, e={e}]", k)
   # The renormalized top-k of softmax(logits) is the softmax of the top-k logits (the
   # full denominator cancels). Its k-term sum is unrolled into elementwise adds: XLA:CPU
   # computes exp inside a reduction with other code than elementwise, which made the
@@ -100,10 +103,26 @@ def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def dispatch(experts: jax.Array, num_experts: int) -> Dispatch:
-  """Sorts the (token, slot) pairs of `experts [T, k]` by expert."""
+  """Sorts the (token, slot) pairs of `experts [T, k]` (integer ids) by expert.
+
+  Known ids outside `[0, num_experts)` raise ValueError; traced ones are counted in no
+  group and sorted last (their `expert` reads `num_experts`), so their rows fall past
+  the groups and the grouped ops give them 0.
+  """
   check_rank("experts", experts, 2)
+  if not jnp.issubdtype(experts.dtype, jnp.integer):
+    fail("experts", "integer expert ids", describe(experts), TypeError)
+  num_experts = check_int("num_experts", num_experts, minimum=1)
+  if groups.is_concrete(experts):
+    known = np.asarray(experts)
+    bad = (known < 0) | (known >= num_experts)
+    if bad.any():
+      fail("experts", f"ids in [0, num_experts={num_experts})",
+           f"{int(known[bad].flat[0])} at index {tuple(int(i) for i in np.argwhere(bad)[0])}")
   t, k = experts.shape
-  flat = experts.reshape(-1)
+  flat = experts.reshape(-1).astype(jnp.int32)
+  # bincount would count a negative id as expert 0: every invalid id becomes num_experts
+  flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)
   unsort = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
   sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
@@ -114,6 +133,10 @@ def combine(y_sorted: jax.Array, routing: Dispatch, weights: jax.Array) -> jax.A
   """`out[t] = sum_j weights[t, j] * y[row of (t, j)]`: `[T*k, d]` -> `[T, d]`."""
   check_rank("weights", weights, 2)
   t, k = weights.shape
+  pairs = routing.unsort.shape[0]
+  # weights first: a y_sorted that matches the routing is not the one to blame
+  require(t * k == pairs, "weights", f"[T, k] gates of the {pairs} routed (token, slot) "
+          "pairs", describe(weights))
   require(y_sorted.ndim == 2 and y_sorted.shape[0] == t * k, "y_sorted",
           f"[T*k={t * k}, d]", describe(y_sorted))
   y = y_sorted[routing.unsort].reshape(t, k, y_sorted.shape[1])
@@ -147,7 +170,9 @@ def expert_mlp(rows: Any, expert: jax.Array, sizes: jax.Array, weights: MoEWeigh
       `grouped_matmul`).
     expected_rows: rows per expert expected (the row blocks' size hint).
   """
-  hint = [max(1, expected_rows or 1)]
+  # a symbolic row count (jax.export) gives no hint (its path is ragged_dot's, unblocked)
+  concrete = isinstance(expected_rows, (int, np.integer))
+  hint = [max(1, int(expected_rows))] if concrete and expected_rows else None
   if mode == "float":
     gmm = gmm or grouped_matmul
     return gmm(quant.swiglu(gmm(rows, weights.w_gate_up, sizes)), weights.w_down, sizes)
@@ -198,7 +223,7 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
     gmm: float mode's grouped matmul (default `grouped_matmul`).
     mesh, expert_axis, data_axis: see above (all None: one device).
     capacity_factor: None (default): no token is ever dropped (each device can
-      receive every row routed on the axis). A float > 0: each device sends at
+      receive every row routed on the axis). A finite float > 0: each device sends at
       most `ceil(capacity_factor * T_local * top_k / D)` rows to each device (the
       earliest tokens first); the rest contribute 0 and are counted in
       `MoEOutput.dropped` (GShard's capacity). Smaller buffers, less to send.
@@ -217,18 +242,15 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
   d, e = _check_weights(weights, mode)
   if x.ndim < 1 or x.shape[-1] != d:
     fail("x", f"[..., d_model={d}]", describe(x))
-  require(isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k <= e, "top_k",
-          f"an int in [1, num_experts={e}]", repr(top_k))
+  top_k = check_int("top_k", top_k, minimum=1)  # a NumPy int too, as MoEMLP takes it
+  require(top_k <= e, "top_k", f"an int in [1, num_experts={e}]", top_k)
   if gmm is not None and not callable(gmm):
     fail("gmm", "None or a callable gmm(lhs, rhs, group_sizes)", repr(gmm), TypeError)
-  tokens = x.reshape(-1, d).astype(jnp.float32)
+  tokens = jnp.asarray(x).reshape(-1, d).astype(jnp.float32)  # NumPy x: gathered by traced ids
   config = dict(top_k=top_k, mode=mode, weight_bits=weight_bits, gmm=gmm)
   if mesh is None:
-    for name, value in (("expert_axis", expert_axis), ("data_axis", data_axis),
-                        ("capacity_factor", capacity_factor), ("exchange", exchange)):
-      if value is not None:
-        fail(name, "None without a mesh (it configures expert parallelism: pass mesh=)",
-             repr(value))
+    check_no_parallel_options(expert_axis=expert_axis, data_axis=data_axis,
+                              capacity_factor=capacity_factor, exchange=exchange)
     y, dropped = _one_device(tokens, weights, **config)
   else:
     y, dropped = _expert_parallel(tokens, weights, mesh=mesh, expert_axis=expert_axis,
@@ -299,8 +321,26 @@ def _expert_parallel(tokens, weights, *, mesh, expert_axis, data_axis, capacity_
     weights = jax.tree.map(place, weights, specs)
   # check_vma=False: the grouped ops' loops start from invariant zeros (the outputs
   # declared replicated, the dropped count, are psums).
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(token_axes), specs),
-                       out_specs=(P(token_axes), P()), check_vma=False)(tokens, weights)
+  y, dropped = jax.shard_map(local, mesh=mesh, in_specs=(P(token_axes), specs),
+                             out_specs=(P(token_axes), P()), check_vma=False)(tokens, weights)
+  if explicit and jax.sharding.get_abstract_mesh().empty:
+    # Outside `jax.set_mesh`, results typed on an Explicit mesh break the caller's eager
+    # `grad`: JAX builds the loss's cotangent on the loss's (mesh-typed) sharding with no
+    # mesh to place it ("Length of device assignment 1 is not equal to the size of the
+    # mesh"). Hand them back as an untyped input would get them: the same devices and
+    # layout, on the mesh's Auto twin (device_put is differentiable).
+    auto = mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    y = jax.device_put(y, jax.sharding.NamedSharding(auto, P(token_axes)))
+    dropped = jax.device_put(dropped, jax.sharding.NamedSharding(auto, P()))
+  return y, dropped
+
+
+def check_no_parallel_options(mesh: Any = None, **options: Any) -> None:
+  """Without a mesh, the expert-parallel options must be None."""
+  for name, value in options.items():
+    if value is not None:
+      fail(name, "None without a mesh (it configures expert parallelism: pass mesh=)",
+           repr(value))
 
 
 def check_expert_parallel(num_experts: int, *, mesh: Any, expert_axis: Any, data_axis: Any,
@@ -318,8 +358,9 @@ def check_expert_parallel(num_experts: int, *, mesh: Any, expert_axis: Any, data
     fail("exchange", f"None or one of {ep.EXCHANGES}", repr(exchange))
   if capacity_factor is not None and (
       isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
-      or not capacity_factor > 0):
-    fail("capacity_factor", "None or a number > 0", repr(capacity_factor))
+      or not 0 < capacity_factor < math.inf):
+    fail("capacity_factor", "None or a finite number > 0 (None: no limit)",
+         repr(capacity_factor))
   devices = mesh.shape[expert_axis]
   require(num_experts % devices == 0, "num_experts", f"a multiple of the {devices} devices of "
           f"expert_axis={expert_axis!r}", num_experts)
@@ -332,6 +373,14 @@ def _check_weights(weights: MoEWeights, mode: str) -> tuple[int, int]:
   check_rank("weights.router", weights.router, 2)
   d, e = weights.router.shape
   check_rank("weights.w_gate_up", weights.w_gate_up, 3)
+  # the mode decides the weights' kind: name them here, not as the inner op's operand
+  for name in ("w_gate_up", "w_down"):
+    a = getattr(weights, name)
+    check_array(f"weights.{name}", a)
+    if mode == "int8" and np.dtype(a.dtype) != np.int8:
+      fail(f"weights.{name}", "int8 codes in mode 'int8'", describe(a), TypeError)
+    if mode != "int8" and not jnp.issubdtype(a.dtype, jnp.floating):
+      fail(f"weights.{name}", f"float weights in mode {mode!r}", describe(a), TypeError)
   f2 = weights.w_gate_up.shape[2]
   require(tuple(weights.w_gate_up.shape[:2]) == (e, d) and f2 % 2 == 0, "weights.w_gate_up",
           f"[e={e}, d={d}, 2 * d_ff]", describe(weights.w_gate_up))

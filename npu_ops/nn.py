@@ -14,10 +14,10 @@ try:
 except ImportError as e:  # flax is an extra: say which
   raise ImportError("npu_ops.nn needs Flax: pip install 'npu_ops[nn]' (or flax>=0.12)") from e
 
-from npu_ops._validation import check_dtype_arg, check_float_array, check_int, fail, require
+from npu_ops._validation import check_float_array, check_int, fail, require
 from npu_ops import moe
 from npu_ops import qat
-from npu_ops.quant_matmul import npu_quant_matmul
+from npu_ops.quant_matmul import check_output_dtype, npu_quant_matmul
 
 
 class QuantParam(nnx.Variable):
@@ -53,8 +53,14 @@ class LinearA8W8Quant(nnx.Module):
                rngs: nnx.Rngs):
     self.in_features = check_int("in_features", in_features, minimum=1)
     self.out_features = check_int("out_features", out_features, minimum=1)
-    self.output_dtype = (None if output_dtype is None
-                         else check_dtype_arg("output_dtype", output_dtype))
+    # npu_quant_matmul's rules, checked now rather than at the first call
+    out = check_output_dtype(output_dtype)
+    self.output_dtype = None if output_dtype is None else out
+    if offset:
+      require(out == np.int8, "offset", "False unless output_dtype is int8 (None)", offset)
+    if pertoken_scale:
+      require(out in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16)), "pertoken_scale",
+              "False unless output_dtype is float16 or bfloat16", pertoken_scale)
     key = rngs.params()
     self.weight = QuantParam(jax.random.randint(key, (out_features, in_features), -128, 128,
                                                 jnp.int32).astype(jnp.int8))
@@ -131,7 +137,7 @@ class MoEMLP(nnx.Module):
       raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
     for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
       check_int(name, value, minimum=1)
-    check_int("top_k", top_k, minimum=1)
+    top_k = check_int("top_k", top_k, minimum=1)
     require(top_k <= num_experts, "top_k", f"an int in [1, num_experts={num_experts}]", top_k)
     if gmm is not None and not callable(gmm):
       fail("gmm", "None or a callable gmm(lhs, rhs, group_sizes)", repr(gmm), TypeError)
@@ -141,8 +147,11 @@ class MoEMLP(nnx.Module):
     self.gmm = gmm
     self.parallel = dict(mesh=mesh, expert_axis=expert_axis, data_axis=data_axis,
                          capacity_factor=capacity_factor, exchange=exchange)
-    if mesh is not None:  # fail now, not at the first call
+    # fail now, not at the first call
+    if mesh is not None:
       moe.check_expert_parallel(num_experts, **self.parallel)
+    else:
+      moe.check_no_parallel_options(**self.parallel)
     normal = lambda shape, fan_in: jax.random.normal(rngs.params(), shape) * fan_in ** -0.5
     self.router = nnx.Param(self._placed(normal((d_model, num_experts), d_model), None))
     w_gate_up = normal((num_experts, d_model, 2 * d_ff), d_model)

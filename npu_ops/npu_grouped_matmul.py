@@ -119,6 +119,9 @@ def npu_grouped_matmul(x: Any, weight: Any, *, bias: Any = None, scale: Any = No
   if isinstance(quant_group_size, bool) or not isinstance(quant_group_size, (int, np.integer)):
     fail("quant_group_size", "a Python int (0, or the k-group size of A8W4)",
          repr(quant_group_size), TypeError)
+  # checked here, for every scenario: paths that do not group k would ignore a bad value
+  require(quant_group_size >= 0, "quant_group_size", "0, or the k-group size of A8W4 (> 0)",
+          quant_group_size)
   opts = scenarios.Options(act_type=act_type, output_dtype=output_dtype,
                   quant_group_size=int(quant_group_size), implementation=implementation,
                   expected_tokens=expected_tokens(tuning_config), interpret=interpret,
@@ -163,9 +166,7 @@ def _m_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
     pts = pts[0]
   elif isinstance(pts, (list, tuple)):
     pts = jnp.concatenate([jnp.asarray(p) for p in _tensor_list(pts, "per_token_scale")])
-  w = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
-  if isinstance(weight, (list, tuple)) and len(weight) == 1 and w.ndim in (2, 4):
-    w = w[None]  # a list of one [k, n] weight: one expert
+  w = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))  # [w0 [k, n]]: one expert
   stacked = {k: _stack_params(v, k) for k, v in params.items()}
   y, ends = _grouped(x, w, stacked, pts, group_list, group_list_type, opts)
   if split_item in (2, 3):

@@ -28,17 +28,23 @@ _SCENARIOS = {(INT8, INT8): A8W8, (INT8, INT4): A8W4, (INT4, INT4): A4W4}
 
 def tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ...]) -> Any:
   """A torch TensorList, checked: an array (returned as is), a list of one array (already
-  stacked: that array), or a tuple of per-expert arrays of rank `expert_rank` with equal
-  shapes and dtypes (not stacked: see `stack_tensor_list`)."""
+  stacked: that array; but one of a per-expert rank that no stacked array has, e.g. the
+  `[k, n]` of `list(w)` for a one-expert `w`, is one expert), or a tuple of per-expert
+  arrays of rank `expert_rank` with equal shapes and dtypes (not stacked: see
+  `stack_tensor_list`). A one-element list of a rank both forms have (a rank-2 scale) is
+  taken as stacked."""
   if not isinstance(value, (list, tuple)):
     check_array(name, value)
     return value
   require(len(value) >= 1, name, "a non-empty list of arrays", "[]")
   for i, v in enumerate(value):
     check_array(f"{name}[{i}]", v)
-  if len(value) == 1:
-    return value[0]
   ranks = (expert_rank,) if isinstance(expert_rank, int) else expert_rank
+  if len(value) == 1:
+    only = value[0]
+    if only.ndim in ranks and only.ndim - 1 not in ranks:  # no stacked form has this rank
+      return (jnp.asarray(only),)
+    return only
   first = value[0]
   for i, v in enumerate(value):
     require(v.ndim in ranks and v.shape == first.shape and v.dtype == first.dtype,
@@ -121,6 +127,9 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
       return IntOperand(weight, INT8 if np.dtype(first.dtype) == np.int8 else INT4)
     weight = jnp.stack(weight)
   check_dtype(name, weight, _WEIGHT_DTYPES)
+  # else the group list would be blamed ("between 1 and 0 entries") for no experts
+  require(weight.ndim < 1 or weight.shape[0] >= 1, name, "at least one expert (e >= 1)",
+          describe(weight))
   dtype = np.dtype(weight.dtype)
   packed = dtype == np.int32
   if packed:

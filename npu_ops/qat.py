@@ -76,7 +76,7 @@ def _reciprocal(scale: jax.Array, numerator: float = 1.0) -> tuple[jax.Array, ja
 
 def _ratio(x: jax.Array, recip: tuple[jax.Array, jax.Array]) -> jax.Array:
   lift, inv = recip
-  return (x * lift) * inv
+  return _epilogue.times_lift(x, lift) * inv
 
 
 def _grid(bits: int, dtype: Any) -> tuple[float, np.dtype | None]:
@@ -138,7 +138,8 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = No
   Args:
     x: float array `[...]`.
     scale: positive float step size, broadcastable to `x` (per-tensor `[]`,
-      per-channel `[n]`, per-token `[m, 1]`, ...). A scale <= 0 gives codes 0.
+      per-channel `[n]`, per-token `[m, 1]`, ...). A scale <= 0 gives codes 0. A known
+      inf or NaN scale raises ValueError; a traced one gives NaN (`0 * inf`).
     bits: 8 (codes -127..127) or 4 (-7..7).
     dtype: None (the integer codes of `bits`), or float8_e4m3fn / float8_e5m2: codes on
       that fp8 grid (`x / scale` saturated at 448 / 57344, rounded half to even).
@@ -158,6 +159,10 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = No
     broadcast = None
   require(broadcast == tuple(x.shape), "scale", f"a shape broadcastable to x {describe(x)}",
           describe(scale))
+  if not isinstance(scale, jax.core.Tracer):  # q * inf would be NaN everywhere
+    bad = np.asarray(scale, np.float32)[~np.isfinite(np.asarray(scale, np.float32))]
+    if bad.size:
+      fail("scale", "finite step sizes", f"{bad.flat[0]} in {describe(scale)}")
   inv = jax.lax.stop_gradient(_reciprocal(scale.astype(jnp.float32)))
   return _lsq(x, scale, inv, qmax, grad_scale, grid)
 
@@ -183,11 +188,18 @@ def dynamic_fake_quant(x: jax.Array, *, bits: int = 8, dtype: Any = None) -> jax
   """
   qmax, grid = _grid(bits, dtype)
   _check_float("x", x)
-  amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
-  inv = jax.lax.stop_gradient(_reciprocal(amax, qmax))  # quantize_per_token's qmax / amax
+  require(x.ndim >= 1, "x", "rank >= 1 ([..., d]: quantized per row over the last axis)",
+          describe(x))
+  if x.shape[-1] == 0:  # nothing to quantize (as quantize_per_token: empty rows)
+    return jnp.asarray(x)
+  x32 = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)  # for its gradient
+  exact = jax.lax.stop_gradient(_epilogue.row_amax(x32))  # quantize_per_token's amax:
+  # subnormal values count (arithmetic on them, here `amax` itself, may read them as 0)
+  inv = jax.lax.stop_gradient(_reciprocal(exact, qmax))  # quantize_per_token's qmax / amax
   # quantize_per_token's scale bit for bit (correctly rounded, subnormal too), with the
   # derivative 1 / qmax of amax / qmax (the added term is 0 in the forward pass)
-  scale = jax.lax.stop_gradient(_epilogue.scale_for_amax(amax, qmax)) + (
+  scale = jax.lax.stop_gradient(_epilogue.scale_for_amax(exact, qmax)) + (
       amax - jax.lax.stop_gradient(amax)) / qmax
   return _lsq(x, scale, inv, qmax, None, grid)
 

@@ -53,7 +53,7 @@ class DynamicQuant:
   def __post_init__(self):
     if self.mode not in _DTYPES:
       fail("DynamicQuant.mode", "0 (per-token) or 2 (MX)", repr(self.mode))
-    dtype = np.dtype(self.dtype)
+    dtype = check_dtype_arg("DynamicQuant.dtype", self.dtype)
     if dtype not in _DTYPES[self.mode]:
       fail("DynamicQuant.dtype", f"one of {_dtype_names(_DTYPES[self.mode])} for "
            f"{_MODE_NAMES[self.mode]} quantization", dtype.name)
@@ -134,9 +134,10 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
   float8_e5m2: 57344): `scale = amax / max`, codes `s * (max / amax)` in float32,
   clipped to [-max, max] and rounded half to even (int8: to an integer; fp8: the cast,
   which saturates) (semantics A.3 items 3 and 6). A row with amax = 0 gives codes 0 and
-  scale 0, never NaN. Tiny rows lose nothing to float32's exponent range: codes as if
-  `max / amax` could not overflow, and a subnormal scale is returned exactly, though
-  XLA:CPU and TPU arithmetic on it (e.g. `q * scale`) flushes it to 0.
+  scale 0, never NaN. Tiny rows lose nothing to float32's exponent range: subnormal values
+  count at their value (read from their bits; XLA:CPU and TPU arithmetic reads them as 0),
+  codes as if `max / amax` could not overflow, and a subnormal scale is returned exactly,
+  though XLA:CPU and TPU arithmetic on it (e.g. `q * scale`) flushes it to 0.
 
   Returns:
     (q `[..., d]` of spec.dtype, scale float32 `[...]`).
@@ -188,7 +189,11 @@ def dequantize_mx(codes: jax.Array, scales: jax.Array, dtype: Any = jnp.float32)
     scales: e8m0 scales `[..., ceil(d / 32)]` (float8_e8m0fnu, or their uint8 bytes).
     dtype: float result type (computed in float32).
   """
+  out = check_dtype_arg("dtype", dtype)
+  require(jnp.issubdtype(out, jnp.floating), "dtype", "a float dtype (the values are "
+          "codes * scale, not integers)", out.name, TypeError)
   check_float_array("codes", codes)
+  require(codes.ndim >= 1, "codes", "rank >= 1 ([..., d])", describe(codes))
   check_array("scales", scales)
   d = codes.shape[-1]
   blocks = -(-d // _epilogue.MX_BLOCK)
@@ -198,7 +203,7 @@ def dequantize_mx(codes: jax.Array, scales: jax.Array, dtype: Any = jnp.float32)
   scale_bytes = e8m0_bytes("scales", scales)
   per_element = jnp.repeat(_epilogue.e8m0_to_float32(scale_bytes), _epilogue.MX_BLOCK,
                            axis=-1)[..., :d]
-  return (codes.astype(jnp.float32) * per_element).astype(dtype)
+  return (codes.astype(jnp.float32) * per_element).astype(out)
 
 
 def e8m0_bytes(name: str, scales: jax.Array) -> jax.Array:

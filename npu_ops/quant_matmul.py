@@ -22,8 +22,8 @@ import numpy as np
 from jax import lax
 
 from npu_ops import layouts
-from npu_ops._validation import (check_array, check_dtype, check_int_option, describe, fail,
-                                 require)
+from npu_ops._validation import (check_array, check_dtype, check_dtype_arg, check_int_option,
+                                 describe, fail, require)
 
 FP19_MASK = 0xFFFFE000
 _WORD_FLAG = 1 << 46
@@ -165,9 +165,7 @@ def npu_quant_matmul(x1: Any, x2: Any, scale: Any, *, offset: Any = None,
   Returns:
     `[*broadcast(batch), m, n]` of output_dtype.
   """
-  out_dtype = np.dtype(jnp.int8) if output_dtype is None else _dtype("output_dtype", output_dtype)
-  require(out_dtype in _OUTPUT_DTYPES, "output_dtype", "int8, float16, bfloat16 or int32",
-          out_dtype.name, TypeError)
+  out_dtype = check_output_dtype(output_dtype)
   a, b = _quant_operands(x1, x2)
   batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
   m, n = a.shape[-2], b.shape[-1]
@@ -197,11 +195,14 @@ def npu_quant_matmul(x1: Any, x2: Any, scale: Any, *, offset: Any = None,
   return _quant_matmul(a, b, deq_scale, word_offset, pertoken_scale, bias, out_dtype=out_dtype)
 
 
-def _dtype(name: str, value: Any) -> np.dtype:
-  try:
-    return np.dtype(value)
-  except TypeError:
-    fail(name, "a dtype", repr(value), TypeError)
+def check_output_dtype(output_dtype: Any) -> np.dtype:
+  """`output_dtype` (None: int8) as a NumPy dtype, one npu_quant_matmul can produce."""
+  if output_dtype is None:
+    return np.dtype(jnp.int8)
+  out_dtype = check_dtype_arg("output_dtype", output_dtype)
+  require(out_dtype in _OUTPUT_DTYPES, "output_dtype", "int8, float16, bfloat16 or int32",
+          out_dtype.name, TypeError)
+  return out_dtype
 
 
 def _quant_operands(x1: Any, x2: Any) -> tuple[jax.Array, jax.Array]:

@@ -210,6 +210,26 @@ def check_explicit_mesh():
   np.testing.assert_allclose(got.y.reshape(TOKENS, D), want.y, rtol=1e-5, atol=1e-6)
 
 
+def check_eager_grad_on_explicit_mesh():
+  """Issue 32 item 4: eager `nnx.grad` of a layer on jax.make_mesh's default (Explicit) mesh,
+  outside `jax.set_mesh`, equals the one-device layer's gradients."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  from npu_ops import moe  # noqa: PLC0415
+  from npu_ops.nn import MoEMLP  # noqa: PLC0415
+  mesh = jax.make_mesh((2,), ("expert",), devices=jax.devices()[:2])
+  layer = MoEMLP(8, 6, 4, mesh=mesh, expert_axis="expert", rngs=nnx.Rngs(0))
+  x = np.random.default_rng(12).normal(size=(4, 8)).astype(np.float32)
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+  w = moe.MoEWeights(*(np.asarray(v[...]) for v in (layer.router, layer.w_gate_up,
+                                                     layer.w_down)))
+  want = jax.jit(jax.grad(lambda w: jnp.sum(moe.moe_mlp(x, w, top_k=K).y ** 2)))(w)
+  for name in ("router", "w_gate_up", "w_down"):
+    np.testing.assert_allclose(np.asarray(getattr(grads, name)[...]), getattr(want, name),
+                               rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def check_module():
   """MoEMLP(mesh=...): weights placed by expert, the loss of the NumPy layer, one
   compilation for every routing, convert keeps the mesh, dropped pairs sown."""
@@ -312,6 +332,11 @@ def test_data_and_expert_axes(on_devices):
 @slow
 def test_explicit_mesh(on_devices):
   on_devices(check_explicit_mesh)
+
+
+@slow  # eager: op by op on the simulated devices (~1 min on 2 cores)
+def test_eager_grad_on_explicit_mesh(on_devices):
+  on_devices(check_eager_grad_on_explicit_mesh)
 
 
 @slow
