@@ -103,12 +103,21 @@ def use_cpu_host() -> None:
 def missing_compilers() -> dict[str, str]:
   """Why each kind of target cannot be compiled here ({} when both can)."""
   import importlib.util  # noqa: PLC0415
+
+  def found(name: str) -> bool:  # find_spec("a.b") raises when the package `a` is absent
+    try:
+      return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+      return False
+
   missing = {}
-  if importlib.util.find_spec("libtpu") is None:
+  if not found("libtpu"):
     missing["tpu"] = 'libtpu is not installed (pip install "jax[tpu]==0.10.2", or npu_ops[aot])'
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+  if not found("jax_plugins.xla_cuda12"):
     missing["gpu"] = ('the CUDA plugin is not installed (pip install "jax[cuda12]==0.10.2", '
                       "or npu_ops[aot])")
+  elif _ptxas() is None:
+    missing["gpu"] = "ptxas is not installed (pip install nvidia-cuda-nvcc-cu12, or npu_ops[aot])"
   return missing
 
 
@@ -361,10 +370,13 @@ def _ptxas() -> str | None:
   return str(path) if path.exists() else shutil.which("ptxas")
 
 
-def _gpu_kernel_stats(dump: str) -> tuple[int, int, int]:
+def _gpu_kernel_stats(dump: str) -> tuple[int | None, int | None, int]:
   """(max registers, spill bytes, max shared memory) of the Pallas kernels XLA compiled,
-  from its dump: ptxas -v on each PTX that holds an `npu_` entry, and the thunk sequence."""
+  from its dump: ptxas -v on each PTX that holds an `npu_` entry, and the thunk sequence.
+  Registers and spills are None when ptxas is missing or no `npu_` kernel was found (not
+  0, which would read as "no spills")."""
   registers = spills = shared = 0
+  matched = 0
   ptxas = _ptxas()
   for ptx in glob.glob(os.path.join(dump, "*.ptx")):
     text = pathlib.Path(ptx).read_text()
@@ -376,12 +388,15 @@ def _gpu_kernel_stats(dump: str) -> tuple[int, int, int]:
     for entry in re.split(r"Compiling entry function", info)[1:]:
       if not entry.strip().startswith("'npu_"):
         continue
+      matched += 1
       registers = max(registers, int(re.search(r"Used (\d+) registers", entry).group(1)))
       spills += sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", entry))
   for seq in glob.glob(os.path.join(dump, "*thunk_sequence.txt")):
     for line in pathlib.Path(seq).read_text().splitlines():
       if " npu_" in line and (found := re.search(r"shared_memory: (\d+) bytes", line)):
         shared = max(shared, int(found.group(1)))
+  if not matched:
+    return None, None, shared
   return registers, spills, shared
 
 
