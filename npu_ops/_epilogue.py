@@ -69,40 +69,13 @@ _TINY, _LIFT = 2.0 ** -64, 2.0 ** 64
 
 
 def lifted_reciprocal(d: jax.Array, numerator: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """`(lift, inv)` with `times_lift(v, lift) * inv` the float32 value of
-  `v * (numerator / d)` as if float32 had no exponent limit: `lift` is 2**64 where
-  `0 < d < 2**-64`, else 1, and `inv = numerator / (d * lift)`; inv is 0 where d <= 0
-  (codes 0, never NaN or inf). A subnormal d counts (see `times_lift`)."""
-  d = d.astype(jnp.float32)
-  bits = jax.lax.bitcast_convert_type(d, jnp.int32)
-  # `d > 0` is false for a subnormal d where denormals read as zero (XLA:CPU, TPU)
-  positive = (d > 0) | ((bits > 0) & (bits < 0x800000))
+  """`(lift, inv)` with `(v * lift) * inv` the float32 value of `v * (numerator / d)` as if
+  float32 had no exponent limit: `lift` is 2**64 where `0 < d < 2**-64`, else 1, and
+  `inv = numerator / (d * lift)`; inv is 0 where d <= 0 (codes 0, never NaN or inf)."""
+  positive = d > 0
   lift = jnp.where(positive & (d < _TINY), _LIFT, 1.0).astype(d.dtype)
-  inv = jnp.where(positive, numerator / jnp.where(positive, times_lift(d, lift), 1), 0)
+  inv = jnp.where(positive, numerator / jnp.where(positive, d * lift, 1), 0)
   return lift, inv
-
-
-def times_lift(v: jax.Array, lift: jax.Array) -> jax.Array:
-  """float32 `v * lift` for a `lift` of 1 or 2**64 (`lifted_reciprocal`), exact also for a
-  subnormal v: XLA:CPU and TPU read subnormal operands as 0, so a subnormal v is lifted
-  from its bits (`mantissa * 2**-149 * 2**64`: an int-to-float conversion and a product
-  of normal numbers, both exact). With lift 1 a subnormal v may still read as 0; then
-  `|v| / d < 2**-62` (d >= 2**-64), below half of every code's last step anyway. Not
-  differentiable through the bits (callers differentiate around it)."""
-  v = v.astype(jnp.float32)
-  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
-  mant = (bits & 0x7FFFFF).astype(jnp.float32) * (2.0 ** -85)
-  lifted_sub = jax.lax.stop_gradient(jnp.where(bits < 0, -mant, mant))
-  subnormal = (bits & 0x7F800000) == 0
-  return jnp.where(subnormal & (lift > 1), lifted_sub, v * lift)
-
-
-def row_amax(s: jax.Array) -> jax.Array:
-  """`max |s|` over the last axis (`[..., 1]`, float32), exact for subnormal values (which
-  XLA:CPU and TPU compare as 0): the largest magnitude's bits, as non-negative floats
-  order as their int32 bits do (a NaN's bits exceed inf's: NaN propagates, as in max)."""
-  bits = jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32) & 0x7FFFFFFF
-  return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1, keepdims=True), jnp.float32)
 
 
 def codes_for_amax(s: jax.Array, amax: jax.Array, *, qmax: float = INT8_QMAX,
@@ -116,7 +89,7 @@ def codes_for_amax(s: jax.Array, amax: jax.Array, *, qmax: float = INT8_QMAX,
   pieces compute amax first, then call this (with `round_fn=round_half_even_small` where
   `round` does not lower, and `fp8_as_bits` for fp8 codes as uint8 `float8_bits`)."""
   lift, inv = lifted_reciprocal(amax, qmax)
-  v = jnp.clip(times_lift(s, lift) * inv, -qmax, qmax)
+  v = jnp.clip((s * lift) * inv, -qmax, qmax)
   if jnp.issubdtype(dtype, jnp.floating):
     return float8_bits(v, dtype) if fp8_as_bits else v.astype(dtype)
   return round_fn(v).astype(dtype)
@@ -219,7 +192,7 @@ def quantize_rows(s: jax.Array, *, qmax: float = INT8_QMAX, dtype=jnp.int8,
                   as_bits: bool = False) -> tuple[jax.Array, jax.Array]:
   """Dynamic per-token quantization of float32 `s [..., d]` over its last axis:
   (codes `[..., d]` (fp8 as their bits with `as_bits`), scale `amax / qmax` `[..., 1]`)."""
-  amax = row_amax(s)
+  amax = jnp.max(jnp.abs(s), axis=-1, keepdims=True)
   return (codes_for_amax(s, amax, qmax=qmax, dtype=dtype, round_fn=round_fn,
                          fp8_as_bits=as_bits),
           scale_for_amax(amax, qmax))
@@ -267,16 +240,8 @@ def quantize_mx_blocks(s: jax.Array, dtype, *, as_bits: bool = False
   multiplier = jax.lax.bitcast_convert_type((254 - e) << 23, jnp.float32)
   multiplier = jnp.where(block_exp == 0, 0.0, multiplier)
   top = float(jnp.finfo(dtype).max)
-  # value * 2**k of a bfloat16 is a bfloat16 (or far below the element type's grid).
-  # A subnormal value (which XLA:CPU and TPU multiply as 0) is scaled from its bits:
-  # mantissa * 2**-149 * 2**(127 - e) = mantissa * 2**(-22 - e), exact (normal factors);
-  # past e = 104 it is below 2**-104, far below every code (factor 0: bits 0).
-  vbits = jax.lax.bitcast_convert_type(v, jnp.int32)
-  sub = ((vbits & 0x7F800000) == 0) & (block_exp > 0)
-  sub_mag = (vbits & 0x7FFFFF).astype(jnp.float32) * jax.lax.bitcast_convert_type(
-      jnp.maximum(105 - e, 0) << 23, jnp.float32)
-  scaled = jnp.where(sub, jnp.where(vbits < 0, -sub_mag, sub_mag), v * multiplier)
-  codes = jnp.clip(scaled, -top, top)
+  # value * 2**k of a bfloat16 is a bfloat16 (or far below the element type's grid)
+  codes = jnp.clip(v * multiplier, -top, top)
   nan_block = block_exp == E8M0_NAN
   fp8 = jnp.finfo(dtype).bits == 8
   if as_bits:

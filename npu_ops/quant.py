@@ -134,10 +134,10 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
   float8_e5m2: 57344): `scale = amax / max`, codes `s * (max / amax)` in float32,
   clipped to [-max, max] and rounded half to even (int8: to an integer; fp8: the cast,
   which saturates) (semantics A.3 items 3 and 6). A row with amax = 0 gives codes 0 and
-  scale 0, never NaN. Tiny rows lose nothing to float32's exponent range: subnormal values
-  count at their value (read from their bits; XLA:CPU and TPU arithmetic reads them as 0),
-  codes as if `max / amax` could not overflow, and a subnormal scale is returned exactly,
-  though XLA:CPU and TPU arithmetic on it (e.g. `q * scale`) flushes it to 0.
+  scale 0, never NaN. Tiny rows lose nothing to float32's exponent range: codes as if
+  `max / amax` could not overflow, and a subnormal scale is returned exactly, though
+  XLA:CPU and TPU arithmetic on it (e.g. `q * scale`) flushes it to 0. Subnormal inputs
+  read as 0 there (their arithmetic flushes them).
 
   Returns:
     (q `[..., d]` of spec.dtype, scale float32 `[...]`).
