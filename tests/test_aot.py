@@ -84,11 +84,13 @@ def test_tpu_edge_cases_compile(name):
 
 
 # (target, case, temp-bytes bound as a share of arguments + outputs): measured on jax 0.10.2
-# (a100 and h100 alike) 0.22 (fused A8W8), 0.21 (MX), 1.90 (A8W4 G=4: the k-group column
-# sums), 1e-5 (gmm), 1e-7 (tgmm), 1e-5 (vjp), 1.00 (group_offset); bounds ~15% above.
+# (a100 and h100 alike) 0.22 (fused A8W8: the kernel's float32 SwiGLU scratch, m * n/2 * 4
+# bytes, which XLA quantizes per token), 0.32 (MX: the same scratch + the MX epilogue's
+# padded codes, 2 * m * n/2 bytes), 1.90 (A8W4 G=4: the k-group column sums), 1e-5 (gmm),
+# 1e-7 (tgmm), 1e-5 (vjp), 1.00 (group_offset); bounds ~15% above.
 GPU_CASES = [("a100", "fused A8W8 m=4096 e=16", 0.25),
              # fp8 bits (no fp8 conversion before sm_89), MX inputs and output
-             ("a100", "fused MX in, MX fp8 out m=4096 e=16 (GPU kernel)", 0.25),
+             ("a100", "fused MX in, MX fp8 out m=4096 e=16 (GPU kernel)", 0.36),
              pytest.param("a100", "fused A8W4 per group (G=4)", 2.2, marks=slow),
              pytest.param("h100", "gmm fp32 m=4096 e=16", 0.01, marks=slow),
              pytest.param("a100", "tgmm fp32 m=4096 e=16", 0.01, marks=slow),
