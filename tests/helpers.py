@@ -8,19 +8,42 @@ import numpy as np
 import numpy_reference as ref
 
 
-def assert_int8_close(got, want, *, min_exact: float = 0.999):
-  """int8 outputs: |diff| <= 1 everywhere and at least 99.9% exact (issue 2)."""
-  got = np.asarray(got).astype(np.int64)
-  want = np.asarray(want).astype(np.int64)
+def assert_int8_equal(got, want):
+  """int8 codes: every code equal to the golden's (README: bit-exact int8 codes)."""
+  got = np.asarray(got)
+  want = np.asarray(want)
   assert got.shape == want.shape, (got.shape, want.shape)
-  diff = np.abs(got - want)
-  assert diff.max(initial=0) <= 1, f"max |diff| = {diff.max()}"
-  exact = np.mean(diff == 0) if diff.size else 1.0
-  assert exact >= min_exact, f"only {exact:.4%} exact"
+  np.testing.assert_array_equal(got.astype(np.int64), want.astype(np.int64))
 
 
-def assert_scale_close(got, want, rtol=1e-5):
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol, atol=0)
+def ulp_distance(got, want) -> np.ndarray:
+  """|got - want| in float32 ulps (units in the last place): the distance between the two
+  float32 values counted in representable numbers (sign-magnitude bits, so 0 == -0)."""
+  def ordered(a):
+    bits = np.asarray(a, np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+  return np.abs(ordered(got) - ordered(want))
+
+
+# Per-token scales against the golden: amax / 127 is correctly rounded on both sides, so
+# they differ only where the amax does, i.e. through SwiGLU's exp (NumPy's in the golden,
+# XLA's in the op; each within an ulp of exp, so up to 2 apart): silu(a) = a / (1 + exp(-a))
+# then rounds 1 + exp(-a), the quotient and the product with the gate once each. Measured
+# on this suite: 0 ulps for most rows, at most 3 (A8W8 per-block epilogue, A8W4 MSD with
+# float32 partial sums, the QAT fused forward), codes all equal. Kernel vs XLA path: 0 ulps
+# (test_implementations compares those bit for bit).
+SCALE_ULPS = 3
+
+
+def assert_scale_close(got, want, max_ulps: int = SCALE_ULPS):
+  """float32 scales within `max_ulps` ulps each (see SCALE_ULPS for the bound's reason)."""
+  got = np.asarray(got)
+  want = np.asarray(want)
+  assert got.shape == want.shape, (got.shape, want.shape)
+  d = ulp_distance(got, want)
+  assert d.max(initial=0) <= max_ulps, (
+      f"max {d.max()} ulps at {np.unravel_index(d.argmax(), d.shape)}: "
+      f"{got.flat[d.argmax()]!r} vs {want.flat[d.argmax()]!r}")
 
 
 def counts_to_list(counts, group_list_type: int):

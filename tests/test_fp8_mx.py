@@ -10,7 +10,7 @@ import pytest
 import npu_ops
 from npu_ops import quant
 import numpy_reference as ref
-from helpers import counts_to_list
+from helpers import SCALE_ULPS, assert_scale_close, counts_to_list
 
 F32 = np.float32
 FP8 = ["float8_e4m3fn", "float8_e5m2"]
@@ -44,35 +44,24 @@ def assert_same_bits(got, want):
   assert not diff.any(), f"{diff.sum()} of {diff.size} differ, first at {np.argwhere(diff)[:3]}"
 
 
-def assert_codes_within_one_step(got, want, min_exact=0.99):
-  """fp8 codes of the same sign are ordered like their bytes: one step is one byte."""
-  got, want = bits(got).astype(int), bits(want).astype(int)
-  assert np.abs(got - want).max(initial=0) <= 1 and np.mean(got == want) >= min_exact
-
-
-def assert_fused_close(got, want, mode, min_exact=0.99):
-  """The fused op's outputs against a golden computed from the same C: SwiGLU's exp is
-  NumPy's in the golden and XLA's in the op (and XLA:CPU's exp depends on the fusion it
-  lands in), an ulp apart now and then; so codes within one step and at least 99% equal,
-  per-token scales within 1e-6 (a few ulps of an amax), MX scale bytes within one (a block
-  maximum crossing a power of two). Measured on this host: A8W8, A4W4 and MX inputs exact;
-  A8W4 (see test_fused_int4_outputs) and a kernel's interpret run an ulp apart in some rows."""
+def assert_fused_close(got, want, mode, max_ulps=SCALE_ULPS):
+  """The fused op's outputs against a golden computed from the same C, as README claims
+  them: every fp8 / fp4 / int8 code and every MX scale byte equal (bit for bit), per-token
+  float32 scales within helpers.SCALE_ULPS (amax / qmax correctly rounded on both sides;
+  the amax can differ only through SwiGLU's exp, NumPy's in the golden, XLA's in the op)."""
   q, s = got
   want_q, want_s = want
   q, want_q = np.asarray(q), np.asarray(want_q)
   assert q.dtype == want_q.dtype and q.shape == want_q.shape
-  if q.dtype == np.uint8:  # packed fp4: one nibble per code
-    q, want_q = [np.stack([a & 0xF, a >> 4], -1) for a in (q, want_q)]
-  assert_codes_within_one_step(q, want_q, min_exact)
+  assert_same_bits(q, want_q)
   if mode == 2:
     e8m0_bytes = lambda a: np.asarray(a).view(np.uint8)  # e8m0 or uint8 -> bytes
     s, want_s = e8m0_bytes(s), e8m0_bytes(want_s)
     assert s.shape == want_s.shape
-    assert np.abs(s.astype(int) - want_s.astype(int)).max(initial=0) <= 1
-    assert np.mean(s == want_s) >= min_exact
+    np.testing.assert_array_equal(s, want_s)
   else:
     assert np.asarray(s).dtype == want_s.dtype
-    np.testing.assert_allclose(s, want_s, rtol=1e-6, atol=0)
+    assert_scale_close(s, want_s, max_ulps)
 
 
 def spread_rows(rows, d):
@@ -202,7 +191,8 @@ def test_fused_int4_outputs(scenario, out, mode):
   assist = ref.canonical_assist(w, ws) if scenario == "A8W4" else None
   want = ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1), scenario=scenario,
                           assist=assist, out=golden_out(out, mode))
-  assert_fused_close(got, want, mode)
+  # codes all equal; A8W4's C an ulp apart (above), through SwiGLU: scale measured 4 ulps
+  assert_fused_close(got, want, mode, max_ulps=6 if scenario == "A8W4" else SCALE_ULPS)
 
 
 def test_fused_outputs_on_the_reference_implementation():
@@ -386,8 +376,12 @@ def test_fake_quant_mx(out):
   y, vjp = jax.vjp(lambda x: npu_ops.fake_quant_mx(x, getattr(jnp, out)), x)
   (dx,) = vjp(g)
   want_y, want_dx = ref.mx_ste(x, g, out)
-  finite = np.abs(want_y) >= np.finfo(F32).tiny  # XLA:CPU flushes subnormal products
-  np.testing.assert_array_equal(np.asarray(y)[finite], want_y[finite])
+  # XLA:CPU flushes subnormal products to zero: there (and only there) 0 is accepted too
+  subnormal = (want_y != 0) & (np.abs(want_y) < np.finfo(F32).tiny)
+  keep = ~subnormal & ~np.isnan(want_y)
+  assert keep.sum() > x.size // 2
+  np.testing.assert_array_equal(np.asarray(y)[keep], want_y[keep])
+  assert np.all((np.asarray(y)[subnormal] == 0) | (np.asarray(y)[subnormal] == want_y[subnormal]))
   assert np.all(np.isnan(np.asarray(y)[np.isnan(want_y)]))
   np.testing.assert_array_equal(dx, want_dx)
   # 1.9375 * 2**E scales to 1.9375 * 2**emax, above every type's largest value: saturated

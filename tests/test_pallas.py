@@ -14,7 +14,7 @@ import npu_ops
 from npu_ops import qat
 
 import numpy_reference as ref
-from helpers import assert_int8_close, assert_scale_close
+from helpers import assert_int8_equal, assert_scale_close
 
 from implementations import IMPLEMENTATIONS, KERNELS, TILES
 M, K, N, E = 150, 160, 300, 4
@@ -40,7 +40,7 @@ def test_fused_kernel_static_group_list_nz_weight_and_default_tiles():
       interpret=True, tuning_config=[37])
   want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
                                     scenario="A8W8")
-  assert_int8_close(q, want_q)
+  assert_int8_equal(q, want_q)
   assert_scale_close(s, want_s)
 
 
@@ -218,7 +218,7 @@ def test_v1_takes_the_kernel_too():
                                                      tiles=TILES)
   want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(cumsum, 0),
                                     scenario="A8W8")
-  assert_int8_close(q, want_q)
+  assert_int8_equal(q, want_q)
   assert_scale_close(s, want_s)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import npu_ops
 import numpy_reference as ref
-from helpers import assert_int8_close
+from helpers import assert_int8_equal
 
 F32 = np.float32
 BF16 = ml_dtypes.bfloat16
@@ -251,7 +251,7 @@ def test_weight_quant_batchmatmul_int8_output():
     got = npu_ops.npu_weight_quant_batchmatmul(x, w, scale, quant_scale=q_scale,
                                                quant_offset=q_offset)
     assert got.dtype == jnp.int8
-    assert_int8_close(got, want, min_exact=0.95)  # float rounding order near .5 boundaries
+    assert_int8_equal(got, want)
 
 
 WQ_ERRORS = {
