@@ -12,12 +12,41 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import hypothesis  # noqa: E402
 
-# Each example compiles new shapes: 6 derandomized examples per property in the default
-# run; HYPOTHESIS_PROFILE=thorough for 200 random ones.
+# Each example compiles new shapes. `ci` (the default, what CI runs): 10 new random examples
+# per property every run (not derandomized: each run explores other inputs); a failure
+# prints the falsifying example and the seed to rerun it (`pytest --hypothesis-seed=N`).
+# HYPOTHESIS_PROFILE=thorough for 200.
 hypothesis.settings.register_profile(
-    "ci", max_examples=6, deadline=None, derandomize=True,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+    "ci", max_examples=10, deadline=None, derandomize=False, print_blob=True,
+    database=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.register_profile(
-    "thorough", max_examples=200, deadline=None,
+    "thorough", max_examples=200, deadline=None, print_blob=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(trylast=True)  # after hypothesis' own plugin has read --hypothesis-seed
+def pytest_configure(config):
+  """One seed per run, chosen here unless given, passed to xdist workers through the
+  environment, and printed at the start and end of the run: rerun a failure with
+  `pytest --hypothesis-seed=N` (or NPU_OPS_HYPOTHESIS_SEED=N)."""
+  import random  # noqa: PLC0415
+
+  from hypothesis import core  # noqa: PLC0415
+  seed = (config.getoption("hypothesis_seed", None)
+          or os.environ.get("NPU_OPS_HYPOTHESIS_SEED") or random.getrandbits(32))
+  os.environ["NPU_OPS_HYPOTHESIS_SEED"] = str(seed)
+  core.global_force_seed = int(seed)
+
+
+def pytest_report_header(config):
+  return f"hypothesis seed: {os.environ['NPU_OPS_HYPOTHESIS_SEED']} (rerun: --hypothesis-seed=N)"
+
+
+def pytest_terminal_summary(terminalreporter):
+  terminalreporter.write_line(
+      f"hypothesis seed: {os.environ['NPU_OPS_HYPOTHESIS_SEED']} "
+      f"(rerun with --hypothesis-seed={os.environ['NPU_OPS_HYPOTHESIS_SEED']})")
