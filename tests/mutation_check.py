@@ -1,0 +1,144 @@
+"""Mutation check (issue 34, item 7): each mutant below breaks one claim of README /
+docs/semantics.md in a copy of the package; the tests named beside it must fail on it.
+
+    python tests/mutation_check.py            # every mutant (~5-8 min on 2 cores)
+    python tests/mutation_check.py gpu_half_up swiglu_order
+
+Each run copies npu_ops/, pallas_kernels/ and tests/ to a temporary directory, applies one
+textual replacement (which must match exactly once), and runs only the targeted tests there
+(`-x`, stop at the first failure). A mutant survives when those tests pass (exit 0) or
+select nothing (exit 5); the script exits 1 if any survived. `test_mutants.py` (slow set)
+runs it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  path: str   # relative to the repository root
+  old: str
+  new: str
+  tests: tuple[str, ...]  # pytest arguments: the tests that must kill it
+
+
+MUTANTS = (
+    # Rounding the GPU kernel's int8 / fp8 codes half up instead of half to even.
+    Mutant("gpu_half_up", "pallas_kernels/gpu.py",
+           "round_fn=_epilogue.round_half_even_small, fp8_as_bits=True",
+           "round_fn=lambda v: jnp.floor(v + 0.5), fp8_as_bits=True",
+           ("tests/test_ties.py", "-k", "pallas_gpu")),
+    # The XLA path's int8 rounding half up (the ties reach it too).
+    Mutant("xla_half_up", "npu_ops/_epilogue.py",
+           "  return round_fn(v).astype(dtype)",
+           "  return jnp.floor(v + 0.5).astype(dtype)",
+           ("tests/test_ties.py", "-k", "int8 and xla")),
+    # FastGELU (act_type 4) computed as GELU-tanh (act_type 2).
+    Mutant("fast_gelu_as_tanh", "npu_ops/quant.py",
+           "  if act_type == ACT_FAST_GELU:  # x * sigmoid(1.702 x), in the overflow-free form of the kernel\n",
+           "  if act_type == ACT_FAST_GELU:  # x * sigmoid(1.702 x), in the overflow-free form of the kernel\n"
+           "    return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi).astype(np.float32) * (x + 0.044715 * x**3)))\n",
+           ("tests/test_npu_grouped_matmul.py", "-k", "activations")),
+    # The GPU kernel's per-token fp8 codes one step up for ~1% of the entries.
+    Mutant("gpu_fp8_one_step", "pallas_kernels/gpu.py",
+           "                                       round_fn=_epilogue.round_half_even_small, fp8_as_bits=True)\n",
+           "                                       round_fn=_epilogue.round_half_even_small, fp8_as_bits=True)\n"
+           "      codes = jnp.where((jnp.abs(s) * 4096.0) % 100.0 < 1.0, codes + 1, codes)\n",
+           ("tests/test_fp8_mx.py", "-k", "gpu_kernel_mx_inputs")),
+    # The per-token scale amax / 127 as amax * (1 / 127), not correctly rounded.
+    Mutant("scale_division", "npu_ops/_epilogue.py",
+           "  for _ in range(2):  # each round moves at most one ulp",
+           "  for _ in range(0):  # each round moves at most one ulp",
+           ("tests/test_ties.py", "-k", "correctly_rounded")),
+    # SwiGLU's halves swapped: silu(gate) * act.
+    Mutant("swiglu_order", "npu_ops/_epilogue.py",
+           "  return silu(act) * gate", "  return silu(gate) * act",
+           ("tests/test_implementations.py", "-k", "fused_op and A8W8 and xla")),
+    # Group boundaries one row late (dynamic counts).
+    Mutant("group_boundaries", "npu_ops/groups.py",
+           "    return lax.associative_scan(lambda a, b: jnp.minimum(a + b, m), sizes)",
+           "    return jnp.minimum(lax.associative_scan(lambda a, b: jnp.minimum(a + b, m), sizes) + 1, m)",
+           ("tests/test_implementations.py", "-k", "fused_op and A8W8 and xla")),
+    # int4 nibbles unpacked high first instead of low first.
+    Mutant("int4_nibble_order", "npu_ops/layouts.py",
+           "  up = jnp.asarray([28 - 4 * t for t in range(INT4_PER_INT32)], jnp.int32)",
+           "  up = jnp.asarray([4 * t for t in range(INT4_PER_INT32)], jnp.int32)",
+           ("tests/test_layouts.py",)),
+    # NZ fractals read with their 16 rows reversed.
+    Mutant("nz_layout", "npu_ops/layouts.py",
+           "  b = b.transpose(*range(nb), nb + 1, nb + 2, nb, nb + 3)\n"
+           "  return back(b.reshape(*batch, r1 * NZ_ROWS, c1 * c0)[..., :rows, :cols])",
+           "  b = b.transpose(*range(nb), nb + 1, nb + 2, nb, nb + 3)\n"
+           "  b = jnp.flip(b, nb + 1)  # rows reversed within each fractal\n"
+           "  return back(b.reshape(*batch, r1 * NZ_ROWS, c1 * c0)[..., :rows, :cols])",
+           ("tests/test_layouts.py",)),
+    # Anti-quant without the intermediate roundings to x's dtype (semantics B.4.3 / B.6).
+    Mutant("antiquant_no_intermediate_rounding", "npu_ops/weight_quant.py",
+           "  inter = dtype if inter is None else inter",
+           "  inter = jnp.float32",
+           ("tests/test_quant_matmul.py", "tests/test_npu_grouped_matmul.py", "-k",
+            "weight_quant or antiquant")),
+    # quant_matmul's scale without the FP19 truncation (semantics B.2.3).
+    Mutant("no_fp19", "npu_ops/quant_matmul.py",
+           "    return bits & FP19_MASK", "    return bits",
+           ("tests/test_quant_matmul.py",)),
+)
+
+
+def _copy(dst: pathlib.Path) -> None:
+  ignore = shutil.ignore_patterns("__pycache__", ".hypothesis", "*.pyc")
+  for name in ("npu_ops", "pallas_kernels", "tests"):
+    shutil.copytree(ROOT / name, dst / name, ignore=ignore)
+  shutil.copy(ROOT / "pyproject.toml", dst / "pyproject.toml")
+
+
+def run(mutant: Mutant) -> tuple[str, int, float, str]:
+  """(name, pytest exit code, seconds, last output line) of the targeted tests on the mutant."""
+  t0 = time.perf_counter()
+  with tempfile.TemporaryDirectory(prefix=f"mutant_{mutant.name}_") as tmp:
+    tmp = pathlib.Path(tmp)
+    _copy(tmp)
+    target = tmp / mutant.path
+    text = target.read_text()
+    if text.count(mutant.old) != 1:
+      return mutant.name, -1, 0.0, f"the mutant's text occurs {text.count(mutant.old)} times"
+    target.write_text(text.replace(mutant.old, mutant.new))
+    env = dict(os.environ, PYTHONPATH=str(tmp), JAX_PLATFORMS="cpu", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p",
+         "no:xdist", "--tb=line", *mutant.tests],
+        cwd=tmp, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return mutant.name, proc.returncode, time.perf_counter() - t0, lines[-1] if lines else ""
+
+
+def main(names: list[str] | None = None, workers: int = 2) -> int:
+  chosen = [m for m in MUTANTS if not names or m.name in names]
+  survived = []
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for name, rc, secs, last in pool.map(run, chosen):
+      killed = rc == 1  # 1: tests failed; 0 passed, 5 nothing selected, else an error
+      print(f"{'killed  ' if killed else 'SURVIVED'} {name:40s} rc={rc} {secs:5.0f}s  {last}",
+            flush=True)
+      if not killed:
+        survived.append(name)
+  print(f"{len(chosen) - len(survived)} of {len(chosen)} mutants killed"
+        + (f"; survived: {survived}" if survived else ""))
+  return 1 if survived else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
