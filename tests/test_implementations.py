@@ -13,7 +13,7 @@ import pytest
 
 import npu_ops
 import numpy_reference as ref
-from helpers import assert_int8_equal, assert_scale_close
+from helpers import SCALE_ULPS, assert_int8_equal, assert_scale_close
 from implementations import IMPLEMENTATIONS, impls
 
 M, K, N, E = 150, 160, 300, 4
@@ -62,12 +62,18 @@ def test_fused_op(scenario, impl):
                                       scenario=scenario, assist=assist)
     assert q.dtype == jnp.int8 and s.dtype == jnp.float32
     assert_int8_equal(q, want_q)
-    assert_scale_close(s, want_s)
+    # A8W4 per group (G=2): the golden's literal hi/lo float32 partial sums vs the op's exact
+    # integer C (an ulp apart) through SwiGLU: 6 ulps measured, codes all equal (see
+    # test_swiglu_quant.check); the rest within helpers.SCALE_ULPS
+    assert_scale_close(s, want_s, 16 if scenario == "A8W4" else SCALE_ULPS)
     assert not np.any(np.asarray(q)[sum(counts):]) and not np.any(np.asarray(s)[sum(counts):])
     # The same float32 math in the same order: the same codes as the XLA path.
     xla_q, xla_s = fused_op("xla", scenario)(jnp.asarray(counts))
     np.testing.assert_array_equal(q, xla_q)
-    np.testing.assert_array_equal(s, xla_s)  # the same float32 steps: bit for bit
+    # A8W8: the same float32 steps, bit for bit. A8W4 per group: the kernels sum the G
+    # float32 partials per k tile, not bit for bit with XLA (passed under the former
+    # rtol 1e-6, i.e. <= 8 ulps; not yet measured finer: issue 34 follow-up)
+    assert_scale_close(s, xla_s, 0 if scenario == "A8W8" else 8)
 
 
 def float_operands(dtype, seed=2):
