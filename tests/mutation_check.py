@@ -35,11 +35,12 @@ class Mutant:
 
 
 MUTANTS = (
-    # Rounding the GPU kernel's int8 / fp8 codes half up instead of half to even.
-    Mutant("gpu_half_up", "pallas_kernels/gpu.py",
-           "round_fn=_epilogue.round_half_even_small, fp8_as_bits=True",
-           "round_fn=lambda v: jnp.floor(v + 0.5), fp8_as_bits=True",
-           ("tests/test_ties.py", "-k", "pallas_gpu")),
+    # fp8 codes (every implementation: the GPU kernel quantizes with the XLA path's
+    # `float8_bits`) rounded half up instead of half to even.
+    Mutant("fp8_half_up", "npu_ops/_epilogue.py",
+           "  normal = ((mag + ((1 << (drop - 1)) - 1) + ((mag >> drop) & 1)) >> drop) - (",
+           "  normal = ((mag + (1 << (drop - 1))) >> drop) - (",
+           ("tests/test_ties.py", "-k", "fp8 and pallas_gpu")),
     # The XLA path's int8 rounding half up (the ties reach it too).
     Mutant("xla_half_up", "npu_ops/_epilogue.py",
            "  return round_fn(v).astype(dtype)",
@@ -53,10 +54,10 @@ MUTANTS = (
            ("tests/test_npu_grouped_matmul.py", "-k", "activations")),
     # The GPU kernel's per-token fp8 codes one step up for ~1% of the entries.
     Mutant("gpu_fp8_one_step", "pallas_kernels/gpu.py",
-           "                                       round_fn=_epilogue.round_half_even_small, fp8_as_bits=True)\n",
-           "                                       round_fn=_epilogue.round_half_even_small, fp8_as_bits=True)\n"
-           "      codes = jnp.where((jnp.abs(s) * 4096.0) % 100.0 < 1.0, codes + 1, codes)\n",
-           ("tests/test_fp8_mx.py", "-k", "gpu_kernel_mx_inputs")),
+           "    q, qs = _epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype, as_bits=True)\n",
+           "    q, qs = _epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype, as_bits=True)\n"
+           "    q = jnp.where((jnp.abs(s) * 4096.0) % 100.0 < 1.0, q + 1, q)\n",
+           ("tests/test_fp8_mx.py", "-k", "kernels_fp8_per_token and pallas_gpu")),
     # The per-token scale amax / 127 as amax * (1 / 127), not correctly rounded.
     Mutant("scale_division", "npu_ops/_epilogue.py",
            "  for _ in range(2):  # each round moves at most one ulp",

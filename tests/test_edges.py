@@ -9,7 +9,7 @@ from jax import export
 
 import npu_ops
 import numpy_reference as ref
-from helpers import assert_int8_close, assert_scale_close
+from helpers import assert_int8_equal, assert_scale_close
 
 fused = npu_ops.npu_grouped_matmul_swiglu_quant_v2
 RNG = np.random.default_rng(18)
@@ -86,8 +86,8 @@ def test_export_symbolic_m_fused_op_bit_exact(scenario):
                              dequant_mode=1 if scenario == "A8W4" else 0)
   exported, (q, q_scale) = _export_and_call(f, (x, x_scale, counts), ["m, _", "m", "_"])
   assert str(exported.out_avals[0].shape) == "(m, 8)"
-  # the same tolerance as every fused-op test: XLA's exp and NumPy's may differ by an ulp
-  assert_int8_close(q, want_q)
+  # codes exact; scales within helpers.SCALE_ULPS (XLA's exp vs NumPy's)
+  assert_int8_equal(q, want_q)
   assert_scale_close(q_scale, want_s)
 
 

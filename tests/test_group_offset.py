@@ -10,7 +10,7 @@ from jax.experimental import checkify
 
 import npu_ops
 import numpy_reference as ref
-from helpers import assert_int8_close, assert_scale_close
+from helpers import assert_int8_equal, assert_scale_close
 from implementations import IMPLEMENTATIONS, impls
 
 M, K, N, G, LOCAL = 96, 128, 128, 6, 2
@@ -112,7 +112,7 @@ def test_fused_op_shards_bit_exact(scenario, impl):
   # each row is computed by its own expert's shard alone, with the same arithmetic
   np.testing.assert_array_equal(q_sum, full[0])
   np.testing.assert_array_equal(s_sum, full[1])
-  assert_int8_close(q_sum, want_q)
+  assert_int8_equal(q_sum, want_q)
   assert_scale_close(s_sum, want_s)
 
 
