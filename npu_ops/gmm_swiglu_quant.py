@@ -445,28 +445,46 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
     row = lambda a: None if a is None else a[g][..., None, :]
     return row_blocks.group_operand(w, g), row(scale), row(assist), row(colsum8), row(smooth)
 
-  def block_fn(outs, ctx, r0, bl, mask):
-    w_g, s_g, a_g, colsum8_g, smooth_g = ctx
+  def dot_fn(ctx, r0, bl):
+    """The block's int32 product (A8W8, A4W4) or A8W4's float32 sum over k groups."""
+    w_g, s_g, _, colsum8_g, _ = ctx
     xb = lax.dynamic_slice_in_dim(x, r0, bl)
-    xs = lax.dynamic_slice_in_dim(x_scale, r0, bl)[:, None]
+    if scenario != A8W4:
+      return row_blocks.group_dot(xb, w_g, preferred_element_type=jnp.int32)
     dot = lambda a, b: lax.dot(a, b, preferred_element_type=jnp.int32)
-    if scenario == A8W4:  # per k-group partials of (x - 8) @ W, exact in int32
-      c = sum(_epilogue.close_k_group(dot(xb[:, g * gs:(g + 1) * gs], w_g[g * gs:(g + 1) * gs]),
-                                      colsum8_g[g], s_g[g]) for g in range(n_groups))
-      c = _epilogue.finish_a8w4(c, a_g, xs)
+    return sum(_epilogue.close_k_group(dot(xb[:, g * gs:(g + 1) * gs], w_g[g * gs:(g + 1) * gs]),
+                                       colsum8_g[g], s_g[g]) for g in range(n_groups))
+
+  per_token = spec.mode == quant_lib.PER_TOKEN
+
+  def finish_fn(outs, ctx, r0, acc, valid):
+    _, s_g, a_g, _, smooth_g = ctx
+    xs = lax.dynamic_slice_in_dim(x_scale, r0, acc.shape[0])[:, None]
+    c = (_epilogue.finish_a8w4(acc, a_g, xs) if scenario == A8W4
+         else _dequant(acc, s_g[0], xs, scenario))
+    s = quant_lib.swiglu(c)
+    s = s if smooth_g is None else s * smooth_g
+    if per_token:  # the scale (amax / qmax, correctly rounded) is computed once, after
+      amax = jnp.max(jnp.abs(s), axis=-1, keepdims=True)
+      q = _epilogue.codes_for_amax(s, amax, qmax=spec.qmax, dtype=spec.dtype,
+                                   fp8_as_bits=True)
+      q_scale = amax
     else:
-      c = _dequant(row_blocks.group_dot(xb, w_g, preferred_element_type=jnp.int32), s_g[0], xs,
-                   scenario)
-    q, q_scale = _swiglu_quant(c, smooth_g, spec)
-    return (row_blocks.write_rows(outs[0], q, r0, mask),
-            row_blocks.write_rows(outs[1], q_scale, r0, mask))
+      q, q_scale = _epilogue.quantize_output(s, spec, as_bits=True)
+    return (row_blocks.write_rows(outs[0], q, r0, valid),
+            row_blocks.write_rows(outs[1], q_scale, r0, valid))
 
   cols, scale_dtype = _epilogue.output_scale_shape(spec, n // 2)
   init = (jnp.zeros((m, n // 2), _epilogue.code_storage(spec.dtype)),
           jnp.zeros((m,) + cols, scale_dtype))
-  return _squeeze_per_token(*row_blocks.traverse(ends, m, init, group_ctx=group_ctx,
-                                                 block_fn=block_fn, block_sizes=block_sizes),
-                            spec)
+  if n == 0:
+    return _squeeze_per_token(*init, spec)
+  q, q_scale = row_blocks.traverse_staged(
+      ends, m, init, row=jax.ShapeDtypeStruct((n,), jnp.float32 if scenario == A8W4 else jnp.int32),
+      group_ctx=group_ctx, dot_fn=dot_fn, finish_fn=finish_fn, block_sizes=block_sizes)
+  if per_token:
+    q_scale = _epilogue.scale_for_amax(q_scale, spec.qmax)
+  return _squeeze_per_token(q, q_scale, spec)
 
 
 def _squeeze_per_token(q, q_scale, spec):

@@ -186,6 +186,93 @@ def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *
   return lax.fori_loop(0, starts.shape[0], group_body, carry)
 
 
+# Rows per call of a staged traversal's epilogue on a remainder (`traverse_staged`): its
+# window is whole chunks, so a group finishes under this many rows it does not own.
+EPILOGUE_ROWS = 64
+
+StagedFinish = Callable[[Any, Any, Any, jax.Array, jax.Array], Any]
+
+
+def traverse_staged(ends: groups_lib.GroupEnds, m: int, carry: Any, *, row: jax.ShapeDtypeStruct,
+                    group_ctx: Callable[[Any], Any],
+                    dot_fn: Callable[[Any, Any, int], jax.Array], finish_fn: StagedFinish,
+                    block_sizes: GmmBlockSizes | None = None) -> Any:
+  """`traverse` for ops whose blocks end in a per-row epilogue, with that epilogue
+  compiled twice instead of once per block size.
+
+  `dot_fn(ctx, r0, bl) -> [bl, ...]` computes rows `[r0, r0 + bl)` of a group's product
+  (the blocks of `traverse`: one call per block size of the remainder ladder, 22 sizes
+  for 512-row blocks), and `finish_fn(carry, ctx, r0, rows, valid) -> carry` folds
+  rows `[r0, r0 + len(rows))` of it into carry; `valid` (bool) marks the rows of the
+  group, None when all are. A full block is finished whole; a group's remainder lands
+  in a staging buffer of one block (rows of shape and dtype `row`) and is finished in
+  chunks of `EPILOGUE_ROWS` rows. `finish_fn` thus appears twice in the program, where
+  `traverse`'s `block_fn` appears once per block size: the fused op's epilogue (a few
+  hundred ops) compiled 22 times made its compile 3-4x slower (README, "Compile time").
+  """
+  ends = jnp.asarray(ends, jnp.int32)
+  if m == 0:
+    return carry
+  starts, sizes = groups_lib.group_starts(ends), groups_lib.group_sizes(ends)
+  block, min_block = block_rows(m, block_sizes or GmmBlockSizes.for_problem(m, ends.shape[0]))
+  chunk = min(EPILOGUE_ROWS, block)  # both powers of two: chunk divides block
+  ladder = remainder_blocks(block, min_block)
+  staging = jnp.zeros((block,) + tuple(row.shape), row.dtype)
+
+  def finish_chunks(carry, staging, ctx, w0, chunks, start, end):
+    """finish_fn over `chunks` chunks of staging, output rows from w0 on. staging travels
+    in the loop's carry, which XLA updates in place (a closed-over one it copies)."""
+    def finish(c, state):
+      carry, staging = state
+      r0 = w0 + c * chunk
+      r = r0 + jnp.arange(chunk, dtype=jnp.int32)
+      carry = finish_fn(carry, ctx, r0, lax.dynamic_slice_in_dim(staging, c * chunk, chunk),
+                        (r >= start) & (r < end))
+      return carry, staging
+    return lax.fori_loop(0, chunks, finish, (carry, staging))
+
+  def run_group(g, state):
+    carry, staging = state
+    ctx, start, size = group_ctx(g), starts[g], sizes[g]
+    end = start + size
+    n_full = size // block
+    first = start + n_full * block
+    rest = size - n_full * block
+
+    def rest_rows(staging, bl):
+      # The dot's rows [r0, r0 + bl) in a window [w0, w0 + span) of whole chunks inside
+      # [0, m); span = bl rounded up to chunks (<= block, as chunk divides block).
+      span = -(-bl // chunk) * chunk
+      r0, w0 = jnp.minimum(first, m - bl), jnp.minimum(first, m - span)
+      rows = dot_fn(ctx, r0, bl).astype(staging.dtype)
+      return (lax.dynamic_update_slice_in_dim(staging, rows, r0 - w0, axis=0), w0,
+              jnp.int32(span // chunk))
+
+    # The remainder runs first: its window may reach back over the group's full-block rows
+    # (garbage there, in `valid` rows), which the full blocks then overwrite. Its rows go to
+    # the staging buffer carried by the loops (updated in place); a full block's product
+    # is a buffer of its own. (One call site for both would make them one buffer: XLA
+    # then copied a whole block per block.)
+    out = (staging, first, jnp.int32(0))
+    below = 0
+    for bl in ladder:
+      out = lax.cond((rest > below) & (rest <= bl), lambda o, bl=bl: rest_rows(o[0], bl),
+                     lambda o: o, out)
+      below = bl
+    staging, w0, chunks = out
+    carry, staging = finish_chunks(carry, staging, ctx, w0, chunks, start, end)
+
+    def full(i, carry):
+      r0 = start + i * block
+      return finish_fn(carry, ctx, r0, dot_fn(ctx, r0, block), None)
+    return lax.fori_loop(0, n_full, full, carry), staging
+
+  def group_body(g, state):
+    return lax.cond(sizes[g] > 0, functools.partial(run_group, g), lambda s: s, state)
+
+  return lax.fori_loop(0, ends.shape[0], group_body, (carry, staging))[0]
+
+
 def block_rows(m: int, block_sizes: GmmBlockSizes) -> tuple[int, int]:
   """(full block, smallest block) that the block loop uses over `m > 0` rows."""
   min_block = min(block_sizes.min_block_m, pow2_floor(m))
