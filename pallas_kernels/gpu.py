@@ -19,7 +19,7 @@ the thousands). The first version (one program per row tile
 walking every column tile and group, codes in a second phase after a barrier) ran
 at 1-3% of the roofline on an H200 and took 55 ms at decode (README).
 
-Registers (ptxas, `python -m npu_ops.aot`): two `[64, 128]` int32 accumulators,
+Registers (ptxas, `python -m npu_ops.tools.aot`): two `[64, 128]` int32 accumulators,
 a float32 tile and (A8W4) two float32 k-group sums need 8 warps and 64-deep k
 blocks to stay within 255 registers per thread without spilling on sm_80.
 
@@ -48,7 +48,7 @@ from pallas_kernels.common import TileSizes
 MX = True  # has the MX kernels: MX inputs (`gmm_swiglu_quant_mx`) and MX output
 
 # 8 warps and 64 x 64 x 128 blocks: no register spills on sm_80 or sm_90a for any kernel
-# and dtype (ptxas, `python -m npu_ops.aot`); 4 warps, or 128-deep k blocks, spilled up to
+# and dtype (ptxas, `python -m npu_ops.tools.aot`); 4 warps, or 128-deep k blocks, spilled up to
 # ~1.9 KB (float32 gmm on sm_90a, the fused A8W4 kernel on sm_80).
 _PARAMS = pltr.CompilerParams(num_warps=8, num_stages=2)
 

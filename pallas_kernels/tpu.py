@@ -19,7 +19,7 @@ cross HBM once per call (per column tile for gmm), however its tokens fall on
 row tiles. Larger weights are tiled over k and re-read per visit.
 
 Rooflines (from the compiler's cost analysis, which counts each kernel's
-`pl.CostEstimate`; see `python -m npu_ops.aot`): at m=4096, k=2048, n=2816, e=16
+`pl.CostEstimate`; see `python -m npu_ops.tools.aot`): at m=4096, k=2048, n=2816, e=16
 A8W8 the fused kernel moves ~1.0x the bytes of reading every input and writing
 every output once (x 8.4 MB, weights 92.3 MB, outputs 5.8 MB): on a v5e
 (394 int8 TOP/s, 819 GB/s) 47.2 GFLOP take 0.12 ms of MXU time and 107 MB take

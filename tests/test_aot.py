@@ -1,5 +1,5 @@
 """The kernels compiled by the real TPU (libtpu, Mosaic) and GPU (XLA + Triton + ptxas)
-compilers on compile-only devices: a representative subset of `python -m npu_ops.aot`.
+compilers on compile-only devices: a representative subset of `python -m npu_ops.tools.aot`.
 
 Needs the `aot` extra (CI installs it); without it these tests skip and say why
 (`aot.missing_compilers`: libtpu, the CUDA plugin, ptxas), and collection never fails.
@@ -10,7 +10,7 @@ import functools
 
 import pytest
 
-from npu_ops import aot
+from npu_ops.tools import aot
 
 MISSING = aot.missing_compilers()
 needs = {kind: pytest.mark.skipif(kind in MISSING, reason=MISSING.get(kind, ""))
@@ -113,7 +113,7 @@ def test_gpu_kernels_compile_without_spills(target, name, temp_share):
 
 
 # 8 GPUs, forward and a training step (a TPU EP compile takes 45-66 s on a 2-core host,
-# which the CI's 20 minutes cannot spare); `python -m npu_ops.aot --cases EP` compiles
+# which the CI's 20 minutes cannot spare); `python -m npu_ops.tools.aot --cases EP` compiles
 # every target (the README table).
 EP_CASES = [pytest.param("h100", "EP MoE int8 forward (all chips)", marks=slow),
             pytest.param("h100", "EP MoE float train step (all chips)", marks=slow)]

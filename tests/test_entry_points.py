@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from npu_ops import bench, demo
+from npu_ops.tools import bench, demo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_bench_qat_runs(tmp_path, capsys):
 def test_bench_ep_runs():
   """--ep needs a fresh process (the device count is fixed when JAX starts)."""
   out = subprocess.run(
-      [sys.executable, "-m", "npu_ops.bench", "--ep", "4", "--ep-tokens", "64", "--ep-shape",
+      [sys.executable, "-m", "npu_ops.tools.bench", "--ep", "4", "--ep-tokens", "64", "--ep-shape",
        "32", "48", "8", "--ep-modes", "int8", "float", "--repeats", "1", "--no-ep-aot"],
       capture_output=True, text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
       cwd=ROOT).stdout

@@ -1,5 +1,8 @@
 """Command-line tools around the operators (none of the core modules imports them).
 
+* `bench`, `bench_ep`: CPU speed against a dense dot and ragged_dot (`bench --ep`: expert
+  parallel on simulated devices); `demo`: the fused op on an MoE shape.
+* `aot`: every kernel compiled for compile-only TPU and GPU targets.
 * `accelerator_check`: the kernels' tests on a real GPU / TPU, then their speed.
 * `compile_time`: jit compile time of our ops vs the program a user would write instead.
 """

@@ -5,7 +5,7 @@ op (trace + lower + compile, caches cleared, best of `--repeats`) and the plain 
 beside it, at the same shapes, in the same process: `jax.lax.ragged_dot` for the grouped
 matmuls, plus a jnp dequant / SwiGLU / per-token quant epilogue for the fused op. Group
 sizes are a dynamic int32 array (one compile serves every routing). `v5e` (or any TPU
-target of `npu_ops.aot`) compiles for a compile-only device (needs the `aot` extra).
+target of `npu_ops.tools.aot`) compiles for a compile-only device (needs the `aot` extra).
 Quote the ratios, from a quiet host: compile time moves with load as run time does.
 """
 
@@ -89,7 +89,7 @@ def compile_seconds(fn: Callable[..., object], args, target: str = "cpu", repeat
   """Best of `repeats` trace + lower + compile of `jax.jit(fn)` with cleared caches."""
   sharding = None
   if target != "cpu":
-    from npu_ops import aot  # noqa: PLC0415
+    from npu_ops.tools import aot  # noqa: PLC0415
     sharding = jax.sharding.SingleDeviceSharding(aot.device(target))
   specs = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in args]
   best = float("inf")
@@ -104,13 +104,13 @@ def compile_seconds(fn: Callable[..., object], args, target: str = "cpu", repeat
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--targets", nargs="+", default=["cpu"],
-                 help="cpu and/or TPU targets of npu_ops.aot, e.g. v5e (default: cpu)")
+                 help="cpu and/or TPU targets of npu_ops.tools.aot, e.g. v5e (default: cpu)")
   p.add_argument("--cases", nargs="*", default=None,
                  help="substrings of case names to run (default: all)")
   p.add_argument("--repeats", type=int, default=2)
   a = p.parse_args(argv)
   if any(t != "cpu" for t in a.targets):
-    from npu_ops import aot  # noqa: PLC0415
+    from npu_ops.tools import aot  # noqa: PLC0415
     aot.use_cpu_host()
   rows = []
   print(f"{'case':44s} {'target':6s} {'ours s':>7s} {'plain s':>7s} {'ratio':>6s}", flush=True)

@@ -1,6 +1,6 @@
 """Demo: one quantized MoE gate/up projection with the fused op.
 
-    python -m npu_ops.demo [--m 4096 --k 2048 --n 2816 --e 16]
+    python -m npu_ops.tools.demo [--m 4096 --k 2048 --n 2816 --e 16]
 
 Routes random tokens to experts (top-1), quantizes activations per token and
 weights per channel to int8, stores the weights in FRACTAL_NZ like torch_npu,
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import npu_ops
-from npu_ops.bench import time_interleaved
+from npu_ops.tools.bench import time_interleaved
 
 
 def main(argv=None):

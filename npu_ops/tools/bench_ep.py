@@ -1,4 +1,4 @@
-"""Expert-parallel MoE benchmark: `python -m npu_ops.bench --ep 8`.
+"""Expert-parallel MoE benchmark: `python -m npu_ops.tools.bench --ep 8`.
 
 On `D` simulated CPU devices (this host's cores shared by all of them), for each
 mode: tokens per second of the MoE layer with its experts over the devices
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType
 
-from npu_ops import aot
+from npu_ops.tools import aot
 from npu_ops import moe
 from npu_ops import qat
 
@@ -79,7 +79,7 @@ def crossing_rows(x, router, devices, experts, top_k=2) -> int:
 
 
 def run_cpu(devices, tokens, d_model, d_ff, experts, modes, repeats, capacity_factor=None):
-  from npu_ops.bench import time_interleaved  # noqa: PLC0415
+  from npu_ops.tools.bench import time_interleaved  # noqa: PLC0415
   mesh = jax.make_mesh((devices,), ("expert",), axis_types=(AxisType.Auto,))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(tokens, d_model)), jnp.float32)
   rows = []

@@ -1,10 +1,10 @@
 """Benchmark: grouped ops vs a dense dot of the same FLOPs, and vs ragged_dot.
 
-    python -m npu_ops.bench                       # the matrix: m x e x group lists
-    python -m npu_ops.bench --m 4096 --e 16       # one shape, four group lists
-    python -m npu_ops.bench --out bench_results   # also writes JSON and a PNG plot
-    python -m npu_ops.bench --qat                 # training steps: QAT vs float
-    python -m npu_ops.bench --ep 8                # expert parallel, 8 simulated devices
+    python -m npu_ops.tools.bench                       # the matrix: m x e x group lists
+    python -m npu_ops.tools.bench --m 4096 --e 16       # one shape, four group lists
+    python -m npu_ops.tools.bench --out bench_results   # also writes JSON and a PNG plot
+    python -m npu_ops.tools.bench --qat                 # training steps: QAT vs float
+    python -m npu_ops.tools.bench --ep 8                # expert parallel, 8 simulated devices
 
 For each (m, k, n, e, group list) the contenders run interleaved in one process
 (machine noise hits all of them alike), each timed as the minimum of `--repeats`
@@ -484,7 +484,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> bool:
 
 def main(argv=None):
   p = argparse.ArgumentParser(
-      prog="python -m npu_ops.bench", description=__doc__,
+      prog="python -m npu_ops.tools.bench", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--m", type=int, nargs="+", default=[512, 4096, 16384],
                  help="token rows (default: %(default)s)")
@@ -509,7 +509,7 @@ def main(argv=None):
   p.add_argument("--out", help="folder for bench.json and bench.png (default: print only)")
   p.add_argument("--ep", type=int, metavar="D",
                  help="instead: the MoE layer with its experts over D simulated CPU devices "
-                      "vs one device, and the bytes exchanged (npu_ops.bench_ep)")
+                      "vs one device, and the bytes exchanged (npu_ops.tools.bench_ep)")
   p.add_argument("--ep-tokens", type=int, default=4096,
                  help="tokens per step with --ep (default: %(default)s)")
   p.add_argument("--ep-modes", nargs="+", default=["int8", "float"],
@@ -526,7 +526,7 @@ def main(argv=None):
                       "installed (default: %(default)s)")
   args = p.parse_args(argv)
   if args.ep:  # before anything starts JAX's CPU backend with one device
-    from npu_ops import bench_ep  # noqa: PLC0415
+    from npu_ops.tools import bench_ep  # noqa: PLC0415
     return bench_ep.report(args)
 
   cases = [(m, e, g) for m in args.m for e in args.e for g in args.groups]

@@ -1,8 +1,8 @@
 """Ahead-of-time compile checks: the real TPU and GPU compilers, on a host without either.
 
     pip install -e ".[aot]"                      # libtpu and the CUDA plugin (ptxas)
-    python -m npu_ops.aot                        # every case on v5e, v6e, v5p, TPU7x, H100, A100
-    python -m npu_ops.aot --targets v5e a100 --cases fused
+    python -m npu_ops.tools.aot                        # every case on v5e, v6e, v5p, TPU7x, H100, A100
+    python -m npu_ops.tools.aot --targets v5e a100 --cases fused
 
 Nothing runs on an accelerator: each case is traced with `implementation=None`,
 lowered for the target (so the per-platform dispatch of `npu_ops.backend` is what
@@ -523,7 +523,7 @@ def format_summary(reports: Sequence[Report]) -> str:
 def main(argv: Sequence[str] | None = None) -> list[Report]:
   use_cpu_host()
   p = argparse.ArgumentParser(
-      prog="python -m npu_ops.aot",
+      prog="python -m npu_ops.tools.aot",
       description="Compile every kernel entry point with the real TPU and GPU compilers "
                   "(no accelerator needed) and print what they report.")
   p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS,
