@@ -395,3 +395,34 @@ def test_strict_dtype_and_rank_promotion(dynamic):
                                                for s, e in bounds]))
     jax.jvp(lambda x: npu_ops.tgmm(x, y, sizes), (x,), (x,))
     jax.vmap(lambda x: npu_ops.grouped_matmul(x, w, sizes))(jnp.stack([x, x]))
+
+
+@pytest.mark.parametrize("block_m,min_block_m", [(8, 2), (32, 4), (128, 16)])
+@pytest.mark.parametrize("sizes", [[300, 0, 37, 1], [0, 2, 0, 411], [5, 130, 64, 65], [0, 0, 0, 0],
+                                   [1, 1, 1, 447], [10, 0, 0, 440]])
+def test_staged_traversal_finishes_every_row_once_with_its_group(block_m, min_block_m, sizes):
+  """row_blocks.traverse_staged (the fused op's loop): each row of a group is finished with
+  its group's context and its own product, rows of no group are never written; blocks of
+  8-128 rows make full blocks, remainders, windows clamped at m and chunks of every kind."""
+  m = 450
+  rng = np.random.default_rng(7)
+  x = rng.integers(-50, 50, (m, 3)).astype(np.int32)
+  w = rng.integers(-50, 50, (len(sizes), 3, 5)).astype(np.int32)
+  ends = np.minimum(np.cumsum(sizes), m).astype(np.int32)
+
+  def dot_fn(ctx, r0, bl):
+    return jax.lax.dynamic_slice_in_dim(jnp.asarray(x), r0, bl) @ ctx[0]
+
+  def finish_fn(out, ctx, r0, rows, valid):  # row + 1000 * (group + 1), masked
+    return npu_ops.row_blocks.write_rows(out, rows + 1000 * (ctx[1] + 1), r0, valid)
+
+  out = jax.jit(lambda e: npu_ops.row_blocks.traverse_staged(
+      e, m, jnp.full((m, 5), -7, jnp.int32), row=jax.ShapeDtypeStruct((5,), jnp.int32),
+      group_ctx=lambda g: (jnp.asarray(w)[g], g), dot_fn=dot_fn, finish_fn=finish_fn,
+      block_sizes=npu_ops.GmmBlockSizes(block_m, min_block_m)))(jnp.asarray(ends))
+  want = np.full((m, 5), -7, np.int64)
+  start = 0
+  for g, end in enumerate(ends):
+    want[start:end] = x[start:end].astype(np.int64) @ w[g] + 1000 * (g + 1)
+    start = end
+  np.testing.assert_array_equal(np.asarray(out), want)
