@@ -11,13 +11,13 @@ Per group `i` (rows `[start_i, end_i)` of x, expert weight `W_i`), semantics B.1
   Q, Q_scale = per-row int8 quantization of S  (semantics A.3 item 3)
 
 Rows at or beyond sum(group_list) give Q = 0 and Q_scale = 0 (semantics A.3 item 1).
-The whole chain is one block function of `npu_ops.row_blocks`: each row block's
-int8 dot (exact int32) is dequantized, SwiGLU'd and quantized while it is in
-cache, so no `[m, n]` intermediate exists and the epilogue costs a few percent of
-the matmul. With few rows per group (< 64 expected), the epilogue's fixed cost
-per block would dominate: there the grouped matmul writes the int32 `[m, n]`
-product and the epilogue runs once over all rows (`_epilogue_after`; same
-arithmetic, same bits). `implementation="reference"` runs `npu_ops.reference`.
+The whole chain runs in the row-block loop of `npu_ops.row_blocks.traverse_staged`: each
+row block's int8 dot (exact int32) is dequantized, SwiGLU'd and quantized right after it
+is computed, so no `[m, n]` intermediate exists and the epilogue costs a few percent of the
+matmul. With few rows per group (< 64 expected, or < 128 where the int32 product stays in
+cache; `_epilogue_after`), the epilogue's fixed cost per block would dominate: there the
+grouped matmul writes the int32 `[m, n]` product and the epilogue runs once over all rows
+(same arithmetic, same bits). `implementation="reference"` runs `npu_ops.reference`.
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ def npu_grouped_matmul_swiglu_quant_v2(
     bias: reserved by torch_npu; must be None.
     dequant_mode: 0 per-channel weight scale, 1 per-group (A8W4 only).
     dequant_dtype: 0 (or 6, torch float32): float32 intermediate.
-    quant_mode: 0 per-token (2, MX, is planned).
-    quant_dtype: 0 or 1 (int8). fp8 codes are planned.
+    quant_mode: 0 per token, 2 MX (blocks of 32 with e8m0 scales; semantics B.1.6).
+    quant_dtype: 0 or 1 (int8), 23 / 24 (float8_e5m2 / float8_e4m3fn) or 45 (fp4, MX only;
+      packed two a byte), or the dtype itself; per token takes int8 and fp8, MX fp8 and fp4.
     group_list_type: 0 cumsum, 1 count.
     group_offset: expert parallelism (a JAX extension, megablox semantics): weight holds
       the e local experts, global groups `[group_offset, group_offset + e)` of the G in
@@ -110,7 +111,8 @@ def npu_grouped_matmul_swiglu_quant_v2(
     tiles: the kernels' `TileSizes` (default from the shapes and tuning_config).
 
   Returns:
-    (output int8 `[m, n/2]`, output_scale float32 `[m]`). Rows at or beyond the
+    (output `[m, n/2]` codes of quant_dtype (fp4: uint8 `[m, n/4]`), output_scale: float32
+    `[m]` per token, or float8_e8m0fnu `[m, ceil(n/128), 2]` for MX). Rows at or beyond the
     group total are 0 in both.
   """
   spec = quant_lib.DynamicQuant.from_torch_npu(quant_dtype, quant_mode)
@@ -238,7 +240,6 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
     gmm_lib.check_static_m(m, implementation)
     impl, block_sizes, after = "xla", None, True
   else:
-    tiles = tiles or TileSizes.for_problem(m, k, n, len(ends), expected_tokens)
     block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
     after = _epilogue_after(m, k, n, e, expected_tokens, scenario)
 
@@ -247,9 +248,11 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   def kernel(module, x, w, ends_array, assist, smooth):
     if mx_out and not module.MX:  # the TPU kernel has no MX output: XLA under None
       return xla(x, w, ends_array, assist, smooth)
+    tiles_ = tiles or TileSizes.for_problem(m, k, n, len(ends), expected_tokens,
+                                            max_block_m=module.FUSED_MAX_BLOCK_M)
     return module.gmm_swiglu_quant(x.values, row_blocks.stacked(w.values), w.scale, x.scale,
                                    ends_array,
-                                   assist=assist, tiles=tiles, out_dtype=spec.dtype,
+                                   assist=assist, tiles=tiles_, out_dtype=spec.dtype,
                                    qmax=spec.qmax, mx_out=mx_out, interpret=interpret)
 
   def xla(x, w, ends_array, assist, smooth):

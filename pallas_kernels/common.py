@@ -48,12 +48,14 @@ class TileSizes:
 
   @classmethod
   def for_problem(cls, m: int, k: int, n: int, num_groups: int,
-                  expected_tokens: int | None = None) -> "TileSizes":
+                  expected_tokens: int | None = None, max_block_m: int = 128
+                  ) -> "TileSizes":
     """Rows per tile follow the expected tokens per expert (`tuning_config[0]`,
-    default m / groups): a group of 40 tokens should not pay for 128-row tiles.
-    The contraction and column tiles only shrink for small problems."""
+    default m / groups), up to `max_block_m` (a kernel's `FUSED_MAX_BLOCK_M`): a group of
+    40 tokens should not pay for 128-row tiles. The contraction and column tiles only
+    shrink for small problems."""
     tokens = expected_tokens or max(1, m // max(1, num_groups))
-    return cls(block_m=min(128, max(32, _pow2_at_least(tokens))),
+    return cls(block_m=min(max_block_m, max(32, _pow2_at_least(tokens))),
                block_k=min(512, max(128, _pow2_at_least(k))),
                block_n=min(256, max(128, _pow2_at_least(n))))
 

@@ -46,6 +46,7 @@ from pallas_kernels import common
 from pallas_kernels.common import TileSizes
 
 MX = True  # has the MX kernels: MX inputs (`gmm_swiglu_quant_mx`) and MX output
+FUSED_MAX_BLOCK_M = 128  # rows per tile by default: the registers (see the module doc)
 
 # 8 warps and 64 x 64 x 128 blocks: no register spills on sm_80 or sm_90a for any kernel
 # and dtype (ptxas, `python -m npu_ops.tools.aot`); 4 warps, or 128-deep k blocks, spilled up to

@@ -43,6 +43,10 @@ from pallas_kernels import common
 from pallas_kernels.common import TileSizes
 
 MX = False  # no MX kernels (MX inputs and MX output run on the XLA path under None)
+# Rows per tile of the fused kernel by default (`TileSizes.for_problem`): with an expert's
+# whole weight resident, a visit of 128 rows waits on its weight copy (the `npu_ops.perf`
+# model: 1.43-1.57x the roofline at prefill on v5e, 1.12-1.20x with 256 rows).
+FUSED_MAX_BLOCK_M = 256
 
 # VMEM: one expert's weight block, double-buffered, is resident up to this size; the
 # whole kernel is planned to stay under _VMEM_PLAN and asks the compiler for

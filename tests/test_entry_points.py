@@ -118,3 +118,16 @@ def test_readme_examples_run():
   assert blocks
   for block in blocks:
     exec(compile(block, "README.md", "exec"), {})
+
+
+def test_api_reference_is_current_and_complete():
+  """docs/api.md is what `python -m npu_ops.tools.api_reference --write` writes, and names
+  every public name of `npu_ops` (issue 32 item 13)."""
+  import npu_ops
+  from npu_ops.tools import api_reference
+  text = api_reference.PATH.read_text()
+  assert text == api_reference.render(), "run python -m npu_ops.tools.api_reference --write"
+  public = [n for n in dir(npu_ops) if not n.startswith("_") and not isinstance(
+      getattr(npu_ops, n), type(npu_ops))]
+  missing = [n for n in public if f"`npu_ops.{n}" not in text]
+  assert not missing, missing

@@ -120,6 +120,15 @@ def test_our_kernels_are_modeled_on_their_tpu_branch():
   assert names == ["npu_gmm", "npu_tgmm"]  # the forward's output is unused: not run
 
 
+def test_fused_kernel_tiles_bring_uniform_prefill_near_the_roofline():
+  """The fused kernel's default 256-row tiles on TPU (`tpu.FUSED_MAX_BLOCK_M`): uniform
+  prefill within 1.2x of the roofline on v5e under the model (1.16x; 128-row tiles: 1.58x)."""
+  prob = cases.problem("fused A8W8", cases.Case("prefill", 4096, 16, "uniform"))
+  p = model.predict(prob.fn, *prob.args, chip="v5e")
+  assert p.seconds <= 1.2 * prob.roofline(chips.get("v5e"))
+  assert npu_ops.TileSizes.for_problem(4096, 2048, 2816, 16, max_block_m=256).block_m == 256
+
+
 def test_predict_needs_the_values_that_steer_the_kernels():
   f = lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl)
   with pytest.raises(ValueError, match="concretely"):

@@ -5,4 +5,5 @@
 * `aot`: every kernel compiled for compile-only TPU and GPU targets.
 * `accelerator_check`: the kernels' tests on a real GPU / TPU, then their speed.
 * `compile_time`: jit compile time of our ops vs the program a user would write instead.
+* `api_reference`: docs/api.md from the docstrings.
 """
