@@ -17,16 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops import _epilogue
 from npu_ops import gmm as gmm_lib
-from npu_ops import row_blocks
 from npu_ops import quant as quant_lib
+from npu_ops import row_blocks
 from npu_ops._validation import check_dtype, check_scale_groups, describe, fail, require
 from npu_ops.groups import per_row
 from npu_ops.operands import A4W4, A8W4, A8W8
 from npu_ops.quant_matmul import decode_quant_param, requant_int8
 from npu_ops.scales import float32_from_scale_words
 from npu_ops.weight_quant import antiquant_weight
+from pallas_kernels import epilogue
 from pallas_kernels.common import TileSizes
 
 F16, BF16, F32 = np.dtype(jnp.float16), np.dtype(jnp.bfloat16), np.dtype(jnp.float32)
@@ -278,7 +278,7 @@ def _prepare_a8w4(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
   require(b.shape[-1] == n, "bias", f"[E={e}, n={n}]", describe(params["bias"]))
   if pts is None:
     fail("per_token_scale", f"float32 [m={m}] (A8W4 pseudo-quant)", None)
-  colsum8 = _epilogue.colsum8(w, groups)
+  colsum8 = epilogue.colsum8(w, groups)
   per_group = {"scale": scale, "bias": jnp.asarray(b, jnp.float32)[:, 0], "colsum8": colsum8}
   return Prepared(x, w, per_group, _check_pts(pts, m), out)
 
@@ -290,11 +290,11 @@ PREPARE = {FLOAT: _prepare_float, ANTIQUANT: _prepare_antiquant, A8W8: _prepare_
 # --- compute ----------------------------------------------------------------------------------
 
 def _compute_float(p, ends, gid, inside, opts, block_sizes):
-  epilogue = bool(p.per_group) or bool(opts.act_type)
+  has_epilogue = bool(p.per_group) or bool(opts.act_type)
   # The custom-VJP grouped matmul: jax.grad flows to x and the (dequantized) weight.
-  y = gmm_lib.differentiable_gmm(p.x, p.w, ends, out_dtype=F32 if epilogue else p.out_dtype,
+  y = gmm_lib.differentiable_gmm(p.x, p.w, ends, out_dtype=F32 if has_epilogue else p.out_dtype,
                                  **opts.run(block_sizes))
-  if not epilogue:
+  if not has_epilogue:
     return y
   return _float_epilogue(y, gid, inside, p.per_group.get("bias"), act_type=opts.act_type,
                          out_dtype=p.out_dtype)
@@ -367,7 +367,7 @@ def _grouped_scale_epilogue(accs, gid, inside, scale, colsum8, bias, pts, *, act
   """A4W4 / A8W4: sum_g s_g * (acc_g [- 8 colsum_g]) [+ bias], then _finish."""
   v = 0
   for g, acc in enumerate(accs):  # (x - 8)_g @ W_g exact in int32 for A8W4 (colsum8)
-    v = v + _epilogue.close_k_group(acc, 0 if colsum8 is None else per_row(colsum8[:, g], gid),
+    v = v + epilogue.close_k_group(acc, 0 if colsum8 is None else per_row(colsum8[:, g], gid),
                                     per_row(scale[:, g], gid))
   if bias is not None:  # A8W4: the offline bias joins before the per-token scale
     v = v + per_row(bias, gid)

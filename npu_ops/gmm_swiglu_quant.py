@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from npu_ops import _epilogue
 from npu_ops import backend
 from npu_ops import gmm as gmm_lib
 from npu_ops import groups as groups_lib
@@ -44,6 +43,7 @@ from npu_ops._validation import (check_array, check_dtype_arg, check_int_option,
 from npu_ops.operands import A4W4, A8W4, A8W8, QArray
 from npu_ops.scales import float32_from_scale_words
 from pallas_kernels import common as pallas_common
+from pallas_kernels import epilogue
 from pallas_kernels.common import TileSizes
 
 _FLOAT_SCALES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
@@ -343,7 +343,7 @@ def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None
 @jax.jit
 def canonical_assist(w: jax.Array, scale: jax.Array) -> jax.Array:
   # 8 * colsum is exact, so this is 8 * sum_k W * s bit for bit
-  return jnp.sum(_epilogue.colsum8(w, scale.shape[1]).astype(jnp.float32) * scale, axis=1)
+  return jnp.sum(epilogue.colsum8(w, scale.shape[1]).astype(jnp.float32) * scale, axis=1)
 
 
 def _kernel_gap(scenario: str, spec: quant_lib.DynamicQuant, k: int, scale: jax.Array
@@ -396,19 +396,19 @@ def _epilogue_after(m: int, k: int, n: int, e: int, expected: int | None, scenar
 def _dequant(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array, scenario: str
              ) -> jax.Array:
   """C of A8W8 / A4W4 (module doc) from the int32 product, in the documented order (docs/semantics.md)."""
-  return (_epilogue.dequant_a8w8 if scenario == A8W8 else _epilogue.dequant_a4w4)(
+  return (epilogue.dequant_a8w8 if scenario == A8W8 else epilogue.dequant_a4w4)(
       acc, w_scale, x_scale)
 
 
 def _swiglu_quant(c: jax.Array, smooth: jax.Array | None, spec: quant_lib.DynamicQuant):
-  """(codes as `_epilogue.code_storage`, scale `[rows, 1]` per token or e8m0 bytes
+  """(codes as `epilogue.code_storage`, scale `[rows, 1]` per token or e8m0 bytes
   `[rows, blocks]` for MX); `_squeeze_per_token` makes them the op's."""
   if c.shape[-1] == 0:
-    cols, scale_dtype = _epilogue.output_scale_shape(spec, 0)
-    return (jnp.zeros(c.shape, _epilogue.code_storage(spec.dtype)),
+    cols, scale_dtype = epilogue.output_scale_shape(spec, 0)
+    return (jnp.zeros(c.shape, epilogue.code_storage(spec.dtype)),
             jnp.zeros(c.shape[:-1] + cols, scale_dtype))
   s = quant_lib.swiglu(c)
-  return _epilogue.quantize_output(s if smooth is None else s * smooth, spec, as_bits=True)
+  return epilogue.quantize_output(s if smooth is None else s * smooth, spec, as_bits=True)
 
 
 @row_blocks.jit_by_ends("scenario", "spec", "block_sizes", "after")
@@ -425,7 +425,7 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
   gs = k // n_groups
   colsum8 = None
   if scenario == A8W4:  # 8 * column sums per k-group: the "- 8" of (x - 8) @ W, in int32
-    colsum8 = _epilogue.colsum8(w, n_groups)
+    colsum8 = epilogue.colsum8(w, n_groups)
   if after:
     gid = groups_lib.row_group_ids(ends, m)
     inside = gid < len(ends)  # rows past the groups: 0 in both outputs
@@ -433,10 +433,10 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
     grouped = lambda xs, ws: gmm_lib.gmm(xs, ws, ends, out_dtype=jnp.int32, implementation="xla",
                                          block_sizes=block_sizes)
     if scenario == A8W4:
-      c = sum(_epilogue.close_k_group(
+      c = sum(epilogue.close_k_group(
           grouped(x[:, g * gs:(g + 1) * gs], w[:, g * gs:(g + 1) * gs]),
           per_row(colsum8[:, g]), per_row(scale[:, g])) for g in range(n_groups))
-      c = _epilogue.finish_a8w4(c, per_row(assist), x_scale[:, None])
+      c = epilogue.finish_a8w4(c, per_row(assist), x_scale[:, None])
     else:
       c = _dequant(grouped(x, w), per_row(scale[:, 0]), x_scale[:, None], scenario)
     q, q_scale = _swiglu_quant(c, per_row(smooth), spec)
@@ -455,7 +455,7 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
     if scenario != A8W4:
       return row_blocks.group_dot(xb, w_g, preferred_element_type=jnp.int32)
     dot = lambda a, b: lax.dot(a, b, preferred_element_type=jnp.int32)
-    return sum(_epilogue.close_k_group(dot(xb[:, g * gs:(g + 1) * gs], w_g[g * gs:(g + 1) * gs]),
+    return sum(epilogue.close_k_group(dot(xb[:, g * gs:(g + 1) * gs], w_g[g * gs:(g + 1) * gs]),
                                        colsum8_g[g], s_g[g]) for g in range(n_groups))
 
   per_token = spec.mode == quant_lib.PER_TOKEN
@@ -463,22 +463,22 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
   def finish_fn(outs, ctx, r0, acc, valid):
     _, s_g, a_g, _, smooth_g = ctx
     xs = lax.dynamic_slice_in_dim(x_scale, r0, acc.shape[0])[:, None]
-    c = (_epilogue.finish_a8w4(acc, a_g, xs) if scenario == A8W4
+    c = (epilogue.finish_a8w4(acc, a_g, xs) if scenario == A8W4
          else _dequant(acc, s_g[0], xs, scenario))
     s = quant_lib.swiglu(c)
     s = s if smooth_g is None else s * smooth_g
     if per_token:  # the scale (amax / qmax, correctly rounded) is computed once, after
       amax = jnp.max(jnp.abs(s), axis=-1, keepdims=True)
-      q = _epilogue.codes_for_amax(s, amax, qmax=spec.qmax, dtype=spec.dtype,
+      q = epilogue.codes_for_amax(s, amax, qmax=spec.qmax, dtype=spec.dtype,
                                    fp8_as_bits=True)
       q_scale = amax
     else:
-      q, q_scale = _epilogue.quantize_output(s, spec, as_bits=True)
+      q, q_scale = epilogue.quantize_output(s, spec, as_bits=True)
     return (row_blocks.write_rows(outs[0], q, r0, valid),
             row_blocks.write_rows(outs[1], q_scale, r0, valid))
 
-  cols, scale_dtype = _epilogue.output_scale_shape(spec, n // 2)
-  init = (jnp.zeros((m, n // 2), _epilogue.code_storage(spec.dtype)),
+  cols, scale_dtype = epilogue.output_scale_shape(spec, n // 2)
+  init = (jnp.zeros((m, n // 2), epilogue.code_storage(spec.dtype)),
           jnp.zeros((m,) + cols, scale_dtype))
   if n == 0:
     return _squeeze_per_token(*init, spec)
@@ -486,13 +486,13 @@ def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_
       ends, m, init, row=jax.ShapeDtypeStruct((n,), jnp.float32 if scenario == A8W4 else jnp.int32),
       group_ctx=group_ctx, dot_fn=dot_fn, finish_fn=finish_fn, block_sizes=block_sizes)
   if per_token:
-    q_scale = _epilogue.scale_for_amax(q_scale, spec.qmax)
+    q_scale = epilogue.scale_for_amax(q_scale, spec.qmax)
   return _squeeze_per_token(q, q_scale, spec)
 
 
 def _squeeze_per_token(q, q_scale, spec):
   """`_swiglu_quant`'s results as the op gives them."""
-  q = _epilogue.codes_from_bits(q, spec.dtype)
+  q = epilogue.codes_from_bits(q, spec.dtype)
   return q, q_scale[:, 0] if spec.mode == quant_lib.PER_TOKEN else q_scale
 
 
@@ -525,7 +525,7 @@ def _per_element(scale: jax.Array, k: int, axis: int) -> jax.Array:
   element of k at `axis`: element kk takes `scale[..., kk // 64, ..., (kk // 32) % 2]`."""
   pairs = jnp.moveaxis(scale, -1, axis + 1)
   flat = pairs.reshape(pairs.shape[:axis] + (-1,) + pairs.shape[axis + 2:])
-  return lax.slice_in_dim(jnp.repeat(flat, _epilogue.MX_BLOCK, axis=axis), 0, k, axis=axis)
+  return lax.slice_in_dim(jnp.repeat(flat, epilogue.MX_BLOCK, axis=axis), 0, k, axis=axis)
 
 
 def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type, group_offset,
@@ -575,7 +575,7 @@ def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type,
 
   def xla(xv, x_bytes, wv, w_bytes, ends_array):
     scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(
-        _epilogue.e8m0_to_float32(b), k, axis)
+        epilogue.e8m0_to_float32(b), k, axis)
     wf = scaled(wv, w_bytes, 2 if transposed else 1)
     c = gmm_lib.gmm(scaled(xv, x_bytes, 1), jnp.swapaxes(wf, 1, 2) if transposed else wf,
                     ends if isinstance(ends, tuple) else ends_array, out_dtype=jnp.float32,

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from npu_ops import _epilogue
 from npu_ops import backend
 from npu_ops import gmm as gmm_lib
 from npu_ops import gmm_swiglu_quant as fused_lib
@@ -41,6 +40,7 @@ from npu_ops import quant as quant_lib
 from npu_ops import row_blocks
 from npu_ops._validation import (check_array, check_dtype_arg, check_rank, check_scale_groups,
                                  describe, fail, require)
+from pallas_kernels import epilogue
 
 _QMAX = {8: 127.0, 4: 7.0}
 _FP8 = tuple(np.dtype(t) for t in (jnp.float8_e4m3fn, jnp.float8_e5m2))
@@ -69,9 +69,9 @@ def _check_float(name: str, a: Any) -> None:
 
 
 def _reciprocal(scale: jax.Array, numerator: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """`numerator / scale` as `(lift, inv)` (`_epilogue.lifted_reciprocal`): no overflow for
+  """`numerator / scale` as `(lift, inv)` (`epilogue.lifted_reciprocal`): no overflow for
   tiny scales, and codes 0 where scale <= 0 (never NaN or inf)."""
-  return _epilogue.lifted_reciprocal(scale, numerator)
+  return epilogue.lifted_reciprocal(scale, numerator)
 
 
 def _ratio(x: jax.Array, recip: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -196,7 +196,7 @@ def dynamic_fake_quant(x: jax.Array, *, bits: int = 8, dtype: Any = None) -> jax
   inv = jax.lax.stop_gradient(_reciprocal(amax, qmax))  # quantize_per_token's qmax / amax
   # quantize_per_token's scale bit for bit (correctly rounded, subnormal too), with the
   # derivative 1 / qmax of amax / qmax (the added term is 0 in the forward pass)
-  scale = jax.lax.stop_gradient(_epilogue.scale_for_amax(amax, qmax)) + (
+  scale = jax.lax.stop_gradient(epilogue.scale_for_amax(amax, qmax)) + (
       amax - jax.lax.stop_gradient(amax)) / qmax
   return _lsq(x, scale, inv, qmax, None, grid)
 

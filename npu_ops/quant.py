@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from npu_ops import _epilogue
-from npu_ops._epilogue import silu
 from npu_ops._validation import (check_array, check_dtype_arg, check_float_array, describe,
                                  fail, require)
+from pallas_kernels import epilogue
+from pallas_kernels.epilogue import silu
 
 PER_TOKEN, MX = 0, 2
 _INT8 = np.dtype(np.int8)
@@ -123,7 +123,7 @@ def swiglu(c: jax.Array, *, activate_left: bool = True) -> jax.Array:
     fail("c", "an even last dim", n)
   left, right = c[..., : n // 2], c[..., n // 2:]
   act, gate = (left, right) if activate_left else (right, left)
-  return _epilogue.swiglu_halves(act, gate)
+  return epilogue.swiglu_halves(act, gate)
 
 
 def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
@@ -150,7 +150,7 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
           "npu_ops.quantize_mx)", repr(spec))
   if s.shape[-1] == 0:  # nothing to quantize: amax 0, scale 0
     return jnp.zeros(s.shape, spec.dtype), jnp.zeros(s.shape[:-1], jnp.float32)
-  q, scale = _epilogue.quantize_rows(s.astype(jnp.float32), qmax=spec.qmax, dtype=spec.dtype)
+  q, scale = epilogue.quantize_rows(s.astype(jnp.float32), qmax=spec.qmax, dtype=spec.dtype)
   return q, scale[..., 0]
 
 
@@ -177,7 +177,7 @@ def quantize_mx(s: jax.Array, dtype: Any = jnp.float8_e4m3fn) -> tuple[jax.Array
   require(s.ndim >= 1, "s", "rank >= 1 ([..., d])", describe(s))
   dtype = check_dtype_arg("dtype", dtype)
   require(dtype in _DTYPES[MX], "dtype", f"one of {_dtype_names(_DTYPES[MX])}", dtype.name)
-  codes, scale = _epilogue.quantize_mx_rows(s, dtype)
+  codes, scale = epilogue.quantize_mx_rows(s, dtype)
   return codes, jax.lax.bitcast_convert_type(scale, jnp.float8_e8m0fnu)
 
 
@@ -196,12 +196,12 @@ def dequantize_mx(codes: jax.Array, scales: jax.Array, dtype: Any = jnp.float32)
   require(codes.ndim >= 1, "codes", "rank >= 1 ([..., d])", describe(codes))
   check_array("scales", scales)
   d = codes.shape[-1]
-  blocks = -(-d // _epilogue.MX_BLOCK)
+  blocks = -(-d // epilogue.MX_BLOCK)
   require(tuple(scales.shape) == tuple(codes.shape[:-1]) + (blocks,), "scales",
           f"shape {list(codes.shape[:-1]) + [blocks]} (one per block of 32 of codes "
           f"{describe(codes)})", describe(scales))
   scale_bytes = e8m0_bytes("scales", scales)
-  per_element = jnp.repeat(_epilogue.e8m0_to_float32(scale_bytes), _epilogue.MX_BLOCK,
+  per_element = jnp.repeat(epilogue.e8m0_to_float32(scale_bytes), epilogue.MX_BLOCK,
                            axis=-1)[..., :d]
   return (codes.astype(jnp.float32) * per_element).astype(out)
 

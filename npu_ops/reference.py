@@ -4,7 +4,7 @@
 shared with the fast paths: every group's product for every row (`einsum`), then each
 row keeps its own group's (`g` times the work and a `[g, m, n]` temporary: for
 checking and small shapes). The epilogue pieces (dequant order, SwiGLU, per-token
-quant) are `npu_ops._epilogue`'s, the one home of that math.
+quant) are `pallas_kernels.epilogue`'s, the one home of that math.
 
 Operands are canonical (`npu_ops.operands`): `ends` are group ends (a tuple of ints or
 an int32 array, `npu_ops.groups`), integer operands int8 (int4 values widened).
@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops import _epilogue
 from npu_ops import groups as groups_lib
 from npu_ops import operands
 from npu_ops import quant as quant_lib
 from npu_ops.operands import QArray
+from pallas_kernels import epilogue
 
 
 def _row_groups(ends: groups_lib.GroupEnds, m: int) -> tuple[jax.Array, jax.Array]:
@@ -86,24 +86,24 @@ def swiglu_quant(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   x_scale = x.scale[:, None]
   int_gmm = lambda xs, ws: grouped_matmul(xs, ws, ends, out_dtype=jnp.int32)
   if scenario == operands.A8W4:  # (x - 8) @ W per k group, as x @ W - 8 * colsum in int32
-    colsum8 = _epilogue.colsum8(wv, n_groups)
-    c = sum(_epilogue.close_k_group(
+    colsum8 = epilogue.colsum8(wv, n_groups)
+    c = sum(epilogue.close_k_group(
         int_gmm(xv[:, g * gs:(g + 1) * gs], wv[:, g * gs:(g + 1) * gs]),
         per_row(colsum8[:, g]), per_row(w.scale[:, g])) for g in range(n_groups))
-    c = _epilogue.finish_a8w4(c, per_row(assist), x_scale)
+    c = epilogue.finish_a8w4(c, per_row(assist), x_scale)
   elif scenario == operands.A8W8:
-    c = _epilogue.dequant_a8w8(int_gmm(xv, wv), per_row(w.scale[:, 0]), x_scale)
+    c = epilogue.dequant_a8w8(int_gmm(xv, wv), per_row(w.scale[:, 0]), x_scale)
   else:
-    c = _epilogue.dequant_a4w4(int_gmm(xv, wv), per_row(w.scale[:, 0]), x_scale)
+    c = epilogue.dequant_a4w4(int_gmm(xv, wv), per_row(w.scale[:, 0]), x_scale)
   half = c.shape[-1] // 2
-  s = _epilogue.swiglu_halves(c[:, :half], c[:, half:])
+  s = epilogue.swiglu_halves(c[:, :half], c[:, half:])
   if smooth is not None:
     s = s * per_row(smooth)
   if half == 0:
-    cols, scale_dtype = _epilogue.output_scale_shape(spec, 0)
+    cols, scale_dtype = epilogue.output_scale_shape(spec, 0)
     q, q_scale = jnp.zeros((m, 0), spec.dtype), jnp.zeros((m,) + cols, scale_dtype)
   else:
-    q, q_scale = _epilogue.quantize_output(s, spec)
+    q, q_scale = epilogue.quantize_output(s, spec)
   q_scale = jnp.where(inside[:, None], q_scale, jnp.zeros((), q_scale.dtype))
   return (jnp.where(inside[:, None], q, jnp.zeros((), q.dtype)),
           q_scale[:, 0] if spec.mode == 0 else q_scale)

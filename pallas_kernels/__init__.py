@@ -1,7 +1,8 @@
 """Pallas kernels for npu_ops' hot path: internal API, no AD (npu_ops wires it).
 
-* `common`: tile sizes (`TileSizes`) and group metadata (the epilogue math they share
-  with the XLA path is `npu_ops._epilogue`).
+* `epilogue`: the dequant / SwiGLU / quantization math of every grouped op, which the
+  kernels and npu_ops' XLA path share (pure jnp; this package imports nothing of npu_ops).
+* `common`: tile sizes (`TileSizes`) and group metadata.
 * `tpu`: Mosaic kernels (scalar-prefetch group metadata): the fused
   grouped matmul + dequant + SwiGLU + per-token quant (A8W8, A8W4), `gmm`, `tgmm`.
 * `gpu`: the same three on Pallas' Triton backend.

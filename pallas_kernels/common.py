@@ -1,5 +1,5 @@
 """What the TPU and GPU kernels share: tile sizes and group metadata. Imports no
-other module of this project (the epilogue math is `npu_ops._epilogue`).
+other module (the epilogue math is `pallas_kernels.epilogue`).
 
 Kernels see canonical operands, read in place (never padded per call): int8 or
 float `x [m, k]`, weights `[e, k, n]`, and groups given by their row ends (int32,

@@ -41,8 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from npu_ops import _epilogue
 from pallas_kernels import common
+from pallas_kernels import epilogue
 from pallas_kernels.common import TileSizes
 
 MX = True  # has the MX kernels: MX inputs (`gmm_swiglu_quant_mx`) and MX output
@@ -98,10 +98,10 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
   expert's weight tile. `halves(refs, g, tile)` is group g's (act, gate), float32
   `[bm, bn]`, from the kernel's operands `args` (as refs). The kernel writes the SwiGLU
   values of its group's rows; the per-token (or MX) codes need whole rows, so the XLA
-  path's own quantizer (`_epilogue.quantize_rows` / `quantize_mx_rows`) writes them from
+  path's own quantizer (`epilogue.quantize_rows` / `quantize_mx_rows`) writes them from
   that float32 scratch. Returns (codes `[m, nh]` of out_dtype, scales: float32 `[m]`
   per token, e8m0 bytes uint8 `[m, ceil(nh/32)]` for MX)."""
-  scale_shape = (m, common.cdiv(nh, _epilogue.MX_BLOCK)) if mx_out else (m,)
+  scale_shape = (m, common.cdiv(nh, epilogue.MX_BLOCK)) if mx_out else (m,)
   scale_dtype = jnp.uint8 if mx_out else jnp.float32
   if m == 0:  # no rows, no grid
     return jnp.zeros((0, nh), out_dtype), jnp.zeros(scale_shape, scale_dtype)
@@ -121,7 +121,7 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
 
     @pl.when((t < nv_ref[0]) & (g < num_groups))
     def _():
-      s = _epilogue.swiglu_halves(*halves(operands, g, tile))
+      s = epilogue.swiglu_halves(*halves(operands, g, tile))
       pltr.store(s_ref.at[tile.rows, tile.cols_a], s, mask=mask)
 
     @pl.when((t < nv_ref[0]) & (g >= num_groups))  # rows past the group total: 0
@@ -134,17 +134,17 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
       compiler_params=_PARAMS, interpret=interpret, name=name)(gid, mt, nv, ends_all, *args)
   # the XLA path's own quantizer (fp8 / fp4 codes as their bits), on whole rows
   if mx_out:
-    q, qs = _epilogue.quantize_mx_rows(s, out_dtype, as_bits=True)
+    q, qs = epilogue.quantize_mx_rows(s, out_dtype, as_bits=True)
   else:
-    q, qs = _epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype, as_bits=True)
+    q, qs = epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype, as_bits=True)
     qs = qs[:, 0]
-  return _epilogue.codes_from_bits(q, out_dtype), qs
+  return epilogue.codes_from_bits(q, out_dtype), qs
 
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
                      ends: jax.Array, *, assist: jax.Array | None = None,
                      colsum8: jax.Array | None = None, tiles: TileSizes,
-                     out_dtype=jnp.int8, qmax: float = _epilogue.INT8_QMAX,
+                     out_dtype=jnp.int8, qmax: float = epilogue.INT8_QMAX,
                      mx_out: bool = False,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Fused op on canonical operands, A8W8 or (with `assist`) A8W4; arguments and
@@ -161,7 +161,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   k_tiles = common.cdiv(k, bk)
   k_per_group = k_tiles // groups
   if a8w4:
-    extra = [_epilogue.colsum8(w, groups) if colsum8 is None else colsum8,
+    extra = [epilogue.colsum8(w, groups) if colsum8 is None else colsum8,
              assist.astype(jnp.float32)]
   else:
     extra = [jnp.zeros((1, 1, 1), jnp.int32), jnp.zeros((1, 1), jnp.float32)]  # unused
@@ -186,18 +186,18 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       def k_group(kg, f):
         acc_a, acc_g = lax.fori_loop(kg * k_per_group, (kg + 1) * k_per_group, k_step,
                                      (zero, zero))
-        close = lambda acc, cols: _epilogue.close_k_group(
+        close = lambda acc, cols: epilogue.close_k_group(
             acc, per_col(cs_ref, kg, cols), per_col(s_ref, kg, cols))
         return f[0] + close(acc_a, t.cols_a), f[1] + close(acc_g, t.cols_g)
 
       fzero = jnp.zeros((bm, bn), jnp.float32)
       f_a, f_g = lax.fori_loop(0, groups, k_group, (fzero, fzero))
       assist_of = lambda cols: pltr.load(a_ref.at[g, cols], mask=t.in_n, other=0)[None]
-      return (_epilogue.finish_a8w4(f_a, assist_of(t.cols_a), x_scale_col),
-              _epilogue.finish_a8w4(f_g, assist_of(t.cols_g), x_scale_col))
+      return (epilogue.finish_a8w4(f_a, assist_of(t.cols_a), x_scale_col),
+              epilogue.finish_a8w4(f_g, assist_of(t.cols_g), x_scale_col))
     acc_a, acc_g = lax.fori_loop(0, k_tiles, k_step, (zero, zero))
-    return (_epilogue.dequant_a8w8(acc_a, per_col(s_ref, 0, t.cols_a), x_scale_col),
-            _epilogue.dequant_a8w8(acc_g, per_col(s_ref, 0, t.cols_g), x_scale_col))
+    return (epilogue.dequant_a8w8(acc_a, per_col(s_ref, 0, t.cols_a), x_scale_col),
+            epilogue.dequant_a8w8(acc_g, per_col(s_ref, 0, t.cols_g), x_scale_col))
 
   return _fused_call(halves, [x, w, w_scale.astype(jnp.float32), x_scale, *extra], ends, m=m,
                      nh=n // 2, tiles=tiles, out_dtype=out_dtype, qmax=qmax, mx_out=mx_out,
@@ -224,9 +224,9 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
   m, k = x.shape
   n = w.shape[2]
   x_type, w_type = x.dtype, w.dtype
-  blocks, kb = common.cdiv(k, _epilogue.MX_BLOCK), _epilogue.MX_BLOCK
+  blocks, kb = common.cdiv(k, epilogue.MX_BLOCK), epilogue.MX_BLOCK
   bm, _, bn = gpu_tiles(tiles)
-  f16 = lambda b, t: _epilogue.float8_value(b, t).astype(jnp.float16)  # exact
+  f16 = lambda b, t: epilogue.float8_value(b, t).astype(jnp.float16)  # exact
   bits = lambda a: lax.bitcast_convert_type(a, jnp.uint8)  # a view: no copy
 
   def halves(refs, g, t: _Tile):
@@ -239,13 +239,13 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
       # floor-mod with a select it cannot type); arrays: interpret mode needs them
       pair, half = jnp.asarray(b & 1, jnp.int32), jnp.asarray(b >> 1, jnp.int32)
       xb = f16(_load(x_ref, t.rows, pl.ds(k0, kb), t.in_m[:, None] & in_k[None, :]), x_type)
-      xs = _epilogue.e8m0_to_float32(
+      xs = epilogue.e8m0_to_float32(
           pltr.load(xs_ref.at[t.rows, half, pair], mask=t.in_m, other=127))[:, None]
 
       def part(cols):
         wb = f16(pltr.load(w_ref.at[g, pl.ds(k0, kb), cols],
                            mask=in_k[:, None] & t.in_n[None, :], other=0), w_type)
-        ws = _epilogue.e8m0_to_float32(
+        ws = epilogue.e8m0_to_float32(
             pltr.load(ws_ref.at[g, half, cols, pair], mask=t.in_n, other=127))[None]
         return (jnp.dot(xb, wb, preferred_element_type=jnp.float32) * xs) * ws
 

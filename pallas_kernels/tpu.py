@@ -38,8 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from npu_ops import _epilogue
 from pallas_kernels import common
+from pallas_kernels import epilogue
 from pallas_kernels.common import TileSizes
 
 MX = False  # no MX kernels (MX inputs and MX output run on the XLA path under None)
@@ -123,7 +123,7 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes) -> FusedPl
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
                      ends: jax.Array, *, assist: jax.Array | None = None,
                      colsum8: jax.Array | None = None, tiles: TileSizes,
-                     out_dtype=jnp.int8, qmax: float = _epilogue.INT8_QMAX,
+                     out_dtype=jnp.int8, qmax: float = epilogue.INT8_QMAX,
                      mx_out: bool = False,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Fused op on canonical operands: A8W8, or A8W4 when `assist` is given.
@@ -133,10 +133,10 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     w_scale: float32 `[e, G, n]` (G = 1 per channel; A8W4 may have G k groups of
       k/G rows, a multiple of 128); x_scale: float32 `[m]`; ends: int32 `[E]`
       group row ends, E <= e; assist: A8W4's float32 `[e, n]`; colsum8: A8W4's
-      int32 `[e, G, n]` (`_epilogue.colsum8`, computed here when not given).
+      int32 `[e, G, n]` (`epilogue.colsum8`, computed here when not given).
     tiles: block sizes (`block_n` unused: a row is computed whole);
     out_dtype, qmax: the per-token codes (int8 and 127, or an fp8 type and its largest
-      finite value: `_epilogue.codes_for_amax`);
+      finite value: `epilogue.codes_for_amax`);
     interpret: run in Pallas interpret mode (any backend).
 
   Returns:
@@ -199,7 +199,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                        wb[c * min(gs, bk):(c + 1) * min(gs, bk)],
                        preferred_element_type=jnp.int32)
         if tiles_per_group == 1:
-          f[...] += _epilogue.close_k_group(part, cs_ref[c], s_ref[c])
+          f[...] += epilogue.close_k_group(part, cs_ref[c], s_ref[c])
         else:
           acc[...] += part
 
@@ -207,19 +207,19 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         @pl.when(kk % tiles_per_group == tiles_per_group - 1)
         def _():
           kg = kk // tiles_per_group
-          f[...] += _epilogue.close_k_group(acc[...], cs_ref[kg], s_ref[kg])
+          f[...] += epilogue.close_k_group(acc[...], cs_ref[kg], s_ref[kg])
           acc[...] = jnp.zeros_like(acc)
 
     @pl.when((t < nv_ref[0]) & (kk == k_tiles - 1))
     def _():
       xs = xs_ref[...]
       if a8w4:
-        act = _epilogue.finish_a8w4(f[:, :nh], a_ref[:, :nh], xs)
-        gate = _epilogue.finish_a8w4(f[:, nh:], a_ref[:, nh:], xs)
+        act = epilogue.finish_a8w4(f[:, :nh], a_ref[:, :nh], xs)
+        gate = epilogue.finish_a8w4(f[:, nh:], a_ref[:, nh:], xs)
       else:
-        act = _epilogue.dequant_a8w8(acc[:, :nh], s_ref[0, :, :nh], xs)
-        gate = _epilogue.dequant_a8w8(acc[:, nh:], s_ref[0, :, nh:], xs)
-      q, scale = _epilogue.quantize_rows(_epilogue.swiglu_halves(act, gate), qmax=qmax,
+        act = epilogue.dequant_a8w8(acc[:, :nh], s_ref[0, :, :nh], xs)
+        gate = epilogue.dequant_a8w8(acc[:, nh:], s_ref[0, :, nh:], xs)
+      q, scale = epilogue.quantize_rows(epilogue.swiglu_halves(act, gate), qmax=qmax,
                                          dtype=out_dtype)
       keep = rows & real  # the tail group writes zeros
       q_ref[...] = jnp.where(rows, jnp.where(keep, q, 0), q_ref[...])
@@ -237,7 +237,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   args = [x, w, scales, x_scale]
   scratch = [pltpu.VMEM((bm, n), jnp.int32)]
   if a8w4:
-    cs = _epilogue.colsum8(w, groups) if colsum8 is None else colsum8
+    cs = epilogue.colsum8(w, groups) if colsum8 is None else colsum8
     in_specs += [in_specs[2], pl.BlockSpec((None, 1, n), lambda t, kk, gid, mt, nv, wid, ends: (
         wid[t], 0, 0))]
     args += [cs.reshape(e, groups, 1, n), assist.astype(jnp.float32).reshape(e, 1, n)]

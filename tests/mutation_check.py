@@ -37,12 +37,12 @@ class Mutant:
 MUTANTS = (
     # fp8 codes (every implementation: the GPU kernel quantizes with the XLA path's
     # `float8_bits`) rounded half up instead of half to even.
-    Mutant("fp8_half_up", "npu_ops/_epilogue.py",
+    Mutant("fp8_half_up", "pallas_kernels/epilogue.py",
            "  normal = ((mag + ((1 << (drop - 1)) - 1) + ((mag >> drop) & 1)) >> drop) - (",
            "  normal = ((mag + (1 << (drop - 1))) >> drop) - (",
            ("tests/test_ties.py", "-k", "fp8 and pallas_gpu")),
     # The XLA path's int8 rounding half up (the ties reach it too).
-    Mutant("xla_half_up", "npu_ops/_epilogue.py",
+    Mutant("xla_half_up", "pallas_kernels/epilogue.py",
            "  return round_fn(v).astype(dtype)",
            "  return jnp.floor(v + 0.5).astype(dtype)",
            ("tests/test_ties.py", "-k", "int8 and xla")),
@@ -54,17 +54,17 @@ MUTANTS = (
            ("tests/test_npu_grouped_matmul.py", "-k", "activations")),
     # The GPU kernel's per-token fp8 codes one step up for ~1% of the entries.
     Mutant("gpu_fp8_one_step", "pallas_kernels/gpu.py",
-           "    q, qs = _epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype, as_bits=True)\n",
-           "    q, qs = _epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype, as_bits=True)\n"
+           "    q, qs = epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype, as_bits=True)\n",
+           "    q, qs = epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype, as_bits=True)\n"
            "    q = jnp.where((jnp.abs(s) * 4096.0) % 100.0 < 1.0, q + 1, q)\n",
            ("tests/test_fp8_mx.py", "-k", "kernels_fp8_per_token and pallas_gpu")),
     # The per-token scale amax / 127 as amax * (1 / 127), not correctly rounded.
-    Mutant("scale_division", "npu_ops/_epilogue.py",
+    Mutant("scale_division", "pallas_kernels/epilogue.py",
            "  for _ in range(2):  # each round moves at most one ulp",
            "  for _ in range(0):  # each round moves at most one ulp",
            ("tests/test_ties.py", "-k", "correctly_rounded")),
     # SwiGLU's halves swapped: silu(gate) * act.
-    Mutant("swiglu_order", "npu_ops/_epilogue.py",
+    Mutant("swiglu_order", "pallas_kernels/epilogue.py",
            "  return silu(act) * gate", "  return silu(gate) * act",
            ("tests/test_implementations.py", "-k", "fused_op and A8W8 and xla")),
     # Group boundaries one row late (dynamic counts).

@@ -309,7 +309,7 @@ def test_float8_bits_equal_the_cast(out):
   """The GPU kernels' integer-only fp8 / fp4 encoding and decoding (no fp8 conversion before
   sm_89) against ml_dtypes: every value between and on the codes, ties, subnormals, signed
   zeros; every finite code back."""
-  from npu_ops import _epilogue  # noqa: PLC0415
+  from pallas_kernels import epilogue  # noqa: PLC0415
   t = getattr(ml_dtypes, out)
   grid = np.arange(256, dtype=np.uint8).view(t).astype(F32)
   grid = np.unique(grid[np.isfinite(grid)])
@@ -318,13 +318,13 @@ def test_float8_bits_equal_the_cast(out):
                       np.float32([-0.0, 1e-30, -3e-38]),
                       RNG.uniform(-1, 1, 20000).astype(F32) * grid[-1]]).astype(F32)
   v = np.clip(v, grid[0], grid[-1])
-  got = jax.jit(lambda a: _epilogue.float8_bits(a, t))(v)
+  got = jax.jit(lambda a: epilogue.float8_bits(a, t))(v)
   np.testing.assert_array_equal(np.asarray(got), v.astype(t).view(np.uint8))
   # and back: every finite code's value
   codes = np.arange(16 if out == "float4_e2m1fn" else 256, dtype=np.uint8)
   values = codes.view(t)
   finite = np.isfinite(values.astype(F32))
-  back = jax.jit(lambda b: _epilogue.float8_value(b, t))(codes)
+  back = jax.jit(lambda b: epilogue.float8_value(b, t))(codes)
   np.testing.assert_array_equal(np.asarray(back)[finite], values.astype(F32)[finite])
 
 

@@ -263,3 +263,19 @@ def test_kernel_precision_is_the_strongest_asked_that_the_compiler_has():
   assert common.float32_precision(P.HIGH, jnp.float32, supported=mosaic) == P.HIGHEST
   assert common.float32_precision((P.DEFAULT, P.HIGH), jnp.float32) == P.HIGH
   assert common.float32_precision((P.DEFAULT, P.DEFAULT), jnp.float32) == P.DEFAULT
+
+
+def test_import_boundaries():
+  """The kernels' package imports nothing of npu_ops (the epilogue math they share lives in
+  `pallas_kernels.epilogue`), and no core module imports `npu_ops.tools` (issue 33 item 5)."""
+  import os
+  import subprocess
+  import sys
+  code = ("import sys\n"
+          "import pallas_kernels.tpu, pallas_kernels.gpu\n"
+          "assert not [m for m in sys.modules if m.startswith('npu_ops')], 'kernels import npu_ops'\n"
+          "import npu_ops, npu_ops.nn, npu_ops.moe, npu_ops.perf, npu_ops.expert_parallel\n"
+          "assert not [m for m in sys.modules if m.startswith('npu_ops.tools')], 'core imports tools'\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
