@@ -13,8 +13,12 @@
   * "pallas_tpu" / "pallas_gpu": always that kernel; a case it cannot do raises
     NotImplementedError.
 `interpret=True` runs a kernel's body in Pallas interpret mode on any backend;
-`tiles` overrides the kernel's `TileSizes` (default: from the shapes and
-`tuning_config[0]`).
+`tiles` overrides the kernel's `TileSizes`.
+
+What each kernel backend takes is declared in one place, its module's
+`supports(problem) -> reason | None` (`pallas_kernels.common.Problem`), and so are its
+default tiles (`default_tiles(problem)`: on TPU the `npu_ops.perf` model's choice for
+the chip being lowered for).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
 from npu_ops._validation import fail
-from pallas_kernels.common import TileSizes
+from pallas_kernels import tpu_tiles
+from pallas_kernels.common import Problem, TileSizes
 
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "reference", "pallas_tpu", "pallas_gpu")
 KERNELS: tuple[str, ...] = ("pallas_tpu", "pallas_gpu")
@@ -50,27 +55,32 @@ def check(implementation: str | None, interpret: bool = False,
     fail("tiles", "None or an npu_ops.TileSizes", repr(tiles), TypeError)
 
 
-def resolve(implementation: str | None, *, unsupported: str | None = None,
-            interpret: bool = False, tiles: TileSizes | None = None) -> str:
-  """The implementation that runs: one of IMPLEMENTATIONS, or AUTO (None with a
-  kernel for the case: chosen per lowering platform by `run`).
+def resolve(implementation: str | None, problem: Problem, *, interpret: bool = False,
+            tiles: TileSizes | None = None) -> str:
+  """The implementation that runs: one of IMPLEMENTATIONS, or AUTO for None (a kernel or
+  XLA, chosen per lowering platform by `run`).
 
   Args:
     implementation: as asked (see the module docstring).
-    unsupported: why the kernels cannot do this case (None: they can).
+    problem: the case, as the kernel backends judge it.
     interpret, tiles: validated here.
+
+  Raises:
+    NotImplementedError: a kernel asked for by name does not support `problem`.
   """
   check(implementation, interpret, tiles)
-  if implementation is None:
-    return AUTO if unsupported is None else "xla"
-  if implementation in KERNELS and unsupported is not None:
-    raise NotImplementedError(f"implementation={implementation!r} has no kernel for "
-                              f"{unsupported}; use None (falls back to XLA) or 'xla'")
-  return implementation
+  if implementation in KERNELS:
+    gap = kernels(implementation).supports(problem)
+    if gap is not None:
+      others = [k for k in KERNELS if k != implementation]
+      raise NotImplementedError(
+          f"implementation={implementation!r} has no kernel for {gap}; use None (XLA where "
+          f"the platform's kernel lacks the case), 'xla' or {others[0]!r}")
+  return AUTO if implementation is None else implementation
 
 
 def kernels(implementation: str) -> types.ModuleType:
-  """The kernel module of a Pallas implementation."""
+  """The kernel module of a Pallas implementation (`supports`, `default_tiles`, kernels)."""
   if implementation == "pallas_tpu":
     from pallas_kernels import tpu  # noqa: PLC0415 (only when asked: imports Mosaic)
     return tpu
@@ -78,25 +88,32 @@ def kernels(implementation: str) -> types.ModuleType:
   return gpu
 
 
-def run(impl: str, args: Sequence[Any], *, kernel: Callable[..., Any],
-        xla: Callable[..., Any], interpret: bool = False) -> Any:
+def run(impl: str, args: Sequence[Any], problem: Problem, *, kernel: Callable[..., Any],
+        xla: Callable[..., Any], interpret: bool = False, tiles: TileSizes | None = None) -> Any:
   """Runs a resolved implementation on `args`.
 
-  `kernel(module, *args)` runs a kernel module's entry point; `xla(*args)` the XLA
-  path or, for "reference", `npu_ops.reference` (the caller dispatches). AUTO becomes a
-  per-platform choice made at lowering (`platform_select`). A kernel asked for by
-  name and lowered for CPU without `interpret` raises a ValueError saying how to fix it.
+  `kernel(module, tiles, *args)` runs a kernel module's entry point with `tiles` (given,
+  or the module's `default_tiles(problem)`); `xla(*args)` the XLA path or, for
+  "reference", `npu_ops.reference` (the caller dispatches). AUTO becomes a per-platform
+  choice made at lowering (`platform_select`): the platform's kernel where it supports
+  `problem`, else XLA. A kernel asked for by name and lowered for CPU without
+  `interpret` raises a ValueError saying how to fix it.
   """
+  def on(name: str) -> Callable[..., Any]:
+    def branch(*a):
+      module = kernels(name)
+      if module.supports(problem) is not None:  # AUTO only: named kernels were checked
+        return xla(*a)
+      return kernel(module, tiles or module.default_tiles(problem), *a)
+    return branch
+
   if impl in KERNELS and interpret:
-    return kernel(kernels(impl), *args)
+    return on(impl)(*args)
   if impl in KERNELS:
-    return platform_select(args, {"cpu": _needs_interpret(impl)},
-                           default=lambda *a: kernel(kernels(impl), *a))
+    return platform_select(args, {"cpu": _needs_interpret(impl)}, default=on(impl))
   if impl != AUTO:
     return xla(*args)
-  branches = {p: (lambda k: lambda *a: kernel(kernels(k), *a))(k)
-              for p, k in KERNEL_OF_PLATFORM.items()}
-  return platform_select(args, branches, default=xla)
+  return platform_select(args, {p: on(k) for p, k in KERNEL_OF_PLATFORM.items()}, default=xla)
 
 
 def _needs_interpret(impl: str) -> Callable[..., Any]:
@@ -166,8 +183,21 @@ def _lowering(platform: str | None):
   def rule(ctx, *args, branches, default, out_avals):
     del out_avals
     fn = dict(branches).get(platform, default)
-    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+    token = tpu_tiles.CHIP.set(_tpu_chip(ctx) if platform == "tpu" else None)
+    try:  # the TPU kernels' default tiles are the chip's (`pallas_kernels.tpu_tiles`)
+      return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+    finally:
+      tpu_tiles.CHIP.reset(token)
   return rule
+
+
+def _tpu_chip(ctx) -> str | None:
+  """The TPU generation a lowering is for: its backend's devices (a TPU host, or the
+  compile-only devices of an AOT compile); None when unknown (e.g. `jax.export`)."""
+  try:
+    return tpu_tiles.chip_of_kind(ctx.module_context.backend.devices()[0].device_kind)
+  except Exception:  # noqa: BLE001 (no backend, or one without devices: the default chip)
+    return None
 
 
 _select_p.def_impl(_select_impl)

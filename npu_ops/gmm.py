@@ -31,15 +31,11 @@ from npu_ops import row_blocks
 from npu_ops.row_blocks import GmmBlockSizes
 from npu_ops._validation import (check_dtype, check_dtype_arg, check_int, check_rank, describe,
                                  fail, require)
+from pallas_kernels import common as pallas_common
 from pallas_kernels.common import TileSizes
 
 _INT_OPERANDS = tuple(np.dtype(d) for d in (jnp.int8, jnp.int4))
 _FLOAT_OPERANDS = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
-
-
-def _kernel_gap(lhs_dtype: Any) -> str | None:
-  """Why the Pallas gmm / tgmm kernels cannot take these operands (None: they can)."""
-  return "integer operands (float only)" if np.dtype(lhs_dtype) in _INT_OPERANDS else None
 
 
 def _operand_dtype(lhs_dtype: Any, rhs_dtype: Any) -> np.dtype:
@@ -132,8 +128,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
   g, k_rhs = row_blocks.num_groups_of(rhs), first.shape[-2]
   require(k_rhs == k, "rhs", f"[g, k={k}, n] to match lhs {describe(lhs)}", describe(first))
   _check_block_sizes(block_sizes)
-  backend.resolve(implementation, unsupported=_kernel_gap(lhs.dtype), interpret=interpret,
-                   tiles=tiles)
+  backend.resolve(implementation, pallas_common.Problem(
+      "gmm", m, k, first.shape[-1], g, np.dtype(lhs.dtype).name), interpret=interpret, tiles=tiles)
   run = dict(out_dtype=out_dtype, implementation=implementation, block_sizes=block_sizes,
              interpret=interpret, tiles=tiles, precision=canonical_precision(precision))
   product = experts_gmm if isinstance(rhs, tuple) else differentiable_gmm
@@ -197,9 +193,13 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
   others stack them), `ends` static tuple or int32 array of length `<= g`. Integer
   operands (int8 or int4) are multiplied as int8.
   """
-  lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
   m, k = lhs.shape
-  n = rhs[0].shape[0 if transpose_rhs else 1]  # rhs[0]: group 0's matrix in both forms
+  first = rhs[0] if isinstance(rhs, tuple) else rhs
+  n = first.shape[-2 if transpose_rhs else -1]
+  e = len(rhs) if isinstance(rhs, tuple) else rhs.shape[0]
+  problem = pallas_common.Problem("gmm", m, k, n, e, np.dtype(lhs.dtype).name,
+                                  np.dtype(out_dtype).name, transposed=transpose_rhs)
+  lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation, problem)
   symbolic = is_symbolic(m) or is_symbolic(k) or is_symbolic(n)
   if transpose_rhs or symbolic:
     rhs = row_blocks.stacked(rhs)  # the XLA path copies a transposed rhs anyway (below)
@@ -208,11 +208,11 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
     rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
     return lax.ragged_dot(lhs, rhs, _all_sizes(ends, rhs.shape[0]), precision=precision,
                           preferred_element_type=acc_dtype).astype(out_dtype)
-  tiles = tiles or TileSizes.for_problem(m, k, n, len(ends))
 
-  def kernel(module, lhs, rhs, ends_array):
-    return module.gmm(lhs, row_blocks.stacked(rhs), ends_array, out_dtype=np.dtype(out_dtype), tiles=tiles,
-                      interpret=interpret, transpose_rhs=transpose_rhs, precision=precision)
+  def kernel(module, tiles, lhs, rhs, ends_array):
+    return module.gmm(lhs, row_blocks.stacked(rhs), ends_array, out_dtype=np.dtype(out_dtype),
+                      tiles=tiles, interpret=interpret, transpose_rhs=transpose_rhs,
+                      precision=precision)
 
   def xla(lhs, rhs, ends_array):
     # XLA:CPU runs a dot against a transposed operand no faster than it copies the
@@ -225,8 +225,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
     return _gmm(lhs, rhs, ends=ends_, acc_dtype=acc_dtype, block_sizes=block_sizes,
                 precision=precision).astype(out_dtype)
 
-  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla,
-                     interpret=interpret)
+  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), problem, kernel=kernel,
+                     xla=xla, interpret=interpret, tiles=tiles)
 
 
 # --- symbolic m (jax.export shape polymorphism) ---------------------------------------------
@@ -260,9 +260,9 @@ def _all_sizes(ends: groups_lib.GroupEnds, num_groups: int) -> jax.Array:
   return jnp.concatenate([sizes, jnp.zeros((num_groups - sizes.shape[0],), jnp.int32)])
 
 
-def _prepare(lhs, rhs, out_dtype, implementation):
+def _prepare(lhs, rhs, out_dtype, implementation, problem):
   """Operands in their compute dtype, the accumulator dtype, and the implementation."""
-  impl = backend.resolve(implementation, unsupported=_kernel_gap(lhs.dtype))
+  impl = backend.resolve(implementation, problem)
   first = rhs[0] if isinstance(rhs, tuple) else rhs
   compute = _operand_dtype(lhs.dtype, first.dtype)
   cast = lambda a: jnp.asarray(a).astype(compute)
@@ -346,8 +346,10 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
               block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
               tiles: TileSizes | None = None, precision: Any = None) -> jax.Array:
   """`tgmm` on the canonical form (validated operands, group ends)."""
-  lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation)
   m, k = lhs.shape
+  problem = pallas_common.Problem("tgmm", m, k, rhs.shape[-1], num_groups,
+                                  np.dtype(lhs.dtype).name, np.dtype(out_dtype).name)
+  lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation, problem)
   if is_symbolic(m) or is_symbolic(k) or is_symbolic(rhs.shape[-1]):
     check_static_dims(implementation, m=m, k=k, n=rhs.shape[-1])
     dims = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
@@ -355,9 +357,8 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
     return lax.ragged_dot_general(lhs, rhs, _all_sizes(ends, num_groups), dims,
                                   precision=precision,
                                   preferred_element_type=acc_dtype).astype(out_dtype)
-  tiles = tiles or TileSizes.for_problem(m, k, rhs.shape[-1], len(ends))
 
-  def kernel(module, lhs, rhs, ends_array):
+  def kernel(module, tiles, lhs, rhs, ends_array):
     return module.tgmm(lhs, rhs, ends_array, num_groups=num_groups,
                        out_dtype=np.dtype(out_dtype), tiles=tiles, interpret=interpret,
                        precision=precision)
@@ -370,8 +371,8 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
     return _tgmm(lhs, rhs, ends=ends_, num_groups=num_groups, acc_dtype=acc_dtype,
                  block_sizes=block_sizes, precision=precision).astype(out_dtype)
 
-  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), kernel=kernel, xla=xla,
-                     interpret=interpret)
+  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), problem, kernel=kernel,
+                     xla=xla, interpret=interpret, tiles=tiles)
 
 
 # What one pass over a group's `[k, n]` output matrix (a block's write, or read-add-write)

@@ -108,7 +108,8 @@ def npu_grouped_matmul_swiglu_quant_v2(
       (`npu_ops.backend`; the kernels do A8W8, other scenarios fall back to XLA
       under None).
     interpret: run a Pallas kernel in interpret mode.
-    tiles: the kernels' `TileSizes` (default from the shapes and tuning_config).
+    tiles: the kernels' `TileSizes` (default: the kernel backend's `default_tiles`; on
+      TPU the `npu_ops.perf` model's choice for the chip, `pallas_kernels.tpu_tiles`).
 
   Returns:
     (output `[m, n/2]` codes of quant_dtype (fp4: uint8 `[m, n/4]`), output_scale: float32
@@ -233,9 +234,11 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   scenario = operands.scenario(x, w)
   m, k = x.values.shape
   e, n = row_blocks.num_groups_of(w.values), w.scale.shape[-1]
-  impl = backend.resolve(implementation, unsupported=_kernel_gap(scenario, spec, k, w.scale),
-                         interpret=interpret, tiles=tiles)
-  _check_mx_kernel(implementation, "MX output (quant_mode=2)", spec.mode == quant_lib.MX)
+  mx_out = spec.mode == quant_lib.MX
+  problem = pallas_common.Problem("fused", m, k, n, e, np.dtype(x.values.dtype).name,
+                                  scale_groups=w.scale.shape[1], a4w4=scenario == A4W4,
+                                  mx_out=mx_out, expected_tokens=expected_tokens)
+  impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
   if gmm_lib.is_symbolic(m):  # export with a symbolic m: ragged_dot, then the epilogue
     gmm_lib.check_static_m(m, implementation)
     impl, block_sizes, after = "xla", None, True
@@ -243,16 +246,12 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
     block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
     after = _epilogue_after(m, k, n, e, expected_tokens, scenario)
 
-  mx_out = spec.mode == quant_lib.MX
 
-  def kernel(module, x, w, ends_array, assist, smooth):
-    if mx_out and not module.MX:  # the TPU kernel has no MX output: XLA under None
-      return xla(x, w, ends_array, assist, smooth)
-    tiles_ = tiles or TileSizes.for_problem(m, k, n, len(ends), expected_tokens,
-                                            max_block_m=module.FUSED_MAX_BLOCK_M)
+  def kernel(module, tiles, x, w, ends_array, assist, smooth):
+    del smooth  # A4W4 only, which the kernels do not take
     return module.gmm_swiglu_quant(x.values, row_blocks.stacked(w.values), w.scale, x.scale,
                                    ends_array,
-                                   assist=assist, tiles=tiles_, out_dtype=spec.dtype,
+                                   assist=assist, tiles=tiles, out_dtype=spec.dtype,
                                    qmax=spec.qmax, mx_out=mx_out, interpret=interpret)
 
   def xla(x, w, ends_array, assist, smooth):
@@ -263,8 +262,8 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
     return _fused(x.values, w.values, w.scale, x.scale, assist, smooth, ends=ends_,
                   scenario=scenario, spec=spec, block_sizes=block_sizes, after=after)
 
-  return backend.run(impl, (x, w, jnp.asarray(ends, jnp.int32), assist, smooth), kernel=kernel,
-                     xla=xla, interpret=interpret)
+  return backend.run(impl, (x, w, jnp.asarray(ends, jnp.int32), assist, smooth), problem,
+                     kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
 
 
 def npu_grouped_matmul_swiglu_quant(
@@ -344,14 +343,6 @@ def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None
 def canonical_assist(w: jax.Array, scale: jax.Array) -> jax.Array:
   # 8 * colsum is exact, so this is 8 * sum_k W * s bit for bit
   return jnp.sum(epilogue.colsum8(w, scale.shape[1]).astype(jnp.float32) * scale, axis=1)
-
-
-def _kernel_gap(scenario: str, spec: quant_lib.DynamicQuant, k: int, scale: jax.Array
-                ) -> str | None:
-  """Why the Pallas kernels cannot run this case (None: they can)."""
-  if scenario == A4W4:
-    return "A4W4 (the kernels do A8W8 and A8W4)"
-  return pallas_common.kernel_gap(k, scale.shape[1])
 
 
 def expected_tokens(tuning_config: Any) -> int | None:
@@ -560,10 +551,10 @@ def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type,
   w_bytes = _mx_scale("weight_scale", ws, w_shape, layout)
   x_bytes = _mx_scale("x_scale", x_scale, (m, kb, 2), "[m, ceil(k/64), 2]")
   fp4 = np.dtype(jnp.float4_e2m1fn)
-  gap = ("MX inputs as fp4 or with a transposed weight (the GPU kernel reads fp8 ND weights)"
-         if transposed or fp4 in (np.dtype(xv.dtype), np.dtype(wv.dtype)) else None)
-  impl = backend.resolve(implementation, unsupported=gap, interpret=interpret, tiles=tiles)
-  _check_mx_kernel(implementation, "MX inputs (dequant_mode=2)", True)
+  problem = pallas_common.Problem(
+      "fused_mx", m, k, n, e, np.dtype(xv.dtype).name, mx_out=spec.mode == quant_lib.MX,
+      transposed=transposed, fp4=fp4 in (np.dtype(xv.dtype), np.dtype(wv.dtype)))
+  impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
   num_groups = e if group_offset is None else max(e, groups_lib.num_listed(group_list))
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
                                num_groups=num_groups)
@@ -571,7 +562,6 @@ def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type,
   if group_offset is not None:
     ends, shift = groups_lib.local_groups(ends, group_offset, e)
     xv, x_bytes = (groups_lib.shift_rows(a, -shift) for a in (xv, x_bytes))
-  tiles = tiles or TileSizes.for_problem(m, k, n, len(ends))
 
   def xla(xv, x_bytes, wv, w_bytes, ends_array):
     scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(
@@ -584,25 +574,16 @@ def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type,
     # rows past the groups: c = 0 -> codes and scales 0
     return _squeeze_per_token(*_swiglu_quant(c, None, spec), spec)
 
-  def kernel(module, xv, x_bytes, wv, w_bytes, ends_array):
-    if not module.MX:  # TPU under implementation=None
-      return xla(xv, x_bytes, wv, w_bytes, ends_array)
+  def kernel(module, tiles, xv, x_bytes, wv, w_bytes, ends_array):
     return module.gmm_swiglu_quant_mx(xv, wv, x_bytes, w_bytes, ends_array, tiles=tiles,
                                       out_dtype=spec.dtype, qmax=spec.qmax,
                                       mx_out=spec.mode == quant_lib.MX, interpret=interpret)
 
   q, q_scale = backend.run(impl, (xv, x_bytes, wv, w_bytes, jnp.asarray(ends, jnp.int32)),
-                           kernel=kernel, xla=xla, interpret=interpret)
+                           problem, kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
   if shift is None:
     return q, q_scale
   return groups_lib.shift_rows(q, shift), groups_lib.shift_rows(q_scale, shift)
-
-
-def _check_mx_kernel(implementation: str | None, what: str, needed: bool) -> None:
-  """A kernel named explicitly must have the MX case (the GPU one has, the TPU one not)."""
-  if needed and implementation == "pallas_tpu":
-    raise NotImplementedError(f"implementation='pallas_tpu' has no kernel for {what}; use "
-                              "None (the XLA path on TPU), 'xla' or 'pallas_gpu'")
 
 
 def _torch_npu_outputs(q: jax.Array, q_scale: jax.Array, spec: quant_lib.DynamicQuant):

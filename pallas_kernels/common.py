@@ -29,52 +29,100 @@ def _pow2_at_least(v: int) -> int:
   return 1 << max(0, int(v - 1).bit_length())
 
 
+def pow2_floor(v: int) -> int:
+  return 1 << (int(v).bit_length() - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class TileSizes:
-  """Tiles of the Pallas kernels (rows, contraction, columns).
+  """Tiles of the Pallas kernels (rows, contraction, columns): the one tile class of both
+  kernel backends (`tiles=` of every op; the XLA path's row blocks are `GmmBlockSizes`).
 
-  Powers of two (Triton's requirement) and at least 32 rows (int8 sublane tiling
-  on TPU), 128 k and 128 columns (TPU lanes; 128 int8 k is 128 bytes).
+  `block_m` a multiple of 32 (int8 sublane tiling on TPU), `block_k` and `block_n`
+  multiples of 128 (TPU lanes). The TPU kernels take them as given; the GPU kernels
+  cap them at what a streaming multiprocessor holds, in powers of two (Triton's rule:
+  `gpu.gpu_tiles`).
   """
   block_m: int = 128
   block_k: int = 512
   block_n: int = 256
 
   def __post_init__(self):
-    for name, minimum in (("block_m", 32), ("block_k", 128), ("block_n", 128)):
+    for name, quantum in (("block_m", 32), ("block_k", 128), ("block_n", 128)):
       v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum or v & (v - 1):
-        raise ValueError(f"TileSizes.{name}: expected a power of two >= {minimum}, got {v!r}")
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < quantum or v % quantum:
+        raise ValueError(f"TileSizes.{name}: expected a positive multiple of {quantum}, got {v!r}")
 
   @classmethod
   def for_problem(cls, m: int, k: int, n: int, num_groups: int,
                   expected_tokens: int | None = None, max_block_m: int = 128
                   ) -> "TileSizes":
     """Rows per tile follow the expected tokens per expert (`tuning_config[0]`,
-    default m / groups), up to `max_block_m` (a kernel's `FUSED_MAX_BLOCK_M`): a group of
-    40 tokens should not pay for 128-row tiles. The contraction and column tiles only
-    shrink for small problems."""
-    tokens = expected_tokens or max(1, m // max(1, num_groups))
-    return cls(block_m=min(max_block_m, max(32, _pow2_at_least(tokens))),
+    default m / groups), up to `max_block_m`: a group of 40 tokens should not pay for
+    128-row tiles. The contraction and column tiles only shrink for small problems."""
+    return cls(block_m=min(max_block_m, max(32, _pow2_at_least(
+                   tokens_per_group(m, num_groups, expected_tokens)))),
                block_k=min(512, max(128, _pow2_at_least(k))),
                block_n=min(256, max(128, _pow2_at_least(n))))
 
 
-def k_tile(k: int, groups: int, block_k: int) -> int:
-  """The contraction tile: `block_k` (at most k rounded up to 128), and a divisor
-  of the group size k / groups when the weight scale is per group of k rows
-  (the wrappers only send groups of a multiple of 128 rows)."""
-  bk = min(block_k, round_up(k, 128))
-  if groups > 1:
-    while (k // groups) % bk:
-      bk //= 2
-  return bk
+def tokens_per_group(m: int, num_groups: int, expected_tokens: int | None = None) -> int:
+  """The rows a group is expected to hold: `expected_tokens`, else m / groups."""
+  return expected_tokens or max(1, m // max(1, num_groups))
 
 
-def kernel_gap(k: int, groups: int) -> str | None:
-  """Why the fused kernels cannot take a per-group scale layout (None: they can)."""
-  if groups > 1 and (k % groups or (k // groups) % 128):
-    return f"A8W4 scale groups of {k / groups:g} rows (the kernels need multiples of 128)"
+# --- what a backend is asked: `Problem`, and what both kernel backends lack ------------------
+
+OPS = ("gmm", "tgmm", "fused", "fused_mx")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """A grouped op as the kernel backends judge it: whether they take it (each backend's
+  `supports(problem)`, None or the reason) and with which tiles (`default_tiles`).
+
+  Attributes:
+    op: "gmm" (`[m, k] x [e, k, n]`), "tgmm" (`[m, k]^T x [m, n] -> [e, k, n]`), "fused"
+      (the fused op on int8 / int4 inputs) or "fused_mx" (on MX inputs).
+    m, k, n, groups: rows, contraction, columns, experts (tgmm: output groups).
+    dtype: the lhs operand's dtype name.
+    out_dtype: gmm / tgmm: the output's dtype name (None: as `dtype`).
+    scale_groups: fused: k groups of the weight scale (A8W4 per group; 1 per channel).
+    a4w4: fused: int4 activations.
+    mx_out: fused: MX output codes.
+    transposed: gmm: the weight read as `[e, n, k]`; fused_mx: a transposed weight.
+    fp4: fused_mx: fp4 inputs.
+    expected_tokens: rows per group expected (`tuning_config[0]`), None for m / groups.
+  """
+  op: str
+  m: int
+  k: int
+  n: int
+  groups: int
+  dtype: str
+  out_dtype: str | None = None
+  scale_groups: int = 1
+  a4w4: bool = False
+  mx_out: bool = False
+  transposed: bool = False
+  fp4: bool = False
+  expected_tokens: int | None = None
+
+  @property
+  def tokens_per_group(self) -> int:
+    return tokens_per_group(self.m, self.groups, self.expected_tokens)
+
+
+def shared_gap(p: Problem) -> str | None:
+  """What neither kernel backend does (None: both can, as far as this goes)."""
+  if p.op in ("gmm", "tgmm") and np.issubdtype(np.dtype(p.dtype), np.integer):
+    return "integer operands (float only)"
+  if p.op == "fused":
+    if p.a4w4:
+      return "A4W4 (the kernels do A8W8 and A8W4)"
+    g = p.scale_groups
+    if g > 1 and (p.k % g or (p.k // g) % 128):
+      return f"A8W4 scale groups of {p.k / g:g} rows (the kernels need multiples of 128)"
   return None
 
 

@@ -45,7 +45,6 @@ from pallas_kernels import common
 from pallas_kernels import epilogue
 from pallas_kernels.common import TileSizes
 
-MX = True  # has the MX kernels: MX inputs (`gmm_swiglu_quant_mx`) and MX output
 FUSED_MAX_BLOCK_M = 128  # rows per tile by default: the registers (see the module doc)
 
 # 8 warps and 64 x 64 x 128 blocks: no register spills on sm_80 or sm_90a for any kernel
@@ -54,13 +53,39 @@ FUSED_MAX_BLOCK_M = 128  # rows per tile by default: the registers (see the modu
 _PARAMS = pltr.CompilerParams(num_warps=8, num_stages=2)
 
 
+def supports(p: common.Problem) -> str | None:
+  """Why these kernels cannot run problem `p` (None: they can). Beyond what neither
+  backend does (`common.shared_gap`): MX inputs only as fp8 ND weights."""
+  if p.op == "fused_mx" and (p.transposed or p.fp4):
+    return "MX inputs as fp4 or with a transposed weight (the GPU kernel reads fp8 ND weights)"
+  return common.shared_gap(p)
+
+
+def default_tiles(p: common.Problem) -> TileSizes:
+  """Rows per tile from the expected tokens per group, up to 128 (`gpu_tiles` caps them)."""
+  return TileSizes.for_problem(p.m, p.k, p.n, p.groups, p.expected_tokens,
+                               max_block_m=FUSED_MAX_BLOCK_M)
+
+
 def gpu_tiles(tiles: TileSizes, precision=None) -> tuple[int, int, int]:
-  """Caps tiles at what fits a streaming multiprocessor's registers and shared memory.
-  Exact float32 products (HIGHEST: no tensor cores, FMA tiles in registers) take
-  64 x 32 x 64 blocks, which do not spill on sm_80 or sm_90a (64 x 64 x 64 spilled 8 KB)."""
+  """Caps tiles at what fits a streaming multiprocessor's registers and shared memory,
+  in powers of two (Triton's rule). Exact float32 products (HIGHEST: no tensor cores,
+  FMA tiles in registers) take 64 x 32 x 64 blocks, which do not spill on sm_80 or
+  sm_90a (64 x 64 x 64 spilled 8 KB)."""
+  bm, bk, bn = (common.pow2_floor(v) for v in (tiles.block_m, tiles.block_k, tiles.block_n))
   if precision == lax.Precision.HIGHEST:
-    return min(tiles.block_m, 64), 32, min(tiles.block_n, 64)
-  return min(tiles.block_m, 64), min(tiles.block_k, 64), min(tiles.block_n, 128)
+    return min(bm, 64), 32, min(bn, 64)
+  return min(bm, 64), min(bk, 64), min(bn, 128)
+
+
+def _k_tile(k: int, groups: int, block_k: int) -> int:
+  """The contraction tile: `block_k`, a divisor of the group size k / groups when the
+  weight scale is per group of k rows (`common.shared_gap`: multiples of 128)."""
+  bk = min(block_k, common.round_up(k, 128))
+  if groups > 1:
+    while (k // groups) % bk:
+      bk //= 2
+  return bk
 
 
 def _span(start, size: int, limit: int):
@@ -157,7 +182,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   # Triton loads whole bytes: jnp.int4 weights are widened here, once per call.
   w = w.astype(jnp.int8)
   bm, _, bn = gpu_tiles(tiles)
-  bk = common.k_tile(k, groups, gpu_tiles(tiles)[1])
+  bk = _k_tile(k, groups, gpu_tiles(tiles)[1])
   k_tiles = common.cdiv(k, bk)
   k_per_group = k_tiles // groups
   if a8w4:

@@ -40,12 +40,12 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import common
 from pallas_kernels import epilogue
+from pallas_kernels import tpu_tiles
 from pallas_kernels.common import TileSizes
 
-MX = False  # no MX kernels (MX inputs and MX output run on the XLA path under None)
-# Rows per tile of the fused kernel by default (`TileSizes.for_problem`): with an expert's
-# whole weight resident, a visit of 128 rows waits on its weight copy (the `npu_ops.perf`
-# model: 1.43-1.57x the roofline at prefill on v5e, 1.12-1.20x with 256 rows).
+# Rows per tile of the fused kernel where the model's table has no entry (README,
+# "Speed on TPU"): with an expert's whole weight resident, 128-row visits wait on
+# the weight copy at prefill.
 FUSED_MAX_BLOCK_M = 256
 
 # VMEM: one expert's weight block, double-buffered, is resident up to this size; the
@@ -54,6 +54,104 @@ FUSED_MAX_BLOCK_M = 256
 _RESIDENT_WEIGHT_BYTES = 24 * 2**20
 _VMEM_PLAN = 40 * 2**20
 _VMEM_LIMIT = 64 * 2**20
+
+
+def supports(p: common.Problem) -> str | None:
+  """Why these kernels cannot run problem `p` (None: they can): no MX kernels (MX inputs
+  and MX output run on the XLA path under implementation=None), beyond what neither
+  backend does (`common.shared_gap`)."""
+  if p.op == "fused_mx":
+    return "MX inputs (dequant_mode=2)"
+  if p.op == "fused" and p.mx_out:
+    return "MX output (quant_mode=2)"
+  return common.shared_gap(p)
+
+
+def default_tiles(p: common.Problem) -> TileSizes:
+  """The tiles the kernels take when `tiles=` is not given: the `npu_ops.perf` model's
+  choice for the chip lowered for (`tpu_tiles`), else the rules below; fitted to the
+  problem's dimensions and to VMEM."""
+  itemsize = 1 if p.op == "fused" else np.dtype(p.dtype).itemsize
+  found = tpu_tiles.lookup(tpu_tiles.current_chip(), p.op, itemsize, p.k, p.n,
+                           p.tokens_per_group)
+  if found is not None:
+    bm, bk, bn = found
+  elif p.op == "fused":
+    t = TileSizes.for_problem(p.m, p.k, p.n, p.groups, p.expected_tokens,
+                              max_block_m=FUSED_MAX_BLOCK_M)
+    bm, bk, bn = t.block_m, t.block_k, t.block_n
+  else:
+    bm = TileSizes.for_problem(p.m, p.k, p.n, p.groups, p.expected_tokens).block_m
+    bk, bn = (_resident_float_tiles if p.op == "gmm" else _tgmm_float_tiles)(
+        p.k, p.n, itemsize, bm)
+  if p.op == "fused":
+    return TileSizes(bm, bk, bn)
+  out_itemsize = np.dtype(p.out_dtype or p.dtype).itemsize
+  return _fit_vmem(p.op, p.k, p.n, itemsize, out_itemsize, bm, bk, bn)
+
+
+def _resident_float_tiles(k: int, n: int, itemsize: int, bm: int) -> tuple[int, int]:
+  """gmm: the widest column tile (up to 2048) whose `[k, block_n]` weight, double-buffered,
+  stays resident, so k is one step; only when not even 128 columns fit is k tiled (and
+  the weight re-read per visit)."""
+  del bm
+  cap = min(2048, _RESIDENT_WEIGHT_BYTES // (2 * k * itemsize) // 128 * 128)
+  bn = _balanced_tile(n, max(cap, 128))
+  bk = common.round_up(k, 128) if cap >= 128 else _k_tile(k, 2 * bn * itemsize,
+                                                         _RESIDENT_WEIGHT_BYTES)
+  return bk, bn
+
+
+def _tgmm_float_tiles(k: int, n: int, itemsize: int, bm: int) -> tuple[int, int]:
+  """tgmm: a `[bk, bn]` float32 accumulator plus the output block (2 buffers) in what the
+  input tiles (2 buffers each) leave of the plan: all of k where it fits, so x is read
+  once per column tile and dy once."""
+  bn = _balanced_tile(n, 1536)
+  row_bytes = bn * (4 + 2 * itemsize)
+  budget = _VMEM_PLAN - 2 * bm * (common.round_up(k, 128) + bn) * itemsize
+  return _balanced_tile(k, max(128, budget // row_bytes // 128 * 128)), bn
+
+
+def _float_vmem(op: str, bm: int, bk: int, bn: int, itemsize: int, out_itemsize: int) -> int:
+  """VMEM of the float kernels' blocks: inputs and output double-buffered, the float32
+  accumulator once."""
+  if op == "gmm":
+    return 2 * (bm * bk + bk * bn) * itemsize + 4 * bm * bn + 2 * bm * bn * out_itemsize
+  return 2 * bm * (bk + bn) * itemsize + 4 * bk * bn + 2 * bk * bn * out_itemsize
+
+
+def _fit_vmem(op: str, k: int, n: int, itemsize: int, out_itemsize: int, bm: int, bk: int,
+              bn: int) -> TileSizes:
+  """Tiles no larger than the problem (k and n rounded up to 128), halved (the larger of
+  the k and column tiles first, then rows) until the blocks fit the VMEM plan."""
+  bk, bn = min(bk, common.round_up(k, 128)), min(bn, common.round_up(n, 128))
+  while _float_vmem(op, bm, bk, bn, itemsize, out_itemsize) > _VMEM_PLAN:
+    if max(bk, bn) > 128:
+      if bk >= bn:
+        bk = common.round_up(bk // 2, 128)
+      else:
+        bn = common.round_up(bn // 2, 128)
+    elif bm > 32:
+      bm //= 2
+    else:
+      break
+  return TileSizes(bm, bk, bn)
+
+
+def _float_blocks(op: str, k: int, n: int, itemsize: int, out_itemsize: int,
+                  tiles: TileSizes) -> tuple[int, int, int]:
+  """The blocks a float kernel runs: `tiles`, a dimension taken whole where its tile
+  reaches it; a ValueError naming `tiles` when they overflow the VMEM plan."""
+  bm = tiles.block_m
+  bk = k if tiles.block_k >= k else tiles.block_k
+  bn = n if tiles.block_n >= n else tiles.block_n
+  need = _float_vmem(op, bm, common.round_up(bk, 128), common.round_up(bn, 128), itemsize,
+                     out_itemsize)
+  if need > _VMEM_PLAN:
+    raise ValueError(f"tiles: expected blocks within the TPU {op} kernel's VMEM plan of "
+                     f"{_VMEM_PLAN >> 20} MiB, got {tiles} (k={k}, n={n}: "
+                     f"{need / 2**20:.1f} MiB)")
+  return bm, bk, bn
 
 
 def _mxu_precision(precision, dtype):
@@ -107,7 +205,7 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes) -> FusedPl
     bk = k
   elif groups == 1:  # the k edge is masked
     bk = min(tiles.block_k, common.round_up(k, 128))
-  else:  # a divisor of the k group (a multiple of 128: `common.kernel_gap`)
+  else:  # a divisor of the k group (a multiple of 128: `common.shared_gap`)
     bk = min(tiles.block_k, gs)
     while gs % bk:
       bk //= 2
@@ -121,8 +219,7 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes) -> FusedPl
 
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
-                     ends: jax.Array, *, assist: jax.Array | None = None,
-                     colsum8: jax.Array | None = None, tiles: TileSizes,
+                     ends: jax.Array, *, assist: jax.Array | None = None, tiles: TileSizes,
                      out_dtype=jnp.int8, qmax: float = epilogue.INT8_QMAX,
                      mx_out: bool = False,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -132,8 +229,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     x: int8 `[m, k]`; w: int8 `[e, k, n]` (A8W4: jnp.int4, or int8 holding int4 values);
     w_scale: float32 `[e, G, n]` (G = 1 per channel; A8W4 may have G k groups of
       k/G rows, a multiple of 128); x_scale: float32 `[m]`; ends: int32 `[E]`
-      group row ends, E <= e; assist: A8W4's float32 `[e, n]`; colsum8: A8W4's
-      int32 `[e, G, n]` (`epilogue.colsum8`, computed here when not given).
+      group row ends, E <= e; assist: A8W4's float32 `[e, n]` (its k groups' column
+      sums, the "- 8" of `(x - 8) @ W`, are summed in the kernel from the weight block
+      in VMEM: no pass over the weights outside it).
     tiles: block sizes (`block_n` unused: a row is computed whole);
     out_dtype, qmax: the per-token codes (int8 and 127, or an fp8 type and its largest
       finite value: `epilogue.codes_for_amax`);
@@ -149,7 +247,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   visit's rows.
   """
   if mx_out:
-    raise NotImplementedError("the TPU kernel has no MX output (see `MX`)")
+    raise NotImplementedError("the TPU kernel has no MX output (`supports`)")
   m, k = x.shape
   e, _, n = w.shape
   nh = n // 2
@@ -171,7 +269,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, ends_ref, x_ref, w_ref, s_ref, xs_ref, *refs):
     if a8w4:
-      cs_ref, a_ref, q_ref, qs_ref, acc, f = refs
+      a_ref, q_ref, qs_ref, acc, f, cs = refs
     else:
       q_ref, qs_ref, acc = refs
     t, kk = pl.program_id(0), pl.program_id(1)
@@ -184,6 +282,21 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       acc[...] = jnp.zeros_like(acc)
       if a8w4:
         f[...] = jnp.zeros_like(f)
+        if not plan.resident:
+          cs[...] = jnp.zeros_like(cs)
+
+    def colsum8(wb, c):  # 8 * the column sums of k group c of this block, exact in int32
+      part = wb[c * min(gs, bk):(c + 1) * min(gs, bk)].astype(jnp.int32)
+      return 8 * jnp.sum(part, axis=0, keepdims=True)
+
+    if a8w4 and plan.resident:
+      # An expert's weights stay in VMEM across its visits: sum them once, on the step
+      # whose weight block is new (the one Pallas copied it for).
+      @pl.when(real & ((t == 0) | (wid_ref[jnp.maximum(t - 1, 0)] != wid_ref[t])))
+      def _():
+        wb = w_ref[...].astype(jnp.int8)
+        for c in range(groups):
+          cs[c] = colsum8(wb, c)
 
     @pl.when(real)
     def _():
@@ -199,16 +312,19 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                        wb[c * min(gs, bk):(c + 1) * min(gs, bk)],
                        preferred_element_type=jnp.int32)
         if tiles_per_group == 1:
-          f[...] += epilogue.close_k_group(part, cs_ref[c], s_ref[c])
+          sums = cs[c] if plan.resident else colsum8(wb, c)
+          f[...] += epilogue.close_k_group(part, sums, s_ref[c])
         else:
           acc[...] += part
+          cs[0] += colsum8(wb, 0)  # this tile's share of its k group's column sums
 
       if tiles_per_group > 1:  # a k group spans tiles: close it on its last one
         @pl.when(kk % tiles_per_group == tiles_per_group - 1)
         def _():
           kg = kk // tiles_per_group
-          f[...] += epilogue.close_k_group(acc[...], cs_ref[kg], s_ref[kg])
+          f[...] += epilogue.close_k_group(acc[...], cs[0], s_ref[kg])
           acc[...] = jnp.zeros_like(acc)
+          cs[...] = jnp.zeros_like(cs)
 
     @pl.when((t < nv_ref[0]) & (kk == k_tiles - 1))
     def _():
@@ -237,19 +353,21 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   args = [x, w, scales, x_scale]
   scratch = [pltpu.VMEM((bm, n), jnp.int32)]
   if a8w4:
-    cs = epilogue.colsum8(w, groups) if colsum8 is None else colsum8
-    in_specs += [in_specs[2], pl.BlockSpec((None, 1, n), lambda t, kk, gid, mt, nv, wid, ends: (
+    in_specs += [pl.BlockSpec((None, 1, n), lambda t, kk, gid, mt, nv, wid, ends: (
         wid[t], 0, 0))]
-    args += [cs.reshape(e, groups, 1, n), assist.astype(jnp.float32).reshape(e, 1, n)]
-    scratch += [pltpu.VMEM((bm, n), jnp.float32)]
+    args += [assist.astype(jnp.float32).reshape(e, 1, n)]
+    # float32 k-group sums; int32 column sums: every k group of an expert (resident), or
+    # the running sums of the k group a tile is in (k tiled)
+    scratch += [pltpu.VMEM((bm, n), jnp.float32),
+                pltpu.VMEM((groups if plan.resident else 1, 1, n), jnp.int32)]
   visits = m_tiles + num_groups  # the static bound of the grid
   weight_reads = num_groups if plan.resident else visits  # per visit when k is tiled
   w_bytes = k * n * jnp.iinfo(w.dtype).bits // 8
   x_reads = m_tiles if plan.resident else visits
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=m * nh,
-      bytes_accessed=(x_reads * bm * k + weight_reads * (w_bytes + 4 * groups * n * (
-          2 if a8w4 else 1)) + 4 * m + m * nh + 4 * m))
+      bytes_accessed=(x_reads * bm * k + weight_reads * (w_bytes + 4 * groups * n)
+                      + 4 * m + m * nh + 4 * m))
   q, qs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -269,16 +387,6 @@ def _balanced_tile(size: int, cap: int) -> int:
   return common.round_up(common.cdiv(size, common.cdiv(size, cap)), 128)
 
 
-def _float_tiles(m: int, k: int, n: int, itemsize: int, tiles: TileSizes) -> tuple[int, int, int]:
-  """gmm blocks: the widest column tile (up to 2048) whose `[k, block_n]` weight,
-  double-buffered, stays resident, so k is one step; only when not even 128 columns
-  fit is k tiled (and the weight re-read per visit)."""
-  cap = min(2048, _RESIDENT_WEIGHT_BYTES // (2 * k * itemsize) // 128 * 128)
-  bn = _balanced_tile(n, max(cap, 128))
-  bk = k if cap >= 128 else _k_tile(k, 2 * bn * itemsize, _RESIDENT_WEIGHT_BYTES)
-  return tiles.block_m, bk, bn
-
-
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
         interpret: bool = False, transpose_rhs: bool = False, precision=None) -> jax.Array:
   """Float grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
@@ -292,7 +400,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   isz = lhs.dtype.itemsize
   if m == 0:
     return jnp.zeros((0, n), out_dtype)
-  bm, bk, bn = _float_tiles(m, k, n, isz, tiles)
+  bm, bk, bn = _float_blocks("gmm", k, n, isz, np.dtype(out_dtype).itemsize, tiles)
   precision = _mxu_precision(precision, lhs.dtype)
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
   num_groups = ends.shape[0]
@@ -361,15 +469,8 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   isz = lhs.dtype.itemsize
   if m == 0:  # no rows: every group is empty
     return jnp.zeros((num_groups, k, n), out_dtype)
-  bm = tiles.block_m
+  bm, bk, bn = _float_blocks("tgmm", k, n, isz, np.dtype(out_dtype).itemsize, tiles)
   precision = _mxu_precision(precision, lhs.dtype)
-  # [bk, bn] float32 accumulator plus the output block (2 buffers) in what the input
-  # tiles (2 buffers each) leave of the plan: all of k fits at the benchmark shapes,
-  # so x is read once per column tile and dy once.
-  bn = _balanced_tile(n, 1536)
-  row_bytes = bn * (4 + 2 * np.dtype(out_dtype).itemsize)
-  budget = _VMEM_PLAN - 2 * bm * (common.round_up(k, 128) + bn) * isz
-  bk = _balanced_tile(k, max(128, budget // row_bytes // 128 * 128))
   groups = ends.shape[0]
   ends_all = jnp.concatenate([ends, jnp.broadcast_to(ends[-1:], (num_groups - groups,))])
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)

@@ -1,6 +1,7 @@
 """Every implementation of the grouped ops, for the core tests (tokamax test_base style).
 
-`impls(case)` lists, as pytest params, the implementations that have `case`; a core test
+`impls(case)` lists the implementations that have `case` (from what each kernel backend
+declares it supports); a core test
 takes `impl` and calls the op with `**IMPLEMENTATIONS[impl]`. A new implementation is
 added here once and every core test runs on it.
 """
@@ -10,6 +11,8 @@ import os
 import pytest
 
 import npu_ops
+from npu_ops import backend
+from pallas_kernels.common import Problem
 
 # Small kernel tiles: the test shapes then span several row tiles (tiles shared by two
 # groups, revisited) and partial k / column tiles.
@@ -25,15 +28,18 @@ IMPLEMENTATIONS = {
 }
 
 KERNELS = ("pallas_tpu", "pallas_gpu")
-# Which implementations have which case (the kernels: float gmm/tgmm, fused A8W8/A8W4).
-CASES = {
-    "gmm_float": tuple(IMPLEMENTATIONS),
-    "gmm_int": ("xla", "reference"),
-    "fused_A8W8": tuple(IMPLEMENTATIONS),
-    "fused_A8W4": tuple(IMPLEMENTATIONS),
-    "fused_A4W4": ("xla", "reference"),
+# Each case as the kernel backends judge it: a kernel runs the case when its module's
+# `supports` says so (XLA and the reference run every case), so a kernel that gains
+# or loses a case gains or loses its tests here, and a new backend inherits them all.
+PROBLEMS = {
+    "gmm_float": Problem("gmm", 64, 128, 128, 4, "float32"),
+    "gmm_int": Problem("gmm", 64, 128, 128, 4, "int8"),
+    "fused_A8W8": Problem("fused", 64, 128, 128, 4, "int8"),
+    "fused_A8W4": Problem("fused", 64, 256, 128, 4, "int8", scale_groups=2),
+    "fused_A4W4": Problem("fused", 64, 128, 128, 4, "int4", a4w4=True),
 }
 
 
 def impls(case: str) -> list[str]:
-  return list(CASES[case])
+  return ["xla", "reference"] + [k for k in KERNELS
+                                 if backend.kernels(k).supports(PROBLEMS[case]) is None]

@@ -50,6 +50,28 @@ def test_tpu_kernels_read_weights_in_place_and_once(target, name):
 
 
 @needs["tpu"]
+@pytest.mark.parametrize("target", ["v6e", "tpu7x"])
+def test_lowering_for_a_tpu_takes_that_chips_tiles(target, monkeypatch):
+  """The TPU kernels' default tiles are those of the chip the program is lowered for
+  (`pallas_kernels.tpu_tiles`), read from the compile-only devices."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  import npu_ops  # noqa: PLC0415
+  from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
+  aot.use_cpu_host()
+  seen, default_tiles = [], tpu.default_tiles
+  monkeypatch.setattr(tpu, "default_tiles",
+                      lambda p: seen.append(tpu_tiles.current_chip()) or default_tiles(p))
+  sharding = jax.sharding.SingleDeviceSharding(aot.device(target))
+  spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)
+  f = lambda x, w: npu_ops.grouped_matmul(x, w, np.full(4, 64, np.int32))
+  jax.jit(f).trace(spec((256, 512)), spec((4, 512, 256))).lower()
+  assert seen == [target]
+
+
+@needs["tpu"]
 def test_tpu_gmm_vjp_reads_the_weights_in_place():
   """dlhs = dy @ w^T reads w as stored (no transposed copy). Three kernels each read
   what they need once: forward, dlhs and tgmm together move ~1.7x the program's own

@@ -148,3 +148,27 @@ def test_gmm_and_tgmm_integer_exact(impl, dtype):
   for i, (lo_, hi_) in enumerate(bounds):
     want_t[i] = x[lo_:hi_].T.astype(np.int64) @ dy[lo_:hi_]
   np.testing.assert_array_equal(out_t, want_t)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_tpu_a8w4_column_sums_with_k_tiled(groups, monkeypatch):
+  """The TPU kernel sums A8W4's column sums from the weight block in VMEM: once per expert
+  when its weights stay resident (test_fused_op), per k tile when they do not (here,
+  weights made too large to stay, k = 256 in 128-row tiles): per channel, the one k group
+  spans both tiles (its sums carried from one to the next); per group (G=2), each tile
+  holds one k group."""
+  from pallas_kernels import tpu  # noqa: PLC0415
+  monkeypatch.setattr(tpu, "_RESIDENT_WEIGHT_BYTES", 1024)
+  x, w, w_scale, x_scale = fused_case("A8W4")
+  w_scale = w_scale[:, 0] if groups == 1 else w_scale
+  tiles = npu_ops.TileSizes(32, 128, 128)
+  assert tpu.fused_plan(M, x.shape[1], N, groups, tiles).k_tiles == 2
+  counts = COUNTS[3]
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, jnp.asarray(w, jnp.int4), w_scale, x_scale, jnp.asarray(counts), group_list_type=1,
+      dequant_mode=1 if groups > 1 else 0, implementation="pallas_tpu", interpret=True,
+      tiles=tiles)
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
+                                    scenario="A8W4", assist=ref.canonical_assist(w, w_scale))
+  assert_int8_equal(q, want_q)
+  assert_scale_close(s, want_s, 16)  # as test_fused_op's A8W4

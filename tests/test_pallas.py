@@ -167,9 +167,40 @@ def test_tpu_fused_plan_keeps_an_expert_resident_when_it_fits():
   assert tpu.fused_plan(64, 128, 1 << 20, 1, tiles).block_m == 32  # never below 32 rows
 
 
+def test_tpu_kernels_take_the_tiles_given():
+  """The TPU gmm / tgmm run the tiles asked for (the defaults come from the model's table):
+  rows a multiple of 32 but not a power of two, k tiled with a partial last tile (160 =
+  128 + 32), partial column tiles; a tile set beyond the VMEM plan is refused, naming it."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(M, K)).astype(np.float32)
+  w = rng.normal(size=(E, K, N)).astype(np.float32)
+  dy = rng.normal(size=(M, N)).astype(np.float32)
+  counts = COUNTS["tail_rows"]
+  bounds = ref.group_bounds(counts, 1)
+  tiles = npu_ops.TileSizes(block_m=96, block_k=128, block_n=384)
+  run = dict(implementation="pallas_tpu", interpret=True, tiles=tiles,
+             precision=jax.lax.Precision.HIGHEST)
+  x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+  got = npu_ops.grouped_matmul(x, w, np.asarray(counts), **run)
+  want = ref.grouped_matmul(x64, w64, bounds, np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  got = npu_ops.tgmm(x, dy, np.asarray(counts), num_groups=E, **run)
+  want = np.zeros((E, K, N))
+  for i, (lo, hi) in enumerate(bounds):
+    want[i] = x64[lo:hi].T @ dy64[lo:hi]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  big = npu_ops.TileSizes(512, 8192, 4096)
+  with pytest.raises(ValueError, match="tiles: expected blocks within the TPU gmm kernel's VMEM"):
+    jax.jit(lambda a, b: npu_ops.grouped_matmul(  # the kernel is traced when lowered
+        a, b, np.full(4, 1024), implementation="pallas_tpu", interpret=True, tiles=big)).trace(
+        jax.ShapeDtypeStruct((4096, 8192), jnp.float32),
+        jax.ShapeDtypeStruct((4, 8192, 8192), jnp.float32)).lower()
+
+
 def test_tile_sizes():
-  with pytest.raises(ValueError, match="block_m"):
+  with pytest.raises(ValueError, match="block_m: expected a positive multiple of 32"):
     npu_ops.TileSizes(block_m=48)
+  assert npu_ops.TileSizes(block_m=96, block_n=1408).block_n == 1408  # TPU: lanes, not 2**i
   with pytest.raises(ValueError, match="block_k"):
     npu_ops.TileSizes(block_k=64)
   assert npu_ops.TileSizes.for_problem(4096, 2048, 2816, 16).block_m == 128

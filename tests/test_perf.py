@@ -219,3 +219,39 @@ def test_timeline_prefetch_depth_and_lookahead():
   assert timeline(3, False) == pytest.approx(8.0)
   # lookahead: a free buffer from the start, queued behind the first copy: 5.0 too
   assert timeline(2, True) == pytest.approx(8.0)
+
+
+def test_default_tiles_are_the_models_choice():
+  """`pallas_kernels/tpu_tiles.py` holds what `python -m npu_ops.perf tune` finds: one
+  group searched again here (the fused op at decode on v5e: few candidates), and every
+  tuning point of ours has its entry on every chip."""
+  from npu_ops.perf import tune  # noqa: PLC0415
+  from pallas_kernels import tpu_tiles  # noqa: PLC0415
+  group = next(g for g in tune.groups(include_tokamax=False)
+               if g[0].op == "fused" and g[0].m == 64)
+  t, score = tune.best(group, "v5e")
+  assert score < 1.01 and len(tune.candidates(group[0])) > 1  # within 1% at each routing
+  assert tpu_tiles.lookup("v5e", "fused", 1, *group[0].key) == (t.block_m, t.block_k, t.block_n)
+  for chip in tune.CHIPS:
+    for op, itemsize in (("gmm", 2), ("tgmm", 2), ("fused", 1)):
+      keys = {r[:3] for r in tpu_tiles.TABLE[(chip, op, itemsize)]}
+      assert {p.key for p in tune.points(include_tokamax=False) if p.op == op} <= keys
+
+
+def test_default_tiles_follow_the_chip_and_fit_the_problem():
+  from pallas_kernels import common, tpu, tpu_tiles  # noqa: PLC0415
+  p = common.Problem("gmm", 4096, 2048, 2816, 16, "bfloat16")
+  for chip in ("v5e", "v6e", "v5p", "tpu7x"):
+    token = tpu_tiles.CHIP.set(chip)
+    try:
+      t = tpu.default_tiles(p)
+    finally:
+      tpu_tiles.CHIP.reset(token)
+    assert (t.block_m, t.block_k, t.block_n) == tpu_tiles.lookup(chip, "gmm", 2, 2048, 2816, 256)
+  assert tpu_tiles.current_chip() == tpu_tiles.DEFAULT_CHIP  # not lowering: the default
+  # a problem far from every entry: the nearest entry's tiles, cut to its k and n
+  small = tpu.default_tiles(common.Problem("gmm", 64, 100, 200, 2, "bfloat16"))
+  assert small.block_k == 128 and small.block_n <= 256
+  # float32 has no entries: the previous rules (k resident, columns split evenly)
+  f32 = tpu.default_tiles(common.Problem("gmm", 4096, 2048, 2816, 16, "float32"))
+  assert (f32.block_k, f32.block_n) == (2048, 1408)

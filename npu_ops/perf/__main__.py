@@ -4,6 +4,8 @@
     python -m npu_ops.perf predict --chip v5e        # our kernels at decode / prefill shapes
     python -m npu_ops.perf predict --chip v6e --ops "fused A8W8" --cases decode
     python -m npu_ops.perf megablox                  # ours vs megablox at tokamax's tuned tiles
+    python -m npu_ops.perf tune [--write]            # the TPU kernels' default tiles, searched
+    python -m npu_ops.perf tune --compare            # default tiles vs the previous rules
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 
 def main(argv=None) -> int:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # traced and modeled here, run nowhere
-  from npu_ops.perf import cases, chips, report, validate  # noqa: PLC0415
+  from npu_ops.perf import cases, chips, report, tune, validate  # noqa: PLC0415
 
   p = argparse.ArgumentParser(prog="python -m npu_ops.perf", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -30,7 +32,20 @@ def main(argv=None) -> int:
                  choices=["decode", "prefill"])
   mb = sub.add_parser("megablox", help="ours vs megablox at tokamax's tuned tilings (model)")
   mb.add_argument("--chip", default="v5e", choices=list(validate.DATA_DIRS))
+  t = sub.add_parser("tune", help="search the TPU kernels' tiles with the model")
+  t.add_argument("--chips", nargs="+", default=list(tune.CHIPS), choices=list(tune.CHIPS))
+  t.add_argument("--write", action="store_true", help="store them in pallas_kernels/tpu_tiles.py")
+  t.add_argument("--compare", action="store_true",
+                 help="the defaults (the table) vs the previous rules, at every point")
   args = p.parse_args(argv)
+  if args.cmd == "tune":
+    if args.compare:
+      print(report.tiles_table(args.chips))
+      return 0
+    found = tune.table(args.chips, log=lambda line: print(line, flush=True))
+    if args.write:
+      print("wrote", tune.write(found))
+    return 0
   if args.cmd == "megablox":
     print(report.megablox_table(args.chip))
     return 0

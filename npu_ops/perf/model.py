@@ -31,6 +31,7 @@ costed by a roofline: `max(FLOPs / peak, bytes in + out / HBM bandwidth)` each.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ from jax._src.pallas import core as pallas_core
 from jax._src.state import indexing
 
 from npu_ops.perf import chips as chips_lib
+from pallas_kernels import tpu_tiles
 
 # Fixed cost of one grid step (pipeline bookkeeping, DMA issue and wait, scalar work),
 # fitted on tokamax's measured v5e latencies only (`python -m npu_ops.perf validate`),
@@ -128,10 +130,14 @@ def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
     a, kw = jax.tree.unflatten(tree, flat)
     return fn(*a, **kw)
 
-  closed = jax.make_jaxpr(flat_fn)(*specs)
-  acc = _Accumulator(chip)
-  _walk(closed.jaxpr, [np.asarray(c) if _is_array(c) else c for c in closed.consts],
-        [_UNKNOWN if k is None else k for k in known], acc)
+  token = tpu_tiles.CHIP.set(chip.name)  # the kernels' default tiles: this chip's
+  try:
+    closed = jax.make_jaxpr(flat_fn)(*specs)
+    acc = _Accumulator(chip)
+    _walk(closed.jaxpr, [np.asarray(c) if _is_array(c) else c for c in closed.consts],
+          [_UNKNOWN if k is None else k for k in known], acc)
+  finally:
+    tpu_tiles.CHIP.reset(token)
   kernels = tuple(acc.kernels)
   return Prediction(
       chip=chip.name,
@@ -592,7 +598,7 @@ def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray) -> floa
   n = len(compute)
   start, end = np.zeros(n), np.zeros(n)
   dma_free = 0.0
-  pending = []  # write-backs not yet queued: (issue time, seconds), in order
+  pending = collections.deque()  # write-backs not yet queued: (issue time, seconds), in order
   ready = [0.0] * len(inputs)
   changes = [np.flatnonzero(cp) for cp, _, _, _ in inputs]
   count = [0] * len(inputs)
@@ -600,7 +606,7 @@ def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray) -> floa
   def queue(issue: float, seconds: float) -> float:
     nonlocal dma_free
     while pending and pending[0][0] <= issue:
-      t, w = pending.pop(0)
+      t, w = pending.popleft()
       dma_free = max(dma_free, t) + w
     dma_free = max(dma_free, issue) + seconds
     return dma_free

@@ -9,7 +9,7 @@ import numpy as np
 import npu_ops
 from npu_ops.perf import cases as cases_lib
 from npu_ops.perf import chips as chips_lib
-from npu_ops.perf import model, validate
+from npu_ops.perf import model, tune, validate
 
 
 def predict_table(chip: str, ops, chosen) -> str:
@@ -61,4 +61,17 @@ def megablox_table(chip: str = "v5e") -> str:
     ours = ours_for_entry(entry).seconds
     lines.append(f"{entry.label:46} {entry.measured_s * 1e3:9.3f} {mb * 1e3:9.3f} "
                  f"{ours * 1e3:9.3f} {ours / mb:8.2f}")
+  return "\n".join(lines)
+
+
+def tiles_table(chips) -> str:
+  """At every tuning point, per chip: the model's time with the previous tile rules over
+  its time with the default (table) tiles."""
+  pts = tune.points()
+  head = f"{'op':5} {'point':44} " + " ".join(f"{c:>7}" for c in chips)
+  cols = {c: tune.comparison(c) for c in chips}
+  lines = [head + "   (previous rules / model's tiles, modeled time)"]
+  for i, p in enumerate(pts):
+    ratios = " ".join(f"{cols[c][i][1] / cols[c][i][2]:7.2f}" for c in chips)
+    lines.append(f"{p.op:5} {p.name:44} {ratios}")
   return "\n".join(lines)

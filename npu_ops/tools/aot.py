@@ -168,13 +168,15 @@ class Case:
 def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_groups=None,
            quant_dtype=0, quant_mode=0):
   import npu_ops  # noqa: PLC0415
+  a8w4 = weight in ("int4", "words")
 
-  def fn(x, w, ws, xs, gl, *offset):  # global_groups: e local experts of a traced offset
+  def fn(x, w, ws, xs, gl, *more):  # A8W4: the assist matrix; global_groups: a traced offset
     gl = gl if group_list is None else list(group_list)
+    assist, offset = (more[0], more[1:]) if a8w4 else (None, more)
     return npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         x, w, ws, xs, gl, group_list_type=1, dequant_mode=int(groups > 1),
-        group_offset=offset[0] if offset else None, quant_dtype=quant_dtype,
-        quant_mode=quant_mode)
+        weight_assist_matrix=assist, group_offset=offset[0] if offset else None,
+        quant_dtype=quant_dtype, quant_mode=quant_mode)
   scale = (e, groups, n) if groups > 1 else (e, n)
   if weight == "int8":
     w = ((e, k, n), jnp.int8)
@@ -183,10 +185,13 @@ def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_group
   else:  # jnp.int4, read in place
     w = ((e, k, n), jnp.int4)
   x = ((m, k // 8), jnp.int32) if weight == "a4w4" else ((m, k), jnp.int8)
+  # A8W4 as torch_npu calls it: with the assist matrix, computed once when the weights load
+  # (without it the op computes it from the weights on every call: README, Speed on TPU)
+  more = [((e, n), jnp.float32)] if a8w4 else []
   if global_groups:
     return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((global_groups,), jnp.int32),
-                ((), jnp.int32))
-  return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((e,), jnp.int32))
+                *more, ((), jnp.int32))
+  return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((e,), jnp.int32), *more)
 
 
 def _fused_mx(m, k, n, e, *, quant_dtype, quant_mode):
