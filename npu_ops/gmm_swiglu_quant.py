@@ -22,7 +22,7 @@ grouped matmul writes the int32 `[m, n]` product and the epilogue runs once over
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -207,19 +207,15 @@ def npu_grouped_matmul_swiglu_quant_v2(
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
                                num_groups=max(e, groups_lib.num_listed(group_list)))
   local, shift = groups_lib.local_groups(ends, group_offset, e)
-  to_row0 = lambda a: groups_lib.shift_rows(a, -shift)
-  q, q_scale = fused_canonical(QArray(to_row0(xq.values), to_row0(xq.scale), xq.bits), wq,
-                               local, **run)
-  return _torch_npu_outputs(groups_lib.shift_rows(q, shift),
-                            groups_lib.shift_rows(q_scale, shift), spec)
+  return _torch_npu_outputs(*fused_canonical(xq, wq, local, shift=shift, **run), spec)
 
 
 def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
                     assist: jax.Array | None = None, smooth: jax.Array | None = None,
                     spec: quant_lib.DynamicQuant = quant_lib.INT8_PER_TOKEN,
                     expected_tokens: int | None = None, implementation: str | None = None,
-                    interpret: bool = False, tiles: TileSizes | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
+                    interpret: bool = False, tiles: TileSizes | None = None,
+                    shift: Any = None) -> tuple[jax.Array, jax.Array]:
   """The fused op on canonical operands, on the implementation asked for (`npu_ops.backend`):
   a Pallas kernel (A8W8 / A8W4 with int8 output), the XLA row-block path, or
   `npu_ops.reference`.
@@ -227,7 +223,10 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   Args:
     x: tokens, int8 values `[m, k]` with their scale `[m]`.
     w: expert weights, int8 or jnp.int4 values `[e, k, n]` with their scale `[e, G, n]`.
-    ends: group ends (`npu_ops.groups`).
+    ends: group ends (`npu_ops.groups`), counted from row `shift`.
+    shift: the first row of group 0 (group_offset's local groups: `groups.local_groups`);
+      rows outside the groups give 0. The kernels skip the other rows in their metadata;
+      the XLA paths move the groups' rows to row 0 and back.
     assist: A8W4's `[e, n]` assist matrix; smooth: A4W4's `[e, n/2]` or `[e, 1]`.
     spec: the output quantization.
   """
@@ -247,13 +246,14 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
     after = _epilogue_after(m, k, n, e, expected_tokens, scenario)
 
 
-  def kernel(module, tiles, x, w, ends_array, assist, smooth):
+  def kernel(module, tiles, x, w, ends_array, assist, smooth, start):
     del smooth  # A4W4 only, which the kernels do not take
     return module.gmm_swiglu_quant(x.values, row_blocks.stacked(w.values), w.scale, x.scale,
-                                   ends_array,
-                                   assist=assist, tiles=tiles, out_dtype=spec.dtype,
+                                   ends_array if start is None else ends_array + start,
+                                   start=start, assist=assist, tiles=tiles, out_dtype=spec.dtype,
                                    qmax=spec.qmax, mx_out=mx_out, interpret=interpret)
 
+  @_rows_from(shift)
   def xla(x, w, ends_array, assist, smooth):
     ends_ = ends if isinstance(ends, tuple) else ends_array
     if impl == "reference":
@@ -262,8 +262,26 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
     return _fused(x.values, w.values, w.scale, x.scale, assist, smooth, ends=ends_,
                   scenario=scenario, spec=spec, block_sizes=block_sizes, after=after)
 
-  return backend.run(impl, (x, w, jnp.asarray(ends, jnp.int32), assist, smooth), problem,
-                     kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
+  start = None if shift is None else jnp.asarray(shift, jnp.int32)
+  return backend.run(impl, (x, w, jnp.asarray(ends, jnp.int32), assist, smooth, start),
+                     problem, kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
+
+
+def _rows_from(shift: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """An XLA path taking groups that start at row 0, made to take them from row `shift`
+  (the last argument: the traced start, or None): its row operands (the first) move to
+  row 0 and its row outputs back. A static shift is used as such (a static roll)."""
+  def wrap(fn):
+    def moved(rows, *rest):
+      *rest, start = rest
+      if shift is None:
+        return fn(rows, *rest)
+      s = shift if isinstance(shift, (int, np.integer)) else start
+      back = lambda a: groups_lib.shift_rows(a, s)
+      out = fn(jax.tree.map(lambda a: groups_lib.shift_rows(a, -s), rows), *rest)
+      return jax.tree.map(back, out)
+    return moved
+  return wrap
 
 
 def npu_grouped_matmul_swiglu_quant(
@@ -561,9 +579,10 @@ def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type,
   shift = None
   if group_offset is not None:
     ends, shift = groups_lib.local_groups(ends, group_offset, e)
-    xv, x_bytes = (groups_lib.shift_rows(a, -shift) for a in (xv, x_bytes))
 
-  def xla(xv, x_bytes, wv, w_bytes, ends_array):
+  @_rows_from(shift)
+  def xla(rows, wv, w_bytes, ends_array):
+    xv, x_bytes = rows
     scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(
         epilogue.e8m0_to_float32(b), k, axis)
     wf = scaled(wv, w_bytes, 2 if transposed else 1)
@@ -574,16 +593,16 @@ def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type,
     # rows past the groups: c = 0 -> codes and scales 0
     return _squeeze_per_token(*_swiglu_quant(c, None, spec), spec)
 
-  def kernel(module, tiles, xv, x_bytes, wv, w_bytes, ends_array):
-    return module.gmm_swiglu_quant_mx(xv, wv, x_bytes, w_bytes, ends_array, tiles=tiles,
-                                      out_dtype=spec.dtype, qmax=spec.qmax,
-                                      mx_out=spec.mode == quant_lib.MX, interpret=interpret)
+  def kernel(module, tiles, rows, wv, w_bytes, ends_array, start):
+    xv, x_bytes = rows
+    return module.gmm_swiglu_quant_mx(
+        xv, wv, x_bytes, w_bytes, ends_array if start is None else ends_array + start,
+        start=start, tiles=tiles, out_dtype=spec.dtype, qmax=spec.qmax,
+        mx_out=spec.mode == quant_lib.MX, interpret=interpret)
 
-  q, q_scale = backend.run(impl, (xv, x_bytes, wv, w_bytes, jnp.asarray(ends, jnp.int32)),
-                           problem, kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
-  if shift is None:
-    return q, q_scale
-  return groups_lib.shift_rows(q, shift), groups_lib.shift_rows(q_scale, shift)
+  start = None if shift is None else jnp.asarray(shift, jnp.int32)
+  return backend.run(impl, ((xv, x_bytes), wv, w_bytes, jnp.asarray(ends, jnp.int32), start),
+                     problem, kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
 
 
 def _torch_npu_outputs(q: jax.Array, q_scale: jax.Array, spec: quant_lib.DynamicQuant):

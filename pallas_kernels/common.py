@@ -10,6 +10,7 @@ are masked inside the kernels.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -138,28 +139,21 @@ def starts_of(ends: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]])
 
 
-def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, tail: int | None = None,
-                   visit_empty: bool = False
-                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, visit_empty: bool = False
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The (row tile, group) pairs a grid visits, in row order (megablox's
   `make_group_metadata` technique): a row tile is visited once per group that
   has rows in it, so tiles shared by two groups are visited twice, consecutively.
 
   Args:
-    ends: int32 `[G]` group ends; m_tiles, block_m: the row tiling (m_tiles >= 1).
-    tail: `m`, to add one more group for the rows past the group total (the
-      kernels write zeros there), as group `G`.
+    ends: int32 `[G]` group ends (group 0 starts at row 0); m_tiles, block_m: the row
+      tiling (m_tiles >= 1).
     visit_empty: give every empty group one visit (tgmm writes its zero matrix).
 
-  Returns (group_ids, m_tile_ids, num_visits [1], weight_ids), int32, with the
-  static bound `T = m_tiles + groups - 1`; visits past num_visits repeat the
-  last real one (the kernels skip them, and their blocks stay resident).
-  `weight_ids` is the group whose weights a visit reads: its own, or for the
-  tail group the last non-empty group's (so the tail costs no weight copy).
+  Returns (group_ids, m_tile_ids, num_visits [1]), int32, with the static bound
+  `T = m_tiles + G - 1`; visits past num_visits repeat the last real one (the kernels
+  skip them, and their blocks stay resident).
   """
-  real_groups = ends.shape[0]
-  if tail is not None:
-    ends = jnp.concatenate([ends, jnp.full((1,), tail, ends.dtype)])
   num_groups = ends.shape[0]
   starts = starts_of(ends)
   nonempty = ends > starts
@@ -170,12 +164,105 @@ def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, tail: int | N
   num_visits = offsets[-1]
   bound = m_tiles + num_groups - 1
   t = jnp.minimum(jnp.arange(bound, dtype=jnp.int32), jnp.maximum(num_visits - 1, 0))
-  group = jnp.searchsorted(offsets, t, side="right").astype(jnp.int32)
+  group = jnp.searchsorted(offsets, t, side="right", method="compare_all").astype(jnp.int32)
   group = jnp.minimum(group, num_groups - 1)
   m_tile = first[group] + t - (offsets[group] - tiles[group])
-  last_real = jnp.max(jnp.where(nonempty[:real_groups], jnp.arange(real_groups), 0))
-  weight = jnp.where(group >= real_groups, last_real, group).astype(jnp.int32)
-  return (group, m_tile.astype(jnp.int32), num_visits.reshape(1).astype(jnp.int32), weight)
+  return group, m_tile.astype(jnp.int32), num_visits.reshape(1).astype(jnp.int32)
+
+
+class RowVisits(NamedTuple):
+  """The visits of a grouped matmul's grid over `m` rows (`row_visits`), dealt to `cores`
+  TensorCores, each a run of `per_core` visits; int32 arrays `[cores * per_core]` (core c's
+  visit t at `c * per_core + t`) but `count`:
+
+  * group: per visit, 0 for the head (rows before `start`), 1..G for the groups, G + 1
+    for the tail (rows past the last end); a visit is real (it multiplies) when
+    `1 <= group <= G` (`is_real`);
+  * tile: the row tile it writes;
+  * count `[cores]`: the visits each core runs (its later ones repeat its last: skipped);
+  * weight: the expert whose weights it reads (`group - 1`); head and tail visits,
+    which only write zeros, name the nearest real visit's (on the same core where it has
+    one), so they cost no copy;
+  * read_tile: the row tile of x it reads: its own, or for head and tail visits the
+    nearest real visit's (no copy of rows that no group owns);
+  * bounds `[G + 2]`: `[start, ends..., m]`, the ends of head, groups and tail, for
+    `group_rows(bounds, group, ...)`.
+  """
+  group: jax.Array
+  tile: jax.Array
+  count: jax.Array
+  weight: jax.Array
+  read_tile: jax.Array
+  bounds: jax.Array
+
+  @staticmethod
+  def is_real(group, num_groups: int):
+    return (group >= 1) & (group <= num_groups)
+
+
+def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = None, *,
+               cores: int = 1) -> RowVisits:
+  """The visits of the row-tiled kernels (gmm, the fused op): the groups of `ends` (row
+  ends, int32 `[G]`), from row `start` (an int32 scalar, megablox's group_offset: the
+  first row of group 0; None for 0) on, between a weightless head (rows before `start`)
+  and tail (rows past the last end) whose visits write zeros: every output row is
+  written once and no wrapper moves rows.
+
+  `cores` > 1 deals the row tiles to that many TensorCores in contiguous ranges (a
+  "parallel" grid axis: each core writes its own output tiles). The static bound per
+  core is `per_core(m, block_m, G, cores)`.
+  """
+  num_groups = ends.shape[0]
+  head = jnp.zeros((1,), jnp.int32) if start is None else jnp.reshape(start, (1,)).astype(jnp.int32)
+  bounds = jnp.concatenate([head, ends.astype(jnp.int32), jnp.full((1,), m, jnp.int32)])
+  m_tiles = cdiv(m, block_m)
+  group, tile, count = visit_metadata(bounds, m_tiles, block_m)
+  if cores == 1:
+    return _one_core(group, tile, count, bounds, num_groups)
+  # core c takes the visits of row tiles [c * span, (c + 1) * span), a run in row order
+  span = cdiv(m_tiles, cores)
+  valid_tile = jnp.where(jnp.arange(group.shape[0]) < count[0], tile, m_tiles)
+  edges = jnp.minimum(jnp.arange(cores + 1) * span, m_tiles)  # of the cores' tile ranges
+  firsts = jnp.sum(valid_tile[None, :] < edges[:, None], axis=1)
+  counts = (firsts[1:] - firsts[:-1]).astype(jnp.int32)
+  bound = per_core(m, block_m, num_groups, cores)
+  t = jnp.arange(bound, dtype=jnp.int32)[None, :]
+  idx = jnp.clip(firsts[:-1, None] + jnp.minimum(t, jnp.maximum(counts[:, None] - 1, 0)),
+                 0, group.shape[0] - 1)
+  g = group[idx]
+  real = RowVisits.is_real(g, num_groups) & (t < counts[:, None])
+  # head and tail visits read the blocks of the nearest real visit: on their core, else any
+  before = lax.cummax(jnp.where(real, t, -1), axis=1)
+  after = lax.cummin(jnp.where(real, t, bound), axis=1, reverse=True)
+  near = jnp.where(real, t, jnp.where(before >= 0, before, after))
+  near_idx = jnp.take_along_axis(idx, jnp.minimum(near, bound - 1), axis=1)
+  on_core = near < bound
+  t_all = jnp.arange(group.shape[0], dtype=jnp.int32)
+  real_all = RowVisits.is_real(group, num_groups) & (t_all < count[0])
+  before_all = lax.cummax(jnp.where(real_all, t_all, -1))
+  after_all = lax.cummin(jnp.where(real_all, t_all, group.shape[0]), reverse=True)
+  src_all = jnp.where(before_all >= 0, before_all, jnp.minimum(after_all, group.shape[0] - 1))
+  src = jnp.where(on_core, near_idx, src_all[idx])
+  weight = jnp.clip(group[src] - 1, 0, max(num_groups - 1, 0)).astype(jnp.int32)
+  flat = lambda a: a.reshape(-1).astype(jnp.int32)
+  return RowVisits(flat(g), flat(tile[idx]), counts, flat(weight), flat(tile[src]), bounds)
+
+
+def _one_core(group, tile, count, bounds, num_groups: int) -> RowVisits:
+  t = jnp.arange(group.shape[0], dtype=jnp.int32)
+  real = RowVisits.is_real(group, num_groups) & (t < count[0])
+  before = lax.cummax(jnp.where(real, t, -1))                           # last real at or before
+  after = lax.cummin(jnp.where(real, t, group.shape[0]), reverse=True)  # first at or after
+  src = jnp.where(real, t, jnp.where(before >= 0, before,
+                                     jnp.minimum(after, group.shape[0] - 1)))
+  weight = jnp.clip(group[src] - 1, 0, max(num_groups - 1, 0)).astype(jnp.int32)
+  return RowVisits(group, tile, count, weight, tile[src], bounds)
+
+
+def per_core(m: int, block_m: int, num_groups: int, cores: int = 1) -> int:
+  """The static bound of the visits one core runs (`row_visits`): its row tiles, plus
+  one more visit per boundary between head, groups and tail."""
+  return cdiv(cdiv(m, block_m), cores) + num_groups + 1
 
 
 _PRECISION_ORDER = (lax.Precision.DEFAULT, lax.Precision.HIGH, lax.Precision.HIGHEST)

@@ -107,21 +107,16 @@ class _Tile(NamedTuple):
   in_n: jax.Array
 
 
-def _visits(ends: jax.Array, m: int, bm: int):
-  """The (row tile, group) visits of a grid (`common.visit_metadata`, the rows past the
-  group total as one more, weightless group) and the group ends with that group's."""
-  gid, mt, nv, _ = common.visit_metadata(ends, common.cdiv(m, bm), bm, tail=m)
-  return (gid, mt, nv, jnp.concatenate([ends, jnp.full((1,), m, ends.dtype)]))
-
-
 def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequence[jax.Array],
-                ends: jax.Array, *, m: int, nh: int, tiles: TileSizes, out_dtype, qmax: float,
-                mx_out: bool, interpret: bool, name: str) -> tuple[jax.Array, jax.Array]:
+                ends: jax.Array, *, start: jax.Array | None, m: int, nh: int, tiles: TileSizes,
+                out_dtype, qmax: float, mx_out: bool, interpret: bool, name: str
+                ) -> tuple[jax.Array, jax.Array]:
   """The frame of the fused kernels: one program per (visit, SwiGLU column tile), a visit
   being a row tile and one group with rows in it (megablox's metadata): so decode (a few
   rows over many experts) spreads over the GPU as prefill does, and each program reads one
   expert's weight tile. `halves(refs, g, tile)` is group g's (act, gate), float32
-  `[bm, bn]`, from the kernel's operands `args` (as refs). The kernel writes the SwiGLU
+  `[bm, bn]`, from the kernel's operands `args` (as refs). Visits: `common.row_visits`
+  (rows before `start` and past the last end are written 0). The kernel writes the SwiGLU
   values of its group's rows; the per-token (or MX) codes need whole rows, so the XLA
   path's own quantizer (`epilogue.quantize_rows` / `quantize_mx_rows`) writes them from
   that float32 scratch. Returns (codes `[m, nh]` of out_dtype, scales: float32 `[m]`
@@ -132,31 +127,33 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
     return jnp.zeros((0, nh), out_dtype), jnp.zeros(scale_shape, scale_dtype)
   bm, _, bn = gpu_tiles(tiles)
   num_groups = ends.shape[0]
-  gid, mt, nv, ends_all = _visits(ends, m, bm)
+  v = common.row_visits(ends, m, bm, start)
 
   def kernel(gid_ref, mt_ref, nv_ref, ends_ref, *refs):
     *operands, s_ref = refs
     t, j = pl.program_id(0), pl.program_id(1)  # here: interpret mode has none inside conds
     g = gid_ref[t]
+    real = common.RowVisits.is_real(g, num_groups)
     r0 = mt_ref[t] * bm
     c0 = j * bn
     tile = _Tile(pl.ds(r0, bm), _span(r0, bm, m), pl.ds(c0, bn), pl.ds(nh + c0, bn),
                  _span(c0, bn, nh))
     mask = (common.group_rows(ends_ref, g, r0, bm) & tile.in_m[:, None]) & tile.in_n[None, :]
 
-    @pl.when((t < nv_ref[0]) & (g < num_groups))
+    @pl.when((t < nv_ref[0]) & real)
     def _():
-      s = epilogue.swiglu_halves(*halves(operands, g, tile))
+      s = epilogue.swiglu_halves(*halves(operands, g - 1, tile))  # expert g - 1
       pltr.store(s_ref.at[tile.rows, tile.cols_a], s, mask=mask)
 
-    @pl.when((t < nv_ref[0]) & (g >= num_groups))  # rows past the group total: 0
+    @pl.when((t < nv_ref[0]) & ~real)  # rows before `start` or past the last end: 0
     def _():
       pltr.store(s_ref.at[tile.rows, tile.cols_a], jnp.zeros((bm, bn), jnp.float32), mask=mask)
 
   s = pl.pallas_call(
-      kernel, grid=(gid.shape[0], common.cdiv(nh, bn)),
+      kernel, grid=(v.group.shape[0], common.cdiv(nh, bn)),
       out_shape=jax.ShapeDtypeStruct((m, nh), jnp.float32),
-      compiler_params=_PARAMS, interpret=interpret, name=name)(gid, mt, nv, ends_all, *args)
+      compiler_params=_PARAMS, interpret=interpret, name=name)(v.group, v.tile, v.count,
+                                                                v.bounds, *args)
   # the XLA path's own quantizer (fp8 / fp4 codes as their bits), on whole rows
   if mx_out:
     q, qs = epilogue.quantize_mx_rows(s, out_dtype, as_bits=True)
@@ -167,7 +164,8 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
 
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
-                     ends: jax.Array, *, assist: jax.Array | None = None,
+                     ends: jax.Array, *, start: jax.Array | None = None,
+                     assist: jax.Array | None = None,
                      colsum8: jax.Array | None = None, tiles: TileSizes,
                      out_dtype=jnp.int8, qmax: float = epilogue.INT8_QMAX,
                      mx_out: bool = False,
@@ -224,13 +222,14 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     return (epilogue.dequant_a8w8(acc_a, per_col(s_ref, 0, t.cols_a), x_scale_col),
             epilogue.dequant_a8w8(acc_g, per_col(s_ref, 0, t.cols_g), x_scale_col))
 
-  return _fused_call(halves, [x, w, w_scale.astype(jnp.float32), x_scale, *extra], ends, m=m,
-                     nh=n // 2, tiles=tiles, out_dtype=out_dtype, qmax=qmax, mx_out=mx_out,
+  return _fused_call(halves, [x, w, w_scale.astype(jnp.float32), x_scale, *extra], ends,
+                     start=start, m=m, nh=n // 2, tiles=tiles, out_dtype=out_dtype, qmax=qmax, mx_out=mx_out,
                      interpret=interpret, name="npu_gmm_swiglu_quant")
 
 
 def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale: jax.Array,
                         ends: jax.Array, *, tiles: TileSizes, out_dtype, qmax: float, mx_out: bool,
+                        start: jax.Array | None = None,
                         interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """The fused op on MX inputs (semantics B.1.6): per block of 32 along k, the dot of the
   block's fp8 values (decoded from their bits to float16: exact, and no fp8 conversion is
@@ -279,16 +278,19 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
     zero = jnp.zeros((bm, bn), jnp.float32)
     return lax.fori_loop(0, blocks, k_block, (zero, zero))
 
-  return _fused_call(halves, [bits(x), bits(w), x_scale, w_scale], ends, m=m, nh=n // 2,
+  return _fused_call(halves, [bits(x), bits(w), x_scale, w_scale], ends, start=start, m=m,
+                     nh=n // 2,
                      tiles=tiles, out_dtype=out_dtype, qmax=qmax, mx_out=mx_out,
                      interpret=interpret, name="npu_gmm_swiglu_quant_mx")
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
-        interpret: bool = False, transpose_rhs: bool = False, precision=None) -> jax.Array:
+        start: jax.Array | None = None, interpret: bool = False, transpose_rhs: bool = False,
+        precision=None) -> jax.Array:
   """Float grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
-  transpose with `transpose_rhs`), float32 accumulation. Grid (visit, column tile): a
-  visit is a row tile and one group with rows in it (`_visits`); it writes that group's
+  transpose with `transpose_rhs`), float32 accumulation; rows before `start` and past the
+  last end are 0. Grid (visit, column tile): a
+  visit is a row tile and one group with rows in it (`common.row_visits`); it writes that group's
   rows, so a tile shared by two groups is written by two programs, and a few rows over
   many experts still spread over the GPU."""
   m, k = lhs.shape
@@ -299,11 +301,13 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   bm, bk, bn = gpu_tiles(tiles, precision)
   k_tiles = common.cdiv(k, bk)
   num_groups = ends.shape[0]
-  gid, mt, nv, ends_all = _visits(ends, m, bm)
+  v = common.row_visits(ends, m, bm, start)
 
   def kernel(gid_ref, mt_ref, nv_ref, ends_ref, x_ref, w_ref, o_ref):
     t, j = pl.program_id(0), pl.program_id(1)
     g = gid_ref[t]
+    real = common.RowVisits.is_real(g, num_groups)
+    e_ = jnp.maximum(g - 1, 0)  # the expert of a real visit
     r0 = mt_ref[t] * bm
     rows, cols = pl.ds(r0, bm), pl.ds(j * bn, bn)
     in_m, in_n = _span(r0, bm, m), _span(j * bn, bn, n)
@@ -314,25 +318,25 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
       ks = pl.ds(kk * bk, bk)
       xb = _load(x_ref, rows, ks, in_m[:, None] & in_k[None, :])
       if transpose_rhs:
-        wb = pltr.load(w_ref.at[g, cols, ks], mask=in_n[:, None] & in_k[None, :], other=0).T
+        wb = pltr.load(w_ref.at[e_, cols, ks], mask=in_n[:, None] & in_k[None, :], other=0).T
       else:
-        wb = pltr.load(w_ref.at[g, ks, cols], mask=in_k[:, None] & in_n[None, :], other=0)
+        wb = pltr.load(w_ref.at[e_, ks, cols], mask=in_k[:, None] & in_n[None, :], other=0)
       return acc + jnp.dot(xb, wb, precision=precision, preferred_element_type=jnp.float32)
 
-    @pl.when((t < nv_ref[0]) & (g < num_groups))
+    @pl.when((t < nv_ref[0]) & real)
     def _():
       acc = lax.fori_loop(0, k_tiles, k_step, jnp.zeros((bm, bn), jnp.float32))
       pltr.store(o_ref.at[rows, cols], acc.astype(o_ref.dtype), mask=mask)
 
-    @pl.when((t < nv_ref[0]) & (g >= num_groups))  # rows past the group total: 0
+    @pl.when((t < nv_ref[0]) & ~real)  # rows before `start` or past the last end: 0
     def _():
       pltr.store(o_ref.at[rows, cols], jnp.zeros((bm, bn), o_ref.dtype), mask=mask)
 
   return pl.pallas_call(
-      kernel, grid=(gid.shape[0], common.cdiv(n, bn)),
+      kernel, grid=(v.group.shape[0], common.cdiv(n, bn)),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      compiler_params=_PARAMS, interpret=interpret, name="npu_gmm")(gid, mt, nv, ends_all,
-                                                                    lhs, rhs)
+      compiler_params=_PARAMS, interpret=interpret, name="npu_gmm")(v.group, v.tile, v.count,
+                                                                    v.bounds, lhs, rhs)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,

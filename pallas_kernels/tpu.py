@@ -6,10 +6,11 @@ Row tiles past `m`, column tiles past `n` and k tiles past `k` are partial block
 (Pallas clips their copies); the kernels zero the k edge of both operands where
 it is partial, mask rows by their group, and write only whole output rows.
 
-Group metadata travels by scalar prefetch (`common.visit_metadata`, megablox's
-technique): the grid walks (row tile, group) visits in row order. The rows past
-the group total form one more, weightless group whose visits write zeros, so no
-output is post-processed either.
+Group metadata travels by scalar prefetch (`common.row_visits`, megablox's
+technique): the grid walks (row tile, group) visits in row order. The rows before
+the first group (group_offset) and past the group total form two more, weightless
+groups whose visits write zeros and read the blocks of the nearest real visit, so
+no output is post-processed and no row is moved.
 
 Weight-stationary order: when one expert's whole `[k, n]` weight (the fused op) or
 one `[k, block_n]` column tile of it (gmm) fits the VMEM budget, the contraction
@@ -219,7 +220,8 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes) -> FusedPl
 
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
-                     ends: jax.Array, *, assist: jax.Array | None = None, tiles: TileSizes,
+                     ends: jax.Array, *, start: jax.Array | None = None,
+                     assist: jax.Array | None = None, tiles: TileSizes,
                      out_dtype=jnp.int8, qmax: float = epilogue.INT8_QMAX,
                      mx_out: bool = False,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -229,7 +231,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     x: int8 `[m, k]`; w: int8 `[e, k, n]` (A8W4: jnp.int4, or int8 holding int4 values);
     w_scale: float32 `[e, G, n]` (G = 1 per channel; A8W4 may have G k groups of
       k/G rows, a multiple of 128); x_scale: float32 `[m]`; ends: int32 `[E]`
-      group row ends, E <= e; assist: A8W4's float32 `[e, n]` (its k groups' column
+      group row ends, E <= e; start: int32 scalar, the first row of group 0 (megablox's
+      group_offset: rows before it, and past the last end, are 0; None: row 0);
+      assist: A8W4's float32 `[e, n]` (its k groups' column
       sums, the "- 8" of `(x - 8) @ W`, are summed in the kernel from the weight block
       in VMEM: no pass over the weights outside it).
     tiles: block sizes (`block_n` unused: a row is computed whole);
@@ -261,21 +265,28 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   gpt = max(bk // gs, 1)            # k groups closed inside one k tile (bk >= gs)
   tiles_per_group = max(gs // bk, 1)  # k tiles one k group spans (bk < gs)
   m_tiles = common.cdiv(m, bm)
-  gid, mt, nv, wid = common.visit_metadata(ends, m_tiles, bm, tail=m)
-  ends_all = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])  # + rows past the total
   num_groups = ends.shape[0]
+  # A device with two TensorCores (v5p) splits the row tiles between them (a "parallel"
+  # axis; elsewhere it has one step) where they outnumber the groups (prefill: MXU work
+  # to share). With a few rows over many experts (decode) the weights' copies bound the
+  # time, which the cores would share, and each core's grid bound holds every group.
+  cores = tpu_tiles.cores(tpu_tiles.current_chip()) if m_tiles >= num_groups else 1
+  v = common.row_visits(ends, m, bm, start, cores=cores)
+  per_core = common.per_core(m, bm, num_groups, cores)
   scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
   x_scale = x_scale.astype(jnp.float32).reshape(m, 1)
 
-  def kernel(gid_ref, mt_ref, nv_ref, wid_ref, ends_ref, x_ref, w_ref, s_ref, xs_ref, *refs):
+  def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, x_ref, w_ref, s_ref, xs_ref,
+             *refs):
     if a8w4:
       a_ref, q_ref, qs_ref, acc, f, cs = refs
     else:
       q_ref, qs_ref, acc = refs
-    t, kk = pl.program_id(0), pl.program_id(1)
-    g = gid_ref[t]
-    real = (t < nv_ref[0]) & (g < num_groups)  # a visit of an expert (not the tail)
-    rows = common.group_rows(ends_ref, g, mt_ref[t] * bm, bm)
+    c, t, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    i = c * per_core + t  # this core's visit t
+    g = gid_ref[i]
+    real = (t < nv_ref[c]) & common.RowVisits.is_real(g, num_groups)  # not head or tail
+    rows = common.group_rows(ends_ref, g, mt_ref[i] * bm, bm)
 
     @pl.when(real & (kk == 0))
     def _():
@@ -290,9 +301,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       return 8 * jnp.sum(part, axis=0, keepdims=True)
 
     if a8w4 and plan.resident:
-      # An expert's weights stay in VMEM across its visits: sum them once, on the step
-      # whose weight block is new (the one Pallas copied it for).
-      @pl.when(real & ((t == 0) | (wid_ref[jnp.maximum(t - 1, 0)] != wid_ref[t])))
+      # An expert's weights stay in VMEM across its visits: sum them once, on its first
+      # visit (a group's visits are consecutive).
+      @pl.when(real & ((t == 0) | (gid_ref[jnp.maximum(i - 1, 0)] != g)))
       def _():
         wb = w_ref[...].astype(jnp.int8)
         for c in range(groups):
@@ -326,7 +337,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
           acc[...] = jnp.zeros_like(acc)
           cs[...] = jnp.zeros_like(cs)
 
-    @pl.when((t < nv_ref[0]) & (kk == k_tiles - 1))
+    @pl.when((t < nv_ref[c]) & (kk == k_tiles - 1))
     def _():
       xs = xs_ref[...]
       if a8w4:
@@ -337,30 +348,32 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         gate = epilogue.dequant_a8w8(acc[:, nh:], s_ref[0, :, nh:], xs)
       q, scale = epilogue.quantize_rows(epilogue.swiglu_halves(act, gate), qmax=qmax,
                                          dtype=out_dtype)
-      keep = rows & real  # the tail group writes zeros
+      keep = rows & real  # head and tail write zeros
       q_ref[...] = jnp.where(rows, jnp.where(keep, q, 0), q_ref[...])
       qs_ref[...] = jnp.where(rows, jnp.where(keep, scale, 0), qs_ref[...])
 
-  # Index maps (the tail group reads the blocks of the visit before it: no new copy).
-  row = lambda t, kk, gid, mt, nv, wid, ends: (mt[t], 0)
-  scale_block = lambda t, kk, gid, mt, nv, wid, ends: (
-      wid[t], kk if (tiles_per_group == 1 and gpt < groups) else 0, 0, 0)
+  # Index maps (head and tail visits read the blocks of the nearest real visit: no copy).
+  at = lambda c, t: c * per_core + t
+  row = lambda c, t, kk, gid, mt, nv, wid, rt, ends: (mt[at(c, t)], 0)
+  scale_block = lambda c, t, kk, gid, mt, nv, wid, rt, ends: (
+      wid[at(c, t)], kk if (tiles_per_group == 1 and gpt < groups) else 0, 0, 0)
   in_specs = [
-      pl.BlockSpec((bm, bk), lambda t, kk, gid, mt, nv, wid, ends: (mt[t], kk)),
-      pl.BlockSpec((None, bk, n), lambda t, kk, gid, mt, nv, wid, ends: (wid[t], kk, 0)),
+      pl.BlockSpec((bm, bk), lambda c, t, kk, gid, mt, nv, wid, rt, ends: (rt[at(c, t)], kk)),
+      pl.BlockSpec((None, bk, n), lambda c, t, kk, gid, mt, nv, wid, rt, ends: (
+          wid[at(c, t)], kk, 0)),
       pl.BlockSpec((None, gpt if tiles_per_group == 1 else groups, 1, n), scale_block),
-      pl.BlockSpec((bm, 1), row)]
+      pl.BlockSpec((bm, 1), lambda c, t, kk, gid, mt, nv, wid, rt, ends: (rt[at(c, t)], 0))]
   args = [x, w, scales, x_scale]
   scratch = [pltpu.VMEM((bm, n), jnp.int32)]
   if a8w4:
-    in_specs += [pl.BlockSpec((None, 1, n), lambda t, kk, gid, mt, nv, wid, ends: (
-        wid[t], 0, 0))]
+    in_specs += [pl.BlockSpec((None, 1, n), lambda c, t, kk, gid, mt, nv, wid, rt, ends: (
+        wid[at(c, t)], 0, 0))]
     args += [assist.astype(jnp.float32).reshape(e, 1, n)]
     # float32 k-group sums; int32 column sums: every k group of an expert (resident), or
     # the running sums of the k group a tile is in (k tiled)
     scratch += [pltpu.VMEM((bm, n), jnp.float32),
                 pltpu.VMEM((groups if plan.resident else 1, 1, n), jnp.int32)]
-  visits = m_tiles + num_groups  # the static bound of the grid
+  visits = cores * per_core  # the static bound of the grid
   weight_reads = num_groups if plan.resident else visits  # per visit when k is tiled
   w_bytes = k * n * jnp.iinfo(w.dtype).bits // 8
   x_reads = m_tiles if plan.resident else visits
@@ -371,13 +384,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   q, qs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5, grid=(gid.shape[0], k_tiles), in_specs=in_specs,
+          num_scalar_prefetch=6, grid=(cores, per_core, k_tiles), in_specs=in_specs,
           out_specs=[pl.BlockSpec((bm, nh), row), pl.BlockSpec((bm, 1), row)],
           scratch_shapes=scratch),
       out_shape=[jax.ShapeDtypeStruct((m, nh), out_dtype),
                  jax.ShapeDtypeStruct((m, 1), jnp.float32)],
-      compiler_params=_params("arbitrary", "arbitrary"), cost_estimate=cost,
-      interpret=interpret, name="npu_gmm_swiglu_quant")(gid, mt, nv, wid, ends_all, *args)
+      compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
+      interpret=interpret, name="npu_gmm_swiglu_quant")(*v, *args)
   return q, qs.reshape(m)
 
 
@@ -388,9 +401,11 @@ def _balanced_tile(size: int, cap: int) -> int:
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
-        interpret: bool = False, transpose_rhs: bool = False, precision=None) -> jax.Array:
+        start: jax.Array | None = None, interpret: bool = False, transpose_rhs: bool = False,
+        precision=None) -> jax.Array:
   """Float grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
-  transpose with `transpose_rhs`), float32 accumulation; rows past the last end are 0.
+  transpose with `transpose_rhs`), float32 accumulation; rows before `start` (group 0's
+  first row, as `gmm_swiglu_quant`) and past the last end are 0.
 
   Grid (column tile, visit, k tile): column tiles outermost, so a group's visits are
   consecutive within a column tile and, with k in one step, its weight tile stays put.
@@ -404,13 +419,12 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   precision = _mxu_precision(precision, lhs.dtype)
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
   num_groups = ends.shape[0]
-  gid, mt, nv, wid = common.visit_metadata(ends, m_tiles, bm, tail=m)
-  ends_all = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
+  v = common.row_visits(ends, m, bm, start)
 
-  def kernel(gid_ref, mt_ref, nv_ref, wid_ref, ends_ref, x_ref, w_ref, o_ref, acc):
+  def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, x_ref, w_ref, o_ref, acc):
     t, kk = pl.program_id(1), pl.program_id(2)
     g = gid_ref[t]
-    real = (t < nv_ref[0]) & (g < num_groups)
+    real = (t < nv_ref[0]) & common.RowVisits.is_real(g, num_groups)
 
     @pl.when(real & (kk == 0))
     def _():
@@ -432,7 +446,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
       value = jnp.where(real, acc[...], 0).astype(o_ref.dtype)
       o_ref[...] = jnp.where(rows, value, o_ref[...])
 
-  visits = m_tiles + num_groups
+  visits = m_tiles + num_groups + 1
   resident = k_tiles == 1
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=0,
@@ -442,17 +456,19 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5, grid=(n_tiles, gid.shape[0], k_tiles),
-          in_specs=[pl.BlockSpec((bm, bk), lambda j, t, kk, gid, mt, nv, wid, ends: (mt[t], kk)),
+          num_scalar_prefetch=6, grid=(n_tiles, v.group.shape[0], k_tiles),
+          in_specs=[pl.BlockSpec((bm, bk), lambda j, t, kk, gid, mt, nv, wid, rt, ends: (
+                        rt[t], kk)),
                     pl.BlockSpec((None, bn, bk) if transpose_rhs else (None, bk, bn),
-                                 lambda j, t, kk, gid, mt, nv, wid, ends: (
+                                 lambda j, t, kk, gid, mt, nv, wid, rt, ends: (
                                      (wid[t], j, kk) if transpose_rhs else (wid[t], kk, j)))],
-          out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, nv, wid, ends: (mt[t], j)),
+          out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, nv, wid, rt, ends: (
+              mt[t], j)),
           scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       # column tiles are independent: a dual-TensorCore device (v5p) splits them
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
-      interpret=interpret, name="npu_gmm")(gid, mt, nv, wid, ends_all, lhs, rhs)
+      interpret=interpret, name="npu_gmm")(*v, lhs, rhs)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,
@@ -474,7 +490,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   groups = ends.shape[0]
   ends_all = jnp.concatenate([ends, jnp.broadcast_to(ends[-1:], (num_groups - groups,))])
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
-  gid, mt, nv, _ = common.visit_metadata(ends_all, m_tiles, bm, visit_empty=True)
+  gid, mt, nv = common.visit_metadata(ends_all, m_tiles, bm, visit_empty=True)
 
   def kernel(gid_ref, mt_ref, nv_ref, ends_ref, x_ref, dy_ref, o_ref, acc):
     t = pl.program_id(2)

@@ -26,6 +26,15 @@ DEVICE_KINDS = {"TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v6 lite": "v6e", "T
                 "TPU v5": "v5p", "TPU v5p": "v5p", "TPU7x": "tpu7x"}
 
 
+# TensorCores one JAX device drives (megacore): a kernel's "parallel" grid axis is split
+# between them
+CORES = {"v5p": 2}
+
+
+def cores(chip: str) -> int:
+  return CORES.get(chip, 1)
+
+
 def chip_of_kind(device_kind: str) -> str | None:
   return DEVICE_KINDS.get(device_kind)
 

@@ -131,3 +131,14 @@ def test_api_reference_is_current_and_complete():
       getattr(npu_ops, n), type(npu_ops))]
   missing = [n for n in public if f"`npu_ops.{n}" not in text]
   assert not missing, missing
+
+
+def test_dependencies_declare_floors_not_pins():
+  """Installing npu_ops beside a newer JAX keeps it (issue 32 item 16): jax and jaxlib have
+  floors at the version CI tests, not exact pins."""
+  import pathlib  # noqa: PLC0415
+  import tomllib  # noqa: PLC0415
+  project = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+  deps = project["project"]["dependencies"]
+  assert "jax>=0.10.2" in deps and "jaxlib>=0.10.2" in deps
+  assert not any(d.startswith(("jax==", "jaxlib==")) for d in deps)

@@ -310,3 +310,37 @@ def test_import_boundaries():
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("counts,offset", [(COUNTS["empty_first"], None),
+                                           (COUNTS["tail_rows"], None), ((150, 0, 0, 0), None),
+                                           ((0, 0, 0, 7), None), ((10, 20, 30, 40, 20, 30), 1)])
+def test_tpu_fused_kernel_split_between_two_cores(counts, offset):
+  """On a v5p (two TensorCores a device) the fused kernel deals its row tiles to both cores
+  (a "parallel" grid axis, `common.row_visits(cores=2)`): each core's visits, head and tail
+  included, give the reference's codes (interpret mode runs the cores one after the other).
+  With group_offset, 4 local experts of 6 groups from the second."""
+  from pallas_kernels import common, tpu_tiles  # noqa: PLC0415
+  x, w, w_scale, x_scale = int8_case(4)
+  tiles = npu_ops.TileSizes(32, 128, 128)
+  token = tpu_tiles.CHIP.set("v5p")
+  try:
+    q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, w, w_scale, x_scale, np.asarray(counts), group_list_type=1, group_offset=offset,
+        implementation="pallas_tpu", interpret=True, tiles=tiles)
+  finally:
+    tpu_tiles.CHIP.reset(token)
+  bounds = ref.group_bounds(counts, 1)
+  if offset is not None:
+    bounds = bounds[offset:offset + E]
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, bounds, scenario="A8W8")
+  assert_int8_equal(q, want_q)
+  assert_scale_close(s, want_s)
+  # the metadata: each core runs the visits of its own row tiles, all of them once
+  ends = jnp.cumsum(jnp.asarray(counts[:E], jnp.int32))
+  one, two = (common.row_visits(ends, M, 32, cores=c) for c in (1, 2))
+  bound = common.per_core(M, 32, E, 2)
+  assert int(two.count.sum()) == int(one.count[0]) and two.group.shape == (2 * bound,)
+  for c in range(2):
+    tiles_c = np.asarray(two.tile[c * bound:c * bound + int(two.count[c])])
+    assert np.all((tiles_c >= 3 * c) & (tiles_c < 3 * (c + 1)))  # 5 tiles: 3 + 2

@@ -533,11 +533,15 @@ def main(argv: Sequence[str] | None = None) -> list[Report]:
                   "(no accelerator needed) and print what they report.")
   p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS,
                  help="compile-only targets (default: all)")
-  p.add_argument("--cases", nargs="+", default=[],
-                 help="only cases whose name contains one of these words (default: all)")
+  p.add_argument("--cases", nargs="*", default=None,
+                 help="only cases whose name contains one of these words (default: all; "
+                      "no words: list the case names)")
   p.add_argument("--summary", action="store_true",
                  help="one row per case and one column per target (the README's table)")
   args = p.parse_args(argv)
+  if args.cases == []:  # `--cases` alone: the names to choose from
+    print("\n".join(c.name for c in cases()))
+    return []
   missing = missing_compilers()
   targets = [t for t in args.targets if kind_of(t) not in missing]
   for kind, why in missing.items():
@@ -554,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> list[Report]:
     print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
   print(f"jax {jax.__version__}; temp / io: compiler temp memory over arguments + outputs; "
         "bytes / ideal: TPU bytes accessed over reading every argument and writing every "
-        "output once; regs, spill B, smem KB: per Pallas kernel on GPU (ptxas); a2a: the "
+        "output once (lower is better, 1.0 the least possible); regs, spill B, smem KB: per Pallas kernel on GPU (ptxas); a2a: the "
         "all-to-all collectives of an expert-parallel case (EP, compiled over all chips) and "
         "their buffers' bytes (per chip; a ragged one moves only the rows routed)")
   print(format_summary(reports) if args.summary else format_table(reports))
