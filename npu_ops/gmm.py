@@ -102,7 +102,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
       experts, global groups `[group_offset, group_offset + g)`; rows of other groups
       give 0 (and zero gradients). A Python int or a scalar int array (traced: one
       compilation for every offset; out-of-range values are clamped to `[0, G - g]`).
-      It costs a copy of lhs and of the output (the local rows are moved to row 0).
+      The Pallas kernels skip the other rows in their metadata; the XLA path (and a
+      list of weights) moves the local rows to row 0 and the output back (a copy of
+      each), as does the weight gradient (tgmm).
     precision: as in `jax.lax.dot` (None, a `jax.lax.Precision` or its name, or a
       pair): how TPU and GPU multiply float operands (e.g. HIGHEST for full float32
       products on the MXU, no TF32 on GPU); used by the forward and both VJP
@@ -137,6 +139,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
     return product(lhs, rhs, groups_lib.ends_from_sizes(group_sizes, m, g), **run)
   ends = groups_lib.ends_from_sizes(group_sizes, m, max(g, groups_lib.num_listed(group_sizes)))
   local, shift = groups_lib.local_groups(ends, group_offset, g)
+  if product is differentiable_gmm:  # the kernels skip the other rows: no copy
+    return differentiable_gmm(lhs, rhs, local, start=shift, **run)
   out = product(groups_lib.shift_rows(lhs, -shift), rhs, local, **run)
   return groups_lib.shift_rows(out, shift)
 
@@ -184,14 +188,15 @@ def canonical_precision(precision: Any) -> Any:
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype: Any,
         implementation: str | None = None, block_sizes: GmmBlockSizes | None = None,
         interpret: bool = False, tiles: TileSizes | None = None,
-        transpose_rhs: bool = False, precision: Any = None) -> jax.Array:
+        transpose_rhs: bool = False, precision: Any = None, start: Any = None) -> jax.Array:
   """Grouped matmul on the canonical form (validated operands, group ends).
 
   `lhs [m, k]`, `rhs [g, k, n]` (`[g, n, k]`, used as its transpose, with
   `transpose_rhs`: the VJP's `dy @ rhs^T`, which the kernels read in place) or a tuple
   of g such matrices (`row_blocks.Experts`: the XLA path reads them in place; the
-  others stack them), `ends` static tuple or int32 array of length `<= g`. Integer
-  operands (int8 or int4) are multiplied as int8.
+  others stack them), `ends` static tuple or int32 array of length `<= g`, counted
+  from row `start` (an int32 scalar: group_offset's local groups; None: row 0; rows
+  outside the groups give 0). Integer operands (int8 or int4) are multiplied as int8.
   """
   m, k = lhs.shape
   first = rhs[0] if isinstance(rhs, tuple) else rhs
@@ -206,14 +211,20 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
   if symbolic:
     check_static_dims(implementation, m=m, k=k, n=n)
     rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
-    return lax.ragged_dot(lhs, rhs, _all_sizes(ends, rhs.shape[0]), precision=precision,
-                          preferred_element_type=acc_dtype).astype(out_dtype)
 
-  def kernel(module, tiles, lhs, rhs, ends_array):
-    return module.gmm(lhs, row_blocks.stacked(rhs), ends_array, out_dtype=np.dtype(out_dtype),
-                      tiles=tiles, interpret=interpret, transpose_rhs=transpose_rhs,
-                      precision=precision)
+    @groups_lib.rows_from(start)
+    def ragged(lhs, _):
+      return lax.ragged_dot(lhs, rhs, _all_sizes(ends, rhs.shape[0]), precision=precision,
+                            preferred_element_type=acc_dtype).astype(out_dtype)
+    return ragged(lhs, None, start)
 
+  def kernel(module, tiles, lhs, rhs, ends_array, start):
+    return module.gmm(lhs, row_blocks.stacked(rhs),
+                      ends_array if start is None else ends_array + start,
+                      start=start, out_dtype=np.dtype(out_dtype), tiles=tiles,
+                      interpret=interpret, transpose_rhs=transpose_rhs, precision=precision)
+
+  @groups_lib.rows_from(start)
   def xla(lhs, rhs, ends_array):
     # XLA:CPU runs a dot against a transposed operand no faster than it copies the
     # transpose: one copy per call, not one per row block.
@@ -225,8 +236,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
     return _gmm(lhs, rhs, ends=ends_, acc_dtype=acc_dtype, block_sizes=block_sizes,
                 precision=precision).astype(out_dtype)
 
-  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), problem, kernel=kernel,
-                     xla=xla, interpret=interpret, tiles=tiles)
+  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32), start), problem,
+                     kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
 
 
 # --- symbolic m (jax.export shape polymorphism) ---------------------------------------------
@@ -344,8 +355,12 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
 def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num_groups: int,
               out_dtype: Any, implementation: str | None = None,
               block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
-              tiles: TileSizes | None = None, precision: Any = None) -> jax.Array:
-  """`tgmm` on the canonical form (validated operands, group ends)."""
+              tiles: TileSizes | None = None, precision: Any = None,
+              start: Any = None) -> jax.Array:
+  """`tgmm` on the canonical form (validated operands, group ends counted from row
+  `start`, as in `gmm`: here the local rows are moved to row 0, a copy of each operand)."""
+  if start is not None:
+    lhs, rhs = (groups_lib.shift_rows(a, -start) for a in (lhs, rhs))
   m, k = lhs.shape
   problem = pallas_common.Problem("tgmm", m, k, rhs.shape[-1], num_groups,
                                   np.dtype(lhs.dtype).name, np.dtype(out_dtype).name)
@@ -484,10 +499,11 @@ _tgmm_p = jex_core.Primitive("npu_ops_tgmm")
 
 
 def differentiable_gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,
-                       out_dtype: Any, transpose_rhs: bool = False, **run: Any) -> jax.Array:
-  """`gmm` under every JAX transform: d lhs = gmm(dy, rhs^T), d rhs = tgmm(lhs, dy).
-  `run`: the fields of `Run`."""
-  return _bind(_gmm_p, lhs, rhs, ends, out_dtype=np.dtype(out_dtype),
+                       out_dtype: Any, transpose_rhs: bool = False, start: Any = None,
+                       **run: Any) -> jax.Array:
+  """`gmm` under every JAX transform: d lhs = gmm(dy, rhs^T), d rhs = tgmm(lhs, dy), over
+  the same groups (from row `start`, as in `gmm`). `run`: the fields of `Run`."""
+  return _bind(_gmm_p, lhs, rhs, ends, start, out_dtype=np.dtype(out_dtype),
                transpose_rhs=transpose_rhs, run=Run(**run))
 
 
@@ -496,8 +512,8 @@ def differentiable_tgmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEn
   """`tgmm_ends` under every JAX transform: `out[g] = lhs[rows]^T @ rhs[rows]` gives
   `d lhs[rows] = rhs[rows] @ dy[g]^T` and `d rhs[rows] = lhs[rows] @ dy[g]`, two gmm
   over the same row groups (rows outside every group get 0). `run`: as above."""
-  return _bind(_tgmm_p, lhs, rhs, ends, num_groups=num_groups, out_dtype=np.dtype(out_dtype),
-               run=Run(**run))
+  return _bind(_tgmm_p, lhs, rhs, ends, None, num_groups=num_groups,
+               out_dtype=np.dtype(out_dtype), run=Run(**run))
 
 
 def experts_gmm(lhs: jax.Array, rhs: tuple[jax.Array, ...], ends: groups_lib.GroupEnds, *,
@@ -535,37 +551,45 @@ def _experts_gmm_bwd(static, out_dtype, run, residuals, ct):
 _experts_gmm.defvjp(_experts_gmm_fwd, _experts_gmm_bwd)
 
 
-def _bind(prim, lhs, rhs, ends, **params):
+def _bind(prim, lhs, rhs, ends, start, **params):
+  """Binds a primitive: the ends an operand (a size-0 placeholder when static: then a
+  parameter), the start an int32 scalar operand (size 0 when absent: row 0)."""
   static = ends if isinstance(ends, tuple) else None
   array = jnp.zeros((0,), jnp.int32) if static is not None else jnp.asarray(ends, jnp.int32)
-  return prim.bind(lhs, rhs, array, static_ends=static, **params)
+  start = jnp.zeros((0,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+  return prim.bind(lhs, rhs, array, start, static_ends=static, **params)
 
 
-def _gmm_impl(lhs, rhs, ends, *, static_ends, out_dtype, transpose_rhs, run):
+def _start(start):
+  return None if start.shape == (0,) else start
+
+
+def _gmm_impl(lhs, rhs, ends, start, *, static_ends, out_dtype, transpose_rhs, run):
   return gmm(lhs, rhs, ends if static_ends is None else static_ends, out_dtype=out_dtype,
-             transpose_rhs=transpose_rhs, **run._asdict())
+             transpose_rhs=transpose_rhs, start=_start(start), **run._asdict())
 
 
-def _tgmm_impl(lhs, rhs, ends, *, static_ends, num_groups, out_dtype, run):
+def _tgmm_impl(lhs, rhs, ends, start, *, static_ends, num_groups, out_dtype, run):
   return tgmm_ends(lhs, rhs, ends if static_ends is None else static_ends,
-                   num_groups=num_groups, out_dtype=out_dtype, **run._asdict())
+                   num_groups=num_groups, out_dtype=out_dtype, start=_start(start),
+                   **run._asdict())
 
 
-def _gmm_abstract(lhs, rhs, ends, *, transpose_rhs, out_dtype, **_):
+def _gmm_abstract(lhs, rhs, ends, start, *, transpose_rhs, out_dtype, **_):
   return jax.core.ShapedArray((lhs.shape[0], rhs.shape[1 if transpose_rhs else 2]), out_dtype)
 
 
-def _tgmm_abstract(lhs, rhs, ends, *, num_groups, out_dtype, **_):
+def _tgmm_abstract(lhs, rhs, ends, start, *, num_groups, out_dtype, **_):
   return jax.core.ShapedArray((num_groups, lhs.shape[1], rhs.shape[1]), out_dtype)
 
 
 def _bilinear_jvp(prim):
   def jvp(primals, tangents, **params):
-    lhs, rhs, ends = primals
-    dlhs, drhs, _ = tangents
-    out = prim.bind(lhs, rhs, ends, **params)
-    terms = [prim.bind(d, rhs, ends, **params) for d in (dlhs,) if type(d) is not ad.Zero]
-    terms += [prim.bind(lhs, d, ends, **params) for d in (drhs,) if type(d) is not ad.Zero]
+    lhs, rhs, ends, start = primals
+    dlhs, drhs, _, _ = tangents
+    out = prim.bind(lhs, rhs, ends, start, **params)
+    terms = [prim.bind(d, rhs, ends, start, **params) for d in (dlhs,) if type(d) is not ad.Zero]
+    terms += [prim.bind(lhs, d, ends, start, **params) for d in (drhs,) if type(d) is not ad.Zero]
     if not terms:
       return out, ad.Zero(jax.core.get_aval(out).to_tangent_aval())
     return out, functools.reduce(jnp.add, terms)
@@ -573,34 +597,37 @@ def _bilinear_jvp(prim):
 
 
 def _zero_cotangents(lhs, rhs):
-  return [ad.Zero(a.aval) if ad.is_undefined_primal(a) else None for a in (lhs, rhs)] + [None]
+  return [ad.Zero(a.aval) if ad.is_undefined_primal(a) else None for a in (lhs, rhs)] + [None,
+                                                                                          None]
 
 
-def _gmm_transpose(ct, lhs, rhs, ends, *, static_ends, out_dtype, transpose_rhs, run):
+def _gmm_transpose(ct, lhs, rhs, ends, start, *, static_ends, out_dtype, transpose_rhs, run):
   if type(ct) is ad.Zero:
     return _zero_cotangents(lhs, rhs)
   common = dict(static_ends=static_ends, run=run)
   dlhs = drhs = None
   if ad.is_undefined_primal(lhs):  # [m, k] = [m, n] @ rhs[g]^T: rows outside every group 0
-    dlhs = _gmm_p.bind(ct, rhs, ends, out_dtype=lhs.aval.dtype,
+    dlhs = _gmm_p.bind(ct, rhs, ends, start, out_dtype=lhs.aval.dtype,
                        transpose_rhs=not transpose_rhs, **common)
   if ad.is_undefined_primal(rhs):  # per group, lhs[rows]^T @ ct[rows] (stored transposed)
     a, b = (ct, lhs) if transpose_rhs else (lhs, ct)
-    drhs = _tgmm_p.bind(a, b, ends, num_groups=rhs.aval.shape[0], out_dtype=rhs.aval.dtype,
-                        **common)
-  return [dlhs, drhs, None]
+    drhs = _tgmm_p.bind(a, b, ends, start, num_groups=rhs.aval.shape[0],
+                        out_dtype=rhs.aval.dtype, **common)
+  return [dlhs, drhs, None, None]
 
 
-def _tgmm_transpose(ct, lhs, rhs, ends, *, static_ends, num_groups, out_dtype, run):
+def _tgmm_transpose(ct, lhs, rhs, ends, start, *, static_ends, num_groups, out_dtype, run):
   if type(ct) is ad.Zero:
     return _zero_cotangents(lhs, rhs)
   common = dict(static_ends=static_ends, run=run)
   dlhs = drhs = None
   if ad.is_undefined_primal(lhs):  # [m, k] rows: rhs[rows] @ ct[g]^T
-    dlhs = _gmm_p.bind(rhs, ct, ends, out_dtype=lhs.aval.dtype, transpose_rhs=True, **common)
+    dlhs = _gmm_p.bind(rhs, ct, ends, start, out_dtype=lhs.aval.dtype, transpose_rhs=True,
+                       **common)
   if ad.is_undefined_primal(rhs):  # [m, n] rows: lhs[rows] @ ct[g]
-    drhs = _gmm_p.bind(lhs, ct, ends, out_dtype=rhs.aval.dtype, transpose_rhs=False, **common)
-  return [dlhs, drhs, None]
+    drhs = _gmm_p.bind(lhs, ct, ends, start, out_dtype=rhs.aval.dtype, transpose_rhs=False,
+                       **common)
+  return [dlhs, drhs, None, None]
 
 
 # vmap with one batched operand and shared ends folds the batch into one call: gmm's lhs
@@ -614,31 +641,31 @@ def _merge(a, axis: int, pos: int):
 
 
 def _gmm_batch(args, dims, *, static_ends, out_dtype, transpose_rhs, run):
-  (lhs, rhs, ends), (dl, dr, de) = args, dims
+  (lhs, rhs, ends, start), (dl, dr, de, ds) = args, dims
   params = dict(out_dtype=out_dtype, transpose_rhs=transpose_rhs, run=run)
-  if de is None and dr is None:  # lhs batched
+  if de is None and ds is None and dr is None:  # lhs batched
     b = lhs.shape[dl]
     rows = jnp.moveaxis(lhs, dl, 1)
     rows = rows.reshape(-1, rows.shape[-1])
     static = None if static_ends is None else tuple(e * b for e in static_ends)
-    out = _gmm_p.bind(rows, rhs, ends if static is not None else ends * b, static_ends=static,
-                      **params)
+    out = _gmm_p.bind(rows, rhs, ends if static is not None else ends * b, start * b,
+                      static_ends=static, **params)
     return out.reshape(-1, b, out.shape[-1]), 1
-  if de is None and dl is None:  # rhs batched: columns [B * n]
-    out = _gmm_p.bind(lhs, _merge(rhs, dr, 1 if transpose_rhs else 2), ends,
+  if de is None and ds is None and dl is None:  # rhs batched: columns [B * n]
+    out = _gmm_p.bind(lhs, _merge(rhs, dr, 1 if transpose_rhs else 2), ends, start,
                       static_ends=static_ends, **params)
     return out.reshape(out.shape[0], rhs.shape[dr], -1), 1
   return _map_batch(_gmm_p, args, dims, static_ends=static_ends, **params)
 
 
 def _tgmm_batch(args, dims, *, static_ends, num_groups, out_dtype, run):
-  (lhs, rhs, ends), (dl, dr, de) = args, dims
+  (lhs, rhs, ends, start), (dl, dr, de, ds) = args, dims
   params = dict(static_ends=static_ends, num_groups=num_groups, out_dtype=out_dtype, run=run)
-  if de is None and (dl is None) != (dr is None):  # one side batched: [m, B * k] or [m, B * n]
+  if de is None and ds is None and (dl is None) != (dr is None):  # [m, B * k] or [m, B * n]
     if dl is not None:
-      out = _tgmm_p.bind(_merge(lhs, dl, 1), rhs, ends, **params)
+      out = _tgmm_p.bind(_merge(lhs, dl, 1), rhs, ends, start, **params)
       return out.reshape(num_groups, lhs.shape[dl], -1, out.shape[-1]), 1
-    out = _tgmm_p.bind(lhs, _merge(rhs, dr, 1), ends, **params)
+    out = _tgmm_p.bind(lhs, _merge(rhs, dr, 1), ends, start, **params)
     return out.reshape(num_groups, out.shape[1], rhs.shape[dr], -1), 2
   return _map_batch(_tgmm_p, args, dims, **params)
 

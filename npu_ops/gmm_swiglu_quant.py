@@ -253,7 +253,7 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
                                    start=start, assist=assist, tiles=tiles, out_dtype=spec.dtype,
                                    qmax=spec.qmax, mx_out=mx_out, interpret=interpret)
 
-  @_rows_from(shift)
+  @groups_lib.rows_from(shift)
   def xla(x, w, ends_array, assist, smooth):
     ends_ = ends if isinstance(ends, tuple) else ends_array
     if impl == "reference":
@@ -265,23 +265,6 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   start = None if shift is None else jnp.asarray(shift, jnp.int32)
   return backend.run(impl, (x, w, jnp.asarray(ends, jnp.int32), assist, smooth, start),
                      problem, kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
-
-
-def _rows_from(shift: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-  """An XLA path taking groups that start at row 0, made to take them from row `shift`
-  (the last argument: the traced start, or None): its row operands (the first) move to
-  row 0 and its row outputs back. A static shift is used as such (a static roll)."""
-  def wrap(fn):
-    def moved(rows, *rest):
-      *rest, start = rest
-      if shift is None:
-        return fn(rows, *rest)
-      s = shift if isinstance(shift, (int, np.integer)) else start
-      back = lambda a: groups_lib.shift_rows(a, s)
-      out = fn(jax.tree.map(lambda a: groups_lib.shift_rows(a, -s), rows), *rest)
-      return jax.tree.map(back, out)
-    return moved
-  return wrap
 
 
 def npu_grouped_matmul_swiglu_quant(
@@ -580,7 +563,7 @@ def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type,
   if group_offset is not None:
     ends, shift = groups_lib.local_groups(ends, group_offset, e)
 
-  @_rows_from(shift)
+  @groups_lib.rows_from(shift)
   def xla(rows, wv, w_bytes, ends_array):
     xv, x_bytes = rows
     scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(

@@ -28,6 +28,7 @@ expert of each, and the op gathers each segment's weight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Union
 
 import jax
@@ -288,6 +289,23 @@ def shift_rows(a: jax.Array, shift: Any) -> jax.Array:
   if isinstance(shift, (int, np.integer)) and shift == 0:
     return a
   return jnp.roll(a, shift, axis=0)
+
+
+def rows_from(shift: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """An XLA path taking groups that start at row 0, made to take them from row `shift`
+  (the last argument: the traced start, or None): its row operands (the first) move to
+  row 0 and its row outputs back. A static shift is used as such (a static roll)."""
+  def wrap(fn):
+    def moved(rows, *rest):
+      *rest, start = rest
+      if shift is None:
+        return fn(rows, *rest)
+      s = shift if isinstance(shift, (int, np.integer)) else start
+      back = lambda a: shift_rows(a, s)
+      out = fn(jax.tree.map(lambda a: shift_rows(a, -s), rows), *rest)
+      return jax.tree.map(back, out)
+    return moved
+  return wrap
 
 
 def row_group_ids(ends: GroupEnds, m: int) -> jax.Array:

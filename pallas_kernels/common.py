@@ -181,8 +181,7 @@ class RowVisits(NamedTuple):
   * tile: the row tile it writes;
   * count `[cores]`: the visits each core runs (its later ones repeat its last: skipped);
   * weight: the expert whose weights it reads (`group - 1`); head and tail visits,
-    which only write zeros, name the nearest real visit's (on the same core where it has
-    one), so they cost no copy;
+    which only write zeros, name the nearest real visit's, so they cost no copy;
   * read_tile: the row tile of x it reads: its own, or for head and tail visits the
     nearest real visit's (no copy of rows that no group owns);
   * bounds `[G + 2]`: `[start, ends..., m]`, the ends of head, groups and tail, for
@@ -217,38 +216,6 @@ def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = 
   bounds = jnp.concatenate([head, ends.astype(jnp.int32), jnp.full((1,), m, jnp.int32)])
   m_tiles = cdiv(m, block_m)
   group, tile, count = visit_metadata(bounds, m_tiles, block_m)
-  if cores == 1:
-    return _one_core(group, tile, count, bounds, num_groups)
-  # core c takes the visits of row tiles [c * span, (c + 1) * span), a run in row order
-  span = cdiv(m_tiles, cores)
-  valid_tile = jnp.where(jnp.arange(group.shape[0]) < count[0], tile, m_tiles)
-  edges = jnp.minimum(jnp.arange(cores + 1) * span, m_tiles)  # of the cores' tile ranges
-  firsts = jnp.sum(valid_tile[None, :] < edges[:, None], axis=1)
-  counts = (firsts[1:] - firsts[:-1]).astype(jnp.int32)
-  bound = per_core(m, block_m, num_groups, cores)
-  t = jnp.arange(bound, dtype=jnp.int32)[None, :]
-  idx = jnp.clip(firsts[:-1, None] + jnp.minimum(t, jnp.maximum(counts[:, None] - 1, 0)),
-                 0, group.shape[0] - 1)
-  g = group[idx]
-  real = RowVisits.is_real(g, num_groups) & (t < counts[:, None])
-  # head and tail visits read the blocks of the nearest real visit: on their core, else any
-  before = lax.cummax(jnp.where(real, t, -1), axis=1)
-  after = lax.cummin(jnp.where(real, t, bound), axis=1, reverse=True)
-  near = jnp.where(real, t, jnp.where(before >= 0, before, after))
-  near_idx = jnp.take_along_axis(idx, jnp.minimum(near, bound - 1), axis=1)
-  on_core = near < bound
-  t_all = jnp.arange(group.shape[0], dtype=jnp.int32)
-  real_all = RowVisits.is_real(group, num_groups) & (t_all < count[0])
-  before_all = lax.cummax(jnp.where(real_all, t_all, -1))
-  after_all = lax.cummin(jnp.where(real_all, t_all, group.shape[0]), reverse=True)
-  src_all = jnp.where(before_all >= 0, before_all, jnp.minimum(after_all, group.shape[0] - 1))
-  src = jnp.where(on_core, near_idx, src_all[idx])
-  weight = jnp.clip(group[src] - 1, 0, max(num_groups - 1, 0)).astype(jnp.int32)
-  flat = lambda a: a.reshape(-1).astype(jnp.int32)
-  return RowVisits(flat(g), flat(tile[idx]), counts, flat(weight), flat(tile[src]), bounds)
-
-
-def _one_core(group, tile, count, bounds, num_groups: int) -> RowVisits:
   t = jnp.arange(group.shape[0], dtype=jnp.int32)
   real = RowVisits.is_real(group, num_groups) & (t < count[0])
   before = lax.cummax(jnp.where(real, t, -1))                           # last real at or before
@@ -256,7 +223,21 @@ def _one_core(group, tile, count, bounds, num_groups: int) -> RowVisits:
   src = jnp.where(real, t, jnp.where(before >= 0, before,
                                      jnp.minimum(after, group.shape[0] - 1)))
   weight = jnp.clip(group[src] - 1, 0, max(num_groups - 1, 0)).astype(jnp.int32)
-  return RowVisits(group, tile, count, weight, tile[src], bounds)
+  if cores == 1:
+    return RowVisits(group, tile, count, weight, tile[src], bounds)
+  # Core c takes the visits of row tiles [c * span, (c + 1) * span): a run in row order,
+  # padded to the common bound by repeating its last visit. (A core whose rows all lie
+  # outside the groups reads the blocks of the other core's nearest real visit: one copy.)
+  span = cdiv(m_tiles, cores)
+  valid_tile = jnp.where(t < count[0], tile, m_tiles)
+  edges = jnp.minimum(jnp.arange(cores + 1) * span, m_tiles)  # of the cores' tile ranges
+  firsts = jnp.sum(valid_tile[None, :] < edges[:, None], axis=1)
+  counts = (firsts[1:] - firsts[:-1]).astype(jnp.int32)
+  bound = per_core(m, block_m, num_groups, cores)
+  steps = jnp.arange(bound, dtype=jnp.int32)[None, :]
+  idx = jnp.clip(firsts[:-1, None] + jnp.minimum(steps, jnp.maximum(counts[:, None] - 1, 0)),
+                 0, group.shape[0] - 1).reshape(-1)
+  return RowVisits(group[idx], tile[idx], counts, weight[idx], tile[src][idx], bounds)
 
 
 def per_core(m: int, block_m: int, num_groups: int, cores: int = 1) -> int:

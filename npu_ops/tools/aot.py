@@ -512,7 +512,8 @@ def format_summary(reports: Sequence[Report]) -> str:
       return "FAIL"
     mark = "" if r.kernels == r.expected_kernels else "*"
     if r.bytes_ratio is None:
-      kernel = f"{r.registers or '-'}/{r.spill_bytes}"
+      spill = "-" if r.spill_bytes is None else r.spill_bytes  # no Pallas kernel
+      kernel = f"{r.registers or '-'}/{spill}"
     elif r.exchanges:  # bytes / ideal counts the receive buffer sized for any routing
       kernel = f"{r.temp_bytes / r.io_bytes:.2f}"
     else:
