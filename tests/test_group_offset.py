@@ -141,23 +141,26 @@ def test_kernel_gradients_and_batched_rows_with_an_offset(impl):
   """The kernels take the offset in their metadata (no rows moved): the forward and the
   input gradient read the local rows in place, the weight gradient (tgmm) moves them. The
   VJP, and vmap over a batch of lhs (rows merged into one call: ends and start scale by
-  the batch), against the XLA path."""
+  the batch), against the NumPy reference."""
   x = RNG.normal(size=(M, K)).astype(np.float32)
   w = RNG.normal(size=(LOCAL, K, N)).astype(np.float32)
   dy = RNG.normal(size=(M, N)).astype(np.float32)
   off = jnp.int32(2)
 
-  def grads(**kw):
-    f = lambda a, b: jnp.vdot(npu_ops.grouped_matmul(
-        a, b, jnp.asarray(SIZES), group_offset=off, precision="highest", **kw), dy)
-    return jax.grad(f, argnums=(0, 1))(x, w)
-  for got, want in zip(grads(**IMPLEMENTATIONS[impl]), grads(implementation="xla")):
+  local = [BOUNDS[g] for g in range(2, 2 + LOCAL)]
+  x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+  want_dx = ref.grouped_matmul(dy64, np.swapaxes(w64, 1, 2), local, np.float64)  # 0 elsewhere
+  want_dw = np.stack([x64[lo:hi].T @ dy64[lo:hi] for lo, hi in local])
+  f = lambda a, b: jnp.vdot(npu_ops.grouped_matmul(
+      a, b, jnp.asarray(SIZES), group_offset=off, precision="highest",
+      **IMPLEMENTATIONS[impl]), dy)
+  dx, dw = jax.grad(f, argnums=(0, 1))(x, w)
+  for got, want in ((dx, want_dx), (dw, want_dw)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
   batch = np.stack([x, -2 * x])
   got = jax.vmap(lambda a: npu_ops.grouped_matmul(
       a, w, jnp.asarray(SIZES), group_offset=off, precision="highest",
       **IMPLEMENTATIONS[impl]))(batch)
   for b in range(2):
-    want = npu_ops.grouped_matmul(batch[b], w, jnp.asarray(SIZES), group_offset=off,
-                                  implementation="xla")
+    want = ref.grouped_matmul(batch[b].astype(np.float64), w64, local, np.float64)
     np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
