@@ -139,8 +139,8 @@ def starts_of(ends: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]])
 
 
-def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, visit_empty: bool = False
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, visit_empty: bool = False,
+                   rows: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The (row tile, group) pairs a grid visits, in row order (megablox's
   `make_group_metadata` technique): a row tile is visited once per group that
   has rows in it, so tiles shared by two groups are visited twice, consecutively.
@@ -149,10 +149,13 @@ def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, visit_empty: 
     ends: int32 `[G]` group ends (group 0 starts at row 0); m_tiles, block_m: the row
       tiling (m_tiles >= 1).
     visit_empty: give every empty group one visit (tgmm writes its zero matrix).
+    rows: the rows the groups cover at most (without visit_empty): each visit holds one
+      of them at least, so there are no more visits than rows.
 
   Returns (group_ids, m_tile_ids, num_visits [1]), int32, with the static bound
-  `T = m_tiles + G - 1`; visits past num_visits repeat the last real one (the kernels
-  skip them, and their blocks stay resident).
+  `T = min(m_tiles + G - 1, rows)`; visits past num_visits repeat the last real one (the
+  kernels skip them, and their blocks stay resident). A grid step costs time even when
+  skipped, so the bound matters where groups outnumber rows (decode over many experts).
   """
   num_groups = ends.shape[0]
   starts = starts_of(ends)
@@ -163,6 +166,8 @@ def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, visit_empty: 
   offsets = jnp.cumsum(tiles)
   num_visits = offsets[-1]
   bound = m_tiles + num_groups - 1
+  if rows is not None and not visit_empty:
+    bound = max(1, min(bound, rows))
   t = jnp.minimum(jnp.arange(bound, dtype=jnp.int32), jnp.maximum(num_visits - 1, 0))
   group = jnp.searchsorted(offsets, t, side="right", method="compare_all").astype(jnp.int32)
   group = jnp.minimum(group, num_groups - 1)
@@ -215,7 +220,7 @@ def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = 
   head = jnp.zeros((1,), jnp.int32) if start is None else jnp.reshape(start, (1,)).astype(jnp.int32)
   bounds = jnp.concatenate([head, ends.astype(jnp.int32), jnp.full((1,), m, jnp.int32)])
   m_tiles = cdiv(m, block_m)
-  group, tile, count = visit_metadata(bounds, m_tiles, block_m)
+  group, tile, count = visit_metadata(bounds, m_tiles, block_m, rows=m)
   t = jnp.arange(group.shape[0], dtype=jnp.int32)
   real = RowVisits.is_real(group, num_groups) & (t < count[0])
   before = lax.cummax(jnp.where(real, t, -1))                           # last real at or before
@@ -240,10 +245,46 @@ def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = 
   return RowVisits(group[idx], tile[idx], counts, weight[idx], tile[src][idx], bounds)
 
 
+class VisitSplit(NamedTuple):
+  """`split_visits`: the visits of each core (`RowVisits` laid out as `row_visits(cores=)`
+  lays them), the static bound of a core's run, and the first row of core 1's groups:
+  rows before it come from core 0's output, the others from core 1's."""
+  visits: RowVisits
+  per_core: int
+  row: jax.Array
+
+
+def split_visits(v: RowVisits, m_tiles: int) -> VisitSplit:
+  """The visits of `v` (one core's, `row_visits(cores=1)`, over `m_tiles` row tiles) dealt
+  to two TensorCores at the group boundary nearest the middle: a few rows over many
+  experts (decode), where the row tiles are too few to share. A row tile can then hold
+  rows of both cores' groups, so each core writes its own output (`row` says whose)."""
+  bound = v.group.shape[0]
+  t = jnp.arange(bound, dtype=jnp.int32)
+  count = v.count[0]
+  starts = (t > 0) & (t < count) & (v.group != jnp.roll(v.group, 1))
+  at = jnp.argmin(jnp.where(starts, jnp.abs(2 * t - count), 4 * bound))
+  cut = jnp.where(starts[at], at, count).astype(jnp.int32)
+  # a group's visits are one per row tile, so the boundary is within m_tiles of the middle
+  per = min(bound, cdiv(bound, 2) + m_tiles)
+  counts = jnp.stack([cut, count - cut]).astype(jnp.int32)
+  steps = jnp.arange(per, dtype=jnp.int32)[None, :]
+  firsts = jnp.stack([jnp.zeros((), jnp.int32), cut])[:, None]
+  idx = jnp.clip(firsts + jnp.minimum(steps, jnp.maximum(counts[:, None] - 1, 0)),
+                 0, bound - 1).reshape(-1)
+  g1 = v.group[jnp.minimum(cut, bound - 1)]
+  row = jnp.where(cut < count, jnp.where(g1 > 0, v.bounds[jnp.maximum(g1 - 1, 0)], 0),
+                  v.bounds[-1])
+  return VisitSplit(RowVisits(v.group[idx], v.tile[idx], counts, v.weight[idx],
+                              v.read_tile[idx], v.bounds), per, row)
+
+
 def per_core(m: int, block_m: int, num_groups: int, cores: int = 1) -> int:
   """The static bound of the visits one core runs (`row_visits`): its row tiles, plus
-  one more visit per boundary between head, groups and tail."""
-  return cdiv(cdiv(m, block_m), cores) + num_groups + 1
+  one more visit per boundary between head, groups and tail; and no more than its rows
+  (every visit holds one at least)."""
+  span = cdiv(cdiv(m, block_m), cores)
+  return max(1, min(span + num_groups + 1, span * block_m, m))
 
 
 _PRECISION_ORDER = (lax.Precision.DEFAULT, lax.Precision.HIGH, lax.Precision.HIGHEST)

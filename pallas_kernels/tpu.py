@@ -170,6 +170,55 @@ def _first_visit_of_tile(mt_ref, t):
   return (t == 0) | (mt_ref[jnp.maximum(t - 1, 0)] != mt_ref[t])
 
 
+# A visit multiplies and finishes only the blocks of this many rows that hold its
+# group's rows (`_for_row_blocks`): a group sharing a row tile pays for its own rows, to
+# the MXU's granularity (fewer rows take it as long: `npu_ops.perf.chips.Chip.mxu_rows`),
+# not for the whole tile, so skewed routing can take large tiles.
+ROW_BLOCK = 128
+
+
+# The contraction is multiplied in chunks of this many (a loop): Mosaic unrolls a dot into
+# MXU operations, so one of a whole [rows, k] x [k, n] block would be compiled as
+# k / 128 times more code (README, "Compile time").
+K_CHUNK = 512
+
+
+def _accumulate(acc, x, w, k0, k: int, *, transpose_rhs: bool = False, precision=None) -> None:
+  """acc += x @ w (w read as its transpose with `transpose_rhs`) for refs x `[rows, bk]`
+  and w `[bk, n]` of the k tile at k0, in `K_CHUNK` pieces where bk is a multiple of it;
+  entries at or past k are zeroed (a partial k tile holds garbage there)."""
+  bk = x.shape[1]
+  step = K_CHUNK if bk % K_CHUNK == 0 else bk
+  dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
+  out = jnp.float32 if jnp.issubdtype(acc.dtype, jnp.floating) else jnp.int32
+
+  def chunk(c, carry):
+    kc = pl.ds(pl.multiple_of(c * step, step), step)
+    xb, wb = x[:, kc], (w[:, kc] if transpose_rhs else w[kc, :])
+    if k % bk:
+      xb = _mask_k_edge(xb, k0 + c * step, k, 1)
+      wb = _mask_k_edge(wb, k0 + c * step, k, 1 if transpose_rhs else 0)
+    acc[...] += lax.dot_general(xb, wb, dims, precision=precision, preferred_element_type=out)
+    return carry
+  lax.fori_loop(0, bk // step, chunk, 0)
+
+
+def _for_row_blocks(ends_ref, g, r0, bm: int, fn) -> None:
+  """Runs `fn(rows)` for each `ROW_BLOCK`-row block of the row tile at r0 that holds rows
+  of group g (ends_ref: `RowVisits.bounds`), in a loop: one copy of the block's code."""
+  lo, hi = jnp.where(g > 0, ends_ref[jnp.maximum(g - 1, 0)], 0), ends_ref[g]
+  sub = ROW_BLOCK if bm % ROW_BLOCK == 0 else bm
+  nb = bm // sub
+  # lax.div truncates: on the non-negative operands it floors without jnp's sign fix-up
+  first = jnp.minimum(lax.div(jnp.maximum(lo - r0, 0), sub), nb)
+  last = jnp.minimum(lax.div(jnp.maximum(hi - r0 + sub - 1, 0), sub), nb)
+
+  def body(b, carry):
+    fn(pl.ds(pl.multiple_of(b * sub, sub), sub))
+    return carry
+  lax.fori_loop(first, last, body, 0)
+
+
 def _mask_k_edge(a: jax.Array, k0, k: int, axis: int) -> jax.Array:
   """Zeros the entries of a k tile at or past k (a partial block holds garbage there)."""
   idx = k0 + lax.broadcasted_iota(jnp.int32, a.shape, axis)
@@ -266,13 +315,19 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   tiles_per_group = max(gs // bk, 1)  # k tiles one k group spans (bk < gs)
   m_tiles = common.cdiv(m, bm)
   num_groups = ends.shape[0]
-  # A device with two TensorCores (v5p) splits the row tiles between them (a "parallel"
-  # axis; elsewhere it has one step) where they outnumber the groups (prefill: MXU work
-  # to share). With a few rows over many experts (decode) the weights' copies bound the
-  # time, which the cores would share, and each core's grid bound holds every group.
-  cores = tpu_tiles.cores(tpu_tiles.current_chip()) if m_tiles >= num_groups else 1
-  v = common.row_visits(ends, m, bm, start, cores=cores)
-  per_core = common.per_core(m, bm, num_groups, cores)
+  # A device with two TensorCores (v5p) splits the work between them (a "parallel" axis;
+  # elsewhere it has one step): the row tiles where they outnumber the groups (prefill),
+  # else the visits, at a group boundary (decode: every visit streams an expert's weights
+  # through the MXU, at a cost of 128 rows however few it has), each core then writing
+  # its own copy of the output, merged by rows below.
+  cores = tpu_tiles.cores(tpu_tiles.current_chip())
+  by_visits = cores > 1 and m_tiles < num_groups
+  if by_visits:
+    split = common.split_visits(common.row_visits(ends, m, bm, start), m_tiles)
+    v, per_core = split.visits, split.per_core
+  else:
+    v = common.row_visits(ends, m, bm, start, cores=cores)
+    per_core = common.per_core(m, bm, num_groups, cores)
   scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
   x_scale = x_scale.astype(jnp.float32).reshape(m, 1)
 
@@ -309,8 +364,11 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         for c in range(groups):
           cs[c] = colsum8(wb, c)
 
-    @pl.when(real)
-    def _():
+    def multiply_blocks():  # A8W8: only the row blocks that hold the group's rows
+      _for_row_blocks(ends_ref, g, mt_ref[i] * bm, bm,
+                      lambda r: _accumulate(acc.at[r], x_ref.at[r], w_ref, kk * bk, k))
+
+    def multiply():
       xb, wb = x_ref[...], w_ref[...].astype(jnp.int8)  # int4 blocks widen in VMEM
       if k % bk:
         xb = _mask_k_edge(xb, kk * bk, k, 1)
@@ -337,37 +395,56 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
           acc[...] = jnp.zeros_like(acc)
           cs[...] = jnp.zeros_like(cs)
 
-    @pl.when((t < nv_ref[c]) & (kk == k_tiles - 1))
-    def _():
-      xs = xs_ref[...]
+    if not a8w4:
+      pl.when(real)(multiply_blocks)
+    else:
+      pl.when(real)(multiply)
+
+    def finish(r, rows_r):  # dequant, SwiGLU, quantize and write the rows r of the tile
+      xs = xs_ref[r]
       if a8w4:
-        act = epilogue.finish_a8w4(f[:, :nh], a_ref[:, :nh], xs)
-        gate = epilogue.finish_a8w4(f[:, nh:], a_ref[:, nh:], xs)
+        act = epilogue.finish_a8w4(f[r, :nh], a_ref[:, :nh], xs)
+        gate = epilogue.finish_a8w4(f[r, nh:], a_ref[:, nh:], xs)
       else:
-        act = epilogue.dequant_a8w8(acc[:, :nh], s_ref[0, :, :nh], xs)
-        gate = epilogue.dequant_a8w8(acc[:, nh:], s_ref[0, :, nh:], xs)
+        act = epilogue.dequant_a8w8(acc[r, :nh], s_ref[0, :, :nh], xs)
+        gate = epilogue.dequant_a8w8(acc[r, nh:], s_ref[0, :, nh:], xs)
       q, scale = epilogue.quantize_rows(epilogue.swiglu_halves(act, gate), qmax=qmax,
                                          dtype=out_dtype)
-      keep = rows & real  # head and tail write zeros
-      q_ref[...] = jnp.where(rows, jnp.where(keep, q, 0), q_ref[...])
-      qs_ref[...] = jnp.where(rows, jnp.where(keep, scale, 0), qs_ref[...])
+      q_ref[r] = jnp.where(rows_r, q, q_ref[r])
+      qs_ref[r] = jnp.where(rows_r, scale, qs_ref[r])
+
+    last_step = (t < nv_ref[c]) & (kk == k_tiles - 1)
+    if a8w4:
+      pl.when(last_step & real)(lambda: finish(slice(None), rows))
+    else:  # the group's row blocks only, as it multiplied them
+      r0 = mt_ref[i] * bm
+      pl.when(last_step & real)(lambda: _for_row_blocks(
+          ends_ref, g, r0, bm,
+          lambda r: finish(r, common.group_rows(ends_ref, g, r0 + r.start, r.size))))
+
+    @pl.when(last_step & ~real)  # head and tail rows are 0
+    def _():
+      q_ref[...] = jnp.where(rows, jnp.zeros((), q_ref.dtype), q_ref[...])
+      qs_ref[...] = jnp.where(rows, 0.0, qs_ref[...])
 
   # Index maps (head and tail visits read the blocks of the nearest real visit: no copy).
+  # The scalar-prefetch operands are `v`'s fields, in order.
   at = lambda c, t: c * per_core + t
-  row = lambda c, t, kk, gid, mt, nv, wid, rt, ends: (mt[at(c, t)], 0)
-  scale_block = lambda c, t, kk, gid, mt, nv, wid, rt, ends: (
-      wid[at(c, t)], kk if (tiles_per_group == 1 and gpt < groups) else 0, 0, 0)
-  in_specs = [
-      pl.BlockSpec((bm, bk), lambda c, t, kk, gid, mt, nv, wid, rt, ends: (rt[at(c, t)], kk)),
-      pl.BlockSpec((None, bk, n), lambda c, t, kk, gid, mt, nv, wid, rt, ends: (
-          wid[at(c, t)], kk, 0)),
-      pl.BlockSpec((None, gpt if tiles_per_group == 1 else groups, 1, n), scale_block),
-      pl.BlockSpec((bm, 1), lambda c, t, kk, gid, mt, nv, wid, rt, ends: (rt[at(c, t)], 0))]
+  row = ((lambda c, t, kk, gid, mt, *_: (c, mt[at(c, t)], 0)) if by_visits else
+         (lambda c, t, kk, gid, mt, *_: (mt[at(c, t)], 0)))
+  lead, lead_block = ((cores,), (None,)) if by_visits else ((), ())  # by visits: per core
+  k_group_block = lambda kk: kk if (tiles_per_group == 1 and gpt < groups) else 0
+  weight_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], kk, 0)
+  scale_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], k_group_block(kk), 0, 0)
+  x_block = lambda c, t, kk, gid, mt, nv, wid, rt, *_: (rt[at(c, t)], kk)
+  scale_shape = (None, gpt if tiles_per_group == 1 else groups, 1, n)
+  in_specs = [pl.BlockSpec((bm, bk), x_block), pl.BlockSpec((None, bk, n), weight_block),
+              pl.BlockSpec(scale_shape, scale_block),
+              pl.BlockSpec((bm, 1), lambda *a: (x_block(*a)[0], 0))]
   args = [x, w, scales, x_scale]
   scratch = [pltpu.VMEM((bm, n), jnp.int32)]
   if a8w4:
-    in_specs += [pl.BlockSpec((None, 1, n), lambda c, t, kk, gid, mt, nv, wid, rt, ends: (
-        wid[at(c, t)], 0, 0))]
+    in_specs += [pl.BlockSpec((None, 1, n), lambda *a: (weight_block(*a)[0], 0, 0))]
     args += [assist.astype(jnp.float32).reshape(e, 1, n)]
     # float32 k-group sums; int32 column sums: every k group of an expert (resident), or
     # the running sums of the k group a tile is in (k tiled)
@@ -384,13 +461,17 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   q, qs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=6, grid=(cores, per_core, k_tiles), in_specs=in_specs,
-          out_specs=[pl.BlockSpec((bm, nh), row), pl.BlockSpec((bm, 1), row)],
+          num_scalar_prefetch=len(v), grid=(cores, per_core, k_tiles), in_specs=in_specs,
+          out_specs=[pl.BlockSpec((*lead_block, bm, nh), row),
+                     pl.BlockSpec((*lead_block, bm, 1), row)],
           scratch_shapes=scratch),
-      out_shape=[jax.ShapeDtypeStruct((m, nh), out_dtype),
-                 jax.ShapeDtypeStruct((m, 1), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((*lead, m, nh), out_dtype),
+                 jax.ShapeDtypeStruct((*lead, m, 1), jnp.float32)],
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
       interpret=interpret, name="npu_gmm_swiglu_quant")(*v, *args)
+  if by_visits:  # each row from the core that holds its group (the other's copy: garbage)
+    second = (jnp.arange(m) >= split.row)[:, None]
+    q, qs = jnp.where(second, q[1], q[0]), jnp.where(second, qs[1], qs[0])
   return q, qs.reshape(m)
 
 
@@ -430,40 +511,46 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
     def _():
       acc[...] = jnp.zeros_like(acc)
 
+    r0 = mt_ref[t] * bm
+    last_step = (t < nv_ref[0]) & (kk == k_tiles - 1)
+
     @pl.when(real)
     def _():
-      xb, wb = x_ref[...], w_ref[...]
-      if k % bk:
-        xb = _mask_k_edge(xb, kk * bk, k, 1)
-        wb = _mask_k_edge(wb, kk * bk, k, 1 if transpose_rhs else 0)
-      acc[...] += lax.dot_general(xb, wb, (((1,), (1 if transpose_rhs else 0,)), ((), ())),
-                                  precision=precision,
-                                  preferred_element_type=jnp.float32)
+      def multiply(r):
+        _accumulate(acc.at[r], x_ref.at[r], w_ref, kk * bk, k, transpose_rhs=transpose_rhs,
+                    precision=precision)
+      _for_row_blocks(ends_ref, g, r0, bm, multiply)
 
-    @pl.when((t < nv_ref[0]) & (kk == k_tiles - 1))
+      def write(r):
+        rows = common.group_rows(ends_ref, g, r0 + r.start, r.size)
+        o_ref[r] = jnp.where(rows, acc[r].astype(o_ref.dtype), o_ref[r])
+      pl.when(last_step)(lambda: _for_row_blocks(ends_ref, g, r0, bm, write))
+
+    @pl.when(last_step & ~real)  # head and tail rows are 0
     def _():
-      rows = common.group_rows(ends_ref, g, mt_ref[t] * bm, bm)
-      value = jnp.where(real, acc[...], 0).astype(o_ref.dtype)
-      o_ref[...] = jnp.where(rows, value, o_ref[...])
+      rows = common.group_rows(ends_ref, g, r0, bm)
+      o_ref[...] = jnp.where(rows, jnp.zeros((), o_ref.dtype), o_ref[...])
 
-  visits = m_tiles + num_groups + 1
+  visits = v.group.shape[0]
   resident = k_tiles == 1
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=0,
       bytes_accessed=isz * (n_tiles * (m_tiles if resident else visits) * bm * k
                             + (num_groups if resident else visits) * k * n)
       + m * n * np.dtype(out_dtype).itemsize)
+  # The scalar-prefetch operands are `v`'s fields, in order.
+  def weight_spec(expert):
+    return pl.BlockSpec((None, bn, bk) if transpose_rhs else (None, bk, bn),
+                        lambda j, t, kk, *pre: ((expert(pre)[t], j, kk) if transpose_rhs
+                                                else (expert(pre)[t], kk, j)))
+  in_specs = [pl.BlockSpec((bm, bk), lambda j, t, kk, gid, mt, nv, wid, rt, *_: (rt[t], kk)),
+              weight_spec(lambda pre: pre[3])]
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=6, grid=(n_tiles, v.group.shape[0], k_tiles),
-          in_specs=[pl.BlockSpec((bm, bk), lambda j, t, kk, gid, mt, nv, wid, rt, ends: (
-                        rt[t], kk)),
-                    pl.BlockSpec((None, bn, bk) if transpose_rhs else (None, bk, bn),
-                                 lambda j, t, kk, gid, mt, nv, wid, rt, ends: (
-                                     (wid[t], j, kk) if transpose_rhs else (wid[t], kk, j)))],
-          out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, nv, wid, rt, ends: (
-              mt[t], j)),
+          num_scalar_prefetch=len(v), grid=(n_tiles, v.group.shape[0], k_tiles),
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, *_: (mt[t], j)),
           scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       # column tiles are independent: a dual-TensorCore device (v5p) splits them
@@ -503,12 +590,22 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
 
     @pl.when(valid)
     def _():
-      rows = common.group_rows(ends_ref, g, mt_ref[t] * bm, bm)
-      # rows of other groups, and garbage rows past m, contribute nothing (no 0 * inf)
-      xb = jnp.where(rows, x_ref[...], jnp.zeros((), x_ref.dtype))
-      dyb = jnp.where(rows, dy_ref[...], jnp.zeros((), dy_ref.dtype))
-      acc[...] += lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())), precision=precision,
-                                  preferred_element_type=jnp.float32)
+      r0 = mt_ref[t] * bm
+
+      def multiply(r):  # the row blocks holding the group's rows (none when it is empty)
+        rows = common.group_rows(ends_ref, g, r0 + r.start, r.size)
+        # rows of other groups, and garbage rows past m, contribute nothing (no 0 * inf)
+        dyb = jnp.where(rows, dy_ref[r], jnp.zeros((), dy_ref.dtype))
+        step = K_CHUNK if bk % K_CHUNK == 0 else bk
+
+        def chunk(c, carry):  # K_CHUNK rows of the output tile at a time (compile time)
+          kc = pl.ds(pl.multiple_of(c * step, step), step)
+          xb = jnp.where(rows, x_ref[r, kc], jnp.zeros((), x_ref.dtype))
+          acc[kc, :] += lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())),
+                                        precision=precision, preferred_element_type=jnp.float32)
+          return carry
+        lax.fori_loop(0, bk // step, chunk, 0)
+      _for_row_blocks(ends_ref, g, r0, bm, multiply)
 
     last = (t == nv_ref[0] - 1) | (gid_ref[jnp.minimum(t + 1, pl.num_programs(2) - 1)] != g)
 
@@ -516,10 +613,10 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
     def _():
       o_ref[...] = acc[...].astype(o_ref.dtype)
 
-  visits = m_tiles + num_groups
+  # x and dy once per output tile: a tile's visits are consecutive, its blocks copied once
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=0,
-      bytes_accessed=isz * visits * bm * (k * n_tiles + n * k_tiles)
+      bytes_accessed=isz * m_tiles * bm * (k * n_tiles + n * k_tiles)
       + num_groups * k * n * np.dtype(out_dtype).itemsize)
   return pl.pallas_call(
       kernel,

@@ -72,6 +72,11 @@ MUTANTS = (
            "    return lax.associative_scan(lambda a, b: jnp.minimum(a + b, m), sizes)",
            "    return jnp.minimum(lax.associative_scan(lambda a, b: jnp.minimum(a + b, m), sizes) + 1, m)",
            ("tests/test_implementations.py", "-k", "fused_op and A8W8 and xla")),
+    # A visit skips a row block that holds rows of its group (the TPU kernels' row blocks).
+    Mutant("row_blocks_skip", "pallas_kernels/tpu.py",
+           "  last = jnp.minimum(lax.div(jnp.maximum(hi - r0 + sub - 1, 0), sub), nb)",
+           "  last = jnp.minimum(lax.div(jnp.maximum(hi - r0, 0), sub), nb)",
+           ("tests/test_pallas.py", "-k", "row_blocks")),
     # int4 nibbles unpacked high first instead of low first.
     Mutant("int4_nibble_order", "npu_ops/layouts.py",
            "  up = jnp.asarray([28 - 4 * t for t in range(INT4_PER_INT32)], jnp.int32)",

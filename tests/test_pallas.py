@@ -344,3 +344,107 @@ def test_tpu_fused_kernel_split_between_two_cores(counts, offset):
   for c in range(2):
     tiles_c = np.asarray(two.tile[c * bound:c * bound + int(two.count[c])])
     assert np.all((tiles_c >= 3 * c) & (tiles_c < 3 * (c + 1)))  # 5 tiles: 3 + 2
+
+
+@pytest.mark.parametrize("offset", [None, 1])
+def test_tpu_kernels_multiply_only_the_row_blocks_of_their_group(offset):
+  """With 256-row tiles a visit multiplies and finishes only the 128-row blocks
+  (`tpu.ROW_BLOCK`) that hold its group's rows: groups that start and end inside blocks,
+  share a tile three ways, skip a block, leave rows past the total; with group_offset the
+  head rows too. The fused op's codes and gmm's output against the NumPy reference."""
+  from pallas_kernels import tpu  # noqa: PLC0415
+  assert tpu.ROW_BLOCK == 128
+  m, k, n = 600, 128, 256
+  counts = (5, 200, 0, 130, 100, 90, 40)  # 565 rows of 600
+  e = len(counts) - (offset or 0)
+  rng = np.random.default_rng(11)
+  x = rng.integers(-128, 128, (m, k), dtype=np.int8)
+  w = rng.integers(-128, 128, (len(counts), k, n), dtype=np.int8)
+  w_scale = (rng.uniform(0.5, 1.5, (len(counts), n)) * 1e-4).astype(np.float32)
+  x_scale = rng.uniform(0.5, 1.5, (m,)).astype(np.float32)
+  local = slice(offset or 0, None)
+  bounds = ref.group_bounds(counts, 1)[local]
+  tiles = npu_ops.TileSizes(256, 128, 128)
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w[local], w_scale[local], x_scale, np.asarray(counts), group_list_type=1,
+      group_offset=offset, implementation="pallas_tpu", interpret=True, tiles=tiles)
+  want_q, want_s = ref.swiglu_quant(x, w[local], w_scale[local], x_scale, bounds,
+                                    scenario="A8W8")
+  assert_int8_equal(q, want_q)
+  assert_scale_close(s, want_s)
+  xf = rng.normal(size=(m, k)).astype(np.float32)
+  wf = rng.normal(size=(e, k, n)).astype(np.float32)
+  got = npu_ops.grouped_matmul(xf, wf, np.asarray(counts), group_offset=offset,
+                               implementation="pallas_tpu", interpret=True, tiles=tiles,
+                               precision=jax.lax.Precision.HIGHEST)
+  want = ref.grouped_matmul(xf.astype(np.float64), wf.astype(np.float64), bounds, np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernels_take_more_experts_than_rows(impl):
+  """Decode over many experts: 40 rows over 64 experts (most empty, some of one row). A
+  grid step costs time even when skipped, so the grid has no more visits than rows
+  (`common.per_core`), not one per expert; the codes against the NumPy reference."""
+  from pallas_kernels import common  # noqa: PLC0415
+  m, k, n, e = 40, 128, 256, 64
+  rng = np.random.default_rng(21)
+  counts = np.zeros(e, np.int64)
+  counts[rng.choice(e, 25, replace=False)] = 1
+  counts[3], counts[60] = 9, 6  # 40 rows in all
+  x = rng.integers(-128, 128, (m, k), dtype=np.int8)
+  w = rng.integers(-128, 128, (e, k, n), dtype=np.int8)
+  w_scale = (rng.uniform(0.5, 1.5, (e, n)) * 1e-4).astype(np.float32)
+  x_scale = rng.uniform(0.5, 1.5, (m,)).astype(np.float32)
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, w_scale, x_scale, counts, group_list_type=1, implementation=impl, interpret=True,
+      tiles=npu_ops.TileSizes(32, 128, 128))
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, ref.group_bounds(counts, 1),
+                                    scenario="A8W8")
+  assert_int8_equal(q, want_q)
+  assert_scale_close(s, want_s)
+  v = common.row_visits(jnp.cumsum(jnp.asarray(counts, jnp.int32)), m, 32)
+  assert v.group.shape == (m,) == (common.per_core(m, 32, e),)  # not 2 tiles + 65
+  assert int(v.count[0]) <= m
+
+
+@pytest.mark.parametrize("case", ["spread", "one_group", "offset"])
+def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
+  """On a v5p, a few rows over many experts (fewer row tiles than groups) split their
+  visits between the two TensorCores at a group boundary (`common.split_visits`): a row
+  tile then holds rows of both cores' groups, each core writes its own output and rows are
+  taken from the core that holds their group. Codes against the NumPy reference; with
+  group_offset, 48 local experts of 64 from the eighth."""
+  from pallas_kernels import common, tpu_tiles  # noqa: PLC0415
+  m, k, n, e = 40, 128, 256, 64
+  rng = np.random.default_rng(22)
+  counts = np.zeros(e, np.int64)
+  if case == "one_group":
+    counts[5] = 37  # and 3 rows past the total
+  else:
+    counts[rng.choice(e, 25, replace=False)] = 1
+    counts[3], counts[60] = 9, 6
+  offset = 8 if case == "offset" else None
+  local = slice(offset or 0, (offset or 0) + 48 if offset else e)
+  x = rng.integers(-128, 128, (m, k), dtype=np.int8)
+  w = rng.integers(-128, 128, (e, k, n), dtype=np.int8)[local]
+  w_scale = (rng.uniform(0.5, 1.5, (e, n)) * 1e-4).astype(np.float32)[local]
+  x_scale = rng.uniform(0.5, 1.5, (m,)).astype(np.float32)
+  token = tpu_tiles.CHIP.set("v5p")
+  try:
+    q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, w, w_scale, x_scale, counts, group_list_type=1, group_offset=offset,
+        implementation="pallas_tpu", interpret=True, tiles=npu_ops.TileSizes(32, 128, 128))
+  finally:
+    tpu_tiles.CHIP.reset(token)
+  bounds = ref.group_bounds(counts, 1)[local]
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, bounds, scenario="A8W8")
+  assert_int8_equal(q, want_q)
+  assert_scale_close(s, want_s)
+  ends = jnp.cumsum(jnp.asarray(counts, jnp.int32))
+  one = common.row_visits(ends, m, 32)
+  split = common.split_visits(one, 2)
+  c0, c1 = (int(c) for c in split.visits.count)
+  assert c0 + c1 == int(one.count[0])
+  if case == "spread":  # both cores busy, split where a group starts
+    assert abs(c0 - c1) <= 2 and 0 < int(split.row) < m

@@ -91,6 +91,24 @@ def test_scalar_prefetch_index_maps_and_when_branches_per_step():
   assert k.flops == 6 * 2 * 128 * 256 * 128  # two steps skip the dot
 
 
+def test_loops_with_dynamic_bounds_count_their_trips():
+  """A `fori_loop` whose bounds come from scalar prefetch (the kernels' row-block loop)
+  runs `upper - lower` times at each step: 3, 0 and 2 products of 128 rows here."""
+  def kernel(n_ref, x_ref, o_ref):
+    def body(b, carry):
+      r = pl.ds(pl.multiple_of(b * 128, 128), 128)
+      o_ref[r] = jnp.dot(x_ref[r], x_ref[r].T, preferred_element_type=jnp.float32)[:, :128]
+      return carry
+    jax.lax.fori_loop(1, n_ref[pl.program_id(0)], body, 0)
+  f = lambda n, x: pl.pallas_call(
+      kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(3,), in_specs=[pl.BlockSpec((512, 256), lambda i, n: (0, 0))],
+          out_specs=pl.BlockSpec((512, 128), lambda i, n: (0, 0))),
+      out_shape=jax.ShapeDtypeStruct((512, 128), jnp.float32))(n, x)
+  (k,) = model.predict(f, np.array([4, 0, 3], np.int32), S((512, 256), jnp.bfloat16)).kernels
+  assert k.flops == 5 * 2 * 128 * 256 * 128
+
+
 def test_megablox_gmm_counts():
   """Uniform groups aligned to row tiles: one visit per row tile, each group's weight
   column tile copied once per group, x once per (column tile, row tile)."""
@@ -137,6 +155,25 @@ def test_predict_needs_the_values_that_steer_the_kernels():
   with pytest.raises(ValueError, match="chip"):
     model.predict(f, S((256, 128), jnp.bfloat16), S((4, 128, 256), jnp.bfloat16),
                   np.full(4, 64, np.int32), chip="v9")
+
+
+def test_a_product_of_few_rows_takes_the_mxu_as_long_as_128():
+  """The MXU holds a tile of the right operand and streams the left's rows through it: 32
+  rows take as long as 128 (`Chip.mxu_rows`), while the FLOPs reported are the 32 rows'."""
+  def rows(r):
+    def kernel(x_ref, w_ref, o_ref):
+      o_ref[...] = jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.float32)
+    return lambda x, w: pl.pallas_call(
+        kernel, grid=(64,), in_specs=[pl.BlockSpec((r, 2048), lambda i: (0, 0)),
+                                      pl.BlockSpec((2048, 2048), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((r, 2048), lambda i: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((r, 2048), jnp.float32))(x, w)
+  w = S((2048, 2048), jnp.bfloat16)
+  few, full = (model.predict(rows(r), S((r, 2048), jnp.bfloat16), w, chip="v5e").kernels[0]
+               for r in (32, 128))
+  assert few.flops == full.flops / 4
+  assert few.compute_seconds == pytest.approx(full.compute_seconds)
+  assert all(c.mxu_rows == 128 for name, c in chips.CHIPS.items() if name.startswith(("v", "t")))
 
 
 def test_chip_constants():
@@ -272,3 +309,36 @@ def test_group_offset_moves_no_rows():
   ideal = local_rows * (k + 4) + e * (k * n + 4 * n) + m * (n // 2 + 4)
   assert [kc.name for kc in p.kernels] == ["npu_gmm_swiglu_quant"]
   assert ideal <= p.hbm_bytes <= 1.1 * ideal, p.hbm_bytes / ideal
+
+
+def test_a_visit_multiplies_only_the_row_blocks_of_its_group():
+  """Skewed (Zipf) routing over 256-row tiles: the fused kernel's MXU work is that of the
+  128-row blocks each group touches (counted here from the group sizes), not of a whole
+  tile per visit (1.37x more at this routing)."""
+  case = cases.Case("zipf", 4096, 16, "zipf")
+  sizes = case.sizes()
+  ends = np.cumsum(sizes)
+  starts = ends - sizes
+  blocks = sum((e - 1) // 128 - s // 128 + 1 for s, e in zip(starts, ends) if e > s)
+  fn = lambda x, w, ws, xs, gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, gl, group_list_type=1, tiles=npu_ops.TileSizes(256, 2048, 2816))
+  prob = cases.problem("fused A8W8", case)
+  (kern,) = model.predict(fn, *prob.args, chip="v5e").kernels
+  assert kern.flops == 2 * 128 * blocks * cases.K * cases.N
+  tiles = sum((e - 1) // 256 - s // 256 + 1 for s, e in zip(starts, ends) if e > s)
+  assert tiles * 256 > 1.3 * blocks * 128  # what whole-tile visits would multiply
+
+
+def test_decode_over_many_experts_takes_no_more_steps_than_rows():
+  """8 tokens x top-8 over 256 experts: 64 grid steps (one per row at most), not 258, so
+  the steps' fixed cost stays small: within 1.2x of the roofline on v5e and TPU7x (1.23x
+  and 1.97x with a step per expert). On a v5p the two TensorCores share the visits
+  (`common.split_visits`; 1.79x on one core, where each visit of a few rows streams its
+  expert's weights through the MXU at the cost of 128 rows)."""
+  prob = cases.problem("fused A8W8", cases.Case("decode", 64, 256, "random"))
+  for chip in ("v5e", "tpu7x", "v5p"):
+    p = model.predict(prob.fn, *prob.args, chip=chip)
+    (kern,) = p.kernels
+    assert kern.cores == (2 if chip == "v5p" else 1)
+    assert p.grid_steps == (66 if chip == "v5p" else 64)  # v5p: 2 x 33 (half, and a margin)
+    assert p.seconds <= 1.2 * prob.roofline(chips.get(chip)), chip

@@ -260,11 +260,33 @@ def _nbytes(aval) -> float:
   return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
 
 
-def _dot_flops(eqn) -> float:
-  (lc, _), _ = eqn.params["dimension_numbers"]
+def _while_trips(eqn, vals):
+  """A `while`'s trip count per step: a `fori_loop` with dynamic bounds (carry `(i, upper,
+  ...)`, cond `i < upper`, i counting up by one) runs `upper - lower` times where both are
+  known; any other loop is counted once."""
+  cond = eqn.params["cond_jaxpr"].jaxpr
+  carry = vals[eqn.params["cond_nconsts"] + eqn.params["body_nconsts"]:]
+  if len(cond.eqns) == 1 and cond.eqns[0].primitive.name == "lt":
+    a, b = (cond.invars.index(v) - eqn.params["cond_nconsts"] if v in cond.invars else None
+            for v in cond.eqns[0].invars)
+    if a is not None and b is not None and a >= 0 and b >= 0:
+      lo, hi = carry[a], carry[b]
+      if lo is not _UNKNOWN and hi is not _UNKNOWN:
+        return np.maximum(np.asarray(hi) - np.asarray(lo), 0).astype(np.float64)
+  return 1
+
+
+def _dot_flops(eqn, mxu_rows: int = 1) -> float:
+  """2 x the multiply-adds of a dot_general; with `mxu_rows`, as if the left operand had
+  at least that many rows: a TPU MXU holds a `[mxu_rows, mxu_rows]` tile of the right
+  operand and streams the left's rows through it, so fewer rows still pay for a whole
+  tile load."""
+  (lc, _), (lb, _) = eqn.params["dimension_numbers"]
   lhs = eqn.invars[0].aval
   out = eqn.outvars[0].aval
-  return 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lc)
+  rows = math.prod(d for i, d in enumerate(lhs.shape) if i not in (*lc, *lb))
+  return (2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lc)
+          * max(1.0, mxu_rows / max(rows, 1)))
 
 
 def _xla_cost(eqn, acc: _Accumulator) -> None:
@@ -332,10 +354,13 @@ class _Scalars:
   from block data (vectors, loads from VMEM) are `_UNKNOWN`.
   """
 
-  def __init__(self, steps: int, program_ids: Sequence[np.ndarray], grid: Sequence[int]):
+  def __init__(self, steps: int, program_ids: Sequence[np.ndarray], grid: Sequence[int],
+               mxu_rows: int = 1):
     self.steps = steps
     self.program_ids = program_ids
     self.grid = grid
+    self.mxu_rows = mxu_rows
+    self.flops = np.zeros(steps)  # the useful ones (`mxu`: what they occupy the MXU for)
     self.mxu: dict[str, np.ndarray] = {}
     self.vpu = np.zeros(steps)
 
@@ -366,14 +391,15 @@ class _Scalars:
     if name == "dot_general":
       dtype = np.dtype(eqn.invars[0].aval.dtype).name
       counter = self.mxu.setdefault(dtype, np.zeros(self.steps))
-      self._add(counter, _dot_flops(eqn), mask)
+      self._add(counter, _dot_flops(eqn, self.mxu_rows), mask)  # MXU time, in FLOPs
+      self._add(self.flops, _dot_flops(eqn), mask)
       return [_UNKNOWN]
     if name == "cond":
       return self._cond(eqn, vals, mask)
     if name in ("scan", "while"):
       body = eqn.params["jaxpr"] if name == "scan" else eqn.params["body_jaxpr"]
-      trips = eqn.params.get("length", 1) if name == "scan" else 1
-      sub = _Scalars(self.steps, self.program_ids, self.grid)
+      trips = eqn.params.get("length", 1) if name == "scan" else _while_trips(eqn, vals)
+      sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_rows)
       sub.run(body.jaxpr, body.consts, [_UNKNOWN] * len(body.jaxpr.invars), mask)
       self._merge(sub, trips)
       return [_UNKNOWN] * n_out
@@ -441,7 +467,7 @@ class _Scalars:
     if which is _UNKNOWN:  # the costliest branch
       subs = []
       for b in branches:
-        sub = _Scalars(self.steps, self.program_ids, self.grid)
+        sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_rows)
         sub.run(b.jaxpr, b.consts, operands, mask)
         subs.append(sub)
       total = lambda s: s.vpu + sum(s.mxu.values(), np.zeros(self.steps))
@@ -458,6 +484,7 @@ class _Scalars:
 
   def _merge(self, other: "_Scalars", times: float) -> None:
     self.vpu += times * other.vpu
+    self.flops += times * other.flops
     for k, v in other.mxu.items():
       self.mxu[k] = self.mxu.get(k, np.zeros(self.steps)) + times * v
 
@@ -562,7 +589,7 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
   body_consts = []
   if isinstance(body, jax_core.ClosedJaxpr):
     body, body_consts = body.jaxpr, body.consts
-  sc = _Scalars(steps, program_ids, grid)
+  sc = _Scalars(steps, program_ids, grid, chip.mxu_rows)
   body_args = [*prefetch] + [_UNKNOWN] * (len(body.invars) - len(prefetch))
   sc.run(body, body_consts, body_args, None)
   # A chip's peak counts all its TensorCores (v5p: two); each core has its share.
@@ -578,7 +605,7 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
           compute[sel], [(cp[sel], nb[sel] / bandwidth, b, la) for cp, nb, b, la in inputs],
           copies_out[sel] / bandwidth))
   copies_in = sum((nb for _, nb, _, _ in inputs), np.zeros(steps))
-  flops = float(sum(np.sum(v) for v in sc.mxu.values()))
+  flops = float(np.sum(sc.flops))
   return KernelCost(name=name, grid=tuple(grid), seconds=seconds,
                     hbm_bytes=float(np.sum(copies_in) + np.sum(copies_out)), flops=flops,
                     grid_steps=steps, compute_seconds=float(np.sum(compute)),
