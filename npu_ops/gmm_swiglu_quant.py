@@ -80,7 +80,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
   stacked array, or one array per expert). A list of per-expert ND int8 / jnp.int4
   `[k, n]` weights is read in place by the XLA path, which copies each non-empty expert's
   weight out of a stacked array on every call: the fastest form on CPU (prepare it once,
-  e.g. `list(w)` outside the jitted function; see README "How the CPU path stays fast").
+  e.g. `list(w)` outside the jitted function; see docs/performance.md, "How the CPU path stays fast").
   The logical n is `weight_scale.shape[-1]`, k is taken from x.
 
   Args:

@@ -208,7 +208,7 @@ def traverse_staged(ends: groups_lib.GroupEnds, m: int, carry: Any, *, row: jax.
   in a staging buffer of one block (rows of shape and dtype `row`) and is finished in
   chunks of `EPILOGUE_ROWS` rows. `finish_fn` thus appears twice in the program, where
   `traverse`'s `block_fn` appears once per block size: the fused op's epilogue (a few
-  hundred ops) compiled 22 times made its compile 3-4x slower (README, "Compile time").
+  hundred ops) compiled 22 times made its compile 3-4x slower (docs/performance.md, "Compile time").
   """
   ends = jnp.asarray(ends, jnp.int32)
   if m == 0:

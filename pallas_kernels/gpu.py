@@ -17,7 +17,7 @@ writes the codes from them (a float32 scratch written once and read back: extra
 traffic small next to the weights, e * k * n bytes, unless tokens per expert are in
 the thousands). The first version (one program per row tile
 walking every column tile and group, codes in a second phase after a barrier) ran
-at 1-3% of the roofline on an H200 and took 55 ms at decode (README).
+at 1-3% of the roofline on an H200 and took 55 ms at decode (docs/accelerators.md).
 
 Registers (ptxas, `python -m npu_ops.tools.aot`): two `[64, 128]` int32 accumulators,
 a float32 tile and (A8W4) two float32 k-group sums need 8 warps and 64-deep k

@@ -44,7 +44,7 @@ from pallas_kernels import epilogue
 from pallas_kernels import tpu_tiles
 from pallas_kernels.common import TileSizes
 
-# Rows per tile of the fused kernel where the model's table has no entry (README,
+# Rows per tile of the fused kernel where the model's table has no entry (docs/performance.md,
 # "Speed on TPU"): with an expert's whole weight resident, 128-row visits wait on
 # the weight copy at prefill.
 FUSED_MAX_BLOCK_M = 256
@@ -179,7 +179,7 @@ ROW_BLOCK = 128
 
 # The contraction is multiplied in chunks of this many (a loop): Mosaic unrolls a dot into
 # MXU operations, so one of a whole [rows, k] x [k, n] block would be compiled as
-# k / 128 times more code (README, "Compile time").
+# k / 128 times more code (docs/performance.md, "Compile time").
 K_CHUNK = 512
 
 

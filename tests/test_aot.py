@@ -148,7 +148,7 @@ def test_gpu_kernels_compile_without_spills(target, name, temp_share):
 
 # 8 GPUs, forward and a training step (a TPU EP compile takes 45-66 s on a 2-core host,
 # which the CI's 20 minutes cannot spare); `python -m npu_ops.tools.aot --cases EP` compiles
-# every target (the README table).
+# every target (the table of docs/accelerators.md).
 EP_CASES = [pytest.param("h100", "EP MoE int8 forward (all chips)", marks=slow),
             pytest.param("h100", "EP MoE float train step (all chips)", marks=slow)]
 

@@ -112,12 +112,13 @@ def test_notebook_executes(name, monkeypatch):
 
 
 @pytest.mark.slow
-def test_readme_examples_run():
+@pytest.mark.parametrize("doc", ["README.md", "docs/performance.md", "docs/accelerators.md"])
+def test_readme_examples_run(doc):
   import re
-  blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-  assert blocks
+  blocks = re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S)
+  assert blocks or doc == "docs/accelerators.md"
   for block in blocks:
-    exec(compile(block, "README.md", "exec"), {})
+    exec(compile(block, doc, "exec"), {})
 
 
 def test_api_reference_is_current_and_complete():

@@ -5,7 +5,7 @@
 * `chips`: public peak rates, HBM bandwidth and cores of TPUs and GPUs.
 * `cases`: the decode and prefill shapes the kernels are judged at.
 
-`python -m npu_ops.perf validate | predict` prints the tables (README: "Speed on TPU").
+`python -m npu_ops.perf validate | predict` prints the tables (docs/performance.md).
 """
 
 from npu_ops.perf.model import KernelCost as KernelCost

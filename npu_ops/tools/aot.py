@@ -186,7 +186,7 @@ def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_group
     w = ((e, k, n), jnp.int4)
   x = ((m, k // 8), jnp.int32) if weight == "a4w4" else ((m, k), jnp.int8)
   # A8W4 as torch_npu calls it: with the assist matrix, computed once when the weights load
-  # (without it the op computes it from the weights on every call: README, Speed on TPU)
+  # (without it the op computes it from the weights on every call: docs/performance.md)
   more = [((e, n), jnp.float32)] if a8w4 else []
   if global_groups:
     return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((global_groups,), jnp.int32),
@@ -480,7 +480,7 @@ def _mb(v: float | None) -> str:
 
 
 def format_table(reports: Sequence[Report]) -> str:
-  """A markdown table of the reports (also the README's)."""
+  """A markdown table of the reports (also docs/accelerators.md's)."""
   lines = ["| target | case | compiled | kernels | temp MB | temp / io | bytes / ideal "
            "| regs | spill B | smem KB | a2a | s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -538,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> list[Report]:
                  help="only cases whose name contains one of these words (default: all; "
                       "no words: list the case names)")
   p.add_argument("--summary", action="store_true",
-                 help="one row per case and one column per target (the README's table)")
+                 help="one row per case and one column per target (docs/accelerators.md's table)")
   args = p.parse_args(argv)
   if args.cases == []:  # `--cases` alone: the names to choose from
     print("\n".join(c.name for c in cases()))

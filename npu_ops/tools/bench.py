@@ -468,7 +468,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> bool:
             label=label, ms=4)
   ax.axhline(1.0, color="gray", lw=0.8)
   # The CPU goals: fused op and gmm at 0.9 of a dense dot at m=4096, e <= 16, and at 0.7 of
-  # the roofline everywhere (see the README).
+  # the roofline everywhere (see docs/performance.md).
   ax.axhline(0.9, color="red", lw=0.8, ls="--", label="goal: 0.9 of a dense dot")
   ax.axhline(0.7, color="purple", lw=0.8, ls=":", label="goal: 0.7 of the roofline")
   ax.set_xticks(xs, [f"m={r['m']} e={r['e']} {r['groups']}" for r in rows], rotation=75,

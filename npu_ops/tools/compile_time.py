@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-K, N = 2048, 2816  # the benchmark shapes (README)
+K, N = 2048, 2816  # the benchmark shapes (docs/performance.md)
 
 
 @dataclasses.dataclass(frozen=True)
