@@ -17,7 +17,8 @@ def predict_table(chip: str, ops, chosen) -> str:
   c = chips_lib.get(chip)
   lines = [f"chip {c.name}: peak int8 {c.peak('int8') / 1e12:.0f}, bf16 "
            f"{c.peak('bfloat16') / 1e12:.0f} TFLOP/s, HBM {c.hbm_bandwidth / 1e9:.0f} GB/s, "
-           f"{c.cores} core(s) a device",
+           f"{c.cores} core(s) a device; x roof: model time / roofline and x bytes: HBM bytes / "
+           "ideal (1.0 the least possible; lower is better)",
            f"{'case':30} {'op':13} {'model us':>9} {'roof us':>8} {'x roof':>6} "
            f"{'x bytes':>7} {'steps':>6}  kernels"]
   for case in chosen:
@@ -53,7 +54,8 @@ def ours_for_entry(entry: validate.Entry) -> model.Prediction:
 def megablox_table(chip: str = "v5e") -> str:
   """At every measured entry of `chip`: tokamax's measured time, megablox at the tuned
   tiling (model) and ours (model), and ours over megablox."""
-  lines = [f"{'case':46} {'measured':>9} {'megablox':>9} {'ours':>9} {'ours/mb':>8}  (ms)"]
+  lines = [f"{'case':46} {'measured':>9} {'megablox':>9} {'ours':>9} {'ours/mb':>8}  (ms; "
+           "ours/mb below 1: ours faster under the model)"]
   for entry in validate.load_entries(chip):
     if entry.residuals:
       continue
@@ -70,7 +72,8 @@ def tiles_table(chips) -> str:
   pts = tune.points()
   head = f"{'op':5} {'point':44} " + " ".join(f"{c:>7}" for c in chips)
   cols = {c: tune.comparison(c) for c in chips}
-  lines = [head + "   (previous rules / model's tiles, modeled time)"]
+  lines = [head + "   (previous rules / model's tiles, modeled time: above 1, the "
+                   "model's tiles are faster)"]
   for i, p in enumerate(pts):
     ratios = " ".join(f"{cols[c][i][1] / cols[c][i][2]:7.2f}" for c in chips)
     lines.append(f"{p.op:5} {p.name:44} {ratios}")

@@ -116,7 +116,8 @@ def contenders(op: str, m: int, e: int, sizes: np.ndarray, rng: np.random.Genera
 
 def bench(shape_sets: list[str], ops: list[str], chip: chips.Chip | None) -> None:
   print(f"\n== speed (k={K}, n={N}; time per call; % of the chip's peak for the op's dtype; "
-        "ideal bytes / time as % of HBM bandwidth; roof = roofline time / time)")
+        "ideal bytes / time as % of HBM bandwidth; roof = roofline time / time; higher is "
+        "better for all three, 100% and 1.0 the most possible)")
   print(f"{'shape':32} {'op':11} {'contender':11} {'us':>9} {'TFLOP/s':>8} {'%peak':>6} "
         f"{'%HBM':>6} {'roof':>5}")
   rng = np.random.default_rng(0)

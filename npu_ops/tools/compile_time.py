@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     from npu_ops.tools import aot  # noqa: PLC0415
     aot.use_cpu_host()
   rows = []
-  print(f"{'case':44s} {'target':6s} {'ours s':>7s} {'plain s':>7s} {'ratio':>6s}", flush=True)
+  print(f"{'case':44s} {'target':6s} {'ours s':>7s} {'plain s':>7s} {'ratio':>6s}"
+        "   (ratio: ours / plain, lower is better; the goal is <= 2)", flush=True)
   for case in cases():
     if a.cases and not any(c in case.name for c in a.cases):
       continue
