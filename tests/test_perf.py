@@ -102,7 +102,8 @@ def test_loops_with_dynamic_bounds_count_their_trips():
     jax.lax.fori_loop(1, n_ref[pl.program_id(0)], body, 0)
   f = lambda n, x: pl.pallas_call(
       kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(3,), in_specs=[pl.BlockSpec((512, 256), lambda i, n: (0, 0))],
+          num_scalar_prefetch=1, grid=(3,),
+          in_specs=[pl.BlockSpec((512, 256), lambda i, n: (0, 0))],
           out_specs=pl.BlockSpec((512, 128), lambda i, n: (0, 0))),
       out_shape=jax.ShapeDtypeStruct((512, 128), jnp.float32))(n, x)
   (k,) = model.predict(f, np.array([4, 0, 3], np.int32), S((512, 256), jnp.bfloat16)).kernels
@@ -342,3 +343,46 @@ def test_decode_over_many_experts_takes_no_more_steps_than_rows():
     assert kern.cores == (2 if chip == "v5p" else 1)
     assert p.grid_steps == (66 if chip == "v5p" else 64)  # v5p: 2 x 33 (half, and a margin)
     assert p.seconds <= 1.2 * prob.roofline(chips.get(chip)), chip
+
+
+def test_metadata_ops_in_numpy_give_xlas_values():
+  """The model evaluates the kernels' integer metadata in NumPy (`model._numpy_eval`, no
+  compile per op): every op it takes in the metadata of our kernels (row visits, the v5p
+  decode split, group_offset) and megablox's gives the values XLA gives."""
+  from pallas_kernels import common  # noqa: PLC0415
+  mb = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+  sizes = cases.group_sizes("zipf", 1000, 16)
+  ends = np.cumsum(sizes).astype(np.int32)
+  fns = [lambda e, s: common.split_visits(common.row_visits(e, 1000, 128, s), 8),
+         lambda e, s: common.row_visits(e, 1000, 64, s, cores=2),
+         lambda e, s: mb.make_group_metadata(group_sizes=jnp.diff(e, prepend=0), m=1024,
+                                             tm=128, start_group=s, num_nonzero_groups=8,
+                                             visit_empty_groups=True)]
+  seen = set()
+
+  def walk(jaxpr, consts, args):
+    env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
+    read = lambda v: np.asarray(v.val) if isinstance(v, model.jax_core.Literal) else env[v]
+    for eqn in jaxpr.eqns:
+      vals = [read(v) for v in eqn.invars]
+      sub = model._sub_jaxpr(eqn.params) if eqn.primitive.name != "scan" else None
+      if sub is not None:  # a call (pjit, custom_jvp): its ops, as the model walks them
+        inner, inner_consts = sub
+        outs = walk(inner, inner_consts, vals[len(vals) - len(inner.invars):])
+      else:
+        outs = [np.asarray(o) for o in jax.tree.leaves(eqn.primitive.bind(  # XLA
+            *vals, **eqn.primitive.get_bind_params(eqn.params)))]
+        fast = model._numpy_eval(eqn, vals)
+        if fast is not None:
+          seen.add(eqn.primitive.name)
+          for f, o in zip(fast, outs):
+            np.testing.assert_array_equal(f, o, err_msg=str(eqn))
+            assert f.dtype == o.dtype, eqn
+      env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+  for fn in fns:
+    closed = jax.make_jaxpr(fn)(ends, np.int32(2))
+    walk(closed.jaxpr, closed.consts, [ends, np.int32(2)])
+  assert {"add", "sub", "lt", "select_n", "cumsum", "broadcast_in_dim", "concatenate",
+          "convert_element_type", "iota", "slice"} <= seen, seen

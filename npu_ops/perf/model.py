@@ -246,7 +246,60 @@ def _branches(params: dict) -> list:
   return out
 
 
+def _integral(aval) -> bool:
+  dtype = np.dtype(getattr(aval, "dtype", np.float32))
+  return dtype == np.bool_ or np.issubdtype(dtype, np.integer)
+
+
+def _numpy_eval(eqn, vals) -> list | None:
+  """The integer ops of the kernels' group metadata in NumPy: XLA's values (two's-complement
+  wrap-around, truncating division) without compiling a computation per op and shape, which
+  was most of the model's time. None for anything else (XLA evaluates it)."""
+  name, p = eqn.primitive.name, eqn.params
+  if len(eqn.outvars) != 1 or not all(_integral(v.aval) for v in (*eqn.invars, *eqn.outvars)):
+    return None
+  out = eqn.outvars[0].aval
+  x = vals[0] if vals else None
+  if name in _BINARY and name != "shift_right_logical":
+    r = _BINARY[name](vals[0], vals[1])
+  elif name in _UNARY:
+    r = _UNARY[name](x)
+  elif name == "convert_element_type":
+    r = x != 0 if np.dtype(out.dtype) == np.bool_ else x
+  elif name == "select_n":
+    which, *cases = vals
+    r = np.choose(np.asarray(which).astype(np.int64),
+                  [np.broadcast_to(c, out.shape) for c in cases])
+  elif name == "broadcast_in_dim":
+    dims = p["broadcast_dimensions"]
+    r = np.reshape(x, [x.shape[dims.index(i)] if i in dims else 1 for i in range(len(out.shape))])
+  elif name in ("reshape", "squeeze"):
+    r = np.reshape(x, out.shape)
+  elif name == "slice":
+    strides = p["strides"] or (1,) * x.ndim
+    r = x[tuple(slice(a, b, c) for a, b, c in
+                zip(p["start_indices"], p["limit_indices"], strides))]
+  elif name == "iota":
+    shape = [1] * len(out.shape)
+    shape[p["dimension"]] = out.shape[p["dimension"]]
+    r = np.arange(out.shape[p["dimension"]]).reshape(shape)
+  elif name == "concatenate":
+    r = np.concatenate([np.asarray(v, np.int64) for v in vals], axis=p["dimension"])
+  elif name == "cumsum":
+    axis, flip = p["axis"], (lambda a: np.flip(a, p["axis"])) if p["reverse"] else (lambda a: a)
+    r = flip(np.cumsum(flip(np.asarray(x, np.int64)), axis=axis))
+  elif name == "reduce_sum":
+    r = np.sum(np.asarray(x, np.int64), axis=tuple(p["axes"]))
+  elif name in ("reduce_max", "reduce_min"):
+    r = (np.max if name == "reduce_max" else np.min)(x, axis=tuple(p["axes"]))
+  else:
+    return None
+  return [np.array(np.broadcast_to(r, out.shape)).astype(out.dtype)]
+
+
 def _evaluate(eqn, vals) -> list:
+  if (fast := _numpy_eval(eqn, vals)) is not None:
+    return fast
   params = eqn.primitive.get_bind_params(eqn.params)
   with jax.default_device(jax.devices("cpu")[0]):
     outs = eqn.primitive.bind(*vals, **params)
