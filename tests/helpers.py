@@ -28,11 +28,14 @@ def ulp_distance(got, want) -> np.ndarray:
 # Per-token scales against the golden: amax / 127 is correctly rounded on both sides, so
 # they differ only where the amax does, i.e. through SwiGLU's exp (NumPy's in the golden,
 # XLA's in the op; each within an ulp of exp, so up to 2 apart): silu(a) = a / (1 + exp(-a))
-# then rounds 1 + exp(-a), the quotient and the product with the gate once each. Measured
-# on this suite: 0 ulps for most rows, at most 3 (A8W8 per-block epilogue, A8W4 MSD with
-# float32 partial sums, the QAT fused forward), codes all equal. Kernel vs XLA path: 0 ulps
-# (test_implementations compares those bit for bit).
-SCALE_ULPS = 3
+# then rounds 1 + exp(-a) (<= 2 ulps apart), the quotient (+ 1: 3) and the product with the
+# gate (+ 1: 4) once each, and a correctly rounded amax / 127 can add one more across a
+# binade: 5. Measured: 0 ulps for most rows, 3 on the fixed cases (A8W8 per-block epilogue,
+# A8W4 MSD with float32 partial sums, the QAT fused forward), 4 once in CI's random examples
+# (A4W4, k=48, n=16: hypothesis seed 812281536), codes all equal. Kernel vs XLA path: 0 ulps
+# (test_implementations compares those bit for bit), and the division itself is checked bit
+# for bit against NumPy's IEEE one (test_ties).
+SCALE_ULPS = 5
 
 
 def assert_scale_close(got, want, max_ulps: int = SCALE_ULPS):
