@@ -166,10 +166,6 @@ def _params(*semantics: str) -> pltpu.CompilerParams:
   return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=_VMEM_LIMIT)
 
 
-def _first_visit_of_tile(mt_ref, t):
-  return (t == 0) | (mt_ref[jnp.maximum(t - 1, 0)] != mt_ref[t])
-
-
 # A visit multiplies and finishes only the blocks of this many rows that hold its
 # group's rows (`_for_row_blocks`): a group sharing a row tile pays for its own rows, to
 # the MXU's granularity (fewer rows take it as long: `npu_ops.perf.chips.Chip.mxu_rows`),
