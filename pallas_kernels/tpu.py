@@ -199,11 +199,11 @@ def _accumulate(acc, x, w, k0, k: int, *, transpose_rhs: bool = False, precision
   lax.fori_loop(0, bk // step, chunk, 0)
 
 
-def _for_row_blocks(ends_ref, g, r0, bm: int, fn) -> None:
-  """Runs `fn(rows)` for each `ROW_BLOCK`-row block of the row tile at r0 that holds rows
+def _for_row_blocks(ends_ref, g, r0, bm: int, fn, block: int = ROW_BLOCK) -> None:
+  """Runs `fn(rows)` for each `block`-row block of the row tile at r0 that holds rows
   of group g (ends_ref: `RowVisits.bounds`), in a loop: one copy of the block's code."""
   lo, hi = jnp.where(g > 0, ends_ref[jnp.maximum(g - 1, 0)], 0), ends_ref[g]
-  sub = ROW_BLOCK if bm % ROW_BLOCK == 0 else bm
+  sub = block if bm % block == 0 else bm
   nb = bm // sub
   # lax.div truncates: on the non-negative operands it floors without jnp's sign fix-up
   first = jnp.minimum(lax.div(jnp.maximum(lo - r0, 0), sub), nb)
@@ -574,6 +574,9 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   ends_all = jnp.concatenate([ends, jnp.broadcast_to(ends[-1:], (num_groups - groups,))])
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
   gid, mt, nv = common.visit_metadata(ends_all, m_tiles, bm, visit_empty=True)
+  # the row blocks are this product's contraction: as wide as the MXU (256 on v6e, TPU7x),
+  # or a narrower one would take it as long
+  block = max(ROW_BLOCK, tpu_tiles.mxu_width(tpu_tiles.current_chip()))
 
   def kernel(gid_ref, mt_ref, nv_ref, ends_ref, x_ref, dy_ref, o_ref, acc):
     t = pl.program_id(2)
@@ -601,7 +604,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
                                         precision=precision, preferred_element_type=jnp.float32)
           return carry
         lax.fori_loop(0, bk // step, chunk, 0)
-      _for_row_blocks(ends_ref, g, r0, bm, multiply)
+      _for_row_blocks(ends_ref, g, r0, bm, multiply, block)
 
     last = (t == nv_ref[0] - 1) | (gid_ref[jnp.minimum(t + 1, pl.num_programs(2) - 1)] != g)
 

@@ -35,6 +35,15 @@ def cores(chip: str) -> int:
   return CORES.get(chip, 1)
 
 
+# The side of the chip's MXU systolic arrays: a product whose contraction is narrower takes
+# it as long as one this wide (`npu_ops.perf.chips.Chip.mxu_width`)
+MXU_WIDTH = {"v6e": 256, "tpu7x": 256}
+
+
+def mxu_width(chip: str) -> int:
+  return MXU_WIDTH.get(chip, 128)
+
+
 def chip_of_kind(device_kind: str) -> str | None:
   return DEVICE_KINDS.get(device_kind)
 

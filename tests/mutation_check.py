@@ -77,6 +77,11 @@ MUTANTS = (
            "  last = jnp.minimum(lax.div(jnp.maximum(hi - r0 + sub - 1, 0), sub), nb)",
            "  last = jnp.minimum(lax.div(jnp.maximum(hi - r0, 0), sub), nb)",
            ("tests/test_pallas.py", "-k", "row_blocks")),
+    # tgmm's contraction in 128-row blocks on a 256-wide MXU (half its rate).
+    Mutant("tgmm_narrow_blocks", "pallas_kernels/tpu.py",
+           "  block = max(ROW_BLOCK, tpu_tiles.mxu_width(tpu_tiles.current_chip()))",
+           "  block = ROW_BLOCK",
+           ("tests/test_perf.py", "-k", "tgmm_takes")),
     # int4 nibbles unpacked high first instead of low first.
     Mutant("int4_nibble_order", "npu_ops/layouts.py",
            "  up = jnp.asarray([28 - 4 * t for t in range(INT4_PER_INT32)], jnp.int32)",

@@ -381,6 +381,31 @@ def test_tpu_kernels_multiply_only_the_row_blocks_of_their_group(offset):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("chip", ["v5e", "tpu7x"])
+def test_tgmm_contracts_row_blocks_as_wide_as_the_mxu(chip):
+  """tgmm contracts rows: its row blocks are 128 rows on v5e and 256 on TPU7x, whose MXU is
+  256 wide (`tpu_tiles.mxu_width`). Groups that start and end inside either, share a 512-row
+  tile, are empty, leave rows past the total: against the NumPy reference."""
+  from pallas_kernels import tpu_tiles  # noqa: PLC0415
+  counts = (5, 300, 0, 130, 200, 90, 40)  # 765 rows of 800
+  m, k, n = 800, 128, 256
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  dy = rng.normal(size=(m, n)).astype(np.float32)
+  token = tpu_tiles.CHIP.set(chip)
+  try:
+    got = npu_ops.tgmm(x, dy, np.asarray(counts), num_groups=len(counts),
+                       implementation="pallas_tpu", interpret=True,
+                       tiles=npu_ops.TileSizes(512, 128, 128),
+                       precision=jax.lax.Precision.HIGHEST)
+  finally:
+    tpu_tiles.CHIP.reset(token)
+  want = np.zeros((len(counts), k, n))
+  for g, (lo, hi) in enumerate(ref.group_bounds(counts, 1)):
+    want[g] = x[lo:hi].astype(np.float64).T @ dy[lo:hi].astype(np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("impl", KERNELS)
 def test_kernels_take_more_experts_than_rows(impl):
   """Decode over many experts: 40 rows over 64 experts (most empty, some of one row). A

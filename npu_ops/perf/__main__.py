@@ -43,8 +43,9 @@ def main(argv=None) -> int:
       print(report.tiles_table(args.chips))
       return 0
     found = tune.table(args.chips, log=lambda line: print(line, flush=True))
-    if args.write:
-      print("wrote", tune.write(found))
+    if args.write:  # the chips not searched keep their entries
+      from pallas_kernels import tpu_tiles  # noqa: PLC0415
+      print("wrote", tune.write({**tpu_tiles.TABLE, **found}))
     return 0
   if args.cmd == "megablox":
     print(report.megablox_table(args.chip))

@@ -28,6 +28,9 @@ class Chip:
       left's rows through it). 128 on every TPU: TPU7x's measured 128-row tiles
       (tokamax's data) run at its 256-wide MXU's full rate per FLOP; no measured entry
       has fewer rows.
+    mxu_width: the side of a TPU MXU's systolic array: a product's contraction and column
+      counts are padded up to multiples of it (128 on v5e and v5p; 256 on v6e, per its
+      architecture page, and on TPU7x, taken as v6e's: its page does not say).
   """
   name: str
   peak_flops: dict[str, float]
@@ -37,6 +40,7 @@ class Chip:
   device_kinds: tuple[str, ...] = ()
   vpu_rate: float = 0.0
   mxu_rows: int = 1
+  mxu_width: int = 1
 
   def peak(self, dtype) -> float:
     """The dense rate for operands of `dtype` (float32 counts as bfloat16 passes on TPU)."""
@@ -54,15 +58,15 @@ _VPU = 8 * 128 * 4  # vector elements a cycle: 8 sublanes x 128 lanes x 4 ALU sl
 CHIPS: dict[str, Chip] = {c.name: c for c in (
     # Cloud TPU system architecture pages (per chip; v5e, v6e: one TensorCore a chip).
     Chip("v5e", {"bfloat16": 197 * T, "int8": 394 * T}, 819e9, 1, 128 * 2**20,
-         ("TPU v5 lite", "TPU v5e"), _VPU * 1.5e9, 128),
+         ("TPU v5 lite", "TPU v5e"), _VPU * 1.5e9, 128, 128),
     Chip("v6e", {"bfloat16": 918 * T, "int8": 1836 * T}, 1640e9, 1, 128 * 2**20,
-         ("TPU v6 lite", "TPU v6e"), _VPU * 1.75e9, 128),
+         ("TPU v6 lite", "TPU v6e"), _VPU * 1.75e9, 128, 256),
     Chip("v5p", {"bfloat16": 459 * T, "int8": 918 * T}, 2765e9, 2, 95 * 2**20, ("TPU v5",), _VPU * 1.75e9,
-         128),
+         128, 128),
     # Ironwood: 4614 fp8 TFLOP/s, 7.37 TB/s per chip of two TensorCores (two JAX devices).
     Chip("tpu7x", {"bfloat16": 2307 / 2 * T, "float8_e4m3fn": 4614 / 2 * T,
                    "int8": 4614 / 2 * T}, 7.37e12 / 2, 1, 64 * 2**20, ("TPU7x",), _VPU * 1.9e9,
-         128),
+         128, 256),
     # NVIDIA datasheets (SXM, dense).
     Chip("a100", {"bfloat16": 312 * T, "float32": 19.5 * T, "int8": 624 * T}, 2.039e12, 1,
          164 * 2**10, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe")),

@@ -70,6 +70,8 @@ class KernelCost:
     grid_steps: steps run (all of them, by every core together).
     compute_seconds, dma_seconds: the sums of the two per-step terms (before overlap).
     cores: TensorCores the steps were split over.
+    mxu_seconds, vpu_seconds: the sums of the MXU and the vector units' time per step, of
+      which a step's compute is the larger plus the step overhead: which unit bounds it.
   """
   name: str
   grid: tuple[int, ...]
@@ -80,6 +82,8 @@ class KernelCost:
   compute_seconds: float
   dma_seconds: float
   cores: int
+  mxu_seconds: float = 0.0
+  vpu_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,17 +333,20 @@ def _while_trips(eqn, vals):
   return 1
 
 
-def _dot_flops(eqn, mxu_rows: int = 1) -> float:
-  """2 x the multiply-adds of a dot_general; with `mxu_rows`, as if the left operand had
-  at least that many rows: a TPU MXU holds a `[mxu_rows, mxu_rows]` tile of the right
-  operand and streams the left's rows through it, so fewer rows still pay for a whole
-  tile load."""
-  (lc, _), (lb, _) = eqn.params["dimension_numbers"]
-  lhs = eqn.invars[0].aval
-  out = eqn.outvars[0].aval
+def _dot_flops(eqn, mxu: tuple[int, int] = (1, 1)) -> float:
+  """2 x the multiply-adds of a dot_general, each dimension rounded up to what a TPU MXU
+  takes for it (`mxu` = (rows, width)): the MXU holds a `[width, width]` tile of the right
+  operand (contraction x columns, each padded to the array's width) and streams the left's
+  rows through it, so fewer than `rows` left rows still pay for a whole tile load."""
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
   rows = math.prod(d for i, d in enumerate(lhs.shape) if i not in (*lc, *lb))
-  return (2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lc)
-          * max(1.0, mxu_rows / max(rows, 1)))
+  cols = math.prod(d for i, d in enumerate(rhs.shape) if i not in (*rc, *rb))
+  depth = math.prod(lhs.shape[d] for d in lc)
+  batch = math.prod(lhs.shape[d] for d in lb)
+  mxu_rows, width = mxu
+  pad = lambda d, to: -(-d // to) * to
+  return 2.0 * batch * max(rows, mxu_rows) * pad(depth, width) * pad(cols, width)
 
 
 def _xla_cost(eqn, acc: _Accumulator) -> None:
@@ -408,11 +415,11 @@ class _Scalars:
   """
 
   def __init__(self, steps: int, program_ids: Sequence[np.ndarray], grid: Sequence[int],
-               mxu_rows: int = 1):
+               mxu: tuple[int, int] = (1, 1)):
     self.steps = steps
     self.program_ids = program_ids
     self.grid = grid
-    self.mxu_rows = mxu_rows
+    self.mxu_shape = mxu
     self.flops = np.zeros(steps)  # the useful ones (`mxu`: what they occupy the MXU for)
     self.mxu: dict[str, np.ndarray] = {}
     self.vpu = np.zeros(steps)
@@ -444,7 +451,7 @@ class _Scalars:
     if name == "dot_general":
       dtype = np.dtype(eqn.invars[0].aval.dtype).name
       counter = self.mxu.setdefault(dtype, np.zeros(self.steps))
-      self._add(counter, _dot_flops(eqn, self.mxu_rows), mask)  # MXU time, in FLOPs
+      self._add(counter, _dot_flops(eqn, self.mxu_shape), mask)  # MXU time, in FLOPs
       self._add(self.flops, _dot_flops(eqn), mask)
       return [_UNKNOWN]
     if name == "cond":
@@ -452,7 +459,7 @@ class _Scalars:
     if name in ("scan", "while"):
       body = eqn.params["jaxpr"] if name == "scan" else eqn.params["body_jaxpr"]
       trips = eqn.params.get("length", 1) if name == "scan" else _while_trips(eqn, vals)
-      sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_rows)
+      sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_shape)
       sub.run(body.jaxpr, body.consts, [_UNKNOWN] * len(body.jaxpr.invars), mask)
       self._merge(sub, trips)
       return [_UNKNOWN] * n_out
@@ -520,7 +527,7 @@ class _Scalars:
     if which is _UNKNOWN:  # the costliest branch
       subs = []
       for b in branches:
-        sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_rows)
+        sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_shape)
         sub.run(b.jaxpr, b.consts, operands, mask)
         subs.append(sub)
       total = lambda s: s.vpu + sum(s.mxu.values(), np.zeros(self.steps))
@@ -642,13 +649,14 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
   body_consts = []
   if isinstance(body, jax_core.ClosedJaxpr):
     body, body_consts = body.jaxpr, body.consts
-  sc = _Scalars(steps, program_ids, grid, chip.mxu_rows)
+  sc = _Scalars(steps, program_ids, grid, (chip.mxu_rows, chip.mxu_width))
   body_args = [*prefetch] + [_UNKNOWN] * (len(body.invars) - len(prefetch))
   sc.run(body, body_consts, body_args, None)
   # A chip's peak counts all its TensorCores (v5p: two); each core has its share.
   mxu_s = sum((flops / (chip.peak(dtype) / chip.cores) for dtype, flops in sc.mxu.items()),
               np.zeros(steps))
-  compute = np.maximum(mxu_s, sc.vpu / chip.vpu_rate) + STEP_OVERHEAD_S
+  vpu_s = sc.vpu / chip.vpu_rate
+  compute = np.maximum(mxu_s, vpu_s) + STEP_OVERHEAD_S
   bandwidth = chip.hbm_bandwidth / cores
   seconds = 0.0
   for c in range(cores):
@@ -663,7 +671,8 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
                     hbm_bytes=float(np.sum(copies_in) + np.sum(copies_out)), flops=flops,
                     grid_steps=steps, compute_seconds=float(np.sum(compute)),
                     dma_seconds=float(np.sum(copies_in + copies_out)) / chip.hbm_bandwidth,
-                    cores=cores)
+                    cores=cores, mxu_seconds=float(np.sum(mxu_s)),
+                    vpu_seconds=float(np.sum(vpu_s)))
 
 
 def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray) -> float:

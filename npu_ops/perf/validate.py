@@ -6,9 +6,8 @@ pallas_mosaic_tpu_ragged_dot.json`. Each usable entry (no activation; returning 
 residuals then returns the output itself, the same kernel) is one of: a grouped matmul `[m, k] x [g, k, n]`, the same
 with the weights transposed (`[g, n, k]`), or the weight gradient `[m, k]^T x [m, n] ->
 [g, k, n]`. The model runs jax's megablox `gmm` / `tgmm` (the same algorithm; tokamax's
-kernel adds manual pipelining) at the entry's tiling and group sizes (entries stored as
-a total get tokamax's `generate_group_sizes`) and its kernel time is compared with the
-measurement.
+kernel adds manual pipelining) at the entry's tiling and the group sizes it was measured
+with (`measured_group_sizes`), and its kernel time is compared with the measurement.
 """
 
 from __future__ import annotations
@@ -72,7 +71,6 @@ def tokamax_data_dir() -> pathlib.Path:
 
 def load_entries(chip: str) -> list[Entry]:
   """The usable entries of tokamax's measurements for `chip` ("v5e" or "tpu7x")."""
-  from tokamax._src.ops.ragged_dot.base import generate_group_sizes  # noqa: PLC0415
   path = tokamax_data_dir() / DATA_DIRS[chip] / "pallas_mosaic_tpu_ragged_dot.json"
   entries = []
   for key, runs in json.loads(path.read_text()).items():
@@ -89,8 +87,7 @@ def load_entries(chip: str) -> list[Entry]:
       kind = "gmm_t" if contract[1] == [2] else "gmm"
     gs = spec["group_sizes"]
     if isinstance(gs, dict):
-      gs = (even_split(gs["total_size"], gs["num_groups"]) if EVEN else
-            generate_group_sizes(m=gs["total_size"], num_groups=gs["num_groups"]))
+      gs = measured_group_sizes(gs["total_size"], gs["num_groups"])
     for config, result in runs.items():
       cfg = json.loads(config)
       entries.append(Entry(chip, kind, lhs, rhs, dtype, tuple(int(g) for g in gs),
@@ -100,11 +97,29 @@ def load_entries(chip: str) -> list[Entry]:
   return entries
 
 
-EVEN = False
+def measured_group_sizes(total: int, groups: int) -> tuple[int, ...]:
+  """The group sizes an entry stored as a total was measured with.
 
-
-def even_split(m: int, g: int) -> tuple[int, ...]:
-  return tuple(m // g + (i < m % g) for i in range(g))
+  tokamax commit c24a9b8 ("Switch ragged dot arg specs to use default group sizes",
+  2026-03-18) rewrote the keys of its TPU7x entries from explicit group sizes to a total,
+  keeping the measured times (every TPU7x time in the shipped file equals one measured
+  under an explicit list in the file's history). Those lists came from tokamax's arg
+  specs of the time: `[total, 0, ...]` for 4096 rows over 8 groups ("compute_bound"),
+  an even split for Mixtral's 8192 rows over 8 ("8x7b") and for 8 rows over 8
+  ("memory_bound"), and for the MaxText shapes the generator below (its code, seed 0).
+  The `generate_group_sizes` that the key now implies draws different sizes: with it, the
+  model is off by up to 59% on the 8-group entries, which were never run that way.
+  """
+  if (total, groups) == (4096, 8):
+    return (total,) + (0,) * (groups - 1)
+  if (total, groups) in ((8192, 8), (8, 8)):
+    return (total // groups,) * groups
+  rng = np.random.RandomState(0)  # np.random.seed(0) then the global draws, as tokamax did
+  share = rng.uniform(size=(groups,))
+  share = rng.binomial(1, 0.9, (groups,)) * share
+  sizes = np.int32((share / np.sum(share)) * total)
+  sizes[0] += total - np.sum(sizes)
+  return tuple(map(int, sizes))
 
 
 @functools.cache
