@@ -29,6 +29,7 @@ from npu_ops import groups
 from npu_ops import operands
 from npu_ops import qat
 from npu_ops import quant
+from npu_ops import recipes
 from npu_ops._validation import (check_array, check_float_array, check_int, check_rank, describe,
                                  fail, require)
 from npu_ops.gmm import grouped_matmul
@@ -143,20 +144,28 @@ def combine(y_sorted: jax.Array, routing: Dispatch, weights: jax.Array) -> jax.A
   return jnp.einsum("tk,tkd->td", weights.astype(y.dtype), y)
 
 
-def token_rows(tokens: jax.Array, mode: str) -> Any:
-  """What the experts read of each token: float32 rows (float, qat) or, for int8,
-  the per-token int8 codes and scales (`operands.QArray`), quantized once per token
-  (a quarter of the float bytes to move)."""
-  if mode != "int8":
+def token_rows(tokens: jax.Array, mode: str, recipe: recipes.Recipe | None = None) -> Any:
+  """What the experts read of each token: float32 rows (float, qat; a recipe's deployed
+  mode, which quantizes them itself) or, for int8 (no recipe, or "w8a8"), the per-token
+  int8 codes and scales (`operands.QArray`), quantized once per token (a quarter of the
+  float bytes to move)."""
+  if mode != "int8" or not _fused_path(recipe):
     return tokens
   codes, scale = quant.quantize_per_token(tokens)
   return operands.QArray(codes, scale, operands.INT8)
 
 
+def _fused_path(recipe: recipes.Recipe | None) -> bool:
+  """Whether the deployed experts run the fused op's int8 path (`weight_bits` 8 or 4 per
+  channel, or recipe "w8a8"), rather than the recipe's codes (`recipes.Recipe`)."""
+  return recipe is None or recipe.name == "w8a8"
+
+
 def expert_mlp(rows: Any, expert: jax.Array, sizes: jax.Array, weights: MoEWeights, *,
                mode: str, weight_bits: int = 8,
                gmm: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
-               expected_rows: int | None = None) -> jax.Array:
+               expected_rows: int | None = None,
+               recipe: recipes.Recipe | None = None) -> jax.Array:
   """The experts' SwiGLU MLP on rows sorted by expert: `[R, d]` -> float32 `[R, d]`.
 
   Args:
@@ -169,6 +178,9 @@ def expert_mlp(rows: Any, expert: jax.Array, sizes: jax.Array, weights: MoEWeigh
     gmm: float mode's grouped matmul `gmm(lhs, rhs, group_sizes)` (default
       `grouped_matmul`).
     expected_rows: rows per expert expected (the row blocks' size hint).
+    recipe: a `recipes.Recipe` (qat, int8): its formats for weights and activations
+      instead of `weight_bits` (qat: its fake quantizers on a float grouped matmul;
+      int8: its codes, and the fused op for "w8a8").
   """
   # a symbolic row count (jax.export) gives no hint (its path is ragged_dot's, unblocked)
   concrete = isinstance(expected_rows, (int, np.integer))
@@ -176,6 +188,18 @@ def expert_mlp(rows: Any, expert: jax.Array, sizes: jax.Array, weights: MoEWeigh
   if mode == "float":
     gmm = gmm or grouped_matmul
     return gmm(quant.swiglu(gmm(rows, weights.w_gate_up, sizes)), weights.w_down, sizes)
+  if mode == "qat" and recipe is not None:
+    r = recipe
+    h = quant.swiglu(grouped_matmul(r.fake_activation(rows),
+                                    r.fake_weight(weights.w_gate_up, weights.gate_up_scale), sizes))
+    return grouped_matmul(r.fake_activation(h), r.fake_weight(weights.w_down, weights.down_scale),
+                          sizes)
+  if mode == "int8" and not _fused_path(recipe):
+    r = recipe
+    h = quant.swiglu(r.codes_matmul(*r.quantize_activation(rows), weights.w_gate_up,
+                                    weights.gate_up_scale, sizes, expert))
+    return r.codes_matmul(*r.quantize_activation(h), weights.w_down, weights.down_scale, sizes,
+                          expert)
   if mode == "qat":
     h = qat.fake_quant_gmm_swiglu_quant(rows, weights.w_gate_up, weights.gate_up_scale, sizes,
                                         group_list_type=1, weight_bits=weight_bits,
@@ -193,7 +217,7 @@ def expert_mlp(rows: Any, expert: jax.Array, sizes: jax.Array, weights: MoEWeigh
 
 
 def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float",
-            weight_bits: int = 8,
+            weight_bits: int = 8, recipe: str | recipes.Recipe | None = None,
             gmm: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
             mesh: jax.sharding.Mesh | None = None, expert_axis: str | None = None,
             data_axis: str | None = None, capacity_factor: float | None = None,
@@ -219,7 +243,10 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
     weights: `MoEWeights` (scales required in modes qat and int8).
     top_k: experts per token.
     mode: "float", "qat" or "int8".
-    weight_bits: 8 or 4 (qat, int8).
+    weight_bits: 8 or 4 (qat, int8): int8 or int4 per-channel weights, int8 tokens.
+    recipe: None, or a recipe of `npu_ops.recipes` ("w8a8", "w4a8", "w4a4", "fp8",
+      "mxfp4"): the weights' and activations' formats instead (qat, int8; weights and
+      scales in its layout, `recipes.Recipe.quantize_weight`).
     gmm: float mode's grouped matmul (default `grouped_matmul`).
     mesh, expert_axis, data_axis: see above (all None: one device).
     capacity_factor: None (default): no token is ever dropped (each device can
@@ -239,7 +266,8 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
   if mode not in MODES:
     fail("mode", f"one of {MODES}", repr(mode))
   qat.qmax_for(weight_bits, "weight_bits")
-  d, e = _check_weights(weights, mode)
+  recipe = None if recipe is None else recipes.get(recipe)
+  d, e = _check_weights(weights, mode, recipe)
   if x.ndim < 1 or x.shape[-1] != d:
     fail("x", f"[..., d_model={d}]", describe(x))
   top_k = check_int("top_k", top_k, minimum=1)  # a NumPy int too, as MoEMLP takes it
@@ -247,7 +275,7 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
   if gmm is not None and not callable(gmm):
     fail("gmm", "None or a callable gmm(lhs, rhs, group_sizes)", repr(gmm), TypeError)
   tokens = jnp.asarray(x).reshape(-1, d).astype(jnp.float32)  # NumPy x: gathered by traced ids
-  config = dict(top_k=top_k, mode=mode, weight_bits=weight_bits, gmm=gmm)
+  config = dict(top_k=top_k, mode=mode, weight_bits=weight_bits, gmm=gmm, recipe=recipe)
   if mesh is None:
     check_no_parallel_options(expert_axis=expert_axis, data_axis=data_axis,
                               capacity_factor=capacity_factor, exchange=exchange)
@@ -259,18 +287,19 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
   return MoEOutput(y.reshape(x.shape[:-1] + (d,)), dropped)
 
 
-def _one_device(tokens, weights, *, top_k, mode, weight_bits, gmm):
+def _one_device(tokens, weights, *, top_k, mode, weight_bits, gmm, recipe):
   e = weights.router.shape[1]
   gate, experts = top_k_routing(tokens @ weights.router, top_k)
   routing = dispatch(experts, e)
-  rows = jax.tree.map(lambda a: a[routing.token_index], token_rows(tokens, mode))
+  rows = jax.tree.map(lambda a: a[routing.token_index], token_rows(tokens, mode, recipe))
   y = expert_mlp(rows, routing.expert, routing.group_sizes, weights, mode=mode,
-                 weight_bits=weight_bits, gmm=gmm, expected_rows=routing.expert.shape[0] // e)
+                 weight_bits=weight_bits, gmm=gmm, expected_rows=routing.expert.shape[0] // e,
+                 recipe=recipe)
   return combine(y, routing, gate), jnp.zeros((), jnp.int32)
 
 
 def _expert_parallel(tokens, weights, *, mesh, expert_axis, data_axis, capacity_factor,
-                     exchange, top_k, mode, weight_bits, gmm):
+                     exchange, top_k, mode, weight_bits, gmm, recipe):
   e = weights.router.shape[1]
   check_expert_parallel(e, mesh=mesh, expert_axis=expert_axis, data_axis=data_axis,
                         capacity_factor=capacity_factor, exchange=exchange)
@@ -296,7 +325,7 @@ def _expert_parallel(tokens, weights, *, mesh, expert_axis, data_axis, capacity_
       dropped = jnp.zeros((), jnp.int32)
     routing = dispatch(experts, e + (capacity < pairs))
     plan = ep.plan(routing.group_sizes[:e], expert_axis, devices)
-    rows = jax.tree.map(lambda a: a[routing.token_index], token_rows(tokens, mode))
+    rows = jax.tree.map(lambda a: a[routing.token_index], token_rows(tokens, mode, recipe))
     got = ep.to_owners(rows, plan, expert_axis, capacity, exchange)
     got_expert = ep.received_experts(plan, capacity)  # per_device past each source's rows
     order = jnp.argsort(got_expert, stable=True).astype(jnp.int32)
@@ -304,7 +333,7 @@ def _expert_parallel(tokens, weights, *, mesh, expert_axis, data_axis, capacity_
     sizes = jnp.sum(plan.recv_counts, axis=0, dtype=jnp.int32)  # rows per local expert
     y = expert_mlp(jax.tree.map(lambda a: a[order], got), got_expert[order], sizes,
                    weights, mode=mode, weight_bits=weight_bits, gmm=gmm,
-                   expected_rows=pairs * devices // e)
+                   expected_rows=pairs * devices // e, recipe=recipe)
     y = ep.to_sources(y[back], plan, expert_axis, capacity, exchange, routing.token_index.shape[0])
     return combine(y, routing, gate), jax.lax.psum(dropped, token_axes)
 
@@ -366,19 +395,22 @@ def check_expert_parallel(num_experts: int, *, mesh: Any, expert_axis: Any, data
           f"expert_axis={expert_axis!r}", num_experts)
 
 
-def _check_weights(weights: MoEWeights, mode: str) -> tuple[int, int]:
-  """(d_model, num_experts) after checking the weights' shapes for `mode`."""
+def _check_weights(weights: MoEWeights, mode: str, recipe: recipes.Recipe | None = None
+                   ) -> tuple[int, int]:
+  """(d_model, num_experts) after checking the weights' shapes for `mode` (and `recipe`)."""
   if not isinstance(weights, MoEWeights):
     fail("weights", "an npu_ops.moe.MoEWeights", type(weights).__name__, TypeError)
   check_rank("weights.router", weights.router, 2)
   d, e = weights.router.shape
   check_rank("weights.w_gate_up", weights.w_gate_up, 3)
+  codes = np.dtype(np.int8) if recipe is None else recipe.code_dtype
   # the mode decides the weights' kind: name them here, not as the inner op's operand
   for name in ("w_gate_up", "w_down"):
     a = getattr(weights, name)
     check_array(f"weights.{name}", a)
-    if mode == "int8" and np.dtype(a.dtype) != np.int8:
-      fail(f"weights.{name}", "int8 codes in mode 'int8'", describe(a), TypeError)
+    if mode == "int8" and np.dtype(a.dtype) != codes:
+      fail(f"weights.{name}", f"{codes.name} codes in mode 'int8'"
+           + ("" if recipe is None else f" with recipe {recipe.name!r}"), describe(a), TypeError)
     if mode != "int8" and not jnp.issubdtype(a.dtype, jnp.floating):
       fail(f"weights.{name}", f"float weights in mode {mode!r}", describe(a), TypeError)
   f2 = weights.w_gate_up.shape[2]
@@ -387,8 +419,16 @@ def _check_weights(weights: MoEWeights, mode: str) -> tuple[int, int]:
   require(tuple(weights.w_down.shape) == (e, f2 // 2, d), "weights.w_down",
           f"[e={e}, d_ff={f2 // 2}, d={d}]", describe(weights.w_down))
   if mode != "float":
-    for name, scale, n in (("gate_up_scale", weights.gate_up_scale, f2),
-                           ("down_scale", weights.down_scale, d)):
-      require(scale is not None and tuple(scale.shape) == (e, n), f"weights.{name}",
-              f"float32 [e={e}, {n}] in mode {mode!r}", describe(scale))
+    for name, scale, k, n in (("gate_up_scale", weights.gate_up_scale, d, f2),
+                              ("down_scale", weights.down_scale, f2 // 2, d)):
+      if recipe is None:
+        want = (e, n)
+      elif mode == "qat" and not recipe.learned_scales:
+        want = None
+      else:
+        want = recipe.scale_shape(e, k, n)
+      got = None if scale is None else tuple(scale.shape)
+      expected = ("None" if want is None else f"float32 [e={e}, {n}]" if recipe is None
+                  else f"{list(want)}")
+      require(got == want, f"weights.{name}", f"{expected} in mode {mode!r}", describe(scale))
   return d, e

@@ -17,6 +17,7 @@ except ImportError as e:  # flax is an extra: say which
 from npu_ops._validation import check_float_array, check_int, fail, require
 from npu_ops import moe
 from npu_ops import qat
+from npu_ops import recipes
 from npu_ops.quant_matmul import check_output_dtype, npu_quant_matmul
 
 
@@ -101,13 +102,21 @@ class MoEMLP(nnx.Module):
   at `amax / qmax`; float -> int8 is post-training quantization; qat -> int8
   keeps the learned scales. The router always stays float.
 
+  Recipes: `recipe="w8a8" | "w4a8" | "w4a4" | "fp8" | "mxfp4"` (`npu_ops.recipes`) sets
+  the formats of the expert weights and of the activations entering both grouped
+  matmuls, in place of `weight_bits`: mode "qat" runs the recipe's fake quantizers
+  (learned log-scales per channel, or per group of 32 rows for "w4a8"; MX's block
+  scales are not learned, so an "mxfp4" layer has no scale parameters), mode "int8" its
+  codes (int8 / int4 values in int8, float8_e4m3fn or float4_e2m1fn, with their scales:
+  `recipes.Recipe.quantize_weight`), the fused op for "w8a8".
+
   Attributes:
     router: Param float32 `[d_model, e]`.
     w_gate_up: Param `[e, d_model, 2 * d_ff]` (float, qat); QuantParam int8
       codes (int8).
     w_down: Param `[e, d_ff, d_model]` (float, qat); QuantParam int8 codes (int8).
     gate_up_log_scale, down_log_scale: Param, log of the per-channel scales
-      `[e, 2 * d_ff]`, `[e, d_model]` (qat).
+      `[e, 2 * d_ff]`, `[e, d_model]` (qat; a recipe's `scale_shape`, none for MX).
     gate_up_scale, down_scale: QuantParam, the scales themselves (int8).
   `weight_scales()` returns the scales in both modes.
 
@@ -128,7 +137,7 @@ class MoEMLP(nnx.Module):
   MODES = ("float", "qat", "int8")
 
   def __init__(self, d_model: int, d_ff: int, num_experts: int, *, top_k: int = 2,
-               mode: str = "float", weight_bits: int = 8,
+               mode: str = "float", weight_bits: int = 8, recipe: str | None = None,
                gmm: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
                mesh: jax.sharding.Mesh | None = None, expert_axis: str | None = None,
                data_axis: str | None = None, capacity_factor: float | None = None,
@@ -142,8 +151,17 @@ class MoEMLP(nnx.Module):
     if gmm is not None and not callable(gmm):
       fail("gmm", "None or a callable gmm(lhs, rhs, group_sizes)", repr(gmm), TypeError)
     qat.qmax_for(weight_bits, "weight_bits")
+    if recipe is not None:
+      recipes.get(recipe)
+      require(weight_bits == 8, "weight_bits", "8 (the default) with a recipe, which sets the "
+              "weights' format", weight_bits)
+      for name, k in (("d_model", d_model), ("d_ff", d_ff)):  # k of either projection
+        require(k % (recipes.get(recipe).weight_group or 1) == 0
+                and (recipes.get(recipe).weights != "mxfp4" or k % 32 == 0), name,
+                f"a multiple of the recipe {recipe!r}'s weight blocks", k)
     self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
     self.top_k, self.mode, self.weight_bits = top_k, mode, weight_bits
+    self.recipe = recipe
     self.gmm = gmm
     self.parallel = dict(mesh=mesh, expert_axis=expert_axis, data_axis=data_axis,
                          capacity_factor=capacity_factor, exchange=exchange)
@@ -166,6 +184,10 @@ class MoEMLP(nnx.Module):
     if self.mode == "float":
       self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
       return
+    if self.recipe is not None:
+      self._set_recipe_weights(recipes.get(self.recipe), w_gate_up, w_down, gate_up_scale,
+                               down_scale)
+      return
     bits = self.weight_bits
     if gate_up_scale is None:
       gate_up_scale = qat.weight_scale_from_amax(w_gate_up, bits=bits)
@@ -178,6 +200,20 @@ class MoEMLP(nnx.Module):
       self.w_gate_up = QuantParam(qat.quantize_weight(w_gate_up, gate_up_scale, bits=bits))
       self.w_down = QuantParam(qat.quantize_weight(w_down, down_scale, bits=bits))
       self.gate_up_scale, self.down_scale = QuantParam(gate_up_scale), QuantParam(down_scale)
+
+  def _set_recipe_weights(self, r, w_gate_up, w_down, gate_up_scale, down_scale):
+    if gate_up_scale is None:
+      gate_up_scale, down_scale = r.initial_weight_scale(w_gate_up), r.initial_weight_scale(w_down)
+    if self.mode == "qat":
+      self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
+      if r.learned_scales:
+        self.gate_up_log_scale = nnx.Param(jnp.log(gate_up_scale))
+        self.down_log_scale = nnx.Param(jnp.log(down_scale))
+      return
+    (codes_gu, scale_gu), (codes_d, scale_d) = (r.quantize_weight(w_gate_up, gate_up_scale),
+                                                r.quantize_weight(w_down, down_scale))
+    self.w_gate_up, self.w_down = QuantParam(codes_gu), QuantParam(codes_d)
+    self.gate_up_scale, self.down_scale = QuantParam(scale_gu), QuantParam(scale_d)
 
   def _placed(self, a, axis):
     """`a` sharded over `axis` (its first dim; None: replicated) on the layer's mesh."""
@@ -192,15 +228,18 @@ class MoEMLP(nnx.Module):
     if mode not in allowed:
       raise ValueError(f"mode: a {self.mode!r} layer converts to one of {allowed}, got {mode!r}")
     new = MoEMLP(self.d_model, self.d_ff, self.num_experts, top_k=self.top_k, mode=mode,
-                 weight_bits=self.weight_bits, **self.parallel, rngs=nnx.Rngs(0))
+                 weight_bits=self.weight_bits, recipe=self.recipe, **self.parallel,
+                 rngs=nnx.Rngs(0))
     new.router = nnx.Param(self.router[...])  # already placed
     new._set_expert_weights(self.w_gate_up[...], self.w_down[...], *(self.weight_scales() or ()))
     return new
 
   def weight_scales(self) -> tuple[jax.Array, jax.Array] | None:
-    """Per-channel weight scales (gate/up `[e, 2 * d_ff]`, down `[e, d_model]`), or
-    None for a float layer."""
+    """Weight scales (gate/up `[e, 2 * d_ff]`, down `[e, d_model]` per channel; a recipe's
+    `scale_shape`), or None for a float layer and an "mxfp4" qat layer."""
     if self.mode == "qat":
+      if not hasattr(self, "gate_up_log_scale"):  # MX: block scales are not parameters
+        return None
       return jnp.exp(self.gate_up_log_scale[...]), jnp.exp(self.down_log_scale[...])
     if self.mode == "int8":
       return self.gate_up_scale[...], self.down_scale[...]
@@ -214,7 +253,8 @@ class MoEMLP(nnx.Module):
     scales = self.weight_scales() or (None, None)
     weights = moe.MoEWeights(self.router[...], self.w_gate_up[...], self.w_down[...], *scales)
     out = moe.moe_mlp(x, weights, top_k=self.top_k, mode=self.mode,
-                      weight_bits=self.weight_bits, gmm=self.gmm, **self.parallel)
+                      weight_bits=self.weight_bits, recipe=self.recipe, gmm=self.gmm,
+                      **self.parallel)
     if self.parallel["capacity_factor"] is not None:
       self.sow(nnx.Intermediate, "dropped", out.dropped)
     return out.y

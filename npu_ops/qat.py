@@ -280,7 +280,8 @@ def weight_scale_from_amax(weight: jax.Array, *, groups: int = 1, bits: int = 8)
       or k % groups:
     fail("groups", f"a positive int dividing k={k}", repr(groups))
   amax = jnp.max(jnp.abs(weight.reshape(e, groups, k // groups, n)), axis=2).astype(jnp.float32)
-  scale = jnp.where(amax > 0, amax / qmax, 1.0)
+  # correctly rounded (XLA's float32 division need not be)
+  scale = jnp.where(amax > 0, epilogue.scale_for_amax(amax, qmax), 1.0)
   return scale[:, 0] if groups == 1 else scale
 
 

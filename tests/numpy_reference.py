@@ -101,23 +101,25 @@ def swiglu(c: np.ndarray) -> np.ndarray:
 
 
 # the largest code of each per-token output type (semantics A.3 items 3 and 6)
-QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
+QMAX = {"int8": 127.0, "int4": 7.0, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
 
 
 def per_token(s: np.ndarray, out: str = "int8") -> tuple[np.ndarray, np.ndarray]:
-  """scale = amax/qmax; Q = RNE(S * (qmax/amax)) saturated at +-qmax (int8: an integer,
-  fp8: the ml_dtypes cast); amax = 0 -> (0, 0) (semantics A.3 items 2, 3, 6)."""
+  """scale = amax/qmax; Q = RNE(S * (qmax/amax)) saturated at +-qmax (int8, int4: an
+  integer (int4 values in int8), fp8: the ml_dtypes cast); amax = 0 -> (0, 0) (semantics
+  A.3 items 2, 3, 6)."""
   s = s.astype(F32)
   qmax = F32(QMAX[out])
   amax = np.max(np.abs(s), axis=-1)
-  q = np.zeros(s.shape, np.int8 if out == "int8" else getattr(ml_dtypes, out))
+  integer = out in ("int8", "int4")
+  q = np.zeros(s.shape, np.int8 if integer else getattr(ml_dtypes, out))
   for r in range(s.shape[0]):
     if amax[r] > 0:
       # float32 arithmetic as if its exponent had no limit: a tiny row (where qmax / amax
       # would overflow) is scaled by 2**64 first, which changes no rounding.
       lift = F32(2.0 ** 64) if amax[r] < 2.0 ** -64 else F32(1)
       v = np.clip((s[r] * lift) * (qmax / (amax[r] * lift)), -qmax, qmax)
-      q[r] = np.rint(v).astype(np.int8) if out == "int8" else v.astype(q.dtype)
+      q[r] = np.rint(v).astype(np.int8) if integer else v.astype(q.dtype)
   return q, (amax / qmax).astype(F32)
 
 
