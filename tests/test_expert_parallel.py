@@ -110,6 +110,24 @@ def check_forward(bits):
     np.testing.assert_array_equal(got.y, want.y)
 
 
+def check_recipe_forward(recipe):
+  """A recipe's deployed layer (`npu_ops.recipes`: its codes, quantized per device) equals
+  the one-device layer bit for bit: each row's result depends on its row and expert only."""
+  import jax  # noqa: PLC0415
+  from npu_ops import moe, recipes  # noqa: PLC0415
+  r = recipes.get(recipe)
+  w = _weights("float")
+  (gu, s_gu), (d, s_d) = (r.quantize_weight(a, r.initial_weight_scale(a))
+                          for a in (w.w_gate_up, w.w_down))
+  w = w._replace(w_gate_up=gu, w_down=d, gate_up_scale=s_gu, down_scale=s_d)
+  x = _routed_tokens(5)
+  layer = lambda **parallel: jax.jit(functools.partial(
+      moe.moe_mlp, top_k=K, mode="int8", recipe=recipe, **parallel))(x, w)
+  want, got = layer(), layer(mesh=_mesh(), expert_axis="expert")
+  assert np.abs(np.asarray(want.y)).max() > 0
+  np.testing.assert_array_equal(got.y, want.y)
+
+
 def check_forward_and_gradients(mode):
   """float, qat: outputs (float: and the NumPy layer) and the gradients of x and every
   weight equal the one-device layer's up to float32 rounding (rows summed in other
@@ -306,6 +324,11 @@ slow = pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, pytest.param(4, marks=slow)])
 def test_int8_forward_equals_one_device_bit_for_bit(on_devices, bits):
   on_devices(check_forward, bits)
+
+
+@pytest.mark.parametrize("recipe", ["w4a4", pytest.param("fp8", marks=slow)])
+def test_recipe_forward_equals_one_device_bit_for_bit(on_devices, recipe):
+  on_devices(check_recipe_forward, recipe)
 
 
 @pytest.mark.parametrize("mode", ["float", pytest.param("qat", marks=slow)])

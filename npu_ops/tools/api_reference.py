@@ -17,6 +17,7 @@ SECTIONS = (
     ("npu_ops", None),
     ("npu_ops.nn", ("MoEMLP", "LinearA8W8Quant")),
     ("npu_ops.moe", ("moe_mlp", "MoEWeights", "MoEOutput", "Dispatch")),
+    ("npu_ops.recipes", ("Recipe", "RECIPES", "get")),
     ("npu_ops.perf", ("predict", "Prediction", "KernelCost")),
 )
 PATH = pathlib.Path(__file__).resolve().parents[2] / "docs" / "api.md"

@@ -69,9 +69,10 @@ class Settings:
   seq: int = 128
   batch: int = 16
   steps: int = 1000          # float training
-  ft_steps: int = 120        # each fine-tune (float_ft and QAT)
+  ft_steps: int = 90         # each fine-tune (float_ft and QAT)
   lr: float = 3e-3
   ft_lr: float = 5e-4
+X
   eval_windows: int = 256    # validation windows of `seq` bytes
   seeds: int = 3             # fine-tune seeds of the 4-bit recipes (others: 1)
   train_bytes: int = 16 << 20
@@ -186,15 +187,25 @@ def evaluate(model, valid_batches, eval_fn) -> float:
   return float(np.mean([float(eval_fn(model, b)) for b in valid_batches]))
 
 
+SCALES = ("gate_up_log_scale", "down_log_scale")  # MoEMLP's learned weight scales (qat)
+
+
 def train(model, data, steps, lr, seed, s: Settings, *, frozen=(), warmup=0):
-  """Adam (cosine decay) over `steps` random batches; returns (losses, step seconds).
-  Parameters whose path holds a name in `frozen` are not updated."""
+  """AdamW (cosine decay) over `steps` random batches; returns (losses, step seconds).
+  Parameters whose path holds a name in `frozen` are not updated; learned weight scales
+  (`SCALES`) take `s.scale_lr` times the learning rate (Adam's steps are relative on a
+  log-scale) and no weight decay."""
   import optax  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
   wrt = nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(f)) for f in frozen))
-  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), steps, lr * 0.1)
-  opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0),
-                                         optax.adamw(sched, weight_decay=0.01)), wrt=wrt)
+  sched = lambda scale: optax.warmup_cosine_decay_schedule(
+      0.0, lr * scale, max(warmup, 1), steps, lr * scale * 0.1)
+  labels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "scale" if any(str(getattr(k, "key", k)) in SCALES for k in path)
+      else "rest", params)
+  tx = optax.multi_transform({"rest": optax.adamw(sched(1.0), weight_decay=0.01),
+                              "scale": optax.adam(sched(s.scale_lr))}, labels)
+  opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), tx), wrt=wrt)
 
   @nnx.jit
   def step(model, opt, batch):
@@ -301,7 +312,7 @@ def run(s: Settings, recipes=RECIPES, log=print) -> list[Row]:
                                   eval_fn))
         else:
           qm = with_moe(model, lambda m: as_recipe(m, recipe, "qat"))
-          frozen = ("gate_up_log_scale", "down_log_scale") if method == "qat_ste" else ()
+          frozen = SCALES if method == "qat_ste" else ()
           curve, secs = train(qm, train_data, s.ft_steps, s.ft_lr, seed=100 + seed, s=s,
                               frozen=frozen)
           results.append(evaluate(deployed(qm, recipe), valid, eval_fn))
@@ -351,8 +362,9 @@ def _commit() -> str | None:
     return None
 
 
-def to_json(rows: list[Row], s: Settings) -> dict:
+def to_json(rows: list[Row], s: Settings, seconds: float | None = None) -> dict:
   return {"settings": dataclasses.asdict(s), "commit": _commit(), "jax": jax.__version__,
+          "seconds": seconds,
           "rows": [{"config": r.config, "method": r.method, "eval_loss": r.eval_loss,
                     "losses": r.losses, "spread": r.spread, "step_ratio": r.step_ratio,
                     "note": r.note, "curve": r.curve} for r in rows]}
@@ -372,10 +384,11 @@ def main(argv=None) -> int:
   p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
   args = p.parse_args(argv)
   s = QUICK if args.quick else Settings()
+  t0 = time.perf_counter()
   rows = run(s, args.recipes, log=lambda line: print(line, flush=True))
   print(table(rows))
   if args.json:
-    args.json.write_text(json.dumps(to_json(rows, s), indent=1))
+    args.json.write_text(json.dumps(to_json(rows, s, time.perf_counter() - t0), indent=1))
   return 0
 
 
