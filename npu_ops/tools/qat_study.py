@@ -72,7 +72,7 @@ class Settings:
   ft_steps: int = 90         # each fine-tune (float_ft and QAT)
   lr: float = 3e-3
   ft_lr: float = 5e-4
-X
+  scale_lr: float = 1.0      # the learned (log) weight scales' learning rate, x ft_lr
   eval_windows: int = 256    # validation windows of `seq` bytes
   seeds: int = 3             # fine-tune seeds of the 4-bit recipes (others: 1)
   train_bytes: int = 16 << 20
