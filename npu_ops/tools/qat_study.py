@@ -1,6 +1,6 @@
 """Does quant-aware training pay? QAT vs PTQ on a small MoE language model.
 
-    python -m npu_ops.tools.qat_study                 # the default run (about 25 min, 2 cores)
+    python -m npu_ops.tools.qat_study                 # the default run (about 28 min, 2 cores)
     python -m npu_ops.tools.qat_study --quick         # the same rows, small (about 4 min)
     python -m npu_ops.tools.qat_study --json out.json # also the rows as JSON
 
