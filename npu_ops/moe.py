@@ -267,6 +267,8 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
     fail("mode", f"one of {MODES}", repr(mode))
   qat.qmax_for(weight_bits, "weight_bits")
   recipe = None if recipe is None else recipes.get(recipe)
+  require(recipe is None or weight_bits == 8, "weight_bits",
+          "8 (the default) with a recipe, which sets the weights' format", weight_bits)
   d, e = _check_weights(weights, mode, recipe)
   if x.ndim < 1 or x.shape[-1] != d:
     fail("x", f"[..., d_model={d}]", describe(x))

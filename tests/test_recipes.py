@@ -156,6 +156,14 @@ def test_recipe_errors_name_the_argument():
     MoEMLP(64, 128, 4, recipe="w4a8", weight_bits=4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="d_ff"):
     MoEMLP(64, 48, 4, recipe="w4a8", rngs=nnx.Rngs(0))
+  from npu_ops import moe  # noqa: PLC0415
+  float_layer = MoEMLP(64, 128, 4, rngs=nnx.Rngs(0))
+  weights = moe.MoEWeights(float_layer.router[...], float_layer.w_gate_up[...],
+                           float_layer.w_down[...])
+  with pytest.raises(ValueError, match="weight_bits"):
+    moe.moe_mlp(jnp.ones((4, 64)), weights, top_k=2, recipe="w4a4", weight_bits=4)
+  with pytest.raises(ValueError, match="weights.gate_up_scale"):  # qat needs the scales
+    moe.moe_mlp(jnp.ones((4, 64)), weights, top_k=2, mode="qat", recipe="w4a8")
   layer = MoEMLP(64, 128, 4, recipe="fp8", rngs=nnx.Rngs(0)).convert("int8")
   layer.w_down = nnx.Param(layer.w_down[...].astype(jnp.int8))
   with pytest.raises(TypeError, match="weights.w_down.*float8_e4m3fn"):

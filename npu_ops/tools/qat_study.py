@@ -42,6 +42,7 @@ import sys
 import sysconfig
 import time
 import zlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -272,9 +273,22 @@ class Row:
     return float(np.max(self.losses) - np.min(self.losses))
 
 
-def run(s: Settings, recipes=RECIPES, log=print) -> list[Row]:
-  """The study: every row of the table (see the module docstring)."""
-  t_start = time.perf_counter()
+@dataclasses.dataclass
+class Baseline:
+  """The trained float model and what every recipe's rows are measured against."""
+  settings: Settings
+  model: Any
+  train_data: np.ndarray
+  valid: list
+  eval_fn: Any
+  rows: list[Row]          # float, float_ft
+  step_seconds: float      # float_ft's median step
+  started: float
+
+
+def baseline(s: Settings, log=print) -> Baseline:
+  """Trains the float model and fine-tunes it in float (`s.seeds` seeds)."""
+  started = time.perf_counter()
   train_data, valid_data = corpus(s.train_bytes)
   valid = [jnp.asarray(b) for b in np.array_split(
       windows(valid_data, s.eval_windows, s.seq + 1, np.random.default_rng(1234)), 8)]
@@ -285,49 +299,59 @@ def run(s: Settings, recipes=RECIPES, log=print) -> list[Row]:
   losses, _ = train(model, train_data, s.steps, s.lr, seed=0, s=s, warmup=s.steps // 20)
   rows = [Row("float", "float", [evaluate(model, valid, eval_fn)], curve=losses)]
   log(f"float: {rows[0].eval_loss:.4f} nats/byte after {s.steps} steps "
-      f"(train loss {np.mean(losses[-20:]):.4f}), {time.perf_counter() - t_start:.0f} s")
-  seeds = {r: s.seeds if r in FOUR_BIT else 1 for r in recipes}
-  float_ft, float_step, curves = [], {}, []
-  for seed in range(max(seeds.values())):
+      f"(train loss {np.mean(losses[-20:]):.4f}), {time.perf_counter() - started:.0f} s")
+  float_ft, step, curves = [], [], []
+  for seed in range(s.seeds):
     ft = with_moe(model, lambda m: m)
     curve, secs = train(ft, train_data, s.ft_steps, s.ft_lr, seed=100 + seed, s=s)
     float_ft.append(evaluate(ft, valid, eval_fn))
-    float_step[seed] = statistics.median(secs[2:])
+    step.append(statistics.median(secs[2:]))
     curves.append(curve)
   rows.append(Row("float", "float_ft", float_ft, curve=curves[0]))
   log(f"float_ft: {rows[-1].eval_loss:.4f} ({len(float_ft)} seeds)")
-  base_step = statistics.median(float_step.values())
-  for recipe in recipes:
-    ptq = evaluate(deployed(model, recipe), valid, eval_fn)
-    rows.append(Row(recipe, "ptq", [ptq]))
-    for method in ("qat_ste", "qat_lsq", "qwix_qat"):
-      results, steps, curves = [], [], []
-      for seed in range(seeds[recipe]):
-        if method == "qwix_qat":
-          qm = qwix_model(model, recipe, s)
-          if qm is None:
-            break
-          curve, secs = train(qm, train_data, s.ft_steps, s.ft_lr, seed=100 + seed, s=s)
-          results.append(evaluate(deployed(float_weights_of(qm, model), recipe), valid,
-                                  eval_fn))
-        else:
-          qm = with_moe(model, lambda m: as_recipe(m, recipe, "qat"))
-          frozen = SCALES if method == "qat_ste" else ()
-          curve, secs = train(qm, train_data, s.ft_steps, s.ft_lr, seed=100 + seed, s=s,
-                              frozen=frozen)
-          results.append(evaluate(deployed(qm, recipe), valid, eval_fn))
-        steps.append(statistics.median(secs[2:]))
-        curves.append(curve)
-      if not results:
-        note = QWIX_UNSUPPORTED.get(recipe, "qwix is not installed")
-        rows.append(Row(recipe, method, [float("nan")], note=note))
-        log(f"{recipe} {method}: skipped ({note})")
-        continue
-      rows.append(Row(recipe, method, results, statistics.median(steps) / base_step,
-                      curve=curves[0]))
-      log(f"{recipe} {method}: {rows[-1].eval_loss:.4f} (ptq {ptq:.4f}), step "
-          f"{rows[-1].step_ratio:.2f}x float, {time.perf_counter() - t_start:.0f} s")
-  log(f"done in {time.perf_counter() - t_start:.0f} s")
+  return Baseline(s, model, train_data, valid, eval_fn, rows, statistics.median(step), started)
+
+
+def recipe_rows(b: Baseline, recipe: str, log=print) -> list[Row]:
+  """ptq, qat_ste, qat_lsq and qwix_qat of one recipe (`s.seeds` seeds at 4 bits)."""
+  s, model = b.settings, b.model
+  ptq = evaluate(deployed(model, recipe), b.valid, b.eval_fn)
+  rows = [Row(recipe, "ptq", [ptq])]
+  for method in ("qat_ste", "qat_lsq", "qwix_qat"):
+    results, steps, curves = [], [], []
+    for seed in range(s.seeds if recipe in FOUR_BIT else 1):
+      if method == "qwix_qat":
+        qm = qwix_model(model, recipe, s)
+        if qm is None:
+          break
+        curve, secs = train(qm, b.train_data, s.ft_steps, s.ft_lr, seed=100 + seed, s=s)
+        results.append(evaluate(deployed(float_weights_of(qm, model), recipe), b.valid,
+                                b.eval_fn))
+      else:
+        qm = with_moe(model, lambda m: as_recipe(m, recipe, "qat"))
+        frozen = SCALES if method == "qat_ste" else ()
+        curve, secs = train(qm, b.train_data, s.ft_steps, s.ft_lr, seed=100 + seed, s=s,
+                            frozen=frozen)
+        results.append(evaluate(deployed(qm, recipe), b.valid, b.eval_fn))
+      steps.append(statistics.median(secs[2:]))
+      curves.append(curve)
+    if not results:
+      note = QWIX_UNSUPPORTED.get(recipe, "qwix is not installed")
+      rows.append(Row(recipe, method, [float("nan")], note=note))
+      log(f"{recipe} {method}: skipped ({note})")
+      continue
+    rows.append(Row(recipe, method, results, statistics.median(steps) / b.step_seconds,
+                    curve=curves[0]))
+    log(f"{recipe} {method}: {rows[-1].eval_loss:.4f} (ptq {ptq:.4f}), step "
+        f"{rows[-1].step_ratio:.2f}x float, {time.perf_counter() - b.started:.0f} s")
+  return rows
+
+
+def run(s: Settings, recipes=RECIPES, log=print) -> list[Row]:
+  """The study: every row of the table (see the module docstring)."""
+  b = baseline(s, log)
+  rows = b.rows + [row for recipe in recipes for row in recipe_rows(b, recipe, log)]
+  log(f"done in {time.perf_counter() - b.started:.0f} s")
   return rows
 
 
