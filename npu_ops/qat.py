@@ -70,13 +70,13 @@ def _check_float(name: str, a: Any) -> None:
 
 def _reciprocal(scale: jax.Array, numerator: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """`numerator / scale` as `(lift, inv)` (`epilogue.lifted_reciprocal`): no overflow for
-  tiny scales, and codes 0 where scale <= 0 (never NaN or inf)."""
-  return epilogue.lifted_reciprocal(scale, numerator)
+  tiny scales, and codes 0 where scale <= 0 (never NaN or inf); subnormal values count."""
+  return epilogue.lifted_reciprocal(scale, numerator, exact_subnormals=True)
 
 
 def _ratio(x: jax.Array, recip: tuple[jax.Array, jax.Array]) -> jax.Array:
   lift, inv = recip
-  return (x * lift) * inv
+  return epilogue.times_lift(x, lift) * inv
 
 
 def _grid(bits: int, dtype: Any) -> tuple[float, np.dtype | None]:
@@ -192,11 +192,14 @@ def dynamic_fake_quant(x: jax.Array, *, bits: int = 8, dtype: Any = None) -> jax
           describe(x))
   if x.shape[-1] == 0:  # nothing to quantize (as quantize_per_token: empty rows)
     return jnp.asarray(x)
-  amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
-  inv = jax.lax.stop_gradient(_reciprocal(amax, qmax))  # quantize_per_token's qmax / amax
+  x32 = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)  # for its gradient
+  exact = jax.lax.stop_gradient(epilogue.row_amax(x32))  # quantize_per_token's amax:
+  # subnormal values count (arithmetic on them, here `amax` itself, may read them as 0)
+  inv = jax.lax.stop_gradient(_reciprocal(exact, qmax))  # quantize_per_token's qmax / amax
   # quantize_per_token's scale bit for bit (correctly rounded, subnormal too), with the
   # derivative 1 / qmax of amax / qmax (the added term is 0 in the forward pass)
-  scale = jax.lax.stop_gradient(epilogue.scale_for_amax(amax, qmax)) + (
+  scale = jax.lax.stop_gradient(epilogue.scale_for_amax(exact, qmax)) + (
       amax - jax.lax.stop_gradient(amax)) / qmax
   return _lsq(x, scale, inv, qmax, None, grid)
 

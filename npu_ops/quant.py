@@ -137,7 +137,7 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
   scale 0, never NaN. Tiny rows lose nothing to float32's exponent range: codes as if
   `max / amax` could not overflow, and a subnormal scale is returned exactly, though
   XLA:CPU and TPU arithmetic on it (e.g. `q * scale`) flushes it to 0. Subnormal inputs
-  read as 0 there (their arithmetic flushes them).
+  count at their value (read from their bits where that arithmetic reads them as 0).
 
   Returns:
     (q `[..., d]` of spec.dtype, scale float32 `[...]`).
@@ -150,7 +150,8 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
           "npu_ops.quantize_mx)", repr(spec))
   if s.shape[-1] == 0:  # nothing to quantize: amax 0, scale 0
     return jnp.zeros(s.shape, spec.dtype), jnp.zeros(s.shape[:-1], jnp.float32)
-  q, scale = epilogue.quantize_rows(s.astype(jnp.float32), qmax=spec.qmax, dtype=spec.dtype)
+  q, scale = epilogue.quantize_rows(s.astype(jnp.float32), qmax=spec.qmax, dtype=spec.dtype,
+                                    exact_subnormals=True)
   return q, scale[..., 0]
 
 
@@ -177,7 +178,7 @@ def quantize_mx(s: jax.Array, dtype: Any = jnp.float8_e4m3fn) -> tuple[jax.Array
   require(s.ndim >= 1, "s", "rank >= 1 ([..., d])", describe(s))
   dtype = check_dtype_arg("dtype", dtype)
   require(dtype in _DTYPES[MX], "dtype", f"one of {_dtype_names(_DTYPES[MX])}", dtype.name)
-  codes, scale = epilogue.quantize_mx_rows(s, dtype)
+  codes, scale = epilogue.quantize_mx_rows(s, dtype, exact_subnormals=True)
   return codes, jax.lax.bitcast_convert_type(scale, jnp.float8_e8m0fnu)
 
 

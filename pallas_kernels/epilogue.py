@@ -68,28 +68,69 @@ def finish_a8w4(k_group_sum: jax.Array, assist: jax.Array, x_scale: jax.Array) -
 _TINY, _LIFT = 2.0 ** -64, 2.0 ** 64
 
 
-def lifted_reciprocal(d: jax.Array, numerator: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def lifted_reciprocal(d: jax.Array, numerator: float = 1.0, *,
+                      exact_subnormals: bool = False) -> tuple[jax.Array, jax.Array]:
   """`(lift, inv)` with `(v * lift) * inv` the float32 value of `v * (numerator / d)` as if
   float32 had no exponent limit: `lift` is 2**64 where `0 < d < 2**-64`, else 1, and
-  `inv = numerator / (d * lift)`; inv is 0 where d <= 0 (codes 0, never NaN or inf)."""
+  `inv = numerator / (d * lift)`; inv is 0 where d <= 0 (codes 0, never NaN or inf). With
+  `exact_subnormals`, a subnormal d counts at its value (see `times_lift`)."""
+  d = d.astype(jnp.float32)
   positive = d > 0
+  if exact_subnormals:  # `d > 0` is false for a subnormal d where denormals read as zero
+    bits = jax.lax.bitcast_convert_type(d, jnp.int32)
+    positive = positive | ((bits > 0) & (bits < 0x800000))
   lift = jnp.where(positive & (d < _TINY), _LIFT, 1.0).astype(d.dtype)
-  inv = jnp.where(positive, numerator / jnp.where(positive, d * lift, 1), 0)
+  lifted = times_lift(d, lift) if exact_subnormals else d * lift
+  inv = jnp.where(positive, numerator / jnp.where(positive, lifted, 1), 0)
   return lift, inv
+
+
+def times_lift(v: jax.Array, lift: jax.Array) -> jax.Array:
+  """float32 `v * lift` for a `lift` of 1 or 2**64 (`lifted_reciprocal`), exact also for a
+  subnormal v, which XLA:CPU and TPU arithmetic reads as 0: lifted from its bits
+  (`mantissa * 2**-149 * 2**64`: an int-to-float conversion and a product of normal
+  numbers, both exact). With lift 1 a subnormal v may still read as 0; then
+  `|v| / d < 2**-62` (d >= 2**-64), below half of every code's last step anyway. Not
+  differentiable through the bits (callers differentiate around it)."""
+  v = v.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+  mant = (bits & 0x7FFFFF).astype(jnp.float32) * (2.0 ** -85)
+  lifted_sub = jax.lax.stop_gradient(jnp.where(bits < 0, -mant, mant))
+  subnormal = (bits & 0x7F800000) == 0
+  return jnp.where(subnormal & (lift > 1), lifted_sub, v * lift)
+
+
+def row_amax(s: jax.Array) -> jax.Array:
+  """`max |s|` over the last axis (`[..., 1]`, float32), exact for subnormal values (which
+  XLA:CPU and TPU compare as 0). A float max is exact unless a row's is 0 (all zero or all
+  subnormal); only then is the largest magnitude read from the bits (non-negative floats
+  order as their int32 bits do; XLA:CPU reduces int32 bits 9x slower than floats)."""
+  s = s.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(s), axis=-1, keepdims=True)
+
+  def from_bits():
+    bits = jax.lax.bitcast_convert_type(s, jnp.int32) & 0x7FFFFFFF
+    return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1, keepdims=True), jnp.float32)
+
+  return jax.lax.cond(jnp.any(amax == 0), from_bits, lambda: amax)
 
 
 def codes_for_amax(s: jax.Array, amax: jax.Array, *, qmax: float = INT8_QMAX,
                    dtype=jnp.int8,
                    round_fn: Callable[[jax.Array], jax.Array] = jnp.round,
-                   fp8_as_bits: bool = False) -> jax.Array:
+                   fp8_as_bits: bool = False, exact_subnormals: bool = False) -> jax.Array:
   """Per-token codes given each row's amax (`[..., 1]`, float32): `s * (qmax / amax)`
   clipped to [-qmax, qmax], then rounded half to even into `dtype` (int8: `round_fn`;
   fp8: the cast, whose saturation the clip is), 0 where amax = 0 (semantics A.3 item 3),
   without overflow for tiny amax (`lifted_reciprocal`). Kernels that see a row in
   pieces compute amax first, then call this (with `round_fn=round_half_even_small` where
-  `round` does not lower, and `fp8_as_bits` for fp8 codes as uint8 `float8_bits`)."""
-  lift, inv = lifted_reciprocal(amax, qmax)
-  v = jnp.clip((s * lift) * inv, -qmax, qmax)
+  `round` does not lower, and `fp8_as_bits` for fp8 codes as uint8 `float8_bits`).
+  `exact_subnormals`: subnormal `s` and amax count at their values (`times_lift`), where
+  XLA:CPU and TPU arithmetic reads them as 0; the fused op's epilogue goes without (its
+  values come out of that arithmetic, already flushed)."""
+  lift, inv = lifted_reciprocal(amax, qmax, exact_subnormals=exact_subnormals)
+  lifted = times_lift(s, lift) if exact_subnormals else s * lift
+  v = jnp.clip(lifted * inv, -qmax, qmax)
   if jnp.issubdtype(dtype, jnp.floating):
     return float8_bits(v, dtype) if fp8_as_bits else v.astype(dtype)
   return round_fn(v).astype(dtype)
@@ -189,12 +230,14 @@ def _divide_by_small_int(a: jax.Array, d: int) -> jax.Array:
 
 def quantize_rows(s: jax.Array, *, qmax: float = INT8_QMAX, dtype=jnp.int8,
                   round_fn: Callable[[jax.Array], jax.Array] = jnp.round,
-                  as_bits: bool = False) -> tuple[jax.Array, jax.Array]:
+                  as_bits: bool = False, exact_subnormals: bool = False
+                  ) -> tuple[jax.Array, jax.Array]:
   """Dynamic per-token quantization of float32 `s [..., d]` over its last axis:
-  (codes `[..., d]` (fp8 as their bits with `as_bits`), scale `amax / qmax` `[..., 1]`)."""
-  amax = jnp.max(jnp.abs(s), axis=-1, keepdims=True)
+  (codes `[..., d]` (fp8 as their bits with `as_bits`), scale `amax / qmax` `[..., 1]`);
+  `exact_subnormals` as in `codes_for_amax`."""
+  amax = (row_amax(s) if exact_subnormals else jnp.max(jnp.abs(s), axis=-1, keepdims=True))
   return (codes_for_amax(s, amax, qmax=qmax, dtype=dtype, round_fn=round_fn,
-                         fp8_as_bits=as_bits),
+                         fp8_as_bits=as_bits, exact_subnormals=exact_subnormals),
           scale_for_amax(amax, qmax))
 
 
@@ -215,8 +258,8 @@ E8M0_NAN = 0xFF
 MX_EMAX = {"float8_e4m3fn": 8, "float8_e5m2": 15, "float4_e2m1fn": 2}
 
 
-def quantize_mx_blocks(s: jax.Array, dtype, *, as_bits: bool = False
-                       ) -> tuple[jax.Array, jax.Array]:
+def quantize_mx_blocks(s: jax.Array, dtype, *, as_bits: bool = False,
+                       exact_subnormals: bool = False) -> tuple[jax.Array, jax.Array]:
   """MX quantization of blocks `s [..., blocks, 32]` (rounded to bfloat16 first), as the
   Ascend 950 epilogue does it (semantics B.1.6), with `E` the largest exponent field of the
   block's bfloat16 values:
@@ -228,7 +271,9 @@ def quantize_mx_blocks(s: jax.Array, dtype, *, as_bits: bool = False
     rounding half to even and saturating at its largest finite value.
 
   Returns (codes `[..., blocks, 32]` of dtype, or their uint8 bits with `as_bits`
-  (`float8_bits`), scale bytes uint8 `[..., blocks, 1]`).
+  (`float8_bits`), scale bytes uint8 `[..., blocks, 1]`). `exact_subnormals`: subnormal
+  values next to a normal one are scaled from their bits (XLA:CPU and TPU arithmetic reads
+  them as 0; the fused op's epilogue goes without, as in `codes_for_amax`).
   """
   dtype = jnp.dtype(dtype)
   emax = MX_EMAX[dtype.name]
@@ -241,7 +286,15 @@ def quantize_mx_blocks(s: jax.Array, dtype, *, as_bits: bool = False
   multiplier = jnp.where(block_exp == 0, 0.0, multiplier)
   top = float(jnp.finfo(dtype).max)
   # value * 2**k of a bfloat16 is a bfloat16 (or far below the element type's grid)
-  codes = jnp.clip(v * multiplier, -top, top)
+  scaled = v * multiplier
+  if exact_subnormals:  # mantissa * 2**-149 * 2**(127 - e) = mantissa * 2**(-22 - e), exact
+    # (normal factors); past e = 104 it is below 2**-104, far below every code (bits 0)
+    vbits = jax.lax.bitcast_convert_type(v, jnp.int32)
+    sub = ((vbits & 0x7F800000) == 0) & (block_exp > 0)
+    sub_mag = (vbits & 0x7FFFFF).astype(jnp.float32) * jax.lax.bitcast_convert_type(
+        jnp.maximum(105 - e, 0) << 23, jnp.float32)
+    scaled = jnp.where(sub, jnp.where(vbits < 0, -sub_mag, sub_mag), scaled)
+  codes = jnp.clip(scaled, -top, top)
   nan_block = block_exp == E8M0_NAN
   fp8 = jnp.finfo(dtype).bits == 8
   if as_bits:
@@ -252,15 +305,15 @@ def quantize_mx_blocks(s: jax.Array, dtype, *, as_bits: bool = False
   return codes, scale.astype(jnp.uint8)
 
 
-def quantize_mx_rows(s: jax.Array, dtype, *, as_bits: bool = False
-                     ) -> tuple[jax.Array, jax.Array]:
+def quantize_mx_rows(s: jax.Array, dtype, *, as_bits: bool = False,
+                     exact_subnormals: bool = False) -> tuple[jax.Array, jax.Array]:
   """`quantize_mx_blocks` along the last axis of `s [..., d]`, a last short block padded
   with zeros: (codes `[..., d]`, scale bytes uint8 `[..., ceil(d / 32)]`)."""
   d = s.shape[-1]
   blocks = -(-d // MX_BLOCK)
   padded = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, blocks * MX_BLOCK - d)])
   codes, scale = quantize_mx_blocks(padded.reshape(*s.shape[:-1], blocks, MX_BLOCK), dtype,
-                                    as_bits=as_bits)
+                                    as_bits=as_bits, exact_subnormals=exact_subnormals)
   return codes.reshape(*s.shape[:-1], blocks * MX_BLOCK)[..., :d], scale[..., 0]
 
 

@@ -87,16 +87,15 @@ def test_expert_parallel_int8_layer_on_zero_tokens():
 
 
 # --- 5: subnormal inputs ----------------------------------------------------------------------
-# Reading subnormals exactly (from their bits) cost the fused op 11-21% of its CPU time at
-# m=4096, e=16 and 71% at m=512, e=8 (one measurement, 2026-12-04): reverted, still open.
-SUBNORMAL_OPEN = "issue 32 item 5: subnormal inputs read as 0 on XLA:CPU (exact version too slow)"
-
+# The quantizers read a user's subnormal values from their bits (XLA:CPU and TPU arithmetic
+# reads them as 0). The fused op's epilogue goes without: its values come out of that
+# arithmetic already flushed, and the bit reads cost it 11-21% of its CPU time at m=4096,
+# e=16 (71% at m=512, e=8; measured 2026-12-04).
 SUBNORMAL_ROWS = np.array([[2e-38, 1.1e-38, 0.0, -5e-39],     # one normal value, subnormals
                            [1e-39, -3e-40, 1e-45, 0.0],       # all subnormal
                            [0.0, 0.0, 0.0, 0.0]], np.float32)
 
 
-@pytest.mark.xfail(strict=True, reason=SUBNORMAL_OPEN)
 @pytest.mark.parametrize("out", ["int8", "float8_e4m3fn", "float8_e5m2"])
 def test_per_token_quantization_reads_subnormals_exactly(out):
   # NumPy keeps subnormals (no flush to zero): the reference is the formula itself
@@ -110,7 +109,6 @@ def test_per_token_quantization_reads_subnormals_exactly(out):
     assert (np.asarray(q)[1] != 0).sum() == 2  # 1e-45 / 1e-39 * 127 rounds to 0
 
 
-@pytest.mark.xfail(strict=True, reason=SUBNORMAL_OPEN)
 def test_fake_quant_sees_the_codes_of_subnormal_inputs():
   """QAT's codes are quantize_per_token's (the product q * scale is what the CPU flushes)."""
   want_q, _ = ref.per_token(SUBNORMAL_ROWS)
@@ -118,7 +116,6 @@ def test_fake_quant_sees_the_codes_of_subnormal_inputs():
   np.testing.assert_array_equal(qat.quantize(SUBNORMAL_ROWS, amax / np.float32(127)), want_q)
 
 
-@pytest.mark.xfail(strict=True, reason=SUBNORMAL_OPEN)
 def test_mx_codes_of_subnormal_values_next_to_a_normal_one():
   s = np.zeros((1, 32), np.float32)
   s[0, :3] = [2.0 ** -120, 1e-39, -3e-40]
