@@ -8,7 +8,7 @@ and sums each token's k expert outputs with its gate weights. `expert_mlp` runs
 the experts on sorted rows (float, qat or int8); `moe_mlp` is the whole layer,
 on one device or with its experts sharded over a mesh axis (expert parallelism:
 each device routes its own tokens, sends each row to its expert's owner and gets
-the result back; see `npu_ops.expert_parallel`).
+the result back; see `npu_ops._src.expert_parallel`).
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from npu_ops import expert_parallel as ep
-from npu_ops import groups
-from npu_ops import operands
-from npu_ops import qat
-from npu_ops import quant
+from npu_ops._src import expert_parallel as ep
+from npu_ops._src import groups
+from npu_ops._src import operands
+from npu_ops._src import qat
+from npu_ops._src import quant
 from npu_ops import recipes
-from npu_ops._validation import (check_array, check_float_array, check_int, check_rank, describe,
+from npu_ops._src.validation import (check_array, check_float_array, check_int, check_rank, describe,
                                  fail, require)
-from npu_ops.gmm import grouped_matmul
-from npu_ops.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2
+from npu_ops._src.gmm import grouped_matmul
+from npu_ops._src.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2
 
 MODES = ("float", "qat", "int8")
 

@@ -14,11 +14,11 @@ try:
 except ImportError as e:  # flax is an extra: say which
   raise ImportError("npu_ops.nn needs Flax: pip install 'npu_ops[nn]' (or flax>=0.12)") from e
 
-from npu_ops._validation import check_float_array, check_int, fail, require
+from npu_ops._src.validation import check_float_array, check_int, fail, require
 from npu_ops import moe
-from npu_ops import qat
+from npu_ops._src import qat
 from npu_ops import recipes
-from npu_ops.quant_matmul import check_output_dtype, npu_quant_matmul
+from npu_ops._src.quant_matmul import check_output_dtype, npu_quant_matmul
 
 
 class QuantParam(nnx.Variable):

@@ -15,7 +15,7 @@ SwiGLU output h):
 Each has two forms, which compute the same numbers up to float rounding:
 
 * QAT (`fake_weight`, `fake_activation`): float values on the recipe's grid, with the STE /
-  LSQ gradients of `npu_ops.qat` (weight scales are learned, except MX's powers of two);
+  LSQ gradients of `npu_ops._src.qat` (weight scales are learned, except MX's powers of two);
 * deployment (`quantize_weight`, `quantize_activation`, `codes_matmul`): the codes and
   scales themselves, multiplied exactly (int32 for integer codes; fp8 and fp4 codes are
   exact in bfloat16, their products exact in float32, summed in float32) and dequantized.
@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops import gmm as gmm_lib
-from npu_ops import groups
-from npu_ops import qat
-from npu_ops import quant
-from npu_ops._validation import fail
+from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import groups
+from npu_ops._src import qat
+from npu_ops._src import quant
+from npu_ops._src.validation import fail
 from pallas_kernels import epilogue
 
 _FP8 = np.dtype(jnp.float8_e4m3fn)

@@ -9,5 +9,5 @@
 
 Select them through an op's `implementation="pallas_tpu" | "pallas_gpu"`
 (`interpret=True` runs them anywhere, e.g. on CPU for tests); `None` picks them
-on TPU / GPU. See `npu_ops.backend`.
+on TPU / GPU. See `npu_ops._src.backend`.
 """

@@ -3,7 +3,7 @@ other module (the epilogue math is `pallas_kernels.epilogue`).
 
 Kernels see canonical operands, read in place (never padded per call): int8 or
 float `x [m, k]`, weights `[e, k, n]`, and groups given by their row ends (int32,
-as `npu_ops.groups` makes them). Edges of m, k and n that are not whole tiles
+as `npu_ops._src.groups` makes them). Edges of m, k and n that are not whole tiles
 are masked inside the kernels.
 """
 

@@ -6,7 +6,7 @@ and writes the best here (a test regenerates some entries and compares). A probl
 the entry nearest to it in (log k, log n, log rows per group); the kernel then fits the
 tiles to its own dimensions and VMEM (`tpu.default_tiles`).
 
-The chip is the one the program is lowered for: `npu_ops.backend` sets `CHIP` from the
+The chip is the one the program is lowered for: `npu_ops._src.backend` sets `CHIP` from the
 lowering's devices (a TPU, or the compile-only devices of an AOT compile), and the model
 sets it to the chip it predicts; run eagerly on a TPU, its devices say; elsewhere
 (`jax.export`, interpret mode) `DEFAULT_CHIP`.

@@ -11,7 +11,7 @@ import os
 import pytest
 
 import npu_ops
-from npu_ops import backend
+from npu_ops._src import backend
 from pallas_kernels.common import Problem
 
 # Small kernel tiles: the test shapes then span several row tiles (tiles shared by two

@@ -47,7 +47,7 @@ MUTANTS = (
            "  return jnp.floor(v + 0.5).astype(dtype)",
            ("tests/test_ties.py", "-k", "int8 and xla")),
     # FastGELU (act_type 4) computed as GELU-tanh (act_type 2).
-    Mutant("fast_gelu_as_tanh", "npu_ops/quant.py",
+    Mutant("fast_gelu_as_tanh", "npu_ops/_src/quant.py",
            "  if act_type == ACT_FAST_GELU:  # x * sigmoid(1.702 x), in the overflow-free form of the kernel\n",
            "  if act_type == ACT_FAST_GELU:  # x * sigmoid(1.702 x), in the overflow-free form of the kernel\n"
            "    return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi).astype(np.float32) * (x + 0.044715 * x**3)))\n",
@@ -68,7 +68,7 @@ MUTANTS = (
            "  return silu(act) * gate", "  return silu(gate) * act",
            ("tests/test_implementations.py", "-k", "fused_op and A8W8 and xla")),
     # Group boundaries one row late (dynamic counts).
-    Mutant("group_boundaries", "npu_ops/groups.py",
+    Mutant("group_boundaries", "npu_ops/_src/groups.py",
            "    return lax.associative_scan(lambda a, b: jnp.minimum(a + b, m), sizes)",
            "    return jnp.minimum(lax.associative_scan(lambda a, b: jnp.minimum(a + b, m), sizes) + 1, m)",
            ("tests/test_implementations.py", "-k", "fused_op and A8W8 and xla")),
@@ -83,12 +83,12 @@ MUTANTS = (
            "  block = ROW_BLOCK",
            ("tests/test_perf.py", "-k", "tgmm_takes")),
     # int4 nibbles unpacked high first instead of low first.
-    Mutant("int4_nibble_order", "npu_ops/layouts.py",
+    Mutant("int4_nibble_order", "npu_ops/_src/layouts.py",
            "  up = jnp.asarray([28 - 4 * t for t in range(INT4_PER_INT32)], jnp.int32)",
            "  up = jnp.asarray([4 * t for t in range(INT4_PER_INT32)], jnp.int32)",
            ("tests/test_layouts.py",)),
     # NZ fractals read with their 16 rows reversed.
-    Mutant("nz_layout", "npu_ops/layouts.py",
+    Mutant("nz_layout", "npu_ops/_src/layouts.py",
            "  b = b.transpose(*range(nb), nb + 1, nb + 2, nb, nb + 3)\n"
            "  return back(b.reshape(*batch, r1 * NZ_ROWS, c1 * c0)[..., :rows, :cols])",
            "  b = b.transpose(*range(nb), nb + 1, nb + 2, nb, nb + 3)\n"
@@ -96,13 +96,13 @@ MUTANTS = (
            "  return back(b.reshape(*batch, r1 * NZ_ROWS, c1 * c0)[..., :rows, :cols])",
            ("tests/test_layouts.py",)),
     # Anti-quant without the intermediate roundings to x's dtype (semantics B.4.3 / B.6).
-    Mutant("antiquant_no_intermediate_rounding", "npu_ops/weight_quant.py",
+    Mutant("antiquant_no_intermediate_rounding", "npu_ops/_src/weight_quant.py",
            "  inter = dtype if inter is None else inter",
            "  inter = jnp.float32",
            ("tests/test_quant_matmul.py", "tests/test_npu_grouped_matmul.py", "-k",
             "weight_quant or antiquant")),
     # quant_matmul's scale without the FP19 truncation (semantics B.2.3).
-    Mutant("no_fp19", "npu_ops/quant_matmul.py",
+    Mutant("no_fp19", "npu_ops/_src/quant_matmul.py",
            "    return bits & FP19_MASK", "    return bits",
            ("tests/test_quant_matmul.py",)),
 )

@@ -17,7 +17,7 @@ import helpers
 import npu_ops
 import numpy_reference as ref
 from npu_ops import moe
-from npu_ops import qat
+from npu_ops._src import qat
 
 F16X, F16W = np.ones((16, 8), np.float16), np.ones((4, 8, 8), np.float16)
 
@@ -65,7 +65,7 @@ def test_unsigned_traced_group_sizes_saturate():
 
 def test_payload_bytes_of_zero_rows():
   """What failed (ZeroDivisionError): the int8 layer's codes and scales travel as bytes."""
-  from npu_ops import expert_parallel as ep  # noqa: PLC0415
+  from npu_ops._src import expert_parallel as ep  # noqa: PLC0415
   for rows in (0, 3):
     codes = jnp.asarray(_rng_ints((rows, 5)), jnp.int8)
     scale = jnp.linspace(0.5, 2.0, rows, dtype=jnp.float32)

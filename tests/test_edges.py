@@ -156,7 +156,7 @@ def test_fake_quant_tiny_scales_never_nan():
     g = jax.grad(lambda v, s: npu_ops.fake_quant(v, s).sum(), argnums=(0, 1))(x, jnp.float32(scale))
     assert np.all(np.isfinite(y)) and all(np.all(np.isfinite(t)) for t in g), scale
   # a tiny but normal scale: exact codes
-  q = npu_ops.qat.quantize(jnp.array([0.0, 1e-37, 2e-36, 1.0], jnp.float32), jnp.float32(2e-38))
+  q = npu_ops._src.qat.quantize(jnp.array([0.0, 1e-37, 2e-36, 1.0], jnp.float32), jnp.float32(2e-38))
   np.testing.assert_array_equal(q, [0, 5, 100, 127])
   assert np.all(np.isfinite(npu_ops.dynamic_fake_quant(jnp.array([[1e-37, 0, -5e-38]]))))
 

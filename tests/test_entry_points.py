@@ -134,6 +134,22 @@ def test_api_reference_is_current_and_complete():
   assert not missing, missing
 
 
+def test_public_surface_is_the_documented_one():
+  """The only modules under `npu_ops` a user meets are the documented ones (issue 32 item
+  17): the internals live in `npu_ops._src`, and `npu_ops.gmm` is no longer a module that
+  shadows megablox's `gmm` function."""
+  import types  # noqa: PLC0415
+  import npu_ops  # noqa: PLC0415
+  import npu_ops.nn, npu_ops.perf, npu_ops.recipes, npu_ops.tools  # noqa: F401, E401, PLC0415
+  from npu_ops.tools import api_reference  # noqa: PLC0415
+  documented = {name for name, _ in api_reference.SECTIONS} | {"npu_ops.tools"}
+  modules = {f"npu_ops.{n}" for n in dir(npu_ops)
+             if not n.startswith("_") and isinstance(getattr(npu_ops, n), types.ModuleType)}
+  assert modules == documented - {"npu_ops"}, modules
+  for internal in ("gmm", "row_blocks", "backend", "operands", "groups", "qat"):
+    assert not hasattr(npu_ops, internal), internal
+
+
 def test_dependencies_declare_floors_not_pins():
   """Installing npu_ops beside a newer JAX keeps it (issue 32 item 16): jax and jaxlib have
   floors at the version CI tests, not exact pins."""

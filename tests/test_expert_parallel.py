@@ -67,7 +67,8 @@ def _routed_tokens(seed=0):
 
 def _weights(mode, bits=8, seed=1):
   import jax.numpy as jnp  # noqa: PLC0415
-  from npu_ops import moe, qat  # noqa: PLC0415
+  from npu_ops import moe  # noqa: PLC0415
+  from npu_ops._src import qat
   rng = np.random.default_rng(seed)
   router = np.eye(D, E, dtype=np.float32) * 8
   w_gu = (rng.normal(size=(E, D, 2 * FF)) / np.sqrt(D)).astype(np.float32)
@@ -194,7 +195,7 @@ def _emulated_ragged_all_to_all(a, out, input_offsets, send_sizes, output_offset
 def check_ragged_exchange(mode, capacity_factor):
   """The ragged exchange's offsets, run through an emulated ragged_all_to_all, give the
   padded exchange's result."""
-  from npu_ops import expert_parallel  # noqa: PLC0415
+  from npu_ops._src import expert_parallel  # noqa: PLC0415
   x, w = _routed_tokens(5), _weights(mode)
   run = lambda how: _layer(mode, mesh=_mesh(), expert_axis="expert", exchange=how,
                            capacity_factor=capacity_factor)(x, w)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import npu_ops
-from npu_ops import quant
+from npu_ops._src import quant
 import numpy_reference as ref
 from helpers import SCALE_ULPS, assert_scale_close, counts_to_list
 
@@ -351,7 +351,7 @@ def test_fake_quant_fp8_forward_and_lsq_vjp(out):
 
 
 def qat_quantize(x, scale, out):
-  from npu_ops import qat  # noqa: PLC0415
+  from npu_ops._src import qat  # noqa: PLC0415
   return qat.quantize(jnp.asarray(x), jnp.asarray(scale), dtype=getattr(jnp, out))
 
 

@@ -188,7 +188,7 @@ def test_tgmm_int8_exact(sizes, block_sizes):
                                         ([0, 0, 0, 100], 2)])
 def test_tgmm_takes_the_cheapest_cover(sizes, plan):
   """Windows of m / groups rows, of twice that, or the traversal: each exact."""
-  from npu_ops import gmm as gmm_lib
+  from npu_ops._src import gmm as gmm_lib
   assert gmm_lib.tgmm_plan(np.asarray(sizes), (25, 50), 64) == plan
   assert int(jax.jit(gmm_lib.tgmm_plan, static_argnums=(1, 2))(
       jnp.asarray(sizes, jnp.int32), (25, 50), 64)) == plan
@@ -244,7 +244,7 @@ def test_no_rows(static):
 def test_remainder_blocks_cover_every_remainder_tightly(block, min_block):
   """One masked block covers a group's last rows: the smallest ladder size that fits
   computes under a quarter (+ 8 rows, + min_block) more rows than it needs."""
-  sizes = npu_ops.row_blocks.remainder_blocks(block, min_block)
+  sizes = npu_ops._src.row_blocks.remainder_blocks(block, min_block)
   assert list(sizes) == sorted(set(sizes)) and sizes[0] == min_block and sizes[-1] == block
   for rest in range(1, block + 1):
     fit = min(s for s in sizes if s >= rest)
@@ -414,9 +414,9 @@ def test_staged_traversal_finishes_every_row_once_with_its_group(block_m, min_bl
     return jax.lax.dynamic_slice_in_dim(jnp.asarray(x), r0, bl) @ ctx[0]
 
   def finish_fn(out, ctx, r0, rows, valid):  # row + 1000 * (group + 1), masked
-    return npu_ops.row_blocks.write_rows(out, rows + 1000 * (ctx[1] + 1), r0, valid)
+    return npu_ops._src.row_blocks.write_rows(out, rows + 1000 * (ctx[1] + 1), r0, valid)
 
-  out = jax.jit(lambda e: npu_ops.row_blocks.traverse_staged(
+  out = jax.jit(lambda e: npu_ops._src.row_blocks.traverse_staged(
       e, m, jnp.full((m, 5), -7, jnp.int32), row=jax.ShapeDtypeStruct((5,), jnp.int32),
       group_ctx=lambda g: (jnp.asarray(w)[g], g), dot_fn=dot_fn, finish_fn=finish_fn,
       block_sizes=npu_ops.GmmBlockSizes(block_m, min_block_m)))(jnp.asarray(ends))

@@ -7,7 +7,7 @@ import pytest
 from jax.experimental import checkify
 
 import npu_ops
-from npu_ops import groups
+from npu_ops._src import groups
 
 
 def ends_ref(gl, group_list_type, m):

@@ -1,5 +1,5 @@
 """The core numerics, once, on every implementation that has the case (`implementations`):
-the XLA path, `npu_ops.reference`, and both Pallas kernels in interpret mode, each against
+the XLA path, `npu_ops._src.reference`, and both Pallas kernels in interpret mode, each against
 the NumPy goldens; the kernels and the reference also against the XLA path, bit for bit
 where the arithmetic is the same."""
 

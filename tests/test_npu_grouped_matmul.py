@@ -13,7 +13,7 @@ import pytest
 import npu_ops
 import numpy_reference as ref
 from helpers import counts_to_list, encode_int4_weight, encode_int8_weight, int4_array
-from npu_ops import _gmm_scenarios as gmm_scenarios
+from npu_ops._src import gmm_scenarios as gmm_scenarios
 
 F32, F16, BF16 = np.float32, np.float16, ml_dtypes.bfloat16
 ROOT = pathlib.Path(__file__).resolve().parents[1]

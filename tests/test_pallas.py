@@ -11,7 +11,7 @@ import pytest
 from jax import export
 
 import npu_ops
-from npu_ops import qat
+from npu_ops._src import qat
 
 import numpy_reference as ref
 from helpers import assert_int8_equal, assert_scale_close
@@ -305,7 +305,7 @@ def test_import_boundaries():
   code = ("import sys\n"
           "import pallas_kernels.tpu, pallas_kernels.gpu\n"
           "assert not [m for m in sys.modules if m.startswith('npu_ops')], 'kernels import npu_ops'\n"
-          "import npu_ops, npu_ops.nn, npu_ops.moe, npu_ops.perf, npu_ops.expert_parallel\n"
+          "import npu_ops, npu_ops.nn, npu_ops.moe, npu_ops.perf, npu_ops._src.expert_parallel\n"
           "assert not [m for m in sys.modules if m.startswith('npu_ops.tools')], 'core imports tools'\n")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -10,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 import npu_ops
-from npu_ops import qat
+from npu_ops._src import qat
 
 import numpy_reference as ref
 from helpers import assert_int8_equal, assert_scale_close

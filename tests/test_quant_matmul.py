@@ -94,7 +94,7 @@ def test_quant_matmul_int8_output(case):
 
 def test_requant_saturation_and_ties():
   np.testing.assert_array_equal(
-      npu_ops.quant_matmul.requant_int8(jnp.asarray([-300.0, 2.5, 3.5, -2.5, 400.0]),
+      npu_ops._src.quant_matmul.requant_int8(jnp.asarray([-300.0, 2.5, 3.5, -2.5, 400.0]),
                                         jnp.asarray([200.0, 0, 0, 0, -200.0])),
       [-56, 2, 4, -2, 55])
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import npu_ops
-from npu_ops import gmm_swiglu_quant as gsq
+from npu_ops._src import gmm_swiglu_quant as gsq
 import numpy_reference as ref
 from helpers import (SCALE_ULPS, assert_int8_equal, assert_scale_close, counts_to_list, encode_int4_weight,
                      encode_int8_weight, int4_array)

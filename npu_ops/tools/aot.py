@@ -5,7 +5,7 @@
     python -m npu_ops.tools.aot --targets v5e a100 --cases fused
 
 Nothing runs on an accelerator: each case is traced with `implementation=None`,
-lowered for the target (so the per-platform dispatch of `npu_ops.backend` is what
+lowered for the target (so the per-platform dispatch of `npu_ops._src.backend` is what
 is checked) and compiled by libtpu (Mosaic included) or by XLA's CUDA compiler
 (Triton to PTX, ptxas to cubin) for a GPU described by a target config. What the
 compilers report is read back:

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import npu_ops
-from npu_ops import quant
+from npu_ops._src import quant
 
 GROUP_KINDS = ("uniform", "skewed", "one_group", "many_empty")
 

@@ -27,7 +27,7 @@ from jax.sharding import AxisType
 
 from npu_ops.tools import aot
 from npu_ops import moe
-from npu_ops import qat
+from npu_ops._src import qat
 
 MODES = {"int8": "int8 forward", "float": "float train step", "qat": "qat train step"}
 

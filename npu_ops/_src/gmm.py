@@ -6,7 +6,7 @@
   (contraction over the grouped rows): the weight gradient of gmm, and
   torch_npu's group_type=2. Empty groups give a zero matrix.
 
-Both are a block function run by `npu_ops.row_blocks`, which keeps the work
+Both are a block function run by `npu_ops._src.row_blocks`, which keeps the work
 proportional to the real tokens (see there); tgmm covers each group's first
 rows with one batched dot where that is cheaper (see `_tgmm`). `grouped_matmul` carries a custom
 VJP built from the two: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy).
@@ -24,12 +24,12 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from npu_ops import backend
-from npu_ops import groups as groups_lib
-from npu_ops import reference
-from npu_ops import row_blocks
-from npu_ops.row_blocks import GmmBlockSizes
-from npu_ops._validation import (check_dtype, check_dtype_arg, check_int, check_rank, describe,
+from npu_ops._src import backend
+from npu_ops._src import groups as groups_lib
+from npu_ops._src import reference
+from npu_ops._src import row_blocks
+from npu_ops._src.row_blocks import GmmBlockSizes
+from npu_ops._src.validation import (check_dtype, check_dtype_arg, check_int, check_rank, describe,
                                  fail, require)
 from pallas_kernels import common as pallas_common
 from pallas_kernels.common import TileSizes
@@ -97,7 +97,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
     group_sizes: rows per group, `len <= g`: Python ints (static: checked at
       trace time) or an int32/int64 array (dynamic: one compilation for all values).
       Invalid dynamic sizes are clamped (negative -> 0, total capped at m; see
-      `npu_ops.groups`). With `group_offset`: all G groups of every shard.
+      `npu_ops._src.groups`). With `group_offset`: all G groups of every shard.
     group_offset: expert parallelism (megablox semantics): rhs holds the g local
       experts, global groups `[group_offset, group_offset + g)`; rows of other groups
       give 0 (and zero gradients). A Python int or a scalar int array (traced: one
@@ -114,7 +114,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
       (exact accumulation; ragged_dot would return int8), else the promoted
       input dtype. Float operands accumulate in float32.
     implementation: None, "xla", "reference", "pallas_tpu" or "pallas_gpu"
-      (see `npu_ops.backend`; the kernels take float operands).
+      (see `npu_ops._src.backend`; the kernels take float operands).
     block_sizes: row blocks of the XLA path (default from the shapes).
     interpret: run a Pallas kernel in interpret mode.
     tiles: the kernels' tile sizes (default from the shapes).

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from npu_ops._validation import (check_array, check_dtype_arg, check_float_array, describe,
+from npu_ops._src.validation import (check_array, check_dtype_arg, check_float_array, describe,
                                  fail, require)
 from pallas_kernels import epilogue
 from pallas_kernels.epilogue import silu

@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from npu_ops._validation import check_array, check_dtype, describe, fail, require
+from npu_ops._src.validation import check_array, check_dtype, describe, fail, require
 
 INT4_PER_INT32 = 8
 NZ_ROWS = 16  # r0: rows of one fractal

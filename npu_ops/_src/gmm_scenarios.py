@@ -17,15 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops import gmm as gmm_lib
-from npu_ops import quant as quant_lib
-from npu_ops import row_blocks
-from npu_ops._validation import check_dtype, check_scale_groups, describe, fail, require
-from npu_ops.groups import per_row
-from npu_ops.operands import A4W4, A8W4, A8W8
-from npu_ops.quant_matmul import decode_quant_param, requant_int8
-from npu_ops.scales import float32_from_scale_words
-from npu_ops.weight_quant import antiquant_weight
+from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import quant as quant_lib
+from npu_ops._src import row_blocks
+from npu_ops._src.validation import check_dtype, check_scale_groups, describe, fail, require
+from npu_ops._src.groups import per_row
+from npu_ops._src.operands import A4W4, A8W4, A8W8
+from npu_ops._src.quant_matmul import decode_quant_param, requant_int8
+from npu_ops._src.scales import float32_from_scale_words
+from npu_ops._src.weight_quant import antiquant_weight
 from pallas_kernels import epilogue
 from pallas_kernels.common import TileSizes
 

@@ -19,7 +19,7 @@ group, in at most `size // block_m + 1` dot calls, and a group's context (its
 weight) is sliced once. Rows outside every group are computed only where a
 remainder block spills over them, and masked. `traverse_segments` runs the same loop
 over any row segments (tgmm uses it for the rows past each group's window, see
-`group_windows`). (`npu_ops.reference` is the plain jnp form, for checking.)
+`group_windows`). (`npu_ops._src.reference` is the plain jnp form, for checking.)
 
 Block sizes follow the expected tokens per group (`tuning_config[0]` of the
 torch_npu ops, else m / groups): 512-row blocks run int8 dots at dense speed on
@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from npu_ops import groups as groups_lib
-from npu_ops._validation import fail
+from npu_ops._src import groups as groups_lib
+from npu_ops._src.validation import fail
 
 BlockFn = Callable[[Any, Any, Any, int, Any], Any]
 # Per-group operands (weights): a stacked `[g, ...]` array, or a tuple of g arrays (the

@@ -37,7 +37,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from npu_ops._validation import check_int_option, describe, fail, is_integer_dtype, require
+from npu_ops._src.validation import check_int_option, describe, fail, is_integer_dtype, require
 
 GroupEnds = Union[tuple[int, ...], jax.Array]
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops import layouts
-from npu_ops._validation import check_array, check_dtype, describe, fail, require
+from npu_ops._src import layouts
+from npu_ops._src.validation import check_array, check_dtype, describe, fail, require
 
 INT8, INT4 = "int8", "int4"
 _WEIGHT_DTYPES = tuple(np.dtype(d) for d in (jnp.int8, jnp.int32, jnp.int4))

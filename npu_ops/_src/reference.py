@@ -6,8 +6,8 @@ row keeps its own group's (`g` times the work and a `[g, m, n]` temporary: for
 checking and small shapes). The epilogue pieces (dequant order, SwiGLU, per-token
 quant) are `pallas_kernels.epilogue`'s, the one home of that math.
 
-Operands are canonical (`npu_ops.operands`): `ends` are group ends (a tuple of ints or
-an int32 array, `npu_ops.groups`), integer operands int8 (int4 values widened).
+Operands are canonical (`npu_ops._src.operands`): `ends` are group ends (a tuple of ints or
+an int32 array, `npu_ops._src.groups`), integer operands int8 (int4 values widened).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops import groups as groups_lib
-from npu_ops import operands
-from npu_ops import quant as quant_lib
-from npu_ops.operands import QArray
+from npu_ops._src import groups as groups_lib
+from npu_ops._src import operands
+from npu_ops._src import quant as quant_lib
+from npu_ops._src.operands import QArray
 from pallas_kernels import epilogue
 
 

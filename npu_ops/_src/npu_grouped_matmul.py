@@ -20,9 +20,9 @@ Numerics per group i (semantics B.4.3), told apart by the dtypes of x and weight
 * `act_type` (quant with per-token scale, A4W4, A8W4, anti-quant) after the dequant.
 
 This module is the structure: lists, m-axis and k-axis grouping, one grouped problem at
-a time. Each scenario's checks, computation and epilogue are `npu_ops._gmm_scenarios`'s
+a time. Each scenario's checks, computation and epilogue are `npu_ops._src.gmm_scenarios`'s
 (with `SUPPORTED`, the table the README renders). Every m-grouped matmul runs on
-`npu_ops.gmm` (differentiable, so `jax.grad` works) and every k-grouped one on `tgmm`.
+`npu_ops._src.gmm` (differentiable, so `jax.grad` works) and every k-grouped one on `tgmm`.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops import _gmm_scenarios as scenarios
-from npu_ops import backend
-from npu_ops import gmm as gmm_lib
-from npu_ops import groups as groups_lib
-from npu_ops import layouts, operands, row_blocks
-from npu_ops import quant as quant_lib
-from npu_ops._validation import check_array, check_dtype, check_int_option, describe, fail, require
-from npu_ops.gmm_swiglu_quant import expected_tokens
-from npu_ops.operands import A8W4
+from npu_ops._src import gmm_scenarios as scenarios
+from npu_ops._src import backend
+from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import groups as groups_lib
+from npu_ops._src import layouts, operands, row_blocks
+from npu_ops._src import quant as quant_lib
+from npu_ops._src.validation import check_array, check_dtype, check_int_option, describe, fail, require
+from npu_ops._src.gmm_swiglu_quant import expected_tokens
+from npu_ops._src.operands import A8W4
 from pallas_kernels.common import TileSizes
 
 _MAX_TENSORS = 128  # torch_npu's limit on a TensorList
@@ -93,7 +93,7 @@ def npu_grouped_matmul(x: Any, weight: Any, *, bias: Any = None, scale: Any = No
     tuning_config: `[expected tokens per expert, ...]`: a row-block size hint.
     quant_group_size: 0 or k / G (A8W4, 256 on the NPU).
     implementation: None, "xla", "reference", "pallas_tpu" or "pallas_gpu"
-      (`npu_ops.backend`): the float grouped matmuls (m- and k-axis) run on the
+      (`npu_ops._src.backend`): the float grouped matmuls (m- and k-axis) run on the
       Pallas kernels; integer scenarios have none (None falls back to XLA).
     interpret, tiles: run a kernel in interpret mode; the kernels' tile sizes.
 

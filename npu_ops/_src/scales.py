@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from npu_ops._validation import check_array, describe, fail
+from npu_ops._src.validation import check_array, describe, fail
 
 _WORD64 = (np.dtype(np.int64), np.dtype(np.uint64))
 _WORD32 = (np.dtype(np.int32), np.dtype(np.uint32))

@@ -31,14 +31,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from npu_ops import backend
-from npu_ops import gmm as gmm_lib
-from npu_ops import gmm_swiglu_quant as fused_lib
-from npu_ops import groups as groups_lib
-from npu_ops import operands
-from npu_ops import quant as quant_lib
-from npu_ops import row_blocks
-from npu_ops._validation import (check_array, check_dtype_arg, check_rank, check_scale_groups,
+from npu_ops._src import backend
+from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import gmm_swiglu_quant as fused_lib
+from npu_ops._src import groups as groups_lib
+from npu_ops._src import operands
+from npu_ops._src import quant as quant_lib
+from npu_ops._src import row_blocks
+from npu_ops._src.validation import (check_array, check_dtype_arg, check_rank, check_scale_groups,
                                  describe, fail, require)
 from pallas_kernels import epilogue
 

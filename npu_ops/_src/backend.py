@@ -7,8 +7,8 @@
     compile for a TPU from a CPU host holds the Mosaic kernel, and one
     `jax.export(..., platforms=["tpu", "cuda", "cpu"])` artifact holds all three.
     A case no kernel can do runs "xla" everywhere.
-  * "xla": the row-block XLA path (`npu_ops.row_blocks`), fast on CPU.
-  * "reference": `npu_ops.reference`, the semantics as plain whole-array jnp (every
+  * "xla": the row-block XLA path (`npu_ops._src.row_blocks`), fast on CPU.
+  * "reference": `npu_ops._src.reference`, the semantics as plain whole-array jnp (every
     group over all rows; for checking).
   * "pallas_tpu" / "pallas_gpu": always that kernel; a case it cannot do raises
     NotImplementedError.
@@ -33,7 +33,7 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
-from npu_ops._validation import fail
+from npu_ops._src.validation import fail
 from pallas_kernels import tpu_tiles
 from pallas_kernels.common import Problem, TileSizes
 
@@ -94,7 +94,7 @@ def run(impl: str, args: Sequence[Any], problem: Problem, *, kernel: Callable[..
 
   `kernel(module, tiles, *args)` runs a kernel module's entry point with `tiles` (given,
   or the module's `default_tiles(problem)`); `xla(*args)` the XLA path or, for
-  "reference", `npu_ops.reference` (the caller dispatches). AUTO becomes a per-platform
+  "reference", `npu_ops._src.reference` (the caller dispatches). AUTO becomes a per-platform
   choice made at lowering (`platform_select`): the platform's kernel where it supports
   `problem`, else XLA. A kernel asked for by name and lowered for CPU without
   `interpret` raises a ValueError saying how to fix it.

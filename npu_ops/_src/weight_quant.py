@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops import layouts, operands
-from npu_ops._validation import check_array, check_dtype, describe, fail, require
-from npu_ops.quant_matmul import decode_quant_param, fp19, requant_int8
+from npu_ops._src import layouts, operands
+from npu_ops._src.validation import check_array, check_dtype, describe, fail, require
+from npu_ops._src.quant_matmul import decode_quant_param, fp19, requant_int8
 
 _X_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16))
 _MAX_DIM = 65535

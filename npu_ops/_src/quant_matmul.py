@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from npu_ops import layouts
-from npu_ops._validation import (check_array, check_dtype, check_dtype_arg, check_int_option,
+from npu_ops._src import layouts
+from npu_ops._src.validation import (check_array, check_dtype, check_dtype_arg, check_int_option,
                                  describe, fail, require)
 
 FP19_MASK = 0xFFFFE000

@@ -11,13 +11,13 @@ Per group `i` (rows `[start_i, end_i)` of x, expert weight `W_i`), semantics B.1
   Q, Q_scale = per-row int8 quantization of S  (semantics A.3 item 3)
 
 Rows at or beyond sum(group_list) give Q = 0 and Q_scale = 0 (semantics A.3 item 1).
-The whole chain runs in the row-block loop of `npu_ops.row_blocks.traverse_staged`: each
+The whole chain runs in the row-block loop of `npu_ops._src.row_blocks.traverse_staged`: each
 row block's int8 dot (exact int32) is dequantized, SwiGLU'd and quantized right after it
 is computed, so no `[m, n]` intermediate exists and the epilogue costs a few percent of the
 matmul. With few rows per group (< 64 expected, or < 128 where the int32 product stays in
 cache; `_epilogue_after`), the epilogue's fixed cost per block would dominate: there the
 grouped matmul writes the int32 `[m, n]` product and the epilogue runs once over all rows
-(same arithmetic, same bits). `implementation="reference"` runs `npu_ops.reference`.
+(same arithmetic, same bits). `implementation="reference"` runs `npu_ops._src.reference`.
 """
 
 from __future__ import annotations
@@ -30,18 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from npu_ops import backend
-from npu_ops import gmm as gmm_lib
-from npu_ops import groups as groups_lib
-from npu_ops import layouts
-from npu_ops import operands
-from npu_ops import quant as quant_lib
-from npu_ops import reference
-from npu_ops import row_blocks
-from npu_ops._validation import (check_array, check_dtype_arg, check_int_option, check_rank,
+from npu_ops._src import backend
+from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import groups as groups_lib
+from npu_ops._src import layouts
+from npu_ops._src import operands
+from npu_ops._src import quant as quant_lib
+from npu_ops._src import reference
+from npu_ops._src import row_blocks
+from npu_ops._src.validation import (check_array, check_dtype_arg, check_int_option, check_rank,
                                  check_scale_groups, describe, fail, require)
-from npu_ops.operands import A4W4, A8W4, A8W8, QArray
-from npu_ops.scales import float32_from_scale_words
+from npu_ops._src.operands import A4W4, A8W4, A8W8, QArray
+from npu_ops._src.scales import float32_from_scale_words
 from pallas_kernels import common as pallas_common
 from pallas_kernels import epilogue
 from pallas_kernels.common import TileSizes
@@ -88,7 +88,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
     x_scale: float32 `[m]`, per-token dequant scale of x.
     group_list: `[E]` with E <= e: Python ints (static) or an int32/int64 array
       (dynamic; one compilation for all values). cumsum (group_list_type 0) or
-      counts (1). Invalid dynamic values are clamped (see `npu_ops.groups`).
+      counts (1). Invalid dynamic values are clamped (see `npu_ops._src.groups`).
     smooth_scale, weight_assist_matrix: see the scenarios.
     bias: reserved by torch_npu; must be None.
     dequant_mode: 0 per-channel weight scale, 1 per-group (A8W4 only).
@@ -105,7 +105,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
       sizes the row blocks of the XLA path and the kernels' row tiles (no
       numerical effect).
     implementation: None, "xla", "reference", "pallas_tpu" or "pallas_gpu"
-      (`npu_ops.backend`; the kernels do A8W8, other scenarios fall back to XLA
+      (`npu_ops._src.backend`; the kernels do A8W8, other scenarios fall back to XLA
       under None).
     interpret: run a Pallas kernel in interpret mode.
     tiles: the kernels' `TileSizes` (default: the kernel backend's `default_tiles`; on
@@ -216,14 +216,14 @@ def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
                     expected_tokens: int | None = None, implementation: str | None = None,
                     interpret: bool = False, tiles: TileSizes | None = None,
                     shift: Any = None) -> tuple[jax.Array, jax.Array]:
-  """The fused op on canonical operands, on the implementation asked for (`npu_ops.backend`):
+  """The fused op on canonical operands, on the implementation asked for (`npu_ops._src.backend`):
   a Pallas kernel (A8W8 / A8W4 with int8 output), the XLA row-block path, or
-  `npu_ops.reference`.
+  `npu_ops._src.reference`.
 
   Args:
     x: tokens, int8 values `[m, k]` with their scale `[m]`.
     w: expert weights, int8 or jnp.int4 values `[e, k, n]` with their scale `[e, G, n]`.
-    ends: group ends (`npu_ops.groups`), counted from row `shift`.
+    ends: group ends (`npu_ops._src.groups`), counted from row `shift`.
     shift: the first row of group 0 (group_offset's local groups: `groups.local_groups`);
       rows outside the groups give 0. The kernels skip the other rows in their metadata;
       the XLA paths move the groups' rows to row 0 and back.
