@@ -150,6 +150,20 @@ def test_public_surface_is_the_documented_one():
     assert not hasattr(npu_ops, internal), internal
 
 
+def test_v2_is_a_facade():
+  """`npu_grouped_matmul_swiglu_quant_v2` decodes torch_npu's arguments and calls a core op
+  (issue 33 item 2): at most 60 lines of code, its docstring aside."""
+  import ast  # noqa: PLC0415
+  import inspect  # noqa: PLC0415
+  import textwrap  # noqa: PLC0415
+  from npu_ops._src import gmm_swiglu_quant  # noqa: PLC0415
+  fn = ast.parse(textwrap.dedent(inspect.getsource(
+      gmm_swiglu_quant.npu_grouped_matmul_swiglu_quant_v2))).body[0]
+  doc = fn.body[0]  # the docstring's lines do not count
+  lines = (fn.end_lineno - fn.lineno + 1) - (doc.end_lineno - doc.lineno + 1)
+  assert lines <= 60, lines
+
+
 def test_dependencies_declare_floors_not_pins():
   """Installing npu_ops beside a newer JAX keeps it (issue 32 item 16): jax and jaxlib have
   floors at the version CI tests, not exact pins."""

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import npu_ops
-from npu_ops._src import gmm_swiglu_quant as gsq
+from npu_ops._src import fused as fused_lib
 import numpy_reference as ref
 from helpers import (SCALE_ULPS, assert_int8_equal, assert_scale_close, counts_to_list, encode_int4_weight,
                      encode_int8_weight, int4_array)
@@ -306,7 +306,7 @@ def test_vmap_over_group_lists_and_tokens():
 def test_epilogue_per_block_or_after_the_matmul(scenario, dynamic, tokens):
   """Both placements of the epilogue (few / many expected tokens) against the golden."""
   m, k, n, e = 40, 256, 32, 8
-  assert gsq._epilogue_after(m, k, n, e, tokens, scenario) == (tokens == 4)
+  assert fused_lib._epilogue_after(m, k, n, e, tokens, scenario) == (tokens == 4)
   counts = [7, 0, 12, 1, 0, 9, 3, 0]  # sum 32 < m: rows past the groups
   x, w, ws, xs = make_case(17, scenario, m, k, n, e, negative_scales=True)
   x[2] = 0

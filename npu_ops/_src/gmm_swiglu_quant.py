@@ -1,28 +1,13 @@
-"""`npu_grouped_matmul_swiglu_quant_v2` (and v1): grouped int matmul, dequant,
-SwiGLU and dynamic per-token int8 quantization, with torch_npu semantics.
-
-Per group `i` (rows `[start_i, end_i)` of x, expert weight `W_i`), semantics B.1:
-
-  A8W8: C = (int32(x @ W_i) * w_scale[i]) * x_scale[r]
-  A8W4: C = x_scale[r] * (sum_g s[i,g] * ((x - 8)_g @ W_i,g) + A[i])
-        (the kernel's hi/lo nibble split: 16 * x_hi + x_lo = x - 8, exact in int32)
-  A4W4: C = (int32(x @ W_i) * x_scale[r]) * w_scale[i]
-  S = silu(C[:, :n/2]) * C[:, n/2:]            (A4W4: S *= smooth_scale[i])
-  Q, Q_scale = per-row int8 quantization of S  (semantics A.3 item 3)
-
-Rows at or beyond sum(group_list) give Q = 0 and Q_scale = 0 (semantics A.3 item 1).
-The whole chain runs in the row-block loop of `npu_ops._src.row_blocks.traverse_staged`: each
-row block's int8 dot (exact int32) is dequantized, SwiGLU'd and quantized right after it
-is computed, so no `[m, n]` intermediate exists and the epilogue costs a few percent of the
-matmul. With few rows per group (< 64 expected, or < 128 where the int32 product stays in
-cache; `_epilogue_after`), the epilogue's fixed cost per block would dominate: there the
-grouped matmul writes the int32 `[m, n]` product and the epilogue runs once over all rows
-(same arithmetic, same bits). `implementation="reference"` runs `npu_ops._src.reference`.
+"""`npu_grouped_matmul_swiglu_quant_v2` (and v1), with torch_npu semantics: this module
+decodes torch_npu's arguments (dtype and mode codes, int32 words and NZ weights, scale
+words, group-list types, group_offset, output layouts) into canonical operands for the core
+ops `fused.fused` (integer inputs) and `fused_mx.fused_mx` (MX inputs), whose docs give
+the formulas (semantics B.1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -31,25 +16,27 @@ import numpy as np
 from jax import lax
 
 from npu_ops._src import backend
-from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import fused as fused_lib
+from npu_ops._src import fused_mx as fused_mx_lib
 from npu_ops._src import groups as groups_lib
 from npu_ops._src import layouts
 from npu_ops._src import operands
 from npu_ops._src import quant as quant_lib
-from npu_ops._src import reference
 from npu_ops._src import row_blocks
-from npu_ops._src.validation import (check_array, check_dtype_arg, check_int_option, check_rank,
-                                 check_scale_groups, describe, fail, require)
 from npu_ops._src.operands import A4W4, A8W4, A8W8, QArray
 from npu_ops._src.scales import float32_from_scale_words
-from pallas_kernels import common as pallas_common
-from pallas_kernels import epilogue
+from npu_ops._src.validation import (check_array, check_dtype_arg, check_int_option, check_rank,
+                                     check_scale_groups, describe, fail, require)
 from pallas_kernels.common import TileSizes
 
 _FLOAT_SCALES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
 # dequant_dtype: aclnn 0 and torch's float32 code 6 both mean a float32 intermediate.
 _DEQUANT_FP32 = (0, 6)
 MAX_EXPERTS = 1024  # torch_npu's limit on e for this op
+MX_INPUTS = 2  # dequant_mode of MX inputs
+_MX_ELEMENTS = tuple(np.dtype(t) for t in (jnp.float8_e4m3fn, jnp.float8_e5m2,
+                                           jnp.float4_e2m1fn))
+_E8M0 = tuple(np.dtype(t) for t in (jnp.float8_e8m0fnu, jnp.uint8))
 
 
 def npu_grouped_matmul_swiglu_quant_v2(
@@ -117,6 +104,32 @@ def npu_grouped_matmul_swiglu_quant_v2(
     group total are 0 in both.
   """
   spec = quant_lib.DynamicQuant.from_torch_npu(quant_dtype, quant_mode)
+  dequant_mode = _dequant_mode(dequant_mode, dequant_dtype, bias)
+  run = dict(spec=spec, implementation=implementation, interpret=interpret, tiles=tiles)
+  tokens = expected_tokens(tuning_config)
+  backend.check(implementation, interpret, tiles)
+  if dequant_mode == MX_INPUTS:
+    for name, value in (("smooth_scale", smooth_scale),
+                        ("weight_assist_matrix", weight_assist_matrix)):
+      if value is not None:
+        fail(name, "None with MX inputs (dequant_mode=2)", describe(value))
+    xv, xs, wv, ws, transposed = _mx_operands(x, weight, weight_scale, x_scale, spec)
+    ends, shift = _groups(group_list, group_list_type, group_offset, m=xv.shape[0],
+                          e=wv.shape[0])
+    return _torch_npu_outputs(*fused_mx_lib.fused_mx(
+        xv, xs, wv, ws, ends, transposed=transposed, shift=shift, **run), spec)
+
+  xq, wq, scenario = _int_operands(x, weight, weight_scale, x_scale, dequant_mode)
+  (m, _), (e, _, n) = xq.values.shape, wq.scale.shape
+  assist = _assist(weight_assist_matrix, scenario, wq, e=e, n=n)
+  smooth = _smooth(smooth_scale, scenario, e=e, n=n)
+  ends, shift = _groups(group_list, group_list_type, group_offset, m=m, e=e)
+  return _torch_npu_outputs(*fused_lib.fused(
+      xq, wq, ends, shift=shift, assist=assist, smooth=smooth, expected_tokens=tokens, **run),
+      spec)
+
+
+def _dequant_mode(dequant_mode: Any, dequant_dtype: Any, bias: Any) -> int:
   dequant_mode = check_int_option("dequant_mode", dequant_mode, (0, 1, MX_INPUTS))
   if isinstance(dequant_dtype, (int, np.integer)) and not isinstance(dequant_dtype, bool):
     require(dequant_dtype in _DEQUANT_FP32, "dequant_dtype",
@@ -126,18 +139,13 @@ def npu_grouped_matmul_swiglu_quant_v2(
             "0 or float32", repr(dequant_dtype))
   if bias is not None:
     fail("bias", "None (reserved by torch_npu for this op)", describe(bias))
-  tokens = expected_tokens(tuning_config)
-  backend.check(implementation, interpret, tiles)
-  if dequant_mode == MX_INPUTS:
-    for name, value in (("smooth_scale", smooth_scale),
-                        ("weight_assist_matrix", weight_assist_matrix)):
-      if value is not None:
-        fail(name, "None with MX inputs (dequant_mode=2)", describe(value))
-    return _torch_npu_outputs(*_mx_inputs(
-        x, weight, weight_scale, x_scale, group_list, group_list_type=group_list_type,
-        group_offset=group_offset, spec=spec, implementation=implementation,
-        interpret=interpret, tiles=tiles), spec)
+  return dequant_mode
 
+
+def _int_operands(x: Any, weight: Any, weight_scale: Any, x_scale: Any, dequant_mode: int
+                  ) -> tuple[QArray, QArray, str]:
+  """x, weight and their scales as canonical `QArray`s (scales float32 `[m]` and
+  `[e, G, n]`), and the scenario (A8W8, A8W4, A4W4)."""
   lhs = operands.canonical_lhs(x)
   m, k = lhs.values.shape
   weight_scale = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(1, 2))
@@ -156,8 +164,6 @@ def npu_grouped_matmul_swiglu_quant_v2(
   if scenario is None:
     fail("weight", "int4 weights (int32 words or jnp.int4) for an int4 x", describe(weight),
          TypeError)
-
-  # weight_scale -> float32 [e, G, n]
   if scenario == A8W8:
     require(np.dtype(weight_scale.dtype) in _FLOAT_SCALES, "weight_scale",
             "float32/float16/bfloat16 for A8W8", describe(weight_scale), TypeError)
@@ -167,104 +173,55 @@ def npu_grouped_matmul_swiglu_quant_v2(
   k_groups = check_scale_groups("weight_scale", weight_scale, e=e, n=n, k=k,
                                 ranks=(3,) if dequant_mode == 1 else (2,))
   scale = float32_from_scale_words(weight_scale, "weight_scale").reshape(e, k_groups, n)
-
   check_array("x_scale", x_scale)
   require(np.dtype(x_scale.dtype) in _FLOAT_SCALES, "x_scale", "a float32 array",
           describe(x_scale), TypeError)
   require(tuple(x_scale.shape) == (m,), "x_scale", f"shape [m={m}]", describe(x_scale))
+  return (QArray.of(lhs, jnp.asarray(x_scale, jnp.float32)), QArray.of(w, scale), scenario)
 
-  assist = None
-  if weight_assist_matrix is not None:
-    require(scenario == A8W4, "weight_assist_matrix", "None unless A8W4 (int8 x, int4 weight)",
-            describe(weight_assist_matrix))
-    assist = operands.stack_tensor_list(weight_assist_matrix, "weight_assist_matrix",
-                                        expert_rank=1)
-    require(np.dtype(assist.dtype) in _FLOAT_SCALES, "weight_assist_matrix", "float32",
-            describe(assist), TypeError)
-    require(tuple(assist.shape) == (e, n), "weight_assist_matrix", f"shape [e={e}, n={n}]",
-            describe(assist))
-  elif scenario == A8W4:
-    assist = canonical_assist(row_blocks.stacked(w.values), scale)
 
-  smooth = None
-  if smooth_scale is not None:
-    require(scenario == A4W4, "smooth_scale", "None unless A4W4 (int4 x and weight)",
-            describe(smooth_scale))
-    check_array("smooth_scale", smooth_scale)
-    require(np.dtype(smooth_scale.dtype) in _FLOAT_SCALES, "smooth_scale", "float32",
-            describe(smooth_scale), TypeError)
-    require(tuple(smooth_scale.shape) in ((e, n // 2), (e,)), "smooth_scale",
-            f"shape [e={e}, n/2={n // 2}] or [e={e}]", describe(smooth_scale))
-    smooth = jnp.asarray(smooth_scale, jnp.float32).reshape(
-        e, smooth_scale.shape[1] if smooth_scale.ndim == 2 else 1)
+def _assist(weight_assist_matrix: Any, scenario: str, w: QArray, *, e: int, n: int
+            ) -> jax.Array | None:
+  """A8W4's assist matrix float32 `[e, n]` (computed from the weights when not given)."""
+  if weight_assist_matrix is None:
+    return (fused_lib.canonical_assist(row_blocks.stacked(w.values), w.scale)
+            if scenario == A8W4 else None)
+  require(scenario == A8W4, "weight_assist_matrix", "None unless A8W4 (int8 x, int4 weight)",
+          describe(weight_assist_matrix))
+  assist = operands.stack_tensor_list(weight_assist_matrix, "weight_assist_matrix",
+                                      expert_rank=1)
+  require(np.dtype(assist.dtype) in _FLOAT_SCALES, "weight_assist_matrix", "float32",
+          describe(assist), TypeError)
+  require(tuple(assist.shape) == (e, n), "weight_assist_matrix", f"shape [e={e}, n={n}]",
+          describe(assist))
+  return assist
 
-  run = dict(assist=assist, smooth=smooth, spec=spec, expected_tokens=tokens,
-             implementation=implementation, interpret=interpret, tiles=tiles)
-  xq, wq = QArray.of(lhs, jnp.asarray(x_scale, jnp.float32)), QArray.of(w, scale)
+
+def _smooth(smooth_scale: Any, scenario: str, *, e: int, n: int) -> jax.Array | None:
+  """A4W4's smooth scale float32 `[e, n/2]` or `[e, 1]`."""
+  if smooth_scale is None:
+    return None
+  require(scenario == A4W4, "smooth_scale", "None unless A4W4 (int4 x and weight)",
+          describe(smooth_scale))
+  check_array("smooth_scale", smooth_scale)
+  require(np.dtype(smooth_scale.dtype) in _FLOAT_SCALES, "smooth_scale", "float32",
+          describe(smooth_scale), TypeError)
+  require(tuple(smooth_scale.shape) in ((e, n // 2), (e,)), "smooth_scale",
+          f"shape [e={e}, n/2={n // 2}] or [e={e}]", describe(smooth_scale))
+  return jnp.asarray(smooth_scale, jnp.float32).reshape(
+      e, smooth_scale.shape[1] if smooth_scale.ndim == 2 else 1)
+
+
+def _groups(group_list: Any, group_list_type: int, group_offset: Any, *, m: int, e: int
+            ) -> tuple[groups_lib.GroupEnds, Any]:
+  """(group ends, the first row of group 0 or None): with group_offset, the e local groups
+  of the G listed (`groups.local_groups`)."""
   if group_offset is None:
-    ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
-    return _torch_npu_outputs(*fused_canonical(xq, wq, ends, **run), spec)
+    return groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
+                                 num_groups=e), None
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
                                num_groups=max(e, groups_lib.num_listed(group_list)))
-  local, shift = groups_lib.local_groups(ends, group_offset, e)
-  return _torch_npu_outputs(*fused_canonical(xq, wq, local, shift=shift, **run), spec)
-
-
-def fused_canonical(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
-                    assist: jax.Array | None = None, smooth: jax.Array | None = None,
-                    spec: quant_lib.DynamicQuant = quant_lib.INT8_PER_TOKEN,
-                    expected_tokens: int | None = None, implementation: str | None = None,
-                    interpret: bool = False, tiles: TileSizes | None = None,
-                    shift: Any = None) -> tuple[jax.Array, jax.Array]:
-  """The fused op on canonical operands, on the implementation asked for (`npu_ops._src.backend`):
-  a Pallas kernel (A8W8 / A8W4 with int8 output), the XLA row-block path, or
-  `npu_ops._src.reference`.
-
-  Args:
-    x: tokens, int8 values `[m, k]` with their scale `[m]`.
-    w: expert weights, int8 or jnp.int4 values `[e, k, n]` with their scale `[e, G, n]`.
-    ends: group ends (`npu_ops._src.groups`), counted from row `shift`.
-    shift: the first row of group 0 (group_offset's local groups: `groups.local_groups`);
-      rows outside the groups give 0. The kernels skip the other rows in their metadata;
-      the XLA paths move the groups' rows to row 0 and back.
-    assist: A8W4's `[e, n]` assist matrix; smooth: A4W4's `[e, n/2]` or `[e, 1]`.
-    spec: the output quantization.
-  """
-  scenario = operands.scenario(x, w)
-  m, k = x.values.shape
-  e, n = row_blocks.num_groups_of(w.values), w.scale.shape[-1]
-  mx_out = spec.mode == quant_lib.MX
-  problem = pallas_common.Problem("fused", m, k, n, e, np.dtype(x.values.dtype).name,
-                                  scale_groups=w.scale.shape[1], a4w4=scenario == A4W4,
-                                  mx_out=mx_out, expected_tokens=expected_tokens)
-  impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
-  if gmm_lib.is_symbolic(m):  # export with a symbolic m: ragged_dot, then the epilogue
-    gmm_lib.check_static_m(m, implementation)
-    impl, block_sizes, after = "xla", None, True
-  else:
-    block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
-    after = _epilogue_after(m, k, n, e, expected_tokens, scenario)
-
-
-  def kernel(module, tiles, x, w, ends_array, assist, smooth, start):
-    del smooth  # A4W4 only, which the kernels do not take
-    return module.gmm_swiglu_quant(x.values, row_blocks.stacked(w.values), w.scale, x.scale,
-                                   ends_array if start is None else ends_array + start,
-                                   start=start, assist=assist, tiles=tiles, out_dtype=spec.dtype,
-                                   qmax=spec.qmax, mx_out=mx_out, interpret=interpret)
-
-  @groups_lib.rows_from(shift)
-  def xla(x, w, ends_array, assist, smooth):
-    ends_ = ends if isinstance(ends, tuple) else ends_array
-    if impl == "reference":
-      w = QArray(row_blocks.stacked(w.values), w.scale, w.bits)
-      return reference.swiglu_quant(x, w, ends_, assist=assist, smooth=smooth, spec=spec)
-    return _fused(x.values, w.values, w.scale, x.scale, assist, smooth, ends=ends_,
-                  scenario=scenario, spec=spec, block_sizes=block_sizes, after=after)
-
-  start = None if shift is None else jnp.asarray(shift, jnp.int32)
-  return backend.run(impl, (x, w, jnp.asarray(ends, jnp.int32), assist, smooth, start),
-                     problem, kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
+  return groups_lib.local_groups(ends, group_offset, e)
 
 
 def npu_grouped_matmul_swiglu_quant(
@@ -337,13 +294,7 @@ def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None
           TypeError)
   scale = float32_from_scale_words(weight_scale, "weight_scale").reshape(
       w.values.shape[0], weight_scale.shape[1] if weight_scale.ndim == 3 else 1, n)
-  return canonical_assist(w.values, scale)
-
-
-@jax.jit
-def canonical_assist(w: jax.Array, scale: jax.Array) -> jax.Array:
-  # 8 * colsum is exact, so this is 8 * sum_k W * s bit for bit
-  return jnp.sum(epilogue.colsum8(w, scale.shape[1]).astype(jnp.float32) * scale, axis=1)
+  return fused_lib.canonical_assist(w.values, scale)
 
 
 def expected_tokens(tuning_config: Any) -> int | None:
@@ -360,177 +311,10 @@ def expected_tokens(tuning_config: Any) -> int | None:
   return int(tuning_config[0]) or None
 
 
-# Below this many expected rows per group, the epilogue runs once over all rows after
-# the grouped matmul: per row block it is a few XLA ops whose fixed cost outweighs a
-# block of 8-32 rows (measured at m=512, k=2048, n=2816: per-block 18.3 ms, after
-# 15.6 ms, the matmul alone 15.5 ms, e=16); from 64 rows per group on, the int32
-# [m, n] round trip costs more than the per-block ops save (m=4096, e=64: 110 vs 102),
-# unless that product stays in the caches: up to 12 MiB (m=1024 at n=2816) the epilogue
-# after the matmul also won below 128 rows (VNNI host, two runs, 64-96 rows a group:
-# m=512 4-32% faster, m=1024 3-11%; m=2048-4096 -6% to +15%, so not there).
-_EPILOGUE_AFTER_BELOW_ROWS = 64
-_EPILOGUE_AFTER_SMALL_PRODUCT = (128, 12 << 20)  # (rows per group, int32 product bytes)
-
-
-def _epilogue_after(m: int, k: int, n: int, e: int, expected: int | None, scenario: str
-                    ) -> bool:
-  """Whether the XLA path runs the epilogue after the matmul instead of per row block."""
-  if scenario == A8W4:  # dequant needs each k-group's partial sums
-    return False
-  expected = expected or -(-m // max(e, 1))
-  acc_bytes = 4 * m * n  # the int32 accumulator it adds
-  io_bytes = m * k + e * k * n + m * n // 2 + 4 * (m + e * n + m)
-  rows, small = _EPILOGUE_AFTER_SMALL_PRODUCT
-  few = expected < _EPILOGUE_AFTER_BELOW_ROWS or (expected < rows and acc_bytes <= small)
-  return few and 4 * acc_bytes <= io_bytes
-
-
-def _dequant(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array, scenario: str
-             ) -> jax.Array:
-  """C of A8W8 / A4W4 (module doc) from the int32 product, in the documented order (docs/semantics.md)."""
-  return (epilogue.dequant_a8w8 if scenario == A8W8 else epilogue.dequant_a4w4)(
-      acc, w_scale, x_scale)
-
-
-def _swiglu_quant(c: jax.Array, smooth: jax.Array | None, spec: quant_lib.DynamicQuant):
-  """(codes as `epilogue.code_storage`, scale `[rows, 1]` per token or e8m0 bytes
-  `[rows, blocks]` for MX); `_squeeze_per_token` makes them the op's."""
-  if c.shape[-1] == 0:
-    cols, scale_dtype = epilogue.output_scale_shape(spec, 0)
-    return (jnp.zeros(c.shape, epilogue.code_storage(spec.dtype)),
-            jnp.zeros(c.shape[:-1] + cols, scale_dtype))
-  s = quant_lib.swiglu(c)
-  return epilogue.quantize_output(s if smooth is None else s * smooth, spec, as_bits=True)
-
-
-@row_blocks.jit_by_ends("scenario", "spec", "block_sizes", "after")
-def _fused(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_sizes,
-           after=False):
-  """The fused op on canonical operands: the epilogue runs on each row block, or
-  once after the grouped matmul (`after`, see `_epilogue_after`)."""
-  m, k = x.shape
-  e, n_groups, n = scale.shape
-  # int4 weights: XLA:CPU dots take int8 operands. A tuple of per-expert weights is read in
-  # place (row_blocks.group_operand); A8W4 slices k groups out of each: stacked.
-  w = row_blocks.stacked(w) if scenario == A8W4 else w
-  w = tuple(a.astype(jnp.int8) for a in w) if isinstance(w, tuple) else w.astype(jnp.int8)
-  gs = k // n_groups
-  colsum8 = None
-  if scenario == A8W4:  # 8 * column sums per k-group: the "- 8" of (x - 8) @ W, in int32
-    colsum8 = epilogue.colsum8(w, n_groups)
-  if after:
-    gid = groups_lib.row_group_ids(ends, m)
-    inside = gid < len(ends)  # rows past the groups: 0 in both outputs
-    per_row = lambda a: None if a is None else groups_lib.per_row(a, gid)
-    grouped = lambda xs, ws: gmm_lib.gmm(xs, ws, ends, out_dtype=jnp.int32, implementation="xla",
-                                         block_sizes=block_sizes)
-    if scenario == A8W4:
-      c = sum(epilogue.close_k_group(
-          grouped(x[:, g * gs:(g + 1) * gs], w[:, g * gs:(g + 1) * gs]),
-          per_row(colsum8[:, g]), per_row(scale[:, g])) for g in range(n_groups))
-      c = epilogue.finish_a8w4(c, per_row(assist), x_scale[:, None])
-    else:
-      c = _dequant(grouped(x, w), per_row(scale[:, 0]), x_scale[:, None], scenario)
-    q, q_scale = _swiglu_quant(c, per_row(smooth), spec)
-    keep = lambda a: jnp.where(inside[:, None], a, jnp.zeros((), a.dtype))
-    return _squeeze_per_token(keep(q), keep(q_scale), spec)
-
-  def group_ctx(g):
-    # per-column operands as [..., 1, cols]: every broadcast against a row block spelled out
-    row = lambda a: None if a is None else a[g][..., None, :]
-    return row_blocks.group_operand(w, g), row(scale), row(assist), row(colsum8), row(smooth)
-
-  def dot_fn(ctx, r0, bl):
-    """The block's int32 product (A8W8, A4W4) or A8W4's float32 sum over k groups."""
-    w_g, s_g, _, colsum8_g, _ = ctx
-    xb = lax.dynamic_slice_in_dim(x, r0, bl)
-    if scenario != A8W4:
-      return row_blocks.group_dot(xb, w_g, preferred_element_type=jnp.int32)
-    dot = lambda a, b: lax.dot(a, b, preferred_element_type=jnp.int32)
-    return sum(epilogue.close_k_group(dot(xb[:, g * gs:(g + 1) * gs], w_g[g * gs:(g + 1) * gs]),
-                                       colsum8_g[g], s_g[g]) for g in range(n_groups))
-
-  per_token = spec.mode == quant_lib.PER_TOKEN
-
-  def finish_fn(outs, ctx, r0, acc, valid):
-    _, s_g, a_g, _, smooth_g = ctx
-    xs = lax.dynamic_slice_in_dim(x_scale, r0, acc.shape[0])[:, None]
-    c = (epilogue.finish_a8w4(acc, a_g, xs) if scenario == A8W4
-         else _dequant(acc, s_g[0], xs, scenario))
-    s = quant_lib.swiglu(c)
-    s = s if smooth_g is None else s * smooth_g
-    if per_token:  # the scale (amax / qmax, correctly rounded) is computed once, after
-      amax = jnp.max(jnp.abs(s), axis=-1, keepdims=True)
-      q = epilogue.codes_for_amax(s, amax, qmax=spec.qmax, dtype=spec.dtype,
-                                   fp8_as_bits=True)
-      q_scale = amax
-    else:
-      q, q_scale = epilogue.quantize_output(s, spec, as_bits=True)
-    return (row_blocks.write_rows(outs[0], q, r0, valid),
-            row_blocks.write_rows(outs[1], q_scale, r0, valid))
-
-  cols, scale_dtype = epilogue.output_scale_shape(spec, n // 2)
-  init = (jnp.zeros((m, n // 2), epilogue.code_storage(spec.dtype)),
-          jnp.zeros((m,) + cols, scale_dtype))
-  if n == 0:
-    return _squeeze_per_token(*init, spec)
-  q, q_scale = row_blocks.traverse_staged(
-      ends, m, init, row=jax.ShapeDtypeStruct((n,), jnp.float32 if scenario == A8W4 else jnp.int32),
-      group_ctx=group_ctx, dot_fn=dot_fn, finish_fn=finish_fn, block_sizes=block_sizes)
-  if per_token:
-    q_scale = epilogue.scale_for_amax(q_scale, spec.qmax)
-  return _squeeze_per_token(q, q_scale, spec)
-
-
-def _squeeze_per_token(q, q_scale, spec):
-  """`_swiglu_quant`'s results as the op gives them."""
-  q = epilogue.codes_from_bits(q, spec.dtype)
-  return q, q_scale[:, 0] if spec.mode == quant_lib.PER_TOKEN else q_scale
-
-
-# --- MX inputs (dequant_mode 2, semantics B.1.6) and torch_npu's output layouts ----------------
-
-MX_INPUTS = 2
-_MX_ELEMENTS = tuple(np.dtype(t) for t in (jnp.float8_e4m3fn, jnp.float8_e5m2,
-                                           jnp.float4_e2m1fn))
-_E8M0 = tuple(np.dtype(t) for t in (jnp.float8_e8m0fnu, jnp.uint8))
-
-
-def _mx_operand(name: str, a: Any, rank: int) -> jax.Array:
-  check_rank(name, a, rank)
-  require(np.dtype(a.dtype) in _MX_ELEMENTS, name, "float8_e4m3fn, float8_e5m2 or "
-          "float4_e2m1fn values (MX inputs, dequant_mode=2)", describe(a), TypeError)
-  return jnp.asarray(a)
-
-
-def _mx_scale(name: str, a: Any, shape: tuple[int, ...], layout: str) -> jax.Array:
-  """The uint8 bytes of e8m0 scales given as float8_e8m0fnu or uint8."""
-  check_array(name, a)
-  require(np.dtype(a.dtype) in _E8M0, name, "float8_e8m0fnu or uint8 (e8m0 bytes)",
-          describe(a), TypeError)
-  require(tuple(a.shape) == shape, name, f"shape {list(shape)} ({layout})", describe(a))
-  return quant_lib.e8m0_bytes(name, a)
-
-
-def _per_element(scale: jax.Array, k: int, axis: int) -> jax.Array:
-  """Block scales with `ceil(k/64)` at `axis` and the pair as the last dim -> one per
-  element of k at `axis`: element kk takes `scale[..., kk // 64, ..., (kk // 32) % 2]`."""
-  pairs = jnp.moveaxis(scale, -1, axis + 1)
-  flat = pairs.reshape(pairs.shape[:axis] + (-1,) + pairs.shape[axis + 2:])
-  return lax.slice_in_dim(jnp.repeat(flat, epilogue.MX_BLOCK, axis=axis), 0, k, axis=axis)
-
-
-def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type, group_offset,
-               spec, implementation, interpret=False, tiles=None):
-  """The fused op on fp8 / fp4 inputs with e8m0 block scales.
-
-  XLA path: each operand times its scales (exact powers of two), one float32 grouped
-  matmul, SwiGLU, then `spec`. GPU kernel (`pallas_kernels.gpu.gmm_swiglu_quant_mx`; fp8
-  operands, ND weight): per block of 32 along k, the block's dot times both scales, summed
-  over blocks in order (B.1.6's formula). Within a block the hardware's accumulation order
-  is not specified; both sum exact float32 products in float32. Operand values scaled below
-  2**-126 flush to 0 on XLA:CPU, as in every float op there.
-  """
+def _mx_operands(x: Any, weight: Any, weight_scale: Any, x_scale: Any,
+                 spec: quant_lib.DynamicQuant) -> tuple[jax.Array, ...]:
+  """MX inputs (dequant_mode 2) as `fused_mx.fused_mx` takes them: (x, its scale bytes,
+  weight, its scale bytes, whether the weight is `[e, n, k]`)."""
   xv = _mx_operand("x", x, 2)
   m, k = xv.shape
   kb = -(-k // 64)
@@ -551,41 +335,23 @@ def _mx_inputs(x, weight, weight_scale, x_scale, group_list, *, group_list_type,
                      if transposed else ((e, kb, n, 2), "[e, ceil(k/64), n, 2]"))
   w_bytes = _mx_scale("weight_scale", ws, w_shape, layout)
   x_bytes = _mx_scale("x_scale", x_scale, (m, kb, 2), "[m, ceil(k/64), 2]")
-  fp4 = np.dtype(jnp.float4_e2m1fn)
-  problem = pallas_common.Problem(
-      "fused_mx", m, k, n, e, np.dtype(xv.dtype).name, mx_out=spec.mode == quant_lib.MX,
-      transposed=transposed, fp4=fp4 in (np.dtype(xv.dtype), np.dtype(wv.dtype)))
-  impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
-  num_groups = e if group_offset is None else max(e, groups_lib.num_listed(group_list))
-  ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
-                               num_groups=num_groups)
-  shift = None
-  if group_offset is not None:
-    ends, shift = groups_lib.local_groups(ends, group_offset, e)
+  return xv, x_bytes, wv, w_bytes, transposed
 
-  @groups_lib.rows_from(shift)
-  def xla(rows, wv, w_bytes, ends_array):
-    xv, x_bytes = rows
-    scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(
-        epilogue.e8m0_to_float32(b), k, axis)
-    wf = scaled(wv, w_bytes, 2 if transposed else 1)
-    c = gmm_lib.gmm(scaled(xv, x_bytes, 1), jnp.swapaxes(wf, 1, 2) if transposed else wf,
-                    ends if isinstance(ends, tuple) else ends_array, out_dtype=jnp.float32,
-                    implementation="reference" if impl == "reference" else "xla",
-                    precision=lax.Precision.HIGHEST)
-    # rows past the groups: c = 0 -> codes and scales 0
-    return _squeeze_per_token(*_swiglu_quant(c, None, spec), spec)
 
-  def kernel(module, tiles, rows, wv, w_bytes, ends_array, start):
-    xv, x_bytes = rows
-    return module.gmm_swiglu_quant_mx(
-        xv, wv, x_bytes, w_bytes, ends_array if start is None else ends_array + start,
-        start=start, tiles=tiles, out_dtype=spec.dtype, qmax=spec.qmax,
-        mx_out=spec.mode == quant_lib.MX, interpret=interpret)
+def _mx_operand(name: str, a: Any, rank: int) -> jax.Array:
+  check_rank(name, a, rank)
+  require(np.dtype(a.dtype) in _MX_ELEMENTS, name, "float8_e4m3fn, float8_e5m2 or "
+          "float4_e2m1fn values (MX inputs, dequant_mode=2)", describe(a), TypeError)
+  return jnp.asarray(a)
 
-  start = None if shift is None else jnp.asarray(shift, jnp.int32)
-  return backend.run(impl, ((xv, x_bytes), wv, w_bytes, jnp.asarray(ends, jnp.int32), start),
-                     problem, kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
+
+def _mx_scale(name: str, a: Any, shape: tuple[int, ...], layout: str) -> jax.Array:
+  """The uint8 bytes of e8m0 scales given as float8_e8m0fnu or uint8."""
+  check_array(name, a)
+  require(np.dtype(a.dtype) in _E8M0, name, "float8_e8m0fnu or uint8 (e8m0 bytes)",
+          describe(a), TypeError)
+  require(tuple(a.shape) == shape, name, f"shape {list(shape)} ({layout})", describe(a))
+  return quant_lib.e8m0_bytes(name, a)
 
 
 def _torch_npu_outputs(q: jax.Array, q_scale: jax.Array, spec: quant_lib.DynamicQuant):

@@ -33,7 +33,8 @@ import numpy as np
 
 from npu_ops._src import backend
 from npu_ops._src import gmm as gmm_lib
-from npu_ops._src import gmm_swiglu_quant as fused_lib
+from npu_ops._src import fused as fused_lib
+from npu_ops._src import gmm_swiglu_quant as torch_npu_fused
 from npu_ops._src import groups as groups_lib
 from npu_ops._src import operands
 from npu_ops._src import quant as quant_lib
@@ -341,7 +342,7 @@ def fake_quant_gmm_swiglu_quant(
             "the A8W4 path)", describe(weight_scale))
   backend.check(implementation, interpret, tiles)
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
-  expected_tokens = fused_lib.expected_tokens(tuning_config)
+  expected_tokens = torch_npu_fused.expected_tokens(tuning_config)
   run = gmm_lib.Run(implementation, row_blocks.GmmBlockSizes.for_problem(
       m, len(ends), expected_tokens), interpret, tiles)
   static = isinstance(ends, tuple)
@@ -360,7 +361,7 @@ def _qat_fused(x, weight, weight_scale, dynamic_ends, static_ends, bits, grad_sc
       e, weight_scale.shape[1] if weight_scale.ndim == 3 else 1, n)
   w_bits = operands.INT8 if bits == 8 else operands.INT4
   assist = fused_lib.canonical_assist(wq, scale) if w_bits == operands.INT4 else None
-  q, q_scale = fused_lib.fused_canonical(
+  q, q_scale = fused_lib.fused(
       operands.QArray(xq, xs, operands.INT8), operands.QArray(wq, scale, w_bits), ends,
       assist=assist, expected_tokens=expected_tokens, implementation=run.implementation,
       interpret=run.interpret, tiles=run.tiles)

@@ -1,0 +1,90 @@
+"""The fused op on MX inputs (semantics B.1.6): fp8 / fp4 tokens and expert weights with
+e8m0 scales per block of 32 along k, on canonical operands (`gmm_swiglu_quant` decodes
+torch_npu's arguments for it).
+
+XLA path: each operand times its scales (exact powers of two), one float32 grouped matmul,
+SwiGLU, then the output quantization. GPU kernel (`pallas_kernels.gpu.gmm_swiglu_quant_mx`;
+fp8 operands, ND weight): per block of 32 along k, the block's dot times both scales,
+summed over blocks in order (B.1.6's formula). Within a block the hardware's accumulation
+order is not specified; both sum exact float32 products in float32. Operand values scaled
+below 2**-126 flush to 0 on XLA:CPU, as in every float op there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from npu_ops._src import backend
+from npu_ops._src import fused as fused_lib
+from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import groups as groups_lib
+from npu_ops._src import quant as quant_lib
+from pallas_kernels import common as pallas_common
+from pallas_kernels import epilogue
+from pallas_kernels.common import TileSizes
+
+
+def fused_mx(x: jax.Array, x_scale: jax.Array, w: jax.Array, w_scale: jax.Array,
+             ends: groups_lib.GroupEnds, *, transposed: bool,
+             spec: quant_lib.DynamicQuant, shift: Any = None,
+             implementation: str | None = None, interpret: bool = False,
+             tiles: TileSizes | None = None) -> tuple[jax.Array, jax.Array]:
+  """The fused op on MX inputs, on the implementation asked for (`backend`).
+
+  Args:
+    x: float8_e4m3fn / float8_e5m2 / float4_e2m1fn `[m, k]`; x_scale: its e8m0 bytes
+      (uint8) `[m, ceil(k/64), 2]` (block b of 32 at `[b // 2, b % 2]`).
+    w: expert weights of those dtypes `[e, k, n]`, or `[e, n, k]` when `transposed`;
+      w_scale: e8m0 bytes `[e, ceil(k/64), n, 2]` (`[e, n, ceil(k/64), 2]` transposed).
+    ends: group ends (`groups`), counted from row `shift` (as in `fused.fused`).
+    spec: the output quantization.
+
+  Returns:
+    (codes as `epilogue.code_storage`, scales: float32 `[m]` per token or e8m0 bytes
+    `[m, ceil(n/2 / 32)]` for MX), rows past the groups 0 in both.
+  """
+  m, k = x.shape
+  e = w.shape[0]
+  n = w.shape[1] if transposed else w.shape[2]
+  fp4 = np.dtype(jnp.float4_e2m1fn)
+  problem = pallas_common.Problem(
+      "fused_mx", m, k, n, e, np.dtype(x.dtype).name, mx_out=spec.mode == quant_lib.MX,
+      transposed=transposed, fp4=fp4 in (np.dtype(x.dtype), np.dtype(w.dtype)))
+  impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
+
+  @groups_lib.rows_from(shift)
+  def xla(rows, w, w_scale, ends_array):
+    x, x_scale = rows
+    scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(
+        epilogue.e8m0_to_float32(b), k, axis)
+    wf = scaled(w, w_scale, 2 if transposed else 1)
+    c = gmm_lib.gmm(scaled(x, x_scale, 1), jnp.swapaxes(wf, 1, 2) if transposed else wf,
+                    ends if isinstance(ends, tuple) else ends_array, out_dtype=jnp.float32,
+                    implementation="reference" if impl == "reference" else "xla",
+                    precision=lax.Precision.HIGHEST)
+    # rows past the groups: c = 0 -> codes and scales 0
+    return fused_lib.squeeze_per_token(*fused_lib.swiglu_quant(c, None, spec), spec)
+
+  def kernel(module, tiles, rows, w, w_scale, ends_array, start):
+    x, x_scale = rows
+    return module.gmm_swiglu_quant_mx(
+        x, w, x_scale, w_scale, ends_array if start is None else ends_array + start,
+        start=start, tiles=tiles, out_dtype=spec.dtype, qmax=spec.qmax,
+        mx_out=spec.mode == quant_lib.MX, interpret=interpret)
+
+  start = None if shift is None else jnp.asarray(shift, jnp.int32)
+  return backend.run(impl, ((x, x_scale), w, w_scale, jnp.asarray(ends, jnp.int32), start),
+                     problem, kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
+
+
+def _per_element(scale: jax.Array, k: int, axis: int) -> jax.Array:
+  """Block scales with `ceil(k/64)` at `axis` and the pair as the last dim -> one per
+  element of k at `axis`: element kk takes `scale[..., kk // 64, ..., (kk // 32) % 2]`."""
+  pairs = jnp.moveaxis(scale, -1, axis + 1)
+  flat = pairs.reshape(pairs.shape[:axis] + (-1,) + pairs.shape[axis + 2:])
+  return lax.slice_in_dim(jnp.repeat(flat, epilogue.MX_BLOCK, axis=axis), 0, k, axis=axis)
