@@ -164,3 +164,30 @@ def test_kernel_gradients_and_batched_rows_with_an_offset(impl):
   for b in range(2):
     want = ref.grouped_matmul(batch[b].astype(np.float64), w64, local, np.float64)
     np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_fused_op_static_list_and_offset_on_the_xla_path():
+  """Static ends and a static offset (constant loop bounds) and their traced forms, on the
+  XLA path's both epilogues (per block: A8W4; after the matmul: A8W8 at these sizes), each
+  against the NumPy golden of the local groups (the other rows 0)."""
+  x = RNG.integers(-128, 128, (M, 256)).astype(np.int8)
+  x_scale = RNG.uniform(0.5, 1.5, M).astype(np.float32)
+  cumsum = np.cumsum(SIZES)
+  for scenario in ("A8W8", "A8W4"):
+    if scenario == "A8W8":
+      w = RNG.integers(-128, 128, (LOCAL, 256, N)).astype(np.int8)
+      w_scale = (RNG.uniform(0.5, 1.5, (LOCAL, N)) / 2e4).astype(np.float32)
+      weight, assist = w, None
+    else:
+      w = RNG.integers(-8, 8, (LOCAL, 256, N)).astype(np.int8)
+      w_scale = (RNG.uniform(0.5, 1.5, (LOCAL, 2, N)) / 1e3).astype(np.float32)
+      weight, assist = jnp.asarray(w, jnp.int4), ref.canonical_assist(w, w_scale)
+    want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, BOUNDS[2:2 + LOCAL],
+                                      scenario=scenario, assist=assist)
+    call = lambda gl, off: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, weight, w_scale, x_scale, gl, group_offset=off,
+        dequant_mode=int(scenario == "A8W4"), implementation="xla")
+    for q, s in (call([int(c) for c in cumsum], 2),
+                 jax.jit(call)(jnp.asarray(cumsum, jnp.int32), jnp.int32(2))):
+      assert_int8_equal(q, want_q)
+      assert_scale_close(s, want_s)

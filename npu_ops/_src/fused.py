@@ -55,8 +55,9 @@ def fused(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
     w: expert weights, int8 or jnp.int4 values `[e, k, n]` with their scale `[e, G, n]`.
     ends: group ends (`npu_ops._src.groups`), counted from row `shift`.
     shift: the first row of group 0 (group_offset's local groups: `groups.local_groups`);
-      rows outside the groups give 0. The kernels skip the other rows in their metadata;
-      the XLA paths move the groups' rows to row 0 and back.
+      rows outside the groups give 0. The kernels and the XLA path skip the other rows
+      (in their metadata, in their loops' bounds); the reference moves the groups' rows to
+      row 0 and back.
     assist: A8W4's `[e, n]` assist matrix; smooth: A4W4's `[e, n/2]` or `[e, 1]`.
     spec: the output quantization.
   """
@@ -82,14 +83,14 @@ def fused(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
                                    start=start, assist=assist, tiles=tiles, out_dtype=spec.dtype,
                                    qmax=spec.qmax, mx_out=mx_out, interpret=interpret)
 
-  @groups_lib.rows_from(shift)
-  def xla(x, w, ends_array, assist, smooth):
+  def xla(x, w, ends_array, assist, smooth, start):
     ends_ = ends if isinstance(ends, tuple) else ends_array
-    if impl == "reference":
+    if impl == "reference":  # the plain form: local rows moved to row 0 and back
       w = QArray(row_blocks.stacked(w.values), w.scale, w.bits)
-      return reference.swiglu_quant(x, w, ends_, assist=assist, smooth=smooth, spec=spec)
-    return _xla(x.values, w.values, w.scale, x.scale, assist, smooth, ends=ends_,
-                  scenario=scenario, spec=spec, block_sizes=block_sizes, after=after)
+      return groups_lib.rows_from(start)(lambda x: reference.swiglu_quant(
+          x, w, ends_, assist=assist, smooth=smooth, spec=spec))(x, start)
+    return _xla(x.values, w.values, w.scale, x.scale, assist, smooth, ends=ends_, start=start,
+                scenario=scenario, spec=spec, block_sizes=block_sizes, after=after)
 
   start = None if shift is None else jnp.asarray(shift, jnp.int32)
   return backend.run(impl, (x, w, jnp.asarray(ends, jnp.int32), assist, smooth, start),
@@ -148,9 +149,10 @@ def swiglu_quant(c: jax.Array, smooth: jax.Array | None, spec: quant_lib.Dynamic
 
 @row_blocks.jit_by_ends("scenario", "spec", "block_sizes", "after")
 def _xla(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_sizes,
-           after=False):
+         after=False, start=None):
   """The XLA path: the epilogue runs on each row block, or once after the grouped matmul
-  (`after`, see `_epilogue_after`)."""
+  (`after`, see `_epilogue_after`). `ends` are counted from row `start` (None: 0): the
+  local groups of group_offset, read where they are; other rows give 0."""
   m, k = x.shape
   e, n_groups, n = scale.shape
   # int4 weights: XLA:CPU dots take int8 operands. A tuple of per-expert weights is read in
@@ -162,11 +164,11 @@ def _xla(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_si
   if scenario == A8W4:  # 8 * column sums per k-group: the "- 8" of (x - 8) @ W, in int32
     colsum8 = epilogue.colsum8(w, n_groups)
   if after:
-    gid = groups_lib.row_group_ids(ends, m)
-    inside = gid < len(ends)  # rows past the groups: 0 in both outputs
+    gid = groups_lib.row_group_ids(ends, m, start)
+    inside = gid < len(ends)  # rows outside the groups: 0 in both outputs
     per_row = lambda a: None if a is None else groups_lib.per_row(a, gid)
     grouped = lambda xs, ws: gmm_lib.gmm(xs, ws, ends, out_dtype=jnp.int32, implementation="xla",
-                                         block_sizes=block_sizes)
+                                         block_sizes=block_sizes, start=start)
     if scenario == A8W4:
       c = sum(epilogue.close_k_group(
           grouped(x[:, g * gs:(g + 1) * gs], w[:, g * gs:(g + 1) * gs]),
@@ -219,7 +221,8 @@ def _xla(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_si
     return squeeze_per_token(*init, spec)
   q, q_scale = row_blocks.traverse_staged(
       ends, m, init, row=jax.ShapeDtypeStruct((n,), jnp.float32 if scenario == A8W4 else jnp.int32),
-      group_ctx=group_ctx, dot_fn=dot_fn, finish_fn=finish_fn, block_sizes=block_sizes)
+      group_ctx=group_ctx, dot_fn=dot_fn, finish_fn=finish_fn, block_sizes=block_sizes,
+      start=0 if start is None else start)
   if per_token:
     q_scale = epilogue.scale_for_amax(q_scale, spec.qmax)
   return squeeze_per_token(q, q_scale, spec)

@@ -57,8 +57,7 @@ def fused_mx(x: jax.Array, x_scale: jax.Array, w: jax.Array, w_scale: jax.Array,
       transposed=transposed, fp4=fp4 in (np.dtype(x.dtype), np.dtype(w.dtype)))
   impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
 
-  @groups_lib.rows_from(shift)
-  def xla(rows, w, w_scale, ends_array):
+  def xla(rows, w, w_scale, ends_array, start):
     x, x_scale = rows
     scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(
         epilogue.e8m0_to_float32(b), k, axis)
@@ -66,8 +65,8 @@ def fused_mx(x: jax.Array, x_scale: jax.Array, w: jax.Array, w_scale: jax.Array,
     c = gmm_lib.gmm(scaled(x, x_scale, 1), jnp.swapaxes(wf, 1, 2) if transposed else wf,
                     ends if isinstance(ends, tuple) else ends_array, out_dtype=jnp.float32,
                     implementation="reference" if impl == "reference" else "xla",
-                    precision=lax.Precision.HIGHEST)
-    # rows past the groups: c = 0 -> codes and scales 0
+                    precision=lax.Precision.HIGHEST, start=start)
+    # rows outside the groups: c = 0 -> codes and scales 0
     return fused_lib.squeeze_per_token(*fused_lib.swiglu_quant(c, None, spec), spec)
 
   def kernel(module, tiles, rows, w, w_scale, ends_array, start):

@@ -102,9 +102,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
       experts, global groups `[group_offset, group_offset + g)`; rows of other groups
       give 0 (and zero gradients). A Python int or a scalar int array (traced: one
       compilation for every offset; out-of-range values are clamped to `[0, G - g]`).
-      The Pallas kernels skip the other rows in their metadata; the XLA path (and a
-      list of weights) moves the local rows to row 0 and the output back (a copy of
-      each), as does the weight gradient (tgmm).
+      The Pallas kernels skip the other rows in their metadata and the XLA path in its
+      loops' bounds: no row is copied. A list of weights, and the weight gradient's
+      (tgmm's) kernels, move the local rows to row 0 and the output back (a copy of each).
     precision: as in `jax.lax.dot` (None, a `jax.lax.Precision` or its name, or a
       pair): how TPU and GPU multiply float operands (e.g. HIGHEST for full float32
       products on the MXU, no TF32 on GPU); used by the forward and both VJP
@@ -224,17 +224,18 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
                       start=start, out_dtype=np.dtype(out_dtype), tiles=tiles,
                       interpret=interpret, transpose_rhs=transpose_rhs, precision=precision)
 
-  @groups_lib.rows_from(start)
-  def xla(lhs, rhs, ends_array):
+  def xla(lhs, rhs, ends_array, start):
     # XLA:CPU runs a dot against a transposed operand no faster than it copies the
     # transpose: one copy per call, not one per row block.
     rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
     ends_ = ends if isinstance(ends, tuple) else ends_array
-    if impl == "reference":
-      return reference.grouped_matmul(lhs, row_blocks.stacked(rhs), ends_, out_dtype=out_dtype,
-                                      precision=precision)
-    return _gmm(lhs, rhs, ends=ends_, acc_dtype=acc_dtype, block_sizes=block_sizes,
-                precision=precision).astype(out_dtype)
+    if impl == "reference":  # the plain form: local rows moved to row 0 and back
+      return groups_lib.rows_from(start)(
+          lambda lhs, rhs: reference.grouped_matmul(lhs, row_blocks.stacked(rhs), ends_,
+                                                    out_dtype=out_dtype, precision=precision)
+      )(lhs, rhs, start)
+    return _gmm(lhs, rhs, ends=ends_, start=start, acc_dtype=acc_dtype,
+                block_sizes=block_sizes, precision=precision).astype(out_dtype)
 
   return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32), start), problem,
                      kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
@@ -285,7 +286,8 @@ def _prepare(lhs, rhs, out_dtype, implementation, problem):
 
 
 @row_blocks.jit_by_ends("acc_dtype", "block_sizes", "precision")
-def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None):
+def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None, start=None):
+  """The XLA path: `ends` counted from row `start` (None: 0); other rows give 0."""
   m, n = lhs.shape[0], (rhs[0] if isinstance(rhs, tuple) else rhs).shape[-1]
   # Rows are sliced in loops: they travel as uint16 when bf16 (see loop_storage). The
   # weights stay bf16: a group's weight is sliced once, inside the traversal's per-group
@@ -299,7 +301,8 @@ def _gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None):
 
   return row_blocks.traverse(ends, m, jnp.zeros((m, n), acc_dtype),
                              group_ctx=functools.partial(row_blocks.group_operand, rhs),
-                             block_fn=block_fn, block_sizes=block_sizes)
+                             block_fn=block_fn, block_sizes=block_sizes,
+                             start=0 if start is None else start)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | None = None,
@@ -358,9 +361,9 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
               tiles: TileSizes | None = None, precision: Any = None,
               start: Any = None) -> jax.Array:
   """`tgmm` on the canonical form (validated operands, group ends counted from row
-  `start`, as in `gmm`: here the local rows are moved to row 0, a copy of each operand)."""
-  if start is not None:
-    lhs, rhs = (groups_lib.shift_rows(a, -start) for a in (lhs, rhs))
+  `start`, as in `gmm`; the XLA path reads the local rows where they are, the kernels and
+  the reference take them moved to row 0, a copy of each operand)."""
+  moved = lambda a, start: a if start is None else groups_lib.shift_rows(a, -start)
   m, k = lhs.shape
   problem = pallas_common.Problem("tgmm", m, k, rhs.shape[-1], num_groups,
                                   np.dtype(lhs.dtype).name, np.dtype(out_dtype).name)
@@ -369,25 +372,25 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
     check_static_dims(implementation, m=m, k=k, n=rhs.shape[-1])
     dims = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
                                          lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-    return lax.ragged_dot_general(lhs, rhs, _all_sizes(ends, num_groups), dims,
-                                  precision=precision,
+    return lax.ragged_dot_general(moved(lhs, start), moved(rhs, start),
+                                  _all_sizes(ends, num_groups), dims, precision=precision,
                                   preferred_element_type=acc_dtype).astype(out_dtype)
 
-  def kernel(module, tiles, lhs, rhs, ends_array):
-    return module.tgmm(lhs, rhs, ends_array, num_groups=num_groups,
+  def kernel(module, tiles, lhs, rhs, ends_array, start):
+    return module.tgmm(moved(lhs, start), moved(rhs, start), ends_array, num_groups=num_groups,
                        out_dtype=np.dtype(out_dtype), tiles=tiles, interpret=interpret,
                        precision=precision)
 
-  def xla(lhs, rhs, ends_array):
+  def xla(lhs, rhs, ends_array, start):
     ends_ = ends if isinstance(ends, tuple) else ends_array
     if impl == "reference":
-      return reference.tgmm(lhs, rhs, ends_, num_groups=num_groups, out_dtype=out_dtype,
-                            precision=precision)
-    return _tgmm(lhs, rhs, ends=ends_, num_groups=num_groups, acc_dtype=acc_dtype,
+      return reference.tgmm(moved(lhs, start), moved(rhs, start), ends_, num_groups=num_groups,
+                            out_dtype=out_dtype, precision=precision)
+    return _tgmm(lhs, rhs, ends=ends_, start=start, num_groups=num_groups, acc_dtype=acc_dtype,
                  block_sizes=block_sizes, precision=precision).astype(out_dtype)
 
-  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32)), problem, kernel=kernel,
-                     xla=xla, interpret=interpret, tiles=tiles)
+  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32), start), problem,
+                     kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
 
 
 # What one pass over a group's `[k, n]` output matrix (a block's write, or read-add-write)
@@ -416,8 +419,9 @@ def tgmm_plan(sizes: Any, windows: tuple[int, ...], block: int) -> Any:
 
 
 @row_blocks.jit_by_ends("num_groups", "acc_dtype", "block_sizes", "precision")
-def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, precision=None):
-  """Per group, `lhs[rows]^T @ rhs[rows]`, accumulated in float32 / int32.
+def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, precision=None, start=None):
+  """Per group, `lhs[rows]^T @ rhs[rows]`, accumulated in float32 / int32 (`ends` counted
+  from row `start`, None: 0).
 
   Output-bound when groups hold few rows: every block of the row-block traversal
   passes over its group's `[k, n]` output matrix (an in-loop update that costs
@@ -453,6 +457,7 @@ def _tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, precision=None)
   sizes_np = np.diff(np.asarray((0,) + ends)) if static else None
   ends = jnp.asarray(ends, jnp.int32)
   starts, sizes = groups_lib.group_starts(ends), groups_lib.group_sizes(ends)
+  starts = starts if start is None else starts + start
   # min 32, not 128: a group's remainder is one block now (row_blocks.remainder_blocks), and
   # 128-row blocks for groups of a few rows cost tgmm 17-30% on skewed lists (m <= 4096).
   block_sizes = block_sizes or GmmBlockSizes(block_m=2048, min_block_m=32)

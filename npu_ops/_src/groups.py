@@ -308,12 +308,16 @@ def rows_from(shift: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
   return wrap
 
 
-def row_group_ids(ends: GroupEnds, m: int) -> jax.Array:
-  """int32 [m]: the group of each row, `len(ends)` for rows outside every group."""
-  if isinstance(ends, tuple):
+def row_group_ids(ends: GroupEnds, m: int, start: Any = None) -> jax.Array:
+  """int32 [m]: the group of each row, `len(ends)` for rows outside every group (`ends`
+  counted from row `start`; None: 0)."""
+  if isinstance(ends, tuple) and start is None:
     return jnp.asarray(np.searchsorted(np.asarray(ends, np.int64), np.arange(m), side="right"),
                        jnp.int32)
-  return jnp.searchsorted(ends, jnp.arange(m, dtype=ends.dtype), side="right").astype(jnp.int32)
+  ends = jnp.asarray(ends, jnp.int32)
+  rows = jnp.arange(m, dtype=jnp.int32) - (0 if start is None else start)
+  gid = jnp.searchsorted(ends, rows, side="right").astype(jnp.int32)
+  return jnp.where(rows < 0, len(ends), gid)
 
 
 def per_row(values: jax.Array, gid: jax.Array) -> jax.Array:

@@ -136,13 +136,15 @@ def jit_by_ends(*static_argnames: str):
 
 def traverse(ends: groups_lib.GroupEnds, m: int, carry: Any, *,
              group_ctx: Callable[[Any], Any], block_fn: BlockFn,
-             block_sizes: GmmBlockSizes | None = None) -> Any:
-  """Runs `block_fn` over the rows `[0, m)` of every group (see the module doc)."""
+             block_sizes: GmmBlockSizes | None = None, start: Any = 0) -> Any:
+  """Runs `block_fn` over the rows `[0, m)` of every group (see the module doc); `ends`
+  are counted from row `start` (group_offset's local groups: no row moves)."""
   # Static ends take the same loop, with constant bounds: on CPU, XLA runs one exact
   # dot per group (unrolled, or concatenated, or batched) at 0.4-0.6x the speed of
   # this loop once groups hold ~64 rows (measured at m=4096, e=64).
   ends = jnp.asarray(ends, jnp.int32)
-  return traverse_segments(groups_lib.group_starts(ends), groups_lib.group_sizes(ends), m, carry,
+  return traverse_segments(groups_lib.group_starts(ends) + start, groups_lib.group_sizes(ends),
+                           m, carry,
                            group_ctx=group_ctx, block_fn=block_fn,
                            block_sizes=block_sizes or GmmBlockSizes.for_problem(m, ends.shape[0]))
 
@@ -196,7 +198,7 @@ StagedFinish = Callable[[Any, Any, Any, jax.Array, jax.Array], Any]
 def traverse_staged(ends: groups_lib.GroupEnds, m: int, carry: Any, *, row: jax.ShapeDtypeStruct,
                     group_ctx: Callable[[Any], Any],
                     dot_fn: Callable[[Any, Any, int], jax.Array], finish_fn: StagedFinish,
-                    block_sizes: GmmBlockSizes | None = None) -> Any:
+                    block_sizes: GmmBlockSizes | None = None, start: Any = 0) -> Any:
   """`traverse` for ops whose blocks end in a per-row epilogue, with that epilogue
   compiled twice instead of once per block size.
 
@@ -209,11 +211,12 @@ def traverse_staged(ends: groups_lib.GroupEnds, m: int, carry: Any, *, row: jax.
   chunks of `EPILOGUE_ROWS` rows. `finish_fn` thus appears twice in the program, where
   `traverse`'s `block_fn` appears once per block size: the fused op's epilogue (a few
   hundred ops) compiled 22 times made its compile 3-4x slower (docs/performance.md, "Compile time").
+  `ends` are counted from row `start`, as in `traverse`.
   """
   ends = jnp.asarray(ends, jnp.int32)
   if m == 0:
     return carry
-  starts, sizes = groups_lib.group_starts(ends), groups_lib.group_sizes(ends)
+  starts, sizes = groups_lib.group_starts(ends) + start, groups_lib.group_sizes(ends)
   block, min_block = block_rows(m, block_sizes or GmmBlockSizes.for_problem(m, ends.shape[0]))
   chunk = min(EPILOGUE_ROWS, block)  # both powers of two: chunk divides block
   ladder = remainder_blocks(block, min_block)
