@@ -135,11 +135,13 @@ def test_the_deployed_layer_computes_what_qat_trained(name):
   layer = MoEMLP(64, 128, 4, top_k=2, recipe=name, rngs=nnx.Rngs(0))
   qat_layer = layer.convert("qat")
   deployed, ptq = qat_layer.convert("int8"), layer.convert("int8")
-  y_qat, y_dep = np.asarray(qat_layer(x)), np.asarray(deployed(x))
+  call = nnx.jit(lambda m, x: m(x))  # one program per layer: 2x faster than eager op by op
+  y_qat, y_dep = np.asarray(call(qat_layer, x)), np.asarray(call(deployed, x))
   np.testing.assert_allclose(y_dep, y_qat, rtol=0, atol=1e-5 * np.abs(y_qat).max())
-  np.testing.assert_allclose(np.asarray(ptq(x)), y_dep, rtol=0, atol=1e-5 * np.abs(y_dep).max())
-  assert np.abs(y_qat - np.asarray(layer(x))).max() > 0  # quantization changes something
-  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(qat_layer)
+  np.testing.assert_allclose(np.asarray(call(ptq, x)), y_dep, rtol=0,
+                             atol=1e-5 * np.abs(y_dep).max())
+  assert np.abs(y_qat - np.asarray(call(layer, x))).max() > 0  # quantization changes something
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(qat_layer)
   assert np.abs(np.asarray(grads.w_gate_up[...])).max() > 0
   assert np.abs(np.asarray(grads.w_down[...])).max() > 0
   learned = recipes.get(name).learned_scales

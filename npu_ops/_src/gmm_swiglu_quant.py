@@ -32,7 +32,7 @@ from pallas_kernels.common import TileSizes
 _FLOAT_SCALES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
 # dequant_dtype: aclnn 0 and torch's float32 code 6 both mean a float32 intermediate.
 _DEQUANT_FP32 = (0, 6)
-MAX_EXPERTS = 1024  # torch_npu's limit on e for this op
+MAX_EXPERTS = groups_lib.MAX_GROUPS  # torch_npu caps e (B.1.2) as it caps a group list (B.0.1)
 MX_INPUTS = 2  # dequant_mode of MX inputs
 _MX_ELEMENTS = tuple(np.dtype(t) for t in (jnp.float8_e4m3fn, jnp.float8_e5m2,
                                            jnp.float4_e2m1fn))
