@@ -81,20 +81,24 @@ def test_static_and_dynamic_forms_agree_and_gradients_stay_local():
   np.testing.assert_allclose(shards.sum(0), full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
 
 
+def _expert_weights(scenario, experts):
+  """(values int8 [experts, 256, N], scales, the weight as the op takes it, A8W4's assist)."""
+  if scenario == "A8W8":
+    w = RNG.integers(-128, 128, (experts, 256, N)).astype(np.int8)
+    w_scale = (RNG.uniform(0.5, 1.5, (experts, N)) / 2e4).astype(np.float32)
+    return w, w_scale, w, None
+  w = RNG.integers(-8, 8, (experts, 256, N)).astype(np.int8)
+  w_scale = (RNG.uniform(0.5, 1.5, (experts, 2, N)) / 1e3).astype(np.float32)
+  return w, w_scale, jnp.asarray(w, jnp.int4), ref.canonical_assist(w, w_scale)
+
+
 # The kernels' fused op with offsets runs in the slow set (their gmm above is in the default).
 @pytest.mark.parametrize("scenario,impl", [
     pytest.param("A8W8", i, marks=[pytest.mark.slow] if i.startswith("pallas") else [])
     for i in impls("fused_A8W8")] + [("A8W4", "xla")])
 def test_fused_op_shards_bit_exact(scenario, impl):
   x = RNG.integers(-128, 128, (M, 256)).astype(np.int8)
-  if scenario == "A8W8":
-    w = RNG.integers(-128, 128, (G, 256, N)).astype(np.int8)
-    w_scale = (RNG.uniform(0.5, 1.5, (G, N)) / 2e4).astype(np.float32)
-    weight, assist = w, None
-  else:
-    w = RNG.integers(-8, 8, (G, 256, N)).astype(np.int8)
-    w_scale = (RNG.uniform(0.5, 1.5, (G, 2, N)) / 1e3).astype(np.float32)
-    weight, assist = jnp.asarray(w, jnp.int4), ref.canonical_assist(w, w_scale)
+  w, w_scale, weight, assist = _expert_weights(scenario, G)
   x_scale = RNG.uniform(0.5, 1.5, M).astype(np.float32)
   want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, BOUNDS, scenario=scenario,
                                     assist=assist)
@@ -174,14 +178,7 @@ def test_fused_op_static_list_and_offset_on_the_xla_path():
   x_scale = RNG.uniform(0.5, 1.5, M).astype(np.float32)
   cumsum = np.cumsum(SIZES)
   for scenario in ("A8W8", "A8W4"):
-    if scenario == "A8W8":
-      w = RNG.integers(-128, 128, (LOCAL, 256, N)).astype(np.int8)
-      w_scale = (RNG.uniform(0.5, 1.5, (LOCAL, N)) / 2e4).astype(np.float32)
-      weight, assist = w, None
-    else:
-      w = RNG.integers(-8, 8, (LOCAL, 256, N)).astype(np.int8)
-      w_scale = (RNG.uniform(0.5, 1.5, (LOCAL, 2, N)) / 1e3).astype(np.float32)
-      weight, assist = jnp.asarray(w, jnp.int4), ref.canonical_assist(w, w_scale)
+    w, w_scale, weight, assist = _expert_weights(scenario, LOCAL)
     want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, BOUNDS[2:2 + LOCAL],
                                       scenario=scenario, assist=assist)
     call = lambda gl, off: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
