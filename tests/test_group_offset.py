@@ -188,3 +188,29 @@ def test_fused_op_static_list_and_offset_on_the_xla_path():
                  jax.jit(call)(jnp.asarray(cumsum, jnp.int32), jnp.int32(2))):
       assert_int8_equal(q, want_q)
       assert_scale_close(s, want_s)
+
+
+def test_weight_lists_with_an_offset():
+  """A list of local experts' weights (read in place) with group_offset: the forward and
+  both gradients against NumPy, as the stacked form gives them; tgmm's too."""
+  x = RNG.normal(size=(M, K)).astype(np.float32)
+  w = RNG.normal(size=(LOCAL, K, N)).astype(np.float32)
+  dy = RNG.normal(size=(M, N)).astype(np.float32)
+  off, sizes = 2, jnp.asarray(SIZES)
+  local = [BOUNDS[g] for g in range(off, off + LOCAL)]
+  want_y = np.zeros((M, N))
+  want_dx = np.zeros((M, K))
+  for (lo, hi), wg in zip(local, w.astype(np.float64)):
+    want_y[lo:hi] = x[lo:hi] @ wg
+    want_dx[lo:hi] = dy[lo:hi] @ wg.T
+  want_dw = np.stack([x[lo:hi].T.astype(np.float64) @ dy[lo:hi] for lo, hi in local])
+  loss = lambda a, b: jnp.vdot(npu_ops.grouped_matmul(a, b, sizes, group_offset=jnp.int32(off)),
+                               dy)
+  y = jax.jit(lambda a, b: npu_ops.grouped_matmul(a, b, sizes, group_offset=off))(x, list(w))
+  dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, list(w))
+  tol = lambda a: dict(rtol=1e-4, atol=1e-4 * np.abs(a).max())
+  np.testing.assert_allclose(y, want_y, **tol(want_y))
+  np.testing.assert_allclose(dx, want_dx, **tol(want_dx))
+  np.testing.assert_allclose(np.stack(dw), want_dw, **tol(want_dw))
+  t = npu_ops.tgmm(x, dy, sizes, num_groups=LOCAL, group_offset=off)
+  np.testing.assert_allclose(t, want_dw, **tol(want_dw))

@@ -102,9 +102,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
       experts, global groups `[group_offset, group_offset + g)`; rows of other groups
       give 0 (and zero gradients). A Python int or a scalar int array (traced: one
       compilation for every offset; out-of-range values are clamped to `[0, G - g]`).
-      The Pallas kernels skip the other rows in their metadata and the XLA path in its
-      loops' bounds: no row is copied. A list of weights, and the weight gradient's
-      (tgmm's) kernels, move the local rows to row 0 and the output back (a copy of each).
+      The Pallas kernels skip the other rows in their metadata and the XLA path (a list
+      of weights too) in its loops' bounds: no row is copied, but by the weight
+      gradient's (tgmm's) kernels, which take the local rows moved to row 0.
     precision: as in `jax.lax.dot` (None, a `jax.lax.Precision` or its name, or a
       pair): how TPU and GPU multiply float operands (e.g. HIGHEST for full float32
       products on the MXU, no TF32 on GPU); used by the forward and both VJP
@@ -139,10 +139,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
     return product(lhs, rhs, groups_lib.ends_from_sizes(group_sizes, m, g), **run)
   ends = groups_lib.ends_from_sizes(group_sizes, m, max(g, groups_lib.num_listed(group_sizes)))
   local, shift = groups_lib.local_groups(ends, group_offset, g)
-  if product is differentiable_gmm:  # the kernels skip the other rows: no copy
-    return differentiable_gmm(lhs, rhs, local, start=shift, **run)
-  out = product(groups_lib.shift_rows(lhs, -shift), rhs, local, **run)
-  return groups_lib.shift_rows(out, shift)
+  return product(lhs, rhs, local, start=shift, **run)  # no row moves (but tgmm's kernels)
 
 
 def _check_experts(rhs: Any) -> row_blocks.Experts:
@@ -351,8 +348,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
                                **run)
   ends = groups_lib.ends_from_sizes(group_sizes, m, max(num_groups, listed))
   local, shift = groups_lib.local_groups(ends, group_offset, num_groups)
-  return differentiable_tgmm(groups_lib.shift_rows(lhs, -shift),
-                             groups_lib.shift_rows(rhs, -shift), local, **run)
+  return differentiable_tgmm(lhs, rhs, local, start=shift, **run)
 
 
 def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num_groups: int,
@@ -513,44 +509,49 @@ def differentiable_gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnd
 
 
 def differentiable_tgmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,
-                        num_groups: int, out_dtype: Any, **run: Any) -> jax.Array:
+                        num_groups: int, out_dtype: Any, start: Any = None,
+                        **run: Any) -> jax.Array:
   """`tgmm_ends` under every JAX transform: `out[g] = lhs[rows]^T @ rhs[rows]` gives
   `d lhs[rows] = rhs[rows] @ dy[g]^T` and `d rhs[rows] = lhs[rows] @ dy[g]`, two gmm
-  over the same row groups (rows outside every group get 0). `run`: as above."""
-  return _bind(_tgmm_p, lhs, rhs, ends, None, num_groups=num_groups,
+  over the same row groups (from row `start`; rows outside every group get 0). `run`: as
+  above."""
+  return _bind(_tgmm_p, lhs, rhs, ends, start, num_groups=num_groups,
                out_dtype=np.dtype(out_dtype), run=Run(**run))
 
 
 def experts_gmm(lhs: jax.Array, rhs: tuple[jax.Array, ...], ends: groups_lib.GroupEnds, *,
-                out_dtype: Any, **run: Any) -> jax.Array:
+                out_dtype: Any, start: Any = None, **run: Any) -> jax.Array:
   """`gmm` of per-group weights (a tuple of `[k, n]`): read in place by the XLA path.
   Reverse-mode derivatives by a custom VJP: d lhs = gmm(dy, stacked rhs^T) (a transposed
-  rhs is copied anyway), d rhs = tgmm(lhs, dy) split per group. `run`: as above."""
+  rhs is copied anyway), d rhs = tgmm(lhs, dy) split per group. Groups from row `start`,
+  as in `gmm`. `run`: as above."""
   run = Run(**run)
   if np.dtype(lhs.dtype) in _INT_OPERANDS:  # nothing to differentiate
-    return gmm(lhs, rhs, ends, out_dtype=out_dtype, **run._asdict())
+    return gmm(lhs, rhs, ends, out_dtype=out_dtype, start=start, **run._asdict())
   static = ends if isinstance(ends, tuple) else None
   array = jnp.zeros((0,), jnp.int32) if static is not None else jnp.asarray(ends, jnp.int32)
-  return _experts_gmm(static, np.dtype(out_dtype), run, lhs, rhs, array)
+  start = jnp.zeros((0,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+  return _experts_gmm(static, np.dtype(out_dtype), run, lhs, rhs, array, start)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _experts_gmm(static, out_dtype, run, lhs, rhs, ends):
-  return gmm(lhs, rhs, ends if static is None else static, out_dtype=out_dtype, **run._asdict())
+def _experts_gmm(static, out_dtype, run, lhs, rhs, ends, start):
+  return gmm(lhs, rhs, ends if static is None else static, out_dtype=out_dtype,
+             start=_start(start), **run._asdict())
 
 
-def _experts_gmm_fwd(static, out_dtype, run, lhs, rhs, ends):
-  return _experts_gmm(static, out_dtype, run, lhs, rhs, ends), (lhs, rhs, ends)
+def _experts_gmm_fwd(static, out_dtype, run, lhs, rhs, ends, start):
+  return _experts_gmm(static, out_dtype, run, lhs, rhs, ends, start), (lhs, rhs, ends, start)
 
 
 def _experts_gmm_bwd(static, out_dtype, run, residuals, ct):
-  lhs, rhs, ends = residuals
-  ends = ends if static is None else static
+  lhs, rhs, ends, start = residuals
+  ends, start = (ends if static is None else static), _start(start)
   dlhs = differentiable_gmm(ct, jnp.stack(rhs), ends, out_dtype=lhs.dtype, transpose_rhs=True,
-                            **run._asdict())
+                            start=start, **run._asdict())
   drhs = differentiable_tgmm(lhs, ct, ends, num_groups=len(rhs), out_dtype=rhs[0].dtype,
-                             **run._asdict())
-  return dlhs, tuple(drhs[g] for g in range(len(rhs))), None
+                             start=start, **run._asdict())
+  return dlhs, tuple(drhs[g] for g in range(len(rhs))), None, None
 
 
 _experts_gmm.defvjp(_experts_gmm_fwd, _experts_gmm_bwd)
