@@ -140,14 +140,15 @@ def starts_of(ends: jax.Array) -> jax.Array:
 
 
 def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, visit_empty: bool = False,
-                   rows: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   rows: int | None = None, first: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The (row tile, group) pairs a grid visits, in row order (megablox's
   `make_group_metadata` technique): a row tile is visited once per group that
   has rows in it, so tiles shared by two groups are visited twice, consecutively.
 
   Args:
-    ends: int32 `[G]` group ends (group 0 starts at row 0); m_tiles, block_m: the row
-      tiling (m_tiles >= 1).
+    ends: int32 `[G]` group ends (group 0 starts at row `first`, an int32 scalar, or 0);
+      m_tiles, block_m: the row tiling (m_tiles >= 1).
     visit_empty: give every empty group one visit (tgmm writes its zero matrix).
     rows: the rows the groups cover at most (without visit_empty): each visit holds one
       of them at least, so there are no more visits than rows.
@@ -158,7 +159,8 @@ def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, visit_empty: 
   skipped, so the bound matters where groups outnumber rows (decode over many experts).
   """
   num_groups = ends.shape[0]
-  starts = starts_of(ends)
+  starts = starts_of(ends) if first is None else jnp.concatenate(
+      [jnp.reshape(first, (1,)).astype(ends.dtype), ends[:-1]])
   nonempty = ends > starts
   first = jnp.minimum(starts // block_m, m_tiles - 1)
   last = jnp.maximum(ends - 1, 0) // block_m

@@ -340,10 +340,12 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,
-         tiles: TileSizes, interpret: bool = False, precision=None) -> jax.Array:
+         tiles: TileSizes, start: jax.Array | None = None, interpret: bool = False,
+         precision=None) -> jax.Array:
   """k-grouped matmul `out[g] = lhs[rows of g]^T @ rhs[rows of g]`: `[num_groups, k, n]`.
   Grid (group, k tile, column tile); each program loops over its group's row tiles
-  (groups past len(ends) have none and write zeros)."""
+  (groups past len(ends) have none and write zeros). Group 0 starts at row `start` (an
+  int32 scalar; None: 0)."""
   m, k = lhs.shape
   n = rhs.shape[-1]
   if m == 0:  # no rows: every group is empty
@@ -352,17 +354,18 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   bm, bk, bn = gpu_tiles(tiles, precision)
   groups = ends.shape[0]
   ends = jnp.concatenate([ends, jnp.broadcast_to(ends[-1:], (num_groups - groups,))])
+  first = jnp.zeros((1,), jnp.int32) if start is None else jnp.reshape(start, (1,))
+  bounds = jnp.concatenate([first.astype(jnp.int32), ends])  # g: [bounds[g], bounds[g + 1])
 
-  def kernel(ends_ref, x_ref, dy_ref, o_ref):
+  def kernel(bounds_ref, x_ref, dy_ref, o_ref):
     g, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ks, cols = pl.ds(i * bk, bk), pl.ds(j * bn, bn)
     in_k, in_n = _span(i * bk, bk, k), _span(j * bn, bn, n)
-    start = jnp.where(g > 0, ends_ref[jnp.maximum(g - 1, 0)], 0)
-    end = ends_ref[g]
+    start, end = bounds_ref[g], bounds_ref[g + 1]
 
     def row_tile(r, acc):
       r0 = r * bm
-      rows = common.group_rows(ends_ref, g, r0, bm)  # inside [0, m): ends <= m
+      rows = common.group_rows(bounds_ref, g + 1, r0, bm)  # inside [0, m): ends <= m
       xb = _load(x_ref, pl.ds(r0, bm), ks, rows & in_k[None, :])
       dyb = _load(dy_ref, pl.ds(r0, bm), cols, rows & in_n[None, :])
       return acc + lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())), precision=precision,
@@ -375,4 +378,4 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   return pl.pallas_call(
       kernel, grid=(num_groups, common.cdiv(k, bk), common.cdiv(n, bn)),
       out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-      compiler_params=_PARAMS, interpret=interpret, name="npu_tgmm")(ends, lhs, rhs)
+      compiler_params=_PARAMS, interpret=interpret, name="npu_tgmm")(bounds, lhs, rhs)

@@ -555,9 +555,11 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,
-         tiles: TileSizes, interpret: bool = False, precision=None) -> jax.Array:
+         tiles: TileSizes, start: jax.Array | None = None, interpret: bool = False,
+         precision=None) -> jax.Array:
   """k-grouped matmul `out[g] = lhs[rows of g]^T @ rhs[rows of g]`: `[num_groups, k, n]`;
-  groups without rows (empty, or past len(ends)) give 0.
+  groups without rows (empty, or past len(ends)) give 0. Group 0 starts at row `start`
+  (an int32 scalar, megablox's group_offset; None: 0): rows before it are read by no visit.
 
   Grid (k tile, column tile, visit): a group's visits are consecutive and accumulate
   into one float32 tile, written on its last visit; an empty group gets one visit
@@ -572,13 +574,16 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   precision = _mxu_precision(precision, lhs.dtype)
   groups = ends.shape[0]
   ends_all = jnp.concatenate([ends, jnp.broadcast_to(ends[-1:], (num_groups - groups,))])
+  first = jnp.zeros((), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+  # group g's rows are [bounds[g], bounds[g + 1]): `group_rows(bounds, g + 1, ...)`
+  bounds = jnp.concatenate([first[None], ends_all])
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
-  gid, mt, nv = common.visit_metadata(ends_all, m_tiles, bm, visit_empty=True)
+  gid, mt, nv = common.visit_metadata(ends_all, m_tiles, bm, visit_empty=True, first=first)
   # the row blocks are this product's contraction: as wide as the MXU (256 on v6e, TPU7x),
   # or a narrower one would take it as long
   block = max(ROW_BLOCK, tpu_tiles.mxu_width(tpu_tiles.current_chip()))
 
-  def kernel(gid_ref, mt_ref, nv_ref, ends_ref, x_ref, dy_ref, o_ref, acc):
+  def kernel(gid_ref, mt_ref, nv_ref, bounds_ref, x_ref, dy_ref, o_ref, acc):
     t = pl.program_id(2)
     valid = t < nv_ref[0]
     g = gid_ref[t]
@@ -592,7 +597,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
       r0 = mt_ref[t] * bm
 
       def multiply(r):  # the row blocks holding the group's rows (none when it is empty)
-        rows = common.group_rows(ends_ref, g, r0 + r.start, r.size)
+        rows = common.group_rows(bounds_ref, g + 1, r0 + r.start, r.size)
         # rows of other groups, and garbage rows past m, contribute nothing (no 0 * inf)
         dyb = jnp.where(rows, dy_ref[r], jnp.zeros((), dy_ref.dtype))
         step = K_CHUNK if bk % K_CHUNK == 0 else bk
@@ -604,7 +609,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
                                         precision=precision, preferred_element_type=jnp.float32)
           return carry
         lax.fori_loop(0, bk // step, chunk, 0)
-      _for_row_blocks(ends_ref, g, r0, bm, multiply, block)
+      _for_row_blocks(bounds_ref, g + 1, r0, bm, multiply, block)
 
     last = (t == nv_ref[0] - 1) | (gid_ref[jnp.minimum(t + 1, pl.num_programs(2) - 1)] != g)
 
@@ -621,12 +626,12 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4, grid=(k_tiles, n_tiles, gid.shape[0]),
-          in_specs=[pl.BlockSpec((bm, bk), lambda i, j, t, gid, mt, nv, ends: (mt[t], i)),
-                    pl.BlockSpec((bm, bn), lambda i, j, t, gid, mt, nv, ends: (mt[t], j))],
-          out_specs=pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, mt, nv, ends: (
+          in_specs=[pl.BlockSpec((bm, bk), lambda i, j, t, gid, mt, nv, bounds: (mt[t], i)),
+                    pl.BlockSpec((bm, bn), lambda i, j, t, gid, mt, nv, bounds: (mt[t], j))],
+          out_specs=pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, mt, nv, bounds: (
               gid[t], i, j)),
           scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
       # output tiles (k, n) are independent: a dual-TensorCore device splits them
       compiler_params=_params("parallel", "parallel", "arbitrary"), cost_estimate=cost,
-      interpret=interpret, name="npu_tgmm")(gid, mt, nv, ends_all, lhs, rhs)
+      interpret=interpret, name="npu_tgmm")(gid, mt, nv, bounds, lhs, rhs)

@@ -143,7 +143,7 @@ def test_errors_and_clamping():
 @pytest.mark.parametrize("impl", [i for i in impls("gmm_float") if i.startswith("pallas")])
 def test_kernel_gradients_and_batched_rows_with_an_offset(impl):
   """The kernels take the offset in their metadata (no rows moved): the forward and the
-  input gradient read the local rows in place, the weight gradient (tgmm) moves them. The
+  input gradient read the local rows in place, and so does the weight gradient (tgmm). The
   VJP, and vmap over a batch of lhs (rows merged into one call: ends and start scale by
   the batch), against the NumPy reference."""
   x = RNG.normal(size=(M, K)).astype(np.float32)

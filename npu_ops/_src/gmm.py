@@ -103,8 +103,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
       give 0 (and zero gradients). A Python int or a scalar int array (traced: one
       compilation for every offset; out-of-range values are clamped to `[0, G - g]`).
       The Pallas kernels skip the other rows in their metadata and the XLA path (a list
-      of weights too) in its loops' bounds: no row is copied, but by the weight
-      gradient's (tgmm's) kernels, which take the local rows moved to row 0.
+      of weights too) in its loops' bounds, as does the weight gradient (tgmm): no row
+      is copied.
     precision: as in `jax.lax.dot` (None, a `jax.lax.Precision` or its name, or a
       pair): how TPU and GPU multiply float operands (e.g. HIGHEST for full float32
       products on the MXU, no TF32 on GPU); used by the forward and both VJP
@@ -357,8 +357,8 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
               tiles: TileSizes | None = None, precision: Any = None,
               start: Any = None) -> jax.Array:
   """`tgmm` on the canonical form (validated operands, group ends counted from row
-  `start`, as in `gmm`; the XLA path reads the local rows where they are, the kernels and
-  the reference take them moved to row 0, a copy of each operand)."""
+  `start`, as in `gmm`: the kernels and the XLA path read the local rows where they are;
+  the reference and a symbolic m take them moved to row 0)."""
   moved = lambda a, start: a if start is None else groups_lib.shift_rows(a, -start)
   m, k = lhs.shape
   problem = pallas_common.Problem("tgmm", m, k, rhs.shape[-1], num_groups,
@@ -373,9 +373,9 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
                                   preferred_element_type=acc_dtype).astype(out_dtype)
 
   def kernel(module, tiles, lhs, rhs, ends_array, start):
-    return module.tgmm(moved(lhs, start), moved(rhs, start), ends_array, num_groups=num_groups,
-                       out_dtype=np.dtype(out_dtype), tiles=tiles, interpret=interpret,
-                       precision=precision)
+    return module.tgmm(lhs, rhs, ends_array if start is None else ends_array + start,
+                       start=start, num_groups=num_groups, out_dtype=np.dtype(out_dtype),
+                       tiles=tiles, interpret=interpret, precision=precision)
 
   def xla(lhs, rhs, ends_array, start):
     ends_ = ends if isinstance(ends, tuple) else ends_array
