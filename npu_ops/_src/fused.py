@@ -131,7 +131,8 @@ def _epilogue_after(m: int, k: int, n: int, e: int, expected: int | None, scenar
 
 def _dequant(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array, scenario: str
              ) -> jax.Array:
-  """C of A8W8 / A4W4 (module doc) from the int32 product, in the documented order (docs/semantics.md)."""
+  """C of A8W8 / A4W4 (module doc) from the int32 product, in the documented order
+  (docs/semantics.md)."""
   return (epilogue.dequant_a8w8 if scenario == A8W8 else epilogue.dequant_a4w4)(
       acc, w_scale, x_scale)
 

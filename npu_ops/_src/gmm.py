@@ -30,7 +30,7 @@ from npu_ops._src import reference
 from npu_ops._src import row_blocks
 from npu_ops._src.row_blocks import GmmBlockSizes
 from npu_ops._src.validation import (check_dtype, check_dtype_arg, check_int, check_rank, describe,
-                                 fail, require)
+                                     fail, require)
 from pallas_kernels import common as pallas_common
 from pallas_kernels.common import TileSizes
 
@@ -139,7 +139,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
     return product(lhs, rhs, groups_lib.ends_from_sizes(group_sizes, m, g), **run)
   ends = groups_lib.ends_from_sizes(group_sizes, m, max(g, groups_lib.num_listed(group_sizes)))
   local, shift = groups_lib.local_groups(ends, group_offset, g)
-  return product(lhs, rhs, local, start=shift, **run)  # no row moves (but tgmm's kernels)
+  return product(lhs, rhs, local, start=shift, **run)  # no path moves the rows
 
 
 def _check_experts(rhs: Any) -> row_blocks.Experts:

@@ -39,7 +39,8 @@ from npu_ops._src import gmm as gmm_lib
 from npu_ops._src import groups as groups_lib
 from npu_ops._src import layouts, operands, row_blocks
 from npu_ops._src import quant as quant_lib
-from npu_ops._src.validation import check_array, check_dtype, check_int_option, describe, fail, require
+from npu_ops._src.validation import (check_array, check_dtype, check_int_option, describe,
+                                     fail, require)
 from npu_ops._src.gmm_swiglu_quant import expected_tokens
 from npu_ops._src.operands import A8W4
 from pallas_kernels.common import TileSizes

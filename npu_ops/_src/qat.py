@@ -40,7 +40,7 @@ from npu_ops._src import operands
 from npu_ops._src import quant as quant_lib
 from npu_ops._src import row_blocks
 from npu_ops._src.validation import (check_array, check_dtype_arg, check_rank, check_scale_groups,
-                                 describe, fail, require)
+                                     describe, fail, require)
 from pallas_kernels import epilogue
 
 _QMAX = {8: 127.0, 4: 7.0}

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from npu_ops._src.validation import (check_array, check_dtype_arg, check_float_array, describe,
-                                 fail, require)
+                                     fail, require)
 from pallas_kernels import epilogue
 from pallas_kernels.epilogue import silu
 

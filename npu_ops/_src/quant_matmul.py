@@ -23,7 +23,7 @@ from jax import lax
 
 from npu_ops._src import layouts
 from npu_ops._src.validation import (check_array, check_dtype, check_dtype_arg, check_int_option,
-                                 describe, fail, require)
+                                     describe, fail, require)
 
 FP19_MASK = 0xFFFFE000
 _WORD_FLAG = 1 << 46
