@@ -39,7 +39,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltr
+
+try:  # deprecated upstream from JAX 0.11: a JAX without it runs the XLA path on GPUs
+  from jax.experimental.pallas import triton as pltr
+except ImportError:  # pragma: no cover (JAX 0.10.2 has it)
+  pltr = None
 
 from pallas_kernels import common
 from pallas_kernels import epilogue
@@ -50,12 +54,16 @@ FUSED_MAX_BLOCK_M = 128  # rows per tile by default: the registers (see the modu
 # 8 warps and 64 x 64 x 128 blocks: no register spills on sm_80 or sm_90a for any kernel
 # and dtype (ptxas, `python -m npu_ops.tools.aot`); 4 warps, or 128-deep k blocks, spilled up to
 # ~1.9 KB (float32 gmm on sm_90a, the fused A8W4 kernel on sm_80).
-_PARAMS = pltr.CompilerParams(num_warps=8, num_stages=2)
+_PARAMS = pltr.CompilerParams(num_warps=8, num_stages=2) if pltr else None
+NO_TRITON = "any case: this JAX has no Pallas Triton backend (deprecated from JAX 0.11)"
 
 
 def supports(p: common.Problem) -> str | None:
   """Why these kernels cannot run problem `p` (None: they can). Beyond what neither
-  backend does (`common.shared_gap`): MX inputs only as fp8 ND weights."""
+  backend does (`common.shared_gap`): MX inputs only as fp8 ND weights; nothing on a JAX
+  without Pallas' Triton backend."""
+  if pltr is None:
+    return NO_TRITON
   if p.op == "fused_mx" and (p.transposed or p.fp4):
     return "MX inputs as fp4 or with a transposed weight (the GPU kernel reads fp8 ND weights)"
   return common.shared_gap(p)

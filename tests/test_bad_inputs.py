@@ -244,6 +244,9 @@ ERRORS = {
     "quant_group_size -1": (lambda: npu_ops.npu_grouped_matmul(
         F16X, F16W[:2], group_list=[8, 16], split_item=2, quant_group_size=-1), ValueError,
         "quant_group_size: expected 0, or the k-group size"),
+    "quant_group_size on floats": (lambda: npu_ops.npu_grouped_matmul(
+        F16X, F16W[:2], group_list=[8, 16], split_item=2, quant_group_size=4), ValueError,
+        "quant_group_size: expected 0 on float inputs .* got 4"),
     # 9: unclear errors before
     "dequantize_mx rank 0": (lambda: npu_ops.dequantize_mx(np.float32(1), np.ones(1, np.uint8)),
                              ValueError, r"codes: expected rank >= 1"),

@@ -2,6 +2,8 @@
 check what they print. Marked slow (minutes of compiling): README's test command (and
 .ci/run) runs them with the rest; `-m "not slow"` leaves them out."""
 
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -118,7 +120,26 @@ def test_readme_examples_run(doc):
   blocks = re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S)
   assert blocks or doc == "docs/accelerators.md"
   for block in blocks:
-    exec(compile(block, doc, "exec"), {})
+    # a `print` followed by `# ...` comment lines: what it must print
+    expected = re.findall(r"^print\(.*\n((?:# .*\n)+)", block, re.M)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      exec(compile(block, doc, "exec"), {})
+    for lines in expected:
+      assert "\n".join(line[2:] for line in lines.splitlines()) in out.getvalue(), (
+          lines, out.getvalue())
+
+
+def test_the_test_install_keeps_the_compilers_out_of_a_users_environment():
+  """README's install for users pulls no accelerator plugin, and the test install (whose
+  `aot` extra brings the compilers' plugins, noisy in every program on a CPU host) is made
+  in a virtual environment of its own (issue 32 item 11)."""
+  import re  # noqa: PLC0415
+  readme = (ROOT / "README.md").read_text()
+  bash = "\n".join(re.findall(r"```bash\n(.*?)```", readme, re.S))
+  first_aot = bash.index('.[test,aot]')
+  assert re.search(r"python -m venv \S+ && \. \S+/bin/activate", bash[:first_aot])
+  assert re.search(r"^pip install -e \.\s", bash, re.M)  # the user's: no extra
 
 
 def test_api_reference_is_current_and_complete():
@@ -172,4 +193,20 @@ def test_dependencies_declare_floors_not_pins():
   project = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
   deps = project["project"]["dependencies"]
   assert "jax>=0.10.2" in deps and "jaxlib>=0.10.2" in deps
-  assert not any(d.startswith(("jax==", "jaxlib==")) for d in deps)
+  extras = [d for ds in project["project"]["optional-dependencies"].values() for d in ds]
+  assert not any(d.startswith(("jax==", "jaxlib==", "jax[")) and "==" in d
+                 for d in deps + extras), deps + extras
+
+
+def test_a_jax_without_pallas_triton_runs_xla_on_gpus(monkeypatch):
+  """JAX deprecates Pallas' Triton backend from 0.11 (issue 32 item 16): where it is gone,
+  the GPU kernels declare no case (None runs XLA on GPUs) and asking for them by name says
+  why."""
+  from pallas_kernels import common, gpu  # noqa: PLC0415
+  from npu_ops._src import backend  # noqa: PLC0415
+  problem = common.Problem(op="gmm", m=64, k=32, n=16, groups=2, dtype="float32")
+  assert gpu.supports(problem) is None
+  monkeypatch.setattr(gpu, "pltr", None)
+  assert gpu.supports(problem) == gpu.NO_TRITON
+  with pytest.raises(NotImplementedError, match="no Pallas Triton backend"):
+    backend.resolve("pallas_gpu", problem)

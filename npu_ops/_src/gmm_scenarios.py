@@ -173,6 +173,8 @@ def _prepare_float(x, w, params, pts, *, m, k, n, e, opts, int4_weight):
   _forbid(params, pts, ("scale", "antiquant_scale", "antiquant_offset", "per_token_scale"),
           "float (no quant)")
   _act_needs(opts, False, "without quantization (torch_npu applies it after a dequant)")
+  require(opts.quant_group_size == 0, "quant_group_size",
+          "0 on float inputs (it is A8W4's k-group size)", opts.quant_group_size)
   dt = np.dtype(x.dtype)
   require(np.dtype(w.dtype) == dt, "weight", f"the dtype of x ({dt.name})", describe(w),
           TypeError)

@@ -32,8 +32,10 @@ costed by a roofline: `max(FLOPs / peak, bytes in + out / HBM bandwidth)` each.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +47,8 @@ from jax._src import tree_util
 from jax._src.interpreters import partial_eval as pe
 from jax._src.pallas import core as pallas_core
 from jax._src.state import indexing
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from npu_ops.perf import chips as chips_lib
 from pallas_kernels import tpu_tiles
@@ -136,7 +140,8 @@ def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
 
   token = tpu_tiles.CHIP.set(chip.name)  # the kernels' default tiles: this chip's
   try:
-    closed = jax.make_jaxpr(flat_fn)(*specs)
+    with _tokamax_pipelines():
+      closed = jax.make_jaxpr(flat_fn)(*specs)
     acc = _Accumulator(chip)
     _walk(closed.jaxpr, [np.asarray(c) if _is_array(c) else c for c in closed.consts],
           [_UNKNOWN if k is None else k for k in known], acc)
@@ -151,6 +156,46 @@ def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
       grid_steps=sum(k.grid_steps for k in kernels), kernels=kernels,
       xla_seconds=acc.xla_seconds, xla_bytes=acc.xla_bytes, xla_flops=acc.xla_flops,
       xla_ops=tuple(acc.xla_ops))
+
+
+@contextlib.contextmanager
+def _tokamax_pipelines():
+  """tokamax's TPU kernels, as the pipeline they stand for.
+
+  tokamax runs a kernel's grid through `pltpu.emit_pipeline` inside one pallas_call without
+  a grid (`tokamax._src.mosaic_tpu.custom_buffered_pallas_call`), which traces only on a
+  TPU. While `predict` traces, that helper builds the gridded pallas_call its pipeline
+  runs: the same grid, BlockSpecs, scalar-prefetch operands and body, an input with
+  n > 2 buffers as `pl.Buffered(n, use_lookahead=True)` (what the helper gives
+  emit_pipeline), and no axis split over cores (its outer call has no grid to split).
+  Nothing changes when tokamax is not imported.
+  """
+  module = sys.modules.get("tokamax._src.mosaic_tpu")
+  original = getattr(module, "custom_buffered_pallas_call", None)
+  if original is None:
+    yield
+    return
+  module.custom_buffered_pallas_call = _gridded_pallas_call
+  try:
+    yield
+  finally:
+    module.custom_buffered_pallas_call = original
+
+
+def _gridded_pallas_call(kernel, out_shape, grid_spec, compiler_params,
+                         input_buffer_count=None, **kwargs):
+  in_specs = list(grid_spec.in_specs)
+  for i, count in enumerate(input_buffer_count or ()):
+    if count != 2:
+      in_specs[i] = dataclasses.replace(
+          in_specs[i], pipeline_mode=pl.Buffered(buffer_count=count, use_lookahead=True))
+  spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=grid_spec.num_scalar_prefetch, grid=grid_spec.grid,
+      in_specs=in_specs, out_specs=grid_spec.out_specs,
+      scratch_shapes=grid_spec.scratch_shapes)
+  params = dataclasses.replace(
+      compiler_params, dimension_semantics=("arbitrary",) * len(grid_spec.grid))
+  return pl.pallas_call(kernel, out_shape, grid_spec=spec, compiler_params=params, **kwargs)
 
 
 # --- the program around the kernels -------------------------------------------------------
@@ -603,6 +648,13 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
     if v is _UNKNOWN:
       raise ValueError(f"{name}: a scalar-prefetch operand depends on a value the model does "
                        "not know; pass the arrays it is computed from concretely")
+  if any(_unpipelined(bm) and not _in_smem(bm) for bm in gm.block_mappings) and _copies_by_hand(
+      params["jaxpr"]):
+    raise ValueError(f"{name}: copies operands between HBM and VMEM by hand (emit_pipeline "
+                     "or async copies), which the model does not follow; it follows the "
+                     "grid's pipeline, and tokamax's kernels when `predict` traces them (a "
+                     "kernel jit-traced before, outside `predict`, is cached: "
+                     "jax.clear_caches() first)")
   semantics = _dimension_semantics(params, len(grid))
   cores = 1
   split_axis = None
@@ -612,7 +664,7 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
       split_axis, cores = par[0], min(chip.cores, grid[par[0]])
   if steps == 0:
     return KernelCost(name, tuple(grid), 0.0, 0.0, 0.0, 0, 0.0, 0.0, cores)
-  ids = np.unravel_index(np.arange(steps), grid)
+  ids = np.unravel_index(np.arange(steps), grid) if grid else ()  # no grid: one step
   program_ids = [np.asarray(i, np.int64) for i in ids]
 
   # Block indices of every operand at every step: when each input is copied in (its index
@@ -729,6 +781,23 @@ def _dimension_semantics(params: dict, ndim: int) -> tuple[str, ...]:
     return ("arbitrary",) * ndim
   return tuple(str(getattr(s, "name", s)).lower().replace("dimensionsemantics.", "")
                for s in sem)
+
+
+def _in_smem(bm) -> bool:
+  return str(getattr(bm.block_aval, "memory_space", None)).lower().endswith("smem")
+
+
+def _copies_by_hand(jaxpr) -> bool:
+  """Whether a kernel body (or a jaxpr inside it) starts a DMA."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dma_start":
+      return True
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, (jax_core.Jaxpr, jax_core.ClosedJaxpr)) and _copies_by_hand(sub):
+          return True
+  return False
 
 
 def _unpipelined(bm) -> bool:

@@ -5,9 +5,10 @@ tokamax's wheel ships, per chip, the measured time of its Pallas Mosaic TPU ragg
 pallas_mosaic_tpu_ragged_dot.json`. Each usable entry (no activation; returning the
 residuals then returns the output itself, the same kernel) is one of: a grouped matmul `[m, k] x [g, k, n]`, the same
 with the weights transposed (`[g, n, k]`), or the weight gradient `[m, k]^T x [m, n] ->
-[g, k, n]`. The model runs jax's megablox `gmm` / `tgmm` (the same algorithm; tokamax's
-kernel adds manual pipelining) at the entry's tiling and the group sizes it was measured
-with (`measured_group_sizes`), and its kernel time is compared with the measurement.
+[g, k, n]`. The model runs, at the entry's tiling and the group sizes it was measured with
+(`measured_group_sizes`), jax's megablox `gmm` / `tgmm` (the same algorithm) and tokamax's
+kernel itself (its grid run by `emit_pipeline`, with its buffer counts: see
+`model._tokamax_pipelines`), and each kernel time is compared with the measurement.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Entry:
   tiling: tuple[int, int, int]
   measured_s: float
   residuals: bool = False    # the output returned twice: XLA writes a copy of it
+  buffers: int = 2           # tokamax's input_buffer_count (its kernel's lhs buffers)
 
   @property
   def label(self) -> str:
@@ -93,7 +95,8 @@ def load_entries(chip: str) -> list[Entry]:
       entries.append(Entry(chip, kind, lhs, rhs, dtype, tuple(int(g) for g in gs),
                            (cfg["tile_m"], cfg["tile_k"], cfg["tile_n"]),
                            float(np.median(result["evaluation_times_ms"])) / 1e3,
-                           bool(spec.get("return_residuals"))))
+                           bool(spec.get("return_residuals")),
+                           int(cfg.get("input_buffer_count", 2))))
   return entries
 
 
@@ -127,36 +130,58 @@ def _megablox():
   return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
 
 
-def predict_entry(entry: Entry) -> model.Prediction:
-  """The model's prediction for megablox at the entry's shapes, tiling and groups."""
-  mb = _megablox()
+@functools.cache
+def _tokamax_kernel():
+  return importlib.import_module("tokamax._src.ops.ragged_dot.pallas_mosaic_tpu_kernel")
+
+
+KERNELS = ("megablox", "tokamax")
+
+
+def predict_entry(entry: Entry, kernel: str = "megablox") -> model.Prediction:
+  """The model's prediction for `kernel` ("megablox" or "tokamax": the kernel measured) at
+  the entry's shapes, tiling and groups."""
   dtype = _DTYPES[entry.dtype]
   spec = lambda shape: jax.ShapeDtypeStruct(shape, dtype)
   gs = np.asarray(entry.group_sizes, np.int32)
+  if kernel == "megablox":
+    mb = _megablox()
+    gmm = functools.partial(mb.gmm, preferred_element_type=dtype, tiling=entry.tiling)
+    tgmm = functools.partial(mb.tgmm, preferred_element_type=dtype, tiling=entry.tiling)
+  elif kernel == "tokamax":
+    tk = _tokamax_kernel()
+    common = dict(precision=jax.lax.Precision.DEFAULT, out_dtype=dtype, tiling=entry.tiling,
+                  input_buffer_count=entry.buffers)
+    gmm, tgmm = functools.partial(tk.gmm, **common), functools.partial(tk.tgmm, **common)
+  else:
+    raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
   if entry.kind == "tgmm":
     m, k = entry.lhs
-    fn = lambda lhs_t, rhs, g: mb.tgmm(lhs_t, rhs, g, preferred_element_type=dtype,
-                                       tiling=entry.tiling)
-    return model.predict(fn, spec((k, m)), spec(entry.rhs), gs, chip=entry.chip)
-  fn = lambda lhs, rhs, g: mb.gmm(lhs, rhs, g, preferred_element_type=dtype,
-                                  tiling=entry.tiling, transpose_rhs=entry.kind == "gmm_t")
+    return model.predict(lambda lhs_t, rhs, g: tgmm(lhs_t, rhs, g), spec((k, m)),
+                         spec(entry.rhs), gs, chip=entry.chip)
+  fn = lambda lhs, rhs, g: gmm(lhs, rhs, g, transpose_rhs=entry.kind == "gmm_t")
   return model.predict(fn, spec(entry.lhs), spec(entry.rhs), gs, chip=entry.chip)
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
   entry: Entry
-  predicted_s: float
+  predicted_s: float       # megablox under the model
+  tokamax_s: float = 0.0   # tokamax's kernel under the model (0: not modeled)
 
   @property
   def error(self) -> float:
     return self.predicted_s / self.entry.measured_s - 1
 
+  @property
+  def tokamax_error(self) -> float:
+    return self.tokamax_s / self.entry.measured_s - 1
 
-def entry_seconds(entry: Entry) -> float:
+
+def entry_seconds(entry: Entry, kernel: str = "megablox") -> float:
   """The kernel's modeled time, plus the copy of its output when the entry returns it
   twice (as the output and as the residuals: two buffers)."""
-  p = predict_entry(entry)
+  p = predict_entry(entry, kernel)
   copy = 0.0
   if entry.residuals:
     out = 2 * np.prod(entry.lhs[:1] + (entry.rhs[1] if entry.kind == "gmm_t" else entry.rhs[-1],)
@@ -165,26 +190,35 @@ def entry_seconds(entry: Entry) -> float:
   return p.kernel_seconds + copy
 
 
-def validate(chip: str) -> list[Row]:
-  """Every usable entry of `chip`: measured time and the model's kernel time."""
-  return [Row(e, entry_seconds(e)) for e in load_entries(chip)]
+def validate(chip: str, kernels: tuple[str, ...] = ("megablox",)) -> list[Row]:
+  """Every usable entry of `chip`: measured time and the model's kernel time (megablox's,
+  and tokamax's kernel's when `kernels` names it)."""
+  return [Row(e, entry_seconds(e), entry_seconds(e, "tokamax") if "tokamax" in kernels else 0.0)
+          for e in load_entries(chip)]
 
 
-def summary(rows: list[Row]) -> tuple[float, float]:
-  """(median |error|, max |error|)."""
-  errs = np.abs([r.error for r in rows])
+def summary(rows: list[Row], kernel: str = "megablox") -> tuple[float, float]:
+  """(median |error|, max |error|) of `kernel`'s predictions."""
+  errs = np.abs([r.error if kernel == "megablox" else r.tokamax_error for r in rows])
   return float(np.median(errs)), float(np.max(errs))
 
 
 def format_rows(rows: list[Row]) -> str:
-  lines = [f"{'chip':6} {'case':46} {'tiles (m,k,n)':17} {'measured ms':>11} "
-           f"{'model ms':>9} {'error':>7}"]
+  """The table `python -m npu_ops.perf validate` prints (error: model / measured - 1;
+  nearer 0 is better; negative: the chip ran slower than the model says)."""
+  both = all(r.tokamax_s for r in rows)
+  lines = [f"{'chip':6} {'case':46} {'tiles (m,k,n)':17} {'buf':>3} {'measured ms':>11} "
+           f"{'megablox ms':>11} {'error':>7}" + (f" {'tokamax ms':>10} {'error':>7}" if both else "")]
   for r in rows:
     t = "/".join(map(str, r.entry.tiling))
-    lines.append(f"{r.entry.chip:6} {r.entry.label:46} {t:17} "
-                 f"{r.entry.measured_s * 1e3:11.3f} {r.predicted_s * 1e3:9.3f} "
-                 f"{100 * r.error:+6.1f}%")
-  med, mx = summary(rows)
-  lines.append(f"{rows[0].entry.chip}: {len(rows)} entries, median |error| {100 * med:.1f}%, "
-               f"max {100 * mx:.1f}%")
+    line = (f"{r.entry.chip:6} {r.entry.label:46} {t:17} {r.entry.buffers:3} "
+            f"{r.entry.measured_s * 1e3:11.3f} {r.predicted_s * 1e3:11.3f} "
+            f"{100 * r.error:+6.1f}%")
+    if both:
+      line += f" {r.tokamax_s * 1e3:10.3f} {100 * r.tokamax_error:+6.1f}%"
+    lines.append(line)
+  for kernel in ("megablox", "tokamax") if both else ("megablox",):
+    med, mx = summary(rows, kernel)
+    lines.append(f"{rows[0].entry.chip}: {len(rows)} entries, {kernel} under the model: "
+                 f"median |error| {100 * med:.1f}%, max {100 * mx:.1f}% (goal: 15%, 35%)")
   return "\n".join(lines)
