@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,34 @@ class LinearA8W8Quant(nnx.Module):
     return npu_quant_matmul(x, self.weight[...].T, self.scale[...],
                             offset=value(self.offset), pertoken_scale=value(self.pertoken_scale),
                             bias=value(self.bias), output_dtype=self.output_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "recipe", "bits"))
+def _stored_weights(w_gate_up, w_down, gate_up_scale, down_scale, *, mode, recipe, bits
+                    ) -> dict[str, jax.Array]:
+  """What a "qat" or "int8" layer stores, from float weights (and scales, None: from the
+  weights' amax): qat the weights and log-scales (none for MX), int8 the codes and scales.
+  One program: op by op, the scale and code math compiled a program each (seconds)."""
+  if recipe is not None:
+    r = recipes.get(recipe)
+    if gate_up_scale is None:
+      gate_up_scale, down_scale = r.initial_weight_scale(w_gate_up), r.initial_weight_scale(w_down)
+    if mode == "qat":
+      logs = dict(gate_up_log_scale=jnp.log(gate_up_scale),
+                  down_log_scale=jnp.log(down_scale)) if r.learned_scales else {}
+      return dict(w_gate_up=w_gate_up, w_down=w_down, **logs)
+    (codes_gu, scale_gu), (codes_d, scale_d) = (r.quantize_weight(w_gate_up, gate_up_scale),
+                                                r.quantize_weight(w_down, down_scale))
+    return dict(w_gate_up=codes_gu, w_down=codes_d, gate_up_scale=scale_gu, down_scale=scale_d)
+  if gate_up_scale is None:
+    gate_up_scale = qat.weight_scale_from_amax(w_gate_up, bits=bits)
+    down_scale = qat.weight_scale_from_amax(w_down, bits=bits)
+  if mode == "qat":
+    return dict(w_gate_up=w_gate_up, w_down=w_down, gate_up_log_scale=jnp.log(gate_up_scale),
+                down_log_scale=jnp.log(down_scale))
+  return dict(w_gate_up=qat.quantize_weight(w_gate_up, gate_up_scale, bits=bits),
+              w_down=qat.quantize_weight(w_down, down_scale, bits=bits),
+              gate_up_scale=gate_up_scale, down_scale=down_scale)
 
 
 class MoEMLP(nnx.Module):
@@ -184,36 +213,11 @@ class MoEMLP(nnx.Module):
     if self.mode == "float":
       self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
       return
-    if self.recipe is not None:
-      self._set_recipe_weights(recipes.get(self.recipe), w_gate_up, w_down, gate_up_scale,
-                               down_scale)
-      return
-    bits = self.weight_bits
-    if gate_up_scale is None:
-      gate_up_scale = qat.weight_scale_from_amax(w_gate_up, bits=bits)
-      down_scale = qat.weight_scale_from_amax(w_down, bits=bits)
-    if self.mode == "qat":
-      self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
-      self.gate_up_log_scale = nnx.Param(jnp.log(gate_up_scale))
-      self.down_log_scale = nnx.Param(jnp.log(down_scale))
-    else:
-      self.w_gate_up = QuantParam(qat.quantize_weight(w_gate_up, gate_up_scale, bits=bits))
-      self.w_down = QuantParam(qat.quantize_weight(w_down, down_scale, bits=bits))
-      self.gate_up_scale, self.down_scale = QuantParam(gate_up_scale), QuantParam(down_scale)
-
-  def _set_recipe_weights(self, r, w_gate_up, w_down, gate_up_scale, down_scale):
-    if gate_up_scale is None:
-      gate_up_scale, down_scale = r.initial_weight_scale(w_gate_up), r.initial_weight_scale(w_down)
-    if self.mode == "qat":
-      self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
-      if r.learned_scales:
-        self.gate_up_log_scale = nnx.Param(jnp.log(gate_up_scale))
-        self.down_log_scale = nnx.Param(jnp.log(down_scale))
-      return
-    (codes_gu, scale_gu), (codes_d, scale_d) = (r.quantize_weight(w_gate_up, gate_up_scale),
-                                                r.quantize_weight(w_down, down_scale))
-    self.w_gate_up, self.w_down = QuantParam(codes_gu), QuantParam(codes_d)
-    self.gate_up_scale, self.down_scale = QuantParam(scale_gu), QuantParam(scale_d)
+    param = nnx.Param if self.mode == "qat" else QuantParam
+    stored = _stored_weights(w_gate_up, w_down, gate_up_scale, down_scale, mode=self.mode,
+                             recipe=self.recipe, bits=self.weight_bits)
+    for name, value in stored.items():
+      setattr(self, name, param(value))
 
   def _placed(self, a, axis):
     """`a` sharded over `axis` (its first dim; None: replicated) on the layer's mesh."""
