@@ -1,9 +1,12 @@
 """Every implementation of the grouped ops, for the core tests (tokamax test_base style).
 
-`impls(case)` lists the implementations that have `case` (from what each kernel backend
-declares it supports); a core test
-takes `impl` and calls the op with `**IMPLEMENTATIONS[impl]`. A new implementation is
-added here once and every core test runs on it.
+`impls(case)` lists the implementations that have `case` (XLA and the reference, and the
+kernels whose module's `supports` declares it: `kernels_for`; `kernels_without` those that
+must refuse it); a core test takes `impl` and calls the op with `**IMPLEMENTATIONS[impl]`.
+The cases: float and integer gmm / tgmm, the fused op's A8W8 / A8W4 / A4W4, its fp8 (same
+problems) and MX outputs, MX inputs (fp8, transposed, fp4); weight lists and group_offset
+take the same cases (test_expert_lists, test_group_offset). A new implementation is added
+here once and every core test runs on it.
 """
 
 import os
@@ -37,9 +40,23 @@ PROBLEMS = {
     "fused_A8W8": Problem("fused", 64, 128, 128, 4, "int8"),
     "fused_A8W4": Problem("fused", 64, 256, 128, 4, "int8", scale_groups=2),
     "fused_A4W4": Problem("fused", 64, 128, 128, 4, "int4", a4w4=True),
+    "fused_A8W8_mx_out": Problem("fused", 64, 128, 128, 4, "int8", mx_out=True),
+    "fused_mx_fp8": Problem("fused_mx", 64, 128, 128, 4, "float8_e4m3fn"),
+    "fused_mx_fp8_transposed": Problem("fused_mx", 64, 128, 128, 4, "float8_e4m3fn",
+                                       transposed=True),
+    "fused_mx_fp4": Problem("fused_mx", 64, 128, 128, 4, "float4_e2m1fn", fp4=True),
 }
 
 
 def impls(case: str) -> list[str]:
-  return ["xla", "reference"] + [k for k in KERNELS
-                                 if backend.kernels(k).supports(PROBLEMS[case]) is None]
+  return ["xla", "reference"] + kernels_for(case)
+
+
+def kernels_for(case: str) -> list[str]:
+  """The kernels that declare `case`."""
+  return [k for k in KERNELS if backend.kernels(k).supports(PROBLEMS[case]) is None]
+
+
+def kernels_without(case: str) -> list[str]:
+  """The kernels that do not: asked for by name, they raise NotImplementedError."""
+  return [k for k in KERNELS if k not in kernels_for(case)]

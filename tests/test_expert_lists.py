@@ -11,7 +11,8 @@ import pytest
 
 import npu_ops
 import numpy_reference as ref
-from helpers import int4_array
+from helpers import SCALE_ULPS, assert_scale_close, int4_array
+from implementations import IMPLEMENTATIONS, impls
 from test_swiglu_quant import check, make_case
 
 SIZES = [9, 0, 30, 14]  # an empty group, 53 of 60 rows grouped
@@ -101,6 +102,31 @@ def test_fused_a8w8_list(dynamic, tuning_config):
   got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, list(w), ws, xs, gl, group_list_type=1,
                                                    tuning_config=tuning_config)
   check(got, x, w, ws, xs, SIZES, "A8W8")
+
+
+@pytest.mark.parametrize("impl", impls("fused_A8W8"))
+def test_fused_list_with_an_offset_on_every_implementation(impl):
+  """Weight lists and group_offset, on each implementation that declares the case: the
+  local experts' rows equal the golden's, the rest 0."""
+  x, w, ws, xs = make_case(10, "A8W8", 64, 128, 256, 4)
+  counts = [9, 20, 0, 23]  # global groups; this shard holds experts 1 and 2
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, list(w[1:3]), list(ws[1:3]), xs, jnp.asarray(counts), group_list_type=1,
+      group_offset=jnp.int32(1), **IMPLEMENTATIONS[impl])
+  want_q, want_s = ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1), scenario="A8W8")
+  rows = slice(9, 29)
+  np.testing.assert_array_equal(np.asarray(q)[rows], want_q[rows])
+  assert_scale_close(np.asarray(s)[rows], want_s[rows], SCALE_ULPS)
+  assert not np.asarray(q)[:9].any() and not np.asarray(q)[29:].any()
+
+
+@pytest.mark.parametrize("impl", impls("gmm_float"))
+def test_gmm_list_on_every_implementation(impl):
+  x, w = float_operands(11, 64, 128, 128, 4)
+  got = npu_ops.grouped_matmul(x, list(w), jnp.asarray(SIZES), precision="highest",
+                               **IMPLEMENTATIONS[impl])
+  want = ref.grouped_matmul(x, w, ref.group_bounds(SIZES, 1), out_dtype=np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_fused_int4_lists():

@@ -11,6 +11,7 @@ import npu_ops
 from npu_ops._src import quant
 import numpy_reference as ref
 from helpers import SCALE_ULPS, assert_scale_close, counts_to_list
+from implementations import IMPLEMENTATIONS, kernels_for, kernels_without
 
 F32 = np.float32
 FP8 = ["float8_e4m3fn", "float8_e5m2"]
@@ -284,13 +285,13 @@ def test_mx_inputs_group_offset():
     assert not np.any(bits(np.asarray(a)[:6])) and not np.any(bits(np.asarray(a)[24:]))
 
 
-# --- the kernels (interpret mode): fp8 per-token epilogue ----------------------------------------
+# --- the kernels (interpret mode): each kernel that declares the case ---------------------------
 
-@pytest.mark.parametrize("impl,scenario,out", [("pallas_tpu", "A8W8", "float8_e4m3fn"),
-                                               ("pallas_gpu", "A8W4", "float8_e5m2")])
+@pytest.mark.parametrize("impl,scenario,out", [
+    (i, s, o) for s, o in (("A8W8", "float8_e4m3fn"), ("A8W4", "float8_e5m2"))
+    for i in kernels_for(f"fused_{s}")])
 def test_kernels_fp8_per_token(impl, scenario, out):
   from helpers import int4_array  # noqa: PLC0415
-  from implementations import IMPLEMENTATIONS  # noqa: PLC0415
   counts = [30, 0, 41]  # 71 of 80 rows
   x, w, ws, xs = int_case(6, scenario, 80, 128, 256, 3)
   w_in = int4_array(w) if scenario == "A8W4" else w
@@ -390,35 +391,57 @@ def test_fake_quant_mx(out):
     npu_ops.fake_quant_mx(x, jnp.int8)
 
 
+@pytest.mark.parametrize("impl", kernels_for("fused_mx_fp8"))
 @pytest.mark.parametrize("out,mode", [("float8_e4m3fn", 2), ("float4_e2m1fn", 2),
                                       ("float8_e5m2", 0), ("int8", 0)])
-def test_gpu_kernel_mx_inputs(out, mode):
-  """pallas_kernels.gpu.gmm_swiglu_quant_mx in interpret mode: B.1.6's per-block sum, the
-  golden's order, so its C equals the golden's bit for bit on this data."""
-  from implementations import IMPLEMENTATIONS  # noqa: PLC0415
+def test_kernel_mx_inputs(impl, out, mode):
+  """The MX-input kernels (today the GPU's, `gmm_swiglu_quant_mx`) in interpret mode: B.1.6's
+  per-block sum, the golden's order, so their C equals the golden's bit for bit here."""
   counts = [7, 0, 25, 12]
   m, k, n, e = 48, 80, 192, 4  # n/2 = 96: three MX blocks, an odd count
   x, w, xs, ws = mx_case(m, k, n, e, "float8_e4m3fn", "float8_e5m2")
   got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       x, w, ws, xs, jnp.asarray(counts), group_list_type=1, dequant_mode=2, quant_mode=mode,
-      quant_dtype=getattr(jnp, out), **IMPLEMENTATIONS["pallas_gpu"])
+      quant_dtype=getattr(jnp, out), **IMPLEMENTATIONS[impl])
   c = ref.mx_grouped_matmul(x, w, xs, ws, ref.group_bounds(counts, 1))
   assert_fused_close(got, ref.quantize_out(ref.swiglu(c), golden_out(out, mode)), mode)
 
 
-@pytest.mark.parametrize("out", ["float4_e2m1fn"])  # fp8 MX bits: test_gpu_kernel_mx_inputs
-def test_gpu_kernel_mx_output(out):
-  """MX output from the int8 GPU kernel (interpret mode); the TPU kernel has none: asked
-  for by name it says so, under None the TPU lowering takes the XLA path."""
-  from implementations import IMPLEMENTATIONS  # noqa: PLC0415
+@pytest.mark.parametrize("impl", kernels_for("fused_A8W8_mx_out"))
+@pytest.mark.parametrize("out", ["float4_e2m1fn"])  # fp8 MX bits: test_kernel_mx_inputs
+def test_kernel_mx_output(impl, out):
+  """MX output from the int8 kernels that declare it (today the GPU's; interpret mode)."""
   counts = [30, 0, 41]
   x, w, ws, xs = int_case(7, "A8W8", 80, 128, 200, 3)  # n/2 = 100: a short last block
   op = lambda **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       x, w, ws, xs, jnp.asarray(counts), group_list_type=1, quant_mode=2,
       quant_dtype=getattr(jnp, out), **kw)
-  got = op(**IMPLEMENTATIONS["pallas_gpu"])
+  got = op(**IMPLEMENTATIONS[impl])
   assert_fused_close(got, op(implementation="xla"), 2)
   assert_fused_close(got, ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1),
                                            scenario="A8W8", out=("mx", out)), 2)
-  with pytest.raises(NotImplementedError, match="pallas_tpu"):
-    op(implementation="pallas_tpu", interpret=True)
+
+
+@pytest.mark.parametrize("case,impl", [(c, k) for c in ("fused_A8W8_mx_out", "fused_mx_fp8",
+                                                        "fused_mx_fp8_transposed", "fused_mx_fp4")
+                                       for k in kernels_without(c)])
+def test_a_kernel_asked_for_a_case_it_lacks_says_so(case, impl):
+  """A kernel that does not declare a case, asked for by name, raises NotImplementedError
+  with its reason (under None its platform runs the XLA path instead)."""
+  e8m0 = lambda a: jax.lax.bitcast_convert_type(jnp.asarray(a), jnp.float8_e8m0fnu)
+  if case == "fused_A8W8_mx_out":
+    x, w, ws, xs = int_case(7, "A8W8", 16, 128, 128, 2)
+    kw = dict(quant_mode=2, quant_dtype=jnp.float8_e4m3fn)
+  else:
+    dtype = "float4_e2m1fn" if case.endswith("fp4") else "float8_e4m3fn"
+    x, w, xs, ws = mx_case(16, 64, 128, 2, dtype, dtype)
+    xs, ws = e8m0(xs), e8m0(ws)
+    if case.endswith("transposed"):  # one [e, n, k] weight in a list: torch_npu's transposed form
+      w, ws = [np.swapaxes(w, 1, 2)], [np.swapaxes(ws, 1, 2)]
+    kw = dict(dequant_mode=2, quant_mode=2, quant_dtype=jnp.float8_e4m3fn)
+  reason = {"fused_A8W8_mx_out": "MX output", "fused_mx_fp4": "MX inputs"}.get(
+      case, "MX inputs" if impl == "pallas_tpu" else "transposed")
+  with pytest.raises(NotImplementedError, match=f"implementation='{impl}' has no kernel for .*{reason}"):
+    npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, jnp.asarray([8, 8]),
+                                               group_list_type=1, **kw,
+                                               **IMPLEMENTATIONS[impl])
