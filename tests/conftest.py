@@ -42,6 +42,16 @@ def pytest_configure(config):
   core.global_force_seed = int(seed)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Longest first: the slow tests (the notebooks, the bench, the mutants: up to minutes
+  each; notebooks first) run before the rest. With `--maxschedchunk=1` (pyproject's
+  addopts) xdist hands each worker one test at a time, so this is list scheduling, longest
+  first: no worker is left finishing a long test while the other idles."""
+  del config
+  rank = lambda item: (0 if "notebook" in item.name else 1) if item.get_closest_marker("slow") else 2
+  items[:] = sorted(items, key=rank)  # stable: the collection order within each rank
+
+
 def pytest_report_header(config):
   return f"hypothesis seed: {os.environ['NPU_OPS_HYPOTHESIS_SEED']} (rerun: --hypothesis-seed=N)"
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import statistics
@@ -191,29 +192,52 @@ def evaluate(model, valid_batches, eval_fn) -> float:
 SCALES = ("gate_up_log_scale", "down_log_scale")  # MoEMLP's learned weight scales (qat)
 
 
-def train(model, data, steps, lr, seed, s: Settings, *, frozen=(), warmup=0):
-  """AdamW (cosine decay) over `steps` random batches; returns (losses, step seconds).
-  Parameters whose path holds a name in `frozen` are not updated; learned weight scales
-  (`SCALES`) take `s.scale_lr` times the learning rate (Adam's steps are relative on a
-  log-scale) and no weight decay."""
+@functools.cache
+def _optimizer(lr: float, steps: int, warmup: int, scale_lr: float):
+  """AdamW with clipping and cosine decay; one object per setting, so that the optimizers
+  of fine-tunes with the same settings are equal (and their training steps compile once)."""
   import optax  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-  wrt = nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(f)) for f in frozen))
   sched = lambda scale: optax.warmup_cosine_decay_schedule(
       0.0, lr * scale, max(warmup, 1), steps, lr * scale * 0.1)
   labels = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: "scale" if any(str(getattr(k, "key", k)) in SCALES for k in path)
       else "rest", params)
   tx = optax.multi_transform({"rest": optax.adamw(sched(1.0), weight_decay=0.01),
-                              "scale": optax.adam(sched(s.scale_lr))}, labels)
-  opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), tx), wrt=wrt)
+                              "scale": optax.adam(sched(scale_lr))}, labels)
+  return optax.chain(optax.clip_by_global_norm(1.0), tx)
+
+
+def _trained(frozen: tuple[str, ...]):
+  """The parameters a fine-tune updates: all but those whose path holds a name in `frozen`."""
+  from flax import nnx  # noqa: PLC0415
+  return nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(f)) for f in frozen))
+
+
+@functools.cache
+def _train_step(frozen: tuple[str, ...]):
+  """One jitted training step per `frozen`: the seeds of a method, and methods whose models
+  have the same structure, reuse its compiled programs (a step defined inside `train`
+  compiled again at every call)."""
+  from flax import nnx  # noqa: PLC0415
+  wrt = _trained(frozen)
 
   @nnx.jit
   def step(model, opt, batch):
     loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, wrt))(model, batch)
     opt.update(model, grads)
     return loss
+  return step
 
+
+def train(model, data, steps, lr, seed, s: Settings, *, frozen=(), warmup=0):
+  """AdamW (cosine decay) over `steps` random batches; returns (losses, step seconds).
+  Parameters whose path holds a name in `frozen` are not updated; learned weight scales
+  (`SCALES`) take `s.scale_lr` times the learning rate (Adam's steps are relative on a
+  log-scale) and no weight decay."""
+  from flax import nnx  # noqa: PLC0415
+  frozen = tuple(frozen)
+  opt = nnx.Optimizer(model, _optimizer(lr, steps, warmup, s.scale_lr), wrt=_trained(frozen))
+  step = _train_step(frozen)
   rng = np.random.default_rng(seed)
   losses, seconds = [], []
   for _ in range(steps):
