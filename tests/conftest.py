@@ -40,13 +40,17 @@ def pytest_configure(config):
           or os.environ.get("NPU_OPS_HYPOTHESIS_SEED") or random.getrandbits(32))
   os.environ["NPU_OPS_HYPOTHESIS_SEED"] = str(seed)
   core.global_force_seed = int(seed)
+  # xdist: one test at a time per worker (unless asked otherwise), so that with the
+  # longest tests first (`pytest_collection_modifyitems`) the workers finish together
+  if getattr(config.option, "maxschedchunk", 0) is None:
+    config.option.maxschedchunk = 1
 
 
 def pytest_collection_modifyitems(config, items):
   """Longest first: the slow tests (the notebooks, the bench, the mutants: up to minutes
-  each; notebooks first) run before the rest. With `--maxschedchunk=1` (pyproject's
-  addopts) xdist hands each worker one test at a time, so this is list scheduling, longest
-  first: no worker is left finishing a long test while the other idles."""
+  each; notebooks first) run before the rest. xdist hands each worker one test at a time
+  (`pytest_configure`), so this is list scheduling, longest first: no worker is left
+  finishing a long test while the other idles."""
   del config
   rank = lambda item: (0 if "notebook" in item.name else 1) if item.get_closest_marker("slow") else 2
   items[:] = sorted(items, key=rank)  # stable: the collection order within each rank

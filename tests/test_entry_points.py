@@ -27,6 +27,15 @@ def test_demo_runs(capsys):
   assert rel < 10  # int8 x, weights and output: a few percent
 
 
+def test_aot_cases_alone_lists_the_case_names(capsys):
+  """`python -m npu_ops.tools.aot --cases` lists the names to choose from (issue 32 item 15),
+  compiling nothing."""
+  from npu_ops.tools import aot  # noqa: PLC0415
+  assert aot.main(["--cases"]) == []
+  names = capsys.readouterr().out.splitlines()
+  assert names == [c.name for c in aot.cases()] and "fused A8W8 m=4096 e=16" in names
+
+
 @pytest.mark.slow
 def test_bench_runs_every_path(tmp_path, capsys):
   rows = bench.main(["--m", "64", "--k", "32", "--n", "16", "--e", "4", "--repeats", "1",
