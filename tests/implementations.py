@@ -1,8 +1,8 @@
 """Every implementation of the grouped ops, for the core tests (tokamax test_base style).
 
-`impls(case)` lists the implementations that have `case` (XLA and the reference, and the
-kernels whose module's `supports` declares it: `kernels_for`; `kernels_without` those that
-must refuse it); a core test takes `impl` and calls the op with `**IMPLEMENTATIONS[impl]`.
+`impls(case)` lists the implementations whose backend declares `case` (`backend.BACKENDS`:
+XLA and the reference take every case, a kernel what its module's `supports` says;
+`kernels_for` the kernels among them, `kernels_without` those that must refuse it); a core test takes `impl` and calls the op with `**IMPLEMENTATIONS[impl]`.
 The cases: float and integer gmm / tgmm, the fused op's A8W8 / A8W4 / A4W4, its fp8 (same
 problems) and MX outputs, MX inputs (fp8, transposed, fp4); weight lists and group_offset
 take the same cases (test_expert_lists, test_group_offset). A new implementation is added
@@ -26,14 +26,14 @@ NATIVE = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(os.environ.get("NPU_OPS_
 IMPLEMENTATIONS = {
     "xla": dict(implementation="xla"),
     "reference": dict(implementation="reference"),
-    **{k: dict(implementation=k, interpret=k != NATIVE, tiles=TILES)
-       for k in ("pallas_tpu", "pallas_gpu")},
+    **{k: dict(implementation=k, interpret=k != NATIVE, tiles=TILES) for k in backend.KERNELS},
 }
+assert set(IMPLEMENTATIONS) == set(backend.BACKENDS), "a new backend: add how to call it"
 
-KERNELS = ("pallas_tpu", "pallas_gpu")
-# Each case as the kernel backends judge it: a kernel runs the case when its module's
-# `supports` says so (XLA and the reference run every case), so a kernel that gains
-# or loses a case gains or loses its tests here, and a new backend inherits them all.
+KERNELS = backend.KERNELS
+# Each case as the backends judge it: an implementation runs the case when its backend's
+# `supports` says so, so a backend that gains or loses a case gains or loses its tests
+# here, and a new backend inherits them all.
 PROBLEMS = {
     "gmm_float": Problem("gmm", 64, 128, 128, 4, "float32"),
     "gmm_int": Problem("gmm", 64, 128, 128, 4, "int8"),
@@ -49,12 +49,13 @@ PROBLEMS = {
 
 
 def impls(case: str) -> list[str]:
-  return ["xla", "reference"] + kernels_for(case)
+  """Every implementation whose backend declares `case` (`npu_ops._src.backend.BACKENDS`)."""
+  return [name for name, b in backend.BACKENDS.items() if b.supports(PROBLEMS[case]) is None]
 
 
 def kernels_for(case: str) -> list[str]:
   """The kernels that declare `case`."""
-  return [k for k in KERNELS if backend.kernels(k).supports(PROBLEMS[case]) is None]
+  return [k for k in impls(case) if k in KERNELS]
 
 
 def kernels_without(case: str) -> list[str]:

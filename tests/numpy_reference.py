@@ -228,24 +228,71 @@ def swiglu_quant(x, w, w_scale, x_scale, bounds, *, scenario: str, assist=None, 
     elif scenario == "A4W4":
       acc = xi @ w[i].astype(np.int64)
       c = (acc.astype(F32) * x_scale[s:e, None]) * w_scale[i].astype(F32)
-    else:  # A8W4 (MSD): hi/lo nibbles, per k-group partials, literal formula of B.1.4
-      sc = w_scale[i].reshape(-1, n).astype(F32)
-      groups = sc.shape[0]
-      gs = k // groups
-      x_hi = np.floor_divide(xi, 16)
-      x_lo = (xi & 0x0F) - 8
-      c_hi = np.zeros((e - s, n), F32)
-      c_lo = np.zeros((e - s, n), F32)
-      for g in range(groups):
-        wg = w[i, g * gs:(g + 1) * gs].astype(np.int64)
-        c_hi += (x_hi[:, g * gs:(g + 1) * gs] @ wg).astype(F32) * sc[g]
-        c_lo += (x_lo[:, g * gs:(g + 1) * gs] @ wg).astype(F32) * sc[g]
-      c = (F32(16) * c_hi + c_lo + assist[i].astype(F32)) * x_scale[s:e, None]
+    else:
+      c = a8w4_c(xi, w[i], w_scale[i], assist[i], x_scale[s:e])
     sw = swiglu(c)
     if smooth is not None:
       sw = sw * np.asarray(smooth[i], F32)
     sw_all[s:e] = sw
   return quantize_out(sw_all, out)
+
+
+def a8w4_c(xi, wi, scale, assist, x_scale) -> np.ndarray:
+  """A8W4's C for one expert's rows, the literal formula of B.1.4 (MSD): hi/lo nibbles of
+  x, per k-group partials summed in float32."""
+  k, n = wi.shape
+  sc = np.asarray(scale).reshape(-1, n).astype(F32)
+  gs = k // sc.shape[0]
+  x_hi = np.floor_divide(xi, 16)
+  x_lo = (xi & 0x0F) - 8
+  c_hi = np.zeros((xi.shape[0], n), F32)
+  c_lo = np.zeros((xi.shape[0], n), F32)
+  for g in range(sc.shape[0]):
+    wg = wi[g * gs:(g + 1) * gs].astype(np.int64)
+    c_hi += (x_hi[:, g * gs:(g + 1) * gs] @ wg).astype(F32) * sc[g]
+    c_lo += (x_lo[:, g * gs:(g + 1) * gs] @ wg).astype(F32) * sc[g]
+  return (F32(16) * c_hi + c_lo + np.asarray(assist).astype(F32)) * np.asarray(x_scale, F32)[:, None]
+
+
+def a8w4_scale_slack(x, w, w_scale, x_scale, bounds, assist) -> np.ndarray:
+  """Per row, the ulps of its per-token scale by which A8W4's float32 sums over k groups
+  may separate the op from the golden (beyond SCALE_ULPS' SwiGLU and division).
+
+  The golden's C (`a8w4_c`, B.1.4's literal hi/lo partials) is off the exact C by what we
+  measure here (float64); the op sums the terms s_g * acc_g (acc_g exact int32) and the
+  assist A in float32, within (G + 2) * u * x_scale * (sum_g |s_g acc_g| + |A|) of it
+  (u = 2**-24: G additions, the assist's own rounding, the x_scale product). Where the
+  terms cancel, that is many ulps of C (20 ulps of the scale in a CI example: G = 4, terms
+  ~1.4 summing to -0.05). Through SwiGLU, S = silu(Cg) * Cu moves by at most
+  |Cu silu'(Cg)| dCg + |silu(Cg)| dCu, the row's amax by the largest of those, the scale
+  (amax / 127) by that / 127.
+  """
+  m, k = x.shape
+  n = w.shape[-1]
+  slack = np.zeros(m)
+  u = 2.0 ** -24
+  for i, (s, e) in enumerate(bounds):
+    if e <= s:
+      continue
+    xi = x[s:e].astype(np.int64)
+    sc = np.asarray(w_scale[i], np.float64).reshape(-1, n)
+    gs = k // sc.shape[0]
+    terms = [(xi[:, g * gs:(g + 1) * gs] - 8) @ w[i, g * gs:(g + 1) * gs].astype(np.int64)
+             * sc[g] for g in range(sc.shape[0])]
+    a = np.asarray(assist[i], np.float64)
+    xs = np.asarray(x_scale[s:e], np.float64)[:, None]
+    c = xs * (sum(terms) + a)
+    golden = a8w4_c(xi, w[i], w_scale[i], assist[i], x_scale[s:e]).astype(np.float64)
+    dc = np.abs(golden - c) + (sc.shape[0] + 2) * u * xs * (sum(map(np.abs, terms)) + np.abs(a))
+    h = n // 2
+    cg, cu, dg, du = c[:, :h], c[:, h:], dc[:, :h], dc[:, h:]
+    sig = 1 / (1 + np.exp(-cg))
+    silu, dsilu = cg * sig, sig * (1 + cg * (1 - sig))
+    d_amax = np.max(np.abs(cu * dsilu) * dg + np.abs(silu) * du, axis=1)
+    scale = np.max(np.abs(silu * cu), axis=1) / 127
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(scale, 1e-38))) - 23)
+    slack[s:e] = np.ceil(d_amax / 127 / ulp)
+  return slack
 
 
 def canonical_assist(w, w_scale) -> np.ndarray:

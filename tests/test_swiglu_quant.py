@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import npu_ops
@@ -42,12 +42,12 @@ def check(got, x, w, w_scale, x_scale, counts, scenario, **kw):
   assert q.dtype == jnp.int8 and s.dtype == jnp.float32
   assert q.shape == want_q.shape and s.shape == want_s.shape
   assert_int8_equal(q, want_q)
-  # A8W4: the golden's C is B.1.4's literal hi/lo float sum, an ulp from the op's exact
-  # integer one in some entries; through SwiGLU the scale measured up to 4 ulps (codes equal);
-  # per k-group the op also sums G float32 partials (and its assist) in its own order:
-  # 8 ulps measured at G=4, k=8 (hypothesis)
-  per_group = np.ndim(w_scale) == 3 and np.shape(w_scale)[1] > 1
-  assert_scale_close(s, want_s, (16 if per_group else 6) if scenario == "A8W4" else SCALE_ULPS)
+  # A8W4: the golden's C is B.1.4's literal hi/lo float32 sum over k groups, the op's its
+  # own float32 sum of the same terms: where they cancel, C and the scale move by many ulps
+  # (20 in a CI example: G=4, terms ~1.4 summing to -0.05); the bound is derived per row.
+  slack = (ref.a8w4_scale_slack(x, w, w_scale, x_scale, bounds, kw["assist"])
+           if scenario == "A8W4" else 0)
+  assert_scale_close(s, want_s, SCALE_ULPS + slack)
   total = sum(counts)
   assert not np.any(np.asarray(q)[total:]) and not np.any(np.asarray(s)[total:])
   assert np.all(np.isfinite(np.asarray(s)))
@@ -269,6 +269,8 @@ def cases(draw):
 
 
 @given(cases())
+# found by CI (seed 1272762531): A8W4 terms that cancel, the scale 20 ulps from the golden's
+@example(case=("A8W4", 54, 64, 8, 6, [0, 0, 0, 0, 39, 0], False, 26, 4, None))
 def test_property_against_golden(case):
   """Under the `ci` profile (conftest) new random examples every run; a failure prints the
   seed (`--hypothesis-seed=...`) and the falsifying case."""

@@ -15,14 +15,16 @@
 `interpret=True` runs a kernel's body in Pallas interpret mode on any backend;
 `tiles` overrides the kernel's `TileSizes`.
 
-What each kernel backend takes is declared in one place, its module's
-`supports(problem) -> reason | None` (`pallas_kernels.common.Problem`), and so are its
-default tiles (`default_tiles(problem)`: on TPU the `npu_ops.perf` model's choice for
-the chip being lowered for).
+Every implementation is a `Backend` of `BACKENDS`: what it takes is declared in one place,
+its `supports(problem) -> reason | None` (`pallas_kernels.common.Problem`; a kernel
+backend's is its module's), with the class of its tile configuration (`config`) and, for
+the kernels, their default tiles (the module's `default_tiles(problem)`: on TPU the
+`npu_ops.perf` model's choice for the chip being lowered for).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,15 +35,45 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
+from npu_ops._src.row_blocks import GmmBlockSizes
 from npu_ops._src.validation import fail
 from pallas_kernels import tpu_tiles
 from pallas_kernels.common import Problem, TileSizes
 
-IMPLEMENTATIONS: tuple[str, ...] = ("xla", "reference", "pallas_tpu", "pallas_gpu")
 KERNELS: tuple[str, ...] = ("pallas_tpu", "pallas_gpu")
 AUTO = "auto"  # `resolve`'s answer for None when a kernel has the case
 # Lowering platform -> the kernel that serves it under implementation=None.
 KERNEL_OF_PLATFORM = {"tpu": "pallas_tpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """One implementation of the grouped ops (grouped matmul, tgmm, the fused op, MX inputs).
+
+  Attributes:
+    name: its `implementation=` name.
+    config: the class of its tiles (`TileSizes` for the kernels, the XLA path's row blocks
+      `GmmBlockSizes`; None: the reference has none).
+    supports: `supports(problem)`: None when it runs `problem`, else the reason it does not.
+  """
+  name: str
+  config: type | None
+  supports: Callable[[Problem], str | None]
+
+
+def _any_problem(problem: Problem) -> None:
+  del problem  # the XLA path and the reference run every problem
+
+
+def _kernel_supports(implementation: str) -> Callable[[Problem], str | None]:
+  return lambda problem: kernels(implementation).supports(problem)
+
+
+BACKENDS: dict[str, Backend] = {
+    "xla": Backend("xla", GmmBlockSizes, _any_problem),
+    "reference": Backend("reference", None, _any_problem),
+    **{k: Backend(k, TileSizes, _kernel_supports(k)) for k in KERNELS}}
+IMPLEMENTATIONS: tuple[str, ...] = tuple(BACKENDS)  # "xla", "reference", the kernels
 
 
 def check(implementation: str | None, interpret: bool = False,
@@ -70,7 +102,7 @@ def resolve(implementation: str | None, problem: Problem, *, interpret: bool = F
   """
   check(implementation, interpret, tiles)
   if implementation in KERNELS:
-    gap = kernels(implementation).supports(problem)
+    gap = BACKENDS[implementation].supports(problem)
     if gap is not None:
       others = [k for k in KERNELS if k != implementation]
       raise NotImplementedError(
@@ -101,9 +133,9 @@ def run(impl: str, args: Sequence[Any], problem: Problem, *, kernel: Callable[..
   """
   def on(name: str) -> Callable[..., Any]:
     def branch(*a):
-      module = kernels(name)
-      if module.supports(problem) is not None:  # AUTO only: named kernels were checked
+      if BACKENDS[name].supports(problem) is not None:  # AUTO only: named ones were checked
         return xla(*a)
+      module = kernels(name)
       return kernel(module, tiles or module.default_tiles(problem), *a)
     return branch
 
