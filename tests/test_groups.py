@@ -75,3 +75,13 @@ def test_dynamic_errors():
     groups.group_ends(jnp.ones((2, 2), jnp.int32), group_list_type=0, m=10, num_groups=4)
   with pytest.raises(ValueError, match="group_list_type"):
     groups.group_ends([1], group_list_type=2, m=10, num_groups=4)
+
+
+@pytest.mark.parametrize("m", [40, 2**30 + 5])  # the second: partial sums past int32
+def test_dynamic_counts_saturate_at_m_without_overflow(m):
+  """Counts become ends clamped to m; where e * m could overflow int32, a saturating scan
+  keeps every partial sum <= m (against Python's unbounded integers)."""
+  counts = np.array([m // 2, m // 2 + 3, 7, m], np.int32)
+  got = jax.jit(lambda c: groups.group_ends(c, group_list_type=1, m=m, num_groups=4))(counts)
+  want = np.minimum(np.cumsum(np.clip(counts.astype(object), 0, m)), m).astype(np.int64)
+  np.testing.assert_array_equal(np.asarray(got, np.int64), want)

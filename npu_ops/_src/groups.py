@@ -136,8 +136,12 @@ def _static_ends(values: list[int], group_list_type: int, m: int, name: str) -> 
 def _dynamic_ends(gl: jax.Array, group_list_type: int, m: int) -> jax.Array:
   if group_list_type == COUNT:
     sizes = jnp.clip(gl, 0, m)
-    # Saturating prefix sum: every partial sum stays <= m, so int32 never overflows.
-    return lax.associative_scan(lambda a, b: jnp.minimum(a + b, m), sizes)
+    if isinstance(m, (int, np.integer)) and sizes.shape[0] * (m + 1) < 2**31:  # no overflow
+      return jnp.minimum(jnp.cumsum(sizes, dtype=jnp.int32), m)
+    # Saturating prefix sum, min(a + b, m) written as min(a, m - b) + b: for a, b in
+    # [0, m] no intermediate passes m (a + b itself overflowed for m > 2**30). An
+    # associative scan: on TPU ~60 small fusions for 16 groups, where cumsum is one op.
+    return lax.associative_scan(lambda a, b: jnp.minimum(a, m - b) + b, sizes)
   return lax.cummax(jnp.clip(gl, 0, m))
 
 
