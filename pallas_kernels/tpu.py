@@ -181,22 +181,42 @@ K_CHUNK = 512
 
 def _accumulate(acc, x, w, k0, k: int, *, transpose_rhs: bool = False, precision=None) -> None:
   """acc += x @ w (w read as its transpose with `transpose_rhs`) for refs x `[rows, bk]`
-  and w `[bk, n]` of the k tile at k0, in `K_CHUNK` pieces where bk is a multiple of it;
-  entries at or past k are zeroed (a partial k tile holds garbage there)."""
+  and w `[bk, n]` of the k tile at k0: `K_CHUNK`-deep pieces in a loop, then the tile's
+  last piece (a multiple of 128). In the last k tile only the k columns below k are
+  multiplied, and only the 128-wide block that k cuts is masked (a partial tile holds
+  garbage past k; masking every piece cost the vector units more than the MXU its product:
+  2.4x the time at k = 2880 under the model)."""
   bk = x.shape[1]
-  step = K_CHUNK if bk % K_CHUNK == 0 else bk
   dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
   out = jnp.float32 if jnp.issubdtype(acc.dtype, jnp.floating) else jnp.int32
 
-  def chunk(c, carry):
-    kc = pl.ds(pl.multiple_of(c * step, step), step)
+  def product(start, size: int, masked: bool = False):
+    kc = pl.ds(start, size)
     xb, wb = x[:, kc], (w[:, kc] if transpose_rhs else w[kc, :])
-    if k % bk:
-      xb = _mask_k_edge(xb, k0 + c * step, k, 1)
-      wb = _mask_k_edge(wb, k0 + c * step, k, 1 if transpose_rhs else 0)
+    if masked:
+      xb = _mask_k_edge(xb, k0 + start, k, 1)
+      wb = _mask_k_edge(wb, k0 + start, k, 1 if transpose_rhs else 0)
     acc[...] += lax.dot_general(xb, wb, dims, precision=precision, preferred_element_type=out)
-    return carry
-  lax.fori_loop(0, bk // step, chunk, 0)
+
+  def columns(extent: int):
+    """x[:, :extent] @ w[:extent], extent static; masked where it passes k's 128 block."""
+    chunks, tail = divmod(extent, K_CHUNK)
+
+    def chunk(c, carry):
+      product(pl.multiple_of(c * K_CHUNK, K_CHUNK), K_CHUNK)
+      return carry
+    if chunks:
+      lax.fori_loop(0, chunks, chunk, 0)
+    if tail:  # a block as wide as k (any width) needs no mask: nothing lies past k
+      size = min(common.round_up(tail, 128), bk - chunks * K_CHUNK)
+      product(chunks * K_CHUNK, size, masked=size > tail)
+
+  last = k - (common.cdiv(k, bk) - 1) * bk  # the valid columns of the last k tile
+  if last == bk:
+    columns(bk)
+    return
+
+  lax.cond(k0 + bk <= k, lambda: columns(bk), lambda: columns(last))
 
 
 def _for_row_blocks(ends_ref, g, r0, bm: int, fn, block: int = ROW_BLOCK) -> None:
