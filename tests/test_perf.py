@@ -110,6 +110,32 @@ def test_loops_with_dynamic_bounds_count_their_trips():
   assert k.flops == 5 * 2 * 128 * 256 * 128
 
 
+def test_branches_inside_a_loop_run_where_their_step_takes_them():
+  """A `pl.when` inside a loop on a value known per step (the loop's constant, e.g. the k
+  tile's offset) runs only on the steps that take it: two exclusive branches, a 256-deep
+  product on step 0 and a 128-deep one on step 1, twice each (not both on both steps)."""
+  def kernel(x_ref, o_ref):
+    first = pl.program_id(0) == 0
+
+    def body(b, carry):
+      @pl.when(first)
+      def _():
+        o_ref[...] += jnp.dot(x_ref[...], x_ref[...].T, preferred_element_type=jnp.float32)
+
+      @pl.when(jnp.logical_not(first))
+      def _():
+        o_ref[...] += jnp.dot(x_ref[:, :128], x_ref[:, :128].T,
+                              preferred_element_type=jnp.float32)
+      return carry
+    jax.lax.fori_loop(0, 2, body, 0)
+  f = lambda x: pl.pallas_call(
+      kernel, grid=(2,), in_specs=[pl.BlockSpec((128, 256), lambda i: (0, 0))],
+      out_specs=pl.BlockSpec((128, 128), lambda i: (0, 0)),
+      out_shape=jax.ShapeDtypeStruct((128, 128), jnp.float32))(x)
+  (k,) = model.predict(f, S((128, 256), jnp.float32)).kernels
+  assert k.flops == 2 * (2 * 128 * 256 * 128 + 2 * 128 * 128 * 128)
+
+
 def test_megablox_gmm_counts():
   """Uniform groups aligned to row tiles: one visit per row tile, each group's weight
   column tile copied once per group, x once per (column tile, row tile)."""

@@ -504,8 +504,15 @@ class _Scalars:
     if name in ("scan", "while"):
       body = eqn.params["jaxpr"] if name == "scan" else eqn.params["body_jaxpr"]
       trips = eqn.params.get("length", 1) if name == "scan" else _while_trips(eqn, vals)
+      # The loop's constants are known per step (e.g. a k tile's offset): a `pl.when` in
+      # the body on them runs where it is taken; the carry and the index are unknown.
+      n_consts = (eqn.params["num_consts"] if name == "scan"
+                  else eqn.params["body_nconsts"])
+      start = 0 if name == "scan" else eqn.params["cond_nconsts"]
+      args = list(vals[start:start + n_consts])
+      args += [_UNKNOWN] * (len(body.jaxpr.invars) - len(args))
       sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_shape)
-      sub.run(body.jaxpr, body.consts, [_UNKNOWN] * len(body.jaxpr.invars), mask)
+      sub.run(body.jaxpr, body.consts, args, mask)
       self._merge(sub, trips)
       return [_UNKNOWN] * n_out
     if (inner := _sub_jaxpr(eqn.params)) is not None and name not in ("pallas_call",):
