@@ -69,8 +69,8 @@ MUTANTS = (
            ("tests/test_implementations.py", "-k", "fused_op and A8W8 and xla")),
     # Group boundaries one row late (dynamic counts).
     Mutant("group_boundaries", "npu_ops/_src/groups.py",
-           "    return lax.associative_scan(lambda a, b: jnp.minimum(a + b, m), sizes)",
-           "    return jnp.minimum(lax.associative_scan(lambda a, b: jnp.minimum(a + b, m), sizes) + 1, m)",
+           "      return jnp.minimum(jnp.cumsum(sizes, dtype=jnp.int32), m)",
+           "      return jnp.minimum(jnp.cumsum(sizes, dtype=jnp.int32) + 1, m)",
            ("tests/test_implementations.py", "-k", "fused_op and A8W8 and xla")),
     # A visit skips a row block that holds rows of its group (the TPU kernels' row blocks).
     Mutant("row_blocks_skip", "pallas_kernels/tpu.py",
