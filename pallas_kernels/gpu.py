@@ -55,6 +55,9 @@ FUSED_MAX_BLOCK_M = 128  # rows per tile by default: the registers (see the modu
 # and dtype (ptxas, `python -m npu_ops.tools.aot`); 4 warps, or 128-deep k blocks, spilled up to
 # ~1.9 KB (float32 gmm on sm_90a, the fused A8W4 kernel on sm_80).
 _PARAMS = pltr.CompilerParams(num_warps=8, num_stages=2) if pltr else None
+# The fused kernel takes int4 weights as jnp.int4 or int8 values: int32 words are unpacked
+# before it (by XLA).
+READS_INT4_WORDS = False
 NO_TRITON = "any case: this JAX has no Pallas Triton backend (deprecated from JAX 0.11)"
 
 

@@ -263,9 +263,58 @@ class FusedPlan:
     return self.k_tiles == 1
 
 
-def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes) -> FusedPlan:
+# The fused kernel takes A8W4 weights as int32 words `[e, k, n/8]` (torch_npu's int4pack,
+# 8 int4 a word) and unpacks them in VMEM (`_int8_rows`): the words cross HBM as they are.
+READS_INT4_WORDS = True
+
+
+def k_minor(shape: tuple[int, ...]) -> bool:
+  """Whether a TPU holds an int32 `[e, k, c]` array k-minor (layout {1,2,0}). XLA's default
+  TPU layout takes as minor dim the one its 128 lanes pad least (relatively), then as
+  second-minor the one its sublanes pad least (8 of them; a dim under 8 takes a power of
+  two), ties going to the dim more minor in the logical order: torch_npu's words
+  `[e, 2048, 352]` are k-minor (352 words pad to 384 lanes, 2048 not at all). The fused
+  kernel then reads them as `[e, c, k]`, the same bytes, where asking for `[e, k, c]`
+  would make XLA copy them on every call. tests/test_aot.py checks this against the
+  compiler."""
+  sublanes = lambda d: common.round_up(d, 8) if d >= 8 else 1 << (d - 1).bit_length()
+
+  def least_padded(dims, padded):  # the last of the dims that pad least, relatively
+    return min(reversed(dims), key=lambda d: padded(shape[d]) / shape[d])
+  return (least_padded((0, 1, 2), lambda d: common.round_up(d, 128)) == 1
+          and least_padded((0, 2), sublanes) == 2)
+
+
+# Rows of a weight block turned into int8 values at a time (a loop: Mosaic unrolls vector
+# code, so a whole `[k, n]` block at once would be that much more code).
+UNPACK_ROWS = 128
+
+
+def _unpack_words(words: jax.Array, n: int, put) -> None:
+  """int32 words `[rows, n/8]` -> their int4 values in [-8, 7] (int32), handed to
+  `put(columns, values)` 128 columns at a time. Column c is nibble c % 8 of word c // 8:
+  each 128 columns take 16 words of one aligned 128-lane window, brought to their 8 lanes
+  each by a gather within the vector register, then shifted to the top and
+  arithmetically back (sign extended)."""
+  rows, c = words.shape
+  if c % 128:  # whole windows (the padding feeds only columns past n)
+    words = jnp.concatenate([words, jnp.zeros((rows, common.round_up(c, 128) - c), words.dtype)],
+                            axis=1)
+  lane = lax.broadcasted_iota(jnp.int32, (1, 128), 1)
+  shift = 28 - 4 * (lane & 7)
+  for b in range(common.cdiv(n, 128)):  # columns 128b ..: words 16b .. 16b + 15
+    window = words[:, 128 * (b // 8):128 * (b // 8 + 1)]
+    word = jnp.broadcast_to(lax.shift_right_logical(lane, 3) + 16 * (b % 8), (rows, 128))
+    mine = jnp.take_along_axis(window, word, axis=1, mode="promise_in_bounds")
+    width = min(128, n - 128 * b)
+    put(slice(128 * b, 128 * b + width), jnp.right_shift(jnp.left_shift(mine, shift), 28)[:, :width])
+
+
+def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
+               a8w4: bool = False) -> FusedPlan:
   """Weight-stationary when an expert's `[k, n]` int8 weight, double-buffered, fits;
-  else k tiles of at most tiles.block_k (a divisor of the k group for A8W4)."""
+  else k tiles of at most tiles.block_k (a divisor of the k group for A8W4). A8W4 holds
+  its weight block as int8 values in one more `[block_k, n]` VMEM block."""
   gs = k // groups
   if 2 * k * n <= _RESIDENT_WEIGHT_BYTES:
     bk = k
@@ -278,7 +327,8 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes) -> FusedPl
   bm = tiles.block_m
   # x tile (int8, 2 buffers), weight (2 buffers), int32 and float32 row accumulators, the
   # int8 output (2 buffers) and the epilogue's float32 temporaries (~4 per SwiGLU column).
-  need = lambda bm: 2 * bm * bk + 2 * bk * n + 8 * bm * n + 2 * bm * (n // 2) + 16 * bm * (n // 2)
+  need = lambda bm: (2 * bm * bk + (3 if a8w4 else 2) * bk * n + 8 * bm * n
+                    + 2 * bm * (n // 2) + 16 * bm * (n // 2))
   while bm > 32 and need(bm) > _VMEM_PLAN:
     bm //= 2
   return FusedPlan(block_m=bm, block_k=bk, k_tiles=common.cdiv(k, bk))
@@ -293,7 +343,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   """Fused op on canonical operands: A8W8, or A8W4 when `assist` is given.
 
   Args:
-    x: int8 `[m, k]`; w: int8 `[e, k, n]` (A8W4: jnp.int4, or int8 holding int4 values);
+    x: int8 `[m, k]`; w: int8 `[e, k, n]` (A8W4: jnp.int4, int8 holding int4 values, or
+      int4 in int32 words `[e, k, n/8]`);
     w_scale: float32 `[e, G, n]` (G = 1 per channel; A8W4 may have G k groups of
       k/G rows, a multiple of 128); x_scale: float32 `[m]`; ends: int32 `[E]`
       group row ends, E <= e; start: int32 scalar, the first row of group 0 (megablox's
@@ -318,17 +369,21 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   if mx_out:
     raise NotImplementedError("the TPU kernel has no MX output (`supports`)")
   m, k = x.shape
-  e, _, n = w.shape
+  e, n = w.shape[0], w_scale.shape[-1]
   nh = n // 2
   groups = w_scale.shape[1]
   gs = k // groups
   a8w4 = assist is not None
+  words = w.dtype == jnp.int32
+  if words and not a8w4:
+    raise ValueError("w: expected int32 words only for A8W4 (with an assist matrix)")
   if m == 0:  # no rows, no grid
     return jnp.zeros((0, nh), out_dtype), jnp.zeros((0,), jnp.float32)
-  plan = fused_plan(m, k, n, groups, tiles)
+  plan = fused_plan(m, k, n, groups, tiles, a8w4=a8w4)
   bm, bk, k_tiles = plan.block_m, plan.block_k, plan.k_tiles
   gpt = max(bk // gs, 1)            # k groups closed inside one k tile (bk >= gs)
-  tiles_per_group = max(gs // bk, 1)  # k tiles one k group spans (bk < gs)
+  # k tiles one k group spans (bk < gs; per channel the last may be partial: k % bk)
+  tiles_per_group = common.cdiv(gs, bk) if bk < gs else 1
   m_tiles = common.cdiv(m, bm)
   num_groups = ends.shape[0]
   # A device with two TensorCores (v5p) splits the work between them (a "parallel" axis;
@@ -346,11 +401,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     per_core = common.per_core(m, bm, num_groups, cores)
   scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
   x_scale = x_scale.astype(jnp.float32).reshape(m, 1)
+  words_k_minor = words and k_minor(w.shape)
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, x_ref, w_ref, s_ref, xs_ref,
              *refs):
     if a8w4:
-      a_ref, q_ref, qs_ref, acc, f, cs = refs
+      a_ref, q_ref, qs_ref, acc, f, cs, wv_ref = refs
     else:
       q_ref, qs_ref, acc = refs
     c, t, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -361,62 +417,73 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
     @pl.when(real & (kk == 0))
     def _():
-      acc[...] = jnp.zeros_like(acc)
+      if not a8w4 or tiles_per_group > 1:  # A8W4 closes k groups within a tile into f
+        acc[...] = jnp.zeros_like(acc)
       if a8w4:
         f[...] = jnp.zeros_like(f)
         if not plan.resident:
           cs[...] = jnp.zeros_like(cs)
 
-    def colsum8(wb, c):  # 8 * the column sums of k group c of this block, exact in int32
-      part = wb[c * min(gs, bk):(c + 1) * min(gs, bk)].astype(jnp.int32)
-      return 8 * jnp.sum(part, axis=0, keepdims=True)
+    # A8W4 holds its weight block as int8 values in VMEM (`wv_ref`: int4 widened, int32
+    # words unpacked, the k edge of a partial tile zeroed, which zeroes the products with
+    # x's garbage there too) with its column sums: once per expert when its weights stay
+    # resident (a group's visits are consecutive), else every step (a new k tile).
+    first_visit = real & ((t == 0) | (gid_ref[jnp.maximum(i - 1, 0)] != g))
+    unpack_rows = UNPACK_ROWS if bk % UNPACK_ROWS == 0 else bk  # divides the k groups too
 
-    if a8w4 and plan.resident:
-      # An expert's weights stay in VMEM across its visits: sum them once, on its first
-      # visit (a group's visits are consecutive).
-      @pl.when(real & ((t == 0) | (gid_ref[jnp.maximum(i - 1, 0)] != g)))
+    def unpack(ci, carry):
+      rows = pl.ds(pl.multiple_of(ci * unpack_rows, unpack_rows), unpack_rows)
+      sums = cs.at[lax.div(ci * unpack_rows, gs) if tiles_per_group == 1 else 0]
+
+      def put(cols, vals):  # int32 values of the rows' columns cols
+        if k % bk:
+          vals = _mask_k_edge(vals, kk * bk + ci * unpack_rows, k, 0)
+        wv_ref[rows, cols] = vals.astype(jnp.int8)
+        # 8 * the column sums of the k group these rows are in, exact in int32
+        sums[:, cols] += 8 * jnp.sum(vals, axis=0, keepdims=True)
+
+      if words:
+        _unpack_words(w_ref[:, rows].T if words_k_minor else w_ref[rows, :], n, put)
+      else:
+        put(slice(None), w_ref[rows, :].astype(jnp.int32))
+      return carry
+
+    if a8w4:
+      @pl.when(first_visit if plan.resident else real)
       def _():
-        wb = w_ref[...].astype(jnp.int8)
-        for c in range(groups):
-          cs[c] = colsum8(wb, c)
+        if tiles_per_group == 1:  # sums of the k groups in the block (k tiled: their own)
+          cs[...] = jnp.zeros_like(cs)
+        lax.fori_loop(0, bk // unpack_rows, unpack, 0)
 
-    def multiply_blocks():  # A8W8: only the row blocks that hold the group's rows
-      _for_row_blocks(ends_ref, g, mt_ref[i] * bm, bm,
-                      lambda r: _accumulate(acc.at[r], x_ref.at[r], w_ref, kk * bk, k))
+    def multiply_a8w8(r):
+      _accumulate(acc.at[r], x_ref.at[r], w_ref, kk * bk, k)
 
-    def multiply():
-      xb, wb = x_ref[...], w_ref[...].astype(jnp.int8)  # int4 blocks widen in VMEM
-      if k % bk:
-        xb = _mask_k_edge(xb, kk * bk, k, 1)
-        wb = _mask_k_edge(wb, kk * bk, k, 0)
-      if not a8w4:
-        acc[...] += jnp.dot(xb, wb, preferred_element_type=jnp.int32)
-        return
-      for c in range(gpt):  # k groups inside this tile, closed at once
-        part = jnp.dot(xb[:, c * min(gs, bk):(c + 1) * min(gs, bk)],
-                       wb[c * min(gs, bk):(c + 1) * min(gs, bk)],
-                       preferred_element_type=jnp.int32)
+    def multiply_a8w4(r):  # each k group of the tile closed in float32 (semantics B.1)
+      xb, wb = x_ref[r], wv_ref[...]
+      for c in range(gpt):
+        cols = slice(c * min(gs, bk), (c + 1) * min(gs, bk))
+        part = jnp.dot(xb[:, cols], wb[cols], preferred_element_type=jnp.int32)
         if tiles_per_group == 1:
-          sums = cs[c] if plan.resident else colsum8(wb, c)
-          f[...] += epilogue.close_k_group(part, sums, s_ref[c])
+          f[r] += epilogue.close_k_group(part, cs[c], s_ref[c])
         else:
-          acc[...] += part
-          cs[0] += colsum8(wb, 0)  # this tile's share of its k group's column sums
+          acc[r] += part
 
       if tiles_per_group > 1:  # a k group spans tiles: close it on its last one
         @pl.when(kk % tiles_per_group == tiles_per_group - 1)
         def _():
-          kg = kk // tiles_per_group
-          f[...] += epilogue.close_k_group(acc[...], cs[0], s_ref[kg])
-          acc[...] = jnp.zeros_like(acc)
-          cs[...] = jnp.zeros_like(cs)
+          f[r] += epilogue.close_k_group(acc[r], cs[0], s_ref[kk // tiles_per_group])
+          acc[r] = jnp.zeros_like(acc[r])
 
-    if not a8w4:
-      pl.when(real)(multiply_blocks)
-    else:
-      pl.when(real)(multiply)
+    # Only the row blocks that hold the group's rows are multiplied and finished.
+    r0 = mt_ref[i] * bm
+    for_rows = lambda fn: _for_row_blocks(ends_ref, g, r0, bm, fn)
+    pl.when(real)(lambda: for_rows(multiply_a8w4 if a8w4 else multiply_a8w8))
+    if a8w4 and tiles_per_group > 1 and not plan.resident:
+      @pl.when(real & (kk % tiles_per_group == tiles_per_group - 1))
+      def _():  # the k group closed: its column sums start again
+        cs[...] = jnp.zeros_like(cs)
 
-    def finish(r, rows_r):  # dequant, SwiGLU, quantize and write the rows r of the tile
+    def finish(r):  # dequant, SwiGLU, quantize and write the group's rows in rows r
       xs = xs_ref[r]
       if a8w4:
         act = epilogue.finish_a8w4(f[r, :nh], a_ref[:, :nh], xs)
@@ -426,17 +493,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         gate = epilogue.dequant_a8w8(acc[r, nh:], s_ref[0, :, nh:], xs)
       q, scale = epilogue.quantize_rows(epilogue.swiglu_halves(act, gate), qmax=qmax,
                                          dtype=out_dtype)
+      rows_r = common.group_rows(ends_ref, g, r0 + r.start, r.size)
       q_ref[r] = jnp.where(rows_r, q, q_ref[r])
       qs_ref[r] = jnp.where(rows_r, scale, qs_ref[r])
 
     last_step = (t < nv_ref[c]) & (kk == k_tiles - 1)
-    if a8w4:
-      pl.when(last_step & real)(lambda: finish(slice(None), rows))
-    else:  # the group's row blocks only, as it multiplied them
-      r0 = mt_ref[i] * bm
-      pl.when(last_step & real)(lambda: _for_row_blocks(
-          ends_ref, g, r0, bm,
-          lambda r: finish(r, common.group_rows(ends_ref, g, r0 + r.start, r.size))))
+    pl.when(last_step & real)(lambda: for_rows(finish))
 
     @pl.when(last_step & ~real)  # head and tail rows are 0
     def _():
@@ -451,10 +513,15 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   lead, lead_block = ((cores,), (None,)) if by_visits else ((), ())  # by visits: per core
   k_group_block = lambda kk: kk if (tiles_per_group == 1 and gpt < groups) else 0
   weight_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], kk, 0)
+  w_spec = pl.BlockSpec((None, bk, w.shape[2]), weight_block)
+  if words_k_minor:  # the words as the TPU holds them: `[e, n/8, k]` (no copy)
+    w = jnp.swapaxes(w, 1, 2)
+    w_spec = pl.BlockSpec((None, w.shape[1], bk),
+                          lambda *a: (weight_block(*a)[0], 0, weight_block(*a)[1]))
   scale_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], k_group_block(kk), 0, 0)
   x_block = lambda c, t, kk, gid, mt, nv, wid, rt, *_: (rt[at(c, t)], kk)
   scale_shape = (None, gpt if tiles_per_group == 1 else groups, 1, n)
-  in_specs = [pl.BlockSpec((bm, bk), x_block), pl.BlockSpec((None, bk, n), weight_block),
+  in_specs = [pl.BlockSpec((bm, bk), x_block), w_spec,
               pl.BlockSpec(scale_shape, scale_block),
               pl.BlockSpec((bm, 1), lambda *a: (x_block(*a)[0], 0))]
   args = [x, w, scales, x_scale]
@@ -465,10 +532,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     # float32 k-group sums; int32 column sums: every k group of an expert (resident), or
     # the running sums of the k group a tile is in (k tiled)
     scratch += [pltpu.VMEM((bm, n), jnp.float32),
-                pltpu.VMEM((groups if plan.resident else 1, 1, n), jnp.int32)]
+                pltpu.VMEM((groups if plan.resident else gpt if tiles_per_group == 1 else 1,
+                            1, n), jnp.int32),
+                pltpu.VMEM((bk, n), jnp.int8)]  # the weight block's int8 values
   visits = cores * per_core  # the static bound of the grid
   weight_reads = num_groups if plan.resident else visits  # per visit when k is tiled
-  w_bytes = k * n * jnp.iinfo(w.dtype).bits // 8
+  w_bytes = w.size // e * jnp.iinfo(w.dtype).bits // 8  # one expert's
   x_reads = m_tiles if plan.resident else visits
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=m * nh,

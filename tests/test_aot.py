@@ -82,16 +82,41 @@ def test_tpu_gmm_vjp_reads_the_weights_in_place():
   assert r.bytes_ratio <= 2.5
 
 
-@slow
 @needs["tpu"]
-def test_tpu_a8w4_reads_int4_weights_in_place():
+@pytest.mark.parametrize("name", [pytest.param("fused A8W4 per group (G=4)", marks=slow),
+                                  "fused A8W4 int32 words"])
+def test_tpu_a8w4_reads_int4_weights_in_place(name):
   """jnp.int4 weights go to the kernel as they are (widened block by block in VMEM), and
   the k-group column sums are summed there too: no pass over the weights outside the kernel
-  (1.13x the ideal bytes measured; 5.06x when XLA summed them)."""
-  r = report("v5e", "fused A8W4 per group (G=4)")
+  (1.13x the ideal bytes measured; 5.06x when XLA summed them). int32-word weights
+  (torch_npu's int4pack) likewise, as the TPU holds them (k-minor: no relayout copy),
+  unpacked in VMEM (30.6x when XLA unpacked them through an int32 per value)."""
+  r = report("v5e", name)
   assert r.compiled and r.kernels == 1
   assert r.temp_bytes <= 0.10 * r.io_bytes, f"temp {r.temp_bytes} for io {r.io_bytes}"
   assert r.bytes_ratio <= 1.3, f"bytes accessed {r.bytes_ratio:.2f}x the ideal"
+
+
+@needs["tpu"]
+def test_k_minor_is_the_layout_the_tpu_compiler_picks():
+  """`tpu.k_minor` says which int32 `[e, k, c]` arrays a TPU holds k-minor (layout
+  {1,2,0}), as the compiler's default layout for a parameter does."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from pallas_kernels import tpu  # noqa: PLC0415
+  aot.use_cpu_host()
+  sharding = jax.sharding.SingleDeviceSharding(aot.device("v5e"))
+  shapes = [(16, 2048, 352), (64, 2048, 176), (256, 7168, 256), (16, 2048, 512),
+            (16, 100, 352), (16, 352, 100), (16, 300, 200), (16, 200, 300), (16, 2048, 96),
+            (16, 64, 96), (1, 2048, 352), (4, 256, 20), (4, 320, 33), (4, 256, 40),
+            (12, 256, 20), (3, 2048, 352), (8, 2880, 720)]
+  for shape in shapes:
+    compiled = jax.jit(lambda w: w + 1).lower(
+        jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)).compile()
+    text = compiled.as_text()
+    layout = text[text.index("entry_computation_layout"):].split("{", 2)[2].split(":")[0]
+    assert tpu.k_minor(shape) == (layout == "1,2,0"), (shape, layout)
 
 
 @needs["tpu"]

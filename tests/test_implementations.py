@@ -78,6 +78,47 @@ def test_fused_op(scenario, impl):
     assert_scale_close(s, xla_s, 0 if scenario == "A8W8" else 8)
 
 
+@pytest.mark.parametrize("n,k,groups,k_tiles,k_minor", [
+    (160, 256, 2, 1, True), (160, 256, 2, 2, True), (264, 256, 2, 1, False),
+    (264, 256, 2, 1, True), (160, 320, 1, 3, True), (1024, 256, 2, 1, False)])
+def test_tpu_kernel_reads_int4_words(n, k, groups, k_tiles, k_minor, monkeypatch):
+  """A8W4 weights as int32 words (torch_npu's int4pack) go to the TPU kernel as they are:
+  it unpacks each weight block in VMEM, once per expert when the weights stay resident,
+  per k tile when they do not; it reads them k-minor where a TPU holds them so
+  (`tpu.k_minor`, checked against the compiler in test_aot; both ways here). n = 160, 264
+  and 1024: 20, 33 and 128 words a row (264 splits a word between the SwiGLU halves);
+  k = 320 per channel: one k group over three tiles, the last one partial. Equal to the
+  reference, and to the kernel on the same weights as jnp.int4 bit for bit."""
+  from pallas_kernels import tpu  # noqa: PLC0415
+  rng = _rng(5)
+  counts = COUNTS[3]
+  x = rng.integers(-128, 128, (M, k)).astype(np.int8)
+  w = rng.integers(-8, 8, (E, k, n)).astype(np.int8)
+  w_scale = (rng.uniform(0.5, 1.5, (E, groups, n)) * 2
+             / float(np.std(x) * np.std(w) * np.sqrt(k))).astype(np.float32)
+  w_scale = w_scale[:, 0] if groups == 1 else w_scale
+  x_scale = rng.uniform(0.5, 1.5, (M,)).astype(np.float32)
+  tiles = npu_ops.TileSizes(32, 128, 128)
+  if k_tiles > 1:
+    monkeypatch.setattr(tpu, "_RESIDENT_WEIGHT_BYTES", 1024)
+  assert tpu.fused_plan(M, k, n, groups, tiles, a8w4=True).k_tiles == k_tiles
+  monkeypatch.setattr(tpu, "k_minor", lambda shape: k_minor)
+  run = lambda weight: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, weight, w_scale, x_scale, jnp.asarray(counts), group_list_type=1,
+      dequant_mode=int(groups > 1), implementation="pallas_tpu", interpret=True, tiles=tiles)
+  q, s = run(ref.pack_int4(w))
+  assist = ref.canonical_assist(w, w_scale)
+  bounds = ref.group_bounds(counts, 1)
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, bounds, scenario="A8W4",
+                                    assist=assist)
+  assert_int8_equal(q, want_q)
+  assert_scale_close(s, want_s, SCALE_ULPS + ref.a8w4_scale_slack(x, w, w_scale, x_scale,
+                                                                  bounds, assist))
+  native_q, native_s = run(jnp.asarray(w, jnp.int4))
+  np.testing.assert_array_equal(q, native_q)
+  np.testing.assert_array_equal(s, native_s)
+
+
 def float_operands(dtype, seed=2):
   rng = _rng(seed)
   x, w, dy = (rng.normal(size=s).astype(np.float32) for s in ((M, K), (E, K, N), (M, N)))

@@ -224,12 +224,16 @@ def test_kernels_lower_for_their_target(impl):
                  platforms=[platform])
   assert custom_calls(text).count(CUSTOM_CALL[platform]) == 1
   assert "npu_gmm_swiglu_quant" in text
-  a8w4 = lambda x, w, ws, xs, gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-      x, w, ws, xs, gl, group_list_type=1, dequant_mode=1, implementation=impl)
+  a8w4 = lambda x, w, ws, xs, gl, assist: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, gl, group_list_type=1, dequant_mode=1, weight_assist_matrix=assist,
+      implementation=impl)
   text = lowered(a8w4, spec((m, k), jnp.int8), spec((e, k, n // 8), jnp.int32),  # int4 words
                  spec((e, 2, n), jnp.float32), spec((m,), jnp.float32), spec((e,), jnp.int32),
-                 platforms=[platform])
+                 spec((e, n), jnp.float32), platforms=[platform])
   assert custom_calls(text).count(CUSTOM_CALL[platform]) == 1
+  # the TPU kernel takes the words as they are (unpacked in VMEM); the GPU's get them
+  # unpacked by XLA first (shifting each nibble to the top)
+  assert ("stablehlo.shift_left" in text) == (platform != "tpu")
 
   def train_step(x, w, dy, gl):  # forward gmm, then gmm and tgmm for the gradients
     loss = lambda x, w: jnp.vdot(npu_ops.grouped_matmul(x, w, gl, implementation=impl), dy)
@@ -433,13 +437,14 @@ def test_kernels_take_more_experts_than_rows(impl):
   assert int(v.count[0]) <= m
 
 
-@pytest.mark.parametrize("case", ["spread", "one_group", "offset"])
+@pytest.mark.parametrize("case", ["spread", "one_group", "offset", "a8w4_words"])
 def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
   """On a v5p, a few rows over many experts (fewer row tiles than groups) split their
   visits between the two TensorCores at a group boundary (`common.split_visits`): a row
   tile then holds rows of both cores' groups, each core writes its own output and rows are
   taken from the core that holds their group. Codes against the NumPy reference; with
-  group_offset, 48 local experts of 64 from the eighth."""
+  group_offset, 48 local experts of 64 from the eighth; A8W4 from int32 words (each core
+  unpacks its experts' weights on their first visit)."""
   from pallas_kernels import common, tpu_tiles  # noqa: PLC0415
   m, k, n, e = 40, 128, 256, 64
   rng = np.random.default_rng(22)
@@ -451,19 +456,23 @@ def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
     counts[3], counts[60] = 9, 6
   offset = 8 if case == "offset" else None
   local = slice(offset or 0, (offset or 0) + 48 if offset else e)
+  a8w4 = case == "a8w4_words"
   x = rng.integers(-128, 128, (m, k), dtype=np.int8)
-  w = rng.integers(-128, 128, (e, k, n), dtype=np.int8)[local]
-  w_scale = (rng.uniform(0.5, 1.5, (e, n)) * 1e-4).astype(np.float32)[local]
+  w = rng.integers(*((-8, 8) if a8w4 else (-128, 128)), (e, k, n), dtype=np.int8)[local]
+  w_scale = (rng.uniform(0.5, 1.5, (e, n)) * (1e-3 if a8w4 else 1e-4)).astype(np.float32)[local]
   x_scale = rng.uniform(0.5, 1.5, (m,)).astype(np.float32)
+  assist = ref.canonical_assist(w, w_scale[:, None]) if a8w4 else None
   token = tpu_tiles.CHIP.set("v5p")
   try:
     q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-        x, w, w_scale, x_scale, counts, group_list_type=1, group_offset=offset,
-        implementation="pallas_tpu", interpret=True, tiles=npu_ops.TileSizes(32, 128, 128))
+        x, ref.pack_int4(w) if a8w4 else w, w_scale, x_scale, counts, group_list_type=1,
+        group_offset=offset, weight_assist_matrix=assist, implementation="pallas_tpu",
+        interpret=True, tiles=npu_ops.TileSizes(32, 128, 128))
   finally:
     tpu_tiles.CHIP.reset(token)
   bounds = ref.group_bounds(counts, 1)[local]
-  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, bounds, scenario="A8W8")
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, bounds,
+                                    scenario="A8W4" if a8w4 else "A8W8", assist=assist)
   assert_int8_equal(q, want_q)
   assert_scale_close(s, want_s)
   ends = jnp.cumsum(jnp.asarray(counts, jnp.int32))

@@ -537,3 +537,35 @@ def test_metadata_ops_in_numpy_give_xlas_values():
     walk(closed.jaxpr, closed.consts, [ends, np.int32(2)])
   assert {"add", "sub", "lt", "select_n", "cumsum", "broadcast_in_dim", "concatenate",
           "convert_element_type", "iota", "slice"} <= seen, seen
+
+
+def test_a8w4_visits_multiply_only_their_groups_row_blocks():
+  """A8W4 takes the same row blocks as A8W8 (it multiplied whole tiles per visit: at
+  uniform prefill with the table's 512-row tiles, two visits per tile, 2x the MXU work),
+  and int32-word weights cost what jnp.int4 ones do in HBM: the kernel reads them as the
+  TPU holds them (k-minor: the transpose before it is a bitcast there, costed 0)."""
+  case = cases.Case("uniform", 4096, 16, "uniform")
+  int4 = cases.problem("fused A8W4", case)
+  (kern,) = model.predict(int4.fn, *int4.args, chip="v5e").kernels
+  assert kern.flops == int4.flops
+  for case in (case, cases.Case("decode", 64, 64, "random")):
+    int4, words = (cases.problem(op, case) for op in cases.A8W4_OPS)
+    p_int4, p_words = (model.predict(p.fn, *p.args, chip="v5e") for p in (int4, words))
+    assert p_words.hbm_bytes == p_int4.hbm_bytes <= 1.15 * int4.ideal_bytes
+
+
+def _slice_kernel(start):
+  def kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...][:, start:start + 128]
+  return lambda x: pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+      in_specs=[pl.BlockSpec((8, 384), lambda: (0, 0))],
+      out_specs=pl.BlockSpec((8, 128), lambda: (0, 0)))(x)
+
+
+def test_slices_along_whole_tiles_take_no_vector_work():
+  """A value sliced at a multiple of 128 lanes picks vector registers; elsewhere the lanes
+  are shifted (vector work)."""
+  vpu = lambda start: model.predict(_slice_kernel(start), S((8, 384), jnp.float32),
+                                    chip="v5e").kernels[0].vpu_seconds
+  assert vpu(128) == 0 < vpu(64)

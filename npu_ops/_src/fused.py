@@ -52,7 +52,9 @@ def fused(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
 
   Args:
     x: tokens, int8 values `[m, k]` with their scale `[m]`.
-    w: expert weights, int8 or jnp.int4 values `[e, k, n]` with their scale `[e, G, n]`.
+    w: expert weights, int8 or jnp.int4 values `[e, k, n]` (or int4 in int32 words
+      `[e, k, n/8]`, unpacked by the TPU kernel in VMEM, elsewhere first) with their scale
+      `[e, G, n]`.
     ends: group ends (`npu_ops._src.groups`), counted from row `shift`.
     shift: the first row of group 0 (group_offset's local groups: `groups.local_groups`);
       rows outside the groups give 0. The kernels and the XLA path skip the other rows
@@ -78,13 +80,17 @@ def fused(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
 
   def kernel(module, tiles, x, w, ends_array, assist, smooth, start):
     del smooth  # A4W4 only, which the kernels do not take
-    return module.gmm_swiglu_quant(x.values, row_blocks.stacked(w.values), w.scale, x.scale,
+    values = row_blocks.stacked(w.values)
+    if not module.READS_INT4_WORDS:
+      values = operands.unpacked(values)
+    return module.gmm_swiglu_quant(x.values, values, w.scale, x.scale,
                                    ends_array if start is None else ends_array + start,
                                    start=start, assist=assist, tiles=tiles, out_dtype=spec.dtype,
                                    qmax=spec.qmax, mx_out=mx_out, interpret=interpret)
 
   def xla(x, w, ends_array, assist, smooth, start):
     ends_ = ends if isinstance(ends, tuple) else ends_array
+    w = QArray(operands.unpacked(w.values), w.scale, w.bits)
     if impl == "reference":  # the plain form: local rows moved to row 0 and back
       w = QArray(row_blocks.stacked(w.values), w.scale, w.bits)
       return groups_lib.rows_from(start)(lambda x: reference.swiglu_quant(

@@ -156,7 +156,8 @@ def _int_operands(x: Any, weight: Any, weight_scale: Any, x_scale: Any, dequant_
   words = np.dtype(x.dtype) == np.int32  # an int32 x is int4 words, a common surprise
   w = operands.canonical_weight(
       weight, k=k, n=n, k_from=("k = 8 * x.shape[1]: an int32 x holds 8 int4 values a word "
-                                "(A4W4)") if words else "k from x", keep_list=True)
+                                "(A4W4)") if words else "k from x", keep_list=True,
+      keep_words=True)  # the TPU kernel unpacks them itself (`fused.fused`)
   e = row_blocks.num_groups_of(w.values)
   require(e <= MAX_EXPERTS, "weight", f"at most {MAX_EXPERTS} experts (semantics B.1.2)",
           describe(weight))
@@ -184,7 +185,7 @@ def _assist(weight_assist_matrix: Any, scenario: str, w: QArray, *, e: int, n: i
             ) -> jax.Array | None:
   """A8W4's assist matrix float32 `[e, n]` (computed from the weights when not given)."""
   if weight_assist_matrix is None:
-    return (fused_lib.canonical_assist(row_blocks.stacked(w.values), w.scale)
+    return (fused_lib.canonical_assist(operands.unpacked(row_blocks.stacked(w.values)), w.scale)
             if scenario == A8W4 else None)
   require(scenario == A8W4, "weight_assist_matrix", "None unless A8W4 (int8 x, int4 weight)",
           describe(weight_assist_matrix))

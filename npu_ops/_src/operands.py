@@ -71,7 +71,8 @@ class QArray:
   dequantizes them, as every backend of the fused op takes them.
 
   Attributes:
-    values: int8 codes; int4 ones (in [-8, 7]) as int8 for tokens, `jnp.int4` for weights.
+    values: int8 codes; int4 ones (in [-8, 7]) as int8 for tokens, `jnp.int4` for weights
+      (or still packed in int32 words `[e, k, n/8]`: `canonical_weight`'s `keep_words`).
     scale: float32, per token `[m]` for tokens; per k group and channel `[e, G, n]` for
       weights (G = 1: per channel; each k group is k / G rows of k).
     bits: INT8 or INT4 (static).
@@ -103,7 +104,8 @@ def canonical_lhs(x: Any, name: str = "x") -> IntOperand:
 
 
 def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
-                     k_from: str = "k from x", keep_list: bool = False) -> IntOperand:
+                     k_from: str = "k from x", keep_list: bool = False,
+                     keep_words: bool = False) -> IntOperand:
   """Integer weights in any torch_npu form -> int8 or jnp.int4 values `[e, k, n]`.
 
   Forms: an array or a TensorList (see `stack_tensor_list`) of
@@ -113,10 +115,13 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
   NZ dims are ceilings (zero padded). The logical k comes from x and n from the
   scale, as torch_npu infers them. ND int8 and jnp.int4 weights pass through as
   they are; int32 words and NZ are converted on every call (prepare them once with
-  `layouts.int4pack_to_native` / `npu_format_cast(w, FORMAT_ND)` to avoid that).
+  `layouts.int4pack_to_native` / `npu_format_cast(w, FORMAT_ND)` to avoid that), except
+  ND words with `keep_words` (below).
   `k_from` says where k came from in error messages. With `keep_list`, a list of
   per-expert ND int8 / jnp.int4 `[k, n]` arrays stays a tuple (`row_blocks.Experts`: the
-  XLA path reads each in place instead of copying it out of a stacked array).
+  XLA path reads each in place instead of copying it out of a stacked array). With
+  `keep_words`, int32 words stay packed (ND `[e, k, n/8]`, bits INT4) for a kernel that
+  unpacks them itself; `unpacked` turns them into values for anything else.
   """
   weight = tensor_list(weight, name, expert_rank=(2, 4))
   if isinstance(weight, tuple):
@@ -151,5 +156,15 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
     fail(name, "rank 3 (ND [e, k, n]) or rank 5 (FRACTAL_NZ), or a list of per-expert "
          "rank-2/4 arrays", describe(weight))
   if packed:
-    return IntOperand(layouts.int4pack_to_native(nd), INT4)
+    return IntOperand(nd if keep_words else layouts.int4pack_to_native(nd), INT4)
   return IntOperand(nd, INT8 if dtype == np.int8 else INT4)
+
+
+def is_words(values: Any) -> bool:
+  """Whether weight values are int4 still packed in int32 words (`keep_words`)."""
+  return not isinstance(values, tuple) and np.dtype(values.dtype) == np.int32
+
+
+def unpacked(values: Any) -> Any:
+  """Weight values as `canonical_weight` gives them without `keep_words`."""
+  return layouts.int4pack_to_native(values) if is_words(values) else values

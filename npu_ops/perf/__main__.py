@@ -27,7 +27,7 @@ def main(argv=None) -> int:
   q = sub.add_parser("predict", help="our kernels under the model, against the roofline")
   q.add_argument("--chip", default="v5e", choices=[c for c in chips.CHIPS
                                                    if c.startswith(("v", "tpu"))])
-  q.add_argument("--ops", nargs="+", default=list(cases.OPS), choices=list(cases.OPS))
+  q.add_argument("--ops", nargs="+", default=list(cases.OPS), choices=list(cases.ALL_OPS))
   q.add_argument("--cases", nargs="+", default=["decode", "prefill"],
                  choices=["decode", "prefill"])
   mb = sub.add_parser("megablox", help="ours vs megablox at tokamax's tuned tilings (model)")

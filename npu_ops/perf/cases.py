@@ -65,6 +65,9 @@ PREFILL = (Case("prefill 4096, e=8 uniform", 4096, 8, "uniform"),
            Case("prefill 16384, e=64 zipf", 16384, 64, "zipf"))
 
 OPS = ("fused A8W8", "gmm bf16", "tgmm bf16", "gmm vjp bf16")
+# On request (`predict --ops`): A8W4 with jnp.int4 weights, and with torch_npu's int32 words
+A8W4_OPS = ("fused A8W4", "fused A8W4 words")
+ALL_OPS = OPS + A8W4_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,14 @@ def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem
         x, w, ws, xs, gl, group_list_type=1, **kw)
     ideal = m * K + used * (K * N + 4 * N) + 4 * m + m * (N // 2) + 4 * m
     return Problem(fn, args, 2.0 * m * K * N, ideal, "int8")
+  if op in A8W4_OPS:  # per channel, with the assist matrix (as torch_npu calls it)
+    w = ((e, K, N // 8), jnp.int32) if op.endswith("words") else ((e, K, N), jnp.int4)
+    args = (make((m, K), jnp.int8), make(*w), make((e, N), jnp.float32),
+            make((m,), jnp.float32), sizes, make((e, N), jnp.float32))
+    fn = lambda x, w, ws, xs, gl, assist: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, w, ws, xs, gl, group_list_type=1, weight_assist_matrix=assist, **kw)
+    ideal = m * K + used * (K * N // 2 + 8 * N) + 4 * m + m * (N // 2) + 4 * m
+    return Problem(fn, args, 2.0 * m * K * N, ideal, "int8")
   bf = jnp.bfloat16
   if op == "gmm bf16":
     fn = lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl, **kw)
@@ -113,4 +124,4 @@ def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem
     args = (make((m, K), bf), make((e, K, N), bf), make((m, N), bf), sizes)
     return Problem(fn, args, 4.0 * m * K * N,
                    2.0 * (2 * m * K + 2 * m * N + used * K * N + e * K * N), "bfloat16")
-  raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+  raise ValueError(f"op: expected one of {ALL_OPS}, got {op!r}")

@@ -51,6 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from npu_ops.perf import chips as chips_lib
+from pallas_kernels import tpu
 from pallas_kernels import tpu_tiles
 
 # Fixed cost of one grid step (pipeline bookkeeping, DMA issue and wait, scalar work),
@@ -394,8 +395,17 @@ def _dot_flops(eqn, mxu: tuple[int, int] = (1, 1)) -> float:
   return 2.0 * batch * max(rows, mxu_rows) * pad(depth, width) * pad(cols, width)
 
 
+def _relabels(eqn) -> bool:
+  """A transpose that is a bitcast on a TPU: int32 `[e, k, c]` to `[e, c, k]` where the TPU
+  holds it k-minor (`tpu.k_minor`: the fused kernel reads int4 words that way)."""
+  if eqn.primitive.name != "transpose" or tuple(eqn.params["permutation"]) != (0, 2, 1):
+    return False
+  aval = eqn.invars[0].aval
+  return np.dtype(aval.dtype) == np.int32 and tpu.k_minor(tuple(aval.shape))
+
+
 def _xla_cost(eqn, acc: _Accumulator) -> None:
-  if eqn.primitive.name in _FREE:
+  if eqn.primitive.name in _FREE or _relabels(eqn):
     return
   out_bytes = sum(_nbytes(v.aval) for v in eqn.outvars)
   if eqn.primitive.name in ("slice", "dynamic_slice", "gather"):
@@ -444,6 +454,22 @@ _TRANSCENDENTAL = {"exp", "exp2", "log", "log1p", "logistic", "tanh", "erf", "po
 _NO_VPU = {"get", "swap", "dot_general", "iota", "broadcast_in_dim", "reshape", "squeeze",
            "program_id", "num_programs", "addupdate", "dma_start", "dma_wait", "semaphore_wait",
            "semaphore_signal", "run_scoped", "cond", "while", "scan", "pjit", "closed_call"}
+
+
+def _selects_vregs(eqn) -> bool:
+  """A slice or concatenation of values along whole (8, 128) tiles: it picks or places
+  vector registers, no vector work."""
+  aligned = lambda offsets: all(o % t == 0 for o, t in zip(offsets[-2:][::-1], (128, 8)))
+  if eqn.primitive.name == "slice":
+    return (all(st == 1 for st in eqn.params["strides"] or ())
+            and aligned(eqn.params["start_indices"]))
+  if eqn.primitive.name == "concatenate":
+    dim, shape = eqn.params["dimension"], eqn.outvars[0].aval.shape
+    if dim < len(shape) - 2:
+      return True
+    starts = np.cumsum([0] + [v.aval.shape[dim] for v in eqn.invars[:-1]])
+    return all(aligned([0] * dim + [int(o)] + [0] * (len(shape) - dim - 1)) for o in starts)
+  return False
 
 
 @dataclasses.dataclass
@@ -518,7 +544,7 @@ class _Scalars:
     if (inner := _sub_jaxpr(eqn.params)) is not None and name not in ("pallas_call",):
       jaxpr, consts = inner
       return self.run(jaxpr, consts, vals, mask)
-    if name not in _NO_VPU and any(
+    if name not in _NO_VPU and not _selects_vregs(eqn) and any(
         math.prod(getattr(v.aval, "shape", ())) > 1 for v in eqn.outvars):
       size = max(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars)
       self._add(self.vpu, float(size), mask)
