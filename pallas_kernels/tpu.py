@@ -264,7 +264,7 @@ class FusedPlan:
 
 
 # The fused kernel takes A8W4 weights as int32 words `[e, k, n/8]` (torch_npu's int4pack,
-# 8 int4 a word) and unpacks them in VMEM (`_int8_rows`): the words cross HBM as they are.
+# 8 int4 a word) and unpacks them in VMEM (`_unpack_words`): the words cross HBM as they are.
 READS_INT4_WORDS = True
 
 
@@ -307,7 +307,8 @@ def _unpack_words(words: jax.Array, n: int, put) -> None:
     word = jnp.broadcast_to(lax.shift_right_logical(lane, 3) + 16 * (b % 8), (rows, 128))
     mine = jnp.take_along_axis(window, word, axis=1, mode="promise_in_bounds")
     width = min(128, n - 128 * b)
-    put(slice(128 * b, 128 * b + width), jnp.right_shift(jnp.left_shift(mine, shift), 28)[:, :width])
+    values = jnp.right_shift(jnp.left_shift(mine, shift), 28)
+    put(slice(128 * b, 128 * b + width), values[:, :width])
 
 
 def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
