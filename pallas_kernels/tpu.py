@@ -219,20 +219,34 @@ def _accumulate(acc, x, w, k0, k: int, *, transpose_rhs: bool = False, precision
   lax.cond(k0 + bk <= k, lambda: columns(bk), lambda: columns(last))
 
 
+# Where a group's row blocks may start within its tile: every operand's sublane tile
+# (8 rows of 32-bit, 16 of 16-bit, 32 of 8-bit values) divides it.
+ROW_ALIGN = 32
+
+
 def _for_row_blocks(ends_ref, g, r0, bm: int, fn, block: int = ROW_BLOCK) -> None:
-  """Runs `fn(rows)` for each `block`-row block of the row tile at r0 that holds rows
-  of group g (ends_ref: `RowVisits.bounds`), in a loop: one copy of the block's code."""
+  """Runs `fn(rows)` for `block`-row blocks of the row tile at r0 that together hold the
+  rows of group g (ends_ref: `RowVisits.bounds`), once each and disjoint, in a loop (one
+  copy of the block's code). The blocks start at the group's first row (rounded down to
+  `ROW_ALIGN`) where that takes fewer than blocks on the tile's own grid and stays in the
+  tile: a group of 100 rows from row 100 takes one block, not two."""
   lo, hi = jnp.where(g > 0, ends_ref[jnp.maximum(g - 1, 0)], 0), ends_ref[g]
   sub = block if bm % block == 0 else bm
   nb = bm // sub
   # lax.div truncates: on the non-negative operands it floors without jnp's sign fix-up
   first = jnp.minimum(lax.div(jnp.maximum(lo - r0, 0), sub), nb)
   last = jnp.minimum(lax.div(jnp.maximum(hi - r0 + sub - 1, 0), sub), nb)
+  base, count = first * sub, last - first
+  if nb > 1:  # from the group's first row instead, where that saves a block
+    start = lax.div(jnp.clip(lo - r0, 0, bm), ROW_ALIGN) * ROW_ALIGN
+    own = lax.div(jnp.maximum(jnp.minimum(hi - r0, bm) - start + sub - 1, 0), sub)
+    better = (own < count) & (start + own * sub <= bm)
+    base, count = jnp.where(better, start, base), jnp.where(better, own, count)
 
   def body(b, carry):
-    fn(pl.ds(pl.multiple_of(b * sub, sub), sub))
+    fn(pl.ds(pl.multiple_of(base + b * sub, ROW_ALIGN if nb > 1 else sub), sub))
     return carry
-  lax.fori_loop(first, last, body, 0)
+  lax.fori_loop(0, count, body, 0)
 
 
 def _mask_k_edge(a: jax.Array, k0, k: int, axis: int) -> jax.Array:

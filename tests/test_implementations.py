@@ -215,3 +215,34 @@ def test_tpu_a8w4_column_sums_with_k_tiled(groups, monkeypatch):
                                     scenario="A8W4", assist=ref.canonical_assist(w, w_scale))
   assert_int8_equal(q, want_q)
   assert_scale_close(s, want_s, 16)  # as test_fused_op's A8W4
+
+
+def test_tpu_row_blocks_start_at_a_groups_first_row():
+  """With 256-row tiles, a group of 100 rows from row 100 takes one 128-row block from row
+  96 (`tpu._for_row_blocks`), not two on the tile's grid; a group of 40 from row 200 keeps
+  the grid (its own block would take no fewer), and a block from its first row must stay
+  in the tile. The neighbours' rows in such a block are masked: exact products of int8
+  values (gmm and tgmm in float32, exact at HIGHEST: sums under 2**24; the fused op in
+  int8) against NumPy."""
+  rng = _rng(6)
+  m, k, n, e = 300, 256, 256, 4
+  counts = (100, 100, 40, 50)
+  bounds = ref.group_bounds(counts, 1)
+  x, dy = (rng.integers(-128, 128, s).astype(np.int8) for s in ((m, k), (m, n)))
+  w = rng.integers(-128, 128, (e, k, n)).astype(np.int8)
+  kw = dict(implementation="pallas_tpu", interpret=True, tiles=npu_ops.TileSizes(256, 256, 256))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  exact = dict(kw, precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_array_equal(
+      npu_ops.grouped_matmul(f32(x), f32(w), jnp.asarray(counts), **exact),
+      ref.grouped_matmul(x, w, bounds))
+  want_t = np.stack([x[lo:hi].T.astype(np.int64) @ dy[lo:hi] for lo, hi in bounds])
+  np.testing.assert_array_equal(
+      npu_ops.tgmm(f32(x), f32(dy), jnp.asarray(counts), num_groups=e, **exact), want_t)
+  w_scale = rng.uniform(0.5, 1.5, (e, n)).astype(np.float32) * 1e-4
+  x_scale = rng.uniform(0.5, 1.5, (m,)).astype(np.float32)
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, w_scale, x_scale, jnp.asarray(counts), group_list_type=1, **kw)
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, bounds, scenario="A8W8")
+  assert_int8_equal(q, want_q)
+  assert_scale_close(s, want_s, SCALE_ULPS)

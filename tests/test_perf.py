@@ -454,20 +454,32 @@ def test_tgmm_with_group_offset_moves_no_rows():
 
 def test_a_visit_multiplies_only_the_row_blocks_of_its_group():
   """Skewed (Zipf) routing over 256-row tiles: the fused kernel's MXU work is that of the
-  128-row blocks each group touches (counted here from the group sizes), not of a whole
-  tile per visit (1.37x more at this routing)."""
+  128-row blocks that hold each group's rows in each tile it touches (counted here from the
+  group sizes), not of a whole tile per visit (1.37x more at this routing). Blocks start at
+  the group's first row (rounded down to 32 rows) where that takes fewer than the tile's
+  own 128-row grid and stays in the tile: 44 blocks here instead of 47."""
   case = cases.Case("zipf", 4096, 16, "zipf")
   sizes = case.sizes()
   ends = np.cumsum(sizes)
   starts = ends - sizes
-  blocks = sum((e - 1) // 128 - s // 128 + 1 for s, e in zip(starts, ends) if e > s)
+  bm, rb = 256, 128
+  grid_blocks = blocks = 0
+  for s, e in zip(starts, ends):
+    for t in range(s // bm, -(-e // bm)) if e > s else ():
+      lo, hi = max(s - t * bm, 0), min(e - t * bm, bm)
+      on_grid = -(-hi // rb) - lo // rb
+      start = lo // 32 * 32
+      own = -(-(hi - start) // rb)
+      grid_blocks += on_grid
+      blocks += own if own < on_grid and start + own * rb <= bm else on_grid
   fn = lambda x, w, ws, xs, gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-      x, w, ws, xs, gl, group_list_type=1, tiles=npu_ops.TileSizes(256, 2048, 2816))
+      x, w, ws, xs, gl, group_list_type=1, tiles=npu_ops.TileSizes(bm, 2048, 2816))
   prob = cases.problem("fused A8W8", case)
   (kern,) = model.predict(fn, *prob.args, chip="v5e").kernels
-  assert kern.flops == 2 * 128 * blocks * cases.K * cases.N
-  tiles = sum((e - 1) // 256 - s // 256 + 1 for s, e in zip(starts, ends) if e > s)
-  assert tiles * 256 > 1.3 * blocks * 128  # what whole-tile visits would multiply
+  assert kern.flops == 2 * rb * blocks * cases.K * cases.N
+  assert (blocks, grid_blocks) == (44, 47)
+  tiles = sum((e - 1) // bm - s // bm + 1 for s, e in zip(starts, ends) if e > s)
+  assert tiles * bm > 1.3 * grid_blocks * rb  # what whole-tile visits would multiply
 
 
 def test_tgmm_takes_the_mxu_at_its_width():
