@@ -228,8 +228,9 @@ def _for_row_blocks(ends_ref, g, r0, bm: int, fn, block: int = ROW_BLOCK) -> Non
   """Runs `fn(rows)` for `block`-row blocks of the row tile at r0 that together hold the
   rows of group g (ends_ref: `RowVisits.bounds`), once each and disjoint, in a loop (one
   copy of the block's code). The blocks start at the group's first row (rounded down to
-  `ROW_ALIGN`) where that takes fewer than blocks on the tile's own grid and stays in the
-  tile: a group of 100 rows from row 100 takes one block, not two."""
+  `ROW_ALIGN`) where that takes fewer than blocks on the tile's own grid: a group of 100
+  rows from row 100 takes one block, not two. (Fewer blocks from a start at or after the
+  grid's first block end before the grid's last one: they stay in the tile.)"""
   lo, hi = jnp.where(g > 0, ends_ref[jnp.maximum(g - 1, 0)], 0), ends_ref[g]
   sub = block if bm % block == 0 else bm
   nb = bm // sub
@@ -240,8 +241,7 @@ def _for_row_blocks(ends_ref, g, r0, bm: int, fn, block: int = ROW_BLOCK) -> Non
   if nb > 1:  # from the group's first row instead, where that saves a block
     start = lax.div(jnp.clip(lo - r0, 0, bm), ROW_ALIGN) * ROW_ALIGN
     own = lax.div(jnp.maximum(jnp.minimum(hi - r0, bm) - start + sub - 1, 0), sub)
-    better = (own < count) & (start + own * sub <= bm)
-    base, count = jnp.where(better, start, base), jnp.where(better, own, count)
+    base, count = jnp.where(own < count, start, base), jnp.minimum(own, count)
 
   def body(b, carry):
     fn(pl.ds(pl.multiple_of(base + b * sub, ROW_ALIGN if nb > 1 else sub), sub))

@@ -77,6 +77,16 @@ MUTANTS = (
            "  last = jnp.minimum(lax.div(jnp.maximum(hi - r0 + sub - 1, 0), sub), nb)",
            "  last = jnp.minimum(lax.div(jnp.maximum(hi - r0, 0), sub), nb)",
            ("tests/test_pallas.py", "-k", "row_blocks")),
+    # A group's row blocks from its first row rounded up (its first rows skipped).
+    Mutant("row_blocks_start_late", "pallas_kernels/tpu.py",
+           "    start = lax.div(jnp.clip(lo - r0, 0, bm), ROW_ALIGN) * ROW_ALIGN",
+           "    start = lax.div(jnp.clip(lo - r0, 0, bm) + ROW_ALIGN - 1, ROW_ALIGN) * ROW_ALIGN",
+           ("tests/test_implementations.py", "-k", "first_row")),
+    # int32 words read k-minor without the transpose back (the TPU's layout of the words).
+    Mutant("words_k_minor_untransposed", "pallas_kernels/tpu.py",
+           "w_ref[:, rows].T if words_k_minor",
+           "w_ref[:, rows].T[::-1] if words_k_minor",
+           ("tests/test_implementations.py", "-k", "int4_words")),
     # tgmm's contraction in 128-row blocks on a 256-wide MXU (half its rate).
     Mutant("tgmm_narrow_blocks", "pallas_kernels/tpu.py",
            "  block = max(ROW_BLOCK, tpu_tiles.mxu_width(tpu_tiles.current_chip()))",

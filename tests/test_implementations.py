@@ -220,8 +220,8 @@ def test_tpu_a8w4_column_sums_with_k_tiled(groups, monkeypatch):
 def test_tpu_row_blocks_start_at_a_groups_first_row():
   """With 256-row tiles, a group of 100 rows from row 100 takes one 128-row block from row
   96 (`tpu._for_row_blocks`), not two on the tile's grid; a group of 40 from row 200 keeps
-  the grid (its own block would take no fewer), and a block from its first row must stay
-  in the tile. The neighbours' rows in such a block are masked: exact products of int8
+  the grid (its own block would take no fewer). The neighbours' rows in such a block are
+  masked: exact products of int8
   values (gmm and tgmm in float32, exact at HIGHEST: sums under 2**24; the fused op in
   int8) against NumPy."""
   rng = _rng(6)
