@@ -207,16 +207,19 @@ class RowVisits(NamedTuple):
 
 
 def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = None, *,
-               cores: int = 1) -> RowVisits:
+               cores: int = 1, mxu_rows: int = 128) -> RowVisits:
   """The visits of the row-tiled kernels (gmm, the fused op): the groups of `ends` (row
   ends, int32 `[G]`), from row `start` (an int32 scalar, megablox's group_offset: the
   first row of group 0; None for 0) on, between a weightless head (rows before `start`)
   and tail (rows past the last end) whose visits write zeros: every output row is
   written once and no wrapper moves rows.
 
-  `cores` > 1 deals the row tiles to that many TensorCores in contiguous ranges (a
-  "parallel" grid axis: each core writes its own output tiles). The static bound per
-  core is `per_core(m, block_m, G, cores)`.
+  `cores` = 2 deals the row tiles to two TensorCores in contiguous ranges (a "parallel"
+  grid axis: each core writes its own output tiles), cut where their MXU work is most
+  even: a visit passes its rows through the MXU `mxu_rows` at a time, one pass at least
+  (`_mxu_passes`), so many small groups weigh more than their rows. Each core gets a row
+  tile at least (the caller gives a core only where there is a tile for it). The static
+  bound per core is `per_core(m, block_m, G, cores)`.
   """
   num_groups = ends.shape[0]
   head = jnp.zeros((1,), jnp.int32) if start is None else jnp.reshape(start, (1,)).astype(jnp.int32)
@@ -232,12 +235,18 @@ def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = 
   weight = jnp.clip(group[src] - 1, 0, max(num_groups - 1, 0)).astype(jnp.int32)
   if cores == 1:
     return RowVisits(group, tile, count, weight, tile[src], bounds)
-  # Core c takes the visits of row tiles [c * span, (c + 1) * span): a run in row order,
-  # padded to the common bound by repeating its last visit. (A core whose rows all lie
-  # outside the groups reads the blocks of the other core's nearest real visit: one copy.)
-  span = cdiv(m_tiles, cores)
+  if cores != 2 or m_tiles < 2:
+    raise ValueError(f"cores: expected 1, or 2 over 2 row tiles at least; got {cores} over "
+                     f"{m_tiles}")
+  # Core 0 takes row tiles [0, cut), core 1 the rest: runs in row order, each padded to
+  # the common bound by repeating its last visit. (A core whose rows all lie outside the
+  # groups reads the blocks of the other core's nearest real visit: one copy.)
+  passes = jnp.where(real, _mxu_passes(bounds, group, tile, block_m, mxu_rows), 0)
+  per_tile = jnp.zeros((m_tiles,), jnp.int32).at[tile].add(passes)  # past count: 0 added
+  done = jnp.cumsum(per_tile)[:-1]  # the passes of tiles [0, cut), cut = 1 .. m_tiles - 1
+  cut = 1 + jnp.argmin(jnp.maximum(done, done[-1] + per_tile[-1] - done)).astype(jnp.int32)
   valid_tile = jnp.where(t < count[0], tile, m_tiles)
-  edges = jnp.minimum(jnp.arange(cores + 1) * span, m_tiles)  # of the cores' tile ranges
+  edges = jnp.stack([jnp.zeros((), jnp.int32), cut, jnp.full((), m_tiles, jnp.int32)])
   firsts = jnp.sum(valid_tile[None, :] < edges[:, None], axis=1)
   counts = (firsts[1:] - firsts[:-1]).astype(jnp.int32)
   bound = per_core(m, block_m, num_groups, cores)
@@ -245,6 +254,14 @@ def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = 
   idx = jnp.clip(firsts[:-1, None] + jnp.minimum(steps, jnp.maximum(counts[:, None] - 1, 0)),
                  0, group.shape[0] - 1).reshape(-1)
   return RowVisits(group[idx], tile[idx], counts, weight[idx], tile[src][idx], bounds)
+
+
+def _mxu_passes(bounds: jax.Array, group: jax.Array, tile: jax.Array, block_m: int,
+                mxu_rows: int) -> jax.Array:
+  """Per visit, the `mxu_rows`-row passes its rows take (at least one)."""
+  lo = jnp.maximum(jnp.where(group > 0, bounds[jnp.maximum(group - 1, 0)], 0), tile * block_m)
+  hi = jnp.minimum(bounds[jnp.minimum(group, bounds.shape[0] - 1)], (tile + 1) * block_m)
+  return jnp.maximum(cdiv(jnp.maximum(hi - lo, 0), mxu_rows), 1).astype(jnp.int32)
 
 
 class VisitSplit(NamedTuple):
@@ -282,10 +299,11 @@ def split_visits(v: RowVisits, m_tiles: int) -> VisitSplit:
 
 
 def per_core(m: int, block_m: int, num_groups: int, cores: int = 1) -> int:
-  """The static bound of the visits one core runs (`row_visits`): its row tiles, plus
-  one more visit per boundary between head, groups and tail; and no more than its rows
-  (every visit holds one at least)."""
-  span = cdiv(cdiv(m, block_m), cores)
+  """The static bound of the visits one core runs (`row_visits`): the row tiles, plus
+  one more visit per boundary between head, groups and tail; and no more than the rows
+  (every visit holds one at least). With two cores either may take all but a tile (the
+  cut follows the work); the grid runs only the visits there are (`tpu._steps`)."""
+  span = cdiv(m, block_m) - (cores - 1)
   return max(1, min(span + num_groups + 1, span * block_m, m))
 
 

@@ -412,7 +412,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     split = common.split_visits(common.row_visits(ends, m, bm, start), m_tiles)
     v, per_core = split.visits, split.per_core
   else:
-    v = common.row_visits(ends, m, bm, start, cores=cores)
+    cores = min(cores, m_tiles)  # a core of its own for each row tile at most
+    v = common.row_visits(ends, m, bm, start, cores=cores, mxu_rows=ROW_BLOCK)
     per_core = common.per_core(m, bm, num_groups, cores)
   scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
   x_scale = x_scale.astype(jnp.float32).reshape(m, 1)
@@ -561,7 +562,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   q, qs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=len(v), grid=(cores, per_core, k_tiles), in_specs=in_specs,
+          num_scalar_prefetch=len(v), grid=(cores, _steps(v.count), k_tiles), in_specs=in_specs,
           out_specs=[pl.BlockSpec((*lead_block, bm, nh), row),
                      pl.BlockSpec((*lead_block, bm, 1), row)],
           scratch_shapes=scratch),
@@ -573,6 +574,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     second = (jnp.arange(m) >= split.row)[:, None]
     q, qs = jnp.where(second, q[1], q[0]), jnp.where(second, qs[1], qs[0])
   return q, qs.reshape(m)
+
+
+def _steps(count: jax.Array) -> jax.Array:
+  """The visits a kernel's grid runs: the most any core has (a dynamic grid dimension, as
+  megablox's), not the metadata's static bound, whose padding steps each cost a step's
+  fixed overhead (up to two thirds of the bound: a few rows over many experts)."""
+  return jnp.max(count).astype(jnp.int32)
 
 
 def _balanced_tile(size: int, cap: int) -> int:
@@ -648,7 +656,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=len(v), grid=(n_tiles, v.group.shape[0], k_tiles),
+          num_scalar_prefetch=len(v), grid=(n_tiles, _steps(v.count), k_tiles),
           in_specs=in_specs,
           out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, *_: (mt[t], j)),
           scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)]),
@@ -729,7 +737,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4, grid=(k_tiles, n_tiles, gid.shape[0]),
+          num_scalar_prefetch=4, grid=(k_tiles, n_tiles, _steps(nv)),
           in_specs=[pl.BlockSpec((bm, bk), lambda i, j, t, gid, mt, nv, bounds: (mt[t], i)),
                     pl.BlockSpec((bm, bn), lambda i, j, t, gid, mt, nv, bounds: (mt[t], j))],
           out_specs=pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, mt, nv, bounds: (

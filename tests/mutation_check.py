@@ -82,6 +82,16 @@ MUTANTS = (
            "    start = lax.div(jnp.clip(lo - r0, 0, bm), ROW_ALIGN) * ROW_ALIGN",
            "    start = lax.div(jnp.clip(lo - r0, 0, bm) + ROW_ALIGN - 1, ROW_ALIGN) * ROW_ALIGN",
            ("tests/test_implementations.py", "-k", "first_row")),
+    # The v5p row tiles cut at the middle tile, not where the cores' MXU work is even.
+    Mutant("cores_cut_at_the_middle", "pallas_kernels/common.py",
+           "  cut = 1 + jnp.argmin(jnp.maximum(done, done[-1] + per_tile[-1] - done)).astype(jnp.int32)",
+           "  cut = jnp.int32(cdiv(m_tiles, 2))",
+           ("tests/test_pallas.py", "-k", "split_between_two_cores")),
+    # The grid runs the metadata's static bound of visits (padding steps), not the visits.
+    Mutant("grid_of_the_static_bound", "pallas_kernels/tpu.py",
+           "grid=(cores, _steps(v.count), k_tiles)",
+           "grid=(cores, per_core, k_tiles)",
+           ("tests/test_perf.py", "-k", "no_more_steps_than_rows")),
     # int32 words read k-minor without the transpose back (the TPU's layout of the words).
     Mutant("words_k_minor_untransposed", "pallas_kernels/tpu.py",
            "w_ref[:, rows].T if words_k_minor",

@@ -340,14 +340,27 @@ def test_tpu_fused_kernel_split_between_two_cores(counts, offset):
   want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, bounds, scenario="A8W8")
   assert_int8_equal(q, want_q)
   assert_scale_close(s, want_s)
-  # the metadata: each core runs the visits of its own row tiles, all of them once
+  # the metadata: each core runs the visits of its own row tiles, all of them once, cut
+  # where the MXU passes (8 rows each here, one at least per visit) are most even
   ends = jnp.cumsum(jnp.asarray(counts[:E], jnp.int32))
-  one, two = (common.row_visits(ends, M, 32, cores=c) for c in (1, 2))
+  start = None if offset is None else jnp.int32(sum(counts[:offset]))
+  if offset is not None:
+    ends = jnp.cumsum(jnp.asarray(counts, jnp.int32))[offset:offset + E]
+  one = common.row_visits(ends, M, 32, start)
+  two = common.row_visits(ends, M, 32, start, cores=2, mxu_rows=8)
   bound = common.per_core(M, 32, E, 2)
   assert int(two.count.sum()) == int(one.count[0]) and two.group.shape == (2 * bound,)
-  for c in range(2):
-    tiles_c = np.asarray(two.tile[c * bound:c * bound + int(two.count[c])])
-    assert np.all((tiles_c >= 3 * c) & (tiles_c < 3 * (c + 1)))  # 5 tiles: 3 + 2
+  runs = [np.asarray(two.tile[c * bound:c * bound + int(two.count[c])]) for c in range(2)]
+  assert np.array_equal(np.concatenate(runs), np.asarray(one.tile[:int(one.count[0])]))
+  cut = runs[1][0]
+  assert len(runs[0]) and runs[0][-1] < cut  # contiguous tile ranges, a tile at least each
+  passes = np.zeros(5, int)  # per tile: each group's rows in it, 8 at a time
+  for lo, hi in bounds:
+    for tile in range(5):
+      rows = min(hi, 32 * tile + 32) - max(lo, 32 * tile)
+      passes[tile] += -(-rows // 8) if rows > 0 else 0
+  work = [max(passes[:c].sum(), passes[c:].sum()) for c in range(1, 5)]
+  assert max(passes[:cut].sum(), passes[cut:].sum()) == min(work), (passes, cut)
 
 
 @pytest.mark.parametrize("offset", [None, 1])
