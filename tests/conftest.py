@@ -10,6 +10,19 @@ if not os.environ.get("NPU_OPS_TEST_DEVICE"):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Most of the suite's time is XLA compiling. JAX's persistent compilation cache keeps every
+# compiled program in `.jax_cache/` (the key is the program itself, so a changed function
+# compiles anew): a rerun of README's quick command takes about half the time of the first.
+# Set before JAX is imported, so the notebooks' kernels and the mutants' runs (subprocesses)
+# share it; an executable for a compile-only TPU cannot be read back (JAX warns and
+# compiles it again: pyproject's filterwarnings). NPU_OPS_TEST_COMPILATION_CACHE=0: off;
+# JAX_COMPILATION_CACHE_DIR: elsewhere.
+if os.environ.get("NPU_OPS_TEST_COMPILATION_CACHE", "1") != "0":
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import hypothesis  # noqa: E402
 
 # Each example compiles new shapes. `ci` (the default, what CI runs): 10 new random examples

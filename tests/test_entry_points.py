@@ -139,6 +139,26 @@ def test_readme_examples_run(doc):
           lines, out.getvalue())
 
 
+@pytest.mark.skipif(os.environ.get("NPU_OPS_TEST_COMPILATION_CACHE") == "0",
+                    reason="the persistent compilation cache is turned off")
+def test_the_suite_keeps_compiled_programs_for_its_next_run():
+  """tests/conftest.py points JAX's persistent compilation cache at `.jax_cache/` (or
+  JAX_COMPILATION_CACHE_DIR) for every program, however quick to compile: a program
+  compiled here is on disk afterwards."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  where = pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+  assert jax.config.jax_compilation_cache_dir == str(where)
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+  salt = int(np.random.default_rng().integers(1 << 30))  # a program no earlier run compiled
+
+  def probe(x):
+    return x * 3 + salt
+  probe.__name__ = f"cache_probe_{salt}"
+  jax.jit(probe).lower(jnp.zeros((7,), jnp.int32)).compile()
+  assert list(where.glob(f"jit_cache_probe_{salt}-*"))
+
+
 def test_the_test_install_keeps_the_compilers_out_of_a_users_environment():
   """README's install for users pulls no accelerator plugin, and the test install (whose
   `aot` extra brings the compilers' plugins, noisy in every program on a CPU host) is made

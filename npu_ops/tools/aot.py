@@ -528,6 +528,10 @@ def format_summary(reports: Sequence[Report]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[Report]:
   use_cpu_host()
+  # An executable for a compile-only device cannot be read back from a persistent
+  # compilation cache (JAX_COMPILATION_CACHE_DIR): writing it would only add to the "s"
+  # column (JAX decides at a process's first compile).
+  jax.config.update("jax_enable_compilation_cache", False)
   p = argparse.ArgumentParser(
       prog="python -m npu_ops.tools.aot",
       description="Compile every kernel entry point with the real TPU and GPU compilers "

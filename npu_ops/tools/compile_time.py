@@ -109,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                  help="substrings of case names to run (default: all)")
   p.add_argument("--repeats", type=int, default=2)
   a = p.parse_args(argv)
+  # A persistent compilation cache (JAX_COMPILATION_CACHE_DIR, as the test suite sets)
+  # would make the second compile a read: time the compiler (JAX decides at a process's
+  # first compile, so from the command line this holds for every case).
+  jax.config.update("jax_enable_compilation_cache", False)
   if any(t != "cpu" for t in a.targets):
     from npu_ops.tools import aot  # noqa: PLC0415
     aot.use_cpu_host()
