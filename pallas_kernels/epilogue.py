@@ -32,6 +32,12 @@ def swiglu_halves(act: jax.Array, gate: jax.Array) -> jax.Array:
   return silu(act) * gate
 
 
+def swiglu(c: jax.Array) -> jax.Array:
+  """`[..., n] -> [..., n/2]`: silu of the first half times the second (n even)."""
+  half = c.shape[-1] // 2
+  return swiglu_halves(c[..., :half], c[..., half:])
+
+
 def dequant_a8w8(acc: jax.Array, w_scale: jax.Array, x_scale: jax.Array) -> jax.Array:
   """A8W8 (semantics B.1.3): `(float32(acc) * w_scale) * x_scale`, in that order."""
   return (acc.astype(jnp.float32) * w_scale) * x_scale

@@ -150,7 +150,7 @@ def swiglu_quant(c: jax.Array, smooth: jax.Array | None, spec: quant_lib.Dynamic
     cols, scale_dtype = epilogue.output_scale_shape(spec, 0)
     return (jnp.zeros(c.shape, epilogue.code_storage(spec.dtype)),
             jnp.zeros(c.shape[:-1] + cols, scale_dtype))
-  s = quant_lib.swiglu(c)
+  s = epilogue.swiglu(c)
   return epilogue.quantize_output(s if smooth is None else s * smooth, spec, as_bits=True)
 
 
@@ -174,8 +174,8 @@ def _xla(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_si
     gid = groups_lib.row_group_ids(ends, m, start)
     inside = gid < len(ends)  # rows outside the groups: 0 in both outputs
     per_row = lambda a: None if a is None else groups_lib.per_row(a, gid)
-    grouped = lambda xs, ws: gmm_lib.gmm(xs, ws, ends, out_dtype=jnp.int32, implementation="xla",
-                                         block_sizes=block_sizes, start=start)
+    grouped = lambda xs, ws: gmm_lib.xla_gmm(xs, ws, ends=ends, acc_dtype=np.dtype(jnp.int32),
+                                             block_sizes=block_sizes, start=start)
     if scenario == A8W4:
       c = sum(epilogue.close_k_group(
           grouped(x[:, g * gs:(g + 1) * gs], w[:, g * gs:(g + 1) * gs]),
@@ -209,7 +209,7 @@ def _xla(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_si
     xs = lax.dynamic_slice_in_dim(x_scale, r0, acc.shape[0])[:, None]
     c = (epilogue.finish_a8w4(acc, a_g, xs) if scenario == A8W4
          else _dequant(acc, s_g[0], xs, scenario))
-    s = quant_lib.swiglu(c)
+    s = epilogue.swiglu(c)
     s = s if smooth_g is None else s * smooth_g
     if per_token:  # the scale (amax / qmax, correctly rounded) is computed once, after
       amax = jnp.max(jnp.abs(s), axis=-1, keepdims=True)

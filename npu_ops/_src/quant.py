@@ -121,9 +121,9 @@ def swiglu(c: jax.Array, *, activate_left: bool = True) -> jax.Array:
   n = c.shape[-1]
   if n % 2:
     fail("c", "an even last dim", n)
-  left, right = c[..., : n // 2], c[..., n // 2:]
-  act, gate = (left, right) if activate_left else (right, left)
-  return epilogue.swiglu_halves(act, gate)
+  if activate_left:
+    return epilogue.swiglu(c)
+  return epilogue.swiglu_halves(c[..., n // 2:], c[..., : n // 2])
 
 
 def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
