@@ -174,8 +174,8 @@ def _xla(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_si
     gid = groups_lib.row_group_ids(ends, m, start)
     inside = gid < len(ends)  # rows outside the groups: 0 in both outputs
     per_row = lambda a: None if a is None else groups_lib.per_row(a, gid)
-    grouped = lambda xs, ws: gmm_lib.xla_gmm(xs, ws, ends=ends, acc_dtype=np.dtype(jnp.int32),
-                                             block_sizes=block_sizes, start=start)
+    grouped = lambda xs, ws: gmm_lib.gmm(xs, ws, ends, out_dtype=jnp.int32, implementation="xla",
+                                         block_sizes=block_sizes, start=start)
     if scenario == A8W4:
       c = sum(epilogue.close_k_group(
           grouped(x[:, g * gs:(g + 1) * gs], w[:, g * gs:(g + 1) * gs]),
