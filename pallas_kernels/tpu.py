@@ -578,8 +578,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
 def _steps(count: jax.Array) -> jax.Array:
   """The visits a kernel's grid runs: the most any core has (a dynamic grid dimension, as
-  megablox's), not the metadata's static bound, whose padding steps each cost a step's
-  fixed overhead (up to two thirds of the bound: a few rows over many experts)."""
+  megablox's), not the metadata's static bound, whose padding steps would each cost a
+  step's fixed overhead."""
   return jnp.max(count).astype(jnp.int32)
 
 

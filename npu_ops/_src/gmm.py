@@ -8,8 +8,8 @@
 
 Both are a block function run by `npu_ops._src.row_blocks`, which keeps the work
 proportional to the real tokens (see there); tgmm covers each group's first
-rows with one batched dot where that is cheaper (see `xla_tgmm`). `grouped_matmul` carries a custom
-VJP built from the two: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy).
+rows with one batched dot where that is cheaper (see `xla_tgmm`). `grouped_matmul` carries
+a custom VJP built from the two: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
                                                     out_dtype=out_dtype, precision=precision)
       )(lhs, rhs, start)
     return xla_gmm(lhs, rhs, ends=ends_, start=start, acc_dtype=acc_dtype,
-                block_sizes=block_sizes, precision=precision).astype(out_dtype)
+                   block_sizes=block_sizes, precision=precision).astype(out_dtype)
 
   return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32), start), problem,
                      kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
@@ -284,7 +284,8 @@ def _prepare(lhs, rhs, out_dtype, implementation, problem):
 
 @row_blocks.jit_by_ends("acc_dtype", "block_sizes", "precision")
 def xla_gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None, start=None):
-  """The XLA path (row-block loops; operands in their compute dtype): `ends` counted from row `start` (None: 0); other rows give 0."""
+  """The XLA path (row-block loops; operands in their compute dtype): `ends` counted from
+  row `start` (None: 0); other rows give 0."""
   m, n = lhs.shape[0], (rhs[0] if isinstance(rhs, tuple) else rhs).shape[-1]
   # Rows are sliced in loops: they travel as uint16 when bf16 (see loop_storage). The
   # weights stay bf16: a group's weight is sliced once, inside the traversal's per-group
@@ -382,8 +383,9 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
     if impl == "reference":
       return reference.tgmm(moved(lhs, start), moved(rhs, start), ends_, num_groups=num_groups,
                             out_dtype=out_dtype, precision=precision)
-    return xla_tgmm(lhs, rhs, ends=ends_, start=start, num_groups=num_groups, acc_dtype=acc_dtype,
-                 block_sizes=block_sizes, precision=precision).astype(out_dtype)
+    return xla_tgmm(lhs, rhs, ends=ends_, start=start, num_groups=num_groups,
+                    acc_dtype=acc_dtype, block_sizes=block_sizes,
+                    precision=precision).astype(out_dtype)
 
   return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32), start), problem,
                      kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
