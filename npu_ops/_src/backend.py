@@ -19,7 +19,9 @@ Every implementation is a `Backend` of `BACKENDS`: what it takes is declared in 
 its `supports(problem) -> reason | None` (`pallas_kernels.common.Problem`; a kernel
 backend's is its module's), with the class of its tile configuration (`config`) and, for
 the kernels, their default tiles (the module's `default_tiles(problem)`: on TPU the
-`npu_ops.perf` model's choice for the chip being lowered for).
+`npu_ops.perf` model's choice for the chip being lowered for). Every grouped op is a
+`GroupedOp` (its static arguments, and what the kernels, the XLA path and the reference
+run for it), which `run` runs on the implementation `resolve` chose.
 """
 
 from __future__ import annotations
@@ -120,32 +122,70 @@ def kernels(implementation: str) -> types.ModuleType:
   return gpu
 
 
-def run(impl: str, args: Sequence[Any], problem: Problem, *, kernel: Callable[..., Any],
-        xla: Callable[..., Any], interpret: bool = False, tiles: TileSizes | None = None) -> Any:
-  """Runs a resolved implementation on `args`.
+@dataclasses.dataclass(frozen=True)
+class GroupedOp:
+  """One grouped op at one call's static arguments: what each implementation runs.
 
-  `kernel(module, tiles, *args)` runs a kernel module's entry point with `tiles` (given,
-  or the module's `default_tiles(problem)`); `xla(*args)` the XLA path or, for
-  "reference", `npu_ops._src.reference` (the caller dispatches). AUTO becomes a per-platform
-  choice made at lowering (`platform_select`): the platform's kernel where it supports
-  `problem`, else XLA. A kernel asked for by name and lowered for CPU without
-  `interpret` raises a ValueError saying how to fix it.
+  Each op (`gmm.Matmul`, `gmm.TransposedMatmul`, `fused.Fused`, `fused_mx.FusedMX`) is a
+  frozen dataclass of this with its static arguments as fields and three methods, each
+  taking the call's array arguments (`args` of `run`):
+    * `kernel(module, tiles, *args)`: a kernel module's entry point (`module`: `kernels()`);
+    * `xla(*args)`: the XLA path;
+    * `reference(*args)`: the semantics as plain whole-array jnp (`npu_ops._src.reference`).
+
+  Attributes:
+    problem: the case, as the backends judge it (`Backend.supports`).
+    interpret: run a kernel's body in Pallas interpret mode.
+    static_ends: the group ends when static (Python ints), else None (an operand).
+  """
+  problem: Problem
+  interpret: bool
+  static_ends: tuple[int, ...] | None
+
+  def ends(self, array: jax.Array) -> Any:
+    """The group ends: static when they are, else the int32 operand `array`."""
+    return array if self.static_ends is None else self.static_ends
+
+  @staticmethod
+  def ends_from_row0(array: jax.Array, start: Any) -> jax.Array:
+    """The int32 ends counted from row 0 (the kernels' form), for ends from row `start`."""
+    return array if start is None else array + start
+
+  def kernel(self, module: types.ModuleType, tiles: TileSizes, *args: Any) -> Any:
+    raise NotImplementedError
+
+  def xla(self, *args: Any) -> Any:
+    raise NotImplementedError
+
+  def reference(self, *args: Any) -> Any:
+    raise NotImplementedError
+
+
+def run(op: GroupedOp, impl: str, args: Sequence[Any], tiles: TileSizes | None = None) -> Any:
+  """Runs `op` on `args` with a resolved implementation (`resolve`).
+
+  A kernel runs with `tiles` (given, or its module's `default_tiles(op.problem)`).
+  AUTO becomes a per-platform choice made at lowering (`platform_select`): the
+  platform's kernel where it supports the problem, else XLA. A kernel asked for by name
+  and lowered for CPU without `interpret` raises a ValueError saying how to fix it.
   """
   def on(name: str) -> Callable[..., Any]:
     def branch(*a):
-      if BACKENDS[name].supports(problem) is not None:  # AUTO only: named ones were checked
-        return xla(*a)
+      if BACKENDS[name].supports(op.problem) is not None:  # AUTO only: named ones were checked
+        return op.xla(*a)
       module = kernels(name)
-      return kernel(module, tiles or module.default_tiles(problem), *a)
+      return op.kernel(module, tiles or module.default_tiles(op.problem), *a)
     return branch
 
-  if impl in KERNELS and interpret:
+  if impl == "reference":
+    return op.reference(*args)
+  if impl in KERNELS and op.interpret:
     return on(impl)(*args)
   if impl in KERNELS:
     return platform_select(args, {"cpu": _needs_interpret(impl)}, default=on(impl))
   if impl != AUTO:
-    return xla(*args)
-  return platform_select(args, {p: on(k) for p, k in KERNEL_OF_PLATFORM.items()}, default=xla)
+    return op.xla(*args)
+  return platform_select(args, {p: on(k) for p, k in KERNEL_OF_PLATFORM.items()}, default=op.xla)
 
 
 def _needs_interpret(impl: str) -> Callable[..., Any]:

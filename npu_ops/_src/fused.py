@@ -21,6 +21,7 @@ runs once over all rows (same arithmetic, same bits).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -78,29 +79,47 @@ def fused(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
     block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
     after = _epilogue_after(m, k, n, e, expected_tokens, scenario)
 
-  def kernel(module, tiles, x, w, ends_array, assist, smooth, start):
+  op = Fused(problem, interpret, ends if isinstance(ends, tuple) else None, scenario, spec,
+             block_sizes, after)
+  start = None if shift is None else jnp.asarray(shift, jnp.int32)
+  return backend.run(op, impl, (x, w, jnp.asarray(ends, jnp.int32), assist, smooth, start),
+                     tiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused(backend.GroupedOp):
+  """The fused op on its implementations (`backend.GroupedOp`; `args`: x, w (`QArray`s),
+  the int32 ends, assist, smooth, the start row or None), as `fused` describes it.
+
+  Attributes:
+    scenario: A8W8, A8W4 or A4W4. spec: the output quantization.
+    block_sizes, after: the XLA path's row blocks, and whether its epilogue runs after
+      the grouped matmul (`_epilogue_after`).
+  """
+  scenario: str
+  spec: quant_lib.DynamicQuant
+  block_sizes: row_blocks.GmmBlockSizes | None
+  after: bool
+
+  def kernel(self, module, tiles, x, w, ends, assist, smooth, start):
     del smooth  # A4W4 only, which the kernels do not take
     values = row_blocks.stacked(w.values)
     if not module.READS_INT4_WORDS:
       values = operands.unpacked(values)
-    return module.gmm_swiglu_quant(x.values, values, w.scale, x.scale,
-                                   ends_array if start is None else ends_array + start,
-                                   start=start, assist=assist, tiles=tiles, out_dtype=spec.dtype,
-                                   qmax=spec.qmax, mx_out=mx_out, interpret=interpret)
+    return module.gmm_swiglu_quant(
+        x.values, values, w.scale, x.scale, self.ends_from_row0(ends, start),
+        start=start, assist=assist, tiles=tiles, out_dtype=self.spec.dtype,
+        qmax=self.spec.qmax, mx_out=self.spec.mode == quant_lib.MX, interpret=self.interpret)
 
-  def xla(x, w, ends_array, assist, smooth, start):
-    ends_ = ends if isinstance(ends, tuple) else ends_array
-    w = QArray(operands.unpacked(w.values), w.scale, w.bits)
-    if impl == "reference":  # the plain form: local rows moved to row 0 and back
-      w = QArray(row_blocks.stacked(w.values), w.scale, w.bits)
-      return groups_lib.rows_from(start)(lambda x: reference.swiglu_quant(
-          x, w, ends_, assist=assist, smooth=smooth, spec=spec))(x, start)
-    return _xla(x.values, w.values, w.scale, x.scale, assist, smooth, ends=ends_, start=start,
-                scenario=scenario, spec=spec, block_sizes=block_sizes, after=after)
+  def xla(self, x, w, ends, assist, smooth, start):
+    return _xla(x.values, operands.unpacked(w.values), w.scale, x.scale, assist, smooth,
+                ends=self.ends(ends), start=start, scenario=self.scenario, spec=self.spec,
+                block_sizes=self.block_sizes, after=self.after)
 
-  start = None if shift is None else jnp.asarray(shift, jnp.int32)
-  return backend.run(impl, (x, w, jnp.asarray(ends, jnp.int32), assist, smooth, start),
-                     problem, kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
+  def reference(self, x, w, ends, assist, smooth, start):  # local rows moved to row 0, back
+    w = QArray(row_blocks.stacked(operands.unpacked(w.values)), w.scale, w.bits)
+    return groups_lib.rows_from(start)(lambda x: reference.swiglu_quant(
+        x, w, self.ends(ends), assist=assist, smooth=smooth, spec=self.spec))(x, start)
 
 
 @jax.jit

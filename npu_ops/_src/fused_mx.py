@@ -12,6 +12,7 @@ below 2**-126 flush to 0 on XLA:CPU, as in every float op there.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -57,28 +58,46 @@ def fused_mx(x: jax.Array, x_scale: jax.Array, w: jax.Array, w_scale: jax.Array,
       transposed=transposed, fp4=fp4 in (np.dtype(x.dtype), np.dtype(w.dtype)))
   impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
 
-  def xla(rows, w, w_scale, ends_array, start):
-    x, x_scale = rows
-    scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(
-        epilogue.e8m0_to_float32(b), k, axis)
-    wf = scaled(w, w_scale, 2 if transposed else 1)
-    c = gmm_lib.gmm(scaled(x, x_scale, 1), jnp.swapaxes(wf, 1, 2) if transposed else wf,
-                    ends if isinstance(ends, tuple) else ends_array, out_dtype=jnp.float32,
-                    implementation="reference" if impl == "reference" else "xla",
-                    precision=lax.Precision.HIGHEST, start=start)
-    # rows outside the groups: c = 0 -> codes and scales 0
-    return fused_lib.squeeze_per_token(*fused_lib.swiglu_quant(c, None, spec), spec)
+  op = FusedMX(problem, interpret, ends if isinstance(ends, tuple) else None, spec, transposed)
+  start = None if shift is None else jnp.asarray(shift, jnp.int32)
+  return backend.run(op, impl, ((x, x_scale), w, w_scale, jnp.asarray(ends, jnp.int32), start),
+                     tiles)
 
-  def kernel(module, tiles, rows, w, w_scale, ends_array, start):
+
+@dataclasses.dataclass(frozen=True)
+class FusedMX(backend.GroupedOp):
+  """The fused op on MX inputs on its implementations (`backend.GroupedOp`; `args`: the
+  pair (x, x_scale), w, w_scale, the int32 ends, the start row or None), as `fused_mx`
+  describes it."""
+  spec: quant_lib.DynamicQuant
+  transposed: bool
+
+  def kernel(self, module, tiles, rows, w, w_scale, ends, start):
     x, x_scale = rows
     return module.gmm_swiglu_quant_mx(
-        x, w, x_scale, w_scale, ends_array if start is None else ends_array + start,
-        start=start, tiles=tiles, out_dtype=spec.dtype, qmax=spec.qmax,
-        mx_out=spec.mode == quant_lib.MX, interpret=interpret)
+        x, w, x_scale, w_scale, self.ends_from_row0(ends, start), start=start,
+        tiles=tiles, out_dtype=self.spec.dtype, qmax=self.spec.qmax,
+        mx_out=self.spec.mode == quant_lib.MX, interpret=self.interpret)
 
-  start = None if shift is None else jnp.asarray(shift, jnp.int32)
-  return backend.run(impl, ((x, x_scale), w, w_scale, jnp.asarray(ends, jnp.int32), start),
-                     problem, kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
+  def xla(self, rows, w, w_scale, ends, start):
+    return self._scaled_gmm(rows, w, w_scale, ends, start, "xla")
+
+  def reference(self, rows, w, w_scale, ends, start):
+    return self._scaled_gmm(rows, w, w_scale, ends, start, "reference")
+
+  def _scaled_gmm(self, rows, w, w_scale, ends, start, implementation):
+    """Each operand times its scales, `gmm`'s float32 product on `implementation`, then
+    the epilogue."""
+    x, x_scale = rows
+    k = x.shape[1]
+    scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(
+        epilogue.e8m0_to_float32(b), k, axis)
+    wf = scaled(w, w_scale, 2 if self.transposed else 1)
+    c = gmm_lib.gmm(scaled(x, x_scale, 1), jnp.swapaxes(wf, 1, 2) if self.transposed else wf,
+                    self.ends(ends), out_dtype=jnp.float32, implementation=implementation,
+                    precision=lax.Precision.HIGHEST, start=start)
+    # rows outside the groups: c = 0 -> codes and scales 0
+    return fused_lib.squeeze_per_token(*fused_lib.swiglu_quant(c, None, self.spec), self.spec)
 
 
 def _per_element(scale: jax.Array, k: int, axis: int) -> jax.Array:

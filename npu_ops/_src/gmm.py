@@ -14,6 +14,7 @@ a custom VJP built from the two: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -215,27 +216,48 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype
                             preferred_element_type=acc_dtype).astype(out_dtype)
     return ragged(lhs, None, start)
 
-  def kernel(module, tiles, lhs, rhs, ends_array, start):
-    return module.gmm(lhs, row_blocks.stacked(rhs),
-                      ends_array if start is None else ends_array + start,
-                      start=start, out_dtype=np.dtype(out_dtype), tiles=tiles,
-                      interpret=interpret, transpose_rhs=transpose_rhs, precision=precision)
+  op = Matmul(problem, interpret, ends if isinstance(ends, tuple) else None,
+              np.dtype(out_dtype), acc_dtype, block_sizes, precision,
+              transpose_rhs=transpose_rhs)
+  return backend.run(op, impl, (lhs, rhs, jnp.asarray(ends, jnp.int32), start), tiles)
 
-  def xla(lhs, rhs, ends_array, start):
+
+@dataclasses.dataclass(frozen=True)
+class _Product(backend.GroupedOp):
+  """What both grouped products take (`args`: lhs, rhs, the int32 ends, the start row or
+  None): the output dtype, the accumulator's, the XLA path's blocks, the dot precision."""
+  out_dtype: np.dtype
+  acc_dtype: np.dtype
+  block_sizes: GmmBlockSizes | None
+  precision: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Matmul(_Product):
+  """The grouped matmul on its implementations (`backend.GroupedOp`), as `gmm` says."""
+  transpose_rhs: bool
+
+  def kernel(self, module, tiles, lhs, rhs, ends, start):
+    return module.gmm(lhs, row_blocks.stacked(rhs), self.ends_from_row0(ends, start),
+                      start=start, out_dtype=self.out_dtype, tiles=tiles,
+                      interpret=self.interpret, transpose_rhs=self.transpose_rhs,
+                      precision=self.precision)
+
+  def xla(self, lhs, rhs, ends, start):
     # XLA:CPU runs a dot against a transposed operand no faster than it copies the
     # transpose: one copy per call, not one per row block.
-    rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
-    ends_ = ends if isinstance(ends, tuple) else ends_array
-    if impl == "reference":  # the plain form: local rows moved to row 0 and back
-      return groups_lib.rows_from(start)(
-          lambda lhs, rhs: reference.grouped_matmul(lhs, row_blocks.stacked(rhs), ends_,
-                                                    out_dtype=out_dtype, precision=precision)
-      )(lhs, rhs, start)
-    return xla_gmm(lhs, rhs, ends=ends_, start=start, acc_dtype=acc_dtype,
-                   block_sizes=block_sizes, precision=precision).astype(out_dtype)
+    return xla_gmm(lhs, self._untransposed(rhs), ends=self.ends(ends), start=start,
+                   acc_dtype=self.acc_dtype, block_sizes=self.block_sizes,
+                   precision=self.precision).astype(self.out_dtype)
 
-  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32), start), problem,
-                     kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
+  def reference(self, lhs, rhs, ends, start):  # the plain form: rows moved to row 0 and back
+    rhs = row_blocks.stacked(self._untransposed(rhs))
+    return groups_lib.rows_from(start)(lambda lhs: reference.grouped_matmul(
+        lhs, rhs, self.ends(ends), out_dtype=self.out_dtype, precision=self.precision)
+    )(lhs, start)
+
+  def _untransposed(self, rhs):
+    return jnp.swapaxes(rhs, 1, 2) if self.transpose_rhs else rhs
 
 
 # --- symbolic m (jax.export shape polymorphism) ---------------------------------------------
@@ -360,7 +382,6 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
   """`tgmm` on the canonical form (validated operands, group ends counted from row
   `start`, as in `gmm`: the kernels and the XLA path read the local rows where they are;
   the reference and a symbolic m take them moved to row 0)."""
-  moved = lambda a, start: a if start is None else groups_lib.shift_rows(a, -start)
   m, k = lhs.shape
   problem = pallas_common.Problem("tgmm", m, k, rhs.shape[-1], num_groups,
                                   np.dtype(lhs.dtype).name, np.dtype(out_dtype).name)
@@ -369,26 +390,39 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
     check_static_dims(implementation, m=m, k=k, n=rhs.shape[-1])
     dims = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
                                          lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-    return lax.ragged_dot_general(moved(lhs, start), moved(rhs, start),
+    return lax.ragged_dot_general(_to_row0(lhs, start), _to_row0(rhs, start),
                                   _all_sizes(ends, num_groups), dims, precision=precision,
                                   preferred_element_type=acc_dtype).astype(out_dtype)
 
-  def kernel(module, tiles, lhs, rhs, ends_array, start):
-    return module.tgmm(lhs, rhs, ends_array if start is None else ends_array + start,
-                       start=start, num_groups=num_groups, out_dtype=np.dtype(out_dtype),
-                       tiles=tiles, interpret=interpret, precision=precision)
+  op = TransposedMatmul(problem, interpret, ends if isinstance(ends, tuple) else None,
+                        np.dtype(out_dtype), acc_dtype, block_sizes, precision,
+                        num_groups=num_groups)
+  return backend.run(op, impl, (lhs, rhs, jnp.asarray(ends, jnp.int32), start), tiles)
 
-  def xla(lhs, rhs, ends_array, start):
-    ends_ = ends if isinstance(ends, tuple) else ends_array
-    if impl == "reference":
-      return reference.tgmm(moved(lhs, start), moved(rhs, start), ends_, num_groups=num_groups,
-                            out_dtype=out_dtype, precision=precision)
-    return xla_tgmm(lhs, rhs, ends=ends_, start=start, num_groups=num_groups,
-                    acc_dtype=acc_dtype, block_sizes=block_sizes,
-                    precision=precision).astype(out_dtype)
 
-  return backend.run(impl, (lhs, rhs, jnp.asarray(ends, jnp.int32), start), problem,
-                     kernel=kernel, xla=xla, interpret=interpret, tiles=tiles)
+@dataclasses.dataclass(frozen=True)
+class TransposedMatmul(_Product):
+  """tgmm on its implementations (`backend.GroupedOp`), as `tgmm_ends` says."""
+  num_groups: int
+
+  def kernel(self, module, tiles, lhs, rhs, ends, start):
+    return module.tgmm(lhs, rhs, self.ends_from_row0(ends, start), start=start,
+                       num_groups=self.num_groups, out_dtype=self.out_dtype, tiles=tiles,
+                       interpret=self.interpret, precision=self.precision)
+
+  def xla(self, lhs, rhs, ends, start):
+    return xla_tgmm(lhs, rhs, ends=self.ends(ends), start=start, num_groups=self.num_groups,
+                    acc_dtype=self.acc_dtype, block_sizes=self.block_sizes,
+                    precision=self.precision).astype(self.out_dtype)
+
+  def reference(self, lhs, rhs, ends, start):  # the plain form: rows moved to row 0
+    return reference.tgmm(_to_row0(lhs, start), _to_row0(rhs, start), self.ends(ends),
+                          num_groups=self.num_groups, out_dtype=self.out_dtype,
+                          precision=self.precision)
+
+
+def _to_row0(rows: jax.Array, start: Any) -> jax.Array:
+  return rows if start is None else groups_lib.shift_rows(rows, -start)
 
 
 # What one pass over a group's `[k, n]` output matrix (a block's write, or read-add-write)
