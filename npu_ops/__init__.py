@@ -5,9 +5,9 @@ in a docstring is section X.Y of docs/semantics.md in the repository.
 """
 
 from npu_ops._src.backend import IMPLEMENTATIONS as IMPLEMENTATIONS
-from npu_ops._src.gmm import GmmBlockSizes as GmmBlockSizes
-from npu_ops._src.gmm import grouped_matmul as grouped_matmul
-from npu_ops._src.gmm import tgmm as tgmm
+from npu_ops._src.grouped import GmmBlockSizes as GmmBlockSizes
+from npu_ops._src.grouped import grouped_matmul as grouped_matmul
+from npu_ops._src.grouped import tgmm as tgmm
 from npu_ops._src.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant as npu_grouped_matmul_swiglu_quant
 from npu_ops._src.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2 as npu_grouped_matmul_swiglu_quant_v2
 from npu_ops._src.gmm_swiglu_quant import weight_assist_matrix as weight_assist_matrix

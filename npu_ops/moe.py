@@ -32,7 +32,7 @@ from npu_ops._src import quant
 from npu_ops import recipes
 from npu_ops._src.validation import (check_array, check_float_array, check_int, check_rank,
                                      describe, fail, require)
-from npu_ops._src.gmm import grouped_matmul
+from npu_ops._src.grouped import grouped_matmul
 from npu_ops._src.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2
 
 MODES = ("float", "qat", "int8")

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import grouped as grouped_lib
 from npu_ops._src import groups
 from npu_ops._src import qat
 from npu_ops._src import quant
@@ -145,20 +145,21 @@ class Recipe:
       x = quant.dequantize_mx(x_codes, x_scale, jnp.bfloat16)
       w = quant.dequantize_mx(w_codes.swapaxes(1, 2), w_scale.swapaxes(1, 2),
                               jnp.bfloat16).swapaxes(1, 2)
-      return gmm_lib.grouped_matmul(x, w, sizes, preferred_element_type=jnp.float32)
+      return grouped_lib.grouped_matmul(x, w, sizes, preferred_element_type=jnp.float32)
     if self.weights == "fp8":
-      acc = gmm_lib.grouped_matmul(x_codes.astype(jnp.bfloat16), w_codes.astype(jnp.bfloat16),
-                                   sizes, preferred_element_type=jnp.float32)
+      acc = grouped_lib.grouped_matmul(x_codes.astype(jnp.bfloat16),
+                                       w_codes.astype(jnp.bfloat16), sizes,
+                                       preferred_element_type=jnp.float32)
       return acc * groups.per_row(w_scale, expert) * x_scale[:, None]
     g = self.scale_groups(w_codes.shape[1])
     if w_scale.ndim == 2:  # per channel: one exact int32 product
-      acc = gmm_lib.grouped_matmul(x_codes, w_codes, sizes).astype(jnp.float32)
+      acc = grouped_lib.grouped_matmul(x_codes, w_codes, sizes).astype(jnp.float32)
       return acc * groups.per_row(w_scale, expert) * x_scale[:, None]
     rows = w_codes.shape[1] // g  # per group: each group's exact product, dequantized
     out = 0.0
     for j in range(g):
-      part = gmm_lib.grouped_matmul(x_codes[:, j * rows:(j + 1) * rows],
-                                    w_codes[:, j * rows:(j + 1) * rows], sizes)
+      part = grouped_lib.grouped_matmul(x_codes[:, j * rows:(j + 1) * rows],
+                                        w_codes[:, j * rows:(j + 1) * rows], sizes)
       out = out + part.astype(jnp.float32) * groups.per_row(w_scale[:, j], expert)
     return out * x_scale[:, None]
 

@@ -188,9 +188,9 @@ def test_tgmm_int8_exact(sizes, block_sizes):
                                         ([0, 0, 0, 100], 2)])
 def test_tgmm_takes_the_cheapest_cover(sizes, plan):
   """Windows of m / groups rows, of twice that, or the traversal: each exact."""
-  from npu_ops._src import gmm as gmm_lib
-  assert gmm_lib.tgmm_plan(np.asarray(sizes), (25, 50), 64) == plan
-  assert int(jax.jit(gmm_lib.tgmm_plan, static_argnums=(1, 2))(
+  from npu_ops._src import grouped as grouped_lib
+  assert grouped_lib.tgmm_plan(np.asarray(sizes), (25, 50), 64) == plan
+  assert int(jax.jit(grouped_lib.tgmm_plan, static_argnums=(1, 2))(
       jnp.asarray(sizes, jnp.int32), (25, 50), 64)) == plan
   rng = np.random.default_rng(3)
   x = rng.integers(-128, 128, (100, 128)).astype(np.int8)  # k = n = 128: both windows fit

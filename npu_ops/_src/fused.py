@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from npu_ops._src import backend
-from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import grouped as grouped_lib
 from npu_ops._src import groups as groups_lib
 from npu_ops._src import operands
 from npu_ops._src import quant as quant_lib
@@ -72,8 +72,8 @@ def fused(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
                                   scale_groups=w.scale.shape[1], a4w4=scenario == A4W4,
                                   mx_out=mx_out, expected_tokens=expected_tokens)
   impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
-  if gmm_lib.is_symbolic(m):  # export with a symbolic m: ragged_dot, then the epilogue
-    gmm_lib.check_static_m(m, implementation)
+  if grouped_lib.is_symbolic(m):  # export with a symbolic m: ragged_dot, then the epilogue
+    grouped_lib.check_static_m(m, implementation)
     impl, block_sizes, after = "xla", None, True
   else:
     block_sizes = row_blocks.GmmBlockSizes.for_problem(m, len(ends), expected_tokens)
@@ -193,8 +193,9 @@ def _xla(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_si
     gid = groups_lib.row_group_ids(ends, m, start)
     inside = gid < len(ends)  # rows outside the groups: 0 in both outputs
     per_row = lambda a: None if a is None else groups_lib.per_row(a, gid)
-    grouped = lambda xs, ws: gmm_lib.gmm(xs, ws, ends, out_dtype=jnp.int32, implementation="xla",
-                                         block_sizes=block_sizes, start=start)
+    grouped = lambda xs, ws: grouped_lib.matmul(xs, ws, ends, out_dtype=jnp.int32,
+                                                implementation="xla", block_sizes=block_sizes,
+                                                start=start)
     if scenario == A8W4:
       c = sum(epilogue.close_k_group(
           grouped(x[:, g * gs:(g + 1) * gs], w[:, g * gs:(g + 1) * gs]),

@@ -22,7 +22,7 @@ from jax import lax
 
 from npu_ops._src import backend
 from npu_ops._src import fused as fused_lib
-from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import grouped as grouped_lib
 from npu_ops._src import groups as groups_lib
 from npu_ops._src import quant as quant_lib
 from pallas_kernels import common as pallas_common
@@ -86,16 +86,17 @@ class FusedMX(backend.GroupedOp):
     return self._scaled_gmm(rows, w, w_scale, ends, start, "reference")
 
   def _scaled_gmm(self, rows, w, w_scale, ends, start, implementation):
-    """Each operand times its scales, `gmm`'s float32 product on `implementation`, then
+    """Each operand times its scales, `grouped.matmul`'s float32 product on `implementation`, then
     the epilogue."""
     x, x_scale = rows
     k = x.shape[1]
     scaled = lambda v, b, axis: v.astype(jnp.float32) * _per_element(
         epilogue.e8m0_to_float32(b), k, axis)
     wf = scaled(w, w_scale, 2 if self.transposed else 1)
-    c = gmm_lib.gmm(scaled(x, x_scale, 1), jnp.swapaxes(wf, 1, 2) if self.transposed else wf,
-                    self.ends(ends), out_dtype=jnp.float32, implementation=implementation,
-                    precision=lax.Precision.HIGHEST, start=start)
+    c = grouped_lib.matmul(scaled(x, x_scale, 1),
+                           jnp.swapaxes(wf, 1, 2) if self.transposed else wf, self.ends(ends),
+                           out_dtype=jnp.float32, implementation=implementation,
+                           precision=lax.Precision.HIGHEST, start=start)
     # rows outside the groups: c = 0 -> codes and scales 0
     return fused_lib.squeeze_per_token(*fused_lib.swiglu_quant(c, None, self.spec), self.spec)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import grouped as grouped_lib
 from npu_ops._src import quant as quant_lib
 from npu_ops._src import row_blocks
 from npu_ops._src.validation import check_dtype, check_scale_groups, describe, fail, require
@@ -294,8 +294,9 @@ PREPARE = {FLOAT: _prepare_float, ANTIQUANT: _prepare_antiquant, A8W8: _prepare_
 def _compute_float(p, ends, gid, inside, opts, block_sizes):
   has_epilogue = bool(p.per_group) or bool(opts.act_type)
   # The custom-VJP grouped matmul: jax.grad flows to x and the (dequantized) weight.
-  y = gmm_lib.differentiable_gmm(p.x, p.w, ends, out_dtype=F32 if has_epilogue else p.out_dtype,
-                                 **opts.run(block_sizes))
+  y = grouped_lib.differentiable_matmul(p.x, p.w, ends,
+                                        out_dtype=F32 if has_epilogue else p.out_dtype,
+                                        **opts.run(block_sizes))
   if not has_epilogue:
     return y
   return _float_epilogue(y, gid, inside, p.per_group.get("bias"), act_type=opts.act_type,
@@ -306,8 +307,9 @@ def _k_group_accs(p, ends, opts, block_sizes, groups):
   """int32 `x_g @ W_g` for each of the G k-groups (G = 1: the whole k)."""
   k = p.x.shape[1]
   gs = k // groups
-  return [gmm_lib.gmm(p.x[:, g * gs:(g + 1) * gs], p.w[:, g * gs:(g + 1) * gs], ends,
-                      out_dtype=jnp.int32, **opts.run(block_sizes)) for g in range(groups)]
+  return [grouped_lib.matmul(p.x[:, g * gs:(g + 1) * gs], p.w[:, g * gs:(g + 1) * gs], ends,
+                             out_dtype=jnp.int32, **opts.run(block_sizes))
+          for g in range(groups)]
 
 
 def _compute_a8w8(p, ends, gid, inside, opts, block_sizes):

@@ -22,7 +22,7 @@ Numerics per group i (semantics B.4.3), told apart by the dtypes of x and weight
 This module is the structure: lists, m-axis and k-axis grouping, one grouped problem at
 a time. Each scenario's checks, computation and epilogue are `npu_ops._src.gmm_scenarios`'s
 (with `SUPPORTED`, the table the README renders). Every m-grouped matmul runs on
-`npu_ops._src.gmm` (differentiable, so `jax.grad` works) and every k-grouped one on `tgmm`.
+`npu_ops._src.grouped` (differentiable, so `jax.grad` works) and every k-grouped one on `tgmm`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npu_ops._src import gmm_scenarios as scenarios
 from npu_ops._src import backend
-from npu_ops._src import gmm as gmm_lib
+from npu_ops._src import gmm_scenarios as scenarios
+from npu_ops._src import grouped as grouped_lib
 from npu_ops._src import groups as groups_lib
 from npu_ops._src import layouts, operands, row_blocks
 from npu_ops._src import quant as quant_lib
@@ -280,8 +280,8 @@ def _k_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
                                num_groups=max(num, 1))
   _check_group_count(len(ends))
   # [E, m, n] = per k-group, (x^T)[K_i]^T @ W[K_i]: tgmm over the rows of x^T and W.
-  y = gmm_lib.differentiable_tgmm(x.T, w, ends, num_groups=len(ends), out_dtype=x.dtype,
-                                  **opts.run(_block_sizes(k, len(ends), opts)))
+  y = grouped_lib.differentiable_tgmm(x.T, w, ends, num_groups=len(ends), out_dtype=x.dtype,
+                                      **opts.run(_block_sizes(k, len(ends), opts)))
   return [y] if split_item in (2, 3) else list(y)
 
 

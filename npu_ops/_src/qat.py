@@ -32,9 +32,9 @@ import ml_dtypes
 import numpy as np
 
 from npu_ops._src import backend
-from npu_ops._src import gmm as gmm_lib
 from npu_ops._src import fused as fused_lib
 from npu_ops._src import gmm_swiglu_quant as torch_npu_fused
+from npu_ops._src import grouped as grouped_lib
 from npu_ops._src import groups as groups_lib
 from npu_ops._src import operands
 from npu_ops._src import quant as quant_lib
@@ -343,7 +343,7 @@ def fake_quant_gmm_swiglu_quant(
   backend.check(implementation, interpret, tiles)
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m, num_groups=e)
   expected_tokens = torch_npu_fused.expected_tokens(tuning_config)
-  run = gmm_lib.Run(implementation, row_blocks.GmmBlockSizes.for_problem(
+  run = grouped_lib.Run(implementation, row_blocks.GmmBlockSizes.for_problem(
       m, len(ends), expected_tokens), interpret, tiles)
   static = isinstance(ends, tuple)
   return _qat_fused(x, weight, weight_scale, None if static else ends, ends if static else None,
@@ -382,8 +382,8 @@ def _qat_fused_bwd(static_ends, bits, grad_scale, expected_tokens, run, residual
   def float_chain(x, weight, weight_scale):
     x_hat = dynamic_fake_quant(x)
     w_hat = fake_quant_weight(weight, weight_scale, bits=bits, grad_scale=grad_scale)
-    c = gmm_lib.differentiable_gmm(x_hat, w_hat, ends, out_dtype=np.dtype(jnp.float32),
-                                   **run._asdict())
+    c = grouped_lib.differentiable_matmul(x_hat, w_hat, ends, out_dtype=np.dtype(jnp.float32),
+                                          **run._asdict())
     return dynamic_fake_quant(quant_lib.swiglu(c))
 
   _, vjp = jax.vjp(float_chain, x, weight, weight_scale)

@@ -1,15 +1,15 @@
 """Grouped matmuls with `jax.lax.ragged_dot` semantics, exact for integers.
 
-* `grouped_matmul` (gmm): `out[rows of g] = lhs[rows of g] @ rhs[g]`, rows
+* `grouped_matmul`: `out[rows of g] = lhs[rows of g] @ rhs[g]`, rows
   outside every group are 0. The forward of every MoE op here.
 * `tgmm`: `out[g] = lhs[rows of g]^T @ rhs[rows of g]`, the k-grouped form
-  (contraction over the grouped rows): the weight gradient of gmm, and
+  (contraction over the grouped rows): the weight gradient of grouped_matmul, and
   torch_npu's group_type=2. Empty groups give a zero matrix.
 
 Both are a block function run by `npu_ops._src.row_blocks`, which keeps the work
 proportional to the real tokens (see there); tgmm covers each group's first
 rows with one batched dot where that is cheaper (see `xla_tgmm`). `grouped_matmul` carries
-a custom VJP built from the two: dlhs = gmm(dy, rhs^T), drhs = tgmm(lhs, dy).
+a custom VJP built from the two: dlhs = matmul(dy, rhs^T), drhs = tgmm(lhs, dy).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
     rhs: `[g, k, n]`, integer when lhs is integer, float when lhs is float; or a list /
       tuple of g `[k, n]` arrays (one per group, the form torch_npu takes): the XLA
       path then reads each in place, where it copies `rhs[g]` out of a stacked array
-      for every non-empty group (measured on 2-core CPUs: float32 gmm 0.58 -> 0.74 of
+      for every non-empty group (measured on 2-core CPUs: float32 grouped_matmul 0.58 -> 0.74 of
       a dense dot at m=512, e=8). Keep weights in this form across calls (as model
       parameters, or prepared once with `list(w)`); listing a stacked array inside a
       jitted function copies it all. Lists differentiate in reverse mode (grad, vjp;
@@ -135,7 +135,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
       "gmm", m, k, first.shape[-1], g, np.dtype(lhs.dtype).name), interpret=interpret, tiles=tiles)
   run = dict(out_dtype=out_dtype, implementation=implementation, block_sizes=block_sizes,
              interpret=interpret, tiles=tiles, precision=canonical_precision(precision))
-  product = experts_gmm if isinstance(rhs, tuple) else differentiable_gmm
+  product = experts_matmul if isinstance(rhs, tuple) else differentiable_matmul
   if group_offset is None:
     return product(lhs, rhs, groups_lib.ends_from_sizes(group_sizes, m, g), **run)
   ends = groups_lib.ends_from_sizes(group_sizes, m, max(g, groups_lib.num_listed(group_sizes)))
@@ -183,7 +183,7 @@ def canonical_precision(precision: Any) -> Any:
        "or a pair of them", repr(precision))
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype: Any,
+def matmul(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype: Any,
         implementation: str | None = None, block_sizes: GmmBlockSizes | None = None,
         interpret: bool = False, tiles: TileSizes | None = None,
         transpose_rhs: bool = False, precision: Any = None, start: Any = None) -> jax.Array:
@@ -234,7 +234,7 @@ class _Product(backend.GroupedOp):
 
 @dataclasses.dataclass(frozen=True)
 class Matmul(_Product):
-  """The grouped matmul on its implementations (`backend.GroupedOp`), as `gmm` says."""
+  """The grouped matmul on its implementations (`backend.GroupedOp`), as `matmul` says."""
   transpose_rhs: bool
 
   def kernel(self, module, tiles, lhs, rhs, ends, start):
@@ -246,7 +246,7 @@ class Matmul(_Product):
   def xla(self, lhs, rhs, ends, start):
     # XLA:CPU runs a dot against a transposed operand no faster than it copies the
     # transpose: one copy per call, not one per row block.
-    return xla_gmm(lhs, self._untransposed(rhs), ends=self.ends(ends), start=start,
+    return xla_matmul(lhs, self._untransposed(rhs), ends=self.ends(ends), start=start,
                    acc_dtype=self.acc_dtype, block_sizes=self.block_sizes,
                    precision=self.precision).astype(self.out_dtype)
 
@@ -305,7 +305,7 @@ def _prepare(lhs, rhs, out_dtype, implementation, problem):
 
 
 @row_blocks.jit_by_ends("acc_dtype", "block_sizes", "precision")
-def xla_gmm(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None, start=None):
+def xla_matmul(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None, start=None):
   """The XLA path (row-block loops; operands in their compute dtype): `ends` counted from
   row `start` (None: 0); other rows give 0."""
   m, n = lhs.shape[0], (rhs[0] if isinstance(rhs, tuple) else rhs).shape[-1]
@@ -380,7 +380,7 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
               tiles: TileSizes | None = None, precision: Any = None,
               start: Any = None) -> jax.Array:
   """`tgmm` on the canonical form (validated operands, group ends counted from row
-  `start`, as in `gmm`: the kernels and the XLA path read the local rows where they are;
+  `start`, as in `matmul`: the kernels and the XLA path read the local rows where they are;
   the reference and a symbolic m take them moved to row 0)."""
   m, k = lhs.shape
   problem = pallas_common.Problem("tgmm", m, k, rhs.shape[-1], num_groups,
@@ -531,16 +531,16 @@ def xla_tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, precision=No
 # work, and every product runs on the fast implementations (the kernels included). The
 # group ends are an operand without tangents; static ends travel as a parameter instead.
 
-_gmm_p = jex_core.Primitive("npu_ops_gmm")
+_matmul_p = jex_core.Primitive("npu_ops_grouped_matmul")
 _tgmm_p = jex_core.Primitive("npu_ops_tgmm")
 
 
-def differentiable_gmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,
+def differentiable_matmul(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *,
                        out_dtype: Any, transpose_rhs: bool = False, start: Any = None,
                        **run: Any) -> jax.Array:
-  """`gmm` under every JAX transform: d lhs = gmm(dy, rhs^T), d rhs = tgmm(lhs, dy), over
-  the same groups (from row `start`, as in `gmm`). `run`: the fields of `Run`."""
-  return _bind(_gmm_p, lhs, rhs, ends, start, out_dtype=np.dtype(out_dtype),
+  """`matmul` under every JAX transform: d lhs = matmul(dy, rhs^T), d rhs = tgmm(lhs, dy),
+  over the same groups (from row `start`, as in `matmul`). `run`: the fields of `Run`."""
+  return _bind(_matmul_p, lhs, rhs, ends, start, out_dtype=np.dtype(out_dtype),
                transpose_rhs=transpose_rhs, run=Run(**run))
 
 
@@ -548,49 +548,49 @@ def differentiable_tgmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEn
                         num_groups: int, out_dtype: Any, start: Any = None,
                         **run: Any) -> jax.Array:
   """`tgmm_ends` under every JAX transform: `out[g] = lhs[rows]^T @ rhs[rows]` gives
-  `d lhs[rows] = rhs[rows] @ dy[g]^T` and `d rhs[rows] = lhs[rows] @ dy[g]`, two gmm
-  over the same row groups (from row `start`; rows outside every group get 0). `run`: as
+  `d lhs[rows] = rhs[rows] @ dy[g]^T` and `d rhs[rows] = lhs[rows] @ dy[g]`, two grouped
+  matmuls over the same row groups (from row `start`; rows outside every group get 0). `run`: as
   above."""
   return _bind(_tgmm_p, lhs, rhs, ends, start, num_groups=num_groups,
                out_dtype=np.dtype(out_dtype), run=Run(**run))
 
 
-def experts_gmm(lhs: jax.Array, rhs: tuple[jax.Array, ...], ends: groups_lib.GroupEnds, *,
+def experts_matmul(lhs: jax.Array, rhs: tuple[jax.Array, ...], ends: groups_lib.GroupEnds, *,
                 out_dtype: Any, start: Any = None, **run: Any) -> jax.Array:
-  """`gmm` of per-group weights (a tuple of `[k, n]`): read in place by the XLA path.
-  Reverse-mode derivatives by a custom VJP: d lhs = gmm(dy, stacked rhs^T) (a transposed
+  """`matmul` of per-group weights (a tuple of `[k, n]`): read in place by the XLA path.
+  Reverse-mode derivatives by a custom VJP: d lhs = matmul(dy, stacked rhs^T) (a transposed
   rhs is copied anyway), d rhs = tgmm(lhs, dy) split per group. Groups from row `start`,
-  as in `gmm`. `run`: as above."""
+  as in `matmul`. `run`: as above."""
   run = Run(**run)
   if np.dtype(lhs.dtype) in _INT_OPERANDS:  # nothing to differentiate
-    return gmm(lhs, rhs, ends, out_dtype=out_dtype, start=start, **run._asdict())
+    return matmul(lhs, rhs, ends, out_dtype=out_dtype, start=start, **run._asdict())
   static = ends if isinstance(ends, tuple) else None
   array = jnp.zeros((0,), jnp.int32) if static is not None else jnp.asarray(ends, jnp.int32)
   start = jnp.zeros((0,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-  return _experts_gmm(static, np.dtype(out_dtype), run, lhs, rhs, array, start)
+  return _experts_matmul(static, np.dtype(out_dtype), run, lhs, rhs, array, start)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _experts_gmm(static, out_dtype, run, lhs, rhs, ends, start):
-  return gmm(lhs, rhs, ends if static is None else static, out_dtype=out_dtype,
+def _experts_matmul(static, out_dtype, run, lhs, rhs, ends, start):
+  return matmul(lhs, rhs, ends if static is None else static, out_dtype=out_dtype,
              start=_start(start), **run._asdict())
 
 
-def _experts_gmm_fwd(static, out_dtype, run, lhs, rhs, ends, start):
-  return _experts_gmm(static, out_dtype, run, lhs, rhs, ends, start), (lhs, rhs, ends, start)
+def _experts_matmul_fwd(static, out_dtype, run, lhs, rhs, ends, start):
+  return _experts_matmul(static, out_dtype, run, lhs, rhs, ends, start), (lhs, rhs, ends, start)
 
 
-def _experts_gmm_bwd(static, out_dtype, run, residuals, ct):
+def _experts_matmul_bwd(static, out_dtype, run, residuals, ct):
   lhs, rhs, ends, start = residuals
   ends, start = (ends if static is None else static), _start(start)
-  dlhs = differentiable_gmm(ct, jnp.stack(rhs), ends, out_dtype=lhs.dtype, transpose_rhs=True,
+  dlhs = differentiable_matmul(ct, jnp.stack(rhs), ends, out_dtype=lhs.dtype, transpose_rhs=True,
                             start=start, **run._asdict())
   drhs = differentiable_tgmm(lhs, ct, ends, num_groups=len(rhs), out_dtype=rhs[0].dtype,
                              start=start, **run._asdict())
   return dlhs, tuple(drhs[g] for g in range(len(rhs))), None, None
 
 
-_experts_gmm.defvjp(_experts_gmm_fwd, _experts_gmm_bwd)
+_experts_matmul.defvjp(_experts_matmul_fwd, _experts_matmul_bwd)
 
 
 def _bind(prim, lhs, rhs, ends, start, **params):
@@ -606,8 +606,8 @@ def _start(start):
   return None if start.shape == (0,) else start
 
 
-def _gmm_impl(lhs, rhs, ends, start, *, static_ends, out_dtype, transpose_rhs, run):
-  return gmm(lhs, rhs, ends if static_ends is None else static_ends, out_dtype=out_dtype,
+def _matmul_impl(lhs, rhs, ends, start, *, static_ends, out_dtype, transpose_rhs, run):
+  return matmul(lhs, rhs, ends if static_ends is None else static_ends, out_dtype=out_dtype,
              transpose_rhs=transpose_rhs, start=_start(start), **run._asdict())
 
 
@@ -617,7 +617,7 @@ def _tgmm_impl(lhs, rhs, ends, start, *, static_ends, num_groups, out_dtype, run
                    **run._asdict())
 
 
-def _gmm_abstract(lhs, rhs, ends, start, *, transpose_rhs, out_dtype, **_):
+def _matmul_abstract(lhs, rhs, ends, start, *, transpose_rhs, out_dtype, **_):
   return jax.core.ShapedArray((lhs.shape[0], rhs.shape[1 if transpose_rhs else 2]), out_dtype)
 
 
@@ -643,13 +643,13 @@ def _zero_cotangents(lhs, rhs):
                                                                                           None]
 
 
-def _gmm_transpose(ct, lhs, rhs, ends, start, *, static_ends, out_dtype, transpose_rhs, run):
+def _matmul_transpose(ct, lhs, rhs, ends, start, *, static_ends, out_dtype, transpose_rhs, run):
   if type(ct) is ad.Zero:
     return _zero_cotangents(lhs, rhs)
   common = dict(static_ends=static_ends, run=run)
   dlhs = drhs = None
   if ad.is_undefined_primal(lhs):  # [m, k] = [m, n] @ rhs[g]^T: rows outside every group 0
-    dlhs = _gmm_p.bind(ct, rhs, ends, start, out_dtype=lhs.aval.dtype,
+    dlhs = _matmul_p.bind(ct, rhs, ends, start, out_dtype=lhs.aval.dtype,
                        transpose_rhs=not transpose_rhs, **common)
   if ad.is_undefined_primal(rhs):  # per group, lhs[rows]^T @ ct[rows] (stored transposed)
     a, b = (ct, lhs) if transpose_rhs else (lhs, ct)
@@ -664,15 +664,15 @@ def _tgmm_transpose(ct, lhs, rhs, ends, start, *, static_ends, num_groups, out_d
   common = dict(static_ends=static_ends, run=run)
   dlhs = drhs = None
   if ad.is_undefined_primal(lhs):  # [m, k] rows: rhs[rows] @ ct[g]^T
-    dlhs = _gmm_p.bind(rhs, ct, ends, start, out_dtype=lhs.aval.dtype, transpose_rhs=True,
+    dlhs = _matmul_p.bind(rhs, ct, ends, start, out_dtype=lhs.aval.dtype, transpose_rhs=True,
                        **common)
   if ad.is_undefined_primal(rhs):  # [m, n] rows: lhs[rows] @ ct[g]
-    drhs = _gmm_p.bind(lhs, ct, ends, start, out_dtype=rhs.aval.dtype, transpose_rhs=False,
+    drhs = _matmul_p.bind(lhs, ct, ends, start, out_dtype=rhs.aval.dtype, transpose_rhs=False,
                        **common)
   return [dlhs, drhs, None, None]
 
 
-# vmap with one batched operand and shared ends folds the batch into one call: gmm's lhs
+# vmap with one batched operand and shared ends folds the batch into one call: matmul's lhs
 # into its rows (row r becomes B consecutive rows, so the ends scale by B), any other
 # operand into a column dimension (batch outer). Anything else maps over the batch.
 
@@ -682,7 +682,7 @@ def _merge(a, axis: int, pos: int):
   return a.reshape(a.shape[:pos] + (-1,) + a.shape[pos + 2:])
 
 
-def _gmm_batch(args, dims, *, static_ends, out_dtype, transpose_rhs, run):
+def _matmul_batch(args, dims, *, static_ends, out_dtype, transpose_rhs, run):
   (lhs, rhs, ends, start), (dl, dr, de, ds) = args, dims
   params = dict(out_dtype=out_dtype, transpose_rhs=transpose_rhs, run=run)
   if de is None and ds is None and dr is None:  # lhs batched
@@ -690,14 +690,14 @@ def _gmm_batch(args, dims, *, static_ends, out_dtype, transpose_rhs, run):
     rows = jnp.moveaxis(lhs, dl, 1)
     rows = rows.reshape(-1, rows.shape[-1])
     static = None if static_ends is None else tuple(e * b for e in static_ends)
-    out = _gmm_p.bind(rows, rhs, ends if static is not None else ends * b, start * b,
+    out = _matmul_p.bind(rows, rhs, ends if static is not None else ends * b, start * b,
                       static_ends=static, **params)
     return out.reshape(-1, b, out.shape[-1]), 1
   if de is None and ds is None and dl is None:  # rhs batched: columns [B * n]
-    out = _gmm_p.bind(lhs, _merge(rhs, dr, 1 if transpose_rhs else 2), ends, start,
+    out = _matmul_p.bind(lhs, _merge(rhs, dr, 1 if transpose_rhs else 2), ends, start,
                       static_ends=static_ends, **params)
     return out.reshape(out.shape[0], rhs.shape[dr], -1), 1
-  return _map_batch(_gmm_p, args, dims, static_ends=static_ends, **params)
+  return _map_batch(_matmul_p, args, dims, static_ends=static_ends, **params)
 
 
 def _tgmm_batch(args, dims, *, static_ends, num_groups, out_dtype, run):
@@ -723,7 +723,7 @@ def _map_batch(prim, args, dims, **params):
 
 
 for _prim, _impl, _abstract, _transpose, _batch in (
-    (_gmm_p, _gmm_impl, _gmm_abstract, _gmm_transpose, _gmm_batch),
+    (_matmul_p, _matmul_impl, _matmul_abstract, _matmul_transpose, _matmul_batch),
     (_tgmm_p, _tgmm_impl, _tgmm_abstract, _tgmm_transpose, _tgmm_batch)):
   _prim.def_impl(_impl)
   _prim.def_abstract_eval(_abstract)
