@@ -329,7 +329,7 @@ def quantize_output(s: jax.Array, spec, *, as_bits: bool = False
   `quant.DynamicQuant`: `.mode`, `.dtype`, `.qmax`) says: per token (codes, float32 scale
   `[..., 1]`) or MX (codes, e8m0 scale bytes uint8 `[..., ceil(d / 32)]`). With `as_bits`,
   float codes come as their uint8 bits (`float8_bits`; `codes_from_bits` turns them back):
-  XLA:CPU builds them 2-13x faster than its fp8 / fp4 converts, and moves uint8 buffers
+  XLA:CPU builds them faster than its fp8 / fp4 converts, and moves uint8 buffers
   through loops faster than fp8 ones."""
   if spec.mode == 2:
     return quantize_mx_rows(s, spec.dtype, as_bits=as_bits)

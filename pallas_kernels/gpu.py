@@ -17,17 +17,15 @@ writes the codes from them (a float32 scratch written once and read back: extra
 traffic small next to the weights, e * k * n bytes, unless tokens per expert are in
 the thousands). The first version (one program per row tile
 walking every column tile and group, codes in a second phase after a barrier) ran
-at 1-3% of the roofline on an H200 and took 55 ms at decode (docs/accelerators.md).
+far below the roofline on an H200 (docs/accelerators.md has the measurements).
 
 Registers (ptxas, `python -m npu_ops.tools.aot`): two `[64, 128]` int32 accumulators,
 a float32 tile and (A8W4) two float32 k-group sums need 8 warps and 64-deep k
 blocks to stay within 255 registers per thread without spilling on sm_80.
 
-Roofline at the benchmark shape (m=4096, k=2048, n=2816, e=16, int8): 47.2 GFLOP
-over ~106 MB of operands plus 46 MB of scratch traffic: an H100 SXM (~1979 dense
-int8 TOP/s, 3.35 TB/s) is memory bound at ~45 us if operands stream once; each
-visit reads its expert's weight tile (256 tokens per expert / block_m 64 = 4 visits
-per expert), so expect ~0.1-0.15 ms unless L2 (50 MB) serves the repeats.
+Each visit reads its expert's weight tile, so an expert whose tokens span several
+row tiles is read once per tile unless L2 serves the repeats: at a few hundred tokens
+per expert the kernel moves a few times the weights' bytes.
 """
 
 from __future__ import annotations

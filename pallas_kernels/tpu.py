@@ -19,13 +19,9 @@ consecutive visits and Pallas does not copy it again: every expert's weights
 cross HBM once per call (per column tile for gmm), however its tokens fall on
 row tiles. Larger weights are tiled over k and re-read per visit.
 
-Rooflines (from the compiler's cost analysis, which counts each kernel's
-`pl.CostEstimate`; see `python -m npu_ops.tools.aot`): at m=4096, k=2048, n=2816, e=16
-A8W8 the fused kernel moves ~1.0x the bytes of reading every input and writing
-every output once (x 8.4 MB, weights 92.3 MB, outputs 5.8 MB): on a v5e
-(394 int8 TOP/s, 819 GB/s) 47.2 GFLOP take 0.12 ms of MXU time and 107 MB take
-0.13 ms of HBM time. With few tokens per expert it is weight-streaming bound
-(m=512, e=64: 5.9 GFLOP over 369 MB of weights, 16 FLOP/byte, ~0.45 ms).
+How fast this is on each TPU, against the roofline, is `npu_ops.perf`'s model
+(docs/performance.md); the bytes each kernel moves, compiled for each chip, are
+`python -m npu_ops.tools.aot`'s (docs/accelerators.md).
 """
 
 from __future__ import annotations

@@ -131,12 +131,9 @@ def canonical_assist(w: jax.Array, scale: jax.Array) -> jax.Array:
 
 # Below this many expected rows per group, the epilogue runs once over all rows after
 # the grouped matmul: per row block it is a few XLA ops whose fixed cost outweighs a
-# block of 8-32 rows (measured at m=512, k=2048, n=2816: per-block 18.3 ms, after
-# 15.6 ms, the matmul alone 15.5 ms, e=16); from 64 rows per group on, the int32
-# [m, n] round trip costs more than the per-block ops save (m=4096, e=64: 110 vs 102),
-# unless that product stays in the caches: up to 12 MiB (m=1024 at n=2816) the epilogue
-# after the matmul also won below 128 rows (VNNI host, two runs, 64-96 rows a group:
-# m=512 4-32% faster, m=1024 3-11%; m=2048-4096 -6% to +15%, so not there).
+# block of a few rows; with more rows the int32 `[m, n]` round trip costs more than the
+# per-block ops save, unless that product stays in the caches (then up to 127 rows a
+# group). The measurements: docs/performance.md, "How the CPU path stays fast".
 _EPILOGUE_AFTER_BELOW_ROWS = 64
 _EPILOGUE_AFTER_SMALL_PRODUCT = (128, 12 << 20)  # (rows per group, int32 product bytes)
 

@@ -90,8 +90,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
     rhs: `[g, k, n]`, integer when lhs is integer, float when lhs is float; or a list /
       tuple of g `[k, n]` arrays (one per group, the form torch_npu takes): the XLA
       path then reads each in place, where it copies `rhs[g]` out of a stacked array
-      for every non-empty group (measured on 2-core CPUs: float32 grouped_matmul 0.58 -> 0.74 of
-      a dense dot at m=512, e=8). Keep weights in this form across calls (as model
+      for every non-empty group (docs/performance.md, "Weights as a list of experts",
+      has the speed-up). Keep weights in this form across calls (as model
       parameters, or prepared once with `list(w)`); listing a stacked array inside a
       jitted function copies it all. Lists differentiate in reverse mode (grad, vjp;
       the gradient of rhs is a tuple too), not in forward mode (jvp).
@@ -426,8 +426,8 @@ def _to_row0(rows: jax.Array, start: Any) -> jax.Array:
 
 
 # What one pass over a group's `[k, n]` output matrix (a block's write, or read-add-write)
-# costs, in rows of contraction: 40-48 measured (float32, k=2048, n=2816, 2 cores, AVX2 and
-# AVX-512 hosts). Both sides scale with k * n, so it holds across shapes.
+# costs, in rows of contraction (docs/performance.md, "How the CPU path stays fast"). Both
+# sides scale with k * n, so one figure serves every shape.
 _PASS_ROWS = 40
 
 

@@ -12,7 +12,7 @@ Each group is cut into `size // block_m` full blocks (a loop with a dynamic trip
 count) and one masked block for the remaining `< block_m` rows (run first): the
 smallest of a ladder of static sizes (`remainder_blocks`: powers of two from
 `min_block_m` to 8, then four per octave up to `block_m`) that holds them, chosen by
-a `lax.cond` per size (one `lax.switch` over the sizes measured 25% slower). Only
+a `lax.cond` per size (one `lax.switch` over the sizes ran slower). Only
 that block reaches outside its group (its mask drops those rows), so the work is the
 useful work plus under a quarter of the remainder (and under `min_block_m` rows) per
 group, in at most `size // block_m + 1` dot calls, and a group's context (its
@@ -50,9 +50,8 @@ Experts = Any  # jax.Array | tuple[jax.Array, ...]
 def group_operand(w: Experts, g: Any) -> Any:
   """Group g's operand for `group_dot`, taken once per group (in `group_ctx`).
 
-  A stacked array gives `w[g]`: XLA:CPU copies the slice (a dot takes whole buffers):
-  measured 0.4-0.5 ms per 5.8 MB int8 weight, 2-2.5 ms per float32 one, on 2-core
-  hosts. A tuple gives `(g, w)`, and `group_dot` picks the array with a `lax.switch`:
+  A stacked array gives `w[g]`: XLA:CPU copies the slice (a dot takes whole buffers;
+  docs/performance.md, "Weights as a list of experts", has the cost). A tuple gives `(g, w)`, and `group_dot` picks the array with a `lax.switch`:
   each branch dots one whole argument, no copy.
   """
   return (g, w) if isinstance(w, tuple) else w[g]
@@ -108,10 +107,10 @@ class GmmBlockSizes:
     if not isinstance(m, (int, np.integer)) and not expected_tokens:
       return cls()  # a symbolic m (jax.export) runs on ragged_dot: the blocks go unused
     expected = expected_tokens if expected_tokens else -(-m // max(num_groups, 1))
-    # Measured on 2-core CPUs (int8, k=2048, n=2816): 512-row blocks run at dense-dot
-    # speed; min_block_m 32 suits >= 256 tokens per group. With ~8 per group, blocks
-    # down to 2 rows (not 1: a 1-row dot took twice a 2-row one) made skewed lists
-    # 7-13% faster than blocks of 8 (m=512, e=64, AVX2 host).
+    # 512-row blocks run int8 dots at dense-dot speed on CPU; min_block_m 32 suits
+    # hundreds of tokens per group, and with a few per group blocks down to 2 rows (not
+    # 1: a 1-row dot costs what a 2-row one does, twice) waste least (docs/performance.md,
+    # "How the CPU path stays fast").
     min_block = int(np.clip(pow2_floor(max(expected, 1) // 8), 2, 32))
     return cls(block_m=512, min_block_m=min_block)
 
@@ -139,9 +138,9 @@ def traverse(ends: groups_lib.GroupEnds, m: int, carry: Any, *,
              block_sizes: GmmBlockSizes | None = None, start: Any = 0) -> Any:
   """Runs `block_fn` over the rows `[0, m)` of every group (see the module doc); `ends`
   are counted from row `start` (group_offset's local groups: no row moves)."""
-  # Static ends take the same loop, with constant bounds: on CPU, XLA runs one exact
-  # dot per group (unrolled, or concatenated, or batched) at 0.4-0.6x the speed of
-  # this loop once groups hold ~64 rows (measured at m=4096, e=64).
+  # Static ends take the same loop, with constant bounds: XLA:CPU runs one exact dot per
+  # group (unrolled, concatenated or batched) slower than this loop once groups hold
+  # ~64 rows (docs/performance.md, "How the CPU path stays fast").
   ends = jnp.asarray(ends, jnp.int32)
   return traverse_segments(groups_lib.group_starts(ends) + start, groups_lib.group_sizes(ends),
                            m, carry,
@@ -279,8 +278,8 @@ def traverse_staged(ends: groups_lib.GroupEnds, m: int, carry: Any, *, row: jax.
 def block_rows(m: int, block_sizes: GmmBlockSizes) -> tuple[int, int]:
   """(full block, smallest block) that the block loop uses over `m > 0` rows."""
   min_block = min(block_sizes.min_block_m, pow2_floor(m))
-  # A block spanning all m rows makes XLA's CPU loop an order of magnitude slower
-  # (measured); keep blocks strictly smaller than m.
+  # A block spanning all m rows makes XLA's CPU loop an order of magnitude slower: keep
+  # blocks strictly smaller than m.
   return max(min_block, min(block_sizes.block_m, pow2_floor(max(m - 1, 1)))), min_block
 
 
@@ -292,15 +291,15 @@ def block_calls(rows: Any, block: int) -> Any:
 def remainder_blocks(block: int, min_block: int) -> tuple[int, ...]:
   """Sizes of the masked block that covers a group's last `< block` rows, ascending.
 
-  Every int8 dot call on CPU costs 7-30 rows of work on top of its rows, by host
-  (measured at k=2048, n=2816): XLA:CPU runs it through YNNPACK, which packs the
+  Every int8 dot call on CPU costs some rows of work on top of its rows
+  (docs/performance.md): XLA:CPU runs it through YNNPACK, which packs the
   `[k, n]` weight on every call, or for a few rows reads it unpacked at about half
   the speed per row. So the remainder takes one call, not a binary expansion of
   up to log2(block) calls: the powers of two from `min_block` to 8, then four
   sizes per octave up to `block` (multiples of 8) keep the rows it computes
   outside its group under a quarter of the remainder (+ 8, and under
-  `min_block`). Below 8 rows one size per octave does: a ladder of 2..7 as well
-  measured no faster, and each size is one more branch to compile.
+  `min_block`). Below 8 rows one size per octave does: a ladder of 2..7 as well ran
+  no faster, and each size is one more branch to compile.
   """
   round8 = lambda v: v if v < 8 else -(-v // 8) * 8
   return tuple(sorted({round8(b + b * i // 4) for b in (1 << j for j in range(block.bit_length()))
@@ -314,7 +313,7 @@ def loop_storage(a: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Arr
   For arrays sliced by rows inside the traversal's loops. bfloat16 travels as
   uint16: XLA:CPU's float normalization upcasts a bf16 array that is sliced inside
   a loop, and hoists the cast, converting the whole array to float32 on every
-  call (measured: bf16 gmm at 0.55x of a dense dot). A group context sliced in
+  call (docs/performance.md has the cost). A group context sliced in
   `group_ctx` needs no such storage (it runs inside the per-group `lax.cond`,
   which XLA does not hoist from), and should not get it: the view back to bf16 is
   a copy, made once per block where the context is used.
