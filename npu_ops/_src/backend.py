@@ -126,7 +126,7 @@ def kernels(implementation: str) -> types.ModuleType:
 class GroupedOp:
   """One grouped op at one call's static arguments: what each implementation runs.
 
-  Each op (`gmm.Matmul`, `gmm.TransposedMatmul`, `fused.Fused`, `fused_mx.FusedMX`) is a
+  Each op (`grouped.Matmul`, `grouped.TransposedMatmul`, `fused.Fused`, `fused_mx.FusedMX`) is a
   frozen dataclass of this with its static arguments as fields and three methods, each
   taking the call's array arguments (`args` of `run`):
     * `kernel(module, tiles, *args)`: a kernel module's entry point (`module`: `kernels()`);
