@@ -17,10 +17,15 @@ counts), and follows each `pallas_call` through its grid:
   operations, counted only on the steps whose `pl.when` / `lax.cond` branch runs (the
   predicate is evaluated per step where it depends on program ids and scalar-prefetch
   values; otherwise the costliest branch);
-* time: a timeline of the steps and one DMA queue (`_timeline`): a copy is issued one step
-  ahead (further with `pl.Buffered(n)`, or as soon as a buffer frees with its lookahead),
-  a step computes once its blocks have arrived and the step before is done, for its work
-  plus a fixed overhead (the one fitted constant, `STEP_OVERHEAD_S`);
+* copies the body makes by hand (`pltpu.make_async_copy` of an operand left in HBM, under
+  `pl.when` on program ids and scalar-prefetch values, not inside a loop): each start
+  copies its destination's bytes when the body reaches it, each wait holds the body until
+  the oldest copy on its semaphore has arrived;
+* time: a timeline of the steps and one DMA queue (`_timeline`) that serves copies in the
+  order they are issued: a block is issued one step ahead (further with `pl.Buffered(n)`,
+  or as soon as a buffer frees with its lookahead), a step computes once its blocks have
+  arrived and the step before is done, for its work plus a fixed overhead (the one fitted
+  constant, `STEP_OVERHEAD_S`);
 * dimension semantics: on a chip whose device drives two TensorCores (v5p), the steps
   of the outermost "parallel" grid axis are split between the cores, which share the
   HBM bandwidth.
@@ -127,7 +132,8 @@ def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
 
   Raises:
     ValueError: a kernel's grid or scalar-prefetch operand depends on an unknown value
-      (pass it concretely), or the chip is unknown.
+      (pass it concretely), a kernel copies by hand where the model cannot follow (inside
+      a loop, or on a condition on data), or the chip is unknown.
   """
   chip = chips_lib.get(chip)
   leaves, tree = jax.tree.flatten((args, kwargs))
@@ -494,6 +500,9 @@ class _Scalars:
     self.flops = np.zeros(steps)  # the useful ones (`mxu`: what they occupy the MXU for)
     self.mxu: dict[str, np.ndarray] = {}
     self.vpu = np.zeros(steps)
+    # Copies the body makes by hand, in program order: (kind "start" / "wait", the steps
+    # it runs on [S] bool, its semaphore's key per step [S], the bytes a start copies)
+    self.dmas: list[tuple[str, np.ndarray, np.ndarray, float]] = []
 
   def run(self, jaxpr, consts, args, mask) -> list:
     env: dict = {}
@@ -519,6 +528,9 @@ class _Scalars:
   def _eqn(self, eqn, vals, mask) -> list:
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
+    if name in ("dma_start", "dma_wait"):
+      self._dma(eqn, vals, mask)
+      return [_UNKNOWN] * n_out
     if name == "dot_general":
       dtype = np.dtype(eqn.invars[0].aval.dtype).name
       counter = self.mxu.setdefault(dtype, np.zeros(self.steps))
@@ -539,6 +551,8 @@ class _Scalars:
       args += [_UNKNOWN] * (len(body.jaxpr.invars) - len(args))
       sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_shape)
       sub.run(body.jaxpr, body.consts, args, mask)
+      if sub.dmas:
+        raise ValueError(_LOOP_COPIES)
       self._merge(sub, trips)
       return [_UNKNOWN] * n_out
     if (inner := _sub_jaxpr(eqn.params)) is not None and name not in ("pallas_call",):
@@ -599,6 +613,34 @@ class _Scalars:
     index = [np.clip(i.astype(np.int64), 0, d - 1) for i, d in zip(index, ref.shape)]
     return ref[tuple(index)]
 
+  def _dma(self, eqn, vals, mask) -> None:
+    """Records a `dma_start` / `dma_wait`: on which steps, on which semaphore (its
+    operand and element, from values known per step), and the bytes a start copies (its
+    destination, padded to the (sublane, lane) tile)."""
+    tree = eqn.params["tree"]
+    _, dst, _, _, _ = tree.unflatten([v.aval for v in eqn.invars])
+    _, _, sem, _, _ = tree.unflatten(list(range(len(eqn.invars))))  # operand positions
+    index = []
+    for t in getattr(sem, "transforms", ()):
+      for i in getattr(t, "indices", ()):
+        value = vals[i] if isinstance(i, int) else _UNKNOWN
+        if value is _UNKNOWN:
+          raise ValueError("a copy made by hand waits on a semaphore the model cannot "
+                           "identify per step (its index depends on data)")
+        index.append(np.broadcast_to(np.asarray(value, np.int64), (self.steps,)))
+    sem_ref = sem.ref if hasattr(sem, "ref") else sem
+    sem_shape = eqn.invars[sem_ref].aval.shape
+    flat = (np.ravel_multi_index(tuple(np.clip(i, 0, d - 1) for i, d in zip(index, sem_shape)),
+                                 sem_shape) if index else np.zeros(self.steps, np.int64))
+    key = sem_ref * (1 << 32) + flat
+    runs = np.ones(self.steps, bool) if mask is None else np.asarray(mask, bool)
+    nbytes = 0.0
+    if eqn.primitive.name == "dma_start":
+      nbytes = float(_block_bytes(dst.shape, dst.shape, dst.dtype,
+                                  [np.zeros(1)] * len(dst.shape))[0])
+    self.dmas.append(("start" if eqn.primitive.name == "dma_start" else "wait",
+                      np.broadcast_to(runs, (self.steps,)), key, nbytes))
+
   def _cond(self, eqn, vals, mask) -> list:
     which, *operands = vals
     branches = eqn.params["branches"]
@@ -608,6 +650,9 @@ class _Scalars:
         sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_shape)
         sub.run(b.jaxpr, b.consts, operands, mask)
         subs.append(sub)
+      if any(sub.dmas for sub in subs):
+        raise ValueError("a copy made by hand under a condition on data (not on the grid "
+                         "or the scalar-prefetch operands): the model cannot tell when it runs")
       total = lambda s: s.vpu + sum(s.mxu.values(), np.zeros(self.steps))
       best = max(subs, key=lambda s: float(np.sum(total(s))))
       self._merge(best, 1)
@@ -630,6 +675,11 @@ class _Scalars:
 # --- one kernel ------------------------------------------------------------------------
 
 _MAX_STEPS = 20_000_000
+_LOOP_COPIES = (
+    "copies operands between HBM and VMEM by hand inside a loop (emit_pipeline), which the "
+    "model does not follow; it follows the grid's pipeline, copies a kernel's body makes by "
+    "hand outside loops, and tokamax's kernels when `predict` traces them (a kernel "
+    "jit-traced before, outside `predict`, is cached: jax.clear_caches() first)")
 
 
 def _sublane_tile(itemsize: int) -> int:
@@ -681,13 +731,6 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
     if v is _UNKNOWN:
       raise ValueError(f"{name}: a scalar-prefetch operand depends on a value the model does "
                        "not know; pass the arrays it is computed from concretely")
-  if any(_unpipelined(bm) and not _in_smem(bm) for bm in gm.block_mappings) and _copies_by_hand(
-      params["jaxpr"]):
-    raise ValueError(f"{name}: copies operands between HBM and VMEM by hand (emit_pipeline "
-                     "or async copies), which the model does not follow; it follows the "
-                     "grid's pipeline, and tokamax's kernels when `predict` traces them (a "
-                     "kernel jit-traced before, outside `predict`, is cached: "
-                     "jax.clear_caches() first)")
   semantics = _dimension_semantics(params, len(grid))
   cores = 1
   split_axis = None
@@ -736,7 +779,10 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
     body, body_consts = body.jaxpr, body.consts
   sc = _Scalars(steps, program_ids, grid, (chip.mxu_rows, chip.mxu_width))
   body_args = [*prefetch] + [_UNKNOWN] * (len(body.invars) - len(prefetch))
-  sc.run(body, body_consts, body_args, None)
+  try:
+    sc.run(body, body_consts, body_args, None)
+  except ValueError as e:
+    raise ValueError(f"{name}: {e}") from None
   # A chip's peak counts all its TensorCores (v5p: two); each core has its share.
   mxu_s = sum((flops / (chip.peak(dtype) / chip.cores) for dtype, flops in sc.mxu.items()),
               np.zeros(steps))
@@ -749,8 +795,12 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
     if np.any(sel):
       seconds = max(seconds, _timeline(
           compute[sel], [(cp[sel], nb[sel] / bandwidth, b, la) for cp, nb, b, la in inputs],
-          copies_out[sel] / bandwidth))
+          copies_out[sel] / bandwidth,
+          [(kind, runs[sel], key[sel], nbytes / bandwidth) for kind, runs, key, nbytes
+           in sc.dmas]))
   copies_in = sum((nb for _, nb, _, _ in inputs), np.zeros(steps))
+  copies_in = copies_in + sum((np.where(runs, nbytes, 0.0) for kind, runs, _, nbytes in sc.dmas
+                               if kind == "start"), np.zeros(steps))
   flops = float(np.sum(sc.flops))
   return KernelCost(name=name, grid=tuple(grid), seconds=seconds,
                     hbm_bytes=float(np.sum(copies_in) + np.sum(copies_out)), flops=flops,
@@ -760,22 +810,30 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
                     vpu_seconds=float(np.sum(vpu_s)))
 
 
-def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray) -> float:
+def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray,
+              by_hand: Sequence[tuple[str, np.ndarray, np.ndarray, float]] = ()) -> float:
   """Seconds for one core's steps, in order.
 
   One DMA queue at the core's bandwidth serves the copies in the order they are issued.
   An input's copy for step j is issued when step j - (buffers - 1) starts; with lookahead
   (`pl.Buffered(use_lookahead=True)`), as soon as a buffer is free: when the block
-  `buffers` copies back is last used. Step j computes once its blocks have arrived and
+  `buffers` copies back is last used. Step j's body runs once its blocks have arrived and
   step j - 1 is done; its output block is written back after it when the index changes.
+  Copies the body makes by hand (`by_hand`: `_Scalars.dmas`, in program order) start
+  when the body reaches them; a wait holds the body until the oldest copy not yet waited
+  for on its semaphore has arrived.
   """
   n = len(compute)
   start, end = np.zeros(n), np.zeros(n)
   dma_free = 0.0
   pending = collections.deque()  # write-backs not yet queued: (issue time, seconds), in order
-  ready = [0.0] * len(inputs)
+  arrivals = collections.defaultdict(collections.deque)  # by semaphore: copies made by hand
+  # Per input, the steps that copy a block (in order) and when each copy arrives. Copies
+  # join the queue when they are issued: the first ones before step 0; then, lookahead,
+  # block r when the block `buffers` back is last used (at the start of the step after);
+  # else, step j's when step j - (buffers - 1) starts.
   changes = [np.flatnonzero(cp) for cp, _, _, _ in inputs]
-  count = [0] * len(inputs)
+  arrival = [dict() for _ in inputs]
 
   def queue(issue: float, seconds: float) -> float:
     nonlocal dma_free
@@ -785,19 +843,40 @@ def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray) -> floa
     dma_free = max(dma_free, issue) + seconds
     return dma_free
 
+  def issue(q: int, r: int, at: float) -> None:  # input q's r-th block, issued at `at`
+    if r < len(changes[q]):
+      step = int(changes[q][r])
+      arrival[q][step] = queue(at, inputs[q][1][step])
+
+  for q, (_, _, buffers, lookahead) in enumerate(inputs):
+    for r in range(buffers if lookahead else len(changes[q])):
+      if lookahead or changes[q][r] < max(buffers - 1, 1):
+        issue(q, r, 0.0)
+  # lookahead: block r is issued at the step where block r - buffers + 1 is first used
+  freed = [({int(changes[q][r - b + 1]): r for r in range(b, len(changes[q]))} if la else {})
+           for q, (_, _, b, la) in enumerate(inputs)]
+
   for j in range(n):
-    for q, (copied, secs, buffers, lookahead) in enumerate(inputs):
-      if not copied[j]:
+    before = end[j - 1] if j else 0.0
+    for q, (copied, _, buffers, lookahead) in enumerate(inputs):
+      if j in freed[q]:
+        issue(q, freed[q][j], before)
+      elif buffers == 1 and copied[j] and j > 0:  # one buffer: copied as its step begins
+        issue(q, int(np.searchsorted(changes[q], j)), before)
+    start[j] = max([before] + [a[j] for a in arrival if j in a])
+    for q, (_, _, buffers, lookahead) in enumerate(inputs):
+      ahead = j + buffers - 1
+      if not lookahead and buffers > 1 and ahead < n and inputs[q][0][ahead]:
+        issue(q, int(np.searchsorted(changes[q], ahead)), start[j])
+    at = start[j]
+    for kind, runs, key, seconds in by_hand:
+      if not runs[j]:
         continue
-      r = count[q]
-      count[q] += 1
-      if lookahead:
-        issue = end[changes[q][r - buffers + 1] - 1] if r >= buffers else 0.0
-      else:
-        issue = start[j - buffers + 1] if j - buffers + 1 >= 0 else 0.0
-      ready[q] = queue(issue, secs[j])
-    start[j] = max(end[j - 1] if j else 0.0, max(ready, default=0.0))
-    end[j] = start[j] + compute[j]
+      if kind == "start":
+        arrivals[int(key[j])].append(queue(at, seconds))
+      elif arrivals[int(key[j])]:
+        at = max(at, arrivals[int(key[j])].popleft())
+    end[j] = at + compute[j]
     if write_back[j]:
       pending.append((end[j], write_back[j]))
   done = end[-1]
@@ -818,19 +897,6 @@ def _dimension_semantics(params: dict, ndim: int) -> tuple[str, ...]:
 
 def _in_smem(bm) -> bool:
   return str(getattr(bm.block_aval, "memory_space", None)).lower().endswith("smem")
-
-
-def _copies_by_hand(jaxpr) -> bool:
-  """Whether a kernel body (or a jaxpr inside it) starts a DMA."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dma_start":
-      return True
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, (jax_core.Jaxpr, jax_core.ClosedJaxpr)) and _copies_by_hand(sub):
-          return True
-  return False
 
 
 def _unpipelined(bm) -> bool:
