@@ -92,6 +92,11 @@ MUTANTS = (
            "grid=(cores, _steps(v.count), k_tiles)",
            "grid=(cores, per_core, k_tiles)",
            ("tests/test_perf.py", "-k", "no_more_steps_than_rows")),
+    # The model lets a kernel's body run before the copy it waits for (made by hand) arrives.
+    Mutant("by_hand_waits_ignored", "npu_ops/perf/model.py",
+           "        at = max(at, arrivals[int(key[j])].popleft())",
+           "        arrivals[int(key[j])].popleft()",
+           ("tests/test_perf.py", "-k", "copies_made_by_hand")),
     # int32 words read k-minor without the transpose back (the TPU's layout of the words).
     Mutant("words_k_minor_untransposed", "pallas_kernels/tpu.py",
            "w_ref[:, rows].T if words_k_minor",
