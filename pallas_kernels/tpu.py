@@ -345,6 +345,13 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
   return FusedPlan(block_m=bm, block_k=bk, k_tiles=common.cdiv(k, bk))
 
 
+# The fused kernel's VMEM buffers for resident weights, copied by hand in a ring: the copy
+# of run r + WEIGHT_BUFFERS - 1 starts at the first visit of run r. Two: more hide a little
+# more of skewed routing's copies but delay the row tiles' copies behind them (measured
+# under the model: docs/performance.md).
+WEIGHT_BUFFERS = 2
+
+
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
                      ends: jax.Array, *, start: jax.Array | None = None,
                      assist: jax.Array | None = None, tiles: TileSizes,
@@ -375,7 +382,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   tile of its group (both SwiGLU halves) into an int32 row accumulator `[block_m, n]`;
   A8W4 closes each k group in float32. The last k step dequantizes, applies SwiGLU
   to the halves `[:, :n/2]` and `[:, n/2:]`, quantizes whole rows and writes the
-  visit's rows.
+  visit's rows. An expert's weights that fit VMEM whole (one k tile) stay there over its
+  visits and are copied by the kernel, the next expert's while the current one's visits
+  run (`WEIGHT_BUFFERS`); k tiles come through the grid's pipeline.
   """
   if mx_out:
     raise NotImplementedError("the TPU kernel has no MX output (`supports`)")
@@ -414,9 +423,18 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
   x_scale = x_scale.astype(jnp.float32).reshape(m, 1)
   words_k_minor = words and k_minor(w.shape)
+  # Resident weights are copied by the kernel (`by_hand`), each expert's at the first visit
+  # of the expert before it: the grid's pipeline would copy them one step ahead only (jax
+  # 0.10.2 lowers no lookahead), which exposes the copies behind a hot expert's long run.
+  by_hand = plan.resident
+  runs = common.weight_runs(v, per_core) if by_hand else ()
 
-  def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, x_ref, w_ref, s_ref, xs_ref,
-             *refs):
+  def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
+    if by_hand:
+      first_ref, run_ref, expert_ref, *refs = refs
+    x_ref, w_ref, s_ref, xs_ref, *refs = refs
+    if by_hand:
+      *refs, w_buf, w_sem = refs
     if a8w4:
       a_ref, q_ref, qs_ref, acc, f, cs, wv_ref = refs
     else:
@@ -424,6 +442,28 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     c, t, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     i = c * per_core + t  # this core's visit t
     g = gid_ref[i]
+    if by_hand:  # w_ref: the weights in HBM; w_buf: a ring of VMEM buffers, one per run
+      copy = lambda expert, slot: pltpu.make_async_copy(w_ref.at[expert], w_buf.at[slot],
+                                                        w_sem.at[slot])
+      run_starts, run = first_ref[i] == 1, run_ref[i]
+      runs_at = lambda r: expert_ref[c * per_core + jnp.minimum(r, per_core - 1)]
+      has_run = lambda r: (r < per_core) & (runs_at(r) >= 0)
+
+      @pl.when(run_starts & (t == 0))  # the core's first runs: nothing could copy them sooner
+      def _():
+        for r in range(WEIGHT_BUFFERS - 1):
+          pl.when(has_run(r))(lambda r=r: copy(runs_at(r), r).start())
+
+      ahead = run + WEIGHT_BUFFERS - 1  # into the buffer of the run that just ended
+
+      @pl.when(run_starts & has_run(ahead))
+      def _():
+        copy(runs_at(ahead), ahead % WEIGHT_BUFFERS).start()
+
+      @pl.when(run_starts)
+      def _():
+        copy(runs_at(run), run % WEIGHT_BUFFERS).wait()
+      w_ref = w_buf.at[run % WEIGHT_BUFFERS]
     real = (t < nv_ref[c]) & common.RowVisits.is_real(g, num_groups)  # not head or tail
     rows = common.group_rows(ends_ref, g, mt_ref[i] * bm, bm)
 
@@ -530,6 +570,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     w = jnp.swapaxes(w, 1, 2)
     w_spec = pl.BlockSpec((None, w.shape[1], bk),
                           lambda *a: (weight_block(*a)[0], 0, weight_block(*a)[1]))
+  if by_hand:
+    w_spec = pl.BlockSpec(memory_space=pl.ANY)
   scale_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], k_group_block(kk), 0, 0)
   x_block = lambda c, t, kk, gid, mt, nv, wid, rt, *_: (rt[at(c, t)], kk)
   scale_shape = (None, gpt if tiles_per_group == 1 else groups, 1, n)
@@ -547,6 +589,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                 pltpu.VMEM((groups if plan.resident else gpt if tiles_per_group == 1 else 1,
                             1, n), jnp.int32),
                 pltpu.VMEM((bk, n), jnp.int8)]  # the weight block's int8 values
+  if by_hand:
+    scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *w.shape[1:]), w.dtype),
+                pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS,))]
   visits = cores * per_core  # the static bound of the grid
   weight_reads = num_groups if plan.resident else visits  # per visit when k is tiled
   w_bytes = w.size // e * jnp.iinfo(w.dtype).bits // 8  # one expert's
@@ -558,14 +603,15 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   q, qs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=len(v), grid=(cores, _steps(v.count), k_tiles), in_specs=in_specs,
+          num_scalar_prefetch=len(v) + len(runs), grid=(cores, _steps(v.count), k_tiles),
+          in_specs=in_specs,
           out_specs=[pl.BlockSpec((*lead_block, bm, nh), row),
                      pl.BlockSpec((*lead_block, bm, 1), row)],
           scratch_shapes=scratch),
       out_shape=[jax.ShapeDtypeStruct((*lead, m, nh), out_dtype),
                  jax.ShapeDtypeStruct((*lead, m, 1), jnp.float32)],
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
-      interpret=interpret, name="npu_gmm_swiglu_quant")(*v, *args)
+      interpret=interpret, name="npu_gmm_swiglu_quant")(*v, *runs, *args)
   if by_visits:  # each row from the core that holds its group (the other's copy: garbage)
     second = (jnp.arange(m) >= split.row)[:, None]
     q, qs = jnp.where(second, q[1], q[0]), jnp.where(second, qs[1], qs[0])

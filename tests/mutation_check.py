@@ -97,6 +97,16 @@ MUTANTS = (
            "        at = max(at, arrivals[int(key[j])].popleft())",
            "        arrivals[int(key[j])].popleft()",
            ("tests/test_perf.py", "-k", "copies_made_by_hand")),
+    # The fused kernel copies the next expert's weights into the buffer being read.
+    Mutant("fused_next_weights_into_the_read_buffer", "pallas_kernels/tpu.py",
+           "copy(runs_at(ahead), ahead % WEIGHT_BUFFERS).start()",
+           "copy(runs_at(ahead), run % WEIGHT_BUFFERS).start()",
+           ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
+    # The fused kernel reads a run's weights without waiting for their copy.
+    Mutant("fused_weights_not_waited", "pallas_kernels/tpu.py",
+           "      @pl.when(run_starts)\n",
+           "      @pl.when(run_starts & (t < 0))\n",
+           ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
     # int32 words read k-minor without the transpose back (the TPU's layout of the words).
     Mutant("words_k_minor_untransposed", "pallas_kernels/tpu.py",
            "w_ref[:, rows].T if words_k_minor",

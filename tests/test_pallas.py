@@ -495,3 +495,57 @@ def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
   assert c0 + c1 == int(one.count[0])
   if case == "spread":  # both cores busy, split where a group starts
     assert abs(c0 - c1) <= 2 and 0 < int(split.row) < m
+
+
+@pytest.mark.parametrize("chip,case", [("v5e", "prefill"), ("v5p", "prefill"),
+                                       ("v5p", "decode_a8w4_words")])
+def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case):
+  """The fused kernel copies each expert's resident weights by hand into two VMEM buffers
+  (`tpu.WEIGHT_BUFFERS`), the next expert's at the first visit of the one before
+  (`common.weight_runs`). In the interpreter that runs a copy only when it is waited for
+  and watches for races (a copy into a buffer that is being read), on one TensorCore
+  (v5e) and two (v5p: each core its own runs; decode splits the visits at a group
+  boundary): the codes against the NumPy reference. Runs of one visit and of several,
+  empty groups, rows past the total."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+  from pallas_kernels import common, tpu, tpu_tiles  # noqa: PLC0415
+  rng = np.random.default_rng(3)
+  a8w4 = case.startswith("decode")
+  if a8w4:  # fewer row tiles than experts: the visits are split between the cores
+    m, counts = 40, np.array([3, 0, 9, 1, 1, 6, 0, 2, 5, 1, 4, 2, 0, 3], np.int64)
+  else:
+    m, counts = 200, np.array([5, 60, 0, 70, 3, 50], np.int64)  # row tiles split
+  k, n, e = 128, 256, len(counts)
+  x = rng.integers(-128, 128, (m, k), dtype=np.int8)
+  w = rng.integers(*((-8, 8) if a8w4 else (-128, 128)), (e, k, n), dtype=np.int8)
+  w_scale = (rng.uniform(0.5, 1.5, (e, 1, n)) * (1e-3 if a8w4 else 1e-4)).astype(np.float32)
+  x_scale = rng.uniform(0.5, 1.5, (m,)).astype(np.float32)
+  assist = ref.canonical_assist(w, w_scale) if a8w4 else None
+  ends = jnp.cumsum(jnp.asarray(counts, jnp.int32))
+  interpret = pltpu.InterpretParams(dma_execution_mode="on_wait", detect_races=True,
+                                    num_cores_or_threads=tpu_tiles.cores(chip))
+  token = tpu_tiles.CHIP.set(chip)
+  try:
+    q, s = tpu.gmm_swiglu_quant(
+        jnp.asarray(x), jnp.asarray(ref.pack_int4(w) if a8w4 else w), jnp.asarray(w_scale),
+        jnp.asarray(x_scale), ends, assist=None if assist is None else jnp.asarray(assist),
+        tiles=npu_ops.TileSizes(32, 128, 128), interpret=interpret)
+  finally:
+    tpu_tiles.CHIP.reset(token)
+  assert tpu.fused_plan(m, k, n, 1, npu_ops.TileSizes(32, 128, 128)).resident
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale[:, 0], x_scale, ref.group_bounds(counts, 1),
+                                    scenario="A8W4" if a8w4 else "A8W8", assist=assist)
+  assert_int8_equal(q, want_q)
+  assert_scale_close(s, want_s)
+  # the runs, from the visits' experts: a run starts where a core's expert changes and
+  # names it; every visit knows its run
+  v = common.row_visits(ends, m, 32)
+  runs = common.weight_runs(v, v.group.shape[0])
+  count, wid = int(v.count[0]), np.asarray(v.weight)
+  starts = [t for t in range(count) if t == 0 or wid[t] != wid[t - 1]]
+  assert np.flatnonzero(np.asarray(runs.first)).tolist() == starts
+  assert np.asarray(runs.run)[:count].tolist() == [
+      sum(s <= t for s in starts) - 1 for t in range(count)]
+  expert = np.asarray(runs.expert)
+  assert expert[:len(starts)].tolist() == wid[starts].tolist()
+  assert (expert[len(starts):] == -1).all()
