@@ -311,13 +311,12 @@ class WeightRuns(NamedTuple):
   """The runs of consecutive visits of one core that read the same expert's weights
   (`weight_runs`), int32 `[cores * per_core]`, laid out as `RowVisits`:
 
-  * first: per visit, 1 where a run starts (a visit the core runs whose expert is not
-    its predecessor's), else 0;
-  * run: per visit, the index of its run among the core's runs;
+  * run: per visit, the index of its run among the core's runs (a run starts at the
+    core's first visit and where the expert changes; visits past the core's count
+    repeat its last and stay in its run);
   * expert: per run (core c's run r at `c * per_core + r`), the run's expert; -1 past
     the core's last run.
   """
-  first: jax.Array
   run: jax.Array
   expert: jax.Array
 
@@ -325,20 +324,18 @@ class WeightRuns(NamedTuple):
 def weight_runs(v: RowVisits, per_core: int) -> WeightRuns:
   """The weight runs of the visits `v` (each core's `per_core` visits in a row): what a
   kernel that copies each run's weights by hand into a ring of buffers needs, starting a
-  run's copy at the first visit of an earlier run (`tpu.gmm_swiglu_quant`). Visits past
-  a core's count are never a run's start (they repeat its last visit)."""
+  run's copy at the first visit of an earlier run (`tpu.gmm_swiglu_quant`)."""
   weight = v.weight.reshape(-1, per_core)
   t = jnp.arange(per_core, dtype=jnp.int32)[None, :]
   changed = weight != jnp.concatenate([weight[:, :1] - 1, weight[:, :-1]], axis=1)
   first = changed & (t < v.count[:, None])
-  run = jnp.cumsum(first, axis=1) - 1
-  # run r's expert: scattered from its first visit (the other visits go past the end)
+  run = jnp.maximum(jnp.cumsum(first, axis=1) - 1, 0)
+  # run r's expert, scattered from its first visit (the other visits' land past the end)
   cores = weight.shape[0]
   target = jnp.where(first, run + per_core * jnp.arange(cores)[:, None], cores * per_core)
   expert = jnp.full((cores * per_core,), -1, jnp.int32).at[target.reshape(-1)].set(
       weight.reshape(-1), mode="drop")
-  as_int = lambda a: a.astype(jnp.int32).reshape(-1)
-  return WeightRuns(as_int(first), as_int(jnp.maximum(run, 0)), expert)
+  return WeightRuns(run.astype(jnp.int32).reshape(-1), expert)
 
 
 _PRECISION_ORDER = (lax.Precision.DEFAULT, lax.Precision.HIGH, lax.Precision.HIGHEST)

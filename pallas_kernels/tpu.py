@@ -345,11 +345,41 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
   return FusedPlan(block_m=bm, block_k=bk, k_tiles=common.cdiv(k, bk))
 
 
-# The fused kernel's VMEM buffers for resident weights, copied by hand in a ring: the copy
-# of run r + WEIGHT_BUFFERS - 1 starts at the first visit of run r. Two: more hide a little
-# more of skewed routing's copies but delay the row tiles' copies behind them (measured
-# under the model: docs/performance.md).
+# VMEM buffers of the weights the kernels copy by hand (resident weights: one k tile), in
+# a ring: run G's copy starts at the first visit of run G - WEIGHT_BUFFERS + 1, as soon as
+# the run before G - 1 has freed its buffer. Two: more hide a little more of skewed
+# routing's copies but delay the row tiles' copies behind them (measured under the model:
+# docs/performance.md).
 WEIGHT_BUFFERS = 2
+
+
+def _weights_by_hand(w_buf, copy_of, run, starts, first, exists):
+  """The VMEM buffer (of `w_buf`, `[WEIGHT_BUFFERS, ...]`) that holds run `run`'s weights,
+  copied by hand: the kernel's grid visits runs of consecutive visits that read the same
+  weights (`common.weight_runs`); at the first visit of run G (`starts`) the copy of run
+  G + WEIGHT_BUFFERS - 1 starts, if it `exists(G)`, and run G's own is waited for; at a
+  core's `first` visit its first runs start too (nothing could copy them sooner).
+  `copy_of(G, slot)` is the async copy of run G's weights into buffer `slot`. The grid's
+  pipeline would start each run's copy one step before it only, and lowers no deeper
+  lookahead (jax 0.10.2): a long run of visits would leave the copy engine idle and the
+  short runs after it waiting."""
+  ring = WEIGHT_BUFFERS
+
+  @pl.when(first)
+  def _():
+    for r in range(ring - 1):
+      pl.when(exists(run + r))(lambda r=r: copy_of(run + r, (run + r) % ring).start())
+
+  ahead = run + ring - 1  # into the buffer of the run before this one
+
+  @pl.when(starts & exists(ahead))
+  def _():
+    copy_of(ahead, ahead % ring).start()
+
+  @pl.when(starts)
+  def _():
+    copy_of(run, run % ring).wait()
+  return w_buf.at[run % ring]
 
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
@@ -423,15 +453,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
   x_scale = x_scale.astype(jnp.float32).reshape(m, 1)
   words_k_minor = words and k_minor(w.shape)
-  # Resident weights are copied by the kernel (`by_hand`), each expert's at the first visit
-  # of the expert before it: the grid's pipeline would copy them one step ahead only (jax
-  # 0.10.2 lowers no lookahead), which exposes the copies behind a hot expert's long run.
-  by_hand = plan.resident
+  by_hand = plan.resident  # resident weights: copied by the kernel (`_weights_by_hand`)
   runs = common.weight_runs(v, per_core) if by_hand else ()
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
     if by_hand:
-      first_ref, run_ref, expert_ref, *refs = refs
+      run_ref, expert_ref, *refs = refs
     x_ref, w_ref, s_ref, xs_ref, *refs = refs
     if by_hand:
       *refs, w_buf, w_sem = refs
@@ -442,28 +469,14 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     c, t, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     i = c * per_core + t  # this core's visit t
     g = gid_ref[i]
-    if by_hand:  # w_ref: the weights in HBM; w_buf: a ring of VMEM buffers, one per run
-      copy = lambda expert, slot: pltpu.make_async_copy(w_ref.at[expert], w_buf.at[slot],
-                                                        w_sem.at[slot])
-      run_starts, run = first_ref[i] == 1, run_ref[i]
-      runs_at = lambda r: expert_ref[c * per_core + jnp.minimum(r, per_core - 1)]
-      has_run = lambda r: (r < per_core) & (runs_at(r) >= 0)
-
-      @pl.when(run_starts & (t == 0))  # the core's first runs: nothing could copy them sooner
-      def _():
-        for r in range(WEIGHT_BUFFERS - 1):
-          pl.when(has_run(r))(lambda r=r: copy(runs_at(r), r).start())
-
-      ahead = run + WEIGHT_BUFFERS - 1  # into the buffer of the run that just ended
-
-      @pl.when(run_starts & has_run(ahead))
-      def _():
-        copy(runs_at(ahead), ahead % WEIGHT_BUFFERS).start()
-
-      @pl.when(run_starts)
-      def _():
-        copy(runs_at(run), run % WEIGHT_BUFFERS).wait()
-      w_ref = w_buf.at[run % WEIGHT_BUFFERS]
+    if by_hand:  # the weights in HBM, copied run by run into w_buf
+      w_hbm, run = w_ref, run_ref[i]
+      starts = (t < nv_ref[c]) & ((t == 0) | (run != run_ref[jnp.maximum(i - 1, 0)]))
+      expert = lambda r: expert_ref[c * per_core + jnp.minimum(r, per_core - 1)]
+      w_ref = _weights_by_hand(
+          w_buf, lambda r, slot: pltpu.make_async_copy(w_hbm.at[expert(r)], w_buf.at[slot],
+                                                       w_sem.at[slot]),
+          run, starts, starts & (t == 0), lambda r: (r < per_core) & (expert(r) >= 0))
     real = (t < nv_ref[c]) & common.RowVisits.is_real(g, num_groups)  # not head or tail
     rows = common.group_rows(ends_ref, g, mt_ref[i] * bm, bm)
 
@@ -639,7 +652,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   first row, as `gmm_swiglu_quant`) and past the last end are 0.
 
   Grid (column tile, visit, k tile): column tiles outermost, so a group's visits are
-  consecutive within a column tile and, with k in one step, its weight tile stays put.
+  consecutive within a column tile and, with k in one step, its weight tile stays put;
+  such a resident tile is copied by the kernel, the next group's while the current
+  group's visits run (`_weights_by_hand`; where the column tiles are whole).
   """
   m, k = lhs.shape
   n = rhs.shape[1 if transpose_rhs else 2]
@@ -651,10 +666,36 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
   num_groups = ends.shape[0]
   v = common.row_visits(ends, m, bm, start)
+  visits = v.group.shape[0]
+  # Resident weights (one k tile, whole column tiles) are copied by the kernel, in runs
+  # that follow the grid: column tile j's runs, then j + 1's (`_weights_by_hand`). On one
+  # TensorCore a column tile's runs reach into the next one's; where two cores split the
+  # column tiles (v5p), each column tile starts its own.
+  by_hand = k_tiles == 1 and n % bn == 0
+  runs = common.weight_runs(v, visits) if by_hand else ()
+  one_core = tpu_tiles.cores(tpu_tiles.current_chip()) == 1
 
-  def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, x_ref, w_ref, o_ref, acc):
-    t, kk = pl.program_id(1), pl.program_id(2)
+  def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
+    if by_hand:
+      run_ref, expert_ref, x_ref, w_hbm, o_ref, acc, w_buf, w_sem = refs
+    else:
+      x_ref, w_ref, o_ref, acc = refs
+    j, t, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = gid_ref[t]
+    if by_hand:  # run R * j + r: column tile j's run r, of R a column tile
+      per_tile = run_ref[jnp.maximum(nv_ref[0] - 1, 0)] + 1
+      run = per_tile * j + run_ref[t]
+      starts = (t < nv_ref[0]) & ((t == 0) | (run_ref[t] != run_ref[jnp.maximum(t - 1, 0)]))
+      end = per_tile * (n_tiles if one_core else j + 1)  # the runs this core's copies reach
+
+      def copy_of(r, slot):
+        cols = pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)
+        expert = expert_ref[lax.rem(r, per_tile)]
+        src = w_hbm.at[expert, cols] if transpose_rhs else w_hbm.at[expert, :, cols]
+        return pltpu.make_async_copy(src, w_buf.at[slot], w_sem.at[slot])
+      w_ref = _weights_by_hand(w_buf, copy_of, run, starts,
+                               starts & (t == 0) & ((j == 0) | (not one_core)),
+                               lambda r: r < end)
     real = (t < nv_ref[0]) & common.RowVisits.is_real(g, num_groups)
 
     @pl.when(real & (kk == 0))
@@ -681,7 +722,6 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
       rows = common.group_rows(ends_ref, g, r0, bm)
       o_ref[...] = jnp.where(rows, jnp.zeros((), o_ref.dtype), o_ref[...])
 
-  visits = v.group.shape[0]
   resident = k_tiles == 1
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=0,
@@ -695,17 +735,22 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
                                                 else (expert(pre)[t], kk, j)))
   in_specs = [pl.BlockSpec((bm, bk), lambda j, t, kk, gid, mt, nv, wid, rt, *_: (rt[t], kk)),
               weight_spec(lambda pre: pre[3])]
+  scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
+  if by_hand:
+    in_specs[1] = pl.BlockSpec(memory_space=pl.ANY)
+    scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *((bn, k) if transpose_rhs else (k, bn))),
+                           rhs.dtype), pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS,))]
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=len(v), grid=(n_tiles, _steps(v.count), k_tiles),
+          num_scalar_prefetch=len(v) + len(runs), grid=(n_tiles, _steps(v.count), k_tiles),
           in_specs=in_specs,
           out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, *_: (mt[t], j)),
-          scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)]),
+          scratch_shapes=scratch),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       # column tiles are independent: a dual-TensorCore device (v5p) splits them
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
-      interpret=interpret, name="npu_gmm")(*v, lhs, rhs)
+      interpret=interpret, name="npu_gmm")(*v, *runs, lhs, rhs)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,

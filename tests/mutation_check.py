@@ -97,16 +97,21 @@ MUTANTS = (
            "        at = max(at, arrivals[int(key[j])].popleft())",
            "        arrivals[int(key[j])].popleft()",
            ("tests/test_perf.py", "-k", "copies_made_by_hand")),
-    # The fused kernel copies the next expert's weights into the buffer being read.
-    Mutant("fused_next_weights_into_the_read_buffer", "pallas_kernels/tpu.py",
-           "copy(runs_at(ahead), ahead % WEIGHT_BUFFERS).start()",
-           "copy(runs_at(ahead), run % WEIGHT_BUFFERS).start()",
+    # The kernels copy the next run's weights into the buffer being read.
+    Mutant("next_weights_into_the_read_buffer", "pallas_kernels/tpu.py",
+           "    copy_of(ahead, ahead % ring).start()",
+           "    copy_of(ahead, run % ring).start()",
            ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
-    # The fused kernel reads a run's weights without waiting for their copy.
-    Mutant("fused_weights_not_waited", "pallas_kernels/tpu.py",
-           "      @pl.when(run_starts)\n",
-           "      @pl.when(run_starts & (t < 0))\n",
+    # The kernels read a run's weights without waiting for their copy.
+    Mutant("weights_not_waited", "pallas_kernels/tpu.py",
+           "    copy_of(run, run % ring).wait()",
+           "    pass",
            ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
+    # gmm's copy for the next column tile's first run takes the current column tile.
+    Mutant("gmm_next_column_tile_copied_from_this_one", "pallas_kernels/tpu.py",
+           "cols = pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)",
+           "cols = pl.ds(pl.multiple_of(j * bn, 128), bn)",
+           ("tests/test_pallas.py", "-k", "gmm_waits_for_the_weights")),
     # int32 words read k-minor without the transpose back (the TPU's layout of the words).
     Mutant("words_k_minor_untransposed", "pallas_kernels/tpu.py",
            "w_ref[:, rows].T if words_k_minor",

@@ -543,9 +543,38 @@ def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case):
   runs = common.weight_runs(v, v.group.shape[0])
   count, wid = int(v.count[0]), np.asarray(v.weight)
   starts = [t for t in range(count) if t == 0 or wid[t] != wid[t - 1]]
-  assert np.flatnonzero(np.asarray(runs.first)).tolist() == starts
   assert np.asarray(runs.run)[:count].tolist() == [
       sum(s <= t for s in starts) - 1 for t in range(count)]
+  assert (np.asarray(runs.run)[count:] == len(starts) - 1).all()  # past the count: no run
   expert = np.asarray(runs.expert)
   assert expert[:len(starts)].tolist() == wid[starts].tolist()
   assert (expert[len(starts):] == -1).all()
+
+
+@pytest.mark.parametrize("chip,transposed", [("v5e", False), ("v5p", True)])
+def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed):
+  """gmm copies each run's resident `[k, block_n]` weight tile by hand too, the runs
+  following the grid (column tile outermost): on one TensorCore a column tile's last run
+  starts the next column tile's first copy; on a v5p the two cores split the column
+  tiles and each starts its own. In the interpreter that copies on wait, detects races
+  and runs two cores for the v5p: two column tiles, weights `[e, k, n]` or `[e, n, k]`
+  (`transpose_rhs`, the VJP's), against the NumPy reference."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+  from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
+  rng = np.random.default_rng(4)
+  m, k, n, counts = 200, 256, 512, np.array([5, 60, 0, 70, 3, 50], np.int64)
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  w = rng.normal(size=(len(counts), k, n)).astype(np.float32)
+  interpret = pltpu.InterpretParams(dma_execution_mode="on_wait", detect_races=True,
+                                    num_cores_or_threads=tpu_tiles.cores(chip))
+  token = tpu_tiles.CHIP.set(chip)
+  try:
+    got = tpu.gmm(jnp.asarray(x), jnp.asarray(np.swapaxes(w, 1, 2) if transposed else w),
+                  jnp.cumsum(jnp.asarray(counts, jnp.int32)), out_dtype=jnp.float32,
+                  tiles=npu_ops.TileSizes(32, 256, 256), transpose_rhs=transposed,
+                  precision=jax.lax.Precision.HIGHEST, interpret=interpret)
+  finally:
+    tpu_tiles.CHIP.reset(token)
+  want = ref.grouped_matmul(x.astype(np.float64), w.astype(np.float64),
+                            ref.group_bounds(counts, 1), np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
