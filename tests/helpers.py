@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+
 import ml_dtypes
 import numpy as np
 
@@ -14,6 +17,18 @@ def assert_int8_equal(got, want):
   want = np.asarray(want)
   assert got.shape == want.shape, (got.shape, want.shape)
   np.testing.assert_array_equal(got.astype(np.int64), want.astype(np.int64))
+
+
+@contextlib.contextmanager
+def ends_within(seconds: float):
+  """Ends the test process, with every thread's traceback, if the block runs longer: the
+  TPU interpreter that runs copies on wait (`pltpu.InterpretParams`) waits forever on a
+  copy that was never started, and a crashed worker is a failed test, not a stalled run."""
+  faulthandler.dump_traceback_later(seconds, exit=True)
+  try:
+    yield
+  finally:
+    faulthandler.cancel_dump_traceback_later()
 
 
 def ulp_distance(got, want) -> np.ndarray:
