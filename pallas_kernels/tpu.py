@@ -347,9 +347,9 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
 
 # VMEM buffers of the weights the kernels copy by hand (resident weights: one k tile), in
 # a ring: run G's copy starts at the first visit of run G - WEIGHT_BUFFERS + 1, as soon as
-# the run before G - 1 has freed its buffer. Two: more hide a little more of skewed
-# routing's copies but delay the row tiles' copies behind them (measured under the model:
-# docs/performance.md).
+# run G - WEIGHT_BUFFERS, whose buffer it takes, is done. Two: more hide a little more of
+# skewed routing's copies but delay the row tiles' copies behind them (measured under the
+# model: docs/performance.md).
 WEIGHT_BUFFERS = 2
 
 
@@ -357,8 +357,8 @@ def _weights_by_hand(w_buf, copy_of, run, starts, first, exists):
   """The VMEM buffer (of `w_buf`, `[WEIGHT_BUFFERS, ...]`) that holds run `run`'s weights,
   copied by hand: the kernel's grid visits runs of consecutive visits that read the same
   weights (`common.weight_runs`); at the first visit of run G (`starts`) the copy of run
-  G + WEIGHT_BUFFERS - 1 starts, if it `exists(G)`, and run G's own is waited for; at a
-  core's `first` visit its first runs start too (nothing could copy them sooner).
+  G + WEIGHT_BUFFERS - 1 starts, where that run `exists`, and run G's own is waited for;
+  at a core's `first` visit its first runs start too (nothing could copy them sooner).
   `copy_of(G, slot)` is the async copy of run G's weights into buffer `slot`. The grid's
   pipeline would start each run's copy one step before it only, and lowers no deeper
   lookahead (jax 0.10.2): a long run of visits would leave the copy engine idle and the
