@@ -451,7 +451,14 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     v = common.row_visits(ends, m, bm, start, cores=cores, mxu_rows=ROW_BLOCK)
     per_core = common.per_core(m, bm, num_groups, cores)
   scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
-  x_scale = x_scale.astype(jnp.float32).reshape(m, 1)
+  # Per-row scales travel lane-dense, `lanes` rows to a row of `[m / lanes, 1, lanes]`
+  # (x_scale in, the output's scales out): as `[m, 1]` columns each row would take a
+  # 128-lane tile, 128x the bytes in HBM and in every copy. The kernel turns a tile's rows
+  # into a column in VMEM and back (`_to_column`, `_to_rows`).
+  lanes = ROW_BLOCK if bm % ROW_BLOCK == 0 else bm
+  m_rows = common.cdiv(m, lanes)
+  x_scale = jnp.pad(x_scale.astype(jnp.float32), (0, m_rows * lanes - m)).reshape(
+      m_rows, 1, lanes)
   words_k_minor = words and k_minor(w.shape)
   by_hand = plan.resident  # resident weights: copied by the kernel (`_weights_by_hand`)
   runs = common.weight_runs(v, per_core) if by_hand else ()
@@ -460,6 +467,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     if by_hand:
       run_ref, expert_ref, *refs = refs
     x_ref, w_ref, s_ref, xs_ref, *refs = refs
+    *refs, xs_col, qs_col = refs  # the tile's per-row scales as columns
     if by_hand:
       *refs, w_buf, w_sem = refs
     if a8w4:
@@ -549,7 +557,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         cs[...] = jnp.zeros_like(cs)
 
     def finish(r):  # dequant, SwiGLU, quantize and write the group's rows in rows r
-      xs = xs_ref[r]
+      xs = xs_col[r]
       if a8w4:
         act = epilogue.finish_a8w4(f[r, :nh], a_ref[:, :nh], xs)
         gate = epilogue.finish_a8w4(f[r, nh:], a_ref[:, nh:], xs)
@@ -560,21 +568,30 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                                          dtype=out_dtype)
       rows_r = common.group_rows(ends_ref, g, r0 + r.start, r.size)
       q_ref[r] = jnp.where(rows_r, q, q_ref[r])
-      qs_ref[r] = jnp.where(rows_r, scale, qs_ref[r])
+      qs_col[r] = jnp.where(rows_r, scale, qs_col[r])
 
     last_step = (t < nv_ref[c]) & (kk == k_tiles - 1)
-    pl.when(last_step & real)(lambda: for_rows(finish))
+
+    @pl.when(last_step & real)
+    def _():
+      _to_column(xs_ref, xs_col)
+      for_rows(finish)
 
     @pl.when(last_step & ~real)  # head and tail rows are 0
     def _():
       q_ref[...] = jnp.where(rows, jnp.zeros((), q_ref.dtype), q_ref[...])
-      qs_ref[...] = jnp.where(rows, 0.0, qs_ref[...])
+      qs_col[...] = jnp.where(rows, 0.0, qs_col[...])
+
+    # The output block stays over the row tile's visits, each finishing its rows in qs_col;
+    # the last one's rows are those written back.
+    pl.when(last_step)(lambda: _to_rows(qs_col, qs_ref))
 
   # Index maps (head and tail visits read the blocks of the nearest real visit: no copy).
   # The scalar-prefetch operands are `v`'s fields, in order.
   at = lambda c, t: c * per_core + t
   row = ((lambda c, t, kk, gid, mt, *_: (c, mt[at(c, t)], 0)) if by_visits else
          (lambda c, t, kk, gid, mt, *_: (mt[at(c, t)], 0)))
+  row3 = lambda *a: (*row(*a), 0)  # the scales' `[m / lanes, 1, lanes]` blocks
   lead, lead_block = ((cores,), (None,)) if by_visits else ((), ())  # by visits: per core
   k_group_block = lambda kk: kk if (tiles_per_group == 1 and gpt < groups) else 0
   weight_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], kk, 0)
@@ -590,7 +607,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   scale_shape = (None, gpt if tiles_per_group == 1 else groups, 1, n)
   in_specs = [pl.BlockSpec((bm, bk), x_block), w_spec,
               pl.BlockSpec(scale_shape, scale_block),
-              pl.BlockSpec((bm, 1), lambda *a: (x_block(*a)[0], 0))]
+              pl.BlockSpec((bm // lanes, 1, lanes), lambda *a: (x_block(*a)[0], 0, 0))]
   args = [x, w, scales, x_scale]
   scratch = [pltpu.VMEM((bm, n), jnp.int32)]
   if a8w4:
@@ -605,6 +622,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   if by_hand:
     scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *w.shape[1:]), w.dtype),
                 pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS,))]
+  scratch += [pltpu.VMEM((bm, 1), jnp.float32)] * 2  # x_scale, the output's scales
   visits = cores * per_core  # the static bound of the grid
   weight_reads = num_groups if plan.resident else visits  # per visit when k is tiled
   w_bytes = w.size // e * jnp.iinfo(w.dtype).bits // 8  # one expert's
@@ -619,16 +637,43 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
           num_scalar_prefetch=len(v) + len(runs), grid=(cores, _steps(v.count), k_tiles),
           in_specs=in_specs,
           out_specs=[pl.BlockSpec((*lead_block, bm, nh), row),
-                     pl.BlockSpec((*lead_block, bm, 1), row)],
+                     pl.BlockSpec((*lead_block, bm // lanes, 1, lanes), row3)],
           scratch_shapes=scratch),
       out_shape=[jax.ShapeDtypeStruct((*lead, m, nh), out_dtype),
-                 jax.ShapeDtypeStruct((*lead, m, 1), jnp.float32)],
+                 jax.ShapeDtypeStruct((*lead, m_rows, 1, lanes), jnp.float32)],
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
       interpret=interpret, name="npu_gmm_swiglu_quant")(*v, *runs, *args)
+  qs = qs.reshape(*lead, m_rows * lanes)[..., :m]
   if by_visits:  # each row from the core that holds its group (the other's copy: garbage)
-    second = (jnp.arange(m) >= split.row)[:, None]
-    q, qs = jnp.where(second, q[1], q[0]), jnp.where(second, qs[1], qs[0])
-  return q, qs.reshape(m)
+    second = jnp.arange(m) >= split.row
+    q, qs = jnp.where(second[:, None], q[1], q[0]), jnp.where(second, qs[1], qs[0])
+  return q, qs
+
+
+def _to_column(rows_ref, col_ref) -> None:
+  """col_ref `[bm, 1]` = rows_ref `[bm / L, 1, L]` read row by row. Each `[1, L]` row
+  becomes a column through a max over an `[L, L]` broadcast with all but the diagonal at
+  -inf: exact for every value (-0.0 and NaN included), for any L, with no transpose."""
+  lanes = rows_ref.shape[-1]
+  eye = _diagonal(lanes)
+  for j in range(rows_ref.shape[0]):
+    row = jnp.broadcast_to(rows_ref[j], (lanes, lanes))
+    col_ref[pl.ds(j * lanes, lanes), :] = jnp.max(jnp.where(eye, row, -jnp.inf), axis=1,
+                                                  keepdims=True)
+
+
+def _to_rows(col_ref, rows_ref) -> None:
+  """rows_ref `[bm / L, 1, L]` = col_ref `[bm, 1]` (`_to_column`'s inverse)."""
+  lanes = rows_ref.shape[-1]
+  eye = _diagonal(lanes)
+  for j in range(rows_ref.shape[0]):
+    col = jnp.broadcast_to(col_ref[pl.ds(j * lanes, lanes), :], (lanes, lanes))
+    rows_ref[j] = jnp.max(jnp.where(eye, col, -jnp.inf), axis=0, keepdims=True)
+
+
+def _diagonal(size: int) -> jax.Array:
+  return lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(
+      jnp.int32, (size, size), 1)
 
 
 def _steps(count: jax.Array) -> jax.Array:
