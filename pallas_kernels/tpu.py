@@ -653,22 +653,28 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 def _to_column(rows_ref, col_ref) -> None:
   """col_ref `[bm, 1]` = rows_ref `[bm / L, 1, L]` read row by row. Each `[1, L]` row
   becomes a column through a max over an `[L, L]` broadcast with all but the diagonal at
-  -inf: exact for every value (-0.0 and NaN included), for any L, with no transpose."""
+  -inf: exact for every value (-0.0 and NaN included), for any L, with no transpose. (A
+  loop: one copy of the code, whatever the tile.)"""
   lanes = rows_ref.shape[-1]
-  eye = _diagonal(lanes)
-  for j in range(rows_ref.shape[0]):
+
+  def body(j, carry):
     row = jnp.broadcast_to(rows_ref[j], (lanes, lanes))
-    col_ref[pl.ds(j * lanes, lanes), :] = jnp.max(jnp.where(eye, row, -jnp.inf), axis=1,
-                                                  keepdims=True)
+    col_ref[pl.ds(pl.multiple_of(j * lanes, lanes), lanes), :] = jnp.max(
+        jnp.where(_diagonal(lanes), row, -jnp.inf), axis=1, keepdims=True)
+    return carry
+  lax.fori_loop(0, rows_ref.shape[0], body, 0)
 
 
 def _to_rows(col_ref, rows_ref) -> None:
   """rows_ref `[bm / L, 1, L]` = col_ref `[bm, 1]` (`_to_column`'s inverse)."""
   lanes = rows_ref.shape[-1]
-  eye = _diagonal(lanes)
-  for j in range(rows_ref.shape[0]):
-    col = jnp.broadcast_to(col_ref[pl.ds(j * lanes, lanes), :], (lanes, lanes))
-    rows_ref[j] = jnp.max(jnp.where(eye, col, -jnp.inf), axis=0, keepdims=True)
+
+  def body(j, carry):
+    col = jnp.broadcast_to(col_ref[pl.ds(pl.multiple_of(j * lanes, lanes), lanes), :],
+                           (lanes, lanes))
+    rows_ref[j] = jnp.max(jnp.where(_diagonal(lanes), col, -jnp.inf), axis=0, keepdims=True)
+    return carry
+  lax.fori_loop(0, rows_ref.shape[0], body, 0)
 
 
 def _diagonal(size: int) -> jax.Array:
