@@ -239,16 +239,36 @@ def test_no_rows(static):
   np.testing.assert_array_equal(got, np.zeros((3, 16, 8), np.float32))
 
 
+@pytest.mark.parametrize("row_macs", [None, 1 << 20, (1 << 20) - 1, 64])
 @pytest.mark.parametrize("block,min_block", [(b, mb) for b in (1, 2, 8, 16, 512, 2048)
                                              for mb in (1, 8, 32, 128) if mb <= b])
-def test_remainder_blocks_cover_every_remainder_tightly(block, min_block):
+def test_remainder_blocks_cover_every_remainder_tightly(block, min_block, row_macs):
   """One masked block covers a group's last rows: the smallest ladder size that fits
-  computes under a quarter (+ 8 rows, + min_block) more rows than it needs."""
-  sizes = npu_ops._src.row_blocks.remainder_blocks(block, min_block)
+  computes under a quarter (+ 8 rows, + min_block) more rows than it needs where a row
+  costs 2^20 multiply-adds or more (or the cost is not given), else under the rows it
+  needs (+ min_block), with one size per octave."""
+  sizes = npu_ops._src.row_blocks.remainder_blocks(block, min_block, row_macs)
   assert list(sizes) == sorted(set(sizes)) and sizes[0] == min_block and sizes[-1] == block
+  dense = row_macs is None or row_macs >= 1 << 20
+  if not dense:
+    assert all(s & (s - 1) == 0 for s in sizes), sizes  # powers of two: one per octave
   for rest in range(1, block + 1):
     fit = min(s for s in sizes if s >= rest)
-    assert fit - rest < max(min_block, rest // 4 + 8), (rest, fit)
+    assert fit - rest < max(min_block, rest // 4 + 8 if dense else rest), (rest, fit)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_large_weights_take_the_dense_ladder_exactly(dynamic):
+  """k x n = 2^20: the remainder ladder of four sizes per octave (the tests' other shapes
+  take one per octave); int8 products, exact, remainders of many sizes, an empty group."""
+  sizes = [1, 37, 0, 130, 90]
+  rng = np.random.default_rng(11)
+  x = rng.integers(-128, 128, (sum(sizes), 1024), dtype=np.int8)
+  w = rng.integers(-128, 128, (len(sizes), 1024, 1024), dtype=np.int8)
+  gs = jnp.asarray(sizes) if dynamic else sizes
+  got = npu_ops.grouped_matmul(x, w, gs, block_sizes=npu_ops.GmmBlockSizes(128, 2))
+  want = ref.grouped_matmul(x, w, ref.group_bounds(sizes, 1), out_dtype=np.int64)
+  np.testing.assert_array_equal(np.asarray(got), want)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

@@ -246,7 +246,7 @@ def _xla(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_si
   q, q_scale = row_blocks.traverse_staged(
       ends, m, init, row=jax.ShapeDtypeStruct((n,), jnp.float32 if scenario == A8W4 else jnp.int32),
       group_ctx=group_ctx, dot_fn=dot_fn, finish_fn=finish_fn, block_sizes=block_sizes,
-      start=0 if start is None else start)
+      start=0 if start is None else start, row_macs=k * n)
   if per_token:
     q_scale = epilogue.scale_for_amax(q_scale, spec.qmax)
   return squeeze_per_token(q, q_scale, spec)

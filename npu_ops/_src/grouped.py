@@ -322,7 +322,7 @@ def xla_matmul(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None, start=
   return row_blocks.traverse(ends, m, jnp.zeros((m, n), acc_dtype),
                              group_ctx=functools.partial(row_blocks.group_operand, rhs),
                              block_fn=block_fn, block_sizes=block_sizes,
-                             start=0 if start is None else start)
+                             start=0 if start is None else start, row_macs=lhs.shape[1] * n)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | None = None,
@@ -494,7 +494,7 @@ def xla_tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, precision=No
   # 128-row blocks for groups of a few rows cost tgmm 17-30% on skewed lists (m <= 4096).
   block_sizes = block_sizes or GmmBlockSizes(block_m=2048, min_block_m=32)
   accumulate = functools.partial(row_blocks.traverse_segments, m=m, group_ctx=lambda g: g,
-                                 block_fn=block_fn, block_sizes=block_sizes)
+                                 block_fn=block_fn, block_sizes=block_sizes, row_macs=k * n)
 
   def windowed(window):
     out = lax.dot_general(

@@ -11,11 +11,12 @@ values) and static ends (Python ints, constant bounds) alike: a loop over groups
 Each group is cut into `size // block_m` full blocks (a loop with a dynamic trip
 count) and one masked block for the remaining `< block_m` rows (run first): the
 smallest of a ladder of static sizes (`remainder_blocks`: powers of two from
-`min_block_m` to 8, then four per octave up to `block_m`) that holds them, chosen by
+`min_block_m` to 8, then four per octave up to `block_m` for weights of `DENSE_LADDER_ROW_MACS`
+multiply-adds per row and more, one per octave for smaller ones) that holds them, chosen by
 a `lax.cond` per size (one `lax.switch` over the sizes ran slower). Only
 that block reaches outside its group (its mask drops those rows), so the work is the
-useful work plus under a quarter of the remainder (and under `min_block_m` rows) per
-group, in at most `size // block_m + 1` dot calls, and a group's context (its
+useful work plus under a quarter of the remainder (under all of it for small weights; and
+under `min_block_m` rows) per group, in at most `size // block_m + 1` dot calls, and a group's context (its
 weight) is sliced once. Rows outside every group are computed only where a
 remainder block spills over them, and masked. `traverse_segments` runs the same loop
 over any row segments (tgmm uses it for the rows past each group's window, see
@@ -135,9 +136,12 @@ def jit_by_ends(*static_argnames: str):
 
 def traverse(ends: groups_lib.GroupEnds, m: int, carry: Any, *,
              group_ctx: Callable[[Any], Any], block_fn: BlockFn,
-             block_sizes: GmmBlockSizes | None = None, start: Any = 0) -> Any:
+             block_sizes: GmmBlockSizes | None = None, start: Any = 0,
+             row_macs: int | None = None) -> Any:
   """Runs `block_fn` over the rows `[0, m)` of every group (see the module doc); `ends`
-  are counted from row `start` (group_offset's local groups: no row moves)."""
+  are counted from row `start` (group_offset's local groups: no row moves); `row_macs`
+  (a row's multiply-adds, k x n; None: large) sets the remainder ladder
+  (`remainder_blocks`)."""
   # Static ends take the same loop, with constant bounds: XLA:CPU runs one exact dot per
   # group (unrolled, concatenated or batched) slower than this loop once groups hold
   # ~64 rows (docs/performance.md, "How the CPU path stays fast").
@@ -145,12 +149,13 @@ def traverse(ends: groups_lib.GroupEnds, m: int, carry: Any, *,
   return traverse_segments(groups_lib.group_starts(ends) + start, groups_lib.group_sizes(ends),
                            m, carry,
                            group_ctx=group_ctx, block_fn=block_fn,
-                           block_sizes=block_sizes or GmmBlockSizes.for_problem(m, ends.shape[0]))
+                           block_sizes=block_sizes or GmmBlockSizes.for_problem(m, ends.shape[0]),
+                           row_macs=row_macs)
 
 
 def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *,
                       group_ctx: Callable[[Any], Any], block_fn: BlockFn,
-                      block_sizes: GmmBlockSizes) -> Any:
+                      block_sizes: GmmBlockSizes, row_macs: int | None = None) -> Any:
   """The block loop over rows `[starts[g], starts[g] + sizes[g])` of each group `g`.
 
   Segments lie inside `[0, m)`; they need not be contiguous or cover all rows.
@@ -158,7 +163,7 @@ def traverse_segments(starts: jax.Array, sizes: jax.Array, m: int, carry: Any, *
   if m == 0:  # no rows, no blocks
     return carry
   block, min_block = block_rows(m, block_sizes)
-  ladder = remainder_blocks(block, min_block)
+  ladder = remainder_blocks(block, min_block, row_macs)
 
   def group_body(g, carry):
     # Empty groups are skipped whole: not even their context (a weight copy) is made.
@@ -197,20 +202,21 @@ StagedFinish = Callable[[Any, Any, Any, jax.Array, jax.Array], Any]
 def traverse_staged(ends: groups_lib.GroupEnds, m: int, carry: Any, *, row: jax.ShapeDtypeStruct,
                     group_ctx: Callable[[Any], Any],
                     dot_fn: Callable[[Any, Any, int], jax.Array], finish_fn: StagedFinish,
-                    block_sizes: GmmBlockSizes | None = None, start: Any = 0) -> Any:
+                    block_sizes: GmmBlockSizes | None = None, start: Any = 0,
+                    row_macs: int | None = None) -> Any:
   """`traverse` for ops whose blocks end in a per-row epilogue, with that epilogue
   compiled twice instead of once per block size.
 
   `dot_fn(ctx, r0, bl) -> [bl, ...]` computes rows `[r0, r0 + bl)` of a group's product
-  (the blocks of `traverse`: one call per block size of the remainder ladder, 22 sizes
-  for 512-row blocks), and `finish_fn(carry, ctx, r0, rows, valid) -> carry` folds
+  (the blocks of `traverse`: one call per block size of the remainder ladder, up to 22
+  sizes for 512-row blocks), and `finish_fn(carry, ctx, r0, rows, valid) -> carry` folds
   rows `[r0, r0 + len(rows))` of it into carry; `valid` (bool) marks the rows of the
   group, None when all are. A full block is finished whole; a group's remainder lands
   in a staging buffer of one block (rows of shape and dtype `row`) and is finished in
   chunks of `EPILOGUE_ROWS` rows. `finish_fn` thus appears twice in the program, where
   `traverse`'s `block_fn` appears once per block size: the fused op's epilogue (a few
   hundred ops) compiled 22 times made its compile 3-4x slower (docs/performance.md, "Compile time").
-  `ends` are counted from row `start`, as in `traverse`.
+  `ends` are counted from row `start` and `row_macs` sets the ladder, as in `traverse`.
   """
   ends = jnp.asarray(ends, jnp.int32)
   if m == 0:
@@ -218,7 +224,7 @@ def traverse_staged(ends: groups_lib.GroupEnds, m: int, carry: Any, *, row: jax.
   starts, sizes = groups_lib.group_starts(ends) + start, groups_lib.group_sizes(ends)
   block, min_block = block_rows(m, block_sizes or GmmBlockSizes.for_problem(m, ends.shape[0]))
   chunk = min(EPILOGUE_ROWS, block)  # both powers of two: chunk divides block
-  ladder = remainder_blocks(block, min_block)
+  ladder = remainder_blocks(block, min_block, row_macs)
   staging = jnp.zeros((block,) + tuple(row.shape), row.dtype)
 
   def finish_chunks(carry, staging, ctx, w0, chunks, start, end):
@@ -288,7 +294,13 @@ def block_calls(rows: Any, block: int) -> Any:
   return -(-rows // block)  # ceil, in the integer dtype (strict promotion safe)
 
 
-def remainder_blocks(block: int, min_block: int) -> tuple[int, ...]:
+# A row's multiply-adds (k x n) from which the remainder ladder takes four sizes per octave;
+# below, one (docs/performance.md, "Compile time": same run time, a third of the compile).
+DENSE_LADDER_ROW_MACS = 1 << 20
+
+
+def remainder_blocks(block: int, min_block: int, row_macs: int | None = None
+                     ) -> tuple[int, ...]:
   """Sizes of the masked block that covers a group's last `< block` rows, ascending.
 
   Every int8 dot call on CPU costs some rows of work on top of its rows
@@ -299,12 +311,17 @@ def remainder_blocks(block: int, min_block: int) -> tuple[int, ...]:
   sizes per octave up to `block` (multiples of 8) keep the rows it computes
   outside its group under a quarter of the remainder (+ 8, and under
   `min_block`). Below 8 rows one size per octave does: a ladder of 2..7 as well ran
-  no faster, and each size is one more branch to compile.
+  no faster, and each size is one more branch to compile. Where a row's product is
+  small (`row_macs`, k x n, under `DENSE_LADDER_ROW_MACS`; None counts as large) the
+  rows a coarser ladder wastes cost less than the branches cost to compile: one size
+  per octave there (under all of the remainder wasted, and under `min_block`).
   """
+  per_octave = 1 if row_macs is not None and row_macs < DENSE_LADDER_ROW_MACS else 4
   round8 = lambda v: v if v < 8 else -(-v // 8) * 8
-  return tuple(sorted({round8(b + b * i // 4) for b in (1 << j for j in range(block.bit_length()))
-                       if b >= min_block for i in range(4 if b >= 8 else 1)
-                       if b + b * i // 4 <= block}))
+  return tuple(sorted({round8(b + b * i // per_octave)
+                       for b in (1 << j for j in range(block.bit_length()))
+                       if b >= min_block for i in range(per_octave if b >= 8 else 1)
+                       if b + b * i // per_octave <= block}))
 
 
 def loop_storage(a: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
