@@ -496,13 +496,23 @@ def xla_tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, precision=No
   accumulate = functools.partial(row_blocks.traverse_segments, m=m, group_ctx=lambda g: g,
                                  block_fn=block_fn, block_sizes=block_sizes, row_macs=k * n)
 
-  def windowed(window):
+  def window_dot(window):
     out = lax.dot_general(
         lhs_view(row_blocks.group_windows(lhs, starts, sizes, window)),
         rhs_view(row_blocks.group_windows(rhs, starts, sizes, window)),
         (((1,), (1,)), ((0,), (0,))), precision=precision, preferred_element_type=acc_dtype)
     if num_groups > groups:  # groups past len(ends) have no rows
       out = jnp.concatenate([out, zeros(num_groups - groups)])
+    return out
+
+  def windowed(i):
+    # One traversal of the rows past the window, whichever window: its blocks compiled once.
+    if isinstance(i, int) or len(windows) == 1:
+      window = windows[i if isinstance(i, int) else 0]
+      out = window_dot(window)
+    else:
+      out = lax.switch(i, [functools.partial(window_dot, w) for w in windows])
+      window = jnp.asarray(windows, jnp.int32)[i]
     return accumulate(starts + window, jnp.maximum(sizes - window, 0), carry=out)
 
   def rowwise():
@@ -517,11 +527,15 @@ def xla_tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, precision=No
   out_bytes = num_groups * k * n * np.dtype(acc_dtype).itemsize
   windows = tuple(w for w in (base, 2 * base)
                   if w <= m and 4 * groups * w * (k + n) * lhs.dtype.itemsize <= out_bytes)
-  paths = [functools.partial(windowed, w) for w in windows] + [rowwise]
   block = row_blocks.block_rows(m, block_sizes)[0]
   if static:
-    return paths[int(tgmm_plan(sizes_np, windows, block))]()
-  return lax.switch(tgmm_plan(sizes, windows, block), paths)
+    plan = int(tgmm_plan(sizes_np, windows, block))
+    return windowed(plan) if plan < len(windows) else rowwise()
+  if not windows:
+    return rowwise()
+  plan = tgmm_plan(sizes, windows, block)
+  return lax.cond(plan < len(windows), lambda: windowed(jnp.minimum(plan, len(windows) - 1)),
+                  rowwise)
 
 
 # --- differentiation -----------------------------------------------------------------------
