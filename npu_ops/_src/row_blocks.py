@@ -88,7 +88,8 @@ class GmmBlockSizes:
     block_m: rows of a full block (a power of two).
     min_block_m: the smallest block (a power of two <= block_m); a group
       computes fewer than `max(min_block_m, rest / 4 + 8)` rows it does not own
-      (`rest`: its rows past the full blocks; see `remainder_blocks`).
+      (`rest`: its rows past the full blocks), `max(min_block_m, rest)` where a row's
+      product (k x n) is under 2^20 multiply-adds: see `remainder_blocks`.
   """
   block_m: int = 512
   min_block_m: int = 16
