@@ -636,9 +636,9 @@ def test_decode_over_many_experts_takes_no_more_steps_than_rows():
 
 
 def test_metadata_ops_in_numpy_give_xlas_values():
-  """The model evaluates the kernels' integer metadata in NumPy (`model._numpy_eval`, no
-  compile per op): every op it takes in the metadata of our kernels (row visits, the v5p
-  decode split, group_offset) and megablox's gives the values XLA gives."""
+  """The model evaluates the kernels' metadata in NumPy (`model._numpy_eval`, no compile per
+  op): every op it takes in the metadata of our kernels (row visits, the v5p decode split,
+  group_offset) and megablox's (float32 arithmetic too) gives the values XLA gives."""
   from pallas_kernels import common  # noqa: PLC0415
   mb = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
   sizes = cases.group_sizes("zipf", 1000, 16)
@@ -648,7 +648,7 @@ def test_metadata_ops_in_numpy_give_xlas_values():
          lambda e, s: mb.make_group_metadata(group_sizes=jnp.diff(e, prepend=0), m=1024,
                                              tm=128, start_group=s, num_nonzero_groups=8,
                                              visit_empty_groups=True)]
-  seen = set()
+  seen, seen_float = set(), set()
 
   def walk(jaxpr, consts, args):
     env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
@@ -665,6 +665,8 @@ def test_metadata_ops_in_numpy_give_xlas_values():
         fast = model._numpy_eval(eqn, vals)
         if fast is not None:
           seen.add(eqn.primitive.name)
+          if any(np.issubdtype(o.dtype, np.floating) for o in outs):
+            seen_float.add(eqn.primitive.name)
           for f, o in zip(fast, outs):
             np.testing.assert_array_equal(f, o, err_msg=str(eqn))
             assert f.dtype == o.dtype, eqn
@@ -676,6 +678,9 @@ def test_metadata_ops_in_numpy_give_xlas_values():
     walk(closed.jaxpr, closed.consts, [ends, np.int32(2)])
   assert {"add", "sub", "lt", "select_n", "cumsum", "broadcast_in_dim", "concatenate",
           "convert_element_type", "iota", "slice"} <= seen, seen
+  # megablox's histogram of tile visits is float32 arithmetic
+  assert {"add", "sub", "mul", "div", "iota", "concatenate", "convert_element_type",
+          "select_n", "reduce_max"} <= seen_float, seen_float
 
 
 def test_a8w4_visits_multiply_only_their_groups_row_blocks():

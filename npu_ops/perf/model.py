@@ -307,15 +307,39 @@ def _integral(aval) -> bool:
   return dtype == np.bool_ or np.issubdtype(dtype, np.integer)
 
 
+def _real(aval) -> bool:
+  return np.issubdtype(np.dtype(getattr(aval, "dtype", np.complex64)), np.floating)
+
+
+# Float ops whose values NumPy gives as XLA does (one IEEE operation per element, or none;
+# signed zeros aside): not sums, whose order of additions differs.
+_EXACT_FLOAT = {"add", "sub", "mul", "div", "max", "min", "eq", "ne", "lt", "le", "gt", "ge",
+                "neg", "abs", "floor", "ceil", "select_n", "broadcast_in_dim",
+                "reshape", "squeeze", "slice", "iota", "concatenate", "reduce_max",
+                "reduce_min", "convert_element_type"}
+
+
 def _numpy_eval(eqn, vals) -> list | None:
-  """The integer ops of the kernels' group metadata in NumPy: XLA's values (two's-complement
-  wrap-around, truncating division) without compiling a computation per op and shape, which
-  was most of the model's time. None for anything else (XLA evaluates it)."""
+  """The ops of the kernels' metadata in NumPy: XLA's values (two's-complement wrap-around,
+  truncating division; for floats, the ops of `_EXACT_FLOAT`) without compiling a
+  computation per op and shape, which was most of the model's time. None for anything else
+  (XLA evaluates it)."""
   name, p = eqn.primitive.name, eqn.params
-  if len(eqn.outvars) != 1 or not all(_integral(v.aval) for v in (*eqn.invars, *eqn.outvars)):
+  avals = [v.aval for v in (*eqn.invars, *eqn.outvars)]
+  if len(eqn.outvars) != 1 or not all(_integral(a) or _real(a) for a in avals):
+    return None
+  if not all(_integral(a) for a in avals) and name not in _EXACT_FLOAT:
     return None
   out = eqn.outvars[0].aval
+  # each operand in its own dtype (a Python-float literal would otherwise compute in float64)
+  vals = [np.asarray(v, v_in.aval.dtype) if _real(v_in.aval) else v
+          for v, v_in in zip(vals, eqn.invars)]
   x = vals[0] if vals else None
+  if (name == "convert_element_type" and _integral(out) and np.dtype(out.dtype) != np.bool_
+      and _real(eqn.invars[0].aval)):
+    info = np.iinfo(out.dtype)  # XLA's conversion of NaN or out-of-range values: left to XLA
+    if not np.all(np.isfinite(x) & (x >= info.min) & (x <= info.max)):
+      return None
   if name in _BINARY and name != "shift_right_logical":
     r = _BINARY[name](vals[0], vals[1])
   elif name in _UNARY:
@@ -340,7 +364,8 @@ def _numpy_eval(eqn, vals) -> list | None:
     shape[p["dimension"]] = out.shape[p["dimension"]]
     r = np.arange(out.shape[p["dimension"]]).reshape(shape)
   elif name == "concatenate":
-    r = np.concatenate([np.asarray(v, np.int64) for v in vals], axis=p["dimension"])
+    r = np.concatenate([np.asarray(v, np.int64 if _integral(out) else out.dtype) for v in vals],
+                       axis=p["dimension"])
   elif name == "cumsum":
     axis, flip = p["axis"], (lambda a: np.flip(a, p["axis"])) if p["reverse"] else (lambda a: a)
     r = flip(np.cumsum(flip(np.asarray(x, np.int64)), axis=axis))
