@@ -326,6 +326,19 @@ def test_epilogue_per_block_or_after_the_matmul(scenario, dynamic, tokens):
   check(got, x, w, ws, xs, counts, scenario, **kw)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_large_weights_take_the_dense_ladder(dynamic):
+  """k x n = 2^20 (512 x 2048): the XLA path's remainder ladder of four sizes per octave
+  (`row_blocks.remainder_blocks`; the other tests' weights take one per octave), per-block
+  epilogue, remainders of many sizes, an empty group, rows past the groups."""
+  counts = [1, 37, 0, 130, 90]  # sum 258 < m
+  x, w, ws, xs = make_case(21, "A8W8", 270, 512, 2048, len(counts))
+  gl = jnp.asarray(counts) if dynamic else counts
+  got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w, ws, xs, gl, group_list_type=1,
+                                                   tuning_config=[128])
+  check(got, x, w, ws, xs, counts, "A8W8")
+
+
 @pytest.mark.parametrize("scenario,groups", [("A8W8", 1), ("A8W4", 2)])
 def test_strict_dtype_and_rank_promotion(scenario, groups):
   """No implicit promotion inside the op (peers' suites run under both settings)."""
