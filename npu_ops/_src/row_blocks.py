@@ -11,12 +11,12 @@ values) and static ends (Python ints, constant bounds) alike: a loop over groups
 Each group is cut into `size // block_m` full blocks (a loop with a dynamic trip
 count) and one masked block for the remaining `< block_m` rows (run first): the
 smallest of a ladder of static sizes (`remainder_blocks`: powers of two from
-`min_block_m` to 8, then four per octave up to `block_m` for weights of `DENSE_LADDER_ROW_MACS`
-multiply-adds per row and more, one per octave for smaller ones) that holds them, chosen by
-a `lax.cond` per size (one `lax.switch` over the sizes ran slower). Only
-that block reaches outside its group (its mask drops those rows), so the work is the
-useful work plus under a quarter of the remainder (under all of it for small weights; and
-under `min_block_m` rows) per group, in at most `size // block_m + 1` dot calls, and a group's context (its
+`min_block_m` to 8, then four per octave up to `block_m`; one per octave for weights under
+`DENSE_LADDER_ROW_MACS` multiply-adds a row) that holds them, chosen by a `lax.cond` per
+size (one `lax.switch` over the sizes ran slower). Only that block reaches outside its
+group (its mask drops those rows), so the work is the useful work plus under a quarter of
+the remainder (under all of it for small weights; and under `min_block_m` rows) per
+group, in at most `size // block_m + 1` dot calls, and a group's context (its
 weight) is sliced once. Rows outside every group are computed only where a
 remainder block spills over them, and masked. `traverse_segments` runs the same loop
 over any row segments (tgmm uses it for the rows past each group's window, see
