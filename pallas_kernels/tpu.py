@@ -27,6 +27,7 @@ How fast this is on each TPU, against the roofline, is `npu_ops.perf`'s model
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -353,33 +354,61 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
 WEIGHT_BUFFERS = 2
 
 
-def _weights_by_hand(w_buf, copy_of, run, starts, first, exists):
+# A resident weight is copied in equal pieces of k, and at a run's first visit each piece
+# is waited for just before its product (`_multiply_by_pieces`): a core's first visit,
+# whose weights nothing could copy sooner, waits for one piece, not for the whole weight.
+# A piece is as deep as the MXU of every chip takes whole (256) or a multiple of it.
+PIECE_QUANTUM = 256
+
+
+def weight_pieces(k: int) -> int:
+  """How many equal pieces of k a resident weight is copied and multiplied in: the
+  deepest that divide k, multiples of `PIECE_QUANTUM` up to `K_CHUNK` (else one)."""
+  sizes = [d for d in range(PIECE_QUANTUM, K_CHUNK + 1, PIECE_QUANTUM) if k % d == 0]
+  return k // sizes[-1] if sizes else 1
+
+
+def _weights_by_hand(w_buf, copy_of, run, starts, first, exists, pieces: int):
   """The VMEM buffer (of `w_buf`, `[WEIGHT_BUFFERS, ...]`) that holds run `run`'s weights,
-  copied by hand: the kernel's grid visits runs of consecutive visits that read the same
+  copied by hand, and `wait(p)`, which waits for its piece p (of `pieces`) at the run's
+  first visit: the kernel's grid visits runs of consecutive visits that read the same
   weights (`common.weight_runs`); at the first visit of run G (`starts`) the copy of run
-  G + WEIGHT_BUFFERS - 1 starts, where that run `exists`, and run G's own is waited for;
-  at a core's `first` visit its first runs start too (nothing could copy them sooner).
-  `copy_of(G, slot)` is the async copy of run G's weights into buffer `slot`. The grid's
-  pipeline would start each run's copy one step before it only, and lowers no deeper
-  lookahead (jax 0.10.2): a long run of visits would leave the copy engine idle and the
-  short runs after it waiting."""
+  G + WEIGHT_BUFFERS - 1 starts, where that run `exists`; at a core's `first` visit its
+  first runs start too (nothing could copy them sooner). `copy_of(G, slot, p)` is the
+  async copy of piece p of run G's weights into buffer `slot`. The grid's pipeline would
+  start each run's copy one step before it only, and lowers no deeper lookahead (jax
+  0.10.2): a long run of visits would leave the copy engine idle and the short runs after
+  it waiting."""
   ring = WEIGHT_BUFFERS
+
+  def start(r):
+    for p in range(pieces):
+      copy_of(r, r % ring, p).start()
 
   @pl.when(first)
   def _():
     for r in range(ring - 1):
-      pl.when(exists(run + r))(lambda r=r: copy_of(run + r, (run + r) % ring).start())
+      pl.when(exists(run + r))(lambda r=r: start(run + r))
 
   ahead = run + ring - 1  # into the buffer of the run before this one
+  pl.when(starts & exists(ahead))(lambda: start(ahead))
 
-  @pl.when(starts & exists(ahead))
-  def _():
-    copy_of(ahead, ahead % ring).start()
+  def wait(p) -> None:
+    pl.when(starts)(lambda: copy_of(run, run % ring, p).wait())
+  return w_buf.at[run % ring], wait
 
-  @pl.when(starts)
-  def _():
-    copy_of(run, run % ring).wait()
-  return w_buf.at[run % ring]
+
+def _multiply_by_pieces(k: int, wait, multiply) -> None:
+  """`multiply(start, size)` for each of k's `weight_pieces`, after `wait(p)` for piece p's
+  copy: one loop (one copy of the product's code)."""
+  pieces = weight_pieces(k)
+  size = k // pieces
+
+  def piece(p, carry):
+    wait(p)
+    multiply(pl.multiple_of(p * size, size), size)
+    return carry
+  lax.fori_loop(0, pieces, piece, 0)
 
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
@@ -414,7 +443,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   to the halves `[:, :n/2]` and `[:, n/2:]`, quantizes whole rows and writes the
   visit's rows. An expert's weights that fit VMEM whole (one k tile) stay there over its
   visits and are copied by the kernel, the next expert's while the current one's visits
-  run (`WEIGHT_BUFFERS`); k tiles come through the grid's pipeline.
+  run (`WEIGHT_BUFFERS`), in pieces of k that an expert's first visit multiplies as they
+  arrive (`weight_pieces`; A8W4's whole); k tiles come through the grid's pipeline.
   """
   if mx_out:
     raise NotImplementedError("the TPU kernel has no MX output (`supports`)")
@@ -462,6 +492,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   words_k_minor = words and k_minor(w.shape)
   by_hand = plan.resident  # resident weights: copied by the kernel (`_weights_by_hand`)
   runs = common.weight_runs(v, per_core) if by_hand else ()
+  pieces = 1 if a8w4 else weight_pieces(k)  # A8W4's weights whole: it unpacks them whole
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
     if by_hand:
@@ -481,10 +512,15 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       w_hbm, run = w_ref, run_ref[i]
       starts = (t < nv_ref[c]) & ((t == 0) | (run != run_ref[jnp.maximum(i - 1, 0)]))
       expert = lambda r: expert_ref[c * per_core + jnp.minimum(r, per_core - 1)]
-      w_ref = _weights_by_hand(
-          w_buf, lambda r, slot: pltpu.make_async_copy(w_hbm.at[expert(r)], w_buf.at[slot],
-                                                       w_sem.at[slot]),
-          run, starts, starts & (t == 0), lambda r: (r < per_core) & (expert(r) >= 0))
+      def copy_of(r, slot, p):
+        ks = slice(None) if a8w4 else pl.ds(pl.multiple_of(p * (k // pieces), k // pieces),
+                                            k // pieces)
+        return pltpu.make_async_copy(w_hbm.at[expert(r), ks], w_buf.at[slot, ks],
+                                     w_sem.at[slot, p])
+      w_ref, wait = _weights_by_hand(w_buf, copy_of, run, starts, starts & (t == 0),
+                                     lambda r: (r < per_core) & (expert(r) >= 0), pieces)
+      if a8w4:
+        wait(0)
     real = (t < nv_ref[c]) & common.RowVisits.is_real(g, num_groups)  # not head or tail
     rows = common.group_rows(ends_ref, g, mt_ref[i] * bm, bm)
 
@@ -550,7 +586,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     # Only the row blocks that hold the group's rows are multiplied and finished.
     r0 = mt_ref[i] * bm
     for_rows = lambda fn: _for_row_blocks(ends_ref, g, r0, bm, fn)
-    pl.when(real)(lambda: for_rows(multiply_a8w4 if a8w4 else multiply_a8w8))
+    if by_hand and not a8w4:  # each piece of the weights multiplied once it is here
+      def piece(k0, size):
+        pl.when(real)(lambda: for_rows(lambda r: _accumulate(
+            acc.at[r], x_ref.at[r, pl.ds(k0, size)], w_ref.at[pl.ds(k0, size)], 0, size)))
+      _multiply_by_pieces(k, wait, piece)
+    else:
+      pl.when(real)(lambda: for_rows(multiply_a8w4 if a8w4 else multiply_a8w8))
     if a8w4 and tiles_per_group > 1 and not plan.resident:
       @pl.when(real & (kk % tiles_per_group == tiles_per_group - 1))
       def _():  # the k group closed: its column sums start again
@@ -621,7 +663,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                 pltpu.VMEM((bk, n), jnp.int8)]  # the weight block's int8 values
   if by_hand:
     scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *w.shape[1:]), w.dtype),
-                pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS,))]
+                pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS, pieces))]
   scratch += [pltpu.VMEM((bm, 1), jnp.float32)] * 2  # x_scale, the output's scales
   visits = cores * per_core  # the static bound of the grid
   weight_reads = num_groups if plan.resident else visits  # per visit when k is tiled
@@ -705,7 +747,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   Grid (column tile, visit, k tile): column tiles outermost, so a group's visits are
   consecutive within a column tile and, with k in one step, its weight tile stays put;
   such a resident tile is copied by the kernel, the next group's while the current
-  group's visits run (`_weights_by_hand`; where the column tiles are whole).
+  group's visits run (`_weights_by_hand`; where the column tiles are whole), in pieces of
+  k that a group's first visit multiplies as they arrive (`weight_pieces`).
   """
   m, k = lhs.shape
   n = rhs.shape[1 if transpose_rhs else 2]
@@ -725,6 +768,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   by_hand = k_tiles == 1 and n % bn == 0
   runs = common.weight_runs(v, visits) if by_hand else ()
   one_core = tpu_tiles.cores(tpu_tiles.current_chip()) == 1
+  pieces = weight_pieces(k)
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
     if by_hand:
@@ -739,14 +783,16 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
       starts = (t < nv_ref[0]) & ((t == 0) | (run_ref[t] != run_ref[jnp.maximum(t - 1, 0)]))
       end = per_tile * (n_tiles if one_core else j + 1)  # the runs this core's copies reach
 
-      def copy_of(r, slot):
+      def copy_of(r, slot, p):
         cols = pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)
+        ks = pl.ds(pl.multiple_of(p * (k // pieces), k // pieces), k // pieces)
         expert = expert_ref[lax.rem(r, per_tile)]
-        src = w_hbm.at[expert, cols] if transpose_rhs else w_hbm.at[expert, :, cols]
-        return pltpu.make_async_copy(src, w_buf.at[slot], w_sem.at[slot])
-      w_ref = _weights_by_hand(w_buf, copy_of, run, starts,
-                               starts & (t == 0) & ((j == 0) | (not one_core)),
-                               lambda r: r < end)
+        src, dst = ((w_hbm.at[expert, cols, ks], w_buf.at[slot, :, ks]) if transpose_rhs
+                    else (w_hbm.at[expert, ks, cols], w_buf.at[slot, ks]))
+        return pltpu.make_async_copy(src, dst, w_sem.at[slot, p])
+      w_ref, wait = _weights_by_hand(w_buf, copy_of, run, starts,
+                                     starts & (t == 0) & ((j == 0) | (not one_core)),
+                                     lambda r: r < end, pieces)
     real = (t < nv_ref[0]) & common.RowVisits.is_real(g, num_groups)
 
     @pl.when(real & (kk == 0))
@@ -756,13 +802,21 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
     r0 = mt_ref[t] * bm
     last_step = (t < nv_ref[0]) & (kk == k_tiles - 1)
 
+    def multiply(k0, size, r):  # the k columns [k0, k0 + size) of a resident tile
+      x = x_ref.at[r, pl.ds(k0, size)]
+      w = w_ref.at[:, pl.ds(k0, size)] if transpose_rhs else w_ref.at[pl.ds(k0, size)]
+      _accumulate(acc.at[r], x, w, 0, size, transpose_rhs=transpose_rhs, precision=precision)
+
+    if by_hand:  # each piece of the weights multiplied once it is here
+      _multiply_by_pieces(k, wait, lambda k0, size: pl.when(real)(
+          lambda: _for_row_blocks(ends_ref, g, r0, bm, functools.partial(multiply, k0, size))))
+    else:
+      pl.when(real)(lambda: _for_row_blocks(ends_ref, g, r0, bm, lambda r: _accumulate(
+          acc.at[r], x_ref.at[r], w_ref, kk * bk, k, transpose_rhs=transpose_rhs,
+          precision=precision)))
+
     @pl.when(real)
     def _():
-      def multiply(r):
-        _accumulate(acc.at[r], x_ref.at[r], w_ref, kk * bk, k, transpose_rhs=transpose_rhs,
-                    precision=precision)
-      _for_row_blocks(ends_ref, g, r0, bm, multiply)
-
       def write(r):
         rows = common.group_rows(ends_ref, g, r0 + r.start, r.size)
         o_ref[r] = jnp.where(rows, acc[r].astype(o_ref.dtype), o_ref[r])
@@ -790,7 +844,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   if by_hand:
     in_specs[1] = pl.BlockSpec(memory_space=pl.ANY)
     scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *((bn, k) if transpose_rhs else (k, bn))),
-                           rhs.dtype), pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS,))]
+                           rhs.dtype),
+                pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS, pieces))]
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -506,16 +506,18 @@ def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case):
   and watches for races (a copy into a buffer that is being read), on one TensorCore
   (v5e) and two (v5p: each core its own runs; decode splits the visits at a group
   boundary): the codes against the NumPy reference. Runs of one visit and of several,
-  empty groups, rows past the total."""
+  empty groups, rows past the total; A8W8's weights in pieces of k (`tpu.weight_pieces`),
+  A8W4's whole."""
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   from pallas_kernels import common, tpu, tpu_tiles  # noqa: PLC0415
   rng = np.random.default_rng(3)
   a8w4 = case.startswith("decode")
   if a8w4:  # fewer row tiles than experts: the visits are split between the cores
     m, counts = 40, np.array([3, 0, 9, 1, 1, 6, 0, 2, 5, 1, 4, 2, 0, 3], np.int64)
-  else:
-    m, counts = 200, np.array([5, 60, 0, 70, 3, 50], np.int64)  # row tiles split
-  k, n, e = 128, 256, len(counts)
+  else:  # row tiles split; k in 3 pieces, each waited for before its product
+    m, counts = 200, np.array([5, 60, 0, 70, 3, 50], np.int64)
+  k, n, e = 128 if a8w4 else 768, 256, len(counts)
+  assert tpu.weight_pieces(k) == (1 if a8w4 else 3)
   x = rng.integers(-128, 128, (m, k), dtype=np.int8)
   w = rng.integers(*((-8, 8) if a8w4 else (-128, 128)), (e, k, n), dtype=np.int8)
   w_scale = (rng.uniform(0.5, 1.5, (e, 1, n)) * (1e-3 if a8w4 else 1e-4)).astype(np.float32)
@@ -552,18 +554,34 @@ def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case):
   assert (expert[len(starts):] == -1).all()
 
 
-@pytest.mark.parametrize("chip,transposed", [("v5e", False), ("v5p", True)])
-def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed):
+def test_weight_pieces_divide_k_as_deep_as_the_mxu_takes():
+  """A resident weight's pieces (`tpu.weight_pieces`): equal, dividing k, each a multiple
+  of 256 deep (what every chip's MXU takes whole) and no deeper than `tpu.K_CHUNK`, the
+  deepest such; one piece where none divides k."""
+  from pallas_kernels import tpu  # noqa: PLC0415
+  for k in range(128, 8193, 128):
+    pieces = tpu.weight_pieces(k)
+    assert k % pieces == 0
+    depths = [d for d in (256, 512) if k % d == 0]
+    assert k // pieces == (depths[-1] if depths else k), k
+
+
+@pytest.mark.parametrize("chip,transposed,k", [("v5e", False, 1024), ("v5p", True, 768)])
+def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed, k):
   """gmm copies each run's resident `[k, block_n]` weight tile by hand too, the runs
   following the grid (column tile outermost): on one TensorCore a column tile's last run
   starts the next column tile's first copy; on a v5p the two cores split the column
   tiles and each starts its own. In the interpreter that copies on wait, detects races
   and runs two cores for the v5p: two column tiles, weights `[e, k, n]` or `[e, n, k]`
-  (`transpose_rhs`, the VJP's), against the NumPy reference."""
+  (`transpose_rhs`, the VJP's), in 2 or 3 pieces of k (`tpu.weight_pieces`), against the
+  NumPy reference."""
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
   rng = np.random.default_rng(4)
-  m, k, n, counts = 200, 256, 512, np.array([5, 60, 0, 70, 3, 50], np.int64)
+  m, n, counts = 200, 512, np.array([5, 60, 0, 70, 3, 50], np.int64)
+  assert tpu.weight_pieces(k) == k // (512 if k % 512 == 0 else 256)
+  tiles = npu_ops.TileSizes(32, k, 256)  # k in one step: resident, copied by hand
+  assert tpu._float_blocks("gmm", k, n, 4, 4, tiles)[1] == k  # noqa: SLF001
   x = rng.normal(size=(m, k)).astype(np.float32)
   w = rng.normal(size=(len(counts), k, n)).astype(np.float32)
   interpret = pltpu.InterpretParams(dma_execution_mode="on_wait", detect_races=True,
@@ -573,7 +591,7 @@ def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed):
     with ends_within(300):
       got = tpu.gmm(jnp.asarray(x), jnp.asarray(np.swapaxes(w, 1, 2) if transposed else w),
                     jnp.cumsum(jnp.asarray(counts, jnp.int32)), out_dtype=jnp.float32,
-                    tiles=npu_ops.TileSizes(32, 256, 256), transpose_rhs=transposed,
+                    tiles=tiles, transpose_rhs=transposed,
                     precision=jax.lax.Precision.HIGHEST, interpret=interpret)
   finally:
     tpu_tiles.CHIP.reset(token)

@@ -268,24 +268,75 @@ def test_copies_made_by_hand_cost_what_the_pipelines_copies_cost(by_hand, mode):
   assert early.seconds < 0.98 * ahead.seconds
 
 
-def test_a_copy_by_hand_inside_a_loop_is_refused():
-  """Copies inside a loop of the body (emit_pipeline's) are not followed: a clear error,
-  not a kernel that copies nothing."""
-  def kernel(x_hbm, o_ref, buf, sem):
+def _pieces_kernel(pieces: int, interpret=False):
+  """`x [1024, 512] @ w [512, 512]` (bf16), w copied by hand in `pieces` pieces of k, all
+  started at once, each waited for in a loop just before its product."""
+  m, k, n = 1024, 512, 512
+  size = k // pieces
+
+  def kernel(x_ref, w_hbm, o_ref, buf, sem):
+    copy = lambda p: pltpu.make_async_copy(w_hbm.at[pl.ds(p * size, size)],
+                                           buf.at[pl.ds(p * size, size)], sem.at[p])
+    for p in range(pieces):
+      copy(p).start()
+    o_ref[...] = jnp.zeros_like(o_ref)
+
+    def piece(p, carry):
+      copy(p).wait()
+      ks = pl.ds(pl.multiple_of(p * size, size), size)
+      o_ref[...] += jnp.dot(x_ref[:, ks], buf[ks, :], preferred_element_type=jnp.float32)
+      return carry
+    jax.lax.fori_loop(0, pieces, piece, 0)
+  return lambda x, w: pl.pallas_call(
+      kernel, out_shape=S((m, n), jnp.float32),
+      in_specs=[pl.BlockSpec((m, k), lambda: (0, 0)), pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec((m, n), lambda: (0, 0)),
+      scratch_shapes=[pltpu.VMEM((k, n), jnp.bfloat16), pltpu.SemaphoreType.DMA((pieces,))],
+      interpret=interpret, name="pieces")(x, w)
+
+
+def test_a_wait_holds_only_the_work_after_it():
+  """The model follows copies made by hand in a loop of static length, and places each
+  wait where the body's work reaches it: a weight copied in two pieces, each waited for
+  just before its half of the product, holds the body for half the copy where one piece
+  holds it for the whole (the second piece arrives while the first half multiplies). The
+  kernels compute x @ w in interpret mode."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(-4, 5, (1024, 512)).astype(np.float32)
+  w = rng.integers(-4, 5, (512, 512)).astype(np.float32)
+  args = (S(x.shape, jnp.bfloat16), S(w.shape, jnp.bfloat16))
+  chip = chips.get("v5e")
+  got = {}
+  for pieces in (1, 2):
+    out = _pieces_kernel(pieces, interpret=True)(jnp.asarray(x, jnp.bfloat16),
+                                                 jnp.asarray(w, jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(out), x @ w)  # small integers: exact
+    got[pieces] = model.predict(_pieces_kernel(pieces), *args, chip=chip)
+  assert got[1].hbm_bytes == got[2].hbm_bytes == 2 * (x.size + w.size) + 4 * 1024 * 512
+  assert got[1].seconds - got[2].seconds == pytest.approx(
+      w.size * 2 / 2 / chip.hbm_bandwidth, rel=1e-6)
+
+
+def test_a_copy_by_hand_inside_a_dynamic_loop_is_refused():
+  """Copies inside a loop of dynamic length (emit_pipeline's) are not followed: a clear
+  error, not a kernel that copies nothing."""
+  def kernel(n_ref, x_hbm, o_ref, buf, sem):
     def body(i, carry):
       copy = pltpu.make_async_copy(x_hbm, buf, sem)
       copy.start()
       copy.wait()
       return carry
-    jax.lax.fori_loop(0, 2, body, 0)
+    jax.lax.fori_loop(0, n_ref[0], body, 0)
     o_ref[...] = buf[...]
-  fn = lambda x: pl.pallas_call(
+  fn = lambda n, x: pl.pallas_call(
       kernel, out_shape=S((128, 128), jnp.float32),
-      in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
-      scratch_shapes=[pltpu.VMEM((128, 128), jnp.float32), pltpu.SemaphoreType.DMA],
-      name="by_hand")(x)
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(1,), in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+          out_specs=pl.BlockSpec((128, 128), lambda i, n: (0, 0)),
+          scratch_shapes=[pltpu.VMEM((128, 128), jnp.float32), pltpu.SemaphoreType.DMA]),
+      name="by_hand")(n, x)
   with pytest.raises(ValueError, match="by_hand: copies operands .* by hand inside a loop"):
-    model.predict(fn, S((128, 128), jnp.float32))
+    model.predict(fn, jnp.array([2], jnp.int32), S((128, 128), jnp.float32))
 
 
 def test_our_kernels_are_modeled_on_their_tpu_branch():
@@ -504,6 +555,26 @@ def test_timeline_prefetch_depth_and_lookahead():
   assert timeline(3, False) == pytest.approx(8.0)
   # lookahead: a free buffer from the start, queued behind the first copy: 5.0 too
   assert timeline(2, True) == pytest.approx(8.0)
+
+
+def test_timeline_waits_hold_the_work_after_them():
+  """One step of 4 s of work; copies made by hand, started as it begins, each waited for
+  after some of the work (`before`). Worked by hand: a wait holds the rest of the step
+  until its copy has arrived, from the moment the work reaches it."""
+  one = np.array([True])
+  start = lambda sem, secs: ("start", one, np.array([sem]), secs, np.zeros(1))
+  wait = lambda sem, before: ("wait", one, np.array([sem]), 0.0, np.array([before]))
+  timeline = lambda *by_hand: model._timeline(np.array([4.0]), [], np.zeros(1), by_hand)  # noqa: SLF001
+  assert timeline(start(0, 3.0), wait(0, 0.0)) == pytest.approx(7.0)  # before any work
+  assert timeline(start(0, 3.0), wait(0, 2.0)) == pytest.approx(5.0)  # held 1 s at 2 s
+  assert timeline(start(0, 3.0), wait(0, 4.0)) == pytest.approx(4.0)  # arrived by then
+  # two pieces of 1.5 s: the first holds the body 1.5 s; the second, due at 3.0, is
+  # waited for at 2.0 + 1.5: here already
+  assert timeline(start(0, 1.5), start(1, 1.5), wait(0, 0.0), wait(1, 2.0)) == (
+      pytest.approx(5.5))
+  # ... waited for after 0.5 s of work instead: held until 3.0, then 3.5 s of work left
+  assert timeline(start(0, 1.5), start(1, 1.5), wait(0, 0.0), wait(1, 0.5)) == (
+      pytest.approx(6.5))
 
 
 def test_default_tiles_are_the_models_choice():

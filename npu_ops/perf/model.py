@@ -68,6 +68,13 @@ _UNKNOWN = object()  # a value the model does not know (data, not metadata)
 
 
 @dataclasses.dataclass(frozen=True)
+class _Semaphores:
+  """The value of a kernel's semaphore operand: which of them it is, wherever it is passed
+  (into a `pl.when`'s branch or a loop), so that a wait finds the copies it waits for."""
+  number: int
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelCost:
   """One `pallas_call` under the model.
 
@@ -394,6 +401,14 @@ def _nbytes(aval) -> float:
   return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
 
 
+def _copies_by_hand(jaxpr) -> bool:
+  """Whether a jaxpr (or one nested in it) starts or waits for a DMA."""
+  return any(eqn.primitive.name in ("dma_start", "dma_wait")
+             or any(_copies_by_hand(getattr(j, "jaxpr", j))
+                    for j in jax_core.jaxprs_in_params(eqn.params))
+             for eqn in jaxpr.eqns)
+
+
 def _while_trips(eqn, vals):
   """A `while`'s trip count per step: a `fori_loop` with dynamic bounds (carry `(i, upper,
   ...)`, cond `i < upper`, i counting up by one) runs `upper - lower` times where both are
@@ -526,8 +541,10 @@ class _Scalars:
     self.mxu: dict[str, np.ndarray] = {}
     self.vpu = np.zeros(steps)
     # Copies the body makes by hand, in program order: (kind "start" / "wait", the steps
-    # it runs on [S] bool, its semaphore's key per step [S], the bytes a start copies)
-    self.dmas: list[tuple[str, np.ndarray, np.ndarray, float]] = []
+    # it runs on [S] bool, its semaphore's key per step [S], the bytes a start copies,
+    # the body's work before it per step: (MXU FLOPs by dtype, vector element operations))
+    self.dmas: list[tuple[str, np.ndarray, np.ndarray, float,
+                          tuple[dict[str, np.ndarray], np.ndarray]]] = []
 
   def run(self, jaxpr, consts, args, mask) -> list:
     env: dict = {}
@@ -574,12 +591,22 @@ class _Scalars:
       start = 0 if name == "scan" else eqn.params["cond_nconsts"]
       args = list(vals[start:start + n_consts])
       args += [_UNKNOWN] * (len(body.jaxpr.invars) - len(args))
-      sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_shape)
-      sub.run(body.jaxpr, body.consts, args, mask)
-      if sub.dmas:
+      if not _copies_by_hand(body.jaxpr):
+        sub = _Scalars(self.steps, self.program_ids, self.grid, self.mxu_shape)
+        sub.run(body.jaxpr, body.consts, args, mask)
+        self._merge(sub, trips)
+        return [_UNKNOWN] * n_out
+      if name != "scan" or trips > _MAX_UNROLLED:
         raise ValueError(_LOOP_COPIES)
-      self._merge(sub, trips)
-      return [_UNKNOWN] * n_out
+      # Copies made by hand in a loop of static length (a `fori_loop` over pieces of a
+      # copy, waiting for each before its work): followed iteration by iteration, the
+      # carry (the index) known where its start is.
+      carry = list(vals[n_consts:n_consts + eqn.params["num_carry"]])
+      xs = [_UNKNOWN] * (len(body.jaxpr.invars) - n_consts - len(carry))
+      for _ in range(trips):
+        carry = self.run(body.jaxpr, body.consts, [*args[:n_consts], *carry, *xs],
+                         mask)[:len(carry)]
+      return [*carry, *[_UNKNOWN] * (n_out - len(carry))]
     if (inner := _sub_jaxpr(eqn.params)) is not None and name not in ("pallas_call",):
       jaxpr, consts = inner
       return self.run(jaxpr, consts, vals, mask)
@@ -657,14 +684,19 @@ class _Scalars:
     sem_shape = eqn.invars[sem_ref].aval.shape
     flat = (np.ravel_multi_index(tuple(np.clip(i, 0, d - 1) for i, d in zip(index, sem_shape)),
                                  sem_shape) if index else np.zeros(self.steps, np.int64))
-    key = sem_ref * (1 << 32) + flat
+    owner = vals[sem_ref]
+    if not isinstance(owner, _Semaphores):
+      raise ValueError("a copy made by hand signals a semaphore that is not one of the "
+                       "kernel's own (scratch) semaphores")
+    key = owner.number * (1 << 32) + flat
     runs = np.ones(self.steps, bool) if mask is None else np.asarray(mask, bool)
     nbytes = 0.0
     if eqn.primitive.name == "dma_start":
       nbytes = float(_block_bytes(dst.shape, dst.shape, dst.dtype,
                                   [np.zeros(1)] * len(dst.shape))[0])
+    before = ({d: f.copy() for d, f in self.mxu.items()}, self.vpu.copy())
     self.dmas.append(("start" if eqn.primitive.name == "dma_start" else "wait",
-                      np.broadcast_to(runs, (self.steps,)), key, nbytes))
+                      np.broadcast_to(runs, (self.steps,)), key, nbytes, before))
 
   def _cond(self, eqn, vals, mask) -> list:
     which, *operands = vals
@@ -700,10 +732,12 @@ class _Scalars:
 # --- one kernel ------------------------------------------------------------------------
 
 _MAX_STEPS = 20_000_000
+_MAX_UNROLLED = 64  # iterations of a loop holding copies made by hand the model follows
 _LOOP_COPIES = (
-    "copies operands between HBM and VMEM by hand inside a loop (emit_pipeline), which the "
-    "model does not follow; it follows the grid's pipeline, copies a kernel's body makes by "
-    "hand outside loops, and tokamax's kernels when `predict` traces them (a kernel "
+    "copies operands between HBM and VMEM by hand inside a loop of dynamic or long length "
+    f"(over {_MAX_UNROLLED} iterations: emit_pipeline's), which the model does not follow; "
+    "it follows the grid's pipeline, copies a kernel's body makes by hand outside loops or "
+    "in short static ones, and tokamax's kernels when `predict` traces them (a kernel "
     "jit-traced before, outside `predict`, is cached: jax.clear_caches() first)")
 
 
@@ -803,16 +837,23 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
   if isinstance(body, jax_core.ClosedJaxpr):
     body, body_consts = body.jaxpr, body.consts
   sc = _Scalars(steps, program_ids, grid, (chip.mxu_rows, chip.mxu_width))
-  body_args = [*prefetch] + [_UNKNOWN] * (len(body.invars) - len(prefetch))
+  body_args = [*prefetch] + [
+      _Semaphores(i) if _memory_space(v.aval) == "semaphore_mem" else _UNKNOWN
+      for i, v in enumerate(body.invars[len(prefetch):])]
   try:
     sc.run(body, body_consts, body_args, None)
   except ValueError as e:
     raise ValueError(f"{name}: {e}") from None
   # A chip's peak counts all its TensorCores (v5p: two); each core has its share.
-  mxu_s = sum((flops / (chip.peak(dtype) / chip.cores) for dtype, flops in sc.mxu.items()),
-              np.zeros(steps))
-  vpu_s = sc.vpu / chip.vpu_rate
+  def busy(mxu: dict[str, np.ndarray], vpu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds of the MXU's and the vector units' work per step."""
+    return (sum((flops / (chip.peak(dtype) / chip.cores) for dtype, flops in mxu.items()),
+                np.zeros(steps)), vpu / chip.vpu_rate)
+  mxu_s, vpu_s = busy(sc.mxu, sc.vpu)
   compute = np.maximum(mxu_s, vpu_s) + STEP_OVERHEAD_S
+  # where in its step each copy made by hand starts or is waited for
+  dmas = [(kind, runs, key, nbytes, np.maximum(*busy(*before)))
+          for kind, runs, key, nbytes, before in sc.dmas]
   bandwidth = chip.hbm_bandwidth / cores
   seconds = 0.0
   for c in range(cores):
@@ -821,11 +862,12 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
       seconds = max(seconds, _timeline(
           compute[sel], [(cp[sel], nb[sel] / bandwidth, b, la) for cp, nb, b, la in inputs],
           copies_out[sel] / bandwidth,
-          [(kind, runs[sel], key[sel], nbytes / bandwidth) for kind, runs, key, nbytes
-           in sc.dmas]))
+          [(kind, runs[sel], key[sel], nbytes / bandwidth, at[sel])
+           for kind, runs, key, nbytes, at in dmas]))
   copies_in = sum((nb for _, nb, _, _ in inputs), np.zeros(steps))
-  copies_in = copies_in + sum((np.where(runs, nbytes, 0.0) for kind, runs, _, nbytes in sc.dmas
-                               if kind == "start"), np.zeros(steps))
+  copies_in = copies_in + sum((np.where(runs, nbytes, 0.0)
+                               for kind, runs, _, nbytes, _ in dmas if kind == "start"),
+                              np.zeros(steps))
   flops = float(np.sum(sc.flops))
   return KernelCost(name=name, grid=tuple(grid), seconds=seconds,
                     hbm_bytes=float(np.sum(copies_in) + np.sum(copies_out)), flops=flops,
@@ -836,7 +878,8 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
 
 
 def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray,
-              by_hand: Sequence[tuple[str, np.ndarray, np.ndarray, float]] = ()) -> float:
+              by_hand: Sequence[tuple[str, np.ndarray, np.ndarray, float, np.ndarray]] = ()
+              ) -> float:
   """Seconds for one core's steps, in order.
 
   One DMA queue at the core's bandwidth serves the copies in the order they are issued.
@@ -844,9 +887,10 @@ def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray,
   (`pl.Buffered(use_lookahead=True)`), as soon as a buffer is free: when the block
   `buffers` copies back is last used. Step j's body runs once its blocks have arrived and
   step j - 1 is done; its output block is written back after it when the index changes.
-  Copies the body makes by hand (`by_hand`: `_Scalars.dmas`, in program order) start
-  when the body reaches them; a wait holds the body until the oldest copy not yet waited
-  for on its semaphore has arrived.
+  Copies the body makes by hand (`by_hand`: `_Scalars.dmas`, in program order, each with
+  the seconds of work its step does before it) start when the body reaches them; a wait
+  holds the body, and all its work after it, until the oldest copy not yet waited for on
+  its semaphore has arrived.
   """
   n = len(compute)
   start, end = np.zeros(n), np.zeros(n)
@@ -893,15 +937,16 @@ def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray,
       ahead = j + buffers - 1
       if not lookahead and buffers > 1 and ahead < n and inputs[q][0][ahead]:
         issue(q, int(np.searchsorted(changes[q], ahead)), start[j])
-    at = start[j]
-    for kind, runs, key, seconds in by_hand:
+    held = 0.0  # how long the step's waits have held its body so far
+    for kind, runs, key, seconds, before in by_hand:
       if not runs[j]:
         continue
+      at = start[j] + before[j] + held
       if kind == "start":
         arrivals[int(key[j])].append(queue(at, seconds))
       elif arrivals[int(key[j])]:
-        at = max(at, arrivals[int(key[j])].popleft())
-    end[j] = at + compute[j]
+        held += max(0.0, arrivals[int(key[j])].popleft() - at)
+    end[j] = start[j] + held + compute[j]
     if write_back[j]:
       pending.append((end[j], write_back[j]))
   done = end[-1]
@@ -924,7 +969,10 @@ def _in_smem(bm) -> bool:
   return str(getattr(bm.block_aval, "memory_space", None)).lower().endswith("smem")
 
 
+def _memory_space(aval) -> str:
+  return str(getattr(aval, "memory_space", None)).lower().split(".")[-1]
+
+
 def _unpipelined(bm) -> bool:
   """Operands left in HBM (memory_space ANY) or whole in SMEM are not copied per step."""
-  space = getattr(bm.block_aval, "memory_space", None)
-  return str(space).lower().split(".")[-1] in ("any", "hbm", "smem", "semaphore_mem")
+  return _memory_space(bm.block_aval) in ("any", "hbm", "smem", "semaphore_mem")
