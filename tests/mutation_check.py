@@ -94,13 +94,19 @@ MUTANTS = (
            ("tests/test_perf.py", "-k", "no_more_steps_than_rows")),
     # The model lets a kernel's body run before the copy it waits for (made by hand) arrives.
     Mutant("by_hand_waits_ignored", "npu_ops/perf/model.py",
-           "        at = max(at, arrivals[int(key[j])].popleft())",
+           "        held += max(0.0, arrivals[int(key[j])].popleft() - at)",
            "        arrivals[int(key[j])].popleft()",
            ("tests/test_perf.py", "-k", "copies_made_by_hand")),
+    # The model places every copy made by hand at its step's start, not where the work
+    # reaches it: a wait after some work holds the whole step.
+    Mutant("waits_placed_at_the_step_start", "npu_ops/perf/model.py",
+           "      at = start[j] + before[j] + held",
+           "      at = start[j] + held",
+           ("tests/test_perf.py", "-k", "wait_holds_only or waits_hold")),
     # The kernels copy the next run's weights into the buffer being read.
     Mutant("next_weights_into_the_read_buffer", "pallas_kernels/tpu.py",
-           "    copy_of(ahead, ahead % ring).start()",
-           "    copy_of(ahead, run % ring).start()",
+           "      copy_of(r, r % ring, p).start()",
+           "      copy_of(r, run % ring, p).start()",
            ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
     # The fused kernel's lane-dense scales turned into columns without the diagonal mask:
     # every row would take the largest x_scale of its 128.
@@ -115,8 +121,14 @@ MUTANTS = (
            ("tests/test_implementations.py", "-k", "test_fused_op and A8W8-pallas_tpu")),
     # The kernels read a run's weights without waiting for their copy.
     Mutant("weights_not_waited", "pallas_kernels/tpu.py",
-           "    copy_of(run, run % ring).wait()",
+           "    pl.when(starts)(lambda: copy_of(run, run % ring, p).wait())",
            "    pass",
+           ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
+    # The kernels wait for the first piece of a run's weights only, and multiply the
+    # others as they are.
+    Mutant("only_the_first_piece_waited", "pallas_kernels/tpu.py",
+           "  def piece(p, carry):\n    wait(p)\n",
+           "  def piece(p, carry):\n    pl.when(p == 0)(lambda: wait(p))\n",
            ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
     # gmm's copy for the next column tile's first run takes the current column tile.
     Mutant("gmm_next_column_tile_copied_from_this_one", "pallas_kernels/tpu.py",
