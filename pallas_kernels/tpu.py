@@ -357,14 +357,16 @@ WEIGHT_BUFFERS = 2
 # A resident weight is copied in equal pieces of k, and at a run's first visit each piece
 # is waited for just before its product (`_multiply_by_pieces`): a core's first visit,
 # whose weights nothing could copy sooner, waits for one piece, not for the whole weight.
-# A piece is as deep as the MXU of every chip takes whole (256) or a multiple of it.
+# A piece is as deep as the MXU of every chip takes whole (256) or a multiple of it. The
+# fused kernel takes pieces up to `K_CHUNK` deep: each piece reads and writes its int32
+# accumulator once more, on vector units as busy as the MXU there (docs/performance.md).
 PIECE_QUANTUM = 256
 
 
-def weight_pieces(k: int) -> int:
+def weight_pieces(k: int, deepest: int = PIECE_QUANTUM) -> int:
   """How many equal pieces of k a resident weight is copied and multiplied in: the
-  deepest that divide k, multiples of `PIECE_QUANTUM` up to `K_CHUNK` (else one)."""
-  sizes = [d for d in range(PIECE_QUANTUM, K_CHUNK + 1, PIECE_QUANTUM) if k % d == 0]
+  deepest that divide k, multiples of `PIECE_QUANTUM` up to `deepest` (else one)."""
+  sizes = [d for d in range(PIECE_QUANTUM, deepest + 1, PIECE_QUANTUM) if k % d == 0]
   return k // sizes[-1] if sizes else 1
 
 
@@ -398,10 +400,9 @@ def _weights_by_hand(w_buf, copy_of, run, starts, first, exists, pieces: int):
   return w_buf.at[run % ring], wait
 
 
-def _multiply_by_pieces(k: int, wait, multiply) -> None:
-  """`multiply(start, size)` for each of k's `weight_pieces`, after `wait(p)` for piece p's
-  copy: one loop (one copy of the product's code)."""
-  pieces = weight_pieces(k)
+def _multiply_by_pieces(k: int, pieces: int, wait, multiply) -> None:
+  """`multiply(start, size)` for each of k's `pieces` (equal), after `wait(p)` for piece
+  p's copy: one loop (one copy of the product's code)."""
   size = k // pieces
 
   def piece(p, carry):
@@ -492,7 +493,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   words_k_minor = words and k_minor(w.shape)
   by_hand = plan.resident  # resident weights: copied by the kernel (`_weights_by_hand`)
   runs = common.weight_runs(v, per_core) if by_hand else ()
-  pieces = 1 if a8w4 else weight_pieces(k)  # A8W4's weights whole: it unpacks them whole
+  pieces = 1 if a8w4 else weight_pieces(k, K_CHUNK)  # A8W4's whole: it unpacks them whole
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
     if by_hand:
@@ -590,7 +591,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       def piece(k0, size):
         pl.when(real)(lambda: for_rows(lambda r: _accumulate(
             acc.at[r], x_ref.at[r, pl.ds(k0, size)], w_ref.at[pl.ds(k0, size)], 0, size)))
-      _multiply_by_pieces(k, wait, piece)
+      _multiply_by_pieces(k, pieces, wait, piece)
     else:
       pl.when(real)(lambda: for_rows(multiply_a8w4 if a8w4 else multiply_a8w8))
     if a8w4 and tiles_per_group > 1 and not plan.resident:
@@ -808,7 +809,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
       _accumulate(acc.at[r], x, w, 0, size, transpose_rhs=transpose_rhs, precision=precision)
 
     if by_hand:  # each piece of the weights multiplied once it is here
-      _multiply_by_pieces(k, wait, lambda k0, size: pl.when(real)(
+      _multiply_by_pieces(k, pieces, wait, lambda k0, size: pl.when(real)(
           lambda: _for_row_blocks(ends_ref, g, r0, bm, functools.partial(multiply, k0, size))))
     else:
       pl.when(real)(lambda: _for_row_blocks(ends_ref, g, r0, bm, lambda r: _accumulate(

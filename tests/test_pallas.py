@@ -517,7 +517,7 @@ def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case):
   else:  # row tiles split; k in 3 pieces, each waited for before its product
     m, counts = 200, np.array([5, 60, 0, 70, 3, 50], np.int64)
   k, n, e = 128 if a8w4 else 768, 256, len(counts)
-  assert tpu.weight_pieces(k) == (1 if a8w4 else 3)
+  assert tpu.weight_pieces(k, tpu.K_CHUNK) == (1 if a8w4 else 3)
   x = rng.integers(-128, 128, (m, k), dtype=np.int8)
   w = rng.integers(*((-8, 8) if a8w4 else (-128, 128)), (e, k, n), dtype=np.int8)
   w_scale = (rng.uniform(0.5, 1.5, (e, 1, n)) * (1e-3 if a8w4 else 1e-4)).astype(np.float32)
@@ -556,14 +556,15 @@ def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case):
 
 def test_weight_pieces_divide_k_as_deep_as_the_mxu_takes():
   """A resident weight's pieces (`tpu.weight_pieces`): equal, dividing k, each a multiple
-  of 256 deep (what every chip's MXU takes whole) and no deeper than `tpu.K_CHUNK`, the
-  deepest such; one piece where none divides k."""
+  of 256 deep (what every chip's MXU takes whole) and no deeper than asked (gmm: 256, the
+  fused kernel: `tpu.K_CHUNK`, 512), the deepest such; one piece where none divides k."""
   from pallas_kernels import tpu  # noqa: PLC0415
-  for k in range(128, 8193, 128):
-    pieces = tpu.weight_pieces(k)
-    assert k % pieces == 0
-    depths = [d for d in (256, 512) if k % d == 0]
-    assert k // pieces == (depths[-1] if depths else k), k
+  for deepest, depths in ((256, (256,)), (tpu.K_CHUNK, (256, 512))):
+    for k in range(128, 8193, 128):
+      pieces = tpu.weight_pieces(k, deepest)
+      assert k % pieces == 0
+      fits = [d for d in depths if k % d == 0]
+      assert k // pieces == (fits[-1] if fits else k), (k, deepest)
 
 
 @pytest.mark.parametrize("chip,transposed,k", [("v5e", False, 1024), ("v5p", True, 768)])
@@ -573,13 +574,13 @@ def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed, k):
   starts the next column tile's first copy; on a v5p the two cores split the column
   tiles and each starts its own. In the interpreter that copies on wait, detects races
   and runs two cores for the v5p: two column tiles, weights `[e, k, n]` or `[e, n, k]`
-  (`transpose_rhs`, the VJP's), in 2 or 3 pieces of k (`tpu.weight_pieces`), against the
+  (`transpose_rhs`, the VJP's), in 4 or 3 pieces of k (`tpu.weight_pieces`), against the
   NumPy reference."""
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
   rng = np.random.default_rng(4)
   m, n, counts = 200, 512, np.array([5, 60, 0, 70, 3, 50], np.int64)
-  assert tpu.weight_pieces(k) == k // (512 if k % 512 == 0 else 256)
+  assert tpu.weight_pieces(k) == k // 256
   tiles = npu_ops.TileSizes(32, k, 256)  # k in one step: resident, copied by hand
   assert tpu._float_blocks("gmm", k, n, 4, 4, tiles)[1] == k  # noqa: SLF001
   x = rng.normal(size=(m, k)).astype(np.float32)
