@@ -457,9 +457,10 @@ def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
   tile then holds rows of both cores' groups, each core writes its own output and rows are
   taken from the core that holds their group. Codes against the NumPy reference; with
   group_offset, 48 local experts of 64 from the eighth; A8W4 from int32 words (each core
-  unpacks its experts' weights on their first visit)."""
+  unpacks its experts' weights on their first visit); "spread" with k = 768, its weights in
+  3 pieces (`tpu.weight_pieces`)."""
   from pallas_kernels import common, tpu_tiles  # noqa: PLC0415
-  m, k, n, e = 40, 128, 256, 64
+  m, k, n, e = 40, 768 if case == "spread" else 128, 256, 64
   rng = np.random.default_rng(22)
   counts = np.zeros(e, np.int64)
   if case == "one_group":
