@@ -23,6 +23,16 @@ if os.environ.get("NPU_OPS_TEST_COMPILATION_CACHE", "1") != "0":
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# Most tests compile a small program and run it once, so LLVM's optimizations in XLA:CPU
+# cost more than they save: with `jax_disable_most_optimizations` (LLVM at -O0 without its
+# expensive passes; XLA's own HLO passes run as always, so every program computes the same
+# IEEE operations) the suite compiles about a quarter faster (docs/performance.md, "Compile
+# time"). Inherited by what the tests spawn; the exceptions run as users run them: the
+# compile-only accelerator builds (test_aot) and the QAT notebook, which trains for minutes.
+# NPU_OPS_TEST_FAST_COMPILE=0: XLA's defaults everywhere.
+if os.environ.get("NPU_OPS_TEST_FAST_COMPILE", "1") != "0":
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import hypothesis  # noqa: E402
 
 # Each example compiles new shapes. `ci` (the default, what CI runs): 10 new random examples

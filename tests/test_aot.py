@@ -28,6 +28,17 @@ def report(target, name):
   return aot.compile_case(case(name), target)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def compilers_as_users_run_them():
+  """The compilers at their defaults: conftest turns most of XLA's optimizations off for
+  the CPU tests' speed, which would change what the compilers report here."""
+  import jax  # noqa: PLC0415
+  was = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", was)
+
+
 slow = pytest.mark.slow  # the rest of the table: `.ci/run` runs them with every other test
 
 # (target, case): every benchmark-shape kernel on v5e, the fused op on v6e too.
