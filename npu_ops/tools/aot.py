@@ -245,9 +245,13 @@ def _qat_step(m, k, n, e):
 def _moe(tokens, d_model, d_ff, e, mode):
   from flax import nnx  # noqa: PLC0415
   from npu_ops.nn import MoEMLP  # noqa: PLC0415
-  layer = MoEMLP(d_model, d_ff, e, top_k=2, mode="float", rngs=nnx.Rngs(0))
+  def build():
+    layer = MoEMLP(d_model, d_ff, e, top_k=2, mode="float", rngs=nnx.Rngs(0))
+    return layer.convert("int8") if mode == "int8" else layer
+  # Shapes only: computing the random weights compiled a dozen programs (seconds)
+  # whenever the cases were listed.
+  layer = nnx.eval_shape(build)
   if mode == "int8":
-    layer = layer.convert("int8")
     graph, state = nnx.split(layer)
     fn = lambda state, x: nnx.merge(graph, state)(x)
   else:
