@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -578,9 +579,7 @@ def experts_matmul(lhs: jax.Array, rhs: tuple[jax.Array, ...], ends: groups_lib.
   run = Run(**run)
   if np.dtype(lhs.dtype) in _INT_OPERANDS:  # nothing to differentiate
     return matmul(lhs, rhs, ends, out_dtype=out_dtype, start=start, **run._asdict())
-  static = ends if isinstance(ends, tuple) else None
-  array = jnp.zeros((0,), jnp.int32) if static is not None else jnp.asarray(ends, jnp.int32)
-  start = jnp.zeros((0,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+  static, array, start = _ends_operands(ends, start)
   return _experts_matmul(static, np.dtype(out_dtype), run, lhs, rhs, array, start)
 
 
@@ -610,10 +609,17 @@ _experts_matmul.defvjp(_experts_matmul_fwd, _experts_matmul_bwd)
 def _bind(prim, lhs, rhs, ends, start, **params):
   """Binds a primitive: the ends an operand (a size-0 placeholder when static: then a
   parameter), the start an int32 scalar operand (size 0 when absent: row 0)."""
-  static = ends if isinstance(ends, tuple) else None
-  array = jnp.zeros((0,), jnp.int32) if static is not None else jnp.asarray(ends, jnp.int32)
-  start = jnp.zeros((0,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+  static, array, start = _ends_operands(ends, start)
   return prim.bind(lhs, rhs, array, start, static_ends=static, **params)
+
+
+def _ends_operands(ends, start):
+  """(static ends or None, int32 ends array, int32 start): size-0 placeholders for static
+  ends and an absent start, NumPy ones (jnp.zeros compiled two programs in an eager call)."""
+  static = ends if isinstance(ends, tuple) else None
+  array = np.zeros((0,), np.int32) if static is not None else jnp.asarray(ends, jnp.int32)
+  start = np.zeros((0,), np.int32) if start is None else jnp.asarray(start, jnp.int32)
+  return static, array, start
 
 
 def _start(start):
@@ -736,10 +742,22 @@ def _map_batch(prim, args, dims, **params):
   return lax.map(one, [m for m in moved if m is not None]), 0
 
 
+@functools.cache
+def _compiled_bind(prim: Any, params: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+  return jax.jit(lambda *args: prim.bind(*args, **dict(params)))
+
+
+def _compiled_impl(prim: Any) -> Callable[..., Any]:
+  """An eager bind runs the primitive as one compiled program per set of parameters (as
+  JAX's own primitives do), not its implementation op by op: that compiled a program for
+  each small op outside the XLA path's jitted loop."""
+  return lambda *args, **params: _compiled_bind(prim, tuple(sorted(params.items())))(*args)
+
+
 for _prim, _impl, _abstract, _transpose, _batch in (
     (_matmul_p, _matmul_impl, _matmul_abstract, _matmul_transpose, _matmul_batch),
     (_tgmm_p, _tgmm_impl, _tgmm_abstract, _tgmm_transpose, _tgmm_batch)):
-  _prim.def_impl(_impl)
+  _prim.def_impl(_compiled_impl(_prim))
   _prim.def_abstract_eval(_abstract)
   mlir.register_lowering(_prim, mlir.lower_fun(_impl, multiple_results=False))
   ad.primitive_jvps[_prim] = _bilinear_jvp(_prim)

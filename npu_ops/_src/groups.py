@@ -97,11 +97,25 @@ def group_ends(group_list: Any, *, group_list_type: int, m: int, num_groups: int
     # Known values (eager calls, NumPy arrays) are checked like a static list: a counts
     # list passed as the cumsum default must not be clamped into a silent wrong answer.
     _static_ends(np.asarray(group_list).tolist(), group_list_type, m, name)
-  gl = _as_int32(group_list, m + 1 if concrete_m else np.iinfo(np.int32).max)
+  top = m + 1 if concrete_m else np.iinfo(np.int32).max
+  if isinstance(group_list, np.ndarray):
+    group_list = _as_int32(group_list, top)
+  # One compiled program for an eager call's checks and ends (op by op: a dozen compiles,
+  # most of a small grouped matmul's first call); a symbolic m (jax.export) is no jit key.
+  ends = _checked_ends_program if concrete_m else _checked_ends
+  return ends(group_list, group_list_type, m, top, name)
+
+
+def _checked_ends(group_list: Any, group_list_type: int, m: int, top: int,
+                  name: str) -> jax.Array:
+  gl = _as_int32(group_list, top)
   checkify.debug_check(_group_list_ok(gl, group_list_type, m),
                        f"{name} is invalid for m={m} (negative count, decreasing cumsum, "
                        "or total above m); values were clamped")
   return _dynamic_ends(gl, group_list_type, m)
+
+
+_checked_ends_program = jax.jit(_checked_ends, static_argnums=(1, 2, 3, 4))
 
 
 def _as_int32(group_list: Any, top: int) -> jax.Array:

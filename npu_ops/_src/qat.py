@@ -160,10 +160,21 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = No
     broadcast = None
   require(broadcast == tuple(x.shape), "scale", f"a shape broadcastable to x {describe(x)}",
           describe(scale))
+  _check_known_scale("scale", scale)
+  return _fake_quant(x, scale, qmax, grad_scale, grid)
+
+
+def _check_known_scale(name: str, scale: Any) -> None:
   if not isinstance(scale, jax.core.Tracer):  # q * inf would be NaN everywhere
     bad = np.asarray(scale, np.float32)[~np.isfinite(np.asarray(scale, np.float32))]
     if bad.size:
-      fail("scale", "finite step sizes", f"{bad.flat[0]} in {describe(scale)}")
+      fail(name, "finite step sizes", f"{bad.flat[0]} in {describe(scale)}")
+
+
+# The quantizers below run as one compiled program each: called eagerly op by op, their
+# first call compiled dozens of small programs (seconds; docs/performance.md).
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _fake_quant(x, scale, qmax, grad_scale, grid):
   inv = jax.lax.stop_gradient(_reciprocal(scale.astype(jnp.float32)))
   return _lsq(x, scale, inv, qmax, grad_scale, grid)
 
@@ -174,6 +185,11 @@ def quantize(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = None
   qmax, grid = _grid(bits, dtype)
   _check_float("x", x)
   _check_float("scale", scale)
+  return _quantize(x, scale, qmax, grid)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _quantize(x, scale, qmax, grid):
   return _codes(x.astype(jnp.float32), _reciprocal(scale.astype(jnp.float32)),
                 qmax, grid).astype(jnp.int8 if grid is None else grid)
 
@@ -193,6 +209,11 @@ def dynamic_fake_quant(x: jax.Array, *, bits: int = 8, dtype: Any = None) -> jax
           describe(x))
   if x.shape[-1] == 0:  # nothing to quantize (as quantize_per_token: empty rows)
     return jnp.asarray(x)
+  return _dynamic_fake_quant(x, qmax, grid)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _dynamic_fake_quant(x, qmax, grid):
   x32 = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)  # for its gradient
   exact = jax.lax.stop_gradient(epilogue.row_amax(x32))  # quantize_per_token's amax:
@@ -223,6 +244,7 @@ def _fake_mx_bwd(dtype, inside, g):
 
 
 _fake_mx.defvjp(_fake_mx_fwd, _fake_mx_bwd)
+_fake_mx_program = jax.jit(_fake_mx, static_argnums=1)  # eager calls: one compile
 
 
 def fake_quant_mx(x: jax.Array, dtype: Any = jnp.float8_e4m3fn) -> jax.Array:
@@ -242,7 +264,7 @@ def fake_quant_mx(x: jax.Array, dtype: Any = jnp.float8_e4m3fn) -> jax.Array:
   kind = check_dtype_arg("dtype", dtype)
   require(kind in quant_lib.MX_DTYPES, "dtype", "float8_e4m3fn, float8_e5m2 or float4_e2m1fn",
           kind.name)
-  return _fake_mx(x, kind)
+  return _fake_mx_program(x, kind)
 
 
 def _grouped_view(w: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -262,6 +284,15 @@ def fake_quant_weight(weight: jax.Array, weight_scale: jax.Array, *, bits: int =
   """`fake_quant` of expert weights `[e, k, n]` per channel (`weight_scale [e, n]`)
   or per group of k rows (`[e, G, n]`, groups of k/G rows)."""
   _check_float("weight", weight)
+  _check_float("weight_scale", weight_scale)
+  _grid(bits, None)
+  _check_grad_scale(grad_scale)
+  _check_known_scale("weight_scale", weight_scale)
+  return _fake_quant_weight(weight, weight_scale, bits, grad_scale)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _fake_quant_weight(weight, weight_scale, bits, grad_scale):
   w4, s4 = _grouped_view(weight, weight_scale)
   return fake_quant(w4, s4, bits=bits, grad_scale=grad_scale).reshape(weight.shape)
 
@@ -269,6 +300,13 @@ def fake_quant_weight(weight: jax.Array, weight_scale: jax.Array, *, bits: int =
 def quantize_weight(weight: jax.Array, weight_scale: jax.Array, *, bits: int = 8) -> jax.Array:
   """int8 codes `[e, k, n]` of `fake_quant_weight` (int4 values for bits=4)."""
   _check_float("weight", weight)
+  _check_float("weight_scale", weight_scale)
+  _grid(bits, None)
+  return _quantize_weight(weight, weight_scale, bits)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _quantize_weight(weight, weight_scale, bits):
   w4, s4 = _grouped_view(weight, weight_scale)
   return quantize(w4, s4, bits=bits).reshape(weight.shape)
 
@@ -283,6 +321,12 @@ def weight_scale_from_amax(weight: jax.Array, *, groups: int = 1, bits: int = 8)
   if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1 \
       or k % groups:
     fail("groups", f"a positive int dividing k={k}", repr(groups))
+  return _weight_scale_from_amax(weight, int(groups), qmax)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _weight_scale_from_amax(weight, groups, qmax):
+  e, k, n = weight.shape
   amax = jnp.max(jnp.abs(weight.reshape(e, groups, k // groups, n)), axis=2).astype(jnp.float32)
   # correctly rounded (XLA's float32 division need not be)
   scale = jnp.where(amax > 0, epilogue.scale_for_amax(amax, qmax), 1.0)
@@ -336,7 +380,7 @@ def fake_quant_gmm_swiglu_quant(
   e, k_w, n = weight.shape
   require(k_w == k, "weight", f"[e, k={k}, n] to match x {describe(x)}", describe(weight))
   require(n % 2 == 0, "weight", "an even n (last dim; SwiGLU halves it)", describe(weight))
-  _grouped_view(weight, weight_scale)
+  check_scale_groups("weight_scale", weight_scale, e=e, n=n, k=k)
   if weight_scale.ndim == 3 and weight_scale.shape[1] > 1:
     require(weight_bits == 4, "weight_scale", "[e, n] for weight_bits=8 (per-group scales are "
             "the A8W4 path)", describe(weight_scale))
@@ -346,8 +390,9 @@ def fake_quant_gmm_swiglu_quant(
   run = grouped_lib.Run(implementation, row_blocks.GmmBlockSizes.for_problem(
       m, len(ends), expected_tokens), interpret, tiles)
   static = isinstance(ends, tuple)
-  return _qat_fused(x, weight, weight_scale, None if static else ends, ends if static else None,
-                    weight_bits, grad_scale, expected_tokens, run)
+  return _qat_fused_program(x, weight, weight_scale, None if static else ends,
+                            ends if static else None, weight_bits, grad_scale, expected_tokens,
+                            run)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
@@ -391,3 +436,5 @@ def _qat_fused_bwd(static_ends, bits, grad_scale, expected_tokens, run, residual
 
 
 _qat_fused.defvjp(_qat_fused_fwd, _qat_fused_bwd)
+# Eager calls: one program (op by op, the first call compiled for seconds).
+_qat_fused_program = jax.jit(_qat_fused, static_argnums=(4, 5, 6, 7, 8))

@@ -8,6 +8,7 @@ descriptor instead of adding a flag per format to every op.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -121,8 +122,14 @@ def swiglu(c: jax.Array, *, activate_left: bool = True) -> jax.Array:
   n = c.shape[-1]
   if n % 2:
     fail("c", "an even last dim", n)
+  return _swiglu(c, activate_left)
+
+
+@functools.partial(jax.jit, static_argnums=1)  # eager calls: one compile, not one per op
+def _swiglu(c: jax.Array, activate_left: bool) -> jax.Array:
   if activate_left:
     return epilogue.swiglu(c)
+  n = c.shape[-1]
   return epilogue.swiglu_halves(c[..., n // 2:], c[..., : n // 2])
 
 
@@ -150,6 +157,12 @@ def quantize_per_token(s: jax.Array, spec: DynamicQuant = INT8_PER_TOKEN
           "npu_ops.quantize_mx)", repr(spec))
   if s.shape[-1] == 0:  # nothing to quantize: amax 0, scale 0
     return jnp.zeros(s.shape, spec.dtype), jnp.zeros(s.shape[:-1], jnp.float32)
+  return _quantize_per_token(s, spec)
+
+
+# One program: op by op, an eager call's first run compiled dozens (seconds)
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_per_token(s: jax.Array, spec: DynamicQuant) -> tuple[jax.Array, jax.Array]:
   q, scale = epilogue.quantize_rows(s.astype(jnp.float32), qmax=spec.qmax, dtype=spec.dtype,
                                     exact_subnormals=True)
   return q, scale[..., 0]
@@ -178,6 +191,11 @@ def quantize_mx(s: jax.Array, dtype: Any = jnp.float8_e4m3fn) -> tuple[jax.Array
   require(s.ndim >= 1, "s", "rank >= 1 ([..., d])", describe(s))
   dtype = check_dtype_arg("dtype", dtype)
   require(dtype in _DTYPES[MX], "dtype", f"one of {_dtype_names(_DTYPES[MX])}", dtype.name)
+  return _quantize_mx(s, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)  # eager calls: one compile, not one per op
+def _quantize_mx(s: jax.Array, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
   codes, scale = epilogue.quantize_mx_rows(s, dtype, exact_subnormals=True)
   return codes, jax.lax.bitcast_convert_type(scale, jnp.float8_e8m0fnu)
 
@@ -201,9 +219,13 @@ def dequantize_mx(codes: jax.Array, scales: jax.Array, dtype: Any = jnp.float32)
   require(tuple(scales.shape) == tuple(codes.shape[:-1]) + (blocks,), "scales",
           f"shape {list(codes.shape[:-1]) + [blocks]} (one per block of 32 of codes "
           f"{describe(codes)})", describe(scales))
-  scale_bytes = e8m0_bytes("scales", scales)
-  per_element = jnp.repeat(epilogue.e8m0_to_float32(scale_bytes), epilogue.MX_BLOCK,
-                           axis=-1)[..., :d]
+  return _dequantize_mx(codes, scales, out)  # e8m0_bytes checks the scales' dtype
+
+
+@functools.partial(jax.jit, static_argnums=2)  # eager calls: one compile, not one per op
+def _dequantize_mx(codes: jax.Array, scales: jax.Array, out: np.dtype) -> jax.Array:
+  per_element = jnp.repeat(epilogue.e8m0_to_float32(e8m0_bytes("scales", scales)),
+                           epilogue.MX_BLOCK, axis=-1)[..., :codes.shape[-1]]
   return (codes.astype(jnp.float32) * per_element).astype(out)
 
 

@@ -1,0 +1,63 @@
+"""Called eagerly (outside jit), each op runs as one compiled program, not op by op: op by op,
+the first call of a quantizer compiled dozens of small programs (1.4-2.7 s for
+`quantize_per_token`, `dynamic_fake_quant`, `fake_quant_weight`, the MX quantizers; 5.3 s for
+`fake_quant_gmm_swiglu_quant`; docs/performance.md, "Compile time"). Counted, not timed: the
+programs JAX lowers during one call. The shapes are this file's own, so no other test's
+programs are in JAX's caches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import npu_ops
+
+M, K, N, E = 37, 72, 46, 3
+rng = np.random.default_rng(0)
+ARRAYS = dict(x=rng.normal(size=(M, K)).astype(np.float32),
+              w=rng.normal(size=(E, K, N)).astype(np.float32),
+              ws=rng.uniform(0.01, 0.1, (E, N)).astype(np.float32),
+              x8=rng.integers(-127, 128, (M, K)).astype(np.int8),
+              w8=rng.integers(-127, 128, (E, K, N)).astype(np.int8),
+              xs=rng.uniform(0.01, 0.1, (M,)).astype(np.float32),
+              dy=rng.normal(size=(M, N)).astype(np.float32),
+              counts=np.asarray([10, 0, 20], np.int32))
+
+# (name, call, programs): the group list of a grouped op is checked and turned into ends by
+# a program of its own, v2's facade lays out the weight scale by one more (a reshape);
+# dequantize_mx's call quantizes first.
+CALLS = [
+    ("quantize_per_token", lambda a: npu_ops.quantize_per_token(a["x"]), 1),
+    ("swiglu", lambda a: npu_ops.swiglu(a["x"]), 1),
+    ("quantize_mx", lambda a: npu_ops.quantize_mx(a["x"]), 1),
+    ("dequantize_mx", lambda a: npu_ops.dequantize_mx(*npu_ops.quantize_mx(a["x"])), 2),
+    ("fake_quant", lambda a: npu_ops.fake_quant(a["x"], np.float32(0.1)), 1),
+    ("dynamic_fake_quant", lambda a: npu_ops.dynamic_fake_quant(a["x"]), 1),
+    ("fake_quant_mx", lambda a: npu_ops.fake_quant_mx(a["x"]), 1),
+    ("fake_quant_weight", lambda a: npu_ops.fake_quant_weight(a["w"], a["ws"]), 1),
+    ("quantize_weight", lambda a: npu_ops.quantize_weight(a["w"], a["ws"]), 1),
+    ("weight_scale_from_amax", lambda a: npu_ops.weight_scale_from_amax(a["w"]), 1),
+    ("fake_quant_gmm_swiglu_quant", lambda a: npu_ops.fake_quant_gmm_swiglu_quant(
+        a["x"], a["w"], a["ws"], a["counts"], group_list_type=1), 2),
+    ("grouped_matmul", lambda a: npu_ops.grouped_matmul(a["x"], a["w"], a["counts"]), 2),
+    ("tgmm", lambda a: npu_ops.tgmm(a["x"], a["dy"], a["counts"]), 2),
+    ("npu_grouped_matmul_swiglu_quant_v2", lambda a: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        a["x8"], a["w8"], a["ws"], a["xs"], a["counts"], group_list_type=1), 3),
+]
+
+
+@pytest.mark.parametrize("name,call,programs", CALLS, ids=[c[0] for c in CALLS])
+def test_an_eager_call_is_one_program(name, call, programs):
+  arrays = {k: jnp.asarray(v) for k, v in ARRAYS.items()}  # moved before counting
+  lowered = []
+
+  def listen(event, duration, **kw):
+    del duration, kw
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    jax.block_until_ready(call(arrays))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert 1 <= len(lowered) <= programs, (name, len(lowered))
