@@ -758,6 +758,7 @@ for _prim, _impl, _abstract, _transpose, _batch in (
     (_matmul_p, _matmul_impl, _matmul_abstract, _matmul_transpose, _matmul_batch),
     (_tgmm_p, _tgmm_impl, _tgmm_abstract, _tgmm_transpose, _tgmm_batch)):
   _prim.def_impl(_compiled_impl(_prim))
+  _prim.expansion = _impl  # what it lowers to (npu_ops.perf follows it)
   _prim.def_abstract_eval(_abstract)
   mlir.register_lowering(_prim, mlir.lower_fun(_impl, multiple_results=False))
   ad.primitive_jvps[_prim] = _bilinear_jvp(_prim)

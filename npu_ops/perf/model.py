@@ -274,10 +274,10 @@ def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
       avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
       closed = jax.make_jaxpr(branch)(*avals)
       outs = _walk(closed.jaxpr, closed.consts, vals, acc)
-    elif name.startswith("npu_ops_") and getattr(eqn.primitive, "impl", None):
-      # npu_ops' own primitives (grouped matmul, tgmm) lower through their impl
+    elif name.startswith("npu_ops_") and getattr(eqn.primitive, "expansion", None):
+      # npu_ops' own primitives (grouped matmul, tgmm) lower through their expansion
       avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-      impl, params = eqn.primitive.impl, eqn.params
+      impl, params = eqn.primitive.expansion, eqn.params
       closed = jax.make_jaxpr(lambda *a: impl(*a, **params))(*avals)
       outs = _walk(closed.jaxpr, closed.consts, vals, acc)
       outs = outs if eqn.primitive.multiple_results else outs[:1]
