@@ -22,9 +22,22 @@ import ml_dtypes
 INT8_QMAX = 127.0
 
 
+@jax.custom_jvp
 def silu(x: jax.Array) -> jax.Array:
-  """`x / (1 + exp(-x))` in the dtype of x (the kernels' form, beta = 1)."""
+  """`x / (1 + exp(-x))` in the dtype of x (the kernels' form, beta = 1).
+
+  Differentiable everywhere: `exp(-x)` overflows below x = -88.7 (float32, bfloat16; -11.1
+  in float16), where the value is -0 but the quotient's derivative would be inf / inf;
+  the derivative is `s * (1 + x * (1 - s))` with `s = sigmoid(x)` instead (`lax.logistic`,
+  whose own derivatives are finite too)."""
   return x / (1 + jnp.exp(-x))
+
+
+@silu.defjvp
+def _silu_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  s = jax.nn.sigmoid(x)
+  return silu(x), t * (s * (1 + x * (1 - s)))
 
 
 def swiglu_halves(act: jax.Array, gate: jax.Array) -> jax.Array:

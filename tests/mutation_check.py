@@ -67,6 +67,11 @@ MUTANTS = (
     Mutant("swiglu_order", "pallas_kernels/epilogue.py",
            "  return silu(act) * gate", "  return silu(gate) * act",
            ("tests/test_implementations.py", "-k", "fused_op and A8W8 and xla")),
+    # silu differentiated as written: inf / inf (NaN) where exp(-x) overflows.
+    Mutant("silu_grad_nan", "pallas_kernels/epilogue.py",
+           "  return silu(x), t * (s * (1 + x * (1 - s)))",
+           "  return jax.jvp(lambda x: x / (1 + jnp.exp(-x)), (x,), (t,))",
+           ("tests/test_qat.py", "-k", "exp_overflows")),
     # Group boundaries one row late (dynamic counts).
     Mutant("group_boundaries", "npu_ops/_src/groups.py",
            "      return jnp.minimum(jnp.cumsum(sizes, dtype=jnp.int32), m)",

@@ -225,6 +225,42 @@ def test_fused_vjp_against_numpy(bits, groups, dynamic):
   assert not np.asarray(dw)[1].any() and not np.asarray(ds)[1].any()  # empty expert
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16])
+def test_swiglu_gradient_where_exp_overflows(dtype):
+  """silu(a) = a / (1 + exp(-a)) overflows exp below a = -88.7 (float32, bfloat16; float16:
+  -11.1), where differentiating the quotient gives inf / inf. The vjp is silu'(a) * gate *
+  g and silu(a) * g, as NumPy computes them in float64 from the formula."""
+  a = np.array([-3e4, -200, -100, -89, -20, -12, -5, -0.5, 0, 0.5, 5, 12, 20, 89, 3e4])
+  c = np.concatenate([a, np.linspace(-2, 2, a.size)])[None].astype(dtype)
+  g = np.full((1, a.size), 0.75, dtype)
+  _, (got,) = vjp_of(npu_ops.swiglu, (c,), g)
+  c64, g64 = np.asarray(c, np.float64), np.asarray(g, np.float64)
+  act, gate = c64[:, :a.size], c64[:, a.size:]
+  with np.errstate(over="ignore"):
+    want = np.concatenate([g64 * gate * ref.silu_grad(act), g64 * act / (1 + np.exp(-act))], 1)
+  got = np.asarray(got, np.float64)
+  assert np.isfinite(got).all(), got
+  eps = float(jnp.finfo(dtype).eps)
+  np.testing.assert_allclose(got, want, rtol=4 * eps, atol=4 * eps * np.abs(want).max())
+
+
+def test_fused_vjp_where_the_gate_saturates():
+  """Products past -88.7 (silu's exp overflows): the training form's vjp stays the
+  formula's, finite."""
+  x, w, scale, counts = fused_case(14)
+  w, scale = w * 100, scale * 100            # products of about +-100
+  g = np.random.default_rng(15).normal(size=(x.shape[0], w.shape[2] // 2)).astype(np.float32)
+  f = lambda x, w, s: qat.fake_quant_gmm_swiglu_quant(x, w, s, counts, group_list_type=1)
+  _, got = vjp_of(f, (x, w, scale), g)
+  want = ref.qat_swiglu_quant_vjp(x, w, scale, ref.group_bounds(counts, 1), g, QMAX[8])
+  c = ref.grouped_matmul(x, w, ref.group_bounds(counts, 1), np.float64)
+  assert (c[:, :w.shape[2] // 2] < -89).any()  # the case is the one named
+  for name, got_v, want_v in zip(("dx", "dw", "dscale"), got, want):
+    assert np.isfinite(np.asarray(got_v)).all(), name
+    np.testing.assert_allclose(np.asarray(got_v), want_v, rtol=1e-3,
+                               atol=1e-4 * np.abs(want_v).max(), err_msg=name)
+
+
 @pytest.mark.slow  # float64 finite differences of the whole chain: ~15 s
 def test_fused_vjp_is_the_gradient_of_the_ste_function():
   """check_grads on the chain with every rounding residual frozen, then ours == its vjp."""
