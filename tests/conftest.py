@@ -23,15 +23,22 @@ if os.environ.get("NPU_OPS_TEST_COMPILATION_CACHE", "1") != "0":
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# Most tests compile a small program and run it once, so LLVM's optimizations in XLA:CPU
-# cost more than they save: with `jax_disable_most_optimizations` (LLVM at -O0 without its
-# expensive passes; XLA's own HLO passes run as always, so every program computes the same
-# IEEE operations) the suite compiles about a quarter faster (docs/performance.md, "Compile
-# time"). Inherited by what the tests spawn; the exceptions run as users run them: the
-# compile-only accelerator builds (test_aot) and the QAT notebook, which trains for minutes.
+# Most tests compile a small program and run it once, so XLA:CPU's code generation costs
+# more than it saves: LLVM at -O0 without its expensive passes
+# (`jax_disable_most_optimizations`), and fusions emitted by XLA's elemental IR emitter
+# instead of its MLIR fusion emitters (which build and optimize an MLIR module per fusion
+# whatever the LLVM level). XLA's HLO passes run as always: the elemental emitter gives the
+# same bits as the fusion emitters, and -O0 the same but for the order in which a
+# vectorized float reduction adds (an ulp or two; integers exact). Together they halve the
+# suite's compile time (docs/performance.md, "Compile time"). Inherited by what the tests
+# spawn; the exceptions run as users run them: the compile-only accelerator builds
+# (test_aot) and the QAT notebook, which trains for minutes (`users_compiler`).
 # NPU_OPS_TEST_FAST_COMPILE=0: XLA's defaults everywhere.
+FAST_COMPILE_XLA_FLAG = "--xla_cpu_use_fusion_emitters=false"
 if os.environ.get("NPU_OPS_TEST_FAST_COMPILE", "1") != "0":
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+  if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAG}".strip()
 
 import hypothesis  # noqa: E402
 
@@ -67,6 +74,15 @@ def pytest_configure(config):
   # longest tests first (`pytest_collection_modifyitems`) the workers finish together
   if getattr(config.option, "maxschedchunk", 0) is None:
     config.option.maxschedchunk = 1
+
+
+@pytest.fixture
+def users_compiler(monkeypatch):
+  """XLA:CPU at its defaults, as users run it, for the processes a test spawns (the
+  fast-compile settings above off)."""
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
+  monkeypatch.setenv("XLA_FLAGS", " ".join(
+      f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_COMPILE_XLA_FLAG))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -117,13 +117,13 @@ TRAINS = {"moe_qat.ipynb"}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")))
-def test_notebook_executes(name, monkeypatch):
+def test_notebook_executes(name, monkeypatch, request):
   """Runs every cell in a fresh kernel (nbclient), at most 5 minutes a cell."""
   import nbclient
   import nbformat
   monkeypatch.setenv("MPLBACKEND", "Agg")
   if name in TRAINS:
-    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
+    request.getfixturevalue("users_compiler")
   nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
   nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                           resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
