@@ -72,6 +72,16 @@ MUTANTS = (
            "  return silu(x), t * (s * (1 + x * (1 - s)))",
            "  return jax.jvp(lambda x: x / (1 + jnp.exp(-x)), (x,), (t,))",
            ("tests/test_qat.py", "-k", "exp_overflows")),
+    # The dynamic scale's largest |x| counted as clipped where x * fl(qmax / amax) > qmax.
+    Mutant("dynamic_max_clipped", "npu_ops/_src/qat.py",
+           "  inside = jnp.abs(v) <= qmax if clips else jnp.ones(v.shape, bool)",
+           "  inside = jnp.abs(v) <= qmax",
+           ("tests/test_qat.py", "-k", "tied_maxima")),
+    # MX scale byte 0 (2**-127, a float32 subnormal) used as an operand: XLA:CPU reads 0.
+    Mutant("mx_subnormal_scale", "npu_ops/_src/quant.py",
+           "  return (jnp.where(b == 0, v * 0.5, v) * epilogue.e8m0_to_float32(jnp.maximum(b, 1))).astype(out)",
+           "  return (v * epilogue.e8m0_to_float32(b)).astype(out)",
+           ("tests/test_fp8_mx.py", "-k", "either_end")),
     # Group boundaries one row late (dynamic counts).
     Mutant("group_boundaries", "npu_ops/_src/groups.py",
            "      return jnp.minimum(jnp.cumsum(sizes, dtype=jnp.int32), m)",

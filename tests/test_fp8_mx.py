@@ -391,6 +391,33 @@ def test_fake_quant_mx(out):
     npu_ops.fake_quant_mx(x, jnp.int8)
 
 
+@pytest.mark.parametrize("out", MX)
+def test_mx_blocks_at_either_end_of_the_range(out):
+  """Scale byte 0 is 2**-127, a float32 subnormal, which XLA:CPU reads as 0 as an operand:
+  such a block still dequantizes to its normal values, and its gradient is straight
+  through. Float16 blocks at the top of its range (65408-65504 round to bfloat16 65536
+  first) fake-quantize to float16's largest value, not inf."""
+  top = float(jnp.finfo(getattr(jnp, out)).max) * 2.0**-127  # the largest |x| of byte 0
+  tiny = (np.linspace(0.05, 0.99, 32) * top).astype(F32)[None]
+  codes, scales = npu_ops.quantize_mx(tiny, getattr(jnp, out))
+  assert not np.asarray(scales).view(np.uint8).any()  # the case is the one named
+  want_y, want_dx = ref.mx_ste(tiny, np.ones_like(tiny), out)
+  normal = np.abs(want_y) >= np.finfo(F32).tiny     # smaller ones flush to 0 (as above)
+  assert normal.sum() > 16
+  for got in (npu_ops.dequantize_mx(codes, scales), npu_ops.fake_quant_mx(tiny, getattr(jnp, out))):
+    np.testing.assert_array_equal(np.asarray(got)[normal], want_y[normal])
+  (dx,) = jax.vjp(lambda x: npu_ops.fake_quant_mx(x, getattr(jnp, out)), tiny)[1](np.ones_like(tiny))
+  np.testing.assert_array_equal(dx, want_dx)
+  assert want_dx.all()
+
+  top = np.linspace(65408, 65504, 32).astype(np.float16)[None]
+  g = np.ones_like(top)
+  y, vjp = jax.vjp(lambda x: npu_ops.fake_quant_mx(x, getattr(jnp, out)), top)
+  want_y, want_dx = ref.mx_ste(top, g, out)
+  np.testing.assert_array_equal(np.asarray(y, F32), np.minimum(want_y, 65504))
+  np.testing.assert_array_equal(vjp(g)[0], want_dx)
+
+
 @pytest.mark.parametrize("impl", kernels_for("fused_mx_fp8"))
 @pytest.mark.parametrize("out,mode", [("float8_e4m3fn", 2), ("float4_e2m1fn", 2),
                                       ("float8_e5m2", 0), ("int8", 0)])

@@ -129,6 +129,27 @@ def test_dynamic_fake_quant_vjp_against_numpy(bits):
   np.testing.assert_array_equal(np.asarray(dx)[2], g[2])  # zero row: identity, finite
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dynamic_fake_quant_vjp_with_tied_maxima(bits):
+  """Rows whose largest |x| appears twice (common in bfloat16 or quantized data), at
+  values where `amax * fl(qmax / amax)` rounds above qmax: no element lies outside the
+  range by construction, so each gets the straight-through g plus its share of the
+  scale's term (ties share it, as JAX's max does)."""
+  qmax = np.float32(QMAX[bits])
+  rng = np.random.default_rng(16)
+  a = rng.uniform(1, 2, 4096).astype(np.float32)
+  a = a[a * (qmax / a) > qmax][:16]        # float32 arithmetic, as on device
+  assert a.size == 16
+  x = rng.uniform(-0.9, 0.9, (32, 8)).astype(np.float32) * np.concatenate([a, a])[:, None]
+  x[:16, 0], x[:16, 1] = a, -a             # opposite signs
+  x[16:, 0], x[16:, 1] = a, a              # the same sign
+  g = rng.normal(size=x.shape).astype(np.float32)
+  y, (dx,) = vjp_of(functools.partial(qat.dynamic_fake_quant, bits=bits), (x,), g)
+  want_y, want_dx = ref.dynamic_lsq(x, g, qmax)
+  np.testing.assert_allclose(np.asarray(y), want_y, rtol=2e-7, atol=0)
+  np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-6)
+
+
 def test_dynamic_fake_quant_rule_is_the_gradient_of_the_ste_function():
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(4, 16)).astype(np.float32))
@@ -350,3 +371,5 @@ def test_quantizer_bad_input():
     qat.dynamic_fake_quant(jnp.ones((2, 2)), bits=2)
   with pytest.raises(ValueError, match="groups"):
     qat.weight_scale_from_amax(jnp.ones((2, 6, 4)), groups=4)
+  with pytest.raises(ValueError, match="^x: expected rank >= 1"):
+    qat.fake_quant_mx(jnp.float32(1.0))

@@ -106,21 +106,25 @@ def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jnp.sum(t, axis=axes, keepdims=True).reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _lsq(x, scale, inv, qmax, grad_scale, grid=None):
-  """`codes(x / scale) * scale`; inv is `_reciprocal(scale)` (or of amax, qmax): rounding only."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _lsq(x, scale, inv, qmax, grad_scale, grid=None, clips=True):
+  """`codes(x / scale) * scale`; inv is `_reciprocal(scale)` (or of amax, qmax): rounding only.
+
+  clips=False where no x lies outside `qmax * scale` by construction (the dynamic scale
+  `amax / qmax`): `x * inv` of the largest |x| may round a hair above qmax, which is no clip.
+  """
   return (_codes(x, inv, qmax, grid) * scale).astype(x.dtype)
 
 
-def _lsq_fwd(x, scale, inv, qmax, grad_scale, grid=None):
-  return _lsq(x, scale, inv, qmax, grad_scale, grid), (x, scale, inv)
+def _lsq_fwd(x, scale, inv, qmax, grad_scale, grid=None, clips=True):
+  return _lsq(x, scale, inv, qmax, grad_scale, grid, clips), (x, scale, inv)
 
 
-def _lsq_bwd(qmax, grad_scale, grid, residuals, g):
+def _lsq_bwd(qmax, grad_scale, grid, clips, residuals, g):
   x, scale, inv = residuals
   v = _ratio(x.astype(jnp.float32), inv)
   q = _codes(x.astype(jnp.float32), inv, qmax, grid)
-  inside = jnp.abs(v) <= qmax
+  inside = jnp.abs(v) <= qmax if clips else jnp.ones(v.shape, bool)
   g32 = g.astype(jnp.float32)
   dx = jnp.where(inside, g32, 0).astype(x.dtype)
   dscale = _sum_to_shape(g32 * jnp.where(inside, q - v, q), scale.shape)
@@ -223,20 +227,23 @@ def _dynamic_fake_quant(x, qmax, grid):
   # derivative 1 / qmax of amax / qmax (the added term is 0 in the forward pass)
   scale = jax.lax.stop_gradient(epilogue.scale_for_amax(exact, qmax)) + (
       amax - jax.lax.stop_gradient(amax)) / qmax
-  return _lsq(x, scale, inv, qmax, None, grid)
+  return _lsq(x, scale, inv, qmax, None, grid, False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _fake_mx(x, dtype):
   codes, scales = quant_lib.quantize_mx(x, dtype)
-  return quant_lib.dequantize_mx(codes, scales, x.dtype)
+  # saturated to x's type: float16 values within a bfloat16 step of 65504 round to 65536
+  top = float(jnp.finfo(x.dtype).max)
+  return jnp.clip(quant_lib.dequantize_mx(codes, scales), -top, top).astype(x.dtype)
 
 
 def _fake_mx_fwd(x, dtype):
   codes, scales = quant_lib.quantize_mx(x, dtype)
-  per_element = quant_lib.dequantize_mx(jnp.ones(codes.shape, codes.dtype), scales)
-  inside = jnp.abs(x.astype(jnp.float32)) <= float(ml_dtypes.finfo(dtype).max) * per_element
-  return quant_lib.dequantize_mx(codes, scales, x.dtype), inside
+  # the largest code times each block's scale (computed as dequantize_mx computes it)
+  top = quant_lib.dequantize_mx(jnp.full(codes.shape, ml_dtypes.finfo(dtype).max, codes.dtype),
+                                scales)
+  return _fake_mx(x, dtype), jnp.abs(x.astype(jnp.float32)) <= top
 
 
 def _fake_mx_bwd(dtype, inside, g):
@@ -249,7 +256,8 @@ _fake_mx_program = jax.jit(_fake_mx, static_argnums=1)  # eager calls: one compi
 
 def fake_quant_mx(x: jax.Array, dtype: Any = jnp.float8_e4m3fn) -> jax.Array:
   """MX fake quantization over the last axis (blocks of 32): `dequantize_mx(quantize_mx(x))`
-  in the dtype of x, the numbers of an MX-quantized op (semantics B.1.6).
+  in the dtype of x, the numbers of an MX-quantized op (semantics B.1.6), saturated to the
+  dtype's largest value (float16 values within a bfloat16 step of 65504 round to 65536).
 
   Backward: straight-through for x, 0 where the code saturated (`|x|` above the element
   type's largest value times the block scale) and in inf / NaN blocks. The block scale is
@@ -261,6 +269,8 @@ def fake_quant_mx(x: jax.Array, dtype: Any = jnp.float8_e4m3fn) -> jax.Array:
     dtype: float8_e4m3fn (default), float8_e5m2 or float4_e2m1fn.
   """
   _check_float("x", x)
+  require(x.ndim >= 1, "x", "rank >= 1 ([..., d]: blocks of 32 along the last axis)",
+          describe(x))
   kind = check_dtype_arg("dtype", dtype)
   require(kind in quant_lib.MX_DTYPES, "dtype", "float8_e4m3fn, float8_e5m2 or float4_e2m1fn",
           kind.name)

@@ -224,9 +224,12 @@ def dequantize_mx(codes: jax.Array, scales: jax.Array, dtype: Any = jnp.float32)
 
 @functools.partial(jax.jit, static_argnums=2)  # eager calls: one compile, not one per op
 def _dequantize_mx(codes: jax.Array, scales: jax.Array, out: np.dtype) -> jax.Array:
-  per_element = jnp.repeat(epilogue.e8m0_to_float32(e8m0_bytes("scales", scales)),
-                           epilogue.MX_BLOCK, axis=-1)[..., :codes.shape[-1]]
-  return (codes.astype(jnp.float32) * per_element).astype(out)
+  b = jnp.repeat(e8m0_bytes("scales", scales), epilogue.MX_BLOCK,
+                 axis=-1)[..., :codes.shape[-1]].astype(jnp.int32)
+  v = codes.astype(jnp.float32)
+  # byte 0 is 2**-127, a float32 subnormal, which XLA:CPU reads as 0 as an operand: the
+  # same product as (v / 2) * 2**-126 (v / 2 is exact: codes are at least 2**-16)
+  return (jnp.where(b == 0, v * 0.5, v) * epilogue.e8m0_to_float32(jnp.maximum(b, 1))).astype(out)
 
 
 def e8m0_bytes(name: str, scales: jax.Array) -> jax.Array:
