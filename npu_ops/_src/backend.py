@@ -167,7 +167,9 @@ def run(op: GroupedOp, impl: str, args: Sequence[Any], tiles: TileSizes | None =
   A kernel runs with `tiles` (given, or its module's `default_tiles(op.problem)`).
   AUTO becomes a per-platform choice made at lowering (`platform_select`): the
   platform's kernel where it supports the problem, else XLA. A kernel asked for by name
-  and lowered for CPU without `interpret` raises a ValueError saying how to fix it.
+  and lowered for CPU without `interpret` raises a ValueError saying how to fix it. The
+  output shapes come from the reference (whole-array jnp, quick to trace), so a lowering
+  traces only the branch it lowers.
   """
   def on(name: str) -> Callable[..., Any]:
     def branch(*a):
@@ -182,10 +184,12 @@ def run(op: GroupedOp, impl: str, args: Sequence[Any], tiles: TileSizes | None =
   if impl in KERNELS and op.interpret:
     return on(impl)(*args)
   if impl in KERNELS:
-    return platform_select(args, {"cpu": _needs_interpret(impl)}, default=on(impl))
+    return platform_select(args, {"cpu": _needs_interpret(impl)}, default=on(impl),
+                           shapes=op.reference)
   if impl != AUTO:
     return op.xla(*args)
-  return platform_select(args, {p: on(k) for p, k in KERNEL_OF_PLATFORM.items()}, default=op.xla)
+  return platform_select(args, {p: on(k) for p, k in KERNEL_OF_PLATFORM.items()}, default=op.xla,
+                         shapes=op.reference)
 
 
 def _needs_interpret(impl: str) -> Callable[..., Any]:
@@ -209,18 +213,19 @@ _select_p.multiple_results = True
 
 
 def platform_select(args: Sequence[Any], branches: dict[str, Callable[..., Any]], *,
-                    default: Callable[..., Any]) -> Any:
+                    default: Callable[..., Any], shapes: Callable[..., Any] | None = None) -> Any:
   """`branches[platform](*args)` on the platforms named, `default(*args)` elsewhere.
 
   `args` may be pytrees (QArrays, None for an absent operand). Every branch returns the
-  same pytree of arrays (shapes from `default`). Outside of a trace the branch of
-  `jax.default_backend()` runs directly.
+  same pytree of arrays, whose shapes `jax.eval_shape(shapes or default, *args)` gives
+  (`shapes`: a function with the same results that is cheaper to trace). Outside of a
+  trace the branch of `jax.default_backend()` runs directly.
   """
   args = tuple(args)
   flat_args, args_tree = jax.tree.flatten(args)
   if not any(isinstance(a, jax.core.Tracer) for a in flat_args):
     return branches.get(jax.default_backend(), default)(*args)
-  out_shapes = jax.eval_shape(default, *args)
+  out_shapes = jax.eval_shape(shapes or default, *args)
   flat_shapes, tree = jax.tree.flatten(out_shapes)
   flat = lambda f: (lambda *a: jax.tree.leaves(f(*jax.tree.unflatten(args_tree, a))))
   outs = _select_p.bind(*flat_args, branches=tuple((p, flat(f)) for p, f in branches.items()),
