@@ -82,6 +82,11 @@ MUTANTS = (
            "  return (jnp.where(b == 0, v * 0.5, v) * epilogue.e8m0_to_float32(jnp.maximum(b, 1))).astype(out)",
            "  return (v * epilogue.e8m0_to_float32(b)).astype(out)",
            ("tests/test_fp8_mx.py", "-k", "either_end")),
+    # B.6's weight left unrounded after the scale (XLA keeps a bf16 product in float32).
+    Mutant("antiquant_unrounded", "npu_ops/_src/weight_quant.py",
+           "  return _rounded(wf * scale.astype(inter), dtype).astype(dtype)\n",
+           "  return (wf * scale.astype(inter)).astype(dtype)\n",
+           ("tests/test_quant_matmul.py", "-k", "rounds_the_weight")),
     # Group boundaries one row late (dynamic counts).
     Mutant("group_boundaries", "npu_ops/_src/groups.py",
            "      return jnp.minimum(jnp.cumsum(sizes, dtype=jnp.int32), m)",

@@ -239,6 +239,25 @@ def test_weight_quant_batchmatmul(xdt, granularity, wform, with_offset):
                              atol=tol * np.abs(want).max())
 
 
+@pytest.mark.parametrize("xdt", [np.float16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_weight_quant_batchmatmul_rounds_the_weight_where_the_golden_does(xdt, with_offset):
+  """x diagonal with odd entries (3, 5, 7): out[i] = x_ii * W'[i] is exact in float32 and
+  rounded once to x's dtype, so B.6's roundings of W' itself (after the offset, after the
+  scale, to x's dtype) are compared bit for bit. (XLA keeps a bfloat16 product in float32
+  unless told to round it: its excess-precision rule, on by default.)"""
+  rng = np.random.default_rng(17)
+  k, n = 64, 32
+  x = np.diag(rng.choice([3, 5, 7, -3, -5], k)).astype(xdt)
+  w = rng.integers(-128, 128, (k, n)).astype(np.int8)
+  scale = rng.uniform(0.001, 0.05, (1, n)).astype(xdt)
+  offset = rng.uniform(-3, 3, (1, n)).astype(xdt) if with_offset else None
+  for run in (npu_ops.npu_weight_quant_batchmatmul, jax.jit(npu_ops.npu_weight_quant_batchmatmul)):
+    got = run(x, w, scale[0], None if offset is None else offset[0])
+    want = ref.weight_quant_matmul(x, w, scale, offset).astype(xdt)  # one term a row: exact
+    np.testing.assert_array_equal(np.asarray(got, F32), want.astype(F32))
+
+
 def test_weight_quant_batchmatmul_int8_output():
   rng = np.random.default_rng(7)
   x = rng.normal(size=(4, 64)).astype(np.float16)

@@ -160,8 +160,17 @@ def antiquant_weight(w: jax.Array, scale: jax.Array, offset: jax.Array | None, d
   inter = dtype if inter is None else inter
   wf = w.astype(inter)  # exact: |W| <= 128
   if offset is not None:
-    wf = (wf + offset.astype(inter)).astype(inter)
-  return (wf * scale.astype(inter)).astype(dtype)
+    wf = _rounded(wf + offset.astype(inter), inter)
+  return _rounded(wf * scale.astype(inter), dtype).astype(dtype)
+
+
+def _rounded(v: jax.Array, dtype: Any) -> jax.Array:
+  """v rounded to `dtype`'s precision (to nearest even). XLA may keep a bfloat16 or float16
+  operation's result in float32 where the next one reads it as float32 (its excess-precision
+  rule, on by default: XLA:CPU computes bfloat16 arithmetic in float32); `reduce_precision`
+  is an operation it keeps."""
+  info = jnp.finfo(dtype)
+  return jax.lax.reduce_precision(v, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 @jax.jit
