@@ -201,6 +201,27 @@ def test_int4pack_all_nibbles_and_round_trips():
   np.testing.assert_array_equal(npu_ops.npu_convert_weight_to_int4pack(w).T, ref.pack_int4(w).T)
 
 
+def test_int4pack_of_an_nz_weight_is_the_nz_of_the_packed_weight():
+  """B.3, NZ input: the weight is cast back to ND, packed, and laid out as NZ again with
+  C0 = 8 int32 (`nz[j//8, i//16, i%16, j%8] = packed[i, j]`): the seed's graph-mode flow
+  (is_weight_nz, k = 17, n = 72), where it then feeds npu_weight_quant_batchmatmul."""
+  rng = np.random.default_rng(18)
+  k, n = 17, 72
+  w = rng.integers(-8, 8, (k, n)).astype(np.int32)
+  got = npu_ops.npu_convert_weight_to_int4pack(npu_ops.npu_format_cast(w, npu_ops.FORMAT_NZ))
+  packed = ref.pack_int4(w)                                # (k, n/8)
+  want = np.zeros((-(-(n // 8) // 8), -(-k // 16), 16, 8), np.int32)
+  for i, j in np.ndindex(*packed.shape):
+    want[j // 8, i // 16, i % 16, j % 8] = packed[i, j]
+  np.testing.assert_array_equal(got, want)
+  x = rng.normal(size=(3, k)).astype(np.float16)
+  scale = rng.uniform(0.01, 0.05, n).astype(np.float16)
+  np.testing.assert_array_equal(npu_ops.npu_weight_quant_batchmatmul(x, got, scale),
+                                npu_ops.npu_weight_quant_batchmatmul(x, packed, scale))
+  with pytest.raises(ValueError, match="weight"):
+    npu_ops.npu_convert_weight_to_int4pack(np.zeros((2, 2, 16, 4), np.int32))
+
+
 def test_int4pack_errors():
   with pytest.raises(ValueError, match=r"\[-8, 7\]"):
     npu_ops.npu_convert_weight_to_int4pack(np.full((2, 8), 8, np.int32))

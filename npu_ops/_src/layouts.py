@@ -174,19 +174,29 @@ def npu_convert_weight_to_int4pack(weight: Any, inner_k_tiles: int = 0) -> jax.A
   """torch_npu.npu_convert_weight_to_int4pack: int32 int4 values -> packed words.
 
   Args:
-    weight: int32 `[..., c]` (a `(k, n)` or `(n, k)` matrix) with values in
-      [-8, 7] and c a multiple of 8. Concrete arrays are range-checked (ValueError);
-      traced ones are checked under `jax.experimental.checkify`.
+    weight: int32 `[..., c]` (a `(k, n)` or `(n, k)` matrix, 2-D or 3-D) with values in
+      [-8, 7] and c a multiple of 8, or the FRACTAL_NZ storage of a `(k, n)` one
+      (rank 4: `[n/8, ceil(k/16), 16, 8]`, `npu_format_cast(w, 29)`). Concrete arrays are
+      range-checked (ValueError); traced ones are checked under `jax.experimental.checkify`.
     inner_k_tiles: reserved by torch_npu (ignored).
 
   Returns:
     int32 `[..., c/8]`: 8 values per word along the last dim, value t in bits
     `[4t, 4t+3]` (semantics B.3). To feed a transposed weight, pack `(n, k)` and
-    transpose the packed `(n, k/8)` result, as torch_npu documents.
+    transpose the packed `(n, k/8)` result, as torch_npu documents. An NZ weight is
+    packed as ND and laid out as NZ again: `[ceil(n/64), ceil(k/16), 16, 8]` (B.3; the
+    rows padding k to 16 pack to zero words, which NZ pads with anyway).
   """
   del inner_k_tiles
   check_dtype("weight", weight, (jnp.int32,))
   require(weight.ndim >= 2, "weight", "rank >= 2", describe(weight))
+  if weight.ndim == 4:  # rank tells NZ from ND (semantics A.2)
+    c1, r1, r0, c0 = weight.shape
+    require((r0, c0) == (NZ_ROWS, nz_c0(weight.dtype)), "weight", "rank 2-3 (ND) or the "
+            f"FRACTAL_NZ storage [n/8, ceil(k/16), {NZ_ROWS}, {nz_c0(weight.dtype)}] of an int32 "
+            "(k, n) weight (rank 4)", describe(weight))
+    _check_int4_range("weight", weight)
+    return to_nz(_pack_int4(from_nz(weight, r1 * NZ_ROWS, c1 * c0)))
   require(weight.shape[-1] % INT4_PER_INT32 == 0, "weight",
           "a last dim that is a multiple of 8", describe(weight))
   _check_int4_range("weight", weight)
