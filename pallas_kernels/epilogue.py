@@ -18,6 +18,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+import numpy as np
 
 INT8_QMAX = 127.0
 
@@ -157,9 +158,9 @@ def codes_for_amax(s: jax.Array, amax: jax.Array, *, qmax: float = INT8_QMAX,
 
 def float8_bits(v: jax.Array, dtype) -> jax.Array:
   """The bits of `v.astype(dtype)` as uint8 (an fp8 or fp4 type, the code in the low bits;
-  float32 `v` within its finite range), rounded half to even, from integer ops alone:
-  Triton converts to float8_e4m3fn only from sm_89 on, so the GPU kernels write these
-  bits (bitcast to the type outside)."""
+  float32 `v` within its finite range, or NaN for the 8-bit types: their NaN with v's sign),
+  rounded half to even, from integer ops alone: Triton converts to float8_e4m3fn only
+  from sm_89 on, so the GPU kernels write these bits (bitcast to the type outside)."""
   info = ml_dtypes.finfo(dtype)
   mant, bias, width = int(info.nmant), 1 - int(info.minexp), int(info.bits)
   bits = jax.lax.bitcast_convert_type(v, jnp.int32)
@@ -172,6 +173,8 @@ def float8_bits(v: jax.Array, dtype) -> jax.Array:
   steps = jax.lax.bitcast_convert_type(mag, jnp.float32) * 2.0 ** (bias + mant - 1)
   sub = round_half_even_small(steps).astype(jnp.int32)
   code = jnp.where(mag < ((128 - bias) << 23), sub, normal)
+  if width == 8:  # a row with inf gives NaN codes (its s * (qmax / inf)), as the cast does
+    code = jnp.where(mag > 0x7F800000, int(np.array(np.nan, dtype).view(np.uint8)), code)
   return (code | sign).astype(jnp.uint8)
 
 

@@ -11,7 +11,7 @@ import npu_ops
 from npu_ops._src import quant
 import numpy_reference as ref
 from helpers import SCALE_ULPS, assert_scale_close, counts_to_list
-from implementations import IMPLEMENTATIONS, kernels_for, kernels_without
+from implementations import IMPLEMENTATIONS, impls, kernels_for, kernels_without
 
 F32 = np.float32
 FP8 = ["float8_e4m3fn", "float8_e5m2"]
@@ -305,6 +305,28 @@ def test_kernels_fp8_per_token(impl, scenario, out):
                                            scenario=scenario, assist=assist, out=out), 0)
 
 
+@pytest.mark.parametrize("impl", impls("fused_A8W8"))
+@pytest.mark.parametrize("out", FP8)
+def test_fp8_per_token_row_with_inf_gives_nan_codes(impl, out):
+  """A row whose SwiGLU holds inf: amax = inf, so `s * (qmax / amax)` is NaN there and 0
+  elsewhere, cast to the type's NaN (with the NaN's sign) and 0; the scale is inf. Every
+  implementation gives the cast's bits (quantize_per_token's)."""
+  x = np.ones((4, 32), np.int8)
+  w = np.ones((1, 32, 8), np.int8)
+  ws = np.full((1, 8), 1e-2, F32)
+  ws[0, 5] = np.inf                                          # gate column 1 of row 0..3: S = inf
+  q, scale = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, np.ones(4, F32), [4], quant_dtype=getattr(jnp, out), **IMPLEMENTATIONS[impl])
+  s = ref.swiglu((x.astype(np.int64) @ w[0].astype(np.int64)).astype(F32) * ws[0])
+  with np.errstate(invalid="ignore"):
+    want = np.clip(s * (F32(ref.QMAX[out]) / np.abs(s).max(1, keepdims=True)),
+                   -ref.QMAX[out], ref.QMAX[out]).astype(getattr(ml_dtypes, out))
+  np.testing.assert_array_equal(np.asarray(q).view(np.uint8), want.view(np.uint8))
+  assert np.isnan(np.asarray(q, F32)[:, 1]).all() and np.isinf(scale).all()
+  q2, _ = npu_ops.quantize_per_token(s, npu_ops.DynamicQuant(getattr(jnp, out)))
+  np.testing.assert_array_equal(np.asarray(q2).view(np.uint8), want.view(np.uint8))
+
+
 @pytest.mark.parametrize("out", MX)
 def test_float8_bits_equal_the_cast(out):
   """The GPU kernels' integer-only fp8 / fp4 encoding and decoding (no fp8 conversion before
@@ -319,6 +341,8 @@ def test_float8_bits_equal_the_cast(out):
                       np.float32([-0.0, 1e-30, -3e-38]),
                       RNG.uniform(-1, 1, 20000).astype(F32) * grid[-1]]).astype(F32)
   v = np.clip(v, grid[0], grid[-1])
+  if out != "float4_e2m1fn":  # a NaN (either sign) casts to the type's NaN of that sign
+    v = np.concatenate([v, np.uint32([0x7FC00000, 0xFFC00000, 0x7F800001]).view(F32)])
   got = jax.jit(lambda a: epilogue.float8_bits(a, t))(v)
   np.testing.assert_array_equal(np.asarray(got), v.astype(t).view(np.uint8))
   # and back: every finite code's value

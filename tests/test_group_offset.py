@@ -133,6 +133,11 @@ def test_errors_and_clamping():
     npu_ops.tgmm(x, x, sizes, group_offset=0)
   with pytest.raises(ValueError, match="group_sizes: expected at least 2 groups"):
     npu_ops.grouped_matmul(x, w, [8], group_offset=0)
+  with pytest.raises(ValueError, match=r"group_list: expected at least 2 groups \(one per "
+                     r"local expert in weight\)"):  # v2 names torch_npu's arguments
+    npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        np.zeros((8, 4), np.int8), np.zeros((2, 4, 8), np.int8), np.ones((2, 8), np.float32),
+        np.ones(8, np.float32), np.array([8]), group_list_type=1, group_offset=0)
   # traced: clamped to [0, G - local], reported under checkify
   f = lambda o: npu_ops.grouped_matmul(x, w, jnp.asarray(sizes), group_offset=o)
   np.testing.assert_array_equal(jax.jit(f)(7), f(2))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import npu_ops
 from npu_ops._src import fused as fused_lib
 import numpy_reference as ref
+from implementations import IMPLEMENTATIONS, impls
 from helpers import (SCALE_ULPS, assert_int8_equal, assert_scale_close, counts_to_list, encode_int4_weight,
                      encode_int8_weight, int4_array)
 
@@ -350,3 +351,27 @@ def test_strict_dtype_and_rank_promotion(scenario, groups):
         x, w_in, ws, xs, jnp.asarray(counts), group_list_type=1, dequant_mode=int(groups > 1))
   check(got, x, w, ws, xs, counts, scenario,
         **({} if scenario == "A8W8" else {"assist": ref.canonical_assist(w, ws)}))
+
+
+@pytest.mark.parametrize("impl", impls("fused_A8W4"))
+def test_numpy_assist_matrix_under_jit_with_a_dynamic_list(impl):
+  """A8W4's assist matrix given as a NumPy array (v2's weight_assist_matrix, v1's bias)
+  inside jit with a traced group list: every implementation takes it and gives the
+  golden's codes (the reference indexed the NumPy array with traced group ids)."""
+  rng = np.random.default_rng(19)
+  x = rng.integers(-128, 128, (8, 32)).astype(np.int8)
+  w = rng.integers(-8, 8, (2, 32, 16))
+  ws = rng.uniform(5e-3, 2e-2, (2, 16)).astype(np.float32)
+  xs = rng.uniform(0.5, 2, 8).astype(np.float32)
+  assist = ref.canonical_assist(w, ws)
+  counts = [3, 5]
+  want = ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1), scenario="A8W4",
+                          assist=assist)
+  v2 = jax.jit(lambda gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, int4_array(w), ws, xs, gl, weight_assist_matrix=assist, group_list_type=1,
+      **IMPLEMENTATIONS[impl]))
+  v1 = jax.jit(lambda gl: npu_ops.npu_grouped_matmul_swiglu_quant(
+      x, int4_array(w), gl, ws, xs, bias=assist, **IMPLEMENTATIONS[impl])[:2])
+  for got in (v2(jnp.asarray(counts)), v1(jnp.cumsum(jnp.asarray(counts)))):
+    assert_int8_equal(got[0], want[0])
+    assert_scale_close(got[1], want[1])

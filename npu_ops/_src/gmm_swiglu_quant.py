@@ -195,11 +195,11 @@ def _assist(weight_assist_matrix: Any, scenario: str, w: QArray, *, e: int, n: i
           describe(assist), TypeError)
   require(tuple(assist.shape) == (e, n), "weight_assist_matrix", f"shape [e={e}, n={n}]",
           describe(assist))
-  return assist
+  return jnp.asarray(assist)  # a NumPy one is indexed by traced group ids (the reference)
 
 
 def _smooth(smooth_scale: Any, scenario: str, *, e: int, n: int) -> jax.Array | None:
-  """A4W4's smooth scale float32 `[e, n/2]` or `[e, 1]`."""
+  """A4W4's smooth scale float32 `[e, n/2]` or `[e]`, as `[e, n/2]` or `[e, 1]`."""
   if smooth_scale is None:
     return None
   require(scenario == A4W4, "smooth_scale", "None unless A4W4 (int4 x and weight)",
@@ -222,7 +222,7 @@ def _groups(group_list: Any, group_list_type: int, group_offset: Any, *, m: int,
                                  num_groups=e), None
   ends = groups_lib.group_ends(group_list, group_list_type=group_list_type, m=m,
                                num_groups=max(e, groups_lib.num_listed(group_list)))
-  return groups_lib.local_groups(ends, group_offset, e)
+  return groups_lib.local_groups(ends, group_offset, e, names=("group_list", "weight"))
 
 
 def npu_grouped_matmul_swiglu_quant(

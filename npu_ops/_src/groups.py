@@ -262,17 +262,19 @@ def num_listed(group_list: Any) -> int:
   return int(shape[0]) if len(shape) == 1 else 0
 
 
-def local_groups(ends: GroupEnds, group_offset: Any, num_local: int
-                 ) -> tuple[GroupEnds, Any]:
+def local_groups(ends: GroupEnds, group_offset: Any, num_local: int, *,
+                 names: tuple[str, str] = ("group_sizes", "rhs")) -> tuple[GroupEnds, Any]:
   """megablox's `group_offset`: of the groups in `ends` (all G of them), the `num_local`
   from `group_offset` on, as `(local ends, shift)`: the local groups' ends counted from
   `shift`, the first row of local group 0. Rows of other groups belong to no local group.
 
   `group_offset`: a Python int (checked: `0 <= offset <= G - num_local`) or a scalar int
   array (traced values are clamped into that range, and reported under checkify).
-  Static ends with a static offset stay static.
+  Static ends with a static offset stay static. `names`: the caller's names of the group
+  list and of the local experts' weights, for its errors.
   """
   total = len(ends)
+  list_name, experts_name = names
   if isinstance(group_offset, bool) or not (
       isinstance(group_offset, (int, np.integer)) or
       (hasattr(group_offset, "dtype") and is_integer_dtype(group_offset.dtype)
@@ -280,8 +282,8 @@ def local_groups(ends: GroupEnds, group_offset: Any, num_local: int
     fail("group_offset", "None, a Python int or a scalar integer array",
          describe(group_offset) if hasattr(group_offset, "dtype") else repr(group_offset),
          TypeError)
-  require(num_local <= total, "group_sizes", f"at least {num_local} groups (one per local "
-          "expert in rhs) with group_offset", f"{total} groups")
+  require(num_local <= total, list_name, f"at least {num_local} groups (one per local "
+          f"expert in {experts_name}) with group_offset", f"{total} groups")
   top = total - num_local
   if isinstance(group_offset, (int, np.integer)):
     require(0 <= group_offset <= top, "group_offset", f"an int in [0, {top}] (groups "
