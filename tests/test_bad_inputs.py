@@ -61,6 +61,22 @@ def test_unsigned_traced_group_sizes_saturate():
     npu_ops.grouped_matmul(x, w, np.array([2**32 - 1, 0, 0, 0], np.uint32))  # known: checked
 
 
+def test_int64_traced_group_sizes_saturate_with_x64():
+  """With x64 on, a traced int64 list reaches the ops as int64: values past int32 are
+  clamped (all rows, or none), not wrapped (2**32 + 3 read as 3), and checkify reports
+  them, as for the other integer types."""
+  from jax.experimental import checkify  # noqa: PLC0415
+  x, w = np.ones((16, 8), np.float32), np.ones((2, 8, 3), np.float32)
+  with jax.enable_x64(True):
+    f = jax.jit(lambda g: npu_ops.grouped_matmul(x, w, g))
+    np.testing.assert_array_equal(f(jnp.array([2**32 + 3, 0], jnp.int64)), np.full((16, 3), 8.0))
+    # a negative size counts as 0 (wrapped, it read as 3: seven rows instead of four)
+    np.testing.assert_array_equal(f(jnp.array([-(2**32) + 3, 4], jnp.int64)),
+                                  np.repeat([8.0, 0.0], [4, 12])[:, None] * np.ones(3))
+    err, _ = checkify.checkify(f)(jnp.array([2**32 + 3, 0], jnp.int64))
+    assert "group_sizes" in err.get()
+
+
 # --- 3: the expert-parallel int8 layer on zero tokens ------------------------------------------
 
 def test_payload_bytes_of_zero_rows():

@@ -130,6 +130,8 @@ def _as_int32(group_list: Any, top: int) -> jax.Array:
   gl = jnp.asarray(group_list)
   if jnp.issubdtype(gl.dtype, jnp.unsignedinteger) and gl.dtype.itemsize >= 4:
     gl = jnp.minimum(gl, jnp.asarray(top, gl.dtype))
+  elif gl.dtype.itemsize > 4:  # a traced int64 (x64 on)
+    gl = jnp.clip(gl, -1, top)
   return gl.astype(jnp.int32)
 
 
