@@ -29,7 +29,7 @@ class QuantParam(nnx.Variable):
 class LinearA8W8Quant(nnx.Module):
   """torch_npu.contrib.module.LinearA8W8Quant as a Flax nnx module (semantics B.2.2).
 
-  `y = npu_quant_matmul(x, weight.T, scale, offset=offset, pertoken_scale=...,
+  `y = npu_quant_matmul(x, weight^T, scale, offset=offset, pertoken_scale=...,
   bias=bias, output_dtype=output_dtype)`. torch_npu first converts a float32
   scale (and offset) with `npu_trans_quant_param`; `npu_quant_matmul` applies the
   same FP19 truncation and s9 offset rounding to a float32 scale in exactly
@@ -37,7 +37,8 @@ class LinearA8W8Quant(nnx.Module):
   (int64 words would need x64).
 
   Attributes (torch_npu's names):
-    weight: int8 `(out_features, in_features)`.
+    weight: int8 `(out_features, in_features)`, or `(batch, out_features, in_features)`
+      (2-6 dims; the last two are transposed, the batch broadcast against x's).
     scale: float32 `(out_features,)`.
     offset: float32 `(out_features,)` if enabled.
     bias: int32 `(out_features,)` if enabled.
@@ -73,7 +74,7 @@ class LinearA8W8Quant(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     value = lambda v: None if v is None else v[...]
-    return npu_quant_matmul(x, self.weight[...].T, self.scale[...],
+    return npu_quant_matmul(x, jnp.swapaxes(self.weight[...], -1, -2), self.scale[...],
                             offset=value(self.offset), pertoken_scale=value(self.pertoken_scale),
                             bias=value(self.bias), output_dtype=self.output_dtype)
 

@@ -94,6 +94,7 @@ class Problem:
     transposed: gmm: the weight read as `[e, n, k]`; fused_mx: a transposed weight.
     fp4: fused_mx: fp4 inputs.
     expected_tokens: rows per group expected (`tuning_config[0]`), None for m / groups.
+    dot_algorithm: gmm / tgmm: `precision` names a `lax.DotAlgorithm(Preset)`.
   """
   op: str
   m: int
@@ -108,6 +109,7 @@ class Problem:
   transposed: bool = False
   fp4: bool = False
   expected_tokens: int | None = None
+  dot_algorithm: bool = False
 
   @property
   def tokens_per_group(self) -> int:
@@ -118,6 +120,8 @@ def shared_gap(p: Problem) -> str | None:
   """What neither kernel backend does (None: both can, as far as this goes)."""
   if p.op in ("gmm", "tgmm") and np.issubdtype(np.dtype(p.dtype), np.integer):
     return "integer operands (float only)"
+  if p.dot_algorithm:
+    return "a dot algorithm as precision (the kernels take a jax.lax.Precision)"
   if p.op == "fused":
     if p.a4w4:
       return "A4W4 (the kernels do A8W8 and A8W4)"

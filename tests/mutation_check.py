@@ -193,6 +193,12 @@ MUTANTS = (
     Mutant("no_fp19", "npu_ops/_src/quant_matmul.py",
            "    return bits & FP19_MASK", "    return bits",
            ("tests/test_quant_matmul.py",)),
+    # grouped_matmul's float result dtype by NumPy promotion (float32 for float16 x
+    # bfloat16) instead of ragged_dot's (bfloat16).
+    Mutant("gmm_result_promoted", "npu_ops/_src/grouped.py",
+           "  return max(a, b, key=_precision_rank)",
+           "  return np.dtype(jnp.promote_types(a, b))",
+           ("tests/test_grouped_matmul.py", "-k", "dtypes_as_ragged_dot")),
 )
 
 

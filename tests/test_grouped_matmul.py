@@ -128,7 +128,7 @@ def test_errors():
   with pytest.raises(ValueError, match="rhs"):
     npu_ops.grouped_matmul(x, w[:, :3], [4, 4])
   with pytest.raises(TypeError, match="rhs"):
-    npu_ops.grouped_matmul(x, w.astype(np.float32), [4, 4])
+    npu_ops.grouped_matmul(x, w.astype(np.complex64), [4, 4])
   with pytest.raises(ValueError, match="group_sizes"):
     npu_ops.grouped_matmul(x, w, [4, 4, 0])
   with pytest.raises(ValueError, match="implementation"):
@@ -312,6 +312,95 @@ def test_precision_reaches_every_product(precision):
       dots = [line for line in text.splitlines() if "dot_general" in line]
       got = [sorted(re.search(r"precision = \[(\w+), (\w+)\]", d).groups()) for d in dots]
       assert len(dots) >= 3 and all(g == names for g in got), got
+
+
+# --- a drop-in for ragged_dot: its positional arguments, result dtypes and precisions ---------
+
+def test_signature_starts_as_ragged_dots():
+  """The six arguments ragged_dot takes positionally, in its order."""
+  import inspect  # noqa: PLC0415
+  ours = list(inspect.signature(npu_ops.grouped_matmul).parameters)[:6]
+  theirs = list(inspect.signature(jax.lax.ragged_dot).parameters)[:6]
+  assert ours == theirs == ["lhs", "rhs", "group_sizes", "precision", "preferred_element_type",
+                            "group_offset"]
+  x, w = operands(9, 12, 8, 4, 2, np.float32)
+  got = npu_ops.grouped_matmul(x, w, jnp.asarray([5, 4]), "highest", jnp.bfloat16)
+  assert got.dtype == jnp.bfloat16
+  want = ref.grouped_matmul(x, w, ref.group_bounds([5, 4], 1), out_dtype=np.float64)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8, atol=2 ** -8)
+
+
+FLOATS = [np.float32, ml_dtypes.bfloat16, np.float16]
+
+
+@pytest.mark.parametrize("lhs_dtype", FLOATS + [np.int8, ml_dtypes.int4])
+@pytest.mark.parametrize("rhs_dtype", FLOATS + [np.int8])
+def test_dtypes_as_ragged_dot(lhs_dtype, rhs_dtype):
+  """Every operand pair ragged_dot takes: its result dtype (int32, not its int8, for an
+  integer pair), and the products of the values as given, accumulated in float32 and
+  rounded once (bound: k float32 roundings of the sum of |products|, and one rounding
+  of the result type)."""
+  rng = np.random.default_rng(10)
+  ints = lambda d, shape: rng.integers(-8 if d == ml_dtypes.int4 else -128,
+                                       8 if d == ml_dtypes.int4 else 128, shape).astype(d)
+  make = lambda d, shape: (rng.normal(size=shape).astype(d) if d in FLOATS else ints(d, shape))
+  x, w = make(lhs_dtype, (20, 16)), make(rhs_dtype, (3, 16, 8))
+  sizes = [6, 0, 11]
+  got = npu_ops.grouped_matmul(x, w, jnp.asarray(sizes))
+  int_pair = lhs_dtype not in FLOATS and rhs_dtype not in FLOATS
+  theirs = jax.lax.ragged_dot(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes)).dtype
+  assert got.dtype == (np.int32 if int_pair else theirs), (got.dtype, theirs)
+  want = ref.grouped_matmul(x.astype(np.float64), w.astype(np.float64),
+                            ref.group_bounds(sizes, 1), out_dtype=np.float64)
+  if int_pair:
+    np.testing.assert_array_equal(got, want.astype(np.int32))
+    return
+  magnitude = ref.grouped_matmul(np.abs(x.astype(np.float64)), np.abs(w.astype(np.float64)),
+                                 ref.group_bounds(sizes, 1), out_dtype=np.float64)
+  bound = 16 * 2.0 ** -24 * magnitude + float(jnp.finfo(got.dtype).eps) * np.abs(want)
+  assert (np.abs(np.asarray(got, np.float64) - want) <= bound).all()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_float_activations_integer_weights_differentiate(dynamic):
+  """bf16 x int8 (weight-only quantization): the lhs gradient is dy @ w^T per group, exact
+  integers in the weight; the weight, an integer, has none to give."""
+  x, _ = operands(12, 24, 16, 8, 3, np.float32)
+  _, wi = operands(12, 24, 16, 8, 3, np.int8)
+  x = x.astype(ml_dtypes.bfloat16)
+  dy = np.random.default_rng(13).normal(size=(24, 8)).astype(np.float32)
+  sizes = [9, 3, 10]
+  gs = jnp.asarray(sizes) if dynamic else sizes
+  f = lambda a: jnp.vdot(npu_ops.grouped_matmul(a, wi, gs, preferred_element_type=jnp.float32),
+                         dy)
+  gx = jax.jit(jax.grad(f))(x)
+  want = np.zeros((24, 16))
+  for g, (s, e) in enumerate(ref.group_bounds(sizes, 1)):
+    want[s:e] = dy[s:e].astype(np.float64) @ wi[g].T.astype(np.float64)
+  assert gx.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(gx, np.float64), want, rtol=2 ** -8,
+                             atol=2 ** -8 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("preset", ["F32_F32_F32", jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3])
+def test_dot_algorithm_presets(preset):
+  """A DotAlgorithmPreset (or its name), as ragged_dot takes it: every product of the XLA
+  path carries it (forward, both gradients); the kernels, which take Precision values,
+  decline it by name and leave it to XLA under implementation=None."""
+  x, w = operands(14, 30, 16, 8, 3, np.float32)
+  sizes = jnp.asarray([10, 0, 18])
+  want = ref.grouped_matmul(x, w, ref.group_bounds([10, 0, 18], 1), out_dtype=np.float64)
+  f = lambda x, w: npu_ops.grouped_matmul(x, w, sizes, preset)
+  np.testing.assert_allclose(f(x, w), want, rtol=1e-5, atol=1e-5)
+  text = jax.jit(jax.value_and_grad(lambda x, w: f(x, w).sum(), (0, 1))).lower(x, w).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  name = jax.lax.DotAlgorithmPreset[preset] if isinstance(preset, str) else preset
+  lhs_type = {"F32_F32_F32": "f32", "BF16_BF16_F32_X3": "bf16"}[name.name]
+  assert len(dots) >= 3 and all(f"lhs_precision_type = {lhs_type}" in d for d in dots), dots
+  with pytest.raises(NotImplementedError, match="dot algorithm"):
+    npu_ops.grouped_matmul(x, w, sizes, preset, implementation="pallas_tpu", interpret=True)
+  with pytest.raises(NotImplementedError, match="dot algorithm"):
+    npu_ops.tgmm(x, x, sizes, precision=preset, implementation="pallas_gpu", interpret=True)
 
 
 def test_precision_is_validated():

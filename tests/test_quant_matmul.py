@@ -150,6 +150,36 @@ def test_quant_matmul_int32_output_batch_broadcast_and_int4():
   np.testing.assert_array_equal(got, ref.quant_matmul(a, b, ref.fp19(scale)))
 
 
+def test_quant_matmul_native_int4():
+  """A.2: int4 operands as native jnp.int4 arrays, the same values as the int32 words."""
+  rng = np.random.default_rng(14)
+  a, b = rng.integers(-8, 8, (2, 5, 32)), rng.integers(-8, 8, (32, 16))
+  scale = rng.uniform(1e-2, 1e-1, 16).astype(F32)
+  native = lambda v: jnp.asarray(v, jnp.int4)
+  got = npu_ops.npu_quant_matmul(native(a), native(b), scale)
+  np.testing.assert_array_equal(got, ref.quant_matmul(a, b, ref.fp19(scale)))
+  got = npu_ops.npu_quant_matmul(native(a), native(b), scale, output_dtype=jnp.int32)
+  np.testing.assert_array_equal(got, ref.quant_matmul(a, b, 1.0, out="int32"))
+  with pytest.raises(TypeError, match="x2"):
+    npu_ops.npu_quant_matmul(native(a), ref.pack_int4(b), scale)
+
+
+@pytest.mark.parametrize("k", [16, 17, 40])
+def test_quant_matmul_takes_nd_weights_and_says_so_for_nz(k):
+  """x2 is ND (2-6 dims cannot tell a FRACTAL_NZ weight from a batched one): cast back
+  with npu_format_cast(x2, 2, shape=(k, n)) it gives x1 @ x2; an NZ weight whose storage
+  cannot be read as ND raises, saying how to cast it back."""
+  rng = np.random.default_rng(15)
+  x1, x2 = ints(rng, (4, k)), ints(rng, (k, 64))
+  nz = npu_ops.npu_format_cast(x2, npu_ops.FORMAT_NZ)
+  back = npu_ops.npu_format_cast(nz, 2, shape=(k, 64))
+  got = npu_ops.npu_quant_matmul(x1, back, np.ones(1, F32), output_dtype=jnp.int32)
+  np.testing.assert_array_equal(got, ref.quant_matmul(x1, x2, 1.0, out="int32"))
+  if k != 16:  # k = 16: [2, 1, 16, 32] is also a batched [16, 32] weight
+    with pytest.raises(ValueError, match=r"x2: .*npu_format_cast\(x2, 2"):
+      npu_ops.npu_quant_matmul(x1, nz, np.ones(1, F32), output_dtype=jnp.int32)
+
+
 def test_quant_matmul_under_jit_with_closed_over_words():
   rng = np.random.default_rng(5)
   x1, x2 = ints(rng, (3, 16)), ints(rng, (16, 8))
@@ -229,6 +259,9 @@ def test_int4pack_errors():
     npu_ops.npu_convert_weight_to_int4pack(np.zeros((2, 12), np.int32))
   with pytest.raises(TypeError, match="weight"):
     npu_ops.npu_convert_weight_to_int4pack(np.zeros((2, 8), np.int8))
+  for unpack in (npu_ops.npu_convert_int4pack_to_weight, npu_ops.int4pack_to_native):
+    with pytest.raises(ValueError, match="packed: expected int32 words"):
+      unpack(np.array(5, np.int32))
 
 
 # --- npu_weight_quant_batchmatmul ------------------------------------------------------
@@ -340,6 +373,23 @@ def test_linear_a8w8_quant_under_nnx_jit(offset, bias, out):
                           bias=np.asarray(layer.bias[...]) if bias else None, out=out_name)
   assert got.dtype == want.dtype and got.shape == (2, 7, 24)
   np.testing.assert_allclose(np.asarray(got, F32), want.astype(F32), rtol=1e-2, atol=1e-2)
+
+
+def test_linear_a8w8_quant_batched_weight():
+  """B.2.2: weight (batch, n, k), 2-6 dims (the seed doc): x @ weight.transpose(-2, -1),
+  the batch broadcast against x's."""
+  from flax import nnx
+  from npu_ops.nn import LinearA8W8Quant
+  rng = np.random.default_rng(16)
+  for batch, x_shape in (((3,), (3, 5, 8)), ((2, 1), (4, 5, 8)), ((2,), (2, 5, 8))):
+    layer = LinearA8W8Quant(8, 2 if batch == (2,) else 6, bias=False,
+                            output_dtype=jnp.int32, rngs=nnx.Rngs(0))
+    n = layer.out_features
+    w = ints(rng, (*batch, n, 8))
+    layer.weight.set_value(jnp.asarray(w))  # a new shape
+    x = ints(rng, x_shape)
+    want = ref.quant_matmul(x, np.swapaxes(w, -1, -2), 1.0, out="int32")
+    np.testing.assert_array_equal(layer(x), want)
 
 
 def test_weight_quant_batchmatmul_nz_weight():

@@ -47,28 +47,52 @@ def _operand_dtype(lhs_dtype: Any, rhs_dtype: Any) -> np.dtype:
   return np.dtype(jnp.promote_types(lhs_dtype, rhs_dtype))
 
 
+def _precision_rank(dtype: np.dtype) -> tuple[int, int, int]:
+  """XLA's order of result types (`primitive_util::HigherPrecisionType`, as `lax.dot`
+  follows it): exponent range, then mantissa, then width; integers below floats."""
+  if jnp.issubdtype(dtype, jnp.floating):
+    info = jnp.finfo(dtype)
+    return info.maxexp, info.nmant, info.bits
+  return -1, -1, jnp.iinfo(dtype).bits
+
+
 def default_out_dtype(lhs_dtype: Any, rhs_dtype: Any) -> np.dtype:
-  """int32 for integer operands (exact), else the promoted float type."""
-  if np.dtype(lhs_dtype) in _INT_OPERANDS:
+  """int32 for an integer pair (exact; ragged_dot gives int8), else `ragged_dot`'s: the
+  operand type of higher precision (XLA's rule: bfloat16 for float16 x bfloat16, the float
+  type for a float x integer pair)."""
+  a, b = np.dtype(lhs_dtype), np.dtype(rhs_dtype)
+  if a in _INT_OPERANDS and b in _INT_OPERANDS:
     return np.dtype(jnp.int32)
-  return np.dtype(jnp.promote_types(lhs_dtype, rhs_dtype))
+  return max(a, b, key=_precision_rank)
 
 
 def _check_operands(lhs: Any, rhs: Any, preferred_element_type: Any) -> np.dtype:
-  """Operand dtypes (an int8/int4 pair or a float pair) -> the output dtype."""
+  """Operand dtypes (int8 / int4, float32 / bfloat16 / float16, mixed as ragged_dot takes
+  them) -> the output dtype."""
   check_dtype("lhs", lhs, _INT_OPERANDS + _FLOAT_OPERANDS)
-  int_lhs = np.dtype(lhs.dtype) in _INT_OPERANDS
-  check_dtype("rhs", rhs, _INT_OPERANDS if int_lhs else _FLOAT_OPERANDS)
+  check_dtype("rhs", rhs, _INT_OPERANDS + _FLOAT_OPERANDS)
+  int_pair = np.dtype(lhs.dtype) in _INT_OPERANDS and np.dtype(rhs.dtype) in _INT_OPERANDS
   out_dtype = (default_out_dtype(lhs.dtype, rhs.dtype) if preferred_element_type is None
                else check_dtype_arg("preferred_element_type", preferred_element_type))
-  if int_lhs and out_dtype not in (np.dtype(np.int32), np.dtype(np.float32)):
+  if int_pair and out_dtype not in (np.dtype(np.int32), np.dtype(np.float32)):
     fail("preferred_element_type", "int32 or float32 for integer operands", out_dtype.name,
          TypeError)
-  if not int_lhs and not jnp.issubdtype(out_dtype, jnp.floating):
+  if not int_pair and not jnp.issubdtype(out_dtype, jnp.floating):
     # An integer output of float products would be a silent truncation.
     fail("preferred_element_type", "a float dtype for float operands (integer outputs need "
          "int8/int4 operands)", out_dtype.name, TypeError)
   return out_dtype
+
+
+def _float_pair(lhs: Any, rhs: Any) -> tuple[Any, Any]:
+  """A float x integer pair with the integer operand in the float one's type (exact: int8
+  and int4 values are floats of every width), as `lax.dot` multiplies it; else as given."""
+  dtypes = [np.dtype(a.dtype) for a in (lhs, row_blocks.first(rhs))]
+  if (dtypes[0] in _INT_OPERANDS) == (dtypes[1] in _INT_OPERANDS):
+    return lhs, rhs
+  to = next(d for d in dtypes if d not in _INT_OPERANDS)
+  cast = lambda a: jnp.asarray(a).astype(to)
+  return cast(lhs), tuple(map(cast, rhs)) if isinstance(rhs, tuple) else cast(rhs)
 
 
 def _check_block_sizes(block_sizes: Any) -> None:
@@ -76,19 +100,22 @@ def _check_block_sizes(block_sizes: Any) -> None:
     fail("block_sizes", "None or an npu_ops.GmmBlockSizes", repr(block_sizes), TypeError)
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
-                   precision: Any = None, preferred_element_type: Any = None,
-                   group_offset: Any = None, implementation: str | None = None,
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, precision: Any = None,
+                   preferred_element_type: Any = None, group_offset: Any = None, *,
+                   implementation: str | None = None,
                    block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
                    tiles: TileSizes | None = None) -> jax.Array:
   """Grouped matmul with `jax.lax.ragged_dot` semantics: a drop-in for
   `ragged_dot(lhs, rhs, group_sizes, precision, preferred_element_type, group_offset)`
   (which refuses `group_offset` today). Works under jit, vmap, grad, jvp and higher
-  orders (a bilinear primitive, see the end of this module).
+  orders (a bilinear primitive, see the end of this module). Where it differs from
+  ragged_dot: an integer pair gives int32 by default (ragged_dot: int8, wrapping), a float
+  operand with an integer `preferred_element_type` raises (ragged_dot truncates), and
+  there is no `out_sharding`.
 
   Args:
     lhs: `[m, k]` int8 / int4, or float32 / bfloat16 / float16.
-    rhs: `[g, k, n]`, integer when lhs is integer, float when lhs is float; or a list /
+    rhs: `[g, k, n]` of the same kinds; or a list /
       tuple of g `[k, n]` arrays (one per group, the form torch_npu takes): the XLA
       path then reads each in place, where it copies `rhs[g]` out of a stacked array
       for every non-empty group (docs/performance.md, "Weights as a list of experts",
@@ -107,14 +134,19 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
       The Pallas kernels skip the other rows in their metadata and the XLA path (a list
       of weights too) in its loops' bounds, as does the weight gradient (tgmm): no row
       is copied.
-    precision: as in `jax.lax.dot` (None, a `jax.lax.Precision` or its name, or a
-      pair): how TPU and GPU multiply float operands (e.g. HIGHEST for full float32
-      products on the MXU, no TF32 on GPU); used by the forward and both VJP
-      products. Integer operands are exact whatever it says; CPU computes float32
-      products in float32 anyway.
+      A float operand with an integer one (weight-only quantization, as ragged_dot
+      takes it): the integer operand is converted to the float's dtype (exact), once
+      per call (a pass over the weights when they are the integer operand).
+    precision: as in `jax.lax.dot` (None, a `jax.lax.Precision` or its name, a pair,
+      or a `jax.lax.DotAlgorithmPreset` / its name / a `DotAlgorithm`): how TPU and GPU
+      multiply float operands (e.g. HIGHEST for full float32 products on the MXU, no
+      TF32 on GPU); used by the forward and both VJP products. Integer operands are
+      exact whatever it says; CPU computes float32 products in float32 anyway. The
+      kernels take Precision values: a dot algorithm runs on XLA (named kernels raise).
     preferred_element_type: output dtype. Default: int32 for integer operands
-      (exact accumulation; ragged_dot would return int8), else the promoted
-      input dtype. Float operands accumulate in float32.
+      (exact accumulation; ragged_dot would return int8), else ragged_dot's: the
+      operand type of higher precision (XLA's rule: bfloat16 for float16 x bfloat16).
+      Float operands accumulate in float32.
     implementation: None, "xla", "reference", "pallas_tpu" or "pallas_gpu"
       (see `npu_ops._src.backend`; the kernels take float operands).
     block_sizes: row blocks of the XLA path (default from the shapes).
@@ -126,16 +158,20 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *,
   """
   check_rank("lhs", lhs, 2)
   rhs = _check_experts(rhs)
-  first = rhs[0] if isinstance(rhs, tuple) else rhs
+  first = row_blocks.first(rhs)
   out_dtype = _check_operands(lhs, first, preferred_element_type)
+  lhs, rhs = _float_pair(lhs, rhs)
+  first = row_blocks.first(rhs)
   m, k = lhs.shape
   g, k_rhs = row_blocks.num_groups_of(rhs), first.shape[-2]
   require(k_rhs == k, "rhs", f"[g, k={k}, n] to match lhs {describe(lhs)}", describe(first))
   _check_block_sizes(block_sizes)
+  precision = canonical_precision(precision)
   backend.resolve(implementation, pallas_common.Problem(
-      "gmm", m, k, first.shape[-1], g, np.dtype(lhs.dtype).name), interpret=interpret, tiles=tiles)
+      "gmm", m, k, first.shape[-1], g, np.dtype(lhs.dtype).name,
+      dot_algorithm=is_dot_algorithm(precision)), interpret=interpret, tiles=tiles)
   run = dict(out_dtype=out_dtype, implementation=implementation, block_sizes=block_sizes,
-             interpret=interpret, tiles=tiles, precision=canonical_precision(precision))
+             interpret=interpret, tiles=tiles, precision=precision)
   product = experts_matmul if isinstance(rhs, tuple) else differentiable_matmul
   if group_offset is None:
     return product(lhs, rhs, groups_lib.ends_from_sizes(group_sizes, m, g), **run)
@@ -170,10 +206,13 @@ class Run(NamedTuple):
 
 
 def canonical_precision(precision: Any) -> Any:
-  """None, a `lax.Precision` (or its name) or a pair of them -> a hashable canonical form."""
+  """`precision` as `lax.dot` takes it -> a hashable canonical form: None, a
+  `lax.Precision` or a pair of them, a `lax.DotAlgorithmPreset` or a `lax.DotAlgorithm`."""
+  if precision is None or isinstance(precision, (lax.DotAlgorithm, lax.DotAlgorithmPreset)):
+    return precision
+  if isinstance(precision, str) and precision in lax.DotAlgorithmPreset.__members__:
+    return lax.DotAlgorithmPreset[precision]
   try:
-    if precision is None:
-      return None
     if isinstance(precision, (tuple, list)) and len(precision) == 2:
       return tuple(lax.Precision(p) for p in precision)
     if isinstance(precision, (str, lax.Precision)):
@@ -181,7 +220,13 @@ def canonical_precision(precision: Any) -> Any:
   except (ValueError, KeyError):
     pass
   fail("precision", "None, a jax.lax.Precision or its name ('default', 'high', 'highest'), "
-       "or a pair of them", repr(precision))
+       "a pair of them, or a jax.lax.DotAlgorithmPreset (or its name) or DotAlgorithm",
+       repr(precision))
+
+
+def is_dot_algorithm(precision: Any) -> bool:
+  """A canonical precision that names a dot algorithm (the kernels take lax.Precision)."""
+  return isinstance(precision, (lax.DotAlgorithm, lax.DotAlgorithmPreset))
 
 
 def matmul(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dtype: Any,
@@ -198,11 +243,12 @@ def matmul(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, out_dt
   outside the groups give 0). Integer operands (int8 or int4) are multiplied as int8.
   """
   m, k = lhs.shape
-  first = rhs[0] if isinstance(rhs, tuple) else rhs
+  first = row_blocks.first(rhs)
   n = first.shape[-2 if transpose_rhs else -1]
   e = len(rhs) if isinstance(rhs, tuple) else rhs.shape[0]
   problem = pallas_common.Problem("gmm", m, k, n, e, np.dtype(lhs.dtype).name,
-                                  np.dtype(out_dtype).name, transposed=transpose_rhs)
+                                  np.dtype(out_dtype).name, transposed=transpose_rhs,
+                                  dot_algorithm=is_dot_algorithm(precision))
   lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation, problem)
   symbolic = is_symbolic(m) or is_symbolic(k) or is_symbolic(n)
   if transpose_rhs or symbolic:
@@ -295,7 +341,7 @@ def _all_sizes(ends: groups_lib.GroupEnds, num_groups: int) -> jax.Array:
 def _prepare(lhs, rhs, out_dtype, implementation, problem):
   """Operands in their compute dtype, the accumulator dtype, and the implementation."""
   impl = backend.resolve(implementation, problem)
-  first = rhs[0] if isinstance(rhs, tuple) else rhs
+  first = row_blocks.first(rhs)
   compute = _operand_dtype(lhs.dtype, first.dtype)
   cast = lambda a: jnp.asarray(a).astype(compute)
   lhs, rhs = cast(lhs), tuple(map(cast, rhs)) if isinstance(rhs, tuple) else cast(rhs)
@@ -309,7 +355,7 @@ def _prepare(lhs, rhs, out_dtype, implementation, problem):
 def xla_matmul(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None, start=None):
   """The XLA path (row-block loops; operands in their compute dtype): `ends` counted from
   row `start` (None: 0); other rows give 0."""
-  m, n = lhs.shape[0], (rhs[0] if isinstance(rhs, tuple) else rhs).shape[-1]
+  m, n = lhs.shape[0], row_blocks.first(rhs).shape[-1]
   # Rows are sliced in loops: they travel as uint16 when bf16 (see loop_storage). The
   # weights stay bf16: a group's weight is sliced once, inside the traversal's per-group
   # cond, which XLA does not hoist; a uint16 weight would be bitcast (copied) per block.
@@ -337,7 +383,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
   k-axis grouping of torch_npu's grouped matmul (groups split the contraction).
 
   Args:
-    lhs: `[m, k]`; rhs: `[m, n]` (int8/int4 pair or float pair).
+    lhs: `[m, k]`; rhs: `[m, n]` (dtypes as in `grouped_matmul`).
     group_sizes: rows per group (static ints or a dynamic array, as in
       `grouped_matmul`).
     num_groups: `g`, the number of output matrices (default len(group_sizes)).
@@ -356,6 +402,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
   check_rank("lhs", lhs, 2)
   check_rank("rhs", rhs, 2)
   out_dtype = _check_operands(lhs, rhs, preferred_element_type)
+  lhs, rhs = _float_pair(lhs, rhs)
   m, k = lhs.shape
   require(rhs.shape[0] == m, "rhs", f"[m={m}, n] to match lhs {describe(lhs)}", describe(rhs))
   listed = groups_lib.num_listed(group_sizes)
@@ -385,7 +432,8 @@ def tgmm_ends(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num
   the reference and a symbolic m take them moved to row 0)."""
   m, k = lhs.shape
   problem = pallas_common.Problem("tgmm", m, k, rhs.shape[-1], num_groups,
-                                  np.dtype(lhs.dtype).name, np.dtype(out_dtype).name)
+                                  np.dtype(lhs.dtype).name, np.dtype(out_dtype).name,
+                                  dot_algorithm=is_dot_algorithm(precision))
   lhs, rhs, acc_dtype, impl = _prepare(lhs, rhs, out_dtype, implementation, problem)
   if is_symbolic(m) or is_symbolic(k) or is_symbolic(rhs.shape[-1]):
     check_static_dims(implementation, m=m, k=k, n=rhs.shape[-1])

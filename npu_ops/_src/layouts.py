@@ -32,10 +32,11 @@ NZ_DTYPES = tuple(np.dtype(d) for d in (
     jnp.float16, jnp.bfloat16, jnp.float32, jnp.int32))
 
 
-def unpack_int4(words: jax.Array) -> jax.Array:
+def unpack_int4(words: jax.Array, name: str = "words") -> jax.Array:
   """int32 words `[..., c/8]` -> int8 values `[..., c]` in [-8, 7]."""
   words = jnp.asarray(words)
-  check_dtype("words", words, (jnp.int32,))
+  check_dtype(name, words, (jnp.int32,))
+  require(words.ndim >= 1, name, "int32 words [..., c/8] (at least 1 dim)", describe(words))
   # Shift nibble t to the top, then arithmetic-shift back: sign extension for free.
   up = jnp.asarray([28 - 4 * t for t in range(INT4_PER_INT32)], jnp.int32)
   vals = jnp.right_shift(jnp.left_shift(words[..., None], up), 28)  # arithmetic: int32
@@ -205,14 +206,12 @@ def npu_convert_weight_to_int4pack(weight: Any, inner_k_tiles: int = 0) -> jax.A
 
 def npu_convert_int4pack_to_weight(packed: Any) -> jax.Array:
   """Inverse of `npu_convert_weight_to_int4pack`: int32 words `[..., c/8]` -> int32 `[..., c]`."""
-  check_dtype("packed", packed, (jnp.int32,))
-  return unpack_int4(packed).astype(jnp.int32)
+  return unpack_int4(packed, "packed").astype(jnp.int32)
 
 
 def int4pack_to_native(packed: Any) -> jax.Array:
   """int32 words `[..., c/8]` -> native `jnp.int4` `[..., c]`."""
-  check_dtype("packed", packed, (jnp.int32,))
-  return unpack_int4(packed).astype(jnp.int4)
+  return unpack_int4(packed, "packed").astype(jnp.int4)
 
 
 def native_to_int4pack(values: Any) -> jax.Array:

@@ -144,9 +144,12 @@ def npu_quant_matmul(x1: Any, x2: Any, scale: Any, *, offset: Any = None,
   """torch_npu.npu_quant_matmul: `y = dequant(int32(x1 @ x2))` (semantics B.2.1).
 
   Args:
-    x1: int8 `[..., m, k]`, or int32 words `[..., m, k/8]` (int4); 2-6 dims.
-    x2: int8 `[..., k, n]`, or int32 words `[..., k, n/8]`; batch dims broadcast
-      against x1's numpy-style.
+    x1: int8 `[..., m, k]`, int32 words `[..., m, k/8]` (int4) or native int4
+      `[..., m, k]`; 2-6 dims.
+    x2: `[..., k, n]` of x1's dtype (int32 words: `[..., k, n/8]`); batch dims
+      broadcast against x1's numpy-style. ND only: 2-6 dims leave a FRACTAL_NZ
+      weight indistinguishable from a batched one, so cast NZ back first
+      (`npu_format_cast(x2, 2, shape=(k, n))`).
     scale: `(1,)` or `(n,)`: float32, bfloat16, or int64 words from
       `npu_trans_quant_param` (NumPy arrays work with x64 off; inside `jit`
       close over them rather than passing them as arguments, which JAX would
@@ -207,22 +210,34 @@ def check_output_dtype(output_dtype: Any) -> np.dtype:
 
 def _quant_operands(x1: Any, x2: Any) -> tuple[jax.Array, jax.Array]:
   for name, x in (("x1", x1), ("x2", x2)):
-    check_dtype(name, x, (np.int8, np.int32))
+    check_dtype(name, x, (np.int8, np.int32, jnp.int4))
     require(2 <= x.ndim <= 6, name, "2 to 6 dims", describe(x))
     require(x.shape[-1] <= _MAX_LAST_DIM, name, f"a last dim <= {_MAX_LAST_DIM}", describe(x))
   require(x1.dtype == x2.dtype, "x2", f"the dtype of x1 ({np.dtype(x1.dtype).name}; int8 pairs "
-          "with int8, int32-packed int4 with int32)", describe(x2), TypeError)
+          "with int8, int32-packed int4 with int32, native int4 with int4)", describe(x2),
+          TypeError)
   a, b = jnp.asarray(x1), jnp.asarray(x2)
   if np.dtype(a.dtype) == np.int32:  # int4 words, 8 per int32 along the last dim
     a, b = layouts.unpack_int4(a), layouts.unpack_int4(b)
-  require(a.shape[-1] == b.shape[-2], "x2", f"[..., k={a.shape[-1]}, n] to match x1 "
-          f"{describe(x1)}", describe(x2))
+  a, b = a.astype(jnp.int8), b.astype(jnp.int8)  # native int4: the same values as int8
+  k = a.shape[-1]
+  if b.shape[-2] != k and _looks_nz(x2, k):
+    fail("x2", f"an ND weight [..., k={k}, n] (a FRACTAL_NZ one cannot be told from a "
+         "batched ND weight here: cast it back first, npu_format_cast(x2, 2, shape=(k, n)))",
+         describe(x2))
+  require(b.shape[-2] == k, "x2", f"[..., k={k}, n] to match x1 {describe(x1)}", describe(x2))
   try:
     np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
   except ValueError:
     fail("x2", f"batch dims that broadcast with x1's {list(a.shape[:-2])}",
          list(b.shape[:-2]))
   return a, b
+
+
+def _looks_nz(x2: Any, k: int) -> bool:
+  """Whether x2 has the storage shape of an NZ `[k, n]` weight (B.5: `[..., ceil(k/16), 16, C0]`)."""
+  return (x2.ndim >= 4 and x2.shape[-3] == -(-k // layouts.NZ_ROWS) and
+          x2.shape[-2] == layouts.NZ_ROWS and x2.shape[-1] == layouts.nz_c0(x2.dtype))
 
 
 def _check_vector(name: str, v: Any, n: int, dtypes) -> None:

@@ -72,6 +72,11 @@ def stacked(w: Experts) -> jax.Array:
   return jnp.stack(w) if isinstance(w, tuple) else w
 
 
+def first(w: Experts) -> jax.Array:
+  """Group 0's operand of a stacked array or list (what shapes and dtypes are read from)."""
+  return w[0] if isinstance(w, tuple) else w
+
+
 def num_groups_of(w: Experts) -> int:
   return len(w) if isinstance(w, tuple) else w.shape[0]
 
