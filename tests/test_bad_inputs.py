@@ -77,6 +77,25 @@ def test_int64_traced_group_sizes_saturate_with_x64():
     assert "group_sizes" in err.get()
 
 
+def test_int64_traced_group_offset_is_clamped_with_x64():
+  """A traced int64 group_offset past int32's range is clamped to [0, G - g], not wrapped
+  (2**32 read as 0, -(2**32) + 1 as 1): rows of the local groups [off, off + g) are x's
+  row sums, the others 0."""
+  x, w = np.arange(48, dtype=np.float32).reshape(12, 4) % 5, np.ones((2, 4, 3), np.float32)
+  sizes = [3, 4, 5]
+
+  def want(off):
+    lo, hi = sum(sizes[:off]), sum(sizes[:off + 2])
+    out = np.zeros((12, 3), np.float32)
+    out[lo:hi] = x[lo:hi].sum(1, keepdims=True)
+    return out
+  with jax.enable_x64(True):
+    f = jax.jit(lambda s, off: npu_ops.grouped_matmul(x, w, s, group_offset=off))
+    s = jnp.asarray(sizes, jnp.int64)
+    np.testing.assert_array_equal(f(s, jnp.int64(2**32)), want(1))
+    np.testing.assert_array_equal(f(s, jnp.int64(-(2**32) + 1)), want(0))
+
+
 # --- 3: the expert-parallel int8 layer on zero tokens ------------------------------------------
 
 def test_payload_bytes_of_zero_rows():

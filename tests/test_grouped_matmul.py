@@ -133,8 +133,9 @@ def test_errors():
     npu_ops.grouped_matmul(x, w, [4, 4, 0])
   with pytest.raises(ValueError, match="implementation"):
     npu_ops.grouped_matmul(x, w, [4, 4], implementation="cuda")
-  with pytest.raises(NotImplementedError, match="pallas_tpu"):
+  with pytest.raises(NotImplementedError, match="pallas_tpu") as info:
     npu_ops.grouped_matmul(x, w, [4, 4], implementation="pallas_tpu")
+  assert "pallas_gpu" not in str(info.value)  # not suggested: no integer kernel either
   with pytest.raises(ValueError, match="block_m"):
     npu_ops.GmmBlockSizes(block_m=24)
 
@@ -291,6 +292,21 @@ def test_non_finite_rows_stay_in_their_group(dynamic, block_sizes):
   dw = npu_ops.tgmm(x, dy, gs, block_sizes=block_sizes)
   np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-4)
   assert np.isfinite(np.asarray(dw)[1:]).all()
+
+
+def test_reference_keeps_non_finite_rows_in_their_group():
+  """The reference path too: an inf in one group's rows (or in no group's) of either
+  operand of tgmm, and so of the weight gradient, leaves the other groups finite."""
+  x, dy = np.ones((9, 2), np.float32), np.ones((9, 3), np.float32)
+  dy[4], x[8] = np.inf, np.inf  # row 4: group 1; row 8: no group
+  want = np.stack([np.full((2, 3), 3.0), np.full((2, 3), np.inf), np.zeros((2, 3))])
+  with np.errstate(invalid="ignore"):
+    for impl in ("xla", "reference"):
+      np.testing.assert_array_equal(npu_ops.tgmm(x, dy, [3, 3, 0], implementation=impl), want)
+      f = lambda w: jnp.vdot(npu_ops.grouped_matmul(x[:6], w, [3, 3], implementation=impl),
+                             dy[:6])
+      gw = jax.grad(f)(np.ones((2, 2, 3), np.float32))
+      np.testing.assert_array_equal(gw[0], np.full((2, 3), 3.0))
 
 
 @pytest.mark.parametrize("precision", ["highest", jax.lax.Precision.HIGH,

@@ -336,6 +336,20 @@ def test_antiquant(dtype, wq, groups, form):
   assert_float_close(got, want)
 
 
+def test_antiquant_one_expert_lists():
+  """B.4.3: with a weight list, per-group scales come as a list of `[G, n]`: for one
+  expert a list of one `[G, n]` (not read as a stacked `[E, n]`, which needs E = 1 rows)."""
+  rng = np.random.default_rng(16)
+  m, k, n = 8, 64, 16
+  x = floats(rng, (m, k), F16)
+  w = rng.integers(-8, 8, (1, k, n)).astype(np.int8)
+  scale = rng.uniform(0.005, 0.02, (4, n)).astype(F16)
+  (got,) = npu_ops.npu_grouped_matmul([x], [jnp.asarray(w[0], jnp.int4)], antiquant_scale=[scale],
+                                      group_list=[m], split_item=3)
+  want = ref.gmm_antiquant(x, w, segs_of([m]), scale[None], None, None, 0)
+  assert_float_close(got, want)
+
+
 # --- NZ storage with padding, for every dtype the op takes ---------------------------------------
 
 @pytest.mark.parametrize("dtype", [F16, BF16, F32, np.int8, ml_dtypes.int4, np.int32],

@@ -106,10 +106,11 @@ def resolve(implementation: str | None, problem: Problem, *, interpret: bool = F
   if implementation in KERNELS:
     gap = BACKENDS[implementation].supports(problem)
     if gap is not None:
-      others = [k for k in KERNELS if k != implementation]
+      others = "".join(f" or {k!r}" for k in KERNELS
+                       if k != implementation and BACKENDS[k].supports(problem) is None)
       raise NotImplementedError(
           f"implementation={implementation!r} has no kernel for {gap}; use None (XLA where "
-          f"the platform's kernel lacks the case), 'xla' or {others[0]!r}")
+          f"the platform's kernel lacks the case), 'xla'{others}")
   return AUTO if implementation is None else implementation
 
 

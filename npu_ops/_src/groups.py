@@ -300,7 +300,8 @@ def local_groups(ends: GroupEnds, group_offset: Any, num_local: int, *,
               f"{total} - local experts {num_local})", int(group_offset))
     checkify.debug_check((group_offset >= 0) & (group_offset <= top),
                          f"group_offset outside [0, {top}]; it was clamped")
-    off = jnp.clip(jnp.asarray(group_offset, jnp.int32), 0, top)
+    # clipped before narrowing: a traced int64 (x64 on) must not wrap
+    off = jnp.clip(jnp.asarray(group_offset), 0, top).astype(jnp.int32)
   ends = jnp.asarray(ends, jnp.int32)
   shift = jnp.where(off > 0, ends[jnp.maximum(off - 1, 0)], 0)
   return lax.dynamic_slice_in_dim(ends, off, num_local) - shift, shift

@@ -168,7 +168,7 @@ def _m_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
   elif isinstance(pts, (list, tuple)):
     pts = jnp.concatenate([jnp.asarray(p) for p in _tensor_list(pts, "per_token_scale")])
   w = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))  # [w0 [k, n]]: one expert
-  stacked = {k: _stack_params(v, k) for k, v in params.items()}
+  stacked = {k: _stack_params(v, k, row_blocks.num_groups_of(w)) for k, v in params.items()}
   y, ends = _grouped(x, w, stacked, pts, group_list, group_list_type, opts)
   if split_item in (2, 3):
     return [y]
@@ -180,10 +180,15 @@ def _m_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
   return list(jnp.split(y[:ends[-1]], list(ends[:-1])))  # per group [size_i, n]
 
 
-def _stack_params(value, name):
-  """A per-group TensorList as one `[E, ...]` array; NumPy lists stay NumPy (int64 words)."""
+def _stack_params(value, name, num_experts):
+  """A per-group TensorList as one `[E, ...]` array; NumPy lists stay NumPy (int64 words).
+  A list of one rank-2 array is stacked (`[E, n]`) when its first dim is E, else one
+  expert's (`[G, n]` per-group scales of a one-expert weight)."""
   if value is None:
     return None
+  if (isinstance(value, (list, tuple)) and len(value) == 1 and getattr(value[0], "ndim", 0) == 2
+      and value[0].shape[0] != num_experts):
+    return value[0][None]
   if (isinstance(value, (list, tuple)) and len(value) > 1 and
       all(isinstance(v, np.ndarray) for v in value)):
     require(len({(v.shape, v.dtype) for v in value}) == 1, name,

@@ -58,9 +58,10 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds, *, num_grou
   gid = groups_lib.row_group_ids(ends, m)  # len(ends) for rows in no group
   groups = jnp.arange(num_groups, dtype=gid.dtype)[:, None]
   member = (gid[None, :] == groups) & (groups < len(ends))  # [g, m]
-  # Zero the other rows' values rather than multiplying by 0 (inf * 0 would be NaN).
-  picked = jnp.where(member[:, :, None], lhs[None], jnp.zeros((), lhs.dtype))
-  return jnp.einsum("gmk,mn->gkn", picked, rhs, precision=precision,
+  # Zero the other rows' values, of both operands, rather than multiplying by 0 (inf * 0
+  # would be NaN: a row of one group would spoil every other).
+  pick = lambda a: jnp.where(member[:, :, None], a[None], jnp.zeros((), a.dtype))
+  return jnp.einsum("gmk,gmn->gkn", pick(lhs), pick(rhs), precision=precision,
                     preferred_element_type=_acc_dtype(out_dtype)).astype(out_dtype)
 
 
