@@ -3,7 +3,8 @@
 The XLA path (`gmm_swiglu_quant`, `_gmm_scenarios`) and both Pallas kernels
 (`pallas_kernels.tpu`, `.gpu`) call these same functions on whole arrays or on
 tiles, so a kernel and the XLA path round at the same points and give the same
-bits. Shapes below are those of one row block: `acc [bm, bn]` (int32 partial
+bits, except where a float32 sum's order differs: A8W4's k-group sums (per k tile in
+the kernels), a few ulps of the scale apart (semantics B.7). Shapes below are those of one row block: `acc [bm, bn]` (int32 partial
 products), per-column scales `[1, bn]` (or `[bn]`), per-row scales `[bm, 1]`.
 
 Terminology: a *k group* is the `k / G` contraction rows that one A8W4/A4W4
@@ -13,6 +14,7 @@ routed to one expert. "Block" is what a kernel moves into fast memory.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -29,16 +31,61 @@ def silu(x: jax.Array) -> jax.Array:
 
   Differentiable everywhere: `exp(-x)` overflows below x = -88.7 (float32, bfloat16; -11.1
   in float16), where the value is -0 but the quotient's derivative would be inf / inf;
-  the derivative is `s * (1 + x * (1 - s))` with `s = sigmoid(x)` instead (`lax.logistic`,
-  whose own derivatives are finite too)."""
+  the derivative is `silu_grad` instead."""
   return x / (1 + jnp.exp(-x))
+
+
+@jax.custom_jvp
+def silu_grad(x: jax.Array) -> jax.Array:
+  """silu's derivative, `s (1 + x (1 - s))` with `s = sigmoid(x)` (`lax.logistic`); its own
+  derivatives are `silu_derivative`'s (autodiff of this form would multiply a product of x,
+  overflowed, by the sigmoid's vanishing derivative: 0 * inf, NaN)."""
+  s = jax.nn.sigmoid(x)
+  return s * (1 + x * (1 - s))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def silu_derivative(order: int, x: jax.Array) -> jax.Array:
+  """silu's derivative of `order` (>= 2) as `P(s) + (x s (1 - s)) R(s)`, `s = sigmoid(x)`
+  (`_silu_polynomials`): s (1 - s) <= 1/4 multiplies x first, so every term is finite for
+  every finite x, and so is every order (each one's derivative is the next)."""
+  p, r = _silu_polynomials(order)
+  s = jax.nn.sigmoid(x)
+  horner = lambda coeffs: functools.reduce(lambda acc, c: acc * s + c, coeffs[::-1][1:],
+                                           jnp.full_like(s, coeffs[-1]))
+  return horner(p) + (x * (s * (1 - s))) * horner(r)
+
+
+@functools.cache
+def _silu_polynomials(order: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Coefficients (lowest degree first) of P and R in `silu_derivative`. With
+  `u = s (1 - s)` (= ds/dx): order 1 is `s + x u`, and the derivative of `P + x u R` is
+  `u (P' + R) + x u ((1 - 2 s) R + u R')` (P', R': derivatives in s)."""
+  poly = np.polynomial.polynomial
+  u = np.array([0.0, 1.0, -1.0])
+  p, r = np.array([0.0, 1.0]), np.array([1.0])
+  for _ in range(order - 1):
+    p, r = (poly.polymul(u, poly.polyadd(poly.polyder(p), r)),
+            poly.polyadd(poly.polymul([1.0, -2.0], r), poly.polymul(u, poly.polyder(r))))
+  return tuple(p.tolist()), tuple(r.tolist())
 
 
 @silu.defjvp
 def _silu_jvp(primals, tangents):
   (x,), (t,) = primals, tangents
-  s = jax.nn.sigmoid(x)
-  return silu(x), t * (s * (1 + x * (1 - s)))
+  return silu(x), t * silu_grad(x)
+
+
+@silu_grad.defjvp
+def _silu_grad_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return silu_grad(x), t * silu_derivative(2, x)
+
+
+@silu_derivative.defjvp
+def _silu_derivative_jvp(order, primals, tangents):
+  (x,), (t,) = primals, tangents
+  return silu_derivative(order, x), t * silu_derivative(order + 1, x)
 
 
 def swiglu_halves(act: jax.Array, gate: jax.Array) -> jax.Array:

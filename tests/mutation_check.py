@@ -69,9 +69,16 @@ MUTANTS = (
            ("tests/test_implementations.py", "-k", "fused_op and A8W8 and xla")),
     # silu differentiated as written: inf / inf (NaN) where exp(-x) overflows.
     Mutant("silu_grad_nan", "pallas_kernels/epilogue.py",
-           "  return silu(x), t * (s * (1 + x * (1 - s)))",
+           "  return silu(x), t * silu_grad(x)",
            "  return jax.jvp(lambda x: x / (1 + jnp.exp(-x)), (x,), (t,))",
            ("tests/test_qat.py", "-k", "exp_overflows")),
+    # silu's second derivative by autodiff of its first, whose overflowed x-products meet
+    # the sigmoid's vanishing derivative: 0 * inf.
+    Mutant("silu_second_derivative_nan", "pallas_kernels/epilogue.py",
+           "  return silu_grad(x), t * silu_derivative(2, x)",
+           "  return jax.jvp(lambda x: jax.nn.sigmoid(x) * (1 + x * (1 - jax.nn.sigmoid(x))), (x,),"
+           " (t,))",
+           ("tests/test_qat.py", "-k", "second_and_third")),
     # The dynamic scale's largest |x| counted as clipped where x * fl(qmax / amax) > qmax.
     Mutant("dynamic_max_clipped", "npu_ops/_src/qat.py",
            "  inside = jnp.abs(v) <= qmax if clips else jnp.ones(v.shape, bool)",

@@ -265,6 +265,32 @@ def test_swiglu_gradient_where_exp_overflows(dtype):
   np.testing.assert_allclose(got, want, rtol=4 * eps, atol=4 * eps * np.abs(want).max())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16])
+def test_swiglu_second_and_third_derivatives(dtype):
+  """Every order stays the formula's, finite: silu'' = s (1 - s) (2 + a (1 - 2 s)) (and its
+  derivative), s = sigmoid(a), in float64, times a gate of 3, through reverse over reverse,
+  forward over reverse and three reverse passes, out to the dtype's largest negative
+  values (where autodiff of silu' multiplied a product of a and the gate, overflowed, by
+  the sigmoid's vanishing derivative: 0 * inf)."""
+  big = float(jnp.finfo(dtype).max) * 0.9
+  a = np.array([-big, -3e4, -200, -20, -5, -0.5, 0, 0.5, 5, 20, 200, big]).astype(dtype)
+  act = lambda f: jax.vmap(f)(jnp.asarray(a))
+  d1 = jax.grad(lambda v: npu_ops.swiglu(jnp.stack([v, jnp.full((), 3, dtype)]))[0])
+  d2, d2_fwd = act(jax.grad(d1)), act(jax.jacfwd(d1))
+  d3 = act(jax.grad(jax.grad(d1)))
+  x = np.asarray(a, np.float64)
+  with np.errstate(over="ignore"):
+    s = 1 / (1 + np.exp(-x))
+  want2 = 3 * s * (1 - s) * (2 + x * (1 - 2 * s))
+  want3 = 3 * s * (1 - s) * ((1 - 2 * s) * (2 + x * (1 - 2 * s)) + (1 - 2 * s)
+                             - 2 * x * s * (1 - s))
+  eps = float(jnp.finfo(dtype).eps)
+  for got, want in ((d2, want2), (d2_fwd, want2), (d3, want3)):
+    got = np.asarray(got, np.float64)
+    assert np.isfinite(got).all(), got
+    np.testing.assert_allclose(got, want, rtol=16 * eps, atol=16 * eps)
+
+
 def test_fused_vjp_where_the_gate_saturates():
   """Products past -88.7 (silu's exp overflows): the training form's vjp stays the
   formula's, finite."""
