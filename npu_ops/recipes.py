@@ -91,8 +91,9 @@ class Recipe:
     if self.weights == "mxfp4":
       return None
     if self.weights == "fp8":
-      amax = jnp.max(jnp.abs(w), axis=1).astype(jnp.float32)
-      return jnp.where(amax > 0, epilogue.scale_for_amax(amax, _fp8_max()), 1.0)
+      amax = epilogue.row_amax(w, axis=1)[:, 0]
+      return jnp.where(epilogue.exceeds_zero(amax), epilogue.scale_for_amax(amax, _fp8_max()),
+                       1.0)
     return qat.weight_scale_from_amax(w, groups=self.scale_groups(w.shape[1]),
                                       bits=_bits(self.weights))
 

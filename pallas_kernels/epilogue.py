@@ -167,19 +167,33 @@ def times_lift(v: jax.Array, lift: jax.Array) -> jax.Array:
   return jnp.where(subnormal & (lift > 1), lifted_sub, v * lift)
 
 
-def row_amax(s: jax.Array) -> jax.Array:
-  """`max |s|` over the last axis (`[..., 1]`, float32), exact for subnormal values (which
+def row_amax(s: jax.Array, axis: int = -1) -> jax.Array:
+  """`max |s|` over `axis` (kept, size 1; float32), exact for subnormal values (which
   XLA:CPU and TPU compare as 0). A float max is exact unless a row's is 0 (all zero or all
   subnormal); only then is the largest magnitude read from the bits (non-negative floats
   order as their int32 bits do; XLA:CPU reduces int32 bits 9x slower than floats)."""
   s = s.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(s), axis=-1, keepdims=True)
+  amax = jnp.max(jnp.abs(s), axis=axis, keepdims=True)
 
   def from_bits():
-    bits = jax.lax.bitcast_convert_type(s, jnp.int32) & 0x7FFFFFFF
-    return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1, keepdims=True), jnp.float32)
+    return jax.lax.bitcast_convert_type(jnp.max(magnitude_bits(s), axis=axis, keepdims=True),
+                                        jnp.float32)
 
   return jax.lax.cond(jnp.any(amax == 0), from_bits, lambda: amax)
+
+
+def magnitude_bits(s: jax.Array) -> jax.Array:
+  """The int32 bits of float32 `|s|`: they order as the magnitudes do, subnormal ones too.
+  Compare them with each other, not with 0 (see `exceeds_zero`)."""
+  return jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32) & 0x7FFFFFFF
+
+
+def exceeds_zero(v: jax.Array) -> jax.Array:
+  """`v > 0` for float32 v, true for a positive subnormal too: flushing arithmetic reads
+  one as 0, and so can a test of its bits, `(bits & 0x7FFFFFFF) != 0`, which LLVM folds
+  into the float `v != 0` (at XLA:CPU's default optimization level; measured). Lifted
+  (`times_lift`), a subnormal is a normal number."""
+  return times_lift(v, jnp.float32(_LIFT)) > 0
 
 
 def codes_for_amax(s: jax.Array, amax: jax.Array, *, qmax: float = INT8_QMAX,

@@ -57,6 +57,7 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -85,6 +86,25 @@ def users_compiler(monkeypatch):
   monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
   monkeypatch.setenv("XLA_FLAGS", " ".join(
       f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_COMPILE_XLA_FLAG))
+
+
+@pytest.fixture(params=["fast", "optimized"])
+def compiler(request):
+  """Runs a test twice: with the suite's fast-compile settings, and with XLA:CPU's LLVM at
+  its default level (in process, the elemental emitter kept). Tests of subnormal and NaN
+  edges take it: LLVM folds some bit tests into float compares there (`(bits & 0x7FFFFFFF)
+  != 0` into `x != 0`, which reads a subnormal x as 0), which -O0 never does."""
+  if request.param == "fast":
+    yield request.param
+    return
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.clear_caches()  # executables compiled at -O0 would be reused
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield request.param
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+    jax.clear_caches()
 
 
 def pytest_collection_modifyitems(config, items):

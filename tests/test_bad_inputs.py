@@ -132,7 +132,7 @@ SUBNORMAL_ROWS = np.array([[2e-38, 1.1e-38, 0.0, -5e-39],     # one normal value
 
 
 @pytest.mark.parametrize("out", ["int8", "float8_e4m3fn", "float8_e5m2"])
-def test_per_token_quantization_reads_subnormals_exactly(out):
+def test_per_token_quantization_reads_subnormals_exactly(out, compiler):
   # NumPy keeps subnormals (no flush to zero): the reference is the formula itself
   want_q, want_scale = ref.per_token(SUBNORMAL_ROWS, out)
   spec = npu_ops.DynamicQuant(getattr(jnp, out))
@@ -144,14 +144,14 @@ def test_per_token_quantization_reads_subnormals_exactly(out):
     assert (np.asarray(q)[1] != 0).sum() == 2  # 1e-45 / 1e-39 * 127 rounds to 0
 
 
-def test_fake_quant_sees_the_codes_of_subnormal_inputs():
+def test_fake_quant_sees_the_codes_of_subnormal_inputs(compiler):
   """QAT's codes are quantize_per_token's (the product q * scale is what the CPU flushes)."""
   want_q, _ = ref.per_token(SUBNORMAL_ROWS)
   amax = np.abs(SUBNORMAL_ROWS).max(-1, keepdims=True)
   np.testing.assert_array_equal(qat.quantize(SUBNORMAL_ROWS, amax / np.float32(127)), want_q)
 
 
-def test_mx_codes_of_subnormal_values_next_to_a_normal_one():
+def test_mx_codes_of_subnormal_values_next_to_a_normal_one(compiler):
   s = np.zeros((1, 32), np.float32)
   s[0, :3] = [2.0 ** -120, 1e-39, -3e-40]
   codes, scales = npu_ops.quantize_mx(s)

@@ -127,7 +127,7 @@ def test_quantize_per_token_empty_row():
 
 # --- tiny values --------------------------------------------------------------------------
 
-def test_quantize_per_token_tiny_rows():
+def test_quantize_per_token_tiny_rows(compiler):
   # amax below ~3.7e-37: 127 / amax overflows float32; below ~1.5e-36 the scale is subnormal
   s = np.array([[1e-37, 0, -5e-38, 2.5e-38, 1.2e-38],
                 [1e-36, 5e-37, 0, -3e-37, 2e-36],
@@ -149,7 +149,7 @@ def test_quantize_per_token_tiny_rows():
   assert np.all(np.abs(deq - s) <= np.asarray(scale, np.float64)[:, None])
 
 
-def test_fake_quant_tiny_scales_never_nan():
+def test_fake_quant_tiny_scales_never_nan(compiler):
   x = jnp.array([0.0, 1e-40, 1e-30, 1.0, -1.0], jnp.float32)
   for scale in (1e-45, 1e-40, 1e-38, 1e-30):
     y = npu_ops.fake_quant(x, jnp.float32(scale))

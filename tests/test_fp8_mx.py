@@ -76,7 +76,7 @@ def spread_rows(rows, d):
 # --- the quantizers on their own -------------------------------------------------------------
 
 @pytest.mark.parametrize("out", FP8)
-def test_quantize_per_token_fp8(out):
+def test_quantize_per_token_fp8(out, compiler):
   s = spread_rows(24, 77)
   # tiny rows: max / amax overflows float32, and (amax below max * 2**-126) subnormal scales
   # (normal numbers: XLA:CPU reads subnormal inputs as 0)
@@ -112,7 +112,7 @@ def mx_rows(d):
 
 @pytest.mark.parametrize("out", MX)
 @pytest.mark.parametrize("d", [64, 80, 7])  # k groups of 64, a short last block, one block
-def test_quantize_mx(out, d):
+def test_quantize_mx(out, d, compiler):
   s = mx_rows(d)
   codes, scales = jax.jit(npu_ops.quantize_mx, static_argnums=1)(s, getattr(jnp, out))
   want_codes, want_bytes = ref.mx_quant(s, out)
@@ -307,10 +307,12 @@ def test_kernels_fp8_per_token(impl, scenario, out):
 
 @pytest.mark.parametrize("impl", impls("fused_A8W8"))
 @pytest.mark.parametrize("out", FP8)
-def test_fp8_per_token_row_with_inf_gives_nan_codes(impl, out):
+def test_fp8_per_token_row_with_inf_gives_nan_codes(impl, out, compiler):
   """A row whose SwiGLU holds inf: amax = inf, so `s * (qmax / amax)` is NaN there and 0
-  elsewhere, cast to the type's NaN (with the NaN's sign) and 0; the scale is inf. Every
-  implementation gives the cast's bits (quantize_per_token's)."""
+  elsewhere, cast to the type's NaN and 0; the scale is inf. Every implementation gives
+  the cast's bits (quantize_per_token's) except a NaN's sign and payload, which `inf * 0`
+  and the conversion leave to the compiler (x86's default NaN is negative; XLA:CPU at its
+  default optimization level gave e5m2's 0x7F where ml_dtypes casts to 0xFE)."""
   x = np.ones((4, 32), np.int8)
   w = np.ones((1, 32, 8), np.int8)
   ws = np.full((1, 8), 1e-2, F32)
@@ -321,14 +323,17 @@ def test_fp8_per_token_row_with_inf_gives_nan_codes(impl, out):
   with np.errstate(invalid="ignore"):
     want = np.clip(s * (F32(ref.QMAX[out]) / np.abs(s).max(1, keepdims=True)),
                    -ref.QMAX[out], ref.QMAX[out]).astype(getattr(ml_dtypes, out))
-  np.testing.assert_array_equal(np.asarray(q).view(np.uint8), want.view(np.uint8))
-  assert np.isnan(np.asarray(q, F32)[:, 1]).all() and np.isinf(scale).all()
+  assert np.isnan(want.astype(F32)[:, 1]).all()
   q2, _ = npu_ops.quantize_per_token(s, npu_ops.DynamicQuant(getattr(jnp, out)))
-  np.testing.assert_array_equal(np.asarray(q2).view(np.uint8), want.view(np.uint8))
+  for codes in (q, q2):
+    assert np.isnan(np.asarray(codes, F32)[:, 1]).all()
+    np.testing.assert_array_equal(np.asarray(codes)[:, [0, 2, 3]].view(np.uint8),
+                                  want[:, [0, 2, 3]].view(np.uint8))
+  assert np.isinf(scale).all()
 
 
 @pytest.mark.parametrize("out", MX)
-def test_float8_bits_equal_the_cast(out):
+def test_float8_bits_equal_the_cast(out, compiler):
   """The GPU kernels' integer-only fp8 / fp4 encoding and decoding (no fp8 conversion before
   sm_89) against ml_dtypes: every value between and on the codes, ties, subnormals, signed
   zeros; every finite code back."""
@@ -416,7 +421,7 @@ def test_fake_quant_mx(out):
 
 
 @pytest.mark.parametrize("out", MX)
-def test_mx_blocks_at_either_end_of_the_range(out):
+def test_mx_blocks_at_either_end_of_the_range(out, compiler):
   """Scale byte 0 is 2**-127, a float32 subnormal, which XLA:CPU reads as 0 as an operand:
   such a block still dequantizes to its normal values, and its gradient is straight
   through. Float16 blocks at the top of its range (65408-65504 round to bfloat16 65536

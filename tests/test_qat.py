@@ -150,6 +150,42 @@ def test_dynamic_fake_quant_vjp_with_tied_maxima(bits):
   np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-6)
 
 
+def test_dynamic_fake_quant_vjp_of_subnormal_rows(compiler):
+  """Rows whose largest |x| is subnormal (which XLA:CPU's arithmetic reads as 0): the
+  scale's term still goes to that element alone (ties share it), with its sign; a zero
+  row's x gets g alone. (The forward's products flush to 0, as documented.)"""
+  x = np.zeros((5, 8), np.float32)
+  x[0, :2] = [1e-40, -2e-41]
+  x[1, :2] = [-1e-40, 2e-41]
+  x[2, :3] = [3e-39, -3e-39, 1e-45]  # a tie of opposite signs
+  x[3, :2] = [1e-38, 3e-38]          # normal: the rule as elsewhere
+  g = np.random.default_rng(17).normal(size=x.shape).astype(np.float32)
+  _, (dx,) = vjp_of(qat.dynamic_fake_quant, (x,), g)
+  # ref.dynamic_lsq's float32 qmax / amax overflows here: the rule in float64
+  x64, g64 = x.astype(np.float64), g.astype(np.float64)
+  amax = np.abs(x64).max(1, keepdims=True)
+  v = x64 * (127 / np.where(amax > 0, amax, 1))
+  ties = (np.abs(x64) == amax) & (amax > 0)
+  dscale = (g64 * (np.round(v) - v)).sum(1, keepdims=True)
+  want_dx = g64 + ties * np.sign(x64) * dscale / 127 / np.maximum(ties.sum(1, keepdims=True), 1)
+  np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(dx)[4], g[4])
+
+
+def test_weight_scale_from_amax_of_subnormal_columns(compiler):
+  """amax / qmax correctly rounded for a column whose largest |w| is subnormal (it is no
+  zero column: scale 1 only where every weight is 0)."""
+  w = np.zeros((1, 4, 4), np.float32)
+  w[0, :, 0] = [1e-40, -3e-40, 0, 2e-41]
+  w[0, :, 1] = [0.5, -2.0, 1.0, 0.0]
+  w[0, 1, 3] = -1e-45
+  scale = np.asarray(qat.weight_scale_from_amax(jnp.asarray(w)))
+  amax = np.abs(w.astype(np.float64)).max(1)
+  want = np.where(amax > 0, (amax / 127).astype(np.float32), np.float32(1))
+  np.testing.assert_array_equal(scale.view(np.int32), want.view(np.int32))
+  assert 0 < scale[0, 0] < np.finfo(np.float32).tiny
+
+
 def test_dynamic_fake_quant_rule_is_the_gradient_of_the_ste_function():
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(4, 16)).astype(np.float32))
@@ -266,7 +302,7 @@ def test_swiglu_gradient_where_exp_overflows(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16])
-def test_swiglu_second_and_third_derivatives(dtype):
+def test_swiglu_second_and_third_derivatives(dtype, compiler):
   """Every order stays the formula's, finite: silu'' = s (1 - s) (2 + a (1 - 2 s)) (and its
   derivative), s = sigmoid(a), in float64, times a gate of 3, through reverse over reverse,
   forward over reverse and three reverse passes, out to the dtype's largest negative

@@ -82,8 +82,9 @@ def _ratio(x: jax.Array, recip: tuple[jax.Array, jax.Array]) -> jax.Array:
 
 def _grid(bits: int, dtype: Any) -> tuple[float, np.dtype | None]:
   """(largest code, fp8 type or None for the integer grid of `bits`)."""
+  qmax = qmax_for(bits)  # checked with an fp8 dtype too, which leaves it unused
   if dtype is None:
-    return qmax_for(bits), None
+    return qmax, None
   kind = check_dtype_arg("dtype", dtype)
   require(kind in _FP8, "dtype", "None (integer codes of `bits`), float8_e4m3fn or float8_e5m2",
           kind.name)
@@ -219,10 +220,17 @@ def dynamic_fake_quant(x: jax.Array, *, bits: int = 8, dtype: Any = None) -> jax
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _dynamic_fake_quant(x, qmax, grid):
   x32 = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)  # for its gradient
   exact = jax.lax.stop_gradient(epilogue.row_amax(x32))  # quantize_per_token's amax:
-  # subnormal values count (arithmetic on them, here `amax` itself, may read them as 0)
+  # subnormal values count (arithmetic on them may read them as 0)
   inv = jax.lax.stop_gradient(_reciprocal(exact, qmax))  # quantize_per_token's qmax / amax
+  # amax's derivative, as jnp.max's (sign(x) / ties at the row's largest |x|), with the
+  # largest found from the bits: a float comparison reads subnormal values as 0 (ties)
+  top = ((epilogue.magnitude_bits(x32) == epilogue.magnitude_bits(exact)) &
+         epilogue.exceeds_zero(exact))  # zero rows: no slope (|x|' = 0)
+  sign = jnp.where(jnp.signbit(x32), -1.0, 1.0)
+  slope = jax.lax.stop_gradient(jnp.where(top, sign, 0.0) /
+                                jnp.maximum(jnp.sum(top, -1, keepdims=True), 1))
+  amax = jnp.sum(slope * x32, axis=-1, keepdims=True)
   # quantize_per_token's scale bit for bit (correctly rounded, subnormal too), with the
   # derivative 1 / qmax of amax / qmax (the added term is 0 in the forward pass)
   scale = jax.lax.stop_gradient(epilogue.scale_for_amax(exact, qmax)) + (
@@ -328,6 +336,8 @@ def weight_scale_from_amax(weight: jax.Array, *, groups: int = 1, bits: int = 8)
   _check_float("weight", weight)
   check_rank("weight", weight, 3)
   e, k, n = weight.shape
+  require(k >= 1, "weight", "[e, k, n] with k >= 1 (the scale is a max over k)",
+          describe(weight))
   if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1 \
       or k % groups:
     fail("groups", f"a positive int dividing k={k}", repr(groups))
@@ -337,9 +347,9 @@ def weight_scale_from_amax(weight: jax.Array, *, groups: int = 1, bits: int = 8)
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _weight_scale_from_amax(weight, groups, qmax):
   e, k, n = weight.shape
-  amax = jnp.max(jnp.abs(weight.reshape(e, groups, k // groups, n)), axis=2).astype(jnp.float32)
-  # correctly rounded (XLA's float32 division need not be)
-  scale = jnp.where(amax > 0, epilogue.scale_for_amax(amax, qmax), 1.0)
+  amax = epilogue.row_amax(weight.reshape(e, groups, k // groups, n), axis=2)[:, :, 0]
+  # correctly rounded (XLA's float32 division need not be); subnormal columns count
+  scale = jnp.where(epilogue.exceeds_zero(amax), epilogue.scale_for_amax(amax, qmax), 1.0)
   return scale[:, 0] if groups == 1 else scale
 
 
@@ -391,6 +401,7 @@ def fake_quant_gmm_swiglu_quant(
   require(k_w == k, "weight", f"[e, k={k}, n] to match x {describe(x)}", describe(weight))
   require(n % 2 == 0, "weight", "an even n (last dim; SwiGLU halves it)", describe(weight))
   check_scale_groups("weight_scale", weight_scale, e=e, n=n, k=k)
+  _check_known_scale("weight_scale", weight_scale)
   if weight_scale.ndim == 3 and weight_scale.shape[1] > 1:
     require(weight_bits == 4, "weight_scale", "[e, n] for weight_bits=8 (per-group scales are "
             "the A8W4 path)", describe(weight_scale))
