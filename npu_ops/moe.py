@@ -90,6 +90,8 @@ def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     logits through the weights.
   """
   check_rank("logits", logits, 2)
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    fail("logits", "float router logits [T, e]", describe(logits), TypeError)
   e = logits.shape[1]
   k = check_int("k", k, minimum=1)
   require(k <= e, "k", f"an int in [1, e={e}]", k)
@@ -131,8 +133,10 @@ def dispatch(experts: jax.Array, num_experts: int) -> Dispatch:
 
 
 def combine(y_sorted: jax.Array, routing: Dispatch, weights: jax.Array) -> jax.Array:
-  """`out[t] = sum_j weights[t, j] * y[row of (t, j)]`: `[T*k, d]` -> `[T, d]`."""
+  """`out[t] = sum_j weights[t, j] * y[row of (t, j)]`: `[T*k, d]` -> `[T, d]`, in float32
+  (the gates are not rounded to a narrower y's type)."""
   check_rank("weights", weights, 2)
+  check_array("y_sorted", y_sorted)
   t, k = weights.shape
   pairs = routing.unsort.shape[0]
   # weights first: a y_sorted that matches the routing is not the one to blame
@@ -141,7 +145,7 @@ def combine(y_sorted: jax.Array, routing: Dispatch, weights: jax.Array) -> jax.A
   require(y_sorted.ndim == 2 and y_sorted.shape[0] == t * k, "y_sorted",
           f"[T*k={t * k}, d]", describe(y_sorted))
   y = y_sorted[routing.unsort].reshape(t, k, y_sorted.shape[1])
-  return jnp.einsum("tk,tkd->td", weights.astype(y.dtype), y)
+  return jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), y.astype(jnp.float32))
 
 
 def token_rows(tokens: jax.Array, mode: str, recipe: recipes.Recipe | None = None) -> Any:
@@ -187,7 +191,8 @@ def expert_mlp(rows: Any, expert: jax.Array, sizes: jax.Array, weights: MoEWeigh
   hint = [max(1, int(expected_rows))] if concrete and expected_rows else None
   if mode == "float":
     gmm = gmm or grouped_matmul
-    return gmm(quant.swiglu(gmm(rows, weights.w_gate_up, sizes)), weights.w_down, sizes)
+    y = gmm(quant.swiglu(gmm(rows, weights.w_gate_up, sizes)), weights.w_down, sizes)
+    return y.astype(jnp.float32)  # a user's gmm may keep bfloat16
   if mode == "qat" and recipe is not None:
     r = recipe
     h = quant.swiglu(grouped_matmul(r.fake_activation(rows),
@@ -235,7 +240,11 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
   each (token, slot) row to the device owning its expert, runs its local experts
   on what it received (a dynamic group list: one compilation for every routing)
   and sends the results back, where they are combined. The result equals the
-  one-device layer (int8: bit for bit). Gradients flow through the exchange.
+  one-device layer (int8: bit for bit given the same router logits; float32 rounding
+  otherwise). The logits are a float32 matmul that XLA:CPU may round differently in the
+  last bit with the number of tokens a device holds (seen with 1-2 tokens a device),
+  which moves gates by ulps and can flip a route between logits tied within an ulp.
+  Gradients flow through the exchange.
 
   Args:
     x: float `[..., d]`; under a mesh, the token count (product of the leading
@@ -388,7 +397,8 @@ def check_expert_parallel(num_experts: int, *, mesh: Any, expert_axis: Any, data
   if exchange is not None and exchange not in ep.EXCHANGES:
     fail("exchange", f"None or one of {ep.EXCHANGES}", repr(exchange))
   if capacity_factor is not None and (
-      isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
+      isinstance(capacity_factor, (bool, np.bool_))
+      or not isinstance(capacity_factor, (int, float, np.integer, np.floating))
       or not 0 < capacity_factor < math.inf):
     fail("capacity_factor", "None or a finite number > 0 (None: no limit)",
          repr(capacity_factor))
@@ -403,6 +413,8 @@ def _check_weights(weights: MoEWeights, mode: str, recipe: recipes.Recipe | None
   if not isinstance(weights, MoEWeights):
     fail("weights", "an npu_ops.moe.MoEWeights", type(weights).__name__, TypeError)
   check_rank("weights.router", weights.router, 2)
+  if not jnp.issubdtype(weights.router.dtype, jnp.floating):
+    fail("weights.router", "float [d, e]", describe(weights.router), TypeError)
   d, e = weights.router.shape
   check_rank("weights.w_gate_up", weights.w_gate_up, 3)
   codes = np.dtype(np.int8) if recipe is None else recipe.code_dtype
@@ -429,6 +441,11 @@ def _check_weights(weights: MoEWeights, mode: str, recipe: recipes.Recipe | None
         want = None
       else:
         want = recipe.scale_shape(e, k, n)
+      if scale is not None:
+        check_array(f"weights.{name}", scale)
+        if not jnp.issubdtype(scale.dtype, jnp.floating):
+          fail(f"weights.{name}", f"float step sizes in mode {mode!r}", describe(scale),
+               TypeError)
       got = None if scale is None else tuple(scale.shape)
       expected = ("None" if want is None else f"float32 [e={e}, {n}]" if recipe is None
                   else f"{list(want)}")

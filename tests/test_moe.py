@@ -45,6 +45,22 @@ def test_routing_against_numpy():
                              rtol=1e-5, atol=1e-6)
 
 
+def test_combine_keeps_float32_gates_and_a_users_gmm_gives_float32():
+  """The gates are not rounded to a bfloat16 y's type (0.5004 * 1 - 0.4996 * 1 = 0.0008,
+  not 0: both gates round to 0.5 in bfloat16); moe_mlp's output is float32 whatever the
+  float mode's gmm returns."""
+  routing = moe.dispatch(jnp.array([[0, 1]], jnp.int32), 2)
+  gates = np.array([[0.5004, 0.4996]], np.float32)
+  got = moe.combine(jnp.array([[1.0], [-1.0]], jnp.bfloat16), routing, jnp.asarray(gates))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, [[gates[0, 0] - gates[0, 1]]], rtol=1e-6)
+  rng = np.random.default_rng(3)
+  bf = lambda shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  weights = moe.MoEWeights(bf((D, E)), bf((E, D, 2 * FF)), bf((E, FF, D)), None, None)
+  gmm = lambda lhs, rhs, sizes: jax.lax.ragged_dot(lhs.astype(jnp.bfloat16), rhs, sizes)
+  assert moe.moe_mlp(tokens(4)[0], weights, top_k=2, gmm=gmm).y.dtype == jnp.float32
+
+
 def assert_within_one_step(got, want, share_exact=0.98):
   """Equal up to float rounding, except where an activation code moved by one step."""
   diff, top = np.abs(np.asarray(got) - want), np.abs(want).max()
@@ -173,3 +189,17 @@ def test_bad_input():
     layer(jnp.ones((4, D + 1)))
   with pytest.raises(ValueError, match="mode"):
     layer.convert("int8").convert("qat")
+  with pytest.raises(TypeError, match="logits"):
+    moe.top_k_routing(jnp.ones((2, E), jnp.int32), 2)
+  with pytest.raises(TypeError, match="y_sorted"):
+    moe.combine([[1.0]], moe.dispatch(jnp.zeros((1, 1), jnp.int32), E), jnp.ones((1, 1)))
+  w = moe.MoEWeights(jnp.ones((D, E)), jnp.ones((E, D, 2 * FF), jnp.int8),
+                     jnp.ones((E, FF, D), jnp.int8), jnp.ones((E, 2 * FF)), jnp.ones((E, D)))
+  for bad, name in ((w._replace(router=jnp.ones((D, E), jnp.int32)), "weights.router"),
+                    (w._replace(down_scale=jnp.ones((E, D), jnp.int32)), "weights.down_scale"),
+                    (w._replace(gate_up_scale=[[1.0] * 2 * FF] * E), "weights.gate_up_scale")):
+    with pytest.raises(TypeError, match=name):
+      moe.moe_mlp(jnp.ones((3, D)), bad, top_k=2, mode="int8")
+  mesh = jax.make_mesh((1,), ("ex",))
+  moe.check_expert_parallel(E, mesh=mesh, expert_axis="ex", data_axis=None,
+                            capacity_factor=np.float32(1.5), exchange=None)  # NumPy floats too

@@ -435,3 +435,13 @@ def test_quantizer_bad_input():
     qat.weight_scale_from_amax(jnp.ones((2, 6, 4)), groups=4)
   with pytest.raises(ValueError, match="^x: expected rank >= 1"):
     qat.fake_quant_mx(jnp.float32(1.0))
+  for fn in (qat.fake_quant, qat.quantize):  # bits is checked with an fp8 dtype too
+    with pytest.raises(ValueError, match="bits"):
+      fn(jnp.ones((2, 4)), jnp.ones(()), bits=3, dtype=jnp.float8_e4m3fn)
+  with pytest.raises(ValueError, match="bits"):
+    qat.dynamic_fake_quant(jnp.ones((2, 2)), bits="eight", dtype=jnp.float8_e5m2)
+  with pytest.raises(ValueError, match="^weight: expected .*k >= 1"):
+    qat.weight_scale_from_amax(jnp.zeros((2, 0, 4)))
+  with pytest.raises(ValueError, match="^weight_scale: expected finite"):
+    qat.fake_quant_gmm_swiglu_quant(jnp.ones((8, 32)), jnp.ones((2, 32, 16)),
+                                    jnp.full((2, 16), jnp.inf), [4, 4])
