@@ -439,7 +439,7 @@ def test_quantizer_bad_input():
     with pytest.raises(ValueError, match="bits"):
       fn(jnp.ones((2, 4)), jnp.ones(()), bits=3, dtype=jnp.float8_e4m3fn)
   with pytest.raises(ValueError, match="bits"):
-    qat.dynamic_fake_quant(jnp.ones((2, 2)), bits="eight", dtype=jnp.float8_e5m2)
+    qat.dynamic_fake_quant(jnp.ones((2, 2)), bits=3, dtype=jnp.float8_e5m2)
   with pytest.raises(ValueError, match="^weight: expected .*k >= 1"):
     qat.weight_scale_from_amax(jnp.zeros((2, 0, 4)))
   with pytest.raises(ValueError, match="^weight_scale: expected finite"):
