@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from npu_ops._src import expert_parallel as ep
 from npu_ops._src import groups
+from npu_ops._src import layouts
 from npu_ops._src import operands
 from npu_ops._src import qat
 from npu_ops._src import quant
@@ -279,6 +280,9 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
   require(recipe is None or weight_bits == 8, "weight_bits",
           "8 (the default) with a recipe, which sets the weights' format", weight_bits)
   d, e = _check_weights(weights, mode, recipe)
+  if mode == "int8" and weight_bits == 4:  # int4 codes held in int8: astype(int4) would wrap
+    for name in ("w_gate_up", "w_down"):
+      layouts.check_int4_range(f"weights.{name}", getattr(weights, name))
   if x.ndim < 1 or x.shape[-1] != d:
     fail("x", f"[..., d_model={d}]", describe(x))
   top_k = check_int("top_k", top_k, minimum=1)  # a NumPy int too, as MoEMLP takes it

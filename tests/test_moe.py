@@ -200,6 +200,9 @@ def test_bad_input():
                     (w._replace(gate_up_scale=[[1.0] * 2 * FF] * E), "weights.gate_up_scale")):
     with pytest.raises(TypeError, match=name):
       moe.moe_mlp(jnp.ones((3, D)), bad, top_k=2, mode="int8")
+  with pytest.raises(ValueError, match=r"weights.w_gate_up: expected int4 values in \[-8, 7\]"):
+    moe.moe_mlp(jnp.ones((3, D)), w._replace(w_gate_up=jnp.full((E, D, 2 * FF), 9, jnp.int8)),
+                top_k=2, mode="int8", weight_bits=4)
   mesh = jax.make_mesh((1,), ("ex",))
   moe.check_expert_parallel(E, mesh=mesh, expert_axis="ex", data_axis=None,
                             capacity_factor=np.float32(1.5), exchange=None)  # NumPy floats too

@@ -53,11 +53,11 @@ def pack_int4(values: jax.Array) -> jax.Array:
   check_array("values", values)
   if not jnp.issubdtype(values.dtype, jnp.integer):
     fail("values", "an integer array (int4 values in [-8, 7])", describe(values), TypeError)
-  _check_int4_range("values", values)
+  check_int4_range("values", values)
   return _pack_int4(values)
 
 
-def _check_int4_range(name: str, values: Any) -> None:
+def check_int4_range(name: str, values: Any) -> None:
   """Known values outside [-8, 7] raise, naming the first; traced ones go to checkify."""
   if not isinstance(values, jax.core.Tracer):
     w = np.asarray(values)
@@ -196,11 +196,11 @@ def npu_convert_weight_to_int4pack(weight: Any, inner_k_tiles: int = 0) -> jax.A
     require((r0, c0) == (NZ_ROWS, nz_c0(weight.dtype)), "weight", "rank 2-3 (ND) or the "
             f"FRACTAL_NZ storage [n/8, ceil(k/16), {NZ_ROWS}, {nz_c0(weight.dtype)}] of an int32 "
             "(k, n) weight (rank 4)", describe(weight))
-    _check_int4_range("weight", weight)
+    check_int4_range("weight", weight)
     return to_nz(_pack_int4(from_nz(weight, r1 * NZ_ROWS, c1 * c0)))
   require(weight.shape[-1] % INT4_PER_INT32 == 0, "weight",
           "a last dim that is a multiple of 8", describe(weight))
-  _check_int4_range("weight", weight)
+  check_int4_range("weight", weight)
   return _pack_int4(weight)
 
 
