@@ -271,6 +271,32 @@ def test_mx_inputs_transposed_weight_lists_and_one_compilation():
   assert len(traces) == 1
 
 
+def test_mx_inputs_nz_fp8_weight_and_packed_fp4_x():
+  """B.1.6's other input forms: a FRACTAL_NZ fp8 weight `[e, n/32, k/16, 16, 32]` (B.5's
+  layout, built here in NumPy; logical n from weight_scale) and fp4 x packed two a byte
+  (uint8 `[m, k/2]`, the first of each pair in the low nibble, as the fp4 output)."""
+  counts = [9, 0, 14]
+  m, k, n, e = 24, 96, 64, 3  # k: not a multiple of 64 (NZ pads it to 112 rows, 7 fractals)
+  kw = dict(group_list_type=1, dequant_mode=2, quant_mode=2, quant_dtype=jnp.float8_e4m3fn)
+  x, w, xs, ws = mx_case(m, k, n, e, "float8_e4m3fn", "float8_e4m3fn")
+  want = ref.quantize_out(ref.swiglu(ref.mx_grouped_matmul(x, w, xs, ws, ref.group_bounds(
+      counts, 1))), ("mx", "float8_e4m3fn"))
+  nz = np.stack([ref.nd_to_nz(np.asarray(w[i]).view(np.uint8), 32) for i in range(e)]).view(
+      np.asarray(w).dtype)
+  assert nz.shape == (e, 2, 6, 16, 32)
+  assert_fused_close(npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, nz, ws, xs, counts, **kw),
+                     want, 2)
+  x4, w4, xs4, ws4 = mx_case(m, k, n, e, "float4_e2m1fn", "float4_e2m1fn")
+  codes = np.asarray(x4).view(np.uint8) & 0xF  # [m, k] (ml_dtypes: one code a byte)
+  packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+  want = ref.quantize_out(ref.swiglu(ref.mx_grouped_matmul(x4, w4, xs4, ws4, ref.group_bounds(
+      counts, 1))), ("mx", "float8_e4m3fn"))
+  assert_fused_close(npu_ops.npu_grouped_matmul_swiglu_quant_v2(packed, w4, ws4, xs4, counts,
+                                                                **kw), want, 2)
+  with pytest.raises(ValueError, match="^weight: expected FRACTAL_NZ storage"):
+    npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, nz[:, :1], ws, xs, counts, **kw)
+
+
 def test_mx_inputs_group_offset():
   counts = [6, 10, 8, 9]  # 4 global groups; this shard holds experts 1 and 2
   m, k, n = 40, 64, 64

@@ -62,6 +62,12 @@ def npu_grouped_matmul_swiglu_quant_v2(
   * A4W4: x int4 (int32 words `[m, k/8]` or jnp.int4 `[m, k]`); weight int4 as
     above; weight_scale `[e, n]` (words or float); smooth_scale float32 `[e, n/2]`
     or `[e]` (default 1).
+  * MX inputs (dequant_mode 2, semantics B.1.6): x float8_e4m3fn / float8_e5m2 /
+    float4_e2m1fn `[m, k]` (fp4 also packed two a byte: uint8 `[m, k/2]`, the first of
+    each pair in the low nibble); weight of the same family `[e, k, n]`, transposed
+    `[e, n, k]` or FRACTAL_NZ `[e, n/32, k/16, 16, 32]`; e8m0 scales (float8_e8m0fnu or
+    uint8) x_scale `[m, ceil(k/64), 2]`, weight_scale `[e, ceil(k/64), n, 2]` (transposed:
+    `[e, n, ceil(k/64), 2]`).
 
   weight, weight_scale and weight_assist_matrix may also be lists (a list of one
   stacked array, or one array per expert). A list of per-expert ND int8 / jnp.int4
@@ -72,13 +78,13 @@ def npu_grouped_matmul_swiglu_quant_v2(
 
   Args:
     x, weight, weight_scale: see above.
-    x_scale: float32 `[m]`, per-token dequant scale of x.
+    x_scale: float32 `[m]`, per-token dequant scale of x (MX inputs: see above).
     group_list: `[E]` with E <= e: Python ints (static) or an int32/int64 array
       (dynamic; one compilation for all values). cumsum (group_list_type 0) or
       counts (1). Invalid dynamic values are clamped (see `npu_ops._src.groups`).
     smooth_scale, weight_assist_matrix: see the scenarios.
     bias: reserved by torch_npu; must be None.
-    dequant_mode: 0 per-channel weight scale, 1 per-group (A8W4 only).
+    dequant_mode: 0 per-channel weight scale, 1 per-group (A8W4 only), 2 MX inputs.
     dequant_dtype: 0 (or 6, torch float32): float32 intermediate.
     quant_mode: 0 per token, 2 MX (blocks of 32 with e8m0 scales; semantics B.1.6).
     quant_dtype: 0 or 1 (int8), 23 / 24 (float8_e5m2 / float8_e4m3fn) or 45 (fp4, MX only;
@@ -316,12 +322,20 @@ def _mx_operands(x: Any, weight: Any, weight_scale: Any, x_scale: Any,
                  spec: quant_lib.DynamicQuant) -> tuple[jax.Array, ...]:
   """MX inputs (dequant_mode 2) as `fused_mx.fused_mx` takes them: (x, its scale bytes,
   weight, its scale bytes, whether the weight is `[e, n, k]`)."""
-  xv = _mx_operand("x", x, 2)
+  xv = _mx_x(x)
   m, k = xv.shape
   kb = -(-k // 64)
-  wv = _mx_operand("weight", operands.stack_tensor_list(weight, "weight", expert_rank=(2,)), 3)
   ws = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(3,))
   check_rank("weight_scale", ws, 4)
+  w = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
+  if getattr(w, "ndim", 0) == 5:  # FRACTAL_NZ of [e, k, n]: n from the scale [e, kb, n, 2]
+    _mx_operand("weight", w, 5)
+    expected = layouts.nz_shape((w.shape[0], k, ws.shape[2]), w.dtype)
+    require(tuple(w.shape) == expected, "weight", f"FRACTAL_NZ storage {list(expected)} for a "
+            f"logical weight [e, k={k}, n={ws.shape[2]}] (k from x, n from weight_scale)",
+            describe(w))
+    w = layouts.from_nz(w, k, ws.shape[2])
+  wv = _mx_operand("weight", w, 3)
   e = wv.shape[0]
   # ND [e, k, n] with scales [e, kb, n, 2], or transposed [e, n, k] with [e, n, kb, 2]
   transposed = wv.shape[1] != k or (wv.shape[2] == k and ws.shape[1:3] == (wv.shape[1], kb))
@@ -337,6 +351,23 @@ def _mx_operands(x: Any, weight: Any, weight_scale: Any, x_scale: Any,
   w_bytes = _mx_scale("weight_scale", ws, w_shape, layout)
   x_bytes = _mx_scale("x_scale", x_scale, (m, kb, 2), "[m, ceil(k/64), 2]")
   return xv, x_bytes, wv, w_bytes, transposed
+
+
+# fp4 (e2m1) values of the 16 codes: packed x is decoded by table (XLA:CPU's elemental
+# emitter cannot bitcast uint4 to float4_e2m1fn; docs/performance.md).
+_FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6],
+                       np.float32)
+
+
+def _mx_x(x: Any) -> jax.Array:
+  """MX x: fp8 / fp4 values `[m, k]`, or fp4 packed two a byte (uint8 `[m, k/2]`, the
+  first of each pair in the low nibble, as the fp4 output is packed)."""
+  if getattr(x, "dtype", None) != np.dtype(np.uint8):
+    return _mx_operand("x", x, 2)
+  check_rank("x", x, 2)
+  b = jnp.asarray(x)
+  nibbles = jnp.stack([b & 0xF, b >> 4], axis=-1).reshape(b.shape[0], -1)
+  return jnp.asarray(_FP4_VALUES)[nibbles].astype(jnp.float4_e2m1fn)
 
 
 def _mx_operand(name: str, a: Any, rank: int) -> jax.Array:
