@@ -136,6 +136,9 @@ def dispatch(experts: jax.Array, num_experts: int) -> Dispatch:
 def combine(y_sorted: jax.Array, routing: Dispatch, weights: jax.Array) -> jax.Array:
   """`out[t] = sum_j weights[t, j] * y[row of (t, j)]`: `[T*k, d]` -> `[T, d]`, in float32
   (the gates are not rounded to a narrower y's type)."""
+  if not isinstance(routing, Dispatch):
+    fail("routing", "an npu_ops.moe.Dispatch (from dispatch())", type(routing).__name__,
+         TypeError)
   check_rank("weights", weights, 2)
   check_array("y_sorted", y_sorted)
   t, k = weights.shape

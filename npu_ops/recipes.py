@@ -43,6 +43,7 @@ from pallas_kernels import epilogue
 _FP8 = np.dtype(jnp.float8_e4m3fn)
 _FP4 = np.dtype(jnp.float4_e2m1fn)
 _MX_BLOCK = epilogue.MX_BLOCK
+FORMATS = ("int8", "int4", "fp8", "mxfp4")  # of weights and activations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,15 @@ class Recipe:
   weights: str
   activations: str
   weight_group: int = 0
+
+  def __post_init__(self):
+    for field in ("weights", "activations"):
+      if getattr(self, field) not in FORMATS:
+        fail(field, f"one of {FORMATS}", repr(getattr(self, field)))
+    if (isinstance(self.weight_group, bool) or not isinstance(self.weight_group, int)
+        or self.weight_group < 0):
+      fail("weight_group", "an int >= 0 (0: one scale per output channel)",
+           repr(self.weight_group))
 
   @property
   def learned_scales(self) -> bool:

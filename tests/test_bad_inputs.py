@@ -4,6 +4,7 @@ or the semantics) or a clear error naming the argument, raised at trace time whe
 Shapes are tiny and the error cases share one table (most raise before anything compiles).
 """
 
+import functools
 import math
 
 import jax
@@ -355,3 +356,45 @@ def test_empty_rows_and_numpy_top_k():
   logits = rng.normal(size=(3, 4)).astype(np.float32)
   _, experts = moe.top_k_routing(logits, np.int64(2))
   np.testing.assert_array_equal(experts, np.argsort(-logits, axis=-1, kind="stable")[:, :2])
+
+
+# --- 2026-12-06: what a read of the API's claims found -------------------------------------------
+
+@pytest.mark.parametrize("quant_mode,out", [(0, jnp.int8), (2, jnp.float8_e4m3fn)])
+def test_mx_inputs_of_no_rows_or_columns(quant_mode, out):
+  """The fused op on MX inputs with m = 0 or n = 0 gives empty outputs of the op's shapes
+  (it raised ZeroDivisionError), as the integer scenarios do."""
+  v2 = functools.partial(npu_ops.npu_grouped_matmul_swiglu_quant_v2, group_list_type=1,
+                         dequant_mode=2, quant_mode=quant_mode, quant_dtype=out)
+  w, ws = jnp.ones((3, 64, 64), jnp.float8_e4m3fn), jnp.full((3, 1, 64, 2), 127, jnp.uint8)
+  q, s = v2(jnp.zeros((0, 64), jnp.float8_e4m3fn), w, ws, jnp.full((0, 1, 2), 127, jnp.uint8),
+            [0, 0, 0])
+  assert q.shape == (0, 32) and s.shape == ((0,) if quant_mode == 0 else (0, 1, 2))
+  q, s = v2(jnp.ones((4, 64), jnp.float8_e4m3fn), w[:, :, :0], ws[:, :, :0],
+            jnp.full((4, 1, 2), 127, jnp.uint8), [2, 2, 0])
+  assert q.shape == (4, 0) and s.shape == ((4,) if quant_mode == 0 else (4, 0, 2))
+  assert q.dtype == out
+
+
+def test_named_errors_and_python_scales():
+  from npu_ops import perf, recipes  # noqa: PLC0415
+  spec = jax.ShapeDtypeStruct
+  with pytest.raises(ValueError, match="^chip: expected a TPU"):  # it returned inf seconds
+    perf.predict(npu_ops.grouped_matmul, spec((64, 128), jnp.bfloat16),
+                 spec((2, 128, 128), jnp.bfloat16), np.array([32, 32], np.int32), chip="h100")
+  with pytest.raises(ValueError, match="^weights: expected one of"):  # it ran as int8
+    recipes.Recipe("bogus", "int3", "int8")
+  with pytest.raises(ValueError, match="^values: expected"):  # IndexError
+    npu_ops.pack_int4(np.int32(3))
+  with pytest.raises(ValueError, match=r"^values: .*got int4\[3, 4\]"):  # named int8 before
+    npu_ops.native_to_int4pack(jnp.zeros((3, 4), jnp.int4))
+  gates, experts = moe.top_k_routing(jnp.ones((3, 4)), 2)
+  with pytest.raises(TypeError, match="^routing: expected an npu_ops.moe.Dispatch"):
+    moe.combine(jnp.ones((6, 8)), tuple(moe.dispatch(experts, 4)), gates)
+  x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+  want = np.clip(np.round(x / np.float32(0.05)), -127, 127) * np.float32(0.05)
+  np.testing.assert_allclose(npu_ops.fake_quant(x, 0.05), want, rtol=1e-6)  # a Python float
+  with pytest.raises(ValueError, match="counts are group_list_type=1 where the op takes it"):
+    npu_ops.npu_grouped_matmul_swiglu_quant(  # v1 (cumsum only): no misleading advice
+        np.ones((18, 64), np.int8), np.ones((3, 64, 32), np.int8), [5, 3, 10],
+        np.full((3, 32), 1e-3, np.float32), np.ones(18, np.float32))

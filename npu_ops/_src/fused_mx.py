@@ -57,7 +57,10 @@ def fused_mx(x: jax.Array, x_scale: jax.Array, w: jax.Array, w_scale: jax.Array,
       "fused_mx", m, k, n, e, np.dtype(x.dtype).name, mx_out=spec.mode == quant_lib.MX,
       transposed=transposed, fp4=fp4 in (np.dtype(x.dtype), np.dtype(w.dtype)))
   impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
-
+  if m == 0 or n == 0:  # nothing to compute (the block scales' reshapes need a size)
+    cols, scale_dtype = epilogue.output_scale_shape(spec, n // 2)
+    return fused_lib.squeeze_per_token(jnp.zeros((m, n // 2), epilogue.code_storage(spec.dtype)),
+                                       jnp.zeros((m,) + cols, scale_dtype), spec)
   op = FusedMX(problem, interpret, ends if isinstance(ends, tuple) else None, spec, transposed)
   start = None if shift is None else jnp.asarray(shift, jnp.int32)
   return backend.run(op, impl, ((x, x_scale), w, w_scale, jnp.asarray(ends, jnp.int32), start),

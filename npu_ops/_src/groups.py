@@ -142,7 +142,8 @@ def _static_ends(values: list[int], group_list_type: int, m: int, name: str) -> 
   else:
     require(all(v >= 0 for v in values), name, "non-negative cumulative sums", values)
     require(all(b >= a for a, b in zip(values, values[1:])), name,
-            "a non-decreasing cumsum (group_list_type=0; for counts pass group_list_type=1)",
+            "a non-decreasing cumsum (group_list_type=0; counts are group_list_type=1 where "
+            "the op takes it: v2, not v1)",
             values)
     ends = values
   require(ends[-1] <= m, name, f"a total number of rows <= m={m}", ends[-1])

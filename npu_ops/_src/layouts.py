@@ -53,6 +53,7 @@ def pack_int4(values: jax.Array) -> jax.Array:
   check_array("values", values)
   if not jnp.issubdtype(values.dtype, jnp.integer):
     fail("values", "an integer array (int4 values in [-8, 7])", describe(values), TypeError)
+  require(values.ndim >= 1, "values", "[..., c] (at least 1 dim)", describe(values))
   check_int4_range("values", values)
   return _pack_int4(values)
 
@@ -217,4 +218,7 @@ def int4pack_to_native(packed: Any) -> jax.Array:
 def native_to_int4pack(values: Any) -> jax.Array:
   """native `jnp.int4` `[..., c]` (c % 8 == 0) -> int32 words `[..., c/8]`."""
   check_dtype("values", values, (jnp.int4,))
+  require(values.ndim >= 1, "values", "[..., c] (at least 1 dim)", describe(values))
+  require(values.shape[-1] % INT4_PER_INT32 == 0, "values", "a last dim that is a multiple of 8",
+          describe(values))
   return _pack_int4(jnp.asarray(values).astype(jnp.int8))  # int4: always in range

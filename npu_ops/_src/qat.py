@@ -143,8 +143,8 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = No
 
   Args:
     x: float array `[...]`.
-    scale: positive float step size, broadcastable to `x` (per-tensor `[]`,
-      per-channel `[n]`, per-token `[m, 1]`, ...). A scale <= 0 gives codes 0. A known
+    scale: positive float step size, broadcastable to `x` (per-tensor `[]` or a Python
+      number, per-channel `[n]`, per-token `[m, 1]`, ...). A scale <= 0 gives codes 0. A known
       inf or NaN scale raises ValueError; a traced one gives NaN (`0 * inf`).
     bits: 8 (codes -127..127) or 4 (-7..7).
     dtype: None (the integer codes of `bits`), or float8_e4m3fn / float8_e5m2: codes on
@@ -158,6 +158,8 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = No
   qmax, grid = _grid(bits, dtype)
   _check_grad_scale(grad_scale)
   _check_float("x", x)
+  if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+    scale = jnp.float32(scale)  # a per-tensor step size as a Python number
   _check_float("scale", scale)
   try:
     broadcast = jnp.broadcast_shapes(scale.shape, x.shape)

@@ -81,6 +81,9 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
 )}
 
 
+TPUS: tuple[str, ...] = tuple(name for name, c in CHIPS.items() if c.vpu_rate)
+
+
 def chip_of_device(device) -> Chip | None:
   """The `Chip` a JAX device is, from its `device_kind` (None when unknown)."""
   kind = getattr(device, "device_kind", "")

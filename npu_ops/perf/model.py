@@ -143,6 +143,9 @@ def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
       a loop, or on a condition on data), or the chip is unknown.
   """
   chip = chips_lib.get(chip)
+  if not chip.vpu_rate:  # the GPU entries carry no TPU pipeline constants
+    raise ValueError(f"chip: expected a TPU ({', '.join(chips_lib.TPUS)}), got {chip.name!r} "
+                     "(the model follows Pallas TPU pipelines)")
   leaves, tree = jax.tree.flatten((args, kwargs))
   known = [None if isinstance(a, jax.ShapeDtypeStruct) else np.asarray(a) for a in leaves]
   specs = [a if isinstance(a, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
