@@ -88,10 +88,11 @@ def users_compiler(monkeypatch):
       f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_COMPILE_XLA_FLAG))
 
 
-@pytest.fixture(params=["fast", "optimized"])
+@pytest.fixture(params=["fast", pytest.param("optimized", marks=pytest.mark.slow)])
 def compiler(request):
-  """Runs a test twice: with the suite's fast-compile settings, and with XLA:CPU's LLVM at
-  its default level (in process, the elemental emitter kept). Tests of subnormal and NaN
+  """Runs a test twice: with the suite's fast-compile settings, and (in the slow set: its
+  compiles cost more, and it clears JAX's caches around it) with XLA:CPU's LLVM at its
+  default level (in process, the elemental emitter kept). Tests of subnormal and NaN
   edges take it: LLVM folds some bit tests into float compares there (`(bits & 0x7FFFFFFF)
   != 0` into `x != 0`, which reads a subnormal x as 0), which -O0 never does."""
   if request.param == "fast":
