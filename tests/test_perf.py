@@ -6,6 +6,8 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax._src.lax import lax as lax_internal
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
@@ -748,10 +750,84 @@ def test_metadata_ops_in_numpy_give_xlas_values():
     closed = jax.make_jaxpr(fn)(ends, np.int32(2))
     walk(closed.jaxpr, closed.consts, [ends, np.int32(2)])
   assert {"add", "sub", "lt", "select_n", "cumsum", "broadcast_in_dim", "concatenate",
-          "convert_element_type", "iota", "slice"} <= seen, seen
+          "convert_element_type", "iota", "slice", "gather", "scatter", "scatter-add"} <= seen, seen
   # megablox's histogram of tile visits is float32 arithmetic
   assert {"add", "sub", "mul", "div", "iota", "concatenate", "convert_element_type",
-          "select_n", "reduce_max"} <= seen_float, seen_float
+          "select_n", "reduce_max", "scatter-add"} <= seen_float, seen_float
+
+
+def _xla_and_numpy(fn, *args):
+  """fn's gather or scatter under XLA and under the model's NumPy evaluation (None: not
+  taken)."""
+  (eqn,) = [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns
+            if e.primitive.name in ("gather", "scatter", "scatter-add")]
+  vals = [np.asarray(a) for a in args]
+  xla = np.asarray(eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params)))
+  fast = model._numpy_eval(eqn, vals)
+  return xla, None if fast is None else fast[0]
+
+
+@pytest.mark.parametrize("mode", ["clip", "fill", "promise_in_bounds"])
+def test_gathers_and_scatters_in_numpy_at_the_edges(mode):
+  """The element gathers and scatters the model evaluates in NumPy (megablox's metadata,
+  `jnp.searchsorted`, `jnp.histogram`) give XLA's values where indices fall outside the
+  operand (clamped, filled or dropped by `mode`), and repeat (scatter-add sums them;
+  a scatter whose repeats differ is left to XLA); float sums only where exact."""
+  x = np.arange(10, 20, dtype=np.int32)
+  idx = np.array([0, 3, -1, 9, 10, 3, 2**31 - 1, -2**31], np.int32)[:, None]
+  upd = np.arange(1, 9, dtype=np.int32)
+  element = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,),
+                                       start_index_map=(0,))
+  column = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(),
+                                      start_index_map=(0,))
+  into = lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,),
+                                     scatter_dims_to_operand_dims=(0,))
+  take = lambda dn: lambda x, i: lax.gather(x, i, dn, (1,), mode=mode, fill_value=-7)
+  add = lambda x, i, u: lax.scatter_add(x, i, u, into, mode=mode)
+  put = lambda x, i, u: lax.scatter(x, i, u, into, mode=mode)
+  for fn, args in [(take(element), (x, idx)), (take(column), (x, idx)), (add, (x, idx, upd)),
+                   (add, (x.astype(np.float32), idx, upd.astype(np.float32))),
+                   (put, (x, np.int32([[1], [3], [12], [3], [-3]]), np.int32([1, 5, 2, 5, 3])))]:
+    xla, fast = _xla_and_numpy(fn, *args)
+    assert fast is not None, fn
+    np.testing.assert_array_equal(fast, xla)
+    assert fast.dtype == xla.dtype and fast.shape == xla.shape
+  # (a scatter's repeats above agree) repeats that differ: which one lands is XLA's choice
+  assert _xla_and_numpy(put, x, idx, upd)[1] is None
+  # float32 sums that rounding could order, or not whole: left to XLA
+  big = np.full(4, 2.0**24, np.float32)
+  assert _xla_and_numpy(add, big, idx[:2], np.float32([1, 1]))[1] is None
+  assert _xla_and_numpy(add, big * 0, idx[:1], np.float32([0.5]))[1] is None
+
+
+def test_searchsorted_histogram_and_dynamic_slices_in_numpy():
+  """`jnp.searchsorted` (a scan, walked step by step), `jnp.histogram` (float32
+  scatter-add), total-order compares with NaN and signed zeros, and dynamic slices whose
+  start XLA clamps: the model's values equal XLA's, without an op left to XLA."""
+  a = np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, 2.0, np.inf, np.nan], np.float32)
+  v = np.array([np.nan, -0.0, 0.0, 0.25, 3.0, -5.0, np.inf], np.float32)
+  left = lambda a, v: jnp.searchsorted(a, v, method="scan")
+  right = lambda a, v: jnp.searchsorted(a, v, side="right", method="scan")
+  hist = lambda a, v: jnp.histogram(v[3:5], bins=4, range=(0.0, 4.0))[0]
+  slices = lambda a, v: (lax.dynamic_slice(a, (jnp.int32(6),), (4,)),
+                         lax.dynamic_update_slice(a, v[:3], (jnp.int32(-2),)))
+  total = lambda a, v: [p.bind(a[1:], v) for p in (lax_internal.lt_to_p, lax_internal.le_to_p,
+                                                     lax_internal.eq_to_p)]
+  asked = []
+  evaluate = model._evaluate
+  try:
+    model._evaluate = lambda eqn, vals: (
+        asked.append(eqn.primitive.name) if model._numpy_eval(eqn, vals) is None else None,
+        evaluate(eqn, vals))[1]
+    for fn in (left, right, hist, slices, total):
+      closed = jax.make_jaxpr(fn)(a, v)
+      got = model._walk(closed.jaxpr, closed.consts, [a, v], model._Accumulator(chips.get("v5e")))
+      for g, want in zip(got, jax.tree.leaves(jax.jit(fn)(a, v)), strict=True):
+        np.testing.assert_array_equal(g, np.asarray(want))
+        assert g.dtype == want.dtype
+  finally:
+    model._evaluate = evaluate
+  assert not asked, asked
 
 
 def test_a8w4_visits_multiply_only_their_groups_row_blocks():

@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 from jax._src import core as jax_core
 from jax._src import tree_util
@@ -289,6 +291,8 @@ def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
       n_extra = len(eqn.invars) - len(inner.invars)  # e.g. custom_vjp's leading consts
       outs = _walk(inner, inner_consts, vals[max(n_extra, 0):], acc)
       outs = outs[:len(eqn.outvars)] + [_UNKNOWN] * (len(eqn.outvars) - len(outs))
+    elif known and name == "scan":
+      outs = _scan(eqn, vals, acc)
     elif known:
       outs = _evaluate(eqn, vals)
     elif name in ("cond", "while", "scan"):
@@ -303,6 +307,26 @@ def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
+def _scan(eqn, vals: list, acc: _Accumulator) -> list:
+  """A scan of known values (`jnp.searchsorted`'s bisection): its body walked step by step,
+  its ops evaluated as any other (XLA only for those NumPy does not take)."""
+  p = eqn.params
+  body, n_consts, n_carry = p["jaxpr"], p["num_consts"], p["num_carry"]
+  consts, carry, xs = vals[:n_consts], vals[n_consts:n_consts + n_carry], vals[n_consts + n_carry:]
+  ys = []
+  for i in (reversed(range(p["length"])) if p["reverse"] else range(p["length"])):
+    outs = _walk(body.jaxpr, body.consts, [*consts, *carry, *(x[i] for x in xs)], acc)
+    if any(o is _UNKNOWN for o in outs):
+      return _evaluate(eqn, vals)
+    carry, y = outs[:n_carry], outs[n_carry:]
+    ys.append(y)
+  if p["reverse"]:
+    ys.reverse()
+  stacked = [np.stack([y[j] for y in ys]) if ys else np.zeros(v.aval.shape, v.aval.dtype)
+             for j, v in enumerate(eqn.outvars[n_carry:])]
+  return [np.asarray(c) for c in carry] + stacked
+
+
 def _branches(params: dict) -> list:
   out = list(params.get("branches", ()))
   for key in ("body_jaxpr", "cond_jaxpr", "jaxpr"):
@@ -313,12 +337,19 @@ def _branches(params: dict) -> list:
 
 
 def _integral(aval) -> bool:
-  dtype = np.dtype(getattr(aval, "dtype", np.float32))
-  return dtype == np.bool_ or np.issubdtype(dtype, np.integer)
+  return _kind(getattr(aval, "dtype", np.float32)) == "integral"
 
 
 def _real(aval) -> bool:
-  return np.issubdtype(np.dtype(getattr(aval, "dtype", np.complex64)), np.floating)
+  return _kind(getattr(aval, "dtype", np.complex64)) == "real"
+
+
+@functools.cache
+def _kind(dtype) -> str:  # asked for every operand of every op the model evaluates
+  dtype = np.dtype(dtype)
+  if dtype == np.bool_ or np.issubdtype(dtype, np.integer):
+    return "integral"
+  return "real" if np.issubdtype(dtype, np.floating) else "other"
 
 
 # Float ops whose values NumPy gives as XLA does (one IEEE operation per element, or none;
@@ -326,7 +357,8 @@ def _real(aval) -> bool:
 _EXACT_FLOAT = {"add", "sub", "mul", "div", "max", "min", "eq", "ne", "lt", "le", "gt", "ge",
                 "neg", "abs", "floor", "ceil", "select_n", "broadcast_in_dim",
                 "reshape", "squeeze", "slice", "iota", "concatenate", "reduce_max",
-                "reduce_min", "convert_element_type"}
+                "reduce_min", "convert_element_type", "dynamic_slice", "dynamic_update_slice",
+                "gather", "scatter", "scatter-add", "lt_to", "le_to", "eq_to"}
 
 
 def _numpy_eval(eqn, vals) -> list | None:
@@ -383,9 +415,98 @@ def _numpy_eval(eqn, vals) -> list | None:
     r = np.sum(np.asarray(x, np.int64), axis=tuple(p["axes"]))
   elif name in ("reduce_max", "reduce_min"):
     r = (np.max if name == "reduce_max" else np.min)(x, axis=tuple(p["axes"]))
+  elif name in _TOTAL_ORDER:
+    r = _TOTAL_ORDER[name](*(_total_order_key(v) for v in vals))
+  elif name in ("dynamic_slice", "dynamic_update_slice"):
+    update = vals[1] if name == "dynamic_update_slice" else None
+    sizes = p["slice_sizes"] if update is None else update.shape
+    starts = vals[1 + (update is not None):]
+    window = tuple(slice(s, s + n) for s, n in zip(
+        (int(np.clip(s, 0, d - n)) for s, d, n in zip(starts, x.shape, sizes)), sizes))
+    if update is None:
+      r = x[window]
+    else:  # XLA clamps the start so that the update fits, as for the slice
+      r = np.array(x)
+      r[window] = update
+  elif name in ("gather", "scatter", "scatter-add"):
+    r = _gather_scatter(name, p, vals, out)
+    if r is None:
+      return None
   else:
     return None
   return [np.array(np.broadcast_to(r, out.shape)).astype(out.dtype)]
+
+
+def _total_order_key(x: np.ndarray) -> np.ndarray:
+  """Integers ordered as XLA's total order orders `x` (-NaN < -inf < ... < -0 < +0 < ... <
+  +inf < +NaN): the float's bits, the magnitude's flipped below zero."""
+  if not _real(x):
+    return x
+  bits = x.view(np.dtype(f"int{8 * x.dtype.itemsize}"))
+  return bits ^ ((bits >> (8 * x.dtype.itemsize - 1)) & np.iinfo(bits.dtype).max)
+
+
+_TOTAL_ORDER = {"lt_to": np.less, "le_to": np.less_equal, "eq_to": np.equal}
+
+
+def _gather_scatter(name: str, p: dict, vals: list, out) -> np.ndarray | None:
+  """A gather, scatter or scatter-add of single elements of a 1-D operand (`x[i]`,
+  `x.at[i].set(u)`, `x.at[i].add(u)`: what the kernels' metadata and `jnp.searchsorted` /
+  `jnp.histogram` use), as XLA computes it; None for any other form, for a scatter whose
+  in-bounds indices repeat with different values, and for float sums that rounding could
+  make depend on the order of additions."""
+  x, indices = np.asarray(vals[0]), np.asarray(vals[1])
+  dn = p["dimension_numbers"]
+  if (x.ndim != 1 or indices.ndim < 1 or indices.shape[-1] != 1
+      or dn.operand_batching_dims or getattr(dn, "start_indices_batching_dims", ())
+      or getattr(dn, "scatter_indices_batching_dims", ())):
+    return None
+  idx = indices[..., 0].astype(np.int64)
+  mode = p["mode"]
+  clip = mode == lax.GatherScatterMode.CLIP
+  if name == "gather":
+    single = (tuple(dn.collapsed_slice_dims) == (0,) and not dn.offset_dims) or (
+        not dn.collapsed_slice_dims and len(dn.offset_dims) == 1)  # [..., 1]
+    if not single or tuple(dn.start_index_map) != (0,) or tuple(p["slice_sizes"]) != (1,):
+      return None
+    inside = (idx >= 0) & (idx < x.shape[0])
+    r = x[np.clip(idx, 0, x.shape[0] - 1)]
+    if mode == lax.GatherScatterMode.FILL_OR_DROP and not np.all(inside):
+      if p["fill_value"] is None:
+        return None
+      r = np.where(inside, r, np.asarray(p["fill_value"]).astype(x.dtype))
+    return r.reshape(out.shape)  # an offset dim of size 1, where it stands
+  if (tuple(dn.update_window_dims) or tuple(dn.inserted_window_dims) != (0,)
+      or tuple(dn.scatter_dims_to_operand_dims) != (0,)):
+    return None
+  updates = np.broadcast_to(np.asarray(vals[2], x.dtype), idx.shape).ravel()
+  idx = idx.ravel()
+  if clip:
+    idx = np.clip(idx, 0, x.shape[0] - 1)
+  keep = (idx >= 0) & (idx < x.shape[0])  # XLA drops out-of-bounds updates
+  idx, updates = idx[keep], updates[keep]
+  if name == "scatter":
+    order = np.argsort(idx, kind="stable")
+    i, u = idx[order], updates[order]
+    repeat = i[1:] == i[:-1]
+    if np.any(repeat & (u[1:] != u[:-1])):
+      return None  # which update lands is XLA's choice
+    r = np.array(x)
+    r[i] = u
+    return r
+  if _real(x):  # exact in any order: integer values whose partial sums all fit the mantissa
+    whole = lambda a: np.all(np.floor(a) == a)
+    total = np.sum(np.abs(x), dtype=np.float64) + np.sum(np.abs(updates), dtype=np.float64)
+    if not (whole(x) and whole(updates) and total <= 2.0 ** (np.finfo(x.dtype).nmant + 1)):
+      return None
+    r = np.asarray(x, np.float64).copy()
+    np.add.at(r, idx, updates.astype(np.float64))
+    return r
+  if x.dtype == np.bool_:
+    return None
+  r = np.asarray(x, np.int64).copy()  # wraps as XLA's adds do once cast back
+  np.add.at(r, idx, updates.astype(np.int64))
+  return r
 
 
 def _evaluate(eqn, vals) -> list:
@@ -896,7 +1017,13 @@ def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray,
   its semaphore has arrived.
   """
   n = len(compute)
-  start, end = np.zeros(n), np.zeros(n)
+  # Python lists and floats: the loop reads one element at a time, which NumPy makes slow
+  compute, write_back = np.asarray(compute).tolist(), np.asarray(write_back).tolist()
+  copied = [np.asarray(cp).tolist() for cp, _, _, _ in inputs]
+  seconds_in = [np.asarray(nb).tolist() for _, nb, _, _ in inputs]
+  by_hand = [(kind, np.asarray(runs).tolist(), np.asarray(key).tolist(), seconds,
+              np.asarray(before).tolist()) for kind, runs, key, seconds, before in by_hand]
+  start, end = [0.0] * n, [0.0] * n
   dma_free = 0.0
   pending = collections.deque()  # write-backs not yet queued: (issue time, seconds), in order
   arrivals = collections.defaultdict(collections.deque)  # by semaphore: copies made by hand
@@ -904,7 +1031,8 @@ def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray,
   # join the queue when they are issued: the first ones before step 0; then, lookahead,
   # block r when the block `buffers` back is last used (at the start of the step after);
   # else, step j's when step j - (buffers - 1) starts.
-  changes = [np.flatnonzero(cp) for cp, _, _, _ in inputs]
+  changes = [np.flatnonzero(cp).tolist() for cp, _, _, _ in inputs]
+  rank = [(np.cumsum(cp) - 1).tolist() for cp, _, _, _ in inputs]  # step -> its r in changes
   arrival = [dict() for _ in inputs]
 
   def queue(issue: float, seconds: float) -> float:
@@ -917,29 +1045,30 @@ def _timeline(compute: np.ndarray, inputs: list, write_back: np.ndarray,
 
   def issue(q: int, r: int, at: float) -> None:  # input q's r-th block, issued at `at`
     if r < len(changes[q]):
-      step = int(changes[q][r])
-      arrival[q][step] = queue(at, inputs[q][1][step])
+      step = changes[q][r]
+      arrival[q][step] = queue(at, seconds_in[q][step])
 
   for q, (_, _, buffers, lookahead) in enumerate(inputs):
     for r in range(buffers if lookahead else len(changes[q])):
       if lookahead or changes[q][r] < max(buffers - 1, 1):
         issue(q, r, 0.0)
   # lookahead: block r is issued at the step where block r - buffers + 1 is first used
-  freed = [({int(changes[q][r - b + 1]): r for r in range(b, len(changes[q]))} if la else {})
+  freed = [({changes[q][r - b + 1]: r for r in range(b, len(changes[q]))} if la else {})
            for q, (_, _, b, la) in enumerate(inputs)]
+  shape = [(q, buffers, lookahead) for q, (_, _, buffers, lookahead) in enumerate(inputs)]
 
   for j in range(n):
     before = end[j - 1] if j else 0.0
-    for q, (copied, _, buffers, lookahead) in enumerate(inputs):
+    for q, buffers, lookahead in shape:
       if j in freed[q]:
         issue(q, freed[q][j], before)
-      elif buffers == 1 and copied[j] and j > 0:  # one buffer: copied as its step begins
-        issue(q, int(np.searchsorted(changes[q], j)), before)
+      elif buffers == 1 and copied[q][j] and j > 0:  # one buffer: copied as its step begins
+        issue(q, rank[q][j], before)
     start[j] = max([before] + [a[j] for a in arrival if j in a])
-    for q, (_, _, buffers, lookahead) in enumerate(inputs):
+    for q, buffers, lookahead in shape:
       ahead = j + buffers - 1
-      if not lookahead and buffers > 1 and ahead < n and inputs[q][0][ahead]:
-        issue(q, int(np.searchsorted(changes[q], ahead)), start[j])
+      if not lookahead and buffers > 1 and ahead < n and copied[q][ahead]:
+        issue(q, rank[q][ahead], start[j])
     held = 0.0  # how long the step's waits have held its body so far
     for kind, runs, key, seconds, before in by_hand:
       if not runs[j]:
