@@ -756,11 +756,10 @@ def test_metadata_ops_in_numpy_give_xlas_values():
           "select_n", "reduce_max", "scatter-add"} <= seen_float, seen_float
 
 
-def _xla_and_numpy(fn, *args):
-  """fn's gather or scatter under XLA and under the model's NumPy evaluation (None: not
+def _xla_and_numpy(fn, *args, ops=("gather", "scatter", "scatter-add")):
+  """fn's one op of `ops` under XLA and under the model's NumPy evaluation (None: not
   taken)."""
-  (eqn,) = [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns
-            if e.primitive.name in ("gather", "scatter", "scatter-add")]
+  (eqn,) = [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name in ops]
   vals = [np.asarray(a) for a in args]
   xla = np.asarray(eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params)))
   fast = model._numpy_eval(eqn, vals)
@@ -798,6 +797,19 @@ def test_gathers_and_scatters_in_numpy_at_the_edges(mode):
   big = np.full(4, 2.0**24, np.float32)
   assert _xla_and_numpy(add, big, idx[:2], np.float32([1, 1]))[1] is None
   assert _xla_and_numpy(add, big * 0, idx[:1], np.float32([0.5]))[1] is None
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.int8])
+def test_integer_division_in_numpy_as_xla_divides(dtype):
+  """Truncating division and remainder, by zero too (XLA: x / 0 is all ones, x % 0 is x)
+  and at the type's minimum over -1."""
+  info = np.iinfo(dtype)
+  a = np.array([7, info.max, info.min, 0, 5, info.min, 6], dtype)
+  b = np.array([-2 if info.min else 2, 3, -1 if info.min else 1, 0, 0, 0, 4], dtype)
+  for op in (lax.div, lax.rem):
+    xla, fast = _xla_and_numpy(op, a, b, ops=("div", "rem"))
+    np.testing.assert_array_equal(fast, xla)
+    assert fast.dtype == xla.dtype
 
 
 def test_searchsorted_histogram_and_dynamic_slices_in_numpy():

@@ -598,8 +598,14 @@ def _xla_cost(eqn, acc: _Accumulator) -> None:
 def _trunc_div(a, b):
   if np.issubdtype(np.result_type(a, b), np.integer):
     q = np.abs(a) // np.maximum(np.abs(b), 1)
-    return np.where((np.sign(a) * np.sign(b)) < 0, -q, q)
+    return np.where(b == 0, -1, np.where((np.sign(a) * np.sign(b)) < 0, -q, q))  # XLA: x/0 = -1
   return np.true_divide(a, b)
+
+
+def _trunc_rem(a, b):
+  if np.issubdtype(np.result_type(a, b), np.integer):  # XLA: x % 0 = x
+    return np.where(b == 0, a, np.fmod(a, np.where(b == 0, 1, b)))
+  return np.fmod(a, b)
 
 
 def _logical(fn_bool, fn_int):
@@ -613,7 +619,7 @@ _BINARY = {
     "and": _logical(np.logical_and, np.bitwise_and),
     "or": _logical(np.logical_or, np.bitwise_or),
     "xor": _logical(np.logical_xor, np.bitwise_xor),
-    "rem": np.fmod, "div": _trunc_div, "shift_left": np.left_shift,
+    "rem": _trunc_rem, "div": _trunc_div, "shift_left": np.left_shift,
     "shift_right_arithmetic": np.right_shift, "shift_right_logical": np.right_shift,
 }
 _UNARY = {"neg": np.negative, "abs": np.abs, "sign": np.sign, "floor": np.floor,
