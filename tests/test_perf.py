@@ -63,6 +63,62 @@ def test_parallel_axes_split_over_the_cores_of_a_dual_core_chip():
   assert one_core.kernels[0].cores == 1
 
 
+def test_a_later_parallel_axis_copies_per_core():
+  """Split along its second axis (grid (4, 2), "parallel" on j), each core of a v5p runs
+  j = its core for i = 0..3: w's block (0, j) never changes on a core (copied twice in
+  all, against 8 times on one core, where j alternates), x's block (i, 0) changes every
+  step of each core (4 copies a core)."""
+  args = S((512, 256), jnp.float32), S((256, 256), jnp.float32)
+  split = model.predict(lambda x, w: _matmul(x, w, semantics=("arbitrary", "parallel")), *args,
+                        chip="v5p")
+  (k,) = split.kernels
+  assert k.cores == 2
+  x_block, w_block, out_block = 128 * 256 * 4, 256 * 128 * 4, 128 * 128 * 4
+  assert k.hbm_bytes == 2 * 4 * x_block + 2 * w_block + 8 * out_block
+
+
+def test_loops_and_conds_around_kernels_count_what_runs():
+  """A kernel in a scan over layers (its group sizes closed over: concrete), in a
+  fori_loop with known bounds, or in a while loop: once per trip; a cond with a known
+  index takes its branch only, one that depends on data the costliest; with every input
+  concrete, the kernel is still modeled (not run)."""
+  sizes = np.full(4, 64, np.int32)
+  layer = lambda x, w: npu_ops.grouped_matmul(x, w, sizes)
+  x, w = S((256, 128), jnp.bfloat16), S((4, 128, 128), jnp.bfloat16)
+  one = model.predict(layer, x, w)
+  assert len(one.kernels) == 1 and one.grid_steps > 0
+  scan = model.predict(lambda x, ws: lax.scan(lambda x, w: (layer(x, w), None), x, ws)[0],
+                       x, S((6, 4, 128, 128), jnp.bfloat16))
+  assert len(scan.kernels) == 6 and scan.grid_steps == 6 * one.grid_steps
+  assert scan.seconds == pytest.approx(6 * one.seconds)
+  for n in (np.int32(5), 5):  # a while loop (traced bound) and a scan (static)
+    fori = model.predict(lambda x, w, n: lax.fori_loop(0, n, lambda i, x: layer(x, w), x),
+                         x, w, n)
+    assert len(fori.kernels) == 5 and fori.hbm_bytes == pytest.approx(5 * one.hbm_bytes)
+  known = model.predict(lambda x, w, n: lax.fori_loop(0, n, lambda i, x: layer(x, w), x),
+                        np.zeros((256, 128), jnp.bfloat16), w, np.int32(3))
+  assert len(known.kernels) == 3
+  dots = model.predict(lambda a: lax.scan(lambda c, _: (c @ a, None), a, None, length=8)[0],
+                       S((512, 512), jnp.float32))
+  assert dots.xla_flops == 8 * 2 * 512**3
+  branch = lambda i, x, w: lax.cond(i > 0, layer, lambda x, w: x, x, w)
+  assert model.predict(branch, np.int32(0), x, w).kernels == ()
+  assert len(model.predict(branch, np.int32(1), x, w).kernels) == 1
+  assert len(model.predict(branch, S((), jnp.int32), x, w).kernels) == 1  # the costliest
+
+
+def test_xla_ops_around_kernels():
+  """ragged_dot outside a kernel: 2 m k n FLOPs (each row meets one group), compute-bound
+  at these shapes; a kernel is named after its function."""
+  m, k, n, g = 4096, 2048, 2816, 4
+  p = model.predict(lax.ragged_dot, S((m, k), jnp.bfloat16), S((g, k, n), jnp.bfloat16),
+                    S((g,), jnp.int32))
+  assert p.xla_flops == 2 * m * k * n
+  assert p.seconds == pytest.approx(2 * m * k * n / chips.get("v5e").peak("bfloat16"))
+  assert model.predict(_matmul, S((512, 256), jnp.float32), S((256, 256), jnp.float32)
+                       ).kernels[0].name == "kernel"
+
+
 def _gathered_rows(ids, x):
   """Scalar prefetch: step i reads x's row block ids[i] and multiplies it only when
   ids[i] >= 0 (a `pl.when`); a (128, 1) float32 scale block pads to (128, 128)."""
@@ -397,9 +453,10 @@ def test_predict_needs_the_values_that_steer_the_kernels():
   with pytest.raises(ValueError, match="concretely"):
     model.predict(f, S((256, 128), jnp.bfloat16), S((4, 128, 256), jnp.bfloat16),
                   S((4,), jnp.int32))
-  with pytest.raises(ValueError, match="chip"):
-    model.predict(f, S((256, 128), jnp.bfloat16), S((4, 128, 256), jnp.bfloat16),
-                  np.full(4, 64, np.int32), chip="v9")
+  for chip in ("v9", None):  # the names predict takes: TPUs only
+    with pytest.raises(ValueError, match=r"chip: expected a TPU \(v5e, v6e, v5p, tpu7x\)"):
+      model.predict(f, S((256, 128), jnp.bfloat16), S((4, 128, 256), jnp.bfloat16),
+                    np.full(4, 64, np.int32), chip=chip)
 
 
 def test_a_product_of_few_rows_takes_the_mxu_as_long_as_128():

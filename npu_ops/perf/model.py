@@ -31,7 +31,11 @@ counts), and follows each `pallas_call` through its grid:
   HBM bandwidth.
 
 Ops outside the kernels whose inputs are not all known (the data path's XLA ops) are
-costed by a roofline: `max(FLOPs / peak, bytes in + out / HBM bandwidth)` each.
+costed by a roofline: `max(FLOPs / peak, bytes in + out / HBM bandwidth)` each. Around the
+kernels, a `scan` or `fori_loop` counts every trip (walked step by step while known values
+change, e.g. a scan over layers; the rest at one step's cost), a `while_loop` whose
+condition depends on data one trip (a lower bound), a `cond` the branch its known index
+takes, else its costliest branch.
 """
 
 from __future__ import annotations
@@ -144,6 +148,8 @@ def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
       (pass it concretely), a kernel copies by hand where the model cannot follow (inside
       a loop, or on a condition on data), or the chip is unknown.
   """
+  if not isinstance(chip, chips_lib.Chip) and chip not in chips_lib.CHIPS:
+    raise ValueError(f"chip: expected a TPU ({', '.join(chips_lib.TPUS)}), got {chip!r}")
   chip = chips_lib.get(chip)
   if not chip.vpu_rate:  # the GPU entries carry no TPU pipeline constants
     raise ValueError(f"chip: expected a TPU ({', '.join(chips_lib.TPUS)}), got {chip.name!r} "
@@ -228,6 +234,18 @@ class _Accumulator:
   xla_flops: float = 0.0
   xla_ops: list = dataclasses.field(default_factory=list)
 
+  def add(self, other: "_Accumulator", times: int = 1) -> None:
+    """Counts `other`'s program `times` times."""
+    self.kernels.extend(other.kernels * times)
+    self.xla_seconds += times * other.xla_seconds
+    self.xla_bytes += times * other.xla_bytes
+    self.xla_flops += times * other.xla_flops
+    self.xla_ops.extend((op, out, times * sec) for op, out, sec in other.xla_ops)
+
+  @property
+  def seconds(self) -> float:
+    return sum(k.seconds for k in self.kernels) + self.xla_seconds
+
 
 def _is_array(x) -> bool:
   return isinstance(x, (np.ndarray, np.generic, jax.Array))
@@ -291,14 +309,10 @@ def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
       n_extra = len(eqn.invars) - len(inner.invars)  # e.g. custom_vjp's leading consts
       outs = _walk(inner, inner_consts, vals[max(n_extra, 0):], acc)
       outs = outs[:len(eqn.outvars)] + [_UNKNOWN] * (len(eqn.outvars) - len(outs))
-    elif known and name == "scan":
-      outs = _scan(eqn, vals, acc)
+    elif name in _CONTROL and (not known or name == "scan" or _holds_kernel(eqn)):
+      outs = _CONTROL[name](eqn, vals, acc)
     elif known:
       outs = _evaluate(eqn, vals)
-    elif name in ("cond", "while", "scan"):
-      for branch in _branches(eqn.params):  # every branch once: an upper bound
-        _walk(branch.jaxpr, branch.consts, [_UNKNOWN] * len(branch.jaxpr.invars), acc)
-      outs = [_UNKNOWN] * len(eqn.outvars)
     else:
       _xla_cost(eqn, acc)
       outs = [_UNKNOWN] * len(eqn.outvars)
@@ -307,24 +321,109 @@ def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
+def _holds_kernel(eqn) -> bool:
+  """Whether `eqn` runs a kernel: a pallas_call, one of npu_ops' primitives (their kernels
+  sit behind an expansion or a platform choice), or a sub-program holding one."""
+  name = eqn.primitive.name
+  if name == "pallas_call" or name.startswith("npu_ops_"):
+    return True
+  return any(_holds_kernel(e) for j in _branches(eqn.params) for e in j.jaxpr.eqns) or (
+      (sub := _sub_jaxpr(eqn.params)) is not None and any(_holds_kernel(e) for e in sub[0].eqns))
+
+
+def _repeat(jaxpr, consts, args, acc: _Accumulator, times: int) -> None:
+  """`times` runs of a program whose known inputs do not change between runs: walked once,
+  its cost counted `times` times."""
+  once = _Accumulator(acc.chip)
+  _walk(jaxpr, consts, args, once)
+  acc.add(once, times)
+
+
 def _scan(eqn, vals: list, acc: _Accumulator) -> list:
-  """A scan of known values (`jnp.searchsorted`'s bisection): its body walked step by step,
-  its ops evaluated as any other (XLA only for those NumPy does not take)."""
+  """A scan, step by step: its body walked with each step's known values (known values
+  all through: `jnp.searchsorted`'s bisection; known group sizes steering a kernel in a
+  scan over layers). Once nothing known changes between steps (carry and xs all
+  unknown), the remaining steps cost what one does."""
   p = eqn.params
-  body, n_consts, n_carry = p["jaxpr"], p["num_consts"], p["num_carry"]
+  body, n_consts, n_carry, length = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
   consts, carry, xs = vals[:n_consts], vals[n_consts:n_consts + n_carry], vals[n_consts + n_carry:]
+  unknown = lambda values: all(v is _UNKNOWN for v in values)
   ys = []
-  for i in (reversed(range(p["length"])) if p["reverse"] else range(p["length"])):
-    outs = _walk(body.jaxpr, body.consts, [*consts, *carry, *(x[i] for x in xs)], acc)
-    if any(o is _UNKNOWN for o in outs):
-      return _evaluate(eqn, vals)
+  for done, i in enumerate(reversed(range(length)) if p["reverse"] else range(length)):
+    if unknown(carry) and unknown(xs):
+      _repeat(body.jaxpr, body.consts, [*consts, *carry, *xs], acc, length - done)
+      carry = [_UNKNOWN] * n_carry
+      ys = None
+      break
+    outs = _walk(body.jaxpr, body.consts,
+                 [*consts, *carry, *(_UNKNOWN if x is _UNKNOWN else x[i] for x in xs)], acc)
     carry, y = outs[:n_carry], outs[n_carry:]
     ys.append(y)
-  if p["reverse"]:
-    ys.reverse()
-  stacked = [np.stack([y[j] for y in ys]) if ys else np.zeros(v.aval.shape, v.aval.dtype)
-             for j, v in enumerate(eqn.outvars[n_carry:])]
-  return [np.asarray(c) for c in carry] + stacked
+  n_ys = len(eqn.outvars) - n_carry
+  if ys is None or any(v is _UNKNOWN for y in ys for v in y):
+    stacked = [_UNKNOWN] * n_ys
+  else:
+    if p["reverse"]:
+      ys.reverse()
+    stacked = [np.stack([y[j] for y in ys]) if ys else np.zeros(v.aval.shape, v.aval.dtype)
+               for j, v in enumerate(eqn.outvars[n_carry:])]
+  return [c if c is _UNKNOWN else np.asarray(c) for c in carry] + stacked
+
+
+def _while(eqn, vals: list, acc: _Accumulator) -> list:
+  """A while loop, step by step while its condition is known (a `fori_loop` with known
+  bounds around a kernel); a `fori_loop` whose other carries are unknown costs its trip
+  count times one step; a loop whose condition depends on data, one step (a lower
+  bound: the model cannot know how often it runs)."""
+  p = eqn.params
+  cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+  c_consts = vals[:p["cond_nconsts"]]
+  b_consts = vals[p["cond_nconsts"]:p["cond_nconsts"] + p["body_nconsts"]]
+  carry = vals[p["cond_nconsts"] + p["body_nconsts"]:]
+  while True:
+    trips = _while_trips(eqn, [*c_consts, *b_consts, *carry])
+    counter = _fori_counter(eqn)
+    if not isinstance(trips, int) and all(
+        v is _UNKNOWN for i, v in enumerate(carry) if i not in counter):
+      _repeat(body.jaxpr, body.consts, [*b_consts, *carry], acc, int(trips))
+      return [v if i in counter[1:] else _UNKNOWN for i, v in enumerate(carry)]
+    (go,) = _walk(cond.jaxpr, cond.consts, [*c_consts, *carry], acc)
+    if go is _UNKNOWN:
+      _walk(body.jaxpr, body.consts, [*b_consts, *carry], acc)
+      return [_UNKNOWN] * len(carry)
+    if not bool(go):
+      return list(carry)
+    carry = _walk(body.jaxpr, body.consts, [*b_consts, *carry], acc)
+
+
+def _fori_counter(eqn) -> tuple[int, ...]:
+  """The carry positions of a `fori_loop`'s counter and bound (cond `i < upper`)."""
+  cond = eqn.params["cond_jaxpr"].jaxpr
+  n = eqn.params["cond_nconsts"]
+  if len(cond.eqns) == 1 and cond.eqns[0].primitive.name == "lt":
+    pos = [cond.invars.index(v) - n if v in cond.invars else -1 for v in cond.eqns[0].invars]
+    if min(pos) >= 0:
+      return tuple(pos)
+  return ()
+
+
+def _cond(eqn, vals: list, acc: _Accumulator) -> list:
+  """A cond: the branch its known index takes; with an index that depends on data, the
+  costliest branch (by the model's seconds)."""
+  branches, index, operands = eqn.params["branches"], vals[0], vals[1:]
+  if index is not _UNKNOWN:
+    branch = branches[int(np.clip(index, 0, len(branches) - 1))]  # XLA clamps the index
+    return _walk(branch.jaxpr, branch.consts, operands, acc)
+  runs = []
+  for branch in branches:
+    run = _Accumulator(acc.chip)
+    _walk(branch.jaxpr, branch.consts, operands, run)
+    runs.append(run)
+  acc.add(max(runs, key=lambda run: run.seconds))
+  return [_UNKNOWN] * len(eqn.outvars)
+
+
+_CONTROL = {"scan": _scan, "while": _while, "cond": _cond}
 
 
 def _branches(params: dict) -> list:
@@ -534,19 +633,26 @@ def _copies_by_hand(jaxpr) -> bool:
 
 
 def _while_trips(eqn, vals):
-  """A `while`'s trip count per step: a `fori_loop` with dynamic bounds (carry `(i, upper,
-  ...)`, cond `i < upper`, i counting up by one) runs `upper - lower` times where both are
-  known; any other loop is counted once."""
-  cond = eqn.params["cond_jaxpr"].jaxpr
+  """A `while`'s trip count (per step, in a kernel body): a `fori_loop` with dynamic bounds
+  (carry `(i, upper, ...)`, cond `i < upper`, i counting up by one) runs `upper - lower`
+  times where both are known; any other loop is counted once (the int 1)."""
+  counter = _fori_counter(eqn)
   carry = vals[eqn.params["cond_nconsts"] + eqn.params["body_nconsts"]:]
-  if len(cond.eqns) == 1 and cond.eqns[0].primitive.name == "lt":
-    a, b = (cond.invars.index(v) - eqn.params["cond_nconsts"] if v in cond.invars else None
-            for v in cond.eqns[0].invars)
-    if a is not None and b is not None and a >= 0 and b >= 0:
-      lo, hi = carry[a], carry[b]
-      if lo is not _UNKNOWN and hi is not _UNKNOWN:
-        return np.maximum(np.asarray(hi) - np.asarray(lo), 0).astype(np.float64)
+  if counter:
+    lo, hi = carry[counter[0]], carry[counter[1]]
+    if lo is not _UNKNOWN and hi is not _UNKNOWN:
+      return np.maximum(np.asarray(hi) - np.asarray(lo), 0).astype(np.float64)
   return 1
+
+
+def _ragged_dot_flops(eqn) -> float:
+  """2 x the multiply-adds of a ragged_dot_general: each element of the left operand meets
+  the right operand's free columns once (one group per row, or per contracted row)."""
+  dn = eqn.params["ragged_dot_dimension_numbers"]
+  (_, rhs_contract), (_, rhs_batch) = dn.dot_dimension_numbers
+  lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+  skip = {*rhs_contract, *rhs_batch, *dn.rhs_group_dimensions}
+  return 2.0 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in skip)
 
 
 def _dot_flops(eqn, mxu: tuple[int, int] = (1, 1)) -> float:
@@ -585,7 +691,7 @@ def _xla_cost(eqn, acc: _Accumulator) -> None:
   flops = 0.0
   seconds = nbytes / acc.chip.hbm_bandwidth
   if eqn.primitive.name in ("dot_general", "ragged_dot_general"):
-    flops = _dot_flops(eqn) if eqn.primitive.name == "dot_general" else 0.0
+    flops = _dot_flops(eqn) if eqn.primitive.name == "dot_general" else _ragged_dot_flops(eqn)
     seconds = max(seconds, flops / acc.chip.peak(eqn.invars[0].aval.dtype))
   acc.xla_seconds += seconds
   acc.xla_ops.append((eqn.primitive.name, " ".join(str(v.aval) for v in eqn.outvars), seconds))
@@ -899,6 +1005,7 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
   params = eqn.params
   gm = params["grid_mapping"]
   name = str(getattr(params.get("name_and_src_info"), "name", None) or params.get("name")
+             or getattr(getattr(params["jaxpr"], "debug_info", None), "func_name", None)
              or "pallas_call")
   n_dyn = gm.num_dynamic_grid_bounds
   dyn = iter(vals[:n_dyn])
@@ -939,6 +1046,7 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
   copies_out = np.zeros(steps)
   core_of = (np.zeros(steps, np.int64) if split_axis is None else
              (program_ids[split_axis] * cores) // grid[split_axis])
+  order = np.argsort(core_of, kind="stable")  # each core's steps, in the order it runs them
   for i, bm in enumerate(gm.block_mappings):
     if _unpipelined(bm):
       continue
@@ -950,16 +1058,21 @@ def _simulate(eqn, vals: list, chip: chips_lib.Chip) -> KernelCost:
     index = [np.broadcast_to(np.asarray(x, np.int64), (steps,)) for x in index]
     nbytes = _block_bytes(bm.block_shape, bm.array_aval.shape, bm.array_aval.dtype, index)
     nbytes = np.broadcast_to(nbytes, (steps,))
-    stacked = np.stack(index) if index else np.zeros((1, steps), np.int64)
-    differs = np.any(stacked[:, 1:] != stacked[:, :-1], axis=0) | (core_of[1:] != core_of[:-1])
+    stacked = (np.stack(index) if index else np.zeros((1, steps), np.int64))[:, order]
+    differs = np.zeros(steps, bool)  # at step s: its index differs from its core's step before
+    differs[order[1:]] = np.any(stacked[:, 1:] != stacked[:, :-1], axis=0) | (
+        core_of[order[1:]] != core_of[order[:-1]])
     if i < n_in:
-      copied = np.concatenate([[True], differs])
+      copied = differs.copy()
+      copied[order[0]] = True
       mode = bm.pipeline_mode
       inputs.append((copied, np.where(copied, nbytes, 0.0),
                      getattr(mode, "buffer_count", 2) or 2,
                      bool(getattr(mode, "use_lookahead", False))))
-    else:  # written back when the index is about to change, and at the end
-      copies_out += np.where(np.concatenate([differs, [True]]), nbytes, 0.0)
+    else:  # written back when its core's next index differs, and at its core's last step
+      written = np.ones(steps, bool)
+      written[order[:-1]] = differs[order[1:]]
+      copies_out += np.where(written, nbytes, 0.0)
 
   # The body's work per step.
   body = params["jaxpr"]
