@@ -3,6 +3,7 @@ check what they print. Marked slow (minutes of compiling): README's test command
 .ci/run) runs them with the rest; `-m "not slow"` leaves them out."""
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -101,6 +102,20 @@ def test_bench_ep_says_when_jax_already_started():
   jax.devices()  # this process's CPU backend has started with one device
   with pytest.raises(SystemExit, match="fresh process"):
     bench.main(["--ep", "4"])
+
+
+@pytest.mark.parametrize("tool,argv,flag", [
+    ("bench", ["--m", "0"], "--m"), ("bench", ["--ep", "0"], "--ep"),
+    ("bench", ["--repeats", "-1"], "--repeats"), ("demo", ["--e", "0"], "--e"),
+    ("compile_time", ["--repeats", "0"], "--repeats"),
+    ("compile_time", ["--targets", "v7"], "--targets")])
+def test_tools_refuse_counts_below_one_and_unknown_targets(tool, argv, flag, capsys):
+  """Bad flags stop at the parser, naming the flag (they ran into ZeroDivisionError, inf
+  times, a traceback, or `--ep 0` into the other benchmark)."""
+  main = importlib.import_module(f"npu_ops.tools.{tool}").main
+  with pytest.raises(SystemExit) as e:
+    main(argv)
+  assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
 
 
 def test_group_counts_sum_to_m():

@@ -1,4 +1,4 @@
-"""python -m npu_ops.perf validate | predict
+"""python -m npu_ops.perf validate | predict | megablox | tune
 
     python -m npu_ops.perf validate                  # the model vs tokamax's measured v5e, TPU7x
     python -m npu_ops.perf predict --chip v5e        # our kernels at decode / prefill shapes
@@ -19,7 +19,8 @@ def main(argv=None) -> int:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # traced and modeled here, run nowhere
   from npu_ops.perf import cases, chips, report, tune, validate  # noqa: PLC0415
 
-  p = argparse.ArgumentParser(prog="python -m npu_ops.perf", description=__doc__)
+  p = argparse.ArgumentParser(prog="python -m npu_ops.perf", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="cmd", required=True)
   v = sub.add_parser("validate", help="predicted vs measured (tokamax's TPU data)")
   v.add_argument("--chips", nargs="+", default=list(validate.DATA_DIRS),

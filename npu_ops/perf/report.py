@@ -19,7 +19,7 @@ def predict_table(chip: str, ops, chosen) -> str:
            f"{c.peak('bfloat16') / 1e12:.0f} TFLOP/s, HBM {c.hbm_bandwidth / 1e9:.0f} GB/s, "
            f"{c.cores} core(s) a device; x roof: model time / roofline and x bytes: HBM bytes / "
            "ideal (1.0 the least possible; lower is better)",
-           f"{'case':30} {'op':13} {'model us':>9} {'roof us':>8} {'x roof':>6} "
+           f"{'case':30} {'op':16} {'model us':>9} {'roof us':>8} {'x roof':>6} "
            f"{'x bytes':>7} {'steps':>6}  kernels"]
   for case in chosen:
     for op in ops:
@@ -27,7 +27,7 @@ def predict_table(chip: str, ops, chosen) -> str:
       pred = model.predict(prob.fn, *prob.args, chip=c)
       roof = prob.roofline(c)
       names = ",".join(k.name.replace("npu_", "") for k in pred.kernels) or "-"
-      lines.append(f"{case.name:30} {op:13} {pred.seconds * 1e6:9.1f} {roof * 1e6:8.1f} "
+      lines.append(f"{case.name:30} {op:16} {pred.seconds * 1e6:9.1f} {roof * 1e6:8.1f} "
                    f"{pred.seconds / roof:6.2f} {pred.hbm_bytes / prob.ideal_bytes:7.2f} "
                    f"{pred.grid_steps:6d}  {names}")
   return "\n".join(lines)

@@ -7,3 +7,15 @@
 * `compile_time`: jit compile time of our ops vs the program a user would write instead.
 * `api_reference`: docs/api.md from the docstrings.
 """
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an int >= 1 (a count of rows, experts, repeats, devices)."""
+  import argparse  # noqa: PLC0415
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+  return value

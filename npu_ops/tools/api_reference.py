@@ -86,7 +86,7 @@ def render() -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--write", action="store_true", help=f"write {PATH} instead of printing")
   a = p.parse_args(argv)
   text = render()

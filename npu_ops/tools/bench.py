@@ -69,6 +69,7 @@ import numpy as np
 
 import npu_ops
 from npu_ops._src import quant
+from npu_ops.tools import positive_int
 
 GROUP_KINDS = ("uniform", "skewed", "one_group", "many_empty")
 
@@ -486,17 +487,17 @@ def main(argv=None):
   p = argparse.ArgumentParser(
       prog="python -m npu_ops.tools.bench", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--m", type=int, nargs="+", default=[512, 4096, 16384],
+  p.add_argument("--m", type=positive_int, nargs="+", default=[512, 4096, 16384],
                  help="token rows (default: %(default)s)")
-  p.add_argument("--k", type=int, default=2048, help="contraction dim (default: %(default)s)")
-  p.add_argument("--n", type=int, default=2816,
+  p.add_argument("--k", type=positive_int, default=2048, help="contraction dim (default: %(default)s)")
+  p.add_argument("--n", type=positive_int, default=2816,
                  help="output columns before SwiGLU halves them (default: %(default)s)")
-  p.add_argument("--e", type=int, nargs="+", default=[8, 16, 64],
+  p.add_argument("--e", type=positive_int, nargs="+", default=[8, 16, 64],
                  help="experts (default: %(default)s)")
   p.add_argument("--groups", nargs="+", default=list(GROUP_KINDS), choices=GROUP_KINDS,
                  help="group lists: rows spread evenly, skewed (Dirichlet(0.5) shares), all "
                       "in one group, or 1 in 8 groups non-empty (default: all four)")
-  p.add_argument("--repeats", type=int, default=5,
+  p.add_argument("--repeats", type=positive_int, default=5,
                  help="timed calls per contender; the minimum counts (default: %(default)s)")
   p.add_argument("--ragged-max", type=int, default=4096 * 16,
                  help="run the ragged_dot baseline only where m * e <= this (it costs e "
@@ -507,15 +508,15 @@ def main(argv=None):
   p.add_argument("--qat", action="store_true",
                  help="time QAT training steps against float ones instead")
   p.add_argument("--out", help="folder for bench.json and bench.png (default: print only)")
-  p.add_argument("--ep", type=int, metavar="D",
+  p.add_argument("--ep", type=positive_int, metavar="D",
                  help="instead: the MoE layer with its experts over D simulated CPU devices "
                       "vs one device, and the bytes exchanged (npu_ops.tools.bench_ep)")
-  p.add_argument("--ep-tokens", type=int, default=4096,
+  p.add_argument("--ep-tokens", type=positive_int, default=4096,
                  help="tokens per step with --ep (default: %(default)s)")
   p.add_argument("--ep-modes", nargs="+", default=["int8", "float"],
                  choices=["int8", "float", "qat"],
                  help="with --ep: int8 forward, float or qat train steps (default: %(default)s)")
-  p.add_argument("--ep-shape", type=int, nargs=3, default=[1024, 1408, 16],
+  p.add_argument("--ep-shape", type=positive_int, nargs=3, default=[1024, 1408, 16],
                  metavar=("D_MODEL", "D_FF", "EXPERTS"),
                  help="with --ep: the layer's shape (default: %(default)s)")
   p.add_argument("--ep-capacity-factor", type=float,
@@ -525,7 +526,7 @@ def main(argv=None):
                  help="with --ep: also compile for TPU/GPU chips when the compilers are "
                       "installed (default: %(default)s)")
   args = p.parse_args(argv)
-  if args.ep:  # before anything starts JAX's CPU backend with one device
+  if args.ep is not None:  # before anything starts JAX's CPU backend with one device
     from npu_ops.tools import bench_ep  # noqa: PLC0415
     return bench_ep.report(args)
 

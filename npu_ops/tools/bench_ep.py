@@ -19,6 +19,7 @@ rows routed) against the ideal for a uniform routing.
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -149,3 +150,8 @@ def report(args) -> None:
       print(f"{r['target'] + ' x' + str(r['chips']):<10} {r['case']:<34} "
             f"{str(r['collectives']) + ' (' + str(r['ragged']) + 'r)':>8} "
             f"{r['buffer_mb']:>9.1f} {r['ideal_mb']:>8.1f} {r['buffer_mb'] / r['ideal_mb']:>7.2f}")
+
+
+if __name__ == "__main__":  # its options live in bench's parser
+  sys.exit("the expert-parallel benchmark runs through bench: "
+           "python -m npu_ops.tools.bench --ep D [--ep-tokens ... --ep-modes ...]")

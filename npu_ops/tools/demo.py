@@ -18,15 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import npu_ops
+from npu_ops.tools import positive_int
 from npu_ops.tools.bench import time_interleaved
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--m", type=int, default=4096, help="tokens")
-  p.add_argument("--k", type=int, default=2048, help="hidden size")
-  p.add_argument("--n", type=int, default=2816, help="2 x expert intermediate size")
-  p.add_argument("--e", type=int, default=16, help="experts")
+  p.add_argument("--m", type=positive_int, default=4096, help="tokens")
+  p.add_argument("--k", type=positive_int, default=2048, help="hidden size")
+  p.add_argument("--n", type=positive_int, default=2816, help="2 x expert intermediate size")
+  p.add_argument("--e", type=positive_int, default=16, help="experts")
   args = p.parse_args(argv)
   m, k, n, e = args.m, args.k, args.n, args.e
   kx, kw, kr = jax.random.split(jax.random.key(0), 3)
