@@ -107,6 +107,15 @@ def test_loops_and_conds_around_kernels_count_what_runs():
   assert len(model.predict(branch, S((), jnp.int32), x, w).kernels) == 1  # the costliest
 
 
+def test_concrete_data_costs_what_its_shape_costs():
+  """Operands passed as arrays instead of ShapeDtypeStructs are evaluated (they might steer
+  a kernel) and, being data (a MiB or more), costed as the chip runs them."""
+  a = np.ones((1024, 1024), np.float32)
+  shaped = model.predict(jnp.dot, S(a.shape, a.dtype), S(a.shape, a.dtype))
+  concrete = model.predict(jnp.dot, a, a)
+  assert concrete.seconds == shaped.seconds > 0 and concrete.xla_flops == 2 * 1024**3
+
+
 def test_xla_ops_around_kernels():
   """ragged_dot outside a kernel: 2 m k n FLOPs (each row meets one group), compute-bound
   at these shapes; a kernel is named after its function."""

@@ -71,6 +71,9 @@ from pallas_kernels import tpu_tiles
 STEP_OVERHEAD_S = 0.45e-6
 
 _UNKNOWN = object()  # a value the model does not know (data, not metadata)
+# An op of known values this large (inputs and outputs) computes data passed concretely, not
+# the kernels' metadata (a few thousand int32 at most): costed as the chip would run it.
+_DATA_BYTES = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +144,8 @@ def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
       `implementation=None` (their TPU branch is taken), megablox's `gmm`, ...
     args: `jax.ShapeDtypeStruct` for large operands (nothing is allocated) and concrete
       arrays (NumPy or jax) for the values that steer the kernels (group sizes, offsets).
+      The ops on concrete values are evaluated; those of a MiB or more (data passed
+      concretely) are costed too.
     chip: a name of `npu_ops.perf.chips.CHIPS` or a `Chip`.
 
   Raises:
@@ -313,6 +318,8 @@ def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
       outs = _CONTROL[name](eqn, vals, acc)
     elif known:
       outs = _evaluate(eqn, vals)
+      if sum(_nbytes(v.aval) for v in (*eqn.invars, *eqn.outvars)) >= _DATA_BYTES:
+        _xla_cost(eqn, acc)  # concrete data, not metadata: it runs on the chip all the same
     else:
       _xla_cost(eqn, acc)
       outs = [_UNKNOWN] * len(eqn.outvars)
