@@ -124,7 +124,7 @@ def dispatch(experts: jax.Array, num_experts: int) -> Dispatch:
       fail("experts", f"ids in [0, num_experts={num_experts})",
            f"{int(known[bad].flat[0])} at index {tuple(int(i) for i in np.argwhere(bad)[0])}")
   t, k = experts.shape
-  flat = experts.reshape(-1).astype(jnp.int32)
+  flat = groups._as_int32(experts.reshape(-1), num_experts)  # int64 ids clipped, not wrapped
   # bincount would count a negative id as expert 0: every invalid id becomes num_experts
   flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)

@@ -45,6 +45,21 @@ def test_routing_against_numpy():
                              rtol=1e-5, atol=1e-6)
 
 
+def test_traced_wide_ids_outside_the_experts_are_in_no_group():
+  """int64 ids (x64 on) and uint32 ones beyond the int32 range are invalid, not wrapped
+  into a real expert: no group counts them and they sort last, reading num_experts."""
+  with jax.enable_x64(True):
+    for experts in (np.array([[0, 2], [2**32 + 1, 1], [1, -2**32 + 2]], np.int64),
+                    np.array([[0, 2], [2**32 + 1, 1], [1, 2**64 - 1]], np.uint64),
+                    np.array([[0, 2], [2**31 + 1, 1], [1, 2**32 - 1]], np.uint32)):
+      valid = (experts >= 0) & (experts < 3)
+      want_expert = np.sort(np.where(valid, experts, 3).ravel(), kind="stable")
+      routing = jax.jit(lambda a: moe.dispatch(a, 3))(jnp.asarray(experts))
+      np.testing.assert_array_equal(routing.group_sizes,
+                                    np.bincount(experts[valid].ravel(), minlength=3))
+      np.testing.assert_array_equal(routing.expert, want_expert)
+
+
 def test_combine_keeps_float32_gates_and_a_users_gmm_gives_float32():
   """The gates are not rounded to a bfloat16 y's type (0.5004 * 1 - 0.4996 * 1 = 0.0008,
   not 0: both gates round to 0.5 in bfloat16); moe_mlp's output is float32 whatever the
