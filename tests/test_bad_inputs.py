@@ -334,6 +334,26 @@ def test_bad_input_names_the_argument(case):
     call()
 
 
+@pytest.mark.parametrize("implementation", [None, "xla", "reference"])
+def test_fused_op_under_grad_says_what_to_differentiate(implementation):
+  """The fused op's outputs are codes and their scales: jvp / grad through it (here w.r.t.
+  its float scales) raise a TypeError naming the QAT op to train with, on every
+  implementation (they failed inside JAX: no differentiation rule for the platform
+  choice, or reverse mode through the XLA path's while loop)."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(-128, 128, (12, 16), dtype=np.int8)
+  w = rng.integers(-128, 128, (3, 16, 8), dtype=np.int8)
+  ws, xs = np.full((3, 8), 0.01, np.float32), np.full((12,), 0.01, np.float32)
+  op = lambda ws, xs: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, jnp.array([3, 8, 12]), implementation=implementation)
+  with pytest.raises(TypeError, match="has no derivative.*fake_quant_gmm_swiglu_quant"):
+    jax.grad(lambda ws: op(ws, xs)[1].sum())(ws)
+  with pytest.raises(TypeError, match="has no derivative"):
+    jax.jvp(lambda xs: op(ws, xs)[1], (xs,), (xs,))
+  q, s = jax.jit(op)(ws, xs)  # the forward as before
+  assert q.dtype == jnp.int8 and s.shape == (12,)
+
+
 def test_traced_unknown_expert_ids_fall_past_the_groups():
   """Documented (`moe.dispatch`): counted in no group, sorted last, expert reads e."""
   ids = jnp.array([[0, -1], [1, 5], [1, 0]])

@@ -246,6 +246,17 @@ def test_mx_inputs(x_dtype, w_dtype, out, mode):
   assert_fused_close(got, (want_q, want_s), mode)
 
 
+def test_mx_inputs_under_grad_say_what_to_differentiate():
+  """A gradient through the MX-input op (w.r.t. x before its fp8 cast) raises the fused op's
+  TypeError, not a JAX-internal error."""
+  m, k, n, e = 16, 64, 64, 2
+  x, w, xs, ws = mx_case(m, k, n, e, "float8_e4m3fn", "float8_e4m3fn")
+  op = lambda xf: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      xf.astype(jnp.float8_e4m3fn), w, ws, xs, [8, 8], group_list_type=1, dequant_mode=2)
+  with pytest.raises(TypeError, match="has no derivative.*fake_quant_gmm_swiglu_quant"):
+    jax.grad(lambda xf: op(xf)[1].sum())(jnp.asarray(x, jnp.float32))
+
+
 def test_mx_inputs_transposed_weight_lists_and_one_compilation():
   counts = [12, 20, 0]
   m, k, n, e = 40, 64, 64, 3

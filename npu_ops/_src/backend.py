@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +142,9 @@ class GroupedOp:
   problem: Problem
   interpret: bool
   static_ends: tuple[int, ...] | None
+  # Ops whose outputs have no derivative (integer codes and their scales): why, and what to
+  # differentiate instead; `run` raises it as a TypeError under jvp / grad.
+  no_derivative: ClassVar[str | None] = None
 
   def ends(self, array: jax.Array) -> Any:
     """The group ends: static when they are, else the int32 operand `array`."""
@@ -172,6 +175,25 @@ def run(op: GroupedOp, impl: str, args: Sequence[Any], tiles: TileSizes | None =
   output shapes come from the reference (whole-array jnp, quick to trace), so a lowering
   traces only the branch it lowers.
   """
+  if op.no_derivative is not None:
+    return _without_derivative(op.no_derivative, lambda *a: _run(op, impl, a, tiles), args)
+  return _run(op, impl, args, tiles)
+
+
+def _without_derivative(message: str, fn: Callable[..., Any], args: Sequence[Any]) -> Any:
+  """`fn(*args)`, raising TypeError(message) when differentiated (the XLA path's loops and
+  the platform choice would fail with JAX's internal errors, naming nothing of ours)."""
+  @jax.custom_jvp
+  def f(*a):
+    return fn(*a)
+
+  @f.defjvp
+  def _(primals, tangents):
+    raise TypeError(message)
+  return f(*args)
+
+
+def _run(op: GroupedOp, impl: str, args: Sequence[Any], tiles: TileSizes | None) -> Any:
   def on(name: str) -> Callable[..., Any]:
     def branch(*a):
       if BACKENDS[name].supports(op.problem) is not None:  # AUTO only: named ones were checked

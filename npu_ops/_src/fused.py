@@ -22,7 +22,7 @@ runs once over all rows (same arithmetic, same bits).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,12 @@ def fused(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
                      tiles)
 
 
+NO_DERIVATIVE = (
+    "npu_grouped_matmul_swiglu_quant(_v2) has no derivative: its outputs are quantized codes "
+    "and their scales. For quantization-aware training, npu_ops.fake_quant_gmm_swiglu_quant "
+    "computes the same forward and differentiates (README, QAT)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Fused(backend.GroupedOp):
   """The fused op on its implementations (`backend.GroupedOp`; `args`: x, w (`QArray`s),
@@ -96,6 +102,7 @@ class Fused(backend.GroupedOp):
     block_sizes, after: the XLA path's row blocks, and whether its epilogue runs after
       the grouped matmul (`_epilogue_after`).
   """
+  no_derivative: ClassVar[str] = NO_DERIVATIVE
   scenario: str
   spec: quant_lib.DynamicQuant
   block_sizes: row_blocks.GmmBlockSizes | None

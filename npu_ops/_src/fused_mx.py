@@ -13,7 +13,7 @@ below 2**-126 flush to 0 on XLA:CPU, as in every float op there.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,7 @@ class FusedMX(backend.GroupedOp):
   """The fused op on MX inputs on its implementations (`backend.GroupedOp`; `args`: the
   pair (x, x_scale), w, w_scale, the int32 ends, the start row or None), as `fused_mx`
   describes it."""
+  no_derivative: ClassVar[str] = fused_lib.NO_DERIVATIVE
   spec: quant_lib.DynamicQuant
   transposed: bool
 

@@ -107,7 +107,8 @@ def npu_grouped_matmul_swiglu_quant_v2(
   Returns:
     (output `[m, n/2]` codes of quant_dtype (fp4: uint8 `[m, n/4]`), output_scale: float32
     `[m]` per token, or float8_e8m0fnu `[m, ceil(n/128), 2]` for MX). Rows at or beyond the
-    group total are 0 in both.
+    group total are 0 in both. No derivative (jvp / grad raise TypeError): train with
+    `fake_quant_gmm_swiglu_quant`, the same forward in float.
   """
   spec = quant_lib.DynamicQuant.from_torch_npu(quant_dtype, quant_mode)
   dequant_mode = _dequant_mode(dequant_mode, dequant_dtype, bias)
