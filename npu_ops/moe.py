@@ -414,6 +414,9 @@ def check_expert_parallel(num_experts: int, *, mesh: Any, expert_axis: Any, data
           f"expert_axis={expert_axis!r}", num_experts)
 
 
+_FLOAT_WEIGHTS = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
+
+
 def _check_weights(weights: MoEWeights, mode: str, recipe: recipes.Recipe | None = None
                    ) -> tuple[int, int]:
   """(d_model, num_experts) after checking the weights' shapes for `mode` (and `recipe`)."""
@@ -432,8 +435,9 @@ def _check_weights(weights: MoEWeights, mode: str, recipe: recipes.Recipe | None
     if mode == "int8" and np.dtype(a.dtype) != codes:
       fail(f"weights.{name}", f"{codes.name} codes in mode 'int8'"
            + ("" if recipe is None else f" with recipe {recipe.name!r}"), describe(a), TypeError)
-    if mode != "int8" and not jnp.issubdtype(a.dtype, jnp.floating):
-      fail(f"weights.{name}", f"float weights in mode {mode!r}", describe(a), TypeError)
+    if mode != "int8" and np.dtype(a.dtype) not in _FLOAT_WEIGHTS:
+      fail(f"weights.{name}", f"float16, bfloat16 or float32 weights in mode {mode!r}",
+           describe(a), TypeError)
   f2 = weights.w_gate_up.shape[2]
   require(tuple(weights.w_gate_up.shape[:2]) == (e, d) and f2 % 2 == 0, "weights.w_gate_up",
           f"[e={e}, d={d}, 2 * d_ff]", describe(weights.w_gate_up))

@@ -304,7 +304,15 @@ ERRORS = {
     "moe float weights in int8 mode": (lambda: moe.moe_mlp(_TOKENS, _W, top_k=2, mode="int8"),
                                        TypeError, "weights.w_gate_up: expected int8 codes"),
     "moe int8 weights in float mode": (lambda: moe.moe_mlp(_TOKENS, _W_INT8, top_k=2),
-                                       TypeError, "weights.w_gate_up: expected float weights"),
+                                       TypeError, "weights.w_gate_up: expected float16, "
+                                       "bfloat16 or float32 weights"),
+    # named an inner op's operand ("rhs"), or the other operand ("weight")
+    "moe float64 weights": (lambda: moe.moe_mlp(_TOKENS, _W._replace(
+        w_gate_up=np.asarray(_W.w_gate_up, np.float64)), top_k=2), TypeError,
+        r"weights.w_gate_up: expected float16, bfloat16 or float32 weights .* got float64"),
+    "npu_grouped_matmul float64 x": (lambda: npu_ops.npu_grouped_matmul(
+        np.ones((4, 8)), np.ones((2, 8, 4)), group_list=[2, 4], split_item=2), TypeError,
+        r"x: expected float16, bfloat16, float32, int8 or int4 .* got float64\[4, 8\]"),
     "capacity_factor inf": (lambda: moe.moe_mlp(
         _TOKENS, _W, top_k=2, mesh=_mesh(), expert_axis="expert", capacity_factor=math.inf),
         ValueError, "capacity_factor: expected None or a finite number > 0"),

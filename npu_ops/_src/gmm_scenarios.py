@@ -94,8 +94,6 @@ class Options(NamedTuple):
                 interpret=self.interpret, tiles=self.tiles)
 
 
-
-
 _FP8 = tuple(np.dtype(d) for d in (jnp.float8_e4m3fn, jnp.float8_e5m2))
 
 
@@ -103,6 +101,9 @@ def scenario_of(x, w) -> str:
   xd, wd = np.dtype(x.dtype), np.dtype(w.dtype)
   if xd in _FP8 or wd in _FP8:
     raise NotImplementedError("npu_grouped_matmul: fp8 / MX operands (Ascend 950) are planned")
+  if xd not in (*FLOATS, I8, I32, I4):
+    fail("x", "float16, bfloat16, float32, int8 or int4 (or int32 words of int4)", describe(x),
+         TypeError)
   if xd in FLOATS:
     if wd in FLOATS:
       return FLOAT
@@ -117,7 +118,6 @@ def scenario_of(x, w) -> str:
   fail("weight", f"a dtype combination of semantics B.4.3 with x {describe(x)} (float x: the same "
        "float or, for fp16/bf16 x, int8/int4; int8 x: int8 or int4; int4 x: int4)",
        describe(w), TypeError)
-
 
 
 class Prepared(NamedTuple):
