@@ -150,6 +150,19 @@ def test_quant_matmul_int32_output_batch_broadcast_and_int4():
   np.testing.assert_array_equal(got, ref.quant_matmul(a, b, ref.fp19(scale)))
 
 
+def test_quant_matmul_exports_with_symbolic_batch_and_rows():
+  """jax.export with symbolic batch and row dims (the batch broadcast took only ints): the
+  exported call equals the formula at a concrete size."""
+  from jax import export  # noqa: PLC0415
+  rng = np.random.default_rng(5)
+  x2, scale = ints(rng, (16, 8)), rng.uniform(1e-3, 1e-2, 8).astype(F32)
+  b, m = export.symbolic_shape("b, m")
+  exp = export.export(jax.jit(lambda a: npu_ops.npu_quant_matmul(a, x2, scale)))(
+      jax.ShapeDtypeStruct((b, m, 16), jnp.int8))
+  x1 = ints(rng, (3, 5, 16))
+  assert_int8_equal(exp.call(x1), ref.quant_matmul(x1, x2, ref.fp19(scale)))
+
+
 def test_quant_matmul_native_int4():
   """A.2: int4 operands as native jnp.int4 arrays, the same values as the int32 words."""
   rng = np.random.default_rng(14)

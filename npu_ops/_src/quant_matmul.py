@@ -170,7 +170,7 @@ def npu_quant_matmul(x1: Any, x2: Any, scale: Any, *, offset: Any = None,
   """
   out_dtype = check_output_dtype(output_dtype)
   a, b = _quant_operands(x1, x2)
-  batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+  batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])  # symbolic dims too (jax.export)
   m, n = a.shape[-2], b.shape[-1]
 
   deq_scale, word_offset = _scale(scale, n, out_dtype, pertoken_scale is not None)
@@ -227,7 +227,7 @@ def _quant_operands(x1: Any, x2: Any) -> tuple[jax.Array, jax.Array]:
          describe(x2))
   require(b.shape[-2] == k, "x2", f"[..., k={k}, n] to match x1 {describe(x1)}", describe(x2))
   try:
-    np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
   except ValueError:
     fail("x2", f"batch dims that broadcast with x1's {list(a.shape[:-2])}",
          list(b.shape[:-2]))
