@@ -221,11 +221,18 @@ class MoEMLP(nnx.Module):
       setattr(self, name, param(value))
 
   def _placed(self, a, axis):
-    """`a` sharded over `axis` (its first dim; None: replicated) on the layer's mesh."""
+    """`a` sharded over `axis` (its first dim; None: replicated) on the layer's mesh.
+    Traced (built under `nnx.vmap`: layers stacked for `nnx.scan`), by a sharding
+    constraint (`reshard` on a mesh of Explicit axes), whose batching keeps the spec on the
+    experts' axis and the stacked one unsharded (`device_put` put it on the stacked axis)."""
     mesh = self.parallel["mesh"]
     if mesh is None or a is None:
       return a
-    return jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis)))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+    if not isinstance(a, jax.core.Tracer):
+      return jax.device_put(a, sharding)
+    explicit = jax.sharding.AxisType.Explicit in mesh.axis_types
+    return (jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint)(a, sharding)
 
   def convert(self, mode: str) -> "MoEMLP":
     """A new layer in `mode` ("qat" or "int8") from this float or qat layer."""

@@ -287,6 +287,42 @@ def check_module():
   assert int(jax.tree.leaves(sown)[0]) > 0 and y.shape == x.shape
 
 
+def check_stacked_layers(explicit):
+  """Layers built under `nnx.vmap` (stacked for `nnx.scan`, Flax's pattern): each device
+  holds its experts of every layer (the spec on the experts' axis, the layers' unsharded;
+  `device_put` put it on the layers' axis: each device one layer's experts, or an error
+  where the layer count does not divide over the devices), and the scan over them is the
+  NumPy layers one after the other."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+  from npu_ops.nn import MoEMLP  # noqa: PLC0415
+  mesh = (jax.make_mesh((DEVICES,), ("expert",), axis_types=(jax.sharding.AxisType.Explicit,))
+          if explicit else _mesh())
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def stacked(key):
+    return MoEMLP(D, FF, E, mesh=mesh, expert_axis="expert", rngs=nnx.Rngs(key))
+  layers = stacked(jax.random.split(jax.random.key(0), 3))  # 3 layers over 8 devices
+  w = layers.w_gate_up[...]
+  assert w.shape == (3, E, D, 2 * FF) and tuple(w.sharding.spec)[:2] == (None, "expert")
+  assert w.addressable_shards[0].data.shape == (3, E // DEVICES, D, 2 * FF)
+
+  @nnx.jit
+  def forward(layers, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def body(layer, x):
+      return layer(x)
+    return body(layers, x)
+  x = _routed_tokens(11)
+  want = x
+  for i in range(3):
+    want = ref.moe_mlp(want, *(np.asarray(v[...])[i] for v in
+                               (layers.router, layers.w_gate_up, layers.w_down)), K)
+  np.testing.assert_allclose(forward(layers, jnp.asarray(x)), want, rtol=2e-4, atol=1e-5)
+
+
 def check_errors():
   import jax.numpy as jnp  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
@@ -366,6 +402,12 @@ def test_eager_grad_on_explicit_mesh(on_devices):
 @slow
 def test_module(on_devices):
   on_devices(check_module)
+
+
+@slow
+@pytest.mark.parametrize("explicit", [False, True])
+def test_stacked_layers(on_devices, explicit):
+  on_devices(check_stacked_layers, explicit)
 
 
 def test_errors(on_devices):
