@@ -154,6 +154,8 @@ class MoEMLP(nnx.Module):
   experts over that axis (the expert weights and scales are placed so) and the
   tokens over it (and over `data_axis`); rows travel to their expert's device and
   back (`npu_ops.moe.moe_mlp`, which documents `capacity_factor` and `exchange`).
+  Layers built under `nnx.vmap` (stacked for `nnx.scan`) keep the experts' placement:
+  each device holds its experts of every layer.
   With a `capacity_factor`, the (token, slot) pairs dropped are sown as
   `nnx.Intermediate` `dropped` (read them with `nnx.pop(layer, nnx.Intermediate)`).
 
