@@ -353,6 +353,8 @@ def _scan(eqn, vals: list, acc: _Accumulator) -> list:
   unknown), the remaining steps cost what one does."""
   p = eqn.params
   body, n_consts, n_carry, length = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
+  if length > 64 and not _holds_kernel(eqn) and all(v is not _UNKNOWN for v in vals):
+    return _evaluate(eqn, vals)  # a long loop of known values: one XLA program, not a walk a step
   consts, carry, xs = vals[:n_consts], vals[n_consts:n_consts + n_carry], vals[n_consts + n_carry:]
   unknown = lambda values: all(v is _UNKNOWN for v in values)
   ys = []
