@@ -118,7 +118,7 @@ class Problem:
 
 def shared_gap(p: Problem) -> str | None:
   """What neither kernel backend does (None: both can, as far as this goes)."""
-  if p.op in ("gmm", "tgmm") and np.issubdtype(np.dtype(p.dtype), np.integer):
+  if p.op in ("gmm", "tgmm") and jnp.issubdtype(p.dtype, jnp.integer):  # int4 too (ml_dtypes)
     return "integer operands (float only)"
   if p.dot_algorithm:
     return "a dot algorithm as precision (the kernels take a jax.lax.Precision)"

@@ -56,12 +56,14 @@ _VMEM_LIMIT = 64 * 2**20
 
 def supports(p: common.Problem) -> str | None:
   """Why these kernels cannot run problem `p` (None: they can): no MX kernels (MX inputs
-  and MX output run on the XLA path under implementation=None), beyond what neither
-  backend does (`common.shared_gap`)."""
+  and MX output run on the XLA path under implementation=None), no float16 gmm / tgmm,
+  beyond what neither backend does (`common.shared_gap`)."""
   if p.op == "fused_mx":
     return "MX inputs (dequant_mode=2)"
   if p.op == "fused" and p.mx_out:
     return "MX output (quant_mode=2)"
+  if p.op in ("gmm", "tgmm") and "float16" in (p.dtype, p.out_dtype):
+    return "float16 operands or output (Mosaic loads and stores no float16 vectors)"
   return common.shared_gap(p)
 
 
@@ -581,7 +583,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       if tiles_per_group > 1:  # a k group spans tiles: close it on its last one
         @pl.when(kk % tiles_per_group == tiles_per_group - 1)
         def _():
-          f[r] += epilogue.close_k_group(acc[r], cs[0], s_ref[kk // tiles_per_group])
+          # lax.div: jnp's floor division lowers a sign, which asks the default device
+          # for its TPU generation (a CPU host's AOT compile has none)
+          f[r] += epilogue.close_k_group(acc[r], cs[0], s_ref[lax.div(kk, tiles_per_group)])
           acc[r] = jnp.zeros_like(acc[r])
 
     # Only the row blocks that hold the group's rows are multiplied and finished.

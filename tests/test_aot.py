@@ -152,6 +152,49 @@ def test_tpu_edge_cases_compile(name):
   assert r.kernels == r.expected_kernels
 
 
+def _takes(fn, *args):
+  return aot.Case("", fn, tuple(args), 0)
+
+
+@needs["tpu"]
+@pytest.mark.parametrize("form", ["gmm float16", "tgmm float16", "gmm bf16 to float16",
+                                  "gmm int4"])
+def test_tpu_takes_xla_where_mosaic_has_no_kernel(form):
+  """float16 and int4 grouped matmuls compile for a TPU under implementation=None, on the XLA
+  path: the kernels declared them and Mosaic rejected them (no float16 vector loads or
+  stores; an int4 operand multiplied into a float accumulator)."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  import npu_ops  # noqa: PLC0415
+  f16, bf16, i4, i32 = jnp.float16, jnp.bfloat16, jnp.int4, jnp.int32
+  gs = ((3,), i32)
+  case = {
+      "gmm float16": _takes(npu_ops.grouped_matmul, ((64, 128), f16), ((3, 128, 256), f16), gs),
+      "tgmm float16": _takes(npu_ops.tgmm, ((64, 128), f16), ((64, 96), f16), gs),
+      "gmm bf16 to float16": _takes(
+          lambda x, w, g: npu_ops.grouped_matmul(x, w, g, preferred_element_type=f16),
+          ((64, 128), bf16), ((3, 128, 256), bf16), gs),
+      "gmm int4": _takes(npu_ops.grouped_matmul, ((64, 128), i4), ((3, 128, 256), i4), gs),
+  }[form]
+  aot.use_cpu_host()
+  r = aot.compile_case(case, "v5e")
+  assert r.compiled, r.error
+  assert r.kernels == 0
+
+
+@slow
+@needs["tpu"]
+def test_tpu_a8w4_k_group_over_k_tiles_compiles_from_a_cpu_host():
+  """A8W4 whose weights are not resident (2 k n > 24 MiB) and whose k group spans k tiles:
+  the kernel's group index was a floor division, whose lowering asks the default device
+  for its TPU generation (a CPU host's AOT compile and jax.export have none)."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  aot.use_cpu_host()
+  fn, args = aot._fused(64, 4096, 4096, 3, weight="int4")
+  r = aot.compile_case(aot.Case("", fn, args, 1), "v5e")
+  assert r.compiled, r.error
+  assert r.kernels == 1
+
+
 # (target, case, temp-bytes bound as a share of arguments + outputs): measured on jax 0.10.2
 # (a100 and h100 alike) 0.22 (fused A8W8: the kernel's float32 SwiGLU scratch, m * n/2 * 4
 # bytes, which XLA quantizes per token), 0.32 (MX: the same scratch + the MX epilogue's
