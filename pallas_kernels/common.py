@@ -116,10 +116,16 @@ class Problem:
     return tokens_per_group(self.m, self.groups, self.expected_tokens)
 
 
+KERNEL_OUT_DTYPES = ("float32", "bfloat16", "float16")  # gmm / tgmm results the kernels write
+
+
 def shared_gap(p: Problem) -> str | None:
   """What neither kernel backend does (None: both can, as far as this goes)."""
   if p.op in ("gmm", "tgmm") and jnp.issubdtype(p.dtype, jnp.integer):  # int4 too (ml_dtypes)
     return "integer operands (float only)"
+  if p.op in ("gmm", "tgmm") and p.out_dtype not in (None, *KERNEL_OUT_DTYPES):
+    return (f"a {p.out_dtype} result (the kernels write float32, bfloat16 or float16; "
+            "fp8 conversions in Triton need sm_89 and fail for most fp8 types)")
   if p.dot_algorithm:
     return "a dot algorithm as precision (the kernels take a jax.lax.Precision)"
   if p.op == "fused":

@@ -181,6 +181,39 @@ def test_tpu_takes_xla_where_mosaic_has_no_kernel(form):
   assert r.kernels == 0
 
 
+@needs["gpu"]
+@pytest.mark.parametrize("groups,k", [(1, 256), (2, 200)])
+def test_gpu_a8w4_xla_path_compiles(groups, k):
+  """The fused op's XLA path on int4 weights (implementation='xla'; None takes it where the
+  kernel declines, e.g. k groups of 100 rows): XLA:GPU fused the weights' int4 -> int32
+  column sums into a Triton reduction it failed to compile (on the H200 too)."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  import npu_ops  # noqa: PLC0415
+  m, n, e = 7, 24, 3
+
+  def fn(x, w, ws, xs, gl):
+    return npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, w, ws, xs, gl, group_list_type=1, dequant_mode=int(groups > 1),
+        implementation="xla")
+  scale = (e, groups, n) if groups > 1 else (e, n)
+  aot.use_cpu_host()
+  r = aot.compile_case(aot.Case("", fn, (((m, k), jnp.int8), ((e, k, n), jnp.int4),
+                                         (scale, jnp.float32), ((m,), jnp.float32),
+                                         ((e,), jnp.int32)), 0), "h100")
+  assert r.compiled, r.error
+
+
+def test_kernels_write_float_results_only():
+  """gmm / tgmm results other than float32, bfloat16, float16 (fp8, fp4) are XLA's: the
+  Triton kernels' conversion to them aborted the process on an A100 (e4m3 needs sm_89) and
+  failed to parse for most fp8 types on an H100."""
+  from pallas_kernels import common  # noqa: PLC0415
+  for out in ("float8_e4m3fn", "float8_e5m2", "float8_e5m2fnuz", "float4_e2m1fn"):
+    for op in ("gmm", "tgmm"):
+      assert "result" in common.shared_gap(common.Problem(op, 64, 128, 256, 3, "bfloat16", out))
+  assert common.shared_gap(common.Problem("gmm", 64, 128, 256, 3, "bfloat16", "float32")) is None
+
+
 @slow
 @needs["tpu"]
 def test_tpu_a8w4_k_group_over_k_tiles_compiles_from_a_cpu_host():
