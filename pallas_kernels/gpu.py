@@ -49,9 +49,11 @@ from pallas_kernels.common import TileSizes
 
 FUSED_MAX_BLOCK_M = 128  # rows per tile by default: the registers (see the module doc)
 
-# 8 warps and 64 x 64 x 128 blocks: no register spills on sm_80 or sm_90a for any kernel
-# and dtype (ptxas, `python -m npu_ops.tools.aot`); 4 warps, or 128-deep k blocks, spilled up to
-# ~1.9 KB (float32 gmm on sm_90a, the fused A8W4 kernel on sm_80).
+# 8 warps and 64 x 64 x 128 blocks: no register spills on sm_80 or sm_90a at the AOT table's
+# shapes (ptxas, `python -m npu_ops.tools.aot`); 4 warps, or 128-deep k blocks, spilled up to
+# ~1.9 KB (float32 gmm on sm_90a, the fused A8W4 kernel on sm_80). A sweep of odd shapes
+# (docs/accelerators.md) found 16 bytes at some float gmm shapes and ~0.5 KB for the MX-input
+# kernel on sm_80 with one 128-wide column tile (255 registers; sm_90a: 188).
 _PARAMS = pltr.CompilerParams(num_warps=8, num_stages=2) if pltr else None
 # The fused kernel takes int4 weights as jnp.int4 or int8 values: int32 words are unpacked
 # before it (by XLA).
