@@ -147,6 +147,18 @@ def test_explicit_kernel_requests_that_cannot_be_served_raise():
                                                [M], group_list_type=1, implementation="pallas_gpu")
   with pytest.raises(NotImplementedError, match="integer"):
     npu_ops.tgmm(x, x, [M], implementation="pallas_gpu")
+  # at trace time (eval_shape lowers nothing), not when the program is lowered
+  with pytest.raises(NotImplementedError, match="integer"):
+    jax.eval_shape(lambda a: npu_ops.tgmm(a, a, [M], implementation="pallas_tpu"), x)
+  xf, wf = jnp.ones((M, K), jnp.bfloat16), jnp.ones((E, K, N), jnp.bfloat16)
+  for op, args in ((npu_ops.grouped_matmul, (xf, wf)), (npu_ops.tgmm, (xf, xf))):
+    with pytest.raises(NotImplementedError, match="float8_e4m3fn result"):
+      jax.eval_shape(lambda a, b: op(a, b, [M], preferred_element_type=jnp.float8_e4m3fn,
+                                     implementation="pallas_gpu"), *args)
+  with pytest.raises(NotImplementedError, match="float16 operands"):
+    jax.eval_shape(lambda a: npu_ops.grouped_matmul(a, wf.astype(jnp.float16), [M],
+                                                    implementation="pallas_tpu"),
+                   xf.astype(jnp.float16))
   with pytest.raises(ValueError, match="implementation"):
     npu_ops.grouped_matmul(jnp.ones((8, 4)), jnp.ones((1, 4, 4)), [8], implementation="triton")
   with pytest.raises(TypeError, match="interpret"):

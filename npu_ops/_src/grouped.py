@@ -168,7 +168,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, precision: 
   _check_block_sizes(block_sizes)
   precision = canonical_precision(precision)
   backend.resolve(implementation, pallas_common.Problem(
-      "gmm", m, k, first.shape[-1], g, np.dtype(lhs.dtype).name,
+      "gmm", m, k, first.shape[-1], g, np.dtype(lhs.dtype).name, np.dtype(out_dtype).name,
       dot_algorithm=is_dot_algorithm(precision)), interpret=interpret, tiles=tiles)
   run = dict(out_dtype=out_dtype, implementation=implementation, block_sizes=block_sizes,
              interpret=interpret, tiles=tiles, precision=precision)
@@ -410,10 +410,13 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, *, num_groups: int | 
     fail("num_groups", "the number of local groups with group_offset", None, TypeError)
   num_groups = listed if num_groups is None else check_int("num_groups", num_groups, minimum=1)
   _check_block_sizes(block_sizes)
-  backend.check(implementation, interpret, tiles)
+  precision = canonical_precision(precision)
+  backend.resolve(implementation, pallas_common.Problem(  # a named kernel's gap: at trace time
+      "tgmm", m, k, rhs.shape[-1], num_groups, np.dtype(lhs.dtype).name,
+      np.dtype(out_dtype).name, dot_algorithm=is_dot_algorithm(precision)),
+      interpret=interpret, tiles=tiles)
   run = dict(num_groups=num_groups, out_dtype=out_dtype, implementation=implementation,
-             block_sizes=block_sizes, interpret=interpret, tiles=tiles,
-             precision=canonical_precision(precision))
+             block_sizes=block_sizes, interpret=interpret, tiles=tiles, precision=precision)
   if group_offset is None:
     return differentiable_tgmm(lhs, rhs, groups_lib.ends_from_sizes(group_sizes, m, num_groups),
                                **run)
