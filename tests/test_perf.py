@@ -101,6 +101,13 @@ def test_loops_and_conds_around_kernels_count_what_runs():
   dots = model.predict(lambda a: lax.scan(lambda c, _: (c @ a, None), a, None, length=8)[0],
                        S((512, 512), jnp.float32))
   assert dots.xla_flops == 8 * 2 * 512**3
+  # long loops whose known values change (a counter, a known xs) walk 1024 steps, no more
+  steps = np.arange(5000, dtype=np.int32)
+  long = model.predict(lambda a, s, n: (
+      lax.scan(lambda c, i: (c @ a + i, None), a, s)[0],
+      lax.fori_loop(0, n, lambda i, c: (c[0] @ a, c[1] + 1), (a, np.int32(0)))),
+      S((128, 128), jnp.float32), steps, np.int32(5000))
+  assert long.xla_flops == 2 * 5000 * 2 * 128**3
   branch = lambda i, x, w: lax.cond(i > 0, layer, lambda x, w: x, x, w)
   assert model.predict(branch, np.int32(0), x, w).kernels == ()
   assert len(model.predict(branch, np.int32(1), x, w).kernels) == 1

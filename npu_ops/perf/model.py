@@ -44,6 +44,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -71,6 +72,8 @@ from pallas_kernels import tpu_tiles
 STEP_OVERHEAD_S = 0.45e-6
 
 _UNKNOWN = object()  # a value the model does not know (data, not metadata)
+# Steps of a loop around kernels walked one by one; the rest cost what one step costs.
+_WALKED_STEPS = 1024
 # An op of known values this large (inputs and outputs) computes data passed concretely, not
 # the kernels' metadata (a few thousand int32 at most): costed as the chip would run it.
 _DATA_BYTES = 2**20
@@ -359,8 +362,9 @@ def _scan(eqn, vals: list, acc: _Accumulator) -> list:
   unknown = lambda values: all(v is _UNKNOWN for v in values)
   ys = []
   for done, i in enumerate(reversed(range(length)) if p["reverse"] else range(length)):
-    if unknown(carry) and unknown(xs):
-      _repeat(body.jaxpr, body.consts, [*consts, *carry, *xs], acc, length - done)
+    if (unknown(carry) and unknown(xs)) or done == _WALKED_STEPS:  # the rest, as one step
+      _repeat(body.jaxpr, body.consts, [*consts, *([_UNKNOWN] * n_carry),
+                                        *([_UNKNOWN] * len(xs))], acc, length - done)
       carry = [_UNKNOWN] * n_carry
       ys = None
       break
@@ -382,22 +386,23 @@ def _scan(eqn, vals: list, acc: _Accumulator) -> list:
 def _while(eqn, vals: list, acc: _Accumulator) -> list:
   """A while loop, step by step while its condition is known (a `fori_loop` with known
   bounds around a kernel); a `fori_loop` whose other carries are unknown costs its trip
-  count times one step; a loop whose condition depends on data, one step (a lower
-  bound: the model cannot know how often it runs)."""
+  count times one step (all of it past `_WALKED_STEPS`); a loop whose condition depends
+  on data, one step (a lower bound: the model cannot know how often it runs), as does one
+  known for more than 16 x `_WALKED_STEPS` steps."""
   p = eqn.params
   cond, body = p["cond_jaxpr"], p["body_jaxpr"]
   c_consts = vals[:p["cond_nconsts"]]
   b_consts = vals[p["cond_nconsts"]:p["cond_nconsts"] + p["body_nconsts"]]
   carry = vals[p["cond_nconsts"] + p["body_nconsts"]:]
-  while True:
+  counter = _fori_counter(eqn)
+  for done in itertools.count():
     trips = _while_trips(eqn, [*c_consts, *b_consts, *carry])
-    counter = _fori_counter(eqn)
-    if not isinstance(trips, int) and all(
-        v is _UNKNOWN for i, v in enumerate(carry) if i not in counter):
+    if not isinstance(trips, int) and (done == _WALKED_STEPS or all(
+        v is _UNKNOWN for i, v in enumerate(carry) if i not in counter)):
       _repeat(body.jaxpr, body.consts, [*b_consts, *carry], acc, int(trips))
       return [v if i in counter[1:] else _UNKNOWN for i, v in enumerate(carry)]
     (go,) = _walk(cond.jaxpr, cond.consts, [*c_consts, *carry], acc)
-    if go is _UNKNOWN:
+    if go is _UNKNOWN or done == 16 * _WALKED_STEPS:  # data decides: one step, a lower bound
       _walk(body.jaxpr, body.consts, [*b_consts, *carry], acc)
       return [_UNKNOWN] * len(carry)
     if not bool(go):
