@@ -165,8 +165,11 @@ def token_rows(tokens: jax.Array, mode: str, recipe: recipes.Recipe | None = Non
 
 def _fused_path(recipe: recipes.Recipe | None) -> bool:
   """Whether the deployed experts run the fused op's int8 path (`weight_bits` 8 or 4 per
-  channel, or recipe "w8a8"), rather than the recipe's codes (`recipes.Recipe`)."""
-  return recipe is None or recipe.name == "w8a8"
+  channel, or a recipe of int8 weights per channel and int8 activations, as "w8a8"),
+  rather than the recipe's codes (`recipes.Recipe`). By formats, not by name: a recipe
+  named "w8a8" of other formats takes its own codes."""
+  return recipe is None or (recipe.weights == recipe.activations == "int8"
+                            and not recipe.weight_group)
 
 
 def expert_mlp(rows: Any, expert: jax.Array, sizes: jax.Array, weights: MoEWeights, *,

@@ -37,7 +37,7 @@ from npu_ops._src import grouped as grouped_lib
 from npu_ops._src import groups
 from npu_ops._src import qat
 from npu_ops._src import quant
-from npu_ops._src.validation import fail
+from npu_ops._src.validation import check_array, check_rank, describe, fail, require
 from pallas_kernels import epilogue
 
 _FP8 = np.dtype(jnp.float8_e4m3fn)
@@ -68,6 +68,14 @@ class Recipe:
         or self.weight_group < 0):
       fail("weight_group", "an int >= 0 (0: one scale per output channel)",
            repr(self.weight_group))
+    integer = ("int8", "int4")
+    if not ((self.weights in integer and self.activations in integer)
+            or self.weights == self.activations):
+      fail("activations", f"a format that pairs with {self.weights!r} weights (int8 / int4 "
+           "with int8 / int4; fp8 with fp8; mxfp4 with mxfp4)", repr(self.activations))
+    if self.weight_group and self.weights not in integer:
+      fail("weight_group", f"0 with {self.weights!r} weights (fp8: per channel; mxfp4: its "
+           "blocks of 32)", repr(self.weight_group))
 
   @property
   def learned_scales(self) -> bool:
@@ -101,6 +109,7 @@ class Recipe:
     if self.weights == "mxfp4":
       return None
     if self.weights == "fp8":
+      _check_weight(w)
       amax = epilogue.row_amax(w, axis=1)[:, 0]
       return jnp.where(epilogue.exceeds_zero(amax), epilogue.scale_for_amax(amax, _fp8_max()),
                        1.0)
@@ -113,7 +122,8 @@ class Recipe:
     if self.weights == "mxfp4":
       return qat.fake_quant_mx(jnp.swapaxes(w, 1, 2), _FP4).swapaxes(1, 2)
     if self.weights == "fp8":
-      return qat.fake_quant(w, scale[:, None, :], dtype=_FP8, grad_scale=grad_scale)
+      return qat.fake_quant(w, _channel_scale(w, scale)[:, None, :], dtype=_FP8,
+                            grad_scale=grad_scale)
     return qat.fake_quant_weight(w, scale, bits=_bits(self.weights), grad_scale=grad_scale)
 
   def fake_activation(self, x: jax.Array) -> jax.Array:
@@ -133,7 +143,7 @@ class Recipe:
       codes, scales = quant.quantize_mx(jnp.swapaxes(w, 1, 2).astype(jnp.float32), _FP4)
       return codes.swapaxes(1, 2), scales.swapaxes(1, 2)
     if self.weights == "fp8":
-      return qat.quantize(w, scale[:, None, :], dtype=_FP8), scale
+      return qat.quantize(w, _channel_scale(w, scale)[:, None, :], dtype=_FP8), scale
     return qat.quantize_weight(w, scale, bits=_bits(self.weights)), scale
 
   def quantize_activation(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -142,11 +152,15 @@ class Recipe:
     x = x.astype(jnp.float32)
     if self.activations == "mxfp4":
       return quant.quantize_mx(x, _FP4)
-    if self.activations == "fp8":
-      codes, scale = epilogue.quantize_rows(x, qmax=_fp8_max(), dtype=_FP8)
-    else:
-      codes, scale = epilogue.quantize_rows(x, qmax=qat.qmax_for(_bits(self.activations)))
-    return codes, scale[:, 0]
+    fp8 = self.activations == "fp8"
+    dtype = _FP8 if fp8 else np.dtype(np.int8)
+    if x.shape[-1] == 0:  # nothing to quantize: amax 0, scale 0 (as quantize_per_token)
+      return jnp.zeros(x.shape, dtype), jnp.zeros(x.shape[:-1], jnp.float32)
+    # subnormal values read exactly, as fake_activation (dynamic_fake_quant) reads them
+    codes, scale = epilogue.quantize_rows(
+        x, qmax=_fp8_max() if fp8 else qat.qmax_for(_bits(self.activations)), dtype=dtype,
+        exact_subnormals=True)
+    return codes, scale[..., 0]
 
   def codes_matmul(self, x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
                    w_scale: jax.Array, sizes: jax.Array, expert: jax.Array) -> jax.Array:
@@ -173,6 +187,21 @@ class Recipe:
                                         w_codes[:, j * rows:(j + 1) * rows], sizes)
       out = out + part.astype(jnp.float32) * groups.per_row(w_scale[:, j], expert)
     return out * x_scale[:, None]
+
+
+def _check_weight(w) -> None:
+  check_rank("weight", w, 3)
+  require(w.shape[1] >= 1, "weight", "[e, k, n] with k >= 1", describe(w))
+
+
+def _channel_scale(w, scale) -> jax.Array:
+  """fp8's per-channel step sizes `[e, n]` of a weight `[e, k, n]`, checked."""
+  _check_weight(w)
+  check_array("weight_scale", scale)
+  want = (w.shape[0], w.shape[2])
+  require(tuple(scale.shape) == want, "weight_scale", f"float [e={want[0]}, n={want[1]}] "
+          "per-channel step sizes", describe(scale))
+  return jnp.asarray(scale)
 
 
 def _bits(fmt: str) -> int:

@@ -151,7 +151,56 @@ def test_the_deployed_layer_computes_what_qat_trained(name):
     assert np.isfinite(g).all() and np.abs(g).max() > 0
 
 
+def test_a_recipe_is_deployed_by_its_formats_not_its_name():
+  """A user's Recipe named "w8a8" with int4 formats deploys its own codes (the layer took
+  the fused int8 path by name: 0.45 off on outputs of about 3)."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(24, 64)).astype(F32))
+  qat_layer = MoEMLP(64, 64, 4, top_k=2, recipe=recipes.Recipe("w8a8", "int4", "int4"),
+                     rngs=nnx.Rngs(0)).convert("qat")
+  y_qat = np.asarray(qat_layer(x))
+  np.testing.assert_allclose(np.asarray(qat_layer.convert("int8")(x)), y_qat, rtol=0,
+                             atol=1e-5 * np.abs(y_qat).max())
+
+
+def test_activation_codes_of_subnormal_and_empty_rows_are_quantize_per_token():
+  """`quantize_activation` reads subnormal values exactly, as `fake_activation` and
+  `quantize_per_token` do (an all-subnormal row gave codes 0, scale 0), and takes rows of
+  no values."""
+  import npu_ops  # noqa: PLC0415
+  tiny = np.float32(np.finfo(np.float32).smallest_subnormal)
+  x = np.array([[-51, 0, -25, 102, -127, 127, 25, 76], [448, 1.375, 20, 0, 0, 0, 0, 0]],
+               F32) * np.array([[1000 * tiny], [1]], F32)
+  x[1, 1] = tiny * 3  # a subnormal beside a normal maximum
+  for name, dtype in (("w8a8", jnp.int8), ("fp8", jnp.float8_e4m3fn)):
+    codes, scale = recipes.get(name).quantize_activation(jnp.asarray(x))
+    want_codes, want_scale = npu_ops.quantize_per_token(jnp.asarray(x), npu_ops.DynamicQuant(dtype))
+    np.testing.assert_array_equal(np.asarray(codes, F32), np.asarray(want_codes, F32))
+    np.testing.assert_array_equal(scale, want_scale)
+    codes, scale = recipes.get(name).quantize_activation(jnp.zeros((3, 0)))
+    assert codes.shape == (3, 0) and np.all(np.asarray(scale) == 0)
+
+
 def test_recipe_errors_name_the_argument():
+  # formats the deployment cannot pair, and scale groups a format does not take
+  for kw, name in ((dict(weights="int8", activations="fp8"), "activations"),
+                   (dict(weights="mxfp4", activations="int8"), "activations"),
+                   (dict(weights="int8", activations="mxfp4"), "activations"),
+                   (dict(weights="fp8", activations="fp8", weight_group=32), "weight_group"),
+                   (dict(weights="mxfp4", activations="mxfp4", weight_group=16),
+                    "weight_group")):
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+      recipes.Recipe("mine", **kw)
+  fp8 = recipes.get("fp8")
+  w = np.ones((2, 64, 4), F32)
+  for call, match in ((lambda: fp8.initial_weight_scale(w[0]), "weight: expected rank 3"),
+                      (lambda: fp8.initial_weight_scale(w[:, :0]), "weight: expected .* k >= 1"),
+                      (lambda: fp8.quantize_weight(w, np.ones((2, 5), F32)),
+                       r"weight_scale: expected float \[e=2, n=4\]"),
+                      (lambda: fp8.fake_weight(w, np.ones(4, F32)), "weight_scale: expected")):
+    with pytest.raises(ValueError, match=match):
+      call()
+  with pytest.raises(TypeError, match="weight_scale: expected an array"):
+    fp8.quantize_weight(w, None)
   with pytest.raises(ValueError, match="recipe"):
     MoEMLP(64, 128, 4, recipe="w3a3", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="weight_bits"):
