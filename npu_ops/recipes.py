@@ -52,8 +52,10 @@ class Recipe:
 
   Attributes:
     name: its name in `RECIPES`.
-    weights, activations: "int8", "int4", "fp8" (float8_e4m3fn) or "mxfp4".
-    weight_group: rows of k sharing a weight scale (0: one scale per output channel).
+    weights, activations: "int8", "int4", "fp8" (float8_e4m3fn) or "mxfp4"; integer
+      formats pair with each other, fp8 and mxfp4 with themselves (the deployed products).
+    weight_group: rows of k sharing a weight scale (0: one scale per output channel;
+      integer weights only).
   """
   name: str
   weights: str
