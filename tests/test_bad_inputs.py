@@ -301,6 +301,9 @@ ERRORS = {
         r"rhs: expected \[g, k, n\] with at least one group"),
     "v2 no experts": (lambda: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         _X8, _W8[:0], _WS8[:0], _XS8, [16]), ValueError, "weight: expected at least one expert"),
+    "npu_grouped_matmul no float experts": (lambda: npu_ops.npu_grouped_matmul(
+        [np.ones((6, 8), np.float32)], [np.ones((0, 8, 4), np.float32)], group_list=[0],
+        split_item=2), ValueError, "weight: expected at least one expert"),
     "moe float weights in int8 mode": (lambda: moe.moe_mlp(_TOKENS, _W, top_k=2, mode="int8"),
                                        TypeError, "weights.w_gate_up: expected int8 codes"),
     "moe int8 weights in float mode": (lambda: moe.moe_mlp(_TOKENS, _W_INT8, top_k=2),

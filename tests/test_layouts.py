@@ -72,5 +72,7 @@ def test_format_cast_errors():
     npu_ops.npu_format_cast(npu_ops.to_nz(a), 2, shape=(64, 32))
   with pytest.raises(TypeError, match="x"):
     npu_ops.npu_format_cast(jnp.zeros((4, 4), jnp.int16), 29)
+  with pytest.raises(ValueError, match=r"x: expected FRACTAL_NZ storage .*got int8\[32, 32\]"):
+    npu_ops.npu_format_cast(a, 2, shape=(32, 32))  # ND given: the array is to blame
   with pytest.raises(ValueError, match="rank"):
     npu_ops.npu_format_cast(jnp.zeros((4,), jnp.int8), 29)

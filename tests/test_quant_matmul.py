@@ -148,6 +148,9 @@ def test_quant_matmul_int32_output_batch_broadcast_and_int4():
   scale = rng.uniform(1e-3, 1e-2, 16).astype(F32)
   got = npu_ops.npu_quant_matmul(ref.pack_int4(a), ref.pack_int4(b), scale)
   np.testing.assert_array_equal(got, ref.quant_matmul(a, b, ref.fp19(scale)))
+  # torch_npu's transposed pack: (n, k) packed, then transposed: words [k/8, n]
+  got = npu_ops.npu_quant_matmul(ref.pack_int4(a), ref.pack_int4(b.T).T, scale)
+  np.testing.assert_array_equal(got, ref.quant_matmul(a, b, ref.fp19(scale)))
 
 
 def test_quant_matmul_exports_with_symbolic_batch_and_rows():
@@ -281,7 +284,7 @@ def test_int4pack_errors():
 
 @pytest.mark.parametrize("xdt", [np.float16, BF16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
-@pytest.mark.parametrize("wform", ["int8", "int4_words", "int4_native"])
+@pytest.mark.parametrize("wform", ["int8", "int4_words", "int4_words_transposed", "int4_native"])
 @pytest.mark.parametrize("with_offset", [False, True])
 def test_weight_quant_batchmatmul(xdt, granularity, wform, with_offset):
   rng = np.random.default_rng(6)
@@ -293,6 +296,8 @@ def test_weight_quant_batchmatmul(xdt, granularity, wform, with_offset):
   scale = rng.uniform(0.01, 0.05, shape).astype(xdt)
   offset = rng.uniform(-3, 3, shape).astype(xdt) if with_offset else None
   w_in = {"int8": w.astype(np.int8), "int4_words": ref.pack_int4(w),
+          # torch_npu's transposed pack: (n, k) packed, then transposed: words [k/8, n]
+          "int4_words_transposed": ref.pack_int4(w.T).T,
           "int4_native": w.astype(np.int8).astype(ml_dtypes.int4)}[wform]
   rows = lambda v: None if v is None else (np.repeat(v, gs, axis=0)[:k] if granularity == "group"
                                            else v.reshape(1, -1))
@@ -347,7 +352,11 @@ WQ_ERRORS = {
     "group size": (lambda: npu_ops.npu_weight_quant_batchmatmul(np.ones((2, 80), np.float16), np.ones((80, 4), np.int8), np.ones((3, 4), np.float16), antiquant_group_size=20), ValueError, "antiquant_group_size"),
     "group shape": (lambda: npu_ops.npu_weight_quant_batchmatmul(np.ones((2, 80), np.float16), np.ones((80, 4), np.int8), np.ones((2, 4), np.float16), antiquant_group_size=32), ValueError, "antiquant_scale"),
     "offset shape": (lambda: npu_ops.npu_weight_quant_batchmatmul(np.ones((2, 8), np.float16), np.ones((8, 4), np.int8), np.ones(4, np.float16), np.ones(1, np.float16)), ValueError, "antiquant_offset"),
-    "k mismatch": (lambda: npu_ops.npu_weight_quant_batchmatmul(np.ones((2, 8), np.float16), np.ones((6, 4), np.int8), np.ones(4, np.float16)), ValueError, "weight"),
+    # the caller's array, not the op's internal [1, k, n] one
+    "k mismatch": (lambda: npu_ops.npu_weight_quant_batchmatmul(np.ones((2, 8), np.float16), np.ones((6, 4), np.int8), np.ones(4, np.float16)), ValueError, r"weight: expected ND \[k=8, n\] \(k from x\), got int8\[6, 4\]"),
+    "words k mismatch": (lambda: npu_ops.npu_weight_quant_batchmatmul(np.ones((2, 64), np.float16), np.ones((10, 4), np.int32), np.ones(32, np.float16)), ValueError, r"\[k=64, n/8\] .* or the transposed pack \[k/8=8, n\], got int32\[10, 4\]"),
+    "nz storage": (lambda: npu_ops.npu_weight_quant_batchmatmul(np.ones((2, 64), np.float16), np.ones((1, 1, 16, 32), np.int8), np.ones(32, np.float16)), ValueError, r"FRACTAL_NZ storage \[1, 4, 16, 32\] .*got int8\[1, 1, 16, 32\]"),
+    "nz quant_scale": (lambda: npu_ops.npu_weight_quant_batchmatmul(np.ones((2, 64), np.float16), npu_ops.npu_format_cast(np.ones((64, 32), np.int8), 29), np.ones(32, np.float16), quant_scale=np.ones(32, F32)), ValueError, "quant_scale: expected None for a FRACTAL_NZ weight"),
     "bias dtype": (lambda: npu_ops.npu_weight_quant_batchmatmul(np.ones((2, 8), BF16), np.ones((8, 4), np.int8), np.ones(4, BF16), bias=np.ones(4, BF16)), TypeError, "bias"),
     "quant_offset alone": (lambda: npu_ops.npu_weight_quant_batchmatmul(np.ones((2, 8), np.float16), np.ones((8, 4), np.int8), np.ones(4, np.float16), quant_offset=np.ones(4, F32)), ValueError, "quant_offset"),
 }

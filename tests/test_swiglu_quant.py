@@ -375,3 +375,31 @@ def test_numpy_assist_matrix_under_jit_with_a_dynamic_list(impl):
   for got in (v2(jnp.asarray(counts)), v1(jnp.cumsum(jnp.asarray(counts)))):
     assert_int8_equal(got[0], want[0])
     assert_scale_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("impl", impls("fused_A8W4"))
+def test_a8w4_zero_rows_dequantize_to_float32_residuals(impl, groups):
+  """A8W4 all-zero x rows (semantics B.1.4, README): C is the float32 residual of
+  `A - sum_g s_g 8 colsum_g`, so their codes may be noise, but `codes * scale` is at most
+  a few ulps of the terms that cancel (golden: exactly 0), never a value of a real row's
+  size; the other rows are the golden's."""
+  x, w, ws, xs = make_case(23, "A8W4", 40, 256, 64, 2, groups=groups)
+  zero = [0, 7, 21, 39]
+  x[zero] = 0
+  counts = [22, 18]
+  assist = ref.canonical_assist(w, ws)
+  q, s = jax.jit(lambda gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, int4_array(w), ws, xs, gl, weight_assist_matrix=assist, group_list_type=1,
+      dequant_mode=int(groups > 1), **IMPLEMENTATIONS[impl]))(jnp.asarray(counts))
+  q, s = np.asarray(q), np.asarray(s)
+  live = np.setdiff1d(np.arange(40), zero)
+  want_q, want_s = ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1),
+                                    scenario="A8W4", assist=assist)
+  assert_int8_equal(q[live], want_q[live])
+  # C of a zero row <= ~4 ulps of |A| (|A| * x_scale bounds both cancelling sums), so
+  # SwiGLU's output and the scale (amax / 127) stay below |A|^2 2^-40 per row.
+  bound = (np.abs(assist).max() * xs.max()) ** 2 * 2.0 ** -40
+  assert np.all(s[zero] <= bound) and np.all(np.abs(q[zero] * s[zero][:, None]) <= 127 * bound)
+  slack = ref.a8w4_scale_slack(x, w, ws, xs, ref.group_bounds(counts, 1), assist)
+  assert_scale_close(s[live], want_s[live], SCALE_ULPS + np.asarray(slack)[live])

@@ -43,6 +43,21 @@ def unpack_int4(words: jax.Array, name: str = "words") -> jax.Array:
   return vals.reshape(*words.shape[:-1], words.shape[-1] * INT4_PER_INT32).astype(jnp.int8)
 
 
+def is_transposed_int4pack(words: Any, k: int) -> bool:
+  """Whether int32 words `[..., r, c]` are torch_npu's transposed int4 pack of a `(k, n)`
+  weight: `(n, k)` packed to `(n, k/8)`, then `.transpose(-1, -2)`: `[..., k/8, n]`
+  (semantics B.2.1, B.6). Its rows are k/8, never k (k > 0): the shape tells it from the
+  ND pack `[..., k, n/8]`."""
+  return (np.dtype(words.dtype) == np.int32 and words.ndim >= 2 and words.shape[-2] != k
+          and words.shape[-2] * INT4_PER_INT32 == k)
+
+
+def unpack_transposed_int4pack(words: Any) -> jax.Array:
+  """int32 words `[..., k/8, n]` packed along k (`is_transposed_int4pack`) -> int8 values
+  `[..., k, n]`."""
+  return jnp.swapaxes(unpack_int4(jnp.swapaxes(jnp.asarray(words), -1, -2), "weight"), -1, -2)
+
+
 def pack_int4(values: jax.Array) -> jax.Array:
   """Integer values `[..., c]` in [-8, 7], c % 8 == 0 -> int32 words `[..., c/8]`.
 
@@ -166,6 +181,8 @@ def npu_format_cast(x: Any, acl_format: int, *, shape: tuple[int, ...] | None = 
   if shape is None:
     fail("shape", "the logical ND shape (..., R, C) when converting NZ to ND", None, TypeError)
   shape = tuple(int(s) for s in shape)
+  require(x.ndim >= 4, "x", "FRACTAL_NZ storage [..., C1, R1, 16, c0] (rank >= 4) for "
+          "acl_format=2", describe(x))
   require(len(shape) >= 2 and len(shape) + 2 == x.ndim and tuple(x.shape[:-4]) == shape[:-2],
           "shape", f"a logical shape of rank {x.ndim - 2} matching the batch dims of x "
           f"{describe(x)}", shape)

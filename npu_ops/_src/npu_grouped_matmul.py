@@ -86,7 +86,8 @@ def npu_grouped_matmul(x: Any, weight: Any, *, bias: Any = None, scale: Any = No
       output (m-axis: `[m, n]`, k-axis: `[E, m, n]`, list: concatenated along m).
     group_type: None (0 with a group_list, else -1), -1, 0 or 2.
     group_list_type: 0 cumsum, 1 counts, 2 `[E, 2]` (expert, size) pairs
-      (m-axis only; A8W4 always reads counts, as the kernel).
+      (m-axis only, every scenario: torch_npu's take int8 x int8 only, semantics A.3
+      item 9; A8W4 always reads counts, as the kernel).
     act_type: 0 none, 1 relu, 2 gelu-tanh, 4 fast-gelu, 5 silu.
     output_dtype: None (x's dtype for float x; A8W8: from the scale dtype, int8
       for words, bfloat16 for bfloat16, float16 for float32; A4W4/A8W4: float16)
@@ -311,6 +312,8 @@ def _n_hint(w, params) -> int | None:
 def _float_weight(w, *, k, n, name):
   """float ND [E, k, n] or NZ [E, n1, k1, 16, c0] -> (ND [E, k, n], n)."""
   check_dtype(name, w, scenarios.FLOATS)
+  # else the group list would be blamed ("between 1 and 0 entries") for no experts
+  require(w.ndim < 1 or w.shape[0] >= 1, name, "at least one expert (E >= 1)", describe(w))
   if w.ndim == 3:
     if k is not None:
       require(w.shape[1] == k, name, f"[E, k={k}, n] (k of x)", describe(w))

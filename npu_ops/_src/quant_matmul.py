@@ -146,7 +146,8 @@ def npu_quant_matmul(x1: Any, x2: Any, scale: Any, *, offset: Any = None,
   Args:
     x1: int8 `[..., m, k]`, int32 words `[..., m, k/8]` (int4) or native int4
       `[..., m, k]`; 2-6 dims.
-    x2: `[..., k, n]` of x1's dtype (int32 words: `[..., k, n/8]`); batch dims
+    x2: `[..., k, n]` of x1's dtype (int32 words: `[..., k, n/8]`, or torch_npu's
+      transposed pack `[..., k/8, n]`: `(n, k)` packed, then transposed); batch dims
       broadcast against x1's numpy-style. ND only: 2-6 dims leave a FRACTAL_NZ
       weight indistinguishable from a batched one, so cast NZ back first
       (`npu_format_cast(x2, 2, shape=(k, n))`).
@@ -218,7 +219,9 @@ def _quant_operands(x1: Any, x2: Any) -> tuple[jax.Array, jax.Array]:
           TypeError)
   a, b = jnp.asarray(x1), jnp.asarray(x2)
   if np.dtype(a.dtype) == np.int32:  # int4 words, 8 per int32 along the last dim
-    a, b = layouts.unpack_int4(a), layouts.unpack_int4(b)
+    a = layouts.unpack_int4(a)
+    b = (layouts.unpack_transposed_int4pack(b)
+         if layouts.is_transposed_int4pack(b, a.shape[-1]) else layouts.unpack_int4(b))
   a, b = a.astype(jnp.int8), b.astype(jnp.int8)  # native int4: the same values as int8
   k = a.shape[-1]
   if b.shape[-2] != k and _looks_nz(x2, k):

@@ -31,9 +31,10 @@ def npu_weight_quant_batchmatmul(x: Any, weight: Any, antiquant_scale: Any,
 
   Args:
     x: float16 / bfloat16 `[m, k]`.
-    weight: int8 `[k, n]`, int4 as int32 words `[k, n/8]` or `jnp.int4` `[k, n]`,
-      or their FRACTAL_NZ storage (4-D; n then comes from a per-channel or
-      per-group scale).
+    weight: int8 `[k, n]`, int4 as int32 words `[k, n/8]` (or torch_npu's transposed
+      pack `[k/8, n]`: `(n, k)` packed, then transposed) or `jnp.int4` `[k, n]`, or
+      their FRACTAL_NZ storage (4-D; n then comes from a per-channel or per-group
+      scale).
     antiquant_scale: x's dtype; per tensor `(1,)` / `(1, 1)`, per channel
       `(n,)` / `(1, n)`, or per group `(ceil(k / gs), n)` with
       `gs = antiquant_group_size` (row kk uses group kk // gs; the last group may
@@ -41,7 +42,8 @@ def npu_weight_quant_batchmatmul(x: Any, weight: Any, antiquant_scale: Any,
     antiquant_offset: optional, the shape and dtype of antiquant_scale; added to
       the weight before scaling.
     quant_scale: optional int8 output: float32 `(1,)` / `(n,)` / `(1, n)` (used
-      as FP19, like the fixpipe), or int64 words from `npu_trans_quant_param`.
+      as FP19, like the fixpipe), or int64 words from `npu_trans_quant_param`; ND
+      weights only.
     quant_offset: optional float32 like quant_scale (float quant_scale only).
     bias: `(n,)` / `(1, n)`: float16 for float16 x, float32 for bfloat16 x.
     antiquant_group_size: 0 (per tensor / channel) or a multiple of 32 in
@@ -75,6 +77,8 @@ def npu_weight_quant_batchmatmul(x: Any, weight: Any, antiquant_scale: Any,
     offset = _antiquant_operand("antiquant_offset", antiquant_offset, k, n, gs)
   q_scale = q_offset = None
   if quant_scale is not None:
+    require(np.ndim(weight) == 2, "quant_scale", "None for a FRACTAL_NZ weight (ND weights "
+            "only, semantics B.6)", describe(quant_scale))
     q_scale, q_offset = _quant_scale(quant_scale, quant_offset, n)
   elif quant_offset is not None:
     fail("quant_offset", "None without quant_scale", describe(quant_offset))
@@ -91,13 +95,28 @@ def _weight(weight: Any, k: int, scale: Any) -> jax.Array:
   """Any accepted weight form -> int8 values [k, n]."""
   check_dtype("weight", weight, (np.int8, np.int32, jnp.int4))
   packed = np.dtype(weight.dtype) == np.int32
+  cols = "n/8" if packed else "n"
   if weight.ndim == 2:
+    if layouts.is_transposed_int4pack(weight, k):
+      return layouts.unpack_transposed_int4pack(weight)
+    transposed = f" or the transposed pack [k/8={k // 8}, n]" if packed and k % 8 == 0 else ""
+    require(weight.shape[0] == k, "weight", f"ND [k={k}, {cols}] (k from x){transposed}",
+            describe(weight))
     n = weight.shape[1] * (layouts.INT4_PER_INT32 if packed else 1)
   elif weight.ndim == 4:
     require(scale.ndim >= 1 and scale.shape[-1] > 1, "antiquant_scale",
             "a per-channel or per-group scale (it gives n) for a FRACTAL_NZ weight",
             describe(scale))
     n = scale.shape[-1]
+    if packed:
+      require(n % layouts.INT4_PER_INT32 == 0, "antiquant_scale",
+              "a last dim n that is a multiple of 8 for an int32-packed int4 weight",
+              describe(scale))
+    expected = layouts.nz_shape((k, n // layouts.INT4_PER_INT32 if packed else n),
+                                weight.dtype)
+    require(tuple(weight.shape) == expected, "weight",
+            f"FRACTAL_NZ storage {list(expected)} of a [k={k}, n={n}] weight (k from x, n "
+            "from antiquant_scale)", describe(weight))
   else:
     fail("weight", "rank 2 (ND [k, n]) or rank 4 (FRACTAL_NZ)", describe(weight))
   return operands.canonical_weight(jnp.asarray(weight)[None], k=k, n=n).values[0].astype(jnp.int8)
