@@ -241,16 +241,23 @@ def float8_bits(v: jax.Array, dtype) -> jax.Array:
 
 def float8_value(bits: jax.Array, dtype) -> jax.Array:
   """float32 values of fp8 / fp4 codes given as their bits (uint8, code in the low bits),
-  from integer ops alone (the inverse of `float8_bits` on finite codes; NaN codes are read
-  as numbers)."""
+  from integer ops alone: the inverse of `float8_bits`, NaN codes NaN (float8_e4m3fn:
+  exponent and mantissa all ones; float8_e5m2: the top exponent, which with a zero
+  mantissa is +-inf)."""
   info = ml_dtypes.finfo(dtype)
   mant, bias, width = int(info.nmant), 1 - int(info.minexp), int(info.bits)
   b = bits.astype(jnp.int32)
-  exp = (b >> mant) & ((1 << (width - 1 - mant)) - 1)
+  top = (1 << (width - 1 - mant)) - 1
+  exp = (b >> mant) & top
   frac = b & ((1 << mant) - 1)
   normal = jax.lax.bitcast_convert_type(((exp - bias + 127) << 23) | (frac << (23 - mant)),
                                         jnp.float32)
   v = jnp.where(exp == 0, frac.astype(jnp.float32) * 2.0 ** (1 - bias - mant), normal)
+  inf, nan = np.array([np.inf, np.nan], np.float32).astype(dtype).astype(np.float32)
+  if np.isinf(inf):  # IEEE-like (e5m2): the top exponent holds inf and NaN
+    v = jnp.where(exp == top, jnp.where(frac == 0, jnp.inf, jnp.nan), v)
+  elif np.isnan(nan):  # "fn" (e4m3fn): one NaN, all ones; no inf (fp4: neither)
+    v = jnp.where((exp == top) & (frac == (1 << mant) - 1), jnp.nan, v)
   return jnp.where(((b >> (width - 1)) & 1) == 1, -v, v)
 
 

@@ -698,16 +698,17 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
 
 def _to_column(rows_ref, col_ref) -> None:
-  """col_ref `[bm, 1]` = rows_ref `[bm / L, 1, L]` read row by row. Each `[1, L]` row
-  becomes a column through a max over an `[L, L]` broadcast with all but the diagonal at
-  -inf: exact for every value (-0.0 and NaN included), for any L, with no transpose. (A
-  loop: one copy of the code, whatever the tile.)"""
+  """col_ref `[bm, 1]` = rows_ref `[bm / L, 1, L]` (float32) read row by row. Each `[1, L]`
+  row becomes a column through a max over an `[L, L]` broadcast of its int32 bits with all
+  but the diagonal at the least int32: every value's bits kept (NaN, -0.0; a float max
+  drops NaN on XLA:CPU), for any L, with no transpose. (A loop: one copy of the code,
+  whatever the tile.)"""
   lanes = rows_ref.shape[-1]
 
   def body(j, carry):
-    row = jnp.broadcast_to(rows_ref[j], (lanes, lanes))
-    col_ref[pl.ds(pl.multiple_of(j * lanes, lanes), lanes), :] = jnp.max(
-        jnp.where(_diagonal(lanes), row, -jnp.inf), axis=1, keepdims=True)
+    row = jnp.broadcast_to(_bits(rows_ref[j]), (lanes, lanes))
+    col_ref[pl.ds(pl.multiple_of(j * lanes, lanes), lanes), :] = _float(
+        jnp.max(jnp.where(_diagonal(lanes), row, _LEAST), axis=1, keepdims=True))
     return carry
   lax.fori_loop(0, rows_ref.shape[0], body, 0)
 
@@ -717,11 +718,17 @@ def _to_rows(col_ref, rows_ref) -> None:
   lanes = rows_ref.shape[-1]
 
   def body(j, carry):
-    col = jnp.broadcast_to(col_ref[pl.ds(pl.multiple_of(j * lanes, lanes), lanes), :],
+    col = jnp.broadcast_to(_bits(col_ref[pl.ds(pl.multiple_of(j * lanes, lanes), lanes), :]),
                            (lanes, lanes))
-    rows_ref[j] = jnp.max(jnp.where(_diagonal(lanes), col, -jnp.inf), axis=0, keepdims=True)
+    rows_ref[j] = _float(jnp.max(jnp.where(_diagonal(lanes), col, _LEAST), axis=0,
+                                 keepdims=True))
     return carry
   lax.fori_loop(0, rows_ref.shape[0], body, 0)
+
+
+_LEAST = np.iinfo(np.int32).min
+_bits = lambda a: lax.bitcast_convert_type(a, jnp.int32)
+_float = lambda a: lax.bitcast_convert_type(a, jnp.float32)
 
 
 def _diagonal(size: int) -> jax.Array:

@@ -387,12 +387,15 @@ def test_float8_bits_equal_the_cast(out, compiler):
     v = np.concatenate([v, np.uint32([0x7FC00000, 0xFFC00000, 0x7F800001]).view(F32)])
   got = jax.jit(lambda a: epilogue.float8_bits(a, t))(v)
   np.testing.assert_array_equal(np.asarray(got), v.astype(t).view(np.uint8))
-  # and back: every finite code's value
+  # and back: every code's value, NaN codes NaN and e5m2's infinities signed (the GPU
+  # kernel for MX inputs read e4m3fn's NaN as +-480)
   codes = np.arange(16 if out == "float4_e2m1fn" else 256, dtype=np.uint8)
-  values = codes.view(t)
-  finite = np.isfinite(values.astype(F32))
-  back = jax.jit(lambda b: epilogue.float8_value(b, t))(codes)
-  np.testing.assert_array_equal(np.asarray(back)[finite], values.astype(F32)[finite])
+  values = codes.view(t).astype(F32)
+  back = np.asarray(jax.jit(lambda b: epilogue.float8_value(b, t))(codes))
+  np.testing.assert_array_equal(np.isnan(back), np.isnan(values))
+  ok = ~np.isnan(values)
+  np.testing.assert_array_equal(back[ok], values[ok])
+  np.testing.assert_array_equal(np.signbit(back[ok]), np.signbit(values[ok]))
 
 
 # --- QAT: fake fp8 and MX quantization --------------------------------------------------------
@@ -498,6 +501,29 @@ def test_kernel_mx_inputs(impl, out, mode):
       quant_dtype=getattr(jnp, out), **IMPLEMENTATIONS[impl])
   c = ref.mx_grouped_matmul(x, w, xs, ws, ref.group_bounds(counts, 1))
   assert_fused_close(got, ref.quantize_out(ref.swiglu(c), golden_out(out, mode)), mode)
+
+
+@pytest.mark.parametrize("impl", impls("fused_mx_fp8"))
+def test_mx_inputs_read_nan_codes_as_nan(impl):
+  """A NaN code (e4m3fn's all-ones) in x or the weights puts NaN in the C it meets: those
+  rows' per-token scales are NaN on every implementation, as the golden's (the GPU kernel
+  read the code as +-480 and gave finite codes), their codes 0; the other rows the golden's."""
+  counts = [7, 0, 25, 12]
+  m, k, n, e = 48, 80, 128, 4
+  x, w, xs, ws = mx_case(m, k, n, e, "float8_e4m3fn", "float8_e4m3fn")
+  x[3, 5] = np.nan   # row 3 (expert 0)
+  w[3, 10, 20] = np.nan  # rows 32..43 (expert 3)
+  got_q, got_s = map(np.asarray, npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, jnp.asarray(counts), group_list_type=1, dequant_mode=2,
+      quant_dtype=jnp.int8, **IMPLEMENTATIONS[impl]))
+  with np.errstate(invalid="ignore"):
+    c = ref.mx_grouped_matmul(x, w, xs, ws, ref.group_bounds(counts, 1))
+    want_q, want_s = ref.quantize_out(ref.swiglu(c), "int8")
+  bad = np.isnan(want_s)
+  assert bad[3] and bad[32:44].all() and bad.sum() == 13
+  np.testing.assert_array_equal(np.isnan(got_s), bad)
+  assert not got_q[bad].any()
+  assert_fused_close((got_q[~bad], got_s[~bad]), (want_q[~bad], want_s[~bad]), 0)
 
 
 @pytest.mark.parametrize("impl", kernels_for("fused_A8W8_mx_out"))

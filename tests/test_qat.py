@@ -282,6 +282,27 @@ def test_fused_vjp_against_numpy(bits, groups, dynamic):
   assert not np.asarray(dw)[1].any() and not np.asarray(ds)[1].any()  # empty expert
 
 
+@pytest.mark.parametrize("bits,groups", [(8, 1), (4, 2)])
+def test_fused_vjp_of_non_finite_rows_outside_every_group(bits, groups):
+  """Rows past the groups (padding, often uninitialised) holding NaN or inf: output 0 there
+  and every gradient the NumPy one of the same rows zeroed (the backward's fake quantizers
+  multiplied those rows' zero cotangent by their NaN: dx NaN)."""
+  x, w, scale, counts = fused_case(8, bits=bits, groups=groups)
+  total = sum(counts)  # 33 of 40 rows
+  x_bad, x_zero = x.copy(), x.copy()
+  x_bad[total], x_bad[total + 1, 3], x_bad[-1, 0] = np.nan, np.inf, -np.inf
+  x_zero[total:] = 0
+  g = np.random.default_rng(9).normal(size=(x.shape[0], w.shape[2] // 2)).astype(np.float32)
+  f = lambda x, w, s: qat.fake_quant_gmm_swiglu_quant(x, w, s, jnp.asarray(counts),
+                                                      group_list_type=1, weight_bits=bits)
+  out, (dx, dw, ds) = vjp_of(f, (x_bad, w, scale), g)
+  want = ref.qat_swiglu_quant_vjp(x_zero, w, scale, ref.group_bounds(counts, 1), g, QMAX[bits])
+  assert not np.asarray(out)[total:].any() and not np.asarray(dx)[total:].any()
+  for name, got, want_v in zip(("dx", "dw", "dscale"), (dx, dw, ds), want):
+    atol = 1e-4 * np.abs(want_v).max()
+    np.testing.assert_allclose(np.asarray(got), want_v, rtol=1e-3, atol=atol, err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16])
 def test_swiglu_gradient_where_exp_overflows(dtype):
   """silu(a) = a / (1 + exp(-a)) overflows exp below a = -88.7 (float32, bfloat16; float16:

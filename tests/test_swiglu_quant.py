@@ -377,6 +377,31 @@ def test_numpy_assist_matrix_under_jit_with_a_dynamic_list(impl):
     assert_scale_close(got[1], want[1])
 
 
+@pytest.mark.parametrize("impl", impls("fused_A8W8"))
+def test_non_finite_scales_give_the_goldens_nan_scales(impl):
+  """A NaN or inf x_scale, or a NaN column of an expert's weight scale, puts NaN in the
+  rows' C: their scales are NaN on every implementation, as the golden's (the TPU kernel,
+  moving per-row scales between rows and columns by a float max, read a NaN as -inf), and
+  their codes 0; the other rows are the golden's."""
+  x, w, ws, xs = make_case(31, "A8W8", 10, 128, 64, 3)
+  xs[1], xs[2], ws[2, 5] = np.nan, np.inf, np.nan  # rows 1, 2; rows 8, 9 (expert 2)
+  counts = [8, 0, 2]
+  # default tiles: one row tile of these rows, its scales moved in rows of its width
+  # (at which XLA:CPU's float max dropped the NaN; at the suite's 32, it did not)
+  q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, jnp.asarray(counts), group_list_type=1,
+      **dict(IMPLEMENTATIONS[impl], tiles=None))
+  with np.errstate(invalid="ignore"):
+    want_q, want_s = ref.swiglu_quant(x, w, ws, xs, ref.group_bounds(counts, 1),
+                                      scenario="A8W8")
+  bad = np.isnan(want_s)
+  assert bad[[1, 2]].all() and bad[8:].all() and not bad[[0, 3, 4, 5, 6, 7]].any()
+  np.testing.assert_array_equal(np.isnan(np.asarray(s)), bad)
+  assert not np.asarray(q)[bad].any()
+  assert_int8_equal(np.asarray(q)[~bad], want_q[~bad])
+  assert_scale_close(np.asarray(s)[~bad], want_s[~bad])
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("impl", impls("fused_A8W4"))
 def test_a8w4_zero_rows_dequantize_to_float32_residuals(impl, groups):

@@ -39,8 +39,8 @@ from npu_ops._src import groups as groups_lib
 from npu_ops._src import operands
 from npu_ops._src import quant as quant_lib
 from npu_ops._src import row_blocks
-from npu_ops._src.validation import (check_array, check_dtype_arg, check_rank, check_scale_groups,
-                                     describe, fail, require)
+from npu_ops._src.validation import (check_array, check_dtype_arg, check_known_finite, check_rank,
+                                     check_scale_groups, describe, fail, require)
 from pallas_kernels import epilogue
 
 _QMAX = {8: 127.0, 4: 7.0}
@@ -172,10 +172,7 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = No
 
 
 def _check_known_scale(name: str, scale: Any) -> None:
-  if not isinstance(scale, jax.core.Tracer):  # q * inf would be NaN everywhere
-    bad = np.asarray(scale, np.float32)[~np.isfinite(np.asarray(scale, np.float32))]
-    if bad.size:
-      fail(name, "finite step sizes", f"{bad.flat[0]} in {describe(scale)}")
+  check_known_finite(name, scale, "finite step sizes")  # q * inf would be NaN everywhere
 
 
 # The quantizers below run as one compiled program each: called eagerly op by op, their
@@ -321,6 +318,7 @@ def quantize_weight(weight: jax.Array, weight_scale: jax.Array, *, bits: int = 8
   """int8 codes `[e, k, n]` of `fake_quant_weight` (int4 values for bits=4)."""
   _check_float("weight", weight)
   _check_float("weight_scale", weight_scale)
+  _check_known_scale("weight_scale", weight_scale)  # as fake_quant_weight, whose codes these are
   _grid(bits, None)
   return _quantize_weight(weight, weight_scale, bits)
 
@@ -447,8 +445,12 @@ def _qat_fused_bwd(static_ends, bits, grad_scale, expected_tokens, run, residual
   x, weight, weight_scale, dynamic_ends = residuals
   ends = static_ends if dynamic_ends is None else dynamic_ends
 
+  # Rows outside every group (padding, often uninitialised) enter the chain as zeros: their
+  # cotangent is 0, which the fake quantizers' rules would multiply by a NaN or inf of theirs.
+  inside = groups_lib.row_group_ids(ends, x.shape[0]) < len(ends)
+
   def float_chain(x, weight, weight_scale):
-    x_hat = dynamic_fake_quant(x)
+    x_hat = dynamic_fake_quant(jnp.where(inside[:, None], x, 0))
     w_hat = fake_quant_weight(weight, weight_scale, bits=bits, grad_scale=grad_scale)
     c = grouped_lib.differentiable_matmul(x_hat, w_hat, ends, out_dtype=np.dtype(jnp.float32),
                                           **run._asdict())

@@ -23,7 +23,7 @@ from jax import lax
 
 from npu_ops._src import layouts
 from npu_ops._src.validation import (check_array, check_dtype, check_dtype_arg, check_int_option,
-                                     describe, fail, require)
+                                     check_known_finite, describe, fail, require)
 
 FP19_MASK = 0xFFFFE000
 _WORD_FLAG = 1 << 46
@@ -66,6 +66,7 @@ def npu_trans_quant_param(scale: Any, offset: Any = None, round_mode: int = 0):
       shape = np.broadcast_shapes(scale.shape, offset.shape)
     except ValueError:
       fail("offset", f"a shape that broadcasts with scale {describe(scale)}", describe(offset))
+    check_known_finite("offset", offset, _FINITE_OFFSET)
   if jax.config.jax_enable_x64:
     xp, scale, offset = jnp, jnp.asarray(scale), None if offset is None else jnp.asarray(offset)
   else:
@@ -178,6 +179,7 @@ def npu_quant_matmul(x1: Any, x2: Any, scale: Any, *, offset: Any = None,
   if offset is not None:
     require(out_dtype == np.int8, "offset", "None unless output_dtype is int8", describe(offset))
     _check_vector("offset", offset, n, (np.float32,))
+    check_known_finite("offset", offset, _FINITE_OFFSET)
     word_offset = jnp.asarray(offset, jnp.float32)
   if pertoken_scale is not None:
     require(out_dtype in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16)), "pertoken_scale",
@@ -197,6 +199,9 @@ def npu_quant_matmul(x1: Any, x2: Any, scale: Any, *, offset: Any = None,
               "int32 unless the output is float16/bfloat16 without offset", describe(bias),
               TypeError)
   return _quant_matmul(a, b, deq_scale, word_offset, pertoken_scale, bias, out_dtype=out_dtype)
+
+
+_FINITE_OFFSET = "finite values (an offset is rounded to an integer in [-256, 255])"
 
 
 def check_output_dtype(output_dtype: Any) -> np.dtype:
