@@ -13,6 +13,7 @@ from npu_ops._src.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2 as 
 from npu_ops._src.gmm_swiglu_quant import weight_assist_matrix as weight_assist_matrix
 from npu_ops._src.npu_grouped_matmul import npu_grouped_matmul as npu_grouped_matmul
 from npu_ops._src.groups import check_group_list as check_group_list
+from npu_ops._src.validation import debug_checks as debug_checks
 from npu_ops._src.groups import group_ends as group_ends
 from npu_ops._src.layouts import FORMAT_ND as FORMAT_ND
 from npu_ops._src.layouts import FORMAT_NZ as FORMAT_NZ

@@ -79,6 +79,11 @@ class MoEOutput(NamedTuple):
   dropped: jax.Array
 
 
+# So that a jax.export artifact whose inputs or outputs hold them can be serialized.
+for _t in (Dispatch, MoEWeights, MoEOutput):
+  jax.export.register_namedtuple_serialization(_t, serialized_name=f"npu_ops.moe.{_t.__name__}")
+
+
 def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """Softmax gate, top-k experts per token, weights renormalized to sum to 1.
 
@@ -328,6 +333,11 @@ def _expert_parallel(tokens, weights, *, mesh, expert_axis, data_axis, capacity_
   per_device = e // devices
   token_axes = (data_axis, expert_axis) if data_axis else (expert_axis,)
   shards = math.prod(mesh.shape[a] for a in token_axes)
+  # a symbolic count (jax.export): the exported program crashed the process when called
+  # (JAX 0.10.2's shape refinement through shard_map), so it is refused here
+  require(isinstance(tokens.shape[0], (int, np.integer)), "x", "a known token count under "
+          "a mesh (jax.export with a symbolic one: only without mesh=)",
+          f"{tokens.shape[0]} tokens")
   require(tokens.shape[0] % shards == 0, "x", f"a token count divisible by the {shards} token "
           f"shards (mesh axes {token_axes})", f"{tokens.shape[0]} tokens")
   pairs = tokens.shape[0] // shards * top_k  # rows a device routes

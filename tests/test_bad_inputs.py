@@ -74,7 +74,8 @@ def test_int64_traced_group_sizes_saturate_with_x64():
     # a negative size counts as 0 (wrapped, it read as 3: seven rows instead of four)
     np.testing.assert_array_equal(f(jnp.array([-(2**32) + 3, 4], jnp.int64)),
                                   np.repeat([8.0, 0.0], [4, 12])[:, None] * np.ones(3))
-    err, _ = checkify.checkify(f)(jnp.array([2**32 + 3, 0], jnp.int64))
+    with npu_ops.debug_checks():
+      err, _ = checkify.checkify(f)(jnp.array([2**32 + 3, 0], jnp.int64))
     assert "group_sizes" in err.get()
 
 
@@ -185,7 +186,46 @@ S = jax.ShapeDtypeStruct
 
 
 def _export(f, *specs):
-  return export.export(jax.jit(f))(*specs)
+  """f exported, serialized and read back (what a user ships)."""
+  return export.deserialize(export.export(jax.jit(f))(*specs).serialize())
+
+
+def test_block_sizes_take_numpy_ints():
+  """NumPy ints are ints (`TileSizes` took them; `GmmBlockSizes` said 256 was no power of
+  two), and become Python ints: the same static argument, one compilation."""
+  got = npu_ops.GmmBlockSizes(np.int64(256), np.int32(8))
+  assert got == npu_ops.GmmBlockSizes(256, 8) and type(got.block_m) is int
+  assert hash(got) == hash(npu_ops.GmmBlockSizes(256, 8))
+
+
+def test_exports_with_dynamic_group_lists_serialize_and_run():
+  """Every op over a traced group list serializes (with the ops' checkify checks on, the
+  program kept a checkify effect that jax.export cannot serialize); `dispatch`'s output
+  too. The artifacts run at two token counts and give what the ops give (integers bit for
+  bit; floats to float32 rounding: the symbolic program sums in another order)."""
+  (m,) = export.symbolic_shape("m")
+  rng = np.random.default_rng(5)
+  x8, w8 = _rng_ints((6, 32)).astype(np.int8), _rng_ints((2, 32, 16), seed=1).astype(np.int8)
+  ws, xf = np.full((2, 16), 1e-2, np.float32), rng.normal(size=(6, 32)).astype(np.float32)
+  fns = {
+      "v2": (lambda x, g: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+          x, w8, ws, jnp.ones(x.shape[0], jnp.float32), g, group_list_type=1),
+          S((m, 32), jnp.int8), x8),
+      "grouped_matmul": (lambda x, g: npu_ops.grouped_matmul(x, w8.astype(np.float32), g),
+                         S((m, 32), jnp.float32), xf),
+      "tgmm": (lambda x, g: npu_ops.tgmm(x, x, g), S((m, 32), jnp.float32), xf),
+      "dispatch": (lambda e, g: npu_ops.dispatch(e + 0 * g[0], 2), S((m, 2), jnp.int32),
+                   np.array([[0, 1], [1, 0], [1, 1], [0, 0], [1, 0], [0, 1]], np.int32)),
+  }
+  for name, (f, spec, arg) in fns.items():
+    exp = _export(f, spec, S((2,), jnp.int32))
+    for rows, g in ((6, [2, 4]), (4, [3, 1])):
+      g = np.array(g, np.int32)
+      for got, want in zip(jax.tree.leaves(exp.call(arg[:rows], g)),
+                           jax.tree.leaves(jax.jit(f)(arg[:rows], g))):
+        want = np.asarray(want)
+        tol = 1e-5 * np.abs(want).max() if want.dtype.kind == "f" else 0
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=tol, err_msg=name)
 
 
 def test_export_grouped_matmul_and_tgmm_with_symbolic_k_and_n():
@@ -217,6 +257,11 @@ def test_export_moe_mlp_with_symbolic_tokens():
   exp = _export(lambda x: moe.moe_mlp(x, w, top_k=2).y, S((m, 8), jnp.float32))
   x = rng.normal(size=(5, 8)).astype(np.float32)
   np.testing.assert_allclose(exp.call(x), ref.moe_mlp(x, *w[:3], 2), rtol=1e-5, atol=1e-5)
+  # under a mesh the count must be known: the artifact crashed the process when called
+  mesh = jax.make_mesh((1,), ("expert",))
+  with pytest.raises(ValueError, match="x: expected a known token count under a mesh"):
+    _export(lambda x: moe.moe_mlp(x, w, top_k=2, mesh=mesh, expert_axis="expert").y,
+            S((m, 8), jnp.float32))
 
 
 def test_export_fake_quant_gmm_swiglu_quant_with_symbolic_m():
@@ -288,6 +333,10 @@ ERRORS = {
                              ValueError, r"codes: expected rank >= 1"),
     "dynamic_fake_quant rank 0": (lambda: npu_ops.dynamic_fake_quant(np.float32(1)), ValueError,
                                   "x: expected rank >= 1"),
+    "GmmBlockSizes 3": (lambda: npu_ops.GmmBlockSizes(np.int64(3)), ValueError,
+                        r"GmmBlockSizes.block_m: expected a positive power of two .*, got np.int64\(3\)"),
+    "GmmBlockSizes float": (lambda: npu_ops.GmmBlockSizes(256.0), ValueError,
+                            "GmmBlockSizes.block_m: expected .*, got 256.0"),
     "DynamicQuant bogus": (lambda: npu_ops.DynamicQuant("bogus"), TypeError,
                            "DynamicQuant.dtype: expected a dtype .*, got 'bogus'"),
     "DynamicQuant None": (lambda: npu_ops.DynamicQuant(None), TypeError,

@@ -56,8 +56,12 @@ def test_checkify_reports_invalid_group_list(gl, t, valid):
   w = jnp.ones((3, 8, 4), jnp.float32)
   f = jax.jit(checkify.checkify(lambda g: npu_ops.grouped_matmul(x, w, g) if t == 1 else
                                 npu_ops.check_group_list(g, 10, t)))
-  err, _ = f(jnp.asarray(gl))
+  with npu_ops.debug_checks():
+    err, _ = f(jnp.asarray(gl))
   assert (err.get() is None) == valid, err.get()
+  if t == 1:  # off (the default), the op checks nothing: the same jit traces again
+    err, _ = f(jnp.asarray(gl))
+    assert err.get() is None
 
 
 @pytest.mark.parametrize("gl,t,match", [([1, -2], 1, "non-negative"), ([3, 2], 0, "non-decreasing"),

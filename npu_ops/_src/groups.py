@@ -19,7 +19,8 @@ non-decreasing, in `[0, m]`. Group `i` owns rows `[ends[i-1], ends[i])` with
                      (negative counts are empty groups; the total is capped at m)
 
   The same conditions are reported through `jax.experimental.checkify` when the
-  caller enables it (`checkify.checkify(f)`); see `check_group_list`.
+  caller enables it (`checkify.checkify(f)` traced under `npu_ops.debug_checks()`); see
+  `check_group_list`.
 
 (index, size) pairs (type 2, npu_grouped_matmul) name an expert per segment:
 `group_segments` turns them into the ends of the segments (as counts) plus the
@@ -37,7 +38,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from npu_ops._src.validation import check_int_option, describe, fail, is_integer_dtype, require
+from npu_ops._src.validation import (check_int_option, debug_check, describe, fail,
+                                     is_integer_dtype, require)
 
 GroupEnds = Union[tuple[int, ...], jax.Array]
 
@@ -109,9 +111,9 @@ def group_ends(group_list: Any, *, group_list_type: int, m: int, num_groups: int
 def _checked_ends(group_list: Any, group_list_type: int, m: int, top: int,
                   name: str) -> jax.Array:
   gl = _as_int32(group_list, top)
-  checkify.debug_check(_group_list_ok(gl, group_list_type, m),
-                       f"{name} is invalid for m={m} (negative count, decreasing cumsum, "
-                       "or total above m); values were clamped")
+  debug_check(_group_list_ok(gl, group_list_type, m),
+              f"{name} is invalid for m={m} (negative count, decreasing cumsum, or total "
+              "above m); values were clamped")
   return _dynamic_ends(gl, group_list_type, m)
 
 
@@ -179,8 +181,9 @@ def check_group_list(group_list: Any, m: int, group_list_type: int = CUMSUM) -> 
     err, out = checkify.checkify(lambda gl: (npu_ops.check_group_list(gl, m), f(gl))[1])(gl)
     err.throw()
 
-  The ops themselves also emit these checks (`checkify.debug_check`), so
-  `checkify.checkify(op)` reports an invalid group_list without this call.
+  Under `npu_ops.debug_checks()` the ops emit these checks themselves
+  (`checkify.debug_check`), so `checkify.checkify(op)` reports an invalid group_list
+  without this call.
   """
   group_list_type = check_int_option("group_list_type", group_list_type, (CUMSUM, COUNT))
   gl = jnp.asarray(group_list, jnp.int32)
@@ -198,7 +201,7 @@ def group_segments(group_list: Any, *, m: int, num_groups: int, name: str = "gro
   their own, so the result is the ends of the R segments (counts, as type 1)
   and the expert of each: a tuple of ints (static) or an int32 array (dynamic).
   Traced rows with an expert outside `[0, num_groups)` become empty segments
-  of expert 0 (reported under checkify); known ones (Python lists, NumPy arrays,
+  of expert 0 (reported under checkify with `debug_checks`); known ones (Python lists, NumPy arrays,
   jax.Arrays outside a trace) raise `ValueError`.
   """
   if is_static(group_list):
@@ -232,8 +235,8 @@ def group_segments(group_list: Any, *, m: int, num_groups: int, name: str = "gro
   gl = _as_int32(group_list, max(top, num_groups) + 1)
   experts, sizes = gl[:, 0], gl[:, 1]
   known = (experts >= 0) & (experts < num_groups)
-  checkify.debug_check(jnp.all(known), f"{name}: expert index outside [0, {num_groups}); "
-                       "those pairs were made empty")
+  debug_check(jnp.all(known), f"{name}: expert index outside [0, {num_groups}); those "
+              "pairs were made empty")
   ends = group_ends(jnp.where(known, sizes, 0), group_list_type=COUNT, m=m,
                     num_groups=num_groups, name=name)
   return ends, jnp.where(known, experts, 0)
@@ -272,7 +275,8 @@ def local_groups(ends: GroupEnds, group_offset: Any, num_local: int, *,
   `shift`, the first row of local group 0. Rows of other groups belong to no local group.
 
   `group_offset`: a Python int (checked: `0 <= offset <= G - num_local`) or a scalar int
-  array (traced values are clamped into that range, and reported under checkify).
+  array (traced values are clamped into that range, and reported under checkify with
+  `debug_checks`).
   Static ends with a static offset stay static. `names`: the caller's names of the group
   list and of the local experts' weights, for its errors.
   """
@@ -299,8 +303,8 @@ def local_groups(ends: GroupEnds, group_offset: Any, num_local: int, *,
     if is_concrete(group_offset):  # known values are checked, as group lists are
       require(0 <= int(group_offset) <= top, "group_offset", f"an int in [0, {top}] (groups "
               f"{total} - local experts {num_local})", int(group_offset))
-    checkify.debug_check((group_offset >= 0) & (group_offset <= top),
-                         f"group_offset outside [0, {top}]; it was clamped")
+    debug_check((group_offset >= 0) & (group_offset <= top),
+                f"group_offset outside [0, {top}]; it was clamped")
     # clipped before narrowing: a traced int64 (x64 on) must not wrap
     off = jnp.clip(jnp.asarray(group_offset), 0, top).astype(jnp.int32)
   ends = jnp.asarray(ends, jnp.int32)

@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import checkify
 
-from npu_ops._src.validation import check_array, check_dtype, describe, fail, require
+from npu_ops._src.validation import check_array, check_dtype, debug_check, describe, fail, require
 
 INT4_PER_INT32 = 8
 NZ_ROWS = 16  # r0: rows of one fractal
@@ -62,8 +61,8 @@ def pack_int4(values: jax.Array) -> jax.Array:
   """Integer values `[..., c]` in [-8, 7], c % 8 == 0 -> int32 words `[..., c/8]`.
 
   Float values raise TypeError, known values outside [-8, 7] ValueError (a nibble
-  cannot hold them); traced ones are reported under checkify and packed modulo 16
-  (their low nibble), as the hardware packer does.
+  cannot hold them); traced ones are packed modulo 16 (their low nibble), as the hardware
+  packer does, and reported under checkify with `npu_ops.debug_checks()`.
   """
   check_array("values", values)
   if not jnp.issubdtype(values.dtype, jnp.integer):
@@ -74,7 +73,8 @@ def pack_int4(values: jax.Array) -> jax.Array:
 
 
 def check_int4_range(name: str, values: Any) -> None:
-  """Known values outside [-8, 7] raise, naming the first; traced ones go to checkify."""
+  """Known values outside [-8, 7] raise, naming the first; traced ones go to checkify
+  (`validation.debug_check`)."""
   if not isinstance(values, jax.core.Tracer):
     w = np.asarray(values)
     bad = (w < -8) | (w > 7)
@@ -82,8 +82,8 @@ def check_int4_range(name: str, values: Any) -> None:
       fail(name, "int4 values in [-8, 7]", f"{int(w[bad].flat[0])} at index "
            f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
   else:
-    checkify.debug_check(jnp.all((values >= -8) & (values <= 7)),
-                         f"{name}: expected int4 values in [-8, 7]")
+    debug_check(jnp.all((values >= -8) & (values <= 7)),
+                f"{name}: expected int4 values in [-8, 7]")
 
 
 def _pack_int4(values: jax.Array) -> jax.Array:
@@ -196,7 +196,8 @@ def npu_convert_weight_to_int4pack(weight: Any, inner_k_tiles: int = 0) -> jax.A
     weight: int32 `[..., c]` (a `(k, n)` or `(n, k)` matrix, 2-D or 3-D) with values in
       [-8, 7] and c a multiple of 8, or the FRACTAL_NZ storage of a `(k, n)` one
       (rank 4: `[n/8, ceil(k/16), 16, 8]`, `npu_format_cast(w, 29)`). Concrete arrays are
-      range-checked (ValueError); traced ones are checked under `jax.experimental.checkify`.
+      range-checked (ValueError); traced ones are checked under `jax.experimental.checkify`
+      with `npu_ops.debug_checks()`.
     inner_k_tiles: reserved by torch_npu (ignored).
 
   Returns:

@@ -102,8 +102,9 @@ class GmmBlockSizes:
   def __post_init__(self):
     for name in ("block_m", "min_block_m"):
       v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
-        fail(name, "a positive power of two", v)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or v & (v - 1):
+        fail(f"GmmBlockSizes.{name}", "a positive power of two (an int)", repr(v))
+      object.__setattr__(self, name, int(v))  # NumPy ints too, hashed as the int
     if self.min_block_m > self.block_m:
       fail("min_block_m", f"<= block_m={self.block_m}", self.min_block_m)
 

@@ -2,7 +2,8 @@
 
 Every message names the argument, what was expected and what came, so a user
 can fix the call without reading our source. Only static facts (shapes, dtypes,
-modes) are checked here; data-dependent checks live in `groups.check_group_list`.
+modes) are checked here; data-dependent checks live in `groups.check_group_list`, and
+the ops' checks of traced values (`debug_check`) are emitted only under `debug_checks`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,37 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
+
+
+# Part of jit's cache key and of the tracing context: a function traced with the checks on
+# is traced again with them off, and back.
+_DEBUG_CHECKS = jax.make_user_context(default_value=False)
+
+
+def debug_checks(enabled: bool = True):
+  """Context manager: the ops check the traced values they clamp (group lists, pair
+  experts, group_offset, int4 values) with `jax.experimental.checkify.debug_check`,
+  reported when the call is `checkify.checkify`-ed:
+
+    with npu_ops.debug_checks():
+      err, out = checkify.checkify(jax.jit(op))(x, w, group_list)
+    err.throw()
+
+  Off by default: a check leaves a checkify effect in the traced program, which
+  `jax.export` cannot serialize. `npu_ops.check_group_list` checks a group list
+  explicitly, with or without this.
+  """
+  return _DEBUG_CHECKS(bool(enabled))
+
+
+def debug_check(pred: Any, msg: str) -> None:
+  """`checkify.debug_check(pred, msg)` where `debug_checks` is on at trace time."""
+  if _DEBUG_CHECKS.value:
+    checkify.debug_check(pred, msg)
 
 
 def describe(a: Any) -> str:
@@ -35,6 +65,15 @@ def check_array(name: str, a: Any) -> None:
   """Rejects anything without a shape and dtype (lists, scalars, None)."""
   if not (hasattr(a, "shape") and hasattr(a, "dtype")):
     fail(name, "an array (jax.Array or numpy.ndarray)", describe(a), TypeError)
+
+
+def check_known_finite(name: str, a: Any, expected: str) -> None:
+  """A concrete float array's values are finite (traced ones cannot be checked here)."""
+  if a is not None and not isinstance(a, jax.core.Tracer):
+    v = np.asarray(a, np.float32)
+    bad = v[~np.isfinite(v)]
+    if bad.size:
+      fail(name, expected, f"{bad.flat[0]} in {describe(a)}")
 
 
 def check_rank(name: str, a: Any, ranks: int | Iterable[int]) -> None:
