@@ -145,6 +145,24 @@ def test_fused_int4_lists():
   check(got, x, w, ws, xs, counts, "A4W4")
 
 
+def test_one_expert_per_group_scales_as_a_list():
+  """One expert's per-group scales `[G, n]` as a one-element list (torch_npu's TensorList of
+  per-expert tensors) are that expert's, in v2, v1 and weight_assist_matrix: they were read
+  as stacked `[e=G, n]` and refused."""
+  counts = [30]
+  x, w, ws, xs = make_case(9, "A8W4", 36, 64, 32, 1, groups=4)   # ws [1, 4, 32]
+  w4, assist = [int4_array(w[0])], ref.canonical_assist(w, ws)
+  # float32 sums of the 4 k groups' exact terms (the golden's: float64): G ulps of their sum
+  terms = np.abs(8 * w.reshape(1, 4, 16, 32).sum(2) * ws).sum(1)
+  np.testing.assert_allclose(npu_ops.weight_assist_matrix(w4, list(ws)), assist, rtol=0,
+                             atol=4 * 2.0 ** -24 * terms.max())
+  check(npu_ops.npu_grouped_matmul_swiglu_quant_v2(x, w4, list(ws), xs, counts,
+                                                   group_list_type=1, dequant_mode=1),
+        x, w, ws, xs, counts, "A8W4", assist=assist)
+  check(npu_ops.npu_grouped_matmul_swiglu_quant(x, w4, counts, list(ws), xs)[:2],
+        x, w, ws, xs, counts, "A8W4", assist=assist)
+
+
 def test_fused_list_one_compilation_and_offset():
   x, w, ws, xs = make_case(9, "A8W8", 60, 32, 16, 4)
   traces = []

@@ -126,7 +126,7 @@ def npu_grouped_matmul_swiglu_quant_v2(
     return _torch_npu_outputs(*fused_mx_lib.fused_mx(
         xv, xs, wv, ws, ends, transposed=transposed, shift=shift, **run), spec)
 
-  xq, wq, scenario = _int_operands(x, weight, weight_scale, x_scale, dequant_mode)
+  xq, wq, scenario = _int_operands(x, weight, weight_scale, x_scale, dequant_mode, spec)
   (m, _), (e, _, n) = xq.values.shape, wq.scale.shape
   assist = _assist(weight_assist_matrix, scenario, wq, e=e, n=n)
   smooth = _smooth(smooth_scale, scenario, e=e, n=n)
@@ -149,17 +149,16 @@ def _dequant_mode(dequant_mode: Any, dequant_dtype: Any, bias: Any) -> int:
   return dequant_mode
 
 
-def _int_operands(x: Any, weight: Any, weight_scale: Any, x_scale: Any, dequant_mode: int
-                  ) -> tuple[QArray, QArray, str]:
+def _int_operands(x: Any, weight: Any, weight_scale: Any, x_scale: Any, dequant_mode: int,
+                  spec: quant_lib.DynamicQuant) -> tuple[QArray, QArray, str]:
   """x, weight and their scales as canonical `QArray`s (scales float32 `[m]` and
   `[e, G, n]`), and the scenario (A8W8, A8W4, A4W4)."""
   lhs = operands.canonical_lhs(x)
   m, k = lhs.values.shape
-  weight_scale = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(1, 2))
+  weight_scale = operands.weight_scales(weight_scale, weight=weight)
   check_rank("weight_scale", weight_scale, (2, 3))
   n = weight_scale.shape[-1]
-  require(n % 2 == 0, "weight_scale", "an even n (last dim; SwiGLU halves it)",
-          describe(weight_scale))
+  _check_width(n, spec, "weight_scale", describe(weight_scale))
   words = np.dtype(x.dtype) == np.int32  # an int32 x is int4 words, a common surprise
   w = operands.canonical_weight(
       weight, k=k, n=n, k_from=("k = 8 * x.shape[1]: an int32 x holds 8 int4 values a word "
@@ -186,6 +185,14 @@ def _int_operands(x: Any, weight: Any, weight_scale: Any, x_scale: Any, dequant_
           describe(x_scale), TypeError)
   require(tuple(x_scale.shape) == (m,), "x_scale", f"shape [m={m}]", describe(x_scale))
   return (QArray.of(lhs, jnp.asarray(x_scale, jnp.float32)), QArray.of(w, scale), scenario)
+
+
+def _check_width(n: int, spec: quant_lib.DynamicQuant, name: str, got: str) -> None:
+  """n, the product's columns: even (SwiGLU halves it), a multiple of 4 for packed fp4
+  output (two codes a byte)."""
+  require(n % 2 == 0, name, "an even n (last dim; SwiGLU halves it)", got)
+  if spec.dtype == np.dtype(jnp.float4_e2m1fn):
+    require(n % 4 == 0, name, "n a multiple of 4 for packed fp4 output (two codes a byte)", got)
 
 
 def _assist(weight_assist_matrix: Any, scenario: str, w: QArray, *, e: int, n: int
@@ -256,7 +263,7 @@ def npu_grouped_matmul_swiglu_quant(
           describe(x), TypeError)
   w = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
   int8_weight = np.dtype(w.dtype) == np.int8
-  ws = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(1, 2))
+  ws = operands.weight_scales(weight_scale, weight=weight)
   check_rank("weight_scale", ws, (2, 3))
   require(not (int8_weight and ws.ndim == 3), "weight_scale", "[e, n] for an int8 weight "
           "(per-group [e, G, n] scales are A8W4's: int4 weights)", describe(ws))
@@ -286,7 +293,7 @@ def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None
     float32 `[e, n]` (per-group column sums are exact int32, then scaled and
     summed over groups in float32).
   """
-  weight_scale = operands.stack_tensor_list(weight_scale, "weight_scale", expert_rank=(1, 2))
+  weight_scale = operands.weight_scales(weight_scale, weight=weight)
   check_rank("weight_scale", weight_scale, (2, 3))
   n = weight_scale.shape[-1]
   stacked = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
@@ -343,10 +350,7 @@ def _mx_operands(x: Any, weight: Any, weight_scale: Any, x_scale: Any,
   n = wv.shape[1] if transposed else wv.shape[2]
   require(wv.shape[2 if transposed else 1] == k, "weight",
           f"[e, k={k}, n] or its transpose [e, n, k={k}] (k from x)", describe(wv))
-  require(n % 2 == 0, "weight", "an even n (SwiGLU halves it)", describe(wv))
-  if spec.dtype == np.dtype(jnp.float4_e2m1fn):
-    require(n % 4 == 0, "weight", "n a multiple of 4 for packed fp4 output (two codes a byte)",
-            describe(wv))
+  _check_width(n, spec, "weight", describe(wv))
   w_shape, layout = (((e, n, kb, 2), "[e, n, ceil(k/64), 2] for a transposed weight")
                      if transposed else ((e, kb, n, 2), "[e, ceil(k/64), n, 2]"))
   w_bytes = _mx_scale("weight_scale", ws, w_shape, layout)

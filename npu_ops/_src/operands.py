@@ -59,6 +59,20 @@ def stack_tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ..
   return jnp.stack(value) if isinstance(value, tuple) else value
 
 
+def weight_scales(value: Any, *, weight: Any, name: str = "weight_scale") -> Any:
+  """Weight scales (a TensorList: `[e, n]` / `[e, G, n]`, or per expert `[n]` / `[G, n]`) as
+  one array. A one-element list of a rank-2 array is one expert's per-group `[G, n]` where
+  its first dim is not the weight's expert count, else stacked `[e, n]` (for one expert,
+  `[1, n]` holds the same values either way)."""
+  if isinstance(value, (list, tuple)) and len(value) == 1 and np.ndim(value[0]) == 2:
+    experts = tensor_list(weight, "weight", expert_rank=(2, 4))
+    experts = len(experts) if isinstance(experts, tuple) else experts.shape[0]
+    if value[0].shape[0] != experts:
+      check_array(f"{name}[0]", value[0])
+      return jnp.asarray(value[0])[None]
+  return stack_tensor_list(value, name, expert_rank=(1, 2))
+
+
 class IntOperand(NamedTuple):
   values: jax.Array  # int8, or int4 values in [-8, 7] (int8 for x, jnp.int4 for weights)
   bits: str          # INT8 or INT4
