@@ -174,14 +174,20 @@ def test_dynamic_fake_quant_vjp_of_subnormal_rows(compiler):
 
 def test_weight_scale_from_amax_of_subnormal_columns(compiler):
   """amax / qmax correctly rounded for a column whose largest |w| is subnormal (it is no
-  zero column: scale 1 only where every weight is 0)."""
-  w = np.zeros((1, 4, 4), np.float32)
+  zero column); scale 1 where that is no positive float32: every weight 0, an amax / qmax
+  that rounds to 0 (a scale of 0 zeroed the column for good: no step size to learn), NaN."""
+  w = np.zeros((1, 4, 6), np.float32)
   w[0, :, 0] = [1e-40, -3e-40, 0, 2e-41]
   w[0, :, 1] = [0.5, -2.0, 1.0, 0.0]
   w[0, 1, 3] = -1e-45
+  w[0, 2, 4] = np.nan
+  w[0, 0, 5] = 1e-43  # / 127 rounds to the least subnormal
   scale = np.asarray(qat.weight_scale_from_amax(jnp.asarray(w)))
   amax = np.abs(w.astype(np.float64)).max(1)
-  want = np.where(amax > 0, (amax / 127).astype(np.float32), np.float32(1))
+  step = (amax / 127).astype(np.float32)
+  with np.errstate(invalid="ignore"):
+    want = np.where(step > 0, step, np.float32(1))
+  assert list(want[0, 3:]) == [1, 1, 2.0 ** -149]
   np.testing.assert_array_equal(scale.view(np.int32), want.view(np.int32))
   assert 0 < scale[0, 0] < np.finfo(np.float32).tiny
 

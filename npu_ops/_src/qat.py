@@ -205,7 +205,9 @@ def dynamic_fake_quant(x: jax.Array, *, bits: int = 8, dtype: Any = None) -> jax
   `q = round(x * (qmax / amax))`; with an fp8 `dtype`, float8_e4m3fn or float8_e5m2,
   `qmax` is 448 or 57344 and q lies on that grid), so a QAT model sees the numbers of the
   quantized ops. Backward: STE for x plus the LSQ scale rule carried through `amax`
-  (module docstring). Rows of zeros give zeros.
+  (module docstring). Rows of zeros give zeros. A row whose amax is within an ulp of
+  float32's largest value gives +-inf there (`qmax * scale`, scale correctly rounded up,
+  overflows), as `q * scale` of the quantized op does.
   """
   qmax, grid = _grid(bits, dtype)
   _check_float("x", x)
@@ -331,7 +333,9 @@ def _quantize_weight(weight, weight_scale, bits):
 
 def weight_scale_from_amax(weight: jax.Array, *, groups: int = 1, bits: int = 8) -> jax.Array:
   """Initial step sizes `amax / qmax` per channel (`[e, n]`, groups=1) or per
-  group of k/groups rows (`[e, groups, n]`). Zero columns get scale 1."""
+  group of k/groups rows (`[e, groups, n]`). Columns where that is not a positive
+  float32 get scale 1: zero columns, those whose amax / qmax underflows (amax below
+  ~1.8e-43 for qmax 127), and those holding NaN."""
   qmax = qmax_for(bits)
   _check_float("weight", weight)
   check_rank("weight", weight, 3)
@@ -348,8 +352,10 @@ def weight_scale_from_amax(weight: jax.Array, *, groups: int = 1, bits: int = 8)
 def _weight_scale_from_amax(weight, groups, qmax):
   e, k, n = weight.shape
   amax = epilogue.row_amax(weight.reshape(e, groups, k // groups, n), axis=2)[:, :, 0]
-  # correctly rounded (XLA's float32 division need not be); subnormal columns count
-  scale = jnp.where(epilogue.exceeds_zero(amax), epilogue.scale_for_amax(amax, qmax), 1.0)
+  # correctly rounded (XLA's float32 division need not be); subnormal scales count, one
+  # that rounds to 0 (or NaN) would be no step size
+  scale = epilogue.scale_for_amax(amax, qmax)
+  scale = jnp.where(epilogue.exceeds_zero(scale), scale, 1.0)
   return scale[:, 0] if groups == 1 else scale
 
 

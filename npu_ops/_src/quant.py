@@ -176,7 +176,9 @@ def quantize_mx(s: jax.Array, dtype: Any = jnp.float8_e4m3fn) -> tuple[jax.Array
   float8_e4m3fn, 15 for float8_e5m2, 2 for float4_e2m1fn: OCP MX's
   `floor(log2 amax) - emax`), and codes `value / scale` cast rounding half to even and
   saturating. A block holding inf or NaN gets scale NaN (byte 0xFF) and NaN codes (fp4,
-  having no NaN: 0); an all-zero (or all-subnormal) block scale byte 0 and zero codes.
+  having no NaN: 0), and so does one holding a finite value of 3.3961e38 or more (its
+  bfloat16 rounding is inf); an all-zero (or all-subnormal) block scale byte 0 and zero
+  codes.
   A last block shorter than 32 is quantized as if padded with zeros.
 
   Args:
