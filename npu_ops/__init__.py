@@ -34,6 +34,7 @@ from npu_ops._src.qat import fake_quant as fake_quant
 from npu_ops._src.qat import fake_quant_gmm_swiglu_quant as fake_quant_gmm_swiglu_quant
 from npu_ops._src.qat import fake_quant_mx as fake_quant_mx
 from npu_ops._src.qat import fake_quant_weight as fake_quant_weight
+from npu_ops._src.qat import quantize as quantize
 from npu_ops._src.qat import quantize_weight as quantize_weight
 from npu_ops._src.qat import weight_scale_from_amax as weight_scale_from_amax
 from npu_ops._src.quant import DynamicQuant as DynamicQuant

@@ -421,8 +421,7 @@ def test_fake_quant_fp8_forward_and_lsq_vjp(out):
 
 
 def qat_quantize(x, scale, out):
-  from npu_ops._src import qat  # noqa: PLC0415
-  return qat.quantize(jnp.asarray(x), jnp.asarray(scale), dtype=getattr(jnp, out))
+  return npu_ops.quantize(jnp.asarray(x), jnp.asarray(scale), dtype=getattr(jnp, out))
 
 
 @pytest.mark.parametrize("out", FP8)

@@ -184,11 +184,21 @@ def _fake_quant(x, scale, qmax, grad_scale, grid):
 
 
 def quantize(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = None) -> jax.Array:
-  """The codes of `fake_quant` (`fake_quant(x, s) == quantize(x, s) * s`): int8, or of the
-  fp8 `dtype`."""
+  """The codes of `fake_quant`: `fake_quant(x, s) == quantize(x, s) * s`.
+
+  Args:
+    x, scale, bits, dtype: as in `fake_quant` (scale broadcastable to x; a Python number
+      is a per-tensor scale).
+
+  Returns:
+    int8 codes of x's shape (in [-7, 7] for bits=4), or codes of the fp8 `dtype`.
+  """
   qmax, grid = _grid(bits, dtype)
   _check_float("x", x)
+  if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+    scale = jnp.float32(scale)  # as fake_quant takes it
   _check_float("scale", scale)
+  _check_known_scale("scale", scale)
   return _quantize(x, scale, qmax, grid)
 
 
