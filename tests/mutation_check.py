@@ -143,13 +143,13 @@ MUTANTS = (
     # The fused kernel's lane-dense scales turned into columns without the diagonal mask:
     # every row would take the largest x_scale of its 128.
     Mutant("scales_to_column_unmasked", "pallas_kernels/tpu.py",
-           "        jnp.where(_diagonal(lanes), row, -jnp.inf), axis=1, keepdims=True)",
-           "        row, axis=1, keepdims=True)",
+           "        jnp.max(jnp.where(_diagonal(lanes), row, _LEAST), axis=1, keepdims=True))",
+           "        jnp.max(row, axis=1, keepdims=True))",
            ("tests/test_implementations.py", "-k", "test_fused_op and A8W8-pallas_tpu")),
     # The output's scales written back from the column's first row only.
     Mutant("scales_to_rows_first_only", "pallas_kernels/tpu.py",
-           "    rows_ref[j] = jnp.max(jnp.where(_diagonal(lanes), col, -jnp.inf), axis=0, keepdims=True)",
-           "    rows_ref[j] = jnp.max(jnp.where(_diagonal(lanes), col[:1], -jnp.inf), axis=0, keepdims=True)",
+           "    rows_ref[j] = _float(jnp.max(jnp.where(_diagonal(lanes), col, _LEAST), axis=0,",
+           "    rows_ref[j] = _float(jnp.max(jnp.where(_diagonal(lanes), col[:1], _LEAST), axis=0,",
            ("tests/test_implementations.py", "-k", "test_fused_op and A8W8-pallas_tpu")),
     # The kernels read a run's weights without waiting for their copy.
     Mutant("weights_not_waited", "pallas_kernels/tpu.py",
