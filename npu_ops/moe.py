@@ -31,8 +31,8 @@ from npu_ops._src import operands
 from npu_ops._src import qat
 from npu_ops._src import quant
 from npu_ops import recipes
-from npu_ops._src.validation import (check_array, check_float_array, check_int, check_rank,
-                                     describe, fail, require)
+from npu_ops._src.validation import (check_array, check_choice, check_float_array, check_int,
+                                     check_rank, describe, fail, require)
 from npu_ops._src.grouped import grouped_matmul
 from npu_ops._src.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2
 
@@ -284,8 +284,7 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
     `MoEOutput(y, dropped)`.
   """
   check_float_array("x", x)
-  if mode not in MODES:
-    fail("mode", f"one of {MODES}", repr(mode))
+  check_choice("mode", mode, MODES)
   qat.qmax_for(weight_bits, "weight_bits")
   recipe = None if recipe is None else recipes.get(recipe)
   require(recipe is None or weight_bits == 8, "weight_bits",

@@ -15,7 +15,8 @@ try:
 except ImportError as e:  # flax is an extra: say which
   raise ImportError("npu_ops.nn needs Flax: pip install 'npu_ops[nn]' (or flax>=0.12)") from e
 
-from npu_ops._src.validation import check_float_array, check_int, fail, require
+from npu_ops._src.validation import (check_bool, check_choice, check_float_array, check_int, fail,
+                                     require)
 from npu_ops import moe
 from npu_ops._src import qat
 from npu_ops import recipes
@@ -54,6 +55,8 @@ class LinearA8W8Quant(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                offset: bool = False, pertoken_scale: bool = False, output_dtype: Any = None,
                rngs: nnx.Rngs):
+    bias, offset, pertoken_scale = (check_bool(n, v) for n, v in (
+        ("bias", bias), ("offset", offset), ("pertoken_scale", pertoken_scale)))
     self.in_features = check_int("in_features", in_features, minimum=1)
     self.out_features = check_int("out_features", out_features, minimum=1)
     # npu_quant_matmul's rules, checked now rather than at the first call
@@ -174,8 +177,7 @@ class MoEMLP(nnx.Module):
                mesh: jax.sharding.Mesh | None = None, expert_axis: str | None = None,
                data_axis: str | None = None, capacity_factor: float | None = None,
                exchange: str | None = None, rngs: nnx.Rngs):
-    if mode not in self.MODES:
-      raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
+    check_choice("mode", mode, self.MODES)
     for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
       check_int(name, value, minimum=1)
     top_k = check_int("top_k", top_k, minimum=1)
@@ -195,13 +197,14 @@ class MoEMLP(nnx.Module):
     self.top_k, self.mode, self.weight_bits = top_k, mode, weight_bits
     self.recipe = recipe
     self.gmm = gmm
-    self.parallel = dict(mesh=mesh, expert_axis=expert_axis, data_axis=data_axis,
-                         capacity_factor=capacity_factor, exchange=exchange)
-    # fail now, not at the first call
+    parallel = dict(mesh=mesh, expert_axis=expert_axis, data_axis=data_axis,
+                    capacity_factor=capacity_factor, exchange=exchange)
+    # fail now, not at the first call (nor in Flax, storing an array among them)
     if mesh is not None:
-      moe.check_expert_parallel(num_experts, **self.parallel)
+      moe.check_expert_parallel(num_experts, **parallel)
     else:
-      moe.check_no_parallel_options(**self.parallel)
+      moe.check_no_parallel_options(**parallel)
+    self.parallel = parallel
     normal = lambda shape, fan_in: jax.random.normal(rngs.params(), shape) * fan_in ** -0.5
     self.router = nnx.Param(self._placed(normal((d_model, num_experts), d_model), None))
     w_gate_up = normal((num_experts, d_model, 2 * d_ff), d_model)
@@ -239,8 +242,8 @@ class MoEMLP(nnx.Module):
   def convert(self, mode: str) -> "MoEMLP":
     """A new layer in `mode` ("qat" or "int8") from this float or qat layer."""
     allowed = {"float": ("qat", "int8"), "qat": ("int8",)}.get(self.mode, ())
-    if mode not in allowed:
-      raise ValueError(f"mode: a {self.mode!r} layer converts to one of {allowed}, got {mode!r}")
+    check_choice("mode", mode, allowed, f"one of {allowed} (what a {self.mode!r} layer "
+                 "converts to)")
     new = MoEMLP(self.d_model, self.d_ff, self.num_experts, top_k=self.top_k, mode=mode,
                  weight_bits=self.weight_bits, recipe=self.recipe, **self.parallel,
                  rngs=nnx.Rngs(0))

@@ -37,7 +37,8 @@ from npu_ops._src import grouped as grouped_lib
 from npu_ops._src import groups
 from npu_ops._src import qat
 from npu_ops._src import quant
-from npu_ops._src.validation import check_array, check_rank, describe, fail, require
+from npu_ops._src.validation import (check_array, check_choice, check_float_array, check_rank,
+                                     describe, fail, require)
 from pallas_kernels import epilogue
 
 _FP8 = np.dtype(jnp.float8_e4m3fn)
@@ -63,9 +64,10 @@ class Recipe:
   weight_group: int = 0
 
   def __post_init__(self):
+    if not isinstance(self.name, str):
+      fail("name", "a str", repr(self.name), TypeError)
     for field in ("weights", "activations"):
-      if getattr(self, field) not in FORMATS:
-        fail(field, f"one of {FORMATS}", repr(getattr(self, field)))
+      check_choice(field, getattr(self, field), FORMATS)
     if (isinstance(self.weight_group, bool) or not isinstance(self.weight_group, int)
         or self.weight_group < 0):
       fail("weight_group", "an int >= 0 (0: one scale per output channel)",
@@ -192,6 +194,7 @@ class Recipe:
 
 
 def _check_weight(w) -> None:
+  check_float_array("weight", w)
   check_rank("weight", w, 3)
   require(w.shape[1] >= 1, "weight", "[e, k, n] with k >= 1", describe(w))
 
@@ -227,6 +230,4 @@ def get(name: str | Recipe) -> Recipe:
   """A recipe by name (`RECIPES`), or the Recipe itself."""
   if isinstance(name, Recipe):
     return name
-  if name not in RECIPES:
-    fail("recipe", f"one of {sorted(RECIPES)}", repr(name))
-  return RECIPES[name]
+  return RECIPES[check_choice("recipe", name, tuple(sorted(RECIPES)))]

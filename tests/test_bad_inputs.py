@@ -190,6 +190,19 @@ def _export(f, *specs):
   return export.deserialize(export.export(jax.jit(f))(*specs).serialize())
 
 
+def test_flax_modules_check_their_options_first():
+  """A flag is a bool, not a truthy string; MoEMLP's mesh options are checked before Flax
+  stores them (an array among them failed inside Flax: "static attribute 'parallel'")."""
+  from flax import nnx  # noqa: PLC0415
+  from npu_ops import nn  # noqa: PLC0415
+  with pytest.raises(TypeError, match="bias: expected a bool, got 'no'"):
+    nn.LinearA8W8Quant(8, 4, bias="no", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="capacity_factor: expected None without a mesh"):
+    nn.MoEMLP(8, 4, 4, capacity_factor=np.ones(2), rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="mode: expected one of"):
+    nn.MoEMLP(8, 4, 4, mode=np.zeros(2), rngs=nnx.Rngs(0))
+
+
 def test_block_sizes_take_numpy_ints():
   """NumPy ints are ints (`TileSizes` took them; `GmmBlockSizes` said 256 was no power of
   two), and become Python ints: the same static argument, one compilation."""
@@ -337,6 +350,53 @@ ERRORS = {
                         r"GmmBlockSizes.block_m: expected a positive power of two .*, got np.int64\(3\)"),
     "GmmBlockSizes float": (lambda: npu_ops.GmmBlockSizes(256.0), ValueError,
                             "GmmBlockSizes.block_m: expected .*, got 256.0"),
+    # found by a fuzz of every public callable (2026-12-06): arrays read as dtypes, options
+    # tested with `in` before their type, flags read by truthiness, sizes not checked
+    "output_dtype array": (lambda: npu_ops.npu_quant_matmul(
+        _X8[:2], _W8[0], np.ones(16, np.float32), output_dtype=jnp.asarray(1)), TypeError,
+        r"output_dtype: expected a dtype .*, got int32\[\]"),
+    "implementation array": (lambda: npu_ops.grouped_matmul(
+        np.ones((16, 8), np.float32), np.ones((2, 8, 4), np.float32), [8, 8],
+        implementation=np.zeros(2)), TypeError, "implementation: expected None or one of"),
+    "moe mode list": (lambda: moe.moe_mlp(_TOKENS, _W, top_k=2, mode=["float"]), TypeError,
+                      "mode: expected one of"),
+    "recipe list": (lambda: moe.moe_mlp(_TOKENS, _W, top_k=2, recipe=["w8a8"]), TypeError,
+                    "recipe: expected one of"),
+    "Recipe name": (lambda: npu_ops.recipes.Recipe(None, "int8", "int8"), TypeError,
+                    "name: expected a str"),
+    "activate_left str": (lambda: npu_ops.swiglu(np.ones((2, 4), np.float32),
+                                                 activate_left="no"), TypeError,
+                          "activate_left: expected a bool, got 'no'"),
+    "debug_checks str": (lambda: npu_ops.debug_checks("no"), TypeError,
+                         "enabled: expected a bool"),
+    "group_ends m float": (lambda: npu_ops.group_ends([1, 3], group_list_type=0, m=4.5,
+                                                      num_groups=2), TypeError,
+                           "m: expected a Python int"),
+    "group_ends num_groups 0": (lambda: npu_ops.group_ends([1, 3], group_list_type=0, m=4,
+                                                           num_groups=0), ValueError,
+                                "num_groups: expected an int >= 1"),
+    "check_group_list floats": (lambda: npu_ops.check_group_list(np.array([1.5, 3.0]), 4),
+                                TypeError, "group_list: expected a 1-D integer array"),
+    "check_group_list scalar": (lambda: npu_ops.check_group_list(3, 4), TypeError,
+                                "group_list: expected a 1-D integer array"),
+    "from_nz rows bool": (lambda: npu_ops.from_nz(npu_ops.to_nz(np.ones((4, 32), np.int8)),
+                                                  True, 32), TypeError,
+                          "rows: expected a Python int"),
+    "to_nz complex": (lambda: npu_ops.to_nz(np.ones((4, 32), np.complex64)), TypeError,
+                      "x: expected dtype in"),
+    "unpack_int4 None": (lambda: npu_ops.unpack_int4(None), TypeError,
+                         "words: expected an array"),
+    "decode_quant_param float": (lambda: npu_ops.decode_quant_param(np.zeros(4)), TypeError,
+                                 "words: expected dtype"),
+    "weight_assist_matrix k": (lambda: npu_ops.weight_assist_matrix(
+        np.zeros((1, 8, 16), np.int32), np.ones((1, 128), np.float32), k="8"), TypeError,
+        "k: expected a Python int"),
+    "quantize scale shape": (lambda: npu_ops.quantize(np.ones((2, 8), np.float32),
+                                                      np.ones(2, np.float32)), ValueError,
+                             "scale: expected a shape broadcastable to x"),
+    "fp8 recipe int weight": (lambda: npu_ops.recipes.get("fp8").fake_weight(
+        np.ones((2, 8, 4), np.int16), np.ones((2, 4), np.float32)), TypeError,
+        "weight: expected a float array"),
     "DynamicQuant bogus": (lambda: npu_ops.DynamicQuant("bogus"), TypeError,
                            "DynamicQuant.dtype: expected a dtype .*, got 'bogus'"),
     "DynamicQuant None": (lambda: npu_ops.DynamicQuant(None), TypeError,

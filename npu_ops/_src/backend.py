@@ -38,7 +38,7 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
 from npu_ops._src.row_blocks import GmmBlockSizes
-from npu_ops._src.validation import fail
+from npu_ops._src.validation import check_choice, fail
 from pallas_kernels import tpu_tiles
 from pallas_kernels.common import Problem, TileSizes
 
@@ -81,8 +81,8 @@ IMPLEMENTATIONS: tuple[str, ...] = tuple(BACKENDS)  # "xla", "reference", the ke
 def check(implementation: str | None, interpret: bool = False,
           tiles: TileSizes | None = None) -> None:
   """Trace-time validation of the three dispatch arguments."""
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    fail("implementation", f"None or one of {IMPLEMENTATIONS}", repr(implementation))
+  check_choice("implementation", implementation, (None, *IMPLEMENTATIONS),
+               f"None or one of {IMPLEMENTATIONS}")
   if not isinstance(interpret, (bool, np.bool_)):
     fail("interpret", "a bool", repr(interpret), TypeError)
   if tiles is not None and not isinstance(tiles, TileSizes):

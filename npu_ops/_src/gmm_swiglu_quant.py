@@ -25,8 +25,8 @@ from npu_ops._src import quant as quant_lib
 from npu_ops._src import row_blocks
 from npu_ops._src.operands import A4W4, A8W4, A8W8, QArray
 from npu_ops._src.scales import float32_from_scale_words
-from npu_ops._src.validation import (check_array, check_dtype_arg, check_int_option, check_rank,
-                                     check_scale_groups, describe, fail, require)
+from npu_ops._src.validation import (check_array, check_dtype_arg, check_int, check_int_option,
+                                     check_rank, check_scale_groups, describe, fail, require)
 from pallas_kernels.common import TileSizes
 
 _FLOAT_SCALES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
@@ -297,6 +297,8 @@ def weight_assist_matrix(weight: Any, weight_scale: Any, *, k: int | None = None
   check_rank("weight_scale", weight_scale, (2, 3))
   n = weight_scale.shape[-1]
   stacked = operands.stack_tensor_list(weight, "weight", expert_rank=(2, 4))
+  if k is not None:
+    k = check_int("k", k, minimum=1)
   if k is None:
     require(stacked.ndim == 3, "k", "the logical k for a FRACTAL_NZ weight", None, TypeError)
     k = stacked.shape[1]

@@ -38,8 +38,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from npu_ops._src.validation import (check_int_option, debug_check, describe, fail,
-                                     is_integer_dtype, require)
+from npu_ops._src.validation import (check_dim, check_int, check_int_option, debug_check,
+                                     describe, fail, is_integer_dtype, require)
 
 GroupEnds = Union[tuple[int, ...], jax.Array]
 
@@ -74,6 +74,8 @@ def group_ends(group_list: Any, *, group_list_type: int, m: int, num_groups: int
     A tuple of ints (static) or an int32 array (dynamic) of length len(group_list).
   """
   group_list_type = check_int_option("group_list_type", group_list_type, (CUMSUM, COUNT))
+  m = check_dim("m", m)
+  num_groups = check_int("num_groups", num_groups, minimum=1)
   if is_static(group_list):
     values = list(group_list)
     for v in values:
@@ -186,7 +188,11 @@ def check_group_list(group_list: Any, m: int, group_list_type: int = CUMSUM) -> 
   without this call.
   """
   group_list_type = check_int_option("group_list_type", group_list_type, (CUMSUM, COUNT))
-  gl = jnp.asarray(group_list, jnp.int32)
+  m = check_dim("m", m)
+  gl = group_list if hasattr(group_list, "shape") else np.asarray(group_list)
+  require(gl.ndim == 1 and is_integer_dtype(gl.dtype), "group_list",
+          "a 1-D integer array or a sequence of ints", describe(gl), TypeError)
+  gl = jnp.asarray(gl, jnp.int32)
   checkify.check(_group_list_ok(gl, group_list_type, m),
                  f"group_list is invalid for m={m} (negative count, decreasing cumsum, "
                  "or total above m)")

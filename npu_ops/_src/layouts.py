@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from npu_ops._src.validation import check_array, check_dtype, debug_check, describe, fail, require
+from npu_ops._src.validation import (check_array, check_dtype, check_int, debug_check, describe,
+                                     fail, require)
 
 INT4_PER_INT32 = 8
 NZ_ROWS = 16  # r0: rows of one fractal
@@ -33,6 +34,7 @@ NZ_DTYPES = tuple(np.dtype(d) for d in (
 
 def unpack_int4(words: jax.Array, name: str = "words") -> jax.Array:
   """int32 words `[..., c/8]` -> int8 values `[..., c]` in [-8, 7]."""
+  check_array(name, words)
   words = jnp.asarray(words)
   check_dtype(name, words, (jnp.int32,))
   require(words.ndim >= 1, name, "int32 words [..., c/8] (at least 1 dim)", describe(words))
@@ -115,6 +117,7 @@ def nz_shape(shape: tuple[int, ...], dtype: Any) -> tuple[int, ...]:
 
 def to_nz(a: jax.Array) -> jax.Array:
   """ND `[..., R, C]` -> FRACTAL_NZ `[..., ceil(C/c0), ceil(R/16), 16, c0]`."""
+  check_dtype("x", a, NZ_DTYPES)
   a = jnp.asarray(a)
   require(a.ndim >= 2, "x", "rank >= 2 for an ND matrix", describe(a))
   c0 = nz_c0(a.dtype)
@@ -129,6 +132,8 @@ def to_nz(a: jax.Array) -> jax.Array:
 
 def from_nz(a: jax.Array, rows: int, cols: int) -> jax.Array:
   """FRACTAL_NZ `[..., C1, R1, 16, c0]` -> ND `[..., rows, cols]` (drops padding)."""
+  rows, cols = check_int("rows", rows, minimum=0), check_int("cols", cols, minimum=0)
+  check_array("x", a)
   a = jnp.asarray(a)
   require(a.ndim >= 4, "x", "an NZ array of rank >= 4", describe(a))
   c0 = nz_c0(a.dtype)

@@ -157,9 +157,14 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = No
   """
   qmax, grid = _grid(bits, dtype)
   _check_grad_scale(grad_scale)
+  return _fake_quant(x, _step_size(x, scale), qmax, grad_scale, grid)
+
+
+def _step_size(x: Any, scale: Any) -> jax.Array:
+  """`scale` of `fake_quant` / `quantize` for x, checked (a Python number: per tensor)."""
   _check_float("x", x)
   if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-    scale = jnp.float32(scale)  # a per-tensor step size as a Python number
+    scale = jnp.float32(scale)
   _check_float("scale", scale)
   try:
     broadcast = jnp.broadcast_shapes(scale.shape, x.shape)
@@ -168,7 +173,7 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = No
   require(broadcast == tuple(x.shape), "scale", f"a shape broadcastable to x {describe(x)}",
           describe(scale))
   _check_known_scale("scale", scale)
-  return _fake_quant(x, scale, qmax, grad_scale, grid)
+  return scale
 
 
 def _check_known_scale(name: str, scale: Any) -> None:
@@ -194,12 +199,7 @@ def quantize(x: jax.Array, scale: jax.Array, *, bits: int = 8, dtype: Any = None
     int8 codes of x's shape (in [-7, 7] for bits=4), or codes of the fp8 `dtype`.
   """
   qmax, grid = _grid(bits, dtype)
-  _check_float("x", x)
-  if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-    scale = jnp.float32(scale)  # as fake_quant takes it
-  _check_float("scale", scale)
-  _check_known_scale("scale", scale)
-  return _quantize(x, scale, qmax, grid)
+  return _quantize(x, _step_size(x, scale), qmax, grid)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from npu_ops._src.validation import (check_array, check_dtype_arg, check_float_array, describe,
-                                     fail, require)
+from npu_ops._src.validation import (check_array, check_bool, check_dtype_arg, check_float_array,
+                                     describe, fail, require)
 from pallas_kernels import epilogue
 from pallas_kernels.epilogue import silu
 
@@ -122,7 +122,7 @@ def swiglu(c: jax.Array, *, activate_left: bool = True) -> jax.Array:
   n = c.shape[-1]
   if n % 2:
     fail("c", "an even last dim", n)
-  return _swiglu(c, activate_left)
+  return _swiglu(c, check_bool("activate_left", activate_left))
 
 
 @functools.partial(jax.jit, static_argnums=1)  # eager calls: one compile, not one per op

@@ -105,7 +105,7 @@ def _fp19(xp, bits, round_mode):
   return xp.where(exponent == 0xFF, bits & FP19_MASK, out) & 0xFFFFFFFF
 
 
-def decode_quant_param(words: Any, name: str = "scale") -> tuple[jax.Array, jax.Array]:
+def decode_quant_param(words: Any, name: str = "words") -> tuple[jax.Array, jax.Array]:
   """int64 fixpipe words -> (float32 scale, int32 offset in [-256, 255]).
 
   `scale = bitcast_f32(uint32(word) & 0xFFFFE000)`, `offset = signed 9-bit field
@@ -257,7 +257,7 @@ def _scale(scale: Any, n: int, out_dtype: np.dtype, pertoken: bool):
   """-> (float32 dequant scale, offset from the words or None)."""
   _check_vector("scale", scale, n, (np.float32, jnp.bfloat16, np.int64, np.uint64))
   if np.dtype(scale.dtype) in (np.dtype(np.int64), np.dtype(np.uint64)):
-    s, o = decode_quant_param(scale)
+    s, o = decode_quant_param(scale, "scale")
     return s, (o.astype(jnp.float32) if out_dtype == np.int8 else None)
   s = jnp.asarray(scale).astype(jnp.float32)
   through_trans_quant_param = (np.dtype(scale.dtype) == np.float32 and not pertoken and

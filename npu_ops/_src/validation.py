@@ -35,7 +35,7 @@ def debug_checks(enabled: bool = True):
   `jax.export` cannot serialize. `npu_ops.check_group_list` checks a group list
   explicitly, with or without this.
   """
-  return _DEBUG_CHECKS(bool(enabled))
+  return _DEBUG_CHECKS(check_bool("enabled", enabled))
 
 
 def debug_check(pred: Any, msg: str) -> None:
@@ -130,16 +130,45 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
   return int(value)
 
 
+def check_dim(name: str, value: Any, *, minimum: int = 0) -> Any:
+  """A static size: a Python int `>= minimum`, or a symbolic dimension (jax.export)."""
+  return value if jax.export.is_symbolic_dim(value) else check_int(name, value,
+                                                                     minimum=minimum)
+
+
 def check_dtype_arg(name: str, value: Any) -> np.dtype:
   """A dtype argument (`jnp.int8`, `"float32"`, `np.dtype(...)`) as a NumPy dtype; bools and
   strings that name no dtype raise TypeError naming the argument. None raises too (NumPy
   would read it as float64): arguments where None means a default handle it first."""
-  if value is None or isinstance(value, (bool, np.bool_)):
-    fail(name, "a dtype (e.g. jnp.float32)", repr(value), TypeError)
+  # an array is no dtype (np.dtype would read an array's own dtype: jnp.asarray(1) as int32)
+  array = isinstance(value, (np.ndarray, np.generic, jax.Array))
+  if value is None or isinstance(value, (bool, np.bool_)) or array:
+    fail(name, "a dtype (e.g. jnp.float32)", describe(value) if array else repr(value),
+         TypeError)
   try:
     return np.dtype(value)
   except TypeError:
     fail(name, "a dtype (e.g. jnp.float32)", repr(value), TypeError)
+
+
+def check_bool(name: str, value: Any) -> bool:
+  """A static flag: a Python (or NumPy) bool, not a truthy string, number or array."""
+  if not isinstance(value, (bool, np.bool_)):
+    fail(name, "a bool", describe(value) if hasattr(value, "shape") else repr(value),
+         TypeError)
+  return bool(value)
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any], expected: str | None = None
+                 ) -> Any:
+  """A static option from `allowed` (strings, None): anything else raises naming it
+  (ValueError for another string, else TypeError), before an `in` test could compare an
+  array elementwise or hash a list."""
+  if not any(value is a or (isinstance(value, str) and value == a) for a in allowed):
+    fail(name, expected or f"one of {list(allowed)}",
+         describe(value) if hasattr(value, "shape") else repr(value),
+         ValueError if isinstance(value, str) else TypeError)
+  return value
 
 
 def check_float_array(name: str, a: Any) -> None:
