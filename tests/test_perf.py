@@ -473,6 +473,10 @@ def test_predict_needs_the_values_that_steer_the_kernels():
     with pytest.raises(ValueError, match=r"chip: expected a TPU \(v5e, v6e, v5p, tpu7x\)"):
       model.predict(f, S((256, 128), jnp.bfloat16), S((4, 128, 256), jnp.bfloat16),
                     np.full(4, 64, np.int32), chip=chip)
+  with pytest.raises(TypeError, match="chip: expected a TPU's name"):  # was "unhashable"
+    model.predict(f, np.ones((4, 4)), chip=["v5e"])
+  with pytest.raises(TypeError, match="fn: expected a callable"):
+    model.predict(None, np.ones((4, 4)))
 
 
 def test_a_product_of_few_rows_takes_the_mxu_as_long_as_128():

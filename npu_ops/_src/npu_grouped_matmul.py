@@ -93,7 +93,7 @@ def npu_grouped_matmul(x: Any, weight: Any, *, bias: Any = None, scale: Any = No
       for words, bfloat16 for bfloat16, float16 for float32; A4W4/A8W4: float16)
       or int8 / float16 / bfloat16 / int32 / float32 where SUPPORTED lists it.
     tuning_config: `[expected tokens per expert, ...]`: a row-block size hint.
-    quant_group_size: 0 or k / G (A8W4, 256 on the NPU).
+    quant_group_size: 0 (or None) or k / G (A8W4, 256 on the NPU).
     implementation: None, "xla", "reference", "pallas_tpu" or "pallas_gpu"
       (`npu_ops._src.backend`): the float grouped matmuls (m- and k-axis) run on the
       Pallas kernels; integer scenarios have none (None falls back to XLA).

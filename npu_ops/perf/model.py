@@ -156,6 +156,11 @@ def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
       (pass it concretely), a kernel copies by hand where the model cannot follow (inside
       a loop, or on a condition on data), or the chip is unknown.
   """
+  if not callable(fn):
+    raise TypeError(f"fn: expected a callable (fn(*args) is what is predicted), got {fn!r}")
+  if not isinstance(chip, (chips_lib.Chip, str, type(None))):  # None: the ValueError below
+    raise TypeError(f"chip: expected a TPU's name ({', '.join(chips_lib.TPUS)}) or a Chip, "
+                    f"got {chip!r}")
   if not isinstance(chip, chips_lib.Chip) and chip not in chips_lib.CHIPS:
     raise ValueError(f"chip: expected a TPU ({', '.join(chips_lib.TPUS)}), got {chip!r}")
   chip = chips_lib.get(chip)
