@@ -378,8 +378,9 @@ def _expert_parallel(tokens, weights, *, mesh, expert_axis, data_axis, capacity_
   if explicit:
     tokens = place(tokens, P(token_axes))
     weights = jax.tree.map(place, weights, specs)
-  # check_vma=False: the grouped ops' loops start from invariant zeros (the outputs
-  # declared replicated, the dropped count, are psums).
+  # check_vma=False: the grouped ops type their results for shard_map's check now
+  # (`manual_axes`; the padded exchange passes it too), but the ragged exchange, which
+  # only TPU and GPU run, has not been checked under it.
   y, dropped = jax.shard_map(local, mesh=mesh, in_specs=(P(token_axes), specs),
                              out_specs=(P(token_axes), P()), check_vma=False)(tokens, weights)
   if explicit and jax.sharding.get_abstract_mesh().empty:

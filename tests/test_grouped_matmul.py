@@ -110,6 +110,56 @@ def test_grad_against_numpy(implementation, dynamic):
   assert not np.any(np.asarray(gw[1])) and not np.any(np.asarray(gx[14:]))
 
 
+@pytest.mark.parametrize("implementation", [None, "reference"])
+def test_inside_shard_map_with_its_type_check(implementation):
+  """Inside `jax.shard_map` (check_vma, its default) over sharded tokens: the forward, dx
+  and dw (replicated weights: summed over the devices, as JAX does for its own dots), tgmm
+  with a psum, and the fused ops, as NumPy computes them (the loops started from invariant
+  zeros and the ops' results were typed invariant: every grouped op failed there)."""
+  from jax.sharding import AxisType, PartitionSpec as P  # noqa: PLC0415
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
+  sizes = [5, 0, 7, 2]
+  x, w = operands(5, 16, 8, 4, 4, np.float32)
+  dy = np.random.default_rng(6).normal(size=(16, 4)).astype(np.float32)
+  gs = jnp.asarray(sizes)
+  rows = P("data", None)
+
+  def local(x):
+    f = lambda a, b: jnp.sum(npu_ops.grouped_matmul(a, b, gs, implementation=implementation) * dy)
+    gx, gw = jax.grad(f, argnums=(0, 1))(x, jnp.asarray(w))
+    t = jax.lax.psum(npu_ops.tgmm(x, dy, gs, implementation=implementation), "data")
+    return npu_ops.grouped_matmul(x, w, gs, implementation=implementation), gx, gw, t
+  y, gx, gw, t = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=rows,
+                                       out_specs=(rows, rows, P(), P())))(x)
+  want_y = ref.grouped_matmul(x, w, ref.group_bounds(sizes, 1), np.float64)
+  want_gx = np.zeros_like(x)
+  for g, (s, e) in enumerate(ref.group_bounds(sizes, 1)):
+    want_gx[s:e] = dy[s:e] @ w[g].T
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx, want_gx, rtol=1e-5, atol=1e-5)
+  for got in (gw, t):
+    np.testing.assert_allclose(got, tgmm_ref(x, dy, sizes, 4, acc=np.float64), rtol=1e-5,
+                               atol=1e-5)
+  # the fused op and its training form, forward and gradient
+  x8 = np.random.default_rng(7).integers(-128, 128, (16, 8)).astype(np.int8)
+  w8 = np.random.default_rng(8).integers(-128, 128, (4, 8, 4)).astype(np.int8)
+  ws, xs = np.full((4, 4), 1e-3, np.float32), np.full(16, 0.5, np.float32)
+  fused = lambda a: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      a, w8, ws, xs, gs, group_list_type=1, implementation=implementation)
+  q, qs = jax.jit(jax.shard_map(fused, mesh=mesh, in_specs=rows, out_specs=(rows, P("data"))))(x8)
+  want_q, want_s = ref.swiglu_quant(x8, w8, ws, xs, ref.group_bounds(sizes, 1), scenario="A8W8")
+  np.testing.assert_array_equal(q, want_q)
+  np.testing.assert_allclose(qs, want_s, rtol=2e-6)
+  wsc = npu_ops.weight_scale_from_amax(jnp.asarray(w))
+  qat = lambda a: npu_ops.fake_quant_gmm_swiglu_quant(a, w, wsc, gs, group_list_type=1,
+                                                      implementation=implementation)
+  got = jax.jit(jax.shard_map(lambda a: (qat(a), jax.grad(lambda a: qat(a).sum())(a)),
+                              mesh=mesh, in_specs=rows, out_specs=(rows, rows)))(x)
+  want = jax.jit(lambda a: (qat(a), jax.grad(lambda a: qat(a).sum())(a)))(x)
+  for a, b in zip(got, want):  # the same program on one device: the same numbers
+    np.testing.assert_array_equal(a, b)
+
+
 def test_grad_check_grads_and_vmap():
   x, w = operands(7, 12, 6, 4, 3, np.float32)
   sizes = jnp.asarray([4, 0, 8])

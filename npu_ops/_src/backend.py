@@ -37,6 +37,7 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
+from npu_ops._src import manual_axes
 from npu_ops._src.row_blocks import GmmBlockSizes
 from npu_ops._src.validation import check_choice, fail
 from pallas_kernels import tpu_tiles
@@ -249,11 +250,12 @@ def platform_select(args: Sequence[Any], branches: dict[str, Callable[..., Any]]
   if not any(isinstance(a, jax.core.Tracer) for a in flat_args):
     return branches.get(jax.default_backend(), default)(*args)
   out_shapes = jax.eval_shape(shapes or default, *args)
+  axes = manual_axes.union(flat_args)  # the results vary where any operand does (shard_map)
   flat_shapes, tree = jax.tree.flatten(out_shapes)
   flat = lambda f: (lambda *a: jax.tree.leaves(f(*jax.tree.unflatten(args_tree, a))))
   outs = _select_p.bind(*flat_args, branches=tuple((p, flat(f)) for p, f in branches.items()),
                         default=flat(default),
-                        out_avals=tuple(jax.core.ShapedArray(s.shape, s.dtype)
+                        out_avals=tuple(manual_axes.shaped_array(s.shape, s.dtype, axes)
                                         for s in flat_shapes))
   return jax.tree.unflatten(tree, outs)
 
@@ -275,7 +277,8 @@ def _select_batch(args, dims, *, branches, default, out_avals):
   outs = _select_p.bind(
       *args, branches=tuple((p, vmapped(f)) for p, f in branches),
       default=vmapped(default),
-      out_avals=tuple(jax.core.ShapedArray((size,) + a.shape, a.dtype) for a in out_avals))
+      out_avals=tuple(manual_axes.shaped_array((size,) + a.shape, a.dtype, manual_axes.union(a))
+                      for a in out_avals))
   return outs, [0] * len(outs)
 
 

@@ -31,6 +31,7 @@ from jax import lax
 
 from npu_ops._src import backend
 from npu_ops._src import grouped as grouped_lib
+from npu_ops._src import manual_axes
 from npu_ops._src import groups as groups_lib
 from npu_ops._src import operands
 from npu_ops._src import quant as quant_lib
@@ -248,8 +249,9 @@ def _xla(x, w, scale, x_scale, assist, smooth, *, ends, scenario, spec, block_si
             row_blocks.write_rows(outs[1], q_scale, r0, valid))
 
   cols, scale_dtype = epilogue.output_scale_shape(spec, n // 2)
-  init = (jnp.zeros((m, n // 2), epilogue.code_storage(spec.dtype)),
-          jnp.zeros((m,) + cols, scale_dtype))
+  init = manual_axes.varying_as((jnp.zeros((m, n // 2), epilogue.code_storage(spec.dtype)),
+                                jnp.zeros((m,) + cols, scale_dtype)),
+                               x, w, scale, x_scale, assist, smooth, ends, start)
   if n == 0:
     return squeeze_per_token(*init, spec)
   q, q_scale = row_blocks.traverse_staged(

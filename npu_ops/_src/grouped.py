@@ -28,6 +28,7 @@ from jax.interpreters import ad, batching, mlir
 
 from npu_ops._src import backend
 from npu_ops._src import groups as groups_lib
+from npu_ops._src import manual_axes
 from npu_ops._src import reference
 from npu_ops._src import row_blocks
 from npu_ops._src.row_blocks import GmmBlockSizes
@@ -366,7 +367,8 @@ def xla_matmul(lhs, rhs, *, ends, acc_dtype, block_sizes, precision=None, start=
                              precision=precision, preferred_element_type=acc_dtype)
     return row_blocks.write_rows(out, y, r0, mask)
 
-  return row_blocks.traverse(ends, m, jnp.zeros((m, n), acc_dtype),
+  out = manual_axes.varying_as(jnp.zeros((m, n), acc_dtype), lhs, rhs, ends, start)
+  return row_blocks.traverse(ends, m, out,
                              group_ctx=functools.partial(row_blocks.group_operand, rhs),
                              block_fn=block_fn, block_sizes=block_sizes,
                              start=0 if start is None else start, row_macs=lhs.shape[1] * n)
@@ -536,7 +538,8 @@ def xla_tgmm(lhs, rhs, *, ends, num_groups, acc_dtype, block_sizes, precision=No
       y = lax.dynamic_index_in_dim(out, g, 0, False) + y
     return lax.dynamic_update_index_in_dim(out, y, g, 0)
 
-  zeros = lambda groups: jnp.zeros((groups, k, n), acc_dtype)
+  operands = (lhs, rhs, ends, start)  # what every output matrix's type follows (shard_map)
+  zeros = lambda groups: manual_axes.varying_as(jnp.zeros((groups, k, n), acc_dtype), *operands)
   groups = len(ends) if static else ends.shape[0]
   sizes_np = np.diff(np.asarray((0,) + ends)) if static else None
   ends = jnp.asarray(ends, jnp.int32)
@@ -661,7 +664,11 @@ def _bind(prim, lhs, rhs, ends, start, **params):
   """Binds a primitive: the ends an operand (a size-0 placeholder when static: then a
   parameter), the start an int32 scalar operand (size 0 when absent: row 0)."""
   static, array, start = _ends_operands(ends, start)
-  return prim.bind(lhs, rhs, array, start, static_ends=static, **params)
+  # Inside jax.shard_map the operands share one type, varying over every axis any of them
+  # varies over (as lax's own primitives get them): the casts transpose to the psums that
+  # a replicated operand's gradient needs.
+  operands = manual_axes.varying_as((lhs, rhs, array, start), lhs, rhs, array, start)
+  return prim.bind(*operands, static_ends=static, **params)
 
 
 def _ends_operands(ends, start):
@@ -689,11 +696,13 @@ def _tgmm_impl(lhs, rhs, ends, start, *, static_ends, num_groups, out_dtype, run
 
 
 def _matmul_abstract(lhs, rhs, ends, start, *, transpose_rhs, out_dtype, **_):
-  return jax.core.ShapedArray((lhs.shape[0], rhs.shape[1 if transpose_rhs else 2]), out_dtype)
+  return manual_axes.shaped_array((lhs.shape[0], rhs.shape[1 if transpose_rhs else 2]),
+                                  out_dtype, manual_axes.union(lhs))
 
 
 def _tgmm_abstract(lhs, rhs, ends, start, *, num_groups, out_dtype, **_):
-  return jax.core.ShapedArray((num_groups, lhs.shape[1], rhs.shape[1]), out_dtype)
+  return manual_axes.shaped_array((num_groups, lhs.shape[1], rhs.shape[1]), out_dtype,
+                                  manual_axes.union(lhs))
 
 
 def _bilinear_jvp(prim):

@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from npu_ops._src import groups as groups_lib
+from npu_ops._src import manual_axes
 from npu_ops._src.validation import fail
 
 BlockFn = Callable[[Any, Any, Any, int, Any], Any]
@@ -232,7 +233,7 @@ def traverse_staged(ends: groups_lib.GroupEnds, m: int, carry: Any, *, row: jax.
   block, min_block = block_rows(m, block_sizes or GmmBlockSizes.for_problem(m, ends.shape[0]))
   chunk = min(EPILOGUE_ROWS, block)  # both powers of two: chunk divides block
   ladder = remainder_blocks(block, min_block, row_macs)
-  staging = jnp.zeros((block,) + tuple(row.shape), row.dtype)
+  staging = manual_axes.varying_as(jnp.zeros((block,) + tuple(row.shape), row.dtype), carry)
 
   def finish_chunks(carry, staging, ctx, w0, chunks, start, end):
     """finish_fn over `chunks` chunks of staging, output rows from w0 on. staging travels
