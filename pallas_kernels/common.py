@@ -72,6 +72,25 @@ def tokens_per_group(m: int, num_groups: int, expected_tokens: int | None = None
   return expected_tokens or max(1, m // max(1, num_groups))
 
 
+def varying(a) -> frozenset:
+  """The manual mesh axes an array (or an abstract value) varies over inside `jax.shard_map`
+  (jax 0.10: its `manual_axis_type`); none elsewhere."""
+  if not hasattr(a, "dtype"):
+    return frozenset()
+  t = a if isinstance(a, jax.core.ShapedArray) else jax.typeof(a)
+  mat = getattr(t, "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", None) or getattr(t, "vma", None) or ())
+
+
+def result(shape: tuple[int, ...], dtype, *operands) -> jax.ShapeDtypeStruct:
+  """A kernel's result (a `pallas_call` out_shape), typed as varying over the manual mesh
+  axes its `operands` vary over: inside `jax.shard_map` with its type check (`check_vma`,
+  the default) Pallas refuses a result that does not say."""
+  axes = frozenset().union(*map(varying, operands))
+  mat = type(jax.core.ShapedArray((), dtype).manual_axis_type)(varying=axes)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
 # --- what a backend is asked: `Problem`, and what both kernel backends lack ------------------
 
 OPS = ("gmm", "tgmm", "fused", "fused_mx")
@@ -176,10 +195,10 @@ def visit_metadata(ends: jax.Array, m_tiles: int, block_m: int, *, visit_empty: 
   last = jnp.maximum(ends - 1, 0) // block_m
   tiles = jnp.where(nonempty, last - first + 1, 1 if visit_empty else 0)
   offsets = jnp.cumsum(tiles)
-  num_visits = offsets[-1]
   bound = m_tiles + num_groups - 1
   if rows is not None and not visit_empty:
     bound = max(1, min(bound, rows))
+  num_visits = jnp.minimum(offsets[-1], bound)  # more only from invalid ends: no grid past it
   t = jnp.minimum(jnp.arange(bound, dtype=jnp.int32), jnp.maximum(num_visits - 1, 0))
   group = jnp.searchsorted(offsets, t, side="right", method="compare_all").astype(jnp.int32)
   group = jnp.minimum(group, num_groups - 1)
@@ -243,27 +262,38 @@ def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = 
   src = jnp.where(real, t, jnp.where(before >= 0, before,
                                      jnp.minimum(after, group.shape[0] - 1)))
   weight = jnp.clip(group[src] - 1, 0, max(num_groups - 1, 0)).astype(jnp.int32)
-  if cores == 1:
-    return RowVisits(group, tile, count, weight, tile[src], bounds)
+  v = RowVisits(group, tile, count, weight, tile[src], bounds)
+  return v if cores == 1 else deal_to_cores(v, m, block_m, cores, mxu_rows)
+
+
+def deal_to_cores(v: RowVisits, m: int, block_m: int, cores: int = 2, mxu_rows: int = 128
+                  ) -> RowVisits:
+  """`row_visits(cores=2)` from the one-core visits `v` of the same rows: see there."""
+  num_groups = v.bounds.shape[0] - 2
+  m_tiles = cdiv(m, block_m)
   if cores != 2 or m_tiles < 2:
     raise ValueError(f"cores: expected 1, or 2 over 2 row tiles at least; got {cores} over "
                      f"{m_tiles}")
   # Core 0 takes row tiles [0, cut), core 1 the rest: runs in row order, each padded to
   # the common bound by repeating its last visit. (A core whose rows all lie outside the
   # groups reads the blocks of the other core's nearest real visit: one copy.)
-  passes = jnp.where(real, _mxu_passes(bounds, group, tile, block_m, mxu_rows), 0)
-  per_tile = jnp.zeros((m_tiles,), jnp.int32).at[tile].add(passes)  # past count: 0 added
+  visits = v.group.shape[0]
+  t = jnp.arange(visits, dtype=jnp.int32)
+  real = RowVisits.is_real(v.group, num_groups) & (t < v.count[0])
+  passes = jnp.where(real, _mxu_passes(v.bounds, v.group, v.tile, block_m, mxu_rows), 0)
+  per_tile = jnp.zeros((m_tiles,), jnp.int32).at[v.tile].add(passes)  # past count: 0 added
   done = jnp.cumsum(per_tile)[:-1]  # the passes of tiles [0, cut), cut = 1 .. m_tiles - 1
   cut = 1 + jnp.argmin(jnp.maximum(done, done[-1] + per_tile[-1] - done)).astype(jnp.int32)
-  valid_tile = jnp.where(t < count[0], tile, m_tiles)
+  valid_tile = jnp.where(t < v.count[0], v.tile, m_tiles)
   edges = jnp.stack([jnp.zeros((), jnp.int32), cut, jnp.full((), m_tiles, jnp.int32)])
   firsts = jnp.sum(valid_tile[None, :] < edges[:, None], axis=1)
   counts = (firsts[1:] - firsts[:-1]).astype(jnp.int32)
   bound = per_core(m, block_m, num_groups, cores)
   steps = jnp.arange(bound, dtype=jnp.int32)[None, :]
   idx = jnp.clip(firsts[:-1, None] + jnp.minimum(steps, jnp.maximum(counts[:, None] - 1, 0)),
-                 0, group.shape[0] - 1).reshape(-1)
-  return RowVisits(group[idx], tile[idx], counts, weight[idx], tile[src][idx], bounds)
+                 0, visits - 1).reshape(-1)
+  return RowVisits(v.group[idx], v.tile[idx], counts, v.weight[idx], v.read_tile[idx],
+                   v.bounds)
 
 
 def _mxu_passes(bounds: jax.Array, group: jax.Array, tile: jax.Array, block_m: int,

@@ -162,7 +162,7 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
 
   s = pl.pallas_call(
       kernel, grid=(v.group.shape[0], common.cdiv(nh, bn)),
-      out_shape=jax.ShapeDtypeStruct((m, nh), jnp.float32),
+      out_shape=common.result((m, nh), jnp.float32, *v, *args),
       compiler_params=_PARAMS, interpret=interpret, name=name)(v.group, v.tile, v.count,
                                                                 v.bounds, *args)
   # the XLA path's own quantizer (fp8 / fp4 codes as their bits), on whole rows
@@ -345,7 +345,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
 
   return pl.pallas_call(
       kernel, grid=(v.group.shape[0], common.cdiv(n, bn)),
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      out_shape=common.result((m, n), out_dtype, *v, lhs, rhs),
       compiler_params=_PARAMS, interpret=interpret, name="npu_gmm")(v.group, v.tile, v.count,
                                                                     v.bounds, lhs, rhs)
 
@@ -388,5 +388,5 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
 
   return pl.pallas_call(
       kernel, grid=(num_groups, common.cdiv(k, bk), common.cdiv(n, bn)),
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      out_shape=common.result((num_groups, k, n), out_dtype, bounds, lhs, rhs),
       compiler_params=_PARAMS, interpret=interpret, name="npu_tgmm")(bounds, lhs, rhs)

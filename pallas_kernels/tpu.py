@@ -7,10 +7,10 @@ Row tiles past `m`, column tiles past `n` and k tiles past `k` are partial block
 it is partial, mask rows by their group, and write only whole output rows.
 
 Group metadata travels by scalar prefetch (`common.row_visits`, megablox's
-technique): the grid walks (row tile, group) visits in row order. The rows before
-the first group (group_offset) and past the group total form two more, weightless
-groups whose visits write zeros and read the blocks of the nearest real visit, so
-no output is post-processed and no row is moved.
+technique, laid out on the scalar unit by `tpu_visits`): the grid walks (row tile,
+group) visits in row order. The rows before the first group (group_offset) and past
+the group total form two more, weightless groups whose visits write zeros and read the
+blocks of the nearest real visit, so no output is post-processed and no row is moved.
 
 Weight-stationary order: when one expert's whole `[k, n]` weight (the fused op) or
 one `[k, block_n]` column tile of it (gmm) fits the VMEM budget, the contraction
@@ -39,6 +39,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import common
 from pallas_kernels import epilogue
 from pallas_kernels import tpu_tiles
+from pallas_kernels import tpu_visits
 from pallas_kernels.common import TileSizes
 
 # Rows per tile of the fused kernel where the model's table has no entry (docs/performance.md,
@@ -172,30 +173,48 @@ def _params(*semantics: str) -> pltpu.CompilerParams:
 ROW_BLOCK = 128
 
 
-# The contraction is multiplied in chunks of this many (a loop): Mosaic unrolls a dot into
-# MXU operations, so one of a whole [rows, k] x [k, n] block would be compiled as
-# k / 128 times more code (docs/performance.md, "Compile time").
+# The contraction, and the product's columns, are multiplied in chunks of this many (loops):
+# Mosaic unrolls a dot into MXU operations, so one of a whole [rows, k] x [k, n] block
+# would be compiled as (k / 128) x (n / 128) times the code (docs/performance.md,
+# "Compile time"). A column chunk is a multiple of every chip's MXU width, and the last
+# (n % N_CHUNK) pads to it as the whole product would.
 K_CHUNK = 512
+N_CHUNK = 512
 
 
 def _accumulate(acc, x, w, k0, k: int, *, transpose_rhs: bool = False, precision=None) -> None:
   """acc += x @ w (w read as its transpose with `transpose_rhs`) for refs x `[rows, bk]`
   and w `[bk, n]` of the k tile at k0: `K_CHUNK`-deep pieces in a loop, then the tile's
-  last piece (a multiple of 128). In the last k tile only the k columns below k are
+  last piece (a multiple of 128), each over `N_CHUNK`-wide column chunks in a loop, then
+  the last columns. In the last k tile only the k columns below k are
   multiplied, and only the 128-wide block that k cuts is masked (a partial tile holds
   garbage past k; masking every piece cost the vector units more than the MXU its product:
   2.4x the time at k = 2880 under the model)."""
   bk = x.shape[1]
   dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
   out = jnp.float32 if jnp.issubdtype(acc.dtype, jnp.floating) else jnp.int32
+  column_chunks, last_columns = divmod(acc.shape[1], N_CHUNK)
 
   def product(start, size: int, masked: bool = False):
     kc = pl.ds(start, size)
-    xb, wb = x[:, kc], (w[:, kc] if transpose_rhs else w[kc, :])
+    xb = x[:, kc]
     if masked:
       xb = _mask_k_edge(xb, k0 + start, k, 1)
-      wb = _mask_k_edge(wb, k0 + start, k, 1 if transpose_rhs else 0)
-    acc[...] += lax.dot_general(xb, wb, dims, precision=precision, preferred_element_type=out)
+
+    def multiply(cs):
+      wb = w[cs, kc] if transpose_rhs else w[kc, cs]
+      if masked:
+        wb = _mask_k_edge(wb, k0 + start, k, 1 if transpose_rhs else 0)
+      acc[:, cs] += lax.dot_general(xb, wb, dims, precision=precision,
+                                    preferred_element_type=out)
+
+    def column_chunk(c, carry):
+      multiply(pl.ds(pl.multiple_of(c * N_CHUNK, N_CHUNK), N_CHUNK))
+      return carry
+    if column_chunks:
+      lax.fori_loop(0, column_chunks, column_chunk, 0)
+    if last_columns:
+      multiply(pl.ds(column_chunks * N_CHUNK, last_columns))
 
   def columns(extent: int):
     """x[:, :extent] @ w[:extent], extent static; masked where it passes k's 128 block."""
@@ -372,6 +391,16 @@ def weight_pieces(k: int, deepest: int = PIECE_QUANTUM) -> int:
   return k // sizes[-1] if sizes else 1
 
 
+def _in_hbm(a: jax.Array, interpret: bool) -> tuple[jax.Array, pl.BlockSpec]:
+  """An operand the kernel copies by hand, and its spec: kept in HBM. Left to XLA
+  (`pl.ANY` alone), v5e's compiler prefetched a whole 46 MB weight into VMEM ahead of the
+  fused kernel (the MoE layer's int8 forward: a pass over the weights more). (The
+  interpreter has no memory spaces, and the constraint cannot run eagerly.)"""
+  if not interpret:
+    a = pltpu.with_memory_space_constraint(a, pltpu.HBM)
+  return a, pl.BlockSpec(memory_space=pl.ANY)
+
+
 def _weights_by_hand(w_buf, copy_of, run, starts, first, exists, pieces: int):
   """The VMEM buffer (of `w_buf`, `[WEIGHT_BUFFERS, ...]`) that holds run `run`'s weights,
   copied by hand, and `wait(p)`, which waits for its piece p (of `pieces`) at the run's
@@ -476,12 +505,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   # its own copy of the output, merged by rows below.
   cores = tpu_tiles.cores(tpu_tiles.current_chip())
   by_visits = cores > 1 and m_tiles < num_groups
+  one, one_runs = tpu_visits.row_visits(ends, m, bm, start, interpret=interpret)
   if by_visits:
-    split = common.split_visits(common.row_visits(ends, m, bm, start), m_tiles)
+    split = common.split_visits(one, m_tiles)
     v, per_core = split.visits, split.per_core
   else:
     cores = min(cores, m_tiles)  # a core of its own for each row tile at most
-    v = common.row_visits(ends, m, bm, start, cores=cores, mxu_rows=ROW_BLOCK)
+    v = one if cores == 1 else common.deal_to_cores(one, m, bm, cores, mxu_rows=ROW_BLOCK)
     per_core = common.per_core(m, bm, num_groups, cores)
   scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
   # Per-row scales travel lane-dense, `lanes` rows to a row of `[m / lanes, 1, lanes]`
@@ -494,7 +524,10 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       m_rows, 1, lanes)
   words_k_minor = words and k_minor(w.shape)
   by_hand = plan.resident  # resident weights: copied by the kernel (`_weights_by_hand`)
-  runs = common.weight_runs(v, per_core) if by_hand else ()
+  if by_hand:
+    runs = one_runs if v is one else common.weight_runs(v, per_core)
+  else:
+    runs = ()
   pieces = 1 if a8w4 else weight_pieces(k, K_CHUNK)  # A8W4's whole: it unpacks them whole
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
@@ -648,7 +681,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     w_spec = pl.BlockSpec((None, w.shape[1], bk),
                           lambda *a: (weight_block(*a)[0], 0, weight_block(*a)[1]))
   if by_hand:
-    w_spec = pl.BlockSpec(memory_space=pl.ANY)
+    w, w_spec = _in_hbm(w, interpret)
   scale_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], k_group_block(kk), 0, 0)
   x_block = lambda c, t, kk, gid, mt, nv, wid, rt, *_: (rt[at(c, t)], kk)
   scale_shape = (None, gpt if tiles_per_group == 1 else groups, 1, n)
@@ -686,8 +719,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
           out_specs=[pl.BlockSpec((*lead_block, bm, nh), row),
                      pl.BlockSpec((*lead_block, bm // lanes, 1, lanes), row3)],
           scratch_shapes=scratch),
-      out_shape=[jax.ShapeDtypeStruct((*lead, m, nh), out_dtype),
-                 jax.ShapeDtypeStruct((*lead, m_rows, 1, lanes), jnp.float32)],
+      out_shape=[common.result((*lead, m, nh), out_dtype, *v, *args),
+                 common.result((*lead, m_rows, 1, lanes), jnp.float32, *v, *args)],
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
       interpret=interpret, name="npu_gmm_swiglu_quant")(*v, *runs, *args)
   qs = qs.reshape(*lead, m_rows * lanes)[..., :m]
@@ -771,14 +804,14 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   precision = _mxu_precision(precision, lhs.dtype)
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
   num_groups = ends.shape[0]
-  v = common.row_visits(ends, m, bm, start)
+  v, runs = tpu_visits.row_visits(ends, m, bm, start, interpret=interpret)
   visits = v.group.shape[0]
   # Resident weights (one k tile, whole column tiles) are copied by the kernel, in runs
   # that follow the grid: column tile j's runs, then j + 1's (`_weights_by_hand`). On one
   # TensorCore a column tile's runs reach into the next one's; where two cores split the
   # column tiles (v5p), each column tile starts its own.
   by_hand = k_tiles == 1 and n % bn == 0
-  runs = common.weight_runs(v, visits) if by_hand else ()
+  runs = runs if by_hand else ()
   one_core = tpu_tiles.cores(tpu_tiles.current_chip()) == 1
   pieces = weight_pieces(k)
 
@@ -854,7 +887,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
               weight_spec(lambda pre: pre[3])]
   scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
   if by_hand:
-    in_specs[1] = pl.BlockSpec(memory_space=pl.ANY)
+    rhs, in_specs[1] = _in_hbm(rhs, interpret)
     scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *((bn, k) if transpose_rhs else (k, bn))),
                            rhs.dtype),
                 pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS, pieces))]
@@ -865,7 +898,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
           in_specs=in_specs,
           out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, *_: (mt[t], j)),
           scratch_shapes=scratch),
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      out_shape=common.result((m, n), out_dtype, *v, lhs, rhs),
       # column tiles are independent: a dual-TensorCore device (v5p) splits them
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
       interpret=interpret, name="npu_gmm")(*v, *runs, lhs, rhs)
@@ -889,13 +922,10 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
     return jnp.zeros((num_groups, k, n), out_dtype)
   bm, bk, bn = _float_blocks("tgmm", k, n, isz, np.dtype(out_dtype).itemsize, tiles)
   precision = _mxu_precision(precision, lhs.dtype)
-  groups = ends.shape[0]
-  ends_all = jnp.concatenate([ends, jnp.broadcast_to(ends[-1:], (num_groups - groups,))])
-  first = jnp.zeros((), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-  # group g's rows are [bounds[g], bounds[g + 1]): `group_rows(bounds, g + 1, ...)`
-  bounds = jnp.concatenate([first[None], ends_all])
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
-  gid, mt, nv = common.visit_metadata(ends_all, m_tiles, bm, visit_empty=True, first=first)
+  # group g's rows are [bounds[g], bounds[g + 1]): `group_rows(bounds, g + 1, ...)`
+  gid, mt, nv, bounds = tpu_visits.visit_metadata(ends, num_groups, m_tiles, bm, start,
+                                                  interpret=interpret)
   # the row blocks are this product's contraction: as wide as the MXU (256 on v6e, TPU7x),
   # or a narrower one would take it as long
   block = max(ROW_BLOCK, tpu_tiles.mxu_width(tpu_tiles.current_chip()))
@@ -948,7 +978,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
           out_specs=pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, mt, nv, bounds: (
               gid[t], i, j)),
           scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      out_shape=common.result((num_groups, k, n), out_dtype, gid, bounds, lhs, rhs),
       # output tiles (k, n) are independent: a dual-TensorCore device splits them
       compiler_params=_params("parallel", "parallel", "arbitrary"), cost_estimate=cost,
       interpret=interpret, name="npu_tgmm")(gid, mt, nv, bounds, lhs, rhs)

@@ -119,6 +119,12 @@ MUTANTS = (
            "  cut = 1 + jnp.argmin(jnp.maximum(done, done[-1] + per_tile[-1] - done)).astype(jnp.int32)",
            "  cut = jnp.int32(cdiv(m_tiles, 2))",
            ("tests/test_pallas.py", "-k", "split_between_two_cores")),
+    # The TPU kernels' metadata (on the scalar unit): a head or tail visit reads the next
+    # real visit's row tile even where one precedes it (a copy the old form saves).
+    Mutant("visits_read_the_next_real_tile", "pallas_kernels/tpu_visits.py",
+           "      src = jnp.where(real(t), t, jnp.where(before >= 0, before, jnp.minimum(after, bound - 1)))",
+           "      src = jnp.where(real(t), t, jnp.minimum(after, bound - 1))",
+           ("tests/test_pallas.py", "-k", "scalar_unit")),
     # The grid runs the metadata's static bound of visits (padding steps), not the visits.
     Mutant("grid_of_the_static_bound", "pallas_kernels/tpu.py",
            "grid=(cores, _steps(v.count), k_tiles)",

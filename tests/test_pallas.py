@@ -90,9 +90,18 @@ def custom_calls(text):
   return re.findall(r"stablehlo.custom_call @([\w$.]+)", text)
 
 
+def kernel_count(text, platform):
+  """The op kernels in a lowered module (for TPU: not counting their metadata kernels)."""
+  calls = custom_calls(text).count(CUSTOM_CALL[platform])
+  if platform == "tpu":
+    from pallas_kernels import tpu_visits  # noqa: PLC0415  (metadata: a scalar kernel)
+    calls -= sum(text.count(f'kernel_name = "{k}"') for k in tpu_visits.KERNEL_NAMES)
+  return calls
+
+
 def kernel_counts(f, *args, platforms):
-  calls = custom_calls(lowered(f, *args, platforms=platforms))
-  return {p: calls.count(c) for p, c in CUSTOM_CALL.items()}
+  text = lowered(f, *args, platforms=platforms)
+  return {p: kernel_count(text, p) for p in CUSTOM_CALL}
 
 
 def test_none_picks_the_kernel_per_lowering_platform():
@@ -234,7 +243,7 @@ def test_kernels_lower_for_their_target(impl):
   text = lowered(fused, spec((m, k), jnp.int8), spec((e, n // 32, k // 16, 16, 32), jnp.int8),
                  spec((e, n), jnp.float32), spec((m,), jnp.float32), spec((e,), jnp.int32),
                  platforms=[platform])
-  assert custom_calls(text).count(CUSTOM_CALL[platform]) == 1
+  assert kernel_count(text, platform) == 1
   assert "npu_gmm_swiglu_quant" in text
   a8w4 = lambda x, w, ws, xs, gl, assist: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       x, w, ws, xs, gl, group_list_type=1, dequant_mode=1, weight_assist_matrix=assist,
@@ -242,7 +251,7 @@ def test_kernels_lower_for_their_target(impl):
   text = lowered(a8w4, spec((m, k), jnp.int8), spec((e, k, n // 8), jnp.int32),  # int4 words
                  spec((e, 2, n), jnp.float32), spec((m,), jnp.float32), spec((e,), jnp.int32),
                  spec((e, n), jnp.float32), platforms=[platform])
-  assert custom_calls(text).count(CUSTOM_CALL[platform]) == 1
+  assert kernel_count(text, platform) == 1
   # the TPU kernel takes the words as they are (unpacked in VMEM); the GPU's get them
   # unpacked by XLA first (shifting each nibble to the top)
   assert ("stablehlo.shift_left" in text) == (platform != "tpu")
@@ -253,7 +262,7 @@ def test_kernels_lower_for_their_target(impl):
 
   text = lowered(train_step, spec((m, k), jnp.bfloat16), spec((e, k, n), jnp.bfloat16),
                  spec((m, n), jnp.bfloat16), spec((e,), jnp.int32), platforms=[platform])
-  assert custom_calls(text).count(CUSTOM_CALL[platform]) == 3
+  assert kernel_count(text, platform) == 3
   assert "npu_gmm" in text and "npu_tgmm" in text
 
 
@@ -612,3 +621,123 @@ def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed, k):
   want = ref.grouped_matmul(x.astype(np.float64), w.astype(np.float64),
                             ref.group_bounds(counts, 1), np.float64)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _visits_reference(spans, m_tiles, block_m, bound, visit_empty=False):
+  """NumPy, from the definition: per span (rows [lo, hi), in row order) a visit per row
+  tile it touches (an empty one: none, or one with visit_empty), the last repeated."""
+  group, tile = [], []
+  for i, (lo, hi) in enumerate(spans):
+    first = min(lo // block_m, m_tiles - 1)
+    tiles = range(first, (hi - 1) // block_m + 1) if hi > lo else [first] * visit_empty
+    for t in tiles:
+      group.append(i)
+      tile.append(t)
+  count = min(len(group), bound)
+  group, tile = group[:count], tile[:count]
+  return (np.asarray(group + [group[-1]] * (bound - count)),
+          np.asarray(tile + [tile[-1]] * (bound - count)), count)
+
+
+def _row_visits_reference(ends, m, block_m, start):
+  """`RowVisits` and `WeightRuns` from their definitions (common.py), in NumPy."""
+  G = len(ends)
+  bounds = [start, *ends, m]
+  spans = [(bounds[i - 1] if i else 0, bounds[i]) for i in range(G + 2)]
+  bound = max(1, min(-(-m // block_m) + G + 1, m))
+  group, tile, count = _visits_reference(spans, -(-m // block_m), block_m, bound)
+  real = [t < count and 1 <= group[t] <= G for t in range(bound)]
+  src = []
+  for t in range(bound):
+    before = [s for s in range(t + 1) if real[s]]
+    after = [s for s in range(t, bound) if real[s]]
+    src.append(t if real[t] else before[-1] if before else after[0] if after else bound - 1)
+  weight = np.clip(group[src] - 1, 0, max(G - 1, 0))
+  run, expert, r = [], [-1] * bound, -1
+  for t in range(bound):
+    if t < count and (t == 0 or weight[t] != weight[t - 1]):
+      r += 1
+      expert[r] = weight[t]
+    run.append(max(r, 0))
+  return dict(group=group, tile=tile, count=[count], weight=weight, read_tile=tile[src],
+              bounds=bounds, run=run, expert=expert)
+
+
+def _random_lists(seed, cases=24):
+  # one visit in all (a tile's rows in one group, or in none), one group over many tiles
+  yield from [(1, 20, 32, 0, np.asarray([20])), (3, 20, 32, 0, np.zeros(3, int)),
+              (2, 30, 32, 30, np.asarray([30, 30])), (1, 300, 64, 0, np.asarray([300]))]
+  rng = np.random.default_rng(seed)
+  for _ in range(cases):
+    G, m = int(rng.integers(1, 9)), int(rng.integers(1, 400))
+    block_m = int(rng.choice([32, 64, 128]))
+    counts = rng.multinomial(int(rng.integers(0, m + 1)), rng.dirichlet(np.full(G + 1, 0.4)))
+    start, ends = int(counts[0]), np.cumsum(counts)[1:]  # rows before `start`: another
+    yield G, m, block_m, (start if rng.random() < 0.5 else 0), ends  # device's groups
+
+
+def test_tpu_metadata_on_the_scalar_unit():
+  """The TPU kernels lay their visits out in a scalar kernel (`tpu_visits`), not in XLA's
+  small integer ops (compile time): gmm's / the fused op's `RowVisits` and weight runs and
+  tgmm's visits, against NumPy from their definitions and against `common`'s jnp (what the
+  GPU kernels use), over random lists with empty groups, group_offset's head rows, rows
+  past the total, one group. Interpret mode runs the kernel's own scalar code."""
+  from pallas_kernels import common, tpu_visits  # noqa: PLC0415
+  for G, m, block_m, start, ends in _random_lists(7):
+    e32 = jnp.asarray(ends, jnp.int32)
+    v, runs = tpu_visits.row_visits(e32, m, block_m, jnp.int32(start), interpret=True)
+    got = {**v._asdict(), **runs._asdict()}
+    want = _row_visits_reference(ends.tolist(), m, block_m, start)
+    jv = common.row_visits(e32, m, block_m, jnp.int32(start))
+    jnp_ = {**jv._asdict(), **common.weight_runs(jv, jv.group.shape[0])._asdict()}
+    for name, value in want.items():
+      np.testing.assert_array_equal(got[name], value, err_msg=f"{name}: {G, m, block_m}")
+      np.testing.assert_array_equal(jnp_[name], value, err_msg=f"jnp {name}: {G, m, block_m}")
+    # tgmm: the groups of `ends`, then empty ones up to num_groups, each visited
+    num_groups, m_tiles = G + 2, -(-m // block_m)
+    gid, mt, nv, bounds = tpu_visits.visit_metadata(e32, num_groups, m_tiles, block_m,
+                                                    jnp.int32(start), interpret=True)
+    want_bounds = [start, *ends, *[ends[-1]] * 2]
+    spans = list(zip(want_bounds[:-1], want_bounds[1:]))
+    wg, wt, wc = _visits_reference(spans, m_tiles, block_m, m_tiles + num_groups - 1, True)
+    np.testing.assert_array_equal(bounds, want_bounds)
+    np.testing.assert_array_equal(gid, wg)
+    np.testing.assert_array_equal(mt, wt)
+    assert int(nv[0]) == wc
+    jg, jt, jc = common.visit_metadata(jnp.asarray(want_bounds[1:], jnp.int32), m_tiles,
+                                       block_m, visit_empty=True, first=jnp.int32(start))
+    np.testing.assert_array_equal(jg, wg)
+    np.testing.assert_array_equal(jt, wt)
+    assert int(jc[0]) == wc
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernels_lower_inside_shard_map_with_its_type_check(impl):
+  """Code that calls a grouped op per device inside `jax.shard_map` (MaxText's MoE layer
+  does) lowers there with shard_map's type check on (`check_vma`, its default), which
+  refused every kernel's result (and the TPU kernels' metadata kernels') as untyped:
+  results are typed as varying over the axes their operands vary over. gmm, its gradient
+  (dx, dw), tgmm summed over the devices and the fused op, lowered for the kernels'
+  platform (their values inside shard_map: test_grouped_matmul, on CPU)."""
+  from jax.sharding import AxisType, PartitionSpec as P  # noqa: PLC0415
+  platform = PLATFORM_OF[impl]
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
+  rows = P("data", None)
+  spec = jax.ShapeDtypeStruct
+  m, k, n, e = 256, 128, 256, 4
+
+  def local(x, w, dy, x8, w8, gl):
+    f = lambda a, b: jnp.vdot(npu_ops.grouped_matmul(a, b, gl, implementation=impl), dy)
+    gx, gw = jax.grad(f, argnums=(0, 1))(x, w)
+    t = jax.lax.psum(npu_ops.tgmm(x, dy, gl, implementation=impl), "data")
+    q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x8, w8, jnp.ones((e, n)), jnp.ones((x8.shape[0],)), gl, group_list_type=1,
+        implementation=impl)
+    return npu_ops.grouped_matmul(x, w, gl, implementation=impl), gx, gw, t, q, s
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), rows, rows, P(), P()),
+                     out_specs=(rows, rows, P(), P(), rows, P("data")))
+  text = lowered(fn, spec((m, k), jnp.float32), spec((e, k, n), jnp.float32),
+                 spec((m, n), jnp.float32), spec((m, k), jnp.int8), spec((e, k, n), jnp.int8),
+                 spec((e,), jnp.int32), platforms=[platform])
+  assert kernel_count(text, platform) == 5  # gmm, dx, dw, tgmm, fused

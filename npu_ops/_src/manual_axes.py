@@ -13,15 +13,10 @@ from typing import Any
 import jax
 from jax import lax
 
+from pallas_kernels import common
 
-def varying(a: Any) -> frozenset:
-  """The manual axes an array (or an abstract value) varies over (jax 0.10: its
-  `manual_axis_type`)."""
-  if not hasattr(a, "dtype"):
-    return frozenset()
-  t = a if isinstance(a, jax.core.ShapedArray) else jax.typeof(a)
-  mat = getattr(t, "manual_axis_type", None)
-  return frozenset(getattr(mat, "varying", None) or getattr(t, "vma", None) or ())
+
+varying = common.varying  # the manual axes an array varies over (the kernels' results too)
 
 
 def union(*operands: Any) -> frozenset:

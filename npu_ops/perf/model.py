@@ -30,6 +30,10 @@ counts), and follows each `pallas_call` through its grid:
   of the outermost "parallel" grid axis are split between the cores, which share the
   HBM bandwidth.
 
+A kernel on known operands with small results (metadata computed on the scalar unit,
+`pallas_kernels.tpu_visits`) is also run, in interpret mode, so the kernels it feeds are
+followed as those fed by XLA ops.
+
 Ops outside the kernels whose inputs are not all known (the data path's XLA ops) are
 costed by a roofline: `max(FLOPs / peak, bytes in + out / HBM bandwidth)` each. Around the
 kernels, a `scan` or `fori_loop` counts every trip (walked step by step while known values
@@ -276,7 +280,8 @@ def _sub_jaxpr(params: dict) -> tuple[Any, list] | None:
 
 
 _FREE = {"reshape", "squeeze", "expand_dims", "bitcast_convert_type", "copy_p", "pjit",
-         "closed_call", "platform_index", "optimization_barrier"}
+         "closed_call", "platform_index", "optimization_barrier",
+         "with_memory_space_constraint"}
 
 
 def _walk(jaxpr, consts: Sequence[Any], args: Sequence[Any], acc: _Accumulator) -> list:
@@ -304,7 +309,7 @@ def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
     known = all(x is not _UNKNOWN for x in vals)
     if name == "pallas_call":
       acc.kernels.append(_simulate(eqn, vals, acc.chip))
-      outs = [_UNKNOWN] * len(eqn.outvars)
+      outs = _run_metadata_kernel(eqn, vals) if known else [_UNKNOWN] * len(eqn.outvars)
     elif name == "npu_ops_platform_select":
       branch = dict(eqn.params["branches"]).get("tpu", eqn.params["default"])
       avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
@@ -334,6 +339,17 @@ def _walk_live(jaxpr, args: Sequence[Any], acc: _Accumulator) -> list:
     for v, o in zip(eqn.outvars, outs):
       env[v] = o
   return [read(v) for v in jaxpr.outvars]
+
+
+def _run_metadata_kernel(eqn, vals) -> list:
+  """The results of a kernel on known operands that computes metadata (another kernel's
+  scalar-prefetch operands, as `pallas_kernels.tpu_visits` does): run in interpret mode
+  here. A kernel over data (a MiB or more in or out) stays unknown."""
+  if sum(_nbytes(v.aval) for v in (*eqn.invars, *eqn.outvars)) >= _DATA_BYTES:
+    return [_UNKNOWN] * len(eqn.outvars)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    outs = eqn.primitive.bind(*map(jnp.asarray, vals), **{**eqn.params, "interpret": True})
+  return [np.asarray(o) for o in outs]
 
 
 def _holds_kernel(eqn) -> bool:
