@@ -391,16 +391,6 @@ def weight_pieces(k: int, deepest: int = PIECE_QUANTUM) -> int:
   return k // sizes[-1] if sizes else 1
 
 
-def _in_hbm(a: jax.Array, interpret: bool) -> tuple[jax.Array, pl.BlockSpec]:
-  """An operand the kernel copies by hand, and its spec: kept in HBM. Left to XLA
-  (`pl.ANY` alone), v5e's compiler prefetched a whole 46 MB weight into VMEM ahead of the
-  fused kernel (the MoE layer's int8 forward: a pass over the weights more). (The
-  interpreter has no memory spaces, and the constraint cannot run eagerly.)"""
-  if not interpret:
-    a = pltpu.with_memory_space_constraint(a, pltpu.HBM)
-  return a, pl.BlockSpec(memory_space=pl.ANY)
-
-
 def _weights_by_hand(w_buf, copy_of, run, starts, first, exists, pieces: int):
   """The VMEM buffer (of `w_buf`, `[WEIGHT_BUFFERS, ...]`) that holds run `run`'s weights,
   copied by hand, and `wait(p)`, which waits for its piece p (of `pieces`) at the run's
@@ -681,7 +671,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     w_spec = pl.BlockSpec((None, w.shape[1], bk),
                           lambda *a: (weight_block(*a)[0], 0, weight_block(*a)[1]))
   if by_hand:
-    w, w_spec = _in_hbm(w, interpret)
+    w_spec = pl.BlockSpec(memory_space=pl.ANY)
   scale_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], k_group_block(kk), 0, 0)
   x_block = lambda c, t, kk, gid, mt, nv, wid, rt, *_: (rt[at(c, t)], kk)
   scale_shape = (None, gpt if tiles_per_group == 1 else groups, 1, n)
@@ -887,7 +877,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
               weight_spec(lambda pre: pre[3])]
   scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
   if by_hand:
-    rhs, in_specs[1] = _in_hbm(rhs, interpret)
+    in_specs[1] = pl.BlockSpec(memory_space=pl.ANY)
     scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *((bn, k) if transpose_rhs else (k, bn))),
                            rhs.dtype),
                 pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS, pieces))]

@@ -315,19 +315,3 @@ def test_missing_compilers_says_why_without_the_aot_extra(monkeypatch):
   assert set(missing) == {"tpu", "gpu"}
   assert "libtpu" in missing["tpu"] and "CUDA plugin" in missing["gpu"]
 
-
-@needs["tpu"]
-def test_weights_copied_by_hand_stay_in_hbm():
-  """The kernels copy an expert's resident weights into VMEM by hand; left to XLA's
-  placement (`pl.ANY`), v5e's compiler prefetched the MoE layer's whole int8 gate-up weight
-  (16 x 1024 x 2816, 46 MB) into VMEM ahead of the fused kernel: a pass over the weights
-  more. They are constrained to HBM (`tpu._in_hbm`)."""
-  import jax  # noqa: PLC0415
-  aot.use_cpu_host()
-  c = case("MoEMLP int8 forward")
-  sharding = jax.sharding.SingleDeviceSharding(aot.device("v5e"))
-  specs = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in c.args]
-  text = jax.jit(c.fn).trace(*specs).lower().compile().as_text()
-  assert "s8[16,1024,2816]" in text
-  prefetches = [line for line in text.splitlines() if "copy-start" in line]
-  assert not [line for line in prefetches if "s8[16,1024,2816]" in line]

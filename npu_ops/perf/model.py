@@ -280,8 +280,7 @@ def _sub_jaxpr(params: dict) -> tuple[Any, list] | None:
 
 
 _FREE = {"reshape", "squeeze", "expand_dims", "bitcast_convert_type", "copy_p", "pjit",
-         "closed_call", "platform_index", "optimization_barrier",
-         "with_memory_space_constraint"}
+         "closed_call", "platform_index", "optimization_barrier"}
 
 
 def _walk(jaxpr, consts: Sequence[Any], args: Sequence[Any], acc: _Accumulator) -> list:
