@@ -4,10 +4,10 @@
 visits of a kernel's grid through ~40 small integer ops, which XLA compiles for a TPU as
 long as it compiles a whole `jax.lax.ragged_dot` program; here each is one Pallas kernel
 without a grid, its operands and results in SMEM, that lays the visits out in scalar
-loops, a few microseconds of a compile (docs/performance.md, "Compile time"). The values
-are `common`'s, bit for bit (`tests/test_pallas.py`); the GPU kernels keep `common`'s.
-Every loop bound is a group or visit count, so a kernel writes nothing past its bound
-whatever `ends` holds.
+loops, a third of that compile (docs/performance.md, "Compile time"). The values are
+`common`'s, bit for bit (`tests/test_pallas.py`); the GPU kernels keep `common`'s. Every
+write is guarded by its array's bound, so a kernel writes nothing past it whatever `ends`
+holds.
 """
 
 from __future__ import annotations
