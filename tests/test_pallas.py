@@ -2,6 +2,7 @@
 test_implementations); lowering for real TPU (Mosaic) and GPU (Triton) targets with
 jax.export; dispatch rules."""
 
+import functools
 import re
 
 import jax
@@ -683,20 +684,29 @@ def test_tpu_metadata_on_the_scalar_unit():
   GPU kernels use), over random lists with empty groups, group_offset's head rows, rows
   past the total, one group. Interpret mode runs the kernel's own scalar code."""
   from pallas_kernels import common, tpu_visits  # noqa: PLC0415
+
+  # one program a list (op by op, the jnp forms compiled each small op: 3x the time)
+  @functools.partial(jax.jit, static_argnums=(2, 3, 4))
+  def layouts(ends, start, m, block_m, num_groups):
+    v, runs = tpu_visits.row_visits(ends, m, block_m, start, interpret=True)
+    jv = common.row_visits(ends, m, block_m, start)
+    bounds = jnp.concatenate([ends, jnp.broadcast_to(ends[-1], (num_groups - ends.shape[0],))])
+    return ({**v._asdict(), **runs._asdict()},
+            {**jv._asdict(), **common.weight_runs(jv, jv.group.shape[0])._asdict()},
+            tpu_visits.visit_metadata(ends, num_groups, -(-m // block_m), block_m, start,
+                                      interpret=True),
+            common.visit_metadata(bounds, -(-m // block_m), block_m, visit_empty=True,
+                                  first=start))
+
   for G, m, block_m, start, ends in _random_lists(7):
-    e32 = jnp.asarray(ends, jnp.int32)
-    v, runs = tpu_visits.row_visits(e32, m, block_m, jnp.int32(start), interpret=True)
-    got = {**v._asdict(), **runs._asdict()}
+    num_groups, m_tiles = G + 2, -(-m // block_m)
+    got, jnp_, (gid, mt, nv, bounds), (jg, jt, jc) = layouts(
+        jnp.asarray(ends, jnp.int32), jnp.int32(start), m, block_m, num_groups)
     want = _row_visits_reference(ends.tolist(), m, block_m, start)
-    jv = common.row_visits(e32, m, block_m, jnp.int32(start))
-    jnp_ = {**jv._asdict(), **common.weight_runs(jv, jv.group.shape[0])._asdict()}
     for name, value in want.items():
       np.testing.assert_array_equal(got[name], value, err_msg=f"{name}: {G, m, block_m}")
       np.testing.assert_array_equal(jnp_[name], value, err_msg=f"jnp {name}: {G, m, block_m}")
     # tgmm: the groups of `ends`, then empty ones up to num_groups, each visited
-    num_groups, m_tiles = G + 2, -(-m // block_m)
-    gid, mt, nv, bounds = tpu_visits.visit_metadata(e32, num_groups, m_tiles, block_m,
-                                                    jnp.int32(start), interpret=True)
     want_bounds = [start, *ends, *[ends[-1]] * 2]
     spans = list(zip(want_bounds[:-1], want_bounds[1:]))
     wg, wt, wc = _visits_reference(spans, m_tiles, block_m, m_tiles + num_groups - 1, True)
@@ -704,8 +714,6 @@ def test_tpu_metadata_on_the_scalar_unit():
     np.testing.assert_array_equal(gid, wg)
     np.testing.assert_array_equal(mt, wt)
     assert int(nv[0]) == wc
-    jg, jt, jc = common.visit_metadata(jnp.asarray(want_bounds[1:], jnp.int32), m_tiles,
-                                       block_m, visit_empty=True, first=jnp.int32(start))
     np.testing.assert_array_equal(jg, wg)
     np.testing.assert_array_equal(jt, wt)
     assert int(jc[0]) == wc

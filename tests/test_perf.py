@@ -806,7 +806,7 @@ def test_metadata_ops_in_numpy_give_xlas_values():
                                              visit_empty_groups=True)]
   seen, seen_float = set(), set()
 
-  def walk(jaxpr, consts, args):
+  def walk(jaxpr, consts, args, record):
     env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
     read = lambda v: np.asarray(v.val) if isinstance(v, model.jax_core.Literal) else env[v]
     for eqn in jaxpr.eqns:
@@ -814,24 +814,35 @@ def test_metadata_ops_in_numpy_give_xlas_values():
       sub = model._sub_jaxpr(eqn.params) if eqn.primitive.name != "scan" else None
       if sub is not None:  # a call (pjit, custom_jvp): its ops, as the model walks them
         inner, inner_consts = sub
-        outs = walk(inner, inner_consts, vals[len(vals) - len(inner.invars):])
+        outs = walk(inner, inner_consts, vals[len(vals) - len(inner.invars):], record)
       else:
-        outs = [np.asarray(o) for o in jax.tree.leaves(eqn.primitive.bind(  # XLA
-            *vals, **eqn.primitive.get_bind_params(eqn.params)))]
-        fast = model._numpy_eval(eqn, vals)
-        if fast is not None:
-          seen.add(eqn.primitive.name)
-          if any(np.issubdtype(o.dtype, np.floating) for o in outs):
-            seen_float.add(eqn.primitive.name)
-          for f, o in zip(fast, outs):
-            np.testing.assert_array_equal(f, o, err_msg=str(eqn))
-            assert f.dtype == o.dtype, eqn
+        outs = jax.tree.leaves(eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(
+            eqn.params)))
+        record.append((eqn, vals, outs))
       env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
 
   for fn in fns:
     closed = jax.make_jaxpr(fn)(ends, np.int32(2))
-    walk(closed.jaxpr, closed.consts, [ends, np.int32(2)])
+    eqns = []
+
+    @jax.jit
+    def by_xla(ends, s):  # every op's operands and values, as XLA computes them: one program
+      record = []
+      walk(closed.jaxpr, closed.consts, [ends, s], record)
+      eqns[:] = [eqn for eqn, _, _ in record]
+      return [(vals, outs) for _, vals, outs in record]
+
+    for eqn, (vals, outs) in zip(eqns, by_xla(ends, np.int32(2))):
+      outs = [np.asarray(o) for o in outs]
+      fast = model._numpy_eval(eqn, [np.asarray(v) for v in vals])
+      if fast is not None:
+        seen.add(eqn.primitive.name)
+        if any(np.issubdtype(o.dtype, np.floating) for o in outs):
+          seen_float.add(eqn.primitive.name)
+        for f, o in zip(fast, outs):
+          np.testing.assert_array_equal(f, o, err_msg=str(eqn))
+          assert f.dtype == o.dtype, eqn
   assert {"add", "sub", "lt", "select_n", "cumsum", "broadcast_in_dim", "concatenate",
           "convert_element_type", "iota", "slice", "gather", "scatter", "scatter-add"} <= seen, seen
   # megablox's histogram of tile visits is float32 arithmetic
