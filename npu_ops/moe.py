@@ -304,7 +304,11 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
   if mesh is None:
     check_no_parallel_options(expert_axis=expert_axis, data_axis=data_axis,
                               capacity_factor=capacity_factor, exchange=exchange)
-    y, dropped = _one_device(tokens, weights, **config)
+    eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((tokens, weights)))
+    # an eager call: one compiled program, not its ops one by one (a user's gmm, which may
+    # be a new function at every call, stays op by op: a program per call would recompile)
+    run = _one_device_program if eager and gmm is None else _one_device
+    y, dropped = run(tokens, weights, **config)
   else:
     y, dropped = _expert_parallel(tokens, weights, mesh=mesh, expert_axis=expert_axis,
                                   data_axis=data_axis, capacity_factor=capacity_factor,
@@ -321,6 +325,10 @@ def _one_device(tokens, weights, *, top_k, mode, weight_bits, gmm, recipe):
                  weight_bits=weight_bits, gmm=gmm, expected_rows=routing.expert.shape[0] // e,
                  recipe=recipe)
   return combine(y, routing, gate), jnp.zeros((), jnp.int32)
+
+
+_one_device_program = jax.jit(_one_device, static_argnames=(
+    "top_k", "mode", "weight_bits", "gmm", "recipe"))
 
 
 def _expert_parallel(tokens, weights, *, mesh, expert_axis, data_axis, capacity_factor,

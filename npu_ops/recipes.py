@@ -28,6 +28,7 @@ channel), `[e, G, n]` (per group of k/G rows) or, for MX, e8m0 `[e, k/32, n]` (a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,11 @@ _FP8 = np.dtype(jnp.float8_e4m3fn)
 _FP4 = np.dtype(jnp.float4_e2m1fn)
 _MX_BLOCK = epilogue.MX_BLOCK
 FORMATS = ("int8", "int4", "fp8", "mxfp4")  # of weights and activations
+
+
+# A method that runs as one compiled program (the recipe static): called eagerly, op by op,
+# its scale arithmetic compiled dozens of small programs on the first call.
+_one_program = functools.partial(jax.jit, static_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +114,7 @@ class Recipe:
 
   # --- QAT ---------------------------------------------------------------------------
 
+  @_one_program
   def initial_weight_scale(self, w: jax.Array) -> jax.Array | None:
     """The step sizes QAT starts from (amax / largest code), or None for MX."""
     if self.weights == "mxfp4":
@@ -140,6 +147,7 @@ class Recipe:
 
   # --- deployment --------------------------------------------------------------------
 
+  @_one_program
   def quantize_weight(self, w: jax.Array, scale: jax.Array | None
                       ) -> tuple[jax.Array, jax.Array]:
     """(codes `[e, k, n]` of `code_dtype`, scales): the deployed form of `fake_weight`."""
@@ -150,6 +158,7 @@ class Recipe:
       return qat.quantize(w, _channel_scale(w, scale)[:, None, :], dtype=_FP8), scale
     return qat.quantize_weight(w, scale, bits=_bits(self.weights)), scale
 
+  @_one_program
   def quantize_activation(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(codes, scales) of `fake_activation`: per token `[rows]` float32, or MX e8m0
     `[rows, k/32]`."""

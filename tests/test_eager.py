@@ -1,16 +1,19 @@
 """Called eagerly (outside jit), each op runs as one compiled program, not op by op: op by op,
 the first call of a quantizer compiled dozens of small programs (1.4-2.7 s for
 `quantize_per_token`, `dynamic_fake_quant`, `fake_quant_weight`, the MX quantizers; 5.3 s for
-`fake_quant_gmm_swiglu_quant`; docs/performance.md, "Compile time"). Counted, not timed: the
+`fake_quant_gmm_swiglu_quant`; the fused op on MX inputs 86, the MoE layer 37;
+docs/performance.md, "Compile time"). Counted, not timed: the
 programs JAX lowers during one call. The shapes are this file's own, so no other test's
 programs are in JAX's caches."""
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 import npu_ops
+from npu_ops import moe, recipes
 
 M, K, N, E = 37, 72, 46, 3
 rng = np.random.default_rng(0)
@@ -21,11 +24,20 @@ ARRAYS = dict(x=rng.normal(size=(M, K)).astype(np.float32),
               w8=rng.integers(-127, 128, (E, K, N)).astype(np.int8),
               xs=rng.uniform(0.01, 0.1, (M,)).astype(np.float32),
               dy=rng.normal(size=(M, N)).astype(np.float32),
-              counts=np.asarray([10, 0, 20], np.int32))
+              counts=np.asarray([10, 0, 20], np.int32),
+              # MX inputs: fp8 values, e8m0 scales per pair of 32-wide blocks along k
+              xf8=rng.normal(size=(M, K)).astype(ml_dtypes.float8_e4m3fn),
+              wf8=rng.normal(size=(E, K, N)).astype(ml_dtypes.float8_e4m3fn),
+              xmx=np.full((M, 2, 2), 1.0, ml_dtypes.float8_e8m0fnu),
+              wmx=np.full((E, 2, N, 2), 0.5, ml_dtypes.float8_e8m0fnu),
+              router=rng.normal(size=(K, E)).astype(np.float32),
+              w_gate_up=rng.normal(size=(E, K, 16)).astype(np.float32),
+              w_down=rng.normal(size=(E, 8, K)).astype(np.float32))
 
 # (name, call, programs): the group list of a grouped op is checked and turned into ends by
-# a program of its own, v2's facade lays out the weight scale by one more (a reshape);
-# dequantize_mx's call quantizes first.
+# a program of its own, v2's facade lays out the weight scale by one more (a reshape), and
+# on MX inputs its x and the two scales (bitcasts); dequantize_mx's call quantizes first, a
+# recipe's weight codes take its initial scale first.
 CALLS = [
     ("quantize_per_token", lambda a: npu_ops.quantize_per_token(a["x"]), 1),
     ("swiglu", lambda a: npu_ops.swiglu(a["x"]), 1),
@@ -43,6 +55,17 @@ CALLS = [
     ("tgmm", lambda a: npu_ops.tgmm(a["x"], a["dy"], a["counts"]), 2),
     ("npu_grouped_matmul_swiglu_quant_v2", lambda a: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         a["x8"], a["w8"], a["ws"], a["xs"], a["counts"], group_list_type=1), 3),
+    ("v2 reference", lambda a: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        a["x8"], a["w8"], a["ws"], a["xs"], a["counts"], group_list_type=1,
+        implementation="reference"), 3),
+    ("v2 MX inputs", lambda a: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        a["xf8"], a["wf8"], a["wmx"], a["xmx"], a["counts"], group_list_type=1,
+        dequant_mode=2), 5),
+    ("moe_mlp", lambda a: moe.moe_mlp(a["x"], moe.MoEWeights(
+        a["router"], a["w_gate_up"], a["w_down"], None, None), top_k=2), 1),
+    ("recipe activation codes", lambda a: recipes.get("w8a8").quantize_activation(a["x"]), 1),
+    ("recipe weight codes", lambda a: recipes.get("fp8").quantize_weight(
+        a["w"], recipes.get("fp8").initial_weight_scale(a["w"])), 2),
 ]
 
 

@@ -27,6 +27,7 @@ run for it), which `run` runs on the implementation `resolve` chose.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -176,9 +177,23 @@ def run(op: GroupedOp, impl: str, args: Sequence[Any], tiles: TileSizes | None =
   output shapes come from the reference (whole-array jnp, quick to trace), so a lowering
   traces only the branch it lowers.
   """
+  if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+    try:
+      program = _program(op, impl, tiles)
+    except TypeError:  # static arguments JAX cannot hash (an unhashable interpret option)
+      program = None
+    if program is not None:  # an eager call: one compiled program, not its ops one by one
+      return program(*args)
   if op.no_derivative is not None:
     return _without_derivative(op.no_derivative, lambda *a: _run(op, impl, a, tiles), args)
   return _run(op, impl, args, tiles)
+
+
+@functools.lru_cache(maxsize=256)
+def _program(op: GroupedOp, impl: str, tiles: TileSizes | None) -> Callable[..., Any]:
+  """An eager call's program: op by op, the XLA path's epilogue or the reference compiled
+  each small op on its first call (dozens of programs; docs/performance.md)."""
+  return jax.jit(lambda *args: run(op, impl, args, tiles))
 
 
 def _without_derivative(message: str, fn: Callable[..., Any], args: Sequence[Any]) -> Any:
