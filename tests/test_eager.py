@@ -84,3 +84,37 @@ def test_an_eager_call_is_one_program(name, call, programs):
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
   assert 1 <= len(lowered) <= programs, (name, len(lowered))
+
+
+def test_an_eager_kernel_call_is_one_program_per_chip():
+  """A TPU kernel in interpret mode takes its tiles and cores from the chip set when it is
+  traced (`tpu_tiles.CHIP`: the v5p's two TensorCores split the visits), so an eager call's
+  program is one per chip: the same call under another chip lowers again, under the first
+  one again it does not."""
+  from pallas_kernels import tpu_tiles  # noqa: PLC0415
+  a = {k: jnp.asarray(v) for k, v in ARRAYS.items()}
+  call = lambda: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      a["x8"][:, :64], a["w8"][:, :64, :32], a["ws"][:, :32], a["xs"], a["counts"],
+      group_list_type=1, implementation="pallas_tpu", interpret=True)
+  lowered, counts, results = [], [], []
+
+  def listen(event, duration, **kw):
+    del duration, kw
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for chip in ("v5e", "v5p", "v5e"):
+      token = tpu_tiles.CHIP.set(chip)
+      try:
+        before = len(lowered)
+        results.append(jax.block_until_ready(call()))
+        counts.append(len(lowered) - before)
+      finally:
+        tpu_tiles.CHIP.reset(token)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert counts[0] >= 1 and counts[1] >= 1 and counts[2] == 0, counts
+  for q, s in results[1:]:  # the same values on one core and on two
+    np.testing.assert_array_equal(q, results[0][0])
+    np.testing.assert_array_equal(s, results[0][1])

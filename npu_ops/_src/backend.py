@@ -179,7 +179,7 @@ def run(op: GroupedOp, impl: str, args: Sequence[Any], tiles: TileSizes | None =
   """
   if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
     try:
-      program = _program(op, impl, tiles)
+      program = _program(op, impl, tiles, tpu_tiles.CHIP.get())
     except TypeError:  # static arguments JAX cannot hash (an unhashable interpret option)
       program = None
     if program is not None:  # an eager call: one compiled program, not its ops one by one
@@ -190,9 +190,13 @@ def run(op: GroupedOp, impl: str, args: Sequence[Any], tiles: TileSizes | None =
 
 
 @functools.lru_cache(maxsize=256)
-def _program(op: GroupedOp, impl: str, tiles: TileSizes | None) -> Callable[..., Any]:
+def _program(op: GroupedOp, impl: str, tiles: TileSizes | None, chip: str | None
+             ) -> Callable[..., Any]:
   """An eager call's program: op by op, the XLA path's epilogue or the reference compiled
-  each small op on its first call (dozens of programs; docs/performance.md)."""
+  each small op on its first call (dozens of programs; docs/performance.md). One per
+  `tpu_tiles.CHIP` too: a kernel in interpret mode takes its tiles and cores from the chip
+  set when it is traced."""
+  del chip  # a key only
   return jax.jit(lambda *args: run(op, impl, args, tiles))
 
 
