@@ -101,6 +101,13 @@ def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   e = logits.shape[1]
   k = check_int("k", k, minimum=1)
   require(k <= e, "k", f"an int in [1, e={e}]", k)
+  return _top_k_gates(logits, k)
+
+
+# The MoE building blocks compute in one program each after their checks (called eagerly,
+# op by op, routing and its sort compiled dozens of small programs on the first call).
+@functools.partial(jax.jit, static_argnums=1)
+def _top_k_gates(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   # The renormalized top-k of softmax(logits) is the softmax of the top-k logits (the
   # full denominator cancels). Its k-term sum is unrolled into elementwise adds: XLA:CPU
   # computes exp inside a reduction with other code than elementwise, which made the
@@ -128,6 +135,11 @@ def dispatch(experts: jax.Array, num_experts: int) -> Dispatch:
     if bad.any():
       fail("experts", f"ids in [0, num_experts={num_experts})",
            f"{int(known[bad].flat[0])} at index {tuple(int(i) for i in np.argwhere(bad)[0])}")
+  return _sort_pairs(experts, num_experts)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _sort_pairs(experts: jax.Array, num_experts: int) -> Dispatch:
   t, k = experts.shape
   flat = groups._as_int32(experts.reshape(-1), num_experts)  # int64 ids clipped, not wrapped
   # bincount would count a negative id as expert 0: every invalid id becomes num_experts
@@ -153,7 +165,13 @@ def combine(y_sorted: jax.Array, routing: Dispatch, weights: jax.Array) -> jax.A
           "pairs", describe(weights))
   require(y_sorted.ndim == 2 and y_sorted.shape[0] == t * k, "y_sorted",
           f"[T*k={t * k}, d]", describe(y_sorted))
-  y = y_sorted[routing.unsort].reshape(t, k, y_sorted.shape[1])
+  return _combine(y_sorted, routing.unsort, weights)
+
+
+@jax.jit
+def _combine(y_sorted: jax.Array, unsort: jax.Array, weights: jax.Array) -> jax.Array:
+  t, k = weights.shape
+  y = y_sorted[unsort].reshape(t, k, y_sorted.shape[1])
   return jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), y.astype(jnp.float32))
 
 

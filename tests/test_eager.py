@@ -32,7 +32,11 @@ ARRAYS = dict(x=rng.normal(size=(M, K)).astype(np.float32),
               wmx=np.full((E, 2, N, 2), 0.5, ml_dtypes.float8_e8m0fnu),
               router=rng.normal(size=(K, E)).astype(np.float32),
               w_gate_up=rng.normal(size=(E, K, 16)).astype(np.float32),
-              w_down=rng.normal(size=(E, 8, K)).astype(np.float32))
+              w_down=rng.normal(size=(E, 8, K)).astype(np.float32),
+              logits=rng.normal(size=(M, E)).astype(np.float32),
+              y_sorted=rng.normal(size=(2 * M, 5)).astype(np.float32),
+              w2=rng.integers(-127, 128, (K, N)).astype(np.int8),
+              w4=rng.integers(-8, 8, (K, 48)).astype(np.int32))
 
 # (name, call, programs): the group list of a grouped op is checked and turned into ends by
 # a program of its own, v2's facade lays out the weight scale by one more (a reshape), and
@@ -63,6 +67,12 @@ CALLS = [
         dequant_mode=2), 5),
     ("moe_mlp", lambda a: moe.moe_mlp(a["x"], moe.MoEWeights(
         a["router"], a["w_gate_up"], a["w_down"], None, None), top_k=2), 1),
+    ("MoE routing, dispatch and combine", lambda a: (lambda gates, experts: npu_ops.combine(
+        a["y_sorted"], npu_ops.dispatch(experts, E), gates))(
+            *npu_ops.top_k_routing(a["logits"], 2)), 3),
+    ("npu_format_cast", lambda a: npu_ops.npu_format_cast(a["w2"], npu_ops.FORMAT_NZ), 1),
+    ("npu_convert_weight_to_int4pack", lambda a: npu_ops.npu_convert_weight_to_int4pack(
+        a["w4"]), 1),
     ("recipe activation codes", lambda a: recipes.get("w8a8").quantize_activation(a["x"]), 1),
     ("recipe weight codes", lambda a: recipes.get("fp8").quantize_weight(
         a["w"], recipes.get("fp8").initial_weight_scale(a["w"])), 2),

@@ -88,6 +88,7 @@ def check_int4_range(name: str, values: Any) -> None:
                 f"{name}: expected int4 values in [-8, 7]")
 
 
+@jax.jit  # one program (eager calls: not one per op)
 def _pack_int4(values: jax.Array) -> jax.Array:
   """`pack_int4` without its checks: each value's low nibble."""
   values = jnp.asarray(values)
@@ -120,6 +121,11 @@ def to_nz(a: jax.Array) -> jax.Array:
   check_dtype("x", a, NZ_DTYPES)
   a = jnp.asarray(a)
   require(a.ndim >= 2, "x", "rank >= 2 for an ND matrix", describe(a))
+  return _to_nz(a)
+
+
+@jax.jit  # one program (eager calls: not one per op)
+def _to_nz(a: jax.Array) -> jax.Array:
   c0 = nz_c0(a.dtype)
   b, back = _as_bytes(a)  # int4 is laid out as int8 values, same positions
   *batch, r, c = b.shape
