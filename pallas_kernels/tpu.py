@@ -495,14 +495,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   # its own copy of the output, merged by rows below.
   cores = tpu_tiles.cores(tpu_tiles.current_chip())
   by_visits = cores > 1 and m_tiles < num_groups
-  one, one_runs = tpu_visits.row_visits(ends, m, bm, start, interpret=interpret)
-  if by_visits:
-    split = common.split_visits(one, m_tiles)
-    v, per_core = split.visits, split.per_core
-  else:
+  v, runs, split_row = *tpu_visits.row_visits(ends, m, bm, start, interpret=interpret), None
+  per_core = common.per_core(m, bm, num_groups)
+  if not by_visits:
     cores = min(cores, m_tiles)  # a core of its own for each row tile at most
-    v = one if cores == 1 else common.deal_to_cores(one, m, bm, cores, mxu_rows=ROW_BLOCK)
-    per_core = common.per_core(m, bm, num_groups, cores)
+  if cores > 1:
+    v, runs, per_core, split_row = tpu_visits.two_cores(v, m, bm, by_visits=by_visits,
+                                                        mxu_rows=ROW_BLOCK, interpret=interpret)
   scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
   # Per-row scales travel lane-dense, `lanes` rows to a row of `[m / lanes, 1, lanes]`
   # (x_scale in, the output's scales out): as `[m, 1]` columns each row would take a
@@ -514,9 +513,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       m_rows, 1, lanes)
   words_k_minor = words and k_minor(w.shape)
   by_hand = plan.resident  # resident weights: copied by the kernel (`_weights_by_hand`)
-  if by_hand:
-    runs = one_runs if v is one else common.weight_runs(v, per_core)
-  else:
+  if not by_hand:
     runs = ()
   pieces = 1 if a8w4 else weight_pieces(k, K_CHUNK)  # A8W4's whole: it unpacks them whole
 
@@ -715,7 +712,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       interpret=interpret, name="npu_gmm_swiglu_quant")(*v, *runs, *args)
   qs = qs.reshape(*lead, m_rows * lanes)[..., :m]
   if by_visits:  # each row from the core that holds its group (the other's copy: garbage)
-    second = jnp.arange(m) >= split.row
+    second = jnp.arange(m) >= split_row
     q, qs = jnp.where(second[:, None], q[1], q[0]), jnp.where(second, qs[1], qs[0])
   return q, qs
 

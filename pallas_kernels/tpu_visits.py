@@ -4,7 +4,9 @@
 visits of a kernel's grid through ~40 small integer ops, which XLA compiles for a TPU as
 long as it compiles a whole `jax.lax.ragged_dot` program; here each is one Pallas kernel
 without a grid, its operands and results in SMEM, that lays the visits out in scalar
-loops, a third of that compile (docs/performance.md, "Compile time"). The values are
+loops, a third of that compile (docs/performance.md, "Compile time"). A v5p's two
+TensorCores take the one-core visits dealt by one more (`two_cores`: `common.deal_to_cores`
+or `common.split_visits`, and the weight runs). The values are
 `common`'s, bit for bit (`tests/test_pallas.py`); the GPU kernels keep `common`'s. Every
 write is guarded by its array's bound, so a kernel writes nothing past it whatever `ends`
 holds.
@@ -21,8 +23,8 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import common
 
 _SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
-ROW_VISITS, TGMM_VISITS = "npu_row_visits", "npu_tgmm_visits"
-KERNEL_NAMES = (ROW_VISITS, TGMM_VISITS)  # kernels that only compute metadata
+ROW_VISITS, TGMM_VISITS, TWO_CORES = "npu_row_visits", "npu_tgmm_visits", "npu_two_core_visits"
+KERNEL_NAMES = (ROW_VISITS, TGMM_VISITS, TWO_CORES)  # kernels that only compute metadata
 
 
 def _lay_out(span, spans, m_tiles: int, block_m: int, bound: int, group_ref, tile_ref, *,
@@ -164,3 +166,102 @@ def visit_metadata(ends: jax.Array, num_groups: int, m_tiles: int, block_m: int,
       in_specs=[_SMEM, _SMEM], out_specs=[_SMEM] * len(sizes), interpret=interpret,
       name=TGMM_VISITS)(head.astype(jnp.int32), ends.astype(jnp.int32))
   return group, tile, count, bounds
+
+
+def two_cores(one: common.RowVisits, m: int, block_m: int, *, by_visits: bool,
+              mxu_rows: int = 128, interpret: bool = False
+              ) -> tuple[common.RowVisits, common.WeightRuns, int, jax.Array | None]:
+  """One core's visits `one` (`row_visits`) dealt to a v5p's two TensorCores, and their
+  weight runs: `common.deal_to_cores(one, m, block_m, 2, mxu_rows)` (row tiles, cut where
+  the MXU passes are most even), or with `by_visits` `common.split_visits(one, m_tiles)`
+  (the visits, at the group boundary nearest the middle), then `common.weight_runs`; one
+  scalar kernel. Returns (visits, runs, per_core, row): `row` is `split_visits`' first row
+  of core 1's groups (None when dealing row tiles)."""
+  num_groups = one.bounds.shape[0] - 2
+  m_tiles = common.cdiv(m, block_m)
+  bound = one.group.shape[0]
+  if by_visits:
+    per = min(bound, common.cdiv(bound, 2) + m_tiles)
+  else:
+    if m_tiles < 2:
+      raise ValueError(f"cores: expected 2 over 2 row tiles at least; got {m_tiles} tiles")
+    per = common.per_core(m, block_m, num_groups, 2)
+
+  def kernel(group_ref, tile_ref, count_ref, weight_ref, read_ref, bounds_ref,
+             group2, tile2, count2, weight2, read2, run_ref, expert_ref, row_ref, per_tile):
+    n = count_ref[0]
+    if by_visits:  # the first visit of a group nearest the middle, else none (count)
+      def nearest(t, best):
+        at, dist = best
+        starts = (t > 0) & (t < n) & (group_ref[t] != group_ref[jnp.maximum(t - 1, 0)])
+        d = jnp.where(starts, jnp.abs(2 * t - n), 4 * bound)
+        closer = d < dist
+        return jnp.where(closer, t, at), jnp.where(closer, d, dist)
+      at, dist = lax.fori_loop(0, bound, nearest, (0, 4 * bound + 1))
+      first = jnp.where(dist < 4 * bound, at, n)
+      g1 = group_ref[jnp.minimum(first, bound - 1)]
+      row_ref[0] = jnp.where(first < n, jnp.where(g1 > 0, bounds_ref[jnp.maximum(g1 - 1, 0)], 0),
+                             bounds_ref[num_groups + 1])
+    else:  # row tiles [0, cut) to core 0, where the MXU passes are most even
+      def clear(i, carry):
+        per_tile[i] = 0
+        return carry
+      lax.fori_loop(0, m_tiles, clear, 0)
+
+      def count_passes(t, total):
+        g, tl = group_ref[t], tile_ref[t]
+        lo = jnp.maximum(jnp.where(g > 0, bounds_ref[jnp.maximum(g - 1, 0)], 0), tl * block_m)
+        hi = jnp.minimum(bounds_ref[jnp.minimum(g, num_groups + 1)], (tl + 1) * block_m)
+        passes = jnp.maximum(lax.div(jnp.maximum(hi - lo, 0) + mxu_rows - 1, mxu_rows), 1)
+        passes = jnp.where((t < n) & (g >= 1) & (g <= num_groups), passes, 0)
+        per_tile[tl] = per_tile[tl] + passes
+        return total + passes
+      total = lax.fori_loop(0, bound, count_passes, 0)
+
+      def best_cut(c, state):
+        done, cut, cost = state
+        done = done + per_tile[c - 1]
+        here = jnp.maximum(done, total - done)
+        better = here < cost
+        return done, jnp.where(better, c, cut), jnp.where(better, here, cost)
+      _, cut, _ = lax.fori_loop(1, m_tiles, best_cut, (0, 1, jnp.iinfo(jnp.int32).max))
+      first = lax.fori_loop(0, bound, lambda t, f: f + ((t < n) & (tile_ref[t] < cut)).astype(
+          jnp.int32), 0)
+      row_ref[0] = 0
+    count2[0] = first
+    count2[1] = n - first
+
+    # each core's run of visits, padded by repeating its last, and its weight runs
+    def per_core_visits(c, carry):
+      start, size = jnp.where(c == 0, 0, first), count2[c]
+
+      def copy(s, started):
+        src = jnp.clip(start + jnp.minimum(s, jnp.maximum(size - 1, 0)), 0, bound - 1)
+        i = c * per + s
+        group2[i] = group_ref[src]
+        tile2[i] = tile_ref[src]
+        read2[i] = read_ref[src]
+        w = weight_ref[src]
+        weight2[i] = w
+        expert_ref[i] = -1
+        new = ((s == 0) | (w != weight2[jnp.maximum(i - 1, c * per)])) & (s < size)
+        started = started + new.astype(jnp.int32)
+        run_ref[i] = jnp.maximum(started - 1, 0)
+
+        @pl.when(new)
+        def _():
+          expert_ref[c * per + started - 1] = w
+        return started
+      lax.fori_loop(0, per, copy, 0)
+      return carry
+    lax.fori_loop(0, 2, per_core_visits, 0)
+
+  sizes = (2 * per, 2 * per, 2, 2 * per, 2 * per, 2 * per, 2 * per, 1)
+  operands = (one.group, one.tile, one.count, one.weight, one.read_tile, one.bounds)
+  out = pl.pallas_call(
+      kernel, out_shape=[common.result((s,), jnp.int32, *operands) for s in sizes],
+      in_specs=[_SMEM] * len(operands), out_specs=[_SMEM] * len(sizes),
+      scratch_shapes=[pltpu.SMEM((m_tiles,), jnp.int32)], interpret=interpret,
+      name=TWO_CORES)(*operands)
+  visits = common.RowVisits(*out[:5], one.bounds)
+  return visits, common.WeightRuns(out[5], out[6]), per, out[7][0] if by_visits else None

@@ -664,6 +664,47 @@ def _row_visits_reference(ends, m, block_m, start):
               bounds=bounds, run=run, expert=expert)
 
 
+def _two_core_reference(one, m, block_m, by_visits, mxu_rows):
+  """`one` (`_row_visits_reference`'s) dealt to two TensorCores as `common.deal_to_cores`
+  (row tiles [0, cut) to core 0, the cut where the cores' MXU passes are most even) or
+  `common.split_visits` (`by_visits`: the visits, at the group start nearest the middle)
+  define it, with each core's weight runs (`common.weight_runs`), in NumPy."""
+  group, tile = np.asarray(one["group"]), np.asarray(one["tile"])
+  bounds, n, bound = one["bounds"], one["count"][0], len(one["group"])
+  G, m_tiles, row = len(bounds) - 2, -(-m // block_m), None
+  if by_visits:
+    starts = [t for t in range(1, n) if group[t] != group[t - 1]]
+    first = min(starts, key=lambda t: (abs(2 * t - n), t)) if starts else n
+    per = min(bound, -(-bound // 2) + m_tiles)
+    g1 = group[min(first, bound - 1)]
+    row = (bounds[g1 - 1] if g1 > 0 else 0) if first < n else bounds[-1]
+  else:
+    per_tile = np.zeros(m_tiles, int)
+    for t in range(n):
+      g, tl = group[t], tile[t]
+      if 1 <= g <= G:
+        lo, hi = max(bounds[g - 1], tl * block_m), min(bounds[g], (tl + 1) * block_m)
+        per_tile[tl] += max(-(-max(hi - lo, 0) // mxu_rows), 1)
+    cost = [max(per_tile[:c].sum(), per_tile[c:].sum()) for c in range(1, m_tiles)]
+    cut = 1 + int(np.argmin(cost))
+    first = sum(1 for t in range(n) if tile[t] < cut)
+    span = m_tiles - 1
+    per = max(1, min(span + G + 1, span * block_m, m))
+  counts, out = [first, n - first], {k: [] for k in ("group", "tile", "weight", "read_tile")}
+  run, expert = [], [-1] * (2 * per)
+  for c, start in enumerate((0, first)):
+    r = -1
+    for s in range(per):
+      src = min(max(start + min(s, max(counts[c] - 1, 0)), 0), bound - 1)
+      for k in out:
+        out[k].append(one[k][src])
+      if s < counts[c] and (s == 0 or out["weight"][-1] != out["weight"][-2]):
+        r += 1
+        expert[c * per + r] = out["weight"][-1]
+      run.append(max(r, 0))
+  return dict(out, count=counts, run=run, expert=expert), per, row
+
+
 def _random_lists(seed, cases=8):
   # one visit in all (a tile's rows in one group, or in none), one group over many tiles
   yield from [(1, 20, 32, 0, np.asarray([20])), (3, 20, 32, 0, np.zeros(3, int)),
@@ -680,10 +721,13 @@ def _random_lists(seed, cases=8):
 def test_tpu_metadata_on_the_scalar_unit():
   """The TPU kernels lay their visits out in a scalar kernel (`tpu_visits`), not in XLA's
   small integer ops (compile time): gmm's / the fused op's `RowVisits` and weight runs and
-  tgmm's visits, against NumPy from their definitions and against `common`'s jnp (what the
+  tgmm's visits, and a v5p's (`two_cores`: row tiles dealt to two TensorCores, or the
+  visits split), against NumPy from their definitions and against `common`'s jnp (what the
   GPU kernels use), over random lists with empty groups, group_offset's head rows, rows
   past the total, one group. Interpret mode runs the kernel's own scalar code."""
   from pallas_kernels import common, tpu_visits  # noqa: PLC0415
+
+  fields = lambda v, runs: {**v._asdict(), **runs._asdict()}
 
   # one program a list (op by op, the jnp forms compiled each small op: 3x the time)
   @functools.partial(jax.jit, static_argnums=(2, 3, 4))
@@ -691,21 +735,41 @@ def test_tpu_metadata_on_the_scalar_unit():
     v, runs = tpu_visits.row_visits(ends, m, block_m, start, interpret=True)
     jv = common.row_visits(ends, m, block_m, start)
     bounds = jnp.concatenate([ends, jnp.broadcast_to(ends[-1], (num_groups - ends.shape[0],))])
-    return ({**v._asdict(), **runs._asdict()},
-            {**jv._asdict(), **common.weight_runs(jv, jv.group.shape[0])._asdict()},
+    # a v5p's two cores: row tiles dealt (where there are two), or the visits split
+    dealt = {}
+    for by_visits in (False, True) if -(-m // block_m) >= 2 else (True,):
+      two, two_runs, per, row = tpu_visits.two_cores(v, m, block_m, by_visits=by_visits,
+                                                     mxu_rows=8, interpret=True)
+      if by_visits:
+        split = common.split_visits(jv, -(-m // block_m))
+        jtwo, jrow = split.visits, split.row
+      else:
+        jtwo, jrow = common.deal_to_cores(jv, m, block_m, 2, mxu_rows=8), None
+      dealt[by_visits] = (fields(two, two_runs), per, row,
+                          fields(jtwo, common.weight_runs(jtwo, per)), jrow)
+    return (fields(v, runs), fields(jv, common.weight_runs(jv, jv.group.shape[0])),
             tpu_visits.visit_metadata(ends, num_groups, -(-m // block_m), block_m, start,
                                       interpret=True),
             common.visit_metadata(bounds, -(-m // block_m), block_m, visit_empty=True,
-                                  first=start))
+                                  first=start), dealt)
 
   for G, m, block_m, start, ends in _random_lists(7):
     num_groups, m_tiles = G + 2, -(-m // block_m)
-    got, jnp_, (gid, mt, nv, bounds), (jg, jt, jc) = layouts(
+    got, jnp_, (gid, mt, nv, bounds), (jg, jt, jc), dealt = layouts(
         jnp.asarray(ends, jnp.int32), jnp.int32(start), m, block_m, num_groups)
     want = _row_visits_reference(ends.tolist(), m, block_m, start)
     for name, value in want.items():
       np.testing.assert_array_equal(got[name], value, err_msg=f"{name}: {G, m, block_m}")
       np.testing.assert_array_equal(jnp_[name], value, err_msg=f"jnp {name}: {G, m, block_m}")
+    for by_visits, (two, per, row, jtwo, jrow) in dealt.items():
+      want_two, want_per, want_row = _two_core_reference(want, m, block_m, by_visits, 8)
+      assert per == want_per
+      for name, value in want_two.items():
+        msg = f"{name}, by_visits={by_visits}: {G, m, block_m}"
+        np.testing.assert_array_equal(two[name], value, err_msg=msg)
+        np.testing.assert_array_equal(jtwo[name], value, err_msg=f"jnp {msg}")
+      if by_visits:
+        assert int(row) == int(jrow) == want_row
     # tgmm: the groups of `ends`, then empty ones up to num_groups, each visited
     want_bounds = [start, *ends, *[ends[-1]] * 2]
     spans = list(zip(want_bounds[:-1], want_bounds[1:]))
