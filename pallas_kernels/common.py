@@ -235,20 +235,15 @@ class RowVisits(NamedTuple):
     return (group >= 1) & (group <= num_groups)
 
 
-def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = None, *,
-               cores: int = 1, mxu_rows: int = 128) -> RowVisits:
+def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = None
+               ) -> RowVisits:
   """The visits of the row-tiled kernels (gmm, the fused op): the groups of `ends` (row
   ends, int32 `[G]`), from row `start` (an int32 scalar, megablox's group_offset: the
   first row of group 0; None for 0) on, between a weightless head (rows before `start`)
   and tail (rows past the last end) whose visits write zeros: every output row is
   written once and no wrapper moves rows.
 
-  `cores` = 2 deals the row tiles to two TensorCores in contiguous ranges (a "parallel"
-  grid axis: each core writes its own output tiles), cut where their MXU work is most
-  even: a visit passes its rows through the MXU `mxu_rows` at a time, one pass at least
-  (`_mxu_passes`), so many small groups weigh more than their rows. Each core gets a row
-  tile at least (the caller gives a core only where there is a tile for it). The static
-  bound per core is `per_core(m, block_m, G, cores)`.
+  (A v5p's two TensorCores: `tpu_visits.two_cores` deals these visits.)
   """
   num_groups = ends.shape[0]
   head = jnp.zeros((1,), jnp.int32) if start is None else jnp.reshape(start, (1,)).astype(jnp.int32)
@@ -262,80 +257,7 @@ def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = 
   src = jnp.where(real, t, jnp.where(before >= 0, before,
                                      jnp.minimum(after, group.shape[0] - 1)))
   weight = jnp.clip(group[src] - 1, 0, max(num_groups - 1, 0)).astype(jnp.int32)
-  v = RowVisits(group, tile, count, weight, tile[src], bounds)
-  return v if cores == 1 else deal_to_cores(v, m, block_m, cores, mxu_rows)
-
-
-def deal_to_cores(v: RowVisits, m: int, block_m: int, cores: int = 2, mxu_rows: int = 128
-                  ) -> RowVisits:
-  """`row_visits(cores=2)` from the one-core visits `v` of the same rows: see there."""
-  num_groups = v.bounds.shape[0] - 2
-  m_tiles = cdiv(m, block_m)
-  if cores != 2 or m_tiles < 2:
-    raise ValueError(f"cores: expected 1, or 2 over 2 row tiles at least; got {cores} over "
-                     f"{m_tiles}")
-  # Core 0 takes row tiles [0, cut), core 1 the rest: runs in row order, each padded to
-  # the common bound by repeating its last visit. (A core whose rows all lie outside the
-  # groups reads the blocks of the other core's nearest real visit: one copy.)
-  visits = v.group.shape[0]
-  t = jnp.arange(visits, dtype=jnp.int32)
-  real = RowVisits.is_real(v.group, num_groups) & (t < v.count[0])
-  passes = jnp.where(real, _mxu_passes(v.bounds, v.group, v.tile, block_m, mxu_rows), 0)
-  per_tile = jnp.zeros((m_tiles,), jnp.int32).at[v.tile].add(passes)  # past count: 0 added
-  done = jnp.cumsum(per_tile)[:-1]  # the passes of tiles [0, cut), cut = 1 .. m_tiles - 1
-  cut = 1 + jnp.argmin(jnp.maximum(done, done[-1] + per_tile[-1] - done)).astype(jnp.int32)
-  valid_tile = jnp.where(t < v.count[0], v.tile, m_tiles)
-  edges = jnp.stack([jnp.zeros((), jnp.int32), cut, jnp.full((), m_tiles, jnp.int32)])
-  firsts = jnp.sum(valid_tile[None, :] < edges[:, None], axis=1)
-  counts = (firsts[1:] - firsts[:-1]).astype(jnp.int32)
-  bound = per_core(m, block_m, num_groups, cores)
-  steps = jnp.arange(bound, dtype=jnp.int32)[None, :]
-  idx = jnp.clip(firsts[:-1, None] + jnp.minimum(steps, jnp.maximum(counts[:, None] - 1, 0)),
-                 0, visits - 1).reshape(-1)
-  return RowVisits(v.group[idx], v.tile[idx], counts, v.weight[idx], v.read_tile[idx],
-                   v.bounds)
-
-
-def _mxu_passes(bounds: jax.Array, group: jax.Array, tile: jax.Array, block_m: int,
-                mxu_rows: int) -> jax.Array:
-  """Per visit, the `mxu_rows`-row passes its rows take (at least one)."""
-  lo = jnp.maximum(jnp.where(group > 0, bounds[jnp.maximum(group - 1, 0)], 0), tile * block_m)
-  hi = jnp.minimum(bounds[jnp.minimum(group, bounds.shape[0] - 1)], (tile + 1) * block_m)
-  return jnp.maximum(cdiv(jnp.maximum(hi - lo, 0), mxu_rows), 1).astype(jnp.int32)
-
-
-class VisitSplit(NamedTuple):
-  """`split_visits`: the visits of each core (`RowVisits` laid out as `row_visits(cores=)`
-  lays them), the static bound of a core's run, and the first row of core 1's groups:
-  rows before it come from core 0's output, the others from core 1's."""
-  visits: RowVisits
-  per_core: int
-  row: jax.Array
-
-
-def split_visits(v: RowVisits, m_tiles: int) -> VisitSplit:
-  """The visits of `v` (one core's, `row_visits(cores=1)`, over `m_tiles` row tiles) dealt
-  to two TensorCores at the group boundary nearest the middle: a few rows over many
-  experts (decode), where the row tiles are too few to share. A row tile can then hold
-  rows of both cores' groups, so each core writes its own output (`row` says whose)."""
-  bound = v.group.shape[0]
-  t = jnp.arange(bound, dtype=jnp.int32)
-  count = v.count[0]
-  starts = (t > 0) & (t < count) & (v.group != jnp.roll(v.group, 1))
-  at = jnp.argmin(jnp.where(starts, jnp.abs(2 * t - count), 4 * bound))
-  cut = jnp.where(starts[at], at, count).astype(jnp.int32)
-  # a group's visits are one per row tile, so the boundary is within m_tiles of the middle
-  per = min(bound, cdiv(bound, 2) + m_tiles)
-  counts = jnp.stack([cut, count - cut]).astype(jnp.int32)
-  steps = jnp.arange(per, dtype=jnp.int32)[None, :]
-  firsts = jnp.stack([jnp.zeros((), jnp.int32), cut])[:, None]
-  idx = jnp.clip(firsts + jnp.minimum(steps, jnp.maximum(counts[:, None] - 1, 0)),
-                 0, bound - 1).reshape(-1)
-  g1 = v.group[jnp.minimum(cut, bound - 1)]
-  row = jnp.where(cut < count, jnp.where(g1 > 0, v.bounds[jnp.maximum(g1 - 1, 0)], 0),
-                  v.bounds[-1])
-  return VisitSplit(RowVisits(v.group[idx], v.tile[idx], counts, v.weight[idx],
-                              v.read_tile[idx], v.bounds), per, row)
+  return RowVisits(group, tile, count, weight, tile[src], bounds)
 
 
 def per_core(m: int, block_m: int, num_groups: int, cores: int = 1) -> int:
@@ -349,7 +271,9 @@ def per_core(m: int, block_m: int, num_groups: int, cores: int = 1) -> int:
 
 class WeightRuns(NamedTuple):
   """The runs of consecutive visits of one core that read the same expert's weights
-  (`weight_runs`), int32 `[cores * per_core]`, laid out as `RowVisits`:
+  (`tpu_visits.row_visits`, `tpu_visits.two_cores`: what a kernel that copies each run's
+  weights by hand into a ring of buffers needs), int32 `[cores * per_core]`, laid out as
+  `RowVisits`:
 
   * run: per visit, the index of its run among the core's runs (a run starts at the
     core's first visit and where the expert changes; visits past the core's count
@@ -359,23 +283,6 @@ class WeightRuns(NamedTuple):
   """
   run: jax.Array
   expert: jax.Array
-
-
-def weight_runs(v: RowVisits, per_core: int) -> WeightRuns:
-  """The weight runs of the visits `v` (each core's `per_core` visits in a row): what a
-  kernel that copies each run's weights by hand into a ring of buffers needs, starting a
-  run's copy at the first visit of an earlier run (`tpu.gmm_swiglu_quant`)."""
-  weight = v.weight.reshape(-1, per_core)
-  t = jnp.arange(per_core, dtype=jnp.int32)[None, :]
-  changed = weight != jnp.concatenate([weight[:, :1] - 1, weight[:, :-1]], axis=1)
-  first = changed & (t < v.count[:, None])
-  run = jnp.maximum(jnp.cumsum(first, axis=1) - 1, 0)
-  # run r's expert, scattered from its first visit (the other visits' land past the end)
-  cores = weight.shape[0]
-  target = jnp.where(first, run + per_core * jnp.arange(cores)[:, None], cores * per_core)
-  expert = jnp.full((cores * per_core,), -1, jnp.int32).at[target.reshape(-1)].set(
-      weight.reshape(-1), mode="drop")
-  return WeightRuns(run.astype(jnp.int32).reshape(-1), expert)
 
 
 _PRECISION_ORDER = (lax.Precision.DEFAULT, lax.Precision.HIGH, lax.Precision.HIGHEST)

@@ -395,7 +395,7 @@ def _weights_by_hand(w_buf, copy_of, run, starts, first, exists, pieces: int):
   """The VMEM buffer (of `w_buf`, `[WEIGHT_BUFFERS, ...]`) that holds run `run`'s weights,
   copied by hand, and `wait(p)`, which waits for its piece p (of `pieces`) at the run's
   first visit: the kernel's grid visits runs of consecutive visits that read the same
-  weights (`common.weight_runs`); at the first visit of run G (`starts`) the copy of run
+  weights (`common.WeightRuns`); at the first visit of run G (`starts`) the copy of run
   G + WEIGHT_BUFFERS - 1 starts, where that run `exists`; at a core's `first` visit its
   first runs start too (nothing could copy them sooner). `copy_of(G, slot, p)` is the
   async copy of piece p of run G's weights into buffer `slot`. The grid's pipeline would

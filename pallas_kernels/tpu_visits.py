@@ -1,15 +1,14 @@
 """The TPU kernels' group metadata, computed on the TensorCore's scalar unit.
 
-`common.row_visits` (+ `common.weight_runs`) and `common.visit_metadata` as jnp give the
-visits of a kernel's grid through ~40 small integer ops, which XLA compiles for a TPU as
-long as it compiles a whole `jax.lax.ragged_dot` program; here each is one Pallas kernel
-without a grid, its operands and results in SMEM, that lays the visits out in scalar
-loops, a third of that compile (docs/performance.md, "Compile time"). A v5p's two
-TensorCores take the one-core visits dealt by one more (`two_cores`: `common.deal_to_cores`
-or `common.split_visits`, and the weight runs). The values are
-`common`'s, bit for bit (`tests/test_pallas.py`); the GPU kernels keep `common`'s. Every
-write is guarded by its array's bound, so a kernel writes nothing past it whatever `ends`
-holds.
+`common.row_visits` and `common.visit_metadata` as jnp (the GPU kernels') give the visits of
+a kernel's grid through ~40 small integer ops, which XLA compiles for a TPU as long as it
+compiles a whole `jax.lax.ragged_dot` program; here each is one Pallas kernel without a
+grid, its operands and results in SMEM, that lays the visits out in scalar loops, a third
+of that compile (docs/performance.md, "Compile time"), with the weight runs of the kernels
+that copy their weights by hand; a v5p's two TensorCores are dealt the visits by one more
+(`two_cores`). The values are `common`'s, bit for bit, and NumPy's from the definitions
+(`tests/test_pallas.py`). Every write is guarded by its array's bound, so a kernel writes
+nothing past it whatever `ends` holds.
 """
 
 from __future__ import annotations
@@ -67,8 +66,9 @@ def _lay_out(span, spans, m_tiles: int, block_m: int, bound: int, group_ref, til
 
 def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = None, *,
                interpret: bool = False) -> tuple[common.RowVisits, common.WeightRuns]:
-  """`common.row_visits(ends, m, block_m, start)` (one core) and its `common.weight_runs`:
-  one scalar kernel."""
+  """`common.row_visits(ends, m, block_m, start)` (one core) and its weight runs
+  (`common.WeightRuns`: a run starts at visit 0 and where the expert changes): one
+  scalar kernel."""
   num_groups = ends.shape[0]
   m_tiles = common.cdiv(m, block_m)
   bound = common.per_core(m, block_m, num_groups)
@@ -171,12 +171,20 @@ def visit_metadata(ends: jax.Array, num_groups: int, m_tiles: int, block_m: int,
 def two_cores(one: common.RowVisits, m: int, block_m: int, *, by_visits: bool,
               mxu_rows: int = 128, interpret: bool = False
               ) -> tuple[common.RowVisits, common.WeightRuns, int, jax.Array | None]:
-  """One core's visits `one` (`row_visits`) dealt to a v5p's two TensorCores, and their
-  weight runs: `common.deal_to_cores(one, m, block_m, 2, mxu_rows)` (row tiles, cut where
-  the MXU passes are most even), or with `by_visits` `common.split_visits(one, m_tiles)`
-  (the visits, at the group boundary nearest the middle), then `common.weight_runs`; one
-  scalar kernel. Returns (visits, runs, per_core, row): `row` is `split_visits`' first row
-  of core 1's groups (None when dealing row tiles)."""
+  """One core's visits `one` (`row_visits`) dealt to a v5p's two TensorCores, with each
+  core's weight runs; one scalar kernel.
+
+  Prefill (`by_visits` False): core 0 takes row tiles `[0, cut)`, core 1 the rest, each
+  its visits in row order, cut where their MXU work is most even: a visit passes its rows
+  through the MXU `mxu_rows` at a time, one pass at least, so many small groups weigh
+  more than their rows. Each core gets a row tile at least (`m` spans two or more), and
+  a run of `common.per_core(m, block_m, G, 2)` visits, its last repeated. Decode
+  (`by_visits`, fewer row tiles than groups): the visits are cut at the group start
+  nearest the middle; a row tile can then hold rows of both cores' groups, so each core
+  writes its own output and `row`, the first row of core 1's groups, says whose.
+
+  Returns (visits `RowVisits` of 2 cores, `WeightRuns`, per_core, row: an int32 scalar,
+  None for prefill)."""
   num_groups = one.bounds.shape[0] - 2
   m_tiles = common.cdiv(m, block_m)
   bound = one.group.shape[0]

@@ -115,9 +115,9 @@ MUTANTS = (
            "    start = lax.div(jnp.clip(lo - r0, 0, bm) + ROW_ALIGN - 1, ROW_ALIGN) * ROW_ALIGN",
            ("tests/test_implementations.py", "-k", "first_row")),
     # The v5p row tiles cut at the middle tile, not where the cores' MXU work is even.
-    Mutant("cores_cut_at_the_middle", "pallas_kernels/common.py",
-           "  cut = 1 + jnp.argmin(jnp.maximum(done, done[-1] + per_tile[-1] - done)).astype(jnp.int32)",
-           "  cut = jnp.int32(cdiv(m_tiles, 2))",
+    Mutant("cores_cut_at_the_middle", "pallas_kernels/tpu_visits.py",
+           "      _, cut, _ = lax.fori_loop(1, m_tiles, best_cut, (0, 1, jnp.iinfo(jnp.int32).max))",
+           "      cut = jnp.int32(common.cdiv(m_tiles, 2))",
            ("tests/test_pallas.py", "-k", "split_between_two_cores")),
     # The TPU kernels' metadata (on the scalar unit): a head or tail visit reads the next
     # real visit's row tile even where one precedes it (a copy the old form saves).

@@ -343,10 +343,10 @@ def test_import_boundaries():
                                            ((0, 0, 0, 7), None), ((10, 20, 30, 40, 20, 30), 1)])
 def test_tpu_fused_kernel_split_between_two_cores(counts, offset):
   """On a v5p (two TensorCores a device) the fused kernel deals its row tiles to both cores
-  (a "parallel" grid axis, `common.row_visits(cores=2)`): each core's visits, head and tail
+  (a "parallel" grid axis, `tpu_visits.two_cores`): each core's visits, head and tail
   included, give the reference's codes (interpret mode runs the cores one after the other).
   With group_offset, 4 local experts of 6 groups from the second."""
-  from pallas_kernels import common, tpu_tiles  # noqa: PLC0415
+  from pallas_kernels import common, tpu_tiles, tpu_visits  # noqa: PLC0415
   x, w, w_scale, x_scale = int8_case(4)
   tiles = npu_ops.TileSizes(32, 128, 128)
   token = tpu_tiles.CHIP.set("v5p")
@@ -369,8 +369,9 @@ def test_tpu_fused_kernel_split_between_two_cores(counts, offset):
   if offset is not None:
     ends = jnp.cumsum(jnp.asarray(counts, jnp.int32))[offset:offset + E]
   one = common.row_visits(ends, M, 32, start)
-  two = common.row_visits(ends, M, 32, start, cores=2, mxu_rows=8)
-  bound = common.per_core(M, 32, E, 2)
+  two, _, bound, _ = tpu_visits.two_cores(one, M, 32, by_visits=False, mxu_rows=8,
+                                          interpret=True)
+  assert bound == common.per_core(M, 32, E, 2)
   assert int(two.count.sum()) == int(one.count[0]) and two.group.shape == (2 * bound,)
   runs = [np.asarray(two.tile[c * bound:c * bound + int(two.count[c])]) for c in range(2)]
   assert np.array_equal(np.concatenate(runs), np.asarray(one.tile[:int(one.count[0])]))
@@ -475,13 +476,13 @@ def test_kernels_take_more_experts_than_rows(impl):
 @pytest.mark.parametrize("case", ["spread", "one_group", "offset", "a8w4_words"])
 def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
   """On a v5p, a few rows over many experts (fewer row tiles than groups) split their
-  visits between the two TensorCores at a group boundary (`common.split_visits`): a row
+  visits between the two TensorCores at a group boundary (`tpu_visits.two_cores`): a row
   tile then holds rows of both cores' groups, each core writes its own output and rows are
   taken from the core that holds their group. Codes against the NumPy reference; with
   group_offset, 48 local experts of 64 from the eighth; A8W4 from int32 words (each core
   unpacks its experts' weights on their first visit); "spread" with k = 768, its weights in
   3 pieces (`tpu.weight_pieces`)."""
-  from pallas_kernels import common, tpu_tiles  # noqa: PLC0415
+  from pallas_kernels import common, tpu_tiles, tpu_visits  # noqa: PLC0415
   m, k, n, e = 40, 768 if case == "spread" else 128, 256, 64
   rng = np.random.default_rng(22)
   counts = np.zeros(e, np.int64)
@@ -513,11 +514,11 @@ def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
   assert_scale_close(s, want_s)
   ends = jnp.cumsum(jnp.asarray(counts, jnp.int32))
   one = common.row_visits(ends, m, 32)
-  split = common.split_visits(one, 2)
-  c0, c1 = (int(c) for c in split.visits.count)
+  two, _, _, row = tpu_visits.two_cores(one, m, 32, by_visits=True, interpret=True)
+  c0, c1 = (int(c) for c in two.count)
   assert c0 + c1 == int(one.count[0])
   if case == "spread":  # both cores busy, split where a group starts
-    assert abs(c0 - c1) <= 2 and 0 < int(split.row) < m
+    assert abs(c0 - c1) <= 2 and 0 < int(row) < m
 
 
 @pytest.mark.parametrize("chip,case", [("v5e", "prefill"), ("v5p", "prefill"),
@@ -525,14 +526,14 @@ def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
 def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case):
   """The fused kernel copies each expert's resident weights by hand into two VMEM buffers
   (`tpu.WEIGHT_BUFFERS`), the next expert's at the first visit of the one before
-  (`common.weight_runs`). In the interpreter that runs a copy only when it is waited for
+  (`common.WeightRuns`). In the interpreter that runs a copy only when it is waited for
   and watches for races (a copy into a buffer that is being read), on one TensorCore
   (v5e) and two (v5p: each core its own runs; decode splits the visits at a group
   boundary): the codes against the NumPy reference. Runs of one visit and of several,
   empty groups, rows past the total; A8W8's weights in pieces of k (`tpu.weight_pieces`),
   A8W4's whole."""
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
-  from pallas_kernels import common, tpu, tpu_tiles  # noqa: PLC0415
+  from pallas_kernels import tpu, tpu_tiles, tpu_visits  # noqa: PLC0415
   rng = np.random.default_rng(3)
   a8w4 = case.startswith("decode")
   if a8w4:  # fewer row tiles than experts: the visits are split between the cores
@@ -565,8 +566,7 @@ def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case):
   assert_scale_close(s, want_s)
   # the runs, from the visits' experts: a run starts where a core's expert changes and
   # names it; every visit knows its run
-  v = common.row_visits(ends, m, 32)
-  runs = common.weight_runs(v, v.group.shape[0])
+  v, runs = tpu_visits.row_visits(ends, m, 32, interpret=True)
   count, wid = int(v.count[0]), np.asarray(v.weight)
   starts = [t for t in range(count) if t == 0 or wid[t] != wid[t - 1]]
   assert np.asarray(runs.run)[:count].tolist() == [
@@ -665,10 +665,10 @@ def _row_visits_reference(ends, m, block_m, start):
 
 
 def _two_core_reference(one, m, block_m, by_visits, mxu_rows):
-  """`one` (`_row_visits_reference`'s) dealt to two TensorCores as `common.deal_to_cores`
-  (row tiles [0, cut) to core 0, the cut where the cores' MXU passes are most even) or
-  `common.split_visits` (`by_visits`: the visits, at the group start nearest the middle)
-  define it, with each core's weight runs (`common.weight_runs`), in NumPy."""
+  """`one` (`_row_visits_reference`'s) dealt to two TensorCores as `tpu_visits.two_cores`
+  defines it (row tiles [0, cut) to core 0, the cut where the cores' MXU passes are most
+  even; `by_visits`: the visits, at the group start nearest the middle), with each core's
+  weight runs, in NumPy."""
   group, tile = np.asarray(one["group"]), np.asarray(one["tile"])
   bounds, n, bound = one["bounds"], one["count"][0], len(one["group"])
   G, m_tiles, row = len(bounds) - 2, -(-m // block_m), None
@@ -722,8 +722,8 @@ def test_tpu_metadata_on_the_scalar_unit():
   """The TPU kernels lay their visits out in a scalar kernel (`tpu_visits`), not in XLA's
   small integer ops (compile time): gmm's / the fused op's `RowVisits` and weight runs and
   tgmm's visits, and a v5p's (`two_cores`: row tiles dealt to two TensorCores, or the
-  visits split), against NumPy from their definitions and against `common`'s jnp (what the
-  GPU kernels use), over random lists with empty groups, group_offset's head rows, rows
+  visits split), against NumPy from their definitions, and `common`'s jnp visits (the GPU
+  kernels') too, over random lists with empty groups, group_offset's head rows, rows
   past the total, one group. Interpret mode runs the kernel's own scalar code."""
   from pallas_kernels import common, tpu_visits  # noqa: PLC0415
 
@@ -733,21 +733,15 @@ def test_tpu_metadata_on_the_scalar_unit():
   @functools.partial(jax.jit, static_argnums=(2, 3, 4))
   def layouts(ends, start, m, block_m, num_groups):
     v, runs = tpu_visits.row_visits(ends, m, block_m, start, interpret=True)
-    jv = common.row_visits(ends, m, block_m, start)
+    jv = common.row_visits(ends, m, block_m, start)  # the GPU kernels' jnp
     bounds = jnp.concatenate([ends, jnp.broadcast_to(ends[-1], (num_groups - ends.shape[0],))])
     # a v5p's two cores: row tiles dealt (where there are two), or the visits split
     dealt = {}
     for by_visits in (False, True) if -(-m // block_m) >= 2 else (True,):
       two, two_runs, per, row = tpu_visits.two_cores(v, m, block_m, by_visits=by_visits,
                                                      mxu_rows=8, interpret=True)
-      if by_visits:
-        split = common.split_visits(jv, -(-m // block_m))
-        jtwo, jrow = split.visits, split.row
-      else:
-        jtwo, jrow = common.deal_to_cores(jv, m, block_m, 2, mxu_rows=8), None
-      dealt[by_visits] = (fields(two, two_runs), per, row,
-                          fields(jtwo, common.weight_runs(jtwo, per)), jrow)
-    return (fields(v, runs), fields(jv, common.weight_runs(jv, jv.group.shape[0])),
+      dealt[by_visits] = (fields(two, two_runs), per, row)
+    return (fields(v, runs), jv._asdict(),
             tpu_visits.visit_metadata(ends, num_groups, -(-m // block_m), block_m, start,
                                       interpret=True),
             common.visit_metadata(bounds, -(-m // block_m), block_m, visit_empty=True,
@@ -760,16 +754,16 @@ def test_tpu_metadata_on_the_scalar_unit():
     want = _row_visits_reference(ends.tolist(), m, block_m, start)
     for name, value in want.items():
       np.testing.assert_array_equal(got[name], value, err_msg=f"{name}: {G, m, block_m}")
-      np.testing.assert_array_equal(jnp_[name], value, err_msg=f"jnp {name}: {G, m, block_m}")
-    for by_visits, (two, per, row, jtwo, jrow) in dealt.items():
+      if name in jnp_:  # (the GPU kernels copy no weights by hand: no runs)
+        np.testing.assert_array_equal(jnp_[name], value, err_msg=f"jnp {name}: {G, m, block_m}")
+    for by_visits, (two, per, row) in dealt.items():
       want_two, want_per, want_row = _two_core_reference(want, m, block_m, by_visits, 8)
       assert per == want_per
       for name, value in want_two.items():
-        msg = f"{name}, by_visits={by_visits}: {G, m, block_m}"
-        np.testing.assert_array_equal(two[name], value, err_msg=msg)
-        np.testing.assert_array_equal(jtwo[name], value, err_msg=f"jnp {msg}")
+        np.testing.assert_array_equal(two[name], value,
+                                      err_msg=f"{name}, by_visits={by_visits}: {G, m, block_m}")
       if by_visits:
-        assert int(row) == int(jrow) == want_row
+        assert int(row) == want_row
     # tgmm: the groups of `ends`, then empty ones up to num_groups, each visited
     want_bounds = [start, *ends, *[ends[-1]] * 2]
     spans = list(zip(want_bounds[:-1], want_bounds[1:]))

@@ -444,7 +444,7 @@ def test_fused_kernel_tiles_bring_uniform_prefill_near_the_roofline():
 
 def test_kernels_copy_the_next_experts_weights_a_run_ahead():
   """The fused kernel and gmm copy resident weights by hand, the next expert's at the
-  first visit of the expert before it (`common.weight_runs`), so the hot experts' long
+  first visit of the expert before it (`common.WeightRuns`), so the hot experts' long
   runs hide the cold experts' copies: Zipf prefill on v6e, bound by the weights' bytes,
   within 1.15x of the roofline for the fused op (1.22x when each expert's weights came
   one step ahead, the grid pipeline's double buffering) and 1.10x for gmm (1.15x), each
@@ -777,7 +777,7 @@ def test_decode_over_many_experts_takes_no_more_steps_than_rows():
   the grid's visit dimension is dynamic. So the steps' fixed cost stays small: within
   1.2x of the roofline on v5e and TPU7x (1.23x and 1.97x with a step per expert). On a
   v5p the two TensorCores share the visits at the group boundary nearest the middle
-  (`common.split_visits`; 1.79x on one core, where each visit of a few rows streams its
+  (`tpu_visits.two_cores`; 1.79x on one core, where each visit of a few rows streams its
   expert's weights through the MXU at the cost of 128 rows)."""
   case = cases.Case("decode", 64, 256, "random")
   prob = cases.problem("fused A8W8", case)
@@ -799,8 +799,8 @@ def test_metadata_ops_in_numpy_give_xlas_values():
   mb = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
   sizes = cases.group_sizes("zipf", 1000, 16)
   ends = np.cumsum(sizes).astype(np.int32)
-  fns = [lambda e, s: common.split_visits(common.row_visits(e, 1000, 128, s), 8),
-         lambda e, s: common.row_visits(e, 1000, 64, s, cores=2),
+  fns = [lambda e, s: common.row_visits(e, 1000, 128, s),
+         lambda e, s: common.row_visits(e, 1000, 64, s),
          lambda e, s: mb.make_group_metadata(group_sizes=jnp.diff(e, prepend=0), m=1024,
                                              tm=128, start_group=s, num_nonzero_groups=8,
                                              visit_empty_groups=True)]
