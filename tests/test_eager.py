@@ -79,9 +79,8 @@ CALLS = [
 ]
 
 
-@pytest.mark.parametrize("name,call,programs", CALLS, ids=[c[0] for c in CALLS])
-def test_an_eager_call_is_one_program(name, call, programs):
-  arrays = {k: jnp.asarray(v) for k, v in ARRAYS.items()}  # moved before counting
+def lowered_by(call):
+  """(call(), the programs JAX lowered while it ran)."""
   lowered = []
 
   def listen(event, duration, **kw):
@@ -90,10 +89,16 @@ def test_an_eager_call_is_one_program(name, call, programs):
       lowered.append(event)
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
-    jax.block_until_ready(call(arrays))
+    return jax.block_until_ready(call()), len(lowered)
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
-  assert 1 <= len(lowered) <= programs, (name, len(lowered))
+
+
+@pytest.mark.parametrize("name,call,programs", CALLS, ids=[c[0] for c in CALLS])
+def test_an_eager_call_is_one_program(name, call, programs):
+  arrays = {k: jnp.asarray(v) for k, v in ARRAYS.items()}  # moved before counting
+  _, lowered = lowered_by(lambda: call(arrays))
+  assert 1 <= lowered <= programs, (name, lowered)
 
 
 def test_an_eager_kernel_call_is_one_program_per_chip():
@@ -106,24 +111,15 @@ def test_an_eager_kernel_call_is_one_program_per_chip():
   call = lambda: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       a["x8"][:, :64], a["w8"][:, :64, :32], a["ws"][:, :32], a["xs"], a["counts"],
       group_list_type=1, implementation="pallas_tpu", interpret=True)
-  lowered, counts, results = [], [], []
-
-  def listen(event, duration, **kw):
-    del duration, kw
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-      lowered.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
-    for chip in ("v5e", "v5p", "v5e"):
-      token = tpu_tiles.CHIP.set(chip)
-      try:
-        before = len(lowered)
-        results.append(jax.block_until_ready(call()))
-        counts.append(len(lowered) - before)
-      finally:
-        tpu_tiles.CHIP.reset(token)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
+  counts, results = [], []
+  for chip in ("v5e", "v5p", "v5e"):
+    token = tpu_tiles.CHIP.set(chip)
+    try:
+      result, lowered = lowered_by(call)
+    finally:
+      tpu_tiles.CHIP.reset(token)
+    results.append(result)
+    counts.append(lowered)
   assert counts[0] >= 1 and counts[1] >= 1 and counts[2] == 0, counts
   for q, s in results[1:]:  # the same values on one core and on two
     np.testing.assert_array_equal(q, results[0][0])
