@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from npu_ops._src import backend
 from npu_ops._src import expert_parallel as ep
 from npu_ops._src import groups
 from npu_ops._src import layouts
@@ -322,10 +323,10 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
   if mesh is None:
     check_no_parallel_options(expert_axis=expert_axis, data_axis=data_axis,
                               capacity_factor=capacity_factor, exchange=exchange)
-    eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((tokens, weights)))
     # an eager call: one compiled program, not its ops one by one (a user's gmm, which may
     # be a new function at every call, stays op by op: a program per call would recompile)
-    run = _one_device_program if eager and gmm is None else _one_device
+    eager = backend.untraced((tokens, weights)) and gmm is None
+    run = _one_device_program if eager else _one_device
     y, dropped = run(tokens, weights, **config)
   else:
     y, dropped = _expert_parallel(tokens, weights, mesh=mesh, expert_axis=expert_axis,

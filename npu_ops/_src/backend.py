@@ -177,7 +177,7 @@ def run(op: GroupedOp, impl: str, args: Sequence[Any], tiles: TileSizes | None =
   output shapes come from the reference (whole-array jnp, quick to trace), so a lowering
   traces only the branch it lowers.
   """
-  if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+  if untraced(args):
     try:
       program = _program(op, impl, tiles, tpu_tiles.CHIP.get())
     except TypeError:  # static arguments JAX cannot hash (an unhashable interpret option)
@@ -187,6 +187,11 @@ def run(op: GroupedOp, impl: str, args: Sequence[Any], tiles: TileSizes | None =
   if op.no_derivative is not None:
     return _without_derivative(op.no_derivative, lambda *a: _run(op, impl, a, tiles), args)
   return _run(op, impl, args, tiles)
+
+
+def untraced(tree: Any) -> bool:
+  """Whether no leaf of `tree` is traced: an eager call (outside jit, grad, vmap)."""
+  return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(tree))
 
 
 @functools.lru_cache(maxsize=256)
@@ -266,7 +271,7 @@ def platform_select(args: Sequence[Any], branches: dict[str, Callable[..., Any]]
   """
   args = tuple(args)
   flat_args, args_tree = jax.tree.flatten(args)
-  if not any(isinstance(a, jax.core.Tracer) for a in flat_args):
+  if untraced(flat_args):
     return branches.get(jax.default_backend(), default)(*args)
   out_shapes = jax.eval_shape(shapes or default, *args)
   axes = manual_axes.union(flat_args)  # the results vary where any operand does (shard_map)
