@@ -25,6 +25,7 @@ ARRAYS = dict(x=rng.normal(size=(M, K)).astype(np.float32),
               xs=rng.uniform(0.01, 0.1, (M,)).astype(np.float32),
               dy=rng.normal(size=(M, N)).astype(np.float32),
               counts=np.asarray([10, 0, 20], np.int32),
+              ends=np.asarray([10, 10, 30], np.int64),
               # MX inputs: fp8 values, e8m0 scales per pair of 32-wide blocks along k
               xf8=rng.normal(size=(M, K)).astype(ml_dtypes.float8_e4m3fn),
               wf8=rng.normal(size=(E, K, N)).astype(ml_dtypes.float8_e4m3fn),
@@ -41,7 +42,8 @@ ARRAYS = dict(x=rng.normal(size=(M, K)).astype(np.float32),
 # (name, call, programs): the group list of a grouped op is checked and turned into ends by
 # a program of its own, v2's facade lays out the weight scale by one more (a reshape), and
 # on MX inputs its x and the two scales (bitcasts); dequantize_mx's call quantizes first, a
-# recipe's weight codes take its initial scale first.
+# recipe's weight codes take its initial scale first; npu_grouped_matmul finds the rows'
+# groups by one more, and its scenario's product (a grouped matmul) is a program of its own.
 CALLS = [
     ("quantize_per_token", lambda a: npu_ops.quantize_per_token(a["x"]), 1),
     ("swiglu", lambda a: npu_ops.swiglu(a["x"]), 1),
@@ -73,6 +75,8 @@ CALLS = [
     ("npu_format_cast", lambda a: npu_ops.npu_format_cast(a["w2"], npu_ops.FORMAT_NZ), 1),
     ("npu_convert_weight_to_int4pack", lambda a: npu_ops.npu_convert_weight_to_int4pack(
         a["w4"]), 1),
+    ("npu_grouped_matmul", lambda a: npu_ops.npu_grouped_matmul(
+        [a["x"]], [a["w"]], group_list=a["ends"], split_item=3, group_type=0), 4),
     ("recipe activation codes", lambda a: recipes.get("w8a8").quantize_activation(a["x"]), 1),
     ("recipe weight codes", lambda a: recipes.get("fp8").quantize_weight(
         a["w"], recipes.get("fp8").initial_weight_scale(a["w"])), 2),

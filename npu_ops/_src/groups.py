@@ -29,6 +29,7 @@ expert of each, and the op gathers each segment's weight.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -348,10 +349,14 @@ def row_group_ids(ends: GroupEnds, m: int, start: Any = None) -> jax.Array:
   if isinstance(ends, tuple) and start is None:
     return jnp.asarray(np.searchsorted(np.asarray(ends, np.int64), np.arange(m), side="right"),
                        jnp.int32)
-  ends = jnp.asarray(ends, jnp.int32)
-  rows = jnp.arange(m, dtype=jnp.int32) - (0 if start is None else start)
+  return _row_group_ids(jnp.asarray(ends, jnp.int32), m, 0 if start is None else start)
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one program (eager calls: not one per op)
+def _row_group_ids(ends: jax.Array, m: int, start: Any) -> jax.Array:
+  rows = jnp.arange(m, dtype=jnp.int32) - start
   gid = jnp.searchsorted(ends, rows, side="right").astype(jnp.int32)
-  return jnp.where(rows < 0, len(ends), gid)
+  return jnp.where(rows < 0, ends.shape[0], gid)
 
 
 def per_row(values: jax.Array, gid: jax.Array) -> jax.Array:
