@@ -148,8 +148,6 @@ def shared_gap(p: Problem) -> str | None:
   if p.dot_algorithm:
     return "a dot algorithm as precision (the kernels take a jax.lax.Precision)"
   if p.op == "fused":
-    if p.a4w4:
-      return "A4W4 (the kernels do A8W8 and A8W4)"
     g = p.scale_groups
     if g > 1 and (p.k % g or (p.k // g) % 128):
       return f"A8W4 scale groups of {p.k / g:g} rows (the kernels need multiples of 128)"

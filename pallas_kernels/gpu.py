@@ -63,12 +63,14 @@ NO_TRITON = "any case: this JAX has no Pallas Triton backend (deprecated from JA
 
 def supports(p: common.Problem) -> str | None:
   """Why these kernels cannot run problem `p` (None: they can). Beyond what neither
-  backend does (`common.shared_gap`): MX inputs only as fp8 ND weights; nothing on a JAX
-  without Pallas' Triton backend."""
+  backend does (`common.shared_gap`): MX inputs only as fp8 ND weights; no A4W4; nothing
+  on a JAX without Pallas' Triton backend."""
   if pltr is None:
     return NO_TRITON
   if p.op == "fused_mx" and (p.transposed or p.fp4):
     return "MX inputs as fp4 or with a transposed weight (the GPU kernel reads fp8 ND weights)"
+  if p.op == "fused" and p.a4w4:
+    return "A4W4 (the GPU kernel does A8W8 and A8W4)"
   return common.shared_gap(p)
 
 
@@ -177,13 +179,17 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
                      ends: jax.Array, *, start: jax.Array | None = None,
                      assist: jax.Array | None = None,
-                     colsum8: jax.Array | None = None, tiles: TileSizes,
+                     colsum8: jax.Array | None = None, a4w4: bool = False,
+                     smooth: jax.Array | None = None, tiles: TileSizes,
                      out_dtype=jnp.int8, qmax: float = epilogue.INT8_QMAX,
                      mx_out: bool = False,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Fused op on canonical operands, A8W8 or (with `assist`) A8W4; arguments and
   results as `pallas_kernels.tpu.gmm_swiglu_quant`, and `mx_out`: MX codes of out_dtype
-  (fp4: one a byte) with e8m0 scale bytes uint8 `[m, ceil(n/64)]` (`_fused_call`)."""
+  (fp4: one a byte) with e8m0 scale bytes uint8 `[m, ceil(n/64)]` (`_fused_call`).
+  No A4W4 (`supports`)."""
+  if a4w4 or smooth is not None:
+    raise NotImplementedError("the GPU kernel has no A4W4 (`supports`)")
   m, k = x.shape
   n = w.shape[2]
   groups = w_scale.shape[1]

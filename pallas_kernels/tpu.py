@@ -344,15 +344,20 @@ def _unpack_words(words: jax.Array, n: int, put) -> None:
 
 
 def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
-               a8w4: bool = False) -> FusedPlan:
+               widened: bool = False, lhs_words: bool = False) -> FusedPlan:
   """Weight-stationary when an expert's `[k, n]` int8 weight, double-buffered, fits;
-  else k tiles of at most tiles.block_k (a divisor of the k group for A8W4). A8W4 holds
-  its weight block as int8 values in one more `[block_k, n]` VMEM block."""
+  else k tiles of at most tiles.block_k (a divisor of the k group for A8W4). int4
+  weights (`widened`: A8W4, A4W4) are held as int8 values in one more `[block_k, n]`
+  VMEM block. x in int32 words (`lhs_words`, A4W4) takes k tiles of 1024 columns or
+  more (its blocks' 128 words a row or more: a TPU's lanes), else k whole."""
   gs = k // groups
   if 2 * k * n <= _RESIDENT_WEIGHT_BYTES:
     bk = k
   elif groups == 1:  # the k edge is masked
     bk = min(tiles.block_k, common.round_up(k, 128))
+    if lhs_words:
+      bk = common.round_up(bk, 1024)
+      bk = k if bk >= k else bk
   else:  # a divisor of the k group (a multiple of 128: `common.shared_gap`)
     bk = min(tiles.block_k, gs)
     while gs % bk:
@@ -360,7 +365,7 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
   bm = tiles.block_m
   # x tile (int8, 2 buffers), weight (2 buffers), int32 and float32 row accumulators, the
   # int8 output (2 buffers) and the epilogue's float32 temporaries (~4 per SwiGLU column).
-  need = lambda bm: (2 * bm * bk + (3 if a8w4 else 2) * bk * n + 8 * bm * n
+  need = lambda bm: (2 * bm * bk + (3 if widened else 2) * bk * n + 8 * bm * n
                     + 2 * bm * (n // 2) + 16 * bm * (n // 2))
   while bm > 32 and need(bm) > _VMEM_PLAN:
     bm //= 2
@@ -435,15 +440,17 @@ def _multiply_by_pieces(k: int, pieces: int, wait, multiply) -> None:
 
 def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: jax.Array,
                      ends: jax.Array, *, start: jax.Array | None = None,
-                     assist: jax.Array | None = None, tiles: TileSizes,
+                     assist: jax.Array | None = None, a4w4: bool = False,
+                     smooth: jax.Array | None = None, tiles: TileSizes,
                      out_dtype=jnp.int8, qmax: float = epilogue.INT8_QMAX,
                      mx_out: bool = False,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Fused op on canonical operands: A8W8, or A8W4 when `assist` is given.
+  """Fused op on canonical operands: A8W8, A8W4 when `assist` is given, A4W4 with `a4w4`.
 
   Args:
-    x: int8 `[m, k]`; w: int8 `[e, k, n]` (A8W4: jnp.int4, int8 holding int4 values, or
-      int4 in int32 words `[e, k, n/8]`);
+    x: int8 `[m, k]` (A4W4: int8 holding int4 values, or int4 in int32 words `[m, k/8]`,
+      unpacked in VMEM); w: int8 `[e, k, n]` (A8W4,
+      A4W4: jnp.int4, int8 holding int4 values, or int4 in int32 words `[e, k, n/8]`);
     w_scale: float32 `[e, G, n]` (G = 1 per channel; A8W4 may have G k groups of
       k/G rows, a multiple of 128); x_scale: float32 `[m]`; ends: int32 `[E]`
       group row ends, E <= e; start: int32 scalar, the first row of group 0 (megablox's
@@ -451,6 +458,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       assist: A8W4's float32 `[e, n]` (its k groups' column
       sums, the "- 8" of `(x - 8) @ W`, are summed in the kernel from the weight block
       in VMEM: no pass over the weights outside it).
+    a4w4: A4W4's dequant order, `(acc * x_scale) * w_scale` (semantics B.1.5), with
+      `smooth`, float32 `[e, n/2]` or `[e, 1]` (None: 1), multiplying the SwiGLU result.
     tiles: block sizes (`block_n` unused: a row is computed whole);
     out_dtype, qmax: the per-token codes (int8 and 127, or an fp8 type and its largest
       finite value: `epilogue.codes_for_amax`);
@@ -461,27 +470,36 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
   Grid (visit, k tile). Each step multiplies an x tile by the `[block_k, n]` weight
   tile of its group (both SwiGLU halves) into an int32 row accumulator `[block_m, n]`;
-  A8W4 closes each k group in float32. The last k step dequantizes, applies SwiGLU
+  A8W4 closes each k group in float32; A8W4 and A4W4 widen their int4 weight block to
+  int8 values in VMEM first. The last k step dequantizes, applies SwiGLU
   to the halves `[:, :n/2]` and `[:, n/2:]`, quantizes whole rows and writes the
   visit's rows. An expert's weights that fit VMEM whole (one k tile) stay there over its
   visits and are copied by the kernel, the next expert's while the current one's visits
   run (`WEIGHT_BUFFERS`), in pieces of k that an expert's first visit multiplies as they
-  arrive (`weight_pieces`; A8W4's whole); k tiles come through the grid's pipeline.
+  arrive (`weight_pieces`; int4 weights whole); k tiles come through the grid's pipeline.
   """
   if mx_out:
     raise NotImplementedError("the TPU kernel has no MX output (`supports`)")
-  m, k = x.shape
+  x_words = x.dtype == jnp.int32  # A4W4's tokens as torch_npu packs them: unpacked in VMEM
+  m, k = x.shape[0], x.shape[1] * (8 if x_words else 1)
   e, n = w.shape[0], w_scale.shape[-1]
   nh = n // 2
   groups = w_scale.shape[1]
   gs = k // groups
   a8w4 = assist is not None
+  if a8w4 and a4w4:
+    raise ValueError("assist: expected None for A4W4 (A8W4's assist matrix)")
+  if smooth is not None and not a4w4:
+    raise ValueError("smooth: expected None unless a4w4 (A4W4's smooth scale)")
+  widen = a8w4 or a4w4  # int4 weights, widened to int8 in VMEM (`wv_ref`)
   words = w.dtype == jnp.int32
-  if words and not a8w4:
-    raise ValueError("w: expected int32 words only for A8W4 (with an assist matrix)")
+  if words and not widen:
+    raise ValueError("w: expected int32 words only for int4 weights (A8W4, A4W4)")
+  if x_words and not a4w4:
+    raise ValueError("x: expected int32 words only for A4W4")
   if m == 0:  # no rows, no grid
     return jnp.zeros((0, nh), out_dtype), jnp.zeros((0,), jnp.float32)
-  plan = fused_plan(m, k, n, groups, tiles, a8w4=a8w4)
+  plan = fused_plan(m, k, n, groups, tiles, widened=widen, lhs_words=x_words)
   bm, bk, k_tiles = plan.block_m, plan.block_k, plan.k_tiles
   gpt = max(bk // gs, 1)            # k groups closed inside one k tile (bk >= gs)
   # k tiles one k group spans (bk < gs; per channel the last may be partial: k % bk)
@@ -515,7 +533,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   by_hand = plan.resident  # resident weights: copied by the kernel (`_weights_by_hand`)
   if not by_hand:
     runs = ()
-  pieces = 1 if a8w4 else weight_pieces(k, K_CHUNK)  # A8W4's whole: it unpacks them whole
+  pieces = 1 if widen else weight_pieces(k, K_CHUNK)  # int4 whole: widened whole
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
     if by_hand:
@@ -524,8 +542,14 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     *refs, xs_col, qs_col = refs  # the tile's per-row scales as columns
     if by_hand:
       *refs, w_buf, w_sem = refs
+    if x_words:
+      *refs, xv_ref = refs
+    if widen:
+      *refs, wv_ref = refs
     if a8w4:
-      a_ref, q_ref, qs_ref, acc, f, cs, wv_ref = refs
+      a_ref, q_ref, qs_ref, acc, f, cs = refs
+    elif smooth is not None:
+      sm_ref, q_ref, qs_ref, acc = refs
     else:
       q_ref, qs_ref, acc = refs
     c, t, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -536,13 +560,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       starts = (t < nv_ref[c]) & ((t == 0) | (run != run_ref[jnp.maximum(i - 1, 0)]))
       expert = lambda r: expert_ref[c * per_core + jnp.minimum(r, per_core - 1)]
       def copy_of(r, slot, p):
-        ks = slice(None) if a8w4 else pl.ds(pl.multiple_of(p * (k // pieces), k // pieces),
+        ks = slice(None) if widen else pl.ds(pl.multiple_of(p * (k // pieces), k // pieces),
                                             k // pieces)
         return pltpu.make_async_copy(w_hbm.at[expert(r), ks], w_buf.at[slot, ks],
                                      w_sem.at[slot, p])
       w_ref, wait = _weights_by_hand(w_buf, copy_of, run, starts, starts & (t == 0),
                                      lambda r: (r < per_core) & (expert(r) >= 0), pieces)
-      if a8w4:
+      if widen:
         wait(0)
     real = (t < nv_ref[c]) & common.RowVisits.is_real(g, num_groups)  # not head or tail
     rows = common.group_rows(ends_ref, g, mt_ref[i] * bm, bm)
@@ -556,23 +580,23 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         if not plan.resident:
           cs[...] = jnp.zeros_like(cs)
 
-    # A8W4 holds its weight block as int8 values in VMEM (`wv_ref`: int4 widened, int32
-    # words unpacked, the k edge of a partial tile zeroed, which zeroes the products with
-    # x's garbage there too) with its column sums: once per expert when its weights stay
-    # resident (a group's visits are consecutive), else every step (a new k tile).
+    # int4 weights are held as int8 values in VMEM (`wv_ref`: int4 widened, int32 words
+    # unpacked, the k edge of a partial tile zeroed, which zeroes the products with x's
+    # garbage there too), A8W4's with their column sums: once per expert when its weights
+    # stay resident (a group's visits are consecutive), else every step (a new k tile).
     first_visit = real & ((t == 0) | (gid_ref[jnp.maximum(i - 1, 0)] != g))
     unpack_rows = UNPACK_ROWS if bk % UNPACK_ROWS == 0 else bk  # divides the k groups too
 
     def unpack(ci, carry):
       rows = pl.ds(pl.multiple_of(ci * unpack_rows, unpack_rows), unpack_rows)
-      sums = cs.at[lax.div(ci * unpack_rows, gs) if tiles_per_group == 1 else 0]
 
       def put(cols, vals):  # int32 values of the rows' columns cols
         if k % bk:
           vals = _mask_k_edge(vals, kk * bk + ci * unpack_rows, k, 0)
         wv_ref[rows, cols] = vals.astype(jnp.int8)
-        # 8 * the column sums of the k group these rows are in, exact in int32
-        sums[:, cols] += 8 * jnp.sum(vals, axis=0, keepdims=True)
+        if a8w4:  # 8 * the column sums of the k group these rows are in, exact in int32
+          sums = cs.at[lax.div(ci * unpack_rows, gs) if tiles_per_group == 1 else 0]
+          sums[:, cols] += 8 * jnp.sum(vals, axis=0, keepdims=True)
 
       if words:
         _unpack_words(w_ref[:, rows].T if words_k_minor else w_ref[rows, :], n, put)
@@ -580,15 +604,21 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         put(slice(None), w_ref[rows, :].astype(jnp.int32))
       return carry
 
-    if a8w4:
+    if widen:
       @pl.when(first_visit if plan.resident else real)
       def _():
-        if tiles_per_group == 1:  # sums of the k groups in the block (k tiled: their own)
-          cs[...] = jnp.zeros_like(cs)
+        if a8w4 and tiles_per_group == 1:  # sums of the k groups in the block (k tiled:
+          cs[...] = jnp.zeros_like(cs)     # their own)
         lax.fori_loop(0, bk // unpack_rows, unpack, 0)
 
-    def multiply_a8w8(r):
-      _accumulate(acc.at[r], x_ref.at[r], w_ref, kk * bk, k)
+    def multiply_a8w8(r):  # A4W4 too, on its widened weights (and unpacked tokens)
+      xr = x_ref.at[r]
+      if x_words:  # the rows' words unpacked as the weights' are (`_unpack_words`)
+        def put(cols, vals):
+          xv_ref[r, cols] = vals.astype(jnp.int8)
+        _unpack_words(x_ref[r, :], bk, put)
+        xr = xv_ref.at[r]
+      _accumulate(acc.at[r], xr, wv_ref if a4w4 else w_ref, kk * bk, k)
 
     def multiply_a8w4(r):  # each k group of the tile closed in float32 (semantics B.1)
       xb, wb = x_ref[r], wv_ref[...]
@@ -611,7 +641,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     # Only the row blocks that hold the group's rows are multiplied and finished.
     r0 = mt_ref[i] * bm
     for_rows = lambda fn: _for_row_blocks(ends_ref, g, r0, bm, fn)
-    if by_hand and not a8w4:  # each piece of the weights multiplied once it is here
+    if by_hand and not widen:  # each piece of the weights multiplied once it is here
       def piece(k0, size):
         pl.when(real)(lambda: for_rows(lambda r: _accumulate(
             acc.at[r], x_ref.at[r, pl.ds(k0, size)], w_ref.at[pl.ds(k0, size)], 0, size)))
@@ -629,10 +659,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         act = epilogue.finish_a8w4(f[r, :nh], a_ref[:, :nh], xs)
         gate = epilogue.finish_a8w4(f[r, nh:], a_ref[:, nh:], xs)
       else:
-        act = epilogue.dequant_a8w8(acc[r, :nh], s_ref[0, :, :nh], xs)
-        gate = epilogue.dequant_a8w8(acc[r, nh:], s_ref[0, :, nh:], xs)
-      q, scale = epilogue.quantize_rows(epilogue.swiglu_halves(act, gate), qmax=qmax,
-                                         dtype=out_dtype)
+        dequant = epilogue.dequant_a4w4 if a4w4 else epilogue.dequant_a8w8
+        act = dequant(acc[r, :nh], s_ref[0, :, :nh], xs)
+        gate = dequant(acc[r, nh:], s_ref[0, :, nh:], xs)
+      s = epilogue.swiglu_halves(act, gate)
+      if smooth is not None:
+        s = s * sm_ref[...]
+      q, scale = epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype)
       rows_r = common.group_rows(ends_ref, g, r0 + r.start, r.size)
       q_ref[r] = jnp.where(rows_r, q, q_ref[r])
       qs_col[r] = jnp.where(rows_r, scale, qs_col[r])
@@ -672,20 +705,28 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   scale_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], k_group_block(kk), 0, 0)
   x_block = lambda c, t, kk, gid, mt, nv, wid, rt, *_: (rt[at(c, t)], kk)
   scale_shape = (None, gpt if tiles_per_group == 1 else groups, 1, n)
-  in_specs = [pl.BlockSpec((bm, bk), x_block), w_spec,
+  in_specs = [pl.BlockSpec((bm, bk // 8 if x_words else bk), x_block), w_spec,
               pl.BlockSpec(scale_shape, scale_block),
               pl.BlockSpec((bm // lanes, 1, lanes), lambda *a: (x_block(*a)[0], 0, 0))]
   args = [x, w, scales, x_scale]
   scratch = [pltpu.VMEM((bm, n), jnp.int32)]
+  per_expert = lambda cols: pl.BlockSpec((None, 1, cols),
+                                         lambda *a: (weight_block(*a)[0], 0, 0))
   if a8w4:
-    in_specs += [pl.BlockSpec((None, 1, n), lambda *a: (weight_block(*a)[0], 0, 0))]
+    in_specs += [per_expert(n)]
     args += [assist.astype(jnp.float32).reshape(e, 1, n)]
     # float32 k-group sums; int32 column sums: every k group of an expert (resident), or
     # the running sums of the k group a tile is in (k tiled)
     scratch += [pltpu.VMEM((bm, n), jnp.float32),
                 pltpu.VMEM((groups if plan.resident else gpt if tiles_per_group == 1 else 1,
-                            1, n), jnp.int32),
-                pltpu.VMEM((bk, n), jnp.int8)]  # the weight block's int8 values
+                            1, n), jnp.int32)]
+  elif smooth is not None:
+    in_specs += [per_expert(smooth.shape[-1])]
+    args += [smooth.astype(jnp.float32).reshape(e, 1, smooth.shape[-1])]
+  if widen:
+    scratch += [pltpu.VMEM((bk, n), jnp.int8)]  # the weight block's int8 values
+  if x_words:
+    scratch += [pltpu.VMEM((bm, bk), jnp.int8)]  # the x tile's
   if by_hand:
     scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *w.shape[1:]), w.dtype),
                 pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS, pieces))]
@@ -696,7 +737,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   x_reads = m_tiles if plan.resident else visits
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=m * nh,
-      bytes_accessed=(x_reads * bm * k + weight_reads * (w_bytes + 4 * groups * n)
+      bytes_accessed=(x_reads * bm * x.shape[1] * x.dtype.itemsize  # words: k / 2 a row
+                      + weight_reads * (w_bytes + 4 * groups * n)
                       + 4 * m + m * nh + 4 * m))
   q, qs = pl.pallas_call(
       kernel,

@@ -325,15 +325,18 @@ def test_mx_inputs_group_offset():
 # --- the kernels (interpret mode): each kernel that declares the case ---------------------------
 
 @pytest.mark.parametrize("impl,scenario,out", [
-    (i, s, o) for s, o in (("A8W8", "float8_e4m3fn"), ("A8W4", "float8_e5m2"))
+    (i, s, o) for s, o in (("A8W8", "float8_e4m3fn"), ("A8W4", "float8_e5m2"),
+                           ("A4W4", "float8_e4m3fn"))
     for i in kernels_for(f"fused_{s}")])
 def test_kernels_fp8_per_token(impl, scenario, out):
   from helpers import int4_array  # noqa: PLC0415
   counts = [30, 0, 41]  # 71 of 80 rows
   x, w, ws, xs = int_case(6, scenario, 80, 128, 256, 3)
-  w_in = int4_array(w) if scenario == "A8W4" else w
+  w_in = w if scenario == "A8W8" else int4_array(w)
+  x_in = ref.pack_int4(x) if scenario == "A4W4" else x  # A4W4's tokens as torch_npu's words
   op = lambda **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-      x, w_in, ws, xs, jnp.asarray(counts), group_list_type=1, quant_dtype=getattr(jnp, out), **kw)
+      x_in, w_in, ws, xs, jnp.asarray(counts), group_list_type=1, quant_dtype=getattr(jnp, out),
+      **kw)
   got = op(**IMPLEMENTATIONS[impl])
   assert got[0].dtype == getattr(jnp, out)
   assert_fused_close(got, op(implementation="xla"), 0)  # one epilogue function

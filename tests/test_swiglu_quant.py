@@ -147,12 +147,15 @@ def test_a8w4_int64_words_under_jit():
   check(got, x, w, ws, xs, counts, "A8W4", assist=ref.canonical_assist(w, ws))
 
 
-# Each smooth shape with both x forms, the weight form alternating (6 of the 12 products).
+# Each smooth shape with both x forms, the weight form alternating (6 of the 12 products),
+# on the XLA path and on every kernel that takes A4W4 (the TPU kernel reads int32 words
+# and jnp.int4 and multiplies by the smooth scale in its epilogue).
+@pytest.mark.parametrize("impl", ["xla"] + [i for i in impls("fused_A4W4") if i.startswith("pallas")])
 @pytest.mark.parametrize("smooth_shape,x_form,w_form", [
     (smooth, x_form, ("words_nd", "int4_nz")[(i + j) % 2])
     for i, smooth in enumerate([None, "per_column", "per_expert"])
     for j, x_form in enumerate(["words", "int4"])])
-def test_a4w4(smooth_shape, x_form, w_form):
+def test_a4w4(smooth_shape, x_form, w_form, impl):
   counts = [13, 21, 0, 6]
   x, w, ws, xs = make_case(8, "A4W4", 44, 64, 48, 4)
   rng = np.random.default_rng(9)
@@ -161,7 +164,7 @@ def test_a4w4(smooth_shape, x_form, w_form):
   x_in = ref.pack_int4(x) if x_form == "words" else int4_array(x)
   got = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       x_in, encode_int4_weight(w, w_form), ref.float32_to_word(ws), xs, counts,
-      smooth_scale=smooth, group_list_type=1)
+      smooth_scale=smooth, group_list_type=1, **IMPLEMENTATIONS[impl])
   smooth_ref = None if smooth is None else smooth.reshape(4, -1)
   check(got, x, w, ws, xs, counts, "A4W4", smooth=smooth_ref)
 

@@ -53,7 +53,8 @@ def fused(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
   Pallas kernel (A8W8 / A8W4), the XLA row-block path (`_xla`), or `reference`.
 
   Args:
-    x: tokens, int8 values `[m, k]` with their scale `[m]`.
+    x: tokens, int8 values `[m, k]` (A4W4: int4 values as int8, or in int32 words
+      `[m, k/8]`) with their scale `[m]`.
     w: expert weights, int8 or jnp.int4 values `[e, k, n]` (or int4 in int32 words
       `[e, k, n/8]`, unpacked by the TPU kernel in VMEM, elsewhere first) with their scale
       `[e, G, n]`.
@@ -66,10 +67,11 @@ def fused(x: QArray, w: QArray, ends: groups_lib.GroupEnds, *,
     spec: the output quantization.
   """
   scenario = operands.scenario(x, w)
-  m, k = x.values.shape
+  m, k = x.values.shape[0], row_blocks.first(w.values).shape[-2]
   e, n = row_blocks.num_groups_of(w.values), w.scale.shape[-1]
   mx_out = spec.mode == quant_lib.MX
-  problem = pallas_common.Problem("fused", m, k, n, e, np.dtype(x.values.dtype).name,
+  x_dtype = "int4" if operands.is_words(x.values) else np.dtype(x.values.dtype).name
+  problem = pallas_common.Problem("fused", m, k, n, e, x_dtype,
                                   scale_groups=w.scale.shape[1], a4w4=scenario == A4W4,
                                   mx_out=mx_out, expected_tokens=expected_tokens)
   impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
@@ -110,22 +112,24 @@ class Fused(backend.GroupedOp):
   after: bool
 
   def kernel(self, module, tiles, x, w, ends, assist, smooth, start):
-    del smooth  # A4W4 only, which the kernels do not take
     values = row_blocks.stacked(w.values)
     if not module.READS_INT4_WORDS:
       values = operands.unpacked(values)
+    tokens = x.values if module.READS_INT4_WORDS else operands.token_values(x.values)
     return module.gmm_swiglu_quant(
-        x.values, values, w.scale, x.scale, self.ends_from_row0(ends, start),
-        start=start, assist=assist, tiles=tiles, out_dtype=self.spec.dtype,
-        qmax=self.spec.qmax, mx_out=self.spec.mode == quant_lib.MX, interpret=self.interpret)
+        tokens, values, w.scale, x.scale, self.ends_from_row0(ends, start),
+        start=start, assist=assist, a4w4=self.scenario == A4W4, smooth=smooth, tiles=tiles,
+        out_dtype=self.spec.dtype, qmax=self.spec.qmax,
+        mx_out=self.spec.mode == quant_lib.MX, interpret=self.interpret)
 
   def xla(self, x, w, ends, assist, smooth, start):
-    return _xla(x.values, operands.unpacked(w.values), w.scale, x.scale, assist, smooth,
+    return _xla(operands.token_values(x.values), operands.unpacked(w.values), w.scale, x.scale, assist, smooth,
                 ends=self.ends(ends), start=start, scenario=self.scenario, spec=self.spec,
                 block_sizes=self.block_sizes, after=self.after)
 
   def reference(self, x, w, ends, assist, smooth, start):  # local rows moved to row 0, back
     w = QArray(row_blocks.stacked(operands.unpacked(w.values)), w.scale, w.bits)
+    x = QArray(operands.token_values(x.values), x.scale, x.bits)
     return groups_lib.rows_from(start)(lambda x: reference.swiglu_quant(
         x, w, self.ends(ends), assist=assist, smooth=smooth, spec=self.spec))(x, start)
 

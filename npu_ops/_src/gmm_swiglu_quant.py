@@ -153,13 +153,14 @@ def _int_operands(x: Any, weight: Any, weight_scale: Any, x_scale: Any, dequant_
                   spec: quant_lib.DynamicQuant) -> tuple[QArray, QArray, str]:
   """x, weight and their scales as canonical `QArray`s (scales float32 `[m]` and
   `[e, G, n]`), and the scenario (A8W8, A8W4, A4W4)."""
-  lhs = operands.canonical_lhs(x)
-  m, k = lhs.values.shape
+  # int4 words, as torch_npu packs A4W4's tokens, stay packed: the TPU kernel unpacks them
+  lhs = operands.canonical_lhs(x, keep_words=True)
+  words = operands.is_words(lhs.values)  # an int32 x is int4 words, a common surprise
+  m, k = lhs.values.shape[0], lhs.values.shape[1] * (8 if words else 1)
   weight_scale = operands.weight_scales(weight_scale, weight=weight)
   check_rank("weight_scale", weight_scale, (2, 3))
   n = weight_scale.shape[-1]
   _check_width(n, spec, "weight_scale", describe(weight_scale))
-  words = np.dtype(x.dtype) == np.int32  # an int32 x is int4 words, a common surprise
   w = operands.canonical_weight(
       weight, k=k, n=n, k_from=("k = 8 * x.shape[1]: an int32 x holds 8 int4 values a word "
                                 "(A4W4)") if words else "k from x", keep_list=True,

@@ -105,16 +105,23 @@ def scenario(x: QArray | IntOperand, w: QArray | IntOperand) -> str | None:
   return _SCENARIOS.get((x.bits, w.bits))
 
 
-def canonical_lhs(x: Any, name: str = "x") -> IntOperand:
-  """`x`: int8 `[m, k]`, int32 words `[m, k/8]` (int4) or jnp.int4 `[m, k]`."""
+def canonical_lhs(x: Any, name: str = "x", keep_words: bool = False) -> IntOperand:
+  """`x`: int8 `[m, k]`, int32 words `[m, k/8]` (int4) or jnp.int4 `[m, k]` -> int8
+  values `[m, k]`; with `keep_words`, int32 words stay packed (for a kernel that unpacks
+  them itself: `token_values` gives the values)."""
   check_dtype(name, x, _WEIGHT_DTYPES)
   require(x.ndim == 2, name, "rank 2 ([m, k], or [m, k/8] int32 words)", describe(x))
   dtype = np.dtype(x.dtype)
   if dtype == np.int8:
     return IntOperand(jnp.asarray(x), INT8)
   if dtype == np.int32:
-    return IntOperand(layouts.unpack_int4(x), INT4)
+    return IntOperand(jnp.asarray(x) if keep_words else layouts.unpack_int4(x), INT4)
   return IntOperand(jnp.asarray(x).astype(jnp.int8), INT4)
+
+
+def token_values(values: jax.Array) -> jax.Array:
+  """Token values as `canonical_lhs` gives them without `keep_words` (int8 `[m, k]`)."""
+  return layouts.unpack_int4(values) if is_words(values) else values
 
 
 def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
@@ -175,7 +182,7 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
 
 
 def is_words(values: Any) -> bool:
-  """Whether weight values are int4 still packed in int32 words (`keep_words`)."""
+  """Whether weight or token values are int4 still packed in int32 words (`keep_words`)."""
   return not isinstance(values, tuple) and np.dtype(values.dtype) == np.int32
 
 

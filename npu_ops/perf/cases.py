@@ -67,7 +67,8 @@ PREFILL = (Case("prefill 4096, e=8 uniform", 4096, 8, "uniform"),
 OPS = ("fused A8W8", "gmm bf16", "tgmm bf16", "gmm vjp bf16")
 # On request (`predict --ops`): A8W4 with jnp.int4 weights, and with torch_npu's int32 words
 A8W4_OPS = ("fused A8W4", "fused A8W4 words")
-ALL_OPS = OPS + A8W4_OPS
+# A4W4 as torch_npu calls it: tokens in int32 words, jnp.int4 weights, a smooth scale
+ALL_OPS = OPS + A8W4_OPS + ("fused A4W4",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,13 @@ def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem
     fn = lambda x, w, ws, xs, gl, assist: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         x, w, ws, xs, gl, group_list_type=1, weight_assist_matrix=assist, **kw)
     ideal = m * K + used * (K * N // 2 + 8 * N) + 4 * m + m * (N // 2) + 4 * m
+    return Problem(fn, args, 2.0 * m * K * N, ideal, "int8")
+  if op == "fused A4W4":
+    args = (make((m, K // 8), jnp.int32), make((e, K, N), jnp.int4), make((e, N), jnp.float32),
+            make((m,), jnp.float32), sizes, make((e, N // 2), jnp.float32))
+    fn = lambda x, w, ws, xs, gl, smooth: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+        x, w, ws, xs, gl, group_list_type=1, smooth_scale=smooth, **kw)
+    ideal = m * K // 2 + used * (K * N // 2 + 4 * N + 2 * N) + 4 * m + m * (N // 2) + 4 * m
     return Problem(fn, args, 2.0 * m * K * N, ideal, "int8")
   bf = jnp.bfloat16
   if op == "gmm bf16":

@@ -182,13 +182,16 @@ def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_group
   import npu_ops  # noqa: PLC0415
   a8w4 = weight in ("int4", "words")
 
-  def fn(x, w, ws, xs, gl, *more):  # A8W4: the assist matrix; global_groups: a traced offset
+  def fn(x, w, ws, xs, gl, *more):
+    # A8W4: the assist matrix; A4W4: the smooth scale; global_groups: a traced offset
     gl = gl if group_list is None else list(group_list)
-    assist, offset = (more[0], more[1:]) if a8w4 else (None, more)
+    more = list(more)
+    assist = more.pop(0) if a8w4 else None
+    smooth = more.pop(0) if weight == "a4w4" else None
     return npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         x, w, ws, xs, gl, group_list_type=1, dequant_mode=int(groups > 1),
-        weight_assist_matrix=assist, group_offset=offset[0] if offset else None,
-        quant_dtype=quant_dtype, quant_mode=quant_mode)
+        weight_assist_matrix=assist, smooth_scale=smooth,
+        group_offset=more[0] if more else None, quant_dtype=quant_dtype, quant_mode=quant_mode)
   scale = (e, groups, n) if groups > 1 else (e, n)
   if weight == "int8":
     w = ((e, k, n), jnp.int8)
@@ -199,7 +202,8 @@ def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_group
   x = ((m, k // 8), jnp.int32) if weight == "a4w4" else ((m, k), jnp.int8)
   # A8W4 as torch_npu calls it: with the assist matrix, computed once when the weights load
   # (without it the op computes it from the weights on every call: docs/performance.md)
-  more = [((e, n), jnp.float32)] if a8w4 else []
+  more = ([((e, n), jnp.float32)] if a8w4 else [((e, n // 2), jnp.float32)]
+          if weight == "a4w4" else [])
   if global_groups:
     return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((global_groups,), jnp.int32),
                 *more, ((), jnp.int32))
@@ -318,7 +322,8 @@ def cases() -> list[Case]:
       Case("fused A8W4 per group (G=4)", *_fused(4096, k, n, 16, weight="int4", groups=4),
            kernels=1),
       Case("fused A8W4 int32 words", *_fused(4096, k, n, 16, weight="words"), kernels=1),
-      Case("fused A4W4 (XLA path)", *_fused(512, 512, 1024, 4, weight="a4w4"), kernels=0),
+      Case("fused A4W4 m=4096 e=16", *_fused(4096, k, n, 16, weight="a4w4"),
+           kernels={"tpu": 1, "gpu": 0}),
       Case("fused A8W8 group_offset (4 of 16 experts)",
            *_fused(4096, k, n, 4, global_groups=16), kernels=1),
       Case("fused A8W8 fp8 e4m3 out m=4096 e=16",
