@@ -600,8 +600,10 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
       if words:
         _unpack_words(w_ref[:, rows].T if words_k_minor else w_ref[rows, :], n, put)
-      else:
+      elif a8w4 or k % bk:
         put(slice(None), w_ref[rows, :].astype(jnp.int32))
+      else:  # nothing to sum or mask: int4 -> int8 in one conversion
+        wv_ref[rows, :] = w_ref[rows, :].astype(jnp.int8)
       return carry
 
     if widen:
