@@ -63,14 +63,12 @@ NO_TRITON = "any case: this JAX has no Pallas Triton backend (deprecated from JA
 
 def supports(p: common.Problem) -> str | None:
   """Why these kernels cannot run problem `p` (None: they can). Beyond what neither
-  backend does (`common.shared_gap`): MX inputs only as fp8 ND weights; no A4W4; nothing
-  on a JAX without Pallas' Triton backend."""
+  backend does (`common.shared_gap`): MX inputs only as fp8 ND weights; nothing on a JAX
+  without Pallas' Triton backend."""
   if pltr is None:
     return NO_TRITON
   if p.op == "fused_mx" and (p.transposed or p.fp4):
     return "MX inputs as fp4 or with a transposed weight (the GPU kernel reads fp8 ND weights)"
-  if p.op == "fused" and p.a4w4:
-    return "A4W4 (the GPU kernel does A8W8 and A8W4)"
   return common.shared_gap(p)
 
 
@@ -122,15 +120,16 @@ class _Tile(NamedTuple):
 
 def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequence[jax.Array],
                 ends: jax.Array, *, start: jax.Array | None, m: int, nh: int, tiles: TileSizes,
-                out_dtype, qmax: float, mx_out: bool, interpret: bool, name: str
-                ) -> tuple[jax.Array, jax.Array]:
+                out_dtype, qmax: float, mx_out: bool, interpret: bool, name: str,
+                smooth: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The frame of the fused kernels: one program per (visit, SwiGLU column tile), a visit
   being a row tile and one group with rows in it (megablox's metadata): so decode (a few
   rows over many experts) spreads over the GPU as prefill does, and each program reads one
   expert's weight tile. `halves(refs, g, tile)` is group g's (act, gate), float32
   `[bm, bn]`, from the kernel's operands `args` (as refs). Visits: `common.row_visits`
   (rows before `start` and past the last end are written 0). The kernel writes the SwiGLU
-  values of its group's rows; the per-token (or MX) codes need whole rows, so the XLA
+  values of its group's rows (times A4W4's `smooth`, float32 `[e, nh]` or `[e, 1]`, where
+  given); the per-token (or MX) codes need whole rows, so the XLA
   path's own quantizer (`epilogue.quantize_rows` / `quantize_mx_rows`) writes them from
   that float32 scratch. Returns (codes `[m, nh]` of out_dtype, scales: float32 `[m]`
   per token, e8m0 bytes uint8 `[m, ceil(nh/32)]` for MX)."""
@@ -144,6 +143,8 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
 
   def kernel(gid_ref, mt_ref, nv_ref, ends_ref, *refs):
     *operands, s_ref = refs
+    if smooth is not None:
+      *operands, sm_ref = operands
     t, j = pl.program_id(0), pl.program_id(1)  # here: interpret mode has none inside conds
     g = gid_ref[t]
     real = common.RowVisits.is_real(g, num_groups)
@@ -156,6 +157,10 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
     @pl.when((t < nv_ref[0]) & real)
     def _():
       s = epilogue.swiglu_halves(*halves(operands, g - 1, tile))  # expert g - 1
+      if smooth is not None:
+        per_column = smooth.shape[-1] > 1
+        s = s * pltr.load(sm_ref.at[g - 1, tile.cols_a if per_column else pl.ds(0, 1)],
+                          mask=tile.in_n if per_column else None, other=0)[None]
       pltr.store(s_ref.at[tile.rows, tile.cols_a], s, mask=mask)
 
     @pl.when((t < nv_ref[0]) & ~real)  # rows before `start` or past the last end: 0
@@ -165,8 +170,9 @@ def _fused_call(halves: Callable[..., tuple[jax.Array, jax.Array]], args: Sequen
   s = pl.pallas_call(
       kernel, grid=(v.group.shape[0], common.cdiv(nh, bn)),
       out_shape=common.result((m, nh), jnp.float32, *v, *args),
-      compiler_params=_PARAMS, interpret=interpret, name=name)(v.group, v.tile, v.count,
-                                                                v.bounds, *args)
+      compiler_params=_PARAMS, interpret=interpret, name=name)(
+          v.group, v.tile, v.count, v.bounds, *args,
+          *(() if smooth is None else (smooth.astype(jnp.float32),)))
   # the XLA path's own quantizer (fp8 / fp4 codes as their bits), on whole rows
   if mx_out:
     q, qs = epilogue.quantize_mx_rows(s, out_dtype, as_bits=True)
@@ -184,12 +190,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                      out_dtype=jnp.int8, qmax: float = epilogue.INT8_QMAX,
                      mx_out: bool = False,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Fused op on canonical operands, A8W8 or (with `assist`) A8W4; arguments and
-  results as `pallas_kernels.tpu.gmm_swiglu_quant`, and `mx_out`: MX codes of out_dtype
-  (fp4: one a byte) with e8m0 scale bytes uint8 `[m, ceil(n/64)]` (`_fused_call`).
-  No A4W4 (`supports`)."""
-  if a4w4 or smooth is not None:
-    raise NotImplementedError("the GPU kernel has no A4W4 (`supports`)")
+  """Fused op on canonical operands, A8W8, A8W4 (with `assist`) or A4W4 (`a4w4`: int8
+  x holding int4 values); arguments and results as `pallas_kernels.tpu.gmm_swiglu_quant`,
+  and `mx_out`: MX codes of out_dtype (fp4: one a byte) with e8m0 scale bytes uint8
+  `[m, ceil(n/64)]` (`_fused_call`)."""
+  if smooth is not None and not a4w4:
+    raise ValueError("smooth: expected None unless a4w4 (A4W4's smooth scale)")
   m, k = x.shape
   n = w.shape[2]
   groups = w_scale.shape[1]
@@ -236,12 +242,14 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       return (epilogue.finish_a8w4(f_a, assist_of(t.cols_a), x_scale_col),
               epilogue.finish_a8w4(f_g, assist_of(t.cols_g), x_scale_col))
     acc_a, acc_g = lax.fori_loop(0, k_tiles, k_step, (zero, zero))
-    return (epilogue.dequant_a8w8(acc_a, per_col(s_ref, 0, t.cols_a), x_scale_col),
-            epilogue.dequant_a8w8(acc_g, per_col(s_ref, 0, t.cols_g), x_scale_col))
+    dequant = epilogue.dequant_a4w4 if a4w4 else epilogue.dequant_a8w8
+    return (dequant(acc_a, per_col(s_ref, 0, t.cols_a), x_scale_col),
+            dequant(acc_g, per_col(s_ref, 0, t.cols_g), x_scale_col))
 
   return _fused_call(halves, [x, w, w_scale.astype(jnp.float32), x_scale, *extra], ends,
-                     start=start, m=m, nh=n // 2, tiles=tiles, out_dtype=out_dtype, qmax=qmax, mx_out=mx_out,
-                     interpret=interpret, name="npu_gmm_swiglu_quant")
+                     start=start, m=m, nh=n // 2, tiles=tiles, out_dtype=out_dtype, qmax=qmax,
+                     mx_out=mx_out, interpret=interpret, name="npu_gmm_swiglu_quant",
+                     smooth=smooth)
 
 
 def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale: jax.Array,

@@ -95,13 +95,14 @@ def test_tpu_gmm_vjp_reads_the_weights_in_place():
 
 @needs["tpu"]
 @pytest.mark.parametrize("name", [pytest.param("fused A8W4 per group (G=4)", marks=slow),
-                                  "fused A8W4 int32 words"])
-def test_tpu_a8w4_reads_int4_weights_in_place(name):
+                                  "fused A8W4 int32 words", "fused A4W4 m=4096 e=16"])
+def test_tpu_int4_weights_are_read_in_place(name):
   """jnp.int4 weights go to the kernel as they are (widened block by block in VMEM), and
-  the k-group column sums are summed there too: no pass over the weights outside the kernel
-  (1.13x the ideal bytes measured; 5.06x when XLA summed them). int32-word weights
+  A8W4's k-group column sums are summed there too: no pass over the weights outside the
+  kernel (1.13x the ideal bytes measured; 5.06x when XLA summed them). int32-word weights
   (torch_npu's int4pack) likewise, as the TPU holds them (k-minor: no relayout copy),
-  unpacked in VMEM (30.6x when XLA unpacked them through an int32 per value)."""
+  unpacked in VMEM (30.6x when XLA unpacked them through an int32 per value). A4W4's
+  tokens in int32 words too (6.3x when XLA unpacked them)."""
   r = report("v5e", name)
   assert r.compiled and r.kernels == 1
   assert r.temp_bytes <= 0.10 * r.io_bytes, f"temp {r.temp_bytes} for io {r.io_bytes}"
@@ -238,6 +239,7 @@ GPU_CASES = [("a100", "fused A8W8 m=4096 e=16", 0.25),
              # fp8 bits (no fp8 conversion before sm_89), MX inputs and output
              ("a100", "fused MX in, MX fp8 out m=4096 e=16 (GPU kernel)", 0.36),
              pytest.param("a100", "fused A8W4 per group (G=4)", 2.2, marks=slow),
+             pytest.param("h100", "fused A4W4 m=4096 e=16", 2.3, marks=slow),
              pytest.param("h100", "gmm fp32 m=4096 e=16", 0.01, marks=slow),
              pytest.param("a100", "tgmm fp32 m=4096 e=16", 0.01, marks=slow),
              pytest.param("a100", "gmm vjp fp32 precision=highest", 0.01, marks=slow),
