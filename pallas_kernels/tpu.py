@@ -56,13 +56,11 @@ _VMEM_LIMIT = 64 * 2**20
 
 
 def supports(p: common.Problem) -> str | None:
-  """Why these kernels cannot run problem `p` (None: they can): no MX kernels (MX inputs
-  and MX output run on the XLA path under implementation=None), no float16 gmm / tgmm,
-  beyond what neither backend does (`common.shared_gap`)."""
+  """Why these kernels cannot run problem `p` (None: they can): no MX inputs (the XLA path
+  under implementation=None), no float16 gmm / tgmm, beyond what neither backend does
+  (`common.shared_gap`)."""
   if p.op == "fused_mx":
     return "MX inputs (dequant_mode=2)"
-  if p.op == "fused" and p.mx_out:
-    return "MX output (quant_mode=2)"
   if p.op in ("gmm", "tgmm") and "float16" in (p.dtype, p.out_dtype):
     return "float16 operands or output (Mosaic loads and stores no float16 vectors)"
   return common.shared_gap(p)
@@ -344,12 +342,14 @@ def _unpack_words(words: jax.Array, n: int, put) -> None:
 
 
 def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
-               widened: bool = False, lhs_words: bool = False) -> FusedPlan:
+               widened: bool = False, lhs_words: bool = False, out_bytes: int = 1
+               ) -> FusedPlan:
   """Weight-stationary when an expert's `[k, n]` int8 weight, double-buffered, fits;
   else k tiles of at most tiles.block_k (a divisor of the k group for A8W4). int4
   weights (`widened`: A8W4, A4W4) are held as int8 values in one more `[block_k, n]`
   VMEM block. x in int32 words (`lhs_words`, A4W4) takes k tiles of 1024 columns or
-  more (its blocks' 128 words a row or more: a TPU's lanes), else k whole."""
+  more (its blocks' 128 words a row or more: a TPU's lanes), else k whole. `out_bytes`:
+  an output value's (1: codes; 4: float32 SwiGLU values, for MX output)."""
   gs = k // groups
   if 2 * k * n <= _RESIDENT_WEIGHT_BYTES:
     bk = k
@@ -364,9 +364,9 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
       bk //= 2
   bm = tiles.block_m
   # x tile (int8, 2 buffers), weight (2 buffers), int32 and float32 row accumulators, the
-  # int8 output (2 buffers) and the epilogue's float32 temporaries (~4 per SwiGLU column).
+  # output (2 buffers) and the epilogue's float32 temporaries (~4 per SwiGLU column).
   need = lambda bm: (2 * bm * bk + (3 if widened else 2) * bk * n + 8 * bm * n
-                    + 2 * bm * (n // 2) + 16 * bm * (n // 2))
+                    + 2 * out_bytes * bm * (n // 2) + 16 * bm * (n // 2))
   while bm > 32 and need(bm) > _VMEM_PLAN:
     bm //= 2
   return FusedPlan(block_m=bm, block_k=bk, k_tiles=common.cdiv(k, bk))
@@ -463,10 +463,14 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     tiles: block sizes (`block_n` unused: a row is computed whole);
     out_dtype, qmax: the per-token codes (int8 and 127, or an fp8 type and its largest
       finite value: `epilogue.codes_for_amax`);
+    mx_out: MX codes of out_dtype instead (semantics B.1.6): the kernel writes the SwiGLU
+      values, float32 `[m, n/2]`, and XLA quantizes them in blocks of 32 along a row
+      (`epilogue.quantize_mx_rows`, the XLA path's quantizer, as the GPU kernel does);
     interpret: run in Pallas interpret mode (any backend).
 
   Returns:
-    (q `[m, n/2]` of out_dtype, scale float32 `[m]`), rows past the last end 0.
+    (q `[m, n/2]` of out_dtype, scale float32 `[m]`, or e8m0 bytes uint8
+    `[m, ceil(n/64)]` with `mx_out`), rows past the last end 0.
 
   Grid (visit, k tile). Each step multiplies an x tile by the `[block_k, n]` weight
   tile of its group (both SwiGLU halves) into an int32 row accumulator `[block_m, n]`;
@@ -478,8 +482,6 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   run (`WEIGHT_BUFFERS`), in pieces of k that an expert's first visit multiplies as they
   arrive (`weight_pieces`; int4 weights whole); k tiles come through the grid's pipeline.
   """
-  if mx_out:
-    raise NotImplementedError("the TPU kernel has no MX output (`supports`)")
   x_words = x.dtype == jnp.int32  # A4W4's tokens as torch_npu packs them: unpacked in VMEM
   m, k = x.shape[0], x.shape[1] * (8 if x_words else 1)
   e, n = w.shape[0], w_scale.shape[-1]
@@ -499,7 +501,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     raise ValueError("x: expected int32 words only for A4W4")
   if m == 0:  # no rows, no grid
     return jnp.zeros((0, nh), out_dtype), jnp.zeros((0,), jnp.float32)
-  plan = fused_plan(m, k, n, groups, tiles, widened=widen, lhs_words=x_words)
+  plan = fused_plan(m, k, n, groups, tiles, widened=widen, lhs_words=x_words,
+                    out_bytes=4 if mx_out else 1)
   bm, bk, k_tiles = plan.block_m, plan.block_k, plan.k_tiles
   gpt = max(bk // gs, 1)            # k groups closed inside one k tile (bk >= gs)
   # k tiles one k group spans (bk < gs; per channel the last may be partial: k % bk)
@@ -539,7 +542,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     if by_hand:
       run_ref, expert_ref, *refs = refs
     x_ref, w_ref, s_ref, xs_ref, *refs = refs
-    *refs, xs_col, qs_col = refs  # the tile's per-row scales as columns
+    # the tile's per-row scales as columns (MX output: the SwiGLU values, no scales)
+    *refs, xs_col, qs_col = refs if not mx_out else (*refs, None)
     if by_hand:
       *refs, w_buf, w_sem = refs
     if x_words:
@@ -547,11 +551,15 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     if widen:
       *refs, wv_ref = refs
     if a8w4:
-      a_ref, q_ref, qs_ref, acc, f, cs = refs
+      a_ref, *refs = refs
     elif smooth is not None:
-      sm_ref, q_ref, qs_ref, acc = refs
-    else:
-      q_ref, qs_ref, acc = refs
+      sm_ref, *refs = refs
+    q_ref, *refs = refs
+    if not mx_out:
+      qs_ref, *refs = refs
+    acc, *refs = refs
+    if a8w4:
+      f, cs = refs
     c, t, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     i = c * per_core + t  # this core's visit t
     g = gid_ref[i]
@@ -667,8 +675,11 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       s = epilogue.swiglu_halves(act, gate)
       if smooth is not None:
         s = s * sm_ref[...]
-      q, scale = epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype)
       rows_r = common.group_rows(ends_ref, g, r0 + r.start, r.size)
+      if mx_out:  # the values, quantized in blocks by XLA
+        q_ref[r] = jnp.where(rows_r, s, q_ref[r])
+        return
+      q, scale = epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype)
       q_ref[r] = jnp.where(rows_r, q, q_ref[r])
       qs_col[r] = jnp.where(rows_r, scale, qs_col[r])
 
@@ -682,11 +693,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     @pl.when(last_step & ~real)  # head and tail rows are 0
     def _():
       q_ref[...] = jnp.where(rows, jnp.zeros((), q_ref.dtype), q_ref[...])
-      qs_col[...] = jnp.where(rows, 0.0, qs_col[...])
+      if not mx_out:
+        qs_col[...] = jnp.where(rows, 0.0, qs_col[...])
 
     # The output block stays over the row tile's visits, each finishing its rows in qs_col;
     # the last one's rows are those written back.
-    pl.when(last_step)(lambda: _to_rows(qs_col, qs_ref))
+    if not mx_out:
+      pl.when(last_step)(lambda: _to_rows(qs_col, qs_ref))
 
   # Index maps (head and tail visits read the blocks of the nearest real visit: no copy).
   # The scalar-prefetch operands are `v`'s fields, in order.
@@ -732,7 +745,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   if by_hand:
     scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *w.shape[1:]), w.dtype),
                 pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS, pieces))]
-  scratch += [pltpu.VMEM((bm, 1), jnp.float32)] * 2  # x_scale, the output's scales
+  scratch += [pltpu.VMEM((bm, 1), jnp.float32)] * (1 if mx_out else 2)  # x_scale, the
+  # output's scales
   visits = cores * per_core  # the static bound of the grid
   weight_reads = num_groups if plan.resident else visits  # per visit when k is tiled
   w_bytes = w.size // e * jnp.iinfo(w.dtype).bits // 8  # one expert's
@@ -741,24 +755,27 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       flops=2 * m * k * n, transcendentals=m * nh,
       bytes_accessed=(x_reads * bm * x.shape[1] * x.dtype.itemsize  # words: k / 2 a row
                       + weight_reads * (w_bytes + 4 * groups * n)
-                      + 4 * m + m * nh + 4 * m))
-  q, qs = pl.pallas_call(
+                      + 4 * m + m * nh * (4 if mx_out else 1) + (0 if mx_out else 4 * m)))
+  out_specs = [pl.BlockSpec((*lead_block, bm, nh), row)]
+  out_shape = [common.result((*lead, m, nh), jnp.float32 if mx_out else out_dtype, *v, *args)]
+  if not mx_out:
+    out_specs.append(pl.BlockSpec((*lead_block, bm // lanes, 1, lanes), row3))
+    out_shape.append(common.result((*lead, m_rows, 1, lanes), jnp.float32, *v, *args))
+  q, *qs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(v) + len(runs), grid=(cores, _steps(v.count), k_tiles),
-          in_specs=in_specs,
-          out_specs=[pl.BlockSpec((*lead_block, bm, nh), row),
-                     pl.BlockSpec((*lead_block, bm // lanes, 1, lanes), row3)],
-          scratch_shapes=scratch),
-      out_shape=[common.result((*lead, m, nh), out_dtype, *v, *args),
-                 common.result((*lead, m_rows, 1, lanes), jnp.float32, *v, *args)],
+          in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch),
+      out_shape=out_shape,
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
       interpret=interpret, name="npu_gmm_swiglu_quant")(*v, *runs, *args)
-  qs = qs.reshape(*lead, m_rows * lanes)[..., :m]
-  if by_visits:  # each row from the core that holds its group (the other's copy: garbage)
-    second = jnp.arange(m) >= split_row
-    q, qs = jnp.where(second[:, None], q[1], q[0]), jnp.where(second, qs[1], qs[0])
-  return q, qs
+  # each row from the core that holds its group (by visits; the other's copy: garbage)
+  by_row = ((lambda a: a) if not by_visits else lambda a: jnp.where(
+      (jnp.arange(m) >= split_row).reshape((m,) + (1,) * (a.ndim - 2)), a[1], a[0]))
+  if mx_out:  # the XLA path's quantizer, on whole rows (fp8 / fp4 codes as their bits)
+    q, qs = epilogue.quantize_mx_rows(by_row(q), out_dtype, as_bits=True)
+    return epilogue.codes_from_bits(q, out_dtype), qs
+  return by_row(q), by_row(qs[0].reshape(*lead, m_rows * lanes)[..., :m])
 
 
 def _to_column(rows_ref, col_ref) -> None:

@@ -469,7 +469,7 @@ def test_kernels_take_more_experts_than_rows(impl):
   assert int(v.count[0]) <= m
 
 
-@pytest.mark.parametrize("case", ["spread", "one_group", "offset", "a8w4_words"])
+@pytest.mark.parametrize("case", ["spread", "one_group", "offset", "a8w4_words", "a4w4_mx"])
 def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
   """On a v5p, a few rows over many experts (fewer row tiles than groups) split their
   visits between the two TensorCores at a group boundary (`tpu_visits.two_cores`): a row
@@ -477,7 +477,8 @@ def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
   taken from the core that holds their group. Codes against the NumPy reference; with
   group_offset, 48 local experts of 64 from the eighth; A8W4 from int32 words (each core
   unpacks its experts' weights on their first visit); "spread" with k = 768, its weights in
-  3 pieces (`tpu.weight_pieces`)."""
+  3 pieces (`tpu.weight_pieces`); A4W4 (tokens in int32 words) with MX output, whose
+  SwiGLU values each core writes for XLA to quantize (codes and scale bytes bit for bit)."""
   from pallas_kernels import common, tpu_tiles, tpu_visits  # noqa: PLC0415
   m, k, n, e = 40, 768 if case == "spread" else 128, 256, 64
   rng = np.random.default_rng(22)
@@ -489,25 +490,35 @@ def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
     counts[3], counts[60] = 9, 6
   offset = 8 if case == "offset" else None
   local = slice(offset or 0, (offset or 0) + 48 if offset else e)
-  a8w4 = case == "a8w4_words"
-  x = rng.integers(-128, 128, (m, k), dtype=np.int8)
-  w = rng.integers(*((-8, 8) if a8w4 else (-128, 128)), (e, k, n), dtype=np.int8)[local]
+  a8w4, a4w4 = case == "a8w4_words", case == "a4w4_mx"
+  int4 = (-8, 8)
+  x = rng.integers(*(int4 if a4w4 else (-128, 128)), (m, k), dtype=np.int8)
+  w = rng.integers(*(int4 if a8w4 or a4w4 else (-128, 128)), (e, k, n), dtype=np.int8)[local]
   w_scale = (rng.uniform(0.5, 1.5, (e, n)) * (1e-3 if a8w4 else 1e-4)).astype(np.float32)[local]
   x_scale = rng.uniform(0.5, 1.5, (m,)).astype(np.float32)
   assist = ref.canonical_assist(w, w_scale[:, None]) if a8w4 else None
+  mx = dict(quant_mode=2, quant_dtype=jnp.float8_e4m3fn) if a4w4 else {}
   token = tpu_tiles.CHIP.set("v5p")
   try:
     q, s = npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-        x, ref.pack_int4(w) if a8w4 else w, w_scale, x_scale, counts, group_list_type=1,
-        group_offset=offset, weight_assist_matrix=assist, implementation="pallas_tpu",
-        interpret=True, tiles=npu_ops.TileSizes(32, 128, 128))
+        ref.pack_int4(x) if a4w4 else x, ref.pack_int4(w) if a8w4 or a4w4 else w, w_scale,
+        x_scale, counts, group_list_type=1, group_offset=offset, weight_assist_matrix=assist,
+        implementation="pallas_tpu", interpret=True, tiles=npu_ops.TileSizes(32, 128, 128),
+        **mx)
   finally:
     tpu_tiles.CHIP.reset(token)
   bounds = ref.group_bounds(counts, 1)[local]
-  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, bounds,
-                                    scenario="A8W4" if a8w4 else "A8W8", assist=assist)
-  assert_int8_equal(q, want_q)
-  assert_scale_close(s, want_s)
+  scenario = "A8W4" if a8w4 else "A4W4" if a4w4 else "A8W8"
+  want_q, want_s = ref.swiglu_quant(x, w, w_scale, x_scale, bounds, scenario=scenario,
+                                    assist=assist,
+                                    out=("mx", "float8_e4m3fn") if a4w4 else "int8")
+  if a4w4:  # MX codes and e8m0 scale bytes, bit for bit
+    bits = lambda a: np.asarray(a).view(np.uint8)
+    np.testing.assert_array_equal(bits(q), bits(want_q))
+    np.testing.assert_array_equal(bits(s), bits(want_s))
+  else:
+    assert_int8_equal(q, want_q)
+    assert_scale_close(s, want_s)
   ends = jnp.cumsum(jnp.asarray(counts, jnp.int32))
   one = common.row_visits(ends, m, 32)
   two, _, _, row = tpu_visits.two_cores(one, m, 32, by_visits=True, interpret=True)
