@@ -365,11 +365,24 @@ def quantize_mx_blocks(s: jax.Array, dtype, *, as_bits: bool = False,
   values next to a normal one are scaled from their bits (XLA:CPU and TPU arithmetic reads
   them as 0; the fused op's epilogue goes without, as in `codes_for_amax`).
   """
+  v, fields = mx_fields(s)
+  return mx_codes(v, jnp.max(fields, axis=-1, keepdims=True), dtype, as_bits=as_bits,
+                  exact_subnormals=exact_subnormals)
+
+
+def mx_fields(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(s rounded to bfloat16, as float32; its exponent fields, int32 0..255)."""
+  v = s.astype(jnp.bfloat16).astype(jnp.float32)
+  return v, (jax.lax.bitcast_convert_type(v, jnp.int32) >> 23) & 0xFF
+
+
+def mx_codes(v: jax.Array, block_exp: jax.Array, dtype, *, as_bits: bool = False,
+             exact_subnormals: bool = False) -> tuple[jax.Array, jax.Array]:
+  """`quantize_mx_blocks`'s codes and scale bytes of the bfloat16-rounded values `v`
+  (`mx_fields`) given their blocks' largest exponent field `block_exp` (any shape that
+  broadcasts against v: one per block, or one per value)."""
   dtype = jnp.dtype(dtype)
   emax = MX_EMAX[dtype.name]
-  v = s.astype(jnp.bfloat16).astype(jnp.float32)
-  exp_field = (jax.lax.bitcast_convert_type(v, jnp.int32) >> 23) & 0xFF
-  block_exp = jnp.max(exp_field, axis=-1, keepdims=True)
   e = jnp.maximum(block_exp, emax) - emax
   # 2**(127 - e), a normal float32 for every e <= 255 - emax (emax >= 1)
   multiplier = jax.lax.bitcast_convert_type((254 - e) << 23, jnp.float32)

@@ -463,8 +463,10 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     tiles: block sizes (`block_n` unused: a row is computed whole);
     out_dtype, qmax: the per-token codes (int8 and 127, or an fp8 type and its largest
       finite value: `epilogue.codes_for_amax`);
-    mx_out: MX codes of out_dtype instead (semantics B.1.6): the kernel writes the SwiGLU
-      values, float32 `[m, n/2]`, and XLA quantizes them in blocks of 32 along a row
+    mx_out: MX codes of out_dtype instead (semantics B.1.6), in blocks of 32 along a row:
+      quantized in the kernel (`epilogue.mx_codes`; each block's largest exponent by a
+      butterfly of lane rotations, `_segment_max`) where n/2 is a multiple of 128; else
+      the kernel writes the SwiGLU values, float32 `[m, n/2]`, and XLA quantizes them
       (`epilogue.quantize_mx_rows`, the XLA path's quantizer, as the GPU kernel does);
     interpret: run in Pallas interpret mode (any backend).
 
@@ -501,8 +503,10 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     raise ValueError("x: expected int32 words only for A4W4")
   if m == 0:  # no rows, no grid
     return jnp.zeros((0, nh), out_dtype), jnp.zeros((0,), jnp.float32)
+  mx_blocks = mx_out and nh % 128 == 0  # MX blocks quantized in the kernel
+  mx_values = mx_out and not mx_blocks   # else its SwiGLU values, quantized by XLA
   plan = fused_plan(m, k, n, groups, tiles, widened=widen, lhs_words=x_words,
-                    out_bytes=4 if mx_out else 1)
+                    out_bytes=4 if mx_values else 1)
   bm, bk, k_tiles = plan.block_m, plan.block_k, plan.k_tiles
   gpt = max(bk // gs, 1)            # k groups closed inside one k tile (bk >= gs)
   # k tiles one k group spans (bk < gs; per channel the last may be partial: k % bk)
@@ -555,7 +559,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     elif smooth is not None:
       sm_ref, *refs = refs
     q_ref, *refs = refs
-    if not mx_out:
+    if not mx_values:
       qs_ref, *refs = refs
     acc, *refs = refs
     if a8w4:
@@ -676,8 +680,15 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       if smooth is not None:
         s = s * sm_ref[...]
       rows_r = common.group_rows(ends_ref, g, r0 + r.start, r.size)
-      if mx_out:  # the values, quantized in blocks by XLA
+      if mx_values:  # the values, quantized in blocks by XLA
         q_ref[r] = jnp.where(rows_r, s, q_ref[r])
+        return
+      if mx_blocks:  # codes as their bits, and each block's scale byte
+        v, fields = epilogue.mx_fields(s)
+        codes, scale = epilogue.mx_codes(v, _segment_max(fields, epilogue.MX_BLOCK), out_dtype,
+                                         as_bits=True)
+        q_ref[r] = jnp.where(rows_r, codes, q_ref[r])
+        qs_ref[r] = jnp.where(rows_r, _segment_firsts(scale, epilogue.MX_BLOCK), qs_ref[r])
         return
       q, scale = epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype)
       q_ref[r] = jnp.where(rows_r, q, q_ref[r])
@@ -693,7 +704,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     @pl.when(last_step & ~real)  # head and tail rows are 0
     def _():
       q_ref[...] = jnp.where(rows, jnp.zeros((), q_ref.dtype), q_ref[...])
-      if not mx_out:
+      if mx_blocks:
+        qs_ref[...] = jnp.where(rows, jnp.zeros((), qs_ref.dtype), qs_ref[...])
+      elif not mx_out:
         qs_col[...] = jnp.where(rows, 0.0, qs_col[...])
 
     # The output block stays over the row tile's visits, each finishing its rows in qs_col;
@@ -755,10 +768,15 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       flops=2 * m * k * n, transcendentals=m * nh,
       bytes_accessed=(x_reads * bm * x.shape[1] * x.dtype.itemsize  # words: k / 2 a row
                       + weight_reads * (w_bytes + 4 * groups * n)
-                      + 4 * m + m * nh * (4 if mx_out else 1) + (0 if mx_out else 4 * m)))
+                      + 4 * m + m * nh * (4 if mx_values else 1)
+                      + (m * nh // 32 if mx_blocks else 0 if mx_out else 4 * m)))
+  q_dtype = jnp.float32 if mx_values else jnp.uint8 if mx_blocks else out_dtype
   out_specs = [pl.BlockSpec((*lead_block, bm, nh), row)]
-  out_shape = [common.result((*lead, m, nh), jnp.float32 if mx_out else out_dtype, *v, *args)]
-  if not mx_out:
+  out_shape = [common.result((*lead, m, nh), q_dtype, *v, *args)]
+  if mx_blocks:  # e8m0 scale bytes, one a block
+    out_specs.append(pl.BlockSpec((*lead_block, bm, nh // epilogue.MX_BLOCK), row))
+    out_shape.append(common.result((*lead, m, nh // epilogue.MX_BLOCK), jnp.uint8, *v, *args))
+  elif not mx_out:
     out_specs.append(pl.BlockSpec((*lead_block, bm // lanes, 1, lanes), row3))
     out_shape.append(common.result((*lead, m_rows, 1, lanes), jnp.float32, *v, *args))
   q, *qs = pl.pallas_call(
@@ -772,10 +790,36 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   # each row from the core that holds its group (by visits; the other's copy: garbage)
   by_row = ((lambda a: a) if not by_visits else lambda a: jnp.where(
       (jnp.arange(m) >= split_row).reshape((m,) + (1,) * (a.ndim - 2)), a[1], a[0]))
-  if mx_out:  # the XLA path's quantizer, on whole rows (fp8 / fp4 codes as their bits)
+  if mx_values:  # the XLA path's quantizer, on whole rows (fp8 / fp4 codes as their bits)
     q, qs = epilogue.quantize_mx_rows(by_row(q), out_dtype, as_bits=True)
     return epilogue.codes_from_bits(q, out_dtype), qs
+  if mx_blocks:
+    return epilogue.codes_from_bits(by_row(q), out_dtype), by_row(qs[0])
   return by_row(q), by_row(qs[0].reshape(*lead, m_rows * lanes)[..., :m])
+
+
+def _segment_max(a: jax.Array, size: int) -> jax.Array:
+  """Each lane of `a [rows, c]` (c a multiple of 128) holds the largest of its segment of
+  `size` lanes (a power of two): a butterfly over the lane index's low bits, each step a
+  max with the lane `d` away in the segment (lane rotations both ways, picked by bit d)."""
+  lane = lax.broadcasted_iota(jnp.int32, a.shape, 1)
+  d = 1
+  while d < size:
+    a = jnp.maximum(a, jnp.where((lane & d) != 0, pltpu.roll(a, d, 1),
+                                 pltpu.roll(a, a.shape[1] - d, 1)))
+    d *= 2
+  return a
+
+
+def _segment_firsts(a: jax.Array, size: int) -> jax.Array:
+  """`a [rows, c]` (uint8) -> `[rows, c / size]`: the first lane of each segment of `size`,
+  picked by a product with a 0 / 1 matrix (exact: values under 256, one term a sum)."""
+  c = a.shape[1]
+  pick = (lax.broadcasted_iota(jnp.int32, (c, c // size), 0)
+          == size * lax.broadcasted_iota(jnp.int32, (c, c // size), 1)).astype(jnp.float32)
+  firsts = jnp.dot(a.astype(jnp.int32).astype(jnp.float32), pick,
+                   preferred_element_type=jnp.float32)
+  return firsts.astype(jnp.int32).astype(jnp.uint8)
 
 
 def _to_column(rows_ref, col_ref) -> None:

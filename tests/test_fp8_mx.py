@@ -529,16 +529,21 @@ def test_mx_inputs_read_nan_codes_as_nan(impl):
 
 
 @pytest.mark.parametrize("impl", kernels_for("fused_A8W8_mx_out"))
-@pytest.mark.parametrize("scenario,out", [("A8W8", "float4_e2m1fn"), ("A4W4", "float8_e4m3fn")])
-def test_kernel_mx_output(impl, scenario, out):
-  """MX output from the int8 kernels that declare it (interpret mode): each writes the
-  SwiGLU values, which the XLA path's quantizer turns into codes and scale bytes, bit for
-  bit as on the XLA path. A4W4 with its tokens in int32 words and a smooth scale."""
+@pytest.mark.parametrize("scenario,out,n", [
+    ("A8W8", "float4_e2m1fn", 200), ("A8W8", "float8_e5m2", 512),
+    ("A4W4", "float8_e4m3fn", 512), ("A4W4", "float4_e2m1fn", 200)])
+def test_kernel_mx_output(impl, scenario, out, n):
+  """MX output from the int8 kernels that declare it (interpret mode), bit for bit as on
+  the XLA path and as the golden: the GPU kernel writes the SwiGLU values, which the XLA
+  path's quantizer turns into codes and scale bytes; the TPU kernel quantizes the blocks
+  itself where n/2 is a multiple of 128 (n = 512), else as the GPU's (n/2 = 100: a short
+  last block). A4W4 with its tokens in int32 words and a smooth scale."""
   from helpers import int4_array  # noqa: PLC0415
   counts = [30, 0, 41]
-  x, w, ws, xs = int_case(7, scenario, 80, 128, 200, 3)  # n/2 = 100: a short last block
+  x, w, ws, xs = int_case(7, scenario, 80, 128, n, 3)
   a4w4 = scenario == "A4W4"
-  smooth = np.random.default_rng(8).uniform(0.5, 2, (3, 100)).astype(np.float32) if a4w4 else None
+  smooth = (np.random.default_rng(8).uniform(0.5, 2, (3, n // 2)).astype(np.float32)
+            if a4w4 else None)
   op = lambda **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
       ref.pack_int4(x) if a4w4 else x, int4_array(w) if a4w4 else w, ws, xs, jnp.asarray(counts),
       group_list_type=1, smooth_scale=smooth, quant_mode=2, quant_dtype=getattr(jnp, out), **kw)
