@@ -381,31 +381,46 @@ def mx_codes(v: jax.Array, block_exp: jax.Array, dtype, *, as_bits: bool = False
   """`quantize_mx_blocks`'s codes and scale bytes of the bfloat16-rounded values `v`
   (`mx_fields`) given their blocks' largest exponent field `block_exp` (any shape that
   broadcasts against v: one per block, or one per value)."""
-  dtype = jnp.dtype(dtype)
-  emax = MX_EMAX[dtype.name]
+  multiplier, nan_block, scale = mx_block_terms(block_exp, dtype)
+  return mx_scaled_codes(v, multiplier, nan_block, dtype, as_bits=as_bits,
+                         block_exp=block_exp if exact_subnormals else None), scale
+
+
+def mx_block_terms(block_exp: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A block's (multiplier `2**(127 - e)`, 0 where E = 0; whether it holds an inf or NaN;
+  its scale byte, uint8) from its largest exponent field E (`quantize_mx_blocks`)."""
+  emax = MX_EMAX[jnp.dtype(dtype).name]
   e = jnp.maximum(block_exp, emax) - emax
   # 2**(127 - e), a normal float32 for every e <= 255 - emax (emax >= 1)
   multiplier = jax.lax.bitcast_convert_type((254 - e) << 23, jnp.float32)
   multiplier = jnp.where(block_exp == 0, 0.0, multiplier)
+  nan_block = block_exp == E8M0_NAN
+  scale = jnp.where(nan_block, E8M0_NAN, jnp.where(block_exp == 0, 0, e))
+  return multiplier, nan_block, scale.astype(jnp.uint8)
+
+
+def mx_scaled_codes(v: jax.Array, multiplier: jax.Array, nan_block: jax.Array, dtype, *,
+                    as_bits: bool = False, block_exp: jax.Array | None = None) -> jax.Array:
+  """The codes of `v` given its block's `mx_block_terms` (broadcast against v); with
+  `block_exp`, subnormal values scaled from their bits (`quantize_mx_blocks`'s
+  `exact_subnormals`)."""
+  dtype = jnp.dtype(dtype)
   top = float(jnp.finfo(dtype).max)
   # value * 2**k of a bfloat16 is a bfloat16 (or far below the element type's grid)
   scaled = v * multiplier
-  if exact_subnormals:  # mantissa * 2**-149 * 2**(127 - e) = mantissa * 2**(-22 - e), exact
-    # (normal factors); past e = 104 it is below 2**-104, far below every code (bits 0)
+  if block_exp is not None:  # mantissa * 2**-149 * 2**(127 - e) = mantissa * 2**(-22 - e),
+    # exact (normal factors); past e = 104 it is below 2**-104, far below every code (bits 0)
+    e = jnp.maximum(block_exp, MX_EMAX[dtype.name]) - MX_EMAX[dtype.name]
     vbits = jax.lax.bitcast_convert_type(v, jnp.int32)
     sub = ((vbits & 0x7F800000) == 0) & (block_exp > 0)
     sub_mag = (vbits & 0x7FFFFF).astype(jnp.float32) * jax.lax.bitcast_convert_type(
         jnp.maximum(105 - e, 0) << 23, jnp.float32)
     scaled = jnp.where(sub, jnp.where(vbits < 0, -sub_mag, sub_mag), scaled)
   codes = jnp.clip(scaled, -top, top)
-  nan_block = block_exp == E8M0_NAN
   fp8 = jnp.finfo(dtype).bits == 8
   if as_bits:
-    codes = jnp.where(nan_block, 0x7F if fp8 else 0, float8_bits(codes, dtype))
-  else:
-    codes = jnp.where(nan_block, jnp.asarray(jnp.nan if fp8 else 0.0, dtype), codes.astype(dtype))
-  scale = jnp.where(nan_block, E8M0_NAN, jnp.where(block_exp == 0, 0, e))
-  return codes, scale.astype(jnp.uint8)
+    return jnp.where(nan_block, 0x7F if fp8 else 0, float8_bits(codes, dtype))
+  return jnp.where(nan_block, jnp.asarray(jnp.nan if fp8 else 0.0, dtype), codes.astype(dtype))
 
 
 def quantize_mx_rows(s: jax.Array, dtype, *, as_bits: bool = False,

@@ -464,8 +464,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     out_dtype, qmax: the per-token codes (int8 and 127, or an fp8 type and its largest
       finite value: `epilogue.codes_for_amax`);
     mx_out: MX codes of out_dtype instead (semantics B.1.6), in blocks of 32 along a row:
-      quantized in the kernel (`epilogue.mx_codes`; each block's largest exponent by a
-      butterfly of lane rotations, `_segment_max`) where n/2 is a multiple of 128; else
+      quantized in the kernel (`_mx_quantize`) where n/2 is a multiple of 128; else
       the kernel writes the SwiGLU values, float32 `[m, n/2]`, and XLA quantizes them
       (`epilogue.quantize_mx_rows`, the XLA path's quantizer, as the GPU kernel does);
     interpret: run in Pallas interpret mode (any backend).
@@ -684,11 +683,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         q_ref[r] = jnp.where(rows_r, s, q_ref[r])
         return
       if mx_blocks:  # codes as their bits, and each block's scale byte
-        v, fields = epilogue.mx_fields(s)
-        codes, scale = epilogue.mx_codes(v, _segment_max(fields, epilogue.MX_BLOCK), out_dtype,
-                                         as_bits=True)
+        codes, scale = _mx_quantize(s, out_dtype)
         q_ref[r] = jnp.where(rows_r, codes, q_ref[r])
-        qs_ref[r] = jnp.where(rows_r, _segment_firsts(scale, epilogue.MX_BLOCK), qs_ref[r])
+        qs_ref[r] = jnp.where(rows_r, scale, qs_ref[r])
         return
       q, scale = epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype)
       q_ref[r] = jnp.where(rows_r, q, q_ref[r])
@@ -798,28 +795,32 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   return by_row(q), by_row(qs[0].reshape(*lead, m_rows * lanes)[..., :m])
 
 
-def _segment_max(a: jax.Array, size: int) -> jax.Array:
-  """Each lane of `a [rows, c]` (c a multiple of 128) holds the largest of its segment of
-  `size` lanes (a power of two): a butterfly over the lane index's low bits, each step a
-  max with the lane `d` away in the segment (lane rotations both ways, picked by bit d)."""
-  lane = lax.broadcasted_iota(jnp.int32, a.shape, 1)
+def _mx_quantize(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """MX codes of `s [rows, c]` (c a multiple of 128) in blocks of 32 along a row, as their
+  bits (uint8 `[rows, c]`), and the blocks' scale bytes (uint8 `[rows, c / 32]`), as
+  `epilogue.quantize_mx_rows` gives them. Each block's largest exponent field reaches its
+  last lane through five lane rotations (lane j: the largest of lanes j - 31 .. j); a
+  product with a 0 / 1 matrix picks those lanes out, the block's terms are computed once a
+  block (`epilogue.mx_block_terms`), and such products spread its multiplier and its NaN
+  flag back over its lanes. The products are exact in bfloat16, one MXU pass: integers
+  under 256, powers of two, 0 and 1, one term of each sum not 0."""
+  size = epilogue.MX_BLOCK
+  v, fields = epilogue.mx_fields(s)
+  c = s.shape[1]
   d = 1
   while d < size:
-    a = jnp.maximum(a, jnp.where((lane & d) != 0, pltpu.roll(a, d, 1),
-                                 pltpu.roll(a, a.shape[1] - d, 1)))
+    fields = jnp.maximum(fields, pltpu.roll(fields, d, 1))
     d *= 2
-  return a
-
-
-def _segment_firsts(a: jax.Array, size: int) -> jax.Array:
-  """`a [rows, c]` (uint8) -> `[rows, c / size]`: the first lane of each segment of `size`,
-  picked by a product with a 0 / 1 matrix (exact: values under 256, one term a sum)."""
-  c = a.shape[1]
-  pick = (lax.broadcasted_iota(jnp.int32, (c, c // size), 0)
-          == size * lax.broadcasted_iota(jnp.int32, (c, c // size), 1)).astype(jnp.float32)
-  firsts = jnp.dot(a.astype(jnp.int32).astype(jnp.float32), pick,
-                   preferred_element_type=jnp.float32)
-  return firsts.astype(jnp.int32).astype(jnp.uint8)
+  iota = lambda shape, axis: lax.broadcasted_iota(jnp.int32, shape, axis)
+  last = (iota((c, c // size), 0) == size * iota((c, c // size), 1) + size - 1)
+  bf16 = lambda a: a.astype(jnp.bfloat16)
+  product = lambda a, b: jnp.dot(bf16(a), bf16(b), preferred_element_type=jnp.float32)
+  block_exp = product(fields, last).astype(jnp.int32)
+  multiplier, nan_block, scale = epilogue.mx_block_terms(block_exp, dtype)
+  spread = iota((c // size, c), 0) == lax.div(iota((c // size, c), 1), size)
+  codes = epilogue.mx_scaled_codes(v, product(multiplier, spread),
+                                   product(nan_block, spread) > 0, dtype, as_bits=True)
+  return codes, scale
 
 
 def _to_column(rows_ref, col_ref) -> None:
