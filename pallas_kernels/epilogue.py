@@ -400,10 +400,12 @@ def mx_block_terms(block_exp: jax.Array, dtype) -> tuple[jax.Array, jax.Array, j
 
 
 def mx_scaled_codes(v: jax.Array, multiplier: jax.Array, nan_block: jax.Array, dtype, *,
-                    as_bits: bool = False, block_exp: jax.Array | None = None) -> jax.Array:
+                    as_bits: bool = False, block_exp: jax.Array | None = None,
+                    convert: bool = False) -> jax.Array:
   """The codes of `v` given its block's `mx_block_terms` (broadcast against v); with
   `block_exp`, subnormal values scaled from their bits (`quantize_mx_blocks`'s
-  `exact_subnormals`)."""
+  `exact_subnormals`). `convert`: an 8-bit type's bits (`as_bits`) from the conversion to
+  it, for a compiler that has one (Mosaic), not from `float8_bits`' integer ops."""
   dtype = jnp.dtype(dtype)
   top = float(jnp.finfo(dtype).max)
   # value * 2**k of a bfloat16 is a bfloat16 (or far below the element type's grid)
@@ -419,7 +421,9 @@ def mx_scaled_codes(v: jax.Array, multiplier: jax.Array, nan_block: jax.Array, d
   codes = jnp.clip(scaled, -top, top)
   fp8 = jnp.finfo(dtype).bits == 8
   if as_bits:
-    return jnp.where(nan_block, 0x7F if fp8 else 0, float8_bits(codes, dtype))
+    bits = (jax.lax.bitcast_convert_type(codes.astype(dtype), jnp.uint8) if convert and fp8
+            else float8_bits(codes, dtype))
+    return jnp.where(nan_block, 0x7F if fp8 else 0, bits)
   return jnp.where(nan_block, jnp.asarray(jnp.nan if fp8 else 0.0, dtype), codes.astype(dtype))
 
 

@@ -819,7 +819,8 @@ def _mx_quantize(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   multiplier, nan_block, scale = epilogue.mx_block_terms(block_exp, dtype)
   spread = iota((c // size, c), 0) == lax.div(iota((c // size, c), 1), size)
   codes = epilogue.mx_scaled_codes(v, product(multiplier, spread),
-                                   product(nan_block, spread) > 0, dtype, as_bits=True)
+                                   product(nan_block, spread) > 0, dtype, as_bits=True,
+                                   convert=True)
   return codes, scale
 
 
