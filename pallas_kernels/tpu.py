@@ -1,5 +1,6 @@
-"""TPU (Mosaic) kernels: the fused grouped matmul + dequant + SwiGLU + per-token quant
-(A8W8, A8W4), and the float grouped matmuls `gmm` / `tgmm` of the differentiation rules.
+"""TPU (Mosaic) kernels: the fused grouped matmul + dequant + SwiGLU + per-token or MX quant
+(A8W8, A8W4, A4W4, MX inputs), and the float grouped matmuls `gmm` / `tgmm` of the
+differentiation rules.
 
 Operands are read in place: no wrapper pads or concatenates anything per call.
 Row tiles past `m`, column tiles past `n` and k tiles past `k` are partial blocks
@@ -56,11 +57,12 @@ _VMEM_LIMIT = 64 * 2**20
 
 
 def supports(p: common.Problem) -> str | None:
-  """Why these kernels cannot run problem `p` (None: they can): no MX inputs (the XLA path
-  under implementation=None), no float16 gmm / tgmm, beyond what neither backend does
+  """Why these kernels cannot run problem `p` (None: they can): MX inputs only as fp8 with
+  an ND weight, no float16 gmm / tgmm, beyond what neither backend does
   (`common.shared_gap`)."""
-  if p.op == "fused_mx":
-    return "MX inputs (dequant_mode=2)"
+  if p.op == "fused_mx" and (p.transposed or p.fp4):
+    return ("MX inputs as fp4 or with a transposed weight (the TPU kernel reads fp8 ND "
+            "weights)")
   if p.op in ("gmm", "tgmm") and "float16" in (p.dtype, p.out_dtype):
     return "float16 operands or output (Mosaic loads and stores no float16 vectors)"
   return common.shared_gap(p)
@@ -70,12 +72,13 @@ def default_tiles(p: common.Problem) -> TileSizes:
   """The tiles the kernels take when `tiles=` is not given: the `npu_ops.perf` model's
   choice for the chip lowered for (`tpu_tiles`), else the rules below; fitted to the
   problem's dimensions and to VMEM."""
-  itemsize = 1 if p.op == "fused" else np.dtype(p.dtype).itemsize
-  found = tpu_tiles.lookup(tpu_tiles.current_chip(), p.op, itemsize, p.k, p.n,
-                           p.tokens_per_group)
+  fused = p.op in ("fused", "fused_mx")  # one kernel (MX inputs: 1-byte operands too)
+  itemsize = 1 if fused else np.dtype(p.dtype).itemsize
+  found = tpu_tiles.lookup(tpu_tiles.current_chip(), "fused" if fused else p.op, itemsize,
+                           p.k, p.n, p.tokens_per_group)
   if found is not None:
     bm, bk, bn = found
-  elif p.op == "fused":
+  elif fused:
     t = TileSizes.for_problem(p.m, p.k, p.n, p.groups, p.expected_tokens,
                               max_block_m=FUSED_MAX_BLOCK_M)
     bm, bk, bn = t.block_m, t.block_k, t.block_n
@@ -83,7 +86,7 @@ def default_tiles(p: common.Problem) -> TileSizes:
     bm = TileSizes.for_problem(p.m, p.k, p.n, p.groups, p.expected_tokens).block_m
     bk, bn = (_resident_float_tiles if p.op == "gmm" else _tgmm_float_tiles)(
         p.k, p.n, itemsize, bm)
-  if p.op == "fused":
+  if fused:
     return TileSizes(bm, bk, bn)
   out_itemsize = np.dtype(p.out_dtype or p.dtype).itemsize
   return _fit_vmem(p.op, p.k, p.n, itemsize, out_itemsize, bm, bk, bn)
@@ -315,6 +318,19 @@ def k_minor(shape: tuple[int, ...]) -> bool:
           and least_padded((0, 2), sublanes) == 2)
 
 
+def pairs_major(shape: tuple[int, ...]) -> bool:
+  """Whether a TPU holds uint8 MX weight scales `[e, P, n, 2]` (torch_npu's: block b at
+  `[b // 2, ..., b % 2]`) as `[e, 2, P, n]` (layout {2,1,3,0}), so that the MX-input kernel's
+  transpose to that shape is free: XLA's default TPU layout takes n as minor where its 128
+  lanes pad it least (ties to n), then P as second-minor where P is a multiple of 8
+  (measured on the compile-only v5e over e = 1-256, P = 1-112, n = 128-2816; elsewhere,
+  XLA copies the scales: 1/32 of the weights' bytes). tests/test_aot.py checks this
+  against the compiler."""
+  e, p, n, _ = shape
+  lanes = lambda d: common.round_up(d, 128) / d
+  return lanes(n) <= min(lanes(e), lanes(p)) and p % 8 == 0
+
+
 # Rows of a weight block turned into int8 values at a time (a loop: Mosaic unrolls vector
 # code, so a whole `[k, n]` block at once would be that much more code).
 UNPACK_ROWS = 128
@@ -342,21 +358,24 @@ def _unpack_words(words: jax.Array, n: int, put) -> None:
 
 
 def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
-               widened: bool = False, lhs_words: bool = False, out_bytes: int = 1
-               ) -> FusedPlan:
+               widened: bool = False, lhs_words: bool = False, out_bytes: int = 1,
+               mx_inputs: bool = False) -> FusedPlan:
   """Weight-stationary when an expert's `[k, n]` int8 weight, double-buffered, fits;
   else k tiles of at most tiles.block_k (a divisor of the k group for A8W4). int4
   weights (`widened`: A8W4, A4W4) are held as int8 values in one more `[block_k, n]`
-  VMEM block. x in int32 words (`lhs_words`, A4W4) takes k tiles of 1024 columns or
-  more (its blocks' 128 words a row or more: a TPU's lanes), else k whole. `out_bytes`:
-  an output value's (1: codes; 4: float32 SwiGLU values, for MX output)."""
+  VMEM block; MX inputs (`mx_inputs`) their fp8 weights as bfloat16 values, and the x
+  tile too. x in int32 words (`lhs_words`, A4W4) takes k tiles of 1024 columns or more
+  (128 words a row or more: a TPU's lanes), MX inputs 2048 (32 pairs of blocks of weight
+  scales: the uint8 sublane tile), else k whole. `out_bytes`: an output value's
+  (1: codes; 4: float32 SwiGLU values, for MX output)."""
   gs = k // groups
-  if 2 * k * n <= _RESIDENT_WEIGHT_BYTES:
+  value_bytes = 2 if mx_inputs else 1 if widened else 0  # the weight's values in VMEM
+  if (4 if mx_inputs else 2) * k * n <= _RESIDENT_WEIGHT_BYTES:  # MX: bfloat16 values too
     bk = k
   elif groups == 1:  # the k edge is masked
     bk = min(tiles.block_k, common.round_up(k, 128))
-    if lhs_words:
-      bk = common.round_up(bk, 1024)
+    if lhs_words or mx_inputs:
+      bk = common.round_up(bk, 2048 if mx_inputs else 1024)
       bk = k if bk >= k else bk
   else:  # a divisor of the k group (a multiple of 128: `common.shared_gap`)
     bk = min(tiles.block_k, gs)
@@ -365,8 +384,8 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
   bm = tiles.block_m
   # x tile (int8, 2 buffers), weight (2 buffers), int32 and float32 row accumulators, the
   # output (2 buffers) and the epilogue's float32 temporaries (~4 per SwiGLU column).
-  need = lambda bm: (2 * bm * bk + (3 if widened else 2) * bk * n + 8 * bm * n
-                    + 2 * out_bytes * bm * (n // 2) + 16 * bm * (n // 2))
+  need = lambda bm: ((4 if mx_inputs else 2) * bm * bk + (2 + value_bytes) * bk * n
+                    + 8 * bm * n + 2 * out_bytes * bm * (n // 2) + 16 * bm * (n // 2))
   while bm > 32 and need(bm) > _VMEM_PLAN:
     bm //= 2
   return FusedPlan(block_m=bm, block_k=bk, k_tiles=common.cdiv(k, bk))
@@ -443,9 +462,10 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                      assist: jax.Array | None = None, a4w4: bool = False,
                      smooth: jax.Array | None = None, tiles: TileSizes,
                      out_dtype=jnp.int8, qmax: float = epilogue.INT8_QMAX,
-                     mx_out: bool = False,
+                     mx_out: bool = False, mx_inputs: bool = False,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Fused op on canonical operands: A8W8, A8W4 when `assist` is given, A4W4 with `a4w4`.
+  """Fused op on canonical operands: A8W8, A8W4 when `assist` is given, A4W4 with `a4w4`,
+  MX inputs with `mx_inputs` (as `gmm_swiglu_quant_mx` lays them out).
 
   Args:
     x: int8 `[m, k]` (A4W4: int8 holding int4 values, or int4 in int32 words `[m, k/8]`,
@@ -463,6 +483,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     tiles: block sizes (`block_n` unused: a row is computed whole);
     out_dtype, qmax: the per-token codes (int8 and 127, or an fp8 type and its largest
       finite value: `epilogue.codes_for_amax`);
+    mx_inputs: x float8 `[m, k]` and w float8 `[e, k, n]` with e8m0 scale bytes per block
+      of 32 along k, block b at column b of x_scale (uint8 `[m, 2P]`) and at
+      `[b % 2, b // 2]` of w_scale (uint8 `[e, 2, P, n]`: how a TPU holds torch_npu's
+      `[e, P, n, 2]` where `pairs_major`, so no copy), P >= ceil(k / 64): both dequantized
+      in VMEM to bfloat16 (exact: a float8 value times a power of two) and multiplied in
+      float32 (exact products).
     mx_out: MX codes of out_dtype instead (semantics B.1.6), in blocks of 32 along a row:
       quantized in the kernel (`_mx_quantize`) where n/2 is a multiple of 128; else
       the kernel writes the SwiGLU values, float32 `[m, n/2]`, and XLA quantizes them
@@ -476,7 +502,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   Grid (visit, k tile). Each step multiplies an x tile by the `[block_k, n]` weight
   tile of its group (both SwiGLU halves) into an int32 row accumulator `[block_m, n]`;
   A8W4 closes each k group in float32; A8W4 and A4W4 widen their int4 weight block to
-  int8 values in VMEM first. The last k step dequantizes, applies SwiGLU
+  int8 values in VMEM first; MX inputs dequantize theirs (and each x row block) to
+  bfloat16 values, into a float32 accumulator. The last k step dequantizes, applies SwiGLU
   to the halves `[:, :n/2]` and `[:, n/2:]`, quantizes whole rows and writes the
   visit's rows. An expert's weights that fit VMEM whole (one k tile) stay there over its
   visits and are copied by the kernel, the next expert's while the current one's visits
@@ -487,14 +514,20 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   m, k = x.shape[0], x.shape[1] * (8 if x_words else 1)
   e, n = w.shape[0], w_scale.shape[-1]
   nh = n // 2
-  groups = w_scale.shape[1]
+  groups = 1 if mx_inputs else w_scale.shape[1]
+  if mx_inputs and (assist is not None or a4w4 or smooth is not None or w.ndim != 3
+                    or w.dtype.itemsize != 1 or not jnp.issubdtype(w.dtype, jnp.floating)):
+    raise ValueError("mx_inputs: expected float8 ND weights `[e, k, n]` and no A8W4 / A4W4 "
+                     f"operands, got w {w.dtype}{list(w.shape)}")
   gs = k // groups
   a8w4 = assist is not None
   if a8w4 and a4w4:
     raise ValueError("assist: expected None for A4W4 (A8W4's assist matrix)")
   if smooth is not None and not a4w4:
     raise ValueError("smooth: expected None unless a4w4 (A4W4's smooth scale)")
-  widen = a8w4 or a4w4  # int4 weights, widened to int8 in VMEM (`wv_ref`)
+  # int4 weights widened to int8 values in VMEM (`wv_ref`); MX: fp8 ones dequantized to
+  # bfloat16 values there
+  widen = a8w4 or a4w4 or mx_inputs
   words = w.dtype == jnp.int32
   if words and not widen:
     raise ValueError("w: expected int32 words only for int4 weights (A8W4, A4W4)")
@@ -505,7 +538,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   mx_blocks = mx_out and nh % 128 == 0  # MX blocks quantized in the kernel
   mx_values = mx_out and not mx_blocks   # else its SwiGLU values, quantized by XLA
   plan = fused_plan(m, k, n, groups, tiles, widened=widen, lhs_words=x_words,
-                    out_bytes=4 if mx_values else 1)
+                    out_bytes=4 if mx_values else 1, mx_inputs=mx_inputs)
   bm, bk, k_tiles = plan.block_m, plan.block_k, plan.k_tiles
   gpt = max(bk // gs, 1)            # k groups closed inside one k tile (bk >= gs)
   # k tiles one k group spans (bk < gs; per channel the last may be partial: k % bk)
@@ -526,15 +559,19 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   if cores > 1:
     v, runs, per_core, split_row = tpu_visits.two_cores(v, m, bm, by_visits=by_visits,
                                                         mxu_rows=ROW_BLOCK, interpret=interpret)
-  scales = w_scale.astype(jnp.float32).reshape(e, groups, 1, n)  # a view: no copy
+  # a view: no copy (MX: the scale bytes as they come, `[e, 2, P, n]`)
+  scales = w_scale if mx_inputs else w_scale.astype(jnp.float32).reshape(e, groups, 1, n)
+  # MX: rows of a weight scale block, per block parity
+  kb_rows = w_scale.shape[2] if mx_inputs and plan.resident else bk // (2 * epilogue.MX_BLOCK)
   # Per-row scales travel lane-dense, `lanes` rows to a row of `[m / lanes, 1, lanes]`
   # (x_scale in, the output's scales out): as `[m, 1]` columns each row would take a
   # 128-lane tile, 128x the bytes in HBM and in every copy. The kernel turns a tile's rows
   # into a column in VMEM and back (`_to_column`, `_to_rows`).
   lanes = ROW_BLOCK if bm % ROW_BLOCK == 0 else bm
   m_rows = common.cdiv(m, lanes)
-  x_scale = jnp.pad(x_scale.astype(jnp.float32), (0, m_rows * lanes - m)).reshape(
-      m_rows, 1, lanes)
+  if not mx_inputs:  # MX: block scale bytes `[m, KB]`, a whole row's to a row tile
+    x_scale = jnp.pad(x_scale.astype(jnp.float32), (0, m_rows * lanes - m)).reshape(
+        m_rows, 1, lanes)
   words_k_minor = words and k_minor(w.shape)
   by_hand = plan.resident  # resident weights: copied by the kernel (`_weights_by_hand`)
   if not by_hand:
@@ -549,8 +586,10 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     *refs, xs_col, qs_col = refs if not mx_out else (*refs, None)
     if by_hand:
       *refs, w_buf, w_sem = refs
-    if x_words:
+    if x_words or mx_inputs:
       *refs, xv_ref = refs
+    if mx_inputs:
+      *refs, wsv_ref = refs
     if widen:
       *refs, wv_ref = refs
     if a8w4:
@@ -617,12 +656,45 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         wv_ref[rows, :] = w_ref[rows, :].astype(jnp.int8)
       return carry
 
+    def dequantize(rows, b):  # MX: rows of the weight block times the scale of block b
+      scale = wsv_ref[lax.rem(b, 2), pl.ds(lax.div(b, 2), 1), :].astype(jnp.bfloat16)
+      # (past k in a partial tile: garbage, which `_accumulate` masks as it multiplies)
+      wv_ref[rows, :] = w_ref[rows, :].astype(jnp.bfloat16) * scale
+
+    def dequantize_block(b, carry):
+      dequantize(pl.ds(pl.multiple_of(b * epilogue.MX_BLOCK, epilogue.MX_BLOCK),
+                       epilogue.MX_BLOCK), b)
+      return carry
+
     if widen:
       @pl.when(first_visit if plan.resident else real)
       def _():
         if a8w4 and tiles_per_group == 1:  # sums of the k groups in the block (k tiled:
           cs[...] = jnp.zeros_like(cs)     # their own)
-        lax.fori_loop(0, bk // unpack_rows, unpack, 0)
+        if mx_inputs:  # the block's scales as float32 once, then 32 rows a scale row
+          wsv_ref[...] = _mx_scales(s_ref[...])
+          whole, tail = divmod(bk, epilogue.MX_BLOCK)  # a tail only where bk = k
+          lax.fori_loop(0, whole, dequantize_block, 0)
+          if tail:
+            dequantize(pl.ds(whole * epilogue.MX_BLOCK, tail), whole)
+        else:
+          lax.fori_loop(0, bk // unpack_rows, unpack, 0)
+
+    def multiply_mx(r):  # the rows' x dequantized to bfloat16, times the weight's values
+      # Each x column's scale, spread from its block's by a product with a 0 / 1 matrix:
+      # exact (a power of two, one nonzero term a column). A NaN scale spreads over its
+      # whole row, whose C is NaN anyway (NaN times any weight); the pair's padding
+      # blocks past k are zeroed first.
+      blocks = xs_ref.shape[1]
+      block = lambda d: lax.broadcasted_iota(jnp.int32, (blocks, bk), d)
+      spread = (block(0) == kk * (bk // epilogue.MX_BLOCK) + lax.shift_right_logical(
+          block(1), 5)).astype(jnp.bfloat16)
+      used = lax.broadcasted_iota(jnp.int32, (1, blocks), 1) < common.cdiv(
+          k, epilogue.MX_BLOCK)
+      scales = jnp.where(used, _mx_scales(xs_ref[r, :]), jnp.zeros((), jnp.float32))
+      scale = jnp.dot(scales.astype(jnp.bfloat16), spread, preferred_element_type=jnp.float32)
+      xv_ref[r] = (x_ref[r].astype(jnp.float32) * scale).astype(xv_ref.dtype)
+      _accumulate(acc.at[r], xv_ref.at[r], wv_ref, kk * bk, k)
 
     def multiply_a8w8(r):  # A4W4 too, on its widened weights (and unpacked tokens)
       xr = x_ref.at[r]
@@ -660,15 +732,18 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
             acc.at[r], x_ref.at[r, pl.ds(k0, size)], w_ref.at[pl.ds(k0, size)], 0, size)))
       _multiply_by_pieces(k, pieces, wait, piece)
     else:
-      pl.when(real)(lambda: for_rows(multiply_a8w4 if a8w4 else multiply_a8w8))
+      pl.when(real)(lambda: for_rows(multiply_a8w4 if a8w4 else multiply_mx if mx_inputs
+                                     else multiply_a8w8))
     if a8w4 and tiles_per_group > 1 and not plan.resident:
       @pl.when(real & (kk % tiles_per_group == tiles_per_group - 1))
       def _():  # the k group closed: its column sums start again
         cs[...] = jnp.zeros_like(cs)
 
     def finish(r):  # dequant, SwiGLU, quantize and write the group's rows in rows r
-      xs = xs_col[r]
-      if a8w4:
+      xs = None if mx_inputs else xs_col[r]
+      if mx_inputs:  # scaled already
+        act, gate = acc[r, :nh], acc[r, nh:]
+      elif a8w4:
         act = epilogue.finish_a8w4(f[r, :nh], a_ref[:, :nh], xs)
         gate = epilogue.finish_a8w4(f[r, nh:], a_ref[:, nh:], xs)
       else:
@@ -695,7 +770,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
     @pl.when(last_step & real)
     def _():
-      _to_column(xs_ref, xs_col)
+      if not mx_inputs:
+        _to_column(xs_ref, xs_col)
       for_rows(finish)
 
     @pl.when(last_step & ~real)  # head and tail rows are 0
@@ -730,11 +806,16 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   scale_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], k_group_block(kk), 0, 0)
   x_block = lambda c, t, kk, gid, mt, nv, wid, rt, *_: (rt[at(c, t)], kk)
   scale_shape = (None, gpt if tiles_per_group == 1 else groups, 1, n)
+  scale_spec = pl.BlockSpec(scale_shape, scale_block)
+  x_scale_spec = pl.BlockSpec((bm // lanes, 1, lanes), lambda *a: (x_block(*a)[0], 0, 0))
+  if mx_inputs:  # the weight scales' rows of the k tile; a row tile's x scales whole
+    scale_spec = pl.BlockSpec((None, 2, kb_rows, n), lambda *a: (
+        scale_block(*a)[0], 0, a[2] if not plan.resident else 0, 0))
+    x_scale_spec = pl.BlockSpec((bm, x_scale.shape[1]), lambda *a: (x_block(*a)[0], 0))
   in_specs = [pl.BlockSpec((bm, bk // 8 if x_words else bk), x_block), w_spec,
-              pl.BlockSpec(scale_shape, scale_block),
-              pl.BlockSpec((bm // lanes, 1, lanes), lambda *a: (x_block(*a)[0], 0, 0))]
+              scale_spec, x_scale_spec]
   args = [x, w, scales, x_scale]
-  scratch = [pltpu.VMEM((bm, n), jnp.int32)]
+  scratch = [pltpu.VMEM((bm, n), jnp.float32 if mx_inputs else jnp.int32)]
   per_expert = lambda cols: pl.BlockSpec((None, 1, cols),
                                          lambda *a: (weight_block(*a)[0], 0, 0))
   if a8w4:
@@ -748,10 +829,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   elif smooth is not None:
     in_specs += [per_expert(smooth.shape[-1])]
     args += [smooth.astype(jnp.float32).reshape(e, 1, smooth.shape[-1])]
-  if widen:
-    scratch += [pltpu.VMEM((bk, n), jnp.int8)]  # the weight block's int8 values
-  if x_words:
-    scratch += [pltpu.VMEM((bm, bk), jnp.int8)]  # the x tile's
+  if widen:  # the weight block's int8 values (MX: bfloat16)
+    scratch += [pltpu.VMEM((bk, n), jnp.bfloat16 if mx_inputs else jnp.int8)]
+  if mx_inputs:
+    scratch += [pltpu.VMEM((2, kb_rows, n), jnp.float32)]  # its scales' values
+  if x_words or mx_inputs:  # the x tile's int8 values (MX: bfloat16)
+    scratch += [pltpu.VMEM((bm, bk), jnp.bfloat16 if mx_inputs else jnp.int8)]
   if by_hand:
     scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *w.shape[1:]), w.dtype),
                 pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS, pieces))]
@@ -759,13 +842,16 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   # output's scales
   visits = cores * per_core  # the static bound of the grid
   weight_reads = num_groups if plan.resident else visits  # per visit when k is tiled
-  w_bytes = w.size // e * jnp.iinfo(w.dtype).bits // 8  # one expert's
+  info = jnp.iinfo if jnp.issubdtype(w.dtype, jnp.integer) else jnp.finfo
+  w_bytes = w.size // e * info(w.dtype).bits // 8  # one expert's
   x_reads = m_tiles if plan.resident else visits
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=m * nh,
       bytes_accessed=(x_reads * bm * x.shape[1] * x.dtype.itemsize  # words: k / 2 a row
-                      + weight_reads * (w_bytes + 4 * groups * n)
-                      + 4 * m + m * nh * (4 if mx_values else 1)
+                      + weight_reads * (w_bytes + (w_scale.size // e if mx_inputs
+                                                   else 4 * groups * n))
+                      + (x_scale.size if mx_inputs else 4 * m)
+                      + m * nh * (4 if mx_values else 1)
                       + (m * nh // 32 if mx_blocks else 0 if mx_out else 4 * m)))
   q_dtype = jnp.float32 if mx_values else jnp.uint8 if mx_blocks else out_dtype
   out_specs = [pl.BlockSpec((*lead_block, bm, nh), row)]
@@ -793,6 +879,43 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   if mx_blocks:
     return epilogue.codes_from_bits(by_row(q), out_dtype), by_row(qs[0])
   return by_row(q), by_row(qs[0].reshape(*lead, m_rows * lanes)[..., :m])
+
+
+def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale: jax.Array,
+                        ends: jax.Array, *, tiles: TileSizes, out_dtype, qmax: float,
+                        mx_out: bool, start: jax.Array | None = None,
+                        interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The fused op on MX inputs (semantics B.1.6), the fused kernel's `mx_inputs` form: x and
+  the expert's weights dequantized in VMEM (each value times its block's power of two,
+  exact in bfloat16 where the XLA path's float32 product is normal) and multiplied in
+  float32 over the whole k tile, as the XLA path's one float32 product sums them (not
+  block by block as the golden and the GPU kernel: float32 sums in another order).
+
+  Args:
+    x: float8_e4m3fn / float8_e5m2 `[m, k]`; w: the same `[e, k, n]` (ND, read in place);
+    x_scale: e8m0 bytes uint8 `[m, ceil(k/64), 2]`; w_scale: uint8 `[e, ceil(k/64), n, 2]`;
+    ends: int32 group ends; start: the first row of group 0 (None: row 0);
+    out_dtype, qmax: the codes; mx_out: MX codes (else per token); tiles, interpret: as
+    `gmm_swiglu_quant`.
+
+  Returns:
+    (codes `[m, n/2]` of out_dtype, scales: float32 `[m]` per token, e8m0 bytes uint8
+    `[m, ceil(n/64)]` for MX), rows past the last end 0.
+  """
+  m = x.shape[0]
+  blocks = 2 * x_scale.shape[1]  # block b at [b // 2, b % 2]: column / row b of these
+  return gmm_swiglu_quant(
+      x, w, jnp.transpose(w_scale, (0, 3, 1, 2)), x_scale.reshape(m, blocks),
+      ends, start=start, tiles=tiles, out_dtype=out_dtype, qmax=qmax, mx_out=mx_out,
+      mx_inputs=True, interpret=interpret)
+
+
+def _mx_scales(scale_bytes: jax.Array) -> jax.Array:
+  """e8m0 bytes -> their values in float32, byte 0's 2**-127 (a subnormal: a product with
+  it is 0 or NaN wherever the XLA path's is, which XLA:CPU and the TPU flush) as 0, so
+  that bfloat16 holds every one exactly: powers of two and NaN."""
+  b = scale_bytes.astype(jnp.int32)
+  return jnp.where(b == 0, 0.0, epilogue.e8m0_to_float32(b))
 
 
 def _mx_quantize(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:

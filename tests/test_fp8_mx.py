@@ -505,6 +505,114 @@ def test_kernel_mx_inputs(impl, out, mode):
   assert_fused_close(got, ref.quantize_out(ref.swiglu(c), golden_out(out, mode)), mode)
 
 
+def sparse_mx_case(m, k, n, e, nonzero=160, seed=0):
+  """`mx_case` with k past 96 kept exact in float32 in any order: each row of x holds
+  `nonzero` values (products are multiples of 2**-10 below 64: sums of fewer than 256 of
+  them stay within float32's 24 bits), the last columns among them."""
+  x, w, xs, ws = mx_case(m, k, n, e, "float8_e4m3fn", "float8_e4m3fn")
+  rng = np.random.default_rng(seed)
+  keep = np.zeros((m, k), bool)
+  for r in range(m):
+    keep[r, rng.choice(k, nonzero - 8, replace=False)] = True
+    keep[r, k - 8:] = True
+  return np.where(keep, x, np.zeros((), x.dtype)), w, xs, ws
+
+
+@pytest.mark.parametrize("case", ["k_tiled", "v5p_decode_offset"])
+def test_tpu_kernel_mx_inputs(case, monkeypatch):
+  """The TPU kernel's MX inputs (`tpu.gmm_swiglu_quant_mx`, interpret mode) where
+  `test_kernel_mx_inputs` does not reach: weights too large to stay resident (k = 2128:
+  two k tiles of 2048, the last 80 columns wide, its last block 16; the tile's weight
+  scale rows and x columns past k hold garbage), and a v5p's two cores splitting decode
+  visits with group_offset (48 local experts of 64). Codes and scales bit for bit against
+  the golden and the XLA path."""
+  from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
+  chip, offset = "v5e", None
+  if case == "k_tiled":
+    monkeypatch.setattr(tpu, "_RESIDENT_WEIGHT_BYTES", 1024)
+    m, k, n, e = 48, 2128, 128, 3
+    counts = np.array([20, 0, 21])
+    tiles, out, mode = npu_ops.TileSizes(32, 512, 128), "float8_e4m3fn", 2
+    plan = tpu.fused_plan(m, k, n, 1, tiles, widened=True, mx_inputs=True)
+    assert (plan.block_k, plan.k_tiles) == (2048, 2)
+  else:
+    chip, offset = "v5p", 8
+    m, k, n, e = 40, 160, 256, 64
+    rng = np.random.default_rng(5)
+    counts = np.zeros(e, np.int64)
+    counts[rng.choice(e, 25, replace=False)] = 1
+    counts[3], counts[30] = 9, 6
+    tiles, out, mode = npu_ops.TileSizes(32, 128, 128), "int8", 0
+  x, w, xs, ws = sparse_mx_case(m, k, n, e)
+  local = slice(offset or 0, (offset or 0) + 48 if offset else e)
+  e8m0 = lambda a: jax.lax.bitcast_convert_type(jnp.asarray(a), jnp.float8_e8m0fnu)
+  run = lambda **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w[local], e8m0(ws[local]), e8m0(xs), jnp.asarray(counts), group_list_type=1,
+      group_offset=offset, dequant_mode=2, quant_mode=mode, quant_dtype=getattr(jnp, out), **kw)
+  token = tpu_tiles.CHIP.set(chip)
+  try:
+    got = run(implementation="pallas_tpu", interpret=True, tiles=tiles)
+  finally:
+    tpu_tiles.CHIP.reset(token)
+  c = ref.mx_grouped_matmul(x, w[local], xs, ws[local], ref.group_bounds(counts, 1)[local])
+  assert_fused_close(got, ref.quantize_out(ref.swiglu(c), golden_out(out, mode)), mode)
+  assert_fused_close(got, run(implementation="xla"), mode, max_ulps=0)
+
+
+def test_tpu_kernel_mx_inputs_waits_for_the_weights_it_copies():
+  """MX inputs through the fused kernel's hand-made weight copies, in the interpreter that
+  performs a copy only when it is waited for and watches for races: each expert's fp8
+  weights dequantized at its first visit, runs of one visit and of several, an empty
+  group, rows past the total. Per-token codes against the golden."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+  from helpers import ends_within  # noqa: PLC0415
+  from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
+  counts = np.array([5, 60, 0, 70, 3, 50])
+  m, k, n, e = 200, 160, 256, len(counts)
+  x, w, xs, ws = sparse_mx_case(m, k, n, e)
+  interpret = pltpu.InterpretParams(dma_execution_mode="on_wait", detect_races=True)
+  token = tpu_tiles.CHIP.set("v5e")
+  try:
+    with ends_within(300):
+      got = tpu.gmm_swiglu_quant_mx(
+          jnp.asarray(x), jnp.asarray(w), jnp.asarray(xs), jnp.asarray(ws),
+          jnp.cumsum(jnp.asarray(counts, jnp.int32)), tiles=npu_ops.TileSizes(32, 128, 128),
+          out_dtype=jnp.int8, qmax=127.0, mx_out=False, interpret=interpret)
+  finally:
+    tpu_tiles.CHIP.reset(token)
+  assert tpu.fused_plan(m, k, n, 1, npu_ops.TileSizes(32, 128, 128), widened=True,
+                        mx_inputs=True).resident
+  c = ref.mx_grouped_matmul(x, w, xs, ws, ref.group_bounds(counts, 1))
+  assert_fused_close(got, ref.quantize_out(ref.swiglu(c), "int8"), 0)
+
+
+@pytest.mark.parametrize("impl", kernels_for("fused_mx_fp8"))
+def test_kernel_mx_inputs_nan_and_zero_scale_bytes(impl):
+  """Scale bytes 0xFF (NaN) and 0 (2**-127, a float32 subnormal) on the kernels as on the
+  XLA path, bit for bit: a NaN x scale makes its row's C NaN (scale NaN, codes 0), one in
+  the pair's padding block past k (k = 80: block 3) changes nothing; a NaN weight scale
+  makes its column NaN in its expert's rows; byte 0 multiplies to 0 (flushed, as
+  XLA:CPU and the TPU flush the XLA path's products)."""
+  counts = [7, 0, 25, 12]
+  m, k, n, e = 48, 80, 128, 4
+  x, w, xs, ws = mx_case(m, k, n, e, "float8_e4m3fn", "float8_e4m3fn")
+  xs[2, 0, 1] = 0xFF   # row 2, block 1
+  xs[5, 1, 1] = 0xFF   # row 5, block 3: padding
+  xs[40] = 0           # row 40: every block 2**-127
+  ws[2, 1, 7, 0] = 0xFF  # expert 2, block 2, column 7
+  ws[3, 0, :, 1] = 0     # expert 3, block 1
+  run = lambda **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      x, w, ws, xs, jnp.asarray(counts), group_list_type=1, dequant_mode=2,
+      quant_dtype=jnp.int8, **kw)
+  got_q, got_s = map(np.asarray, run(**IMPLEMENTATIONS[impl]))
+  want_q, want_s = map(np.asarray, run(implementation="xla"))
+  # row 2, and expert 2's rows (7-31: column 7 NaN), NaN; row 40's SwiGLU 0
+  assert np.flatnonzero(np.isnan(want_s)).tolist() == [2, *range(7, 32)]
+  assert want_s[40] == 0 and not want_q[40].any()
+  np.testing.assert_array_equal(got_q, want_q)
+  np.testing.assert_array_equal(got_s.view(np.uint32), want_s.view(np.uint32))
+
+
 @pytest.mark.parametrize("impl", impls("fused_mx_fp8"))
 def test_mx_inputs_read_nan_codes_as_nan(impl):
   """A NaN code (e4m3fn's all-ones) in x or the weights puts NaN in the C it meets: those

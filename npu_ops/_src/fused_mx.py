@@ -3,11 +3,13 @@ e8m0 scales per block of 32 along k, on canonical operands (`gmm_swiglu_quant` d
 torch_npu's arguments for it).
 
 XLA path: each operand times its scales (exact powers of two), one float32 grouped matmul,
-SwiGLU, then the output quantization. GPU kernel (`pallas_kernels.gpu.gmm_swiglu_quant_mx`;
-fp8 operands, ND weight): per block of 32 along k, the block's dot times both scales,
-summed over blocks in order (B.1.6's formula). Within a block the hardware's accumulation
-order is not specified; both sum exact float32 products in float32. Operand values scaled
-below 2**-126 flush to 0 on XLA:CPU, as in every float op there.
+SwiGLU, then the output quantization. TPU kernel (`pallas_kernels.tpu.gmm_swiglu_quant_mx`;
+fp8 operands, ND weight): the same, each operand dequantized in VMEM. GPU kernel
+(`pallas_kernels.gpu.gmm_swiglu_quant_mx`; fp8 operands, ND weight): per block of 32 along
+k, the block's dot times both scales, summed over blocks in order (B.1.6's formula). Within
+a block the hardware's accumulation order is not specified; all sum exact float32 products
+in float32. Operand values scaled below 2**-126 flush to 0 on XLA:CPU (and on a TPU), as
+in every float op there.
 """
 
 from __future__ import annotations

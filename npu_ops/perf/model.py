@@ -707,11 +707,15 @@ def _dot_flops(eqn, mxu: tuple[int, int] = (1, 1)) -> float:
 
 def _relabels(eqn) -> bool:
   """A transpose that is a bitcast on a TPU: int32 `[e, k, c]` to `[e, c, k]` where the TPU
-  holds it k-minor (`tpu.k_minor`: the fused kernel reads int4 words that way)."""
-  if eqn.primitive.name != "transpose" or tuple(eqn.params["permutation"]) != (0, 2, 1):
+  holds it k-minor (`tpu.k_minor`: the fused kernel reads int4 words that way); uint8 MX
+  weight scales `[e, P, n, 2]` to `[e, 2, P, n]` where it holds them so (`tpu.pairs_major`)."""
+  if eqn.primitive.name != "transpose":
     return False
-  aval = eqn.invars[0].aval
-  return np.dtype(aval.dtype) == np.int32 and tpu.k_minor(tuple(aval.shape))
+  aval, perm = eqn.invars[0].aval, tuple(eqn.params["permutation"])
+  shape, dtype = tuple(aval.shape), np.dtype(aval.dtype)
+  if perm == (0, 2, 1):
+    return dtype == np.int32 and tpu.k_minor(shape)
+  return perm == (0, 3, 1, 2) and dtype == np.uint8 and shape[-1] == 2 and tpu.pairs_major(shape)
 
 
 def _xla_cost(eqn, acc: _Accumulator) -> None:

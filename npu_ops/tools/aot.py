@@ -331,12 +331,10 @@ def cases() -> list[Case]:
            *_fused(4096, k, n, 16, weight="int4", quant_dtype=jnp.float8_e5m2), kernels=1),
       Case("fused A8W8 MX fp8 out m=4096 e=16",
            *_fused(4096, k, n, 16, quant_dtype=jnp.float8_e4m3fn, quant_mode=2), kernels=1),
-      Case("fused MX in, MX fp8 out m=4096 e=16 (GPU kernel)",
-           *_fused_mx(4096, k, n, 16, quant_dtype=jnp.float8_e4m3fn, quant_mode=2),
-           kernels={"tpu": 0, "gpu": 1}),
-      Case("fused MX in, per-token fp8 out m=4096 e=16 (GPU kernel)",
-           *_fused_mx(4096, k, n, 16, quant_dtype=jnp.float8_e5m2, quant_mode=0),
-           kernels={"tpu": 0, "gpu": 1}),
+      Case("fused MX in, MX fp8 out m=4096 e=16",
+           *_fused_mx(4096, k, n, 16, quant_dtype=jnp.float8_e4m3fn, quant_mode=2), kernels=1),
+      Case("fused MX in, per-token fp8 out m=4096 e=16",
+           *_fused_mx(4096, k, n, 16, quant_dtype=jnp.float8_e5m2, quant_mode=0), kernels=1),
   ]
   for dtype, tag in ((jnp.bfloat16, "bf16"), (jnp.float32, "fp32")):
     out += [Case(f"gmm {tag} m=4096 e=16", *_gmm(4096, k, n, 16, dtype), kernels=1),
