@@ -57,12 +57,10 @@ _VMEM_LIMIT = 64 * 2**20
 
 
 def supports(p: common.Problem) -> str | None:
-  """Why these kernels cannot run problem `p` (None: they can): MX inputs only as fp8 with
-  an ND weight, no float16 gmm / tgmm, beyond what neither backend does
-  (`common.shared_gap`)."""
-  if p.op == "fused_mx" and (p.transposed or p.fp4):
-    return ("MX inputs as fp4 or with a transposed weight (the TPU kernel reads fp8 ND "
-            "weights)")
+  """Why these kernels cannot run problem `p` (None: they can): MX inputs only with an ND
+  weight, no float16 gmm / tgmm, beyond what neither backend does (`common.shared_gap`)."""
+  if p.op == "fused_mx" and p.transposed:
+    return "MX inputs with a transposed weight (the TPU kernel reads ND weights)"
   if p.op in ("gmm", "tgmm") and "float16" in (p.dtype, p.out_dtype):
     return "float16 operands or output (Mosaic loads and stores no float16 vectors)"
   return common.shared_gap(p)
@@ -515,10 +513,15 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   e, n = w.shape[0], w_scale.shape[-1]
   nh = n // 2
   groups = 1 if mx_inputs else w_scale.shape[1]
+  # MX fp4 weights: on TPU7x loaded as fp4 vectors and converted; Mosaic has no fp4 vectors
+  # on earlier chips, where their codes are decoded (`_fp4_values`), read through an int4
+  # view of the block (XLA's bitcast to int4 would be a pass over them)
+  fp4_codes = mx_inputs and w.dtype == jnp.float4_e2m1fn
+  fp4_vectors = fp4_codes and tpu_tiles.current_chip() == "tpu7x"
   if mx_inputs and (assist is not None or a4w4 or smooth is not None or w.ndim != 3
-                    or w.dtype.itemsize != 1 or not jnp.issubdtype(w.dtype, jnp.floating)):
-    raise ValueError("mx_inputs: expected float8 ND weights `[e, k, n]` and no A8W4 / A4W4 "
-                     f"operands, got w {w.dtype}{list(w.shape)}")
+                    or not (fp4_codes or w.dtype in (jnp.float8_e4m3fn, jnp.float8_e5m2))):
+    raise ValueError("mx_inputs: expected float8 or float4_e2m1fn ND weights `[e, k, n]` and "
+                     f"no A8W4 / A4W4 operands, got w {w.dtype}{list(w.shape)}")
   gs = k // groups
   a8w4 = assist is not None
   if a8w4 and a4w4:
@@ -618,6 +621,11 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                                      lambda r: (r < per_core) & (expert(r) >= 0), pieces)
       if widen:
         wait(0)
+    # fp4 weights' codes: an int4 view of the block (a bitcast of the ref)
+    codes_ref = (w_ref.bitcast(jnp.int4) if by_hand else w_ref.bitcast(jnp.int4).at[0]
+                 ) if fp4_codes and not fp4_vectors else None
+    if fp4_codes and not by_hand:
+      w_ref = w_ref.at[0]
     real = (t < nv_ref[c]) & common.RowVisits.is_real(g, num_groups)  # not head or tail
     rows = common.group_rows(ends_ref, g, mt_ref[i] * bm, bm)
 
@@ -666,6 +674,20 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                        epilogue.MX_BLOCK), b)
       return carry
 
+    def dequantize_fp4(start, size: int, j):  # `size` <= 64 rows from `start`: the pair j
+      # of blocks (2j, 2j + 1: scales at [0, j], [1, j]); 4-bit rows load 64 at a time
+      vals = (w_ref[pl.ds(start, size), :].astype(jnp.float32) if fp4_vectors else
+              _fp4_values(codes_ref[pl.ds(start, size), :].astype(jnp.int32)))
+      for half in range(common.cdiv(size, epilogue.MX_BLOCK)):
+        lo, hi = half * epilogue.MX_BLOCK, min(size, (half + 1) * epilogue.MX_BLOCK)
+        scale = wsv_ref[half, pl.ds(j, 1), :]
+        wv_ref[pl.ds(start + lo, hi - lo), :] = (vals[lo:hi] * scale).astype(wv_ref.dtype)
+
+    def dequantize_pair(j, carry):
+      pair = 2 * epilogue.MX_BLOCK
+      dequantize_fp4(pl.multiple_of(j * pair, pair), pair, j)
+      return carry
+
     if widen:
       @pl.when(first_visit if plan.resident else real)
       def _():
@@ -673,10 +695,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
           cs[...] = jnp.zeros_like(cs)     # their own)
         if mx_inputs:  # the block's scales as float32 once, then 32 rows a scale row
           wsv_ref[...] = _mx_scales(s_ref[...])
-          whole, tail = divmod(bk, epilogue.MX_BLOCK)  # a tail only where bk = k
-          lax.fori_loop(0, whole, dequantize_block, 0)
-          if tail:
-            dequantize(pl.ds(whole * epilogue.MX_BLOCK, tail), whole)
+          per = 2 * epilogue.MX_BLOCK if fp4_codes else epilogue.MX_BLOCK
+          whole, tail = divmod(bk, per)  # a tail only where bk = k
+          lax.fori_loop(0, whole, dequantize_pair if fp4_codes else dequantize_block, 0)
+          if tail and fp4_codes:
+            dequantize_fp4(whole * per, tail, whole)
+          elif tail:
+            dequantize(pl.ds(whole * per, tail), whole)
         else:
           lax.fori_loop(0, bk // unpack_rows, unpack, 0)
 
@@ -796,7 +821,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   lead, lead_block = ((cores,), (None,)) if by_visits else ((), ())  # by visits: per core
   k_group_block = lambda kk: kk if (tiles_per_group == 1 and gpt < groups) else 0
   weight_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], kk, 0)
-  w_spec = pl.BlockSpec((None, bk, w.shape[2]), weight_block)
+  # (fp4 codes through the pipeline: a leading dim of 1, not squeezed: Mosaic bitcasts no
+  # ref with a squeezed dim)
+  w_spec = pl.BlockSpec((1 if fp4_codes else None, bk, w.shape[2]), weight_block)
   if words_k_minor:  # the words as the TPU holds them: `[e, n/8, k]` (no copy)
     w = jnp.swapaxes(w, 1, 2)
     w_spec = pl.BlockSpec((None, w.shape[1], bk),
@@ -892,7 +919,8 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
   block by block as the golden and the GPU kernel: float32 sums in another order).
 
   Args:
-    x: float8_e4m3fn / float8_e5m2 `[m, k]`; w: the same `[e, k, n]` (ND, read in place);
+    x: float8_e4m3fn / float8_e5m2 / float4_e2m1fn `[m, k]` (fp4: converted to fp8 by XLA);
+    w: those dtypes `[e, k, n]` (ND, read in place; fp4 decoded in VMEM);
     x_scale: e8m0 bytes uint8 `[m, ceil(k/64), 2]`; w_scale: uint8 `[e, ceil(k/64), n, 2]`;
     ends: int32 group ends; start: the first row of group 0 (None: row 0);
     out_dtype, qmax: the codes; mx_out: MX codes (else per token); tiles, interpret: as
@@ -904,10 +932,23 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
   """
   m = x.shape[0]
   blocks = 2 * x_scale.shape[1]  # block b at [b // 2, b % 2]: column / row b of these
+  fp4 = jnp.dtype(jnp.float4_e2m1fn)
+  if x.dtype == fp4:  # fp8 values (exact), one XLA conversion: Mosaic addresses 4-bit VMEM
+    x = x.astype(jnp.float8_e4m3fn)  # rows 64 at a time, the row blocks start at any 32
   return gmm_swiglu_quant(
       x, w, jnp.transpose(w_scale, (0, 3, 1, 2)), x_scale.reshape(m, blocks),
       ends, start=start, tiles=tiles, out_dtype=out_dtype, qmax=qmax, mx_out=mx_out,
       mx_inputs=True, interpret=interpret)
+
+
+def _fp4_values(codes: jax.Array) -> jax.Array:
+  """float32 values of e2m1 codes (int32, the low 4 bits: sign, 2-bit exponent of bias 1,
+  1-bit mantissa), built as float32 bits: the magnitude's 3 bits c are the exponent and
+  mantissa's, 2**(e - 1) * (1 + m / 2) = bits `(126 << 23) + (c << 22)`, for c >= 2; c = 1
+  (subnormal) is 0.5 = `126 << 23`, c = 0 is 0."""
+  c = codes & 7
+  bits = jnp.where(c >= 2, (c << 22) + (126 << 23), c * (126 << 23))
+  return lax.bitcast_convert_type(bits | ((codes & 8) << 28), jnp.float32)
 
 
 def _mx_scales(scale_bytes: jax.Array) -> jax.Array:

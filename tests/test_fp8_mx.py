@@ -505,11 +505,20 @@ def test_kernel_mx_inputs(impl, out, mode):
   assert_fused_close(got, ref.quantize_out(ref.swiglu(c), golden_out(out, mode)), mode)
 
 
-def sparse_mx_case(m, k, n, e, nonzero=160, seed=0):
+def compiled(fn, *args, fp4: bool = True):
+  """`fn(*args)` through jit; with fp4 operands, compiled with XLA:CPU's fusion emitters (its
+  default: the suite turns them off to compile faster, conftest.py), since the emitter
+  before them cannot bitcast fp4 values to int4 (the TPU kernel reads fp4 weights as int4
+  codes; in interpret mode XLA:CPU: "Invalid bitcast i8 to i4")."""
+  lowered = jax.jit(fn).lower(*args)
+  return lowered.compile({"xla_cpu_use_fusion_emitters": True} if fp4 else None)(*args)
+
+
+def sparse_mx_case(m, k, n, e, nonzero=160, seed=0, dtype="float8_e4m3fn"):
   """`mx_case` with k past 96 kept exact in float32 in any order: each row of x holds
   `nonzero` values (products are multiples of 2**-10 below 64: sums of fewer than 256 of
   them stay within float32's 24 bits), the last columns among them."""
-  x, w, xs, ws = mx_case(m, k, n, e, "float8_e4m3fn", "float8_e4m3fn")
+  x, w, xs, ws = mx_case(m, k, n, e, dtype, dtype)
   rng = np.random.default_rng(seed)
   keep = np.zeros((m, k), bool)
   for r in range(m):
@@ -518,17 +527,20 @@ def sparse_mx_case(m, k, n, e, nonzero=160, seed=0):
   return np.where(keep, x, np.zeros((), x.dtype)), w, xs, ws
 
 
-@pytest.mark.parametrize("case", ["k_tiled", "v5p_decode_offset"])
-def test_tpu_kernel_mx_inputs(case, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float4_e2m1fn"])
+@pytest.mark.parametrize("case", ["k_tiled", "k_tiled_tpu7x", "v5p_decode_offset"])
+def test_tpu_kernel_mx_inputs(case, dtype, monkeypatch):
   """The TPU kernel's MX inputs (`tpu.gmm_swiglu_quant_mx`, interpret mode) where
   `test_kernel_mx_inputs` does not reach: weights too large to stay resident (k = 2128:
   two k tiles of 2048, the last 80 columns wide, its last block 16; the tile's weight
   scale rows and x columns past k hold garbage), and a v5p's two cores splitting decode
-  visits with group_offset (48 local experts of 64). Codes and scales bit for bit against
-  the golden and the XLA path."""
+  visits with group_offset (48 local experts of 64); fp8 and fp4 operands (fp4 weights
+  decoded in VMEM 64 rows at a time, k = 160: two whole pairs of blocks and a half; as
+  codes through an int4 view, or as fp4 vectors on TPU7x).
+  Codes and scales bit for bit against the golden and the XLA path."""
   from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
-  chip, offset = "v5e", None
-  if case == "k_tiled":
+  chip, offset = "tpu7x" if case.endswith("tpu7x") else "v5e", None
+  if case.startswith("k_tiled"):
     monkeypatch.setattr(tpu, "_RESIDENT_WEIGHT_BYTES", 1024)
     m, k, n, e = 48, 2128, 128, 3
     counts = np.array([20, 0, 21])
@@ -543,12 +555,15 @@ def test_tpu_kernel_mx_inputs(case, monkeypatch):
     counts[rng.choice(e, 25, replace=False)] = 1
     counts[3], counts[30] = 9, 6
     tiles, out, mode = npu_ops.TileSizes(32, 128, 128), "int8", 0
-  x, w, xs, ws = sparse_mx_case(m, k, n, e)
+  x, w, xs, ws = sparse_mx_case(m, k, n, e, dtype=dtype)
   local = slice(offset or 0, (offset or 0) + 48 if offset else e)
   e8m0 = lambda a: jax.lax.bitcast_convert_type(jnp.asarray(a), jnp.float8_e8m0fnu)
-  run = lambda **kw: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
-      x, w[local], e8m0(ws[local]), e8m0(xs), jnp.asarray(counts), group_list_type=1,
-      group_offset=offset, dequant_mode=2, quant_mode=mode, quant_dtype=getattr(jnp, out), **kw)
+  run = lambda **kw: compiled(
+      lambda *a: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+          *a, group_list_type=1, group_offset=offset, dequant_mode=2, quant_mode=mode,
+          quant_dtype=getattr(jnp, out), **kw),
+      jnp.asarray(x), jnp.asarray(w[local]), e8m0(ws[local]), e8m0(xs), jnp.asarray(counts),
+      fp4=dtype.startswith("float4"))
   token = tpu_tiles.CHIP.set(chip)
   try:
     got = run(implementation="pallas_tpu", interpret=True, tiles=tiles)
@@ -563,27 +578,61 @@ def test_tpu_kernel_mx_inputs_waits_for_the_weights_it_copies():
   """MX inputs through the fused kernel's hand-made weight copies, in the interpreter that
   performs a copy only when it is waited for and watches for races: each expert's fp8
   weights dequantized at its first visit, runs of one visit and of several, an empty
-  group, rows past the total. Per-token codes against the golden."""
+  group, rows past the total. Per-token codes against the golden. (fp4 weights take the
+  same copies; that interpreter reads no bitcast view of a buffer, which their codes are
+  read through, so they run in the default interpreter: `test_tpu_kernel_mx_inputs`.)"""
+  dtype = "float8_e4m3fn"
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   from helpers import ends_within  # noqa: PLC0415
   from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
   counts = np.array([5, 60, 0, 70, 3, 50])
   m, k, n, e = 200, 160, 256, len(counts)
-  x, w, xs, ws = sparse_mx_case(m, k, n, e)
+  x, w, xs, ws = sparse_mx_case(m, k, n, e, dtype=dtype)
   interpret = pltpu.InterpretParams(dma_execution_mode="on_wait", detect_races=True)
   token = tpu_tiles.CHIP.set("v5e")
   try:
     with ends_within(300):
-      got = tpu.gmm_swiglu_quant_mx(
-          jnp.asarray(x), jnp.asarray(w), jnp.asarray(xs), jnp.asarray(ws),
-          jnp.cumsum(jnp.asarray(counts, jnp.int32)), tiles=npu_ops.TileSizes(32, 128, 128),
-          out_dtype=jnp.int8, qmax=127.0, mx_out=False, interpret=interpret)
+      got = compiled(lambda *a: tpu.gmm_swiglu_quant_mx(
+          *a, tiles=npu_ops.TileSizes(32, 128, 128), out_dtype=jnp.int8, qmax=127.0,
+          mx_out=False, interpret=interpret), jnp.asarray(x), jnp.asarray(w), jnp.asarray(xs),
+          jnp.asarray(ws), jnp.cumsum(jnp.asarray(counts, jnp.int32)),
+          fp4=dtype.startswith("float4"))
   finally:
     tpu_tiles.CHIP.reset(token)
   assert tpu.fused_plan(m, k, n, 1, npu_ops.TileSizes(32, 128, 128), widened=True,
                         mx_inputs=True).resident
   c = ref.mx_grouped_matmul(x, w, xs, ws, ref.group_bounds(counts, 1))
   assert_fused_close(got, ref.quantize_out(ref.swiglu(c), "int8"), 0)
+
+
+@pytest.mark.parametrize("impl", kernels_for("fused_mx_fp4"))
+@pytest.mark.parametrize("chip", ["v5e", "tpu7x"])
+@pytest.mark.parametrize("x_dtype,w_dtype,out,mode", [
+    ("float4_e2m1fn", "float4_e2m1fn", "float4_e2m1fn", 2),
+    ("float8_e4m3fn", "float4_e2m1fn", "int8", 0), ("float4_e2m1fn", "float8_e5m2", "float8_e5m2", 0)])
+def test_kernel_mx_fp4_inputs(impl, chip, x_dtype, w_dtype, out, mode):
+  """fp4 MX inputs on the kernels that declare them (the TPU's: fp4 weights decoded in VMEM
+  64 rows at a time, from their codes on v5e, converted as fp4 vectors on TPU7x; fp4
+  tokens converted to fp8 by XLA, exact): k = 80 (a pair of blocks, then a half pair of
+  16 rows), bit for bit against the golden and the XLA path."""
+  from pallas_kernels import tpu_tiles  # noqa: PLC0415
+  if chip != "v5e" and impl != "pallas_tpu":
+    pytest.skip("TPU chips")
+  counts = [7, 0, 25, 12]
+  m, k, n, e = 48, 80, 192, 4
+  x, w, xs, ws = mx_case(m, k, n, e, x_dtype, w_dtype)
+  run = lambda **kw: compiled(lambda *a: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
+      *a, group_list_type=1, dequant_mode=2, quant_mode=mode, quant_dtype=getattr(jnp, out),
+      **kw), jnp.asarray(x), jnp.asarray(w), jnp.asarray(ws), jnp.asarray(xs),
+      jnp.asarray(counts))
+  token = tpu_tiles.CHIP.set(chip)
+  try:
+    got = run(**IMPLEMENTATIONS[impl])
+  finally:
+    tpu_tiles.CHIP.reset(token)
+  c = ref.mx_grouped_matmul(x, w, xs, ws, ref.group_bounds(counts, 1))
+  assert_fused_close(got, ref.quantize_out(ref.swiglu(c), golden_out(out, mode)), mode)
+  assert_fused_close(got, run(implementation="xla"), mode, max_ulps=0)
 
 
 @pytest.mark.parametrize("impl", kernels_for("fused_mx_fp8"))

@@ -4,7 +4,7 @@ torch_npu's arguments for it).
 
 XLA path: each operand times its scales (exact powers of two), one float32 grouped matmul,
 SwiGLU, then the output quantization. TPU kernel (`pallas_kernels.tpu.gmm_swiglu_quant_mx`;
-fp8 operands, ND weight): the same, each operand dequantized in VMEM. GPU kernel
+fp8 or fp4 operands, ND weight): the same, each operand dequantized in VMEM. GPU kernel
 (`pallas_kernels.gpu.gmm_swiglu_quant_mx`; fp8 operands, ND weight): per block of 32 along
 k, the block's dot times both scales, summed over blocks in order (B.1.6's formula). Within
 a block the hardware's accumulation order is not specified; all sum exact float32 products

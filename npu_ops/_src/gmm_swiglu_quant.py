@@ -98,8 +98,9 @@ def npu_grouped_matmul_swiglu_quant_v2(
       sizes the row blocks of the XLA path and the kernels' row tiles (no
       numerical effect).
     implementation: None, "xla", "reference", "pallas_tpu" or "pallas_gpu"
-      (`npu_ops._src.backend`; the kernels do A8W8, A8W4, A4W4 and fp8 MX inputs with an
-      ND weight, with per-token or MX output; under None other cases take the XLA path: README,
+      (`npu_ops._src.backend`; the kernels do A8W8, A8W4, A4W4 and MX inputs with an ND
+      weight (fp8; fp4 on TPU), with per-token or MX output; under None other cases take
+      the XLA path: README,
       "Where each mode runs").
     interpret: run a Pallas kernel in interpret mode.
     tiles: the kernels' `TileSizes` (default: the kernel backend's `default_tiles`; on

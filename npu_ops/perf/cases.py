@@ -68,8 +68,9 @@ OPS = ("fused A8W8", "gmm bf16", "tgmm bf16", "gmm vjp bf16")
 # On request (`predict --ops`): A8W4 with jnp.int4 weights, and with torch_npu's int32 words
 A8W4_OPS = ("fused A8W4", "fused A8W4 words")
 # A4W4 as torch_npu calls it: tokens in int32 words, jnp.int4 weights, a smooth scale; MX
-# inputs (fp8 tokens and weights, e8m0 scales per block of 32 along k; per-token int8 out)
-ALL_OPS = OPS + A8W4_OPS + ("fused A4W4", "fused MX")
+# inputs (fp8 or fp4 tokens and weights, e8m0 scales per block of 32 along k; per-token
+# int8 out)
+ALL_OPS = OPS + A8W4_OPS + ("fused A4W4", "fused MX", "fused MXFP4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +118,16 @@ def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem
         x, w, ws, xs, gl, group_list_type=1, smooth_scale=smooth, **kw)
     ideal = m * K // 2 + used * (K * N // 2 + 4 * N + 2 * N) + 4 * m + m * (N // 2) + 4 * m
     return Problem(fn, args, 2.0 * m * K * N, ideal, "int8")
-  if op == "fused MX":  # roofline at the bfloat16 rate: the MXU multiplies dequantized values
-    f8, pairs = jnp.float8_e4m3fn, K // 64
+  if op in ("fused MX", "fused MXFP4"):  # roofline at the bfloat16 rate: the MXU multiplies
+    # dequantized values
+    f8, pairs = jnp.float8_e4m3fn if op == "fused MX" else jnp.float4_e2m1fn, K // 64
     args = (make((m, K), f8), make((e, K, N), f8), make((e, pairs, N, 2), jnp.uint8),
             make((m, pairs, 2), jnp.uint8), sizes)
     fn = lambda x, w, ws, xs, gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         x, w, ws, xs, gl, group_list_type=1, dequant_mode=2, quant_mode=0,
         quant_dtype=jnp.int8, **kw)
-    ideal = m * K * 33 // 32 + used * K * N * 33 // 32 + m * (N // 2) + 4 * m
+    per = 1 if op == "fused MX" else 0.5  # bytes a value
+    ideal = (m + used * N) * K * (per + 1 / 32) + m * (N // 2) + 4 * m
     return Problem(fn, args, 2.0 * m * K * N, ideal, "bfloat16")
   bf = jnp.bfloat16
   if op == "gmm bf16":

@@ -652,10 +652,18 @@ def _evaluate(eqn, vals) -> list:
   return [np.asarray(o) if _is_array(o) else o for o in outs]
 
 
+# 4-bit types: NumPy (ml_dtypes) holds a value a byte; a TPU packs two
+_HALF_BYTE = ("int4", "uint4", "float4_e2m1fn")
+
+
+def _itemsize(dtype) -> float:
+  return 0.5 if np.dtype(dtype).name in _HALF_BYTE else np.dtype(dtype).itemsize
+
+
 def _nbytes(aval) -> float:
   if not hasattr(aval, "shape") or not hasattr(aval, "dtype"):
     return 0.0
-  return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+  return math.prod(aval.shape) * _itemsize(aval.dtype)
 
 
 def _copies_by_hand(jaxpr) -> bool:
@@ -1022,7 +1030,7 @@ def _sublane_tile(itemsize: int) -> int:
 def _block_bytes(block_shape, array_shape, dtype, index: list[np.ndarray]) -> np.ndarray:
   """Bytes of the in-bounds part of a block at each step, the last two dims padded to the
   (sublane, lane) tile (a squeezed dim counts 1)."""
-  itemsize = np.dtype(dtype).itemsize if np.dtype(dtype).name != "int4" else 0.5
+  itemsize = _itemsize(dtype)
   sizes = []
   for bd, dim, idx in zip(block_shape, array_shape, index):
     if isinstance(bd, pallas_core.Squeezed) or bd is None:

@@ -210,8 +210,8 @@ def _fused(m, k, n, e, *, weight="int8", groups=1, group_list=None, global_group
   return fn, (x, w, (scale, jnp.float32), ((m,), jnp.float32), ((e,), jnp.int32), *more)
 
 
-def _fused_mx(m, k, n, e, *, quant_dtype, quant_mode):
-  """MX inputs: fp8 x and weights with e8m0 scales per block of 32 along k."""
+def _fused_mx(m, k, n, e, *, quant_dtype, quant_mode, dtype=jnp.float8_e4m3fn):
+  """MX inputs: fp8 (or fp4) x and weights with e8m0 scales per block of 32 along k."""
   import npu_ops  # noqa: PLC0415
 
   def fn(x, w, ws, xs, gl):
@@ -219,7 +219,7 @@ def _fused_mx(m, k, n, e, *, quant_dtype, quant_mode):
         x, w, ws, xs, gl, group_list_type=1, dequant_mode=2, quant_dtype=quant_dtype,
         quant_mode=quant_mode)
   kb = -(-k // 64)
-  return fn, (((m, k), jnp.float8_e4m3fn), ((e, k, n), jnp.float8_e4m3fn),
+  return fn, (((m, k), dtype), ((e, k, n), dtype),
               ((e, kb, n, 2), jnp.uint8), ((m, kb, 2), jnp.uint8), ((e,), jnp.int32))
 
 
@@ -335,6 +335,9 @@ def cases() -> list[Case]:
            *_fused_mx(4096, k, n, 16, quant_dtype=jnp.float8_e4m3fn, quant_mode=2), kernels=1),
       Case("fused MX in, per-token fp8 out m=4096 e=16",
            *_fused_mx(4096, k, n, 16, quant_dtype=jnp.float8_e5m2, quant_mode=0), kernels=1),
+      Case("fused MX fp4 in, MX fp4 out m=4096 e=16",
+           *_fused_mx(4096, k, n, 16, quant_dtype=jnp.float4_e2m1fn, quant_mode=2,
+                      dtype=jnp.float4_e2m1fn), kernels={"tpu": 1, "gpu": 0}),
   ]
   for dtype, tag in ((jnp.bfloat16, "bf16"), (jnp.float32, "fp32")):
     out += [Case(f"gmm {tag} m=4096 e=16", *_gmm(4096, k, n, 16, dtype), kernels=1),
