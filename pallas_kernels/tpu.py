@@ -513,11 +513,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   e, n = w.shape[0], w_scale.shape[-1]
   nh = n // 2
   groups = 1 if mx_inputs else w_scale.shape[1]
-  # MX fp4 weights: on TPU7x loaded as fp4 vectors and converted; Mosaic has no fp4 vectors
+  # MX fp4 operands: on TPU7x loaded as fp4 vectors and converted; Mosaic has no fp4 vectors
   # on earlier chips, where their codes are decoded (`_fp4_values`), read through an int4
-  # view of the block (XLA's bitcast to int4 would be a pass over them)
+  # view of the block (XLA's bitcast to int4 would be a pass over them). fp4 x: a whole x
+  # tile at a step (4-bit rows are addressed 64 at a time, its row blocks start at any 32).
   fp4_codes = mx_inputs and w.dtype == jnp.float4_e2m1fn
-  fp4_vectors = fp4_codes and tpu_tiles.current_chip() == "tpu7x"
+  fp4_x = mx_inputs and x.dtype == jnp.float4_e2m1fn
+  fp4_vectors = tpu_tiles.current_chip() == "tpu7x"
   if mx_inputs and (assist is not None or a4w4 or smooth is not None or w.ndim != 3
                     or not (fp4_codes or w.dtype in (jnp.float8_e4m3fn, jnp.float8_e5m2))):
     raise ValueError("mx_inputs: expected float8 or float4_e2m1fn ND weights `[e, k, n]` and "
@@ -624,6 +626,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     # fp4 weights' codes: an int4 view of the block (a bitcast of the ref)
     codes_ref = (w_ref.bitcast(jnp.int4) if by_hand else w_ref.bitcast(jnp.int4).at[0]
                  ) if fp4_codes and not fp4_vectors else None
+    fp4_value = lambda ref, view: (ref[view].astype(jnp.float32) if fp4_vectors else
+                                   _fp4_values(ref.bitcast(jnp.int4)[view].astype(jnp.int32)))
     if fp4_codes and not by_hand:
       w_ref = w_ref.at[0]
     real = (t < nv_ref[c]) & common.RowVisits.is_real(g, num_groups)  # not head or tail
@@ -718,7 +722,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
           k, epilogue.MX_BLOCK)
       scales = jnp.where(used, _mx_scales(xs_ref[r, :]), jnp.zeros((), jnp.float32))
       scale = jnp.dot(scales.astype(jnp.bfloat16), spread, preferred_element_type=jnp.float32)
-      xv_ref[r] = (x_ref[r].astype(jnp.float32) * scale).astype(xv_ref.dtype)
+      values = xv_ref[r] if fp4_x else x_ref[r]  # fp4: the tile's values, decoded below
+      xv_ref[r] = (values.astype(jnp.float32) * scale).astype(xv_ref.dtype)
       _accumulate(acc.at[r], xv_ref.at[r], wv_ref, kk * bk, k)
 
     def multiply_a8w8(r):  # A4W4 too, on its widened weights (and unpacked tokens)
@@ -757,6 +762,10 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
             acc.at[r], x_ref.at[r, pl.ds(k0, size)], w_ref.at[pl.ds(k0, size)], 0, size)))
       _multiply_by_pieces(k, pieces, wait, piece)
     else:
+      if fp4_x:  # the x tile's values, scaled in place by each row block
+        @pl.when(real)
+        def _():
+          xv_ref[...] = fp4_value(x_ref, (slice(None), slice(None))).astype(xv_ref.dtype)
       pl.when(real)(lambda: for_rows(multiply_a8w4 if a8w4 else multiply_mx if mx_inputs
                                      else multiply_a8w8))
     if a8w4 and tiles_per_group > 1 and not plan.resident:
@@ -872,9 +881,10 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   info = jnp.iinfo if jnp.issubdtype(w.dtype, jnp.integer) else jnp.finfo
   w_bytes = w.size // e * info(w.dtype).bits // 8  # one expert's
   x_reads = m_tiles if plan.resident else visits
+  x_info = jnp.iinfo if jnp.issubdtype(x.dtype, jnp.integer) else jnp.finfo
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=m * nh,
-      bytes_accessed=(x_reads * bm * x.shape[1] * x.dtype.itemsize  # words: k / 2 a row
+      bytes_accessed=(x_reads * bm * x.shape[1] * x_info(x.dtype).bits // 8  # words: k / 2 a row
                       + weight_reads * (w_bytes + (w_scale.size // e if mx_inputs
                                                    else 4 * groups * n))
                       + (x_scale.size if mx_inputs else 4 * m)
@@ -919,7 +929,7 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
   block by block as the golden and the GPU kernel: float32 sums in another order).
 
   Args:
-    x: float8_e4m3fn / float8_e5m2 / float4_e2m1fn `[m, k]` (fp4: converted to fp8 by XLA);
+    x: float8_e4m3fn / float8_e5m2 / float4_e2m1fn `[m, k]` (fp4 decoded in VMEM);
     w: those dtypes `[e, k, n]` (ND, read in place; fp4 decoded in VMEM);
     x_scale: e8m0 bytes uint8 `[m, ceil(k/64), 2]`; w_scale: uint8 `[e, ceil(k/64), n, 2]`;
     ends: int32 group ends; start: the first row of group 0 (None: row 0);
@@ -932,9 +942,6 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
   """
   m = x.shape[0]
   blocks = 2 * x_scale.shape[1]  # block b at [b // 2, b % 2]: column / row b of these
-  fp4 = jnp.dtype(jnp.float4_e2m1fn)
-  if x.dtype == fp4:  # fp8 values (exact), one XLA conversion: Mosaic addresses 4-bit VMEM
-    x = x.astype(jnp.float8_e4m3fn)  # rows 64 at a time, the row blocks start at any 32
   return gmm_swiglu_quant(
       x, w, jnp.transpose(w_scale, (0, 3, 1, 2)), x_scale.reshape(m, blocks),
       ends, start=start, tiles=tiles, out_dtype=out_dtype, qmax=qmax, mx_out=mx_out,

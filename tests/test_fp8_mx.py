@@ -612,9 +612,9 @@ def test_tpu_kernel_mx_inputs_waits_for_the_weights_it_copies():
     ("float8_e4m3fn", "float4_e2m1fn", "int8", 0), ("float4_e2m1fn", "float8_e5m2", "float8_e5m2", 0)])
 def test_kernel_mx_fp4_inputs(impl, chip, x_dtype, w_dtype, out, mode):
   """fp4 MX inputs on the kernels that declare them (the TPU's: fp4 weights decoded in VMEM
-  64 rows at a time, from their codes on v5e, converted as fp4 vectors on TPU7x; fp4
-  tokens converted to fp8 by XLA, exact): k = 80 (a pair of blocks, then a half pair of
-  16 rows), bit for bit against the golden and the XLA path."""
+  64 rows at a time, fp4 tokens a whole tile at a step, from their codes on v5e, converted
+  as fp4 vectors on TPU7x): k = 80 (a pair of blocks, then a half pair of 16 rows), bit
+  for bit against the golden and the XLA path."""
   from pallas_kernels import tpu_tiles  # noqa: PLC0415
   if chip != "v5e" and impl != "pallas_tpu":
     pytest.skip("TPU chips")
