@@ -128,26 +128,31 @@ def test_tpu_mx_inputs_are_read_in_place(name):
 def test_k_minor_is_the_layout_the_tpu_compiler_picks():
   """`tpu.k_minor` says which int32 `[e, k, c]` arrays a TPU holds k-minor (layout
   {1,2,0}), as the compiler's default layout for a parameter does."""
-  import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
   from pallas_kernels import tpu  # noqa: PLC0415
-  aot.use_cpu_host()
-  sharding = jax.sharding.SingleDeviceSharding(aot.device("v5e"))
   shapes = [(16, 2048, 352), (64, 2048, 176), (256, 7168, 256), (16, 2048, 512),
             (16, 100, 352), (16, 352, 100), (16, 300, 200), (16, 200, 300), (16, 2048, 96),
             (16, 64, 96), (1, 2048, 352), (4, 256, 20), (4, 320, 33), (4, 256, 40),
             (12, 256, 20), (3, 2048, 352), (8, 2880, 720)]
   for shape in shapes:
-    compiled = jax.jit(lambda w: w + 1).lower(
-        jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)).compile()
-    text = compiled.as_text()
-    layout = text[text.index("entry_computation_layout"):].split("{", 2)[2].split(":")[0]
+    layout = _parameter_layout(shape, jnp.int32)
     assert tpu.k_minor(shape) == (layout == "1,2,0"), (shape, layout)
 
 
+def _parameter_layout(shape, dtype) -> str:
+  """The minor-to-major order of the layout a compile-only v5e gives a parameter."""
+  import jax  # noqa: PLC0415
+  aot.use_cpu_host()
+  sharding = jax.sharding.SingleDeviceSharding(aot.device("v5e"))
+  compiled = jax.jit(lambda w: w + 1).lower(
+      jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)).compile()
+  text = compiled.as_text()
+  return text[text.index("entry_computation_layout"):].split("{", 2)[2].split(":")[0]
+
+
 @needs["tpu"]
-def test_tpu_mx_fp4_weights_are_read_in_place():
+def test_tpu_mx_fp4_operands_are_read_in_place():
   """fp4 MX tokens and weights go to the kernel as they are and are decoded from their
   codes in VMEM (through an int4 view of the block: XLA's bitcast of fp4 to int4 is a pass
   over them, 3.9x the ideal bytes): 1.04x with int8 output (the AOT table's MXFP4 case,
@@ -171,20 +176,14 @@ def test_pairs_major_is_the_layout_the_tpu_compiler_picks():
   `[e, 2, P, n]` (layout {2,1,3,0}, where the MX-input kernel's transpose is free), as the
   compiler's default layout for a parameter does (e = 1 with P not a multiple of 8 is
   {2,1,3,0} too, and the rule says no: a size-1 dim may go anywhere)."""
-  import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
   from pallas_kernels import tpu  # noqa: PLC0415
-  aot.use_cpu_host()
-  sharding = jax.sharding.SingleDeviceSharding(aot.device("v5e"))
   shapes = [(16, 32, 2816, 2), (64, 32, 2816, 2), (256, 112, 4096, 2), (8, 2, 128, 2),
             (4, 3, 192, 2), (16, 45, 1440, 2), (64, 48, 768, 2), (4, 1, 128, 2),
             (16, 112, 192, 2), (256, 32, 1440, 2), (256, 16, 2816, 2), (4, 24, 192, 2)]
   for shape in shapes:
-    compiled = jax.jit(lambda w: w + 1).lower(
-        jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=sharding)).compile()
-    text = compiled.as_text()
-    layout = text[text.index("entry_computation_layout"):].split("{", 2)[2].split(":")[0]
+    layout = _parameter_layout(shape, jnp.uint8)
     assert tpu.pairs_major(shape) == (layout == "2,1,3,0"), (shape, layout)
 
 
