@@ -949,6 +949,20 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
 
 
 def _fp4_values(codes: jax.Array) -> jax.Array:
+  """float32 values of e2m1 codes (int32 `[rows, c]`, the low 4 bits): looked up in a table of
+  the 16 values (`_fp4_bits` of lanes 0-15) by a gather within each 128-lane vector, where c
+  is a multiple of 128 (two operations a value where the bits take nine), else built as
+  bits."""
+  rows, width = codes.shape
+  if width % 128:
+    return _fp4_bits(codes)
+  table = _fp4_bits(lax.broadcasted_iota(jnp.int32, (rows, 128), 1) & 15)
+  return jnp.concatenate([jnp.take_along_axis(table, codes[:, w:w + 128] & 15, axis=1,
+                                              mode="promise_in_bounds")
+                          for w in range(0, width, 128)], axis=1)
+
+
+def _fp4_bits(codes: jax.Array) -> jax.Array:
   """float32 values of e2m1 codes (int32, the low 4 bits: sign, 2-bit exponent of bias 1,
   1-bit mantissa), built as float32 bits: the magnitude's 3 bits c are the exponent and
   mantissa's, 2**(e - 1) * (1 + m / 2) = bits `(126 << 23) + (c << 22)`, for c >= 2; c = 1
