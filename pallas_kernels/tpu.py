@@ -623,11 +623,14 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                                      lambda r: (r < per_core) & (expert(r) >= 0), pieces)
       if widen:
         wait(0)
-    # fp4 weights' codes: an int4 view of the block (a bitcast of the ref)
-    codes_ref = (w_ref.bitcast(jnp.int4) if by_hand else w_ref.bitcast(jnp.int4).at[0]
-                 ) if fp4_codes and not fp4_vectors else None
-    fp4_value = lambda ref, view: (ref[view].astype(jnp.float32) if fp4_vectors else
-                                   _fp4_values(ref.bitcast(jnp.int4)[view].astype(jnp.int32)))
+    # fp4 operands' values at `view` of their ref, from its codes' int4 view (a bitcast of
+    # the ref, taken before the pipeline block's leading dim is indexed away)
+    def fp4_value(ref, codes, view):
+      if fp4_vectors:
+        return ref[view].astype(jnp.float32)
+      return _fp4_values(codes[view].astype(jnp.int32))
+    w_codes = (w_ref.bitcast(jnp.int4) if by_hand else w_ref.bitcast(jnp.int4).at[0]
+               ) if fp4_codes and not fp4_vectors else None
     if fp4_codes and not by_hand:
       w_ref = w_ref.at[0]
     real = (t < nv_ref[c]) & common.RowVisits.is_real(g, num_groups)  # not head or tail
@@ -680,8 +683,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
     def dequantize_fp4(start, size: int, j):  # `size` <= 64 rows from `start`: the pair j
       # of blocks (2j, 2j + 1: scales at [0, j], [1, j]); 4-bit rows load 64 at a time
-      vals = (w_ref[pl.ds(start, size), :].astype(jnp.float32) if fp4_vectors else
-              _fp4_values(codes_ref[pl.ds(start, size), :].astype(jnp.int32)))
+      vals = fp4_value(w_ref, w_codes, (pl.ds(start, size), slice(None)))
       for half in range(common.cdiv(size, epilogue.MX_BLOCK)):
         lo, hi = half * epilogue.MX_BLOCK, min(size, (half + 1) * epilogue.MX_BLOCK)
         scale = wsv_ref[half, pl.ds(j, 1), :]
@@ -765,7 +767,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       if fp4_x:  # the x tile's values, scaled in place by each row block
         @pl.when(real)
         def _():
-          xv_ref[...] = fp4_value(x_ref, (slice(None), slice(None))).astype(xv_ref.dtype)
+          x_codes = None if fp4_vectors else x_ref.bitcast(jnp.int4)
+          xv_ref[...] = fp4_value(x_ref, x_codes, (slice(None), slice(None))).astype(
+              xv_ref.dtype)
       pl.when(real)(lambda: for_rows(multiply_a8w4 if a8w4 else multiply_mx if mx_inputs
                                      else multiply_a8w8))
     if a8w4 and tiles_per_group > 1 and not plan.resident:
