@@ -172,8 +172,13 @@ def combine(y_sorted: jax.Array, routing: Dispatch, weights: jax.Array) -> jax.A
 @jax.jit
 def _combine(y_sorted: jax.Array, unsort: jax.Array, weights: jax.Array) -> jax.Array:
   t, k = weights.shape
-  y = y_sorted[unsort].reshape(t, k, y_sorted.shape[1])
-  return jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), y.astype(jnp.float32))
+  rows, gates = unsort.reshape(t, k), weights.astype(jnp.float32)
+  # A sum over the slots, each a gathered row times its gate: one elementwise fusion with
+  # the gathers (an einsum over k laid the `[T, k, d]` rows out with k second-minor).
+  out = gates[:, :1] * y_sorted[rows[:, 0]].astype(jnp.float32)
+  for j in range(1, k):
+    out = out + gates[:, j:j + 1] * y_sorted[rows[:, j]].astype(jnp.float32)
+  return out
 
 
 def token_rows(tokens: jax.Array, mode: str, recipe: recipes.Recipe | None = None) -> Any:

@@ -135,15 +135,14 @@ class Problem:
     return tokens_per_group(self.m, self.groups, self.expected_tokens)
 
 
-KERNEL_OUT_DTYPES = ("float32", "bfloat16", "float16")  # gmm / tgmm results the kernels write
+# gmm / tgmm results the kernels write (int32: of integer operands, as `npu_ops` allows)
+KERNEL_OUT_DTYPES = ("float32", "bfloat16", "float16", "int32")
 
 
 def shared_gap(p: Problem) -> str | None:
   """What neither kernel backend does (None: both can, as far as this goes)."""
-  if p.op in ("gmm", "tgmm") and jnp.issubdtype(p.dtype, jnp.integer):  # int4 too (ml_dtypes)
-    return "integer operands (float only)"
   if p.op in ("gmm", "tgmm") and p.out_dtype not in (None, *KERNEL_OUT_DTYPES):
-    return (f"a {p.out_dtype} result (the kernels write float32, bfloat16 or float16; "
+    return (f"a {p.out_dtype} result (the kernels write float32, bfloat16, float16 or int32; "
             "fp8 conversions in Triton need sm_89 and fail for most fp8 types)")
   if p.dot_algorithm:
     return "a dot algorithm as precision (the kernels take a jax.lax.Precision)"
@@ -284,6 +283,12 @@ class WeightRuns(NamedTuple):
 
 
 _PRECISION_ORDER = (lax.Precision.DEFAULT, lax.Precision.HIGH, lax.Precision.HIGHEST)
+
+
+def accumulator(dtype) -> np.dtype:
+  """The grouped matmuls' accumulator for operands of `dtype`: int32 for integers (exact:
+  int8 products summed over k < 2^17), else float32."""
+  return np.dtype(np.int32 if jnp.issubdtype(dtype, jnp.integer) else np.float32)
 
 
 def float32_precision(precision, dtype, *, supported=_PRECISION_ORDER):

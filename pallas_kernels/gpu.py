@@ -312,8 +312,9 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
         start: jax.Array | None = None, interpret: bool = False, transpose_rhs: bool = False,
         precision=None) -> jax.Array:
-  """Float grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
-  transpose with `transpose_rhs`), float32 accumulation; rows before `start` and past the
+  """Grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
+  transpose with `transpose_rhs`) of float or int8 operands, accumulated in float32 or int32
+  (`common.accumulator`: exact for int8); rows before `start` and past the
   last end are 0. Grid (visit, column tile): a
   visit is a row tile and one group with rows in it (`common.row_visits`); it writes that group's
   rows, so a tile shared by two groups is written by two programs, and a few rows over
@@ -346,11 +347,11 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
         wb = pltr.load(w_ref.at[e_, cols, ks], mask=in_n[:, None] & in_k[None, :], other=0).T
       else:
         wb = pltr.load(w_ref.at[e_, ks, cols], mask=in_k[:, None] & in_n[None, :], other=0)
-      return acc + jnp.dot(xb, wb, precision=precision, preferred_element_type=jnp.float32)
+      return acc + jnp.dot(xb, wb, precision=precision, preferred_element_type=acc.dtype)
 
     @pl.when((t < nv_ref[0]) & real)
     def _():
-      acc = lax.fori_loop(0, k_tiles, k_step, jnp.zeros((bm, bn), jnp.float32))
+      acc = lax.fori_loop(0, k_tiles, k_step, jnp.zeros((bm, bn), common.accumulator(lhs.dtype)))
       pltr.store(o_ref.at[rows, cols], acc.astype(o_ref.dtype), mask=mask)
 
     @pl.when((t < nv_ref[0]) & ~real)  # rows before `start` or past the last end: 0
@@ -394,10 +395,11 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
       xb = _load(x_ref, pl.ds(r0, bm), ks, rows & in_k[None, :])
       dyb = _load(dy_ref, pl.ds(r0, bm), cols, rows & in_n[None, :])
       return acc + lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())), precision=precision,
-                                   preferred_element_type=jnp.float32)
+                                   preferred_element_type=acc.dtype)
 
     tiles_end = jnp.where(end > start, (end - 1) // bm + 1, start // bm)
-    acc = lax.fori_loop(start // bm, tiles_end, row_tile, jnp.zeros((bk, bn), jnp.float32))
+    acc = lax.fori_loop(start // bm, tiles_end, row_tile,
+                        jnp.zeros((bk, bn), common.accumulator(lhs.dtype)))
     pltr.store(o_ref.at[g, ks, cols], acc.astype(o_ref.dtype), mask=in_k[:, None] & in_n[None, :])
 
   return pl.pallas_call(

@@ -1068,8 +1068,9 @@ def _balanced_tile(size: int, cap: int) -> int:
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
         start: jax.Array | None = None, interpret: bool = False, transpose_rhs: bool = False,
         precision=None) -> jax.Array:
-  """Float grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
-  transpose with `transpose_rhs`), float32 accumulation; rows before `start` (group 0's
+  """Grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
+  transpose with `transpose_rhs`) of float or int8 operands, accumulated in float32 or int32
+  (`common.accumulator`: exact for int8); rows before `start` (group 0's
   first row, as `gmm_swiglu_quant`) and past the last end are 0.
 
   Grid (column tile, visit, k tile): column tiles outermost, so a group's visits are
@@ -1168,7 +1169,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
                                                 else (expert(pre)[t], kk, j)))
   in_specs = [pl.BlockSpec((bm, bk), lambda j, t, kk, gid, mt, nv, wid, rt, *_: (rt[t], kk)),
               weight_spec(lambda pre: pre[3])]
-  scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
+  scratch = [pltpu.VMEM((bm, bn), common.accumulator(lhs.dtype))]
   if by_hand:
     in_specs[1] = pl.BlockSpec(memory_space=pl.ANY)
     scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *((bn, k) if transpose_rhs else (k, bn))),
@@ -1195,7 +1196,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   (an int32 scalar, megablox's group_offset; None: 0): rows before it are read by no visit.
 
   Grid (k tile, column tile, visit): a group's visits are consecutive and accumulate
-  into one float32 tile, written on its last visit; an empty group gets one visit
+  into one float32 (int8 operands: int32) tile, written on its last visit; an empty group gets one visit
   that writes zeros, so every output block is written exactly once.
   """
   m, k = lhs.shape
@@ -1236,7 +1237,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
           kc = pl.ds(pl.multiple_of(c * step, step), step)
           xb = jnp.where(rows, x_ref[r, kc], jnp.zeros((), x_ref.dtype))
           acc[kc, :] += lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())),
-                                        precision=precision, preferred_element_type=jnp.float32)
+                                        precision=precision, preferred_element_type=acc.dtype)
           return carry
         lax.fori_loop(0, bk // step, chunk, 0)
       _for_row_blocks(bounds_ref, g + 1, r0, bm, multiply, block)
@@ -1260,7 +1261,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
                     pl.BlockSpec((bm, bn), lambda i, j, t, gid, mt, nv, bounds: (mt[t], j))],
           out_specs=pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, mt, nv, bounds: (
               gid[t], i, j)),
-          scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)]),
+          scratch_shapes=[pltpu.VMEM((bk, bn), common.accumulator(lhs.dtype))]),
       out_shape=common.result((num_groups, k, n), out_dtype, gid, bounds, lhs, rhs),
       # output tiles (k, n) are independent: a dual-TensorCore device splits them
       compiler_params=_params("parallel", "parallel", "arbitrary"), cost_estimate=cost,

@@ -219,6 +219,11 @@ MUTANTS = (
            "  return max(a, b, key=_precision_rank)",
            "  return np.dtype(jnp.promote_types(a, b))",
            ("tests/test_grouped_matmul.py", "-k", "dtypes_as_ragged_dot")),
+    # The kernels' integer grouped matmul accumulated in float32 (exact only below 2^24).
+    Mutant("integer_gmm_float_accumulator", "pallas_kernels/common.py",
+           "  return np.dtype(np.int32 if jnp.issubdtype(dtype, jnp.integer) else np.float32)",
+           "  return np.dtype(np.float32)",
+           ("tests/test_implementations.py", "-k", "beyond_float32")),
 )
 
 

@@ -44,6 +44,8 @@ slow = pytest.mark.slow  # the rest of the table: `.ci/run` runs them with every
 # (target, case): every benchmark-shape kernel on v5e, the fused op on v6e too.
 TPU_LEAN = [("v5e", "fused A8W8 m=4096 e=16"), ("v5e", "gmm bf16 m=4096 e=16"),
             pytest.param("v5e", "tgmm bf16 m=4096 e=16", marks=slow),
+            ("v5e", "gmm int8 m=4096 e=16"), pytest.param("v5p", "gmm int8 m=4096 e=16", marks=slow),
+            pytest.param("v5e", "tgmm int8 m=4096 e=16", marks=slow),
             pytest.param("v5e", "fused A8W8 m=512 e=64", marks=slow),
             pytest.param("v6e", "fused A8W8 m=4096 e=16", marks=slow),
             pytest.param("v5e", "tgmm fp32 m=4096 e=16", marks=slow),
@@ -215,27 +217,29 @@ def _takes(fn, *args):
 
 @needs["tpu"]
 @pytest.mark.parametrize("form", ["gmm float16", "tgmm float16", "gmm bf16 to float16",
-                                  "gmm int4"])
-def test_tpu_takes_xla_where_mosaic_has_no_kernel(form):
-  """float16 and int4 grouped matmuls compile for a TPU under implementation=None, on the XLA
-  path: the kernels declared them and Mosaic rejected them (no float16 vector loads or
-  stores; an int4 operand multiplied into a float accumulator)."""
+                                  "gmm int4", "tgmm int4"])
+def test_tpu_grouped_matmuls_where_mosaic_has_no_float16(form):
+  """float16 grouped matmuls compile for a TPU under implementation=None on the XLA path (the
+  kernels decline them: Mosaic loads and stores no float16 vectors); int4 ones on the
+  kernels (int4 operands widened to int8 before them, as for the XLA path)."""
   import jax.numpy as jnp  # noqa: PLC0415
   import npu_ops  # noqa: PLC0415
   f16, bf16, i4, i32 = jnp.float16, jnp.bfloat16, jnp.int4, jnp.int32
   gs = ((3,), i32)
-  case = {
-      "gmm float16": _takes(npu_ops.grouped_matmul, ((64, 128), f16), ((3, 128, 256), f16), gs),
-      "tgmm float16": _takes(npu_ops.tgmm, ((64, 128), f16), ((64, 96), f16), gs),
-      "gmm bf16 to float16": _takes(
+  case, kernels = {
+      "gmm float16": (_takes(npu_ops.grouped_matmul, ((64, 128), f16), ((3, 128, 256), f16),
+                             gs), 0),
+      "tgmm float16": (_takes(npu_ops.tgmm, ((64, 128), f16), ((64, 96), f16), gs), 0),
+      "gmm bf16 to float16": (_takes(
           lambda x, w, g: npu_ops.grouped_matmul(x, w, g, preferred_element_type=f16),
-          ((64, 128), bf16), ((3, 128, 256), bf16), gs),
-      "gmm int4": _takes(npu_ops.grouped_matmul, ((64, 128), i4), ((3, 128, 256), i4), gs),
+          ((64, 128), bf16), ((3, 128, 256), bf16), gs), 0),
+      "gmm int4": (_takes(npu_ops.grouped_matmul, ((64, 128), i4), ((3, 128, 256), i4), gs), 1),
+      "tgmm int4": (_takes(npu_ops.tgmm, ((64, 128), i4), ((64, 96), i4), gs), 1),
   }[form]
   aot.use_cpu_host()
   r = aot.compile_case(case, "v5e")
   assert r.compiled, r.error
-  assert r.kernels == 0
+  assert r.kernels == kernels
 
 
 @needs["gpu"]

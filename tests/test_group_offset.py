@@ -2,6 +2,8 @@
 group list all G groups; rows of other groups give 0. Checked against NumPy and against
 the identity expert parallelism rests on: the shards' outputs sum to the full op's."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,11 +32,22 @@ def _offsets():
   return range(0, G - LOCAL + 1, LOCAL)  # the shards of G experts, LOCAL each
 
 
-@pytest.mark.parametrize("impl", impls("gmm_float"))
-def test_grouped_matmul_shards(impl):
-  x = RNG.normal(size=(M, K)).astype(np.float32)
-  w = RNG.normal(size=(G, K, N)).astype(np.float32)
-  full = ref.grouped_matmul(x, w, BOUNDS, np.float64)
+@pytest.mark.parametrize("kind,impl", [("float", i) for i in impls("gmm_float")]
+                         + [("int8", i) for i in impls("gmm_int")])
+def test_grouped_matmul_shards(kind, impl):
+  """Each shard's rows from its own experts, 0 elsewhere; the shards sum to the whole
+  product (int8: exact int32)."""
+  if kind == "int8":
+    x = RNG.integers(-128, 128, (M, K)).astype(np.int8)
+    w = RNG.integers(-128, 128, (G, K, N)).astype(np.int8)
+    full = ref.grouped_matmul(x, w, BOUNDS)
+    check = np.testing.assert_array_equal
+  else:
+    x = RNG.normal(size=(M, K)).astype(np.float32)
+    w = RNG.normal(size=(G, K, N)).astype(np.float32)
+    full = ref.grouped_matmul(x, w, BOUNDS, np.float64)
+    check = functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                              atol=1e-4 * np.abs(full).max())
   op = jax.jit(lambda off, ws: npu_ops.grouped_matmul(x, ws, jnp.asarray(SIZES), group_offset=off,
                                                       **IMPLEMENTATIONS[impl]))
   total = 0
@@ -44,9 +57,9 @@ def test_grouped_matmul_shards(impl):
     for g in range(off, off + LOCAL):
       lo, hi = BOUNDS[g]
       want[lo:hi] = full[lo:hi]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(full).max())
-    total = total + np.asarray(got, np.float64)
-  np.testing.assert_allclose(total, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    check(got, want)
+    total = total + np.asarray(got, full.dtype)
+  check(total, full)
 
 
 def test_static_and_dynamic_forms_agree_and_gradients_stay_local():

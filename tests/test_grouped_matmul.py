@@ -184,8 +184,9 @@ def test_errors():
   with pytest.raises(ValueError, match="implementation"):
     npu_ops.grouped_matmul(x, w, [4, 4], implementation="cuda")
   with pytest.raises(NotImplementedError, match="pallas_tpu") as info:
-    npu_ops.grouped_matmul(x, w, [4, 4], implementation="pallas_tpu")
-  assert "pallas_gpu" not in str(info.value)  # not suggested: no integer kernel either
+    npu_ops.grouped_matmul(x.astype(np.float16), w.astype(np.float16), [4, 4],
+                           implementation="pallas_tpu")
+  assert "or 'pallas_gpu'" in str(info.value)  # suggested: the GPU kernel takes float16
   with pytest.raises(ValueError, match="block_m"):
     npu_ops.GmmBlockSizes(block_m=24)
 

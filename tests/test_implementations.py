@@ -193,6 +193,20 @@ def test_gmm_and_tgmm_integer_exact(impl, dtype):
   np.testing.assert_array_equal(out_t, want_t)
 
 
+@pytest.mark.parametrize("impl", impls("gmm_int"))
+def test_gmm_integer_sums_beyond_float32(impl):
+  """int8 sums past 2^24 (k = 1536 products of ~113^2 each) come out exact: an accumulator
+  in float32 would round their low bits."""
+  rng = _rng(5)
+  x = rng.integers(100, 128, (64, 1536)).astype(np.int8)
+  w = rng.integers(100, 128, (2, 1536, 128)).astype(np.int8)
+  counts = (40, 24)
+  out = npu_ops.grouped_matmul(x, w, jnp.asarray(counts), **IMPLEMENTATIONS[impl])
+  want = ref.grouped_matmul(x, w, ref.group_bounds(counts, 1))
+  assert want.min() > 2**24 and np.any(want % 2)  # beyond float32's integers
+  np.testing.assert_array_equal(out, want)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_tpu_a8w4_column_sums_with_k_tiled(groups, monkeypatch):
   """The TPU kernel sums A8W4's column sums from the weight block in VMEM: once per expert

@@ -131,8 +131,8 @@ def test_none_picks_the_kernel_per_lowering_platform():
   xf = jnp.ones((8, 128))
   gmm_float = lambda a: npu_ops.grouped_matmul(a, jnp.ones((2, 128, 128)), [3, 5])
   assert kernel_counts(gmm_float, xf, platforms=["tpu", "cuda"]) == {"tpu": 1, "cuda": 1}
-  gmm_int8 = lambda a: npu_ops.grouped_matmul(a, w[:2], [3, 5])
-  assert kernel_counts(gmm_int8, x[:8], platforms=["tpu", "cuda"]) == {"tpu": 0, "cuda": 0}
+  gmm_int8 = lambda a: npu_ops.grouped_matmul(a, w[:2], [3, 5])  # exact int32 on the MXU too
+  assert kernel_counts(gmm_int8, x[:8], platforms=["tpu", "cuda"]) == {"tpu": 1, "cuda": 1}
 
 
 def test_none_under_vmap_and_grad_on_cpu():
@@ -151,12 +151,14 @@ def test_explicit_kernel_requests_that_cannot_be_served_raise():
     npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         x, (w // 16).astype(jnp.int4), jnp.ones((E, 2, N)), x_scale, [M], group_list_type=1,
         dequant_mode=1, implementation="pallas_tpu")
-  with pytest.raises(NotImplementedError, match="integer"):
-    npu_ops.tgmm(x, x, [M], implementation="pallas_gpu")
-  # at trace time (eval_shape lowers nothing), not when the program is lowered
-  with pytest.raises(NotImplementedError, match="integer"):
-    jax.eval_shape(lambda a: npu_ops.tgmm(a, a, [M], implementation="pallas_tpu"), x)
   xf, wf = jnp.ones((M, K), jnp.bfloat16), jnp.ones((E, K, N), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="float16 operands"):
+    npu_ops.tgmm(xf.astype(jnp.float16), xf.astype(jnp.float16), [M],
+                 implementation="pallas_tpu")
+  # at trace time (eval_shape lowers nothing), not when the program is lowered
+  with pytest.raises(NotImplementedError, match="float16 operands"):
+    jax.eval_shape(lambda a: npu_ops.tgmm(a, a, [M], implementation="pallas_tpu"),
+                   xf.astype(jnp.float16))
   for op, args in ((npu_ops.grouped_matmul, (xf, wf)), (npu_ops.tgmm, (xf, xf))):
     with pytest.raises(NotImplementedError, match="float8_e4m3fn result"):
       jax.eval_shape(lambda a, b: op(a, b, [M], preferred_element_type=jnp.float8_e4m3fn,

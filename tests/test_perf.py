@@ -674,9 +674,10 @@ def test_default_tiles_are_the_models_choice():
   assert score < 1.01 and len(tune.candidates(group[0])) > 1  # within 1% at each routing
   assert tpu_tiles.lookup("v5e", "fused", 1, *group[0].key) == (t.block_m, t.block_k, t.block_n)
   for chip in tune.CHIPS:
-    for op, itemsize in (("gmm", 2), ("tgmm", 2), ("fused", 1)):
+    for op, itemsize in (("gmm", 2), ("tgmm", 2), ("fused", 1), ("gmm", 1)):
       keys = {r[:3] for r in tpu_tiles.TABLE[(chip, op, itemsize)]}
-      assert {p.key for p in tune.points(include_tokamax=False) if p.op == op} <= keys
+      assert {p.key for p in tune.points(include_tokamax=False)
+              if p.op == op and p.itemsize == itemsize} <= keys
 
 
 def test_default_tiles_follow_the_chip_and_fit_the_problem():

@@ -149,7 +149,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Any, precision: 
       operand type of higher precision (XLA's rule: bfloat16 for float16 x bfloat16).
       Float operands accumulate in float32.
     implementation: None, "xla", "reference", "pallas_tpu" or "pallas_gpu"
-      (see `npu_ops._src.backend`; the kernels take float operands).
+      (see `npu_ops._src.backend`; the kernels multiply int4 operands as int8, widened
+      by XLA first).
     block_sizes: row blocks of the XLA path (default from the shapes).
     interpret: run a Pallas kernel in interpret mode.
     tiles: the kernels' tile sizes (default from the shapes).

@@ -69,8 +69,8 @@ OPS = ("fused A8W8", "gmm bf16", "tgmm bf16", "gmm vjp bf16")
 A8W4_OPS = ("fused A8W4", "fused A8W4 words")
 # A4W4 as torch_npu calls it: tokens in int32 words, jnp.int4 weights, a smooth scale; MX
 # inputs (fp8 or fp4 tokens and weights, e8m0 scales per block of 32 along k; per-token
-# int8 out)
-ALL_OPS = OPS + A8W4_OPS + ("fused A4W4", "fused MX", "fused MXFP4")
+# int8 out); the int8 grouped matmul (exact int32 out: the MoE layer's int8 down projection)
+ALL_OPS = OPS + A8W4_OPS + ("fused A4W4", "fused MX", "fused MXFP4", "gmm int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +129,10 @@ def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem
     per = 1 if op == "fused MX" else 0.5  # bytes a value
     ideal = (m + used * N) * K * (per + 1 / 32) + m * (N // 2) + 4 * m
     return Problem(fn, args, 2.0 * m * K * N, ideal, "bfloat16")
+  if op == "gmm int8":
+    fn = lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl, **kw)
+    args = (make((m, K), jnp.int8), make((e, K, N), jnp.int8), sizes)
+    return Problem(fn, args, 2.0 * m * K * N, m * K + used * K * N + 4 * m * N, "int8")
   bf = jnp.bfloat16
   if op == "gmm bf16":
     fn = lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl, **kw)

@@ -27,12 +27,15 @@ from pallas_kernels import tpu_tiles
 
 CHIPS = ("v5e", "v6e", "v5p", "tpu7x")
 KERNEL_OPS = {"gmm": "gmm bf16", "tgmm": "tgmm bf16", "fused": "fused A8W8"}
+# The kernels' operand dtypes tuned: (op, dtype) -> the model's op (`npu_ops.perf.cases`)
+TUNED = {("gmm", "bfloat16"): "gmm bf16", ("tgmm", "bfloat16"): "tgmm bf16",
+         ("fused", "int8"): "fused A8W8", ("gmm", "int8"): "gmm int8"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-  """An op (`gmm`, `tgmm`, `fused`) at `m` rows of `[k, n]` over `e` experts, routed
-  by `sizes` (int32 group sizes)."""
+  """An op (`gmm`, `tgmm`, `fused`) on `dtype` operands at `m` rows of `[k, n]` over `e`
+  experts, routed by `sizes` (int32 group sizes)."""
   op: str
   m: int
   k: int
@@ -40,6 +43,15 @@ class Point:
   e: int
   sizes: tuple[int, ...]
   name: str = ""  # where the point comes from (a case's name, or tokamax's data)
+  dtype: str = "bfloat16"
+
+  @property
+  def itemsize(self) -> int:
+    return np.dtype(self.dtype).itemsize
+
+  @property
+  def out_itemsize(self) -> int:  # the kernels' result: int32 of int8 (gmm), else bf16
+    return 4 if self.dtype == "int8" and self.op != "fused" else 2
 
   @property
   def key(self) -> tuple[int, int, int]:
@@ -47,9 +59,9 @@ class Point:
     return self.k, self.n, max(1, self.m // self.e)
 
 
-def _case_point(op: str, case: cases_lib.Case) -> Point:
+def _case_point(op: str, dtype: str, case: cases_lib.Case) -> Point:
   return Point(op, case.m, cases_lib.K, cases_lib.N, case.e, tuple(int(s) for s in case.sizes()),
-               case.name)
+               case.name, dtype)
 
 
 def _tokamax_points() -> list[Point]:
@@ -73,7 +85,8 @@ def _tokamax_points() -> list[Point]:
 def points(include_tokamax: bool = True) -> list[Point]:
   """Every tuning point: our decode and prefill cases per op, then tokamax's v5e shapes
   (bf16 gmm / tgmm) when tokamax is installed."""
-  ours = [_case_point(op, c) for op in KERNEL_OPS for c in cases_lib.DECODE + cases_lib.PREFILL
+  ours = [_case_point(op, dtype, c) for op, dtype in TUNED
+          for c in cases_lib.DECODE + cases_lib.PREFILL
           if not (op == "tgmm" and c.routing == "random")]  # tgmm: training (prefill) shapes
   if not include_tokamax:
     return ours
@@ -94,14 +107,15 @@ def candidates(p: Point) -> list[common.TileSizes]:
   if p.op == "fused":
     return [common.TileSizes(bm, 512, 256) for bm in rows]
   kr, nr = common.round_up(p.k, 128), common.round_up(p.n, 128)
-  fits = tpu._float_vmem(p.op, 32, kr, 128, 2, 2) <= tpu._VMEM_PLAN  # noqa: SLF001
+  vmem = lambda bm, bk, bn: tpu._float_vmem(p.op, bm, bk, bn, p.itemsize, p.out_itemsize)  # noqa: SLF001
+  fits = vmem(32, kr, 128) <= tpu._VMEM_PLAN  # noqa: SLF001
   ks = [kr] if fits else [b for b in (2048, 1024, 512) if b < kr]
   ns = sorted({common.round_up(common.cdiv(p.n, c), 128) for c in range(1, 9)}, reverse=True)
   out = []
   for bm in rows:
     for bk in ks:
       for bn in ns:
-        if tpu._float_vmem(p.op, bm, bk, min(bn, nr), 2, 2) <= tpu._VMEM_PLAN:  # noqa: SLF001
+        if vmem(bm, bk, min(bn, nr)) <= tpu._VMEM_PLAN:  # noqa: SLF001
           out.append(common.TileSizes(bm, bk, bn))
   return out
 
@@ -110,7 +124,7 @@ def _program(p: Point, tiles: common.TileSizes | None):
   """(fn, args) of `p`'s op with `tiles` (None: the defaults), for `model.predict`."""
   s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
   sizes = np.asarray(p.sizes, np.int32)
-  bf = jnp.bfloat16
+  bf = jnp.dtype(p.dtype)
   if p.op == "gmm":
     return (lambda x, w, g: npu_ops.grouped_matmul(x, w, g, tiles=tiles),
             (s((p.m, p.k), bf), s((p.e, p.k, p.n), bf), sizes))
@@ -144,7 +158,7 @@ def groups(include_tokamax: bool = True) -> list[list[Point]]:
   """The tuning points grouped by op and table key, in order of first appearance."""
   out: dict = {}
   for p in points(include_tokamax):
-    out.setdefault((p.op, p.key), []).append(p)
+    out.setdefault((p.op, p.dtype, p.key), []).append(p)
   return list(out.values())
 
 
@@ -155,11 +169,10 @@ def table(chips=CHIPS, include_tokamax: bool = True, log=None) -> dict:
     for group in groups(include_tokamax):
       t, score = best(group, chip)
       p = group[0]
-      itemsize = 1 if p.op == "fused" else 2
-      out.setdefault((chip, p.op, itemsize), []).append(
+      out.setdefault((chip, p.op, p.itemsize), []).append(
           (*p.key, t.block_m, t.block_k, t.block_n))
       if log:
-        log(f"{chip:6} {p.op:5} k={p.k:<5} n={p.n:<5} m={p.m:<6} e={p.e:<4} "
+        log(f"{chip:6} {p.op:5} {p.dtype:8} k={p.k:<5} n={p.n:<5} m={p.m:<6} e={p.e:<4} "
             f"({len(group)} routing) -> {t.block_m}x{t.block_k}x{t.block_n} ({score:.3f})")
   return {key: tuple(rows) for key, rows in out.items()}
 

@@ -223,15 +223,21 @@ def _fused_mx(m, k, n, e, *, quant_dtype, quant_mode, dtype=jnp.float8_e4m3fn):
               ((e, kb, n, 2), jnp.uint8), ((m, kb, 2), jnp.uint8), ((e,), jnp.int32))
 
 
+def _accumulated(dtype):
+  """The result type of the grouped matmul cases: int32 for integers (exact), else float32."""
+  return jnp.int32 if jnp.issubdtype(dtype, jnp.integer) else jnp.float32
+
+
 def _gmm(m, k, n, e, dtype):
   import npu_ops  # noqa: PLC0415
-  return (lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl, preferred_element_type=jnp.float32),
+  return (lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl,
+                                                  preferred_element_type=_accumulated(dtype)),
           (((m, k), dtype), ((e, k, n), dtype), ((e,), jnp.int32)))
 
 
 def _tgmm(m, k, n, e, dtype):
   import npu_ops  # noqa: PLC0415
-  return (lambda x, dy, gl: npu_ops.tgmm(x, dy, gl, preferred_element_type=jnp.float32),
+  return (lambda x, dy, gl: npu_ops.tgmm(x, dy, gl, preferred_element_type=_accumulated(dtype)),
           (((m, k), dtype), ((m, n), dtype), ((e,), jnp.int32)))
 
 
@@ -346,14 +352,16 @@ def cases() -> list[Case]:
   out += [
       Case("gmm vjp fp32 precision=highest", *_gmm_vjp(4096, k, n, 16, jnp.float32, "highest"),
            kernels=3),
+      Case("gmm int8 m=4096 e=16", *_gmm(4096, k, n, 16, jnp.int8), kernels=1),
+      Case("tgmm int8 m=4096 e=16", *_tgmm(4096, k, n, 16, jnp.int8), kernels=1),
       Case("gmm bf16 m=512 e=64", *_gmm(512, k, n, 64, jnp.bfloat16), kernels=1),
       Case("tgmm bf16 m=512 e=64", *_tgmm(512, k, n, 64, jnp.bfloat16), kernels=1),
       Case("QAT step m=4096 e=16", *_qat_step(4096, k, n, 16), kernels=3),
-      Case("MoEMLP int8 forward", *_moe(1024, 1024, 1408, 16, "int8"), kernels=1),
+      Case("MoEMLP int8 forward", *_moe(1024, 1024, 1408, 16, "int8"), kernels=2),
       Case("MoEMLP float train step", *_moe(1024, 1024, 1408, 16, "float"), kernels=5),
   ]
   # 4096 tokens over all chips, 16 experts (top 2), d_model 1024, d_ff 1408.
-  for mode, what, kernels in (("int8", "int8 forward", 1), ("float", "float train step", 6),
+  for mode, what, kernels in (("int8", "int8 forward", 2), ("float", "float train step", 6),
                               ("qat", "qat train step", 7)):
     out.append(Case(f"EP MoE {what} (all chips)", *_moe_ep(4096, 1024, 1408, 16, mode),
                     kernels=kernels, mesh_axis="expert"))
