@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from npu_ops._src import backend
 from npu_ops._src import expert_parallel as ep
 from npu_ops._src import groups
+from npu_ops._src import grouped as grouped_lib
 from npu_ops._src import layouts
 from npu_ops._src import operands
 from npu_ops._src import qat
@@ -253,8 +254,10 @@ def expert_mlp(rows: Any, expert: jax.Array, sizes: jax.Array, weights: MoEWeigh
   hq, h_scale = npu_grouped_matmul_swiglu_quant_v2(
       rows.values, w_gate_up, weights.gate_up_scale, rows.scale, sizes, group_list_type=1,
       tuning_config=hint)
-  acc = grouped_matmul(hq, weights.w_down, sizes)  # exact int32
-  return (acc.astype(jnp.float32) * groups.per_row(weights.down_scale, expert)) * h_scale[:, None]
+  # the exact int32 product dequantized per channel and per token (in the kernels' epilogue)
+  ends = groups.ends_from_sizes(sizes, hq.shape[0], weights.w_down.shape[0])
+  return grouped_lib.dequantized_matmul(hq, weights.w_down, ends, weights.down_scale, h_scale,
+                                        out_dtype=jnp.float32)
 
 
 def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float",

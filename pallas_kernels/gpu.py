@@ -311,11 +311,12 @@ def gmm_swiglu_quant_mx(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale:
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
         start: jax.Array | None = None, interpret: bool = False, transpose_rhs: bool = False,
-        precision=None) -> jax.Array:
+        precision=None, scales: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """Grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
   transpose with `transpose_rhs`) of float or int8 operands, accumulated in float32 or int32
   (`common.accumulator`: exact for int8); rows before `start` and past the
-  last end are 0. Grid (visit, column tile): a
+  last end are 0; `scales` as in `pallas_kernels.tpu.gmm` (A8W8's dequant). Grid (visit,
+  column tile): a
   visit is a row tile and one group with rows in it (`common.row_visits`); it writes that group's
   rows, so a tile shared by two groups is written by two programs, and a few rows over
   many experts still spread over the GPU."""
@@ -328,8 +329,10 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   k_tiles = common.cdiv(k, bk)
   num_groups = ends.shape[0]
   v = common.row_visits(ends, m, bm, start)
+  scaled = scales is not None
 
-  def kernel(gid_ref, mt_ref, nv_ref, ends_ref, x_ref, w_ref, o_ref):
+  def kernel(gid_ref, mt_ref, nv_ref, ends_ref, x_ref, w_ref, *refs):
+    cs_ref, rs_ref, o_ref = refs if scaled else (None, None, *refs)
     t, j = pl.program_id(0), pl.program_id(1)
     g = gid_ref[t]
     real = common.RowVisits.is_real(g, num_groups)
@@ -352,6 +355,10 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
     @pl.when((t < nv_ref[0]) & real)
     def _():
       acc = lax.fori_loop(0, k_tiles, k_step, jnp.zeros((bm, bn), common.accumulator(lhs.dtype)))
+      if scaled:
+        col = pltr.load(cs_ref.at[e_, cols], mask=in_n, other=0)[None]
+        row = pltr.load(rs_ref.at[rows], mask=in_m, other=0)[:, None]
+        acc = epilogue.dequant_a8w8(acc, col, row)
       pltr.store(o_ref.at[rows, cols], acc.astype(o_ref.dtype), mask=mask)
 
     @pl.when((t < nv_ref[0]) & ~real)  # rows before `start` or past the last end: 0
@@ -361,8 +368,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   return pl.pallas_call(
       kernel, grid=(v.group.shape[0], common.cdiv(n, bn)),
       out_shape=common.result((m, n), out_dtype, *v, lhs, rhs),
-      compiler_params=_PARAMS, interpret=interpret, name="npu_gmm")(v.group, v.tile, v.count,
-                                                                    v.bounds, lhs, rhs)
+      compiler_params=_PARAMS, interpret=interpret, name="npu_gmm")(
+          v.group, v.tile, v.count, v.bounds, lhs, rhs,
+          *([] if scales is None else [a.astype(jnp.float32) for a in scales]))
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,

@@ -568,15 +568,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   scales = w_scale if mx_inputs else w_scale.astype(jnp.float32).reshape(e, groups, 1, n)
   # MX: rows of a weight scale block, per block parity
   kb_rows = w_scale.shape[2] if mx_inputs and plan.resident else bk // (2 * epilogue.MX_BLOCK)
-  # Per-row scales travel lane-dense, `lanes` rows to a row of `[m / lanes, 1, lanes]`
-  # (x_scale in, the output's scales out): as `[m, 1]` columns each row would take a
-  # 128-lane tile, 128x the bytes in HBM and in every copy. The kernel turns a tile's rows
-  # into a column in VMEM and back (`_to_column`, `_to_rows`).
-  lanes = ROW_BLOCK if bm % ROW_BLOCK == 0 else bm
+  # Per-row scales travel lane-dense (`_lane_dense`: x_scale in, the output's scales out),
+  # turned into a VMEM column and back by the kernel (`_to_column`, `_to_rows`).
+  lanes = _row_lanes(bm)
   m_rows = common.cdiv(m, lanes)
   if not mx_inputs:  # MX: block scale bytes `[m, KB]`, a whole row's to a row tile
-    x_scale = jnp.pad(x_scale.astype(jnp.float32), (0, m_rows * lanes - m)).reshape(
-        m_rows, 1, lanes)
+    x_scale = _lane_dense(x_scale, bm)
   words_k_minor = words and k_minor(w.shape)
   by_hand = plan.resident  # resident weights: copied by the kernel (`_weights_by_hand`)
   if not by_hand:
@@ -1013,6 +1010,21 @@ def _mx_quantize(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   return codes, scale
 
 
+def _row_lanes(bm: int) -> int:
+  """Rows to a lane-dense row of per-row values (`_lane_dense`) for `bm`-row tiles."""
+  return ROW_BLOCK if bm % ROW_BLOCK == 0 else bm
+
+
+def _lane_dense(values: jax.Array, bm: int) -> jax.Array:
+  """float32 `[m]` per-row values as `[m / L, 1, L]` (L = `_row_lanes(bm)`, zero-padded):
+  as `[m, 1]` each row would take a 128-lane tile, in HBM and in every copy; the kernel
+  turns a tile's rows into a VMEM column (`_to_column`)."""
+  lanes = _row_lanes(bm)
+  rows = common.cdiv(values.shape[0], lanes)
+  return jnp.pad(values.astype(jnp.float32), (0, rows * lanes - values.shape[0])).reshape(
+      rows, 1, lanes)
+
+
 def _to_column(rows_ref, col_ref) -> None:
   """col_ref `[bm, 1]` = rows_ref `[bm / L, 1, L]` (float32) read row by row. Each `[1, L]`
   row becomes a column through a max over an `[L, L]` broadcast of its int32 bits with all
@@ -1067,11 +1079,13 @@ def _balanced_tile(size: int, cap: int) -> int:
 
 def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: TileSizes,
         start: jax.Array | None = None, interpret: bool = False, transpose_rhs: bool = False,
-        precision=None) -> jax.Array:
+        precision=None, scales: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """Grouped matmul `[m, k] x [e, k, n] -> [m, n]` (`rhs [e, n, k]` read as its
   transpose with `transpose_rhs`) of float or int8 operands, accumulated in float32 or int32
   (`common.accumulator`: exact for int8); rows before `start` (group 0's
-  first row, as `gmm_swiglu_quant`) and past the last end are 0.
+  first row, as `gmm_swiglu_quant`) and past the last end are 0. `scales`: (float32
+  `[e, n]` per group and column, float32 `[m]` per row): the result is
+  `epilogue.dequant_a8w8(acc, scales[0][g], scales[1][:, None])`.
 
   Grid (column tile, visit, k tile): column tiles outermost, so a group's visits are
   consecutive within a column tile and, with k in one step, its weight tile stays put;
@@ -1098,12 +1112,18 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   runs = runs if by_hand else ()
   one_core = tpu_tiles.cores(tpu_tiles.current_chip()) == 1
   pieces = weight_pieces(k)
+  scaled = scales is not None
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
-    if by_hand:
-      run_ref, expert_ref, x_ref, w_hbm, o_ref, acc, w_buf, w_sem = refs
-    else:
-      x_ref, w_ref, o_ref, acc = refs
+    refs = list(refs)
+    take = lambda count: [refs.pop(0) for _ in range(count)]
+    run_ref, expert_ref = take(2) if by_hand else (None, None)
+    x_ref, w_hbm = take(2)
+    w_ref = w_hbm
+    cs_ref, rs_ref = take(2) if scaled else (None, None)
+    o_ref, acc = take(2)
+    w_buf, w_sem = take(2) if by_hand else (None, None)
+    (rs_col,) = take(1) if scaled else (None,)
     j, t, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = gid_ref[t]
     if by_hand:  # run R * j + r: column tile j's run r, of R a column tile
@@ -1144,12 +1164,17 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
           acc.at[r], x_ref.at[r], w_ref, kk * bk, k, transpose_rhs=transpose_rhs,
           precision=precision)))
 
-    @pl.when(real)
+    @pl.when(real & last_step)
     def _():
       def write(r):
         rows = common.group_rows(ends_ref, g, r0 + r.start, r.size)
-        o_ref[r] = jnp.where(rows, acc[r].astype(o_ref.dtype), o_ref[r])
-      pl.when(last_step)(lambda: _for_row_blocks(ends_ref, g, r0, bm, write))
+        v = acc[r]
+        if scaled:
+          v = epilogue.dequant_a8w8(v, cs_ref[...], rs_col[r])
+        o_ref[r] = jnp.where(rows, v.astype(o_ref.dtype), o_ref[r])
+      if scaled:
+        _to_column(rs_ref, rs_col)
+      _for_row_blocks(ends_ref, g, r0, bm, write)
 
     @pl.when(last_step & ~real)  # head and tail rows are 0
     def _():
@@ -1161,7 +1186,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
       flops=2 * m * k * n, transcendentals=0,
       bytes_accessed=isz * (n_tiles * (m_tiles if resident else visits) * bm * k
                             + (num_groups if resident else visits) * k * n)
-      + m * n * np.dtype(out_dtype).itemsize)
+      + m * n * np.dtype(out_dtype).itemsize + (4 * (rhs.shape[0] * n + m) if scaled else 0))
   # The scalar-prefetch operands are `v`'s fields, in order.
   def weight_spec(expert):
     return pl.BlockSpec((None, bn, bk) if transpose_rhs else (None, bk, bn),
@@ -1170,11 +1195,20 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   in_specs = [pl.BlockSpec((bm, bk), lambda j, t, kk, gid, mt, nv, wid, rt, *_: (rt[t], kk)),
               weight_spec(lambda pre: pre[3])]
   scratch = [pltpu.VMEM((bm, bn), common.accumulator(lhs.dtype))]
+  args = [lhs, rhs]
   if by_hand:
     in_specs[1] = pl.BlockSpec(memory_space=pl.ANY)
     scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *((bn, k) if transpose_rhs else (k, bn))),
                            rhs.dtype),
                 pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS, pieces))]
+  if scaled:  # per (group, column) and per row (lane-dense, a VMEM column at the write)
+    lanes = _row_lanes(bm)
+    in_specs += [pl.BlockSpec((None, 1, bn), lambda j, t, kk, *pre: (pre[3][t], 0, j)),
+                 pl.BlockSpec((bm // lanes, 1, lanes),
+                              lambda j, t, kk, gid, mt, nv, wid, rt, *_: (rt[t], 0, 0))]
+    args += [scales[0].astype(jnp.float32).reshape(rhs.shape[0], 1, n),
+             _lane_dense(scales[1], bm)]
+    scratch.append(pltpu.VMEM((bm, 1), jnp.float32))
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -1185,7 +1219,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
       out_shape=common.result((m, n), out_dtype, *v, lhs, rhs),
       # column tiles are independent: a dual-TensorCore device (v5p) splits them
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
-      interpret=interpret, name="npu_gmm")(*v, *runs, lhs, rhs)
+      interpret=interpret, name="npu_gmm")(*v, *runs, *args)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,

@@ -224,6 +224,11 @@ MUTANTS = (
            "  return np.dtype(np.int32 if jnp.issubdtype(dtype, jnp.integer) else np.float32)",
            "  return np.dtype(np.float32)",
            ("tests/test_implementations.py", "-k", "beyond_float32")),
+    # The TPU gmm kernel's dequant in A4W4's order, (acc * x_scale) * w_scale.
+    Mutant("gmm_dequant_order", "pallas_kernels/tpu.py",
+           "          v = epilogue.dequant_a8w8(v, cs_ref[...], rs_col[r])",
+           "          v = epilogue.dequant_a4w4(v, cs_ref[...], rs_col[r])",
+           ("tests/test_implementations.py", "-k", "dequantized and pallas_tpu")),
 )
 
 

@@ -270,6 +270,13 @@ def test_export_moe_mlp_with_symbolic_tokens():
   exp = _export(lambda x: moe.moe_mlp(x, w, top_k=2).y, S((m, 8), jnp.float32))
   x = rng.normal(size=(5, 8)).astype(np.float32)
   np.testing.assert_allclose(exp.call(x), ref.moe_mlp(x, *w[:3], 2), rtol=1e-5, atol=1e-5)
+  # int8: the fused op, then the dequantized int8 product (ragged_dot for a symbolic m)
+  w8 = moe.MoEWeights(w.router, rng.integers(-128, 128, (4, 8, 12)).astype(np.int8),
+                      rng.integers(-128, 128, (4, 6, 8)).astype(np.int8),
+                      rng.uniform(1e-3, 2e-3, (4, 12)).astype(np.float32),
+                      rng.uniform(1e-3, 2e-3, (4, 8)).astype(np.float32))
+  int8 = lambda x: moe.moe_mlp(x, w8, top_k=2, mode="int8").y
+  np.testing.assert_array_equal(_export(int8, S((m, 8), jnp.float32)).call(x), jax.jit(int8)(x))
   # under a mesh the count must be known: the artifact crashed the process when called
   mesh = jax.make_mesh((1,), ("expert",))
   with pytest.raises(ValueError, match="x: expected a known token count under a mesh"):

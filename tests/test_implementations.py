@@ -207,6 +207,29 @@ def test_gmm_integer_sums_beyond_float32(impl):
   np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.parametrize("impl", impls("gmm_int"))
+def test_dequantized_int8_matmul(impl):
+  """The int8 MoE layer's down projection: `(float32(x @ w[g]) * col[g]) * row` (semantics
+  B.1.3's order) per row of group g, rows outside the groups 0 (a NaN scale too), bit for
+  bit with NumPy's float32 in that order; the kernels dequantize in their epilogue."""
+  from npu_ops._src import grouped  # noqa: PLC0415
+  rng = _rng(6)
+  x = rng.integers(-128, 128, (M, K)).astype(np.int8)
+  w = rng.integers(-128, 128, (E, K, N)).astype(np.int8)
+  col = rng.uniform(1e-4, 3e-4, (E, N)).astype(np.float32)
+  row = rng.uniform(0.5, 1.5, M).astype(np.float32)
+  row[-1] = np.nan  # past the groups: no group's row
+  for counts in COUNTS:
+    ends = tuple(np.cumsum(counts).tolist())
+    got = grouped.dequantized_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ends, jnp.int32),
+                                     col, row, out_dtype=jnp.float32, **IMPLEMENTATIONS[impl])
+    acc = ref.grouped_matmul(x, w, ref.group_bounds(counts, 1))
+    want = np.zeros((M, N), np.float32)
+    for g, (lo, hi) in enumerate(ref.group_bounds(counts, 1)):
+      want[lo:hi] = (acc[lo:hi].astype(np.float32) * col[g]) * row[lo:hi, None]
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_tpu_a8w4_column_sums_with_k_tiled(groups, monkeypatch):
   """The TPU kernel sums A8W4's column sums from the weight block in VMEM: once per expert

@@ -13,6 +13,7 @@ import pytest
 import npu_ops
 import numpy_reference as ref
 from helpers import counts_to_list, encode_int4_weight, encode_int8_weight, int4_array
+from implementations import IMPLEMENTATIONS, impls
 from npu_ops._src import gmm_scenarios as gmm_scenarios
 
 F32, F16, BF16 = np.float32, np.float16, ml_dtypes.bfloat16
@@ -238,6 +239,25 @@ def test_a8w8(out, bias_kind, pts):
     np.testing.assert_array_equal(got, want)
   else:
     assert_float_close(got, want)
+
+
+@pytest.mark.parametrize("impl", impls("gmm_int"))
+def test_a8w8_products_on_every_implementation(impl):
+  """The quantized products run on the int8 kernels too: int32 out exact, bfloat16 out
+  (per-channel and per-token dequant after the product) as the NumPy golden says."""
+  rng, x, w = a8w8_case(15, m=40, k=160, n=144)
+  counts = [10, 0, 21, 5]
+  scale = rng.uniform(1e-4, 3e-4, (4, 144)).astype(F32)
+  p = rng.uniform(0.5, 1.5, 40).astype(F32)
+  for out, pts in (("int32", None), ("bfloat16", p)):
+    (got,) = npu_ops.npu_grouped_matmul(
+        x, w, scale=scale, per_token_scale=pts, group_list=counts,
+        group_list_type=1, split_item=2, output_dtype=getattr(jnp, out), **IMPLEMENTATIONS[impl])
+    want = ref.gmm_a8w8(x, w, segs_of(counts), scale, pts=pts, out=out)
+    if out == "int32":
+      np.testing.assert_array_equal(got, want)
+    else:
+      assert_float_close(got, want)
 
 
 def test_a8w8_default_output_follows_scale():

@@ -613,6 +613,20 @@ def test_accelerator_check_contenders_agree():
   assert ideal == 2 * (16 * cases.K + 2 * cases.K * cases.N + 16 * cases.N)
 
 
+def test_accelerator_check_int8_contenders_agree():
+  """The int8 grouped matmul's contenders give the exact int32 product (NumPy)."""
+  from npu_ops.tools import accelerator_check  # noqa: PLC0415
+  sizes = np.array([5, 0, 11], np.int32)
+  args, fns, flops, ideal, dtype = accelerator_check.contenders(
+      "gmm int8", 16, 3, sizes, np.random.default_rng(1))
+  x, w, _ = (np.asarray(a, np.int64) for a in args)
+  want = np.concatenate([x[:5] @ w[0], x[5:16] @ w[2]])
+  for who in ("ours", "ragged_dot"):
+    np.testing.assert_array_equal(fns[who](*args), want)
+  assert flops == 2 * 16 * cases.K * cases.N and dtype == "int8"
+  assert ideal == 16 * cases.K + 2 * cases.K * cases.N + 4 * 16 * cases.N
+
+
 def test_predict_command_prints_each_case_above_its_roofline(capsys):
   """`python -m npu_ops.perf predict`: a row per case; the model never beats the roofline
   (whole blocks and tile-padded bytes only add to the useful FLOPs and the ideal bytes)."""

@@ -313,6 +313,12 @@ def _k_group_accs(p, ends, opts, block_sizes, groups):
 
 
 def _compute_a8w8(p, ends, gid, inside, opts, block_sizes):
+  if set(p.per_group) == {"scale"} and p.out_dtype in (F16, BF16) and not opts.act_type:
+    # per channel (and per token) only: the kernels dequantize in their epilogue, the same
+    # float32 products in the same order (a missing per-token scale multiplies by 1, exactly)
+    pts = jnp.ones((p.x.shape[0],), jnp.float32) if p.pts is None else p.pts
+    return grouped_lib.dequantized_matmul(p.x, p.w, ends, p.per_group["scale"][:, 0], pts,
+                                          out_dtype=p.out_dtype, **opts.run(block_sizes))
   (acc,) = _k_group_accs(p, ends, opts, block_sizes, 1)
   return _a8w8_epilogue(acc, gid, inside, p.per_group, p.pts, act_type=opts.act_type,
                         out_dtype=p.out_dtype)

@@ -35,6 +35,7 @@ from npu_ops._src.row_blocks import GmmBlockSizes
 from npu_ops._src.validation import (check_dtype, check_dtype_arg, check_int, check_rank, describe,
                                      fail, require)
 from pallas_kernels import common as pallas_common
+from pallas_kernels import epilogue
 from pallas_kernels.common import TileSizes
 
 _INT_OPERANDS = tuple(np.dtype(d) for d in (jnp.int8, jnp.int4))
@@ -307,6 +308,59 @@ class Matmul(_Product):
 
   def _untransposed(self, rhs):
     return jnp.swapaxes(rhs, 1, 2) if self.transpose_rhs else rhs
+
+
+def dequantized_matmul(lhs: jax.Array, rhs: jax.Array, ends: groups_lib.GroupEnds,
+                       col_scale: jax.Array, row_scale: jax.Array, *, out_dtype: Any,
+                       implementation: str | None = None,
+                       block_sizes: GmmBlockSizes | None = None, interpret: bool = False,
+                       tiles: TileSizes | None = None) -> jax.Array:
+  """int8 grouped matmul dequantized as A8W8 is (semantics B.1.3): row r of group g is
+  `(float32(lhs[r] @ rhs[g]) * col_scale[g]) * row_scale[r]`, rows outside the groups 0,
+  in `out_dtype` (a float type). `lhs [m, k]`, `rhs [g, k, n]` int8, `ends` as in `matmul`,
+  `col_scale` float32 `[g, n]`, `row_scale` float32 `[m]`. The kernels dequantize in their
+  epilogue, so no int32 product is written; not differentiable (integer products)."""
+  m, k = lhs.shape
+  e, _, n = rhs.shape
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  if is_symbolic(m) or is_symbolic(k) or is_symbolic(n):  # ragged_dot, then the dequant
+    acc = matmul(lhs, rhs, ends, out_dtype=jnp.int32, implementation=implementation)
+    return _dequantize(acc, ends, f32(col_scale), f32(row_scale), np.dtype(out_dtype))
+  problem = pallas_common.Problem("gmm", m, k, n, e, np.dtype(lhs.dtype).name,
+                                  np.dtype(out_dtype).name)
+  impl = backend.resolve(implementation, problem, interpret=interpret, tiles=tiles)
+  op = DequantizedMatmul(problem, interpret, ends if isinstance(ends, tuple) else None,
+                         np.dtype(out_dtype), np.dtype(jnp.int32), block_sizes, None)
+  return backend.run(op, impl, (lhs, rhs, jnp.asarray(ends, jnp.int32), None, f32(col_scale),
+                                f32(row_scale)), tiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class DequantizedMatmul(_Product):
+  """`dequantized_matmul` on its implementations (`backend.GroupedOp`)."""
+  no_derivative = "dequantized_matmul: integer products have no derivative"
+
+  def kernel(self, module, tiles, lhs, rhs, ends, start, col_scale, row_scale):
+    return module.gmm(lhs, rhs, self.ends_from_row0(ends, start), start=start,
+                      out_dtype=self.out_dtype, tiles=tiles, interpret=self.interpret,
+                      scales=(col_scale, row_scale))
+
+  def xla(self, lhs, rhs, ends, start, col_scale, row_scale):
+    acc = xla_matmul(lhs, rhs, ends=self.ends(ends), start=start, acc_dtype=self.acc_dtype,
+                     block_sizes=self.block_sizes)
+    return _dequantize(acc, self.ends(ends), col_scale, row_scale, self.out_dtype)
+
+  def reference(self, lhs, rhs, ends, start, col_scale, row_scale):
+    acc = reference.grouped_matmul(lhs, rhs, self.ends(ends), out_dtype=self.acc_dtype)
+    return _dequantize(acc, self.ends(ends), col_scale, row_scale, self.out_dtype)
+
+
+def _dequantize(acc, ends, col_scale, row_scale, out_dtype):
+  """`dequantized_matmul`'s epilogue after an int32 product (XLA, the reference)."""
+  gid = groups_lib.row_group_ids(ends, acc.shape[0])
+  inside = gid < (len(ends) if isinstance(ends, tuple) else ends.shape[0])
+  v = epilogue.dequant_a8w8(acc, groups_lib.per_row(col_scale, gid), row_scale[:, None])
+  return jnp.where(inside[:, None], v, 0).astype(out_dtype)
 
 
 # --- symbolic m (jax.export shape polymorphism) ---------------------------------------------

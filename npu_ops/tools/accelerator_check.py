@@ -7,7 +7,7 @@
    kernel of this platform runs natively (not in interpret mode) against the NumPy
    goldens and against the XLA path on the same chip.
 2. Times, at the performance model's shapes (prefill and decode), the fused A8W8 op,
-   the bf16 grouped matmul and tgmm (ours, `implementation=None`: the kernel), against
+   the bf16 and int8 grouped matmuls and tgmm (ours, `implementation=None`: the kernel), against
    `jax.lax.ragged_dot` (the same epilogue after it, for the fused op) and a dense dot
    of the same useful FLOPs, and prints each one's time, its rate as a share of the
    chip's peak, its ideal bytes (operands once: x, the weights of the groups that hold
@@ -95,6 +95,15 @@ def contenders(op: str, m: int, e: int, sizes: np.ndarray, rng: np.random.Genera
     }
     ideal = m * K + touched * K * N + m * (N // 2 + 4) + touched * N * 4 + m * 4
     return args, fns, 2 * m * K * N, ideal, "int8"
+  if op == "gmm int8":  # exact int32 out: the int8 MoE layer's down projection
+    x = jnp.asarray(rng.integers(-128, 128, (m, K), dtype=np.int8))
+    w = jnp.asarray(rng.integers(-128, 128, (e, K, N), dtype=np.int8))
+    i32 = jnp.int32
+    fns = {"ours": jax.jit(lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl)),
+           "ragged_dot": jax.jit(lambda x, w, gl: jax.lax.ragged_dot(
+               x, w, gl, preferred_element_type=i32)),
+           "dense dot": jax.jit(lambda x, w, gl: jnp.dot(x, w[0], preferred_element_type=i32))}
+    return (x, w, gl), fns, 2 * m * K * N, m * K + touched * K * N + 4 * m * N, "int8"
   x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
   if op == "gmm bf16":
     w = jnp.asarray(rng.standard_normal((e, K, N)) / 45, jnp.bfloat16)
@@ -165,8 +174,8 @@ def main(argv=None) -> int:
   p.add_argument("--no-tests", action="store_true", help="skip the kernel tests")
   p.add_argument("--no-bench", action="store_true", help="skip the timings")
   p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["prefill", "decode"])
-  p.add_argument("--ops", nargs="+", default=["fused A8W8", "gmm bf16", "tgmm bf16"],
-                 choices=["fused A8W8", "gmm bf16", "tgmm bf16"])
+  ops = ["fused A8W8", "gmm bf16", "gmm int8", "tgmm bf16"]
+  p.add_argument("--ops", nargs="+", default=ops, choices=ops)
   p.add_argument("--pytest-args", nargs=argparse.REMAINDER, default=[],
                  help="passed on to pytest (last)")
   args = p.parse_args(argv)
