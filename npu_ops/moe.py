@@ -33,8 +33,8 @@ from npu_ops._src import operands
 from npu_ops._src import qat
 from npu_ops._src import quant
 from npu_ops import recipes
-from npu_ops._src.validation import (check_array, check_choice, check_float_array, check_int,
-                                     check_rank, describe, fail, require)
+from npu_ops._src.validation import (asarray, check_array, check_choice, check_float_array,
+                                     check_int, check_rank, describe, fail, require)
 from npu_ops._src.grouped import grouped_matmul
 from npu_ops._src.gmm_swiglu_quant import npu_grouped_matmul_swiglu_quant_v2
 
@@ -326,7 +326,7 @@ def moe_mlp(x: jax.Array, weights: MoEWeights, *, top_k: int, mode: str = "float
   require(top_k <= e, "top_k", f"an int in [1, num_experts={e}]", top_k)
   if gmm is not None and not callable(gmm):
     fail("gmm", "None or a callable gmm(lhs, rhs, group_sizes)", repr(gmm), TypeError)
-  tokens = jnp.asarray(x).reshape(-1, d).astype(jnp.float32)  # NumPy x: gathered by traced ids
+  tokens = asarray(x.reshape(-1, d), jnp.float32)  # NumPy x: gathered by traced ids
   config = dict(top_k=top_k, mode=mode, weight_bits=weight_bits, gmm=gmm, recipe=recipe)
   if mesh is None:
     check_no_parallel_options(expert_axis=expert_axis, data_axis=data_axis,

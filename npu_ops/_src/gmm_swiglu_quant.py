@@ -25,8 +25,9 @@ from npu_ops._src import quant as quant_lib
 from npu_ops._src import row_blocks
 from npu_ops._src.operands import A4W4, A8W4, A8W8, QArray
 from npu_ops._src.scales import float32_from_scale_words
-from npu_ops._src.validation import (check_array, check_dtype_arg, check_int, check_int_option,
-                                     check_rank, check_scale_groups, describe, fail, require)
+from npu_ops._src.validation import (asarray, check_array, check_dtype_arg, check_int,
+                                     check_int_option, check_rank, check_scale_groups, describe,
+                                     fail, require)
 from pallas_kernels.common import TileSizes
 
 _FLOAT_SCALES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
@@ -384,7 +385,7 @@ def _mx_operand(name: str, a: Any, rank: int) -> jax.Array:
   check_rank(name, a, rank)
   require(np.dtype(a.dtype) in _MX_ELEMENTS, name, "float8_e4m3fn, float8_e5m2 or "
           "float4_e2m1fn values (MX inputs, dequant_mode=2)", describe(a), TypeError)
-  return jnp.asarray(a)
+  return asarray(a)
 
 
 def _mx_scale(name: str, a: Any, shape: tuple[int, ...], layout: str) -> jax.Array:

@@ -32,8 +32,8 @@ from npu_ops._src import manual_axes
 from npu_ops._src import reference
 from npu_ops._src import row_blocks
 from npu_ops._src.row_blocks import GmmBlockSizes
-from npu_ops._src.validation import (check_dtype, check_dtype_arg, check_int, check_rank, describe,
-                                     fail, require)
+from npu_ops._src.validation import (asarray, check_dtype, check_dtype_arg, check_int, check_rank,
+                                     describe, fail, require)
 from pallas_kernels import common as pallas_common
 from pallas_kernels import epilogue
 from pallas_kernels.common import TileSizes
@@ -196,7 +196,7 @@ def _check_experts(rhs: Any) -> row_blocks.Experts:
     check_rank(f"rhs[{i}]", r, 2)
     require(r.shape == rhs[0].shape and r.dtype == rhs[0].dtype, f"rhs[{i}]",
             f"the shape and dtype of rhs[0] {describe(rhs[0])}", describe(r))
-  return tuple(jnp.asarray(r) for r in rhs)
+  return tuple(asarray(r) for r in rhs)
 
 
 class Run(NamedTuple):
@@ -399,7 +399,7 @@ def _prepare(lhs, rhs, out_dtype, implementation, problem):
   impl = backend.resolve(implementation, problem)
   first = row_blocks.first(rhs)
   compute = _operand_dtype(lhs.dtype, first.dtype)
-  cast = lambda a: jnp.asarray(a).astype(compute)
+  cast = lambda a: asarray(a, compute)
   lhs, rhs = cast(lhs), tuple(map(cast, rhs)) if isinstance(rhs, tuple) else cast(rhs)
   # Floats accumulate in float32 (semantics B.4.3), then round once to out_dtype.
   out_dtype = np.dtype(out_dtype)

@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from npu_ops._src.validation import (check_dim, check_int, check_int_option, debug_check,
+from npu_ops._src.validation import (asarray, check_dim, check_int, check_int_option, debug_check,
                                      describe, fail, is_integer_dtype, require)
 
 GroupEnds = Union[tuple[int, ...], jax.Array]
@@ -130,8 +130,8 @@ def _as_int32(group_list: Any, top: int) -> jax.Array:
   >= 2**31 (uint32 2**32-1 would read as -1, an empty group instead of "all rows")."""
   if isinstance(group_list, np.ndarray):
     if np.issubdtype(group_list.dtype, np.unsignedinteger):
-      return jnp.asarray(np.minimum(group_list, np.uint64(top)).astype(np.int32))
-    return jnp.asarray(np.clip(group_list, -1, top).astype(np.int32))
+      return asarray(np.minimum(group_list, np.uint64(top)).astype(np.int32))
+    return asarray(np.clip(group_list, -1, top).astype(np.int32))
   gl = jnp.asarray(group_list)
   if jnp.issubdtype(gl.dtype, jnp.unsignedinteger) and gl.dtype.itemsize >= 4:
     gl = jnp.minimum(gl, jnp.asarray(top, gl.dtype))

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from npu_ops._src.validation import (check_array, check_dtype, check_int, debug_check, describe,
-                                     fail, require)
+from npu_ops._src.validation import (asarray, check_array, check_dtype, check_int, debug_check,
+                                     describe, fail, require)
 
 INT4_PER_INT32 = 8
 NZ_ROWS = 16  # r0: rows of one fractal
@@ -119,7 +119,7 @@ def nz_shape(shape: tuple[int, ...], dtype: Any) -> tuple[int, ...]:
 def to_nz(a: jax.Array) -> jax.Array:
   """ND `[..., R, C]` -> FRACTAL_NZ `[..., ceil(C/c0), ceil(R/16), 16, c0]`."""
   check_dtype("x", a, NZ_DTYPES)
-  a = jnp.asarray(a)
+  a = asarray(a)
   require(a.ndim >= 2, "x", "rank >= 2 for an ND matrix", describe(a))
   return _to_nz(a)
 
@@ -140,7 +140,7 @@ def from_nz(a: jax.Array, rows: int, cols: int) -> jax.Array:
   """FRACTAL_NZ `[..., C1, R1, 16, c0]` -> ND `[..., rows, cols]` (drops padding)."""
   rows, cols = check_int("rows", rows, minimum=0), check_int("cols", cols, minimum=0)
   check_array("x", a)
-  a = jnp.asarray(a)
+  a = asarray(a)
   require(a.ndim >= 4, "x", "an NZ array of rank >= 4", describe(a))
   c0 = nz_c0(a.dtype)
   *batch, c1, r1, r0, c0_got = a.shape

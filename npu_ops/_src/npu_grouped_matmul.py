@@ -39,7 +39,7 @@ from npu_ops._src import grouped as grouped_lib
 from npu_ops._src import groups as groups_lib
 from npu_ops._src import layouts, operands, row_blocks
 from npu_ops._src import quant as quant_lib
-from npu_ops._src.validation import (check_array, check_dtype, check_int_option, describe,
+from npu_ops._src.validation import (asarray, check_array, check_dtype, check_int_option, describe,
                                      fail, require)
 from npu_ops._src.gmm_swiglu_quant import expected_tokens
 from npu_ops._src.operands import A8W4
@@ -215,7 +215,7 @@ def _independent(xs, weight, params, per_token_scale, split_item, opts):
     require(2 <= xi.ndim <= 6, "x", "2 to 6 dims with group_type=-1", describe(xi))
     check_array("weight", wi)
     require(wi.ndim in (2, 4), "weight", "[k, n] (ND) or rank-4 FRACTAL_NZ arrays", describe(wi))
-    x2 = jnp.asarray(xi).reshape(-1, xi.shape[-1])
+    x2 = asarray(xi.reshape(-1, xi.shape[-1]))
     pi = {k: None if v[i] is None else v[i][None] for k, v in per_pair.items()}
     y, _ = _grouped(x2, wi[None], pi, pts[i], [x2.shape[0]], 1, opts)
     outs.append(y.reshape(*xi.shape[:-1], y.shape[-1]))
@@ -255,7 +255,7 @@ def _k_grouped(xs, weight, params, per_token_scale, group_list, group_list_type,
   if opts.act_type:
     fail("act_type", "0 with group_type=2", opts.act_type)
   require(len(xs) == 1, "x", "a single [m, k] array with group_type=2", f"{len(xs)} arrays")
-  x = jnp.asarray(xs[0])
+  x = asarray(xs[0])
   require(x.ndim == 2, "x", "[m, k] with group_type=2", describe(x))
   check_dtype("x", x, scenarios.FLOATS)
   require(group_list_type != 2, "group_list_type", "0 or 1 with group_type=2 (pairs name "
@@ -341,7 +341,7 @@ def _grouped(x, w, params, pts, group_list, group_list_type, opts):
     fail("offset", "None (torch_npu: reserved; int8 output takes the offset from int64 "
          "scale words)", describe(params["offset"]))
   if scenario in (scenarios.FLOAT, scenarios.ANTIQUANT):
-    xv, k = jnp.asarray(x), x.shape[1]
+    xv, k = asarray(x), x.shape[1]
   else:
     xv = operands.canonical_lhs(x).values
     k = xv.shape[1]

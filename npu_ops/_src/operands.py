@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from npu_ops._src import layouts
-from npu_ops._src.validation import check_array, check_dtype, describe, fail, require
+from npu_ops._src.validation import asarray, check_array, check_dtype, describe, fail, require
 
 INT8, INT4 = "int8", "int4"
 _WEIGHT_DTYPES = tuple(np.dtype(d) for d in (jnp.int8, jnp.int32, jnp.int4))
@@ -43,14 +43,14 @@ def tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ...]) ->
   if len(value) == 1:
     only = value[0]
     if only.ndim in ranks and only.ndim - 1 not in ranks:  # no stacked form has this rank
-      return (jnp.asarray(only),)
+      return (asarray(only),)
     return only
   first = value[0]
   for i, v in enumerate(value):
     require(v.ndim in ranks and v.shape == first.shape and v.dtype == first.dtype,
             f"{name}[{i}]", f"per-expert arrays of rank {ranks} with equal shapes and dtypes "
             f"(like {name}[0] {describe(first)})", describe(v))
-  return tuple(jnp.asarray(v) for v in value)
+  return tuple(asarray(v) for v in value)
 
 
 def stack_tensor_list(value: Any, name: str, *, expert_rank: int | tuple[int, ...]) -> Any:
@@ -113,10 +113,10 @@ def canonical_lhs(x: Any, name: str = "x", keep_words: bool = False) -> IntOpera
   require(x.ndim == 2, name, "rank 2 ([m, k], or [m, k/8] int32 words)", describe(x))
   dtype = np.dtype(x.dtype)
   if dtype == np.int8:
-    return IntOperand(jnp.asarray(x), INT8)
+    return IntOperand(asarray(x), INT8)
   if dtype == np.int32:
-    return IntOperand(jnp.asarray(x) if keep_words else layouts.unpack_int4(x), INT4)
-  return IntOperand(jnp.asarray(x).astype(jnp.int8), INT4)
+    return IntOperand(asarray(x) if keep_words else layouts.unpack_int4(x), INT4)
+  return IntOperand(asarray(x, jnp.int8), INT4)
 
 
 def token_values(values: jax.Array) -> jax.Array:
@@ -166,7 +166,7 @@ def canonical_weight(weight: Any, *, k: int, n: int, name: str = "weight",
     require(tuple(weight.shape[1:]) == (k, cols), name,
             f"ND [e, k={k}, {'n/8=' if packed else 'n='}{cols}] ({k_from}, n from the scale)",
             describe(weight))
-    nd = jnp.asarray(weight)
+    nd = asarray(weight)
   elif weight.ndim == 5:
     expected = layouts.nz_shape((weight.shape[0], k, cols), dtype)
     require(tuple(weight.shape) == expected, name,

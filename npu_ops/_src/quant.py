@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from npu_ops._src.validation import (check_array, check_bool, check_dtype_arg, check_float_array,
-                                     describe, fail, require)
+from npu_ops._src.validation import (asarray, check_array, check_bool, check_dtype_arg,
+                                     check_float_array, describe, fail, require)
 from pallas_kernels import epilogue
 from pallas_kernels.epilogue import silu
 
@@ -241,4 +241,4 @@ def e8m0_bytes(name: str, scales: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(scales, jnp.uint8)
   require(kind == np.dtype(np.uint8), name, "float8_e8m0fnu or uint8 (e8m0 bytes)",
           describe(scales), TypeError)
-  return jnp.asarray(scales)
+  return asarray(scales)

@@ -22,8 +22,8 @@ import numpy as np
 from jax import lax
 
 from npu_ops._src import layouts
-from npu_ops._src.validation import (check_array, check_dtype, check_dtype_arg, check_int_option,
-                                     check_known_finite, describe, fail, require)
+from npu_ops._src.validation import (asarray, check_array, check_dtype, check_dtype_arg,
+                                     check_int_option, check_known_finite, describe, fail, require)
 
 FP19_MASK = 0xFFFFE000
 _WORD_FLAG = 1 << 46
@@ -116,7 +116,7 @@ def decode_quant_param(words: Any, name: str = "words") -> tuple[jax.Array, jax.
     w = words.astype(np.uint64)
     scale = (w & np.uint64(FP19_MASK)).astype(np.uint32).view(np.float32)
     off = ((w >> np.uint64(_OFFSET_SHIFT)) & np.uint64(0x1FF)).astype(np.int32)
-    return jnp.asarray(scale), jnp.asarray(np.where(off >= 256, off - 512, off))
+    return asarray(scale), asarray(np.where(off >= 256, off - 512, off))
   w = words.astype(jnp.uint64)
   scale = lax.bitcast_convert_type((w & FP19_MASK).astype(jnp.uint32), jnp.float32)
   off = ((w >> _OFFSET_SHIFT) & 0x1FF).astype(jnp.int32)
@@ -222,7 +222,7 @@ def _quant_operands(x1: Any, x2: Any) -> tuple[jax.Array, jax.Array]:
   require(x1.dtype == x2.dtype, "x2", f"the dtype of x1 ({np.dtype(x1.dtype).name}; int8 pairs "
           "with int8, int32-packed int4 with int32, native int4 with int4)", describe(x2),
           TypeError)
-  a, b = jnp.asarray(x1), jnp.asarray(x2)
+  a, b = asarray(x1), asarray(x2)
   if np.dtype(a.dtype) == np.int32:  # int4 words, 8 per int32 along the last dim
     a = layouts.unpack_int4(a)
     b = (layouts.unpack_transposed_int4pack(b)
@@ -259,7 +259,7 @@ def _scale(scale: Any, n: int, out_dtype: np.dtype, pertoken: bool):
   if np.dtype(scale.dtype) in (np.dtype(np.int64), np.dtype(np.uint64)):
     s, o = decode_quant_param(scale, "scale")
     return s, (o.astype(jnp.float32) if out_dtype == np.int8 else None)
-  s = jnp.asarray(scale).astype(jnp.float32)
+  s = asarray(scale, jnp.float32)
   through_trans_quant_param = (np.dtype(scale.dtype) == np.float32 and not pertoken and
                                out_dtype in (np.dtype(jnp.int8), np.dtype(jnp.float16)))
   return (fp19(s) if through_trans_quant_param else s), None

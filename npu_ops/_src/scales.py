@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from npu_ops._src.validation import check_array, describe, fail
+from npu_ops._src.validation import asarray, check_array, describe, fail
 
 _WORD64 = (np.dtype(np.int64), np.dtype(np.uint64))
 _WORD32 = (np.dtype(np.int32), np.dtype(np.uint32))
@@ -33,12 +33,14 @@ def float32_from_scale_words(scale: Any, name: str) -> jax.Array:
   if dtype in _WORD64:
     if isinstance(scale, np.ndarray):
       low = (scale.astype(np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-      return jnp.asarray(low.view(np.float32))
+      return asarray(low.view(np.float32))
     low = (scale.astype(jnp.uint64) & jnp.uint64(0xFFFFFFFF)).astype(jnp.uint32)
     return lax.bitcast_convert_type(low, jnp.float32)
   if dtype in _WORD32:
-    return lax.bitcast_convert_type(jnp.asarray(scale), jnp.float32)
+    if isinstance(scale, np.ndarray):  # bits reinterpreted on the host: no program
+      return asarray(scale.view(np.float32))
+    return lax.bitcast_convert_type(scale, jnp.float32)
   if jnp.issubdtype(dtype, jnp.floating):
-    return jnp.asarray(scale).astype(jnp.float32)
+    return asarray(scale, jnp.float32)
   fail(name, "float scales or int64/uint64 (or int32 low-word) scale words", describe(scale),
        TypeError)

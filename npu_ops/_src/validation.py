@@ -1,4 +1,4 @@
-"""Uniform argument checks for the public boundary.
+"""Uniform argument checks for the public boundary, and arguments into JAX arrays.
 
 Every message names the argument, what was expected and what came, so a user
 can fix the call without reading our source. Only static facts (shapes, dtypes,
@@ -65,6 +65,22 @@ def check_array(name: str, a: Any) -> None:
   """Rejects anything without a shape and dtype (lists, scalars, None)."""
   if not (hasattr(a, "shape") and hasattr(a, "dtype")):
     fail(name, "an array (jax.Array or numpy.ndarray)", describe(a), TypeError)
+
+
+def asarray(a: Any, dtype: Any = None) -> jax.Array:
+  """`jnp.asarray(a, dtype)`, compiling nothing for a NumPy array.
+
+  In JAX 0.10, `jnp.asarray` of a NumPy array outside a trace runs `lax.stage`, or a
+  conversion, as an eager primitive: a program compiled for each new shape and dtype, one
+  per NumPy operand of an eager call (docs/performance.md, "Compile time"). A NumPy array
+  is converted on the host instead, to the dtype JAX would give it (float64 and int64
+  narrowed when x64 is off), and moved by `jax.device_put`; under a trace that is a
+  constant, as `jnp.asarray` makes it. Anything else goes to `jnp.asarray`.
+  """
+  if isinstance(a, np.ndarray):
+    return jax.device_put(np.asarray(a, jax.dtypes.canonicalize_dtype(
+        a.dtype if dtype is None else dtype)))
+  return jnp.asarray(a, dtype)
 
 
 def check_known_finite(name: str, a: Any, expected: str) -> None:

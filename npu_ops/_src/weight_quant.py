@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from npu_ops._src import layouts, operands
-from npu_ops._src.validation import check_array, check_dtype, describe, fail, require
+from npu_ops._src.validation import asarray, check_array, check_dtype, describe, fail, require
 from npu_ops._src.quant_matmul import decode_quant_param, fp19, requant_int8
 
 _X_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16))
@@ -87,8 +87,8 @@ def npu_weight_quant_batchmatmul(x: Any, weight: Any, antiquant_scale: Any,
     check_dtype("bias", bias, (want,))
     require(tuple(bias.shape) in ((n,), (1, n)), "bias", f"shape (n={n},) or (1, n)",
             describe(bias))
-    bias = jnp.asarray(bias).reshape(n)
-  return _wqbmm(jnp.asarray(x), w, scale, offset, bias, q_scale, q_offset)
+    bias = asarray(bias.reshape(n))
+  return _wqbmm(asarray(x), w, scale, offset, bias, q_scale, q_offset)
 
 
 def _weight(weight: Any, k: int, scale: Any) -> jax.Array:
@@ -119,7 +119,7 @@ def _weight(weight: Any, k: int, scale: Any) -> jax.Array:
             "from antiquant_scale)", describe(weight))
   else:
     fail("weight", "rank 2 (ND [k, n]) or rank 4 (FRACTAL_NZ)", describe(weight))
-  return operands.canonical_weight(jnp.asarray(weight)[None], k=k, n=n).values[0].astype(jnp.int8)
+  return operands.canonical_weight(asarray(weight[None]), k=k, n=n).values[0].astype(jnp.int8)
 
 
 def _group_size(gs: Any, k: int) -> int:
@@ -132,7 +132,7 @@ def _group_size(gs: Any, k: int) -> int:
 
 def _antiquant_operand(name: str, v: Any, k: int, n: int, gs: int) -> jax.Array:
   """scale / offset -> per-row values [k or 1, n or 1]."""
-  v = jnp.asarray(v)
+  v = asarray(v)
   if gs:
     groups = -(-k // gs)
     require(tuple(v.shape) == (groups, n), name,
