@@ -229,6 +229,11 @@ MUTANTS = (
            "          v = epilogue.dequant_a8w8(v, cs_ref[...], rs_col[r])",
            "          v = epilogue.dequant_a4w4(v, cs_ref[...], rs_col[r])",
            ("tests/test_implementations.py", "-k", "dequantized and pallas_tpu")),
+    # NumPy operands taken by jnp.asarray: an eager call compiles a program per operand.
+    Mutant("numpy_operands_staged", "npu_ops/_src/validation.py",
+           "  if isinstance(a, np.ndarray):\n    return jax.device_put(",
+           "  if False:\n    return jax.device_put(",
+           ("tests/test_eager.py", "-k", "numpy")),
 )
 
 
