@@ -43,7 +43,8 @@ ARRAYS = dict(x=rng.normal(size=(M, K)).astype(np.float32),
 # a program of its own, v2's facade lays out the weight scale by one more (a reshape), and
 # on MX inputs the two scales (bitcasts); dequantize_mx's call quantizes first, a
 # recipe's weight codes take its initial scale first; npu_grouped_matmul finds the rows'
-# groups by one more, and its scenario's product (a grouped matmul) is a program of its own.
+# groups by one more, and its scenario's product (a grouped matmul) is a program of its own;
+# from_nz's input is made by npu_format_cast.
 CALLS = [
     ("quantize_per_token", lambda a: npu_ops.quantize_per_token(a["x"]), 1),
     ("swiglu", lambda a: npu_ops.swiglu(a["x"]), 1),
@@ -73,6 +74,8 @@ CALLS = [
         a["y_sorted"], npu_ops.dispatch(experts, E), gates))(
             *npu_ops.top_k_routing(a["logits"], 2)), 3),
     ("npu_format_cast", lambda a: npu_ops.npu_format_cast(a["w2"], npu_ops.FORMAT_NZ), 1),
+    ("from_nz", lambda a: npu_ops.from_nz(npu_ops.npu_format_cast(a["w2"], npu_ops.FORMAT_NZ),
+                                          K, N), 2),
     ("npu_convert_weight_to_int4pack", lambda a: npu_ops.npu_convert_weight_to_int4pack(
         a["w4"]), 1),
     ("npu_grouped_matmul", lambda a: npu_ops.npu_grouped_matmul(

@@ -12,6 +12,7 @@ zero padded, `c0 = 32 bytes / itemsize` (int4: 64, int8: 32, 16-bit: 16,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -149,6 +150,12 @@ def from_nz(a: jax.Array, rows: int, cols: int) -> jax.Array:
   require(c1 == -(-cols // c0) and r1 == -(-rows // NZ_ROWS), "x",
           f"NZ storage [..., {-(-cols // c0)}, {-(-rows // NZ_ROWS)}, 16, {c0}] for a logical "
           f"({rows}, {cols}) matrix", describe(a))
+  return _from_nz(a, rows, cols)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one program, as `_to_nz`
+def _from_nz(a: jax.Array, rows: int, cols: int) -> jax.Array:
+  *batch, c1, r1, _, c0 = a.shape
   b, back = _as_bytes(a)
   nb = len(batch)
   b = b.transpose(*range(nb), nb + 1, nb + 2, nb, nb + 3)
