@@ -288,6 +288,7 @@ class FusedPlan:
   block_m: int
   block_k: int
   k_tiles: int
+  weight_buffers: int = 2  # the ring of a resident weight's VMEM buffers (`weight_buffers`)
 
   @property
   def resident(self) -> bool:
@@ -386,15 +387,23 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
                     + 8 * bm * n + 2 * out_bytes * bm * (n // 2) + 16 * bm * (n // 2))
   while bm > 32 and need(bm) > _VMEM_PLAN:
     bm //= 2
-  return FusedPlan(block_m=bm, block_k=bk, k_tiles=common.cdiv(k, bk))
+  return FusedPlan(block_m=bm, block_k=bk, k_tiles=common.cdiv(k, bk),
+                   weight_buffers=weight_buffers(need(bm), bk * n))
 
 
-# VMEM buffers of the weights the kernels copy by hand (resident weights: one k tile), in
-# a ring: run G's copy starts at the first visit of run G - WEIGHT_BUFFERS + 1, as soon as
-# run G - WEIGHT_BUFFERS, whose buffer it takes, is done. Two: more hide a little more of
-# skewed routing's copies but delay the row tiles' copies behind them (measured under the
-# model: docs/performance.md).
-WEIGHT_BUFFERS = 2
+# VMEM buffers of the weights the kernels copy by hand (resident weights: one k tile): a
+# ring of two, and up to MAX_WEIGHT_BUFFERS where they fit _VMEM_RING beside the kernel's
+# planned blocks. More hide more of skewed routing's copies (a hot expert's visits copy
+# the next experts' weights); past four the model finds nothing more (docs/performance.md).
+MAX_WEIGHT_BUFFERS = 4
+_VMEM_RING = 56 * 2**20
+
+
+def weight_buffers(planned: int, buffer: int) -> int:
+  """The ring of a resident weight's VMEM buffers of `buffer` bytes: the two that
+  `planned` (the kernel's VMEM plan, in bytes) counts, and as many more, up to
+  `MAX_WEIGHT_BUFFERS`, as fit `_VMEM_RING`."""
+  return int(max(2, min(MAX_WEIGHT_BUFFERS, 2 + (_VMEM_RING - planned) // max(buffer, 1))))
 
 
 # A resident weight is copied in equal pieces of k, and at a run's first visit each piece
@@ -413,34 +422,42 @@ def weight_pieces(k: int, deepest: int = PIECE_QUANTUM) -> int:
   return k // sizes[-1] if sizes else 1
 
 
-def _weights_by_hand(w_buf, copy_of, run, starts, first, exists, pieces: int):
-  """The VMEM buffer (of `w_buf`, `[WEIGHT_BUFFERS, ...]`) that holds run `run`'s weights,
+def _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts, first, exists,
+                     pieces: int):
+  """The VMEM buffer (of `w_buf`, a ring `[ring, ...]`) that holds run `run`'s weights,
   copied by hand, and `wait(p)`, which waits for its piece p (of `pieces`) at the run's
-  first visit: the kernel's grid visits runs of consecutive visits that read the same
-  weights (`common.WeightRuns`); at the first visit of run G (`starts`) the copy of run
-  G + WEIGHT_BUFFERS - 1 starts, where that run `exists`; at a core's `first` visit its
-  first runs start too (nothing could copy them sooner). `copy_of(G, slot, p)` is the
-  async copy of piece p of run G's weights into buffer `slot`. The grid's pipeline would
-  start each run's copy one step before it only, and lowers no deeper lookahead (jax
-  0.10.2): a long run of visits would leave the copy engine idle and the short runs after
-  it waiting."""
-  ring = WEIGHT_BUFFERS
+  first visit (`starts`): the kernel's grid visits runs of consecutive visits that read
+  the same weights (`common.WeightRuns`).
+
+  A visit starts one copy at most, so a row tile's copy never queues behind more than
+  one weight copy: the visit `seq` visits after the core's first (`prev_run`: the run of
+  the visit before; `live`: within the core's count) reaches run
+  `min(seq + 1, run + ring - 1)`, the furthest whose buffer (run - ring + 1's at the
+  latest) is free, and starts its copy where the visit before did not reach it and the
+  run `exists`; a core's `first` visit starts its own run's copy and the next's. With a
+  ring of two, each run's copy starts at the first visit of the run before; with more, a
+  long run of visits (a hot expert's) copies the next runs' weights while it computes,
+  where the grid's pipeline (jax 0.10.2: no lookahead, two buffers) would copy one and
+  leave the copy engine idle, the short runs after it waiting. `copy_of(G, slot, p)` is
+  the async copy of piece p of run G's weights into buffer `slot`."""
+  ring = w_buf.shape[0]
 
   def start(r):
     for p in range(pieces):
-      copy_of(r, r % ring, p).start()
+      copy_of(r, lax.rem(r, ring), p).start()
 
   @pl.when(first)
   def _():
-    for r in range(ring - 1):
+    for r in range(2):
       pl.when(exists(run + r))(lambda r=r: start(run + r))
 
-  ahead = run + ring - 1  # into the buffer of the run before this one
-  pl.when(starts & exists(ahead))(lambda: start(ahead))
+  reach = jnp.minimum(seq + 1, run + ring - 1)
+  new = reach > jnp.minimum(seq, prev_run + ring - 1)
+  pl.when(live & ~first & new & exists(reach))(lambda: start(reach))
 
   def wait(p) -> None:
-    pl.when(starts)(lambda: copy_of(run, run % ring, p).wait())
-  return w_buf.at[run % ring], wait
+    pl.when(starts)(lambda: copy_of(run, lax.rem(run, ring), p).wait())
+  return w_buf.at[lax.rem(run, ring)], wait
 
 
 def _multiply_by_pieces(k: int, pieces: int, wait, multiply) -> None:
@@ -505,7 +522,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   to the halves `[:, :n/2]` and `[:, n/2:]`, quantizes whole rows and writes the
   visit's rows. An expert's weights that fit VMEM whole (one k tile) stay there over its
   visits and are copied by the kernel, the next expert's while the current one's visits
-  run (`WEIGHT_BUFFERS`), in pieces of k that an expert's first visit multiplies as they
+  run (`weight_buffers`), in pieces of k that an expert's first visit multiplies as they
   arrive (`weight_pieces`; int4 weights whole); k tiles come through the grid's pipeline.
   """
   x_words = x.dtype == jnp.int32  # A4W4's tokens as torch_npu packs them: unpacked in VMEM
@@ -609,14 +626,17 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     g = gid_ref[i]
     if by_hand:  # the weights in HBM, copied run by run into w_buf
       w_hbm, run = w_ref, run_ref[i]
-      starts = (t < nv_ref[c]) & ((t == 0) | (run != run_ref[jnp.maximum(i - 1, 0)]))
+      prev_run = run_ref[jnp.maximum(i - 1, 0)]
+      live = t < nv_ref[c]
+      starts = live & ((t == 0) | (run != prev_run))
       expert = lambda r: expert_ref[c * per_core + jnp.minimum(r, per_core - 1)]
       def copy_of(r, slot, p):
         ks = slice(None) if widen else pl.ds(pl.multiple_of(p * (k // pieces), k // pieces),
                                             k // pieces)
         return pltpu.make_async_copy(w_hbm.at[expert(r), ks], w_buf.at[slot, ks],
                                      w_sem.at[slot, p])
-      w_ref, wait = _weights_by_hand(w_buf, copy_of, run, starts, starts & (t == 0),
+      w_ref, wait = _weights_by_hand(w_buf, copy_of, run, prev_run, t, live, starts,
+                                     starts & (t == 0),
                                      lambda r: (r < per_core) & (expert(r) >= 0), pieces)
       if widen:
         wait(0)
@@ -873,8 +893,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   if x_words or mx_inputs:  # the x tile's int8 values (MX: bfloat16)
     scratch += [pltpu.VMEM((bm, bk), jnp.bfloat16 if mx_inputs else jnp.int8)]
   if by_hand:
-    scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *w.shape[1:]), w.dtype),
-                pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS, pieces))]
+    scratch += [pltpu.VMEM((plan.weight_buffers, *w.shape[1:]), w.dtype),
+                pltpu.SemaphoreType.DMA((plan.weight_buffers, pieces))]
   scratch += [pltpu.VMEM((bm, 1), jnp.float32)] * (1 if mx_out else 2)  # x_scale, the
   # output's scales
   visits = cores * per_core  # the static bound of the grid
@@ -1129,7 +1149,12 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
     if by_hand:  # run R * j + r: column tile j's run r, of R a column tile
       per_tile = run_ref[jnp.maximum(nv_ref[0] - 1, 0)] + 1
       run = per_tile * j + run_ref[t]
-      starts = (t < nv_ref[0]) & ((t == 0) | (run_ref[t] != run_ref[jnp.maximum(t - 1, 0)]))
+      # the run of the visit before (column tile j - 1's last run where t is 0)
+      prev_run = jnp.where(t == 0, run - 1, per_tile * j + run_ref[jnp.maximum(t - 1, 0)])
+      live = t < nv_ref[0]
+      starts = live & ((t == 0) | (run != prev_run))
+      # the visits before this one in the core's copies: all column tiles' on one core
+      seq = (nv_ref[0] * j if one_core else per_tile * j) + t
       end = per_tile * (n_tiles if one_core else j + 1)  # the runs this core's copies reach
 
       def copy_of(r, slot, p):
@@ -1139,7 +1164,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
         src, dst = ((w_hbm.at[expert, cols, ks], w_buf.at[slot, :, ks]) if transpose_rhs
                     else (w_hbm.at[expert, ks, cols], w_buf.at[slot, ks]))
         return pltpu.make_async_copy(src, dst, w_sem.at[slot, p])
-      w_ref, wait = _weights_by_hand(w_buf, copy_of, run, starts,
+      w_ref, wait = _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts,
                                      starts & (t == 0) & ((j == 0) | (not one_core)),
                                      lambda r: r < end, pieces)
     real = (t < nv_ref[0]) & common.RowVisits.is_real(g, num_groups)
@@ -1198,9 +1223,12 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   args = [lhs, rhs]
   if by_hand:
     in_specs[1] = pl.BlockSpec(memory_space=pl.ANY)
-    scratch += [pltpu.VMEM((WEIGHT_BUFFERS, *((bn, k) if transpose_rhs else (k, bn))),
-                           rhs.dtype),
-                pltpu.SemaphoreType.DMA((WEIGHT_BUFFERS, pieces))]
+    ring = weight_buffers(_float_vmem("gmm", bm, common.round_up(k, 128),
+                                      common.round_up(bn, 128), isz,
+                                      np.dtype(out_dtype).itemsize),
+                          common.round_up(k, 128) * common.round_up(bn, 128) * isz)
+    scratch += [pltpu.VMEM((ring, *((bn, k) if transpose_rhs else (k, bn))), rhs.dtype),
+                pltpu.SemaphoreType.DMA((ring, pieces))]
   if scaled:  # per (group, column) and per row (lane-dense, a VMEM column at the write)
     lanes = _row_lanes(bm)
     in_specs += [pl.BlockSpec((None, 1, bn), lambda j, t, kk, *pre: (pre[3][t], 0, j)),

@@ -141,10 +141,23 @@ MUTANTS = (
            "      at = start[j] + before[j] + held",
            "      at = start[j] + held",
            ("tests/test_perf.py", "-k", "wait_holds_only or waits_hold")),
-    # The kernels copy the next run's weights into the buffer being read.
-    Mutant("next_weights_into_the_read_buffer", "pallas_kernels/tpu.py",
-           "      copy_of(r, r % ring, p).start()",
-           "      copy_of(r, run % ring, p).start()",
+    # Two weight buffers wherever VMEM would hold more: a hot expert's visits copy one
+    # expert ahead only.
+    Mutant("weight_ring_of_two", "pallas_kernels/tpu.py",
+           "MAX_WEIGHT_BUFFERS = 4\n", "MAX_WEIGHT_BUFFERS = 2\n",
+           ("tests/test_perf.py", "-k", "run_ahead")),
+    # The kernels read a run's weights from the buffer the next run's are copied into.
+    Mutant("weights_read_from_the_next_buffer", "pallas_kernels/tpu.py",
+           "  return w_buf.at[lax.rem(run, ring)], wait",
+           "  return w_buf.at[lax.rem(run + 1, ring)], wait",
+           ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
+    # A visit copies a run further ahead than the ring holds: into the buffer of the run
+    # being read (a long run's visits would overwrite their own weights).
+    Mutant("weights_copied_past_the_ring", "pallas_kernels/tpu.py",
+           "  reach = jnp.minimum(seq + 1, run + ring - 1)\n"
+           "  new = reach > jnp.minimum(seq, prev_run + ring - 1)\n",
+           "  reach = jnp.minimum(seq + 1, run + ring)\n"
+           "  new = reach > jnp.minimum(seq, prev_run + ring)\n",
            ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
     # The fused kernel's lane-dense scales turned into columns without the diagonal mask:
     # every row would take the largest x_scale of its 128.
@@ -159,7 +172,7 @@ MUTANTS = (
            ("tests/test_implementations.py", "-k", "test_fused_op and A8W8-pallas_tpu")),
     # The kernels read a run's weights without waiting for their copy.
     Mutant("weights_not_waited", "pallas_kernels/tpu.py",
-           "    pl.when(starts)(lambda: copy_of(run, run % ring, p).wait())",
+           "    pl.when(starts)(lambda: copy_of(run, lax.rem(run, ring), p).wait())",
            "    pass",
            ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
     # The kernels wait for the first piece of a run's weights only, and multiply the

@@ -530,25 +530,31 @@ def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
     assert abs(c0 - c1) <= 2 and 0 < int(row) < m
 
 
-@pytest.mark.parametrize("chip,case", [("v5e", "prefill"), ("v5p", "prefill"),
-                                       ("v5p", "decode_a8w4_words")])
-def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case):
-  """The fused kernel copies each expert's resident weights by hand into two VMEM buffers
-  (`tpu.WEIGHT_BUFFERS`), the next expert's at the first visit of the one before
-  (`common.WeightRuns`). In the interpreter that runs a copy only when it is waited for
-  and watches for races (a copy into a buffer that is being read), on one TensorCore
-  (v5e) and two (v5p: each core its own runs; decode splits the visits at a group
-  boundary): the codes against the NumPy reference. Runs of one visit and of several,
-  empty groups, rows past the total; A8W8's weights in pieces of k (`tpu.weight_pieces`),
-  A8W4's whole."""
+# A hot expert's run of 5 row tiles of 32, then runs of one and of two, an empty group, rows
+# past the total: a ring of R buffers copies R - 1 runs ahead during the long run
+HOT_THEN_COLD = np.array([5, 130, 0, 3, 2, 4, 6, 1, 40], np.int64)
+
+
+@pytest.mark.parametrize("chip,case,ring", [("v5e", "prefill", 4), ("v5p", "prefill", 3),
+                                            ("v5p", "decode_a8w4_words", 2)])
+def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case, ring, monkeypatch):
+  """The fused kernel copies each expert's resident weights by hand into a ring of VMEM
+  buffers (`tpu.weight_buffers`, `ring` of them here), a visit starting one copy at most,
+  as far ahead as a free buffer allows (`common.WeightRuns`). In the interpreter that runs
+  a copy only when it is waited for and watches for races (a copy into a buffer that is
+  being read), on one TensorCore (v5e) and two (v5p: each core its own runs; decode
+  splits the visits at a group boundary): the codes against the NumPy reference. A long
+  run, runs of one visit and of several, empty groups, rows past the total; A8W8's
+  weights in pieces of k (`tpu.weight_pieces`), A8W4's whole."""
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   from pallas_kernels import tpu, tpu_tiles, tpu_visits  # noqa: PLC0415
+  monkeypatch.setattr(tpu, "MAX_WEIGHT_BUFFERS", ring)
   rng = np.random.default_rng(3)
   a8w4 = case.startswith("decode")
   if a8w4:  # fewer row tiles than experts: the visits are split between the cores
     m, counts = 40, np.array([3, 0, 9, 1, 1, 6, 0, 2, 5, 1, 4, 2, 0, 3], np.int64)
   else:  # row tiles split; k in 3 pieces, each waited for before its product
-    m, counts = 200, np.array([5, 60, 0, 70, 3, 50], np.int64)
+    m, counts = 200, HOT_THEN_COLD
   k, n, e = 128 if a8w4 else 768, 256, len(counts)
   assert tpu.weight_pieces(k, tpu.K_CHUNK) == (1 if a8w4 else 3)
   x = rng.integers(-128, 128, (m, k), dtype=np.int8)
@@ -568,7 +574,8 @@ def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case):
           tiles=npu_ops.TileSizes(32, 128, 128), interpret=interpret)
   finally:
     tpu_tiles.CHIP.reset(token)
-  assert tpu.fused_plan(m, k, n, 1, npu_ops.TileSizes(32, 128, 128)).resident
+  plan = tpu.fused_plan(m, k, n, 1, npu_ops.TileSizes(32, 128, 128))
+  assert plan.resident and plan.weight_buffers == ring
   want_q, want_s = ref.swiglu_quant(x, w, w_scale[:, 0], x_scale, ref.group_bounds(counts, 1),
                                     scenario="A8W4" if a8w4 else "A8W8", assist=assist)
   assert_int8_equal(q, want_q)
@@ -599,19 +606,22 @@ def test_weight_pieces_divide_k_as_deep_as_the_mxu_takes():
       assert k // pieces == (fits[-1] if fits else k), (k, deepest)
 
 
-@pytest.mark.parametrize("chip,transposed,k", [("v5e", False, 1024), ("v5p", True, 768)])
-def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed, k):
-  """gmm copies each run's resident `[k, block_n]` weight tile by hand too, the runs
-  following the grid (column tile outermost): on one TensorCore a column tile's last run
-  starts the next column tile's first copy; on a v5p the two cores split the column
-  tiles and each starts its own. In the interpreter that copies on wait, detects races
-  and runs two cores for the v5p: two column tiles, weights `[e, k, n]` or `[e, n, k]`
-  (`transpose_rhs`, the VJP's), in 4 or 3 pieces of k (`tpu.weight_pieces`), against the
-  NumPy reference."""
+@pytest.mark.parametrize("chip,transposed,k,ring", [("v5e", False, 1024, 4),
+                                                    ("v5p", True, 768, 3),
+                                                    ("v5e", True, 256, 2)])
+def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed, k, ring, monkeypatch):
+  """gmm copies each run's resident `[k, block_n]` weight tile by hand too, into a ring of
+  `ring` buffers, the runs following the grid (column tile outermost): on one TensorCore
+  a column tile's last runs copy the next column tile's first ones; on a v5p the two
+  cores split the column tiles and each starts its own. In the interpreter that copies
+  on wait, detects races and runs two cores for the v5p: two column tiles, weights
+  `[e, k, n]` or `[e, n, k]` (`transpose_rhs`, the VJP's), in 4, 3 or 1 pieces of k
+  (`tpu.weight_pieces`), a long run among short ones, against the NumPy reference."""
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
+  monkeypatch.setattr(tpu, "MAX_WEIGHT_BUFFERS", ring)
   rng = np.random.default_rng(4)
-  m, n, counts = 200, 512, np.array([5, 60, 0, 70, 3, 50], np.int64)
+  m, n, counts = 200, 512, HOT_THEN_COLD
   assert tpu.weight_pieces(k) == k // 256
   tiles = npu_ops.TileSizes(32, k, 256)  # k in one step: resident, copied by hand
   assert tpu._float_blocks("gmm", k, n, 4, 4, tiles)[1] == k  # noqa: SLF001

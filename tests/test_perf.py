@@ -442,19 +442,35 @@ def test_fused_kernel_tiles_bring_uniform_prefill_near_the_roofline():
   assert npu_ops.TileSizes.for_problem(4096, 2048, 2816, 16, max_block_m=256).block_m == 256
 
 
-def test_kernels_copy_the_next_experts_weights_a_run_ahead():
-  """The fused kernel and gmm copy resident weights by hand, the next expert's at the
-  first visit of the expert before it (`common.WeightRuns`), so the hot experts' long
-  runs hide the cold experts' copies: Zipf prefill on v6e, bound by the weights' bytes,
-  within 1.15x of the roofline for the fused op (1.22x when each expert's weights came
-  one step ahead, the grid pipeline's double buffering) and 1.10x for gmm (1.15x), each
-  touched expert's weights read once."""
+def test_kernels_copy_the_next_experts_weights_a_run_ahead(monkeypatch):
+  """The fused kernel and gmm copy resident weights by hand into a ring of VMEM buffers
+  (`tpu.weight_buffers`: up to four where VMEM allows), a visit starting one copy at most,
+  as far ahead as a free buffer allows, so the hot experts' long runs hide the cold
+  experts' copies. Zipf prefill on v6e, bound by the weights' bytes: within 1.10x of the
+  roofline for the fused op (1.22x when each expert's weights came one step ahead, the
+  grid pipeline's double buffering; 1.08x with a ring of two) and 1.05x for gmm (1.15x;
+  1.03x), each touched expert's weights read once. On v5e, where the hot experts compute
+  longer than the cold experts' copies take, the ring makes Zipf prefill 4% faster than
+  two buffers (fused op 1.44x -> 1.38x, gmm 1.34x -> 1.28x) and moves uniform prefill by
+  under 1%."""
+  from pallas_kernels import tpu  # noqa: PLC0415
   case = cases.Case("prefill", 4096, 16, "zipf")
-  for op, goal in (("fused A8W8", 1.15), ("gmm bf16", 1.10)):  # gmm: 1.15 by the pipeline
+  for op, goal in (("fused A8W8", 1.10), ("gmm bf16", 1.05)):  # gmm: 1.15 by the pipeline
     prob = cases.problem(op, case)
     p = model.predict(prob.fn, *prob.args, chip="v6e")
     assert p.seconds <= goal * prob.roofline(chips.get("v6e")), op
     assert p.hbm_bytes <= 1.06 * prob.ideal_bytes, op
+
+  def seconds(op, routing):
+    prob = cases.problem(op, cases.Case("prefill", 4096, 16, routing))
+    return model.predict(prob.fn, *prob.args, chip="v5e").seconds
+  ops = ("fused A8W8", "gmm bf16")
+  ring = {(op, r): seconds(op, r) for op in ops for r in ("zipf", "uniform")}
+  monkeypatch.setattr(tpu, "MAX_WEIGHT_BUFFERS", 2)
+  jax.clear_caches()  # the kernels read the ring when traced
+  for op in ops:
+    assert ring[op, "zipf"] <= 0.97 * seconds(op, "zipf"), op
+    assert ring[op, "uniform"] == pytest.approx(seconds(op, "uniform"), rel=0.01), op
 
 
 def test_fused_kernel_moves_per_row_scales_lane_dense():
