@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 # Most of the suite's time is XLA compiling. JAX's persistent compilation cache keeps every
 # compiled program in `.jax_cache/` (the key is the program itself, so a changed function
-# compiles anew): a rerun of README's quick command takes about half the time of the first.
+# compiles anew): a rerun of README's quick command takes about a fifth less than the first
+# (docs/performance.md, "Compile time").
 # Set before JAX is imported, so the notebooks' kernels and the mutants' runs (subprocesses)
 # share it; an executable for a compile-only TPU cannot be read back (JAX warns and
 # compiles it again: pyproject's filterwarnings). NPU_OPS_TEST_COMPILATION_CACHE=0: off;
