@@ -446,14 +446,10 @@ def _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts, first, ex
     for p in range(pieces):
       copy_of(r, lax.rem(r, ring), p).start()
 
-  @pl.when(first)
-  def _():
-    for r in range(2):
-      pl.when(exists(run + r))(lambda r=r: start(run + r))
-
-  reach = jnp.minimum(seq + 1, run + ring - 1)
-  new = reach > jnp.minimum(seq, prev_run + ring - 1)
-  pl.when(live & ~first & new & exists(reach))(lambda: start(reach))
+  pl.when(first & exists(run))(lambda: start(run))
+  reach = jnp.minimum(seq + 1, run + ring - 1)  # run + 1 at a core's first visit
+  new = first | (reach > jnp.minimum(seq, prev_run + ring - 1))
+  pl.when(live & new & exists(reach))(lambda: start(reach))
 
   def wait(p) -> None:
     pl.when(starts)(lambda: copy_of(run, lax.rem(run, ring), p).wait())

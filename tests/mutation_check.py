@@ -154,10 +154,10 @@ MUTANTS = (
     # A visit copies a run further ahead than the ring holds: into the buffer of the run
     # being read (a long run's visits would overwrite their own weights).
     Mutant("weights_copied_past_the_ring", "pallas_kernels/tpu.py",
-           "  reach = jnp.minimum(seq + 1, run + ring - 1)\n"
-           "  new = reach > jnp.minimum(seq, prev_run + ring - 1)\n",
+           "  reach = jnp.minimum(seq + 1, run + ring - 1)  # run + 1 at a core's first visit\n"
+           "  new = first | (reach > jnp.minimum(seq, prev_run + ring - 1))\n",
            "  reach = jnp.minimum(seq + 1, run + ring)\n"
-           "  new = reach > jnp.minimum(seq, prev_run + ring)\n",
+           "  new = first | (reach > jnp.minimum(seq, prev_run + ring))\n",
            ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
     # The fused kernel's lane-dense scales turned into columns without the diagonal mask:
     # every row would take the largest x_scale of its 128.
