@@ -467,7 +467,6 @@ def test_kernels_copy_the_next_experts_weights_a_run_ahead(monkeypatch):
   ops = ("fused A8W8", "gmm bf16")
   ring = {(op, r): seconds(op, r) for op in ops for r in ("zipf", "uniform")}
   monkeypatch.setattr(tpu, "MAX_WEIGHT_BUFFERS", 2)
-  jax.clear_caches()  # the kernels read the ring when traced
   for op in ops:
     assert ring[op, "zipf"] <= 0.97 * seconds(op, "zipf"), op
     assert ring[op, "uniform"] == pytest.approx(seconds(op, "uniform"), rel=0.01), op
