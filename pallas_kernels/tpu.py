@@ -288,7 +288,7 @@ class FusedPlan:
   block_m: int
   block_k: int
   k_tiles: int
-  weight_buffers: int = 2  # the ring of a resident weight's VMEM buffers (`weight_buffers`)
+  weight_buffers: int = 2  # the ring of a resident weight's VMEM buffers (`ring_buffers`)
 
   @property
   def resident(self) -> bool:
@@ -388,22 +388,23 @@ def fused_plan(m: int, k: int, n: int, groups: int, tiles: TileSizes, *,
   while bm > 32 and need(bm) > _VMEM_PLAN:
     bm //= 2
   return FusedPlan(block_m=bm, block_k=bk, k_tiles=common.cdiv(k, bk),
-                   weight_buffers=weight_buffers(need(bm), bk * n))
+                   weight_buffers=ring_buffers(need(bm), bk * n, MAX_WEIGHT_BUFFERS))
 
 
-# VMEM buffers of the weights the kernels copy by hand (resident weights: one k tile): a
-# ring of two, and up to MAX_WEIGHT_BUFFERS where they fit _VMEM_RING beside the kernel's
-# planned blocks. More hide more of skewed routing's copies (a hot expert's visits copy
-# the next experts' weights); past four the model finds nothing more (docs/performance.md).
+# VMEM buffers of the blocks the kernels copy by hand: a ring of two, and more where they
+# fit _VMEM_RING beside the kernel's planned blocks. Resident weights (the fused kernel,
+# gmm): up to MAX_WEIGHT_BUFFERS; more hide more of skewed routing's copies (a hot
+# expert's visits copy the next experts' weights); past four the model finds nothing more
+# (docs/performance.md). tgmm's output tiles: up to MAX_OUTPUT_BUFFERS.
 MAX_WEIGHT_BUFFERS = 4
+MAX_OUTPUT_BUFFERS = 3
 _VMEM_RING = 56 * 2**20
 
 
-def weight_buffers(planned: int, buffer: int) -> int:
-  """The ring of a resident weight's VMEM buffers of `buffer` bytes: the two that
-  `planned` (the kernel's VMEM plan, in bytes) counts, and as many more, up to
-  `MAX_WEIGHT_BUFFERS`, as fit `_VMEM_RING`."""
-  return int(max(2, min(MAX_WEIGHT_BUFFERS, 2 + (_VMEM_RING - planned) // max(buffer, 1))))
+def ring_buffers(planned: int, buffer: int, most: int) -> int:
+  """A ring of VMEM buffers of `buffer` bytes: the two that `planned` (the kernel's VMEM
+  plan, in bytes) counts, and as many more, up to `most`, as fit `_VMEM_RING`."""
+  return int(max(2, min(most, 2 + (_VMEM_RING - planned) // max(buffer, 1))))
 
 
 # A resident weight is copied in equal pieces of k, and at a run's first visit each piece
@@ -518,7 +519,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   to the halves `[:, :n/2]` and `[:, n/2:]`, quantizes whole rows and writes the
   visit's rows. An expert's weights that fit VMEM whole (one k tile) stay there over its
   visits and are copied by the kernel, the next expert's while the current one's visits
-  run (`weight_buffers`), in pieces of k that an expert's first visit multiplies as they
+  run (`ring_buffers`), in pieces of k that an expert's first visit multiplies as they
   arrive (`weight_pieces`; int4 weights whole); k tiles come through the grid's pipeline.
   """
   x_words = x.dtype == jnp.int32  # A4W4's tokens as torch_npu packs them: unpacked in VMEM
@@ -1219,10 +1220,11 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   args = [lhs, rhs]
   if by_hand:
     in_specs[1] = pl.BlockSpec(memory_space=pl.ANY)
-    ring = weight_buffers(_float_vmem("gmm", bm, common.round_up(k, 128),
-                                      common.round_up(bn, 128), isz,
-                                      np.dtype(out_dtype).itemsize),
-                          common.round_up(k, 128) * common.round_up(bn, 128) * isz)
+    ring = ring_buffers(_float_vmem("gmm", bm, common.round_up(k, 128),
+                                    common.round_up(bn, 128), isz,
+                                    np.dtype(out_dtype).itemsize),
+                        common.round_up(k, 128) * common.round_up(bn, 128) * isz,
+                        MAX_WEIGHT_BUFFERS)
     scratch += [pltpu.VMEM((ring, *((bn, k) if transpose_rhs else (k, bn))), rhs.dtype),
                 pltpu.SemaphoreType.DMA((ring, pieces))]
   if scaled:  # per (group, column) and per row (lane-dense, a VMEM column at the write)
@@ -1255,14 +1257,21 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
 
   Grid (k tile, column tile, visit): a group's visits are consecutive and accumulate
   into one float32 (int8 operands: int32) tile, written on its last visit; an empty group gets one visit
-  that writes zeros, so every output block is written exactly once.
+  that writes zeros, so every output block is written exactly once. Where the tiles
+  divide k and n, the kernel writes its output tiles back by hand: a group's tile goes
+  into a ring of VMEM buffers (`ring_buffers`) at its last visit, and its copy to HBM
+  starts with the next step, after the pipeline has asked for the next step's x and dy
+  blocks. The pipeline would write the tile back as its step ends, ahead of them: under
+  skewed routing the cold groups' visits (one short visit each) then waited for the
+  write-back before them.
   """
   m, k = lhs.shape
   n = rhs.shape[-1]
   isz = lhs.dtype.itemsize
   if m == 0:  # no rows: every group is empty
     return jnp.zeros((num_groups, k, n), out_dtype)
-  bm, bk, bn = _float_blocks("tgmm", k, n, isz, np.dtype(out_dtype).itemsize, tiles)
+  osz = np.dtype(out_dtype).itemsize
+  bm, bk, bn = _float_blocks("tgmm", k, n, isz, osz, tiles)
   precision = _mxu_precision(precision, lhs.dtype)
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
   # group g's rows are [bounds[g], bounds[g + 1]): `group_rows(bounds, g + 1, ...)`
@@ -1271,11 +1280,37 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   # the row blocks are this product's contraction: as wide as the MXU (256 on v6e, TPU7x),
   # or a narrower one would take it as long
   block = max(ROW_BLOCK, tpu_tiles.mxu_width(tpu_tiles.current_chip()))
+  by_hand = k % bk == 0 and n % bn == 0
+  ring = ring_buffers(_float_vmem("tgmm", bm, bk, bn, isz, osz), bk * bn * osz,
+                      MAX_OUTPUT_BUFFERS)
+  # one TensorCore runs the output tiles one after the other: their copies overlap
+  chained = tpu_tiles.cores(tpu_tiles.current_chip()) == 1
 
-  def kernel(gid_ref, mt_ref, nv_ref, bounds_ref, x_ref, dy_ref, o_ref, acc):
-    t = pl.program_id(2)
+  def kernel(gid_ref, mt_ref, nv_ref, bounds_ref, x_ref, dy_ref, o_ref, acc, *out_ring):
+    i, j, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     valid = t < nv_ref[0]
     g = gid_ref[t]
+    ends = lambda s: (s == nv_ref[0] - 1) | (  # step s is its group's last visit
+        gid_ref[jnp.minimum(s + 1, pl.num_programs(2) - 1)] != gid_ref[s])
+    if by_hand:  # finished tiles numbered in order: tile s is group s % G's, of output
+      # tile (i, j) number s // G (chained: one core runs (i, j) in grid order; else each
+      # (i, j) is a sequence of its own), held in buffer s % ring until its copy ends
+      o_buf, o_sem = out_ring
+      tile = i * n_tiles + j if chained else 0
+      seq = tile * num_groups + g
+
+      def copy_of(s):
+        at = lax.div(s, num_groups) if chained else i * n_tiles + j
+        rows = pl.ds(pl.multiple_of(lax.div(at, n_tiles) * bk, bk), bk)
+        cols = pl.ds(pl.multiple_of(lax.rem(at, n_tiles) * bn, bn), bn)
+        return pltpu.make_async_copy(o_buf.at[lax.rem(s, ring)],
+                                     o_ref.at[lax.rem(s, num_groups), rows, cols],
+                                     o_sem.at[lax.rem(s, ring)])
+      # the tile the step before finished (the tile before's last group at t = 0): its
+      # copy starts now, behind the pipeline's copies for the next step
+      before = jnp.where(t > 0, tile * num_groups + gid_ref[jnp.maximum(t - 1, 0)], seq - 1)
+      pl.when(valid & jnp.where(t > 0, ends(jnp.maximum(t - 1, 0)), tile > 0))(
+          lambda: copy_of(before).start())
 
     @pl.when(valid & ((t == 0) | (gid_ref[jnp.maximum(t - 1, 0)] != g)))
     def _():
@@ -1300,27 +1335,42 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
         lax.fori_loop(0, bk // step, chunk, 0)
       _for_row_blocks(bounds_ref, g + 1, r0, bm, multiply, block)
 
-    last = (t == nv_ref[0] - 1) | (gid_ref[jnp.minimum(t + 1, pl.num_programs(2) - 1)] != g)
-
-    @pl.when(valid & last)
+    @pl.when(valid & ends(t))
     def _():
-      o_ref[...] = acc[...].astype(o_ref.dtype)
+      if not by_hand:
+        o_ref[...] = acc[...].astype(o_ref.dtype)
+        return
+      pl.when(seq >= ring)(lambda: copy_of(seq - ring).wait())  # the buffer's last copy
+      o_buf[lax.rem(seq, ring)] = acc[...].astype(o_buf.dtype)
+
+    if by_hand:  # the sequence's last step: its own copy, then every one pending
+      last_tile = (i == k_tiles - 1) & (j == n_tiles - 1) if chained else True
+      @pl.when(last_tile & (t == nv_ref[0] - 1))
+      def _():
+        copy_of(seq).start()
+        for back in range(ring):
+          pl.when(seq >= back)(lambda back=back: copy_of(seq - back).wait())
 
   # x and dy once per output tile: a tile's visits are consecutive, its blocks copied once
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=0,
-      bytes_accessed=isz * m_tiles * bm * (k * n_tiles + n * k_tiles)
-      + num_groups * k * n * np.dtype(out_dtype).itemsize)
+      bytes_accessed=isz * m_tiles * bm * (k * n_tiles + n * k_tiles) + num_groups * k * n * osz)
+  scratch = [pltpu.VMEM((bk, bn), common.accumulator(lhs.dtype))]
+  if by_hand:
+    out_spec = pl.BlockSpec(memory_space=pl.ANY)
+    scratch += [pltpu.VMEM((ring, bk, bn), out_dtype), pltpu.SemaphoreType.DMA((ring,))]
+  else:
+    out_spec = pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, mt, nv, bounds: (gid[t], i, j))
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4, grid=(k_tiles, n_tiles, _steps(nv)),
           in_specs=[pl.BlockSpec((bm, bk), lambda i, j, t, gid, mt, nv, bounds: (mt[t], i)),
                     pl.BlockSpec((bm, bn), lambda i, j, t, gid, mt, nv, bounds: (mt[t], j))],
-          out_specs=pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, mt, nv, bounds: (
-              gid[t], i, j)),
-          scratch_shapes=[pltpu.VMEM((bk, bn), common.accumulator(lhs.dtype))]),
+          out_specs=out_spec, scratch_shapes=scratch),
       out_shape=common.result((num_groups, k, n), out_dtype, gid, bounds, lhs, rhs),
-      # output tiles (k, n) are independent: a dual-TensorCore device splits them
-      compiler_params=_params("parallel", "parallel", "arbitrary"), cost_estimate=cost,
+      # output tiles (k, n) are independent: a dual-TensorCore device splits them (one
+      # core runs them in order, the copies by hand chained from one to the next)
+      compiler_params=_params(*(("arbitrary",) * 2 if by_hand and chained else
+                                ("parallel",) * 2), "arbitrary"), cost_estimate=cost,
       interpret=interpret, name="npu_tgmm")(gid, mt, nv, bounds, lhs, rhs)

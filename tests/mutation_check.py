@@ -159,6 +159,17 @@ MUTANTS = (
            "  reach = jnp.minimum(seq + 1, run + ring)\n"
            "  new = first | (reach > jnp.minimum(seq, prev_run + ring))\n",
            ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
+    # tgmm writes a group's output tile into a ring buffer whose last copy to HBM it has
+    # not waited for (the copy may read the new tile).
+    Mutant("output_buffer_written_before_its_copy_ends", "pallas_kernels/tpu.py",
+           "      pl.when(seq >= ring)(lambda: copy_of(seq - ring).wait())  # the buffer's last copy\n",
+           "",
+           ("tests/test_pallas.py", "-k", "writes_its_output_tiles")),
+    # tgmm copies an output tile to HBM from the buffer of the tile after it.
+    Mutant("output_copied_from_the_next_buffer", "pallas_kernels/tpu.py",
+           "        return pltpu.make_async_copy(o_buf.at[lax.rem(s, ring)],",
+           "        return pltpu.make_async_copy(o_buf.at[lax.rem(s + 1, ring)],",
+           ("tests/test_pallas.py", "-k", "writes_its_output_tiles")),
     # The fused kernel's lane-dense scales turned into columns without the diagonal mask:
     # every row would take the largest x_scale of its 128.
     Mutant("scales_to_column_unmasked", "pallas_kernels/tpu.py",

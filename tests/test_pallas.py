@@ -539,7 +539,7 @@ HOT_THEN_COLD = np.array([5, 130, 0, 3, 2, 4, 6, 1, 40], np.int64)
                                             ("v5p", "decode_a8w4_words", 2)])
 def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case, ring, monkeypatch):
   """The fused kernel copies each expert's resident weights by hand into a ring of VMEM
-  buffers (`tpu.weight_buffers`, `ring` of them here), a visit starting one copy at most,
+  buffers (`tpu.ring_buffers`, `ring` of them here), a visit starting one copy at most,
   as far ahead as a free buffer allows (`common.WeightRuns`). In the interpreter that runs
   a copy only when it is waited for and watches for races (a copy into a buffer that is
   being read), on one TensorCore (v5e) and two (v5p: each core its own runs; decode
@@ -640,6 +640,43 @@ def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed, k, ring, monk
     tpu_tiles.CHIP.reset(token)
   want = ref.grouped_matmul(x.astype(np.float64), w.astype(np.float64),
                             ref.group_bounds(counts, 1), np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("chip,ring", [("v5e", 2), ("v5e", 3), ("v5p", 3)])
+def test_tpu_tgmm_writes_its_output_tiles_back_by_hand(chip, ring, monkeypatch):
+  """tgmm writes each group's output tile into a ring of `ring` VMEM buffers at its last
+  visit and copies it to HBM by hand at the next step (`tpu.MAX_OUTPUT_BUFFERS`); a
+  buffer is waited for before it is written again, and the last step waits for every
+  copy. On one TensorCore the output tiles (k tile, column tile) run as one sequence, a
+  tile's last copies overlapping the next tile's visits; on a v5p each tile is its own.
+  In the interpreter that copies on wait, detects races and runs two cores for the v5p:
+  2 k tiles x 2 column tiles, a hot group among cold and empty ones, groups past the
+  list, rows past the total, against NumPy."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+  from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
+  monkeypatch.setattr(tpu, "MAX_OUTPUT_BUFFERS", ring)
+  rng = np.random.default_rng(5)
+  m, k, n, counts = 200, 512, 512, HOT_THEN_COLD
+  groups = len(counts) + 2
+  tiles = npu_ops.TileSizes(32, 256, 256)
+  assert tpu._float_blocks("tgmm", k, n, 4, 4, tiles) == (32, 256, 256)  # noqa: SLF001
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  dy = rng.normal(size=(m, n)).astype(np.float32)
+  interpret = pltpu.InterpretParams(dma_execution_mode="on_wait", detect_races=True,
+                                    num_cores_or_threads=tpu_tiles.cores(chip))
+  token = tpu_tiles.CHIP.set(chip)
+  try:
+    with ends_within(300):
+      got = tpu.tgmm(jnp.asarray(x), jnp.asarray(dy),
+                     jnp.cumsum(jnp.asarray(counts, jnp.int32)), num_groups=groups,
+                     out_dtype=jnp.float32, tiles=tiles,
+                     precision=jax.lax.Precision.HIGHEST, interpret=interpret)
+  finally:
+    tpu_tiles.CHIP.reset(token)
+  want = np.zeros((groups, k, n))
+  for g, (lo, hi) in enumerate(ref.group_bounds(counts, 1)):
+    want[g] = x[lo:hi].astype(np.float64).T @ dy[lo:hi].astype(np.float64)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 

@@ -444,7 +444,7 @@ def test_fused_kernel_tiles_bring_uniform_prefill_near_the_roofline():
 
 def test_kernels_copy_the_next_experts_weights_a_run_ahead(monkeypatch):
   """The fused kernel and gmm copy resident weights by hand into a ring of VMEM buffers
-  (`tpu.weight_buffers`: up to four where VMEM allows), a visit starting one copy at most,
+  (`tpu.ring_buffers`: up to four where VMEM allows), a visit starting one copy at most,
   as far ahead as a free buffer allows, so the hot experts' long runs hide the cold
   experts' copies. Zipf prefill on v6e, bound by the weights' bytes: within 1.10x of the
   roofline for the fused op (1.22x when each expert's weights came one step ahead, the
@@ -644,14 +644,42 @@ def test_accelerator_check_int8_contenders_agree():
 
 def test_predict_command_prints_each_case_above_its_roofline(capsys):
   """`python -m npu_ops.perf predict`: a row per case; the model never beats the roofline
-  (whole blocks and tile-padded bytes only add to the useful FLOPs and the ideal bytes)."""
+  (whole blocks and tile-padded bytes only add to the useful FLOPs and the ideal bytes),
+  nor the floor (`Problem.floor`, at or above the roofline), and x roof = floor x x floor."""
   from npu_ops.perf.__main__ import main  # noqa: PLC0415
   assert main(["predict", "--chip", "v6e", "--ops", "gmm bf16", "--cases", "decode"]) == 0
   rows = [l.split() for l in capsys.readouterr().out.splitlines() if l.startswith("decode")]
   assert len(rows) == len(cases.DECODE)
   for r in rows:
-    model_us, roof_us, x_roof = float(r[-6]), float(r[-5]), float(r[-4])
+    model_us, roof_us, x_roof, floor, x_floor = map(float, r[-8:-3])
     assert x_roof >= 1.0 and model_us >= roof_us and r[-1] == "row_visits,gmm"
+    assert floor >= 1.0 and x_floor >= 1.0
+    assert x_roof == pytest.approx(floor * x_floor, abs=0.015)
+
+
+def test_the_floor_takes_each_groups_rows_in_whole_mxu_passes():
+  """`Problem.floor`: no kernel beats the MXU taking each group's rows in whole passes of
+  128 (`Chip.mxu_rows`; contracted rows, tgmm's, padded alike on v5p). Zipf over 16
+  experts at 4096 rows (groups of 1220 down to 75 rows) takes 39 passes where 32 hold the
+  rows: on v5p, bound by its MXU, 39/32 = 1.22x the roofline, above the prefill goal of
+  1.15x; on v5e, bound by the weights' bytes, 39 passes of 3.75 us over the bytes' 130 us;
+  on v6e the bytes stay the floor. The model's prediction stays above the floor."""
+  zipf = cases.Case("prefill", 4096, 16, "zipf")
+  want = [1220, 605, 403, 302, 242, 201, 173, 151, 134, 121, 110, 100, 93, 86, 80, 75]
+  np.testing.assert_array_equal(zipf.sizes(), want)
+  passes = 10 + 5 + 4 + 3 + 2 * 5 + 1 * 7  # ceil(size / 128) of each, by hand
+  v5p, v5e, v6e = chips.get("v5p"), chips.get("v5e"), chips.get("v6e")
+  for op in ("fused A8W8", "gmm bf16", "tgmm bf16"):
+    prob = cases.problem(op, zipf)
+    assert prob.floor(v5p) == pytest.approx(prob.roofline(v5p) * passes / 32), op
+    assert prob.floor(v6e) == pytest.approx(prob.ideal_bytes / v6e.hbm_bandwidth), op
+  fused = cases.problem("fused A8W8", zipf)
+  pass_s = 2 * 128 * 2048 * 2816 / 394e12  # v5e int8
+  assert fused.floor(v5e) == pytest.approx(passes * pass_s)
+  assert fused.roofline(v5e) == pytest.approx(fused.ideal_bytes / 819e9)
+  uniform = cases.problem("fused A8W8", cases.Case("prefill", 4096, 16, "uniform"))
+  assert uniform.floor(v5p) == pytest.approx(uniform.roofline(v5p))  # 256 rows: 2 passes
+  assert model.predict(fused.fn, *fused.args, chip="v5p").seconds >= fused.floor(v5p)
 
 
 def test_timeline_prefetch_depth_and_lookahead():
@@ -799,6 +827,21 @@ def test_tgmm_takes_the_mxu_at_its_width():
   (kern,) = ops(model.predict(prob.fn, *prob.args, chip="tpu7x"))
   ideal = prob.flops / chips.get("tpu7x").peak(jnp.bfloat16)
   assert ideal < kern.mxu_seconds <= 1536 / 1408 * ideal * 1.0001, kern.mxu_seconds / ideal
+
+
+def test_tgmm_writes_its_tiles_back_behind_the_next_blocks():
+  """tgmm copies each group's finished output tile to HBM by hand at the next step, after
+  the pipeline has asked for that step's x and dy blocks (`tpu.tgmm`): written back as
+  its step ended, ahead of them, a tile made each short visit after it wait. Under the
+  model, bf16 tgmm at 4096 rows over 16 experts: Zipf routing on v6e, bound by the
+  output's bytes, within 1.20x of the roofline (1.34x through the pipeline), uniform on
+  v5e within 1.12x (1.16x); every output tile written once (bytes within 1.08x of the
+  ideal)."""
+  for chip, routing, goal in (("v6e", "zipf", 1.20), ("v5e", "uniform", 1.12)):
+    prob = cases.problem("tgmm bf16", cases.Case(routing, 4096, 16, routing))
+    p = model.predict(prob.fn, *prob.args, chip=chip)
+    assert p.seconds <= goal * prob.roofline(chips.get(chip)), (chip, routing)
+    assert p.hbm_bytes <= 1.08 * prob.ideal_bytes, (chip, routing)
 
 
 def test_decode_over_many_experts_takes_no_more_steps_than_rows():

@@ -35,6 +35,8 @@ def main(argv=None) -> int:
   mb.add_argument("--chip", default="v5e", choices=list(validate.DATA_DIRS))
   t = sub.add_parser("tune", help="search the TPU kernels' tiles with the model")
   t.add_argument("--chips", nargs="+", default=list(tune.CHIPS), choices=list(tune.CHIPS))
+  t.add_argument("--ops", nargs="+", choices=("fused", "gmm", "tgmm"), default=None,
+                 help="only these kernels (default: all)")
   t.add_argument("--write", action="store_true", help="store them in pallas_kernels/tpu_tiles.py")
   t.add_argument("--compare", action="store_true",
                  help="the defaults (the table) vs the previous rules, at every point")
@@ -43,8 +45,8 @@ def main(argv=None) -> int:
     if args.compare:
       print(report.tiles_table(args.chips))
       return 0
-    found = tune.table(args.chips, log=lambda line: print(line, flush=True))
-    if args.write:  # the chips not searched keep their entries
+    found = tune.table(args.chips, log=lambda line: print(line, flush=True), ops=args.ops)
+    if args.write:  # the chips and ops not searched keep their entries
       from pallas_kernels import tpu_tiles  # noqa: PLC0415
       print("wrote", tune.write({**tpu_tiles.TABLE, **found}))
     return 0

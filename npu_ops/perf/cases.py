@@ -77,15 +77,34 @@ ALL_OPS = OPS + A8W4_OPS + ("fused A4W4", "fused MX", "fused MXFP4", "gmm int8")
 class Problem:
   """An op at a case: its function and arguments (`ShapeDtypeStruct` for data, concrete
   group sizes), useful FLOPs, ideal HBM bytes (each operand read once: x, the weights of
-  the experts that hold rows, the outputs) and the dtype of its products."""
+  the experts that hold rows, the outputs) and the dtype of its products; for its floor,
+  the group sizes and how each of its `[K, N]` products takes a group's rows: "streamed"
+  (rows x W: gmm, the fused op, the VJP's d x) or "contracted" (x^T dy: tgmm, d w)."""
   fn: object
   args: tuple
   flops: float
   ideal_bytes: float
   dtype: str
+  sizes: tuple[int, ...] = ()
+  products: tuple[str, ...] = ("streamed",)
 
   def roofline(self, chip: chips_lib.Chip) -> float:
+    """`max(FLOPs / peak, ideal bytes / HBM bandwidth)`: the issue's goals are multiples
+    of it."""
     return max(self.flops / chip.peak(self.dtype), self.ideal_bytes / chip.hbm_bandwidth)
+
+  def floor(self, chip: chips_lib.Chip) -> float:
+    """The least time of any TPU kernel under the model's rules: `max(MXU time, ideal
+    bytes / HBM bandwidth)`, where the MXU takes each group's rows in whole passes, a
+    product streaming `chip.mxu_rows` rows at a time (a group of 75 rows costs 128; the
+    rows of two groups never share a pass: their weights differ) and contracting rows
+    padded to `chip.mxu_width`. Above the roofline where groups are small and the chip
+    is bound by its MXU."""
+    rows = np.asarray(self.sizes, np.int64)
+    padded = {"streamed": chip.mxu_rows, "contracted": chip.mxu_width}
+    mxu_flops = sum(2.0 * K * N * float(np.sum(-(-rows // padded[p]) * padded[p]))
+                    for p in self.products)
+    return max(mxu_flops / chip.peak(self.dtype), self.ideal_bytes / chip.hbm_bandwidth)
 
 
 def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem:
@@ -94,7 +113,7 @@ def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem
   make = arrays or (lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype))
   m, e = case.m, case.e
   sizes = case.sizes()
-  used = int(np.count_nonzero(sizes))
+  used, rows = int(np.count_nonzero(sizes)), tuple(int(r) for r in sizes)
   kw = {} if implementation is None else dict(implementation=implementation)
   if op == "fused A8W8":
     args = (make((m, K), jnp.int8), make((e, K, N), jnp.int8), make((e, N), jnp.float32),
@@ -102,7 +121,7 @@ def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem
     fn = lambda x, w, ws, xs, gl: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         x, w, ws, xs, gl, group_list_type=1, **kw)
     ideal = m * K + used * (K * N + 4 * N) + 4 * m + m * (N // 2) + 4 * m
-    return Problem(fn, args, 2.0 * m * K * N, ideal, "int8")
+    return Problem(fn, args, 2.0 * m * K * N, ideal, "int8", rows)
   if op in A8W4_OPS:  # per channel, with the assist matrix (as torch_npu calls it)
     w = ((e, K, N // 8), jnp.int32) if op.endswith("words") else ((e, K, N), jnp.int4)
     args = (make((m, K), jnp.int8), make(*w), make((e, N), jnp.float32),
@@ -110,14 +129,14 @@ def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem
     fn = lambda x, w, ws, xs, gl, assist: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         x, w, ws, xs, gl, group_list_type=1, weight_assist_matrix=assist, **kw)
     ideal = m * K + used * (K * N // 2 + 8 * N) + 4 * m + m * (N // 2) + 4 * m
-    return Problem(fn, args, 2.0 * m * K * N, ideal, "int8")
+    return Problem(fn, args, 2.0 * m * K * N, ideal, "int8", rows)
   if op == "fused A4W4":
     args = (make((m, K // 8), jnp.int32), make((e, K, N), jnp.int4), make((e, N), jnp.float32),
             make((m,), jnp.float32), sizes, make((e, N // 2), jnp.float32))
     fn = lambda x, w, ws, xs, gl, smooth: npu_ops.npu_grouped_matmul_swiglu_quant_v2(
         x, w, ws, xs, gl, group_list_type=1, smooth_scale=smooth, **kw)
     ideal = m * K // 2 + used * (K * N // 2 + 4 * N + 2 * N) + 4 * m + m * (N // 2) + 4 * m
-    return Problem(fn, args, 2.0 * m * K * N, ideal, "int8")
+    return Problem(fn, args, 2.0 * m * K * N, ideal, "int8", rows)
   if op in ("fused MX", "fused MXFP4"):  # roofline at the bfloat16 rate: the MXU multiplies
     # dequantized values
     f8, pairs = jnp.float8_e4m3fn if op == "fused MX" else jnp.float4_e2m1fn, K // 64
@@ -128,25 +147,26 @@ def problem(op: str, case: Case, *, implementation=None, arrays=None) -> Problem
         quant_dtype=jnp.int8, **kw)
     per = 1 if op == "fused MX" else 0.5  # bytes a value
     ideal = (m + used * N) * K * (per + 1 / 32) + m * (N // 2) + 4 * m
-    return Problem(fn, args, 2.0 * m * K * N, ideal, "bfloat16")
+    return Problem(fn, args, 2.0 * m * K * N, ideal, "bfloat16", rows)
   if op == "gmm int8":
     fn = lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl, **kw)
     args = (make((m, K), jnp.int8), make((e, K, N), jnp.int8), sizes)
-    return Problem(fn, args, 2.0 * m * K * N, m * K + used * K * N + 4 * m * N, "int8")
+    return Problem(fn, args, 2.0 * m * K * N, m * K + used * K * N + 4 * m * N, "int8", rows)
   bf = jnp.bfloat16
   if op == "gmm bf16":
     fn = lambda x, w, gl: npu_ops.grouped_matmul(x, w, gl, **kw)
     return Problem(fn, (make((m, K), bf), make((e, K, N), bf), sizes), 2.0 * m * K * N,
-                   2.0 * (m * K + used * K * N + m * N), "bfloat16")
+                   2.0 * (m * K + used * K * N + m * N), "bfloat16", rows)
   if op == "tgmm bf16":
     fn = lambda x, dy, gl: npu_ops.tgmm(x, dy, gl, num_groups=e, **kw)
     return Problem(fn, (make((m, K), bf), make((m, N), bf), sizes), 2.0 * m * K * N,
-                   2.0 * (m * K + m * N + e * K * N), "bfloat16")
+                   2.0 * (m * K + m * N + e * K * N), "bfloat16", rows, ("contracted",))
   if op == "gmm vjp bf16":  # d x and d w of grouped_matmul, from dy
     def fn(x, w, dy, gl):
       _, vjp = jax.vjp(lambda x, w: npu_ops.grouped_matmul(x, w, gl, **kw), x, w)
       return vjp(dy)
     args = (make((m, K), bf), make((e, K, N), bf), make((m, N), bf), sizes)
     return Problem(fn, args, 4.0 * m * K * N,
-                   2.0 * (2 * m * K + 2 * m * N + used * K * N + e * K * N), "bfloat16")
+                   2.0 * (2 * m * K + 2 * m * N + used * K * N + e * K * N), "bfloat16", rows,
+                   ("streamed", "contracted"))
   raise ValueError(f"op: expected one of {ALL_OPS}, got {op!r}")

@@ -13,22 +13,25 @@ from npu_ops.perf import model, tune, validate
 
 
 def predict_table(chip: str, ops, chosen) -> str:
-  """Each op at each case: modeled time, roofline, their ratio, HBM bytes over the ideal."""
+  """Each op at each case: modeled time, roofline, their ratio, the floor's ratio to the
+  roofline and the time's to the floor, HBM bytes over the ideal."""
   c = chips_lib.get(chip)
   lines = [f"chip {c.name}: peak int8 {c.peak('int8') / 1e12:.0f}, bf16 "
            f"{c.peak('bfloat16') / 1e12:.0f} TFLOP/s, HBM {c.hbm_bandwidth / 1e9:.0f} GB/s, "
-           f"{c.cores} core(s) a device; x roof: model time / roofline and x bytes: HBM bytes / "
-           "ideal (1.0 the least possible; lower is better)",
+           f"{c.cores} core(s) a device; x roof: model time / roofline; floor: the least "
+           "any kernel can take (each group's rows in whole MXU passes), over the roofline; "
+           "x floor: model time / floor; x bytes: HBM bytes / ideal (lower is better)",
            f"{'case':30} {'op':16} {'model us':>9} {'roof us':>8} {'x roof':>6} "
-           f"{'x bytes':>7} {'steps':>6}  kernels"]
+           f"{'floor':>6} {'x floor':>7} {'x bytes':>7} {'steps':>6}  kernels"]
   for case in chosen:
     for op in ops:
       prob = cases_lib.problem(op, case)
       pred = model.predict(prob.fn, *prob.args, chip=c)
-      roof = prob.roofline(c)
+      roof, floor = prob.roofline(c), prob.floor(c)
       names = ",".join(k.name.replace("npu_", "") for k in pred.kernels) or "-"
       lines.append(f"{case.name:30} {op:16} {pred.seconds * 1e6:9.1f} {roof * 1e6:8.1f} "
-                   f"{pred.seconds / roof:6.2f} {pred.hbm_bytes / prob.ideal_bytes:7.2f} "
+                   f"{pred.seconds / roof:6.2f} {floor / roof:6.2f} {pred.seconds / floor:7.2f} "
+                   f"{pred.hbm_bytes / prob.ideal_bytes:7.2f} "
                    f"{pred.grid_steps:6d}  {names}")
   return "\n".join(lines)
 

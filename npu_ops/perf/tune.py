@@ -162,11 +162,13 @@ def groups(include_tokamax: bool = True) -> list[list[Point]]:
   return list(out.values())
 
 
-def table(chips=CHIPS, include_tokamax: bool = True, log=None) -> dict:
-  """`tpu_tiles.TABLE` as the search finds it."""
+def table(chips=CHIPS, include_tokamax: bool = True, log=None, ops=None) -> dict:
+  """`tpu_tiles.TABLE` as the search finds it (`ops`: only these ops' entries)."""
   out: dict = {}
   for chip in chips:
     for group in groups(include_tokamax):
+      if ops is not None and group[0].op not in ops:
+        continue
       t, score = best(group, chip)
       p = group[0]
       out.setdefault((chip, p.op, p.itemsize), []).append(
