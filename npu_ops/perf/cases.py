@@ -85,7 +85,7 @@ class Problem:
   flops: float
   ideal_bytes: float
   dtype: str
-  sizes: tuple[int, ...] = ()
+  sizes: tuple[int, ...]
   products: tuple[str, ...] = ("streamed",)
 
   def roofline(self, chip: chips_lib.Chip) -> float:
