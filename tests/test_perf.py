@@ -397,26 +397,51 @@ def test_a_wait_holds_only_the_work_after_it():
       w.size * 2 / 2 / chip.hbm_bandwidth, rel=1e-6)
 
 
-def test_a_copy_by_hand_inside_a_dynamic_loop_is_refused():
-  """Copies inside a loop of dynamic length (emit_pipeline's) are not followed: a clear
-  error, not a kernel that copies nothing."""
-  def kernel(n_ref, x_hbm, o_ref, buf, sem):
+def _loop_kernel(bound):
+  """A kernel copying a `[128, 128]` float32 block by hand `bound(n_ref, v_ref)` times a
+  step (a `fori_loop`), copy i into buffer i % 2 on semaphore i % 2 (the loop index
+  picks them), each waited for before the next."""
+  def kernel(n_ref, v_ref, x_hbm, o_ref, buf, sem):
     def body(i, carry):
-      copy = pltpu.make_async_copy(x_hbm, buf, sem)
+      slot = jax.lax.rem(i, 2)
+      copy = pltpu.make_async_copy(x_hbm, buf.at[slot], sem.at[slot])
       copy.start()
       copy.wait()
       return carry
-    jax.lax.fori_loop(0, n_ref[0], body, 0)
-    o_ref[...] = buf[...]
-  fn = lambda n, x: pl.pallas_call(
-      kernel, out_shape=S((128, 128), jnp.float32),
+    jax.lax.fori_loop(0, bound(n_ref, v_ref), body, 0)
+    o_ref[...] = buf[0]
+  return lambda n, v, x: pl.pallas_call(
+      kernel, out_shape=S((256, 128), jnp.float32),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(1,), in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
-          out_specs=pl.BlockSpec((128, 128), lambda i, n: (0, 0)),
-          scratch_shapes=[pltpu.VMEM((128, 128), jnp.float32), pltpu.SemaphoreType.DMA]),
-      name="by_hand")(n, x)
+          num_scalar_prefetch=1, grid=(2,),
+          in_specs=[pl.BlockSpec((8, 128), lambda i, n: (0, 0)),
+                    pl.BlockSpec(memory_space=pl.ANY)],
+          out_specs=pl.BlockSpec((128, 128), lambda i, n: (i, 0)),
+          scratch_shapes=[pltpu.VMEM((2, 128, 128), jnp.float32),
+                          pltpu.SemaphoreType.DMA((2,))]),
+      name="by_hand")(n, v, x)
+
+
+def test_copies_by_hand_in_a_loop_bounded_by_scalar_prefetch():
+  """A `fori_loop` whose trip count the scalar-prefetch operands give (known per step: 2
+  on step 0, 3 on step 1) is followed iteration by iteration: 5 copies of 64 KiB, each
+  waited for before the next, so the kernel takes at least their time end to end. A loop
+  bounded by data (a VMEM block's value, unknown) is refused with a clear error, not
+  modeled as a kernel that copies nothing (emit_pipeline's loops are refused too: over 64
+  iterations)."""
+  v = S((8, 128), jnp.int32)
+  x = S((128, 128), jnp.float32)
+  fn = _loop_kernel(lambda n_ref, v_ref: n_ref[pl.program_id(0)])
+  (k,) = ops(model.predict(fn, jnp.array([2, 3], jnp.int32), v, x, chip="v5e"))
+  block = 128 * 128 * 4
+  v5e = chips.get("v5e")
+  assert k.hbm_bytes == 5 * block + 8 * 128 * 4 + 2 * block  # the copies, v once, the output
+  assert k.seconds >= 5 * block / v5e.hbm_bandwidth
+  (k1,) = ops(model.predict(fn, jnp.array([0, 1], jnp.int32), v, x, chip="v5e"))
+  assert k1.hbm_bytes == k.hbm_bytes - 4 * block
+  data = _loop_kernel(lambda n_ref, v_ref: v_ref[0, 0])
   with pytest.raises(ValueError, match="by_hand: copies operands .* by hand inside a loop"):
-    model.predict(fn, jnp.array([2], jnp.int32), S((128, 128), jnp.float32))
+    model.predict(data, jnp.array([2, 3], jnp.int32), v, x)
 
 
 def test_our_kernels_are_modeled_on_their_tpu_branch():

@@ -18,7 +18,8 @@ counts), and follows each `pallas_call` through its grid:
   predicate is evaluated per step where it depends on program ids and scalar-prefetch
   values; otherwise the costliest branch);
 * copies the body makes by hand (`pltpu.make_async_copy` of an operand left in HBM, under
-  `pl.when` on program ids and scalar-prefetch values, not inside a loop): each start
+  `pl.when` on program ids and scalar-prefetch values, in loops of at most 64 trips that
+  those values bound, not in loops bounded by data): each start
   copies its destination's bytes when the body reaches it, each wait holds the body until
   the oldest copy on its semaphore has arrived;
 * time: a timeline of the steps and one DMA queue (`_timeline`) that serves copies in the
@@ -157,8 +158,9 @@ def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
 
   Raises:
     ValueError: a kernel's grid or scalar-prefetch operand depends on an unknown value
-      (pass it concretely), a kernel copies by hand where the model cannot follow (inside
-      a loop, or on a condition on data), or the chip is unknown.
+      (pass it concretely), a kernel copies by hand where the model cannot follow (in a
+      loop bounded by data or of over 64 trips, or on a condition on data), or the chip
+      is unknown.
   """
   if not callable(fn):
     raise TypeError(f"fn: expected a callable (fn(*args) is what is predicted), got {fn!r}")
@@ -878,7 +880,9 @@ class _Scalars:
         sub.run(body.jaxpr, body.consts, args, mask)
         self._merge(sub, trips)
         return [_UNKNOWN] * n_out
-      if name != "scan" or trips > _MAX_UNROLLED:
+      if name == "while":
+        return self._fori_copies(eqn, body, args[:n_consts], vals, trips, mask)
+      if trips > _MAX_UNROLLED:
         raise ValueError(_LOOP_COPIES)
       # Copies made by hand in a loop of static length (a `fori_loop` over pieces of a
       # copy, waiting for each before its work): followed iteration by iteration, the
@@ -1004,6 +1008,26 @@ class _Scalars:
       self.run(b.jaxpr, b.consts, operands, taken)
     return [_UNKNOWN] * len(eqn.outvars)
 
+  def _fori_copies(self, eqn, body, consts, vals, trips, mask) -> list:
+    """A `fori_loop` whose bounds the scalar-prefetch operands give (known per step, as
+    many trips as they say, up to `_MAX_UNROLLED`) with copies made by hand inside:
+    followed iteration by iteration, iteration t on the steps that run more than t trips,
+    the carry (the index) known where its start is."""
+    if not _fori_counter(eqn) or not isinstance(trips, np.ndarray):
+      raise ValueError(_LOOP_COPIES)
+    trips = np.broadcast_to(trips, (self.steps,))
+    if trips.max(initial=0) > _MAX_UNROLLED:
+      raise ValueError(_LOOP_COPIES)
+    carry = list(vals[eqn.params["cond_nconsts"] + eqn.params["body_nconsts"]:])
+    for t in range(int(trips.max(initial=0))):
+      live = trips > t
+      new = self.run(body.jaxpr, body.consts, [*consts, *carry],
+                     live if mask is None else live * mask)
+      # steps past their last trip keep the carry they left with
+      carry = [_UNKNOWN if a is _UNKNOWN or b is _UNKNOWN else np.where(live, b, a)
+               for a, b in zip(carry, new)]
+    return carry
+
   def _merge(self, other: "_Scalars", times: float) -> None:
     self.vpu += times * other.vpu
     self.flops += times * other.flops
@@ -1016,10 +1040,12 @@ class _Scalars:
 _MAX_STEPS = 20_000_000
 _MAX_UNROLLED = 64  # iterations of a loop holding copies made by hand the model follows
 _LOOP_COPIES = (
-    "copies operands between HBM and VMEM by hand inside a loop of dynamic or long length "
-    f"(over {_MAX_UNROLLED} iterations: emit_pipeline's), which the model does not follow; "
-    "it follows the grid's pipeline, copies a kernel's body makes by hand outside loops or "
-    "in short static ones, and tokamax's kernels when `predict` traces them (a kernel "
+    "copies operands between HBM and VMEM by hand inside a loop of unknown or long length "
+    f"(bounds from data, or over {_MAX_UNROLLED} iterations: emit_pipeline's), which the "
+    "model does not follow; it follows the grid's pipeline, copies a kernel's body makes "
+    "by hand outside loops, in short static ones and in `fori_loop`s whose bounds come "
+    "from the grid or the scalar-prefetch operands, and tokamax's kernels when `predict` "
+    "traces them (a kernel "
     "jit-traced before, outside `predict`, is cached: jax.clear_caches() first)")
 
 
