@@ -282,6 +282,19 @@ class WeightRuns(NamedTuple):
   expert: jax.Array
 
 
+class TileSteps(NamedTuple):
+  """A grid of a step per row tile, whose step loops over that tile's visits (one core's
+  visits, in row order: `tpu_visits.row_visits`, `tpu_visits.visit_metadata`), int32:
+
+  * first `[m_tiles + 1]`: step s runs visits [first[s], first[s + 1]), all of row tile
+    `tile[first[s]]`; a step starts at visit 0 and where the row tile changes; past the
+    last step, the visit count;
+  * count `[1]`: the steps.
+  """
+  first: jax.Array
+  count: jax.Array
+
+
 _PRECISION_ORDER = (lax.Precision.DEFAULT, lax.Precision.HIGH, lax.Precision.HIGHEST)
 
 

@@ -571,7 +571,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   # its own copy of the output, merged by rows below.
   cores = tpu_tiles.cores(tpu_tiles.current_chip())
   by_visits = cores > 1 and m_tiles < num_groups
-  v, runs, split_row = *tpu_visits.row_visits(ends, m, bm, start, interpret=interpret), None
+  v, runs, split_row = *tpu_visits.row_visits(ends, m, bm, start, interpret=interpret)[:2], None
   per_core = common.per_core(m, bm, num_groups)
   if not by_visits:
     cores = min(cores, m_tiles)  # a core of its own for each row tile at most
@@ -1108,7 +1108,10 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   consecutive within a column tile and, with k in one step, its weight tile stays put;
   such a resident tile is copied by the kernel, the next group's while the current
   group's visits run (`_weights_by_hand`; where the column tiles are whole), in pieces of
-  k that a group's first visit multiplies as they arrive (`weight_pieces`).
+  k that a group's first visit multiplies as they arrive (`weight_pieces`). With
+  resident weights and no scales the grid takes a step per row tile instead, which loops
+  over the tile's visits (`common.TileSteps`): under skewed routing most visits are a
+  cold group's, each a step's fixed cost for a little work.
   """
   m, k = lhs.shape
   n = rhs.shape[1 if transpose_rhs else 2]
@@ -1119,7 +1122,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   precision = _mxu_precision(precision, lhs.dtype)
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
   num_groups = ends.shape[0]
-  v, runs = tpu_visits.row_visits(ends, m, bm, start, interpret=interpret)
+  v, runs, steps = tpu_visits.row_visits(ends, m, bm, start, interpret=interpret)
   visits = v.group.shape[0]
   # Resident weights (one k tile, whole column tiles) are copied by the kernel, in runs
   # that follow the grid: column tile j's runs, then j + 1's (`_weights_by_hand`). On one
@@ -1130,78 +1133,91 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   one_core = tpu_tiles.cores(tpu_tiles.current_chip()) == 1
   pieces = weight_pieces(k)
   scaled = scales is not None
+  # a step per row tile, looping over its visits (scales come per visit through the
+  # pipeline: a step per visit)
+  looped = by_hand and not scaled
+  steps = steps if looped else ()
+  # the visit step t starts at: it runs visits [first[t], first[t + 1]), else visit t
+  first_visit = (lambda t, pre: pre[len(v) + len(runs)][t]) if looped else (lambda t, pre: t)
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
     refs = list(refs)
     take = lambda count: [refs.pop(0) for _ in range(count)]
     run_ref, expert_ref = take(2) if by_hand else (None, None)
+    first_ref, _ = take(2) if looped else (None, None)
     x_ref, w_hbm = take(2)
-    w_ref = w_hbm
     cs_ref, rs_ref = take(2) if scaled else (None, None)
     o_ref, acc = take(2)
     w_buf, w_sem = take(2) if by_hand else (None, None)
     (rs_col,) = take(1) if scaled else (None,)
-    j, t, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    g = gid_ref[t]
-    if by_hand:  # run R * j + r: column tile j's run r, of R a column tile
-      per_tile = run_ref[jnp.maximum(nv_ref[0] - 1, 0)] + 1
-      run = per_tile * j + run_ref[t]
-      # the run of the visit before (column tile j - 1's last run where t is 0)
-      prev_run = jnp.where(t == 0, run - 1, per_tile * j + run_ref[jnp.maximum(t - 1, 0)])
-      live = t < nv_ref[0]
-      starts = live & ((t == 0) | (run != prev_run))
-      # the visits before this one in the core's copies: all column tiles' on one core
-      seq = (nv_ref[0] * j if one_core else per_tile * j) + t
-      end = per_tile * (n_tiles if one_core else j + 1)  # the runs this core's copies reach
+    j, s, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
-      def copy_of(r, slot, p):
-        cols = pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)
-        ks = pl.ds(pl.multiple_of(p * (k // pieces), k // pieces), k // pieces)
-        expert = expert_ref[lax.rem(r, per_tile)]
-        src, dst = ((w_hbm.at[expert, cols, ks], w_buf.at[slot, :, ks]) if transpose_rhs
-                    else (w_hbm.at[expert, ks, cols], w_buf.at[slot, ks]))
-        return pltpu.make_async_copy(src, dst, w_sem.at[slot, p])
-      w_ref, wait = _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts,
-                                     starts & (t == 0) & ((j == 0) | (not one_core)),
-                                     lambda r: r < end, pieces)
-    real = (t < nv_ref[0]) & common.RowVisits.is_real(g, num_groups)
+    def visit(t, carry):
+      g, w_ref = gid_ref[t], w_hbm
+      if by_hand:  # run R * j + r: column tile j's run r, of R a column tile
+        per_tile = run_ref[jnp.maximum(nv_ref[0] - 1, 0)] + 1
+        run = per_tile * j + run_ref[t]
+        # the run of the visit before (column tile j - 1's last run where t is 0)
+        prev_run = jnp.where(t == 0, run - 1, per_tile * j + run_ref[jnp.maximum(t - 1, 0)])
+        live = t < nv_ref[0]
+        starts = live & ((t == 0) | (run != prev_run))
+        # the visits before this one in the core's copies: all column tiles' on one core
+        seq = (nv_ref[0] * j if one_core else per_tile * j) + t
+        end = per_tile * (n_tiles if one_core else j + 1)  # the runs this core's copies reach
 
-    @pl.when(real & (kk == 0))
-    def _():
-      acc[...] = jnp.zeros_like(acc)
+        def copy_of(r, slot, p):
+          cols = pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)
+          ks = pl.ds(pl.multiple_of(p * (k // pieces), k // pieces), k // pieces)
+          expert = expert_ref[lax.rem(r, per_tile)]
+          src, dst = ((w_hbm.at[expert, cols, ks], w_buf.at[slot, :, ks]) if transpose_rhs
+                      else (w_hbm.at[expert, ks, cols], w_buf.at[slot, ks]))
+          return pltpu.make_async_copy(src, dst, w_sem.at[slot, p])
+        w_ref, wait = _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts,
+                                       starts & (t == 0) & ((j == 0) | (not one_core)),
+                                       lambda r: r < end, pieces)
+      real = (t < nv_ref[0]) & common.RowVisits.is_real(g, num_groups)
 
-    r0 = mt_ref[t] * bm
-    last_step = (t < nv_ref[0]) & (kk == k_tiles - 1)
+      @pl.when(real & (kk == 0))
+      def _():
+        acc[...] = jnp.zeros_like(acc)
 
-    def multiply(k0, size, r):  # the k columns [k0, k0 + size) of a resident tile
-      x = x_ref.at[r, pl.ds(k0, size)]
-      w = w_ref.at[:, pl.ds(k0, size)] if transpose_rhs else w_ref.at[pl.ds(k0, size)]
-      _accumulate(acc.at[r], x, w, 0, size, transpose_rhs=transpose_rhs, precision=precision)
+      r0 = mt_ref[t] * bm
+      last_step = (t < nv_ref[0]) & (kk == k_tiles - 1)
 
-    if by_hand:  # each piece of the weights multiplied once it is here
-      _multiply_by_pieces(k, pieces, wait, lambda k0, size: pl.when(real)(
-          lambda: _for_row_blocks(ends_ref, g, r0, bm, functools.partial(multiply, k0, size))))
-    else:
-      pl.when(real)(lambda: _for_row_blocks(ends_ref, g, r0, bm, lambda r: _accumulate(
-          acc.at[r], x_ref.at[r], w_ref, kk * bk, k, transpose_rhs=transpose_rhs,
-          precision=precision)))
+      def multiply(k0, size, r):  # the k columns [k0, k0 + size) of a resident tile
+        x = x_ref.at[r, pl.ds(k0, size)]
+        w = w_ref.at[:, pl.ds(k0, size)] if transpose_rhs else w_ref.at[pl.ds(k0, size)]
+        _accumulate(acc.at[r], x, w, 0, size, transpose_rhs=transpose_rhs, precision=precision)
 
-    @pl.when(real & last_step)
-    def _():
-      def write(r):
-        rows = common.group_rows(ends_ref, g, r0 + r.start, r.size)
-        v = acc[r]
+      if by_hand:  # each piece of the weights multiplied once it is here
+        _multiply_by_pieces(k, pieces, wait, lambda k0, size: pl.when(real)(
+            lambda: _for_row_blocks(ends_ref, g, r0, bm, functools.partial(multiply, k0, size))))
+      else:
+        pl.when(real)(lambda: _for_row_blocks(ends_ref, g, r0, bm, lambda r: _accumulate(
+            acc.at[r], x_ref.at[r], w_ref, kk * bk, k, transpose_rhs=transpose_rhs,
+            precision=precision)))
+
+      @pl.when(real & last_step)
+      def _():
+        def write(r):
+          rows = common.group_rows(ends_ref, g, r0 + r.start, r.size)
+          v = acc[r]
+          if scaled:
+            v = epilogue.dequant_a8w8(v, cs_ref[...], rs_col[r])
+          o_ref[r] = jnp.where(rows, v.astype(o_ref.dtype), o_ref[r])
         if scaled:
-          v = epilogue.dequant_a8w8(v, cs_ref[...], rs_col[r])
-        o_ref[r] = jnp.where(rows, v.astype(o_ref.dtype), o_ref[r])
-      if scaled:
-        _to_column(rs_ref, rs_col)
-      _for_row_blocks(ends_ref, g, r0, bm, write)
+          _to_column(rs_ref, rs_col)
+        _for_row_blocks(ends_ref, g, r0, bm, write)
 
-    @pl.when(last_step & ~real)  # head and tail rows are 0
-    def _():
-      rows = common.group_rows(ends_ref, g, r0, bm)
-      o_ref[...] = jnp.where(rows, jnp.zeros((), o_ref.dtype), o_ref[...])
+      @pl.when(last_step & ~real)  # head and tail rows are 0
+      def _():
+        rows = common.group_rows(ends_ref, g, r0, bm)
+        o_ref[...] = jnp.where(rows, jnp.zeros((), o_ref.dtype), o_ref[...])
+      return carry
+    if looped:
+      lax.fori_loop(first_ref[s], first_ref[s + 1], visit, 0)
+    else:
+      visit(s, 0)
 
   resident = k_tiles == 1
   cost = pl.CostEstimate(
@@ -1209,12 +1225,12 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
       bytes_accessed=isz * (n_tiles * (m_tiles if resident else visits) * bm * k
                             + (num_groups if resident else visits) * k * n)
       + m * n * np.dtype(out_dtype).itemsize + (4 * (rhs.shape[0] * n + m) if scaled else 0))
-  # The scalar-prefetch operands are `v`'s fields, in order.
+  # The scalar-prefetch operands are `v`'s fields, in order, then `runs`', then `steps`'.
   def weight_spec(expert):
     return pl.BlockSpec((None, bn, bk) if transpose_rhs else (None, bk, bn),
                         lambda j, t, kk, *pre: ((expert(pre)[t], j, kk) if transpose_rhs
                                                 else (expert(pre)[t], kk, j)))
-  in_specs = [pl.BlockSpec((bm, bk), lambda j, t, kk, gid, mt, nv, wid, rt, *_: (rt[t], kk)),
+  in_specs = [pl.BlockSpec((bm, bk), lambda j, t, kk, *pre: (pre[4][first_visit(t, pre)], kk)),
               weight_spec(lambda pre: pre[3])]
   scratch = [pltpu.VMEM((bm, bn), common.accumulator(lhs.dtype))]
   args = [lhs, rhs]
@@ -1238,14 +1254,35 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=len(v) + len(runs), grid=(n_tiles, _steps(v.count), k_tiles),
+          num_scalar_prefetch=len(v) + len(runs) + len(steps),
+          grid=(n_tiles, _steps(steps.count if looped else v.count), k_tiles),
           in_specs=in_specs,
-          out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, gid, mt, *_: (mt[t], j)),
+          out_specs=pl.BlockSpec((bm, bn),
+                                 lambda j, t, kk, *pre: (pre[1][first_visit(t, pre)], j)),
           scratch_shapes=scratch),
       out_shape=common.result((m, n), out_dtype, *v, lhs, rhs),
       # column tiles are independent: a dual-TensorCore device (v5p) splits them
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
-      interpret=interpret, name="npu_gmm")(*v, *runs, *args)
+      interpret=interpret, name="npu_gmm")(*v, *runs, *steps, *args)
+
+
+def _tile_shapes(block: int, size: int, index) -> list:
+  """(extent, where) of a dimension's tiles of `block` over `size`: the whole tiles where
+  `index` is below the last, the last one's (`size`'s remainder) where it is the last; one
+  entry, where True, when the tiles divide `size`."""
+  tiles = common.cdiv(size, block)
+  last = size - (tiles - 1) * block
+  if last == block:
+    return [(block, True)]
+  return [(block, index < tiles - 1), (last, index == tiles - 1)]
+
+
+def _when(cond, fn) -> None:
+  """fn() where `cond` holds (a bool known now: there, or nowhere)."""
+  if cond is True:
+    fn()
+  elif cond is not False:
+    pl.when(cond)(fn)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, out_dtype,
@@ -1255,15 +1292,18 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   groups without rows (empty, or past len(ends)) give 0. Group 0 starts at row `start`
   (an int32 scalar, megablox's group_offset; None: 0): rows before it are read by no visit.
 
-  Grid (k tile, column tile, visit): a group's visits are consecutive and accumulate
-  into one float32 (int8 operands: int32) tile, written on its last visit; an empty group gets one visit
-  that writes zeros, so every output block is written exactly once. Where the tiles
-  divide k and n, the kernel writes its output tiles back by hand: a group's tile goes
-  into a ring of VMEM buffers (`ring_buffers`) at its last visit, and its copy to HBM
-  starts with the next step, after the pipeline has asked for the next step's x and dy
-  blocks. The pipeline would write the tile back as its step ends, ahead of them: under
-  skewed routing the cold groups' visits (one short visit each) then waited for the
-  write-back before them.
+  Grid (k tile, column tile, row tile): a step per row tile the groups touch, which loops
+  over the tile's visits (`tpu_visits.visit_metadata`: one per group with rows in it, and
+  one per empty group). A group's visits are consecutive and accumulate into one float32
+  (int8 operands: int32) tile; at its last visit the tile goes into a ring of VMEM
+  buffers (`ring_buffers`) and its copy to HBM starts, behind the pipeline's request for
+  the next step's x and dy blocks (an empty group's tile of zeros too, so every output
+  tile is written exactly once). Megablox's grid takes a step per (row tile, group):
+  under skewed routing most of its steps are a cold group's, each paying a step's fixed
+  cost for a little work, and its output written back as the step ends, ahead of the
+  next step's blocks. Where an edge tile's extent is not a whole number of the output's
+  (sublane, 128) tiles, which a copy by hand cannot take (k or n past the tiles, e.g.
+  n = 2880), the grid takes that step per visit and the pipeline writes the output.
   """
   m, k = lhs.shape
   n = rhs.shape[-1]
@@ -1275,50 +1315,53 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   precision = _mxu_precision(precision, lhs.dtype)
   m_tiles, k_tiles, n_tiles = common.cdiv(m, bm), common.cdiv(k, bk), common.cdiv(n, bn)
   # group g's rows are [bounds[g], bounds[g + 1]): `group_rows(bounds, g + 1, ...)`
-  gid, mt, nv, bounds = tpu_visits.visit_metadata(ends, num_groups, m_tiles, bm, start,
-                                                  interpret=interpret)
+  meta = tpu_visits.visit_metadata(ends, num_groups, m_tiles, bm, start, interpret=interpret)
+  visits = meta[0].shape[0]
   # the row blocks are this product's contraction: as wide as the MXU (256 on v6e, TPU7x),
   # or a narrower one would take it as long
   block = max(ROW_BLOCK, tpu_tiles.mxu_width(tpu_tiles.current_chip()))
-  by_hand = k % bk == 0 and n % bn == 0
   ring = ring_buffers(_float_vmem("tgmm", bm, bk, bn, isz, osz), bk * bn * osz,
                       MAX_OUTPUT_BUFFERS)
   # one TensorCore runs the output tiles one after the other: their copies overlap
   chained = tpu_tiles.cores(tpu_tiles.current_chip()) == 1
+  # copies by hand take whole (sublane, 128) tiles of the output, or a whole dimension
+  sublanes = 32 // osz
+  by_hand = all(extent % quantum == 0 or extent == size for block, size, quantum in (
+      (bk, k, sublanes), (bn, n, 128)) for extent, _ in _tile_shapes(block, size, True))
+  # step t runs visits [first[t], first[t + 1]), of row tile mt[first[t]]; where the
+  # pipeline writes the output, visit t
+  first_visit = (lambda t, first: first[t]) if by_hand else (lambda t, first: t)
 
-  def kernel(gid_ref, mt_ref, nv_ref, bounds_ref, x_ref, dy_ref, o_ref, acc, *out_ring):
-    i, j, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    valid = t < nv_ref[0]
-    g = gid_ref[t]
-    ends = lambda s: (s == nv_ref[0] - 1) | (  # step s is its group's last visit
-        gid_ref[jnp.minimum(s + 1, pl.num_programs(2) - 1)] != gid_ref[s])
-    if by_hand:  # finished tiles numbered in order: tile s is group s % G's, of output
-      # tile (i, j) number s // G (chained: one core runs (i, j) in grid order; else each
-      # (i, j) is a sequence of its own), held in buffer s % ring until its copy ends
-      o_buf, o_sem = out_ring
-      tile = i * n_tiles + j if chained else 0
-      seq = tile * num_groups + g
+  def kernel(gid_ref, mt_ref, nv_ref, bounds_ref, first_ref, ns_ref, x_ref, dy_ref, o_ref,
+             acc, *out_ring):
+    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    # finished tiles numbered in order: tile q is group q % G's, of output tile (k tile,
+    # column tile) number q // G (chained: one core runs them in grid order; else each is a
+    # sequence of its own), held in buffer q % ring until its copy ends
+    tile = i * n_tiles + j if chained else 0
+    o_buf, o_sem = out_ring if by_hand else (None, None)
 
-      def copy_of(s):
-        at = lax.div(s, num_groups) if chained else i * n_tiles + j
-        rows = pl.ds(pl.multiple_of(lax.div(at, n_tiles) * bk, bk), bk)
-        cols = pl.ds(pl.multiple_of(lax.rem(at, n_tiles) * bn, bn), bn)
-        return pltpu.make_async_copy(o_buf.at[lax.rem(s, ring)],
-                                     o_ref.at[lax.rem(s, num_groups), rows, cols],
-                                     o_sem.at[lax.rem(s, ring)])
-      # the tile the step before finished (the tile before's last group at t = 0): its
-      # copy starts now, behind the pipeline's copies for the next step
-      before = jnp.where(t > 0, tile * num_groups + gid_ref[jnp.maximum(t - 1, 0)], seq - 1)
-      pl.when(valid & jnp.where(t > 0, ends(jnp.maximum(t - 1, 0)), tile > 0))(
-          lambda: copy_of(before).start())
+    def copy(q, go):  # go(copy of tile q): its shape is its output tile's (edges: less)
+      at = lax.div(q, num_groups) if chained else i * n_tiles + j
+      ti, tj = lax.div(at, n_tiles), lax.rem(at, n_tiles)
+      slot = lax.rem(q, ring)
+      for rows, in_k in _tile_shapes(bk, k, ti):
+        for cols, in_n in _tile_shapes(bn, n, tj):
+          _when(in_k & in_n, lambda rows=rows, cols=cols: go(pltpu.make_async_copy(
+              o_buf.at[slot, pl.ds(0, rows), pl.ds(0, cols)],
+              o_ref.at[lax.rem(q, num_groups), pl.ds(pl.multiple_of(ti * bk, bk), rows),
+                       pl.ds(pl.multiple_of(tj * bn, bn), cols)],
+              o_sem.at[slot])))
 
-    @pl.when(valid & ((t == 0) | (gid_ref[jnp.maximum(t - 1, 0)] != g)))
-    def _():
-      acc[...] = jnp.zeros_like(acc)
+    r0 = mt_ref[first_visit(s, first_ref)] * bm
 
-    @pl.when(valid)
-    def _():
-      r0 = mt_ref[t] * bm
+    def visit(v, carry):
+      g = gid_ref[v]
+      q = tile * num_groups + g
+
+      @pl.when((v == 0) | (gid_ref[jnp.maximum(v - 1, 0)] != g))
+      def _():
+        acc[...] = jnp.zeros_like(acc)
 
       def multiply(r):  # the row blocks holding the group's rows (none when it is empty)
         rows = common.group_rows(bounds_ref, g + 1, r0 + r.start, r.size)
@@ -1335,42 +1378,51 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
         lax.fori_loop(0, bk // step, chunk, 0)
       _for_row_blocks(bounds_ref, g + 1, r0, bm, multiply, block)
 
-    @pl.when(valid & ends(t))
-    def _():
-      if not by_hand:
-        o_ref[...] = acc[...].astype(o_ref.dtype)
-        return
-      pl.when(seq >= ring)(lambda: copy_of(seq - ring).wait())  # the buffer's last copy
-      o_buf[lax.rem(seq, ring)] = acc[...].astype(o_buf.dtype)
+      @pl.when((v == nv_ref[0] - 1) | (gid_ref[jnp.minimum(v + 1, visits - 1)] != g))
+      def _():  # the group's last visit: its tile to a free buffer, and on to HBM
+        if not by_hand:
+          o_ref[...] = acc[...].astype(o_ref.dtype)
+          return
+        pl.when(q >= ring)(lambda: copy(q - ring, lambda c: c.wait()))
+        o_buf[lax.rem(q, ring)] = acc[...].astype(o_buf.dtype)
+        copy(q, lambda c: c.start())
 
-    if by_hand:  # the sequence's last step: its own copy, then every one pending
-      last_tile = (i == k_tiles - 1) & (j == n_tiles - 1) if chained else True
-      @pl.when(last_tile & (t == nv_ref[0] - 1))
-      def _():
-        copy_of(seq).start()
-        for back in range(ring):
-          pl.when(seq >= back)(lambda back=back: copy_of(seq - back).wait())
+      if by_hand:
+        @pl.when((v == nv_ref[0] - 1) & (
+            (i == k_tiles - 1) & (j == n_tiles - 1) if chained else True))
+        def _():  # the sequence's last visit: every copy still under way
+          for back in range(ring):
+            pl.when(q >= back)(lambda back=back: copy(q - back, lambda c: c.wait()))
+      return carry
+    if by_hand:
+      lax.fori_loop(first_ref[s], first_ref[s + 1], visit, 0)
+    else:
+      visit(s, 0)
 
-  # x and dy once per output tile: a tile's visits are consecutive, its blocks copied once
+  # x and dy once per output tile: a row tile's blocks are copied once
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=0,
       bytes_accessed=isz * m_tiles * bm * (k * n_tiles + n * k_tiles) + num_groups * k * n * osz)
+  tile_of = lambda t, mt, first: mt[first_visit(t, first)]
   scratch = [pltpu.VMEM((bk, bn), common.accumulator(lhs.dtype))]
   if by_hand:
     out_spec = pl.BlockSpec(memory_space=pl.ANY)
     scratch += [pltpu.VMEM((ring, bk, bn), out_dtype), pltpu.SemaphoreType.DMA((ring,))]
   else:
-    out_spec = pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, mt, nv, bounds: (gid[t], i, j))
+    out_spec = pl.BlockSpec((None, bk, bn), lambda i, j, t, gid, *_: (gid[t], i, j))
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4, grid=(k_tiles, n_tiles, _steps(nv)),
-          in_specs=[pl.BlockSpec((bm, bk), lambda i, j, t, gid, mt, nv, bounds: (mt[t], i)),
-                    pl.BlockSpec((bm, bn), lambda i, j, t, gid, mt, nv, bounds: (mt[t], j))],
+          num_scalar_prefetch=len(meta), grid=(k_tiles, n_tiles,
+                                               _steps(meta[5] if by_hand else meta[2])),
+          in_specs=[pl.BlockSpec((bm, bk), lambda i, j, t, gid, mt, nv, bounds, first, ns:
+                                 (tile_of(t, mt, first), i)),
+                    pl.BlockSpec((bm, bn), lambda i, j, t, gid, mt, nv, bounds, first, ns:
+                                 (tile_of(t, mt, first), j))],
           out_specs=out_spec, scratch_shapes=scratch),
-      out_shape=common.result((num_groups, k, n), out_dtype, gid, bounds, lhs, rhs),
+      out_shape=common.result((num_groups, k, n), out_dtype, *meta[:4], lhs, rhs),
       # output tiles (k, n) are independent: a dual-TensorCore device splits them (one
       # core runs them in order, the copies by hand chained from one to the next)
       compiler_params=_params(*(("arbitrary",) * 2 if by_hand and chained else
                                 ("parallel",) * 2), "arbitrary"), cost_estimate=cost,
-      interpret=interpret, name="npu_tgmm")(gid, mt, nv, bounds, lhs, rhs)
+      interpret=interpret, name="npu_tgmm")(*meta, lhs, rhs)

@@ -64,17 +64,36 @@ def _lay_out(span, spans, m_tiles: int, block_m: int, bound: int, group_ref, til
   return count
 
 
+def _lay_out_steps(tile_ref, count, bound: int, m_tiles: int, first_ref, steps_ref) -> None:
+  """Writes `common.TileSteps` of the `count` visits in tile_ref (of `bound`)."""
+  def step(t, s):  # a step starts at visit 0 and where the row tile changes
+    new = (t < count) & ((t == 0) | (tile_ref[t] != tile_ref[jnp.maximum(t - 1, 0)]))
+
+    @pl.when(new & (s < m_tiles))
+    def _():
+      first_ref[s] = t
+    return s + new.astype(jnp.int32)
+  steps = jnp.minimum(lax.fori_loop(0, bound, step, 0), m_tiles)
+  steps_ref[0] = steps
+
+  def close(s, carry):  # past the last step: the visit count
+    first_ref[s] = count
+    return carry
+  lax.fori_loop(steps, m_tiles + 1, close, 0)
+
+
 def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = None, *,
-               interpret: bool = False) -> tuple[common.RowVisits, common.WeightRuns]:
-  """`common.row_visits(ends, m, block_m, start)` (one core) and its weight runs
-  (`common.WeightRuns`: a run starts at visit 0 and where the expert changes): one
-  scalar kernel."""
+               interpret: bool = False
+               ) -> tuple[common.RowVisits, common.WeightRuns, common.TileSteps]:
+  """`common.row_visits(ends, m, block_m, start)` (one core), its weight runs
+  (`common.WeightRuns`: a run starts at visit 0 and where the expert changes) and a step
+  per row tile (`common.TileSteps`): one scalar kernel."""
   num_groups = ends.shape[0]
   m_tiles = common.cdiv(m, block_m)
   bound = common.per_core(m, block_m, num_groups)
 
   def kernel(start_ref, ends_ref, group_ref, tile_ref, count_ref, weight_ref, read_ref,
-             bounds_ref, run_ref, expert_ref):
+             bounds_ref, run_ref, expert_ref, first_ref, steps_ref):
     # bounds: [start, ends..., m]; span i (0: head, 1..G: the groups, G + 1: tail) ends at
     # bounds[i] and starts where the one before it ends
     bounds_ref[0] = start_ref[0]
@@ -87,6 +106,7 @@ def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = 
     span = lambda i: (jnp.where(i > 0, bounds_ref[jnp.maximum(i - 1, 0)], 0), bounds_ref[i])
     count = _lay_out(span, num_groups + 2, m_tiles, block_m, bound, group_ref, tile_ref)
     count_ref[0] = count
+    _lay_out_steps(tile_ref, count, bound, m_tiles, first_ref, steps_ref)
 
     def real(t):
       g = group_ref[t]
@@ -130,25 +150,28 @@ def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = 
     lax.fori_loop(0, bound, runs, 0)
 
   head = jnp.zeros((1,), jnp.int32) if start is None else jnp.reshape(start, (1,))
-  sizes = (bound, bound, 1, bound, bound, num_groups + 2, bound, bound)
+  sizes = (bound, bound, 1, bound, bound, num_groups + 2, bound, bound, m_tiles + 1, 1)
   out = pl.pallas_call(
       kernel, out_shape=[common.result((s,), jnp.int32, head, ends) for s in sizes],
       in_specs=[_SMEM, _SMEM], out_specs=[_SMEM] * len(sizes), interpret=interpret,
       name=ROW_VISITS)(head.astype(jnp.int32), ends.astype(jnp.int32))
-  return common.RowVisits(*out[:6]), common.WeightRuns(*out[6:])
+  return common.RowVisits(*out[:6]), common.WeightRuns(*out[6:8]), common.TileSteps(*out[8:])
 
 
 def visit_metadata(ends: jax.Array, num_groups: int, m_tiles: int, block_m: int,
                    start: jax.Array | None = None, *, interpret: bool = False
-                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                   ) -> tuple[jax.Array, ...]:
   """tgmm's visits: `common.visit_metadata(ends_all, m_tiles, block_m, visit_empty=True,
   first=start)` where `ends_all` is `ends` followed by empty groups up to `num_groups`;
-  and the groups' bounds `[start, ends_all...]` (group g's rows are [bounds[g],
-  bounds[g + 1])). Returns (group_ids, m_tile_ids, num_visits [1], bounds)."""
+  the groups' bounds `[start, ends_all...]` (group g's rows are [bounds[g],
+  bounds[g + 1])); and a step per row tile the visits touch (`common.TileSteps`).
+  Returns (group_ids, m_tile_ids, num_visits [1], bounds, first [m_tiles + 1],
+  num_steps [1])."""
   groups = ends.shape[0]
   bound = m_tiles + num_groups - 1
 
-  def kernel(start_ref, ends_ref, group_ref, tile_ref, count_ref, bounds_ref):
+  def kernel(start_ref, ends_ref, group_ref, tile_ref, count_ref, bounds_ref, first_ref,
+             steps_ref):
     bounds_ref[0] = start_ref[0]
 
     def copy_end(g, carry):
@@ -156,16 +179,17 @@ def visit_metadata(ends: jax.Array, num_groups: int, m_tiles: int, block_m: int,
       return carry
     lax.fori_loop(0, num_groups, copy_end, 0)
     span = lambda g: (bounds_ref[g], bounds_ref[g + 1])
-    count_ref[0] = _lay_out(span, num_groups, m_tiles, block_m, bound, group_ref, tile_ref,
-                            visit_empty=True)
+    count = _lay_out(span, num_groups, m_tiles, block_m, bound, group_ref, tile_ref,
+                     visit_empty=True)
+    count_ref[0] = count
+    _lay_out_steps(tile_ref, count, bound, m_tiles, first_ref, steps_ref)
 
   head = jnp.zeros((1,), jnp.int32) if start is None else jnp.reshape(start, (1,))
-  sizes = (bound, bound, 1, num_groups + 1)
-  group, tile, count, bounds = pl.pallas_call(
+  sizes = (bound, bound, 1, num_groups + 1, m_tiles + 1, 1)
+  return tuple(pl.pallas_call(
       kernel, out_shape=[common.result((s,), jnp.int32, head, ends) for s in sizes],
       in_specs=[_SMEM, _SMEM], out_specs=[_SMEM] * len(sizes), interpret=interpret,
-      name=TGMM_VISITS)(head.astype(jnp.int32), ends.astype(jnp.int32))
-  return group, tile, count, bounds
+      name=TGMM_VISITS)(head.astype(jnp.int32), ends.astype(jnp.int32)))
 
 
 def two_cores(one: common.RowVisits, m: int, block_m: int, *, by_visits: bool,

@@ -162,13 +162,29 @@ MUTANTS = (
     # tgmm writes a group's output tile into a ring buffer whose last copy to HBM it has
     # not waited for (the copy may read the new tile).
     Mutant("output_buffer_written_before_its_copy_ends", "pallas_kernels/tpu.py",
-           "      pl.when(seq >= ring)(lambda: copy_of(seq - ring).wait())  # the buffer's last copy\n",
+           "        pl.when(q >= ring)(lambda: copy(q - ring, lambda c: c.wait()))\n",
            "",
            ("tests/test_pallas.py", "-k", "writes_its_output_tiles")),
     # tgmm copies an output tile to HBM from the buffer of the tile after it.
     Mutant("output_copied_from_the_next_buffer", "pallas_kernels/tpu.py",
-           "        return pltpu.make_async_copy(o_buf.at[lax.rem(s, ring)],",
-           "        return pltpu.make_async_copy(o_buf.at[lax.rem(s + 1, ring)],",
+           "      slot = lax.rem(q, ring)\n      for rows, in_k",
+           "      slot = lax.rem(q + 1, ring)\n      for rows, in_k",
+           ("tests/test_pallas.py", "-k", "writes_its_output_tiles")),
+    # tgmm's step loops over its row tile's first visit only (a cold group sharing the
+    # tile would keep its zeros).
+    Mutant("tgmm_step_takes_one_visit", "pallas_kernels/tpu.py",
+           "      lax.fori_loop(first_ref[s], first_ref[s + 1], visit, 0)\n    else:\n      visit(s, 0)\n\n  # x and dy",
+           "      lax.fori_loop(first_ref[s], first_ref[s] + 1, visit, 0)\n    else:\n      visit(s, 0)\n\n  # x and dy",
+           ("tests/test_pallas.py", "-k", "writes_its_output_tiles")),
+    # gmm's step loops over its row tile's first visit only.
+    Mutant("gmm_step_takes_one_visit", "pallas_kernels/tpu.py",
+           "      lax.fori_loop(first_ref[s], first_ref[s + 1], visit, 0)\n    else:\n      visit(s, 0)\n\n  resident",
+           "      lax.fori_loop(first_ref[s], first_ref[s] + 1, visit, 0)\n    else:\n      visit(s, 0)\n\n  resident",
+           ("tests/test_pallas.py", "-k", "gmm_waits_for_the_weights")),
+    # tgmm copies an edge tile (k or n past the tiles) at the whole tile's shape.
+    Mutant("tgmm_edge_copied_whole", "pallas_kernels/tpu.py",
+           "  return [(block, index < tiles - 1), (last, index == tiles - 1)]",
+           "  return [(block, True)]",
            ("tests/test_pallas.py", "-k", "writes_its_output_tiles")),
     # The fused kernel's lane-dense scales turned into columns without the diagonal mask:
     # every row would take the largest x_scale of its 128.

@@ -582,7 +582,7 @@ def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case, ring, monk
   assert_scale_close(s, want_s)
   # the runs, from the visits' experts: a run starts where a core's expert changes and
   # names it; every visit knows its run
-  v, runs = tpu_visits.row_visits(ends, m, 32, interpret=True)
+  v, runs, _ = tpu_visits.row_visits(ends, m, 32, interpret=True)
   count, wid = int(v.count[0]), np.asarray(v.weight)
   starts = [t for t in range(count) if t == 0 or wid[t] != wid[t - 1]]
   assert np.asarray(runs.run)[:count].tolist() == [
@@ -643,21 +643,24 @@ def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed, k, ring, monk
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("chip,ring", [("v5e", 2), ("v5e", 3), ("v5p", 3)])
-def test_tpu_tgmm_writes_its_output_tiles_back_by_hand(chip, ring, monkeypatch):
-  """tgmm writes each group's output tile into a ring of `ring` VMEM buffers at its last
-  visit and copies it to HBM by hand at the next step (`tpu.MAX_OUTPUT_BUFFERS`); a
-  buffer is waited for before it is written again, and the last step waits for every
-  copy. On one TensorCore the output tiles (k tile, column tile) run as one sequence, a
-  tile's last copies overlapping the next tile's visits; on a v5p each tile is its own.
-  In the interpreter that copies on wait, detects races and runs two cores for the v5p:
-  2 k tiles x 2 column tiles, a hot group among cold and empty ones, groups past the
-  list, rows past the total, against NumPy."""
+@pytest.mark.parametrize("chip,ring,k,n", [("v5e", 2, 512, 512), ("v5e", 3, 512, 512),
+                                            ("v5p", 3, 512, 512), ("v5e", 3, 448, 320),
+                                            ("v5p", 2, 448, 320)])
+def test_tpu_tgmm_writes_its_output_tiles_back_by_hand(chip, ring, k, n, monkeypatch):
+  """tgmm takes a grid step per row tile and loops over its visits inside; at a group's
+  last visit its output tile goes into a ring of `ring` VMEM buffers and is copied to HBM
+  by hand (`tpu.MAX_OUTPUT_BUFFERS`); a buffer is waited for before it is written again,
+  and the last visit waits for every copy. On one TensorCore the output tiles (k tile,
+  column tile) run as one sequence, a tile's last copies overlapping the next tile's
+  visits; on a v5p each tile is its own. In the interpreter that copies on wait, detects
+  races and runs two cores for the v5p: 2 k tiles x 2 column tiles (whole, or the last
+  ones partial: 448 = 256 + 192, 320 = 256 + 64, copied at their own shapes), a hot group
+  among cold and empty ones, groups past the list, rows past the total, against NumPy."""
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
   monkeypatch.setattr(tpu, "MAX_OUTPUT_BUFFERS", ring)
   rng = np.random.default_rng(5)
-  m, k, n, counts = 200, 512, 512, HOT_THEN_COLD
+  m, counts = 200, HOT_THEN_COLD
   groups = len(counts) + 2
   tiles = npu_ops.TileSizes(32, 256, 256)
   assert tpu._float_blocks("tgmm", k, n, 4, 4, tiles) == (32, 256, 256)  # noqa: SLF001
@@ -694,6 +697,14 @@ def _visits_reference(spans, m_tiles, block_m, bound, visit_empty=False):
   group, tile = group[:count], tile[:count]
   return (np.asarray(group + [group[-1]] * (bound - count)),
           np.asarray(tile + [tile[-1]] * (bound - count)), count)
+
+
+def _steps_reference(tile, count, m_tiles, prefix=""):
+  """`TileSteps` from its definition: a step from visit 0 and where the row tile changes."""
+  starts = [t for t in range(count) if t == 0 or tile[t] != tile[t - 1]]
+  assert len(starts) <= m_tiles
+  return {prefix + "first": np.asarray(starts + [count] * (m_tiles + 1 - len(starts))),
+          prefix + "count": np.asarray([len(starts)])}
 
 
 def _row_visits_reference(ends, m, block_m, start):
@@ -776,9 +787,9 @@ def _random_lists(seed, cases=8):
 
 def test_tpu_metadata_on_the_scalar_unit():
   """The TPU kernels lay their visits out in a scalar kernel (`tpu_visits`), not in XLA's
-  small integer ops (compile time): gmm's / the fused op's `RowVisits` and weight runs and
-  tgmm's visits, and a v5p's (`two_cores`: row tiles dealt to two TensorCores, or the
-  visits split), against NumPy from their definitions, and `common`'s jnp visits (the GPU
+  small integer ops (compile time): gmm's / the fused op's `RowVisits` and weight runs,
+  tgmm's visits and grid steps (a row tile each), and a v5p's (`two_cores`: row tiles
+  dealt to two TensorCores, or the visits split), against NumPy from their definitions, and `common`'s jnp visits (the GPU
   kernels') too, over random lists with empty groups, group_offset's head rows, rows
   past the total, one group. Interpret mode runs the kernel's own scalar code."""
   from pallas_kernels import common, tpu_visits  # noqa: PLC0415
@@ -788,7 +799,7 @@ def test_tpu_metadata_on_the_scalar_unit():
   # one program a list (op by op, the jnp forms compiled each small op: 3x the time)
   @functools.partial(jax.jit, static_argnums=(2, 3, 4))
   def layouts(ends, start, m, block_m, num_groups):
-    v, runs = tpu_visits.row_visits(ends, m, block_m, start, interpret=True)
+    v, runs, steps = tpu_visits.row_visits(ends, m, block_m, start, interpret=True)
     jv = common.row_visits(ends, m, block_m, start)  # the GPU kernels' jnp
     bounds = jnp.concatenate([ends, jnp.broadcast_to(ends[-1], (num_groups - ends.shape[0],))])
     # a v5p's two cores: row tiles dealt (where there are two), or the visits split
@@ -797,7 +808,8 @@ def test_tpu_metadata_on_the_scalar_unit():
       two, two_runs, per, row = tpu_visits.two_cores(v, m, block_m, by_visits=by_visits,
                                                      mxu_rows=8, interpret=True)
       dealt[by_visits] = (fields(two, two_runs), per, row)
-    return (fields(v, runs), jv._asdict(),
+    return ({**fields(v, runs), **{f"steps_{k}": a for k, a in steps._asdict().items()}},
+            jv._asdict(),
             tpu_visits.visit_metadata(ends, num_groups, -(-m // block_m), block_m, start,
                                       interpret=True),
             common.visit_metadata(bounds, -(-m // block_m), block_m, visit_empty=True,
@@ -805,9 +817,10 @@ def test_tpu_metadata_on_the_scalar_unit():
 
   for G, m, block_m, start, ends in _random_lists(7):
     num_groups, m_tiles = G + 2, -(-m // block_m)
-    got, jnp_, (gid, mt, nv, bounds), (jg, jt, jc), dealt = layouts(
+    got, jnp_, (gid, mt, nv, bounds, first, ns), (jg, jt, jc), dealt = layouts(
         jnp.asarray(ends, jnp.int32), jnp.int32(start), m, block_m, num_groups)
     want = _row_visits_reference(ends.tolist(), m, block_m, start)
+    want.update(_steps_reference(want["tile"], int(want["count"][0]), m_tiles, "steps_"))
     for name, value in want.items():
       np.testing.assert_array_equal(got[name], value, err_msg=f"{name}: {G, m, block_m}")
       if name in jnp_:  # (the GPU kernels copy no weights by hand: no runs)
@@ -828,6 +841,9 @@ def test_tpu_metadata_on_the_scalar_unit():
     np.testing.assert_array_equal(gid, wg)
     np.testing.assert_array_equal(mt, wt)
     assert int(nv[0]) == wc
+    want_steps = _steps_reference(wt, wc, m_tiles)
+    np.testing.assert_array_equal(first, want_steps["first"])
+    assert int(ns[0]) == want_steps["count"][0]
     np.testing.assert_array_equal(jg, wg)
     np.testing.assert_array_equal(jt, wt)
     assert int(jc[0]) == wc

@@ -18,7 +18,7 @@ counts), and follows each `pallas_call` through its grid:
   predicate is evaluated per step where it depends on program ids and scalar-prefetch
   values; otherwise the costliest branch);
 * copies the body makes by hand (`pltpu.make_async_copy` of an operand left in HBM, under
-  `pl.when` on program ids and scalar-prefetch values, in loops of at most 64 trips that
+  `pl.when` on program ids and scalar-prefetch values, in loops of at most 4096 trips that
   those values bound, not in loops bounded by data): each start
   copies its destination's bytes when the body reaches it, each wait holds the body until
   the oldest copy on its semaphore has arrived;
@@ -159,7 +159,7 @@ def predict(fn: Callable[..., Any], *args, chip: str | chips_lib.Chip = "v5e",
   Raises:
     ValueError: a kernel's grid or scalar-prefetch operand depends on an unknown value
       (pass it concretely), a kernel copies by hand where the model cannot follow (in a
-      loop bounded by data or of over 64 trips, or on a condition on data), or the chip
+      loop bounded by data or of over 4096 trips, or on a condition on data), or the chip
       is unknown.
   """
   if not callable(fn):
@@ -1038,10 +1038,12 @@ class _Scalars:
 # --- one kernel ------------------------------------------------------------------------
 
 _MAX_STEPS = 20_000_000
-_MAX_UNROLLED = 64  # iterations of a loop holding copies made by hand the model follows
+# iterations of a loop holding copies made by hand the model follows (a row tile's visits:
+# its groups, with tgmm's empty ones up to 1024 experts)
+_MAX_UNROLLED = 4096
 _LOOP_COPIES = (
     "copies operands between HBM and VMEM by hand inside a loop of unknown or long length "
-    f"(bounds from data, or over {_MAX_UNROLLED} iterations: emit_pipeline's), which the "
+    f"(bounds from data, or over {_MAX_UNROLLED} iterations), which the "
     "model does not follow; it follows the grid's pipeline, copies a kernel's body makes "
     "by hand outside loops, in short static ones and in `fori_loop`s whose bounds come "
     "from the grid or the scalar-prefetch operands, and tokamax's kernels when `predict` "
