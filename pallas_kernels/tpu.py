@@ -423,6 +423,28 @@ def weight_pieces(k: int, deepest: int = PIECE_QUANTUM) -> int:
   return k // sizes[-1] if sizes else 1
 
 
+class _Copies:
+  """Copies started and waited for together: `first`, and those `more()` makes where
+  `with_more` holds (a Python bool, or a traced one): a piece of an expert's weights and,
+  with its first piece, the expert's own operands."""
+
+  def __init__(self, first, more, with_more):
+    self.first, self.more, self.with_more = first, more, with_more
+
+  def start(self) -> None:
+    self.first.start()
+    _when(self.with_more, lambda: _each(self.more(), "start"))
+
+  def wait(self) -> None:
+    self.first.wait()
+    _when(self.with_more, lambda: _each(self.more(), "wait"))
+
+
+def _each(copies, method: str) -> None:
+  for c in copies:
+    getattr(c, method)()
+
+
 def _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts, first, exists,
                      pieces: int):
   """The VMEM buffer (of `w_buf`, a ring `[ring, ...]`) that holds run `run`'s weights,
@@ -571,13 +593,14 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   # its own copy of the output, merged by rows below.
   cores = tpu_tiles.cores(tpu_tiles.current_chip())
   by_visits = cores > 1 and m_tiles < num_groups
-  v, runs, split_row = *tpu_visits.row_visits(ends, m, bm, start, interpret=interpret)[:2], None
+  v, runs, steps = tpu_visits.row_visits(ends, m, bm, start, interpret=interpret)
+  split_row = None
   per_core = common.per_core(m, bm, num_groups)
   if not by_visits:
     cores = min(cores, m_tiles)  # a core of its own for each row tile at most
   if cores > 1:
-    v, runs, per_core, split_row = tpu_visits.two_cores(v, m, bm, by_visits=by_visits,
-                                                        mxu_rows=ROW_BLOCK, interpret=interpret)
+    v, runs, steps, per_core, split_row = tpu_visits.two_cores(
+        v, m, bm, by_visits=by_visits, mxu_rows=ROW_BLOCK, interpret=interpret)
   # a view: no copy (MX: the scale bytes as they come, `[e, 2, P, n]`)
   scales = w_scale if mx_inputs else w_scale.astype(jnp.float32).reshape(e, groups, 1, n)
   # MX: rows of a weight scale block, per block parity
@@ -589,19 +612,28 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   if not mx_inputs:  # MX: block scale bytes `[m, KB]`, a whole row's to a row tile
     x_scale = _lane_dense(x_scale, bm)
   words_k_minor = words and k_minor(w.shape)
-  by_hand = plan.resident  # resident weights: copied by the kernel (`_weights_by_hand`)
+  # resident weights: copied by the kernel (`_weights_by_hand`), with the expert's own
+  # operands (its weight scales; A8W4's assist, A4W4's smooth) riding with its first piece
+  by_hand = plan.resident
   if not by_hand:
     runs = ()
+  # resident weights: a step per row tile (per core), looping over its visits
+  looped = by_hand
+  steps = steps if looped else ()
   pieces = 1 if widen else weight_pieces(k, K_CHUNK)  # int4 whole: widened whole
+  n_sides = 1 + (a8w4 or smooth is not None)  # the expert's operands beside its weights
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
     if by_hand:
       run_ref, expert_ref, *refs = refs
-    x_ref, w_ref, s_ref, xs_ref, *refs = refs
+    if looped:
+      first_ref, steps_ref, *refs = refs
+    x_ref, w_in, s_in, xs_ref, *refs = refs
+    a_in = sm_in = None  # A8W4's assist, A4W4's smooth
     # the tile's per-row scales as columns (MX output: the SwiGLU values, no scales)
     *refs, xs_col, qs_col = refs if not mx_out else (*refs, None)
-    if by_hand:
-      *refs, w_buf, w_sem = refs
+    if by_hand:  # (scratch) the weights' ring, and a ring of each of the expert's operands
+      refs, (w_buf, w_sem, *side_bufs, side_sem) = refs[:-n_sides - 3], refs[-n_sides - 3:]
     if x_words or mx_inputs:
       *refs, xv_ref = refs
     if mx_inputs:
@@ -609,245 +641,270 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     if widen:
       *refs, wv_ref = refs
     if a8w4:
-      a_ref, *refs = refs
+      a_in, *refs = refs
     elif smooth is not None:
-      sm_ref, *refs = refs
+      sm_in, *refs = refs
     q_ref, *refs = refs
     if not mx_values:
       qs_ref, *refs = refs
     acc, *refs = refs
     if a8w4:
       f, cs = refs
-    c, t, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    i = c * per_core + t  # this core's visit t
-    g = gid_ref[i]
-    if by_hand:  # the weights in HBM, copied run by run into w_buf
-      w_hbm, run = w_ref, run_ref[i]
-      prev_run = run_ref[jnp.maximum(i - 1, 0)]
-      live = t < nv_ref[c]
-      starts = live & ((t == 0) | (run != prev_run))
-      expert = lambda r: expert_ref[c * per_core + jnp.minimum(r, per_core - 1)]
-      def copy_of(r, slot, p):
-        ks = slice(None) if widen else pl.ds(pl.multiple_of(p * (k // pieces), k // pieces),
-                                            k // pieces)
-        return pltpu.make_async_copy(w_hbm.at[expert(r), ks], w_buf.at[slot, ks],
-                                     w_sem.at[slot, p])
-      w_ref, wait = _weights_by_hand(w_buf, copy_of, run, prev_run, t, live, starts,
-                                     starts & (t == 0),
-                                     lambda r: (r < per_core) & (expert(r) >= 0), pieces)
-      if widen:
-        wait(0)
-    # fp4 operands' values at `view` of their ref, from its codes' int4 view (a bitcast of
-    # the ref, taken before the pipeline block's leading dim is indexed away)
-    def fp4_value(ref, codes, view):
-      if fp4_vectors:
-        return ref[view].astype(jnp.float32)
-      return _fp4_values(codes[view].astype(jnp.int32))
-    w_codes = (w_ref.bitcast(jnp.int4) if by_hand else w_ref.bitcast(jnp.int4).at[0]
-               ) if fp4_codes and not fp4_vectors else None
-    if fp4_codes and not by_hand:
-      w_ref = w_ref.at[0]
-    real = (t < nv_ref[c]) & common.RowVisits.is_real(g, num_groups)  # not head or tail
-    rows = common.group_rows(ends_ref, g, mt_ref[i] * bm, bm)
+    c, step, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    # the step's last k tile (a step past a core's count, where the other has more: none)
+    last_k = (kk == k_tiles - 1) & (step < (steps_ref[c] if looped else nv_ref[c]))
+    if not mx_inputs:  # the row tile's x scales as a column
+      pl.when(last_k)(lambda: _to_column(xs_ref, xs_col))
 
-    @pl.when(real & (kk == 0))
-    def _():
-      if not a8w4 or tiles_per_group > 1:  # A8W4 closes k groups within a tile into f
-        acc[...] = jnp.zeros_like(acc)
-      if a8w4:
-        f[...] = jnp.zeros_like(f)
-        if not plan.resident:
+    def visit(t, carry):
+      i = c * per_core + t  # this core's visit t
+      g = gid_ref[i]
+      w_ref, s_ref = w_in, s_in
+      a_ref, sm_ref = a_in, sm_in
+      if by_hand:  # the weights in HBM, copied run by run into w_buf
+        run = run_ref[i]
+        prev_run = run_ref[jnp.maximum(i - 1, 0)]
+        live = t < nv_ref[c]
+        starts = live & ((t == 0) | (run != prev_run))
+        expert = lambda r: expert_ref[c * per_core + jnp.minimum(r, per_core - 1)]
+        sides = [s_in, a_in if a8w4 else sm_in][:n_sides]
+
+        def copy_of(r, slot, p):  # piece p of run r's weights (p = 0: and its own operands)
+          ks = slice(None) if widen else pl.ds(pl.multiple_of(p * (k // pieces), k // pieces),
+                                              k // pieces)
+          return _Copies(
+              pltpu.make_async_copy(w_in.at[expert(r), ks], w_buf.at[slot, ks],
+                                    w_sem.at[slot, p]),
+              lambda: [pltpu.make_async_copy(src.at[expert(r)], buf.at[slot],
+                                             side_sem.at[slot, q])
+                       for q, (src, buf) in enumerate(zip(sides, side_bufs))], p == 0)
+        w_ref, wait = _weights_by_hand(w_buf, copy_of, run, prev_run, t, live, starts,
+                                       starts & (t == 0),
+                                       lambda r: (r < per_core) & (expert(r) >= 0), pieces)
+        slot = lax.rem(run, w_buf.shape[0])
+        s_ref = side_bufs[0].at[slot]
+        if a8w4:
+          a_ref = side_bufs[1].at[slot]
+        elif smooth is not None:
+          sm_ref = side_bufs[1].at[slot]
+        if widen:
+          wait(0)
+      # fp4 operands' values at `view` of their ref, from its codes' int4 view (a bitcast of
+      # the ref, taken before the pipeline block's leading dim is indexed away)
+      def fp4_value(ref, codes, view):
+        if fp4_vectors:
+          return ref[view].astype(jnp.float32)
+        return _fp4_values(codes[view].astype(jnp.int32))
+      w_codes = (w_ref.bitcast(jnp.int4) if by_hand else w_ref.bitcast(jnp.int4).at[0]
+                 ) if fp4_codes and not fp4_vectors else None
+      if fp4_codes and not by_hand:
+        w_ref = w_ref.at[0]
+      real = (t < nv_ref[c]) & common.RowVisits.is_real(g, num_groups)  # not head or tail
+      rows = common.group_rows(ends_ref, g, mt_ref[i] * bm, bm)
+
+      @pl.when(real & (kk == 0))
+      def _():
+        if not a8w4 or tiles_per_group > 1:  # A8W4 closes k groups within a tile into f
+          acc[...] = jnp.zeros_like(acc)
+        if a8w4:
+          f[...] = jnp.zeros_like(f)
+          if not plan.resident:
+            cs[...] = jnp.zeros_like(cs)
+
+      # int4 weights are held as int8 values in VMEM (`wv_ref`: int4 widened, int32 words
+      # unpacked, the k edge of a partial tile zeroed, which zeroes the products with x's
+      # garbage there too), A8W4's with their column sums: once per expert when its weights
+      # stay resident (a group's visits are consecutive), else every step (a new k tile).
+      first_visit = real & ((t == 0) | (gid_ref[jnp.maximum(i - 1, 0)] != g))
+      unpack_rows = UNPACK_ROWS if bk % UNPACK_ROWS == 0 else bk  # divides the k groups too
+
+      def unpack(ci, carry):
+        rows = pl.ds(pl.multiple_of(ci * unpack_rows, unpack_rows), unpack_rows)
+
+        def put(cols, vals):  # int32 values of the rows' columns cols
+          if k % bk:
+            vals = _mask_k_edge(vals, kk * bk + ci * unpack_rows, k, 0)
+          wv_ref[rows, cols] = vals.astype(jnp.int8)
+          if a8w4:  # 8 * the column sums of the k group these rows are in, exact in int32
+            sums = cs.at[lax.div(ci * unpack_rows, gs) if tiles_per_group == 1 else 0]
+            sums[:, cols] += 8 * jnp.sum(vals, axis=0, keepdims=True)
+
+        if words:
+          _unpack_words(w_ref[:, rows].T if words_k_minor else w_ref[rows, :], n, put)
+        elif a8w4 or k % bk:
+          put(slice(None), w_ref[rows, :].astype(jnp.int32))
+        else:  # nothing to sum or mask: int4 -> int8 in one conversion
+          wv_ref[rows, :] = w_ref[rows, :].astype(jnp.int8)
+        return carry
+
+      def dequantize(rows, b):  # MX: rows of the weight block times the scale of block b
+        scale = wsv_ref[lax.rem(b, 2), pl.ds(lax.div(b, 2), 1), :].astype(jnp.bfloat16)
+        # (past k in a partial tile: garbage, which `_accumulate` masks as it multiplies)
+        wv_ref[rows, :] = w_ref[rows, :].astype(jnp.bfloat16) * scale
+
+      def dequantize_block(b, carry):
+        dequantize(pl.ds(pl.multiple_of(b * epilogue.MX_BLOCK, epilogue.MX_BLOCK),
+                         epilogue.MX_BLOCK), b)
+        return carry
+
+      def dequantize_fp4(start, size: int, j):  # `size` <= 64 rows from `start`: the pair j
+        # of blocks (2j, 2j + 1: scales at [0, j], [1, j]); 4-bit rows load 64 at a time
+        vals = fp4_value(w_ref, w_codes, (pl.ds(start, size), slice(None)))
+        for half in range(common.cdiv(size, epilogue.MX_BLOCK)):
+          lo, hi = half * epilogue.MX_BLOCK, min(size, (half + 1) * epilogue.MX_BLOCK)
+          scale = wsv_ref[half, pl.ds(j, 1), :]
+          wv_ref[pl.ds(start + lo, hi - lo), :] = (vals[lo:hi] * scale).astype(wv_ref.dtype)
+
+      def dequantize_pair(j, carry):
+        pair = 2 * epilogue.MX_BLOCK
+        dequantize_fp4(pl.multiple_of(j * pair, pair), pair, j)
+        return carry
+
+      if widen:
+        @pl.when(first_visit if plan.resident else real)
+        def _():
+          if a8w4 and tiles_per_group == 1:  # sums of the k groups in the block (k tiled:
+            cs[...] = jnp.zeros_like(cs)     # their own)
+          if mx_inputs:  # the block's scales as float32 once, then 32 rows a scale row
+            wsv_ref[...] = _mx_scales(s_ref[...])
+            per = 2 * epilogue.MX_BLOCK if fp4_codes else epilogue.MX_BLOCK
+            whole, tail = divmod(bk, per)  # a tail only where bk = k
+            lax.fori_loop(0, whole, dequantize_pair if fp4_codes else dequantize_block, 0)
+            if tail and fp4_codes:
+              dequantize_fp4(whole * per, tail, whole)
+            elif tail:
+              dequantize(pl.ds(whole * per, tail), whole)
+          else:
+            lax.fori_loop(0, bk // unpack_rows, unpack, 0)
+
+      def multiply_mx(r):  # the rows' x dequantized to bfloat16, times the weight's values
+        # Each x column's scale, spread from its block's by a product with a 0 / 1 matrix:
+        # exact (a power of two, one nonzero term a column). A NaN scale spreads over its
+        # whole row, whose C is NaN anyway (NaN times any weight); the pair's padding
+        # blocks past k are zeroed first.
+        blocks = xs_ref.shape[1]
+        block = lambda d: lax.broadcasted_iota(jnp.int32, (blocks, bk), d)
+        spread = (block(0) == kk * (bk // epilogue.MX_BLOCK) + lax.shift_right_logical(
+            block(1), 5)).astype(jnp.bfloat16)
+        used = lax.broadcasted_iota(jnp.int32, (1, blocks), 1) < common.cdiv(
+            k, epilogue.MX_BLOCK)
+        scales = jnp.where(used, _mx_scales(xs_ref[r, :]), jnp.zeros((), jnp.float32))
+        scale = jnp.dot(scales.astype(jnp.bfloat16), spread, preferred_element_type=jnp.float32)
+        values = xv_ref[r] if fp4_x else x_ref[r]  # fp4: the tile's values, decoded below
+        xv_ref[r] = (values.astype(jnp.float32) * scale).astype(xv_ref.dtype)
+        _accumulate(acc.at[r], xv_ref.at[r], wv_ref, kk * bk, k)
+
+      def multiply_a8w8(r):  # A4W4 too, on its widened weights (and unpacked tokens)
+        xr = x_ref.at[r]
+        if x_words:  # the rows' words unpacked as the weights' are (`_unpack_words`)
+          def put(cols, vals):
+            xv_ref[r, cols] = vals.astype(jnp.int8)
+          _unpack_words(x_ref[r, :], bk, put)
+          xr = xv_ref.at[r]
+        _accumulate(acc.at[r], xr, wv_ref if a4w4 else w_ref, kk * bk, k)
+
+      def multiply_a8w4(r):  # each k group of the tile closed in float32 (semantics B.1)
+        xb, wb = x_ref[r], wv_ref[...]
+        for c in range(gpt):
+          cols = slice(c * min(gs, bk), (c + 1) * min(gs, bk))
+          part = jnp.dot(xb[:, cols], wb[cols], preferred_element_type=jnp.int32)
+          if tiles_per_group == 1:
+            f[r] += epilogue.close_k_group(part, cs[c], s_ref[c])
+          else:
+            acc[r] += part
+
+        if tiles_per_group > 1:  # a k group spans tiles: close it on its last one
+          @pl.when(kk % tiles_per_group == tiles_per_group - 1)
+          def _():
+            # lax.div: jnp's floor division lowers a sign, which asks the default device
+            # for its TPU generation (a CPU host's AOT compile has none)
+            f[r] += epilogue.close_k_group(acc[r], cs[0], s_ref[lax.div(kk, tiles_per_group)])
+            acc[r] = jnp.zeros_like(acc[r])
+
+      # Only the row blocks that hold the group's rows are multiplied and finished.
+      r0 = mt_ref[i] * bm
+      for_rows = lambda fn: _for_row_blocks(ends_ref, g, r0, bm, fn)
+      if by_hand and not widen:  # each piece of the weights multiplied once it is here
+        def piece(k0, size):
+          pl.when(real)(lambda: for_rows(lambda r: _accumulate(
+              acc.at[r], x_ref.at[r, pl.ds(k0, size)], w_ref.at[pl.ds(k0, size)], 0, size)))
+        _multiply_by_pieces(k, pieces, wait, piece)
+      else:
+        if fp4_x:  # the x tile's values, scaled in place by each row block
+          @pl.when(real)
+          def _():
+            x_codes = None if fp4_vectors else x_ref.bitcast(jnp.int4)
+            xv_ref[...] = fp4_value(x_ref, x_codes, (slice(None), slice(None))).astype(
+                xv_ref.dtype)
+        pl.when(real)(lambda: for_rows(multiply_a8w4 if a8w4 else multiply_mx if mx_inputs
+                                       else multiply_a8w8))
+      if a8w4 and tiles_per_group > 1 and not plan.resident:
+        @pl.when(real & (kk % tiles_per_group == tiles_per_group - 1))
+        def _():  # the k group closed: its column sums start again
           cs[...] = jnp.zeros_like(cs)
 
-    # int4 weights are held as int8 values in VMEM (`wv_ref`: int4 widened, int32 words
-    # unpacked, the k edge of a partial tile zeroed, which zeroes the products with x's
-    # garbage there too), A8W4's with their column sums: once per expert when its weights
-    # stay resident (a group's visits are consecutive), else every step (a new k tile).
-    first_visit = real & ((t == 0) | (gid_ref[jnp.maximum(i - 1, 0)] != g))
-    unpack_rows = UNPACK_ROWS if bk % UNPACK_ROWS == 0 else bk  # divides the k groups too
+      def finish(r):  # dequant, SwiGLU, quantize and write the group's rows in rows r
+        xs = None if mx_inputs else xs_col[r]
+        if mx_inputs:  # scaled already
+          act, gate = acc[r, :nh], acc[r, nh:]
+        elif a8w4:
+          act = epilogue.finish_a8w4(f[r, :nh], a_ref[:, :nh], xs)
+          gate = epilogue.finish_a8w4(f[r, nh:], a_ref[:, nh:], xs)
+        else:
+          dequant = epilogue.dequant_a4w4 if a4w4 else epilogue.dequant_a8w8
+          act = dequant(acc[r, :nh], s_ref[0, :, :nh], xs)
+          gate = dequant(acc[r, nh:], s_ref[0, :, nh:], xs)
+        s = epilogue.swiglu_halves(act, gate)
+        if smooth is not None:
+          s = s * sm_ref[...]
+        rows_r = common.group_rows(ends_ref, g, r0 + r.start, r.size)
+        if mx_values:  # the values, quantized in blocks by XLA
+          q_ref[r] = jnp.where(rows_r, s, q_ref[r])
+          return
+        if mx_blocks:  # codes as their bits, and each block's scale byte
+          codes, scale = _mx_quantize(s, out_dtype)
+          q_ref[r] = jnp.where(rows_r, codes, q_ref[r])
+          qs_ref[r] = jnp.where(rows_r, scale, qs_ref[r])
+          return
+        q, scale = epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype)
+        q_ref[r] = jnp.where(rows_r, q, q_ref[r])
+        qs_col[r] = jnp.where(rows_r, scale, qs_col[r])
 
-    def unpack(ci, carry):
-      rows = pl.ds(pl.multiple_of(ci * unpack_rows, unpack_rows), unpack_rows)
+      last_step = (t < nv_ref[c]) & (kk == k_tiles - 1)
 
-      def put(cols, vals):  # int32 values of the rows' columns cols
-        if k % bk:
-          vals = _mask_k_edge(vals, kk * bk + ci * unpack_rows, k, 0)
-        wv_ref[rows, cols] = vals.astype(jnp.int8)
-        if a8w4:  # 8 * the column sums of the k group these rows are in, exact in int32
-          sums = cs.at[lax.div(ci * unpack_rows, gs) if tiles_per_group == 1 else 0]
-          sums[:, cols] += 8 * jnp.sum(vals, axis=0, keepdims=True)
+      pl.when(last_step & real)(lambda: for_rows(finish))
 
-      if words:
-        _unpack_words(w_ref[:, rows].T if words_k_minor else w_ref[rows, :], n, put)
-      elif a8w4 or k % bk:
-        put(slice(None), w_ref[rows, :].astype(jnp.int32))
-      else:  # nothing to sum or mask: int4 -> int8 in one conversion
-        wv_ref[rows, :] = w_ref[rows, :].astype(jnp.int8)
-      return carry
-
-    def dequantize(rows, b):  # MX: rows of the weight block times the scale of block b
-      scale = wsv_ref[lax.rem(b, 2), pl.ds(lax.div(b, 2), 1), :].astype(jnp.bfloat16)
-      # (past k in a partial tile: garbage, which `_accumulate` masks as it multiplies)
-      wv_ref[rows, :] = w_ref[rows, :].astype(jnp.bfloat16) * scale
-
-    def dequantize_block(b, carry):
-      dequantize(pl.ds(pl.multiple_of(b * epilogue.MX_BLOCK, epilogue.MX_BLOCK),
-                       epilogue.MX_BLOCK), b)
-      return carry
-
-    def dequantize_fp4(start, size: int, j):  # `size` <= 64 rows from `start`: the pair j
-      # of blocks (2j, 2j + 1: scales at [0, j], [1, j]); 4-bit rows load 64 at a time
-      vals = fp4_value(w_ref, w_codes, (pl.ds(start, size), slice(None)))
-      for half in range(common.cdiv(size, epilogue.MX_BLOCK)):
-        lo, hi = half * epilogue.MX_BLOCK, min(size, (half + 1) * epilogue.MX_BLOCK)
-        scale = wsv_ref[half, pl.ds(j, 1), :]
-        wv_ref[pl.ds(start + lo, hi - lo), :] = (vals[lo:hi] * scale).astype(wv_ref.dtype)
-
-    def dequantize_pair(j, carry):
-      pair = 2 * epilogue.MX_BLOCK
-      dequantize_fp4(pl.multiple_of(j * pair, pair), pair, j)
-      return carry
-
-    if widen:
-      @pl.when(first_visit if plan.resident else real)
+      @pl.when(last_step & ~real)  # head and tail rows are 0
       def _():
-        if a8w4 and tiles_per_group == 1:  # sums of the k groups in the block (k tiled:
-          cs[...] = jnp.zeros_like(cs)     # their own)
-        if mx_inputs:  # the block's scales as float32 once, then 32 rows a scale row
-          wsv_ref[...] = _mx_scales(s_ref[...])
-          per = 2 * epilogue.MX_BLOCK if fp4_codes else epilogue.MX_BLOCK
-          whole, tail = divmod(bk, per)  # a tail only where bk = k
-          lax.fori_loop(0, whole, dequantize_pair if fp4_codes else dequantize_block, 0)
-          if tail and fp4_codes:
-            dequantize_fp4(whole * per, tail, whole)
-          elif tail:
-            dequantize(pl.ds(whole * per, tail), whole)
-        else:
-          lax.fori_loop(0, bk // unpack_rows, unpack, 0)
+        q_ref[...] = jnp.where(rows, jnp.zeros((), q_ref.dtype), q_ref[...])
+        if mx_blocks:
+          qs_ref[...] = jnp.where(rows, jnp.zeros((), qs_ref.dtype), qs_ref[...])
+        elif not mx_out:
+          qs_col[...] = jnp.where(rows, 0.0, qs_col[...])
 
-    def multiply_mx(r):  # the rows' x dequantized to bfloat16, times the weight's values
-      # Each x column's scale, spread from its block's by a product with a 0 / 1 matrix:
-      # exact (a power of two, one nonzero term a column). A NaN scale spreads over its
-      # whole row, whose C is NaN anyway (NaN times any weight); the pair's padding
-      # blocks past k are zeroed first.
-      blocks = xs_ref.shape[1]
-      block = lambda d: lax.broadcasted_iota(jnp.int32, (blocks, bk), d)
-      spread = (block(0) == kk * (bk // epilogue.MX_BLOCK) + lax.shift_right_logical(
-          block(1), 5)).astype(jnp.bfloat16)
-      used = lax.broadcasted_iota(jnp.int32, (1, blocks), 1) < common.cdiv(
-          k, epilogue.MX_BLOCK)
-      scales = jnp.where(used, _mx_scales(xs_ref[r, :]), jnp.zeros((), jnp.float32))
-      scale = jnp.dot(scales.astype(jnp.bfloat16), spread, preferred_element_type=jnp.float32)
-      values = xv_ref[r] if fp4_x else x_ref[r]  # fp4: the tile's values, decoded below
-      xv_ref[r] = (values.astype(jnp.float32) * scale).astype(xv_ref.dtype)
-      _accumulate(acc.at[r], xv_ref.at[r], wv_ref, kk * bk, k)
+      return carry
 
-    def multiply_a8w8(r):  # A4W4 too, on its widened weights (and unpacked tokens)
-      xr = x_ref.at[r]
-      if x_words:  # the rows' words unpacked as the weights' are (`_unpack_words`)
-        def put(cols, vals):
-          xv_ref[r, cols] = vals.astype(jnp.int8)
-        _unpack_words(x_ref[r, :], bk, put)
-        xr = xv_ref.at[r]
-      _accumulate(acc.at[r], xr, wv_ref if a4w4 else w_ref, kk * bk, k)
-
-    def multiply_a8w4(r):  # each k group of the tile closed in float32 (semantics B.1)
-      xb, wb = x_ref[r], wv_ref[...]
-      for c in range(gpt):
-        cols = slice(c * min(gs, bk), (c + 1) * min(gs, bk))
-        part = jnp.dot(xb[:, cols], wb[cols], preferred_element_type=jnp.int32)
-        if tiles_per_group == 1:
-          f[r] += epilogue.close_k_group(part, cs[c], s_ref[c])
-        else:
-          acc[r] += part
-
-      if tiles_per_group > 1:  # a k group spans tiles: close it on its last one
-        @pl.when(kk % tiles_per_group == tiles_per_group - 1)
-        def _():
-          # lax.div: jnp's floor division lowers a sign, which asks the default device
-          # for its TPU generation (a CPU host's AOT compile has none)
-          f[r] += epilogue.close_k_group(acc[r], cs[0], s_ref[lax.div(kk, tiles_per_group)])
-          acc[r] = jnp.zeros_like(acc[r])
-
-    # Only the row blocks that hold the group's rows are multiplied and finished.
-    r0 = mt_ref[i] * bm
-    for_rows = lambda fn: _for_row_blocks(ends_ref, g, r0, bm, fn)
-    if by_hand and not widen:  # each piece of the weights multiplied once it is here
-      def piece(k0, size):
-        pl.when(real)(lambda: for_rows(lambda r: _accumulate(
-            acc.at[r], x_ref.at[r, pl.ds(k0, size)], w_ref.at[pl.ds(k0, size)], 0, size)))
-      _multiply_by_pieces(k, pieces, wait, piece)
+    if looped:  # core c's steps from c * (m_tiles + 1)
+      at = c * (m_tiles + 1) + step
+      lax.fori_loop(first_ref[at], first_ref[at + 1], visit, 0)
     else:
-      if fp4_x:  # the x tile's values, scaled in place by each row block
-        @pl.when(real)
-        def _():
-          x_codes = None if fp4_vectors else x_ref.bitcast(jnp.int4)
-          xv_ref[...] = fp4_value(x_ref, x_codes, (slice(None), slice(None))).astype(
-              xv_ref.dtype)
-      pl.when(real)(lambda: for_rows(multiply_a8w4 if a8w4 else multiply_mx if mx_inputs
-                                     else multiply_a8w8))
-    if a8w4 and tiles_per_group > 1 and not plan.resident:
-      @pl.when(real & (kk % tiles_per_group == tiles_per_group - 1))
-      def _():  # the k group closed: its column sums start again
-        cs[...] = jnp.zeros_like(cs)
-
-    def finish(r):  # dequant, SwiGLU, quantize and write the group's rows in rows r
-      xs = None if mx_inputs else xs_col[r]
-      if mx_inputs:  # scaled already
-        act, gate = acc[r, :nh], acc[r, nh:]
-      elif a8w4:
-        act = epilogue.finish_a8w4(f[r, :nh], a_ref[:, :nh], xs)
-        gate = epilogue.finish_a8w4(f[r, nh:], a_ref[:, nh:], xs)
-      else:
-        dequant = epilogue.dequant_a4w4 if a4w4 else epilogue.dequant_a8w8
-        act = dequant(acc[r, :nh], s_ref[0, :, :nh], xs)
-        gate = dequant(acc[r, nh:], s_ref[0, :, nh:], xs)
-      s = epilogue.swiglu_halves(act, gate)
-      if smooth is not None:
-        s = s * sm_ref[...]
-      rows_r = common.group_rows(ends_ref, g, r0 + r.start, r.size)
-      if mx_values:  # the values, quantized in blocks by XLA
-        q_ref[r] = jnp.where(rows_r, s, q_ref[r])
-        return
-      if mx_blocks:  # codes as their bits, and each block's scale byte
-        codes, scale = _mx_quantize(s, out_dtype)
-        q_ref[r] = jnp.where(rows_r, codes, q_ref[r])
-        qs_ref[r] = jnp.where(rows_r, scale, qs_ref[r])
-        return
-      q, scale = epilogue.quantize_rows(s, qmax=qmax, dtype=out_dtype)
-      q_ref[r] = jnp.where(rows_r, q, q_ref[r])
-      qs_col[r] = jnp.where(rows_r, scale, qs_col[r])
-
-    last_step = (t < nv_ref[c]) & (kk == k_tiles - 1)
-
-    @pl.when(last_step & real)
-    def _():
-      if not mx_inputs:
-        _to_column(xs_ref, xs_col)
-      for_rows(finish)
-
-    @pl.when(last_step & ~real)  # head and tail rows are 0
-    def _():
-      q_ref[...] = jnp.where(rows, jnp.zeros((), q_ref.dtype), q_ref[...])
-      if mx_blocks:
-        qs_ref[...] = jnp.where(rows, jnp.zeros((), qs_ref.dtype), qs_ref[...])
-      elif not mx_out:
-        qs_col[...] = jnp.where(rows, 0.0, qs_col[...])
-
+      visit(step, 0)
     # The output block stays over the row tile's visits, each finishing its rows in qs_col;
     # the last one's rows are those written back.
     if not mx_out:
-      pl.when(last_step)(lambda: _to_rows(qs_col, qs_ref))
+      pl.when(last_k)(lambda: _to_rows(qs_col, qs_ref))
 
   # Index maps (head and tail visits read the blocks of the nearest real visit: no copy).
-  # The scalar-prefetch operands are `v`'s fields, in order.
-  at = lambda c, t: c * per_core + t
-  row = ((lambda c, t, kk, gid, mt, *_: (c, mt[at(c, t)], 0)) if by_visits else
-         (lambda c, t, kk, gid, mt, *_: (mt[at(c, t)], 0)))
+  # The scalar-prefetch operands `pre` are `v`'s fields, in order, then `runs`', `steps`'.
+  def at(c, t, pre):  # the visit whose blocks step t reads (looped: its row tile's first)
+    first = pre[len(v) + len(runs)][c * (m_tiles + 1) + t] if looped else t
+    return c * per_core + first
+  row = ((lambda c, t, kk, *pre: (c, pre[1][at(c, t, pre)], 0)) if by_visits else
+         (lambda c, t, kk, *pre: (pre[1][at(c, t, pre)], 0)))
   row3 = lambda *a: (*row(*a), 0)  # the scales' `[m / lanes, 1, lanes]` blocks
   lead, lead_block = ((cores,), (None,)) if by_visits else ((), ())  # by visits: per core
   k_group_block = lambda kk: kk if (tiles_per_group == 1 and gpt < groups) else 0
-  weight_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], kk, 0)
+  weight_block = lambda c, t, kk, *pre: (pre[3][at(c, t, pre)], kk, 0)
   # (fp4 codes through the pipeline: a leading dim of 1, not squeezed: Mosaic bitcasts no
   # ref with a squeezed dim)
   w_spec = pl.BlockSpec((1 if fp4_codes else None, bk, w.shape[2]), weight_block)
@@ -857,8 +914,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
                           lambda *a: (weight_block(*a)[0], 0, weight_block(*a)[1]))
   if by_hand:
     w_spec = pl.BlockSpec(memory_space=pl.ANY)
-  scale_block = lambda c, t, kk, gid, mt, nv, wid, *_: (wid[at(c, t)], k_group_block(kk), 0, 0)
-  x_block = lambda c, t, kk, gid, mt, nv, wid, rt, *_: (rt[at(c, t)], kk)
+  scale_block = lambda c, t, kk, *pre: (pre[3][at(c, t, pre)], k_group_block(kk), 0, 0)
+  x_block = lambda c, t, kk, *pre: (pre[4][at(c, t, pre)], kk)
   scale_shape = (None, gpt if tiles_per_group == 1 else groups, 1, n)
   scale_spec = pl.BlockSpec(scale_shape, scale_block)
   x_scale_spec = pl.BlockSpec((bm // lanes, 1, lanes), lambda *a: (x_block(*a)[0], 0, 0))
@@ -889,9 +946,13 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
     scratch += [pltpu.VMEM((2, kb_rows, n), jnp.float32)]  # its scales' values
   if x_words or mx_inputs:  # the x tile's int8 values (MX: bfloat16)
     scratch += [pltpu.VMEM((bm, bk), jnp.bfloat16 if mx_inputs else jnp.int8)]
-  if by_hand:
-    scratch += [pltpu.VMEM((plan.weight_buffers, *w.shape[1:]), w.dtype),
-                pltpu.SemaphoreType.DMA((plan.weight_buffers, pieces))]
+  if by_hand:  # the rings of the weights and of the expert's own operands, from HBM
+    ring = plan.weight_buffers
+    scratch += [pltpu.VMEM((ring, *w.shape[1:]), w.dtype),
+                pltpu.SemaphoreType.DMA((ring, pieces))]
+    scratch += [pltpu.VMEM((ring, *a.shape[1:]), a.dtype) for a in args[2::2][:n_sides]]
+    scratch.append(pltpu.SemaphoreType.DMA((ring, n_sides)))
+    in_specs[2::2] = [pl.BlockSpec(memory_space=pl.ANY)] * len(in_specs[2::2])
   scratch += [pltpu.VMEM((bm, 1), jnp.float32)] * (1 if mx_out else 2)  # x_scale, the
   # output's scales
   visits = cores * per_core  # the static bound of the grid
@@ -920,11 +981,12 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   q, *qs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=len(v) + len(runs), grid=(cores, _steps(v.count), k_tiles),
+          num_scalar_prefetch=len(v) + len(runs) + len(steps),
+          grid=(cores, _steps(steps.count if looped else v.count), k_tiles),
           in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch),
       out_shape=out_shape,
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
-      interpret=interpret, name="npu_gmm_swiglu_quant")(*v, *runs, *args)
+      interpret=interpret, name="npu_gmm_swiglu_quant")(*v, *runs, *steps, *args)
   # each row from the core that holds its group (by visits; the other's copy: garbage)
   by_row = ((lambda a: a) if not by_visits else lambda a: jnp.where(
       (jnp.arange(m) >= split_row).reshape((m,) + (1,) * (a.ndim - 2)), a[1], a[0]))

@@ -64,20 +64,24 @@ def _lay_out(span, spans, m_tiles: int, block_m: int, bound: int, group_ref, til
   return count
 
 
-def _lay_out_steps(tile_ref, count, bound: int, m_tiles: int, first_ref, steps_ref) -> None:
-  """Writes `common.TileSteps` of the `count` visits in tile_ref (of `bound`)."""
+def _lay_out_steps(tile, count, bound: int, m_tiles: int, first_ref, steps_ref, core=0
+                   ) -> None:
+  """Writes `common.TileSteps` of the `count` visits whose row tiles `tile(t)` gives (of
+  `bound`): core `core`'s, at `first_ref[core * (m_tiles + 1):]` and `steps_ref[core]`."""
+  base = core * (m_tiles + 1)
+
   def step(t, s):  # a step starts at visit 0 and where the row tile changes
-    new = (t < count) & ((t == 0) | (tile_ref[t] != tile_ref[jnp.maximum(t - 1, 0)]))
+    new = (t < count) & ((t == 0) | (tile(t) != tile(jnp.maximum(t - 1, 0))))
 
     @pl.when(new & (s < m_tiles))
     def _():
-      first_ref[s] = t
+      first_ref[base + s] = t
     return s + new.astype(jnp.int32)
   steps = jnp.minimum(lax.fori_loop(0, bound, step, 0), m_tiles)
-  steps_ref[0] = steps
+  steps_ref[core] = steps
 
   def close(s, carry):  # past the last step: the visit count
-    first_ref[s] = count
+    first_ref[base + s] = count
     return carry
   lax.fori_loop(steps, m_tiles + 1, close, 0)
 
@@ -106,7 +110,7 @@ def row_visits(ends: jax.Array, m: int, block_m: int, start: jax.Array | None = 
     span = lambda i: (jnp.where(i > 0, bounds_ref[jnp.maximum(i - 1, 0)], 0), bounds_ref[i])
     count = _lay_out(span, num_groups + 2, m_tiles, block_m, bound, group_ref, tile_ref)
     count_ref[0] = count
-    _lay_out_steps(tile_ref, count, bound, m_tiles, first_ref, steps_ref)
+    _lay_out_steps(lambda t: tile_ref[t], count, bound, m_tiles, first_ref, steps_ref)
 
     def real(t):
       g = group_ref[t]
@@ -182,7 +186,7 @@ def visit_metadata(ends: jax.Array, num_groups: int, m_tiles: int, block_m: int,
     count = _lay_out(span, num_groups, m_tiles, block_m, bound, group_ref, tile_ref,
                      visit_empty=True)
     count_ref[0] = count
-    _lay_out_steps(tile_ref, count, bound, m_tiles, first_ref, steps_ref)
+    _lay_out_steps(lambda t: tile_ref[t], count, bound, m_tiles, first_ref, steps_ref)
 
   head = jnp.zeros((1,), jnp.int32) if start is None else jnp.reshape(start, (1,))
   sizes = (bound, bound, 1, num_groups + 1, m_tiles + 1, 1)
@@ -194,9 +198,11 @@ def visit_metadata(ends: jax.Array, num_groups: int, m_tiles: int, block_m: int,
 
 def two_cores(one: common.RowVisits, m: int, block_m: int, *, by_visits: bool,
               mxu_rows: int = 128, interpret: bool = False
-              ) -> tuple[common.RowVisits, common.WeightRuns, int, jax.Array | None]:
+              ) -> tuple[common.RowVisits, common.WeightRuns, common.TileSteps, int,
+                         jax.Array | None]:
   """One core's visits `one` (`row_visits`) dealt to a v5p's two TensorCores, with each
-  core's weight runs; one scalar kernel.
+  core's weight runs and steps (`TileSteps` of 2 cores: core c's `first` at
+  `c * (m_tiles + 1)`, its step count at `count[c]`); one scalar kernel.
 
   Prefill (`by_visits` False): core 0 takes row tiles `[0, cut)`, core 1 the rest, each
   its visits in row order, cut where their MXU work is most even: a visit passes its rows
@@ -207,8 +213,8 @@ def two_cores(one: common.RowVisits, m: int, block_m: int, *, by_visits: bool,
   nearest the middle; a row tile can then hold rows of both cores' groups, so each core
   writes its own output and `row`, the first row of core 1's groups, says whose.
 
-  Returns (visits `RowVisits` of 2 cores, `WeightRuns`, per_core, row: an int32 scalar,
-  None for prefill)."""
+  Returns (visits `RowVisits` of 2 cores, `WeightRuns`, `TileSteps`, per_core, row: an
+  int32 scalar, None for prefill)."""
   num_groups = one.bounds.shape[0] - 2
   m_tiles = common.cdiv(m, block_m)
   bound = one.group.shape[0]
@@ -220,7 +226,8 @@ def two_cores(one: common.RowVisits, m: int, block_m: int, *, by_visits: bool,
     per = common.per_core(m, block_m, num_groups, 2)
 
   def kernel(group_ref, tile_ref, count_ref, weight_ref, read_ref, bounds_ref,
-             group2, tile2, count2, weight2, read2, run_ref, expert_ref, row_ref, per_tile):
+             group2, tile2, count2, weight2, read2, run_ref, expert_ref, row_ref, first_ref,
+             steps_ref, per_tile):
     n = count_ref[0]
     if by_visits:  # the first visit of a group nearest the middle, else none (count)
       def nearest(t, best):
@@ -285,10 +292,12 @@ def two_cores(one: common.RowVisits, m: int, block_m: int, *, by_visits: bool,
           expert_ref[c * per + started - 1] = w
         return started
       lax.fori_loop(0, per, copy, 0)
+      _lay_out_steps(lambda t: tile2[c * per + t], size, per, m_tiles, first_ref, steps_ref,
+                     c)
       return carry
     lax.fori_loop(0, 2, per_core_visits, 0)
 
-  sizes = (2 * per, 2 * per, 2, 2 * per, 2 * per, 2 * per, 2 * per, 1)
+  sizes = (2 * per, 2 * per, 2, 2 * per, 2 * per, 2 * per, 2 * per, 1, 2 * (m_tiles + 1), 2)
   operands = (one.group, one.tile, one.count, one.weight, one.read_tile, one.bounds)
   out = pl.pallas_call(
       kernel, out_shape=[common.result((s,), jnp.int32, *operands) for s in sizes],
@@ -296,4 +305,5 @@ def two_cores(one: common.RowVisits, m: int, block_m: int, *, by_visits: bool,
       scratch_shapes=[pltpu.SMEM((m_tiles,), jnp.int32)], interpret=interpret,
       name=TWO_CORES)(*operands)
   visits = common.RowVisits(*out[:5], one.bounds)
-  return visits, common.WeightRuns(out[5], out[6]), per, out[7][0] if by_visits else None
+  return (visits, common.WeightRuns(out[5], out[6]), common.TileSteps(out[8], out[9]), per,
+          out[7][0] if by_visits else None)

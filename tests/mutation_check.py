@@ -181,6 +181,22 @@ MUTANTS = (
            "      lax.fori_loop(first_ref[s], first_ref[s + 1], visit, 0)\n    else:\n      visit(s, 0)\n\n  resident",
            "      lax.fori_loop(first_ref[s], first_ref[s] + 1, visit, 0)\n    else:\n      visit(s, 0)\n\n  resident",
            ("tests/test_pallas.py", "-k", "gmm_waits_for_the_weights")),
+    # The fused kernel's step loops over its row tile's first visit only.
+    Mutant("fused_step_takes_one_visit", "pallas_kernels/tpu.py",
+           "      lax.fori_loop(first_ref[at], first_ref[at + 1], visit, 0)",
+           "      lax.fori_loop(first_ref[at], first_ref[at] + 1, visit, 0)",
+           ("tests/test_pallas.py", "-k", "fused_kernel_waits_for_the_weights")),
+    # An expert's own operands (weight scales, A8W4's assist) read without waiting for
+    # their copy.
+    Mutant("expert_operands_not_waited", "pallas_kernels/tpu.py",
+           '    _when(self.with_more, lambda: _each(self.more(), "wait"))',
+           "    pass",
+           ("tests/test_pallas.py", "-k", "fused_kernel_waits_for_the_weights")),
+    # An expert's weight scales read from the ring buffer of the run after it.
+    Mutant("expert_scales_from_the_next_buffer", "pallas_kernels/tpu.py",
+           "      s_ref = side_bufs[0].at[slot]",
+           "      s_ref = side_bufs[0].at[lax.rem(slot + 1, w_buf.shape[0])]",
+           ("tests/test_pallas.py", "-k", "fused_kernel_waits_for_the_weights")),
     # tgmm copies an edge tile (k or n past the tiles) at the whole tile's shape.
     Mutant("tgmm_edge_copied_whole", "pallas_kernels/tpu.py",
            "  return [(block, index < tiles - 1), (last, index == tiles - 1)]",

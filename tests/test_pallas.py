@@ -367,7 +367,7 @@ def test_tpu_fused_kernel_split_between_two_cores(counts, offset):
   if offset is not None:
     ends = jnp.cumsum(jnp.asarray(counts, jnp.int32))[offset:offset + E]
   one = common.row_visits(ends, M, 32, start)
-  two, _, bound, _ = tpu_visits.two_cores(one, M, 32, by_visits=False, mxu_rows=8,
+  two, _, _, bound, _ = tpu_visits.two_cores(one, M, 32, by_visits=False, mxu_rows=8,
                                           interpret=True)
   assert bound == common.per_core(M, 32, E, 2)
   assert int(two.count.sum()) == int(one.count[0]) and two.group.shape == (2 * bound,)
@@ -523,7 +523,7 @@ def test_tpu_fused_kernel_splits_decode_visits_between_two_cores(case):
     assert_scale_close(s, want_s)
   ends = jnp.cumsum(jnp.asarray(counts, jnp.int32))
   one = common.row_visits(ends, m, 32)
-  two, _, _, row = tpu_visits.two_cores(one, m, 32, by_visits=True, interpret=True)
+  two, _, _, _, row = tpu_visits.two_cores(one, m, 32, by_visits=True, interpret=True)
   c0, c1 = (int(c) for c in two.count)
   assert c0 + c1 == int(one.count[0])
   if case == "spread":  # both cores busy, split where a group starts
@@ -536,15 +536,18 @@ HOT_THEN_COLD = np.array([5, 130, 0, 3, 2, 4, 6, 1, 40], np.int64)
 
 
 @pytest.mark.parametrize("chip,case,ring", [("v5e", "prefill", 4), ("v5p", "prefill", 3),
-                                            ("v5p", "decode_a8w4_words", 2)])
+                                            ("v5p", "decode_a8w4_words", 2),
+                                            ("v5e", "decode_a8w4_words", 3)])
 def test_tpu_fused_kernel_waits_for_the_weights_it_copies(chip, case, ring, monkeypatch):
   """The fused kernel copies each expert's resident weights by hand into a ring of VMEM
-  buffers (`tpu.ring_buffers`, `ring` of them here), a visit starting one copy at most,
+  buffers (`tpu.ring_buffers`, `ring` of them here), with the expert's own operands (its
+  weight scales, A8W4's assist) in rings beside it, a visit starting one copy at most,
   as far ahead as a free buffer allows (`common.WeightRuns`). In the interpreter that runs
   a copy only when it is waited for and watches for races (a copy into a buffer that is
-  being read), on one TensorCore (v5e) and two (v5p: each core its own runs; decode
-  splits the visits at a group boundary): the codes against the NumPy reference. A long
-  run, runs of one visit and of several, empty groups, rows past the total; A8W8's
+  being read), on one TensorCore (v5e: a step per row tile, looping over the tile's
+  visits) and two (v5p: each core its own runs; decode splits the visits at a group
+  boundary): the codes against the NumPy reference. A long run, runs of one visit and of
+  several, row tiles shared by several groups, empty groups, rows past the total; A8W8's
   weights in pieces of k (`tpu.weight_pieces`), A8W4's whole."""
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   from pallas_kernels import tpu, tpu_tiles, tpu_visits  # noqa: PLC0415
@@ -788,10 +791,10 @@ def _random_lists(seed, cases=8):
 def test_tpu_metadata_on_the_scalar_unit():
   """The TPU kernels lay their visits out in a scalar kernel (`tpu_visits`), not in XLA's
   small integer ops (compile time): gmm's / the fused op's `RowVisits` and weight runs,
-  tgmm's visits and grid steps (a row tile each), and a v5p's (`two_cores`: row tiles
-  dealt to two TensorCores, or the visits split), against NumPy from their definitions, and `common`'s jnp visits (the GPU
-  kernels') too, over random lists with empty groups, group_offset's head rows, rows
-  past the total, one group. Interpret mode runs the kernel's own scalar code."""
+  tgmm's visits, the steps of a row tile each (`TileSteps`), and a v5p's (`two_cores`:
+  row tiles dealt to two TensorCores, or the visits split), against NumPy from their
+  definitions, and `common`'s jnp visits (the GPU kernels') too, over random lists with
+  empty groups, group_offset's head rows, rows past the total, one group. Interpret mode runs the kernel's own scalar code."""
   from pallas_kernels import common, tpu_visits  # noqa: PLC0415
 
   fields = lambda v, runs: {**v._asdict(), **runs._asdict()}
@@ -805,9 +808,10 @@ def test_tpu_metadata_on_the_scalar_unit():
     # a v5p's two cores: row tiles dealt (where there are two), or the visits split
     dealt = {}
     for by_visits in (False, True) if -(-m // block_m) >= 2 else (True,):
-      two, two_runs, per, row = tpu_visits.two_cores(v, m, block_m, by_visits=by_visits,
-                                                     mxu_rows=8, interpret=True)
-      dealt[by_visits] = (fields(two, two_runs), per, row)
+      two, two_runs, two_steps, per, row = tpu_visits.two_cores(
+          v, m, block_m, by_visits=by_visits, mxu_rows=8, interpret=True)
+      dealt[by_visits] = ({**fields(two, two_runs), "steps_first": two_steps.first,
+                           "steps_count": two_steps.count}, per, row)
     return ({**fields(v, runs), **{f"steps_{k}": a for k, a in steps._asdict().items()}},
             jv._asdict(),
             tpu_visits.visit_metadata(ends, num_groups, -(-m // block_m), block_m, start,
@@ -831,6 +835,12 @@ def test_tpu_metadata_on_the_scalar_unit():
       for name, value in want_two.items():
         np.testing.assert_array_equal(two[name], value,
                                       err_msg=f"{name}, by_visits={by_visits}: {G, m, block_m}")
+      for c in range(2):  # each core's steps, from its own visits
+        count = int(want_two["count"][c])
+        core = _steps_reference(want_two["tile"][c * per:c * per + count], count, m_tiles)
+        np.testing.assert_array_equal(
+            two["steps_first"][c * (m_tiles + 1):(c + 1) * (m_tiles + 1)], core["first"])
+        assert int(two["steps_count"][c]) == core["count"][0]
       if by_visits:
         assert int(row) == want_row
     # tgmm: the groups of `ends`, then empty ones up to num_groups, each visited
