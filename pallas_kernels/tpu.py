@@ -1168,12 +1168,12 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
 
   Grid (column tile, visit, k tile): column tiles outermost, so a group's visits are
   consecutive within a column tile and, with k in one step, its weight tile stays put;
-  such a resident tile is copied by the kernel, the next group's while the current
-  group's visits run (`_weights_by_hand`; where the column tiles are whole), in pieces of
-  k that a group's first visit multiplies as they arrive (`weight_pieces`). With
-  resident weights and no scales the grid takes a step per row tile instead, which loops
-  over the tile's visits (`common.TileSteps`): under skewed routing most visits are a
-  cold group's, each a step's fixed cost for a little work.
+  such a resident tile is copied by the kernel (with its column scales), the next
+  group's while the current group's visits run (`_weights_by_hand`; where the column
+  tiles are whole), in pieces of k that a group's first visit multiplies as they arrive
+  (`weight_pieces`). With resident weights the grid takes a step per row tile instead,
+  which loops over the tile's visits (`common.TileSteps`): under skewed routing most
+  visits are a cold group's, each a step's fixed cost for a little work.
   """
   m, k = lhs.shape
   n = rhs.shape[1 if transpose_rhs else 2]
@@ -1195,9 +1195,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   one_core = tpu_tiles.cores(tpu_tiles.current_chip()) == 1
   pieces = weight_pieces(k)
   scaled = scales is not None
-  # a step per row tile, looping over its visits (scales come per visit through the
-  # pipeline: a step per visit)
-  looped = by_hand and not scaled
+  # resident weights: a step per row tile, looping over its visits
+  looped = by_hand
   steps = steps if looped else ()
   # the visit step t starts at: it runs visits [first[t], first[t + 1]), else visit t
   first_visit = (lambda t, pre: pre[len(v) + len(runs)][t]) if looped else (lambda t, pre: t)
@@ -1208,14 +1207,16 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
     run_ref, expert_ref = take(2) if by_hand else (None, None)
     first_ref, _ = take(2) if looped else (None, None)
     x_ref, w_hbm = take(2)
-    cs_ref, rs_ref = take(2) if scaled else (None, None)
+    cs_in, rs_ref = take(2) if scaled else (None, None)
     o_ref, acc = take(2)
     w_buf, w_sem = take(2) if by_hand else (None, None)
+    # the column scales' ring, copied with the weights' first piece
+    cs_buf, cs_sem = take(2) if by_hand and scaled else (None, None)
     (rs_col,) = take(1) if scaled else (None,)
     j, s, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     def visit(t, carry):
-      g, w_ref = gid_ref[t], w_hbm
+      g, w_ref, cs_ref = gid_ref[t], w_hbm, cs_in
       if by_hand:  # run R * j + r: column tile j's run r, of R a column tile
         per_tile = run_ref[jnp.maximum(nv_ref[0] - 1, 0)] + 1
         run = per_tile * j + run_ref[t]
@@ -1233,10 +1234,15 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
           expert = expert_ref[lax.rem(r, per_tile)]
           src, dst = ((w_hbm.at[expert, cols, ks], w_buf.at[slot, :, ks]) if transpose_rhs
                       else (w_hbm.at[expert, ks, cols], w_buf.at[slot, ks]))
-          return pltpu.make_async_copy(src, dst, w_sem.at[slot, p])
+          scales = lambda: [pltpu.make_async_copy(cs_in.at[expert, :, cols], cs_buf.at[slot],
+                                                  cs_sem.at[slot])]
+          return _Copies(pltpu.make_async_copy(src, dst, w_sem.at[slot, p]), scales,
+                         scaled and p == 0)
         w_ref, wait = _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts,
                                        starts & (t == 0) & ((j == 0) | (not one_core)),
                                        lambda r: r < end, pieces)
+        if scaled:
+          cs_ref = cs_buf.at[lax.rem(run, w_buf.shape[0])]
       real = (t < nv_ref[0]) & common.RowVisits.is_real(g, num_groups)
 
       @pl.when(real & (kk == 0))
@@ -1305,11 +1311,14 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
                         MAX_WEIGHT_BUFFERS)
     scratch += [pltpu.VMEM((ring, *((bn, k) if transpose_rhs else (k, bn))), rhs.dtype),
                 pltpu.SemaphoreType.DMA((ring, pieces))]
+    if scaled:
+      scratch += [pltpu.VMEM((ring, 1, bn), jnp.float32), pltpu.SemaphoreType.DMA((ring,))]
   if scaled:  # per (group, column) and per row (lane-dense, a VMEM column at the write)
     lanes = _row_lanes(bm)
-    in_specs += [pl.BlockSpec((None, 1, bn), lambda j, t, kk, *pre: (pre[3][t], 0, j)),
+    in_specs += [pl.BlockSpec(memory_space=pl.ANY) if by_hand else  # (copied by hand)
+                 pl.BlockSpec((None, 1, bn), lambda j, t, kk, *pre: (pre[3][t], 0, j)),
                  pl.BlockSpec((bm // lanes, 1, lanes),
-                              lambda j, t, kk, gid, mt, nv, wid, rt, *_: (rt[t], 0, 0))]
+                              lambda j, t, kk, *pre: (pre[4][first_visit(t, pre)], 0, 0))]
     args += [scales[0].astype(jnp.float32).reshape(rhs.shape[0], 1, n),
              _lane_dense(scales[1], bm)]
     scratch.append(pltpu.VMEM((bm, 1), jnp.float32))

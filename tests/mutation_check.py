@@ -197,6 +197,11 @@ MUTANTS = (
            "      s_ref = side_bufs[0].at[slot]",
            "      s_ref = side_bufs[0].at[lax.rem(slot + 1, w_buf.shape[0])]",
            ("tests/test_pallas.py", "-k", "fused_kernel_waits_for_the_weights")),
+    # gmm's column scales read from the ring buffer of the run after it.
+    Mutant("gmm_scales_from_the_next_buffer", "pallas_kernels/tpu.py",
+           "          cs_ref = cs_buf.at[lax.rem(run, w_buf.shape[0])]",
+           "          cs_ref = cs_buf.at[lax.rem(run + 1, w_buf.shape[0])]",
+           ("tests/test_pallas.py", "-k", "copies_its_column_scales")),
     # tgmm copies an edge tile (k or n past the tiles) at the whole tile's shape.
     Mutant("tgmm_edge_copied_whole", "pallas_kernels/tpu.py",
            "  return [(block, index < tiles - 1), (last, index == tiles - 1)]",

@@ -646,6 +646,39 @@ def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed, k, ring, monk
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("chip", ["v5e", "v5p"])
+def test_tpu_int8_gmm_copies_its_column_scales_with_the_weights(chip, monkeypatch):
+  """The int8 MoE layer's down projection (gmm with `scales`): each run's column scales
+  come with its weights' first piece, into a ring beside theirs, and a step per row tile
+  loops over its visits. In the interpreter that copies on wait and detects races (two
+  cores for the v5p: two column tiles), a hot group among cold ones sharing row tiles,
+  rows past the total: `(float32(x @ w[g]) * col[g]) * row`, bit for bit with NumPy."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+  from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
+  monkeypatch.setattr(tpu, "MAX_WEIGHT_BUFFERS", 3)
+  rng = np.random.default_rng(7)
+  m, k, n, counts = 200, 512, 512, HOT_THEN_COLD
+  x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+  w = rng.integers(-128, 128, (len(counts), k, n)).astype(np.int8)
+  col = rng.uniform(1e-4, 3e-4, (len(counts), n)).astype(np.float32)
+  row = rng.uniform(0.5, 1.5, m).astype(np.float32)
+  interpret = pltpu.InterpretParams(dma_execution_mode="on_wait", detect_races=True,
+                                    num_cores_or_threads=tpu_tiles.cores(chip))
+  token = tpu_tiles.CHIP.set(chip)
+  try:
+    with ends_within(300):
+      got = tpu.gmm(jnp.asarray(x), jnp.asarray(w), jnp.cumsum(jnp.asarray(counts, jnp.int32)),
+                    out_dtype=jnp.float32, tiles=npu_ops.TileSizes(32, k, 256),
+                    scales=(jnp.asarray(col), jnp.asarray(row)), interpret=interpret)
+  finally:
+    tpu_tiles.CHIP.reset(token)
+  acc = ref.grouped_matmul(x, w, ref.group_bounds(counts, 1))
+  want = np.zeros((m, n), np.float32)
+  for g, (lo, hi) in enumerate(ref.group_bounds(counts, 1)):
+    want[lo:hi] = (acc[lo:hi].astype(np.float32) * col[g]) * row[lo:hi, None]
+  np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("chip,ring,k,n", [("v5e", 2, 512, 512), ("v5e", 3, 512, 512),
                                             ("v5p", 3, 512, 512), ("v5e", 3, 448, 320),
                                             ("v5p", 2, 448, 320)])

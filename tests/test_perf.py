@@ -870,11 +870,10 @@ def test_tgmm_writes_its_tiles_back_behind_the_next_blocks():
 
 
 def test_the_kernels_take_a_step_per_row_tile():
-  """On one TensorCore the fused kernel's and gmm's grids (resident weights; gmm without
-  scales) and tgmm's take a step per row tile and loop over the tile's groups inside it,
-  not a step per (row tile, group) as megablox's: at 4096 rows over 16 experts with Zipf
-  routing (default tiles: 512 rows; tgmm 2 column tiles) 8 steps (tgmm 8 x 2), not 23
-  (23 x 2). On TPU7x, where a step's fixed cost is a large share of a cold group's work,
+  """The fused kernel's and gmm's grids (resident weights) and tgmm's take a step per row
+  tile and loop over the tile's groups inside it, not a step per (row tile, group) as
+  megablox's: at 4096 rows over 16 experts with Zipf routing (default tiles: 512 rows;
+  tgmm 2 column tiles) 8 steps (tgmm 8 x 2), not 23 (23 x 2). On TPU7x, where a step's fixed cost is a large share of a cold group's work,
   the fused op is within 1.20x of the roofline (1.37x with a step per visit), bf16 tgmm
   within 1.50x (1.68x), gmm within 1.15x (1.18x)."""
   for op, grid, goal in (("fused A8W8", (1, 8, 1), 1.20), ("tgmm bf16", (1, 2, 8), 1.50),
