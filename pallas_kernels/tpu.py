@@ -612,22 +612,18 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   if not mx_inputs:  # MX: block scale bytes `[m, KB]`, a whole row's to a row tile
     x_scale = _lane_dense(x_scale, bm)
   words_k_minor = words and k_minor(w.shape)
-  # resident weights: copied by the kernel (`_weights_by_hand`), with the expert's own
-  # operands (its weight scales; A8W4's assist, A4W4's smooth) riding with its first piece
+  # Resident weights: copied by the kernel (`_weights_by_hand`), with the expert's own
+  # operands (its weight scales; A8W4's assist, A4W4's smooth) riding with its first
+  # piece, and a grid step per row tile (per core) that loops over the tile's visits.
   by_hand = plan.resident
   if not by_hand:
-    runs = ()
-  # resident weights: a step per row tile (per core), looping over its visits
-  looped = by_hand
-  steps = steps if looped else ()
+    runs, steps = (), ()
   pieces = 1 if widen else weight_pieces(k, K_CHUNK)  # int4 whole: widened whole
   n_sides = 1 + (a8w4 or smooth is not None)  # the expert's operands beside its weights
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
-    if by_hand:
-      run_ref, expert_ref, *refs = refs
-    if looped:
-      first_ref, steps_ref, *refs = refs
+    if by_hand:  # the weight runs, the steps
+      run_ref, expert_ref, first_ref, steps_ref, *refs = refs
     x_ref, w_in, s_in, xs_ref, *refs = refs
     a_in = sm_in = None  # A8W4's assist, A4W4's smooth
     # the tile's per-row scales as columns (MX output: the SwiGLU values, no scales)
@@ -652,7 +648,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       f, cs = refs
     c, step, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     # the step's last k tile (a step past a core's count, where the other has more: none)
-    last_k = (kk == k_tiles - 1) & (step < (steps_ref[c] if looped else nv_ref[c]))
+    last_k = (kk == k_tiles - 1) & (step < (steps_ref[c] if by_hand else nv_ref[c]))
     if not mx_inputs:  # the row tile's x scales as a column
       pl.when(last_k)(lambda: _to_column(xs_ref, xs_col))
 
@@ -884,7 +880,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
       return carry
 
-    if looped:  # core c's steps from c * (m_tiles + 1)
+    if by_hand:  # core c's steps from c * (m_tiles + 1)
       at = c * (m_tiles + 1) + step
       lax.fori_loop(first_ref[at], first_ref[at + 1], visit, 0)
     else:
@@ -896,8 +892,8 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
 
   # Index maps (head and tail visits read the blocks of the nearest real visit: no copy).
   # The scalar-prefetch operands `pre` are `v`'s fields, in order, then `runs`', `steps`'.
-  def at(c, t, pre):  # the visit whose blocks step t reads (looped: its row tile's first)
-    first = pre[len(v) + len(runs)][c * (m_tiles + 1) + t] if looped else t
+  def at(c, t, pre):  # the visit whose blocks step t reads (by hand: its row tile's first)
+    first = pre[len(v) + len(runs)][c * (m_tiles + 1) + t] if by_hand else t
     return c * per_core + first
   row = ((lambda c, t, kk, *pre: (c, pre[1][at(c, t, pre)], 0)) if by_visits else
          (lambda c, t, kk, *pre: (pre[1][at(c, t, pre)], 0)))
@@ -982,7 +978,7 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(v) + len(runs) + len(steps),
-          grid=(cores, _steps(steps.count if looped else v.count), k_tiles),
+          grid=(cores, _steps(steps.count if by_hand else v.count), k_tiles),
           in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch),
       out_shape=out_shape,
       compiler_params=_params("parallel", "arbitrary", "arbitrary"), cost_estimate=cost,
@@ -1191,21 +1187,18 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
   # TensorCore a column tile's runs reach into the next one's; where two cores split the
   # column tiles (v5p), each column tile starts its own.
   by_hand = k_tiles == 1 and n % bn == 0
-  runs = runs if by_hand else ()
+  # ... and a grid step per row tile that loops over the tile's visits
+  runs, steps = (runs, steps) if by_hand else ((), ())
   one_core = tpu_tiles.cores(tpu_tiles.current_chip()) == 1
   pieces = weight_pieces(k)
   scaled = scales is not None
-  # resident weights: a step per row tile, looping over its visits
-  looped = by_hand
-  steps = steps if looped else ()
   # the visit step t starts at: it runs visits [first[t], first[t + 1]), else visit t
-  first_visit = (lambda t, pre: pre[len(v) + len(runs)][t]) if looped else (lambda t, pre: t)
+  first_visit = (lambda t, pre: pre[len(v) + len(runs)][t]) if by_hand else (lambda t, pre: t)
 
   def kernel(gid_ref, mt_ref, nv_ref, wid_ref, rt_ref, ends_ref, *refs):
     refs = list(refs)
     take = lambda count: [refs.pop(0) for _ in range(count)]
-    run_ref, expert_ref = take(2) if by_hand else (None, None)
-    first_ref, _ = take(2) if looped else (None, None)
+    run_ref, expert_ref, first_ref, _ = take(4) if by_hand else (None,) * 4
     x_ref, w_hbm = take(2)
     cs_in, rs_ref = take(2) if scaled else (None, None)
     o_ref, acc = take(2)
@@ -1282,7 +1275,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
         rows = common.group_rows(ends_ref, g, r0, bm)
         o_ref[...] = jnp.where(rows, jnp.zeros((), o_ref.dtype), o_ref[...])
       return carry
-    if looped:
+    if by_hand:
       lax.fori_loop(first_ref[s], first_ref[s + 1], visit, 0)
     else:
       visit(s, 0)
@@ -1326,7 +1319,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(v) + len(runs) + len(steps),
-          grid=(n_tiles, _steps(steps.count if looped else v.count), k_tiles),
+          grid=(n_tiles, _steps(steps.count if by_hand else v.count), k_tiles),
           in_specs=in_specs,
           out_specs=pl.BlockSpec((bm, bn),
                                  lambda j, t, kk, *pre: (pre[1][first_visit(t, pre)], j)),
