@@ -423,30 +423,13 @@ def weight_pieces(k: int, deepest: int = PIECE_QUANTUM) -> int:
   return k // sizes[-1] if sizes else 1
 
 
-class _Copies:
-  """Copies started and waited for together: `first`, and those `more()` makes where
-  `with_more` holds (a Python bool, or a traced one): a piece of an expert's weights and,
-  with its first piece, the expert's own operands."""
-
-  def __init__(self, first, more, with_more):
-    self.first, self.more, self.with_more = first, more, with_more
-
-  def start(self) -> None:
-    self.first.start()
-    _when(self.with_more, lambda: _each(self.more(), "start"))
-
-  def wait(self) -> None:
-    self.first.wait()
-    _when(self.with_more, lambda: _each(self.more(), "wait"))
-
-
 def _each(copies, method: str) -> None:
   for c in copies:
     getattr(c, method)()
 
 
 def _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts, first, exists,
-                     pieces: int):
+                     pieces: int, own_of=None):
   """The VMEM buffer (of `w_buf`, a ring `[ring, ...]`) that holds run `run`'s weights,
   copied by hand, and `wait(p)`, which waits for its piece p (of `pieces`) at the run's
   first visit (`starts`): the kernel's grid visits runs of consecutive visits that read
@@ -462,17 +445,24 @@ def _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts, first, ex
   long run of visits (a hot expert's) copies the next runs' weights while it computes,
   where the grid's pipeline (jax 0.10.2: no lookahead, two buffers) would copy one and
   leave the copy engine idle, the short runs after it waiting. `copy_of(G, slot, p)` is
-  the async copy of piece p of run G's weights into buffer `slot`."""
+  the async copy of piece p of run G's weights into buffer `slot`; `own_of(G, slot)`,
+  the copies of run G's own operands (its scales) into slot `slot` of their rings,
+  started before its weights and waited for at the run's first visit."""
   ring = w_buf.shape[0]
 
   def start(r):
+    slot = lax.rem(r, ring)
+    _each(own_of(r, slot) if own_of else (), "start")
     for p in range(pieces):
-      copy_of(r, lax.rem(r, ring), p).start()
+      copy_of(r, slot, p).start()
 
   pl.when(first & exists(run))(lambda: start(run))
   reach = jnp.minimum(seq + 1, run + ring - 1)  # run + 1 at a core's first visit
   new = first | (reach > jnp.minimum(seq, prev_run + ring - 1))
   pl.when(live & new & exists(reach))(lambda: start(reach))
+
+  if own_of:
+    pl.when(starts)(lambda: _each(own_of(run, lax.rem(run, ring)), "wait"))
 
   def wait(p) -> None:
     pl.when(starts)(lambda: copy_of(run, lax.rem(run, ring), p).wait())
@@ -612,9 +602,9 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
   if not mx_inputs:  # MX: block scale bytes `[m, KB]`, a whole row's to a row tile
     x_scale = _lane_dense(x_scale, bm)
   words_k_minor = words and k_minor(w.shape)
-  # Resident weights: copied by the kernel (`_weights_by_hand`), with the expert's own
-  # operands (its weight scales; A8W4's assist, A4W4's smooth) riding with its first
-  # piece, and a grid step per row tile (per core) that loops over the tile's visits.
+  # Resident weights: copied by the kernel (`_weights_by_hand`), the expert's own operands
+  # (its weight scales; A8W4's assist, A4W4's smooth) just before them, and a grid step
+  # per row tile (per core) that loops over the tile's visits.
   by_hand = plan.resident
   if not by_hand:
     runs, steps = (), ()
@@ -665,18 +655,19 @@ def gmm_swiglu_quant(x: jax.Array, w: jax.Array, w_scale: jax.Array, x_scale: ja
         expert = lambda r: expert_ref[c * per_core + jnp.minimum(r, per_core - 1)]
         sides = [s_in, a_in if a8w4 else sm_in][:n_sides]
 
-        def copy_of(r, slot, p):  # piece p of run r's weights (p = 0: and its own operands)
+        def copy_of(r, slot, p):  # piece p of run r's weights
           ks = slice(None) if widen else pl.ds(pl.multiple_of(p * (k // pieces), k // pieces),
                                               k // pieces)
-          return _Copies(
-              pltpu.make_async_copy(w_in.at[expert(r), ks], w_buf.at[slot, ks],
-                                    w_sem.at[slot, p]),
-              lambda: [pltpu.make_async_copy(src.at[expert(r)], buf.at[slot],
-                                             side_sem.at[slot, q])
-                       for q, (src, buf) in enumerate(zip(sides, side_bufs))], p == 0)
+          return pltpu.make_async_copy(w_in.at[expert(r), ks], w_buf.at[slot, ks],
+                                       w_sem.at[slot, p])
+
+        def own_of(r, slot):  # run r's own operands
+          return [pltpu.make_async_copy(src.at[expert(r)], buf.at[slot], side_sem.at[slot, q])
+                  for q, (src, buf) in enumerate(zip(sides, side_bufs))]
         w_ref, wait = _weights_by_hand(w_buf, copy_of, run, prev_run, t, live, starts,
                                        starts & (t == 0),
-                                       lambda r: (r < per_core) & (expert(r) >= 0), pieces)
+                                       lambda r: (r < per_core) & (expert(r) >= 0), pieces,
+                                       own_of)
         slot = lax.rem(run, w_buf.shape[0])
         s_ref = side_bufs[0].at[slot]
         if a8w4:
@@ -1203,7 +1194,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
     cs_in, rs_ref = take(2) if scaled else (None, None)
     o_ref, acc = take(2)
     w_buf, w_sem = take(2) if by_hand else (None, None)
-    # the column scales' ring, copied with the weights' first piece
+    # the column scales' ring, copied just before the weights
     cs_buf, cs_sem = take(2) if by_hand and scaled else (None, None)
     (rs_col,) = take(1) if scaled else (None,)
     j, s, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -1227,13 +1218,15 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
           expert = expert_ref[lax.rem(r, per_tile)]
           src, dst = ((w_hbm.at[expert, cols, ks], w_buf.at[slot, :, ks]) if transpose_rhs
                       else (w_hbm.at[expert, ks, cols], w_buf.at[slot, ks]))
-          scales = lambda: [pltpu.make_async_copy(cs_in.at[expert, :, cols], cs_buf.at[slot],
-                                                  cs_sem.at[slot])]
-          return _Copies(pltpu.make_async_copy(src, dst, w_sem.at[slot, p]), scales,
-                         scaled and p == 0)
+          return pltpu.make_async_copy(src, dst, w_sem.at[slot, p])
+
+        def own_of(r, slot):  # run r's column scales
+          cols = pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)
+          return [pltpu.make_async_copy(cs_in.at[expert_ref[lax.rem(r, per_tile)], :, cols],
+                                        cs_buf.at[slot], cs_sem.at[slot])]
         w_ref, wait = _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts,
                                        starts & (t == 0) & ((j == 0) | (not one_core)),
-                                       lambda r: r < end, pieces)
+                                       lambda r: r < end, pieces, own_of if scaled else None)
         if scaled:
           cs_ref = cs_buf.at[lax.rem(run, w_buf.shape[0])]
       real = (t < nv_ref[0]) & common.RowVisits.is_real(g, num_groups)

@@ -189,7 +189,7 @@ MUTANTS = (
     # An expert's own operands (weight scales, A8W4's assist) read without waiting for
     # their copy.
     Mutant("expert_operands_not_waited", "pallas_kernels/tpu.py",
-           '    _when(self.with_more, lambda: _each(self.more(), "wait"))',
+           '    pl.when(starts)(lambda: _each(own_of(run, lax.rem(run, ring)), "wait"))',
            "    pass",
            ("tests/test_pallas.py", "-k", "fused_kernel_waits_for_the_weights")),
     # An expert's weight scales read from the ring buffer of the run after it.

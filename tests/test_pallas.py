@@ -649,7 +649,7 @@ def test_tpu_gmm_waits_for_the_weights_it_copies(chip, transposed, k, ring, monk
 @pytest.mark.parametrize("chip", ["v5e", "v5p"])
 def test_tpu_int8_gmm_copies_its_column_scales_with_the_weights(chip, monkeypatch):
   """The int8 MoE layer's down projection (gmm with `scales`): each run's column scales
-  come with its weights' first piece, into a ring beside theirs, and a step per row tile
+  are copied just before its weights, into a ring beside theirs, and a step per row tile
   loops over its visits. In the interpreter that copies on wait and detects races (two
   cores for the v5p: two column tiles), a hot group among cold ones sharing row tiles,
   rows past the total: `(float32(x @ w[g]) * col[g]) * row`, bit for bit with NumPy."""
