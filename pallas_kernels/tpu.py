@@ -1198,6 +1198,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
     cs_buf, cs_sem = take(2) if by_hand and scaled else (None, None)
     (rs_col,) = take(1) if scaled else (None,)
     j, s, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if scaled:  # the row tile's row scales as a column
+      pl.when(kk == k_tiles - 1)(lambda: _to_column(rs_ref, rs_col))
 
     def visit(t, carry):
       g, w_ref, cs_ref = gid_ref[t], w_hbm, cs_in
@@ -1212,8 +1214,10 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
         seq = (nv_ref[0] * j if one_core else per_tile * j) + t
         end = per_tile * (n_tiles if one_core else j + 1)  # the runs this core's copies reach
 
+        cols_of = lambda r: pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)
+
         def copy_of(r, slot, p):
-          cols = pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)
+          cols = cols_of(r)
           ks = pl.ds(pl.multiple_of(p * (k // pieces), k // pieces), k // pieces)
           expert = expert_ref[lax.rem(r, per_tile)]
           src, dst = ((w_hbm.at[expert, cols, ks], w_buf.at[slot, :, ks]) if transpose_rhs
@@ -1221,8 +1225,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
           return pltpu.make_async_copy(src, dst, w_sem.at[slot, p])
 
         def own_of(r, slot):  # run r's column scales
-          cols = pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)
-          return [pltpu.make_async_copy(cs_in.at[expert_ref[lax.rem(r, per_tile)], :, cols],
+          return [pltpu.make_async_copy(cs_in.at[expert_ref[lax.rem(r, per_tile)], :, cols_of(r)],
                                         cs_buf.at[slot], cs_sem.at[slot])]
         w_ref, wait = _weights_by_hand(w_buf, copy_of, run, prev_run, seq, live, starts,
                                        starts & (t == 0) & ((j == 0) | (not one_core)),
@@ -1259,8 +1262,6 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
           if scaled:
             v = epilogue.dequant_a8w8(v, cs_ref[...], rs_col[r])
           o_ref[r] = jnp.where(rows, v.astype(o_ref.dtype), o_ref[r])
-        if scaled:
-          _to_column(rs_ref, rs_col)
         _for_row_blocks(ends_ref, g, r0, bm, write)
 
       @pl.when(last_step & ~real)  # head and tail rows are 0

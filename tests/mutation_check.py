@@ -125,10 +125,10 @@ MUTANTS = (
            "      src = jnp.where(real(t), t, jnp.where(before >= 0, before, jnp.minimum(after, bound - 1)))",
            "      src = jnp.where(real(t), t, jnp.minimum(after, bound - 1))",
            ("tests/test_pallas.py", "-k", "scalar_unit")),
-    # The grid runs the metadata's static bound of visits (padding steps), not the visits.
-    Mutant("grid_of_the_static_bound", "pallas_kernels/tpu.py",
+    # The fused kernel's grid takes a step per visit (the steps past its row tiles' empty).
+    Mutant("grid_of_the_visits", "pallas_kernels/tpu.py",
+           "grid=(cores, _steps(steps.count if by_hand else v.count), k_tiles)",
            "grid=(cores, _steps(v.count), k_tiles)",
-           "grid=(cores, per_core, k_tiles)",
            ("tests/test_perf.py", "-k", "no_more_steps_than_rows")),
     # The model lets a kernel's body run before the copy it waits for (made by hand) arrives.
     Mutant("by_hand_waits_ignored", "npu_ops/perf/model.py",
@@ -231,8 +231,8 @@ MUTANTS = (
            ("tests/test_pallas.py", "-k", "waits_for_the_weights")),
     # gmm's copy for the next column tile's first run takes the current column tile.
     Mutant("gmm_next_column_tile_copied_from_this_one", "pallas_kernels/tpu.py",
-           "cols = pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)",
-           "cols = pl.ds(pl.multiple_of(j * bn, 128), bn)",
+           "cols_of = lambda r: pl.ds(pl.multiple_of(lax.div(r, per_tile) * bn, 128), bn)",
+           "cols_of = lambda r: pl.ds(pl.multiple_of(j * bn, 128), bn)",
            ("tests/test_pallas.py", "-k", "gmm_waits_for_the_weights")),
     # int32 words read k-minor without the transpose back (the TPU's layout of the words).
     Mutant("words_k_minor_untransposed", "pallas_kernels/tpu.py",
