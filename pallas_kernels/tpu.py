@@ -1324,12 +1324,16 @@ def gmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, out_dtype, tiles: Ti
       interpret=interpret, name="npu_gmm")(*v, *runs, *steps, *args)
 
 
+def _last_tile(block: int, size: int) -> int:
+  """The extent of the last of a dimension's tiles of `block` over `size`."""
+  return size - (common.cdiv(size, block) - 1) * block
+
+
 def _tile_shapes(block: int, size: int, index) -> list:
   """(extent, where) of a dimension's tiles of `block` over `size`: the whole tiles where
   `index` is below the last, the last one's (`size`'s remainder) where it is the last; one
   entry, where True, when the tiles divide `size`."""
-  tiles = common.cdiv(size, block)
-  last = size - (tiles - 1) * block
+  tiles, last = common.cdiv(size, block), _last_tile(block, size)
   if last == block:
     return [(block, True)]
   return [(block, index < tiles - 1), (last, index == tiles - 1)]
@@ -1385,7 +1389,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, ends: jax.Array, *, num_groups: int, ou
   # copies by hand take whole (sublane, 128) tiles of the output, or a whole dimension
   sublanes = 32 // osz
   by_hand = all(extent % quantum == 0 or extent == size for block, size, quantum in (
-      (bk, k, sublanes), (bn, n, 128)) for extent, _ in _tile_shapes(block, size, True))
+      (bk, k, sublanes), (bn, n, 128)) for extent in (block, _last_tile(block, size)))
   # step t runs visits [first[t], first[t + 1]), of row tile mt[first[t]]; where the
   # pipeline writes the output, visit t
   first_visit = (lambda t, first: first[t]) if by_hand else (lambda t, first: t)

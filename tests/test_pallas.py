@@ -680,8 +680,8 @@ def test_tpu_int8_gmm_copies_its_column_scales_with_the_weights(chip, monkeypatc
 
 
 @pytest.mark.parametrize("chip,ring,k,n", [("v5e", 2, 512, 512), ("v5e", 3, 512, 512),
-                                            ("v5p", 3, 512, 512), ("v5e", 3, 448, 320),
-                                            ("v5p", 2, 448, 320)])
+                                            ("v5p", 3, 512, 512), ("v5e", 3, 448, 384),
+                                            ("v5p", 2, 448, 384), ("v5e", 3, 448, 320)])
 def test_tpu_tgmm_writes_its_output_tiles_back_by_hand(chip, ring, k, n, monkeypatch):
   """tgmm takes a grid step per row tile and loops over its visits inside; at a group's
   last visit its output tile goes into a ring of `ring` VMEM buffers and is copied to HBM
@@ -690,8 +690,10 @@ def test_tpu_tgmm_writes_its_output_tiles_back_by_hand(chip, ring, k, n, monkeyp
   column tile) run as one sequence, a tile's last copies overlapping the next tile's
   visits; on a v5p each tile is its own. In the interpreter that copies on wait, detects
   races and runs two cores for the v5p: 2 k tiles x 2 column tiles (whole, or the last
-  ones partial: 448 = 256 + 192, 320 = 256 + 64, copied at their own shapes), a hot group
-  among cold and empty ones, groups past the list, rows past the total, against NumPy."""
+  ones partial: 448 = 256 + 192, 384 = 256 + 128, copied at their own shapes; 320 =
+  256 + 64, not whole (8, 128) tiles: a step per visit, the pipeline's output), a hot
+  group among cold and empty ones, groups past the list, rows past the total, against
+  NumPy."""
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   from pallas_kernels import tpu, tpu_tiles  # noqa: PLC0415
   monkeypatch.setattr(tpu, "MAX_OUTPUT_BUFFERS", ring)

@@ -356,6 +356,11 @@ def cases() -> list[Case]:
       Case("tgmm int8 m=4096 e=16", *_tgmm(4096, k, n, 16, jnp.int8), kernels=1),
       Case("gmm bf16 m=512 e=64", *_gmm(512, k, n, 64, jnp.bfloat16), kernels=1),
       Case("tgmm bf16 m=512 e=64", *_tgmm(512, k, n, 64, jnp.bfloat16), kernels=1),
+      # edge tiles copied by hand at their own shape (k), or not whole tiles (n = 2880)
+      Case("tgmm bf16 k=2304 (edge k tile)", *_tgmm(4096, 2304, n, 16, jnp.bfloat16),
+           kernels=1),
+      Case("tgmm bf16 k=n=2880 (edges past 128s)", *_tgmm(4096, 2880, 2880, 8, jnp.bfloat16),
+           kernels=1),
       Case("QAT step m=4096 e=16", *_qat_step(4096, k, n, 16), kernels=3),
       Case("MoEMLP int8 forward", *_moe(1024, 1024, 1408, 16, "int8"), kernels=2),
       Case("MoEMLP float train step", *_moe(1024, 1024, 1408, 16, "float"), kernels=5),
